@@ -1,0 +1,32 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import larq_landmarks  # noqa: F401  (sets up Keras 2 before TensorFlow loads)
+import tensorflow as tf
+
+tf.config.threading.set_inter_op_parallelism_threads(2)
+
+
+def run_python(code: str, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (for what must happen before TensorFlow starts)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def small_faces():
+    """512 synthetic 64x64 faces with their 68 landmarks (input pixels)."""
+    from larq_landmarks import synthetic
+
+    rng = np.random.default_rng(0)
+    faces = [synthetic.random_face(rng, (64, 64), max_yaw_degrees=45) for _ in range(512)]
+    images = np.stack([f["image"] for f in faces]).astype(np.float32) / 255.0
+    points = np.stack([f["points"] for f in faces])
+    return images, points

@@ -1,0 +1,167 @@
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from larq_landmarks import blocks, models
+from larq_landmarks.models import BinaryHourglass
+from tests.conftest import run_python
+
+PAPER_PARAMETERS = 6.2e6
+
+
+def test_default_model_reproduces_papers_parameter_count():
+    model = BinaryHourglass(68)
+    assert model.input_shape == (None, 256, 256, 3)
+    assert model.output_shape == (None, 64, 64, 68)
+    count = model.count_params()
+    assert abs(count - PAPER_PARAMETERS) / PAPER_PARAMETERS < 0.03, count
+
+
+def _hand_count_hpm(c_in, c):
+    """3x3 convs C_in->C/2->C/4->C/4, BN (4 numbers per channel) before each, 1x1 skip if needed."""
+    half, quarter = c - 2 * (c // 4), c // 4
+    convs = 9 * (c_in * half + half * quarter + quarter * quarter)
+    bns = 4 * (c_in + half + quarter)
+    skip = 0 if c_in == c else c_in * c + 4 * c_in
+    return convs + bns + skip
+
+
+@pytest.mark.parametrize("c_in,c", [(64, 64), (32, 64), (48, 96)])
+def test_hpm_block_parameter_count_matches_hand_count(c_in, c):
+    inputs = tf.keras.Input((8, 8, c_in))
+    model = tf.keras.Model(inputs, blocks.hpm_block(inputs, c))
+    assert model.output_shape == (None, 8, 8, c)
+    assert model.count_params() == _hand_count_hpm(c_in, c)
+
+
+def test_bottleneck_block_parameter_count_matches_hand_count():
+    inputs = tf.keras.Input((8, 8, 64))
+    model = tf.keras.Model(inputs, blocks.bottleneck_block(inputs, 64))
+    # 1x1 64->32, 3x3 32->32, 1x1 32->64, BN before each
+    assert model.count_params() == 64 * 32 + 9 * 32 * 32 + 32 * 64 + 4 * (64 + 32 + 32)
+
+
+def test_hpm_block_is_multi_scale_receptive_field_7():
+    """The third stage sees a 7x7 window: the gradient of the centre output reaches exactly 3 px."""
+    inputs = tf.keras.Input((15, 15, 8))
+    out = blocks.hpm_block(inputs, 8, binary=False)
+    model = tf.keras.Model(inputs, out)
+    x = tf.random.normal((1, 15, 15, 8), seed=1)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = model(x, training=False)[0, 7, 7, 6:]  # channels of the third stage
+    grad = tf.reduce_sum(tf.abs(tape.gradient(y, x)[0]), -1).numpy()
+    reached = np.argwhere(grad > 0)
+    assert reached.min(0).tolist() == [4, 4] and reached.max(0).tolist() == [10, 10]
+
+
+def test_binary_blocks_use_larq_quantconv_configured_for_lce():
+    model = BinaryHourglass(16, width=32, input_size=64, depth=2)
+    quant = [l for l in model.layers if isinstance(l, lq.layers.QuantConv2D)]
+    assert quant, "no binary convolutions"
+    for layer in quant:
+        assert layer.input_quantizer.__class__.__name__ == "SteSign"
+        assert layer.kernel_quantizer.__class__.__name__ == "MagnitudeAwareSign"
+        assert not layer.use_bias
+        if layer.kernel_size == (3, 3):
+            assert layer.pad_values == 1.0
+    real = [l for l in model.layers if type(l) is tf.keras.layers.Conv2D]
+    # real: stem, head 1x1, output, and the 1x1 skips where channels change (stem blocks 1, 3)
+    assert sorted(l.name for l in real) == sorted(
+        ["stem_conv", "hg1_head_conv", "stack_1", "stem_block1_skip_conv", "stem_block3_skip_conv"]
+    )
+
+
+def test_options_reach_the_layers():
+    model = BinaryHourglass(
+        16, width=32, input_size=64, depth=2, kernel_quantizer="ste_sign", pad_value=-1.0,
+        binary_skip=True, relu=True, pooling="avg",
+    )
+    quant = [l for l in model.layers if isinstance(l, lq.layers.QuantConv2D)]
+    assert {l.kernel_quantizer.__class__.__name__ for l in quant} == {"SteSign"}
+    assert {l.pad_values for l in quant if l.kernel_size == (3, 3)} == {-1.0}
+    assert "stem_block1_skip_bconv" in [l.name for l in quant]
+    assert any(isinstance(l, tf.keras.layers.AveragePooling2D) for l in model.layers)
+    assert not any(isinstance(l, tf.keras.layers.MaxPooling2D) for l in model.layers)
+    assert sum(l.name.endswith("_relu") and "_s" in l.name for l in model.layers) > 0
+
+
+def test_real_model_has_no_binary_layers():
+    model = BinaryHourglass(16, width=32, input_size=64, depth=2, binary=False, block="bottleneck")
+    assert not [l for l in model.layers if isinstance(l, lq.layers.QuantConv2D)]
+
+
+def test_stacks_and_segmentation_outputs():
+    model = BinaryHourglass(16, num_stacks=3, width=32, input_size=64, depth=2)
+    assert [o.shape.as_list() for o in model.outputs] == [[None, 16, 16, 16]] * 3
+    assert [n for n in model.output_names] == ["stack_1", "stack_2", "stack_3"]
+    seg = BinaryHourglass(7, width=32, input_size=64, depth=2, task="segmentation")
+    assert seg.output_shape == (None, 16, 16, 7)
+
+
+def test_named_configurations_build_and_differ():
+    configs = models.named_configurations()
+    assert {"binary_hpm", "binary_bottleneck", "real_bottleneck", "real_hpm", "binary_hpm_relu",
+            "binary_hpm_avgpool"} <= set(configs)
+    counts = {}
+    for name in configs:
+        model = models.build_named(name, 68, width=32, input_size=64, depth=2)
+        assert model.name == name
+        counts[name] = model.count_params()
+    assert counts["binary_hpm"] == counts["real_hpm"]  # same shapes, quantized or not
+    assert counts["binary_bottleneck"] < counts["binary_hpm"]
+    full = {n: models.build_named(n, 68).count_params() for n in ("binary_hpm", "binary_bottleneck_matched")}
+    assert abs(full["binary_bottleneck_matched"] / full["binary_hpm"] - 1) < 0.05
+    with pytest.raises(ValueError, match="binary_hpm"):
+        models.build_named("nope", 68)
+
+
+@pytest.mark.parametrize(
+    "kwargs,argument",
+    [
+        (dict(block="resnet"), "block"),
+        (dict(pooling="min"), "pooling"),
+        (dict(width=30), "width"),
+        (dict(input_size=100), "input_size"),
+        (dict(input_size=64, depth=5), "input_size"),
+        (dict(num_stacks=0), "num_stacks"),
+        (dict(task="depth"), "task"),
+        (dict(kernel_quantizer="dorefa"), "kernel_quantizer"),
+        (dict(pad_value=0.0), "pad_value"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        BinaryHourglass(68, **kwargs)
+
+
+def test_save_and_load_round_trip_without_custom_objects(tmp_path):
+    model = BinaryHourglass(16, num_stacks=2, width=32, input_size=64, depth=2)
+    # move the batch-norm statistics away from their initial values so they matter
+    x = np.random.default_rng(0).uniform(size=(4, 64, 64, 3)).astype(np.float32)
+    model.compile(optimizer="rmsprop", loss="mse")
+    model.fit(x, [model.predict(x, verbose=0)[0] * 0 + 0.1] * 2, epochs=1, verbose=0)
+    expected = model.predict(x, verbose=0)
+    for path in (tmp_path / "model.keras", tmp_path / "saved_model"):
+        model.save(path)
+        loaded = tf.keras.models.load_model(path)
+        got = loaded.predict(x, verbose=0)
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_import_sets_legacy_keras_in_a_fresh_interpreter():
+    result = run_python(
+        "import larq_landmarks, tensorflow as tf, os;"
+        "print(tf.keras.Model.__module__.split('.')[0], os.environ['TF_USE_LEGACY_KERAS'])"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["tf_keras", "1"]
+
+
+def test_import_after_keras3_raises_a_helpful_error():
+    result = run_python("import tensorflow as tf; tf.keras.layers.Dense; import larq_landmarks")
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "TF_USE_LEGACY_KERAS=1" in result.stderr and "before" in result.stderr

@@ -1,0 +1,144 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from larq_landmarks import heatmaps, training
+from larq_landmarks.models import BinaryHourglass
+from tests.conftest import run_python
+
+
+def _dataset(images, points, batch=16, sigma=1.0):
+    size = images.shape[1] // 4
+
+    def target(image, pts):
+        hm = heatmaps.render_heatmaps(heatmaps.input_to_heatmap(pts), tf.ones(tf.shape(pts)[:1]), size, sigma)
+        return image, hm
+
+    return tf.data.Dataset.from_tensor_slices((images, points)).map(target)
+
+
+def _mean_error(model, images, points):
+    decoded, _ = heatmaps.decode_heatmaps(model.predict(images, verbose=0))
+    return float(np.linalg.norm(heatmaps.heatmap_to_input(decoded).numpy() - points, axis=-1).mean())
+
+
+def test_step_schedule_matches_hand_computation():
+    schedule = training.step_schedule(steps_per_epoch=10, epochs=100)
+    # boundaries at 400, 700, 900 steps
+    for step, rate in [(0, 2.5e-4), (400, 2.5e-4), (401, 1e-4), (700, 1e-4), (701, 5e-5), (901, 1e-5)]:
+        assert float(schedule(step)) == pytest.approx(rate)
+    with pytest.raises(ValueError, match="epochs"):
+        training.step_schedule(10, 0)
+
+
+def test_small_binary_model_learns_synthetic_faces(small_faces):
+    """400 RMSprop steps on CPU: the held-out landmark error falls well below the untrained one."""
+    tf.keras.utils.set_random_seed(0)
+    images, points = small_faces
+    train = _dataset(images[:-128], points[:-128]).shuffle(384, seed=0).batch(16).repeat()
+    model = BinaryHourglass(68, width=64, input_size=64, depth=2)
+    training.compile_model(model, learning_rate=1e-3)
+    before = _mean_error(model, images[-128:], points[-128:])
+    model.fit(train, steps_per_epoch=100, epochs=4, verbose=0)
+    after = _mean_error(model, images[-128:], points[-128:])
+    assert after < 0.5 * before, (before, after)
+    assert after < 12.0, after  # pixels at 64x64 input; untrained is ~28
+
+
+def test_stacked_model_trains_on_repeated_targets(small_faces):
+    images, points = small_faces
+    model = BinaryHourglass(68, num_stacks=2, width=32, input_size=64, depth=2)
+    training.compile_model(model, steps_per_epoch=2, epochs=1)
+    data = training.for_stacks(_dataset(images[:32], points[:32]).batch(16), model)
+    history = model.fit(data, epochs=1, verbose=0)
+    assert set(history.history) >= {"loss", "stack_1_loss", "stack_2_loss"}
+    h = history.history
+    assert h["loss"][0] == pytest.approx(h["stack_1_loss"][0] + h["stack_2_loss"][0], rel=1e-5)
+
+
+def test_interrupted_fit_resumes_after_last_finished_epoch(small_faces, tmp_path):
+    images, points = small_faces
+    data = _dataset(images[:32], points[:32]).batch(16)
+    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    training.compile_model(model)
+
+    class Crash(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt("simulated interruption")
+
+    callbacks = training.training_callbacks(str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(data, epochs=4, callbacks=callbacks + [Crash()], verbose=0)
+    saved = tmp_path / "model.keras"
+    assert saved.exists()  # written after epochs 0 and 1
+
+    started = []
+    resumed = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    training.compile_model(resumed)
+    record = tf.keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: started.append(e))
+    resumed.fit(data, epochs=4, callbacks=training.training_callbacks(str(tmp_path)) + [record], verbose=0)
+    assert started == [2, 3]
+    assert not os.path.exists(tmp_path / "backup" / "chief")  # deleted after a finished fit
+
+
+def test_terminate_on_nan_stops_training(small_faces, tmp_path):
+    images, points = small_faces
+    bad = points[:32].copy()
+    bad[5:] = np.nan  # NaN targets from the second batch on
+    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    training.compile_model(model)
+    history = model.fit(
+        _dataset(images[:32], bad).batch(8), epochs=3,
+        callbacks=training.training_callbacks(str(tmp_path)), verbose=0,
+    )
+    assert model.stop_training
+    assert len(history.epoch) == 1
+
+
+def test_save_model_is_atomic(tmp_path, monkeypatch):
+    model = BinaryHourglass(16, width=32, input_size=64, depth=2)
+    path = tmp_path / "model.keras"
+    training.save_model(model, str(path))
+    good = path.read_bytes()
+
+    def broken_save(target, *args, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save", broken_save)
+    with pytest.raises(OSError):
+        training.save_model(model, str(path))
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+MIRRORED = """
+import larq_landmarks, numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from larq_landmarks import training, heatmaps
+from larq_landmarks.models import BinaryHourglass
+strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+with strategy.scope():
+    model = BinaryHourglass(68, num_stacks=2, width=32, input_size=64, depth=2)
+    training.compile_model(model, steps_per_epoch=4, epochs=2)
+x = np.random.default_rng(0).uniform(size=(32, 64, 64, 3)).astype('float32')
+p = np.random.default_rng(1).uniform(0, 63, size=(32, 68, 2)).astype('float32')
+ds = tf.data.Dataset.from_tensor_slices((x, p)).map(
+    lambda i, q: (i, heatmaps.render_heatmaps(heatmaps.input_to_heatmap(q), tf.ones(68), 16)))
+history = model.fit(training.for_stacks(ds.batch(8), model), epochs=2, verbose=0)
+print('REPLICAS', strategy.num_replicas_in_sync, 'LOSS', *history.history['loss'])
+"""
+
+
+def test_same_training_code_runs_under_mirrored_strategy_on_two_cpus():
+    result = run_python(MIRRORED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [l for l in result.stdout.splitlines() if l.startswith("REPLICAS")][0].split()
+    assert line[1] == "2"
+    losses = [float(v) for v in line[3:]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
