@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["larq_landmarks", "larq_landmarks.named_models"],
+    packages=["larq_landmarks", "larq_landmarks.datasets", "larq_landmarks.named_models"],
     package_dir={"larq_landmarks.named_models": "models"},
     package_data={"larq_landmarks.named_models": ["*.json"]},
     install_requires=[
