@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate it, convert it with LCE, and write a report with pictures.",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    demo.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
     return parser

@@ -19,18 +19,19 @@ def step_schedule(
     steps_per_epoch: int,
     epochs: int,
     learning_rate: float = 2.5e-4,
-    decayed: Sequence[float] = (1e-4, 5e-5, 1e-5),
+    factors: Sequence[float] = (0.4, 0.2, 0.04),
     at_fractions: Sequence[float] = (0.4, 0.7, 0.9),
 ) -> tf.keras.optimizers.schedules.LearningRateSchedule:
-    """The authors' step decay: ``learning_rate``, then each of ``decayed`` from the given
-    fractions of training (default 2.5e-4 -> 1e-4 at 40%, 5e-5 at 70%, 1e-5 at 90%)."""
+    """The authors' step decay: ``learning_rate``, then ``learning_rate * factor`` for each of
+    ``factors`` from the given fractions of training. The defaults give the authors' values
+    2.5e-4 -> 1e-4 at 40%, 5e-5 at 70%, 1e-5 at 90% of the steps."""
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"steps_per_epoch={steps_per_epoch} and epochs={epochs} must be >= 1")
-    if len(decayed) != len(at_fractions):
-        raise ValueError("decayed and at_fractions must have the same length")
+    if len(factors) != len(at_fractions):
+        raise ValueError("factors and at_fractions must have the same length")
     boundaries = [max(1, int(round(f * epochs * steps_per_epoch))) for f in at_fractions]
     return tf.keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries, [float(learning_rate), *map(float, decayed)]
+        boundaries, [float(learning_rate)] + [float(learning_rate * f) for f in factors]
     )
 
 

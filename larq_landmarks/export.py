@@ -1,0 +1,128 @@
+"""Conversion to TFLite flatbuffers: LCE's bit-packed binary ops, or plain TFLite as reference.
+
+``convert(model, "model.tflite")`` writes the last stack's heatmaps as the only output. For a
+binary model, every Larq ``QuantConv2D`` should become one ``LceBconv2d``; :func:`convert` warns,
+naming the layers, when the flatbuffer has fewer (LCE fell back to float for them).
+"""
+import collections
+import warnings
+from typing import Counter, Optional
+
+import larq as lq
+import larq_compute_engine as lce
+import tensorflow as tf
+from tensorflow.lite.python import schema_py_generated as schema
+
+from larq_landmarks.atomic import atomic_path
+
+
+class NotOurModelError(ValueError):
+    """A file is not a TFLite flatbuffer (or not one this library wrote)."""
+
+
+def last_stack(model: tf.keras.Model) -> tf.keras.Model:
+    """The model with only its last output (the last stack's heatmaps or logits)."""
+    if len(model.outputs) == 1:
+        return model
+    return tf.keras.Model(model.inputs, model.outputs[-1], name=model.name)
+
+
+def op_counts(flatbuffer: bytes) -> Counter:
+    """How many times each operator occurs in a TFLite flatbuffer (custom ops by name)."""
+    try:
+        tflite = schema.Model.GetRootAsModel(flatbuffer, 0)
+        codes = []
+        for i in range(tflite.OperatorCodesLength()):
+            code = tflite.OperatorCodes(i)
+            builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+            if builtin == schema.BuiltinOperator.CUSTOM:
+                codes.append(code.CustomCode().decode())
+            else:
+                names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+                codes.append(names.get(builtin, str(builtin)))
+        counts = collections.Counter()
+        for s in range(tflite.SubgraphsLength()):
+            subgraph = tflite.Subgraphs(s)
+            for o in range(subgraph.OperatorsLength()):
+                counts[codes[subgraph.Operators(o).OpcodeIndex()]] += 1
+    except Exception as error:
+        raise NotOurModelError(f"not a TFLite flatbuffer ({error})") from error
+    if not counts:
+        raise NotOurModelError("the flatbuffer holds no operators")
+    return counts
+
+
+def convert(
+    model: tf.keras.Model,
+    path: Optional[str] = None,
+    binary: bool = True,
+    batch_size: Optional[int] = 1,
+) -> bytes:
+    """Convert ``model`` (its last stack) to a flatbuffer, and write it to ``path`` if given.
+
+    Args:
+        model: a Keras model from :func:`larq_landmarks.models.BinaryHourglass`.
+        path: where to write the ``.tflite`` (atomically); None only returns the bytes.
+        binary: convert with LCE (binary convolutions become bit-packed ``LceBconv2d``); False
+            gives a plain float32 TFLite model (Larq quantizers run as float ops).
+        batch_size: fixed batch size of the converted model; None keeps it dynamic.
+    """
+    single = last_stack(model)
+    if batch_size is not None:
+        inputs = tf.keras.Input(single.input_shape[1:], batch_size=batch_size, name="image")
+        single = tf.keras.Model(inputs, single(inputs), name=model.name)
+    if binary:
+        flatbuffer = lce.convert_keras_model(single)
+    else:
+        converter = tf.lite.TFLiteConverter.from_keras_model(single)
+        flatbuffer = converter.convert()
+    if binary:
+        _warn_float_fallback(model, flatbuffer)
+    if path:
+        with atomic_path(path) as temporary, open(temporary, "wb") as f:
+            f.write(flatbuffer)
+    return flatbuffer
+
+
+def binary_layers(model: tf.keras.Model):
+    """The Larq ``QuantConv2D`` layers of ``model`` (nested models included)."""
+    return [l for l in model.submodules if isinstance(l, lq.layers.QuantConv2D)]
+
+
+def _warn_float_fallback(model, flatbuffer):
+    layers = binary_layers(model)
+    converted = op_counts(flatbuffer).get("LceBconv2d", 0)
+    if converted < len(layers):
+        names = [l.name for l in layers if not _lce_convertible(l)] or [l.name for l in layers]
+        warnings.warn(
+            f"LCE converted {converted} of {len(layers)} binary convolutions to LceBconv2d; "
+            f"these stayed float: {', '.join(names)}",
+            stacklevel=3,
+        )
+
+
+def _lce_convertible(layer) -> bool:
+    """What LCE needs to see to emit LceBconv2d (see LCE's converter docs)."""
+    input_ok = getattr(layer.input_quantizer, "__class__", type(None)).__name__ in ("SteSign", "ApproxSign", "SwishSign")
+    kernel_ok = getattr(layer.kernel_quantizer, "__class__", type(None)).__name__ in ("SteSign", "MagnitudeAwareSign")
+    return input_ok and kernel_ok and not layer.use_bias
+
+
+def load_flatbuffer(path: str) -> bytes:
+    """Read a ``.tflite`` file, checking that it is a TFLite flatbuffer."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise NotOurModelError(f"{path}: not a TFLite flatbuffer (no 'TFL3' identifier)")
+    try:
+        op_counts(data)
+    except NotOurModelError as error:
+        raise NotOurModelError(f"{path}: {error}") from error
+    return data
+
+
+def interpreter(flatbuffer: bytes, num_threads: int = 1):
+    """LCE's Python interpreter (runs both LCE and plain TFLite models) for ``flatbuffer``."""
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    return Interpreter(flatbuffer, num_threads=num_threads)

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from larq_landmarks import metrics
+
+
+def test_nme_by_hand():
+    truth = np.array([[[0, 0], [10, 0]], [[0, 0], [0, 10]]], float)
+    predicted = truth + np.array([[[3, 4], [0, 0]], [[0, 0], [6, 8]]], float)
+    # image 1: distances 5, 0 -> mean 2.5, / 10; image 2: 0, 10 -> 5 / 20
+    np.testing.assert_allclose(metrics.nme(predicted, truth, [10, 20]), [0.25, 0.25])
+    # visible only: image 1 keeps point 0 (5 / 10), image 2 keeps point 1 (10 / 20)
+    np.testing.assert_allclose(metrics.nme(predicted, truth, [10, 20], [[1, 0], [0, 1]]), [0.5, 0.5])
+    with pytest.raises(ValueError, match="no visible points"):
+        metrics.nme(predicted, truth, [1, 1], [[0, 0], [1, 1]])
+
+
+def test_normalisers_by_hand():
+    assert metrics.box_size(np.array([[0, 0, 4, 9]]))[0] == pytest.approx(6.0)
+    points = np.zeros((1, 68, 2))
+    points[0, 36] = [10, 10]
+    points[0, 45] = [40, 50]
+    assert metrics.inter_ocular(points)[0] == pytest.approx(50.0)
+    points[0, 36:42] = [0, 0]
+    points[0, 42:48] = [6, 8]
+    assert metrics.inter_pupil(points)[0] == pytest.approx(10.0)
+
+
+def test_nme_by_yaw_bins_and_mean_of_bins():
+    errors = np.array([1.0, 3.0, 10.0, 20.0, 40.0])
+    yaw = np.array([5.0, -30.0, 45.0, -59.0, 89.0])
+    result = metrics.nme_by_yaw(errors, yaw)
+    assert result["[0,30]"] == 2.0 and result["[30,60]"] == 15.0 and result["[60,90]"] == 40.0
+    assert result["mean"] == pytest.approx(19.0)
+
+
+def test_ced_auc_failure_rate_by_hand():
+    errors = np.array([0.01, 0.03, 0.05, 0.2])
+    thresholds, fractions = metrics.ced(errors, 0.04, steps=4)
+    np.testing.assert_allclose(thresholds, [0, 0.01, 0.02, 0.03, 0.04])
+    np.testing.assert_allclose(fractions, [0, 0.25, 0.25, 0.5, 0.5])
+    # trapezoids: 0.01 * (0.125 + 0.25 + 0.375 + 0.5) = 0.0125, / 0.04
+    assert metrics.auc(errors, 0.04, steps=4) == pytest.approx(0.3125)
+    assert metrics.failure_rate(errors, 0.04) == 0.5
+
+
+def test_pckh_by_hand():
+    truth = np.zeros((2, 16, 2))
+    predicted = truth.copy()
+    predicted[0, 9] = [6, 0]  # head: 6 > 0.5 * 10 -> wrong
+    predicted[0, 12] = [4, 0]  # r shoulder: right
+    predicted[1, 13] = [30, 0]  # l shoulder of person 2: wrong, but ...
+    visible = np.ones((2, 16), bool)
+    visible[1, 13] = False  # ... not labelled: excluded
+    table = metrics.pckh(predicted, truth, visible, head_sizes=[10, 10])
+    assert table["Head"] == 50.0
+    assert table["Shoulder"] == 100.0  # 3 of 3 labelled shoulders
+    assert table["Elbow"] == 100.0
+    # mean over joints other than pelvis and thorax: 28 - 1 excluded = 27 labelled, 1 wrong
+    assert table["Mean"] == pytest.approx(100 * 26 / 27)
+
+
+def test_segmentation_scores_by_hand():
+    truth = np.array([[0, 0, 1, 1], [0, 2, 2, 2]])
+    predicted = np.array([[0, 1, 1, 1], [0, 2, 2, 0]])
+    # confusion: class 0: t=3, n00=2; class 1: t=2, n11=2, predicted 3; class 2: t=3, n22=2, predicted 2
+    scores = metrics.segmentation_scores(predicted, truth, num_classes=3)
+    assert scores["pixel_accuracy"] == pytest.approx(100 * 6 / 8)
+    assert scores["mean_accuracy"] == pytest.approx(100 * (2 / 3 + 1 + 2 / 3) / 3)
+    # IU: 0: 2 / (3 + 3 - 2) ; 1: 2 / (2 + 3 - 2) ; 2: 2 / (3 + 2 - 2)
+    assert scores["mean_iu"] == pytest.approx(100 * (0.5 + 2 / 3 + 2 / 3) / 3)
