@@ -81,13 +81,14 @@ def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, tes
         lambda x: np.concatenate([interpreter.predict(x[i : i + 1]) for i in range(len(x))]), test_data
     )
     float_size = len(export.convert(model, binary=False))
-    parity_px = np.abs(lce_result["predicted"] - keras_result["predicted"]).max()
+    difference = np.linalg.norm(lce_result["predicted"] - keras_result["predicted"], axis=-1)
 
     report = {
         "trained_keras": _face_scores(keras_result),
         "trained_lce_tflite": _face_scores(lce_result),
         "untrained_keras": _face_scores(untrained_result),
-        "lce_vs_keras_max_landmark_difference_px": float(parity_px),
+        "lce_vs_keras_landmarks_within_0.5px": float(np.mean(difference <= 0.5)),
+        "lce_vs_keras_max_landmark_difference_px": float(difference.max()),
         "ops": dict(export.op_counts(flatbuffer)),
         "tflite_bytes_binary": len(flatbuffer),
         "tflite_bytes_float32": float_size,
@@ -136,7 +137,9 @@ def _write_report(out, report):
         f"{report['settings']['steps']} steps in {report['train_seconds']} s.\n\n"
         "| model | NME inter-ocular % | NME box % | AUC@0.08 | failures@0.08 |\n|---|---:|---:|---:|---:|\n"
         + "\n".join(rows)
-        + f"\n\nLCE vs Keras: largest landmark difference {report['lce_vs_keras_max_landmark_difference_px']:.3f} px.\n"
+        + f"\n\nLCE vs Keras: {100 * report['lce_vs_keras_landmarks_within_0.5px']:.1f}% of landmarks "
+        f"within 0.5 px (largest difference {report['lce_vs_keras_max_landmark_difference_px']:.2f} px: "
+        "a near-tie between two heatmap peaks flips the argmax).\n"
         f"Converted sizes: binary (LCE) {report['tflite_bytes_binary']:,} bytes, "
         f"float32 TFLite {report['tflite_bytes_float32']:,} bytes "
         f"({report['tflite_bytes_float32'] / report['tflite_bytes_binary']:.1f}x).\n\n"

@@ -43,17 +43,23 @@ def test_bottleneck_block_parameter_count_matches_hand_count():
 
 
 def test_hpm_block_is_multi_scale_receptive_field_7():
-    """The third stage sees a 7x7 window: the gradient of the centre output reaches exactly 3 px."""
+    """Stages see 3x3, 5x5 and 7x7 windows: the gradient of the centre output of each stage's
+    channels reaches exactly 1, 2 and 3 pixels away (positive weights and inputs keep every
+    ReLU open, so no path is cut)."""
     inputs = tf.keras.Input((15, 15, 8))
-    out = blocks.hpm_block(inputs, 8, binary=False)
-    model = tf.keras.Model(inputs, out)
-    x = tf.random.normal((1, 15, 15, 8), seed=1)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = model(x, training=False)[0, 7, 7, 6:]  # channels of the third stage
-    grad = tf.reduce_sum(tf.abs(tape.gradient(y, x)[0]), -1).numpy()
-    reached = np.argwhere(grad > 0)
-    assert reached.min(0).tolist() == [4, 4] and reached.max(0).tolist() == [10, 10]
+    model = tf.keras.Model(inputs, blocks.hpm_block(inputs, 8, binary=False))
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            layer.set_weights([np.full(layer.kernel.shape, 0.01, np.float32)])
+    x = tf.fill((1, 15, 15, 8), 1.0)
+    for channels, radius in ((slice(0, 4), 1), (slice(4, 6), 2), (slice(6, 8), 3)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(model(x, training=False)[0, 7, 7, channels])
+        grad = tf.reduce_sum(tf.abs(tape.gradient(y, x)[0]), -1).numpy()
+        reached = np.argwhere(grad > 0)
+        assert reached.min(0).tolist() == [7 - radius] * 2, channels
+        assert reached.max(0).tolist() == [7 + radius] * 2, channels
 
 
 def test_binary_blocks_use_larq_quantconv_configured_for_lce():

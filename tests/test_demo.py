@@ -1,0 +1,25 @@
+import json
+
+from larq_landmarks import cli
+
+
+def test_demo_command_writes_report_pictures_and_converted_model(tmp_path):
+    """The README's main job, scaled down: every artefact is written and LCE agrees with Keras."""
+    from larq_landmarks import demo
+
+    report = demo.run(str(tmp_path), steps=100, train_images=40, test_images=16)
+    for name in ("report.md", "report.json", "predictions.png", "ced.png", "model.tflite", "model.keras"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["ops"]["LceBconv2d"] == report["ops"]["LceBconv2d"] > 0
+    assert saved["lce_vs_keras_landmarks_within_0.5px"] >= 0.95
+    assert saved["tflite_bytes_float32"] > 5 * saved["tflite_bytes_binary"]
+    assert "NME inter-ocular" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_help_lists_demo(capsys):
+    try:
+        cli.main(["--help"])
+    except SystemExit as exit:
+        assert exit.code == 0
+    assert "demo" in capsys.readouterr().out
