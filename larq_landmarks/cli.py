@@ -11,6 +11,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import os
+
+    import tensorflow as tf
+
+    from larq_landmarks import export
+
+    if not os.path.exists(args.model):
+        raise SystemExit(f"larq-landmarks convert: model {args.model!r} not found")
+    try:
+        model = tf.keras.models.load_model(args.model)
+    except Exception as error:  # Keras raises many kinds for a file that is not a model
+        raise SystemExit(f"larq-landmarks convert: cannot load model {args.model!r} ({error})")
+    flatbuffer = export.convert(
+        model, args.output, binary=not args.float, batch_size=None if args.dynamic_batch else 1
+    )
+    counts = export.op_counts(flatbuffer)
+    print(f"wrote {args.output}: {len(flatbuffer):,} bytes, "
+          f"{counts.get('LceBconv2d', 0)} LceBconv2d, {counts.get('CONV_2D', 0)} float CONV_2D")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="larq-landmarks", description="Binarized landmark localizers (Larq / LCE)."
@@ -25,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    convert = commands.add_parser(
+        "convert", help="convert a saved Keras model to a .tflite flatbuffer",
+        description="Convert a saved model (its last stack) with Larq Compute Engine to a "
+        "bit-packed .tflite, or with --float to a plain float32 TFLite reference.",
+    )
+    convert.add_argument("model", help="saved Keras model (.keras file or SavedModel folder)")
+    convert.add_argument("output", help="the .tflite file to write (atomically)")
+    convert.add_argument("--float", action="store_true", help="plain float32 TFLite, no LCE ops")
+    convert.add_argument("--dynamic-batch", action="store_true", help="keep the batch size dynamic")
+    convert.set_defaults(run=_convert)
     return parser
 
 

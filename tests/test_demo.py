@@ -17,6 +17,25 @@ def test_demo_command_writes_report_pictures_and_converted_model(tmp_path):
     assert "NME inter-ocular" in (tmp_path / "report.md").read_text()
 
 
+def test_convert_command_writes_lce_model_and_refuses_bad_input(tmp_path, capsys):
+    from larq_landmarks.models import BinaryHourglass
+    from larq_landmarks import export
+    import pytest
+
+    model_path = tmp_path / "m.keras"
+    BinaryHourglass(16, width=32, input_size=64, depth=2).save(model_path)
+    assert cli.main(["convert", str(model_path), str(tmp_path / "m.tflite")]) == 0
+    assert "LceBconv2d" in capsys.readouterr().out
+    counts = export.op_counts(export.load_flatbuffer(str(tmp_path / "m.tflite")))
+    assert counts["LceBconv2d"] > 0
+    with pytest.raises(SystemExit, match="not found"):
+        cli.main(["convert", str(tmp_path / "missing.keras"), str(tmp_path / "x.tflite")])
+    (tmp_path / "junk.keras").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="cannot load model"):
+        cli.main(["convert", str(tmp_path / "junk.keras"), str(tmp_path / "x.tflite")])
+    assert not (tmp_path / "x.tflite").exists()
+
+
 def test_cli_help_lists_demo(capsys):
     try:
         cli.main(["--help"])
