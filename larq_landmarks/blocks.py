@@ -17,7 +17,8 @@ KERNEL_QUANTIZERS = ("magnitude_aware_sign", "ste_sign")
 PAD_VALUES = (1.0, -1.0)
 
 
-def _check_options(kernel_quantizer: str, pad_value: float) -> None:
+def check_binary_options(kernel_quantizer: str, pad_value: float) -> None:
+    """Raise a ValueError naming ``kernel_quantizer`` or ``pad_value`` if it is not supported."""
     if kernel_quantizer not in KERNEL_QUANTIZERS:
         raise ValueError(
             f"kernel_quantizer={kernel_quantizer!r} is not supported; use one of {KERNEL_QUANTIZERS}"
@@ -50,7 +51,7 @@ def conv(
             -1 matches the authors' code). Ignored for real convolutions and 1x1 kernels.
         name: prefix of the layer names.
     """
-    _check_options(kernel_quantizer, pad_value)
+    check_binary_options(kernel_quantizer, pad_value)
     x = tf.keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
     if not binary:
         x = tf.keras.layers.Activation("relu", name=f"{name}_relu")(x)

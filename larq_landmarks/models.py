@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
-from larq_landmarks.blocks import BLOCKS, KERNEL_QUANTIZERS, PAD_VALUES
+from larq_landmarks.blocks import BLOCKS, check_binary_options
 
 POOLINGS = ("max", "avg")
 TASKS = ("heatmaps", "segmentation")
@@ -83,12 +83,7 @@ def BinaryHourglass(
         tensor when ``num_stacks == 1``).
     """
     _check_arguments(num_landmarks, num_stacks, width, depth, block, pooling, input_size, task)
-    if kernel_quantizer not in KERNEL_QUANTIZERS:
-        raise ValueError(
-            f"kernel_quantizer={kernel_quantizer!r} is not known; use one of {KERNEL_QUANTIZERS}"
-        )
-    if float(pad_value) not in PAD_VALUES:
-        raise ValueError(f"pad_value={pad_value!r} is not supported; use one of {PAD_VALUES}")
+    check_binary_options(kernel_quantizer, pad_value)
     layers = tf.keras.layers
     if not 0 < bottleneck_ratio <= 1:
         raise ValueError(f"bottleneck_ratio={bottleneck_ratio!r} must be in (0, 1]")

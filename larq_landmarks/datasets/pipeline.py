@@ -165,9 +165,7 @@ def landmark_dataset(
 
     Landmarks that are invisible or fall outside the crop get an all-zero heatmap.
     """
-    if not train:
-        augmentation = None
-    _check_augmentation(augmentation, flip_permutation)
+    augmentation = _augmentation_for(train, augmentation, flip_permutation)
     size = input_size // 4
 
     def make(index, features):
@@ -193,9 +191,7 @@ def segmentation_dataset(
 ) -> tf.data.Dataset:
     """``(image, mask)`` pairs: 7-class facial part masks of side ``input_size // 4`` rendered
     from the (augmented) 68 landmarks. Arguments as :func:`landmark_dataset`."""
-    if not train:
-        augmentation = None
-    _check_augmentation(augmentation, flip_permutation)
+    augmentation = _augmentation_for(train, augmentation, flip_permutation)
     if columns["points"].shape[1] != 68:
         raise ValueError(f"segmentation masks need 68-point faces, got {columns['points'].shape[1]} points")
     size = input_size // 4
@@ -227,10 +223,14 @@ def evaluation_dataset(
     return _finish(data, batch_size, False)
 
 
-def _check_augmentation(augmentation, flip_permutation):
+def _augmentation_for(train, augmentation, flip_permutation):
+    """The augmentation a pipeline applies: none outside training; flips need a permutation."""
+    if not train:
+        return None
     if augmentation is not None and augmentation.flip_probability > 0 and flip_permutation is None:
         raise ValueError("augmentation flips, so flip_permutation is required "
                          "(larq_landmarks.layouts.flip_permutation(num_points))")
+    return augmentation
 
 
 def _finish(data, batch_size, train):
