@@ -19,6 +19,7 @@ setup(
         "scipy>=1.10",
         "pillow>=10",
         "tqdm>=4.60",
+        "tensorboard>=2.20,<3",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["larq-landmarks=larq_landmarks.cli:main"]},

@@ -1,7 +1,40 @@
-"""The ``larq-landmarks`` command."""
+"""The ``larq-landmarks`` command: demo, train, evaluate, predict, convert.
+
+Every subcommand takes its options as flags or from a JSON file given with ``--config`` (keys are
+the flag names with ``_`` for ``-``); flags given on the command line win.
+"""
 import argparse
+import json
+import os
 import sys
 from typing import List, Optional
+
+import numpy as np
+
+
+def _fail(command: str, message: str):
+    raise SystemExit(f"larq-landmarks {command}: {message}")
+
+
+def _load_model(command: str, path: str):
+    import tensorflow as tf
+
+    if not os.path.exists(path):
+        _fail(command, f"model {path!r} not found")
+    try:
+        return tf.keras.models.load_model(path)
+    except Exception as error:  # Keras raises many kinds for a file that is not a model
+        _fail(command, f"cannot load model {path!r} ({error})")
+
+
+def _read(args, command):
+    from larq_landmarks.datasets import formats
+    from larq_landmarks.datasets.readers import DatasetError
+
+    try:
+        return formats.read_columns(args.format, args.data, args.images, args.skip_bad)
+    except (DatasetError, ValueError) as error:
+        _fail(command, str(error))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -11,19 +44,124 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
-    import os
-
+def _train(args: argparse.Namespace) -> int:
     import tensorflow as tf
 
+    from larq_landmarks import layouts, models, tensorboard, training
+    from larq_landmarks.datasets import formats, pipeline
+
+    fmt = formats.get_format(args.format)
+    columns = _read(args, "train")
+    count = len(columns["scale"])
+    segmentation = args.task == "segmentation"
+    if segmentation and fmt.num_points != 68:
+        _fail("train", f"segmentation needs 68-point faces; format {args.format!r} has {fmt.num_points}")
+    overrides = {k: v for k, v in (("width", args.width), ("depth", args.depth),
+                                   ("num_stacks", args.num_stacks)) if v is not None}
+    outputs = 7 if segmentation else fmt.num_points
+    try:
+        model = models.build_named(args.model, outputs, input_size=args.input_size,
+                                   task=args.task, **overrides)
+    except ValueError as error:
+        _fail("train", str(error))
+    steps = args.steps_per_epoch or max(1, count // args.batch_size)
+    training.compile_model(model, args.task, steps, args.epochs, args.learning_rate)
+    options = dict(flip_permutation=layouts.flip_permutation(fmt.num_points), seed=args.seed,
+                   batch_size=args.batch_size)
+    if segmentation:
+        data = pipeline.segmentation_dataset(columns, args.input_size, **options)
+    else:
+        data = pipeline.landmark_dataset(columns, args.input_size, sigma=args.sigma, **options)
+    callbacks = training.training_callbacks(args.out, log_dir=os.path.join(args.out, "logs"))
+    if not segmentation:
+        preview = next(iter(data))[0].numpy()[:4]
+        callbacks.append(tensorboard.HeatmapImages(os.path.join(args.out, "logs", "images"), preview))
+    tf.keras.utils.set_random_seed(args.seed)
+    model.fit(training.for_stacks(data, model), epochs=args.epochs, steps_per_epoch=steps,
+              callbacks=callbacks, verbose=2 if args.quiet else 1)
+    print(f"model: {os.path.join(args.out, 'model.keras')}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from larq_landmarks import evaluation, export
+    from larq_landmarks.datasets import formats
+    from larq_landmarks.predictor import InputError, Predictor, flip_test
+
+    fmt = formats.get_format(args.format)
+    try:
+        predictor = Predictor.from_path(args.model)
+    except (InputError, export.NotOurModelError) as error:
+        _fail("evaluate", str(error))
+    expected = 7 if args.task == "segmentation" else fmt.num_points
+    if predictor.num_landmarks != expected:
+        _fail("evaluate", f"model {args.model!r} outputs {predictor.num_landmarks} channels but "
+                          f"format {args.format!r} with task {args.task!r} needs {expected}")
+    columns = _read(args, "evaluate")
+    predict = predictor._predict
+    if args.flip_test and args.task != "segmentation":
+        from larq_landmarks import layouts
+
+        permutation = layouts.flip_permutation(fmt.num_points)
+        predict = lambda images: flip_test(predictor._predict, images, permutation)  # noqa: E731
+    if args.task == "segmentation":
+        result = evaluation.evaluate_segmentation(predict, columns, predictor.input_size,
+                                                  args.batch_size, progress=True)
+    else:
+        result = evaluation.evaluate_landmarks(predict, columns, fmt.kind, predictor.input_size,
+                                               args.batch_size, progress=True)
+    print(f"\n{result['count']} samples of {args.data} ({args.format}), model {args.model}\n")
+    print(evaluation.format_tables(result["tables"]))
+    if args.json:
+        from larq_landmarks.atomic import atomic_path
+
+        report = {"model": args.model, "data": args.data, "format": args.format, "task": args.task,
+                  "flip_test": bool(args.flip_test), "count": result["count"], "tables": result["tables"]}
+        with atomic_path(args.json) as temporary, open(temporary, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from larq_landmarks import export, visualize
+    from larq_landmarks.atomic import atomic_path
+    from larq_landmarks.predictor import InputError, Predictor, load_rgb
+
+    try:
+        predictor = Predictor.from_path(args.model, "person" if args.person else "face", args.flip_test)
+    except (InputError, export.NotOurModelError) as error:
+        _fail("predict", str(error))
+    boxes = [[float(v) for v in box.split(",")] for box in args.box or []]
+    if any(len(b) != 4 for b in boxes):
+        _fail("predict", "--box takes x1,y1,x2,y2")
+    os.makedirs(args.out, exist_ok=True)
+    from tqdm import tqdm
+
+    results = {}
+    for path in tqdm(args.images, desc="predict", unit="image"):
+        try:
+            image = load_rgb(path)
+            image_boxes = boxes or [[0, 0, image.shape[1] - 1, image.shape[0] - 1]]
+            points, scores = predictor.predict(image, image_boxes, name=path)
+        except InputError as error:
+            _fail("predict", str(error))
+        results[path] = {"boxes": image_boxes, "landmarks": points.tolist(), "scores": scores.tolist()}
+        picture = visualize.draw_landmarks(image, np.zeros((0, 2)))
+        for p in points:
+            picture = visualize.draw_landmarks(np.asarray(picture), p)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        visualize.save_png(picture, os.path.join(args.out, f"{stem}_landmarks.png"))
+    with atomic_path(os.path.join(args.out, "landmarks.json")) as temporary, open(temporary, "w") as f:
+        json.dump(results, f)
+    print(f"wrote {os.path.join(args.out, 'landmarks.json')} and overlays in {args.out}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
     from larq_landmarks import export
 
-    if not os.path.exists(args.model):
-        raise SystemExit(f"larq-landmarks convert: model {args.model!r} not found")
-    try:
-        model = tf.keras.models.load_model(args.model)
-    except Exception as error:  # Keras raises many kinds for a file that is not a model
-        raise SystemExit(f"larq-landmarks convert: cannot load model {args.model!r} ({error})")
+    model = _load_model("convert", args.model)
     flatbuffer = export.convert(
         model, args.output, binary=not args.float, batch_size=None if args.dynamic_batch else 1
     )
@@ -33,11 +171,24 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_arguments(parser):
+    from larq_landmarks.datasets.formats import FORMATS
+
+    parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="data-set format")
+    parser.add_argument("--data", required=True,
+                        help="data-set folder (or the MPII .mat / .json annotation file)")
+    parser.add_argument("--images", help="image folder (MPII formats)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning")
+    parser.add_argument("--task", default="heatmaps", choices=("heatmaps", "segmentation"))
+    parser.add_argument("--batch-size", type=int, default=10)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="larq-landmarks", description="Binarized landmark localizers (Larq / LCE)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
     demo = commands.add_parser(
         "demo", help="the main job end to end on built-in synthetic data",
         description="Write a synthetic 300W-format data set, train a small binary model on it, "
@@ -47,6 +198,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    train = commands.add_parser("train", help="train a named model on a data set",
+                                description="Train with model.fit on the augmented tf.data pipeline; "
+                                "resumes an interrupted run in the same --out folder.")
+    _data_arguments(train)
+    train.add_argument("--out", required=True, help="run folder: model.keras, backup/, logs/")
+    train.add_argument("--model", default="binary_hpm", help="named configuration (models/*.json)")
+    train.add_argument("--epochs", type=int, default=100)
+    train.add_argument("--steps-per-epoch", type=int, help="default: data-set size / batch size")
+    train.add_argument("--learning-rate", type=float, default=2.5e-4)
+    train.add_argument("--input-size", type=int, default=256)
+    train.add_argument("--width", type=int, help="override the configuration's width")
+    train.add_argument("--depth", type=int, help="override the configuration's depth")
+    train.add_argument("--num-stacks", type=int, help="override the configuration's stacks")
+    train.add_argument("--sigma", type=float, default=1.5, help="heatmap Gaussian sigma (pixels)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--quiet", action="store_true", help="one line per epoch")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="the papers' tables for a model on a data set",
+                                   description="Print NME (by yaw bin, visible points), PCKh by joint "
+                                   "or segmentation scores, and optionally write them as JSON.")
+    _data_arguments(evaluate)
+    evaluate.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
+    evaluate.add_argument("--flip-test", action="store_true", help="add the mirrored prediction")
+    evaluate.add_argument("--json", help="write the tables to this JSON file")
+    evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser("predict", help="landmarks for boxes in your own images",
+                                  description="Write landmarks.json and overlay PNGs to --out.")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
+    predict.add_argument("--box", action="append", help="x1,y1,x2,y2 (repeat for several; "
+                         "default: the whole image)")
+    predict.add_argument("--person", action="store_true", help="boxes are person boxes")
+    predict.add_argument("--flip-test", action="store_true")
+    predict.add_argument("--out", default="predictions")
+    predict.set_defaults(run=_predict)
+
     convert = commands.add_parser(
         "convert", help="convert a saved Keras model to a .tflite flatbuffer",
         description="Convert a saved model (its last stack) with Larq Compute Engine to a "
@@ -57,11 +247,36 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--float", action="store_true", help="plain float32 TFLite, no LCE ops")
     convert.add_argument("--dynamic-batch", action="store_true", help="keep the batch size dynamic")
     convert.set_defaults(run=_convert)
+
+    for sub in (demo, train, evaluate, predict, convert):
+        sub.add_argument("--config", help="JSON file of options (flags given here win)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config_path = pre.parse_known_args(argv)[0].config
+    subparsers = parser._subparsers._group_actions[0].choices
+    command = argv[0] if argv and argv[0] in subparsers else None
+    if config_path and command:
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as error:
+            _fail(command, f"cannot read config {config_path!r} ({error})")
+        subparser = subparsers[command]
+        known = {action.dest for action in subparser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            _fail(command, f"config {config_path!r} has unknown options {unknown}")
+        subparser.set_defaults(**config)
+        for action in subparser._actions:  # the config may supply required options
+            if action.dest in config:
+                action.required = False
+    args = parser.parse_args(argv)
     return args.run(args)
 
 

@@ -41,3 +41,110 @@ def predict_dataset(predict: Callable[[np.ndarray], np.ndarray], dataset: tf.dat
     if not parts:
         raise ValueError("the evaluation dataset is empty")
     return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def _face_table(result: Dict[str, np.ndarray], num_points: int) -> Dict[str, Dict[str, float]]:
+    from larq_landmarks import metrics
+
+    truth, predicted, visible = result["points"], result["predicted"], result["visible"]
+    box = metrics.box_size(result["box"])
+    tables = {}
+    errors = metrics.nme(predicted, truth, box)
+    summary = {"NME box %": 100 * float(errors.mean()),
+               "AUC@0.07 box": metrics.auc(errors, 0.07),
+               "failures@0.07 box": metrics.failure_rate(errors, 0.07)}
+    if num_points == 68:
+        ocular = metrics.nme(predicted, truth, metrics.inter_ocular(truth))
+        pupil = metrics.nme(predicted, truth, metrics.inter_pupil(truth))
+        summary.update({"NME inter-ocular %": 100 * float(ocular.mean()),
+                        "NME inter-pupil %": 100 * float(pupil.mean())})
+    if not visible.all():
+        summary["NME box, visible points %"] = 100 * float(metrics.nme(predicted, truth, box, visible).mean())
+    tables["NME"] = summary
+    if "yaw" in result and np.isfinite(result["yaw"]).all():
+        tables["NME box % by |yaw| (AFLW2000-3D layout)"] = {
+            k: 100 * v for k, v in metrics.nme_by_yaw(errors, result["yaw"]).items()
+        }
+    return tables
+
+
+def evaluate_landmarks(
+    predict: Callable[[np.ndarray], np.ndarray],
+    columns: Dict[str, np.ndarray],
+    kind: str,
+    input_size: int = 256,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Dict[str, object]:
+    """The papers' tables for a landmark model on a data set.
+
+    Args:
+        predict: crops -> heatmaps (see :func:`predict_dataset`).
+        columns: from :func:`larq_landmarks.datasets.to_columns` (with ``yaw`` or ``head_size``
+            extras where the data set has them).
+        kind: ``"face"`` (NME tables; by yaw when ``yaw`` is present; visible-only when some
+            points are invisible) or ``"pose"`` (MPII PCKh@0.5 by joint).
+
+    Returns:
+        ``{"tables": {title: {column: value}}, "count": N}``.
+    """
+    from larq_landmarks import metrics
+    from larq_landmarks.datasets.pipeline import evaluation_dataset
+
+    dataset = evaluation_dataset(columns, input_size, batch_size=batch_size)
+    if progress:
+        dataset = _with_progress(dataset, len(columns["scale"]), batch_size)
+    result = predict_dataset(predict, dataset)
+    num_points = result["points"].shape[1]
+    if kind == "face":
+        tables = _face_table(result, num_points)
+    elif kind == "pose":
+        if "head_size" not in result or not np.isfinite(result["head_size"]).all():
+            raise ValueError("PCKh needs every person's head box (head_size): the annotations lack it")
+        tables = {"PCKh@0.5 %": metrics.pckh(result["predicted"], result["points"], result["visible"],
+                                             result["head_size"])}
+    else:
+        raise ValueError(f"kind={kind!r} must be 'face' or 'pose'")
+    return {"tables": tables, "count": int(len(result["points"])), "predicted": result["predicted"]}
+
+
+def evaluate_segmentation(
+    predict: Callable[[np.ndarray], np.ndarray],
+    columns: Dict[str, np.ndarray],
+    input_size: int = 256,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Dict[str, object]:
+    """Pixel accuracy, mean accuracy and mean IU (FCN) of a part segmentation model against masks
+    rendered from the 68 ground-truth landmarks (supplementary Table 6 layout)."""
+    from larq_landmarks import metrics
+    from larq_landmarks.datasets.pipeline import segmentation_dataset
+
+    dataset = segmentation_dataset(columns, input_size, train=False, batch_size=batch_size)
+    if progress:
+        dataset = _with_progress(dataset, len(columns["scale"]), batch_size)
+    truths, predictions = [], []
+    for images, masks in dataset:
+        logits = predict(images.numpy())
+        logits = logits[-1] if isinstance(logits, (list, tuple)) else logits
+        predictions.append(np.argmax(logits, -1))
+        truths.append(masks.numpy())
+    scores = metrics.segmentation_scores(np.concatenate(predictions), np.concatenate(truths), 7)
+    return {"tables": {"Part segmentation %": scores}, "count": int(sum(len(t) for t in truths))}
+
+
+def _with_progress(dataset, count, batch_size):
+    from tqdm import tqdm
+
+    return tqdm(dataset, total=-(-count // batch_size), desc="evaluate", unit="batch")
+
+
+def format_tables(tables: Dict[str, Dict[str, float]]) -> str:
+    """Markdown tables, one per title, values with two decimals (fractions with three)."""
+    lines = []
+    for title, row in tables.items():
+        lines += [f"### {title}", "", "| " + " | ".join(row) + " |", "|" + "---:|" * len(row)]
+        lines.append("| " + " | ".join(f"{v:.3f}" if abs(v) <= 1 and "%" not in title + k else f"{v:.2f}"
+                                       for k, v in row.items()) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Run a trained model on your own images: boxes in, landmarks out (like face-alignment's API).
+
+    predictor = Predictor.from_path("face.tflite")      # or a saved Keras model
+    points, scores = predictor.predict("photo.jpg", boxes=[[x1, y1, x2, y2]])
+"""
+import os
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from larq_landmarks import export, layouts
+from larq_landmarks.datasets.pipeline import crop_matrix, warp_image
+from larq_landmarks.datasets.readers import face_crop
+from larq_landmarks.evaluation import heatmaps_to_image
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+class InputError(ValueError):
+    """An image, box or model given to the predictor cannot be used."""
+
+
+def person_crop(box) -> Tuple[np.ndarray, float]:
+    """Centre and scale of a person box: the box centre and 1.25 x its longer side / 200."""
+    x1, y1, x2, y2 = [float(v) for v in box]
+    return np.array([(x1 + x2) / 2, (y1 + y2) / 2], np.float32), 1.25 * max(x2 - x1, y2 - y1) / 200.0
+
+
+def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
+    """A path, PIL image or array as an ``(H, W, 3)`` uint8 array; errors name the input."""
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise InputError(f"{image}: image file not found")
+        try:
+            with Image.open(image) as opened:
+                return np.asarray(opened.convert("RGB"))
+        except Exception as error:
+            raise InputError(f"{image}: image cannot be decoded ({error})") from error
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise InputError(f"{name}: expected an (H, W, 3) image array, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"{name}: image array contains NaN or infinity")
+        array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return array[..., :3]
+
+
+def flip_test(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, permutation) -> np.ndarray:
+    """The papers' flip test: ``f(x) + unflip(swapLR(f(flip(x))))`` on heatmaps."""
+    heatmaps = np.asarray(predict(images))
+    flipped = np.asarray(predict(images[:, :, ::-1]))[:, :, ::-1]
+    return heatmaps + flipped[..., np.asarray(permutation)]
+
+
+class Predictor:
+    """Landmarks for boxes in images, from a Keras model or a converted ``.tflite``.
+
+    Args:
+        predict: crops ``(B, S, S, 3)`` float in [0, 1] -> heatmaps ``(B, S/4, S/4, K)``.
+        input_size: S.
+        num_landmarks: K.
+        box_kind: ``"face"`` (face-alignment's crop from a face box) or ``"person"``.
+        use_flip_test: average with the mirrored image (needs a known layout: 68, 34 or 16).
+    """
+
+    def __init__(self, predict, input_size: int, num_landmarks: int, box_kind: str = "face",
+                 use_flip_test: bool = False):
+        if box_kind not in ("face", "person"):
+            raise ValueError(f"box_kind={box_kind!r} must be 'face' or 'person'")
+        self._predict = predict
+        self.input_size = input_size
+        self.num_landmarks = num_landmarks
+        self.box_kind = box_kind
+        self.permutation = layouts.flip_permutation(num_landmarks) if use_flip_test else None
+
+    @classmethod
+    def from_path(cls, path: str, box_kind: str = "face", use_flip_test: bool = False,
+                  num_threads: int = 1) -> "Predictor":
+        """Load a saved Keras model (``.keras`` / SavedModel folder / ``.h5``) or a ``.tflite``."""
+        if not os.path.exists(path):
+            raise InputError(f"{path}: model not found")
+        if str(path).endswith(".tflite"):
+            return cls._from_tflite(path, box_kind, use_flip_test, num_threads)
+        try:
+            model = tf.keras.models.load_model(path)
+        except Exception as error:
+            raise InputError(f"{path}: cannot load a Keras model ({error})") from error
+        return cls.from_model(model, box_kind, use_flip_test)
+
+    @classmethod
+    def from_model(cls, model: tf.keras.Model, box_kind: str = "face", use_flip_test: bool = False):
+        """Wrap an in-memory Keras model (its last stack)."""
+        model = export.last_stack(model)
+        shape = model.output_shape
+
+        def predict(images):
+            return model.predict_on_batch(images)
+
+        return cls(predict, model.input_shape[1], shape[-1], box_kind, use_flip_test)
+
+    @classmethod
+    def _from_tflite(cls, path, box_kind, use_flip_test, num_threads):
+        interpreter = export.interpreter(export.load_flatbuffer(path), num_threads)
+        inputs, outputs = interpreter.input_shapes, interpreter.output_shapes
+        ok = (len(inputs) == 1 and len(outputs) == 1 and len(inputs[0]) == 4 and inputs[0][-1] == 3
+              and len(outputs[0]) == 4 and outputs[0][1] * 4 == inputs[0][1])
+        if not ok:
+            raise InputError(f"{path}: not a larq_landmarks model (input {inputs}, output {outputs}; "
+                             "expected one (B, S, S, 3) image input and one (B, S/4, S/4, K) output)")
+        batch = inputs[0][0]
+
+        def predict(images):
+            if batch == 1:
+                return np.concatenate([interpreter.predict(images[i : i + 1]) for i in range(len(images))])
+            return interpreter.predict(images)
+
+        return cls(predict, inputs[0][1], outputs[0][-1], box_kind, use_flip_test)
+
+    def _crops(self, image: np.ndarray, boxes: np.ndarray, name: str):
+        height, width = image.shape[:2]
+        matrices = []
+        for i, box in enumerate(boxes):
+            x1, y1, x2, y2 = box
+            if not np.all(np.isfinite(box)) or x2 <= x1 or y2 <= y1:
+                raise InputError(f"{name}: box {i} {box.tolist()} has zero or negative size (or NaN)")
+            if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+                raise InputError(f"{name}: box {i} {box.tolist()} lies outside the {width}x{height} image")
+            centre, scale = face_crop(box) if self.box_kind == "face" else person_crop(box)
+            matrices.append(crop_matrix(centre, scale, self.input_size))
+        pixels = tf.image.convert_image_dtype(tf.constant(image), tf.float32)
+        crops = tf.stack([warp_image(pixels, m, self.input_size) for m in matrices])
+        return crops.numpy(), tf.stack(matrices)
+
+    def predict(self, image: ImageLike, boxes: Sequence[Sequence[float]], name: Optional[str] = None):
+        """Landmarks for each box in one image.
+
+        Args:
+            image: file path, PIL image or ``(H, W, 3)`` array (uint8, or float in [0, 1]).
+            boxes: ``(N, 4)`` ``x1, y1, x2, y2`` in pixels (face or person boxes).
+            name: how errors refer to the image (default its path, or "image").
+
+        Returns:
+            ``(points, scores)``: ``(N, K, 2)`` image pixels and ``(N, K)`` heatmap peaks.
+        """
+        name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
+        pixels = load_rgb(image, name)
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4) if len(boxes) else np.zeros((0, 4), np.float32)
+        if not len(boxes):
+            return np.zeros((0, self.num_landmarks, 2), np.float32), np.zeros((0, self.num_landmarks), np.float32)
+        crops, matrices = self._crops(pixels, boxes, name)
+        if self.permutation is not None:
+            heatmaps = flip_test(self._predict, crops, self.permutation) / 2.0
+        else:
+            heatmaps = self._predict(crops)
+        points, scores = heatmaps_to_image(heatmaps, matrices)
+        return points.numpy(), scores.numpy()
+
+    def predict_many(self, images: Sequence[ImageLike], boxes: Sequence[Sequence[Sequence[float]]],
+                     progress: bool = False) -> List[tuple]:
+        """:meth:`predict` over many images (``boxes[i]`` for ``images[i]``)."""
+        if len(images) != len(boxes):
+            raise InputError(f"{len(images)} images but {len(boxes)} box lists")
+        items = zip(images, boxes)
+        if progress:
+            from tqdm import tqdm
+
+            items = tqdm(items, total=len(images), desc="predict", unit="image")
+        return [self.predict(image, image_boxes) for image, image_boxes in items]

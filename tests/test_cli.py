@@ -1,0 +1,96 @@
+"""The larq-landmarks command line: train, evaluate, predict (issue 4)."""
+import json
+
+import pytest
+from PIL import Image
+
+from larq_landmarks import cli
+from larq_landmarks.datasets import writers
+from larq_landmarks.models import BinaryHourglass
+
+SMALL = {"input_size": 64, "width": 32, "depth": 2, "batch_size": 4, "epochs": 2, "steps_per_epoch": 3, "quiet": True}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small model trained through `larq-landmarks train --config` on synthetic 300W files."""
+    root = tmp_path_factory.mktemp("cli")
+    writers.write_300w(str(root / "train"), 12, seed=1, image_size=(120, 120))
+    writers.write_300w(str(root / "test"), 6, seed=2, image_size=(120, 120))
+    config = root / "train.json"
+    config.write_text(json.dumps({"format": "300w", "data": str(root / "train"), **SMALL}))
+    assert cli.main(["train", "--config", str(config), "--out", str(root / "run")]) == 0
+    return root
+
+
+def test_train_writes_model_and_logs(trained):
+    assert (trained / "run" / "model.keras").exists()
+    assert list((trained / "run" / "logs" / "images").glob("events.out.tfevents.*"))
+
+
+def test_evaluate_prints_the_papers_tables_and_writes_json(trained, capsys, tmp_path):
+    out = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--model", str(trained / "run" / "model.keras"), "--format", "300w",
+                     "--data", str(trained / "test"), "--json", str(out), "--flip-test"]) == 0
+    printed = capsys.readouterr().out
+    assert "### NME" in printed and "NME inter-ocular %" in printed
+    report = json.loads(out.read_text())
+    assert report["count"] == 6 and report["flip_test"] is True
+    assert set(report["tables"]["NME"]) >= {"NME box %", "NME inter-ocular %", "AUC@0.07 box"}
+
+
+def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
+    writers.write_aflw2000(str(tmp_path / "aflw"), 6, seed=3, image_size=(120, 120))
+    face = tmp_path / "face.keras"
+    BinaryHourglass(68, width=32, input_size=64, depth=2).save(face)
+    assert cli.main(["evaluate", "--model", str(face), "--format", "aflw2000", "--data", str(tmp_path / "aflw")]) == 0
+    assert "[0,30] | [30,60] | [60,90] | mean" in capsys.readouterr().out
+    _, valid = writers.write_mpii_json(str(tmp_path / "mpii"), 8, seed=4, image_size=(120, 120))
+    pose = tmp_path / "pose.keras"
+    BinaryHourglass(16, width=32, input_size=64, depth=2).save(pose)
+    assert cli.main(["evaluate", "--model", str(pose), "--format", "mpii-json", "--data", valid,
+                     "--images", str(tmp_path / "mpii" / "images")]) == 0
+    printed = capsys.readouterr().out
+    assert "PCKh@0.5 %" in printed and "| Head | Shoulder | Elbow | Wrist | Hip | Knee | Ankle | Mean |" in printed
+    with pytest.raises(SystemExit, match="outputs 68 channels but format 'mpii-json'"):
+        cli.main(["evaluate", "--model", str(face), "--format", "mpii-json", "--data", valid,
+                  "--images", str(tmp_path / "mpii" / "images")])
+
+
+def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
+    run = tmp_path / "seg"
+    assert cli.main(["train", "--format", "300w", "--data", str(trained / "train"), "--task", "segmentation",
+                     "--out", str(run), "--input-size", "64", "--width", "32", "--depth", "2",
+                     "--batch-size", "4", "--epochs", "1", "--steps-per-epoch", "2", "--quiet"]) == 0
+    assert cli.main(["evaluate", "--model", str(run / "model.keras"), "--format", "300w", "--task", "segmentation",
+                     "--data", str(trained / "test")]) == 0
+    assert "| pixel_accuracy | mean_accuracy | mean_iu |" in capsys.readouterr().out
+
+
+def test_predict_writes_landmarks_and_overlays(trained, tmp_path):
+    image = str(trained / "test" / "00000.jpg")
+    assert cli.main(["predict", image, "--model", str(trained / "run" / "model.keras"),
+                     "--box", "20,20,100,100", "--box", "10,10,60,60", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "landmarks.json").read_text())
+    assert len(result[image]["landmarks"]) == 2 and len(result[image]["landmarks"][0]) == 68
+    assert Image.open(tmp_path / "00000_landmarks.png").size == (120, 120)
+    with pytest.raises(SystemExit, match="zero or negative size"):
+        cli.main(["predict", image, "--model", str(trained / "run" / "model.keras"), "--box", "5,5,5,9",
+                  "--out", str(tmp_path)])
+
+
+def test_bad_config_and_missing_data_are_named(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"format": "300w", "data": "x", "colour": 3}))
+    with pytest.raises(SystemExit, match=r"unknown options \['colour'\]"):
+        cli.main(["train", "--config", str(config), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="nowhere: data-set folder not found"):
+        cli.main(["train", "--format", "300w", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "evaluate", "predict", "convert"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([command, "--help"])
+    assert exit.value.code == 0
+    assert "--config" in capsys.readouterr().out

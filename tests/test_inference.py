@@ -1,0 +1,175 @@
+"""Issue 4: decoding back to images, the predictor API, Keras metrics, pictures, TensorBoard."""
+import glob
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from larq_landmarks import export, heatmaps as hm, keras_metrics, metrics, visualize
+from larq_landmarks.datasets import pipeline, readers, writers
+from larq_landmarks.evaluation import heatmaps_to_image, predict_dataset
+from larq_landmarks.models import BinaryHourglass
+from larq_landmarks.predictor import InputError, Predictor, flip_test
+from larq_landmarks.tensorboard import HeatmapImages
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faces")
+    writers.write_300w(str(folder), 6, seed=11, image_size=(300, 220))
+    return readers.to_columns(readers.read_pts_folder(str(folder)))
+
+
+def test_decoding_recovers_ground_truth_in_the_original_image(faces):
+    """Heatmaps rendered at the crop positions decode back to the image to a quarter heatmap pixel."""
+    data = pipeline.evaluation_dataset(faces, 128, batch_size=6)
+    batch = next(iter(data))
+    crop_points = pipeline.transform_points(batch["matrix"], batch["points"])
+    maps = hm.render_heatmaps(hm.input_to_heatmap(crop_points), tf.ones(crop_points.shape[:2]), 32)
+    points, scores = heatmaps_to_image(maps, batch["matrix"])
+    image_pixels_per_heatmap_pixel = 4 * 200 * faces["scale"] / 128  # crop zoom
+    error = np.abs(points.numpy() - faces["points"]).max(axis=(1, 2))
+    assert np.all(error <= 0.25 * image_pixels_per_heatmap_pixel + 1e-3)
+    assert np.all(scores.numpy() > 0.5)
+
+
+def test_flip_test_matches_hand_computation():
+    images = np.random.default_rng(0).uniform(size=(2, 8, 8, 3)).astype(np.float32)
+    permutation = [2, 1, 0]
+    # with f = identity, unflip(swap(f(flip(x)))) is x with channels permuted
+    np.testing.assert_allclose(flip_test(lambda x: x, images, permutation), images + images[..., permutation])
+
+
+def test_predictor_agrees_with_the_evaluation_pipeline(faces):
+    """Same crop and same mapping back as evaluation: a predict function that records its crops
+    and answers fixed heatmaps gives the pipeline's crops and heatmaps_to_image's points."""
+    rng = np.random.default_rng(0)
+    fixed = hm.render_heatmaps(rng.uniform(2, 13, size=(1, 68, 2)), np.ones((1, 68)), 16).numpy()
+    seen = []
+
+    def predict(crops):
+        seen.append(crops)
+        return np.repeat(fixed, len(crops), axis=0)
+
+    predictor = Predictor(predict, input_size=64, num_landmarks=68)
+    batch = next(iter(pipeline.evaluation_dataset(faces, 64, batch_size=2)))
+    expected, _ = heatmaps_to_image(np.repeat(fixed, 2, axis=0), batch["matrix"])
+    for i in range(2):
+        path = faces["image_path"][i]
+        image = Image.open(path)
+        for given in (path, image, np.asarray(image), np.asarray(image) / 255.0):
+            seen.clear()
+            points, scores = predictor.predict(given, [faces["box"][i]])
+            assert points.shape == (1, 68, 2) and scores.shape == (1, 68)
+            np.testing.assert_allclose(points[0], expected[i], atol=1e-3)
+            # JPEG decoders (Pillow vs TensorFlow) may differ by a grey level
+            assert np.abs(seen[0][0] - batch["image"][i].numpy()).mean() < 2 / 255
+    many = predictor.predict_many(list(faces["image_path"][:2]), [[faces["box"][0]], [faces["box"][1], faces["box"][1]]])
+    assert [p.shape[0] for p, _ in many] == [1, 2]
+
+
+def test_predictor_loads_keras_and_tflite_files(faces, tmp_path):
+    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    model.save(tmp_path / "m.keras")
+    export.convert(model, str(tmp_path / "m.tflite"))
+    from_keras = Predictor.from_path(str(tmp_path / "m.keras"))
+    from_tflite = Predictor.from_path(str(tmp_path / "m.tflite"))
+    assert (from_tflite.input_size, from_tflite.num_landmarks) == (64, 68)
+    a, _ = from_keras.predict(faces["image_path"][0], [faces["box"][0]])
+    b, _ = from_tflite.predict(faces["image_path"][0], [faces["box"][0]])
+    assert a.shape == b.shape == (1, 68, 2)
+
+
+def test_predictor_bad_input_names_it(faces, tmp_path):
+    predictor = Predictor.from_model(BinaryHourglass(68, width=32, input_size=64, depth=2))
+    path = faces["image_path"][0]
+    with pytest.raises(InputError, match="zero or negative size"):
+        predictor.predict(path, [[10, 10, 10, 50]])
+    with pytest.raises(InputError, match="outside the 300x220 image"):
+        predictor.predict(path, [[400, 10, 500, 100]])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(InputError, match="broken.jpg: image cannot be decoded"):
+        predictor.predict(str(broken), [[0, 0, 10, 10]])
+    with pytest.raises(InputError, match="missing.png: image file not found"):
+        predictor.predict(str(tmp_path / "missing.png"), [[0, 0, 10, 10]])
+    with pytest.raises(InputError, match="expected an \\(H, W, 3\\) image"):
+        predictor.predict(np.zeros((4, 4, 4, 3)), [[0, 0, 2, 2]])
+    with pytest.raises(InputError, match="2 images but 1 box lists"):
+        predictor.predict_many([path, path], [[[0, 0, 5, 5]]])
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"0123TFL3" + b"\x00" * 32)
+    with pytest.raises(export.NotOurModelError, match="junk.tflite"):
+        Predictor.from_path(str(junk))
+    # a valid TFLite model that is not ours: wrong input/output layout
+    dense = tf.keras.Sequential([tf.keras.Input((4,), batch_size=1), tf.keras.layers.Dense(2)])
+    (tmp_path / "dense.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(dense).convert())
+    with pytest.raises(InputError, match="dense.tflite: not a larq_landmarks model"):
+        Predictor.from_path(str(tmp_path / "dense.tflite"))
+
+
+def test_heatmap_nme_keras_metric_matches_hand_computation():
+    truth = np.zeros((2, 68, 2), np.float32) + 20
+    truth[:, 36] = [10, 20]
+    truth[:, 45] = [30, 20]  # inter-ocular 20 heatmap pixels
+    predicted = truth + np.array([2.0, 0.0], np.float32)  # every point 2 px off
+    size = 64
+    ones = np.ones((2, 68))
+    metric = keras_metrics.HeatmapNME()
+    metric.update_state(hm.render_heatmaps(truth, ones, size), hm.render_heatmaps(predicted, ones, size))
+    assert float(metric.result()) == pytest.approx(2.0 / 20.0)
+    by_size = keras_metrics.HeatmapNME("heatmap_size")
+    by_size.update_state(hm.render_heatmaps(truth, ones, size), hm.render_heatmaps(predicted, ones, size))
+    assert float(by_size.result()) == pytest.approx(2.0 / 64.0)
+
+
+def test_keras_metrics_work_in_compile_and_evaluate_and_survive_saving(tmp_path):
+    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    model.compile(optimizer="rmsprop", loss="mse", metrics=[keras_metrics.HeatmapNME("heatmap_size")])
+    images = np.random.default_rng(0).uniform(size=(4, 64, 64, 3)).astype(np.float32)
+    targets = hm.render_heatmaps(np.full((4, 68, 2), 8.0, np.float32), np.ones((4, 68)), 16).numpy()
+    result = model.evaluate(images, targets, verbose=0, return_dict=True)
+    assert 0 <= result["nme"] < 1.5
+    model.save(tmp_path / "m.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.evaluate(images, targets, verbose=0, return_dict=True)["nme"] == pytest.approx(result["nme"])
+
+
+def test_part_mean_iu_matches_the_plain_function():
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 7, size=(2, 16, 16))
+    logits = rng.normal(size=(2, 16, 16, 7)).astype(np.float32)
+    metric = keras_metrics.PartMeanIU()
+    metric.update_state(truth, logits)
+    expected = metrics.segmentation_scores(logits.argmax(-1), truth, 7)["mean_iu"] / 100
+    assert float(metric.result()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_landmark_overlay_puts_points_on_the_features(tmp_path):
+    image = np.zeros((60, 80, 3), np.uint8)
+    points = np.array([[10.0, 10.0], [70.0, 50.0]])
+    truth = np.array([[40.0, 30.0]])
+    picture = np.asarray(visualize.draw_landmarks(image, points, truth))
+    assert tuple(picture[10, 10]) == (40, 255, 40) and tuple(picture[50, 70]) == (40, 255, 40)
+    assert tuple(picture[30, 40]) == (255, 40, 40)
+    assert picture[30, 5].sum() == 0
+    mask = np.array([[0, 1], [5, 6]])
+    np.testing.assert_array_equal(np.asarray(visualize.colour_mask(mask))[1, 1], visualize.PART_COLOURS[6])
+    ced = visualize.ced_plot({"a": metrics.ced(np.array([0.01, 0.02, 0.05]), 0.08)})
+    path = visualize.save_png(ced, str(tmp_path / "ced.png"))
+    assert Image.open(path).size == (480, 360)
+
+
+def test_heatmap_images_callback_writes_tensorboard_images(tmp_path):
+    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    model.compile(optimizer="rmsprop", loss="mse")
+    images = np.random.default_rng(0).uniform(size=(4, 64, 64, 3)).astype(np.float32)
+    targets = np.zeros((4, 16, 16, 68), np.float32)
+    model.fit(images, targets, epochs=2, verbose=0, callbacks=[HeatmapImages(str(tmp_path), images)])
+    tags = []
+    for path in glob.glob(str(tmp_path / "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            tags += [(event.step, value.tag) for value in event.summary.value]
+    assert sorted(tags) == [(0, "heatmaps"), (0, "landmarks"), (1, "heatmaps"), (1, "landmarks")]
