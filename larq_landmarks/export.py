@@ -121,8 +121,9 @@ def load_flatbuffer(path: str) -> bytes:
     return data
 
 
-def interpreter(flatbuffer: bytes, num_threads: int = 1):
-    """LCE's Python interpreter (runs both LCE and plain TFLite models) for ``flatbuffer``."""
+def interpreter(flatbuffer: bytes, num_threads: int = 1, use_xnnpack: bool = False):
+    """LCE's Python interpreter (runs both LCE and plain TFLite models) for ``flatbuffer``;
+    ``use_xnnpack`` delegates the float ops to XNNPACK."""
     from larq_compute_engine.tflite.python.interpreter import Interpreter
 
-    return Interpreter(flatbuffer, num_threads=num_threads)
+    return Interpreter(flatbuffer, num_threads=num_threads, use_xnnpack=use_xnnpack)

@@ -188,3 +188,22 @@ def random_person(rng: np.random.Generator, image_size: Tuple[int, int] = (256, 
         "centre": np.array([pelvis[0], (top + bottom) / 2], np.float32),
         "scale": np.float32((bottom - top) * 1.25 / 200.0),
     }
+
+
+def trained_like_batch_norm(model, seed: int = 0):
+    """Give every BatchNormalization of ``model`` generic statistics, as training does.
+
+    For checks on untrained models (conversion size and parity): at initialisation (beta = mean
+    = 0) batch norms fold to a bare multiplication, and binary convolution outputs (sums of
+    +-alpha) sit exactly on the sign threshold, where Larq and LCE break ties differently.
+    Returns the model.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            shape = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.3, shape),
+                               rng.normal(0, 0.3, shape), rng.uniform(0.5, 2.0, shape)])
+    return model

@@ -104,6 +104,10 @@ def test_mat_readers_recover_generated_faces(tmp_path):
     for record, face in zip(readers.read_300w_lp(str(tmp_path / "lp")), faces):
         np.testing.assert_allclose(record.points, face["points"], atol=1e-3)
         assert record.extras["yaw"] == pytest.approx(np.degrees(face["pose"][1]), abs=1e-3)
+    # 300W-LP's landmarks/ folder of separate *_pts.mat files is not read as samples
+    (tmp_path / "lp" / "landmarks" / "AFW").mkdir(parents=True)
+    scipy.io.savemat(tmp_path / "lp" / "landmarks" / "AFW" / "image00000_pts.mat", {"pts_2d": np.zeros((68, 2))})
+    assert len(readers.read_300w_lp(str(tmp_path / "lp"))) == 3
     aflw = readers.read_aflw2000(str(tmp_path / "aflw"))  # pt2d is 21 points: pt3d_68 is used
     assert all(r.points.shape == (68, 2) for r in aflw)
     pifa = readers.read_aflw_pifa(str(tmp_path / "pifa"))

@@ -225,10 +225,12 @@ def _mat_face_record(path: str, num_points: int, skip_pose: bool = False) -> Rec
 
 def read_300w_lp(folder: str, recursive: bool = True, skip_bad: bool = False) -> List[Record]:
     """300W-LP: ``image.jpg`` + ``image.mat`` with ``pt2d`` (2x68) or ``pt3d_68`` and
-    ``Pose_Para`` (pitch, yaw, roll, ... in radians). ``extras`` has the angles in degrees."""
-    return _collect(
-        _files(folder, "*.mat", recursive), lambda p: [_mat_face_record(p, 68)], skip_bad, ".mat"
-    )
+    ``Pose_Para`` (pitch, yaw, roll, ... in radians). ``extras`` has the angles in degrees.
+    The release's ``landmarks/`` sub-folder (separate ``*_pts.mat`` files) is skipped."""
+    # 300W-LP's landmarks/ folder holds separate *_pts.mat files (pts_2d, pts_3d): not samples
+    paths = [p for p in _files(folder, "*.mat", recursive)
+             if "landmarks" not in os.path.relpath(p, folder).split(os.sep)[:-1]]
+    return _collect(paths, lambda p: [_mat_face_record(p, 68)], skip_bad, ".mat")
 
 
 def read_aflw2000(folder: str, skip_bad: bool = False) -> List[Record]:

@@ -1,0 +1,240 @@
+"""The papers' experiments, one command each, at full scale or small scale (``--small``).
+
+    python scripts/reproduce.py pooling --data-root /data --out results/        # real data, GPU
+    python scripts/reproduce.py pooling --small --out results/small             # synthetic, CPU
+    python scripts/reproduce.py all --small --out results/small
+
+Experiments: ``pooling`` (supplementary Table 1), ``relu`` (Table 2), ``blocks`` (binary HPM vs
+binary bottleneck vs real bottleneck vs real HPM at similar parameter count), ``aflw2000``
+(300W-LP -> AFLW2000-3D NME by yaw, Table 5), ``pifa`` (AFLW-PIFA visible / all, Tables 3-4),
+``mpii`` (MPII PCKh), ``segmentation`` (facial parts on 300W, Table 6).
+
+``--data-root`` layout (what the readers expect; ``--small`` writes synthetic data like it)::
+
+    300W_LP/            images + .mat             AFLW2000/      images + .mat
+    AFLW_PIFA/train/    images + .mat             AFLW_PIFA/test/
+    300W/train/         images + .pts             300W/test/
+    mpii/train.json     mpii/valid.json           mpii/images/
+
+Each experiment writes ``<out>/<experiment>.md`` and ``.json``: the paper's table layout, our
+numbers next to the paper's.
+"""
+import argparse
+import json
+import os
+import time
+
+import larq_landmarks  # noqa: F401  (first: Keras 2 set-up)
+import tensorflow as tf
+
+from larq_landmarks import evaluation, layouts, models, training
+from larq_landmarks.atomic import atomic_path
+from larq_landmarks.datasets import formats, pipeline, writers
+
+NOT_GIVEN = "not in METHOD.md"
+EXPERIMENTS = {
+    "pooling": {
+        "title": "Supplementary Table 1: max vs average pooling (MPII PCKh@0.5, %)",
+        "train": ("mpii-json", "mpii/train.json"), "test": ("mpii-json", "mpii/valid.json"),
+        "configs": ["binary_hpm", "binary_hpm_avgpool"],
+        "paper": {"binary_hpm": {"Mean": 76.0}, "binary_hpm_avgpool": {"Mean": 71.9}},
+        "higher_is_better": True, "key": ("PCKh@0.5 %", "Mean"),
+    },
+    "relu": {
+        "title": "Supplementary Table 2: ReLU after each convolution (MPII PCKh@0.5, %)",
+        "train": ("mpii-json", "mpii/train.json"), "test": ("mpii-json", "mpii/valid.json"),
+        "configs": ["binary_hpm", "binary_hpm_relu"],
+        "paper": {"binary_hpm": {"Mean": 76.0}, "binary_hpm_relu": {"Mean": 77.8}},
+        "higher_is_better": True, "key": ("PCKh@0.5 %", "Mean"),
+    },
+    "blocks": {
+        "title": "Block comparison at similar parameter count (MPII PCKh@0.5, %)",
+        "train": ("mpii-json", "mpii/train.json"), "test": ("mpii-json", "mpii/valid.json"),
+        "configs": ["binary_hpm", "binary_bottleneck_matched", "real_bottleneck_matched", "real_hpm"],
+        "paper": {"binary_hpm": {"Mean": 76.0}},
+        "higher_is_better": True, "key": ("PCKh@0.5 %", "Mean"),
+    },
+    "aflw2000": {
+        "title": "Supplementary Table 5: AFLW2000-3D NME (%, box-normalised) by |yaw|, trained on 300W-LP",
+        "train": ("300w-lp", "300W_LP"), "test": ("aflw2000", "AFLW2000"),
+        "configs": ["binary_hpm"],
+        "paper": {"binary_hpm": {"[0,30]": 2.47, "[30,60]": 3.01, "[60,90]": 4.31, "mean": 3.26}},
+        "higher_is_better": False, "key": ("NME box % by |yaw| (AFLW2000-3D layout)", "mean"),
+    },
+    "pifa": {
+        "title": "Tables 3-4: AFLW-PIFA NME (%, box-normalised), visible points and all 34",
+        "train": ("aflw-pifa", "AFLW_PIFA/train"), "test": ("aflw-pifa", "AFLW_PIFA/test"),
+        "configs": ["binary_hpm"],
+        "paper": {"binary_hpm": {"NME box, visible points %": 3.02, "NME box %": 4.47}},
+        "higher_is_better": False, "key": ("NME", "NME box, visible points %"),
+    },
+    "mpii": {
+        "title": "MPII PCKh@0.5 (%) of the binary HPM network (ICCV supp.: 76.0, 77.8 with ReLU; TPAMI: 81.3)",
+        "train": ("mpii-json", "mpii/train.json"), "test": ("mpii-json", "mpii/valid.json"),
+        "configs": ["binary_hpm"],
+        "paper": {"binary_hpm": {"Mean": 76.0}},
+        "higher_is_better": True, "key": ("PCKh@0.5 %", "Mean"),
+    },
+    "segmentation": {
+        "title": "Supplementary Table 6: facial part segmentation on 300W (%)",
+        "train": ("300w", "300W/train"), "test": ("300w", "300W/test"), "task": "segmentation",
+        "configs": ["real_bottleneck", "binary_bottleneck", "binary_hpm"],
+        "paper": {
+            "real_bottleneck": {"pixel_accuracy": 97.98, "mean_accuracy": 77.23, "mean_iu": 69.29},
+            "binary_bottleneck": {"pixel_accuracy": 97.41, "mean_accuracy": 70.35, "mean_iu": 62.49},
+            "binary_hpm": {"pixel_accuracy": 97.91, "mean_accuracy": 76.02, "mean_iu": 68.05},
+        },
+        "higher_is_better": True, "key": ("Part segmentation %", "mean_iu"),
+    },
+}
+
+FULL = {"input_size": 256, "overrides": {}, "batch_size": 10, "learning_rate": 2.5e-4, "sigma": 1.5}
+SMALL = {"input_size": 64, "overrides": {"width": 64, "depth": 2}, "batch_size": 16,
+         "learning_rate": 2e-3, "sigma": 1.0}
+
+
+def write_small_data(root: str, seed: int, train: int, test: int) -> None:
+    """Synthetic data in every format, in the ``--data-root`` layout."""
+    size = (128, 128)
+    jobs = [
+        ("300W_LP", lambda p: writers.write_300w_lp(p, train, seed, size)),
+        ("AFLW2000", lambda p: writers.write_aflw2000(p, test, seed + 1, size)),
+        ("AFLW_PIFA/train", lambda p: writers.write_aflw_pifa(p, train, seed + 2, size)),
+        ("AFLW_PIFA/test", lambda p: writers.write_aflw_pifa(p, test, seed + 3, size)),
+        ("300W/train", lambda p: writers.write_300w(p, train, seed + 4, size)),
+        ("300W/test", lambda p: writers.write_300w(p, test, seed + 5, size)),
+        ("mpii", lambda p: writers.write_mpii_json(p, train + test, seed + 6, size,
+                                                   validation_fraction=test / (train + test))),
+    ]
+    for folder, write in jobs:
+        path = os.path.join(root, folder)
+        if not os.path.exists(path):
+            write(path)
+
+
+def run_config(name, spec, root, settings, steps, epochs, seed):
+    """Train one named configuration and evaluate it; returns its tables and timings."""
+    task = spec.get("task", "heatmaps")
+    (train_format, train_path), (test_format, test_path) = spec["train"], spec["test"]
+    fmt = formats.get_format(train_format)
+    images = os.path.join(root, "mpii", "images") if fmt.needs_images else None
+    train_columns = formats.read_columns(train_format, os.path.join(root, train_path), images)
+    test_columns = formats.read_columns(test_format, os.path.join(root, test_path), images)
+    outputs = 7 if task == "segmentation" else fmt.num_points
+    tf.keras.utils.set_random_seed(seed)
+    model = models.build_named(name, outputs, input_size=settings["input_size"], task=task, **settings["overrides"])
+    steps_per_epoch = steps or max(1, len(train_columns["scale"]) // settings["batch_size"])
+    training.compile_model(model, task, steps_per_epoch, epochs, settings["learning_rate"])
+    options = dict(flip_permutation=layouts.flip_permutation(fmt.num_points), seed=seed,
+                   batch_size=settings["batch_size"])
+    if task == "segmentation":
+        data = pipeline.segmentation_dataset(train_columns, settings["input_size"], **options)
+    else:
+        data = pipeline.landmark_dataset(train_columns, settings["input_size"], sigma=settings["sigma"], **options)
+    started = time.time()
+    model.fit(training.for_stacks(data, model), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=2)
+    train_seconds = time.time() - started
+    predict = lambda x: model.predict_on_batch(x)  # noqa: E731
+    if task == "segmentation":
+        result = evaluation.evaluate_segmentation(predict, test_columns, settings["input_size"])
+    else:
+        result = evaluation.evaluate_landmarks(predict, test_columns, fmt.kind, settings["input_size"])
+    return {"tables": result["tables"], "parameters": model.count_params(), "train_seconds": round(train_seconds, 1),
+            "steps": steps_per_epoch * epochs, "test_samples": result["count"], "train_samples": len(train_columns["scale"])}
+
+
+def verdict(spec, results):
+    """Does the papers' ordering hold? Compare the key metric of the configurations in order."""
+    table, column = spec["key"]
+    values = {name: r["tables"][table][column] for name, r in results.items()}
+    if len(values) < 2:
+        return None
+    order = sorted(values, key=values.get, reverse=spec["higher_is_better"])
+    paper = {n: p.get(column) for n, p in spec["paper"].items() if p.get(column) is not None}
+    paper_order = sorted(paper, key=paper.get, reverse=spec["higher_is_better"])
+    ours = [n for n in order if n in paper]
+    return {"ours_best_first": order, "paper_best_first": paper_order,
+            "same_order": ours == paper_order if len(paper_order) > 1 else None}
+
+
+def markdown(experiment, spec, results, settings, args, judged):
+    table, _ = spec["key"]
+    columns = list(next(iter(results.values()))["tables"][table])
+    lines = [f"## {spec['title']}", "",
+             f"Command: `python scripts/reproduce.py {experiment} {'--small ' if args.small else '--data-root ' + args.data_root + ' '}"
+             f"--out {args.out}` (seed {args.seed}; input {settings['input_size']}px, "
+             f"{settings['overrides'] or 'full-size'} model).", "",
+             "| configuration | parameters | " + " | ".join(columns) + " | paper | train s |",
+             "|---|---:|" + "---:|" * len(columns) + "---|---:|"]
+    for name, r in results.items():
+        paper = spec["paper"].get(name)
+        paper_text = ", ".join(f"{k} {v}" for k, v in paper.items()) if paper else NOT_GIVEN
+        values = " | ".join(f"{r['tables'][table][c]:.2f}" for c in columns)
+        lines.append(f"| `{name}` | {r['parameters']:,} | {values} | {paper_text} | {r['train_seconds']} |")
+    first = next(iter(results.values()))
+    lines += ["", f"{first['train_samples']} training / {first['test_samples']} test samples, "
+              f"{first['steps']} steps each."]
+    if judged and judged["same_order"] is not None:
+        lines.append(f"Papers' ordering {'holds' if judged['same_order'] else 'does not hold'} here "
+                     f"(ours, best first: {', '.join(judged['ours_best_first'])}).")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=list(EXPERIMENTS) + ["all"])
+    parser.add_argument("--data-root", help="root of the real data sets (layout above)")
+    parser.add_argument("--small", action="store_true", help="synthetic data, small models, CPU")
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--epochs", type=int, help="default: 100 full scale, 4 small")
+    parser.add_argument("--steps-per-epoch", type=int, help="default: data / batch full scale, 150 small")
+    parser.add_argument("--train-samples", type=int, default=400, help="--small: synthetic training samples")
+    parser.add_argument("--test-samples", type=int, default=64, help="--small: synthetic test samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--summary", help="also write one page with every experiment in --out")
+    args = parser.parse_args()
+    if not args.small and not args.data_root:
+        parser.error("give --data-root (real data) or --small (synthetic data)")
+    settings = SMALL if args.small else FULL
+    epochs = args.epochs or (4 if args.small else 100)
+    steps = args.steps_per_epoch or (150 if args.small else None)
+    root = args.data_root or os.path.join(args.out, "data")
+    if args.small:
+        write_small_data(root, args.seed, args.train_samples, args.test_samples)
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    for experiment in names:
+        spec = EXPERIMENTS[experiment]
+        results = {name: run_config(name, spec, root, settings, steps, epochs, args.seed) for name in spec["configs"]}
+        judged = verdict(spec, results)
+        report = {"experiment": experiment, "title": spec["title"], "small": args.small, "seed": args.seed,
+                  "results": results, "paper": spec["paper"], "ordering": judged}
+        os.makedirs(args.out, exist_ok=True)
+        with atomic_path(os.path.join(args.out, f"{experiment}.json")) as temporary, open(temporary, "w") as f:
+            json.dump(report, f, indent=2)
+        with atomic_path(os.path.join(args.out, f"{experiment}.md")) as temporary, open(temporary, "w") as f:
+            f.write(markdown(experiment, spec, results, settings, args, judged))
+        print(open(os.path.join(args.out, f"{experiment}.md")).read())
+    if args.summary:
+        write_summary(args.out, args.summary)
+
+
+def write_summary(folder, path):
+    """One page with every experiment's table found in ``folder``, in the order above."""
+    parts, total = [], 0.0
+    for experiment in EXPERIMENTS:
+        table = os.path.join(folder, f"{experiment}.md")
+        if os.path.exists(table):
+            parts.append(open(table).read())
+            report = json.load(open(os.path.join(folder, f"{experiment}.json")))
+            total += sum(r["train_seconds"] for r in report["results"].values())
+    header = (
+        "# Reproduction results\n\n"
+        "Each table: our numbers next to the papers', with the command that made them. "
+        f"Training time in all: {total / 60:.1f} minutes.\n\n"
+    )
+    with atomic_path(path) as temporary, open(temporary, "w") as f:
+        f.write(header + "\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
