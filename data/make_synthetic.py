@@ -5,12 +5,9 @@
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-
-import larq_landmarks  # noqa: E402,F401
-from reproduce import write_small_data  # noqa: E402
+import larq_landmarks  # noqa: F401
+from larq_landmarks.datasets import writers
 
 
 def main():
@@ -20,7 +17,7 @@ def main():
     parser.add_argument("--test", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    write_small_data(args.out, args.seed, args.train, args.test)
+    writers.write_layout(args.out, args.train, args.test, args.seed)
     print(f"wrote {args.out}: " + ", ".join(sorted(os.listdir(args.out))))
 
 

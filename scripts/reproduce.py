@@ -93,25 +93,6 @@ SMALL = {"input_size": 64, "overrides": {"width": 64, "depth": 2}, "batch_size":
          "learning_rate": 2e-3, "sigma": 1.0}
 
 
-def write_small_data(root: str, seed: int, train: int, test: int) -> None:
-    """Synthetic data in every format, in the ``--data-root`` layout."""
-    size = (128, 128)
-    jobs = [
-        ("300W_LP", lambda p: writers.write_300w_lp(p, train, seed, size)),
-        ("AFLW2000", lambda p: writers.write_aflw2000(p, test, seed + 1, size)),
-        ("AFLW_PIFA/train", lambda p: writers.write_aflw_pifa(p, train, seed + 2, size)),
-        ("AFLW_PIFA/test", lambda p: writers.write_aflw_pifa(p, test, seed + 3, size)),
-        ("300W/train", lambda p: writers.write_300w(p, train, seed + 4, size)),
-        ("300W/test", lambda p: writers.write_300w(p, test, seed + 5, size)),
-        ("mpii", lambda p: writers.write_mpii_json(p, train + test, seed + 6, size,
-                                                   validation_fraction=test / (train + test))),
-    ]
-    for folder, write in jobs:
-        path = os.path.join(root, folder)
-        if not os.path.exists(path):
-            write(path)
-
-
 def run_config(name, spec, root, settings, steps, epochs, seed):
     """Train one named configuration and evaluate it; returns its tables and timings."""
     task = spec.get("task", "heatmaps")
@@ -200,7 +181,7 @@ def main():
     steps = args.steps_per_epoch or (150 if args.small else None)
     root = args.data_root or os.path.join(args.out, "data")
     if args.small:
-        write_small_data(root, args.seed, args.train_samples, args.test_samples)
+        writers.write_layout(root, args.train_samples, args.test_samples, args.seed)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for experiment in names:
         spec = EXPERIMENTS[experiment]

@@ -37,21 +37,12 @@ def scaled(code):
     return code
 
 
-def write_data(folder):
-    size = (128, 128)
-    writers.write_300w_lp(str(folder / "300W_LP" / "AFW"), 12, 1, size)
-    writers.write_aflw2000(str(folder / "AFLW2000"), 6, 2, size)
-    writers.write_300w(str(folder / "300W" / "train"), 12, 3, size)
-    writers.write_300w(str(folder / "300W" / "test"), 6, 4, size)
-    writers.write_mpii_json(str(folder / "mpii"), 16, 5, size)
-
-
 @pytest.mark.parametrize("page", ["quickstart.md", "tutorial_aflw2000.md", "tutorial_mpii.md",
                                   "tutorial_segmentation.md", "deploy.md", "tutorial_distributed.md"])
 def test_tutorial_runs_as_written(page, tmp_path):
     code_blocks = blocks(page)
     assert code_blocks, f"{page} has no runnable blocks"
-    write_data(tmp_path)
+    writers.write_layout(str(tmp_path), train=12, test=6, seed=1)
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
     env.pop("TF_USE_LEGACY_KERAS", None)
     for number, (language, code) in enumerate(code_blocks, start=1):

@@ -167,3 +167,24 @@ def write_mpii_mat(folder: str, count: int, seed: int = 0, image_size=(256, 256)
     path = os.path.join(folder, "mpii_human_pose_v1_u12_1.mat")
     _savemat(path, {"RELEASE": release})
     return path
+
+
+def write_layout(root: str, train: int, test: int, seed: int = 0, image_size=(128, 128)) -> str:
+    """Every format in the layout of the tutorials and ``scripts/reproduce.py --data-root``:
+    ``300W_LP/``, ``AFLW2000/``, ``AFLW_PIFA/{train,test}/``, ``300W/{train,test}/``,
+    ``mpii/{train,valid}.json`` + ``mpii/images/``. Folders that exist are left as they are."""
+    jobs = [
+        ("300W_LP", lambda p: write_300w_lp(p, train, seed, image_size)),
+        ("AFLW2000", lambda p: write_aflw2000(p, test, seed + 1, image_size)),
+        ("AFLW_PIFA/train", lambda p: write_aflw_pifa(p, train, seed + 2, image_size)),
+        ("AFLW_PIFA/test", lambda p: write_aflw_pifa(p, test, seed + 3, image_size)),
+        ("300W/train", lambda p: write_300w(p, train, seed + 4, image_size)),
+        ("300W/test", lambda p: write_300w(p, test, seed + 5, image_size)),
+        ("mpii", lambda p: write_mpii_json(p, train + test, seed + 6, image_size,
+                                           validation_fraction=test / (train + test))),
+    ]
+    for folder, write in jobs:
+        path = os.path.join(root, folder)
+        if not os.path.exists(path):
+            write(path)
+    return root
