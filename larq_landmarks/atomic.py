@@ -22,3 +22,19 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def replace_markdown_section(path: str, section: str, first_heading: str, last_heading: str = "") -> None:
+    """Put ``section`` into the markdown file ``path`` in place of the ``## `` sections from
+    ``first_heading`` through ``last_heading`` (default: ``first_heading`` alone), or append it when
+    ``first_heading`` is not there. Other sections are kept; the file is replaced atomically."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nEvery table says the command that made it.\n"
+    if first_heading in text:
+        start = text.index(first_heading)
+        after = text.index(last_heading or first_heading, start)
+        end = text.find("\n## ", after + len(last_heading or first_heading))
+        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end + 1:] if end != -1 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section.rstrip("\n") + "\n"
+    with atomic_path(path) as temporary, open(temporary, "w") as f:
+        f.write(text)

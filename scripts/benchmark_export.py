@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from larq_landmarks import export, heatmaps as hm, models
+from larq_landmarks.atomic import replace_markdown_section
 from larq_landmarks.synthetic import trained_like_batch_norm
 from larq_landmarks.datasets import pipeline, readers, writers
 
@@ -189,22 +190,7 @@ def write_markdown(args, result):
     for name, times in by_model.items():
         lines.append(f"| {name} | {times.get(1, '-')} | {times.get(2, '-')} |")
     section = "\n".join(lines) + "\n"
-    _replace(args.out, "## Compression of the converted models", "## Inference speed on this machine", section)
-
-
-def _replace(path, first_heading, last_heading, section):
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if first_heading in text:
-        start = text.index(first_heading)
-        after = text.index(last_heading, start)
-        end = text.find("\n## ", after + len(last_heading))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    replace_markdown_section(args.out, section, "## Compression of the converted models", "## Inference speed on this machine")
 
 
 if __name__ == "__main__":

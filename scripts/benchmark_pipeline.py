@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from larq_landmarks import layouts, training
+from larq_landmarks.atomic import replace_markdown_section
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.models import BinaryHourglass
 
@@ -83,21 +84,7 @@ def main():
         f"The pipeline delivers {result['ratio']}x the images the default model can train on here: "
         "it is not the bottleneck.\n"
     )
-    _replace_section(args.out, "## Data pipeline vs. training step rate", section)
-
-
-def _replace_section(path, heading, section):
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nEvery table says the command that made it.\n\n"
-    if heading in text:
-        start = text.index(heading)
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    replace_markdown_section(args.out, section, "## Data pipeline vs. training step rate")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,17 @@ def test_save_model_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
 
 
+
+def test_replace_markdown_section_keeps_the_other_sections(tmp_path):
+    from larq_landmarks.atomic import replace_markdown_section
+
+    path = tmp_path / "bench.md"
+    path.write_text("# B\n\n## One\n\nold 1\n\n## Two\n\nold 2\n\n## Three\n\nold 3\n")
+    replace_markdown_section(str(path), "## One\n\nnew 1\n\n## Two\n\nnew 2\n", "## One", "## Two")
+    replace_markdown_section(str(path), "## Four\n\nnew 4\n", "## Four")
+    assert path.read_text() == "# B\n\n## One\n\nnew 1\n\n## Two\n\nnew 2\n\n## Three\n\nold 3\n\n## Four\n\nnew 4\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.md"]
+
 MIRRORED = """
 import larq_landmarks, numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices('CPU')[0]
