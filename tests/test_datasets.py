@@ -140,11 +140,16 @@ def test_mpii_mat_and_json_readers_agree(tmp_path):
     by_name = {r.extras["image_name"]: r for r in from_json}
     for record in from_mat:
         other = by_name[record.extras["image_name"]]
-        np.testing.assert_allclose(record.points, other.points, atol=1e-4)
         np.testing.assert_array_equal(record.visible, other.visible)
+        np.testing.assert_allclose(record.points[record.visible], other.points[other.visible], atol=1e-4)
         np.testing.assert_allclose(record.centre, other.centre, atol=1e-4)
         assert record.scale == pytest.approx(other.scale)
         assert record.extras["head_size"] == pytest.approx(other.extras["head_size"])
+        # labelled = has a point entry; the occlusion flag is kept apart and NaN where unlabelled
+        flags = record.extras["is_visible"]
+        np.testing.assert_array_equal(np.isnan(flags), ~record.visible)
+    occluded = np.concatenate([(r.extras["is_visible"] == 0) for r in from_mat])
+    assert occluded.any() and np.concatenate([r.visible for r in from_mat])[occluded].all()
     validation = readers.read_mpii_mat(mat, str(tmp_path / "mat" / "images"), "validation",
                                        validation_images=["000000001.jpg"])
     assert [r.extras["image_name"] for r in validation] == ["000000001.jpg"]

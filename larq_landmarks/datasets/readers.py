@@ -289,7 +289,7 @@ def _person_record(where, image_path, joints, visible, centre, scale, head_box, 
 
 def read_mpii_json(path: str, image_dir: str, skip_bad: bool = False) -> List[Record]:
     """The common JSON conversion of MPII: a list of people with ``image``, ``center``,
-    ``scale``, ``joints`` (16x2, 1-based like the .mat), ``joints_vis`` (16) and, when present,
+    ``scale``, ``joints`` (16x2, 1-based like the .mat), ``joints_vis`` (16; 1 = labelled) and, when present,
     ``head_box`` (x1, y1, x2, y2; needed for PCKh). Centre and scale are adjusted as the usual
     training code does (centre 15*scale lower, scale x1.25)."""
     try:
@@ -348,7 +348,11 @@ def read_mpii_mat(
         validation_images: image names of the validation split (e.g. Tompson et al.'s list).
         skip_bad: skip (with one warning) people whose annotation is incomplete.
 
-    Only the ``single_person`` entries are read, as the single-person benchmark does.
+    Only the ``single_person`` entries are read, as the single-person benchmark does. A joint
+    counts as labelled (``Record.visible``: it gets a heatmap and is scored by PCKh) when it has
+    an ``annopoints.point`` entry, as in the official evaluation, which scores occluded joints
+    too; the release's own occlusion flag ``is_visible`` is kept as ``extras["is_visible"]``
+    (16 floats: 1 visible, 0 occluded, NaN unlabelled or not given).
     """
     if split not in ("train", "validation", "all"):
         raise ValueError(f"split={split!r} must be 'train', 'validation' or 'all'")
@@ -388,20 +392,23 @@ def read_mpii_mat(
         if not points or objpos is None or _field(rect, "scale") is None:
             raise DatasetError(f"{where}: missing annopoints, objpos or scale")
         joints = np.zeros((16, 2), np.float32)
-        visible = np.zeros(16, bool)
+        labelled = np.zeros(16, bool)
+        occlusion = np.full(16, np.nan, np.float32)
         for point in points:
             joint = int(point.id)
             joints[joint] = (float(point.x) - 1.0, float(point.y) - 1.0)
-            flag = _field(point, "is_visible", 1)
-            # is_visible may be empty or a string in the release; a labelled joint counts
-            visible[joint] = True if isinstance(flag, np.ndarray) and flag.size == 0 else bool(int(flag))
+            labelled[joint] = True
+            flag = _field(point, "is_visible", None)
+            # is_visible may be missing, empty or a string in the release
+            if flag is not None and not (isinstance(flag, np.ndarray) and flag.size == 0):
+                occlusion[joint] = float(int(flag))
         image_path = os.path.join(image_dir, name)
         _image_size(image_path)
         scale = float(rect.scale)
         centre = np.array([float(objpos.x) - 1.0, float(objpos.y) - 1.0 + 15 * scale], np.float32)
         head_box = np.array([rect.x1, rect.y1, rect.x2, rect.y2], np.float32) - 1.0
-        return [_person_record(where, image_path, joints, visible, centre, scale * 1.25, head_box,
-                               {"image_name": name})]
+        return [_person_record(where, image_path, joints, labelled, centre, scale * 1.25, head_box,
+                               {"image_name": name, "is_visible": occlusion})]
 
     return _collect(wanted, read_one, skip_bad, "single-person")
 

@@ -148,9 +148,11 @@ def write_mpii_mat(folder: str, count: int, seed: int = 0, image_size=(256, 256)
     for i, (name, p) in enumerate(people):
         is_test = bool(test_every) and i % test_every == test_every - 1
         img_train[0, i] = 0 if is_test else 1
-        points = np.zeros((1, 16), dtype=point_dtype)
-        for j in range(16):
-            points[0, j] = (float(p["points"][j, 0] + 1), float(p["points"][j, 1] + 1), j, int(p["visible"][j]))
+        labelled = np.flatnonzero(p["visible"])  # unlabelled joints have no point entry, as in the release
+        points = np.zeros((1, len(labelled)), dtype=point_dtype)
+        for k, j in enumerate(labelled):
+            occluded = (i + j) % 7 == 0  # some labelled joints flagged occluded (is_visible 0)
+            points[0, k] = (float(p["points"][j, 0] + 1), float(p["points"][j, 1] + 1), int(j), int(not occluded))
         rect = np.zeros((1, 1), dtype=rect_dtype)
         x1, y1, x2, y2 = (p["head_box"] + 1.0).tolist()
         centre = p["centre"] + 1.0 - np.array([0, 15 * p["scale"] / 1.25])
