@@ -90,7 +90,7 @@ EXPERIMENTS = {
 
 FULL = {"input_size": 256, "overrides": {}, "batch_size": 10, "learning_rate": 2.5e-4, "sigma": 1.5}
 SMALL = {"input_size": 64, "overrides": {"width": 64, "depth": 2}, "batch_size": 16,
-         "learning_rate": 2e-3, "sigma": 1.0}
+         "learning_rate": 2e-3, "sigma": 1.5}
 
 
 def run_config(name, spec, root, settings, steps, epochs, seed):
@@ -168,7 +168,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="synthetic data, small models, CPU")
     parser.add_argument("--out", default="results")
     parser.add_argument("--epochs", type=int, help="default: 100 full scale, 4 small")
-    parser.add_argument("--steps-per-epoch", type=int, help="default: data / batch full scale, 150 small")
+    parser.add_argument("--steps-per-epoch", type=int, help="default: data / batch full scale, 250 small")
     parser.add_argument("--train-samples", type=int, default=400, help="--small: synthetic training samples")
     parser.add_argument("--test-samples", type=int, default=64, help="--small: synthetic test samples")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,7 +178,7 @@ def main():
         parser.error("give --data-root (real data) or --small (synthetic data)")
     settings = SMALL if args.small else FULL
     epochs = args.epochs or (4 if args.small else 100)
-    steps = args.steps_per_epoch or (150 if args.small else None)
+    steps = args.steps_per_epoch or (250 if args.small else None)
     root = args.data_root or os.path.join(args.out, "data")
     if args.small:
         writers.write_layout(root, args.train_samples, args.test_samples, args.seed)
