@@ -173,7 +173,14 @@ def main():
     parser.add_argument("--test-samples", type=int, default=64, help="--small: synthetic test samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summary", help="also write one page with every experiment in --out")
+    parser.add_argument("--only-summary", action="store_true",
+                        help="train nothing: rewrite --summary from the tables already in --out")
     args = parser.parse_args()
+    if args.only_summary:
+        if not args.summary:
+            parser.error("--only-summary needs --summary PAGE")
+        write_summary(args.out, args.summary)
+        return
     if not args.small and not args.data_root:
         parser.error("give --data-root (real data) or --small (synthetic data)")
     settings = SMALL if args.small else FULL
@@ -199,19 +206,65 @@ def main():
         write_summary(args.out, args.summary)
 
 
+# The papers' comparisons as claims the summary checks: (experiment, claim, better, worse).
+ORDERINGS = [
+    ("pooling", "max pooling beats average pooling", "binary_hpm", "binary_hpm_avgpool"),
+    ("relu", "a ReLU after each convolution helps the binary HPM net", "binary_hpm_relu", "binary_hpm"),
+    ("blocks", "binary HPM beats a binary bottleneck of similar size", "binary_hpm", "binary_bottleneck_matched"),
+    ("segmentation", "binary HPM beats the binary bottleneck", "binary_hpm", "binary_bottleneck"),
+]
+# How far the binary HPM net stays behind a real-valued one: (experiment, binary, real).
+GAPS = [("blocks", "binary_hpm", "real_hpm"), ("blocks", "binary_hpm", "real_bottleneck_matched"),
+        ("segmentation", "binary_hpm", "real_bottleneck")]
+
+
+def _key_values(spec, report):
+    table, column = spec["key"]
+    return column, {name: r["tables"][table][column] for name, r in report["results"].items()}
+
+
+def judge_orderings(reports):
+    """Markdown lines: does each of the papers' orderings hold in ``reports`` (experiment -> JSON)?"""
+    lines = []
+    for experiment, claim, better, worse in ORDERINGS:
+        if experiment not in reports:
+            continue
+        spec = EXPERIMENTS[experiment]
+        column, ours = _key_values(spec, reports[experiment])
+        holds = ours[better] > ours[worse] if spec["higher_is_better"] else ours[better] < ours[worse]
+        paper = {n: spec["paper"].get(n, {}).get(column) for n in (better, worse)}
+        paper_text = (f"paper {paper[better]} vs {paper[worse]}" if None not in paper.values()
+                      else "the paper's claim")
+        lines.append(f"- `{experiment}`: {claim}: **{'holds' if holds else 'does not hold'}** "
+                     f"(`{better}` {ours[better]:.2f} vs `{worse}` {ours[worse]:.2f} {column}; {paper_text}).")
+    for experiment, binary, real in GAPS:
+        if experiment not in reports:
+            continue
+        spec = EXPERIMENTS[experiment]
+        column, ours = _key_values(spec, reports[experiment])
+        paper = {n: spec["paper"].get(n, {}).get(column) for n in (binary, real)}
+        paper_gap = (f"paper's gap {paper[real] - paper[binary]:.2f}" if None not in paper.values()
+                     else "paper's gap not in METHOD.md")
+        lines.append(f"- `{experiment}`: binary HPM against `{real}`: {ours[binary]:.2f} vs {ours[real]:.2f} "
+                     f"{column}, a gap of {ours[real] - ours[binary]:.2f} points ({paper_gap}).")
+    return lines
+
+
 def write_summary(folder, path):
-    """One page with every experiment's table found in ``folder``, in the order above."""
-    parts, total = [], 0.0
+    """One page with every experiment's table found in ``folder``, in the order above, after a
+    list of the papers' orderings and whether each holds."""
+    reports = {}
     for experiment in EXPERIMENTS:
-        table = os.path.join(folder, f"{experiment}.md")
-        if os.path.exists(table):
-            parts.append(open(table).read())
-            report = json.load(open(os.path.join(folder, f"{experiment}.json")))
-            total += sum(r["train_seconds"] for r in report["results"].values())
+        if os.path.exists(os.path.join(folder, f"{experiment}.json")):
+            with open(os.path.join(folder, f"{experiment}.json")) as f:
+                reports[experiment] = json.load(f)
+    total = sum(r["train_seconds"] for report in reports.values() for r in report["results"].values())
+    parts = [open(os.path.join(folder, f"{experiment}.md")).read() for experiment in reports]
     header = (
         "# Reproduction results\n\n"
         "Each table: our numbers next to the papers', with the command that made them. "
         f"Training time in all: {total / 60:.1f} minutes.\n\n"
+        "## The papers' orderings here\n\n" + "\n".join(judge_orderings(reports)) + "\n\n"
     )
     with atomic_path(path) as temporary, open(temporary, "w") as f:
         f.write(header + "\n".join(parts))

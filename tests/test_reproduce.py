@@ -23,6 +23,29 @@ def test_pooling_comparison_runs_small_and_writes_the_papers_table(tmp_path):
     page = (tmp_path / "results.md").read_text()
     assert "Supplementary Table 1" in page and "Mean 71.9" in page and "--small" in page
     assert "Papers' ordering" in page
+    assert "- `pooling`: max pooling beats average pooling: **" in page
+
+
+def _report(values, table="PCKh@0.5 %", column="Mean"):
+    return {"results": {name: {"tables": {table: {column: v}}} for name, v in values.items()}}
+
+
+def test_summary_judges_the_papers_orderings_from_the_numbers():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import reproduce
+
+    lines = reproduce.judge_orderings({
+        "pooling": _report({"binary_hpm": 20.0, "binary_hpm_avgpool": 12.5}),
+        "relu": _report({"binary_hpm": 20.0, "binary_hpm_relu": 19.0}),
+        "segmentation": _report({"real_bottleneck": 60.0, "binary_bottleneck": 50.0, "binary_hpm": 55.5},
+                                "Part segmentation %", "mean_iu"),
+    })
+    assert lines[0] == ("- `pooling`: max pooling beats average pooling: **holds** (`binary_hpm` 20.00 vs "
+                        "`binary_hpm_avgpool` 12.50 Mean; paper 76.0 vs 71.9).")
+    assert "helps the binary HPM net: **does not hold** (`binary_hpm_relu` 19.00 vs `binary_hpm` 20.00" in lines[1]
+    assert "binary HPM beats the binary bottleneck: **holds**" in lines[2]
+    assert lines[3] == ("- `segmentation`: binary HPM against `real_bottleneck`: 55.50 vs 60.00 mean_iu, "
+                        "a gap of 4.50 points (paper's gap 1.24).")
 
 
 def test_experiments_refuse_to_run_without_data():
