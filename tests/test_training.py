@@ -37,7 +37,7 @@ def test_small_binary_model_learns_synthetic_faces(small_faces):
     """400 RMSprop steps on CPU: the held-out landmark error falls well below the untrained one."""
     tf.keras.utils.set_random_seed(0)
     images, points = small_faces
-    train = _dataset(images[:-128], points[:-128]).shuffle(384, seed=0).batch(16).repeat()
+    train = _dataset(images[:-128], points[:-128], sigma=1.5).shuffle(384, seed=0).batch(16).repeat()
     model = BinaryHourglass(68, width=64, input_size=64, depth=2)
     training.compile_model(model, learning_rate=1e-3)
     before = _mean_error(model, images[-128:], points[-128:])
