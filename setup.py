@@ -21,6 +21,6 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.20,<3",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5,<4"]},
     entry_points={"console_scripts": ["larq-landmarks=larq_landmarks.cli:main"]},
 )

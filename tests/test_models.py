@@ -149,12 +149,12 @@ def test_save_and_load_round_trip_without_custom_objects(tmp_path):
     model.compile(optimizer="rmsprop", loss="mse")
     model.fit(x, [model.predict(x, verbose=0)[0] * 0 + 0.1] * 2, epochs=1, verbose=0)
     expected = model.predict(x, verbose=0)
-    for path in (tmp_path / "model.keras", tmp_path / "saved_model"):
-        model.save(path)
-        loaded = tf.keras.models.load_model(path)
-        got = loaded.predict(x, verbose=0)
-        for a, b in zip(expected, got):
-            np.testing.assert_array_equal(a, b)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = tf.keras.models.load_model(path)
+    got = loaded.predict(x, verbose=0)
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_import_sets_legacy_keras_in_a_fresh_interpreter():
