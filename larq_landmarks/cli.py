@@ -40,7 +40,8 @@ def _read(args, command):
 def _demo(args: argparse.Namespace) -> int:
     from larq_landmarks import demo
 
-    demo.run(args.out, steps=args.steps, seed=args.seed)
+    demo.run(args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
+             test_images=args.test_images)
     return 0
 
 
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train-images", type=int, default=400, help="synthetic training faces (default 400)")
+    demo.add_argument("--test-images", type=int, default=64, help="synthetic test faces (default 64)")
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="train a named model on a data set",
