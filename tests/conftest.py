@@ -32,3 +32,10 @@ def small_faces():
     images = np.stack([f["image"] for f in faces]).astype(np.float32) / 255.0
     points = np.stack([f["points"] for f in faces])
     return images, points
+
+
+def pytest_collection_modifyitems(items):
+    """Start the longest tests (tutorials, conversions) first, so that the two xdist workers
+    fill the end of the run with short tests instead of waiting on one long one."""
+    first = ("test_tutorials.py", "test_export.py", "test_demo.py")
+    items.sort(key=lambda item: 0 if os.path.basename(str(item.fspath)) in first else 1)
