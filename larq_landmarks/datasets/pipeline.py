@@ -9,11 +9,13 @@ The crop (METHOD.md section 3): a square of ``200 * scale`` pixels around ``cent
 evaluation pipelines keep it with each sample so predictions map back to the image.
 """
 import dataclasses
+import io
 import math
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from larq_landmarks import heatmaps as hm
 from larq_landmarks.datasets.segmentation import render_part_mask
@@ -94,9 +96,35 @@ def warp_image(image: tf.Tensor, matrix: tf.Tensor, input_size: int) -> tf.Tenso
     )[0]
 
 
+def _decoded_by_tensorflow(data: tf.Tensor) -> tf.Tensor:
+    """Whether ``tf.io.decode_image`` reads these bytes: JPEG, PNG, GIF, BMP or WebP signatures."""
+    head = tf.strings.substr(data, 0, 4)
+    return tf.reduce_any(tf.stack([
+        tf.strings.substr(data, 0, 3) == b"\xff\xd8\xff",
+        head == b"\x89PNG",
+        head == b"GIF8",
+        tf.strings.substr(data, 0, 2) == b"BM",
+        tf.logical_and(head == b"RIFF", tf.strings.substr(data, 8, 4) == b"WEBP"),
+    ]))
+
+
+def _decode_with_pillow(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), np.uint8)
+
+
 def load_image(path: tf.Tensor) -> tf.Tensor:
-    """Read and decode a JPEG/PNG/BMP file to float32 RGB in [0, 1]."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    """Read and decode an image file to float32 RGB in [0, 1].
+
+    JPEG, PNG, GIF, BMP and WebP decode in the graph; any other format Pillow reads (TIFF, PPM,
+    JPEG 2000, ...) goes through Pillow, one file at a time, off the common path."""
+    data = tf.io.read_file(path)
+    image = tf.cond(
+        _decoded_by_tensorflow(data),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+        lambda: tf.numpy_function(_decode_with_pillow, [data], tf.uint8, stateful=False),
+    )
+    image = tf.ensure_shape(image, [None, None, 3])
     return tf.image.convert_image_dtype(image, tf.float32)
 
 

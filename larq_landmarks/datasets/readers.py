@@ -19,7 +19,10 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+# Tried first, without opening the file; any other file beside the annotation with the same stem
+# is used when Pillow can decode it (TIFF, PPM, WebP, JPEG 2000, ...).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG", ".BMP")
+ANNOTATION_EXTENSIONS = (".pts", ".mat", ".json", ".txt", ".csv", ".xml")
 
 
 class DatasetError(ValueError):
@@ -76,11 +79,27 @@ def _image_size(path: str) -> tuple:
 
 
 def _find_image(annotation_path: str) -> str:
+    """The image beside an annotation file: same folder and stem, any format Pillow decodes."""
     stem = os.path.splitext(annotation_path)[0]
-    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+    for ext in IMAGE_EXTENSIONS:
         if os.path.isfile(stem + ext):
             return stem + ext
-    raise DatasetError(f"{annotation_path}: no image next to it (looked for {stem}.jpg/.png/...)")
+    candidates = [
+        path for path in sorted(glob.glob(glob.escape(stem) + ".*"))
+        if os.path.isfile(path) and os.path.splitext(path)[1].lower() not in ANNOTATION_EXTENSIONS
+    ]
+    problems = []
+    for path in candidates:
+        try:
+            with Image.open(path):  # reads the header: is this a format Pillow knows?
+                return path
+        except Exception as error:
+            problems.append(f"{os.path.basename(path)}: {error}")
+    tried = f"; tried {', '.join(problems)}" if problems else ""
+    raise DatasetError(
+        f"{annotation_path}: cannot pair it with an image: no file {os.path.basename(stem)}.<ext> "
+        f"beside it that Pillow can decode{tried}"
+    )
 
 
 def _check_points(path: str, points: np.ndarray, num_points: int, size=None, visible=None):

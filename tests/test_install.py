@@ -1,0 +1,67 @@
+"""The README's install, as a newcomer runs it: a new venv with the pip and setuptools that
+``python3 -m venv`` gives, ``pip install -e .`` and then ``pip install -e ".[test]"`` over it,
+then a wheel. Every subpackage imports each time and the named configurations are found.
+
+The heavy dependencies (TensorFlow, Larq, ...) are not downloaded again: a ``.pth`` file makes the
+test environment's site-packages visible at the end of the new venv's path, so pip finds them
+installed. What is tested is how *this* package installs."""
+import glob
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+IMPORT_ALL = """
+import importlib, json, os, pkgutil, sys
+import larq_landmarks
+names = sorted(m.name for m in pkgutil.walk_packages(larq_landmarks.__path__, "larq_landmarks."))
+names.append("larq_landmarks.named_models")
+for name in names:
+    importlib.import_module(name)
+from larq_landmarks.models import named_configurations
+print(json.dumps({"modules": names, "configs": sorted(named_configurations()),
+                  "named_models": os.path.dirname(sys.modules["larq_landmarks.named_models"].__file__)}))
+"""
+
+
+def _run(command, cwd):
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_readme_install_twice_then_wheel_imports_every_subpackage(tmp_path):
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], ROOT)
+    python = str(venv / "bin" / "python")
+    site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], ROOT).strip()
+    with open(os.path.join(site, "outer_site_packages.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    expected = sorted(os.path.basename(p)[: -len(".json")] for p in glob.glob(os.path.join(ROOT, "models", "*.json")))
+    work = tmp_path / "elsewhere"  # import from outside the checkout, as a user's script does
+    work.mkdir()
+
+    import json
+
+    for extra in (".", ".[test]"):  # the README's two commands, in order, into the same venv
+        _run([python, "-m", "pip", "install", "--no-input", "-e", extra], ROOT)
+        found = json.loads(_run([python, "-c", IMPORT_ALL], str(work)).splitlines()[-1])
+        assert found["configs"] == expected
+        assert os.path.samefile(found["named_models"], os.path.join(ROOT, "models"))
+        assert {"larq_landmarks.datasets", "larq_landmarks.detection", "larq_landmarks.cli"} <= set(found["modules"])
+
+    dist = tmp_path / "dist"
+    _run([python, "-m", "pip", "wheel", "--no-deps", "--no-input", "-w", str(dist), "."], ROOT)
+    wheel = glob.glob(str(dist / "larq_landmarks-*.whl"))[0]
+    inside = zipfile.ZipFile(wheel).namelist()
+    assert {f"larq_landmarks/named_models/{name}.json" for name in expected} <= set(inside)
+    _run([python, "-m", "pip", "install", "--no-deps", "--force-reinstall", wheel], ROOT)
+    found = json.loads(_run([python, "-c", IMPORT_ALL], str(work)).splitlines()[-1])
+    assert found["configs"] == expected
+    assert found["named_models"].startswith(site)  # the installed copy, not the checkout
