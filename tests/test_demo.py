@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from larq_landmarks import cli
 
 
+@pytest.mark.slow
 def test_demo_command_writes_report_pictures_and_converted_model(tmp_path):
     """The README's main job, scaled down: every artefact is written and LCE agrees with Keras."""
     from larq_landmarks import demo
@@ -17,6 +20,17 @@ def test_demo_command_writes_report_pictures_and_converted_model(tmp_path):
     assert "NME inter-ocular" in (tmp_path / "report.md").read_text()
 
 
+def test_tiny_demo_writes_every_artefact(tmp_path):
+    """The main job at the smallest size, for the fast tier: every step runs and writes its file."""
+    from larq_landmarks import demo
+
+    report = demo.run(str(tmp_path), steps=4, train_images=8, test_images=4)
+    for name in ("report.md", "report.json", "predictions.png", "ced.png", "model.tflite", "model.keras"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert json.loads((tmp_path / "report.json").read_text())["ops"]["LceBconv2d"] == report["ops"]["LceBconv2d"] > 0
+
+
+@pytest.mark.slow
 def test_convert_command_writes_lce_model_and_refuses_bad_input(tmp_path, capsys):
     from larq_landmarks.models import BinaryHourglass
     from larq_landmarks import export

@@ -38,6 +38,7 @@ def assert_parity(lce, keras):
     assert np.abs(lce_points - keras_points).max() <= 0.5
 
 
+@pytest.mark.slow
 def test_default_model_converts_every_binary_conv_to_lce_bconv_and_matches_keras():
     model = trained_like_batch_norm(models.BinaryHourglass(68))
     flatbuffer = export.convert(model)
@@ -53,11 +54,13 @@ def test_default_model_converts_every_binary_conv_to_lce_bconv_and_matches_keras
     assert_parity(export.interpreter(flatbuffer).predict(image), model.predict(image, verbose=0))
 
 
+@pytest.mark.slow
 def test_binary_skip_model_is_within_the_papers_size():
     model = trained_like_batch_norm(models.build_named("binary_hpm_binary_skip", 68))
     assert len(export.convert(model)) <= 1.4e6
 
 
+@pytest.mark.slow
 def test_dynamic_batch_conversion_runs_batches_and_its_file_loads(tmp_path):
     model = trained_like_batch_norm(models.BinaryHourglass(16, **SMALL))
     flatbuffer = export.convert(model, str(tmp_path / "ok.tflite"), batch_size=None)
@@ -68,7 +71,11 @@ def test_dynamic_batch_conversion_runs_batches_and_its_file_loads(tmp_path):
     np.testing.assert_allclose(got, model.predict(images, verbose=0), atol=1e-3 * np.abs(got).max())
 
 
-@pytest.mark.parametrize("name", ["binary_bottleneck", "binary_hpm_relu", "binary_hpm_avgpool"])  # binary_hpm: above
+@pytest.mark.parametrize("name", [  # binary_hpm: above; the fast tier converts one small model
+    "binary_hpm_relu",
+    pytest.param("binary_bottleneck", marks=pytest.mark.slow),
+    pytest.param("binary_hpm_avgpool", marks=pytest.mark.slow),
+])
 def test_lce_interpreter_matches_keras(name):
     model = trained_like_batch_norm(models.build_named(name, 68, **SMALL))
     flatbuffer = export.convert(model)
@@ -79,6 +86,7 @@ def test_lce_interpreter_matches_keras(name):
     assert_parity(lce, model.predict(images, verbose=0))
 
 
+@pytest.mark.slow
 def test_stacked_model_exports_its_last_stack_and_float_reference_matches():
     model = trained_like_batch_norm(models.BinaryHourglass(16, num_stacks=2, **SMALL))
     images = np.random.default_rng(2).uniform(size=(1, 64, 64, 3)).astype(np.float32)
@@ -91,6 +99,7 @@ def test_stacked_model_exports_its_last_stack_and_float_reference_matches():
         assert ("LceBconv2d" in export.op_counts(flatbuffer)) == binary
 
 
+@pytest.mark.slow
 def test_unconvertible_layers_are_named_in_a_warning(tmp_path):
     model = models.BinaryHourglass(16, pad_value=-1.0, **SMALL)  # LCE has no -1 padding path
     with pytest.warns(UserWarning, match="stayed float: .*stem_block1_s1_bconv"):

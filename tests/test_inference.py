@@ -69,6 +69,7 @@ def test_predictor_agrees_with_the_evaluation_pipeline(faces):
     assert [p.shape[0] for p, _ in many] == [1, 2]
 
 
+@pytest.mark.slow
 def test_predictor_loads_keras_and_tflite_files(faces, tmp_path):
     model = BinaryHourglass(68, width=32, input_size=64, depth=2)
     model.save(tmp_path / "m.keras")

@@ -106,6 +106,7 @@ def test_stacks_and_segmentation_outputs():
     assert seg.output_shape == (None, 16, 16, 7)
 
 
+@pytest.mark.slow
 def test_named_configurations_build_and_differ():
     configs = models.named_configurations()
     assert {"binary_hpm", "binary_bottleneck", "real_bottleneck", "real_hpm", "binary_hpm_relu",
@@ -142,6 +143,7 @@ def test_bad_arguments_name_themselves(kwargs, argument):
         BinaryHourglass(68, **kwargs)
 
 
+@pytest.mark.slow
 def test_save_and_load_round_trip_without_custom_objects(tmp_path):
     model = BinaryHourglass(16, num_stacks=2, width=32, input_size=64, depth=2)
     # move the batch-norm statistics away from their initial values so they matter

@@ -1,3 +1,4 @@
+import pytest
 """A tiny run of one reproduction experiment end to end (issue 6)."""
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "reproduce.py")
 
 
+@pytest.mark.slow
 def test_pooling_comparison_runs_small_and_writes_the_papers_table(tmp_path):
     out = tmp_path / "results"
     command = [sys.executable, SCRIPT, "pooling", "--small", "--out", str(out), "--train-samples", "16",

@@ -33,6 +33,7 @@ def test_step_schedule_matches_hand_computation():
         training.step_schedule(10, 0)
 
 
+@pytest.mark.slow
 def test_small_binary_model_learns_synthetic_faces(small_faces):
     """400 RMSprop steps on CPU: the held-out landmark error falls well below the untrained one."""
     tf.keras.utils.set_random_seed(0)
@@ -47,6 +48,7 @@ def test_small_binary_model_learns_synthetic_faces(small_faces):
     assert after < 12.0, after  # pixels at 64x64 input; untrained is ~28
 
 
+@pytest.mark.slow
 def test_stacked_model_trains_on_repeated_targets(small_faces):
     images, points = small_faces
     model = BinaryHourglass(68, num_stacks=2, width=32, input_size=64, depth=2)
@@ -58,6 +60,7 @@ def test_stacked_model_trains_on_repeated_targets(small_faces):
     assert h["loss"][0] == pytest.approx(h["stack_1_loss"][0] + h["stack_2_loss"][0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_interrupted_fit_resumes_after_last_finished_epoch(small_faces, tmp_path):
     images, points = small_faces
     data = _dataset(images[:32], points[:32]).batch(16)
@@ -146,6 +149,7 @@ print('REPLICAS', strategy.num_replicas_in_sync, 'LOSS', *history.history['loss'
 """
 
 
+@pytest.mark.slow
 def test_same_training_code_runs_under_mirrored_strategy_on_two_cpus():
     result = run_python(MIRRORED)
     assert result.returncode == 0, result.stderr[-3000:]

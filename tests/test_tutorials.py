@@ -14,6 +14,8 @@ import pytest
 
 from larq_landmarks.datasets import writers
 
+pytestmark = pytest.mark.slow
+
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 BIN = os.path.dirname(sys.executable)
 SCALE_DOWN = [
