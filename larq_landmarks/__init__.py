@@ -5,6 +5,7 @@ Larq works on Keras 2 only, so this package makes TensorFlow resolve ``tf.keras`
 was already imported and bound ``tf.keras`` to Keras 3, importing this package raises an
 ``ImportError`` that says what to do.
 """
+import importlib.util
 import os
 import sys
 
@@ -34,9 +35,14 @@ def _use_legacy_keras() -> None:
         raise ImportError(_KERAS3_MESSAGE + f" (tf.keras is the {keras_package!r} package)")
 
 
-_use_legacy_keras()
+if importlib.util.find_spec("tensorflow") is None:
+    # Without TensorFlow only the bit-packed runtime (larq_landmarks.runtime) can be used, e.g. on
+    # a deployment machine; everything else needs TensorFlow.
+    __all__ = ["__version__"]
+else:
+    _use_legacy_keras()
 
-from larq_landmarks import blocks, models  # noqa: E402  (needs the Keras set-up above)
-from larq_landmarks.models import BinaryHourglass  # noqa: E402
+    from larq_landmarks import blocks, models  # noqa: E402  (needs the Keras set-up above)
+    from larq_landmarks.models import BinaryHourglass  # noqa: E402
 
-__all__ = ["BinaryHourglass", "blocks", "models", "__version__"]
+    __all__ = ["BinaryHourglass", "blocks", "models", "__version__"]

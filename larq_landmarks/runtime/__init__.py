@@ -1,0 +1,10 @@
+"""The bit-packed runtime: runs the ``.tflite`` that :func:`larq_landmarks.export.convert` writes
+with this package's own C++ kernels (AVX-512 VPOPCNTDQ, AVX2 or portable, chosen at run time),
+without TensorFlow or LCE. One function per operator in :mod:`larq_landmarks.runtime.ops`; the
+C++ is in ``runtime/csrc/``.
+"""
+from larq_landmarks.runtime.engine import Engine
+from larq_landmarks.runtime.graph import UnsupportedModelError
+from larq_landmarks.runtime.kernels import available as available_kernels
+
+__all__ = ["Engine", "UnsupportedModelError", "available_kernels"]

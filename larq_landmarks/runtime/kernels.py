@@ -1,0 +1,47 @@
+"""The compiled kernels, one build per instruction set, chosen at run time from the CPU's features.
+
+``load("auto")`` gives the best path this CPU runs: ``"avx512"`` (AVX-512 with VPOPCNTDQ),
+``"avx2"`` (AVX2, FMA, POPCNT) or ``"portable"`` (plain C++); asking for a path the CPU lacks is
+an error that says which paths it has.
+"""
+import importlib
+from types import ModuleType
+from typing import List
+
+PATHS = ("avx512", "avx2", "portable")
+
+
+def _module(path: str) -> ModuleType:
+    try:
+        return importlib.import_module(f"larq_landmarks.runtime._kernels_{path}")
+    except ImportError as error:
+        raise ImportError(
+            f"the runtime's {path} kernels are not built ({error}); reinstall with `pip install -e .`"
+        ) from error
+
+
+def available() -> List[str]:
+    """The kernel paths this CPU can run and this build has, best first."""
+    portable = _module("portable")
+    paths = []
+    for path in PATHS:
+        if not portable.cpu_supports(path):
+            continue
+        try:
+            _module(path)
+        except ImportError:
+            continue
+        paths.append(path)
+    return paths
+
+
+def load(kernels: str = "auto") -> ModuleType:
+    """The kernel module for ``kernels`` (``"auto"`` or one of ``PATHS``)."""
+    if kernels != "auto" and kernels not in PATHS:
+        raise ValueError(f"kernels={kernels!r}; use 'auto' or one of {PATHS}")
+    paths = available()
+    if kernels == "auto":
+        return _module(paths[0])
+    if kernels not in paths:
+        raise ValueError(f"kernels={kernels!r} cannot run here: this CPU and build have {paths}")
+    return _module(kernels)

@@ -1,0 +1,314 @@
+"""One function per TFLite / LCE operator: each prepares its constants once (bit-packed weights
+transposed for the kernels, LCE's output transform) and returns ``run(values)``, which reads its
+inputs from ``values`` (a list indexed by tensor) and stores its outputs there.
+
+Semantics follow TFLite's reference kernels and LCE's op definitions (``LceQuantize``,
+``LceDequantize``, ``LceBconv2d``: bit set = negative, padding bits 0, float output
+``float(clamp(2 * acc)) * -m + (b + K * m)``, bit-packed output ``acc > threshold``).
+"""
+import math
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from larq_landmarks.runtime.graph import Graph, Operator, UnsupportedModelError
+
+Run = Callable[[List[Optional[np.ndarray]]], None]
+
+# TFLite ActivationFunctionType -> float clamp (and int32 range for LceBconv2d)
+_ACTIVATIONS = {0: (-math.inf, math.inf), 1: (0.0, math.inf), 2: (-1.0, 1.0), 3: (0.0, 6.0)}
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _unsupported(graph: Graph, op: Operator, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{graph.name}: operator {op.index} {op.name}: {what} is not supported by "
+        "larq_landmarks.runtime; run this file with LCE's interpreter (engine='lce')"
+    )
+
+
+def _activation(graph, op, code: int):
+    if code not in _ACTIVATIONS:
+        raise _unsupported(graph, op, f"fused activation {code}")
+    return _ACTIVATIONS[code]
+
+
+def _constant(graph, op, position: int, dtype=None) -> np.ndarray:
+    tensor = graph.tensors[op.inputs[position]]
+    if tensor.data is None:
+        raise _unsupported(graph, op, f"a non-constant input {position} ({tensor.name})")
+    return np.ascontiguousarray(tensor.data if dtype is None else tensor.data.astype(dtype))
+
+
+def _check_float(graph, op, positions=(0,)):
+    for position in positions:
+        tensor = graph.tensors[op.inputs[position]]
+        if tensor.dtype != np.float32:
+            raise _unsupported(graph, op, f"input {tensor.name} of type {tensor.dtype}")
+
+
+def _same_padding(size: int, filter_size: int, stride: int, dilation: int, padding: int):
+    """TFLite's output size and leading padding (padding 0 = SAME, 1 = VALID)."""
+    effective = (filter_size - 1) * dilation + 1
+    out = (size + stride - 1) // stride if padding == 0 else (size - effective + stride) // stride
+    total = max((out - 1) * stride + effective - size, 0) if padding == 0 else 0
+    return out, total // 2
+
+
+def lce_quantize(graph: Graph, op: Operator, kernels, multiplier: Optional[np.ndarray] = None,
+                 source: Optional[int] = None) -> Run:
+    """Float -> bit-packed int32 (``x < 0``). ``multiplier`` and ``source`` fuse a per-channel
+    MUL before it: ``bit = source * multiplier < 0``, the product rounded as MUL rounds it."""
+    _check_float(graph, op)
+    source, target = op.inputs[0] if source is None else source, op.outputs[0]
+    channels = graph.tensors[source].shape[-1]
+    scale = np.zeros(0, np.float32) if multiplier is None else np.ascontiguousarray(
+        np.broadcast_to(multiplier.astype(np.float32).reshape(-1), (channels,)))
+
+    def run(values):
+        x = values[source]
+        out = np.empty(x.shape[:-1] + ((channels + 31) // 32,), np.int32)
+        kernels.bitpack(x, scale, out)
+        values[target] = out
+
+    return run
+
+
+def lce_dequantize(graph: Graph, op: Operator, kernels) -> Run:
+    """Bit-packed int32 -> +1 / -1 floats."""
+    source, target = op.inputs[0], op.outputs[0]
+    channels = graph.tensors[target].shape[-1]
+    if graph.tensors[target].dtype != np.float32:
+        raise _unsupported(graph, op, f"output type {graph.tensors[target].dtype}")
+
+    def run(values):
+        x = values[source]
+        out = np.empty(x.shape[:-1] + (channels,), np.float32)
+        kernels.unpack(x, channels, out)
+        values[target] = out
+
+    return run
+
+
+def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
+    """LCE's binary convolution: float output (multiplier, bias, fused clamp) or bit-packed
+    output (thresholds)."""
+    o = op.options
+    for key in ("channels_in", "stride_height", "stride_width", "padding", "pad_values", "fused_activation_function"):
+        if key not in o:
+            raise _unsupported(graph, op, f"custom options without {key}")
+    filters = _constant(graph, op, 1)
+    if filters.dtype != np.int32:
+        raise _unsupported(graph, op, f"unpacked {filters.dtype} filters")
+    cout, fh, fw, words = filters.shape
+    cin = int(o["channels_in"])
+    if words != (cin + 31) // 32:
+        raise _unsupported(graph, op, "grouped binary convolution")
+    if o["pad_values"] not in (0, 1):
+        raise _unsupported(graph, op, f"pad_values={o['pad_values']}")
+    out_tensor = graph.tensors[op.outputs[0]]
+    packed = out_tensor.dtype == np.int32
+    if out_tensor.dtype not in (np.float32, np.int32):
+        raise _unsupported(graph, op, f"{out_tensor.dtype} output")
+    k_total = fh * fw * cin
+    if packed:
+        thresholds = _constant(graph, op, 4, np.int32)
+        multiplier = bias = np.zeros(0, np.float32)
+        clamp = (0, 0)
+    else:
+        thresholds = np.zeros(0, np.int32)
+        post_mul = _constant(graph, op, 2).astype(np.float64)
+        post_bias = _constant(graph, op, 3).astype(np.float64)
+        multiplier = (-post_mul).astype(np.float32)
+        bias = (post_bias + k_total * post_mul).astype(np.float32)
+        code = int(o["fused_activation_function"])
+        ranges = {0: _INT32, 1: (0, _INT32[1]), 2: (-1, 1), 3: (0, 6)}
+        if code not in ranges:
+            raise _unsupported(graph, op, f"fused activation {code}")
+        low, high = max(ranges[code][0], -k_total), min(ranges[code][1], k_total)
+        clamp = (-high + k_total, -low + k_total)
+    weights = kernels.prepare_binary_weights(filters)
+    bits = np.unpackbits(filters.view(np.uint8), axis=-1).reshape(cout, fh * fw, -1)
+    weight_popcounts = np.ascontiguousarray(bits.sum(-1, dtype=np.int32).T)  # [taps, Cout]
+    sh, sw = int(o["stride_height"]), int(o["stride_width"])
+    dh, dw = int(o.get("dilation_height_factor", 1)), int(o.get("dilation_width_factor", 1))
+    source, target = op.inputs[0], op.outputs[0]
+
+    def run(values):
+        x = values[source]
+        batch, height, width, _ = x.shape
+        out_h, pad_top = _same_padding(height, fh, sh, dh, int(o["padding"]))
+        out_w, pad_left = _same_padding(width, fw, sw, dw, int(o["padding"]))
+        channels = (cout + 31) // 32 if packed else cout
+        out = np.empty((batch, out_h, out_w, channels), np.int32 if packed else np.float32)
+        geometry = [cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left, int(o["pad_values"])]
+        kernels.bconv2d(x, weights, geometry, multiplier, bias, clamp[0], clamp[1], thresholds,
+                        weight_popcounts, out)
+        values[target] = out
+
+    return run
+
+
+def conv_2d(graph: Graph, op: Operator, kernels) -> Run:
+    """Float convolution with bias and fused activation."""
+    _check_float(graph, op)
+    o = op.options
+    filters = _constant(graph, op, 1, np.float32)
+    cout, fh, fw, _ = filters.shape
+    bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
+    weights = kernels.prepare_float_weights(filters)
+    low, high = _activation(graph, op, o.FusedActivationFunction())
+    sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
+    source, target = op.inputs[0], op.outputs[0]
+
+    def run(values):
+        x = values[source]
+        batch, height, width, _ = x.shape
+        out_h, pad_top = _same_padding(height, fh, sh, dh, o.Padding())
+        out_w, pad_left = _same_padding(width, fw, sw, dw, o.Padding())
+        out = np.empty((batch, out_h, out_w, cout), np.float32)
+        kernels.conv2d(x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high, out)
+        values[target] = out
+
+    return run
+
+
+def _elementwise(graph: Graph, op: Operator, kernels, code: int) -> Run:
+    _check_float(graph, op, (0, 1))
+    low, high = _activation(graph, op, op.options.FusedActivationFunction() if op.options else 0)
+    first, second, target = op.inputs[0], op.inputs[1], op.outputs[0]
+    constants = {i: graph.tensors[i].data.astype(np.float32) for i in (first, second) if graph.tensors[i].data is not None}
+
+    def run(values):
+        a = constants.get(first, values[first])
+        b = constants.get(second, values[second])
+        if a.size < b.size:  # both ops commute
+            a, b = b, a
+        trailing = b.shape[-1] if b.ndim else 1
+        if b.size in (1, a.size) or (b.size == trailing and b.size == a.shape[-1]):
+            out = np.empty(a.shape, np.float32)
+            kernels.binary_elementwise(np.ascontiguousarray(a), np.ascontiguousarray(b).reshape(-1), code, low, high, out)
+        else:  # general broadcasting, rare in these models
+            out = np.clip(a + b if code == 0 else a * b, low, high).astype(np.float32)
+        values[target] = out
+
+    return run
+
+
+def add(graph: Graph, op: Operator, kernels) -> Run:
+    """ADD with broadcasting and fused activation."""
+    return _elementwise(graph, op, kernels, 0)
+
+
+def mul(graph: Graph, op: Operator, kernels) -> Run:
+    """MUL with broadcasting and fused activation."""
+    return _elementwise(graph, op, kernels, 1)
+
+
+def relu(graph: Graph, op: Operator, kernels) -> Run:
+    """RELU."""
+    _check_float(graph, op)
+    source, target = op.inputs[0], op.outputs[0]
+    zero = np.zeros(1, np.float32)
+
+    def run(values):
+        x = values[source]
+        out = np.empty(x.shape, np.float32)
+        kernels.binary_elementwise(x, zero, 0, 0.0, math.inf, out)
+        values[target] = out
+
+    return run
+
+
+def concatenation(graph: Graph, op: Operator, kernels) -> Run:
+    """CONCATENATION along any axis (fused activation NONE)."""
+    if op.options.FusedActivationFunction() != 0:
+        raise _unsupported(graph, op, "a fused activation on CONCATENATION")
+    axis, sources, target = op.options.Axis(), list(op.inputs), op.outputs[0]
+
+    def run(values):
+        values[target] = np.concatenate([values[s] for s in sources], axis=axis)
+
+    return run
+
+
+def _pool(graph: Graph, op: Operator, kernels, kind: int) -> Run:
+    _check_float(graph, op)
+    o = op.options
+    fh, fw, sh, sw = o.FilterHeight(), o.FilterWidth(), o.StrideH(), o.StrideW()
+    low, high = _activation(graph, op, o.FusedActivationFunction())
+    source, target = op.inputs[0], op.outputs[0]
+
+    def run(values):
+        x = values[source]
+        batch, height, width, channels = x.shape
+        out_h, pad_top = _same_padding(height, fh, sh, 1, o.Padding())
+        out_w, pad_left = _same_padding(width, fw, sw, 1, o.Padding())
+        out = np.empty((batch, out_h, out_w, channels), np.float32)
+        kernels.pool2d(x, [fh, fw, sh, sw, pad_top, pad_left], kind, low, high, out)
+        values[target] = out
+
+    return run
+
+
+def max_pool_2d(graph: Graph, op: Operator, kernels) -> Run:
+    """MAX_POOL_2D."""
+    return _pool(graph, op, kernels, 0)
+
+
+def average_pool_2d(graph: Graph, op: Operator, kernels) -> Run:
+    """AVERAGE_POOL_2D (mean over the taps inside the image, as TFLite)."""
+    return _pool(graph, op, kernels, 1)
+
+
+def _nearest_indices(size_in: int, size_out: int, align_corners: bool, half_pixel: bool) -> np.ndarray:
+    """TFLite's RESIZE_NEAREST_NEIGHBOR source index for each output index."""
+    scale = (size_in - 1) / (size_out - 1) if align_corners and size_out > 1 else size_in / size_out
+    offset = 0.5 if half_pixel else 0.0
+    position = (np.arange(size_out) + offset) * scale
+    index = np.round(position) if align_corners else np.floor(position)
+    return np.minimum(index.astype(np.int64), size_in - 1)
+
+
+def resize_nearest_neighbor(graph: Graph, op: Operator, kernels) -> Run:
+    """RESIZE_NEAREST_NEIGHBOR to the constant size of its second input."""
+    size = _constant(graph, op, 1).reshape(-1)
+    align, half = bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters())
+    source, target = op.inputs[0], op.outputs[0]
+
+    def run(values):
+        x = values[source]
+        ys = _nearest_indices(x.shape[1], int(size[0]), align, half)
+        xs = _nearest_indices(x.shape[2], int(size[1]), align, half)
+        values[target] = np.ascontiguousarray(x[:, ys][:, :, xs])
+
+    return run
+
+
+def pad(graph: Graph, op: Operator, kernels) -> Run:
+    """PAD / PADV2 with constant paddings (and constant value for PADV2)."""
+    paddings = _constant(graph, op, 1).astype(np.int64)
+    value = float(_constant(graph, op, 2).reshape(-1)[0]) if len(op.inputs) > 2 and op.inputs[2] >= 0 else 0.0
+    source, target = op.inputs[0], op.outputs[0]
+
+    def run(values):
+        values[target] = np.pad(values[source], paddings, constant_values=value)
+
+    return run
+
+
+OPS: Dict[str, Callable[..., Run]] = {
+    "LceQuantize": lce_quantize,
+    "LceDequantize": lce_dequantize,
+    "LceBconv2d": lce_bconv2d,
+    "CONV_2D": conv_2d,
+    "ADD": add,
+    "MUL": mul,
+    "RELU": relu,
+    "CONCATENATION": concatenation,
+    "MAX_POOL_2D": max_pool_2d,
+    "AVERAGE_POOL_2D": average_pool_2d,
+    "RESIZE_NEAREST_NEIGHBOR": resize_nearest_neighbor,
+    "PAD": pad,
+    "PADV2": pad,
+}
