@@ -35,7 +35,14 @@ def _use_legacy_keras() -> None:
         raise ImportError(_KERAS3_MESSAGE + f" (tf.keras is the {keras_package!r} package)")
 
 
-if importlib.util.find_spec("tensorflow") is None:
+def _tensorflow_installed() -> bool:
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+if not _tensorflow_installed():
     # Without TensorFlow only the bit-packed runtime (larq_landmarks.runtime) can be used, e.g. on
     # a deployment machine; everything else needs TensorFlow.
     __all__ = ["__version__"]

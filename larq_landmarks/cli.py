@@ -88,11 +88,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from larq_landmarks import evaluation, export
     from larq_landmarks.datasets import formats
     from larq_landmarks.predictor import InputError, Predictor, flip_test
+    from larq_landmarks.runtime import UnsupportedModelError
 
     fmt = formats.get_format(args.format)
     try:
-        predictor = Predictor.from_path(args.model)
-    except (InputError, export.NotOurModelError) as error:
+        predictor = Predictor.from_path(args.model, num_threads=args.threads, engine=args.engine)
+    except (InputError, export.NotOurModelError, UnsupportedModelError) as error:
         _fail("evaluate", str(error))
     expected = 7 if args.task == "segmentation" else fmt.num_points
     if predictor.num_landmarks != expected:
@@ -128,10 +129,12 @@ def _predict(args: argparse.Namespace) -> int:
     from larq_landmarks import export, visualize
     from larq_landmarks.atomic import atomic_path
     from larq_landmarks.predictor import InputError, Predictor, load_rgb
+    from larq_landmarks.runtime import UnsupportedModelError
 
     try:
-        predictor = Predictor.from_path(args.model, "person" if args.person else "face", args.flip_test)
-    except (InputError, export.NotOurModelError) as error:
+        predictor = Predictor.from_path(args.model, "person" if args.person else "face", args.flip_test,
+                                        num_threads=args.threads, engine=args.engine)
+    except (InputError, export.NotOurModelError, UnsupportedModelError) as error:
         _fail("predict", str(error))
     boxes = [[float(v) for v in box.split(",")] for box in args.box or []]
     if any(len(b) != 4 for b in boxes):
@@ -231,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or segmentation scores, and optionally write them as JSON.")
     _data_arguments(evaluate)
     evaluate.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
+    evaluate.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce"],
+                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
+                         "cannot run the file), runtime, or lce")
+    evaluate.add_argument("--threads", type=int, default=1, help="threads for a .tflite model")
     evaluate.add_argument("--flip-test", action="store_true", help="add the mirrored prediction")
     evaluate.add_argument("--json", help="write the tables to this JSON file")
     evaluate.set_defaults(run=_evaluate)
@@ -239,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Write landmarks.json and overlay PNGs to --out.")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
+    predict.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce"],
+                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
+                         "cannot run the file), runtime, or lce")
+    predict.add_argument("--threads", type=int, default=1, help="threads for a .tflite model")
     predict.add_argument("--box", action="append", help="x1,y1,x2,y2 (repeat for several; "
                          "default: the faces BlazeFace finds)")
     predict.add_argument("--detector", default="front", choices=["front", "back", "full"],

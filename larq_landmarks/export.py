@@ -9,6 +9,7 @@ import warnings
 from typing import Counter, Optional
 
 import larq as lq
+import numpy as np
 import larq_compute_engine as lce
 import tensorflow as tf
 from tensorflow.lite.python import schema_py_generated as schema
@@ -121,9 +122,68 @@ def load_flatbuffer(path: str) -> bytes:
     return data
 
 
-def interpreter(flatbuffer: bytes, num_threads: int = 1, use_xnnpack: bool = False):
+def interpreter(flatbuffer: bytes, num_threads: int = 1, use_xnnpack: bool = False,
+                use_indirect_bgemm: bool = True):
     """LCE's Python interpreter (runs both LCE and plain TFLite models) for ``flatbuffer``;
-    ``use_xnnpack`` delegates the float ops to XNNPACK."""
+    ``use_xnnpack`` delegates the float ops to XNNPACK. ``use_indirect_bgemm`` (default on) picks
+    LCE's indirect-BGEMM binary convolution: on x86-64 its default kernel made the binary model
+    3x slower than float, this one 1.5x faster (docs/benchmarks.md)."""
     from larq_compute_engine.tflite.python.interpreter import Interpreter
 
-    return Interpreter(flatbuffer, num_threads=num_threads, use_xnnpack=use_xnnpack)
+    return Interpreter(flatbuffer, num_threads=num_threads, use_xnnpack=use_xnnpack,
+                       use_indirect_bgemm=use_indirect_bgemm)
+
+
+ENGINES = ("auto", "runtime", "lce")
+
+
+class TfliteModel:
+    """A converted ``.tflite`` ready to run: ``predict(images)`` for any batch size.
+
+    Args:
+        flatbuffer: the file's bytes.
+        engine: ``"runtime"`` (this package's bit-packed kernels, :mod:`larq_landmarks.runtime`),
+            ``"lce"`` (LCE's interpreter) or ``"auto"``: the runtime, falling back to LCE's
+            interpreter with a warning that names the reason when the runtime cannot run the file.
+        num_threads: threads for either engine.
+        name: how errors and warnings refer to the file.
+
+    Attributes:
+        engine: the engine that runs it (``"runtime"`` or ``"lce"``); ``kernels``: the runtime's
+        kernel path, or None under LCE; ``input_shape`` and ``output_shape`` as stored.
+    """
+
+    def __init__(self, flatbuffer: bytes, engine: str = "auto", num_threads: int = 1, name: str = "model"):
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r}; use one of {ENGINES}")
+        self.kernels = None
+        if engine in ("auto", "runtime"):
+            from larq_landmarks.runtime import Engine, UnsupportedModelError
+
+            try:
+                runtime = Engine(flatbuffer, num_threads=num_threads)
+                runtime.graph.name = name
+            except UnsupportedModelError as error:
+                if engine == "runtime":
+                    raise
+                warnings.warn(f"{error}; running {name} with LCE's interpreter instead", stacklevel=2)
+            else:
+                self.engine, self.kernels = "runtime", runtime.kernels
+                self.input_shape, self.output_shape = runtime.input_shape, runtime.output_shape
+                self._predict = runtime.predict
+                return
+        lce_interpreter = interpreter(flatbuffer, num_threads)
+        self.engine = "lce"
+        self.input_shape, self.output_shape = tuple(lce_interpreter.input_shapes[0]), tuple(lce_interpreter.output_shapes[0])
+        fixed_batch = self.input_shape[0]
+
+        def predict(images):
+            if fixed_batch == 1 and len(images) != 1:
+                return np.concatenate([lce_interpreter.predict(images[i : i + 1]) for i in range(len(images))])
+            return lce_interpreter.predict(images)
+
+        self._predict = predict
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Heatmaps (or logits) for ``(B, S, S, 3)`` float32 images."""
+        return self._predict(np.asarray(images, np.float32))

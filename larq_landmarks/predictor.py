@@ -84,6 +84,7 @@ class Predictor:
         self.box_kind = box_kind
         self.permutation = layouts.flip_permutation(num_landmarks) if use_flip_test else None
         self.detector = detector
+        self.engine = "python"  # what runs the model: "keras", "runtime" or "lce"
 
     def detect(self, image: ImageLike, name: Optional[str] = None) -> np.ndarray:
         """Face boxes ``(N, 4)`` ``x1, y1, x2, y2`` in pixels, most confident first.
@@ -98,12 +99,16 @@ class Predictor:
 
     @classmethod
     def from_path(cls, path: str, box_kind: str = "face", use_flip_test: bool = False,
-                  num_threads: int = 1) -> "Predictor":
-        """Load a saved Keras model (``.keras`` / SavedModel folder / ``.h5``) or a ``.tflite``."""
+                  num_threads: int = 1, engine: str = "auto") -> "Predictor":
+        """Load a saved Keras model (``.keras`` / SavedModel folder / ``.h5``) or a ``.tflite``.
+
+        ``engine`` runs a ``.tflite``: ``"auto"`` (this package's bit-packed runtime, or LCE's
+        interpreter with a warning where the runtime cannot run the file), ``"runtime"`` or
+        ``"lce"``."""
         if not os.path.exists(path):
             raise InputError(f"{path}: model not found")
         if str(path).endswith(".tflite"):
-            return cls._from_tflite(path, box_kind, use_flip_test, num_threads)
+            return cls._from_tflite(path, box_kind, use_flip_test, num_threads, engine)
         try:
             model = tf.keras.models.load_model(path)
         except Exception as error:
@@ -119,25 +124,21 @@ class Predictor:
         def predict(images):
             return model.predict_on_batch(images)
 
-        return cls(predict, model.input_shape[1], shape[-1], box_kind, use_flip_test)
+        predictor = cls(predict, model.input_shape[1], shape[-1], box_kind, use_flip_test)
+        predictor.engine = "keras"
+        return predictor
 
     @classmethod
-    def _from_tflite(cls, path, box_kind, use_flip_test, num_threads):
-        interpreter = export.interpreter(export.load_flatbuffer(path), num_threads)
-        inputs, outputs = interpreter.input_shapes, interpreter.output_shapes
-        ok = (len(inputs) == 1 and len(outputs) == 1 and len(inputs[0]) == 4 and inputs[0][-1] == 3
-              and len(outputs[0]) == 4 and outputs[0][1] * 4 == inputs[0][1])
+    def _from_tflite(cls, path, box_kind, use_flip_test, num_threads, engine):
+        model = export.TfliteModel(export.load_flatbuffer(path), engine, num_threads, name=str(path))
+        inputs, outputs = model.input_shape, model.output_shape
+        ok = (len(inputs) == 4 and inputs[-1] == 3 and len(outputs) == 4 and outputs[1] * 4 == inputs[1])
         if not ok:
             raise InputError(f"{path}: not a larq_landmarks model (input {inputs}, output {outputs}; "
                              "expected one (B, S, S, 3) image input and one (B, S/4, S/4, K) output)")
-        batch = inputs[0][0]
-
-        def predict(images):
-            if batch == 1:
-                return np.concatenate([interpreter.predict(images[i : i + 1]) for i in range(len(images))])
-            return interpreter.predict(images)
-
-        return cls(predict, inputs[0][1], outputs[0][-1], box_kind, use_flip_test)
+        predictor = cls(model.predict, inputs[1], outputs[-1], box_kind, use_flip_test)
+        predictor.engine = model.engine
+        return predictor
 
     def _crops(self, image: np.ndarray, boxes: np.ndarray, name: str):
         height, width = image.shape[:2]

@@ -7,7 +7,8 @@ TensorFlow.
     engine.kernels                           # "avx512", "avx2" or "portable"
 """
 import os
-from typing import List, Optional, Union
+import time
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -16,23 +17,33 @@ from larq_landmarks.runtime import ops
 from larq_landmarks.runtime.graph import Graph, UnsupportedModelError, read_graph
 
 
-def _fusable_multiplier(graph: Graph, op, consumers) -> Optional[np.ndarray]:
-    """The constant per-channel (or scalar) factor of a MUL whose only consumer is an
-    LceQuantize, so that the product can be formed inside the bit-packing."""
-    if op.name != "MUL" or (op.options and op.options.FusedActivationFunction() != 0):
-        return None
-    out = op.outputs[0]
-    if out in graph.outputs or len(consumers.get(out, [])) != 1 or consumers[out][0].name != "LceQuantize":
-        return None
-    constant = [i for i in op.inputs if graph.tensors[i].data is not None]
-    variable = [i for i in op.inputs if graph.tensors[i].data is None]
-    if len(constant) != 1 or len(variable) != 1:
-        return None
-    factor = graph.tensors[constant[0]].data
-    channels = graph.tensors[variable[0]].shape[-1]
-    if factor.size not in (1, channels) or (factor.size == channels and factor.shape[-1:] != (channels,)):
-        return None
-    return factor
+def _fused_affine(graph: Graph, quantize, producers, consumers):
+    """The batch norm folded before an LceQuantize as ``MUL`` by and/or ``ADD`` of per-channel
+    constants (each read only by the next op, no fused activation): returns ``(source tensor,
+    multiplier or None, bias or None, indices of the folded ops)``, computed ``x * m + b``."""
+    source, multiplier, bias, folded = quantize.inputs[0], None, None, []
+    for kind in ("ADD", "MUL"):  # walking back from the quantizer: the ADD comes last
+        op = producers.get(source)
+        if op is None or op.name != kind or (op.options and op.options.FusedActivationFunction() != 0):
+            continue
+        out = op.outputs[0]
+        if out in graph.outputs or len(consumers.get(out, [])) != 1:
+            break
+        constant = [i for i in op.inputs if graph.tensors[i].data is not None]
+        variable = [i for i in op.inputs if graph.tensors[i].data is None]
+        if len(constant) != 1 or len(variable) != 1:
+            break
+        factor = graph.tensors[constant[0]].data
+        channels = graph.tensors[variable[0]].shape[-1]
+        if factor.size not in (1, channels) or (factor.size == channels > 1 and factor.shape[-1] != channels):
+            break
+        if kind == "ADD":
+            bias = factor
+        else:
+            multiplier = factor
+        source = variable[0]
+        folded.append(op.index)
+    return source, multiplier, bias, folded
 
 
 class Engine:
@@ -66,32 +77,50 @@ class Engine:
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
                                         "outputs; the runtime runs one-input, one-output models")
-        self._steps = self._plan()
+        self._steps, self._step_ops = self._plan()
 
-    def _plan(self) -> List:
+    def _plan(self) -> Tuple[list, list]:
         graph = self.graph
-        consumers = {}
+        consumers, producers = {}, {}
         for op in graph.operators:
             for i in op.inputs:
                 consumers.setdefault(i, []).append(op)
-        fused = {}  # LceQuantize operator index -> (multiplier, source tensor)
-        steps = []
+            for i in op.outputs:
+                producers[i] = op
         for op in graph.operators:
             if op.name not in ops.OPS:
                 raise UnsupportedModelError(
                     f"{graph.name}: operator {op.index} {op.name} is not supported by larq_landmarks.runtime; "
                     "run this file with LCE's interpreter (engine='lce')")
-            factor = _fusable_multiplier(graph, op, consumers)
-            if factor is not None:
-                source = [i for i in op.inputs if graph.tensors[i].data is None][0]
-                fused[consumers[op.outputs[0]][0].index] = (factor, source)
+        fused, folded = {}, set()  # LceQuantize index -> (source, multiplier, bias); skipped ops
+        for op in graph.operators:
+            if op.name == "LceQuantize":
+                source, multiplier, bias, skipped = _fused_affine(graph, op, producers, consumers)
+                if skipped:
+                    fused[op.index] = (source, multiplier, bias)
+                    folded.update(skipped)
+        steps, step_ops = [], []
+        for op in graph.operators:
+            if op.index in folded:
                 continue
-            if op.name == "LceQuantize" and op.index in fused:
-                factor, source = fused[op.index]
-                steps.append(ops.lce_quantize(graph, op, self._kernels, factor, source))
+            if op.index in fused:
+                steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
-        return steps
+            step_ops.append(op)
+        self._fused = set(fused)
+        # after which step each activation is read for the last time (then its buffer is reused)
+        last_read = {}
+        for position, op in enumerate(step_ops):
+            reads = [fused[op.index][0]] if op.index in fused else op.inputs
+            for i in set(reads):
+                if i >= 0 and graph.tensors[i].data is None:
+                    last_read[i] = position
+        keep = set(graph.inputs) | set(graph.outputs)
+        self._release_after = [[i for i, p in last_read.items() if p == position and i not in keep]
+                               for position in range(len(step_ops))]
+        self._pool: dict = {}
+        return steps, step_ops
 
     @property
     def input_shape(self) -> tuple:
@@ -103,6 +132,17 @@ class Engine:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Run the model on ``images`` (``(B, H, W, C)`` float32, any batch size)."""
+        return self._run(images, None)
+
+    def profile(self, images: np.ndarray) -> List[Tuple[str, str, float]]:
+        """Run once and time each step: ``(op name, output shape, seconds)`` in graph order (a
+        batch norm's MUL and ADD fused into the LceQuantize after them is one step named
+        ``BN+LceQuantize``)."""
+        times: List[Tuple[str, str, float]] = []
+        self._run(images, times)
+        return times
+
+    def _run(self, images: np.ndarray, times: Optional[list]) -> np.ndarray:
         images = np.asarray(images)
         expected = self.input_shape[1:]
         if images.ndim != 4 or images.shape[1:] != expected:
@@ -110,9 +150,16 @@ class Engine:
                              f"got {images.shape}")
         if not np.issubdtype(images.dtype, np.floating):
             raise ValueError(f"{self.graph.name}: input must be float, got {images.dtype}")
-        values: List[Optional[np.ndarray]] = [None] * len(self.graph.tensors)
+        values = ops.Values(len(self.graph.tensors), self._pool)
         values[self.graph.inputs[0]] = np.ascontiguousarray(images, np.float32)
         self._kernels.set_num_threads(self.num_threads)
-        for step in self._steps:
+        for step, op, release in zip(self._steps, self._step_ops, self._release_after):
+            start = time.perf_counter()
             step(values)
+            if times is not None:
+                label = "BN+LceQuantize" if op.index in self._fused else op.name
+                times.append((label, str(values[op.outputs[0]].shape), time.perf_counter() - start))
+            for i in release:
+                values.release(values[i])
+                values[i] = None
         return values[self.graph.outputs[0]]

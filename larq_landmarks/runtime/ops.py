@@ -13,7 +13,23 @@ import numpy as np
 
 from larq_landmarks.runtime.graph import Graph, Operator, UnsupportedModelError
 
-Run = Callable[[List[Optional[np.ndarray]]], None]
+Run = Callable[["Values"], None]
+
+
+class Values(list):
+    """The tensors of one run, indexed like the graph's; ``alloc`` hands out output buffers
+    that the engine recycles once their last reader has run (no page faults after the first run)."""
+
+    def __init__(self, count: int, pool: Dict[tuple, list]):
+        super().__init__([None] * count)
+        self.pool = pool
+
+    def alloc(self, shape: tuple, dtype) -> np.ndarray:
+        free = self.pool.get((tuple(shape), np.dtype(dtype)))
+        return free.pop() if free else np.empty(shape, dtype)
+
+    def release(self, array: np.ndarray) -> None:
+        self.pool.setdefault((array.shape, array.dtype), []).append(array)
 
 # TFLite ActivationFunctionType -> float clamp (and int32 range for LceBconv2d)
 _ACTIVATIONS = {0: (-math.inf, math.inf), 1: (0.0, math.inf), 2: (-1.0, 1.0), 3: (0.0, 6.0)}
@@ -55,20 +71,26 @@ def _same_padding(size: int, filter_size: int, stride: int, dilation: int, paddi
     return out, total // 2
 
 
-def lce_quantize(graph: Graph, op: Operator, kernels, multiplier: Optional[np.ndarray] = None,
-                 source: Optional[int] = None) -> Run:
-    """Float -> bit-packed int32 (``x < 0``). ``multiplier`` and ``source`` fuse a per-channel
-    MUL before it: ``bit = source * multiplier < 0``, the product rounded as MUL rounds it."""
+def lce_quantize(graph: Graph, op: Operator, kernels, source: Optional[int] = None,
+                 multiplier: Optional[np.ndarray] = None, bias: Optional[np.ndarray] = None) -> Run:
+    """Float -> bit-packed int32 (``x < 0``). ``source``, ``multiplier`` and ``bias`` fuse the
+    per-channel MUL and ADD of a batch norm before it: ``bit = source * multiplier + bias < 0``,
+    rounded as the separate ops round."""
     _check_float(graph, op)
     source, target = op.inputs[0] if source is None else source, op.outputs[0]
     channels = graph.tensors[source].shape[-1]
-    scale = np.zeros(0, np.float32) if multiplier is None else np.ascontiguousarray(
-        np.broadcast_to(multiplier.astype(np.float32).reshape(-1), (channels,)))
+
+    def per_channel(values):
+        if values is None:
+            return np.zeros(0, np.float32)
+        return np.ascontiguousarray(np.broadcast_to(values.astype(np.float32).reshape(-1), (channels,)))
+
+    scale, shift = per_channel(multiplier), per_channel(bias)
 
     def run(values):
         x = values[source]
-        out = np.empty(x.shape[:-1] + ((channels + 31) // 32,), np.int32)
-        kernels.bitpack(x, scale, out)
+        out = values.alloc(x.shape[:-1] + ((channels + 31) // 32,), np.int32)
+        kernels.bitpack(x, scale, shift, out)
         values[target] = out
 
     return run
@@ -83,7 +105,7 @@ def lce_dequantize(graph: Graph, op: Operator, kernels) -> Run:
 
     def run(values):
         x = values[source]
-        out = np.empty(x.shape[:-1] + (channels,), np.float32)
+        out = values.alloc(x.shape[:-1] + (channels,), np.float32)
         kernels.unpack(x, channels, out)
         values[target] = out
 
@@ -140,7 +162,7 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
         out_h, pad_top = _same_padding(height, fh, sh, dh, int(o["padding"]))
         out_w, pad_left = _same_padding(width, fw, sw, dw, int(o["padding"]))
         channels = (cout + 31) // 32 if packed else cout
-        out = np.empty((batch, out_h, out_w, channels), np.int32 if packed else np.float32)
+        out = values.alloc((batch, out_h, out_w, channels), np.int32 if packed else np.float32)
         geometry = [cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left, int(o["pad_values"])]
         kernels.bconv2d(x, weights, geometry, multiplier, bias, clamp[0], clamp[1], thresholds,
                         weight_popcounts, out)
@@ -166,7 +188,7 @@ def conv_2d(graph: Graph, op: Operator, kernels) -> Run:
         batch, height, width, _ = x.shape
         out_h, pad_top = _same_padding(height, fh, sh, dh, o.Padding())
         out_w, pad_left = _same_padding(width, fw, sw, dw, o.Padding())
-        out = np.empty((batch, out_h, out_w, cout), np.float32)
+        out = values.alloc((batch, out_h, out_w, cout), np.float32)
         kernels.conv2d(x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high, out)
         values[target] = out
 
@@ -186,7 +208,7 @@ def _elementwise(graph: Graph, op: Operator, kernels, code: int) -> Run:
             a, b = b, a
         trailing = b.shape[-1] if b.ndim else 1
         if b.size in (1, a.size) or (b.size == trailing and b.size == a.shape[-1]):
-            out = np.empty(a.shape, np.float32)
+            out = values.alloc(a.shape, np.float32)
             kernels.binary_elementwise(np.ascontiguousarray(a), np.ascontiguousarray(b).reshape(-1), code, low, high, out)
         else:  # general broadcasting, rare in these models
             out = np.clip(a + b if code == 0 else a * b, low, high).astype(np.float32)
@@ -213,7 +235,7 @@ def relu(graph: Graph, op: Operator, kernels) -> Run:
 
     def run(values):
         x = values[source]
-        out = np.empty(x.shape, np.float32)
+        out = values.alloc(x.shape, np.float32)
         kernels.binary_elementwise(x, zero, 0, 0.0, math.inf, out)
         values[target] = out
 
@@ -227,7 +249,10 @@ def concatenation(graph: Graph, op: Operator, kernels) -> Run:
     axis, sources, target = op.options.Axis(), list(op.inputs), op.outputs[0]
 
     def run(values):
-        values[target] = np.concatenate([values[s] for s in sources], axis=axis)
+        parts = [values[s] for s in sources]
+        shape = list(parts[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in parts)
+        values[target] = np.concatenate(parts, axis=axis, out=values.alloc(tuple(shape), parts[0].dtype))
 
     return run
 
@@ -244,7 +269,7 @@ def _pool(graph: Graph, op: Operator, kernels, kind: int) -> Run:
         batch, height, width, channels = x.shape
         out_h, pad_top = _same_padding(height, fh, sh, 1, o.Padding())
         out_w, pad_left = _same_padding(width, fw, sw, 1, o.Padding())
-        out = np.empty((batch, out_h, out_w, channels), np.float32)
+        out = values.alloc((batch, out_h, out_w, channels), np.float32)
         kernels.pool2d(x, [fh, fw, sh, sw, pad_top, pad_left], kind, low, high, out)
         values[target] = out
 
@@ -278,9 +303,16 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels) -> Run:
 
     def run(values):
         x = values[source]
-        ys = _nearest_indices(x.shape[1], int(size[0]), align, half)
-        xs = _nearest_indices(x.shape[2], int(size[1]), align, half)
-        values[target] = np.ascontiguousarray(x[:, ys][:, :, xs])
+        batch, height, width, channels = x.shape
+        out = values.alloc((batch, int(size[0]), int(size[1]), channels), x.dtype)
+        ys = _nearest_indices(height, int(size[0]), align, half)
+        xs = _nearest_indices(width, int(size[1]), align, half)
+        if out.shape[1] == 2 * height and out.shape[2] == 2 * width and np.array_equal(ys, np.arange(2 * height) // 2) \
+                and np.array_equal(xs, np.arange(2 * width) // 2):
+            out.reshape(batch, height, 2, width, 2, channels)[:] = x[:, :, None, :, None, :]  # 2x, one pass
+        else:
+            out[:] = x[:, ys][:, :, xs]
+        values[target] = out
 
     return run
 

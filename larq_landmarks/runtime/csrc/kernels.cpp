@@ -137,17 +137,21 @@ static T* data(Array<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bit-packing: bit = (x * multiplier[c] < 0), or (x < 0) without a multiplier (LceQuantize, with
-// the per-channel scale of a preceding MUL fused in).
-static void bitpack(Array<float> input, Array<float> multiplier, Array<int32_t> output) {
+// Bit-packing: bit = (x * multiplier[c] + bias[c] < 0), each part optional (LceQuantize, with the
+// per-channel MUL and ADD of a preceding batch norm fused in). The product and the sum are rounded
+// separately, as the unfused ops round them (no FMA contraction here).
+__attribute__((optimize("fp-contract=off")))
+static void bitpack(Array<float> input, Array<float> multiplier, Array<float> bias, Array<int32_t> output) {
   const int channels = static_cast<int>(input.shape(input.ndim() - 1));
   const int words = (channels + 31) / 32;
   const int64_t pixels = input.size() / std::max(channels, 1);
   if (output.size() != pixels * words) throw std::invalid_argument("bitpack: output has the wrong size");
-  const bool scaled = multiplier.size() > 0;
-  if (scaled && multiplier.size() != channels) throw std::invalid_argument("bitpack: multiplier size");
+  const bool scaled = multiplier.size() > 0, biased = bias.size() > 0;
+  if ((scaled && multiplier.size() != channels) || (biased && bias.size() != channels))
+    throw std::invalid_argument("bitpack: multiplier or bias size");
   const float* x = input.data();
   const float* m = multiplier.data();
+  const float* b = bias.data();
   int32_t* out = data(output);
   py::gil_scoped_release release;
   const int chunks = static_cast<int>(std::min<int64_t>(pixels, 256));
@@ -161,20 +165,26 @@ static void bitpack(Array<float> input, Array<float> multiplier, Array<int32_t> 
         uint32_t bits = 0;
 #if defined(__AVX512F__)
         if (n == 32) {
-          __m512 a = _mm512_loadu_ps(row + c0), b = _mm512_loadu_ps(row + c0 + 16);
+          __m512 lo = _mm512_loadu_ps(row + c0), hi = _mm512_loadu_ps(row + c0 + 16);
           if (scaled) {
-            a = _mm512_mul_ps(a, _mm512_loadu_ps(m + c0));
-            b = _mm512_mul_ps(b, _mm512_loadu_ps(m + c0 + 16));
+            lo = _mm512_mul_ps(lo, _mm512_loadu_ps(m + c0));
+            hi = _mm512_mul_ps(hi, _mm512_loadu_ps(m + c0 + 16));
+          }
+          if (biased) {
+            lo = _mm512_add_ps(lo, _mm512_loadu_ps(b + c0));
+            hi = _mm512_add_ps(hi, _mm512_loadu_ps(b + c0 + 16));
           }
           const __m512 zero = _mm512_setzero_ps();
-          bits = static_cast<uint32_t>(_mm512_cmp_ps_mask(a, zero, _CMP_LT_OQ)) |
-                 (static_cast<uint32_t>(_mm512_cmp_ps_mask(b, zero, _CMP_LT_OQ)) << 16);
+          bits = static_cast<uint32_t>(_mm512_cmp_ps_mask(lo, zero, _CMP_LT_OQ)) |
+                 (static_cast<uint32_t>(_mm512_cmp_ps_mask(hi, zero, _CMP_LT_OQ)) << 16);
           packed[w] = static_cast<int32_t>(bits);
           continue;
         }
 #endif
         for (int i = 0; i < n; ++i) {
-          const float v = scaled ? row[c0 + i] * m[c0 + i] : row[c0 + i];
+          float v = row[c0 + i];
+          if (scaled) v = v * m[c0 + i];
+          if (biased) v = v + b[c0 + i];
           bits |= static_cast<uint32_t>(v < 0.0f) << i;
         }
         packed[w] = static_cast<int32_t>(bits);
@@ -515,15 +525,27 @@ static void binary_elementwise(Array<float> a, Array<float> b, int op, float lo,
   // A full tensor or a scalar: flat chunks; a per-channel vector: rows of nb channels.
   const int64_t row = (nb == n || nb == 1) ? std::min<int64_t>(n, 16384) : nb;
   const int64_t rows = (n + row - 1) / row;
-  pool().parallel_for(static_cast<int>(rows), [&](int r0, int r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t begin = r * row, end = std::min(n, begin + row);
-      const float* zr = nb == n ? z + begin : z;
-      const int64_t zstep = nb == 1 ? 0 : 1;
+  const int tasks = static_cast<int>(std::min<int64_t>(rows, 256));
+  pool().parallel_for(tasks, [&](int t0, int t1) {
+    const int64_t begin = rows * t0 / tasks * row, end = std::min(n, rows * t1 / tasks * row);
+    if (nb == n) {
       if (op == 0)
-        for (int64_t i = begin; i < end; ++i) o[i] = std::min(std::max(x[i] + zr[(i - begin) * zstep], lo), hi);
+        for (int64_t i = begin; i < end; ++i) o[i] = std::min(std::max(x[i] + z[i], lo), hi);
       else
-        for (int64_t i = begin; i < end; ++i) o[i] = std::min(std::max(x[i] * zr[(i - begin) * zstep], lo), hi);
+        for (int64_t i = begin; i < end; ++i) o[i] = std::min(std::max(x[i] * z[i], lo), hi);
+    } else if (nb == 1) {
+      const float s = z[0];
+      if (op == 0)
+        for (int64_t i = begin; i < end; ++i) o[i] = std::min(std::max(x[i] + s, lo), hi);
+      else
+        for (int64_t i = begin; i < end; ++i) o[i] = std::min(std::max(x[i] * s, lo), hi);
+    } else {
+      for (int64_t r = begin; r < end; r += nb) {
+        if (op == 0)
+          for (int64_t i = 0; i < nb; ++i) o[r + i] = std::min(std::max(x[r + i] + z[i], lo), hi);
+        else
+          for (int64_t i = 0; i < nb; ++i) o[r + i] = std::min(std::max(x[r + i] * z[i], lo), hi);
+      }
     }
   });
 }

@@ -1,0 +1,273 @@
+"""The bit-packed runtime (issue 10): binary-conv accumulators bit-exact against a NumPy reference
+of LCE's semantics on every kernel path; whole converted models against LCE's interpreter; the
+engine selection, threads, unsupported ops, and running without TensorFlow."""
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import larq as lq
+from larq_landmarks import export, heatmaps as hm, models
+from larq_landmarks.predictor import Predictor
+from larq_landmarks.runtime import Engine, UnsupportedModelError, available_kernels, kernels as kernel_paths
+from larq_landmarks.runtime import ops
+from larq_landmarks.runtime.graph import Graph, Operator, Tensor
+from larq_landmarks.synthetic import trained_like_batch_norm
+
+PATHS = available_kernels()
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """LCE's bit-packing of 0/1 values (1 = negative) along the last axis: int32 words, bit i of
+    word w is channel 32 w + i, padding bits 0."""
+    channels = bits.shape[-1]
+    words = (channels + 31) // 32
+    padded = np.zeros(bits.shape[:-1] + (32 * words,), np.uint8)
+    padded[..., :channels] = bits
+    return np.packbits(padded, axis=-1, bitorder="little").view("<i4")
+
+
+def reference_accumulators(x_bits, w_bits, stride, same, pad_value):
+    """LCE's reference XOR-popcount accumulators, counted over unpacked 0/1 values.
+
+    An outside tap counts as a +1 input (bit 0) for pad_value 1, and adds channels_in // 2 for
+    pad_value 0 (LCE's reference kernel)."""
+    batch, height, width, cin = x_bits.shape
+    cout, fh, fw, _ = w_bits.shape
+
+    def geometry(size, k):
+        out = -(-size // stride) if same else (size - k) // stride + 1
+        total = max((out - 1) * stride + k - size, 0) if same else 0
+        return out, total // 2
+
+    (out_h, top), (out_w, left) = geometry(height, fh), geometry(width, fw)
+    acc = np.zeros((batch, out_h, out_w, cout), np.int64)
+    x = x_bits.astype(np.int64)
+    w = w_bits.astype(np.int64)
+    for fy in range(fh):
+        for fx in range(fw):
+            ys = np.arange(out_h) * stride - top + fy
+            xs = np.arange(out_w) * stride - left + fx
+            inside = ((ys >= 0) & (ys < height))[:, None] & ((xs >= 0) & (xs < width))[None, :]
+            patch = x[:, np.clip(ys, 0, height - 1)][:, :, np.clip(xs, 0, width - 1)]
+            patch = np.where(inside[None, :, :, None], patch, 0)
+            taps = w[:, fy, fx]  # (cout, cin)
+            count = patch @ (1 - taps).T + (1 - patch) @ taps.T  # XOR count per output channel
+            if pad_value == 0:
+                count = np.where(inside[None, :, :, None], count, cin // 2)
+            acc += count
+    return acc
+
+
+def bconv_graph(filters_packed, cin, stride, same, pad_value, output, post_mul=None, post_bias=None,
+                thresholds=None, activation=0):
+    """A one-operator graph (no flatbuffer) for ``ops.lce_bconv2d``."""
+    cout = filters_packed.shape[0]
+    tensors = [
+        Tensor(0, "x", (1,), np.int32, None),
+        Tensor(1, "filters", filters_packed.shape, np.int32, filters_packed),
+        Tensor(2, "post_mul", (cout,), np.float32, post_mul),
+        Tensor(3, "post_bias", (cout,), np.float32, post_bias),
+        Tensor(4, "thresholds", (cout,), np.int32, thresholds),
+        Tensor(5, "y", (1,), np.int32 if output == "bits" else np.float32, None),
+    ]
+    options = {"channels_in": cin, "stride_height": stride, "stride_width": stride, "dilation_height_factor": 1,
+               "dilation_width_factor": 1, "padding": 0 if same else 1, "pad_values": pad_value,
+               "fused_activation_function": activation}
+    op = Operator(0, "LceBconv2d", [0, 1, 2, 3, 4], [5], options)
+    return Graph("test", tensors, [op], [0], [5]), op
+
+
+CASES = [  # channels_in, channels_out, filter, stride, SAME, pad_value
+    (16, 5, 3, 1, True, 1),
+    (40, 33, 3, 2, True, 1),
+    (70, 64, 3, 1, True, 0),
+    (100, 100, 1, 1, False, 1),
+    (256, 128, 3, 1, True, 1),
+    (96, 65, 3, 2, False, 1),
+    (33, 130, 3, 2, True, 0),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", CASES)
+def test_binary_conv_accumulators_are_bit_exact(path, cin, cout, k, stride, same, pad_value):
+    rng = np.random.default_rng(cin * 1000 + cout)
+    x_bits = rng.integers(0, 2, (2, 9, 11, cin), dtype=np.uint8)
+    w_bits = rng.integers(0, 2, (cout, k, k, cin), dtype=np.uint8)
+    expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value)
+    module = kernel_paths.load(path)
+    filters = pack_bits(w_bits)
+    total = k * k * cin
+
+    # float output with post_mul = -1/2, post_bias = K/2: LCE's transform gives the accumulator itself
+    graph, op = bconv_graph(filters, cin, stride, same, pad_value, "float",
+                            np.full(cout, -0.5, np.float32), np.full(cout, total / 2, np.float32))
+    values = ops.Values(6, {})
+    values[0] = pack_bits(x_bits)
+    ops.lce_bconv2d(graph, op, module)(values)
+    np.testing.assert_array_equal(values[5], expected.astype(np.float32))
+
+    # bit-packed output: bit = accumulator > threshold
+    thresholds = rng.integers(0, total, cout).astype(np.int32)
+    graph, op = bconv_graph(filters, cin, stride, same, pad_value, "bits", thresholds=thresholds)
+    values = ops.Values(6, {})
+    values[0] = pack_bits(x_bits)
+    ops.lce_bconv2d(graph, op, module)(values)
+    np.testing.assert_array_equal(values[5], pack_bits((expected > thresholds).astype(np.uint8)))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_binary_conv_output_transform_and_relu_match_the_conv_of_signs(path):
+    """Float output = clamp(conv of +-1 values, activation) * post_mul + post_bias (one padding)."""
+    rng = np.random.default_rng(3)
+    cin, cout = 45, 20
+    x_bits = rng.integers(0, 2, (1, 6, 7, cin), dtype=np.uint8)
+    w_bits = rng.integers(0, 2, (cout, 3, 3, cin), dtype=np.uint8)
+    post_mul = rng.uniform(0.5, 2, cout).astype(np.float32)
+    post_bias = rng.normal(0, 5, cout).astype(np.float32)
+    signs = np.pad(1.0 - 2.0 * x_bits, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=1.0)
+    conv = tf.nn.conv2d(signs, np.transpose(1.0 - 2.0 * w_bits, (1, 2, 3, 0)), 1, "VALID").numpy()
+    for activation, clip in ((0, (-np.inf, np.inf)), (1, (0, np.inf))):
+        graph, op = bconv_graph(pack_bits(w_bits), cin, 1, True, 1, "float", post_mul, post_bias, activation=activation)
+        values = ops.Values(6, {})
+        values[0] = pack_bits(x_bits)
+        ops.lce_bconv2d(graph, op, kernel_paths.load(path))(values)
+        np.testing.assert_allclose(values[5], np.clip(conv, *clip) * post_mul + post_bias, rtol=1e-5, atol=1e-4)
+
+
+def test_bitpacking_matches_lce_sign_convention():
+    x = np.array([[-1.0, 0.0, -0.0, 2.0, -1e-30] + [1.0] * 30 + [-3.0]], np.float32)  # 36 channels
+    expected = pack_bits((x < 0).astype(np.uint8))
+    for path in PATHS:
+        out = np.empty((1, 2), np.int32)
+        kernel_paths.load(path).bitpack(x, np.zeros(0, np.float32), np.zeros(0, np.float32), out)
+        np.testing.assert_array_equal(out, expected)
+        assert out[0, 0] == 0b10001 and out[0, 1] == 0b1000  # -0.0 is not negative; padding bits 0
+
+
+def _landmarks(heatmaps):
+    return hm.heatmap_to_input(hm.decode_heatmaps(heatmaps)[0]).numpy()
+
+
+def _assert_parity_with_lce(flatbuffer, images, paths=PATHS):
+    lce = export.TfliteModel(flatbuffer, engine="lce").predict(images)
+    for path in paths:
+        ours = Engine(flatbuffer, kernels=path).predict(images)
+        assert ours.shape == lce.shape
+        assert np.abs(ours - lce).mean() <= 1e-5 * np.abs(lce).mean(), path
+        moved = np.abs(_landmarks(ours) - _landmarks(lce)).max(-1)
+        assert np.mean(moved <= 0.5) >= 0.99, path
+
+
+BINARY_CONFIGS = [name for name, c in models.named_configurations().items() if c["kwargs"].get("binary", True)]
+
+
+@pytest.mark.parametrize("name", [n if n == "binary_hpm" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in BINARY_CONFIGS])
+def test_named_binary_configuration_matches_lce_on_every_path(name):
+    """Width 48 gives channel counts (24, 12) that are not multiples of 32; batch 3 on a batch-1 file."""
+    tf.keras.utils.set_random_seed(0)
+    model = trained_like_batch_norm(models.build_named(name, 68, input_size=64, width=48, depth=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flatbuffer = export.convert(model)
+    images = np.random.default_rng(1).uniform(size=(3, 64, 64, 3)).astype(np.float32)
+    _assert_parity_with_lce(flatbuffer, images)
+
+
+def test_bit_packed_outputs_and_strides_match_lce():
+    """bconv -> batch norm -> bconv becomes an LceBconv2d with thresholds and int32 output."""
+    tf.keras.utils.set_random_seed(2)
+    x = tf.keras.Input((16, 16, 8), batch_size=1)
+    kw = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", kernel_constraint="weight_clip",
+              use_bias=False, pad_values=1.0, padding="same")
+    y = tf.keras.layers.Conv2D(40, 3, padding="same")(x)
+    y = tf.keras.layers.BatchNormalization()(lq.layers.QuantConv2D(40, 3, **kw)(y))
+    y = tf.keras.layers.BatchNormalization()(lq.layers.QuantConv2D(36, 3, strides=2, **kw)(y))
+    flatbuffer = export.convert(trained_like_batch_norm(tf.keras.Model(x, y)))
+    engine = Engine(flatbuffer)
+    bconvs = [op for op in engine.graph.operators if op.name == "LceBconv2d"]
+    assert [engine.graph.tensors[op.outputs[0]].dtype for op in bconvs] == [np.int32, np.float32]
+    images = np.random.default_rng(0).normal(size=(2, 16, 16, 8)).astype(np.float32)
+    lce = export.TfliteModel(flatbuffer, engine="lce").predict(images)
+    for path in PATHS:
+        np.testing.assert_allclose(Engine(flatbuffer, kernels=path).predict(images), lce, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory):
+    tf.keras.utils.set_random_seed(0)
+    model = trained_like_batch_norm(models.build_named("binary_hpm", 68, input_size=64, width=32, depth=2))
+    path = tmp_path_factory.mktemp("runtime") / "small.tflite"
+    export.convert(model, str(path))
+    return str(path)
+
+
+def test_threads_and_kernel_choice(small_file):
+    images = np.random.default_rng(2).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    one = Engine(small_file).predict(images)
+    np.testing.assert_array_equal(Engine(small_file, num_threads=2).predict(images), one)
+    assert Engine(small_file).kernels == PATHS[0]
+    assert [Engine(small_file, kernels=p).kernels for p in PATHS] == PATHS
+    with pytest.raises(ValueError, match="kernels='neon'"):
+        Engine(small_file, kernels="neon")
+    with pytest.raises(ValueError, match=r"input must have shape \(B, 64, 64, 3\)"):
+        Engine(small_file).predict(images[:, :32])
+
+
+def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
+    x = tf.keras.Input((8, 8, 3), batch_size=1)
+    model = tf.keras.Model(x, tf.keras.layers.Conv2D(4, 3, padding="same", activation="tanh")(x))
+    path = tmp_path / "tanh.tflite"
+    path.write_bytes(export.convert(model, binary=False))
+    with pytest.raises(UnsupportedModelError, match=r"tanh.tflite: operator 1 TANH is not supported.*engine='lce'"):
+        Engine(str(path))
+    with pytest.warns(UserWarning, match="TANH is not supported.*LCE's interpreter instead"):
+        fallback = export.TfliteModel(path.read_bytes(), name=str(path))
+    assert fallback.engine == "lce"
+    images = np.random.default_rng(0).normal(size=(1, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(fallback.predict(images), model.predict(images, verbose=0), atol=1e-5)
+    with pytest.raises(UnsupportedModelError):
+        export.TfliteModel(path.read_bytes(), engine="runtime")
+    with pytest.raises(UnsupportedModelError, match="junk.tflite: not a TFLite flatbuffer"):
+        (tmp_path / "junk.tflite").write_bytes(b"junk" * 10)
+        Engine(str(tmp_path / "junk.tflite"))
+
+
+def test_predictor_runs_tflite_with_the_runtime_by_default(small_file):
+    image = (np.random.default_rng(4).uniform(size=(90, 100, 3)) * 255).astype(np.uint8)
+    ours = Predictor.from_path(small_file)
+    lce = Predictor.from_path(small_file, engine="lce")
+    assert (ours.engine, lce.engine) == ("runtime", "lce")
+    boxes = [[10, 10, 80, 70], [0, 0, 50, 50]]
+    np.testing.assert_allclose(ours.predict(image, boxes)[0], lce.predict(image, boxes)[0], atol=0.5)
+
+
+NO_TENSORFLOW = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tf_keras", "larq", "larq_compute_engine", "keras"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, Block())
+import numpy as np
+from larq_landmarks.runtime import Engine
+images = np.load(sys.argv[2])
+np.save(sys.argv[3], Engine(sys.argv[1], kernels=sys.argv[4]).predict(images))
+assert not any(m.split(".")[0] in ("tensorflow", "larq_compute_engine") for m in sys.modules)
+"""
+
+
+def test_runtime_needs_neither_tensorflow_nor_lce(small_file, tmp_path):
+    images = np.random.default_rng(5).uniform(size=(1, 64, 64, 3)).astype(np.float32)
+    np.save(tmp_path / "in.npy", images)
+    expected = Engine(small_file, kernels="portable").predict(images)
+    result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW, small_file, str(tmp_path / "in.npy"),
+                             str(tmp_path / "out.npy"), "portable"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
