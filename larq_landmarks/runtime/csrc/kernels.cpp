@@ -61,7 +61,8 @@ class ThreadPool {
     for (auto& worker : workers_) worker.join();
     workers_.clear();
     stop_ = false;
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { loop(i); });
+    const uint64_t now = generation_;  // new workers wait for the next task, not a finished one
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i, now] { loop(i, now); });
   }
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
@@ -94,8 +95,7 @@ class ThreadPool {
     if (end > begin) (*task_)(begin, end);
   }
 
-  void loop(int index) {
-    uint64_t seen = 0;
+  void loop(int index, uint64_t seen) {
     for (;;) {
       int threads;
       {
@@ -444,19 +444,48 @@ static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64
     const float* arow[kFloatTileM];
     for (int i = 0; i < kFloatTileM; ++i) arow[i] = a + (r0 + std::min(i, m - 1)) * k;
     for (int nb = 0; nb < nblocks; ++nb) {
-      vfloat acc[kFloatTileM][kFloatVectors] = {};
       const float* bp = b + nb * kFloatTileN;
+#if defined(__AVX512F__)
+      // 4 x 64 tile in 16 named registers (an array of vectors made GCC spill one to the stack)
+#define ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+      ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+      for (int kk = 0; kk < k; ++kk, bp += ldb) {
+        const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
+        const __m512 b2 = _mm512_loadu_ps(bp + 32), b3 = _mm512_loadu_ps(bp + 48);
+#define ROW(i)                                          \
+  {                                                     \
+    const __m512 a = _mm512_set1_ps(arow[i][kk]);       \
+    c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0);          \
+    c##i##1 = _mm512_fmadd_ps(a, b1, c##i##1);          \
+    c##i##2 = _mm512_fmadd_ps(a, b2, c##i##2);          \
+    c##i##3 = _mm512_fmadd_ps(a, b3, c##i##3);          \
+  }
+        ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+      }
+#define ROW(i)                                \
+  _mm512_storeu_ps(tmp[i], c##i##0);          \
+  _mm512_storeu_ps(tmp[i] + 16, c##i##1);     \
+  _mm512_storeu_ps(tmp[i] + 32, c##i##2);     \
+  _mm512_storeu_ps(tmp[i] + 48, c##i##3);
+      ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+#else
+      vfloat acc[kFloatTileM][kFloatVectors] = {};
       for (int kk = 0; kk < k; ++kk, bp += ldb) {
         vfloat bv[kFloatVectors];
         for (int j = 0; j < kFloatVectors; ++j) bv[j] = load_v(bp + j * kFloatLanes);
         for (int i = 0; i < kFloatTileM; ++i) {
-          const vfloat av = vfloat{} + arow[i][kk];
+          const float av = arow[i][kk];  // broadcast by the vector-scalar product
           for (int j = 0; j < kFloatVectors; ++j) acc[i][j] += av * bv[j];
         }
       }
+      for (int i = 0; i < kFloatTileM; ++i)
+        for (int j = 0; j < kFloatVectors; ++j) store_v(tmp[i] + j * kFloatLanes, acc[i][j]);
+#endif
       const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
       for (int i = 0; i < m; ++i) {
-        for (int j = 0; j < kFloatVectors; ++j) store_v(tmp[i] + j * kFloatLanes, acc[i][j]);
         float* out = c + (r0 + i) * cout + c0;
         for (int q = 0; q < n; ++q) out[q] = std::min(std::max(tmp[i][q] + bias[c0 + q], lo), hi);
       }
@@ -497,14 +526,22 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
           const int bi = static_cast<int>(pixel / (out_h * out_w));
           const int oy = static_cast<int>(pixel / out_w % out_h), ox = static_cast<int>(pixel % out_w);
           float* dst = patch.data() + r * k;
-          for (int fy = 0; fy < fh; ++fy)
+          for (int fy = 0; fy < fh; ++fy) {
+            const int iy = oy * sh - pt + fy * dh, ix0 = ox * sw - pl;
+            const float* src_row = x + (static_cast<int64_t>(bi) * height + iy) * width * cin;
+            if (dw == 1 && iy >= 0 && iy < height && ix0 >= 0 && ix0 + fw <= width) {
+              std::memcpy(dst, src_row + static_cast<int64_t>(ix0) * cin, sizeof(float) * fw * cin);  // one run of taps
+              dst += fw * cin;
+              continue;
+            }
             for (int fx = 0; fx < fw; ++fx, dst += cin) {
-              const int iy = oy * sh - pt + fy * dh, ix = ox * sw - pl + fx * dw;
+              const int ix = ix0 + fx * dw;
               if (iy < 0 || iy >= height || ix < 0 || ix >= width)
                 std::memset(dst, 0, sizeof(float) * cin);
               else
-                std::memcpy(dst, x + ((static_cast<int64_t>(bi) * height + iy) * width + ix) * cin, sizeof(float) * cin);
+                std::memcpy(dst, src_row + static_cast<int64_t>(ix) * cin, sizeof(float) * cin);
             }
+          }
         }
         a = patch.data();
       }
