@@ -1,19 +1,25 @@
 """Compression and speed of the converted models, side by side in one run.
 
-    python scripts/benchmark_export.py --out docs/benchmarks.md [--trained runs/demo/model.keras]
+    python scripts/benchmark_export.py --out docs/benchmarks.md [--trained runs/demo/model.keras] [--parts speed]
 
 Compression: for every named configuration (68 landmarks, 256x256 input, one stack): float32
 weights in Keras, the float32 TFLite file, the LCE file, and the bit-packed binary weight bytes.
 int8: LCE 0.16 can only add int8 with one default activation range (``experimental_default_
 int8_range``; it takes no representative data set); with ``--trained`` its landmark movement
 against the float-activation LCE model is measured on synthetic faces.
-Speed: batch 1, the default resolution; float model under TFLite (XNNPACK) and the binary model
-under LCE, 1 and 2 threads; median of ``--runs`` after warm-up.
+Speed (``--parts speed``): batch 1, the default resolution; the float model under TFLite (XNNPACK),
+the binary model under LCE (defaults, and indirect BGEMM) and under larq_landmarks.runtime with
+each kernel path, 1 and 2 threads, each in a fresh process with its peak memory; median of
+``--runs`` after warm-up. Then every distinct binary conv shape of the default model (runtime
+kernel vs XNNPACK's float conv of the same shape) and where the runtime's time goes.
 """
 import argparse
 import json
 import os
 import platform
+import re
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -24,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from larq_landmarks import export, heatmaps as hm, models
-from larq_landmarks.atomic import replace_markdown_section
+from larq_landmarks.atomic import atomic_path, replace_markdown_section
 from larq_landmarks.synthetic import trained_like_batch_norm
 from larq_landmarks.datasets import pipeline, readers, writers
 
@@ -60,32 +66,135 @@ def _run(predict, image, runs):
     return 1000 * float(np.median(times))
 
 
-def speed(runs):
-    model = trained_like_batch_norm(models.BinaryHourglass(68))
+def _memory_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1e3
+    return float("nan")
+
+
+def run_case(engine: str, path: str, threads: int, runs: int) -> dict:
+    """One engine on one file in this (fresh) process: median ms, and memory: the peak resident
+    size, and how much it grew from loading the engine and running (over the process after imports)."""
     image = np.random.default_rng(0).uniform(size=(1, 256, 256, 3)).astype(np.float32)
-    binary = export.convert(model)
-    float_fb = export.convert(model, binary=False)
+    with open(path, "rb") as f:
+        flatbuffer = f.read()
+    before = _memory_mb("VmRSS")
+    if engine == "tflite-xnnpack":
+        interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=threads)
+        interpreter.allocate_tensors()
+        index_in, index_out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+
+        def predict(x):
+            interpreter.set_tensor(index_in, x)
+            interpreter.invoke()
+            return interpreter.get_tensor(index_out)
+    elif engine == "lce-default":
+        predict = export.interpreter(flatbuffer, threads, use_indirect_bgemm=False).predict
+    elif engine == "lce-indirect-bgemm":
+        predict = export.interpreter(flatbuffer, threads, use_xnnpack=True, use_indirect_bgemm=True).predict
+    else:  # runtime-<path>
+        from larq_landmarks.runtime import Engine
+
+        predict = Engine(flatbuffer, num_threads=threads, kernels=engine.split("-", 1)[1]).predict
+    ms = _run(predict, image, runs)
+    peak = _memory_mb("VmHWM")
+    return {"ms": round(ms, 1), "peak_rss_mb": round(peak, 1), "engine_growth_mb": round(peak - before, 1)}
+
+
+SPEED_CASES = [
+    ("float32 .tflite, TFLite interpreter (XNNPACK)", "tflite-xnnpack", "float"),
+    ("binary .tflite, LCE interpreter, defaults", "lce-default", "binary"),
+    ("binary .tflite, LCE interpreter, indirect BGEMM + XNNPACK", "lce-indirect-bgemm", "binary"),
+]
+
+
+def speed(runs):
+    """Every engine, 1 and 2 threads, each in a fresh process (so memory is its own)."""
+    from larq_landmarks.runtime import available_kernels
+
+    model = trained_like_batch_norm(models.BinaryHourglass(68))
+    cases = SPEED_CASES + [(f"binary .tflite, larq_landmarks.runtime ({p})", f"runtime-{p}", "binary")
+                           for p in available_kernels()]
     rows = []
-    for threads in (1, 2):
-        tflite = tf.lite.Interpreter(model_content=float_fb, num_threads=threads)
-        tflite.allocate_tensors()
-        index_in, index_out = tflite.get_input_details()[0]["index"], tflite.get_output_details()[0]["index"]
-
-        def run_tflite(x):
-            tflite.set_tensor(index_in, x)
-            tflite.invoke()
-            return tflite.get_tensor(index_out)
-
-        cases = {
-            "float32, TFLite interpreter (XNNPACK)": run_tflite,
-            "float32, LCE interpreter + XNNPACK": export.interpreter(float_fb, threads, use_xnnpack=True).predict,
-            "binary, LCE interpreter": export.interpreter(binary, threads).predict,
-            "binary, LCE interpreter + XNNPACK for float ops": export.interpreter(binary, threads, use_xnnpack=True).predict,
-        }
-        for what, predict in cases.items():
-            rows.append({"model": what, "threads": threads, "ms": round(_run(predict, image, runs), 1)})
-            print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        files = {"binary": os.path.join(folder, "binary.tflite"), "float": os.path.join(folder, "float.tflite")}
+        export.convert(model, files["binary"])
+        export.convert(model, files["float"], binary=False)
+        for threads in (1, 2):
+            for label, engine, kind in cases:
+                command = [sys.executable, __file__, "--case", engine, files[kind], str(threads), str(runs)]
+                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                rows.append({"model": label, "engine": engine, "threads": threads,
+                             **json.loads(output.strip().splitlines()[-1])})
+                print(rows[-1], flush=True)
     return rows
+
+
+def popcount_limit():
+    """This CPU's single-core limit for the default 3x3 binary conv (G binary MAC/s), from the
+    workplace's probe when it is there (../shared/tools/popcount-limit), else None."""
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "popcount-limit")
+    if not os.path.exists(tool):
+        return None
+    output = subprocess.run([tool], capture_output=True, text=True).stdout
+    match = re.search(r"([0-9.]+) G binary MAC/s", output)
+    return float(match.group(1)) if match else None
+
+
+def layers(runs):
+    """Every distinct binary conv shape of the default model: this runtime's kernel (1 thread, each
+    path) against XNNPACK's float conv of the same shape, and where the end-to-end time goes."""
+    from larq_landmarks.runtime import Engine, available_kernels, kernels as kernel_paths, ops
+
+    model = trained_like_batch_norm(models.BinaryHourglass(68))
+    flatbuffer = export.convert(model)
+    engine = Engine(flatbuffer)
+    shapes = {}
+    for op in engine.graph.operators:
+        if op.name == "LceBconv2d":
+            cout, k = engine.graph.tensors[op.inputs[1]].shape[:2]
+            size = engine.graph.tensors[op.inputs[0]].shape[1]
+            shapes.setdefault((size, op.options["channels_in"], cout, k, op.options["stride_height"]), op)
+    image = np.random.default_rng(0).uniform(size=(1, 256, 256, 3)).astype(np.float32)
+    limit = popcount_limit()
+    rows = []
+    rng = np.random.default_rng(1)
+    for (size, cin, cout, k, stride), op in sorted(shapes.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
+        packed = rng.integers(-2**31, 2**31 - 1, (1, size, size, (cin + 31) // 32), dtype=np.int64).astype(np.int32)
+        macs = (size // stride) ** 2 * k * k * cin * cout
+        row = {"input": f"{size}x{size}x{cin}", "filter": f"{k}x{k}, {cout} out, stride {stride}", "binary_macs": macs}
+        for path in available_kernels():
+            module = kernel_paths.load(path)
+            module.set_num_threads(1)
+            run = ops.lce_bconv2d(engine.graph, op, module)
+            values = ops.Values(len(engine.graph.tensors), {})
+            values[op.inputs[0]] = packed
+            ms = _run(lambda _: run(values), None, runs)
+            row[f"{path}_ms"] = round(ms, 3)
+            row[f"{path}_gmacs"] = round(macs / ms / 1e6, 1)
+        inputs = tf.keras.Input((size, size, cin), batch_size=1)
+        conv = tf.keras.Model(inputs, tf.keras.layers.Conv2D(cout, k, stride, padding="same", use_bias=False)(inputs))
+        interpreter = tf.lite.Interpreter(model_content=export.convert(conv, binary=False), num_threads=1)
+        interpreter.allocate_tensors()
+        index = interpreter.get_input_details()[0]["index"]
+        interpreter.set_tensor(index, rng.normal(size=(1, size, size, cin)).astype(np.float32))
+        row["xnnpack_float_ms"] = round(_run(lambda _: interpreter.invoke(), None, runs), 3)
+        rows.append(row)
+        print(row, flush=True)
+    breakdown = {}
+    engine = Engine(flatbuffer, num_threads=1)
+    profiles = [engine.profile(image) for _ in range(max(3, runs // 2))]
+    kinds = {"LceBconv2d": "binary convolutions", "CONV_2D": "float convolutions",
+             "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
+             "LceDequantize": "bit-packing (with fused batch norm)"}
+    for step in range(len(profiles[0])):
+        name = profiles[0][step][0]
+        kind = kinds.get(name, "element-wise (add, mul, concat, pool, resize)")
+        breakdown[kind] = breakdown.get(kind, 0.0) + 1000 * float(np.median([p[step][2] for p in profiles]))
+    return {"popcount_limit_gmacs": limit, "layers": rows, "breakdown_ms": breakdown, "kernels": engine.kernels}
 
 
 def int8_check(trained_path, faces):
@@ -113,24 +222,39 @@ def int8_check(trained_path, faces):
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--case":  # one engine in a fresh process (see speed)
+        engine, path, threads, runs = sys.argv[2:6]
+        print(json.dumps(run_case(engine, path, int(threads), int(runs))))
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--trained", help="a trained .keras model for the int8 landmark check")
     parser.add_argument("--faces", type=int, default=32)
+    parser.add_argument("--parts", default="compression,speed",
+                        help="comma-separated: compression (sizes, int8), speed (engines, layers, breakdown)")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--json", default="docs/benchmark_export.json")
     args = parser.parse_args()
-    result = {"machine": platform.machine(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
-              "lce": lce.__version__ if hasattr(lce, "__version__") else "0.16",
-              "compression": compression(68), "speed": speed(args.runs)}
-    if args.trained:
-        result["int8"] = int8_check(args.trained, args.faces)
-    with open(args.json, "w") as f:
+    parts = args.parts.split(",")
+    result = json.load(open(args.json)) if os.path.exists(args.json) else {}
+    result.update({"machine": platform.machine(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
+                   "lce": getattr(lce, "__version__", "0.16")})
+    if "compression" in parts:
+        result["compression"] = compression(68)
+        if args.trained:
+            result["int8"] = int8_check(args.trained, args.faces)
+    if "speed" in parts:
+        result["speed"] = speed(args.runs)
+        result["runtime_layers"] = layers(args.runs)
+    with atomic_path(args.json) as temporary, open(temporary, "w") as f:
         json.dump(result, f, indent=2)
-    write_markdown(args, result)
+    if "compression" in parts:
+        write_compression_markdown(args, result)
+    if "speed" in parts:
+        write_speed_markdown(args, result)
 
 
-def write_markdown(args, result):
+def write_compression_markdown(args, result):
     command = "python scripts/benchmark_export.py" + (f" --trained {args.trained}" if args.trained else "")
     mb = lambda b: f"{b / 1e6:.2f} MB" if b else "-"  # noqa: E731
     lines = [
@@ -180,17 +304,56 @@ def write_markdown(args, result):
             "within 0.5 px). It moves the landmarks, so we do not offer it; calibrated int8 needs "
             "fake-quantisation ranges in the model (quantisation-aware training), not done yet.", "",
         ]
-    lines += ["## Inference speed on this machine (x86-64)", "",
-              f"Command: `{command}`. Median of {args.runs} runs after 3 warm-up runs, batch 1, 256x256, "
-              "default model (68 landmarks). LCE's x86-64 kernels are not its optimised ARM ones.", "",
-              "| model and runtime | 1 thread (ms) | 2 threads (ms) |", "|---|---:|---:|"]
-    by_model = {}
-    for r in result["speed"]:
-        by_model.setdefault(r["model"], {})[r["threads"]] = r["ms"]
-    for name, times in by_model.items():
-        lines.append(f"| {name} | {times.get(1, '-')} | {times.get(2, '-')} |")
     section = "\n".join(lines) + "\n"
-    replace_markdown_section(args.out, section, "## Compression of the converted models", "## Inference speed on this machine")
+    replace_markdown_section(args.out, section, "## Compression of the converted models")
+
+
+def write_speed_markdown(args, result):
+    command = f"python scripts/benchmark_export.py --parts speed --runs {args.runs}"
+    speed_rows = result["speed"]
+    by_engine = {}
+    for r in speed_rows:
+        by_engine.setdefault(r["model"], {})[r["threads"]] = r
+    float_ms = by_engine["float32 .tflite, TFLite interpreter (XNNPACK)"][1]["ms"]
+    lines = [
+        "## Inference speed on this machine (x86-64)", "",
+        f"Command: `{command}` ({result['machine']}, {result['cpus']} cores, one run of every engine side by "
+        f"side). Median of {args.runs} runs after 3 warm-up runs, batch 1, 256x256, default `binary_hpm` "
+        "(68 landmarks, batch norms with trained-like statistics). Every engine runs in a fresh process: "
+        "memory is that process's peak resident size and, in brackets, how much loading and running "
+        "the engine added to it. LCE's x86-64 kernels are its portable C++ ones (its optimised kernels "
+        "are for ARM); `larq_landmarks.runtime` runs the same `.tflite` with this package's kernels.", "",
+        "| engine | 1 thread (ms) | vs float32 | 2 threads (ms) | 2 threads vs 1 | peak memory, 1 thread (MB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in by_engine.items():
+        one, two = runs.get(1), runs.get(2)
+        lines.append(f"| {name} | {one['ms']} | {float_ms / one['ms']:.2f}x | {two['ms'] if two else '-'} | "
+                     f"{one['ms'] / two['ms']:.2f}x | {one['peak_rss_mb']:.0f} (+{one['engine_growth_mb']:.0f}) |")
+    layer = result["runtime_layers"]
+    paths = [key[: -len("_ms")] for key in layer["layers"][0] if key.endswith("_ms") and key != "xnnpack_float_ms"]
+    limit = layer["popcount_limit_gmacs"]
+    lines += ["", "### Each binary convolution shape of the default model (1 thread)", "",
+              "Binary MAC/s of this runtime's kernel for the op alone (bit-packed input, float output with "
+              "the output transform), and the ratio to XNNPACK's float32 convolution of the same shape"
+              + (f"; the fraction is of this CPU's single-core limit for the 3x3 binary conv, "
+                 f"{limit:.0f} G binary MAC/s, from `../shared/tools/popcount-limit` in the same run" if limit else "")
+              + ".", "",
+              "| input | filter | XNNPACK float (ms) | " + " | ".join(f"{p} (ms, G MAC/s, vs float)" for p in paths) + " |",
+              "|---|---|---:|" + "---:|" * len(paths)]
+    for r in layer["layers"]:
+        cells = []
+        for p in paths:
+            fraction = f", {r[f'{p}_gmacs'] / limit:.0%} of limit" if limit and p == "avx512" else ""
+            cells.append(f"{r[f'{p}_ms']}, {r[f'{p}_gmacs']:.0f}, {r['xnnpack_float_ms'] / r[f'{p}_ms']:.1f}x{fraction}")
+        lines.append(f"| {r['input']} | {r['filter']} | {r['xnnpack_float_ms']} | " + " | ".join(cells) + " |")
+    total = sum(layer["breakdown_ms"].values())
+    lines += ["", f"### Where the runtime's time goes ({layer['kernels']}, 1 thread, median per step)", "",
+              "| part | ms | share |", "|---|---:|---:|"]
+    for part, ms in sorted(layer["breakdown_ms"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {part} | {ms:.1f} | {ms / total:.0%} |")
+    lines.append(f"| total (sum of steps) | {total:.1f} | |")
+    replace_markdown_section(args.out, "\n".join(lines) + "\n", "## Inference speed on this machine")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -45,6 +46,8 @@ typedef float vfloat __attribute__((vector_size(kFloatLanes * 4)));
 
 // ---------------------------------------------------------------------------------------------
 // A small persistent thread pool: parallel_for(n, fn) runs fn(begin, end) over [0, n) in chunks.
+// Workers spin for a while (about a millisecond) before sleeping: a model's ops follow each other
+// within microseconds, and waking a sleeping thread costs more than most ops take.
 class ThreadPool {
  public:
   ~ThreadPool() { resize(1); }
@@ -55,13 +58,13 @@ class ThreadPool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     for (auto& worker : workers_) worker.join();
     workers_.clear();
     stop_ = false;
-    const uint64_t now = generation_;  // new workers wait for the next task, not a finished one
+    const uint64_t now = generation_.load();  // new workers wait for the next task, not a finished one
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i, now] { loop(i, now); });
   }
 
@@ -73,22 +76,29 @@ class ThreadPool {
       if (n > 0) fn(0, n);
       return;
     }
+    task_ = &fn;
+    total_ = n;
+    active_ = threads;
+    pending_.store(threads - 1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      task_ = &fn;
-      total_ = n;
-      active_ = threads;
-      pending_ = threads - 1;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     run_share(0, threads);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    while (pending_.load(std::memory_order_acquire) != 0) pause();
     task_ = nullptr;
   }
 
  private:
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
   void run_share(int index, int threads) {
     const int begin = static_cast<int>(static_cast<int64_t>(total_) * index / threads);
     const int end = static_cast<int>(static_cast<int64_t>(total_) * (index + 1) / threads);
@@ -97,29 +107,31 @@ class ThreadPool {
 
   void loop(int index, uint64_t seen) {
     for (;;) {
-      int threads;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (stop_) return;
-        threads = active_;
-        if (index >= threads) continue;
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(1000);
+      int spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        pause();
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() > spin_until) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        }
       }
-      run_share(index, threads);
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (--pending_ == 0) done_.notify_one();
+      seen = generation_.load(std::memory_order_acquire);
+      if (stop_) return;
+      if (index < active_) {
+        run_share(index, active_);
+        pending_.fetch_sub(1, std::memory_order_release);
       }
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex mutex_;
-  std::condition_variable wake_, done_;
+  std::condition_variable wake_;
   const std::function<void(int, int)>* task_ = nullptr;
-  uint64_t generation_ = 0;
-  int total_ = 0, active_ = 0, pending_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  int total_ = 0, active_ = 0;
   bool stop_ = false;
 };
 
@@ -228,30 +240,29 @@ static Array<int32_t> prepare_binary_weights(Array<int32_t> filter) {
 
 static inline uint32_t popcount32(uint32_t x) { return static_cast<uint32_t>(__builtin_popcount(x)); }
 
-// acc[p][c] += popcount(in_p[w] ^ weights[k][c]) over k = (tap, w), for 4 pixels x 64 channels.
+// acc[p][c] += popcount(in_p[w] ^ weights[k][c]) over k = (tap, w), for 4 pixels x 16 * NV
+// channels (NV = 4, or 2 for a last block of at most 32 channels).
+template <int NV>
 static inline void binary_tile(const int32_t* const* taps_in, int taps, int words, const int32_t* weights,
                                int64_t stride, int32_t acc[kBinaryPixelBlock][kBinaryChannelBlock]) {
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-  __m512i a[kBinaryPixelBlock][4];
+  __m512i a[kBinaryPixelBlock][NV];
   for (int p = 0; p < kBinaryPixelBlock; ++p)
-    for (int j = 0; j < 4; ++j) a[p][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NV; ++j) a[p][j] = _mm512_setzero_si512();
   for (int t = 0; t < taps; ++t) {
     const int32_t* const* in = taps_in + t * kBinaryPixelBlock;
     const int32_t* w_row = weights + static_cast<int64_t>(t) * words * stride;
     for (int w = 0; w < words; ++w, w_row += stride) {
-      const __m512i w0 = _mm512_loadu_si512(w_row), w1 = _mm512_loadu_si512(w_row + 16);
-      const __m512i w2 = _mm512_loadu_si512(w_row + 32), w3 = _mm512_loadu_si512(w_row + 48);
+      __m512i wv[NV];
+      for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_si512(w_row + 16 * j);
       for (int p = 0; p < kBinaryPixelBlock; ++p) {
         const __m512i x = _mm512_set1_epi32(in[p][w]);
-        a[p][0] = _mm512_add_epi32(a[p][0], _mm512_popcnt_epi32(_mm512_xor_si512(x, w0)));
-        a[p][1] = _mm512_add_epi32(a[p][1], _mm512_popcnt_epi32(_mm512_xor_si512(x, w1)));
-        a[p][2] = _mm512_add_epi32(a[p][2], _mm512_popcnt_epi32(_mm512_xor_si512(x, w2)));
-        a[p][3] = _mm512_add_epi32(a[p][3], _mm512_popcnt_epi32(_mm512_xor_si512(x, w3)));
+        for (int j = 0; j < NV; ++j) a[p][j] = _mm512_add_epi32(a[p][j], _mm512_popcnt_epi32(_mm512_xor_si512(x, wv[j])));
       }
     }
   }
   for (int p = 0; p < kBinaryPixelBlock; ++p)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(acc[p] + 16 * j, a[p][j]);
+    for (int j = 0; j < NV; ++j) _mm512_storeu_si512(acc[p] + 16 * j, a[p][j]);
 #elif defined(__AVX2__)
   // No vector popcount: nibble look-up (vpshufb), byte counts summed in 8-bit lanes for up to 31
   // words, then widened to the 32-bit accumulators with vpmaddubsw / vpmaddwd.
@@ -259,7 +270,7 @@ static inline void binary_tile(const int32_t* const* taps_in, int taps, int word
                                        1, 2, 2, 3, 2, 3, 3, 4);
   const __m256i low = _mm256_set1_epi8(0x0f), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   for (int p = 0; p < kBinaryPixelBlock; ++p) std::memset(acc[p], 0, sizeof(acc[p]));
-  for (int half = 0; half < 2; ++half) {  // 32 channels (4 registers) per pass keeps 16 accumulators
+  for (int half = 0; half < NV / 2; ++half) {  // 32 channels (4 registers) per pass keeps 16 accumulators
     __m256i a[kBinaryPixelBlock][4], bytes[kBinaryPixelBlock][4];
     for (int p = 0; p < kBinaryPixelBlock; ++p)
       for (int j = 0; j < 4; ++j) a[p][j] = bytes[p][j] = _mm256_setzero_si256();
@@ -303,7 +314,7 @@ static inline void binary_tile(const int32_t* const* taps_in, int taps, int word
     for (int w = 0; w < words; ++w, w_row += stride)
       for (int p = 0; p < kBinaryPixelBlock; ++p) {
         const uint32_t x = static_cast<uint32_t>(in[p][w]);
-        for (int c = 0; c < kBinaryChannelBlock; ++c) acc[p][c] += popcount32(x ^ static_cast<uint32_t>(w_row[c]));
+        for (int c = 0; c < 16 * NV; ++c) acc[p][c] += popcount32(x ^ static_cast<uint32_t>(w_row[c]));
       }
   }
 #endif
@@ -375,9 +386,12 @@ static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<in
       }
       std::fill(packed_bits.begin(), packed_bits.end(), 0u);
       for (int cb = 0; cb < cblocks; ++cb) {
-        binary_tile(taps_in.data(), taps, words, wt + cb * kBinaryChannelBlock, stride, acc);
         const int c0 = cb * kBinaryChannelBlock;
         const int c_end = std::min(g.channels_out, c0 + kBinaryChannelBlock);
+        if (c_end - c0 <= 32)
+          binary_tile<2>(taps_in.data(), taps, words, wt + c0, stride, acc);
+        else
+          binary_tile<4>(taps_in.data(), taps, words, wt + c0, stride, acc);
         for (int p = 0; p < count; ++p) {
           if (zero_padding && any_outside) {
             // LCE's reference: an outside tap adds channels_in / 2 (contributes 0), where the
