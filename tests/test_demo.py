@@ -16,6 +16,8 @@ def test_demo_command_writes_report_pictures_and_converted_model(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["ops"]["LceBconv2d"] == report["ops"]["LceBconv2d"] > 0
     assert saved["lce_vs_keras_landmarks_within_0.5px"] >= 0.95
+    # the bit-packed runtime runs the trained model's .tflite as LCE does (issue 10's parity bound)
+    assert saved["tflite_engine"] == "runtime" and saved["runtime_vs_lce_landmarks_within_0.5px"] >= 0.99
     assert saved["tflite_bytes_float32"] > 5 * saved["tflite_bytes_binary"]
     assert "NME inter-ocular" in (tmp_path / "report.md").read_text()
 
@@ -27,7 +29,9 @@ def test_tiny_demo_writes_every_artefact(tmp_path):
     report = demo.run(str(tmp_path), steps=4, train_images=8, test_images=4)
     for name in ("report.md", "report.json", "predictions.png", "ced.png", "model.tflite", "model.keras"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert json.loads((tmp_path / "report.json").read_text())["ops"]["LceBconv2d"] == report["ops"]["LceBconv2d"] > 0
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["ops"]["LceBconv2d"] == report["ops"]["LceBconv2d"] > 0
+    assert saved["tflite_engine"] == "runtime" and "runtime" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow

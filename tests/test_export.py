@@ -71,10 +71,11 @@ def test_dynamic_batch_conversion_runs_batches_and_its_file_loads(tmp_path):
     np.testing.assert_allclose(got, model.predict(images, verbose=0), atol=1e-3 * np.abs(got).max())
 
 
-@pytest.mark.parametrize("name", [  # binary_hpm: above; the fast tier converts one small model
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [  # binary_hpm: above
     "binary_hpm_relu",
-    pytest.param("binary_bottleneck", marks=pytest.mark.slow),
-    pytest.param("binary_hpm_avgpool", marks=pytest.mark.slow),
+    "binary_bottleneck",
+    "binary_hpm_avgpool",
 ])
 def test_lce_interpreter_matches_keras(name):
     model = trained_like_batch_norm(models.build_named(name, 68, **SMALL))

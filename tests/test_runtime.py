@@ -167,8 +167,8 @@ def _assert_parity_with_lce(flatbuffer, images, paths=PATHS):
 BINARY_CONFIGS = [name for name, c in models.named_configurations().items() if c["kwargs"].get("binary", True)]
 
 
-@pytest.mark.parametrize("name", [n if n == "binary_hpm" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in BINARY_CONFIGS])
+@pytest.mark.slow  # the fast tier checks LCE parity through test_predictor_runs_tflite_with_the_runtime_by_default
+@pytest.mark.parametrize("name", BINARY_CONFIGS)
 def test_named_binary_configuration_matches_lce_on_every_path(name):
     """Width 48 gives channel counts (24, 12) that are not multiples of 32; batch 3 on a batch-1 file."""
     tf.keras.utils.set_random_seed(0)
