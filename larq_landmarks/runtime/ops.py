@@ -252,7 +252,12 @@ def concatenation(graph: Graph, op: Operator, kernels) -> Run:
         parts = [values[s] for s in sources]
         shape = list(parts[0].shape)
         shape[axis] = sum(p.shape[axis] for p in parts)
-        values[target] = np.concatenate(parts, axis=axis, out=values.alloc(tuple(shape), parts[0].dtype))
+        out = values.alloc(tuple(shape), parts[0].dtype)
+        if axis in (-1, len(shape) - 1) and out.dtype == np.float32:
+            kernels.concat_channels(parts, out)  # threaded, one pass over the pixels
+        else:
+            np.concatenate(parts, axis=axis, out=out)
+        values[target] = out
 
     return run
 

@@ -637,6 +637,35 @@ static void pool2d(Array<float> input, std::vector<int> geometry, int kind, floa
   });
 }
 
+// CONCATENATION along the channel axis: each pixel's channels are the parts' channels in order.
+static void concat_channels(std::vector<Array<float>> parts, Array<float> output) {
+  const int total = static_cast<int>(output.shape(output.ndim() - 1));
+  const int64_t pixels = output.size() / std::max(total, 1);
+  std::vector<const float*> sources;
+  std::vector<int> widths;
+  int sum = 0;
+  for (auto& part : parts) {
+    const int width = static_cast<int>(part.shape(part.ndim() - 1));
+    if (part.size() != pixels * width) throw std::invalid_argument("concat_channels: part shapes differ");
+    sources.push_back(part.data());
+    widths.push_back(width);
+    sum += width;
+  }
+  if (sum != total) throw std::invalid_argument("concat_channels: channel counts do not add up");
+  float* out = data(output);
+  py::gil_scoped_release release;
+  const int tasks = static_cast<int>(std::min<int64_t>(pixels, 256));
+  pool().parallel_for(tasks, [&](int t0, int t1) {
+    for (int64_t p = pixels * t0 / tasks; p < pixels * t1 / tasks; ++p) {
+      float* dst = out + p * total;
+      for (size_t i = 0; i < sources.size(); ++i) {
+        std::memcpy(dst, sources[i] + p * widths[i], sizeof(float) * widths[i]);
+        dst += widths[i];
+      }
+    }
+  });
+}
+
 static int set_num_threads(int threads) {
   pool().resize(threads);
   return pool().size();
@@ -655,6 +684,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("conv2d", &conv2d);
   m.def("binary_elementwise", &binary_elementwise);
   m.def("pool2d", &pool2d);
+  m.def("concat_channels", &concat_channels);
   m.def("cpu_supports", [](const std::string& feature) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
