@@ -46,6 +46,29 @@ def _fused_affine(graph: Graph, quantize, producers, consumers):
     return source, multiplier, bias, folded
 
 
+def _following_add(graph: Graph, concat, producers, consumers):
+    """For a channel CONCATENATION read only by an ADD (no activation) of a same-shape activation
+    computed before the concatenation: ``(that other tensor, the ADD's output)``, else None."""
+    if concat.name != "CONCATENATION" or concat.options.Axis() not in (-1, 3):
+        return None
+    out = concat.outputs[0]
+    readers = consumers.get(out, [])
+    if out in graph.outputs or len(readers) != 1 or readers[0].name != "ADD":
+        return None
+    add = readers[0]
+    if add.options and add.options.FusedActivationFunction() != 0:
+        return None
+    others = [i for i in add.inputs if i != out]
+    if len(others) != 1 or graph.tensors[others[0]].data is not None:
+        return None
+    if graph.tensors[others[0]].shape != graph.tensors[out].shape or graph.tensors[out].dtype != np.float32:
+        return None
+    producer = producers.get(others[0])
+    if producer is not None and producer.index > concat.index:
+        return None
+    return others[0], add.outputs[0]
+
+
 class Engine:
     """Runs a converted landmark model with the bit-packed runtime.
 
@@ -99,20 +122,31 @@ class Engine:
                 if skipped:
                     fused[op.index] = (source, multiplier, bias)
                     folded.update(skipped)
+        residuals = {}  # CONCATENATION index -> (residual tensor, ADD output): concat + skip in one pass
+        for op in graph.operators:
+            add = _following_add(graph, op, producers, consumers)
+            if add is not None:
+                residuals[op.index] = add
+                folded.add(consumers[op.outputs[0]][0].index)
         steps, step_ops = [], []
         for op in graph.operators:
             if op.index in folded:
                 continue
             if op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
+            elif op.index in residuals:
+                steps.append(ops.concatenation(graph, op, self._kernels, *residuals[op.index]))
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
             step_ops.append(op)
         self._fused = set(fused)
         # after which step each activation is read for the last time (then its buffer is reused)
+        self._residuals = residuals
         last_read = {}
         for position, op in enumerate(step_ops):
             reads = [fused[op.index][0]] if op.index in fused else op.inputs
+            if op.index in residuals:
+                reads = reads + [residuals[op.index][0]]
             for i in set(reads):
                 if i >= 0 and graph.tensors[i].data is None:
                     last_read[i] = position
@@ -158,7 +192,9 @@ class Engine:
             step(values)
             if times is not None:
                 label = "BN+LceQuantize" if op.index in self._fused else op.name
-                times.append((label, str(values[op.outputs[0]].shape), time.perf_counter() - start))
+                label = "CONCATENATION+ADD" if op.index in self._residuals else label
+                written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
+                times.append((label, str(values[written].shape), time.perf_counter() - start))
             for i in release:
                 values.release(values[i])
                 values[i] = None

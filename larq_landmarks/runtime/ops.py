@@ -242,11 +242,15 @@ def relu(graph: Graph, op: Operator, kernels) -> Run:
     return run
 
 
-def concatenation(graph: Graph, op: Operator, kernels) -> Run:
-    """CONCATENATION along any axis (fused activation NONE)."""
+def concatenation(graph: Graph, op: Operator, kernels, residual: Optional[int] = None,
+                  target: Optional[int] = None) -> Run:
+    """CONCATENATION along any axis (fused activation NONE). ``residual`` and ``target`` fuse the
+    ADD that follows (``target = concat + residual``, one pass), as a block's output plus its skip."""
     if op.options.FusedActivationFunction() != 0:
         raise _unsupported(graph, op, "a fused activation on CONCATENATION")
-    axis, sources, target = op.options.Axis(), list(op.inputs), op.outputs[0]
+    axis, sources = op.options.Axis(), list(op.inputs)
+    target = op.outputs[0] if target is None else target
+    none = np.zeros(0, np.float32)
 
     def run(values):
         parts = [values[s] for s in sources]
@@ -254,9 +258,11 @@ def concatenation(graph: Graph, op: Operator, kernels) -> Run:
         shape[axis] = sum(p.shape[axis] for p in parts)
         out = values.alloc(tuple(shape), parts[0].dtype)
         if axis in (-1, len(shape) - 1) and out.dtype == np.float32:
-            kernels.concat_channels(parts, out)  # threaded, one pass over the pixels
+            kernels.concat_channels(parts, none if residual is None else values[residual], out)
         else:
             np.concatenate(parts, axis=axis, out=out)
+            if residual is not None:
+                np.add(out, values[residual], out=out)
         values[target] = out
 
     return run

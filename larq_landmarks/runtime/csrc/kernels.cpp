@@ -637,8 +637,9 @@ static void pool2d(Array<float> input, std::vector<int> geometry, int kind, floa
   });
 }
 
-// CONCATENATION along the channel axis: each pixel's channels are the parts' channels in order.
-static void concat_channels(std::vector<Array<float>> parts, Array<float> output) {
+// CONCATENATION along the channel axis: each pixel's channels are the parts' channels in order;
+// with a residual (same shape as the output), the ADD that follows is done in the same pass.
+static void concat_channels(std::vector<Array<float>> parts, Array<float> residual, Array<float> output) {
   const int total = static_cast<int>(output.shape(output.ndim() - 1));
   const int64_t pixels = output.size() / std::max(total, 1);
   std::vector<const float*> sources;
@@ -652,15 +653,24 @@ static void concat_channels(std::vector<Array<float>> parts, Array<float> output
     sum += width;
   }
   if (sum != total) throw std::invalid_argument("concat_channels: channel counts do not add up");
+  const bool add = residual.size() > 0;
+  if (add && residual.size() != output.size()) throw std::invalid_argument("concat_channels: residual shape");
+  const float* res = residual.data();
   float* out = data(output);
   py::gil_scoped_release release;
   const int tasks = static_cast<int>(std::min<int64_t>(pixels, 256));
   pool().parallel_for(tasks, [&](int t0, int t1) {
     for (int64_t p = pixels * t0 / tasks; p < pixels * t1 / tasks; ++p) {
       float* dst = out + p * total;
+      const float* r = res + p * total;
       for (size_t i = 0; i < sources.size(); ++i) {
-        std::memcpy(dst, sources[i] + p * widths[i], sizeof(float) * widths[i]);
+        const float* src = sources[i] + p * widths[i];
+        if (add)
+          for (int c = 0; c < widths[i]; ++c) dst[c] = src[c] + r[c];
+        else
+          std::memcpy(dst, src, sizeof(float) * widths[i]);
         dst += widths[i];
+        r += widths[i];
       }
     }
   });
