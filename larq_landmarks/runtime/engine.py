@@ -46,17 +46,23 @@ def _fused_affine(graph: Graph, quantize, producers, consumers):
     return source, multiplier, bias, folded
 
 
-def _following_add(graph: Graph, concat, producers, consumers):
-    """For a channel CONCATENATION read only by an ADD (no activation) of a same-shape activation
-    computed before the concatenation: ``(that other tensor, the ADD's output)``, else None."""
-    if concat.name != "CONCATENATION" or concat.options.Axis() not in (-1, 3):
+def _following_add(graph: Graph, op, producers, consumers):
+    """For a channel CONCATENATION (or a CONV_2D without activation) read only by an ADD of a
+    same-shape activation computed before it: ``(that other tensor, the ADD's output, the ADD's
+    activation)``, else None; the ADD is then done in the same pass."""
+    if op.name == "CONCATENATION":
+        if op.options.Axis() not in (-1, 3) or op.options.FusedActivationFunction() != 0:
+            return None
+    elif op.name != "CONV_2D" or op.options.FusedActivationFunction() != 0:
         return None
+    concat = op
     out = concat.outputs[0]
     readers = consumers.get(out, [])
     if out in graph.outputs or len(readers) != 1 or readers[0].name != "ADD":
         return None
     add = readers[0]
-    if add.options and add.options.FusedActivationFunction() != 0:
+    activation = add.options.FusedActivationFunction() if add.options else 0
+    if activation != 0 and op.name == "CONCATENATION":
         return None
     others = [i for i in add.inputs if i != out]
     if len(others) != 1 or graph.tensors[others[0]].data is not None:
@@ -66,7 +72,9 @@ def _following_add(graph: Graph, concat, producers, consumers):
     producer = producers.get(others[0])
     if producer is not None and producer.index > concat.index:
         return None
-    return others[0], add.outputs[0]
+    if op.name == "CONCATENATION":
+        return others[0], add.outputs[0]
+    return others[0], add.outputs[0], activation
 
 
 class Engine:
@@ -122,7 +130,7 @@ class Engine:
                 if skipped:
                     fused[op.index] = (source, multiplier, bias)
                     folded.update(skipped)
-        residuals = {}  # CONCATENATION index -> (residual tensor, ADD output): concat + skip in one pass
+        residuals = {}  # CONCATENATION / CONV_2D index -> (residual tensor, ADD output, ...): op + ADD in one pass
         for op in graph.operators:
             add = _following_add(graph, op, producers, consumers)
             if add is not None:
@@ -135,7 +143,8 @@ class Engine:
             if op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
             elif op.index in residuals:
-                steps.append(ops.concatenation(graph, op, self._kernels, *residuals[op.index]))
+                make = ops.concatenation if op.name == "CONCATENATION" else ops.conv_2d
+                steps.append(make(graph, op, self._kernels, *residuals[op.index]))
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
             step_ops.append(op)
@@ -192,7 +201,7 @@ class Engine:
             step(values)
             if times is not None:
                 label = "BN+LceQuantize" if op.index in self._fused else op.name
-                label = "CONCATENATION+ADD" if op.index in self._residuals else label
+                label = f"{op.name}+ADD" if op.index in self._residuals else label
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
                 times.append((label, str(values[written].shape), time.perf_counter() - start))
             for i in release:

@@ -171,17 +171,23 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
     return run
 
 
-def conv_2d(graph: Graph, op: Operator, kernels) -> Run:
-    """Float convolution with bias and fused activation."""
+def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[int] = None, target: Optional[int] = None,
+            add_activation: int = 0) -> Run:
+    """Float convolution with bias and fused activation. ``residual``, ``target`` and
+    ``add_activation`` fuse the ADD that follows a convolution without activation: ``target =
+    clamp(conv + residual)``, rounded as the two ops round."""
     _check_float(graph, op)
     o = op.options
     filters = _constant(graph, op, 1, np.float32)
     cout, fh, fw, _ = filters.shape
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
     weights = kernels.prepare_float_weights(filters)
-    low, high = _activation(graph, op, o.FusedActivationFunction())
+    if residual is not None and o.FusedActivationFunction() != 0:
+        raise _unsupported(graph, op, "an ADD fused after an activation")
+    low, high = _activation(graph, op, add_activation if residual is not None else o.FusedActivationFunction())
     sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
-    source, target = op.inputs[0], op.outputs[0]
+    source, target = op.inputs[0], op.outputs[0] if target is None else target
+    none = np.zeros(0, np.float32)
 
     def run(values):
         x = values[source]
@@ -189,7 +195,8 @@ def conv_2d(graph: Graph, op: Operator, kernels) -> Run:
         out_h, pad_top = _same_padding(height, fh, sh, dh, o.Padding())
         out_w, pad_left = _same_padding(width, fw, sw, dw, o.Padding())
         out = values.alloc((batch, out_h, out_w, cout), np.float32)
-        kernels.conv2d(x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high, out)
+        kernels.conv2d(x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high,
+                       none if residual is None else values[residual], out)
         values[target] = out
 
     return run

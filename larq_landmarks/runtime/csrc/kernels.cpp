@@ -424,7 +424,11 @@ static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<in
 // Float convolution: im2col (only when the filter is not 1x1 stride 1) and a register-tiled GEMM
 // C[P, Cout] = A[P, K] B[K, Cout] + bias with the fused activation clamp. B is prepared once as
 // [K, Cout rounded up to kFloatTileN].
+#if defined(__AVX512F__)
+constexpr int kFloatTileM = 6;
+#else
 constexpr int kFloatTileM = 4;
+#endif
 constexpr int kFloatVectors = (kFloatLanes == 16) ? 4 : 2;
 constexpr int kFloatTileN = kFloatLanes * kFloatVectors;
 
@@ -449,20 +453,22 @@ static inline vfloat load_v(const float* p) {
 }
 static inline void store_v(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
+// out[r, c] = clamp(sum_k a[r, k] b[k, c] + bias[c] (+ residual[r, c]), lo, hi)
 static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64_t ldb, int cout,
-                      const float* bias, float lo, float hi, float* c) {
+                      const float* bias, const float* residual, float lo, float hi, float* c) {
   const int nblocks = static_cast<int>(ldb / kFloatTileN);
-  alignas(64) float tmp[kFloatTileM][kFloatTileN];
   for (int64_t r0 = 0; r0 < rows; r0 += kFloatTileM) {
     const int m = static_cast<int>(std::min<int64_t>(kFloatTileM, rows - r0));
     const float* arow[kFloatTileM];
     for (int i = 0; i < kFloatTileM; ++i) arow[i] = a + (r0 + std::min(i, m - 1)) * k;
     for (int nb = 0; nb < nblocks; ++nb) {
       const float* bp = b + nb * kFloatTileN;
+      const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
 #if defined(__AVX512F__)
-      // 4 x 64 tile in 16 named registers (an array of vectors made GCC spill one to the stack)
+      // 6 x 64 tile in 24 named registers (an array of vectors made GCC spill to the stack); the
+      // epilogue (bias, residual, clamp) runs on the registers with masked loads and stores.
 #define ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
-      ROW(0) ROW(1) ROW(2) ROW(3)
+      ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
       for (int kk = 0; kk < k; ++kk, bp += ldb) {
         const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
@@ -475,17 +481,34 @@ static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64
     c##i##2 = _mm512_fmadd_ps(a, b2, c##i##2);          \
     c##i##3 = _mm512_fmadd_ps(a, b3, c##i##3);          \
   }
-        ROW(0) ROW(1) ROW(2) ROW(3)
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
       }
-#define ROW(i)                                \
-  _mm512_storeu_ps(tmp[i], c##i##0);          \
-  _mm512_storeu_ps(tmp[i] + 16, c##i##1);     \
-  _mm512_storeu_ps(tmp[i] + 32, c##i##2);     \
-  _mm512_storeu_ps(tmp[i] + 48, c##i##3);
-      ROW(0) ROW(1) ROW(2) ROW(3)
+      __mmask16 mask[4];
+      __m512 bias_v[4];
+      for (int j = 0; j < 4; ++j) {
+        const int left = std::max(0, std::min(16, n - 16 * j));
+        mask[j] = static_cast<__mmask16>((1u << left) - 1u);
+        bias_v[j] = _mm512_maskz_loadu_ps(mask[j], bias + c0 + 16 * j);
+      }
+      const __m512 lo_v = _mm512_set1_ps(lo), hi_v = _mm512_set1_ps(hi);
+      auto finish = [&](int i, int j, __m512 v) {
+        v = _mm512_add_ps(v, bias_v[j]);
+        const int64_t at = (r0 + i) * cout + c0 + 16 * j;
+        if (residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual + at));
+        _mm512_mask_storeu_ps(c + at, mask[j], _mm512_min_ps(_mm512_max_ps(v, lo_v), hi_v));
+      };
+#define ROW(i)                  \
+  if (i < m) {                  \
+    finish(i, 0, c##i##0);      \
+    finish(i, 1, c##i##1);      \
+    finish(i, 2, c##i##2);      \
+    finish(i, 3, c##i##3);      \
+  }
+      ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
 #else
+      alignas(64) float tmp[kFloatTileM][kFloatTileN];
       vfloat acc[kFloatTileM][kFloatVectors] = {};
       for (int kk = 0; kk < k; ++kk, bp += ldb) {
         vfloat bv[kFloatVectors];
@@ -497,18 +520,22 @@ static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64
       }
       for (int i = 0; i < kFloatTileM; ++i)
         for (int j = 0; j < kFloatVectors; ++j) store_v(tmp[i] + j * kFloatLanes, acc[i][j]);
-#endif
-      const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
       for (int i = 0; i < m; ++i) {
         float* out = c + (r0 + i) * cout + c0;
-        for (int q = 0; q < n; ++q) out[q] = std::min(std::max(tmp[i][q] + bias[c0 + q], lo), hi);
+        const float* r = residual ? residual + (r0 + i) * cout + c0 : nullptr;
+        for (int q = 0; q < n; ++q) {
+          float v = tmp[i][q] + bias[c0 + q];
+          if (r) v = v + r[q];
+          out[q] = std::min(std::max(v, lo), hi);
+        }
       }
+#endif
     }
   }
 }
 
 static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, std::vector<int> geometry,
-                   float lo, float hi, Array<float> output) {
+                   float lo, float hi, Array<float> residual, Array<float> output) {
   // geometry: filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left
   const int fh = geometry[0], fw = geometry[1], sh = geometry[2], sw = geometry[3];
   const int dh = geometry[4], dw = geometry[5], pt = geometry[6], pl = geometry[7];
@@ -524,9 +551,11 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
   const float* bs = bias.data();
   float* y = data(output);
   const int64_t pixels = static_cast<int64_t>(batch) * out_h * out_w;
+  if (residual.size() > 0 && residual.size() != output.size()) throw std::invalid_argument("conv2d: residual shape");
+  const float* res = residual.size() > 0 ? residual.data() : nullptr;
   const bool direct = fh == 1 && fw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0;
   py::gil_scoped_release release;
-  constexpr int kRowsPerTask = 64;
+  constexpr int kRowsPerTask = 96;  // a multiple of every path's row tile
   const int tasks = static_cast<int>((pixels + kRowsPerTask - 1) / kRowsPerTask);
   pool().parallel_for(tasks, [&](int t0, int t1) {
     std::vector<float> patch(direct ? 0 : static_cast<size_t>(kRowsPerTask) * k);
@@ -559,7 +588,7 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
         }
         a = patch.data();
       }
-      gemm_rows(a, rows, k, b, ldb, cout, bs, lo, hi, y + r0 * cout);
+      gemm_rows(a, rows, k, b, ldb, cout, bs, res ? res + r0 * cout : nullptr, lo, hi, y + r0 * cout);
     }
   });
 }
