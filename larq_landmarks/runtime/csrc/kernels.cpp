@@ -368,10 +368,14 @@ static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<in
       const int64_t first = static_cast<int64_t>(tile) * kBinaryPixelBlock;
       const int count = static_cast<int>(std::min<int64_t>(kBinaryPixelBlock, pixels - first));
       bool any_outside = false;
+      // coordinates of the tile's first pixel by division, the next ones by stepping
+      int b = static_cast<int>(first / (static_cast<int64_t>(out_h) * out_w));
+      int oy = static_cast<int>(first / out_w % out_h), ox = static_cast<int>(first % out_w);
       for (int p = 0; p < kBinaryPixelBlock; ++p) {
-        const int64_t pixel = first + std::min(p, count - 1);
-        const int b = static_cast<int>(pixel / (out_h * out_w));
-        const int oy = static_cast<int>(pixel / out_w % out_h), ox = static_cast<int>(pixel % out_w);
+        if (p > 0 && p < count && ++ox == out_w) {
+          ox = 0;
+          if (++oy == out_h) oy = 0, ++b;
+        }
         for (int fy = 0; fy < g.filter_h; ++fy)
           for (int fx = 0; fx < g.filter_w; ++fx) {
             const int y = oy * g.stride_h - g.pad_top + fy * g.dilation_h;
@@ -401,6 +405,24 @@ static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<in
                 for (int c = c0; c < c_end; ++c) acc[p][c - c0] += half_in - wpop[static_cast<int64_t>(t) * g.channels_out + c];
           }
           const int64_t pixel = first + p;
+#if defined(__AVX512F__)
+          // the output transform on 16 channels at a time (c0 is a multiple of 64)
+          for (int c = c0; c < c_end; c += 16) {
+            const int left = std::min(16, c_end - c);
+            const __mmask16 mk = static_cast<__mmask16>((1u << left) - 1u);
+            const __m512i a = _mm512_loadu_si512(acc[p] + (c - c0));
+            if (packed_output) {
+              const uint32_t bits = _mm512_mask_cmpgt_epi32_mask(mk, a, _mm512_maskz_loadu_epi32(mk, thr + c));
+              packed_bits[p * out_words + c / 32] |= bits << (c % 32);
+            } else {
+              __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(a, 1), _mm512_set1_epi32(clamp_min)),
+                                           _mm512_set1_epi32(clamp_max));
+              const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_maskz_loadu_ps(mk, mul + c),
+                                               _mm512_maskz_loadu_ps(mk, add + c));
+              _mm512_mask_storeu_ps(out_f + pixel * g.channels_out + c, mk, y);
+            }
+          }
+#else
           if (packed_output) {
             uint32_t* bits = packed_bits.data() + p * out_words;
             for (int c = c0; c < c_end; ++c) bits[c / 32] |= static_cast<uint32_t>(acc[p][c - c0] > thr[c]) << (c % 32);
@@ -411,6 +433,7 @@ static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<in
               o[c] = static_cast<float>(v) * mul[c] + add[c];
             }
           }
+#endif
         }
       }
       if (packed_output)
