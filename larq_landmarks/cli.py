@@ -193,6 +193,13 @@ def _data_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=10)
 
 
+def _tflite_arguments(parser):
+    parser.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce"],
+                        help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
+                        "cannot run the file), runtime, or lce")
+    parser.add_argument("--threads", type=int, default=1, help="threads for a .tflite model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="larq-landmarks", description="Binarized landmark localizers (Larq / LCE)."
@@ -234,10 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or segmentation scores, and optionally write them as JSON.")
     _data_arguments(evaluate)
     evaluate.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
-    evaluate.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce"],
-                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
-                         "cannot run the file), runtime, or lce")
-    evaluate.add_argument("--threads", type=int, default=1, help="threads for a .tflite model")
+    _tflite_arguments(evaluate)
     evaluate.add_argument("--flip-test", action="store_true", help="add the mirrored prediction")
     evaluate.add_argument("--json", help="write the tables to this JSON file")
     evaluate.set_defaults(run=_evaluate)
@@ -246,10 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Write landmarks.json and overlay PNGs to --out.")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
-    predict.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce"],
-                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
-                         "cannot run the file), runtime, or lce")
-    predict.add_argument("--threads", type=int, default=1, help="threads for a .tflite model")
+    _tflite_arguments(predict)
     predict.add_argument("--box", action="append", help="x1,y1,x2,y2 (repeat for several; "
                          "default: the faces BlazeFace finds)")
     predict.add_argument("--detector", default="front", choices=["front", "back", "full"],

@@ -9,8 +9,8 @@ import warnings
 from typing import Counter, Optional
 
 import larq as lq
-import numpy as np
 import larq_compute_engine as lce
+import numpy as np
 import tensorflow as tf
 from tensorflow.lite.python import schema_py_generated as schema
 
@@ -161,8 +161,7 @@ class TfliteModel:
             from larq_landmarks.runtime import Engine, UnsupportedModelError
 
             try:
-                runtime = Engine(flatbuffer, num_threads=num_threads)
-                runtime.graph.name = name
+                runtime = Engine(flatbuffer, num_threads=num_threads, name=name)
             except UnsupportedModelError as error:
                 if engine == "runtime":
                     raise

@@ -55,8 +55,7 @@ def _following_add(graph: Graph, op, producers, consumers):
             return None
     elif op.name != "CONV_2D" or op.options.FusedActivationFunction() != 0:
         return None
-    concat = op
-    out = concat.outputs[0]
+    out = op.outputs[0]
     readers = consumers.get(out, [])
     if out in graph.outputs or len(readers) != 1 or readers[0].name != "ADD":
         return None
@@ -70,7 +69,7 @@ def _following_add(graph: Graph, op, producers, consumers):
     if graph.tensors[others[0]].shape != graph.tensors[out].shape or graph.tensors[out].dtype != np.float32:
         return None
     producer = producers.get(others[0])
-    if producer is not None and producer.index > concat.index:
+    if producer is not None and producer.index > op.index:
         return None
     if op.name == "CONCATENATION":
         return others[0], add.outputs[0]
@@ -84,15 +83,17 @@ class Engine:
         model: path of a ``.tflite`` file, or its bytes.
         num_threads: threads the kernels split each op over.
         kernels: ``"auto"`` (the best the CPU runs), ``"avx512"``, ``"avx2"`` or ``"portable"``.
+        name: how errors refer to the model when it is given as bytes (default "model").
 
     Raises:
         UnsupportedModelError: the file is not a TFLite flatbuffer, or holds an op or option the
             runtime does not implement (the message names both; LCE's interpreter runs it).
     """
 
-    def __init__(self, model: Union[str, os.PathLike, bytes], num_threads: int = 1, kernels: str = "auto"):
+    def __init__(self, model: Union[str, os.PathLike, bytes], num_threads: int = 1, kernels: str = "auto",
+                 name: Optional[str] = None):
         if isinstance(model, (bytes, bytearray)):
-            flatbuffer, name = bytes(model), "model"
+            flatbuffer, name = bytes(model), name or "model"
         else:
             name = str(model)
             if not os.path.isfile(name):
