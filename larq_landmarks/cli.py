@@ -193,11 +193,25 @@ def _data_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=10)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
+
+
 def _tflite_arguments(parser):
     parser.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce"],
                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
                         "cannot run the file), runtime, or lce")
-    parser.add_argument("--threads", type=int, default=1, help="threads for a .tflite model")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="threads for a .tflite model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--detector", default="front", choices=["front", "back", "full"],
                          help="BlazeFace model for images without --box: front (close faces, "
                          "default), back, full (faces up to ~5 m)")
-    predict.add_argument("--min-score", type=float, default=0.5, help="detection confidence to keep a face")
+    predict.add_argument("--min-score", type=_fraction, default=0.5, help="detection confidence to keep a face (0..1)")
     predict.add_argument("--person", action="store_true", help="boxes are person boxes")
     predict.add_argument("--flip-test", action="store_true")
     predict.add_argument("--out", default="predictions")

@@ -94,3 +94,10 @@ def test_every_subcommand_has_help(command, capsys):
         cli.main([command, "--help"])
     assert exit.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option,value", [("--threads", "0"), ("--min-score", "1.5"), ("--threads", "two")])
+def test_bad_runtime_and_detector_options_are_named(option, value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["predict", "x.jpg", "--model", "m.tflite", option, value])
+    assert exit.value.code == 2 and f"argument {option}" in capsys.readouterr().err
