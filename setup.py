@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=["larq_landmarks", "larq_landmarks.datasets", "larq_landmarks.runtime", "larq_landmarks.named_models"],
     package_dir={"larq_landmarks.named_models": "models"},
-    package_data={"larq_landmarks.named_models": ["*.json"]},
+    package_data={"larq_landmarks.named_models": ["*.json"], "larq_landmarks.runtime": ["csrc/*.cu"]},
     ext_modules=kernels,
     install_requires=[
         "tensorflow>=2.21,<2.22",
@@ -47,6 +47,10 @@ setup(
         "tflite>=2.10",
         "flatbuffers>=23",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5,<4"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5,<4"],
+        # the runtime's GPU kernels (kernels="cuda"): CuPy for CUDA 13; on CUDA 12 install cupy-cuda12x instead
+        "cuda": ["cupy-cuda13x>=13"],
+    },
     entry_points={"console_scripts": ["larq-landmarks=larq_landmarks.cli:main"]},
 )

@@ -88,12 +88,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from larq_landmarks import evaluation, export
     from larq_landmarks.datasets import formats
     from larq_landmarks.predictor import InputError, Predictor, flip_test
-    from larq_landmarks.runtime import UnsupportedModelError
+    from larq_landmarks.runtime import CudaUnavailableError, UnsupportedModelError
 
     fmt = formats.get_format(args.format)
     try:
         predictor = Predictor.from_path(args.model, num_threads=args.threads, engine=args.engine)
-    except (InputError, export.NotOurModelError, UnsupportedModelError) as error:
+    except (InputError, export.NotOurModelError, UnsupportedModelError, CudaUnavailableError) as error:
         _fail("evaluate", str(error))
     expected = 7 if args.task == "segmentation" else fmt.num_points
     if predictor.num_landmarks != expected:
@@ -129,12 +129,12 @@ def _predict(args: argparse.Namespace) -> int:
     from larq_landmarks import export, visualize
     from larq_landmarks.atomic import atomic_path
     from larq_landmarks.predictor import InputError, Predictor, load_rgb
-    from larq_landmarks.runtime import UnsupportedModelError
+    from larq_landmarks.runtime import CudaUnavailableError, UnsupportedModelError
 
     try:
         predictor = Predictor.from_path(args.model, "person" if args.person else "face", args.flip_test,
                                         num_threads=args.threads, engine=args.engine)
-    except (InputError, export.NotOurModelError, UnsupportedModelError) as error:
+    except (InputError, export.NotOurModelError, UnsupportedModelError, CudaUnavailableError) as error:
         _fail("predict", str(error))
     boxes = [[float(v) for v in box.split(",")] for box in args.box or []]
     if any(len(b) != 4 for b in boxes):
@@ -208,9 +208,9 @@ def _fraction(text: str) -> float:
 
 
 def _tflite_arguments(parser):
-    parser.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce"],
+    parser.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce", "cuda"],
                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
-                        "cannot run the file), runtime, or lce")
+                        "cannot run the file), runtime, lce, or cuda (the runtime on an NVIDIA GPU; needs CuPy)")
     parser.add_argument("--threads", type=_positive_int, default=1, help="threads for a .tflite model")
 
 

@@ -134,7 +134,7 @@ def interpreter(flatbuffer: bytes, num_threads: int = 1, use_xnnpack: bool = Fal
                        use_indirect_bgemm=use_indirect_bgemm)
 
 
-ENGINES = ("auto", "runtime", "lce")
+ENGINES = ("auto", "runtime", "lce", "cuda")
 
 
 class TfliteModel:
@@ -144,12 +144,13 @@ class TfliteModel:
         flatbuffer: the file's bytes.
         engine: ``"runtime"`` (this package's bit-packed kernels, :mod:`larq_landmarks.runtime`),
             ``"lce"`` (LCE's interpreter) or ``"auto"``: the runtime, falling back to LCE's
-            interpreter with a warning that names the reason when the runtime cannot run the file.
-        num_threads: threads for either engine.
+            interpreter with a warning that names the reason when the runtime cannot run the file;
+            ``"cuda"``: the runtime's GPU kernels (CuPy and an NVIDIA GPU; no fallback).
+        num_threads: threads for the CPU engines.
         name: how errors and warnings refer to the file.
 
     Attributes:
-        engine: the engine that runs it (``"runtime"`` or ``"lce"``); ``kernels``: the runtime's
+        engine: the engine that runs it (``"runtime"``, ``"lce"`` or ``"cuda"``); ``kernels``: the runtime's
         kernel path, or None under LCE; ``input_shape`` and ``output_shape`` as stored.
     """
 
@@ -157,6 +158,14 @@ class TfliteModel:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}; use one of {ENGINES}")
         self.kernels = None
+        if engine == "cuda":
+            from larq_landmarks.runtime import Engine
+
+            runtime = Engine(flatbuffer, kernels="cuda", name=name)
+            self.engine, self.kernels = "cuda", runtime.kernels
+            self.input_shape, self.output_shape = runtime.input_shape, runtime.output_shape
+            self._predict = runtime.predict
+            return
         if engine in ("auto", "runtime"):
             from larq_landmarks.runtime import Engine, UnsupportedModelError
 

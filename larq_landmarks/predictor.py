@@ -103,8 +103,8 @@ class Predictor:
         """Load a saved Keras model (``.keras`` / SavedModel folder / ``.h5``) or a ``.tflite``.
 
         ``engine`` runs a ``.tflite``: ``"auto"`` (this package's bit-packed runtime, or LCE's
-        interpreter with a warning where the runtime cannot run the file), ``"runtime"`` or
-        ``"lce"``."""
+        interpreter with a warning where the runtime cannot run the file), ``"runtime"``, ``"lce"``
+        or ``"cuda"`` (the runtime on an NVIDIA GPU, CuPy needed)."""
         if not os.path.exists(path):
             raise InputError(f"{path}: model not found")
         if str(path).endswith(".tflite"):
@@ -168,32 +168,69 @@ class Predictor:
         Returns:
             ``(points, scores)``: ``(N, K, 2)`` image pixels and ``(N, K)`` heatmap peaks.
         """
+        crops, matrices = self._prepare(image, boxes, name)
+        if not len(crops):
+            return self._no_points()
+        points, scores = heatmaps_to_image(self._heatmaps(crops), matrices)
+        return points.numpy(), scores.numpy()
+
+    def _prepare(self, image: ImageLike, boxes, name: Optional[str]):
+        """The model's input crops of ``image`` for ``boxes`` (detected when None), and their
+        crop-to-image matrices."""
         name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
         pixels = load_rgb(image, name)
         if boxes is None:
             boxes = self.detect(pixels, name)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4) if len(boxes) else np.zeros((0, 4), np.float32)
         if not len(boxes):
-            return np.zeros((0, self.num_landmarks, 2), np.float32), np.zeros((0, self.num_landmarks), np.float32)
-        crops, matrices = self._crops(pixels, boxes, name)
+            return np.zeros((0, self.input_size, self.input_size, 3), np.float32), None
+        return self._crops(pixels, boxes, name)
+
+    def _no_points(self):
+        return np.zeros((0, self.num_landmarks, 2), np.float32), np.zeros((0, self.num_landmarks), np.float32)
+
+    def _heatmaps(self, crops: np.ndarray):
         if self.permutation is not None:
-            heatmaps = flip_test(self._predict, crops, self.permutation) / 2.0
-        else:
-            heatmaps = self._predict(crops)
-        points, scores = heatmaps_to_image(heatmaps, matrices)
-        return points.numpy(), scores.numpy()
+            return flip_test(self._predict, crops, self.permutation) / 2.0
+        return self._predict(crops)
 
     def predict_many(self, images: Sequence[ImageLike],
                      boxes: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None,
-                     progress: bool = False) -> List[tuple]:
-        """:meth:`predict` over many images (``boxes[i]`` for ``images[i]``; ``None``: detect)."""
+                     progress: bool = False, batch_size: int = 64) -> List[tuple]:
+        """:meth:`predict` over many images (``boxes[i]`` for ``images[i]``; ``None``: detect).
+        The faces of several images go through the model together, up to ``batch_size`` crops a
+        call (what a GPU engine needs to be fast)."""
         if boxes is None:
             boxes = [None] * len(images)
         if len(images) != len(boxes):
             raise InputError(f"{len(images)} images but {len(boxes)} box lists")
+        if batch_size < 1:
+            raise InputError(f"batch_size={batch_size} must be at least 1")
         items = zip(images, boxes)
         if progress:
             from tqdm import tqdm
 
             items = tqdm(items, total=len(images), desc="predict", unit="image")
-        return [self.predict(image, image_boxes) for image, image_boxes in items]
+        results: List[tuple] = []
+        pending: List[tuple] = []  # (result index, crops, matrices) waiting for one model call
+
+        def run_pending():
+            if not pending:
+                return
+            heatmaps = self._heatmaps(np.concatenate([crops for _, crops, _ in pending]))
+            start = 0
+            for index, crops, matrices in pending:
+                points, scores = heatmaps_to_image(heatmaps[start:start + len(crops)], matrices)
+                results[index] = (points.numpy(), scores.numpy())
+                start += len(crops)
+            pending.clear()
+
+        for image, image_boxes in items:
+            crops, matrices = self._prepare(image, image_boxes, None)
+            results.append(self._no_points())
+            if len(crops):
+                pending.append((len(results) - 1, crops, matrices))
+            if sum(len(c) for _, c, _ in pending) >= batch_size:
+                run_pending()
+        run_pending()
+        return results

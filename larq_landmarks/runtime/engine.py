@@ -5,6 +5,8 @@ TensorFlow.
     engine = Engine("face.tflite", num_threads=2)
     heatmaps = engine.predict(images)        # (B, S, S, 3) float32 -> (B, S/4, S/4, K)
     engine.kernels                           # "avx512", "avx2" or "portable"
+
+    gpu = Engine("face.tflite", kernels="cuda")  # the whole model on an NVIDIA GPU (needs CuPy)
 """
 import os
 import time
@@ -82,12 +84,16 @@ class Engine:
     Args:
         model: path of a ``.tflite`` file, or its bytes.
         num_threads: threads the kernels split each op over.
-        kernels: ``"auto"`` (the best the CPU runs), ``"avx512"``, ``"avx2"`` or ``"portable"``.
+        kernels: ``"auto"`` (the best the CPU runs), ``"avx512"``, ``"avx2"`` or ``"portable"``;
+            or on an NVIDIA GPU (CuPy needed, weights uploaded once, inputs and outputs NumPy):
+            ``"cuda"`` (1-bit tensor cores on sm_80 and newer, else the popcount kernel) or
+            ``"cuda-popcount"``.
         name: how errors refer to the model when it is given as bytes (default "model").
 
     Raises:
         UnsupportedModelError: the file is not a TFLite flatbuffer, or holds an op or option the
             runtime does not implement (the message names both; LCE's interpreter runs it).
+        CudaUnavailableError: ``kernels="cuda"`` without CuPy or a GPU.
     """
 
     def __init__(self, model: Union[str, os.PathLike, bytes], num_threads: int = 1, kernels: str = "auto",
@@ -103,7 +109,12 @@ class Engine:
         if num_threads < 1:
             raise ValueError(f"num_threads={num_threads} must be at least 1")
         self.graph = read_graph(flatbuffer, name)
-        self._kernels = kernel_paths.load(kernels)
+        if kernels.startswith("cuda"):
+            from larq_landmarks.runtime import cuda
+
+            self._kernels = cuda.load(kernels)
+        else:
+            self._kernels = kernel_paths.load(kernels)
         self.kernels: str = self._kernels.path
         self.num_threads = num_threads
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
@@ -175,7 +186,8 @@ class Engine:
         return self.graph.tensors[self.graph.outputs[0]].shape
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Run the model on ``images`` (``(B, H, W, C)`` float32, any batch size)."""
+        """Run the model on ``images`` (``(B, H, W, C)`` float32, any batch size). On the GPU
+        kernels a CuPy array stays on the GPU: the result is then a CuPy array too."""
         return self._run(images, None)
 
     def profile(self, images: np.ndarray) -> List[Tuple[str, str, float]]:
@@ -186,21 +198,27 @@ class Engine:
         self._run(images, times)
         return times
 
-    def _run(self, images: np.ndarray, times: Optional[list]) -> np.ndarray:
-        images = np.asarray(images)
+    def _run(self, images, times: Optional[list]):
+        kernels = self._kernels
+        upload, synchronize = getattr(kernels, "upload", None), getattr(kernels, "synchronize", None)
+        on_device = upload is not None and hasattr(images, "__cuda_array_interface__")  # CuPy in, CuPy out
+        images = images if on_device else np.asarray(images)
         expected = self.input_shape[1:]
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"{self.graph.name}: input must have shape (B, {', '.join(map(str, expected))}), "
                              f"got {images.shape}")
-        if not np.issubdtype(images.dtype, np.floating):
+        if images.dtype.kind != "f":
             raise ValueError(f"{self.graph.name}: input must be float, got {images.dtype}")
-        values = ops.Values(len(self.graph.tensors), self._pool)
-        values[self.graph.inputs[0]] = np.ascontiguousarray(images, np.float32)
-        self._kernels.set_num_threads(self.num_threads)
+        values = ops.Values(len(self.graph.tensors), self._pool, getattr(kernels, "empty", np.empty))
+        images = images.astype(np.float32, copy=False) if on_device else np.ascontiguousarray(images, np.float32)
+        values[self.graph.inputs[0]] = images if upload is None else upload(images)
+        kernels.set_num_threads(self.num_threads)
         for step, op, release in zip(self._steps, self._step_ops, self._release_after):
             start = time.perf_counter()
             step(values)
             if times is not None:
+                if synchronize is not None:  # GPU kernels run asynchronously
+                    synchronize()
                 label = "BN+LceQuantize" if op.index in self._fused else op.name
                 label = f"{op.name}+ADD" if op.index in self._residuals else label
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
@@ -208,4 +226,5 @@ class Engine:
             for i in release:
                 values.release(values[i])
                 values[i] = None
-        return values[self.graph.outputs[0]]
+        output = values[self.graph.outputs[0]]
+        return output if upload is None or on_device else kernels.download(output)

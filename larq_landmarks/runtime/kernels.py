@@ -36,9 +36,10 @@ def available() -> List[str]:
 
 
 def load(kernels: str = "auto") -> ModuleType:
-    """The kernel module for ``kernels`` (``"auto"`` or one of ``PATHS``)."""
+    """The kernel module for ``kernels`` (``"auto"`` or one of ``PATHS``; the GPU's
+    ``"cuda"`` paths are :func:`larq_landmarks.runtime.cuda.load`)."""
     if kernels != "auto" and kernels not in PATHS:
-        raise ValueError(f"kernels={kernels!r}; use 'auto' or one of {PATHS}")
+        raise ValueError(f"kernels={kernels!r}; use 'auto', one of {PATHS}, or 'cuda' / 'cuda-popcount' on a GPU")
     paths = available()
     if kernels == "auto":
         return _module(paths[0])

@@ -18,15 +18,17 @@ Run = Callable[["Values"], None]
 
 class Values(list):
     """The tensors of one run, indexed like the graph's; ``alloc`` hands out output buffers
-    that the engine recycles once their last reader has run (no page faults after the first run)."""
+    that the engine recycles once their last reader has run (no page faults after the first run).
+    ``empty`` makes new buffers: ``np.empty``, or the GPU kernels' ``empty`` for CuPy arrays."""
 
-    def __init__(self, count: int, pool: Dict[tuple, list]):
+    def __init__(self, count: int, pool: Dict[tuple, list], empty: Callable = np.empty):
         super().__init__([None] * count)
         self.pool = pool
+        self.empty = empty
 
-    def alloc(self, shape: tuple, dtype) -> np.ndarray:
+    def alloc(self, shape: tuple, dtype):
         free = self.pool.get((tuple(shape), np.dtype(dtype)))
-        return free.pop() if free else np.empty(shape, dtype)
+        return free.pop() if free else self.empty(shape, dtype)
 
     def release(self, array: np.ndarray) -> None:
         self.pool.setdefault((array.shape, array.dtype), []).append(array)
@@ -54,6 +56,12 @@ def _constant(graph, op, position: int, dtype=None) -> np.ndarray:
     if tensor.data is None:
         raise _unsupported(graph, op, f"a non-constant input {position} ({tensor.name})")
     return np.ascontiguousarray(tensor.data if dtype is None else tensor.data.astype(dtype))
+
+
+def _on_device(kernels, array: np.ndarray):
+    """A constant where the kernels run: unchanged for the CPU modules, uploaded once for the GPU's."""
+    upload = getattr(kernels, "upload", None)
+    return array if upload is None else upload(array)
 
 
 def _check_float(graph, op, positions=(0,)):
@@ -85,7 +93,7 @@ def lce_quantize(graph: Graph, op: Operator, kernels, source: Optional[int] = No
             return np.zeros(0, np.float32)
         return np.ascontiguousarray(np.broadcast_to(values.astype(np.float32).reshape(-1), (channels,)))
 
-    scale, shift = per_channel(multiplier), per_channel(bias)
+    scale, shift = _on_device(kernels, per_channel(multiplier)), _on_device(kernels, per_channel(bias))
 
     def run(values):
         x = values[source]
@@ -151,7 +159,8 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
         clamp = (-high + k_total, -low + k_total)
     weights = kernels.prepare_binary_weights(filters)
     bits = np.unpackbits(filters.view(np.uint8), axis=-1).reshape(cout, fh * fw, -1)
-    weight_popcounts = np.ascontiguousarray(bits.sum(-1, dtype=np.int32).T)  # [taps, Cout]
+    weight_popcounts = _on_device(kernels, np.ascontiguousarray(bits.sum(-1, dtype=np.int32).T))  # [taps, Cout]
+    multiplier, bias, thresholds = (_on_device(kernels, v) for v in (multiplier, bias, thresholds))
     sh, sw = int(o["stride_height"]), int(o["stride_width"])
     dh, dw = int(o.get("dilation_height_factor", 1)), int(o.get("dilation_width_factor", 1))
     source, target = op.inputs[0], op.outputs[0]
@@ -182,12 +191,13 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[int] = None,
     cout, fh, fw, _ = filters.shape
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
     weights = kernels.prepare_float_weights(filters)
+    bias = _on_device(kernels, bias)
     if residual is not None and o.FusedActivationFunction() != 0:
         raise _unsupported(graph, op, "an ADD fused after an activation")
     low, high = _activation(graph, op, add_activation if residual is not None else o.FusedActivationFunction())
     sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
     source, target = op.inputs[0], op.outputs[0] if target is None else target
-    none = np.zeros(0, np.float32)
+    none = _on_device(kernels, np.zeros(0, np.float32))
 
     def run(values):
         x = values[source]
@@ -206,7 +216,8 @@ def _elementwise(graph: Graph, op: Operator, kernels, code: int) -> Run:
     _check_float(graph, op, (0, 1))
     low, high = _activation(graph, op, op.options.FusedActivationFunction() if op.options else 0)
     first, second, target = op.inputs[0], op.inputs[1], op.outputs[0]
-    constants = {i: graph.tensors[i].data.astype(np.float32) for i in (first, second) if graph.tensors[i].data is not None}
+    constants = {i: _on_device(kernels, graph.tensors[i].data.astype(np.float32))
+                 for i in (first, second) if graph.tensors[i].data is not None}
 
     def run(values):
         a = constants.get(first, values[first])
@@ -216,7 +227,8 @@ def _elementwise(graph: Graph, op: Operator, kernels, code: int) -> Run:
         trailing = b.shape[-1] if b.ndim else 1
         if b.size in (1, a.size) or (b.size == trailing and b.size == a.shape[-1]):
             out = values.alloc(a.shape, np.float32)
-            kernels.binary_elementwise(np.ascontiguousarray(a), np.ascontiguousarray(b).reshape(-1), code, low, high, out)
+            a, b = (v if v.flags.c_contiguous else v.copy() for v in (a, b))  # NumPy or CuPy
+            kernels.binary_elementwise(a, b.reshape(-1), code, low, high, out)
         else:  # general broadcasting, rare in these models
             out = np.clip(a + b if code == 0 else a * b, low, high).astype(np.float32)
         values[target] = out
@@ -238,7 +250,7 @@ def relu(graph: Graph, op: Operator, kernels) -> Run:
     """RELU."""
     _check_float(graph, op)
     source, target = op.inputs[0], op.outputs[0]
-    zero = np.zeros(1, np.float32)
+    zero = _on_device(kernels, np.zeros(1, np.float32))
 
     def run(values):
         x = values[source]
@@ -257,7 +269,7 @@ def concatenation(graph: Graph, op: Operator, kernels, residual: Optional[int] =
         raise _unsupported(graph, op, "a fused activation on CONCATENATION")
     axis, sources = op.options.Axis(), list(op.inputs)
     target = op.outputs[0] if target is None else target
-    none = np.zeros(0, np.float32)
+    none = _on_device(kernels, np.zeros(0, np.float32))
 
     def run(values):
         parts = [values[s] for s in sources]

@@ -1,0 +1,317 @@
+// The bit-packed runtime's CUDA kernels, compiled at run time by NVRTC through CuPy's RawModule
+// (larq_landmarks/runtime/cuda.py); no TensorFlow and no build step. Semantics are those of the
+// C++ kernels beside this file (kernels.cpp) and of LCE's ops: bit set = negative, padding bits
+// 0, accumulator = XOR popcount, float output float(clamp(2 * acc)) * multiplier + bias,
+// bit-packed output acc > threshold.
+//
+// The binary convolution is an implicit GEMM: rows are output pixels, columns output channels,
+// K the taps x input words of each pixel (tap-major, padded to 256 bits). Tensor cores on sm_80+
+// only have the AND form of the 1-bit MMA on Hopper, so each block counts popc(a & w) and the
+// epilogue forms the XOR count as popc(a) + popc(w) - 2 popc(a & w), with popc(a) summed from
+// per-pixel counts (pixel_popcounts) and popc(w) computed once when the weights are prepared.
+// runtime/cuda_tiles.py is a NumPy model of exactly this indexing, tested on the CPU.
+
+typedef unsigned int u32;
+typedef long long i64;
+
+#define BM 128     // output pixels per block
+#define BN 64      // output channels per block
+#define KW 8       // 32-bit words per K step (256 bits, one m16n8k256 MMA)
+#define LDS 12     // shared-memory row stride in words (conflict-free fragment loads)
+#define THREADS 256
+
+// LceQuantize: bit c of pixel p = (x * scale + shift) < 0, rounded as separate ops. One thread per
+// (pixel, channel), a warp's ballot is one output word.
+extern "C" __global__ void bitpack(const float* x, const float* scale, const float* shift, int has_scale,
+                                   int has_shift, i64 pixels, int channels, int words, int* out) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const i64 word = idx >> 5;
+  const int lane = threadIdx.x & 31;
+  const i64 pixel = word / words;
+  const int c = (int)(word - pixel * words) * 32 + lane;
+  bool bit = false;
+  if (pixel < pixels && c < channels) {
+    float v = x[pixel * channels + c];
+    if (has_scale) v = __fmul_rn(v, scale[c]);
+    if (has_shift) v = __fadd_rn(v, shift[c]);
+    bit = v < 0.0f;
+  }
+  const u32 ballot = __ballot_sync(0xffffffffu, bit);
+  if (lane == 0 && pixel < pixels) out[word] = (int)ballot;
+}
+
+// LceDequantize: +1 / -1 floats.
+extern "C" __global__ void unpack(const u32* x, i64 pixels, int channels, int words, float* out) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= pixels * channels) return;
+  const i64 pixel = idx / channels;
+  const int c = (int)(idx - pixel * channels);
+  out[idx] = ((x[pixel * words + (c >> 5)] >> (c & 31)) & 1u) ? -1.0f : 1.0f;
+}
+
+// Set bits of each pixel's packed channels: the row popcounts of the AND formulation.
+extern "C" __global__ void pixel_popcounts(const u32* x, i64 pixels, int words, int* out) {
+  const i64 pixel = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (pixel >= pixels) return;
+  int count = 0;
+  for (int w = 0; w < words; ++w) count += __popc(x[pixel * words + w]);
+  out[pixel] = count;
+}
+
+__device__ __forceinline__ void mma_and_popc(int* c, const u32* a, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+struct BconvArgs {
+  const u32* x;            // [N, H, W, words] bit-packed input
+  const u32* w;            // [Cout padded to BN, k_steps * KW] weights, K = tap-major, zero padded
+  const int* pixel_pop;    // [N, H, W] set bits per input pixel
+  const int* weight_pop;   // [Cout padded] set bits per output channel (all taps)
+  const int* tap_pop;      // [taps, Cout] set bits per tap and channel (zero-padding correction)
+  const float* multiplier; // [Cout] float output: out = float(clamp(2 acc)) * multiplier + bias
+  const float* bias;
+  const int* thresholds;   // [Cout] bit-packed output: bit = acc > threshold
+  void* out;
+  int batch, height, width, words, out_h, out_w, channels_in, channels_out;
+  int filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, pad_value;
+  int k_words, k_steps, clamp_min, clamp_max, packed_output;
+};
+
+// One block: BM pixels x BN channels. kTensorCores: 8 warps as 4 (rows) x 2 (columns), each a 32 x 32
+// tile of 2 x 4 m16n8k256 MMAs; otherwise each thread counts 8 rows x 4 columns with __popc.
+template <bool kTensorCores>
+__device__ void bconv2d_block(const BconvArgs& g) {
+  __shared__ u32 a_s[BM * LDS];
+  __shared__ u32 b_s[BN * LDS];
+  __shared__ int c_s[BM * (BN + 1)];
+  __shared__ int row_pop[BM];
+  __shared__ unsigned long long row_outside[BM];
+  const int tid = threadIdx.x;
+  const i64 rows = (i64)g.batch * g.out_h * g.out_w;
+  const i64 m0 = (i64)blockIdx.x * BM;
+  const int n0 = blockIdx.y * BN;
+
+  // each thread loads 4 consecutive K words of one row per step: row = tid / 2
+  const int load_row = tid >> 1, load_half = tid & 1;
+  const i64 m = m0 + load_row;
+  int b = 0, y0 = 0, x0 = 0;
+  if (m < rows) {
+    b = (int)(m / ((i64)g.out_h * g.out_w));
+    const int rest = (int)(m - (i64)b * g.out_h * g.out_w);
+    const int oy = rest / g.out_w, ox = rest - (rest / g.out_w) * g.out_w;
+    y0 = oy * g.stride_h - g.pad_top;
+    x0 = ox * g.stride_w - g.pad_left;
+  }
+  // row popcounts and the taps outside the image (first BM threads, one row each)
+  if (tid < BM) {
+    const i64 mr = m0 + tid;
+    int pop = 0;
+    unsigned long long outside = 0;
+    if (mr < rows) {
+      const int br = (int)(mr / ((i64)g.out_h * g.out_w));
+      const int rest = (int)(mr - (i64)br * g.out_h * g.out_w);
+      const int oy = rest / g.out_w, ox = rest - (rest / g.out_w) * g.out_w;
+      for (int fy = 0; fy < g.filter_h; ++fy)
+        for (int fx = 0; fx < g.filter_w; ++fx) {
+          const int y = oy * g.stride_h - g.pad_top + fy * g.dilation_h;
+          const int x = ox * g.stride_w - g.pad_left + fx * g.dilation_w;
+          if (y >= 0 && y < g.height && x >= 0 && x < g.width)
+            pop += g.pixel_pop[((i64)br * g.height + y) * g.width + x];
+          else
+            outside |= 1ull << (fy * g.filter_w + fx);
+        }
+    }
+    row_pop[tid] = pop;
+    row_outside[tid] = outside;
+  }
+
+  int acc[2][4][4];
+  int pacc[8][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) pacc[i][j] = 0;
+
+  const int k_stride = g.k_steps * KW;
+  for (int step = 0; step < g.k_steps; ++step) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int kk = step * KW + load_half * 4 + j;
+      u32 v = 0;
+      if (m < rows && kk < g.k_words) {
+        const int tap = kk / g.words, word = kk - tap * g.words;
+        const int fy = tap / g.filter_w, fx = tap - fy * g.filter_w;
+        const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
+        if (y >= 0 && y < g.height && x >= 0 && x < g.width)
+          v = g.x[(((i64)b * g.height + y) * g.width + x) * g.words + word];
+      }
+      a_s[load_row * LDS + load_half * 4 + j] = v;
+    }
+    {
+      const int n = tid >> 2, q = tid & 3;
+      const uint2 wv = *reinterpret_cast<const uint2*>(g.w + (i64)(n0 + n) * k_stride + step * KW + q * 2);
+      b_s[n * LDS + q * 2] = wv.x;
+      b_s[n * LDS + q * 2 + 1] = wv.y;
+    }
+    __syncthreads();
+    if (kTensorCores) {
+      const int warp = tid >> 5, lane = tid & 31, group = lane >> 2, t = lane & 3;
+      const int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = wm + i * 16 + group;
+        const u32 a[4] = {a_s[r * LDS + t], a_s[(r + 8) * LDS + t], a_s[r * LDS + t + 4], a_s[(r + 8) * LDS + t + 4]};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int n = wn + j * 8 + group;
+          mma_and_popc(acc[i][j], a, b_s[n * LDS + t], b_s[n * LDS + t + 4]);
+        }
+      }
+    } else {
+      const int tr = tid >> 4, tc = tid & 15;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const u32* ar = a_s + (tr + 16 * i) * LDS;
+          const u32* br = b_s + (tc + 16 * j) * LDS;
+#pragma unroll
+          for (int k = 0; k < KW; ++k) pacc[i][j] += __popc(ar[k] & br[k]);
+        }
+    }
+    __syncthreads();
+  }
+
+  // AND counts to shared memory (m16n8 accumulator layout: c0, c1 row g, columns 2t, 2t+1; c2, c3 row g+8)
+  if (kTensorCores) {
+    const int warp = tid >> 5, lane = tid & 31, group = lane >> 2, t = lane & 3;
+    const int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = wm + i * 16 + group, c = wn + j * 8 + 2 * t;
+        c_s[r * (BN + 1) + c] = acc[i][j][0];
+        c_s[r * (BN + 1) + c + 1] = acc[i][j][1];
+        c_s[(r + 8) * (BN + 1) + c] = acc[i][j][2];
+        c_s[(r + 8) * (BN + 1) + c + 1] = acc[i][j][3];
+      }
+  } else {
+    const int tr = tid >> 4, tc = tid & 15;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) c_s[(tr + 16 * i) * (BN + 1) + tc + 16 * j] = pacc[i][j];
+  }
+  __syncthreads();
+
+  // epilogue: XOR count, LCE's zero-padding correction, output transform; a warp is 32 channels
+  // of one pixel, so a ballot is one bit-packed output word
+  const int half_in = g.channels_in / 2;
+  const int out_words = (g.channels_out + 31) / 32;
+  for (int idx = tid; idx < BM * BN; idx += THREADS) {
+    const int r = idx / BN, col = idx - r * BN;
+    const i64 mr = m0 + r;
+    const int c = n0 + col;
+    const bool valid = mr < rows && c < g.channels_out;
+    int xor_count = 0;
+    if (valid) {
+      xor_count = row_pop[r] + g.weight_pop[c] - 2 * c_s[r * (BN + 1) + col];
+      if (g.pad_value == 0) {
+        unsigned long long outside = row_outside[r];
+        while (outside) {
+          const int tap = __ffsll((long long)outside) - 1;
+          outside &= outside - 1;
+          xor_count += half_in - g.tap_pop[(i64)tap * g.channels_out + c];
+        }
+      }
+    }
+    if (g.packed_output) {
+      const u32 word = __ballot_sync(0xffffffffu, valid && xor_count > g.thresholds[valid ? c : 0]);
+      if ((idx & 31) == 0 && mr < rows && c < g.channels_out)
+        reinterpret_cast<u32*>(g.out)[mr * out_words + c / 32] = word;
+    } else if (valid) {
+      const int v = min(max(2 * xor_count, g.clamp_min), g.clamp_max);
+      reinterpret_cast<float*>(g.out)[mr * g.channels_out + c] = fmaf((float)v, g.multiplier[c], g.bias[c]);
+    }
+  }
+}
+
+// CuPy passes scalars one by one: the kernels take them as arguments and gather them.
+#define BCONV_PARAMS                                                                                       \
+  const u32 *x, const u32 *w, const int *pixel_pop, const int *weight_pop, const int *tap_pop,              \
+      const float *multiplier, const float *bias, const int *thresholds, void *out, int batch, int height, \
+      int width, int words, int out_h, int out_w, int channels_in, int channels_out, int filter_h,         \
+      int filter_w, int stride_h, int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, \
+      int pad_value, int k_words, int k_steps, int clamp_min, int clamp_max, int packed_output
+#define BCONV_ARGS                                                                                        \
+  BconvArgs{x,        w,        pixel_pop,   weight_pop,   tap_pop,    multiplier, bias,      thresholds, \
+            out,      batch,    height,      width,        words,      out_h,      out_w,     channels_in, \
+            channels_out, filter_h, filter_w, stride_h,   stride_w,   dilation_h, dilation_w, pad_top,    \
+            pad_left, pad_value, k_words,    k_steps,      clamp_min,  clamp_max,  packed_output}
+
+extern "C" __global__ void __launch_bounds__(THREADS) bconv2d_tensor_cores(BCONV_PARAMS) {
+  bconv2d_block<true>(BCONV_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) bconv2d_popcount(BCONV_PARAMS) {
+  bconv2d_block<false>(BCONV_ARGS);
+}
+
+// im2col for float convolutions: cols[pixel, (fy, fx, c)] (zeros outside the image); cuBLAS does the GEMM.
+extern "C" __global__ void im2col(const float* x, int batch, int height, int width, int channels, int out_h,
+                                  int out_w, int filter_h, int filter_w, int stride_h, int stride_w, int dilation_h,
+                                  int dilation_w, int pad_top, int pad_left, float* cols) {
+  const i64 k = (i64)filter_h * filter_w * channels;
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (i64)batch * out_h * out_w * k) return;
+  const i64 pixel = idx / k;
+  const int kk = (int)(idx - pixel * k);
+  const int tap = kk / channels, c = kk - tap * channels;
+  const int fy = tap / filter_w, fx = tap - fy * filter_w;
+  const int b = (int)(pixel / ((i64)out_h * out_w));
+  const int rest = (int)(pixel - (i64)b * out_h * out_w);
+  const int oy = rest / out_w, ox = rest - oy * out_w;
+  const int y = oy * stride_h - pad_top + fy * dilation_h, xx = ox * stride_w - pad_left + fx * dilation_w;
+  cols[idx] = (y >= 0 && y < height && xx >= 0 && xx < width) ? x[(((i64)b * height + y) * width + xx) * channels + c]
+                                                               : 0.0f;
+}
+
+// MAX_POOL_2D (kind 0) and AVERAGE_POOL_2D (kind 1, mean over the taps inside the image), clamped.
+extern "C" __global__ void pool2d(const float* x, int batch, int height, int width, int channels, int out_h, int out_w,
+                                  int filter_h, int filter_w, int stride_h, int stride_w, int pad_top, int pad_left,
+                                  int kind, float lo, float hi, float* out) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (i64)batch * out_h * out_w * channels) return;
+  const i64 pixel = idx / channels;
+  const int c = (int)(idx - pixel * channels);
+  const int b = (int)(pixel / ((i64)out_h * out_w));
+  const int rest = (int)(pixel - (i64)b * out_h * out_w);
+  const int oy = rest / out_w, ox = rest - oy * out_w;
+  float acc = kind == 0 ? __int_as_float(0xff800000) : 0.0f;  // -inf
+  int taps = 0;
+  for (int fy = 0; fy < filter_h; ++fy)
+    for (int fx = 0; fx < filter_w; ++fx) {
+      const int y = oy * stride_h - pad_top + fy, xx = ox * stride_w - pad_left + fx;
+      if (y < 0 || y >= height || xx < 0 || xx >= width) continue;
+      ++taps;
+      const float v = x[(((i64)b * height + y) * width + xx) * channels + c];
+      acc = kind == 0 ? fmaxf(acc, v) : acc + v;
+    }
+  const float result = kind == 0 ? acc : acc * (1.0f / (float)max(taps, 1));
+  out[idx] = fminf(fmaxf(result, lo), hi);
+}

@@ -1,0 +1,229 @@
+"""The runtime's kernels on an NVIDIA GPU: the same functions as the C++ kernel modules
+(``bitpack``, ``bconv2d``, ``conv2d``, ...), on CuPy arrays, so :mod:`larq_landmarks.runtime.ops`
+and the engine run unchanged. Binary convolutions use the 1-bit tensor cores (``"cuda"``, sm_80
+and newer) or a plain ``__popc`` kernel (``"cuda-popcount"``, any GPU); float convolutions are
+im2col plus cuBLAS (``cupy.matmul``, TF32 off as CuPy's default), element-wise ops CuPy kernels.
+The CUDA source is ``runtime/csrc/kernels.cu``, compiled once per process by NVRTC.
+
+Needs CuPy (``pip install -e ".[cuda]"``) and a GPU, never TensorFlow.
+"""
+import os
+from typing import Optional
+
+import numpy as np
+
+PATHS = ("cuda", "cuda-popcount")
+BLOCK_ROWS, BLOCK_CHANNELS, STEP_WORDS, THREADS = 128, 64, 8, 256  # as in kernels.cu
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "kernels.cu")
+
+
+class CudaUnavailableError(RuntimeError):
+    """``kernels="cuda"`` asked for where CuPy or a GPU is missing."""
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as error:
+        raise CudaUnavailableError(
+            f"kernels='cuda' needs CuPy and an NVIDIA GPU: CuPy is not installed ({error}); "
+            "install it with `pip install -e \".[cuda]\"` or use the CPU kernels (kernels='auto')"
+        ) from error
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # no driver
+        raise CudaUnavailableError(f"kernels='cuda' needs an NVIDIA GPU: CUDA reports {error}") from error
+    if count < 1:
+        raise CudaUnavailableError("kernels='cuda' needs an NVIDIA GPU: none is visible")
+    return cupy
+
+
+class BinaryWeights:
+    """A binary convolution's weights on the GPU: ``words`` ``[Cout padded to 64, K words padded
+    to 8]`` (K tap-major, zero padded) and ``popcounts`` (set bits per output channel)."""
+
+    def __init__(self, words, popcounts, taps: int, words_per_tap: int):
+        self.words, self.popcounts = words, popcounts
+        self.taps, self.words_per_tap = taps, words_per_tap
+
+
+def layout_binary_weights(filters: np.ndarray):
+    """LCE's bit-packed filters ``[Cout, fh, fw, words]`` as the kernel's B matrix (NumPy):
+    ``([Cout padded, K words padded], popcounts [Cout padded])``."""
+    cout, fh, fw, words = filters.shape
+    k_words = fh * fw * words
+    rows = -(-cout // BLOCK_CHANNELS) * BLOCK_CHANNELS
+    steps = -(-k_words // STEP_WORDS)
+    matrix = np.zeros((rows, steps * STEP_WORDS), np.uint32)
+    matrix[:cout, :k_words] = filters.reshape(cout, k_words).view(np.uint32)
+    popcounts = np.unpackbits(matrix.view(np.uint8), axis=-1).sum(-1, dtype=np.int32)
+    return matrix, popcounts
+
+
+class CudaKernels:
+    """The kernel functions of the C++ modules, on the GPU. ``path`` is ``"cuda"`` (tensor cores)
+    or ``"cuda-popcount"``."""
+
+    def __init__(self, path: str = "cuda"):
+        if path not in PATHS:
+            raise ValueError(f"kernels={path!r}; the GPU paths are {PATHS}")
+        cp = _cupy()
+        self.cp = cp
+        self.compute_capability = int(cp.cuda.Device().compute_capability)  # e.g. 90 for sm_90
+        if path == "cuda" and self.compute_capability < 80:
+            path = "cuda-popcount"  # no 1-bit tensor cores before sm_80
+        self.path = path
+        with open(SOURCE, encoding="utf-8") as f:
+            self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
+        self._bconv = self._module.get_function("bconv2d_tensor_cores" if path == "cuda" else "bconv2d_popcount")
+        self._elementwise = cp.ElementwiseKernel(
+            "float32 a, raw float32 b, int64 n, int32 op, float32 lo, float32 hi", "float32 out",
+            "const float v = b[i % n]; const float r = op == 0 ? a + v : a * v; out = fminf(fmaxf(r, lo), hi);",
+            "larq_landmarks_binary_elementwise")
+        self._epilogue = cp.ElementwiseKernel(
+            "float32 y, raw float32 bias, int64 channels, float32 lo, float32 hi", "float32 out",
+            "out = fminf(fmaxf(y + bias[i % channels], lo), hi);", "larq_landmarks_conv_epilogue")
+        self._epilogue_residual = cp.ElementwiseKernel(
+            "float32 y, raw float32 bias, int64 channels, float32 residual, float32 lo, float32 hi", "float32 out",
+            "out = fminf(fmaxf((y + bias[i % channels]) + residual, lo), hi);", "larq_landmarks_conv_residual")
+        self._empty_float = cp.zeros(1, cp.float32)
+        self._empty_int = cp.zeros(1, cp.int32)
+
+    # --- what the engine and the ops need besides the kernels -------------------------------
+    def upload(self, array):
+        """A NumPy array (constant or input) on the GPU."""
+        return self.cp.ascontiguousarray(self.cp.asarray(array))
+
+    def download(self, array) -> np.ndarray:
+        return self.cp.asnumpy(array)
+
+    def empty(self, shape, dtype):
+        return self.cp.empty(shape, dtype)
+
+    def synchronize(self) -> None:
+        self.cp.cuda.get_current_stream().synchronize()
+
+    def set_num_threads(self, num_threads: int) -> None:
+        """Threads are a CPU notion; the GPU path ignores them."""
+
+    # --- kernels --------------------------------------------------------------------------------
+    def _launch(self, function, count: int, args, block: int = THREADS):
+        if count > 0:
+            function((int(-(-count // block)),), (block,), args)
+
+    def bitpack(self, x, scale, shift, out) -> None:
+        channels = x.shape[-1]
+        pixels = x.size // max(channels, 1)
+        words = out.shape[-1]
+        has_scale, has_shift = scale.size > 0, shift.size > 0
+        self._launch(self._module.get_function("bitpack"), pixels * words * 32, (
+            x, scale if has_scale else self._empty_float, shift if has_shift else self._empty_float,
+            np.int32(has_scale), np.int32(has_shift), np.int64(pixels), np.int32(channels), np.int32(words), out))
+
+    def unpack(self, x, channels: int, out) -> None:
+        pixels = out.size // max(channels, 1)
+        self._launch(self._module.get_function("unpack"), pixels * channels,
+                     (x, np.int64(pixels), np.int32(channels), np.int32(x.shape[-1]), out))
+
+    def prepare_binary_weights(self, filters: np.ndarray) -> BinaryWeights:
+        matrix, popcounts = layout_binary_weights(filters)
+        return BinaryWeights(self.upload(matrix), self.upload(popcounts), filters.shape[1] * filters.shape[2],
+                             filters.shape[3])
+
+    def bconv2d(self, x, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
+                thresholds, weight_popcounts, out) -> None:
+        cp = self.cp
+        cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left, pad_value = (int(v) for v in geometry)
+        batch, height, width, words = x.shape
+        if fh * fw > 64:
+            raise ValueError(f"bconv2d on the GPU: {fh}x{fw} filters have more than 64 taps")
+        pixels = batch * height * width
+        pixel_pop = cp.empty((pixels,), cp.int32)
+        self._launch(self._module.get_function("pixel_popcounts"), pixels,
+                     (x, np.int64(pixels), np.int32(words), pixel_pop))
+        out_h, out_w = out.shape[1], out.shape[2]
+        rows = batch * out_h * out_w
+        k_words = fh * fw * words
+        packed = thresholds.size > 0
+        grid = (int(-(-rows // BLOCK_ROWS)), int(weights.words.shape[0] // BLOCK_CHANNELS))
+        if rows == 0:
+            return
+        self._bconv(grid, (THREADS,), (
+            x, weights.words, pixel_pop, weights.popcounts, weight_popcounts,
+            self._empty_float if packed else multiplier, self._empty_float if packed else bias,
+            thresholds if packed else self._empty_int, out,
+            np.int32(batch), np.int32(height), np.int32(width), np.int32(words), np.int32(out_h), np.int32(out_w),
+            np.int32(cin), np.int32(cout), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(dh),
+            np.int32(dw), np.int32(pad_top), np.int32(pad_left), np.int32(pad_value), np.int32(k_words),
+            np.int32(weights.words.shape[1] // STEP_WORDS), np.int32(clamp_min), np.int32(clamp_max),
+            np.int32(packed)))
+
+    def prepare_float_weights(self, filters: np.ndarray):
+        """``[Cout, fh, fw, Cin]`` -> ``[fh * fw * Cin, Cout]`` on the GPU (im2col's column order)."""
+        cout = filters.shape[0]
+        return self.upload(np.ascontiguousarray(filters.reshape(cout, -1).T))
+
+    def conv2d(self, x, weights, bias, geometry, lo: float, hi: float, residual, out) -> None:
+        cp = self.cp
+        fh, fw, sh, sw, dh, dw, pad_top, pad_left = (int(v) for v in geometry)
+        batch, height, width, cin = x.shape
+        out_h, out_w, cout = out.shape[1], out.shape[2], out.shape[3]
+        rows = batch * out_h * out_w
+        if fh == fw == sh == sw == 1 and pad_top == pad_left == 0:
+            cols = x.reshape(rows, cin)
+        else:
+            k = fh * fw * cin
+            cols = cp.empty((rows, k), cp.float32)
+            self._launch(self._module.get_function("im2col"), rows * k, (
+                x, np.int32(batch), np.int32(height), np.int32(width), np.int32(cin), np.int32(out_h),
+                np.int32(out_w), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(dh), np.int32(dw),
+                np.int32(pad_top), np.int32(pad_left), cols))
+        flat = out.reshape(rows, cout)
+        cp.matmul(cols, weights, out=flat)
+        if residual.size > 0:
+            self._epilogue_residual(flat, bias, np.int64(cout), residual.reshape(rows, cout), np.float32(lo),
+                                    np.float32(hi), flat)
+        else:
+            self._epilogue(flat, bias, np.int64(cout), np.float32(lo), np.float32(hi), flat)
+
+    def binary_elementwise(self, a, b, op: int, lo: float, hi: float, out) -> None:
+        self._elementwise(a, b, np.int64(b.size), np.int32(op), np.float32(lo), np.float32(hi), out)
+
+    def pool2d(self, x, geometry, kind: int, lo: float, hi: float, out) -> None:
+        fh, fw, sh, sw, pad_top, pad_left = (int(v) for v in geometry)
+        batch, height, width, channels = x.shape
+        self._launch(self._module.get_function("pool2d"), out.size, (
+            x, np.int32(batch), np.int32(height), np.int32(width), np.int32(channels), np.int32(out.shape[1]),
+            np.int32(out.shape[2]), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(pad_top),
+            np.int32(pad_left), np.int32(kind), np.float32(lo), np.float32(hi), out))
+
+    def concat_channels(self, parts, residual, out) -> None:
+        offset = 0
+        for part in parts:
+            out[..., offset:offset + part.shape[-1]] = part
+            offset += part.shape[-1]
+        if residual.size > 0:
+            self.cp.add(out, residual, out=out)
+
+
+_LOADED: dict = {}
+
+
+def load(path: str = "cuda") -> CudaKernels:
+    """The GPU kernels (compiled once per process and path)."""
+    if path not in _LOADED:
+        _LOADED[path] = CudaKernels(path)
+    return _LOADED[path]
+
+
+def gpu_name() -> Optional[str]:
+    """The current GPU's name, or None without CuPy or a GPU."""
+    try:
+        cp = _cupy()
+    except CudaUnavailableError:
+        return None
+    properties = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    name = properties["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+

@@ -1,0 +1,406 @@
+"""The runtime's CUDA backend against cuDNN's float convolutions, on the GPU machine (numpy, CuPy
+and PyTorch; no TensorFlow there).
+
+    # here, with TensorFlow: the default model and the named configurations as .tflite files,
+    # with the CPU runtime's outputs for the GPU tests
+    python scripts/benchmark_gpu.py --prepare gpu_assets
+    # on the GPU machine
+    python scripts/benchmark_gpu.py --assets gpu_assets --json results.json --markdown docs/benchmarks.md
+
+Part 1, every distinct binary 3x3 conv shape of the default model at batch 1, 32 and 128: this
+runtime's kernel (bit-packed input, float output with LCE's output transform; tensor cores and
+the popcount fallback) against PyTorch's ``conv2d`` (cuDNN, channels-last) in float32 with TF32
+off (the papers' comparison), TF32 and bfloat16. Part 2, the whole default model: batch 1
+latency and batch 64 throughput, this runtime against the same network in float32 and bfloat16
+(the .tflite's graph run op by op in PyTorch, binary convolutions as float convolutions of the
++-1 values). Times are CUDA-event medians.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+DEFAULT = "binary_hpm_default"
+
+
+# --- preparing the models (with TensorFlow) -----------------------------------------------------
+def prepare(folder: str) -> None:
+    """The default model (256 x 256, 68 points) and every named binary configuration (small, as
+    the CPU parity test builds them), each as ``NAME.tflite`` with ``NAME.npz`` (images and this
+    runtime's CPU output)."""
+    import warnings
+
+    import larq_landmarks  # noqa: F401
+    import tensorflow as tf
+    from larq_landmarks import export, models
+    from larq_landmarks.runtime import Engine
+    from larq_landmarks.synthetic import trained_like_batch_norm
+
+    os.makedirs(folder, exist_ok=True)
+    built = {DEFAULT: (models.BinaryHourglass(68), 256, 2)}
+    for name, config in models.named_configurations().items():
+        if config["kwargs"].get("binary", True):
+            tf.keras.utils.set_random_seed(0)
+            built[name] = (models.build_named(name, 68, input_size=64, width=48, depth=2), 64, 3)
+    for name, (model, size, batch) in built.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flatbuffer = export.convert(trained_like_batch_norm(model), os.path.join(folder, name + ".tflite"))
+        images = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
+        np.savez(os.path.join(folder, name + ".npz"), images=images, cpu_output=Engine(flatbuffer).predict(images))
+        print("prepared", name, flush=True)
+
+
+# --- the same network in PyTorch, float ---------------------------------------------------------
+def torch_network(graph, dtype):
+    """The graph run op by op with PyTorch (NCHW, channels-last memory): bit-packed tensors are
+    +-1 floats and LceBconv2d a float convolution of them, with LCE's output transform."""
+    import torch
+    import torch.nn.functional as F
+
+    from larq_landmarks.runtime.ops import _nearest_indices, _same_padding
+
+    device = "cuda"
+
+    def constant(index, shape_like=None):
+        data = graph.tensors[index].data.astype(np.float32)
+        t = torch.tensor(data, device=device, dtype=dtype)
+        if data.ndim >= 1 and data.size > 1:
+            t = t.reshape(1, -1, 1, 1)
+        return t
+
+    def same(x, fh, fw, sh, sw, dh, dw, padding, value=0.0):
+        h, w = x.shape[2], x.shape[3]
+        out_h, top = _same_padding(h, fh, sh, dh, padding)
+        out_w, left = _same_padding(w, fw, sw, dw, padding)
+        bottom = max((out_h - 1) * sh + (fh - 1) * dh + 1 - h - top, 0)
+        right = max((out_w - 1) * sw + (fw - 1) * dw + 1 - w - left, 0)
+        return F.pad(x, (left, right, top, bottom), value=value) if (top or bottom or left or right) else x
+
+    activations = {0: None, 1: (0.0, None), 2: (-1.0, 1.0), 3: (0.0, 6.0)}
+
+    def activate(x, code):
+        bounds = activations[code]
+        return x if bounds is None else torch.clamp(x, bounds[0], bounds[1])
+
+    steps = []
+    for op in graph.operators:
+        o = op.options
+        if op.name == "LceQuantize":
+            steps.append((op, lambda v, op=op: torch.where(v[op.inputs[0]] < 0, -1.0, 1.0).to(dtype)))
+        elif op.name == "LceDequantize":
+            steps.append((op, lambda v, op=op: v[op.inputs[0]]))
+        elif op.name == "LceBconv2d":
+            filters = graph.tensors[op.inputs[1]].data
+            cout, fh, fw, _ = filters.shape
+            cin = int(o["channels_in"])
+            bits = np.unpackbits(filters.view(np.uint8), axis=-1, bitorder="little")[..., :cin]
+            weight = torch.tensor((1.0 - 2.0 * bits).transpose(0, 3, 1, 2), device=device, dtype=dtype)
+            weight = weight.contiguous(memory_format=torch.channels_last)
+            packed = graph.tensors[op.outputs[0]].dtype == np.int32
+            k_total = fh * fw * cin
+            if packed:
+                thresholds = torch.tensor(graph.tensors[op.inputs[4]].data.astype(np.float32), device=device,
+                                          dtype=torch.float32).reshape(1, -1, 1, 1)
+            else:
+                post_mul, post_bias = constant(op.inputs[2]), constant(op.inputs[3])
+
+            def run(v, op=op, weight=weight, fh=fh, fw=fw, packed=packed, k_total=k_total,
+                    thresholds=thresholds if packed else None,
+                    post=None if packed else (post_mul, post_bias)):
+                o = op.options
+                x = same(v[op.inputs[0]], fh, fw, o["stride_height"], o["stride_width"], 1, 1, o["padding"],
+                         1.0 if o["pad_values"] == 1 else 0.0)
+                dot = F.conv2d(x, weight, stride=(o["stride_height"], o["stride_width"]))
+                if packed:
+                    return torch.where((k_total - dot.float()) / 2 > thresholds, -1.0, 1.0).to(dtype)
+                return activate(dot, o["fused_activation_function"]) * post[0] + post[1]
+
+            steps.append((op, run))
+        elif op.name == "CONV_2D":
+            filters = graph.tensors[op.inputs[1]].data.astype(np.float32)
+            weight = torch.tensor(filters.transpose(0, 3, 1, 2), device=device, dtype=dtype)
+            weight = weight.contiguous(memory_format=torch.channels_last)
+            bias = torch.tensor(graph.tensors[op.inputs[2]].data.astype(np.float32), device=device, dtype=dtype)
+
+            def run(v, op=op, weight=weight, bias=bias):
+                o = op.options
+                fh, fw = weight.shape[2], weight.shape[3]
+                x = same(v[op.inputs[0]], fh, fw, o.StrideH(), o.StrideW(), o.DilationHFactor(),
+                         o.DilationWFactor(), o.Padding())
+                y = F.conv2d(x, weight, bias, stride=(o.StrideH(), o.StrideW()),
+                             dilation=(o.DilationHFactor(), o.DilationWFactor()))
+                return activate(y, o.FusedActivationFunction())
+
+            steps.append((op, run))
+        elif op.name in ("ADD", "MUL"):
+            consts = {i: constant(i) for i in op.inputs if graph.tensors[i].data is not None}
+
+            def run(v, op=op, consts=consts):
+                a, b = (consts[i] if i in consts else v[i] for i in op.inputs)
+                y = a + b if op.name == "ADD" else a * b
+                return activate(y, op.options.FusedActivationFunction() if op.options else 0)
+
+            steps.append((op, run))
+        elif op.name == "RELU":
+            steps.append((op, lambda v, op=op: torch.relu(v[op.inputs[0]])))
+        elif op.name == "CONCATENATION":
+            steps.append((op, lambda v, op=op: torch.cat([v[i] for i in op.inputs], 1)))
+        elif op.name in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
+            def run(v, op=op):
+                o = op.options
+                k, s = (o.FilterHeight(), o.FilterWidth()), (o.StrideH(), o.StrideW())
+                x = same(v[op.inputs[0]], k[0], k[1], s[0], s[1], 1, 1, o.Padding(),
+                         float("-inf") if op.name == "MAX_POOL_2D" else 0.0)
+                return F.max_pool2d(x, k, s) if op.name == "MAX_POOL_2D" else F.avg_pool2d(x, k, s)
+
+            steps.append((op, run))
+        elif op.name == "RESIZE_NEAREST_NEIGHBOR":
+            size = tuple(int(s) for s in graph.tensors[op.inputs[1]].data.reshape(-1))
+
+            def run(v, op=op, size=size):
+                x = v[op.inputs[0]]
+                ys = _nearest_indices(x.shape[2], size[0], bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters()))
+                xs = _nearest_indices(x.shape[3], size[1], bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters()))
+                return x[:, :, torch.tensor(ys, device=device)][:, :, :, torch.tensor(xs, device=device)]
+
+            steps.append((op, run))
+        else:
+            raise ValueError(f"the PyTorch baseline has no {op.name}")
+
+    def forward(images_nhwc):
+        v = {graph.inputs[0]: images_nhwc.permute(0, 3, 1, 2).to(dtype).contiguous(memory_format=torch.channels_last)}
+        for op, run in steps:
+            v[op.outputs[0]] = run(v)
+        return v[graph.outputs[0]].permute(0, 2, 3, 1).float()
+
+    return forward
+
+
+# --- timing -------------------------------------------------------------------------------------
+class _cupy_event:
+    """A CuPy CUDA event with PyTorch's ``elapsed_time(end)``."""
+
+    def __init__(self):
+        import cupy as cp
+
+        self.event = cp.cuda.Event()
+
+    def record(self):
+        self.event.record()
+
+    def synchronize(self):
+        self.event.synchronize()
+
+    def elapsed_time(self, end) -> float:
+        import cupy as cp
+
+        return cp.cuda.get_elapsed_time(self.event, end.event)
+
+
+def _time_cuda(function, runs: int, synchronize, event):
+    """Median milliseconds of ``function()`` over ``runs`` timed groups, after warm-up."""
+    for _ in range(3):
+        function()
+    synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = event(), event()
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def layers(flatbuffer: bytes, batches, runs: int):
+    import cupy as cp
+    import torch
+    import torch.nn.functional as F
+
+    from larq_landmarks.runtime import cuda, ops
+    from larq_landmarks.runtime.graph import read_graph
+
+    graph = read_graph(flatbuffer, "default")
+    shapes = {}
+    for op in graph.operators:
+        if op.name == "LceBconv2d":
+            cout, k = graph.tensors[op.inputs[1]].shape[:2]
+            size = graph.tensors[op.inputs[0]].shape[1]
+            shapes.setdefault((size, op.options["channels_in"], cout, k, op.options["stride_height"]), op)
+
+    def cupy_time(function):
+        return _time_cuda(function, runs, cp.cuda.get_current_stream().synchronize, _cupy_event)
+
+    def torch_time(function):
+        return _time_cuda(function, runs, torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True))
+
+    rows = []
+    rng = np.random.default_rng(1)
+    for (size, cin, cout, k, stride), op in sorted(shapes.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
+        if k != 3:
+            continue
+        for batch in batches:
+            macs = batch * (size // stride) ** 2 * k * k * cin * cout
+            row = {"input": f"{size}x{size}x{cin}", "filter": f"{k}x{k}, {cout} out, stride {stride}",
+                   "batch": batch, "macs": macs}
+            packed = cp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, size, size, (cin + 31) // 32),
+                                             dtype=np.int64).astype(np.int32))
+            for path in cuda.PATHS:
+                kernels = cuda.load(path)
+                run = ops.lce_bconv2d(graph, op, kernels)
+                values = ops.Values(len(graph.tensors), {}, kernels.empty)
+                values[op.inputs[0]] = packed
+                row[f"{path}_ms"] = cupy_time(lambda: run(values))
+            x = torch.randn(batch, cin, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+            w = torch.randn(cout, cin, k, k, device="cuda").contiguous(memory_format=torch.channels_last)
+            for label, dtype, tf32 in (("float32", torch.float32, False), ("tf32", torch.float32, True),
+                                       ("bf16", torch.bfloat16, False)):
+                torch.backends.cudnn.allow_tf32 = tf32
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                xd, wd = x.to(dtype), w.to(dtype)
+                row[f"{label}_ms"] = torch_time(lambda: F.conv2d(xd, wd, padding=k // 2, stride=stride))
+            torch.backends.cudnn.allow_tf32 = False
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del packed, x, w
+    return rows
+
+
+def whole_model(flatbuffer: bytes, runs: int):
+    import cupy as cp
+    import torch
+
+    from larq_landmarks.runtime import Engine
+    from larq_landmarks.runtime.graph import read_graph
+
+    graph = read_graph(flatbuffer, "default")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = []
+    for batch in (1, 64):
+        images = np.random.default_rng(0).uniform(size=(batch, 256, 256, 3)).astype(np.float32)
+        device_images = cp.asarray(images)
+        for path in ("cuda", "cuda-popcount"):
+            engine = Engine(flatbuffer, kernels=path, name="default")
+            # images already on the GPU stay there (no transfers, as for the PyTorch baselines)
+            ms = _time_cuda(lambda: engine.predict(device_images), runs, engine._kernels.synchronize, _cupy_event)
+            results.append({"engine": f"larq_landmarks.runtime ({path})", "batch": batch, "ms": ms})
+            print(json.dumps(results[-1]), flush=True)
+        x = torch.tensor(images, device="cuda")
+        for label, dtype in (("float32 (cuDNN, TF32 off)", torch.float32), ("bfloat16 (cuDNN)", torch.bfloat16)):
+            network = torch_network(graph, dtype)
+            with torch.no_grad():
+                ms = _time_cuda(lambda: network(x), runs, torch.cuda.synchronize,
+                                lambda: torch.cuda.Event(enable_timing=True))
+            results.append({"engine": f"same network in PyTorch, {label}", "batch": batch, "ms": ms})
+            print(json.dumps(results[-1]), flush=True)
+        del x, device_images
+    return results
+
+
+def agreement(flatbuffer: bytes, assets: str):
+    """The PyTorch float32 network against the CPU runtime's output (same landmarks?)."""
+    import torch
+
+    from larq_landmarks.runtime.graph import read_graph
+
+    data = np.load(os.path.join(assets, DEFAULT + ".npz"))
+    network = torch_network(read_graph(flatbuffer, "default"), torch.float32)
+    with torch.no_grad():
+        ours = network(torch.tensor(data["images"], device="cuda")).cpu().numpy()
+    cpu = data["cpu_output"]
+    peaks = lambda h: h.transpose(0, 3, 1, 2).reshape(h.shape[0], h.shape[3], -1).argmax(-1)
+    return {"same_peaks": float(np.mean(peaks(ours) == peaks(cpu))),
+            "mean_abs_difference_ratio": float(np.abs(ours - cpu).mean() / np.abs(cpu).mean())}
+
+
+def write_markdown(path: str, result: dict) -> None:
+    lines = [f"## Bit-packed inference on an NVIDIA GPU ({result['gpu']}, {result['date']})", "",
+             f"Command: `python scripts/benchmark_gpu.py --assets DIR --markdown docs/benchmarks.md` (models from "
+             "`--prepare DIR`: the default `binary_hpm`, 68 landmarks, 256x256, batch norms with trained-like statistics). "
+             "CUDA-event medians; this runtime's kernels are CuPy `RawModule` CUDA (`runtime/csrc/kernels.cu`); the "
+             "float baselines are PyTorch's `conv2d` on cuDNN, channels-last.", "",
+             "### Each 3x3 binary convolution shape of the default model", "",
+             "Binary conv: bit-packed input, float output with LCE's output transform. Ratios are float time / binary "
+             "time (tensor-core kernel).", "",
+             "| input | filter | batch | float32 (ms) | TF32 (ms) | bf16 (ms) | binary, tensor cores (ms) | binary, popcount (ms) | vs float32 | vs bf16 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["layers"]:
+        lines.append(f"| {r['input']} | {r['filter']} | {r['batch']} | {r['float32_ms']:.3f} | {r['tf32_ms']:.3f} | "
+                     f"{r['bf16_ms']:.3f} | {r['cuda_ms']:.3f} | {r['cuda-popcount_ms']:.3f} | "
+                     f"{r['float32_ms'] / r['cuda_ms']:.1f}x | {r['bf16_ms'] / r['cuda_ms']:.1f}x |")
+    lines += ["", "### The whole default model", "",
+              "| engine | batch 1 (ms) | batch 64 (ms) | batch 64 (images/s) | batch 64 vs float32 |", "|---|---:|---:|---:|---:|"]
+    by = {}
+    for r in result["whole_model"]:
+        by.setdefault(r["engine"], {})[r["batch"]] = r["ms"]
+    float32 = by["same network in PyTorch, float32 (cuDNN, TF32 off)"][64]
+    for engine, ms in by.items():
+        lines.append(f"| {engine} | {ms[1]:.2f} | {ms[64]:.1f} | {64000 / ms[64]:.0f} | {float32 / ms[64]:.2f}x |")
+    if "agreement" in result:
+        a = result["agreement"]
+        lines += ["", f"The PyTorch float32 network computes the same function: {100 * a['same_peaks']:.1f}% of the "
+                  "heatmap peaks equal the CPU runtime's on the prepared images."]
+    section = "\n".join(lines) + "\n"
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
+    start = text.find("## Bit-packed inference on an NVIDIA GPU")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prepare", metavar="DIR", help="write the models and CPU outputs (needs TensorFlow)")
+    parser.add_argument("--assets", metavar="DIR", help="folder written by --prepare")
+    parser.add_argument("--parts", default="layers,model", help="layers, model (comma-separated)")
+    parser.add_argument("--batches", default="1,32,128", help="batch sizes of the per-layer table")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--markdown", help="update this file's GPU section")
+    args = parser.parse_args(argv)
+    if args.prepare:
+        prepare(args.prepare)
+        return
+    if not args.assets:
+        parser.error("--assets DIR (from --prepare DIR) is needed on the GPU machine")
+    from larq_landmarks.runtime import cuda
+
+    with open(os.path.join(args.assets, DEFAULT + ".tflite"), "rb") as f:
+        flatbuffer = f.read()
+    result = {"gpu": cuda.gpu_name(), "date": datetime.date.today().isoformat()}
+    import torch
+
+    torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm for each shape
+    parts = args.parts.split(",")
+    if "layers" in parts:
+        result["layers"] = layers(flatbuffer, [int(b) for b in args.batches.split(",")], args.runs)
+    if "model" in parts:
+        try:
+            result["agreement"] = agreement(flatbuffer, args.assets)
+            print(json.dumps(result["agreement"]), flush=True)
+        except Exception as error:  # the timing below does not depend on it
+            print(f"agreement check failed: {error!r}", flush=True)
+        result["whole_model"] = whole_model(flatbuffer, max(5, args.runs // 2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown and "layers" in result and "whole_model" in result:
+        write_markdown(args.markdown, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The runtime's CUDA backend (issue 11).
+
+On the CPU (always): the NumPy model of the CUDA binary convolution (its tile indexing, m16n8k256
+fragment layout and AND-popcount formulation, ``runtime/cuda_tiles.py``) gives LCE's accumulators;
+asking for the GPU without CuPy or a GPU is a clear error. On a GPU (skipped elsewhere): the CUDA
+kernels' accumulators are bit-exact against the same reference and this runtime's CPU kernels,
+and whole models match the CPU runtime. No TensorFlow is imported here, so the GPU tests run on a
+machine without it (``pytest --noconftest tests/test_runtime_cuda.py`` with the models made by
+``scripts/benchmark_gpu.py --prepare DIR`` and ``LARQ_LANDMARKS_GPU_ASSETS=DIR``).
+"""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from larq_landmarks.runtime import cuda, cuda_tiles, ops
+from larq_landmarks.runtime.ops import _same_padding
+
+from binary_reference import CASES, bconv_graph, pack_bits, reference_accumulators
+
+# the GPU tests' cases add blocks of more than 128 pixels and 64 channels and several K steps
+GPU_CASES = CASES + [(256, 192, 3, 1, True, 0), (64, 32, 3, 1, True, 1), (32, 64, 3, 2, True, 0)]
+
+
+def _gpu_available() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        return cuda.gpu_name() is not None
+    except Exception:
+        return False
+
+
+GPU = _gpu_available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no CuPy or no NVIDIA GPU here")
+
+
+def _random_layer(cin, cout, k, seed, size=(2, 9, 11)):
+    rng = np.random.default_rng(seed)
+    x_bits = rng.integers(0, 2, size + (cin,), dtype=np.uint8)
+    w_bits = rng.integers(0, 2, (cout, k, k, cin), dtype=np.uint8)
+    return x_bits, w_bits
+
+
+def _geometry(x_shape, cin, cout, k, stride, same, pad_value):
+    out_h, top = _same_padding(x_shape[1], k, stride, 1, 0 if same else 1)
+    out_w, left = _same_padding(x_shape[2], k, stride, 1, 0 if same else 1)
+    return [cin, cout, k, k, stride, stride, 1, 1, top, left, pad_value], (out_h, out_w)
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False])
+@pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", CASES[:5] + [(64, 70, 3, 1, True, 0)])
+def test_tile_model_gives_lce_accumulators(tensor_cores, cin, cout, k, stride, same, pad_value):
+    """9 x 11 x 2 = 198 pixels: two row blocks, one of them partial; up to 130 channels: three
+    column blocks; 256 channels, 3 x 3: nine 256-bit K steps; K padding for the rest."""
+    x_bits, w_bits = _random_layer(cin, cout, k, cin + cout)
+    geometry, out_hw = _geometry(x_bits.shape, cin, cout, k, stride, same, pad_value)
+    expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value)
+    got = cuda_tiles.bconv2d_model(pack_bits(x_bits), pack_bits(w_bits), geometry, out_hw, tensor_cores)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_mma_model_is_a_product_of_the_fragments():
+    """The modelled instruction: D = popc(A & B) summed over 256 bits, for A and B put into the
+    lanes' registers as PTX documents (an independent scatter, not the model's own gather)."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**32, (16, 8), dtype=np.uint64).astype(np.uint32)
+    b = rng.integers(0, 2**32, (8, 8), dtype=np.uint64).astype(np.uint32)  # [column, word]
+    a_regs, b_regs = np.zeros((32, 4), np.uint32), np.zeros((32, 2), np.uint32)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        a_regs[lane] = a[g, t], a[g + 8, t], a[g, t + 4], a[g + 8, t + 4]
+        b_regs[lane] = b[g, t], b[g, t + 4]
+    d = cuda_tiles.mma_and_popc(a_regs, b_regs)
+    expected = np.array([[sum(bin(int(a[r, w]) & int(b[c, w])).count("1") for w in range(8)) for c in range(8)]
+                         for r in range(16)])
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        assert list(d[lane]) == [expected[g, 2 * t], expected[g, 2 * t + 1], expected[g + 8, 2 * t],
+                                 expected[g + 8, 2 * t + 1]]
+
+
+def test_weight_layout_pads_with_zero_bits():
+    _, w_bits = _random_layer(40, 70, 3, 5)
+    matrix, popcounts = cuda.layout_binary_weights(pack_bits(w_bits))
+    assert matrix.shape == (128, 24)  # channels to 2 blocks of 64; 9 taps x 2 words = 18 -> 3 steps of 8
+    assert not matrix[70:].any() and not matrix[:, 18:].any()
+    np.testing.assert_array_equal(popcounts[:70], w_bits.reshape(70, -1).sum(-1))
+
+
+@pytest.mark.skipif(GPU, reason="a GPU is present")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(cuda.CudaUnavailableError, match=r"kernels='cuda' needs .*(CuPy|GPU)"):
+        cuda.load("cuda")
+    with pytest.raises(ValueError, match="kernels='cuda-fast'"):
+        cuda.CudaKernels("cuda-fast")
+
+
+# --- on a GPU -----------------------------------------------------------------------------------
+
+def _run_bconv(kernels, graph, op, x_packed):
+    values = ops.Values(6, {}, getattr(kernels, "empty", np.empty))
+    values[0] = kernels.upload(x_packed) if hasattr(kernels, "upload") else x_packed
+    ops.lce_bconv2d(graph, op, kernels)(values)
+    return kernels.download(values[5]) if hasattr(kernels, "download") else values[5]
+
+
+def _cpu_kernels():
+    try:
+        from larq_landmarks.runtime import kernels as kernel_paths
+
+        return kernel_paths.load("auto")
+    except ImportError:  # the C++ kernels are not built on this machine
+        return None
+
+
+@needs_gpu
+@pytest.mark.parametrize("path", cuda.PATHS)
+@pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", GPU_CASES)
+def test_gpu_accumulators_are_bit_exact(path, cin, cout, k, stride, same, pad_value):
+    x_bits, w_bits = _random_layer(cin, cout, k, cin * 1000 + cout, size=(3, 19, 17))
+    expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value)
+    kernels = cuda.load(path)
+    cpu = _cpu_kernels()
+    filters, total = pack_bits(w_bits), k * k * cin
+    graph, op = bconv_graph(filters, cin, stride, same, pad_value, "float",
+                            np.full(cout, -0.5, np.float32), np.full(cout, total / 2, np.float32))
+    got = _run_bconv(kernels, graph, op, pack_bits(x_bits))
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+    if cpu is not None:
+        np.testing.assert_array_equal(got, _run_bconv(cpu, graph, op, pack_bits(x_bits)))
+    thresholds = np.random.default_rng(cout).integers(0, total, cout).astype(np.int32)
+    graph, op = bconv_graph(filters, cin, stride, same, pad_value, "bits", thresholds=thresholds)
+    got = _run_bconv(kernels, graph, op, pack_bits(x_bits))
+    np.testing.assert_array_equal(got, pack_bits((expected > thresholds).astype(np.uint8)))
+    if cpu is not None:
+        np.testing.assert_array_equal(got, _run_bconv(cpu, graph, op, pack_bits(x_bits)))
+
+
+@needs_gpu
+def test_gpu_bitpacking_and_elementwise_ops():
+    kernels = cuda.load("cuda")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 7, 70)).astype(np.float32)
+    x[0, 0, 0, :3] = [-0.0, 0.0, -1e-30]
+    scale, shift = rng.normal(size=70).astype(np.float32), rng.normal(size=70).astype(np.float32)
+    out = kernels.empty((2, 5, 7, 3), np.int32)
+    kernels.bitpack(kernels.upload(x), kernels.upload(scale), kernels.upload(shift), out)
+    expected = pack_bits(((x * scale + shift) < 0).astype(np.uint8))  # NumPy rounds each op: no FMA
+    np.testing.assert_array_equal(kernels.download(out), expected)
+    unpacked = kernels.empty((2, 5, 7, 70), np.float32)
+    kernels.unpack(out, 70, unpacked)
+    np.testing.assert_array_equal(kernels.download(unpacked), np.where((x * scale + shift) < 0, -1.0, 1.0))
+    y = kernels.empty(x.shape, np.float32)
+    kernels.binary_elementwise(kernels.upload(x), kernels.upload(scale), 1, 0.0, np.inf, y)
+    np.testing.assert_array_equal(kernels.download(y), np.maximum(x * scale, 0))
+    pooled = kernels.empty((2, 3, 4, 70), np.float32)
+    kernels.pool2d(kernels.upload(x), [2, 2, 2, 2, 0, 0], 0, -np.inf, np.inf, pooled)
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
+    np.testing.assert_array_equal(kernels.download(pooled), padded.reshape(2, 3, 2, 4, 2, 70).max((2, 4)))
+
+
+def _model_cases():
+    """(name, flatbuffer, images, CPU runtime output) for every model ``scripts/benchmark_gpu.py
+    --prepare`` wrote to ``$LARQ_LANDMARKS_GPU_ASSETS``."""
+    folder = os.environ.get("LARQ_LANDMARKS_GPU_ASSETS")
+    if not folder or not os.path.isdir(folder):
+        return []
+    cases = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".tflite"):
+            stem = name[: -len(".tflite")]
+            with open(os.path.join(folder, name), "rb") as f:
+                flatbuffer = f.read()
+            data = np.load(os.path.join(folder, stem + ".npz"))
+            cases.append(pytest.param(stem, flatbuffer, data["images"], data["cpu_output"], id=stem))
+    return cases
+
+
+def _peaks(heatmaps: np.ndarray) -> np.ndarray:
+    """Each heatmap's arg-max (row, column): the decoded landmark to the pixel."""
+    batch, height, width, count = heatmaps.shape
+    flat = heatmaps.transpose(0, 3, 1, 2).reshape(batch, count, -1).argmax(-1)
+    return np.stack([flat // width, flat % width], -1)
+
+
+@needs_gpu
+@pytest.mark.skipif(not _model_cases(), reason="no models prepared (LARQ_LANDMARKS_GPU_ASSETS)")
+@pytest.mark.parametrize("name,flatbuffer,images,cpu_output", _model_cases())
+@pytest.mark.parametrize("path", cuda.PATHS)
+def test_gpu_models_match_the_cpu_runtime(name, flatbuffer, images, cpu_output, path):
+    """Every named binary configuration and the default model: the whole model on the GPU against
+    the CPU runtime's output on the same file (batch > 1 on a batch-1 file)."""
+    from larq_landmarks.runtime import Engine
+
+    engine = Engine(flatbuffer, kernels=path, name=name)
+    got = engine.predict(images)
+    assert got.shape == cpu_output.shape
+    assert np.abs(got - cpu_output).mean() <= 1e-5 * np.abs(cpu_output).mean(), name
+    same = np.all(_peaks(got) == _peaks(cpu_output), -1)
+    assert same.mean() >= 0.99, name
+    np.testing.assert_allclose(engine.predict(images[:1]), got[:1], rtol=1e-5, atol=1e-5)
