@@ -293,6 +293,8 @@ def whole_model(flatbuffer: bytes, runs: int):
             # images already on the GPU stay there (no transfers, as for the PyTorch baselines)
             ms = _time_cuda(lambda: engine.predict(device_images), runs, engine._kernels.synchronize, _cupy_event)
             results.append({"engine": f"larq_landmarks.runtime ({path})", "batch": batch, "ms": ms})
+            if path == "cuda":
+                results[-1]["breakdown_ms"] = breakdown(engine, device_images)
             print(json.dumps(results[-1]), flush=True)
         x = torch.tensor(images, device="cuda")
         for label, dtype in (("float32 (cuDNN, TF32 off)", torch.float32), ("bfloat16 (cuDNN)", torch.bfloat16)):
@@ -304,6 +306,19 @@ def whole_model(flatbuffer: bytes, runs: int):
             print(json.dumps(results[-1]), flush=True)
         del x, device_images
     return results
+
+
+def breakdown(engine, images, repeats: int = 5) -> dict:
+    """Milliseconds per kind of op (each step synchronised, so launch gaps count where they fall)."""
+    kinds = {"LceBconv2d": "binary convolutions", "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
+             "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
+             "LceDequantize": "bit-packing (with fused batch norm)"}
+    profiles = [engine.profile(images) for _ in range(repeats)]
+    totals: dict = {}
+    for step in range(len(profiles[0])):
+        kind = kinds.get(profiles[0][step][0], "element-wise (add, mul, concat, pool, resize)")
+        totals[kind] = totals.get(kind, 0.0) + 1000 * float(np.median([p[step][2] for p in profiles]))
+    return {k: round(v, 2) for k, v in totals.items()}
 
 
 def agreement(flatbuffer: bytes, assets: str):
@@ -345,6 +360,10 @@ def write_markdown(path: str, result: dict) -> None:
     float32 = by["same network in PyTorch, float32 (cuDNN, TF32 off)"][64]
     for engine, ms in by.items():
         lines.append(f"| {engine} | {ms[1]:.2f} | {ms[64]:.1f} | {64000 / ms[64]:.0f} | {float32 / ms[64]:.2f}x |")
+    parts = next((r.get("breakdown_ms") for r in result["whole_model"] if r["batch"] == 64 and "breakdown_ms" in r), None)
+    if parts:
+        lines += ["", "Where this runtime's batch-64 time goes (tensor cores; each step synchronised):", "",
+                  "| part | ms |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in parts.items()]
     if "agreement" in result:
         a = result["agreement"]
         lines += ["", f"The PyTorch float32 network computes the same function: {100 * a['same_peaks']:.1f}% of the "

@@ -53,7 +53,8 @@ def _geometry(x_shape, cin, cout, k, stride, same, pad_value):
 @pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", CASES[:5] + [(64, 70, 3, 1, True, 0)])
 def test_tile_model_gives_lce_accumulators(tensor_cores, cin, cout, k, stride, same, pad_value):
     """9 x 11 x 2 = 198 pixels: two row blocks, one of them partial; up to 130 channels: three
-    column blocks; 256 channels, 3 x 3: nine 256-bit K steps; K padding for the rest."""
+    column blocks; 256 channels, 3 x 3: 72 K words, two chunks of 40 words and nine 256-bit steps;
+    K padding for the rest."""
     x_bits, w_bits = _random_layer(cin, cout, k, cin + cout)
     geometry, out_hw = _geometry(x_bits.shape, cin, cout, k, stride, same, pad_value)
     expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value)
@@ -84,7 +85,7 @@ def test_mma_model_is_a_product_of_the_fragments():
 def test_weight_layout_pads_with_zero_bits():
     _, w_bits = _random_layer(40, 70, 3, 5)
     matrix, popcounts = cuda.layout_binary_weights(pack_bits(w_bits))
-    assert matrix.shape == (128, 24)  # channels to 2 blocks of 64; 9 taps x 2 words = 18 -> 3 steps of 8
+    assert matrix.shape == (128, 40)  # channels to 2 blocks of 64; 9 taps x 2 words = 18 -> one chunk of 40
     assert not matrix[70:].any() and not matrix[:, 18:].any()
     np.testing.assert_array_equal(popcounts[:70], w_bits.reshape(70, -1).sum(-1))
 

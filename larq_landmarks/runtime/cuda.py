@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 PATHS = ("cuda", "cuda-popcount")
-BLOCK_ROWS, BLOCK_CHANNELS, STEP_WORDS, THREADS = 128, 64, 8, 256  # as in kernels.cu
+BLOCK_ROWS, BLOCK_CHANNELS, STEP_WORDS, CHUNK_WORDS, THREADS = 128, 64, 8, 40, 256  # as in kernels.cu
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "kernels.cu")
 
 
@@ -40,11 +40,11 @@ def _cupy():
 
 class BinaryWeights:
     """A binary convolution's weights on the GPU: ``words`` ``[Cout padded to 64, K words padded
-    to 8]`` (K tap-major, zero padded) and ``popcounts`` (set bits per output channel)."""
+    to 40]`` (K tap-major, zero padded) and ``popcounts`` (set bits per output channel)."""
 
-    def __init__(self, words, popcounts, taps: int, words_per_tap: int):
+    def __init__(self, words, popcounts):
         self.words, self.popcounts = words, popcounts
-        self.taps, self.words_per_tap = taps, words_per_tap
+        self.launches: dict = {}  # input and output shapes -> the kernel's scalar arguments
 
 
 def layout_binary_weights(filters: np.ndarray):
@@ -53,8 +53,8 @@ def layout_binary_weights(filters: np.ndarray):
     cout, fh, fw, words = filters.shape
     k_words = fh * fw * words
     rows = -(-cout // BLOCK_CHANNELS) * BLOCK_CHANNELS
-    steps = -(-k_words // STEP_WORDS)
-    matrix = np.zeros((rows, steps * STEP_WORDS), np.uint32)
+    chunks = -(-k_words // CHUNK_WORDS)
+    matrix = np.zeros((rows, chunks * CHUNK_WORDS), np.uint32)
     matrix[:cout, :k_words] = filters.reshape(cout, k_words).view(np.uint32)
     popcounts = np.unpackbits(matrix.view(np.uint8), axis=-1).sum(-1, dtype=np.int32)
     return matrix, popcounts
@@ -127,36 +127,31 @@ class CudaKernels:
 
     def prepare_binary_weights(self, filters: np.ndarray) -> BinaryWeights:
         matrix, popcounts = layout_binary_weights(filters)
-        return BinaryWeights(self.upload(matrix), self.upload(popcounts), filters.shape[1] * filters.shape[2],
-                             filters.shape[3])
+        return BinaryWeights(self.upload(matrix), self.upload(popcounts))
 
     def bconv2d(self, x, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
                 thresholds, weight_popcounts, out) -> None:
-        cp = self.cp
-        cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left, pad_value = (int(v) for v in geometry)
-        batch, height, width, words = x.shape
-        if fh * fw > 64:
-            raise ValueError(f"bconv2d on the GPU: {fh}x{fw} filters have more than 64 taps")
-        pixels = batch * height * width
-        pixel_pop = cp.empty((pixels,), cp.int32)
-        self._launch(self._module.get_function("pixel_popcounts"), pixels,
-                     (x, np.int64(pixels), np.int32(words), pixel_pop))
-        out_h, out_w = out.shape[1], out.shape[2]
-        rows = batch * out_h * out_w
-        k_words = fh * fw * words
         packed = thresholds.size > 0
-        grid = (int(-(-rows // BLOCK_ROWS)), int(weights.words.shape[0] // BLOCK_CHANNELS))
-        if rows == 0:
+        key = (x.shape, out.shape, tuple(geometry), clamp_min, clamp_max, packed)
+        launch = weights.launches.get(key)
+        if launch is None:  # grid and scalars, once per shape
+            cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left, pad_value = (int(v) for v in geometry)
+            batch, height, width, words = x.shape
+            if fh * fw > 64:
+                raise ValueError(f"bconv2d on the GPU: {fh}x{fw} filters have more than 64 taps")
+            out_h, out_w = out.shape[1], out.shape[2]
+            grid = (int(-(-batch * out_h * out_w // BLOCK_ROWS)), int(weights.words.shape[0] // BLOCK_CHANNELS))
+            scalars = tuple(np.int32(v) for v in (
+                batch, height, width, words, out_h, out_w, cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left,
+                pad_value, fh * fw * words, weights.words.shape[1], clamp_min, clamp_max, packed))
+            launch = weights.launches[key] = (grid, scalars)
+        grid, scalars = launch
+        if grid[0] == 0:
             return
         self._bconv(grid, (THREADS,), (
-            x, weights.words, pixel_pop, weights.popcounts, weight_popcounts,
+            x, weights.words, weights.popcounts, weight_popcounts,
             self._empty_float if packed else multiplier, self._empty_float if packed else bias,
-            thresholds if packed else self._empty_int, out,
-            np.int32(batch), np.int32(height), np.int32(width), np.int32(words), np.int32(out_h), np.int32(out_w),
-            np.int32(cin), np.int32(cout), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(dh),
-            np.int32(dw), np.int32(pad_top), np.int32(pad_left), np.int32(pad_value), np.int32(k_words),
-            np.int32(weights.words.shape[1] // STEP_WORDS), np.int32(clamp_min), np.int32(clamp_max),
-            np.int32(packed)))
+            thresholds if packed else self._empty_int, out) + scalars)
 
     def prepare_float_weights(self, filters: np.ndarray):
         """``[Cout, fh, fw, Cin]`` -> ``[fh * fw * Cin, Cout]`` on the GPU (im2col's column order)."""

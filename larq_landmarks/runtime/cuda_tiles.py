@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from larq_landmarks.runtime.cuda import BLOCK_CHANNELS, BLOCK_ROWS, STEP_WORDS, THREADS, layout_binary_weights
+from larq_landmarks.runtime.cuda import BLOCK_CHANNELS, BLOCK_ROWS, CHUNK_WORDS, STEP_WORDS, THREADS, layout_binary_weights
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.int64)
 
@@ -74,62 +74,67 @@ def bconv2d_model(x: np.ndarray, filters: np.ndarray, geometry: Sequence[int], o
     out_h, out_w = out_hw
     rows = batch * out_h * out_w
     weights, weight_pop = layout_binary_weights(filters)
-    k_steps = weights.shape[1] // STEP_WORDS
-    # per-pixel popcounts (pixel_popcounts), per-row sums over the taps inside, outside-tap masks
-    pixel_pop = popcount(x.view(np.uint32)).sum(-1).reshape(-1)
-    b, y0, x0 = _rows(batch, out_h, out_w, geometry)
+    k_words = fh * fw * words
+    # the taps outside the image of each output pixel (LCE's zero-padding correction)
+    _, y0, x0 = _rows(batch, out_h, out_w, geometry)
     taps = fh * fw
-    row_pop = np.zeros(rows, np.int64)
     outside = np.zeros((rows, taps), bool)
     for tap in range(taps):
         y = y0 + (tap // fw) * geometry[6]
         xx = x0 + (tap % fw) * geometry[7]
-        inside = (y >= 0) & (y < height) & (xx >= 0) & (xx < width)
-        index = (b * height + np.clip(y, 0, height - 1)) * width + np.clip(xx, 0, width - 1)
-        row_pop += np.where(inside, pixel_pop[index], 0)
-        outside[:, tap] = ~inside
+        outside[:, tap] = ~((y >= 0) & (y < height) & (xx >= 0) & (xx < width))
     tap_pop = popcount(filters.view(np.uint32)).sum(-1).reshape(cout, taps).T  # [taps, Cout]
 
     acc = np.zeros((rows, cout), np.int64)
     tid = np.arange(THREADS)
+    half = CHUNK_WORDS // 2
     for block_m in range(-(-rows // BLOCK_ROWS)):
         for block_n in range(weights.shape[0] // BLOCK_CHANNELS):
             m0, n0 = block_m * BLOCK_ROWS, block_n * BLOCK_CHANNELS
             c_s = np.zeros((BLOCK_ROWS, BLOCK_CHANNELS), np.int64)
-            for step in range(k_steps):
-                # loads: thread -> (row tid // 2, words 4 (tid % 2) .. +3); (channel tid // 4, words 2 (tid % 4), +1)
-                a_s = np.zeros((BLOCK_ROWS, STEP_WORDS), np.uint32)
-                for j in range(4):
-                    kk = step * STEP_WORDS + (tid % 2) * 4 + j
-                    a_s[tid // 2, (tid % 2) * 4 + j] = a_words(x, m0 + tid // 2, kk, geometry, out_hw)
-                b_s = np.zeros((BLOCK_CHANNELS, STEP_WORDS), np.uint32)
-                for j in range(2):
-                    b_s[tid // 4, (tid % 4) * 2 + j] = weights[n0 + tid // 4, step * STEP_WORDS + (tid % 4) * 2 + j]
-                if tensor_cores:
-                    lane = np.arange(32)
-                    group, t = lane // 4, lane % 4
-                    for warp in range(THREADS // 32):
-                        wm, wn = (warp % 4) * 32, (warp // 4) * 32
-                        for i in range(2):
-                            r = wm + i * 16 + group
-                            a_regs = np.stack([a_s[r, t], a_s[r + 8, t], a_s[r, t + 4], a_s[r + 8, t + 4]], 1)
-                            for j in range(4):
-                                n = wn + j * 8 + group
-                                d = mma_and_popc(a_regs, np.stack([b_s[n, t], b_s[n, t + 4]], 1))
-                                c = wn + j * 8 + 2 * t
-                                c_s[r, c] += d[:, 0]
-                                c_s[r, c + 1] += d[:, 1]
-                                c_s[r + 8, c] += d[:, 2]
-                                c_s[r + 8, c + 1] += d[:, 3]
-                else:
-                    c_s += popcount(a_s[:, None, :] & b_s[None, :, :]).sum(-1)
+            my_pop = np.zeros(THREADS, np.int64)  # set bits each thread loaded: the row popcounts
+            for chunk in range(-(-k_words // CHUNK_WORDS)):
+                # loads: thread -> row tid // 2, words 20 (tid % 2) .. +19; weight row tid // 4, words 10 (tid % 4) .. +9
+                a_s = np.zeros((BLOCK_ROWS, CHUNK_WORDS), np.uint32)
+                for j in range(half):
+                    kk = chunk * CHUNK_WORDS + (tid % 2) * half + j
+                    loaded = a_words(x, m0 + tid // 2, kk, geometry, out_hw)
+                    my_pop += popcount(loaded)
+                    a_s[tid // 2, (tid % 2) * half + j] = loaded
+                b_s = np.zeros((BLOCK_CHANNELS, CHUNK_WORDS), np.uint32)
+                quarter = CHUNK_WORDS // 4
+                for j in range(quarter):
+                    column = chunk * CHUNK_WORDS + (tid % 4) * quarter + j
+                    b_s[tid // 4, (tid % 4) * quarter + j] = weights[n0 + tid // 4, column]
+                steps = min(CHUNK_WORDS // STEP_WORDS, -(-(k_words - chunk * CHUNK_WORDS) // STEP_WORDS))
+                for st in range(steps):
+                    a_step, b_step = a_s[:, st * STEP_WORDS:(st + 1) * STEP_WORDS], b_s[:, st * STEP_WORDS:(st + 1) * STEP_WORDS]
+                    if tensor_cores:
+                        lane = np.arange(32)
+                        group, t = lane // 4, lane % 4
+                        for warp in range(THREADS // 32):
+                            wm, wn = (warp % 4) * 32, (warp // 4) * 32
+                            for i in range(2):
+                                r = wm + i * 16 + group
+                                a_regs = np.stack([a_step[r, t], a_step[r + 8, t], a_step[r, t + 4], a_step[r + 8, t + 4]], 1)
+                                for j in range(4):
+                                    n = wn + j * 8 + group
+                                    d = mma_and_popc(a_regs, np.stack([b_step[n, t], b_step[n, t + 4]], 1))
+                                    c = wn + j * 8 + 2 * t
+                                    c_s[r, c] += d[:, 0]
+                                    c_s[r, c + 1] += d[:, 1]
+                                    c_s[r + 8, c] += d[:, 2]
+                                    c_s[r + 8, c + 1] += d[:, 3]
+                    else:
+                        c_s += popcount(a_step[:, None, :] & b_step[None, :, :]).sum(-1)
+            row_pop = my_pop[0::2] + my_pop[1::2]  # the two loaders of a row are neighbouring lanes
             # epilogue: XOR count = popc(a) + popc(w) - 2 popc(a & w), LCE's zero-padding correction
             r_end, c_end = min(BLOCK_ROWS, rows - m0), min(BLOCK_CHANNELS, cout - n0)
             if c_end <= 0:
                 continue
             block_rows = slice(m0, m0 + r_end)
             block_cols = slice(n0, n0 + c_end)
-            xor = row_pop[block_rows, None] + weight_pop[None, block_cols] - 2 * c_s[:r_end, :c_end]
+            xor = row_pop[:r_end, None] + weight_pop[None, block_cols] - 2 * c_s[:r_end, :c_end]
             if pad_value == 0:
                 correction = outside[block_rows].astype(np.int64) @ (cin // 2 - tap_pop[:, block_cols])
                 xor = xor + correction

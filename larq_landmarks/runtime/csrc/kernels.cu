@@ -7,8 +7,8 @@
 // The binary convolution is an implicit GEMM: rows are output pixels, columns output channels,
 // K the taps x input words of each pixel (tap-major, padded to 256 bits). Tensor cores on sm_80+
 // only have the AND form of the 1-bit MMA on Hopper, so each block counts popc(a & w) and the
-// epilogue forms the XOR count as popc(a) + popc(w) - 2 popc(a & w), with popc(a) summed from
-// per-pixel counts (pixel_popcounts) and popc(w) computed once when the weights are prepared.
+// epilogue forms the XOR count as popc(a) + popc(w) - 2 popc(a & w), with popc(a) counted while
+// the block loads its rows and popc(w) once when the weights are prepared.
 // runtime/cuda_tiles.py is a NumPy model of exactly this indexing, tested on the CPU.
 
 typedef unsigned int u32;
@@ -17,7 +17,8 @@ typedef long long i64;
 #define BM 128     // output pixels per block
 #define BN 64      // output channels per block
 #define KW 8       // 32-bit words per K step (256 bits, one m16n8k256 MMA)
-#define LDS 12     // shared-memory row stride in words (conflict-free fragment loads)
+#define KC 40      // K words loaded per chunk (5 MMA steps)
+#define LDS 44     // shared-memory row stride in words: 44 = 12 mod 32, conflict-free fragment loads
 #define THREADS 256
 
 // LceQuantize: bit c of pixel p = (x * scale + shift) < 0, rounded as separate ops. One thread per
@@ -49,15 +50,6 @@ extern "C" __global__ void unpack(const u32* x, i64 pixels, int channels, int wo
   out[idx] = ((x[pixel * words + (c >> 5)] >> (c & 31)) & 1u) ? -1.0f : 1.0f;
 }
 
-// Set bits of each pixel's packed channels: the row popcounts of the AND formulation.
-extern "C" __global__ void pixel_popcounts(const u32* x, i64 pixels, int words, int* out) {
-  const i64 pixel = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-  if (pixel >= pixels) return;
-  int count = 0;
-  for (int w = 0; w < words; ++w) count += __popc(x[pixel * words + w]);
-  out[pixel] = count;
-}
-
 __device__ __forceinline__ void mma_and_popc(int* c, const u32* a, u32 b0, u32 b1) {
 #if __CUDA_ARCH__ >= 800
   asm volatile(
@@ -72,8 +64,7 @@ __device__ __forceinline__ void mma_and_popc(int* c, const u32* a, u32 b0, u32 b
 
 struct BconvArgs {
   const u32* x;            // [N, H, W, words] bit-packed input
-  const u32* w;            // [Cout padded to BN, k_steps * KW] weights, K = tap-major, zero padded
-  const int* pixel_pop;    // [N, H, W] set bits per input pixel
+  const u32* w;            // [Cout padded to BN, k_stride] weights, K = tap-major, zero padded to KC words
   const int* weight_pop;   // [Cout padded] set bits per output channel (all taps)
   const int* tap_pop;      // [taps, Cout] set bits per tap and channel (zero-padding correction)
   const float* multiplier; // [Cout] float output: out = float(clamp(2 acc)) * multiplier + bias
@@ -82,16 +73,26 @@ struct BconvArgs {
   void* out;
   int batch, height, width, words, out_h, out_w, channels_in, channels_out;
   int filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, pad_value;
-  int k_words, k_steps, clamp_min, clamp_max, packed_output;
+  int k_words, k_stride, clamp_min, clamp_max, packed_output;
 };
 
-// One block: BM pixels x BN channels. kTensorCores: 8 warps as 4 (rows) x 2 (columns), each a 32 x 32
-// tile of 2 x 4 m16n8k256 MMAs; otherwise each thread counts 8 rows x 4 columns with __popc.
+// The A and B tiles of one K chunk, and afterwards the block's accumulators, share the memory.
+union BconvShared {
+  struct {
+    u32 a[BM * LDS];
+    u32 b[BN * LDS];
+  } tiles;
+  int c[BM * (BN + 1)];
+};
+
+// One block: BM pixels x BN channels, K in chunks of KC words (all of a chunk's loads in flight at
+// once). Thread t loads words [20 (t % 2), +20) of row t / 2 of each chunk, stepping through the
+// taps without division, and counts their set bits (the row popcount of the AND formulation;
+// outside taps load 0). kTensorCores: 8 warps as 4 (rows) x 2 (columns), each a 32 x 32 tile of
+// 2 x 4 m16n8k256 MMAs per 256 bits; otherwise each thread counts 8 rows x 4 columns with __popc.
 template <bool kTensorCores>
 __device__ void bconv2d_block(const BconvArgs& g) {
-  __shared__ u32 a_s[BM * LDS];
-  __shared__ u32 b_s[BN * LDS];
-  __shared__ int c_s[BM * (BN + 1)];
+  __shared__ BconvShared s;
   __shared__ int row_pop[BM];
   __shared__ unsigned long long row_outside[BM];
   const int tid = threadIdx.x;
@@ -99,37 +100,32 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   const i64 m0 = (i64)blockIdx.x * BM;
   const int n0 = blockIdx.y * BN;
 
-  // each thread loads 4 consecutive K words of one row per step: row = tid / 2
   const int load_row = tid >> 1, load_half = tid & 1;
   const i64 m = m0 + load_row;
+  const bool row_valid = m < rows;
   int b = 0, y0 = 0, x0 = 0;
-  if (m < rows) {
+  if (row_valid) {
     b = (int)(m / ((i64)g.out_h * g.out_w));
     const int rest = (int)(m - (i64)b * g.out_h * g.out_w);
-    const int oy = rest / g.out_w, ox = rest - (rest / g.out_w) * g.out_w;
+    const int oy = rest / g.out_w, ox = rest - oy * g.out_w;
     y0 = oy * g.stride_h - g.pad_top;
     x0 = ox * g.stride_w - g.pad_left;
   }
-  // row popcounts and the taps outside the image (first BM threads, one row each)
+  // the taps outside the image, for LCE's zero-padding correction (one row per thread)
   if (tid < BM) {
     const i64 mr = m0 + tid;
-    int pop = 0;
     unsigned long long outside = 0;
     if (mr < rows) {
       const int br = (int)(mr / ((i64)g.out_h * g.out_w));
       const int rest = (int)(mr - (i64)br * g.out_h * g.out_w);
-      const int oy = rest / g.out_w, ox = rest - (rest / g.out_w) * g.out_w;
+      const int oy = rest / g.out_w, ox = rest - oy * g.out_w;
       for (int fy = 0; fy < g.filter_h; ++fy)
         for (int fx = 0; fx < g.filter_w; ++fx) {
           const int y = oy * g.stride_h - g.pad_top + fy * g.dilation_h;
           const int x = ox * g.stride_w - g.pad_left + fx * g.dilation_w;
-          if (y >= 0 && y < g.height && x >= 0 && x < g.width)
-            pop += g.pixel_pop[((i64)br * g.height + y) * g.width + x];
-          else
-            outside |= 1ull << (fy * g.filter_w + fx);
+          if (y < 0 || y >= g.height || x < 0 || x >= g.width) outside |= 1ull << (fy * g.filter_w + fx);
         }
     }
-    row_pop[tid] = pop;
     row_outside[tid] = outside;
   }
 
@@ -146,55 +142,68 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) pacc[i][j] = 0;
 
-  const int k_stride = g.k_steps * KW;
-  for (int step = 0; step < g.k_steps; ++step) {
+  int my_pop = 0;
+  const int chunks = (g.k_words + KC - 1) / KC;
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    const int k0 = chunk * KC + load_half * (KC / 2);
+    int tap = k0 / g.words, word = k0 - tap * g.words;
+    int fy = tap / g.filter_w, fx = tap - fy * g.filter_w;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int kk = step * KW + load_half * 4 + j;
+    for (int j = 0; j < KC / 2; ++j) {
       u32 v = 0;
-      if (m < rows && kk < g.k_words) {
-        const int tap = kk / g.words, word = kk - tap * g.words;
-        const int fy = tap / g.filter_w, fx = tap - fy * g.filter_w;
-        const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
-        if (y >= 0 && y < g.height && x >= 0 && x < g.width)
-          v = g.x[(((i64)b * g.height + y) * g.width + x) * g.words + word];
+      const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
+      if (row_valid && k0 + j < g.k_words && y >= 0 && y < g.height && x >= 0 && x < g.width)
+        v = g.x[(((i64)b * g.height + y) * g.width + x) * g.words + word];
+      my_pop += __popc(v);
+      s.tiles.a[load_row * LDS + load_half * (KC / 2) + j] = v;
+      if (++word == g.words) {
+        word = 0;
+        if (++fx == g.filter_w) fx = 0, ++fy;
       }
-      a_s[load_row * LDS + load_half * 4 + j] = v;
     }
     {
-      const int n = tid >> 2, q = tid & 3;
-      const uint2 wv = *reinterpret_cast<const uint2*>(g.w + (i64)(n0 + n) * k_stride + step * KW + q * 2);
-      b_s[n * LDS + q * 2] = wv.x;
-      b_s[n * LDS + q * 2 + 1] = wv.y;
+      const int n = tid >> 2, q = tid & 3;  // 10 words of one weight row
+      const u32* src = g.w + (i64)(n0 + n) * g.k_stride + chunk * KC + q * (KC / 4);
+#pragma unroll
+      for (int j = 0; j < KC / 4; j += 2) {
+        const uint2 wv = *reinterpret_cast<const uint2*>(src + j);
+        s.tiles.b[n * LDS + q * (KC / 4) + j] = wv.x;
+        s.tiles.b[n * LDS + q * (KC / 4) + j + 1] = wv.y;
+      }
     }
     __syncthreads();
+    const int steps = min(KC / KW, (g.k_words - chunk * KC + KW - 1) / KW);
     if (kTensorCores) {
       const int warp = tid >> 5, lane = tid & 31, group = lane >> 2, t = lane & 3;
       const int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
+      for (int st = 0; st < steps; ++st) {
+        const int k = st * KW + t;
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int r = wm + i * 16 + group;
-        const u32 a[4] = {a_s[r * LDS + t], a_s[(r + 8) * LDS + t], a_s[r * LDS + t + 4], a_s[(r + 8) * LDS + t + 4]};
+        for (int i = 0; i < 2; ++i) {
+          const int r = wm + i * 16 + group;
+          const u32 a[4] = {s.tiles.a[r * LDS + k], s.tiles.a[(r + 8) * LDS + k], s.tiles.a[r * LDS + k + 4],
+                            s.tiles.a[(r + 8) * LDS + k + 4]};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int n = wn + j * 8 + group;
-          mma_and_popc(acc[i][j], a, b_s[n * LDS + t], b_s[n * LDS + t + 4]);
+          for (int j = 0; j < 4; ++j) {
+            const int n = wn + j * 8 + group;
+            mma_and_popc(acc[i][j], a, s.tiles.b[n * LDS + k], s.tiles.b[n * LDS + k + 4]);
+          }
         }
       }
     } else {
       const int tr = tid >> 4, tc = tid & 15;
+      for (int k = 0; k < steps * KW; ++k)
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const u32* ar = a_s + (tr + 16 * i) * LDS;
-          const u32* br = b_s + (tc + 16 * j) * LDS;
-#pragma unroll
-          for (int k = 0; k < KW; ++k) pacc[i][j] += __popc(ar[k] & br[k]);
-        }
+          for (int j = 0; j < 4; ++j)
+            pacc[i][j] += __popc(s.tiles.a[(tr + 16 * i) * LDS + k] & s.tiles.b[(tc + 16 * j) * LDS + k]);
     }
     __syncthreads();
   }
+  // the two loaders of a row are neighbouring lanes
+  const int pair_pop = __shfl_xor_sync(0xffffffffu, my_pop, 1);
+  if (load_half == 0) row_pop[load_row] = my_pop + pair_pop;
 
   // AND counts to shared memory (m16n8 accumulator layout: c0, c1 row g, columns 2t, 2t+1; c2, c3 row g+8)
   if (kTensorCores) {
@@ -205,17 +214,17 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int r = wm + i * 16 + group, c = wn + j * 8 + 2 * t;
-        c_s[r * (BN + 1) + c] = acc[i][j][0];
-        c_s[r * (BN + 1) + c + 1] = acc[i][j][1];
-        c_s[(r + 8) * (BN + 1) + c] = acc[i][j][2];
-        c_s[(r + 8) * (BN + 1) + c + 1] = acc[i][j][3];
+        s.c[r * (BN + 1) + c] = acc[i][j][0];
+        s.c[r * (BN + 1) + c + 1] = acc[i][j][1];
+        s.c[(r + 8) * (BN + 1) + c] = acc[i][j][2];
+        s.c[(r + 8) * (BN + 1) + c + 1] = acc[i][j][3];
       }
   } else {
     const int tr = tid >> 4, tc = tid & 15;
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) c_s[(tr + 16 * i) * (BN + 1) + tc + 16 * j] = pacc[i][j];
+      for (int j = 0; j < 4; ++j) s.c[(tr + 16 * i) * (BN + 1) + tc + 16 * j] = pacc[i][j];
   }
   __syncthreads();
 
@@ -230,7 +239,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     const bool valid = mr < rows && c < g.channels_out;
     int xor_count = 0;
     if (valid) {
-      xor_count = row_pop[r] + g.weight_pop[c] - 2 * c_s[r * (BN + 1) + col];
+      xor_count = row_pop[r] + g.weight_pop[c] - 2 * s.c[r * (BN + 1) + col];
       if (g.pad_value == 0) {
         unsigned long long outside = row_outside[r];
         while (outside) {
@@ -253,16 +262,16 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 
 // CuPy passes scalars one by one: the kernels take them as arguments and gather them.
 #define BCONV_PARAMS                                                                                       \
-  const u32 *x, const u32 *w, const int *pixel_pop, const int *weight_pop, const int *tap_pop,              \
+  const u32 *x, const u32 *w, const int *weight_pop, const int *tap_pop,                                    \
       const float *multiplier, const float *bias, const int *thresholds, void *out, int batch, int height, \
       int width, int words, int out_h, int out_w, int channels_in, int channels_out, int filter_h,         \
       int filter_w, int stride_h, int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, \
-      int pad_value, int k_words, int k_steps, int clamp_min, int clamp_max, int packed_output
+      int pad_value, int k_words, int k_stride, int clamp_min, int clamp_max, int packed_output
 #define BCONV_ARGS                                                                                        \
-  BconvArgs{x,        w,        pixel_pop,   weight_pop,   tap_pop,    multiplier, bias,      thresholds, \
+  BconvArgs{x,        w,        weight_pop,  tap_pop,      multiplier, bias,       thresholds,            \
             out,      batch,    height,      width,        words,      out_h,      out_w,     channels_in, \
             channels_out, filter_h, filter_w, stride_h,   stride_w,   dilation_h, dilation_w, pad_top,    \
-            pad_left, pad_value, k_words,    k_steps,      clamp_min,  clamp_max,  packed_output}
+            pad_left, pad_value, k_words,    k_stride,     clamp_min,  clamp_max,  packed_output}
 
 extern "C" __global__ void __launch_bounds__(THREADS) bconv2d_tensor_cores(BCONV_PARAMS) {
   bconv2d_block<true>(BCONV_ARGS);
