@@ -65,8 +65,17 @@ def test_predictor_agrees_with_the_evaluation_pipeline(faces):
             np.testing.assert_allclose(points[0], expected[i], atol=1e-3)
             # JPEG decoders (Pillow vs TensorFlow) may differ by a grey level
             assert np.abs(seen[0][0] - batch["image"][i].numpy()).mean() < 2 / 255
-    many = predictor.predict_many(list(faces["image_path"][:2]), [[faces["box"][0]], [faces["box"][1], faces["box"][1]]])
-    assert [p.shape[0] for p, _ in many] == [1, 2]
+    # faces of several images go through the model together, up to batch_size crops a call
+    paths = list(faces["image_path"][:4])
+    boxes = [[faces["box"][0]], [faces["box"][1], faces["box"][1]], [], [faces["box"][3]]]
+    seen.clear()
+    many = predictor.predict_many(paths, boxes, batch_size=2)
+    assert [len(crops) for crops in seen] == [3, 1]
+    assert [p.shape[0] for p, _ in many] == [1, 2, 0, 1]
+    for (points, scores), path, image_boxes in zip(many, paths, boxes):
+        alone = predictor.predict(path, image_boxes)
+        np.testing.assert_allclose(points, alone[0], atol=1e-4)
+        np.testing.assert_allclose(scores, alone[1], atol=1e-6)
 
 
 @pytest.mark.slow

@@ -11,10 +11,12 @@ import pytest
 import tensorflow as tf
 
 import larq as lq
-from larq_landmarks import export, heatmaps as hm, models
+from PIL import Image
+
+from larq_landmarks import cli, export, heatmaps as hm, models
 from larq_landmarks.predictor import Predictor
-from larq_landmarks.runtime import Engine, UnsupportedModelError, available_kernels, kernels as kernel_paths
-from larq_landmarks.runtime import ops
+from larq_landmarks.runtime import CudaUnavailableError, Engine, UnsupportedModelError, available_kernels
+from larq_landmarks.runtime import cuda, kernels as kernel_paths, ops
 from larq_landmarks.synthetic import trained_like_batch_norm
 
 from binary_reference import CASES, bconv_graph, pack_bits, reference_accumulators
@@ -175,6 +177,18 @@ def test_predictor_runs_tflite_with_the_runtime_by_default(small_file):
     assert (ours.engine, lce.engine) == ("runtime", "lce")
     boxes = [[10, 10, 80, 70], [0, 0, 50, 50]]
     np.testing.assert_allclose(ours.predict(image, boxes)[0], lce.predict(image, boxes)[0], atol=0.5)
+
+
+@pytest.mark.skipif(cuda.gpu_name() is not None, reason="a GPU is present")
+def test_cuda_engine_without_a_gpu_is_a_clear_error(small_file, tmp_path):
+    with pytest.raises(CudaUnavailableError, match=r"kernels='cuda' needs .*(CuPy|GPU)"):
+        Predictor.from_path(small_file, engine="cuda")
+    image = tmp_path / "face.png"
+    Image.new("RGB", (80, 80)).save(image)
+    with pytest.raises(SystemExit, match=r"kernels='cuda' needs .*(CuPy|GPU)"):
+        cli.main(["predict", str(image), "--model", small_file, "--box", "0,0,70,70", "--engine", "cuda",
+                  "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 NO_TENSORFLOW = """

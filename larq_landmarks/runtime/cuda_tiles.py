@@ -87,26 +87,27 @@ def bconv2d_model(x: np.ndarray, filters: np.ndarray, geometry: Sequence[int], o
 
     acc = np.zeros((rows, cout), np.int64)
     tid = np.arange(THREADS)
-    half = CHUNK_WORDS // 2
     for block_m in range(-(-rows // BLOCK_ROWS)):
         for block_n in range(weights.shape[0] // BLOCK_CHANNELS):
             m0, n0 = block_m * BLOCK_ROWS, block_n * BLOCK_CHANNELS
             c_s = np.zeros((BLOCK_ROWS, BLOCK_CHANNELS), np.int64)
             my_pop = np.zeros(THREADS, np.int64)  # set bits each thread loaded: the row popcounts
             for chunk in range(-(-k_words // CHUNK_WORDS)):
-                # loads: thread -> row tid // 2, words 20 (tid % 2) .. +19; weight row tid // 4, words 10 (tid % 4) .. +9
+                # loads: thread -> row tid // 2, its half (tid % 2) of the chunk's words rounded up to
+                # whole steps; weight row tid // 4, words 10 (tid % 4) .. +9
+                steps = min(CHUNK_WORDS // STEP_WORDS, -(-(k_words - chunk * CHUNK_WORDS) // STEP_WORDS))
+                share = steps * STEP_WORDS // 2
                 a_s = np.zeros((BLOCK_ROWS, CHUNK_WORDS), np.uint32)
-                for j in range(half):
-                    kk = chunk * CHUNK_WORDS + (tid % 2) * half + j
+                for j in range(share):
+                    kk = chunk * CHUNK_WORDS + (tid % 2) * share + j
                     loaded = a_words(x, m0 + tid // 2, kk, geometry, out_hw)
                     my_pop += popcount(loaded)
-                    a_s[tid // 2, (tid % 2) * half + j] = loaded
+                    a_s[tid // 2, (tid % 2) * share + j] = loaded
                 b_s = np.zeros((BLOCK_CHANNELS, CHUNK_WORDS), np.uint32)
                 quarter = CHUNK_WORDS // 4
                 for j in range(quarter):
                     column = chunk * CHUNK_WORDS + (tid % 4) * quarter + j
                     b_s[tid // 4, (tid % 4) * quarter + j] = weights[n0 + tid // 4, column]
-                steps = min(CHUNK_WORDS // STEP_WORDS, -(-(k_words - chunk * CHUNK_WORDS) // STEP_WORDS))
                 for st in range(steps):
                     a_step, b_step = a_s[:, st * STEP_WORDS:(st + 1) * STEP_WORDS], b_s[:, st * STEP_WORDS:(st + 1) * STEP_WORDS]
                     if tensor_cores:

@@ -20,6 +20,9 @@ typedef long long i64;
 #define KC 40      // K words loaded per chunk (5 MMA steps)
 #define LDS 44     // shared-memory row stride in words: 44 = 12 mod 32, conflict-free fragment loads
 #define THREADS 256
+#ifndef BCONV_MIN_BLOCKS
+#define BCONV_MIN_BLOCKS 4  // blocks per SM the registers must allow (64 registers, no spills on sm_90)
+#endif
 
 // LceQuantize: bit c of pixel p = (x * scale + shift) < 0, rounded as separate ops. One thread per
 // (pixel, channel), a warp's ballot is one output word.
@@ -86,8 +89,8 @@ union BconvShared {
 };
 
 // One block: BM pixels x BN channels, K in chunks of KC words (all of a chunk's loads in flight at
-// once). Thread t loads words [20 (t % 2), +20) of row t / 2 of each chunk, stepping through the
-// taps without division, and counts their set bits (the row popcount of the AND formulation;
+// once). Thread t loads half of row t / 2 of each chunk (the chunk's words rounded up to whole
+// 256-bit steps; the first or the second half by t % 2), stepping through the taps without division, and counts their set bits (the row popcount of the AND formulation;
 // outside taps load 0). kTensorCores: 8 warps as 4 (rows) x 2 (columns), each a 32 x 32 tile of
 // 2 x 4 m16n8k256 MMAs per 256 bits; otherwise each thread counts 8 rows x 4 columns with __popc.
 template <bool kTensorCores>
@@ -145,17 +148,20 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   int my_pop = 0;
   const int chunks = (g.k_words + KC - 1) / KC;
   for (int chunk = 0; chunk < chunks; ++chunk) {
-    const int k0 = chunk * KC + load_half * (KC / 2);
+    // this chunk's words rounded up to whole MMA steps, split evenly between a row's two loaders
+    const int steps = min(KC / KW, (g.k_words - chunk * KC + KW - 1) / KW);
+    const int share = steps * (KW / 2);
+    const int k0 = chunk * KC + load_half * share;
     int tap = k0 / g.words, word = k0 - tap * g.words;
     int fy = tap / g.filter_w, fx = tap - fy * g.filter_w;
-#pragma unroll
-    for (int j = 0; j < KC / 2; ++j) {
+#pragma unroll 4
+    for (int j = 0; j < share; ++j) {
       u32 v = 0;
       const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
       if (row_valid && k0 + j < g.k_words && y >= 0 && y < g.height && x >= 0 && x < g.width)
         v = g.x[(((i64)b * g.height + y) * g.width + x) * g.words + word];
       my_pop += __popc(v);
-      s.tiles.a[load_row * LDS + load_half * (KC / 2) + j] = v;
+      s.tiles.a[load_row * LDS + load_half * share + j] = v;
       if (++word == g.words) {
         word = 0;
         if (++fx == g.filter_w) fx = 0, ++fy;
@@ -172,7 +178,6 @@ __device__ void bconv2d_block(const BconvArgs& g) {
       }
     }
     __syncthreads();
-    const int steps = min(KC / KW, (g.k_words - chunk * KC + KW - 1) / KW);
     if (kTensorCores) {
       const int warp = tid >> 5, lane = tid & 31, group = lane >> 2, t = lane & 3;
       const int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
@@ -228,18 +233,24 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   }
   __syncthreads();
 
-  // epilogue: XOR count, LCE's zero-padding correction, output transform; a warp is 32 channels
-  // of one pixel, so a ballot is one bit-packed output word
+  // epilogue: XOR count, LCE's zero-padding correction, output transform. A thread keeps one
+  // column (idx % BN = tid % BN), so its channel's constants are loaded once; a warp is 32
+  // channels of one pixel, so a ballot is one bit-packed output word.
   const int half_in = g.channels_in / 2;
   const int out_words = (g.channels_out + 31) / 32;
-  for (int idx = tid; idx < BM * BN; idx += THREADS) {
-    const int r = idx / BN, col = idx - r * BN;
+  const int col = tid % BN, c = n0 + col;
+  const bool column_valid = c < g.channels_out;
+  const int c_read = column_valid ? c : 0;
+  const int w_pop = g.weight_pop[c_read];
+  const float mul = g.packed_output ? 0.0f : g.multiplier[c_read];
+  const float add = g.packed_output ? 0.0f : g.bias[c_read];
+  const int threshold = g.packed_output ? g.thresholds[c_read] : 0;
+  for (int r = tid / BN; r < BM; r += THREADS / BN) {
     const i64 mr = m0 + r;
-    const int c = n0 + col;
-    const bool valid = mr < rows && c < g.channels_out;
+    const bool valid = mr < rows && column_valid;
     int xor_count = 0;
     if (valid) {
-      xor_count = row_pop[r] + g.weight_pop[c] - 2 * s.c[r * (BN + 1) + col];
+      xor_count = row_pop[r] + w_pop - 2 * s.c[r * (BN + 1) + col];
       if (g.pad_value == 0) {
         unsigned long long outside = row_outside[r];
         while (outside) {
@@ -250,12 +261,11 @@ __device__ void bconv2d_block(const BconvArgs& g) {
       }
     }
     if (g.packed_output) {
-      const u32 word = __ballot_sync(0xffffffffu, valid && xor_count > g.thresholds[valid ? c : 0]);
-      if ((idx & 31) == 0 && mr < rows && c < g.channels_out)
-        reinterpret_cast<u32*>(g.out)[mr * out_words + c / 32] = word;
+      const u32 word = __ballot_sync(0xffffffffu, valid && xor_count > threshold);
+      if ((col & 31) == 0 && valid) reinterpret_cast<u32*>(g.out)[mr * out_words + c / 32] = word;
     } else if (valid) {
       const int v = min(max(2 * xor_count, g.clamp_min), g.clamp_max);
-      reinterpret_cast<float*>(g.out)[mr * g.channels_out + c] = fmaf((float)v, g.multiplier[c], g.bias[c]);
+      reinterpret_cast<float*>(g.out)[mr * g.channels_out + c] = fmaf((float)v, mul, add);
     }
   }
 }
@@ -273,11 +283,11 @@ __device__ void bconv2d_block(const BconvArgs& g) {
             channels_out, filter_h, filter_w, stride_h,   stride_w,   dilation_h, dilation_w, pad_top,    \
             pad_left, pad_value, k_words,    k_stride,     clamp_min,  clamp_max,  packed_output}
 
-extern "C" __global__ void __launch_bounds__(THREADS) bconv2d_tensor_cores(BCONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_tensor_cores(BCONV_PARAMS) {
   bconv2d_block<true>(BCONV_ARGS);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) bconv2d_popcount(BCONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_popcount(BCONV_PARAMS) {
   bconv2d_block<false>(BCONV_ARGS);
 }
 
