@@ -35,6 +35,7 @@ def conv(
     binary: bool,
     kernel_quantizer: str = "magnitude_aware_sign",
     pad_value: float = 1.0,
+    binary_activations: bool = True,
     name: Optional[str] = None,
 ) -> tf.Tensor:
     """Pre-activated convolution without bias: ``BN -> (sign | ReLU) -> conv``.
@@ -49,6 +50,8 @@ def conv(
             |W|, as XNOR-Net) or ``"ste_sign"`` (plain sign).
         pad_value: value the binary input is padded with at the border (1 is LCE's fastest path,
             -1 matches the authors' code). Ignored for real convolutions and 1x1 kernels.
+        binary_activations: False keeps the binary convolution's input real-valued (binary
+            weights only): stage one of two-stage training; LCE converts only True.
         name: prefix of the layer names.
     """
     check_binary_options(kernel_quantizer, pad_value)
@@ -62,7 +65,7 @@ def conv(
     return lq.layers.QuantConv2D(
         filters,
         kernel_size,
-        input_quantizer="ste_sign",
+        input_quantizer="ste_sign" if binary_activations else None,
         kernel_quantizer=kernel_quantizer,
         kernel_constraint="weight_clip",
         use_bias=False,
@@ -71,11 +74,13 @@ def conv(
     )(x)
 
 
-def _skip(x: tf.Tensor, filters: int, *, binary_skip: bool, kernel_quantizer: str, name: str):
+def _skip(x: tf.Tensor, filters: int, *, binary_skip: bool, kernel_quantizer: str, binary_activations: bool,
+          name: str):
     """Identity when the channel count matches, else ``BN -> act -> 1x1 conv``."""
     if x.shape[-1] == filters:
         return x
-    return conv(x, filters, 1, binary=binary_skip, kernel_quantizer=kernel_quantizer, name=name)
+    return conv(x, filters, 1, binary=binary_skip, kernel_quantizer=kernel_quantizer,
+                binary_activations=binary_activations, name=name)
 
 
 def _maybe_relu(x: tf.Tensor, relu: bool, name: str) -> tf.Tensor:
@@ -91,6 +96,7 @@ def hpm_block(
     kernel_quantizer: str = "magnitude_aware_sign",
     pad_value: float = 1.0,
     binary_skip: bool = False,
+    binary_activations: bool = True,
     name: str = "hpm",
 ) -> tf.Tensor:
     """Hierarchical, parallel and multi-scale block (METHOD.md section 1).
@@ -108,11 +114,14 @@ def hpm_block(
         kernel_quantizer: weight binarizer of the binary convolutions, see :func:`conv`.
         pad_value: border pad value of the binary 3x3 convolutions, see :func:`conv`.
         binary_skip: make the 1x1 skip convolution (used when channels change) binary.
+        binary_activations: binarize the binary convolutions' inputs (False: weights only), see
+            :func:`conv`.
         name: prefix of the layer names.
     """
     quarter = filters // 4
     widths = (filters - 2 * quarter, quarter, quarter)
-    options = dict(binary=binary, kernel_quantizer=kernel_quantizer, pad_value=pad_value)
+    options = dict(binary=binary, kernel_quantizer=kernel_quantizer, pad_value=pad_value,
+                   binary_activations=binary_activations)
     stages = []
     y = x
     for i, width in enumerate(widths, start=1):
@@ -121,7 +130,8 @@ def hpm_block(
         stages.append(y)
     y = tf.keras.layers.Concatenate(name=f"{name}_concat")(stages)
     skip = _skip(
-        x, filters, binary_skip=binary_skip, kernel_quantizer=kernel_quantizer, name=f"{name}_skip"
+        x, filters, binary_skip=binary_skip, kernel_quantizer=kernel_quantizer,
+        binary_activations=binary_activations, name=f"{name}_skip"
     )
     return tf.keras.layers.Add(name=f"{name}_add")([skip, y])
 
@@ -135,6 +145,7 @@ def bottleneck_block(
     kernel_quantizer: str = "magnitude_aware_sign",
     pad_value: float = 1.0,
     binary_skip: bool = False,
+    binary_activations: bool = True,
     inner_ratio: float = 0.5,
     name: str = "bottleneck",
 ) -> tf.Tensor:
@@ -145,13 +156,15 @@ def bottleneck_block(
     parameter count).
     """
     inner = max(1, int(round(filters * inner_ratio)))
-    options = dict(binary=binary, kernel_quantizer=kernel_quantizer, pad_value=pad_value)
+    options = dict(binary=binary, kernel_quantizer=kernel_quantizer, pad_value=pad_value,
+                   binary_activations=binary_activations)
     y = x
     for i, (width, size) in enumerate(((inner, 1), (inner, 3), (filters, 1)), start=1):
         y = conv(y, width, size, name=f"{name}_c{i}", **options)
         y = _maybe_relu(y, relu, f"{name}_c{i}_relu")
     skip = _skip(
-        x, filters, binary_skip=binary_skip, kernel_quantizer=kernel_quantizer, name=f"{name}_skip"
+        x, filters, binary_skip=binary_skip, kernel_quantizer=kernel_quantizer,
+        binary_activations=binary_activations, name=f"{name}_skip"
     )
     return tf.keras.layers.Add(name=f"{name}_add")([skip, y])
 

@@ -66,7 +66,11 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as error:
         _fail("train", str(error))
     steps = args.steps_per_epoch or max(1, count // args.batch_size)
-    training.compile_model(model, args.task, steps, args.epochs, args.learning_rate)
+    try:
+        training.compile_model(model, args.task, steps, args.epochs, args.learning_rate, optimizer=args.optimizer,
+                               schedule=args.schedule, warmup_fraction=args.warmup)
+    except ValueError as error:
+        _fail("train", str(error))
     options = dict(flip_permutation=layouts.flip_permutation(fmt.num_points), seed=args.seed,
                    batch_size=args.batch_size)
     if segmentation:
@@ -241,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=100)
     train.add_argument("--steps-per-epoch", type=int, help="default: data-set size / batch size")
     train.add_argument("--learning-rate", type=float, default=2.5e-4)
+    train.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
+                       help="adam (default) or rmsprop (the papers', with --schedule step)")
+    train.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
+                       help="cosine with a linear warm-up (default), step (the papers' decay) or constant")
+    train.add_argument("--warmup", type=float, default=None,
+                       help="fraction of the steps warming up (cosine only; default 0.05)")
     train.add_argument("--input-size", type=int, default=256)
     train.add_argument("--width", type=int, help="override the configuration's width")
     train.add_argument("--depth", type=int, help="override the configuration's depth")

@@ -2,7 +2,9 @@
 
 1. write a synthetic 300W-format data set (images + 1-based ``.pts``) and read it back with the
    real ``.pts`` reader;
-2. train a small binary HPM hourglass with ``model.fit`` on the augmented ``tf.data`` pipeline;
+2. train a small binary HPM hourglass with ``model.fit`` on the augmented ``tf.data`` pipeline
+   (the default recipe: Adam, warm-up + cosine), and its real-valued twin on the same data, steps
+   and recipe, as the reference;
 3. evaluate NME (inter-ocular and box) on held-out faces, with CED / AUC / failure rate;
 4. convert with LCE to a bit-packed ``.tflite`` and check parity with Keras;
 5. write ``report.md``, ``report.json`` and pictures.
@@ -23,6 +25,7 @@ from larq_landmarks.models import BinaryHourglass
 
 INPUT_SIZE = 64
 BATCH = 16
+LEARNING_RATE = 2e-3
 
 
 def _face_scores(result: Dict[str, np.ndarray]) -> Dict[str, float]:
@@ -57,7 +60,7 @@ def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, tes
     lq.models.summary(model)
     epochs = max(1, steps // 100)
     steps_per_epoch = max(1, steps // epochs)
-    training.compile_model(model, steps_per_epoch=steps_per_epoch, epochs=epochs, learning_rate=2e-3)
+    training.compile_model(model, steps_per_epoch=steps_per_epoch, epochs=epochs, learning_rate=LEARNING_RATE)
     train_data = pipeline.landmark_dataset(
         train_columns, INPUT_SIZE, sigma=1.5, flip_permutation=layouts.flip_permutation(68),
         seed=seed, batch_size=BATCH,
@@ -69,8 +72,18 @@ def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, tes
     fit_seconds = time.time() - fit_started
     training.save_model(model, os.path.join(out, "model.keras"))
 
+    # the real-valued twin: the same network with real blocks, data, steps and recipe
+    tf.keras.utils.set_random_seed(seed)
+    twin = BinaryHourglass(68, width=64, depth=2, input_size=INPUT_SIZE, binary=False)
+    training.compile_model(twin, steps_per_epoch=steps_per_epoch, epochs=epochs, learning_rate=LEARNING_RATE)
+    print(f"training the real-valued twin for the same {epochs} x {steps_per_epoch} steps")
+    twin_started = time.time()
+    twin.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=2)
+    twin_seconds = time.time() - twin_started
+
     test_data = pipeline.evaluation_dataset(test_columns, INPUT_SIZE, batch_size=16)
     keras_result = predict_dataset(lambda x: model.predict_on_batch(x), test_data)
+    twin_result = predict_dataset(lambda x: twin.predict_on_batch(x), test_data)
     untrained = BinaryHourglass(68, width=64, depth=2, input_size=INPUT_SIZE)
     untrained_result = predict_dataset(lambda x: untrained.predict_on_batch(x), test_data)
 
@@ -85,6 +98,7 @@ def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, tes
 
     report = {
         "trained_keras": _face_scores(keras_result),
+        "real_twin_keras": _face_scores(twin_result),
         "trained_lce_tflite": _face_scores(lce_result),
         "untrained_keras": _face_scores(untrained_result),
         "lce_vs_keras_landmarks_within_0.5px": float(np.mean(difference <= 0.5)),
@@ -100,18 +114,22 @@ def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, tes
         "parameters": model.count_params(),
         "final_loss": float(history.history["loss"][-1]),
         "train_seconds": round(fit_seconds, 1),
+        "twin_train_seconds": round(twin_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
         "settings": {"steps": epochs * steps_per_epoch, "seed": seed, "input_size": INPUT_SIZE,
-                     "width": 64, "depth": 2, "batch": BATCH},
+                     "width": 64, "depth": 2, "batch": BATCH, "learning_rate": LEARNING_RATE,
+                     "recipe": "Adam, 5% linear warm-up, cosine decay (training.compile_model's default)"},
     }
-    _write_pictures(out, keras_result, test_columns)
+    report["binary_vs_real_twin_nme"] = (report["trained_keras"]["nme_inter_ocular_%"]
+                                         / report["real_twin_keras"]["nme_inter_ocular_%"])
+    _write_pictures(out, keras_result, twin_result, test_columns)
     _write_report(out, report)
     print(json.dumps(report, indent=2))
     print(f"report: {os.path.join(out, 'report.md')}")
     return report
 
 
-def _write_pictures(out, result, columns):
+def _write_pictures(out, result, twin_result, columns):
     from PIL import Image
 
     pictures = []
@@ -119,9 +137,11 @@ def _write_pictures(out, result, columns):
         image = np.asarray(Image.open(columns["image_path"][i]).convert("RGB"))
         pictures.append(visualize.draw_landmarks(image, result["predicted"][i], result["points"][i]))
     visualize.save_png(visualize.grid(pictures, 4), os.path.join(out, "predictions.png"))
-    errors = metrics.nme(result["predicted"], result["points"], metrics.inter_ocular(result["points"]))
-    visualize.save_png(visualize.ced_plot({"binary HPM (Keras)": metrics.ced(errors, 0.2)}),
-                       os.path.join(out, "ced.png"))
+    curves = {}
+    for label, r in (("binary HPM (Keras)", result), ("real-valued twin (Keras)", twin_result)):
+        errors = metrics.nme(r["predicted"], r["points"], metrics.inter_ocular(r["points"]))
+        curves[label] = metrics.ced(errors, 0.2)
+    visualize.save_png(visualize.ced_plot(curves), os.path.join(out, "ced.png"))
 
 
 def _write_report(out, report):
@@ -132,6 +152,7 @@ def _write_report(out, report):
         f"{s['auc@0.08_inter_ocular']:.3f} | {s['failure_rate@0.08_inter_ocular']:.3f} |"
         for name, s in (("untrained (Keras)", report["untrained_keras"]),
                         ("trained (Keras)", report["trained_keras"]),
+                        ("real-valued twin (Keras; same data, steps and recipe)", report["real_twin_keras"]),
                         ("trained (LCE .tflite)", report["trained_lce_tflite"]),
                         (f"trained (.tflite, {report['tflite_engine']} {report['runtime_kernels'] or ''})",
                          report["trained_runtime_tflite"]))
@@ -141,10 +162,13 @@ def _write_report(out, report):
         "Synthetic 300W-format faces, read through the `.pts` reader; binary HPM hourglass "
         f"(width {report['settings']['width']}, depth {report['settings']['depth']}, "
         f"{report['settings']['input_size']}px input, {report['parameters']:,} parameters), "
-        f"{report['settings']['steps']} steps in {report['train_seconds']} s.\n\n"
+        f"{report['settings']['steps']} steps in {report['train_seconds']} s ({report['settings']['recipe']}; "
+        f"the real-valued twin in {report['twin_train_seconds']} s).\n\n"
         "| model | NME inter-ocular % | NME box % | AUC@0.08 | failures@0.08 |\n|---|---:|---:|---:|---:|\n"
         + "\n".join(rows)
-        + f"\n\nLCE vs Keras: {100 * report['lce_vs_keras_landmarks_within_0.5px']:.1f}% of landmarks "
+        + f"\n\nThe binary network's inter-ocular NME is {report['binary_vs_real_twin_nme']:.2f}x its "
+        "real-valued twin's.\n"
+        + f"\nLCE vs Keras: {100 * report['lce_vs_keras_landmarks_within_0.5px']:.1f}% of landmarks "
         f"within 0.5 px (largest difference {report['lce_vs_keras_max_landmark_difference_px']:.2f} px: "
         "a near-tie between two heatmap peaks flips the argmax).\n"
         f"Bit-packed runtime ({report['tflite_engine']}, {report['runtime_kernels']} kernels) vs LCE on the same "

@@ -49,6 +49,7 @@ def BinaryHourglass(
     binary_skip: bool = False,
     task: str = "heatmaps",
     bottleneck_ratio: float = 0.5,
+    binary_activations: bool = True,
     name: Optional[str] = None,
 ) -> tf.keras.Model:
     """Build the (binarized) stacked hourglass of Bulat & Tzimiropoulos.
@@ -75,6 +76,9 @@ def BinaryHourglass(
         task: ``"heatmaps"`` (outputs are heatmaps) or ``"segmentation"`` (per-pixel logits).
         bottleneck_ratio: inner width of the bottleneck block as a fraction of ``width``
             (0.5 original; ignored by the HPM block).
+        binary_activations: False keeps the binary convolutions' inputs real (binary weights
+            only): stage one of two-stage training (:func:`larq_landmarks.training.transfer_weights`
+            then copies its weights into the fully binary model). Only True converts with LCE.
         name: model name.
 
     Returns:
@@ -94,6 +98,7 @@ def BinaryHourglass(
         kernel_quantizer=kernel_quantizer,
         pad_value=pad_value,
         binary_skip=binary_skip,
+        binary_activations=binary_activations,
     )
     if block == "bottleneck":
         options["inner_ratio"] = bottleneck_ratio

@@ -7,7 +7,9 @@
 Experiments: ``pooling`` (supplementary Table 1), ``relu`` (Table 2), ``blocks`` (binary HPM vs
 binary bottleneck vs real bottleneck vs real HPM at similar parameter count), ``aflw2000``
 (300W-LP -> AFLW2000-3D NME by yaw, Table 5), ``pifa`` (AFLW-PIFA visible / all, Tables 3-4),
-``mpii`` (MPII PCKh), ``segmentation`` (facial parts on 300W, Table 6).
+``mpii`` (MPII PCKh), ``segmentation`` (facial parts on 300W, Table 6); ``recipe`` (issue 12's
+ablation of training recipes for the binary HPM net against its real-valued twin, on the MPII and
+300W formats, ``--seeds`` seeds each).
 
 ``--data-root`` layout (what the readers expect; ``--small`` writes synthetic data like it)::
 
@@ -30,6 +32,7 @@ import tensorflow as tf
 from larq_landmarks import evaluation, layouts, models, training
 from larq_landmarks.atomic import atomic_path
 from larq_landmarks.datasets import formats, pipeline, writers
+from larq_landmarks.distillation import Distiller
 
 NOT_GIVEN = "not in METHOD.md"
 EXPERIMENTS = {
@@ -93,8 +96,38 @@ SMALL = {"input_size": 64, "overrides": {"width": 64, "depth": 2}, "batch_size":
          "learning_rate": 2e-3, "sigma": 1.5}
 
 
-def run_config(name, spec, root, settings, steps, epochs, seed):
-    """Train one named configuration and evaluate it; returns its tables and timings."""
+# Issue 12: training recipes: compile options; two-stage training (binary weights with real
+# activations for the first half of the steps, then the fully binary net from those weights);
+# distillation from the real twin trained with Adam + cosine on the same data and seed.
+# name -> (named configuration, compile options, two-stage, distilled)
+PAPERS = {"optimizer": "rmsprop", "schedule": "step"}
+ADAM_COSINE = {"optimizer": "adam", "schedule": "cosine", "warmup_fraction": 0.05}
+RECIPES = {
+    "binary, papers' recipe (RMSprop, step decay)": ("binary_hpm", PAPERS, False, False),
+    "binary, Adam, step decay": ("binary_hpm", {"optimizer": "adam", "schedule": "step"}, False, False),
+    "binary, Adam, warm-up + cosine": ("binary_hpm", ADAM_COSINE, False, False),
+    "binary, Adam, warm-up + cosine, two-stage": ("binary_hpm", ADAM_COSINE, True, False),
+    "real twin, papers' recipe": ("real_hpm", PAPERS, False, False),
+    "real twin, Adam, warm-up + cosine": ("real_hpm", ADAM_COSINE, False, False),
+    "binary, Adam, warm-up + cosine, distilled": ("binary_hpm", ADAM_COSINE, False, True),
+    "binary, Adam, warm-up + cosine, two-stage, distilled": ("binary_hpm", ADAM_COSINE, True, True),
+}
+TEACHER = "real twin, Adam, warm-up + cosine"
+RECIPE_BENCHMARKS = {
+    "MPII format, PCKh@0.5 Mean %": {"train": ("mpii-json", "mpii/train.json"), "test": ("mpii-json", "mpii/valid.json"),
+                                     "key": ("PCKh@0.5 %", "Mean"), "higher_is_better": True},
+    "300W format, NME inter-ocular %": {"train": ("300w", "300W/train"), "test": ("300w", "300W/test"),
+                                        "key": ("NME", "NME inter-ocular %"), "higher_is_better": False},
+}
+
+
+def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=None, two_stage=False,
+               teacher=None, keep_model=False):
+    """Train one named configuration and evaluate it; returns its tables and timings.
+    ``compile_options`` go to :func:`training.compile_model` (default: the papers' recipe);
+    ``two_stage`` trains ``binary_activations=False`` for half the epochs first; ``teacher``
+    distils a trained real-valued twin into it (:class:`Distiller`); ``keep_model`` adds the
+    trained model under ``"model"``."""
     task = spec.get("task", "heatmaps")
     (train_format, train_path), (test_format, test_path) = spec["train"], spec["test"]
     fmt = formats.get_format(train_format)
@@ -103,25 +136,49 @@ def run_config(name, spec, root, settings, steps, epochs, seed):
     test_columns = formats.read_columns(test_format, os.path.join(root, test_path), images)
     outputs = 7 if task == "segmentation" else fmt.num_points
     tf.keras.utils.set_random_seed(seed)
-    model = models.build_named(name, outputs, input_size=settings["input_size"], task=task, **settings["overrides"])
+    build = dict(input_size=settings["input_size"], task=task, **settings["overrides"])
+    model = models.build_named(name, outputs, **build)
     steps_per_epoch = steps or max(1, len(train_columns["scale"]) // settings["batch_size"])
-    training.compile_model(model, task, steps_per_epoch, epochs, settings["learning_rate"])
+    compile_options = compile_options or {}
+    first_epochs = epochs // 2 if two_stage else 0
+    training.compile_model(model, task, steps_per_epoch, epochs - first_epochs, settings["learning_rate"],
+                           **compile_options)
     options = dict(flip_permutation=layouts.flip_permutation(fmt.num_points), seed=seed,
                    batch_size=settings["batch_size"])
     if task == "segmentation":
         data = pipeline.segmentation_dataset(train_columns, settings["input_size"], **options)
     else:
         data = pipeline.landmark_dataset(train_columns, settings["input_size"], sigma=settings["sigma"], **options)
+    def trainee(network, stage_epochs):
+        if teacher is None:
+            return network
+        distiller = Distiller(network, teacher)
+        training.compile_model(distiller, task, steps_per_epoch, stage_epochs, settings["learning_rate"],
+                               **compile_options)
+        return distiller
+
     started = time.time()
-    model.fit(training.for_stacks(data, model), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=2)
+    if first_epochs:
+        first = models.build_named(name, outputs, binary_activations=False, **build)
+        training.compile_model(first, task, steps_per_epoch, first_epochs, settings["learning_rate"],
+                               **compile_options)
+        trainee(first, first_epochs).fit(training.for_stacks(data, first), epochs=first_epochs,
+                                         steps_per_epoch=steps_per_epoch, verbose=2)
+        training.transfer_weights(first, model)
+    trainee(model, epochs - first_epochs).fit(training.for_stacks(data, model), epochs=epochs - first_epochs,
+                                              steps_per_epoch=steps_per_epoch, verbose=2)
     train_seconds = time.time() - started
     predict = lambda x: model.predict_on_batch(x)  # noqa: E731
     if task == "segmentation":
         result = evaluation.evaluate_segmentation(predict, test_columns, settings["input_size"])
     else:
         result = evaluation.evaluate_landmarks(predict, test_columns, fmt.kind, settings["input_size"])
-    return {"tables": result["tables"], "parameters": model.count_params(), "train_seconds": round(train_seconds, 1),
-            "steps": steps_per_epoch * epochs, "test_samples": result["count"], "train_samples": len(train_columns["scale"])}
+    summary = {"tables": result["tables"], "parameters": model.count_params(), "train_seconds": round(train_seconds, 1),
+               "steps": steps_per_epoch * epochs, "test_samples": result["count"],
+               "train_samples": len(train_columns["scale"])}
+    if keep_model:
+        summary["model"] = model
+    return summary
 
 
 def verdict(spec, results):
@@ -163,7 +220,7 @@ def markdown(experiment, spec, results, settings, args, judged):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=list(EXPERIMENTS) + ["all"])
+    parser.add_argument("experiment", choices=list(EXPERIMENTS) + ["all", "recipe"])
     parser.add_argument("--data-root", help="root of the real data sets (layout above)")
     parser.add_argument("--small", action="store_true", help="synthetic data, small models, CPU")
     parser.add_argument("--out", default="results")
@@ -172,6 +229,12 @@ def main():
     parser.add_argument("--train-samples", type=int, default=400, help="--small: synthetic training samples")
     parser.add_argument("--test-samples", type=int, default=64, help="--small: synthetic test samples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", choices=["default", "papers"], default="default",
+                        help="training recipe of the papers' experiments: this package's default (Adam, "
+                        "warm-up + cosine) or the papers' (RMSprop, step decay)")
+    parser.add_argument("--seeds", type=int, default=2, help="recipe: seeds per configuration (seed, seed + 1, ...)")
+    parser.add_argument("--recipes", help="recipe: only the recipes whose names contain one of these "
+                        "comma-separated words (results merge into an existing recipe.json)")
     parser.add_argument("--summary", help="also write one page with every experiment in --out")
     parser.add_argument("--only-summary", action="store_true",
                         help="train nothing: rewrite --summary from the tables already in --out")
@@ -189,10 +252,15 @@ def main():
     root = args.data_root or os.path.join(args.out, "data")
     if args.small:
         writers.write_layout(root, args.train_samples, args.test_samples, args.seed)
+    if args.experiment == "recipe":
+        run_recipes(args, root, settings, steps, epochs)
+        return
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for experiment in names:
         spec = EXPERIMENTS[experiment]
-        results = {name: run_config(name, spec, root, settings, steps, epochs, args.seed) for name in spec["configs"]}
+        recipe = training.PAPERS_RECIPE if args.recipe == "papers" else {}
+        results = {name: run_config(name, spec, root, settings, steps, epochs, args.seed, recipe)
+                   for name in spec["configs"]}
         judged = verdict(spec, results)
         report = {"experiment": experiment, "title": spec["title"], "small": args.small, "seed": args.seed,
                   "results": results, "paper": spec["paper"], "ordering": judged}
@@ -204,6 +272,69 @@ def main():
         print(open(os.path.join(args.out, f"{experiment}.md")).read())
     if args.summary:
         write_summary(args.out, args.summary)
+
+
+def run_recipes(args, root, settings, steps, epochs):
+    """Issue 12's ablation: every recipe on both benchmarks, ``args.seeds`` seeds each; writes
+    ``recipe.json`` and ``recipe.md`` (means over seeds, binary against its real twin). With
+    ``args.recipes`` only the matching recipes run and their results replace those in an existing
+    ``recipe.json``."""
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    chosen = [r for r in RECIPES if not args.recipes or any(w.strip() in r for w in args.recipes.split(","))]
+    path = os.path.join(args.out, "recipe.json")
+    results = {}
+    if args.recipes and os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)["results"]
+    if any(RECIPES[r][3] for r in chosen) and TEACHER not in chosen:
+        chosen.insert(0, TEACHER)  # the teachers are trained (and recorded) first
+    for benchmark, spec in RECIPE_BENCHMARKS.items():
+        table, column = spec["key"]
+        teachers = {}
+        for recipe in sorted(chosen, key=lambda r: r != TEACHER):
+            name, options, two_stage, distilled = RECIPES[recipe]
+            runs = []
+            for seed in seeds:
+                run = run_config(name, spec, root, settings, steps, epochs, seed, options, two_stage,
+                                 teacher=teachers.get(seed) if distilled else None, keep_model=recipe == TEACHER)
+                if recipe == TEACHER:
+                    teachers[seed] = run.pop("model")
+                runs.append({"seed": seed, "value": run["tables"][table][column], "train_seconds": run["train_seconds"],
+                             "steps": run["steps"]})
+                print(benchmark, recipe, seed, runs[-1], flush=True)
+            results.setdefault(benchmark, {})[recipe] = runs
+            os.makedirs(args.out, exist_ok=True)
+            with atomic_path(path) as temporary, open(temporary, "w") as f:
+                json.dump({"experiment": "recipe", "small": args.small, "seeds": seeds, "results": results}, f, indent=2)
+    with atomic_path(os.path.join(args.out, "recipe.md")) as temporary, open(temporary, "w") as f:
+        f.write(recipe_markdown(results, seeds, args))
+    print(open(os.path.join(args.out, "recipe.md")).read())
+
+
+def recipe_markdown(results, seeds, args) -> str:
+    lines = ["## Training recipes for the binary HPM network (issue 12)", "",
+             f"`python scripts/reproduce.py recipe {'--small ' if args.small else ''}--seeds {len(seeds)}`: "
+             f"seeds {seeds}, the same steps for every row.", ""]
+    for benchmark, rows in results.items():
+        higher = RECIPE_BENCHMARKS[benchmark]["higher_is_better"]
+        lines += [f"### {benchmark}", "", "| recipe | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+                  "|---|" + "---:|" * (len(seeds) + 1)]
+        means = {}
+        for recipe, runs in sorted(rows.items(), key=lambda kv: list(RECIPES).index(kv[0])):
+            values = [r["value"] for r in runs]
+            means[recipe] = sum(values) / len(values)
+            lines.append(f"| {recipe} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {means[recipe]:.2f} |")
+        binary = {k: v for k, v in means.items() if k.startswith("binary")}
+        real = {k: v for k, v in means.items() if k.startswith("real")}
+        if binary and real:
+            best_binary = (max if higher else min)(binary, key=binary.get)
+            best_real = (max if higher else min)(real, key=real.get)
+            relation = (f"{real[best_real] - binary[best_binary]:.2f} points behind" if higher
+                        else f"{binary[best_binary] / real[best_real]:.2f}x its error")
+            lines += ["", f"Best binary: {best_binary} ({binary[best_binary]:.2f}); best real twin: {best_real} "
+                      f"({real[best_real]:.2f}): the binary net is {relation}."]
+        lines.append("")
+    return "\n".join(lines)
 
 
 # The papers' comparisons as claims the summary checks: (experiment, claim, better, worse).

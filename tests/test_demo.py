@@ -15,6 +15,10 @@ def _demo(folder, **settings):
     saved = json.loads((folder / "report.json").read_text())
     assert saved["ops"]["LceBconv2d"] == report["ops"]["LceBconv2d"] > 0
     assert saved["tflite_engine"] == "runtime" and "runtime" in (folder / "report.md").read_text()
+    # the real-valued twin's scores beside the binary network's, and their ratio
+    ratio = saved["trained_keras"]["nme_inter_ocular_%"] / saved["real_twin_keras"]["nme_inter_ocular_%"]
+    assert saved["binary_vs_real_twin_nme"] == pytest.approx(ratio)
+    assert "real-valued twin" in (folder / "report.md").read_text()
     return saved
 
 

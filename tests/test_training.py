@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from larq_landmarks import heatmaps, training
+from larq_landmarks.distillation import Distiller, attention_map
 from larq_landmarks.models import BinaryHourglass
 from tests.conftest import run_python
 
@@ -31,6 +32,72 @@ def test_step_schedule_matches_hand_computation():
         assert float(schedule(step)) == pytest.approx(rate)
     with pytest.raises(ValueError, match="epochs"):
         training.step_schedule(10, 0)
+
+
+def test_cosine_schedule_with_warm_up_matches_hand_computation():
+    schedule = training.cosine_schedule(steps_per_epoch=10, epochs=10, learning_rate=1e-3, warmup_fraction=0.1)
+    # 100 steps: linear warm-up over 10, then 0.5 (1 + cos(pi t / 90)) over the remaining 90
+    for step, rate in [(0, 0.0), (5, 5e-4), (10, 1e-3), (55, 5e-4), (100, 0.0)]:
+        assert float(schedule(step)) == pytest.approx(rate, abs=1e-9)
+    model = BinaryHourglass(5, width=16, depth=1, input_size=32)
+    training.compile_model(model, steps_per_epoch=10, epochs=10, optimizer="adam", schedule="cosine", warmup_fraction=0.1)
+    assert isinstance(model.optimizer, tf.keras.optimizers.Adam)
+    rate = model.optimizer.get_config()["learning_rate"]  # the schedule, as saved with the model
+    assert rate["class_name"] == "CosineDecay"
+    assert (rate["config"]["warmup_target"], rate["config"]["warmup_steps"]) == (pytest.approx(2.5e-4), 10)
+    with pytest.raises(ValueError, match="optimizer='sgd'"):
+        training.compile_model(model, optimizer="sgd")
+    with pytest.raises(ValueError, match="warmup_fraction=0.1 needs schedule='cosine'"):
+        training.compile_model(model, 10, 10, warmup_fraction=0.1)
+
+
+def test_two_stage_weights_carry_over_to_the_binary_model():
+    tf.keras.utils.set_random_seed(0)
+    first = BinaryHourglass(5, width=16, depth=1, input_size=32, binary_activations=False)
+    binary = BinaryHourglass(5, width=16, depth=1, input_size=32)
+    convs = [layer for layer in first.layers if layer.name.endswith("_bconv")]
+    assert convs and all(layer.input_quantizer is None for layer in convs)
+    assert all(binary.get_layer(layer.name).input_quantizer is not None for layer in convs)
+    training.transfer_weights(first, binary)
+    for a, b in zip(first.weights, binary.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="layer 'stem_conv' has weights"):
+        training.transfer_weights(BinaryHourglass(5, width=32, depth=1, input_size=32), binary)
+
+
+def test_distiller_trains_the_student_only_and_round_trips(tmp_path):
+    tf.keras.utils.set_random_seed(0)
+    teacher = BinaryHourglass(5, width=16, depth=1, input_size=32, binary=False)
+    student = BinaryHourglass(5, width=16, depth=1, input_size=32)
+    distiller = Distiller(student, teacher)
+    assert "hg1_l1_up_add" in distiller.attention_layers
+    # the loss, by hand: output MSE to the teacher plus the mean squared attention-map distance
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    s_all, t_all = distiller._student_features(x), distiller._teacher_features(x)
+    expected = np.mean((s_all[0].numpy() - t_all[0].numpy()) ** 2)
+    maps = []
+    for s, t in zip(s_all[1:], t_all[1:]):
+        a, b = (np.mean(v.numpy() ** 2, -1).reshape(4, -1) for v in (s, t))
+        a, b = a / np.linalg.norm(a, axis=-1, keepdims=True), b / np.linalg.norm(b, axis=-1, keepdims=True)
+        maps.append(np.mean(np.sum((a - b) ** 2, -1)))
+    expected += np.mean(maps)
+    assert float(distiller._distillation_loss(s_all, t_all)) == pytest.approx(expected, rel=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(attention_map(s_all[1]).numpy(), axis=-1), 1.0, rtol=1e-5)
+
+    y = np.random.default_rng(1).uniform(size=(4, 8, 8, 5)).astype(np.float32)
+    training.compile_model(distiller, steps_per_epoch=2, epochs=1, optimizer="adam", learning_rate=1e-3)
+    teacher_before = [w.numpy().copy() for w in teacher.weights]
+    student_before = [w.numpy().copy() for w in student.trainable_weights]
+    history = distiller.fit(x, y, batch_size=2, epochs=1, verbose=0,
+                            callbacks=training.training_callbacks(str(tmp_path / "run")))
+    assert set(history.history) == {"loss", "distillation_loss"}
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(teacher_before, teacher.weights))
+    assert any(not np.array_equal(a, w.numpy()) for a, w in zip(student_before, student.trainable_weights))
+    training.save_model(distiller, str(tmp_path / "distiller.keras"))
+    loaded = tf.keras.models.load_model(str(tmp_path / "distiller.keras"))
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), student.predict(x, verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match="attention layer 'nowhere'"):
+        Distiller(student, teacher, attention_layers=["nowhere"])
 
 
 @pytest.mark.slow
@@ -146,6 +213,13 @@ ds = tf.data.Dataset.from_tensor_slices((x, p)).map(
     lambda i, q: (i, heatmaps.render_heatmaps(heatmaps.input_to_heatmap(q), tf.ones(68), 16)))
 history = model.fit(training.for_stacks(ds.batch(8), model), epochs=2, verbose=0)
 print('REPLICAS', strategy.num_replicas_in_sync, 'LOSS', *history.history['loss'])
+from larq_landmarks.distillation import Distiller
+with strategy.scope():
+    teacher = BinaryHourglass(68, num_stacks=2, width=32, input_size=64, depth=2, binary=False)
+    distiller = Distiller(model, teacher)
+    training.compile_model(distiller, steps_per_epoch=4, epochs=1, optimizer='adam', schedule='cosine', warmup_fraction=0.25)
+history = distiller.fit(training.for_stacks(ds.batch(8), model), epochs=1, verbose=0)
+print('DISTILLED', *history.history['loss'], *history.history['distillation_loss'])
 """
 
 
@@ -157,3 +231,5 @@ def test_same_training_code_runs_under_mirrored_strategy_on_two_cpus():
     assert line[1] == "2"
     losses = [float(v) for v in line[3:]]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    distilled = [l for l in result.stdout.splitlines() if l.startswith("DISTILLED")][0].split()[1:]
+    assert len(distilled) == 2 and all(np.isfinite([float(v) for v in distilled]))
