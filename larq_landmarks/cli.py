@@ -140,9 +140,7 @@ def _predict(args: argparse.Namespace) -> int:
                                         num_threads=args.threads, engine=args.engine)
     except (InputError, export.NotOurModelError, UnsupportedModelError, CudaUnavailableError) as error:
         _fail("predict", str(error))
-    boxes = [[float(v) for v in box.split(",")] for box in args.box or []]
-    if any(len(b) != 4 for b in boxes):
-        _fail("predict", "--box takes x1,y1,x2,y2")
+    boxes = list(args.box or [])
     if args.person and not boxes:
         _fail("predict", "--person needs --box x1,y1,x2,y2: only faces are detected")
     if not boxes:
@@ -211,6 +209,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _box(text: str) -> List[float]:
+    """``--box x1,y1,x2,y2``: four finite numbers."""
+    parts = text.split(",")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not x1,y1,x2,y2 (four numbers)")
+    return values
+
+
 def _tflite_arguments(parser):
     parser.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce", "cuda"],
                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
@@ -275,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
     _tflite_arguments(predict)
-    predict.add_argument("--box", action="append", help="x1,y1,x2,y2 (repeat for several; "
-                         "default: the faces BlazeFace finds)")
+    predict.add_argument("--box", action="append", type=_box, help="x1,y1,x2,y2 in pixels, may be negative "
+                         "(repeat for several; default: the faces BlazeFace finds)")
     predict.add_argument("--detector", default="front", choices=["front", "back", "full"],
                          help="BlazeFace model for images without --box: front (close faces, "
                          "default), back, full (faces up to ~5 m)")
@@ -302,9 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_boxes(argv: List[str]) -> List[str]:
+    """``--box -50,-50,100,100`` as ``--box=-50,-50,100,100`` (argparse would read the value,
+    which starts with "-", as an option)."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--box" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            joined.append(f"--box={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_negative_boxes(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     config_path = pre.parse_known_args(argv)[0].config

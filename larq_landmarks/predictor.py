@@ -47,11 +47,39 @@ def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise InputError(f"{name}: expected an (H, W, 3) image array, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        if not np.all(np.isfinite(array)):
-            raise InputError(f"{name}: image array contains NaN or infinity")
-        array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    return array[..., :3]
+    if array.dtype == np.uint8:
+        return array[..., :3]
+    if array.dtype == np.bool_ or array.dtype.kind not in "uif":
+        raise InputError(f"{name}: expected an integer or float image array, got dtype {array.dtype}")
+    if array.dtype.kind in "ui":  # scaled by the type's range: uint16 65535 -> 255
+        info = np.iinfo(array.dtype)
+        if array.min() < 0:
+            raise InputError(f"{name}: {array.dtype} image has negative values; expected 0..{info.max}")
+        return np.round(array[..., :3].astype(np.float64) * (255.0 / info.max)).astype(np.uint8)
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{name}: image array contains NaN or infinity")
+    if array.min() < 0 or array.max() > 1:
+        raise InputError(f"{name}: float images must be in [0, 1], got values in "
+                         f"[{float(array.min()):g}, {float(array.max()):g}] (give uint8 for 0..255)")
+    return np.round(array[..., :3].astype(np.float64) * 255.0).astype(np.uint8)
+
+
+def check_boxes(boxes, name: str = "image") -> np.ndarray:
+    """``boxes`` as an ``(N, 4)`` float32 array of finite ``x1, y1, x2, y2``; anything else (a flat
+    or 8-number list, three values, None, strings, NaN) is an :class:`InputError` saying what was
+    expected. An empty list is no boxes."""
+    expected = "boxes must be [[x1, y1, x2, y2], ...]"
+    try:
+        array = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: {expected}, got {str(boxes)[:80]!r}") from None
+    if array.size == 0:
+        return np.zeros((0, 4), np.float32)
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise InputError(f"{name}: {expected} (shape (N, 4)), got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{name}: boxes contain NaN or infinity")
+    return array.astype(np.float32)
 
 
 def flip_test(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, permutation) -> np.ndarray:
@@ -181,7 +209,7 @@ class Predictor:
         pixels = load_rgb(image, name)
         if boxes is None:
             boxes = self.detect(pixels, name)
-        boxes = np.asarray(boxes, np.float32).reshape(-1, 4) if len(boxes) else np.zeros((0, 4), np.float32)
+        boxes = check_boxes(boxes, name)
         if not len(boxes):
             return np.zeros((0, self.input_size, self.input_size, 3), np.float32), None
         return self._crops(pixels, boxes, name)

@@ -98,21 +98,22 @@ SMALL = {"input_size": 64, "overrides": {"width": 64, "depth": 2}, "batch_size":
 
 # Issue 12: training recipes: compile options; two-stage training (binary weights with real
 # activations for the first half of the steps, then the fully binary net from those weights);
-# distillation from the real twin trained with Adam + cosine on the same data and seed.
-# name -> (named configuration, compile options, two-stage, distilled)
+# distillation from a real twin trained on the same data and seed (the teacher recipe named).
+# name -> (named configuration, compile options, two-stage, teacher recipe or None)
 PAPERS = {"optimizer": "rmsprop", "schedule": "step"}
+ADAM_STEP = {"optimizer": "adam", "schedule": "step"}
 ADAM_COSINE = {"optimizer": "adam", "schedule": "cosine", "warmup_fraction": 0.05}
 RECIPES = {
-    "binary, papers' recipe (RMSprop, step decay)": ("binary_hpm", PAPERS, False, False),
-    "binary, Adam, step decay": ("binary_hpm", {"optimizer": "adam", "schedule": "step"}, False, False),
-    "binary, Adam, warm-up + cosine": ("binary_hpm", ADAM_COSINE, False, False),
-    "binary, Adam, warm-up + cosine, two-stage": ("binary_hpm", ADAM_COSINE, True, False),
-    "real twin, papers' recipe": ("real_hpm", PAPERS, False, False),
-    "real twin, Adam, warm-up + cosine": ("real_hpm", ADAM_COSINE, False, False),
-    "binary, Adam, warm-up + cosine, distilled": ("binary_hpm", ADAM_COSINE, False, True),
-    "binary, Adam, warm-up + cosine, two-stage, distilled": ("binary_hpm", ADAM_COSINE, True, True),
+    "binary, papers' recipe (RMSprop, step decay)": ("binary_hpm", PAPERS, False, None),
+    "binary, Adam, step decay": ("binary_hpm", ADAM_STEP, False, None),
+    "binary, Adam, warm-up + cosine": ("binary_hpm", ADAM_COSINE, False, None),
+    "binary, Adam, warm-up + cosine, two-stage": ("binary_hpm", ADAM_COSINE, True, None),
+    "binary, Adam, step decay, two-stage": ("binary_hpm", ADAM_STEP, True, None),
+    "binary, Adam, step decay, distilled": ("binary_hpm", ADAM_STEP, False, "real twin, Adam, step decay"),
+    "real twin, papers' recipe": ("real_hpm", PAPERS, False, None),
+    "real twin, Adam, step decay": ("real_hpm", ADAM_STEP, False, None),
+    "real twin, Adam, warm-up + cosine": ("real_hpm", ADAM_COSINE, False, None),
 }
-TEACHER = "real twin, Adam, warm-up + cosine"
 RECIPE_BENCHMARKS = {
     "MPII format, PCKh@0.5 Mean %": {"train": ("mpii-json", "mpii/train.json"), "test": ("mpii-json", "mpii/valid.json"),
                                      "key": ("PCKh@0.5 %", "Mean"), "higher_is_better": True},
@@ -234,7 +235,7 @@ def main():
                         "warm-up + cosine) or the papers' (RMSprop, step decay)")
     parser.add_argument("--seeds", type=int, default=2, help="recipe: seeds per configuration (seed, seed + 1, ...)")
     parser.add_argument("--recipes", help="recipe: only the recipes whose names contain one of these "
-                        "comma-separated words (results merge into an existing recipe.json)")
+                        "';'-separated phrases, and their teachers (results merge into an existing recipe.json)")
     parser.add_argument("--summary", help="also write one page with every experiment in --out")
     parser.add_argument("--only-summary", action="store_true",
                         help="train nothing: rewrite --summary from the tables already in --out")
@@ -280,25 +281,25 @@ def run_recipes(args, root, settings, steps, epochs):
     ``args.recipes`` only the matching recipes run and their results replace those in an existing
     ``recipe.json``."""
     seeds = list(range(args.seed, args.seed + args.seeds))
-    chosen = [r for r in RECIPES if not args.recipes or any(w.strip() in r for w in args.recipes.split(","))]
+    chosen = [r for r in RECIPES if not args.recipes or any(w.strip() in r for w in args.recipes.split(";"))]
     path = os.path.join(args.out, "recipe.json")
     results = {}
     if args.recipes and os.path.exists(path):
         with open(path) as f:
             results = json.load(f)["results"]
-    if any(RECIPES[r][3] for r in chosen) and TEACHER not in chosen:
-        chosen.insert(0, TEACHER)  # the teachers are trained (and recorded) first
+    teacher_recipes = {RECIPES[r][3] for r in chosen if RECIPES[r][3]}
+    chosen = sorted(set(chosen) | teacher_recipes, key=lambda r: (r not in teacher_recipes, list(RECIPES).index(r)))
     for benchmark, spec in RECIPE_BENCHMARKS.items():
         table, column = spec["key"]
-        teachers = {}
-        for recipe in sorted(chosen, key=lambda r: r != TEACHER):
-            name, options, two_stage, distilled = RECIPES[recipe]
+        teachers = {}  # (teacher recipe, seed) -> trained model
+        for recipe in chosen:
+            name, options, two_stage, teacher = RECIPES[recipe]
             runs = []
             for seed in seeds:
                 run = run_config(name, spec, root, settings, steps, epochs, seed, options, two_stage,
-                                 teacher=teachers.get(seed) if distilled else None, keep_model=recipe == TEACHER)
-                if recipe == TEACHER:
-                    teachers[seed] = run.pop("model")
+                                 teacher=teachers.get((teacher, seed)), keep_model=recipe in teacher_recipes)
+                if recipe in teacher_recipes:
+                    teachers[(recipe, seed)] = run.pop("model")
                 runs.append({"seed": seed, "value": run["tables"][table][column], "train_seconds": run["train_seconds"],
                              "steps": run["steps"]})
                 print(benchmark, recipe, seed, runs[-1], flush=True)

@@ -96,6 +96,17 @@ def test_every_subcommand_has_help(command, capsys):
     assert "--config" in capsys.readouterr().out
 
 
+def test_box_option_is_four_numbers_and_may_be_negative(capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(cli._join_negative_boxes(["predict", "x.jpg", "--model", "m.tflite", "--box",
+                                                       "-50,-50,100,100", "--box", "1,2,3,4"]))
+    assert args.box == [[-50.0, -50.0, 100.0, 100.0], [1.0, 2.0, 3.0, 4.0]]
+    for value in ("a,b,c,d", "1,2,3", "1,2,3,nan"):
+        with pytest.raises(SystemExit) as exit:
+            cli.main(["predict", "x.jpg", "--model", "m.tflite", "--box", value])
+        assert exit.value.code == 2 and "argument --box" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option,value", [("--threads", "0"), ("--min-score", "1.5"), ("--threads", "two")])
 def test_bad_runtime_and_detector_options_are_named(option, value, capsys):
     with pytest.raises(SystemExit) as exit:

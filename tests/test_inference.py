@@ -10,7 +10,7 @@ from larq_landmarks import export, heatmaps as hm, keras_metrics, metrics, visua
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.evaluation import heatmaps_to_image, predict_dataset
 from larq_landmarks.models import BinaryHourglass
-from larq_landmarks.predictor import InputError, Predictor, flip_test
+from larq_landmarks.predictor import InputError, Predictor, flip_test, load_rgb
 from larq_landmarks.tensorboard import HeatmapImages
 
 
@@ -108,6 +108,19 @@ def test_predictor_bad_input_names_it(faces, tmp_path):
         predictor.predict(np.zeros((4, 4, 4, 3)), [[0, 0, 2, 2]])
     with pytest.raises(InputError, match="2 images but 1 box lists"):
         predictor.predict_many([path, path], [[[0, 0, 5, 5]]])
+    # boxes are checked, not reshaped: one 8-number box is not two boxes
+    for boxes, message in (([[0, 0, 10, 10, 20, 20, 30, 30]], r"shape \(1, 8\)"), ([[1, 2, 3]], r"shape \(1, 3\)"),
+                           ([0, 0, 10, 10], r"shape \(4,\)"), ([None], "x1, y1, x2, y2"),
+                           ([["a", "b", "c", "d"]], "x1, y1, x2, y2"), ([[0, 0, np.nan, 10]], "NaN")):
+        with pytest.raises(InputError, match=message):
+            predictor.predict(path, boxes)
+    # image arrays are converted by their type's range
+    np.testing.assert_array_equal(load_rgb(np.full((2, 2, 3), 65535, np.uint16)), np.full((2, 2, 3), 255, np.uint8))
+    np.testing.assert_array_equal(load_rgb(np.full((2, 2, 3), 0.5)), np.full((2, 2, 3), 128, np.uint8))
+    with pytest.raises(InputError, match=r"float images must be in \[0, 1\]"):
+        load_rgb(np.full((2, 2, 3), 200.0))
+    with pytest.raises(InputError, match="negative values"):
+        load_rgb(np.full((2, 2, 3), -1, np.int16))
     junk = tmp_path / "junk.tflite"
     junk.write_bytes(b"0123TFL3" + b"\x00" * 32)
     with pytest.raises(export.NotOurModelError, match="junk.tflite"):
