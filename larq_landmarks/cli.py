@@ -52,6 +52,7 @@ def _train(args: argparse.Namespace) -> int:
     from larq_landmarks.datasets import formats, pipeline
 
     fmt = formats.get_format(args.format)
+    _check_rerun(args)
     columns = _read(args, "train")
     count = len(columns["scale"])
     segmentation = args.task == "segmentation"
@@ -82,10 +83,58 @@ def _train(args: argparse.Namespace) -> int:
         preview = next(iter(data))[0].numpy()[:4]
         callbacks.append(tensorboard.HeatmapImages(os.path.join(args.out, "logs", "images"), preview))
     tf.keras.utils.set_random_seed(args.seed)
-    model.fit(training.for_stacks(data, model), epochs=args.epochs, steps_per_epoch=steps,
-              callbacks=callbacks, verbose=2 if args.quiet else 1)
+    _record_run(args)
+    backup = os.path.join(args.out, "backup")
+    try:
+        model.fit(training.for_stacks(data, model), epochs=args.epochs, steps_per_epoch=steps,
+                  callbacks=callbacks, verbose=2 if args.quiet else 1)
+    except KeyboardInterrupt:
+        where = (f"the last finished epoch is backed up in {backup}" if os.path.isdir(backup)
+                 else "no epoch had finished")
+        _fail("train", f"interrupted; {where}: run the same command again to resume")
     print(f"model: {os.path.join(args.out, 'model.keras')}")
     return 0
+
+
+# what defines a training run: resuming in the same --out with other values would not resume it
+RUN_OPTIONS = ("format", "model", "task", "input_size", "width", "depth", "num_stacks", "sigma", "batch_size",
+               "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "seed")
+
+
+def _check_rerun(args: argparse.Namespace) -> None:
+    """A finished run in ``--out`` (a model and an empty or no backup) is kept unless ``--overwrite``; an
+    interrupted one resumes only with the options it started with (``run.json``)."""
+    import shutil
+
+    model_path, backup = os.path.join(args.out, "model.keras"), os.path.join(args.out, "backup")
+    run_file = os.path.join(args.out, "run.json")
+    options = {k: getattr(args, k) for k in RUN_OPTIONS}
+    if args.overwrite:
+        for path in (backup, run_file):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    elif os.path.exists(model_path) and not (os.path.isdir(backup) and os.listdir(backup)):
+        _fail("train", f"{args.out} holds a finished run ({model_path}); use --overwrite to train again "
+                       "there, or another --out")
+    elif os.path.isdir(backup) and os.listdir(backup) and os.path.exists(run_file):
+        with open(run_file, encoding="utf-8") as f:
+            previous = json.load(f).get("options", {})
+        differing = [k for k in RUN_OPTIONS if k in previous and previous[k] != options[k]]
+        if differing:
+            said = ", ".join(f"--{k.replace('_', '-')} {previous[k]!r} then, {options[k]!r} now" for k in differing)
+            _fail("train", f"{args.out} holds an interrupted run started with other options ({said}); "
+                           "resume with the same options, or use --overwrite to start again")
+
+
+def _record_run(args: argparse.Namespace) -> None:
+    """``--out/run.json``: the options the run starts with (checked when it is resumed)."""
+    from larq_landmarks.atomic import atomic_path
+
+    os.makedirs(args.out, exist_ok=True)
+    with atomic_path(os.path.join(args.out, "run.json")) as temporary, open(temporary, "w", encoding="utf-8") as f:
+        json.dump({"options": {k: getattr(args, k) for k in RUN_OPTIONS}}, f, indent=1)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -147,10 +196,10 @@ def _predict(args: argparse.Namespace) -> int:
         from larq_landmarks.detection import FaceDetector
 
         predictor.detector = FaceDetector(args.detector, args.min_score)
-    os.makedirs(args.out, exist_ok=True)
     from tqdm import tqdm
 
-    results = {}
+    # every image first, then the files: a failure leaves no folder, overlay or landmarks.json
+    results, pictures = {}, {}
     for path in tqdm(args.images, desc="predict", unit="image"):
         try:
             image = load_rgb(path)
@@ -162,7 +211,11 @@ def _predict(args: argparse.Namespace) -> int:
         picture = visualize.draw_landmarks(image, np.zeros((0, 2)))
         for p in points:
             picture = visualize.draw_landmarks(np.asarray(picture), p)
-        stem = os.path.splitext(os.path.basename(path))[0]
+        pictures[os.path.splitext(os.path.basename(path))[0]] = picture
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        _fail("predict", f"--out {args.out} is a file, not a folder")
+    os.makedirs(args.out, exist_ok=True)
+    for stem, picture in pictures.items():
         visualize.save_png(picture, os.path.join(args.out, f"{stem}_landmarks.png"))
     with atomic_path(os.path.join(args.out, "landmarks.json")) as temporary, open(temporary, "w") as f:
         json.dump(results, f)
@@ -173,6 +226,10 @@ def _predict(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from larq_landmarks import export
 
+    if os.path.isdir(args.output):
+        _fail("convert", f"{args.output} is a folder; give the .tflite file to write, e.g. {os.path.join(args.output, 'model.tflite')}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        _fail("convert", f"{os.path.dirname(os.path.abspath(args.output))}: folder not found")
     model = _load_model("convert", args.model)
     flatbuffer = export.convert(
         model, args.output, binary=not args.float, batch_size=None if args.dynamic_batch else 1
@@ -268,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sigma", type=float, default=1.5, help="heatmap Gaussian sigma (pixels)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="one line per epoch")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train again in an --out that holds a finished (or interrupted) run")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("evaluate", help="the papers' tables for a model on a data set",

@@ -96,6 +96,38 @@ def test_every_subcommand_has_help(command, capsys):
     assert "--config" in capsys.readouterr().out
 
 
+def test_rerunning_a_finished_train_is_refused_and_options_are_checked(trained, tmp_path):
+    config = trained / "train.json"
+    model = trained / "run" / "model.keras"
+    stamp = model.stat().st_mtime_ns
+    with pytest.raises(SystemExit, match="holds a finished run.*--overwrite"):
+        cli.main(["train", "--config", str(config), "--out", str(trained / "run")])
+    assert model.stat().st_mtime_ns == stamp  # the trained model is untouched
+    # an interrupted run (a backup and run.json) resumes only with the options it started with
+    run = tmp_path / "run"
+    (run / "backup").mkdir(parents=True)
+    (run / "backup" / "checkpoint").write_text("a checkpoint of epoch 1")
+    (run / "run.json").write_text(json.dumps({"options": {"width": 64, "model": "binary_hpm"}}))
+    with pytest.raises(SystemExit, match=r"other options \(--width 64 then, 32 now\)"):
+        cli.main(["train", "--config", str(config), "--out", str(run)])
+    args = cli.build_parser().parse_args(["train", "--format", "300w", "--data", "x", "--out", str(run), "--overwrite"])
+    cli._check_rerun(args)  # --overwrite clears the interrupted run's state
+    assert not (run / "backup").exists() and not (run / "run.json").exists()
+
+
+def test_predict_writes_nothing_when_an_image_fails_and_convert_refuses_a_folder(trained, tmp_path):
+    good = next((trained / "test").glob("*.jpg"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    out = tmp_path / "predictions"
+    with pytest.raises(SystemExit, match="broken.jpg: image cannot be decoded"):
+        cli.main(["predict", str(good), str(broken), "--model", str(trained / "run" / "model.keras"),
+                  "--box", "0,0,60,60", "--out", str(out)])
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="is a folder; give the .tflite file"):
+        cli.main(["convert", str(trained / "run" / "model.keras"), str(tmp_path)])
+
+
 def test_box_option_is_four_numbers_and_may_be_negative(capsys):
     parser = cli.build_parser()
     args = parser.parse_args(cli._join_negative_boxes(["predict", "x.jpg", "--model", "m.tflite", "--box",
