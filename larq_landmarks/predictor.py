@@ -64,6 +64,16 @@ def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
     return np.round(array[..., :3].astype(np.float64) * 255.0).astype(np.uint8)
 
 
+def _check_model_shapes(inputs: tuple, outputs: tuple, name: str) -> None:
+    """A landmark model: one ``(B, S, S, 3)`` image input, one ``(B, S/4, S/4, K)`` output."""
+    ok = (len(inputs) == 4 and len(outputs) == 4 and inputs[-1] == 3 and inputs[1] is not None
+          and inputs[1] == inputs[2] and outputs[1] is not None and outputs[1] == outputs[2]
+          and outputs[1] * 4 == inputs[1])
+    if not ok:
+        raise InputError(f"{name}: not a larq_landmarks model (input {inputs}, output {outputs}; "
+                         "expected one (B, S, S, 3) image input and one (B, S/4, S/4, K) output)")
+
+
 def check_boxes(boxes, name: str = "image") -> np.ndarray:
     """``boxes`` as an ``(N, 4)`` float32 array of finite ``x1, y1, x2, y2``; anything else (a flat
     or 8-number list, three values, None, strings, NaN) is an :class:`InputError` saying what was
@@ -141,13 +151,17 @@ class Predictor:
             model = tf.keras.models.load_model(path)
         except Exception as error:
             raise InputError(f"{path}: cannot load a Keras model ({error})") from error
-        return cls.from_model(model, box_kind, use_flip_test)
+        return cls.from_model(model, box_kind, use_flip_test, name=str(path))
 
     @classmethod
-    def from_model(cls, model: tf.keras.Model, box_kind: str = "face", use_flip_test: bool = False):
-        """Wrap an in-memory Keras model (its last stack)."""
+    def from_model(cls, model: tf.keras.Model, box_kind: str = "face", use_flip_test: bool = False,
+                   name: Optional[str] = None):
+        """Wrap an in-memory Keras model (its last stack). It must map ``(B, S, S, 3)`` images to
+        ``(B, S/4, S/4, K)`` heatmaps, as the ``.tflite`` path checks; ``name`` is how errors refer
+        to it (default the model's name)."""
         model = export.last_stack(model)
         shape = model.output_shape
+        _check_model_shapes(tuple(model.input_shape), tuple(shape), name or model.name)
 
         def predict(images):
             return model.predict_on_batch(images)
@@ -160,10 +174,7 @@ class Predictor:
     def _from_tflite(cls, path, box_kind, use_flip_test, num_threads, engine):
         model = export.TfliteModel(export.load_flatbuffer(path), engine, num_threads, name=str(path))
         inputs, outputs = model.input_shape, model.output_shape
-        ok = (len(inputs) == 4 and inputs[-1] == 3 and len(outputs) == 4 and outputs[1] * 4 == inputs[1])
-        if not ok:
-            raise InputError(f"{path}: not a larq_landmarks model (input {inputs}, output {outputs}; "
-                             "expected one (B, S, S, 3) image input and one (B, S/4, S/4, K) output)")
+        _check_model_shapes(tuple(inputs), tuple(outputs), str(path))
         predictor = cls(model.predict, inputs[1], outputs[-1], box_kind, use_flip_test)
         predictor.engine = model.engine
         return predictor

@@ -121,6 +121,11 @@ def test_predictor_bad_input_names_it(faces, tmp_path):
         load_rgb(np.full((2, 2, 3), 200.0))
     with pytest.raises(InputError, match="negative values"):
         load_rgb(np.full((2, 2, 3), -1, np.int16))
+    # a Keras model of the wrong shape is refused up front, like a .tflite one
+    x = tf.keras.Input((32, 32, 3))
+    tf.keras.Model(x, tf.keras.layers.Conv2D(5, 1)(x)).save(tmp_path / "full_size.keras")
+    with pytest.raises(InputError, match=r"full_size.keras: not a larq_landmarks model \(input \(None, 32, 32, 3\)"):
+        Predictor.from_path(str(tmp_path / "full_size.keras"))
     junk = tmp_path / "junk.tflite"
     junk.write_bytes(b"0123TFL3" + b"\x00" * 32)
     with pytest.raises(export.NotOurModelError, match="junk.tflite"):
