@@ -109,12 +109,22 @@ def _lce_convertible(layer) -> bool:
     return input_ok and kernel_ok and not layer.use_bias
 
 
+def verify(flatbuffer: bytes, name: str = "model") -> None:
+    """:func:`larq_landmarks.runtime.graph.verify_flatbuffer` as this module's error: every
+    interpreter here is given only complete, well-formed files (a truncated one crashes TFLite)."""
+    from larq_landmarks.runtime.graph import CorruptModelError, verify_flatbuffer
+
+    try:
+        verify_flatbuffer(flatbuffer, name)
+    except CorruptModelError as error:
+        raise NotOurModelError(str(error)) from error
+
+
 def load_flatbuffer(path: str) -> bytes:
     """Read a ``.tflite`` file, checking that it is a TFLite flatbuffer."""
     with open(path, "rb") as f:
         data = f.read()
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise NotOurModelError(f"{path}: not a TFLite flatbuffer (no 'TFL3' identifier)")
+    verify(data, str(path))
     try:
         op_counts(data)
     except NotOurModelError as error:
@@ -130,6 +140,7 @@ def interpreter(flatbuffer: bytes, num_threads: int = 1, use_xnnpack: bool = Fal
     3x slower than float, this one 1.5x faster (docs/benchmarks.md)."""
     from larq_compute_engine.tflite.python.interpreter import Interpreter
 
+    verify(flatbuffer)
     return Interpreter(flatbuffer, num_threads=num_threads, use_xnnpack=use_xnnpack,
                        use_indirect_bgemm=use_indirect_bgemm)
 
@@ -157,6 +168,7 @@ class TfliteModel:
     def __init__(self, flatbuffer: bytes, engine: str = "auto", num_threads: int = 1, name: str = "model"):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}; use one of {ENGINES}")
+        verify(flatbuffer, name)
         self.kernels = None
         if engine == "cuda":
             from larq_landmarks.runtime import Engine

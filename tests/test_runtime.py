@@ -15,7 +15,8 @@ from PIL import Image
 
 from larq_landmarks import cli, export, heatmaps as hm, models
 from larq_landmarks.predictor import Predictor
-from larq_landmarks.runtime import CudaUnavailableError, Engine, UnsupportedModelError, available_kernels
+from larq_landmarks.runtime import CorruptModelError, CudaUnavailableError, Engine, UnsupportedModelError
+from larq_landmarks.runtime import available_kernels
 from larq_landmarks.runtime import cuda, kernels as kernel_paths, ops
 from larq_landmarks.synthetic import trained_like_batch_norm
 
@@ -165,7 +166,7 @@ def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
     np.testing.assert_allclose(fallback.predict(images), model.predict(images, verbose=0), atol=1e-5)
     with pytest.raises(UnsupportedModelError):
         export.TfliteModel(path.read_bytes(), engine="runtime")
-    with pytest.raises(UnsupportedModelError, match="junk.tflite: not a TFLite flatbuffer"):
+    with pytest.raises(CorruptModelError, match="junk.tflite: not a complete TFLite flatbuffer"):
         (tmp_path / "junk.tflite").write_bytes(b"junk" * 10)
         Engine(str(tmp_path / "junk.tflite"))
 

@@ -162,7 +162,7 @@ def read_pts(path: str, num_points: Optional[int] = 68) -> np.ndarray:
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f if line.strip()]
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: cannot read ({error})") from error
     try:
         if not lines[0].startswith("version"):

@@ -6,7 +6,7 @@ without TensorFlow or LCE, or on an NVIDIA GPU with CUDA kernels through CuPy
 """
 from larq_landmarks.runtime.cuda import CudaUnavailableError
 from larq_landmarks.runtime.engine import Engine
-from larq_landmarks.runtime.graph import UnsupportedModelError
+from larq_landmarks.runtime.graph import CorruptModelError, UnsupportedModelError
 from larq_landmarks.runtime.kernels import available as available_kernels
 
-__all__ = ["CudaUnavailableError", "Engine", "UnsupportedModelError", "available_kernels"]
+__all__ = ["CorruptModelError", "CudaUnavailableError", "Engine", "UnsupportedModelError", "available_kernels"]

@@ -13,6 +13,11 @@ class UnsupportedModelError(ValueError):
     not a TFLite flatbuffer); the message names the file and what is missing."""
 
 
+class CorruptModelError(ValueError):
+    """The file is not a complete, well-formed TFLite flatbuffer (truncated, corrupted, or not a
+    model at all); the message names the file. No interpreter should be given it."""
+
+
 _DTYPES = {0: np.float32, 2: np.int32, 3: np.uint8, 4: np.int64, 6: np.bool_, 9: np.int8}
 
 
@@ -63,13 +68,90 @@ def _options_class(op, builtin_names):
     return options
 
 
+def verify_flatbuffer(flatbuffer: bytes, name: str = "model") -> None:
+    """Check that ``flatbuffer`` is a complete TFLite model before any interpreter sees it: the
+    identifier, the root table, every buffer (inside the file, or its external data within the
+    file's size), every operator code, subgraph, tensor and operator, with every index in range.
+
+    Raises:
+        CorruptModelError: naming ``name`` and the first thing wrong (a truncated file reads
+            past its end).
+    """
+    import struct
+
+    import tflite
+
+    def fail(reason: str):
+        raise CorruptModelError(f"{name}: not a complete TFLite flatbuffer ({reason})")
+
+    size = len(flatbuffer)
+    if size < 8 or flatbuffer[4:8] != b"TFL3":
+        fail("no 'TFL3' identifier")
+
+    def count(length: int, what: str) -> int:
+        if length < 0 or length > size // 4:  # every element takes at least 4 bytes
+            fail(f"{what}: {length} entries in a {size}-byte file")
+        return length
+
+    def indices(values, limit: int, what: str, optional: bool = False):
+        values = np.asarray(values).reshape(-1)
+        low = -1 if optional else 0
+        if values.size and (values.min() < low or values.max() >= limit):
+            fail(f"{what} refers to index {int(values.max() if values.max() >= limit else values.min())} "
+                 f"of {limit}")
+
+    try:
+        model = tflite.Model.GetRootAsModel(flatbuffer, 0)
+        buffers = count(model.BuffersLength(), "buffers")
+        for i in range(buffers):
+            buffer = model.Buffers(i)
+            if buffer.Offset() > 1:
+                if buffer.Offset() + buffer.Size() > size:
+                    fail(f"buffer {i} ends at byte {buffer.Offset() + buffer.Size()}, past the file's {size}")
+            elif buffer.DataLength():
+                count(buffer.DataLength() // 4, f"buffer {i}")
+                buffer.DataAsNumpy()
+        codes = count(model.OperatorCodesLength(), "operator codes")
+        for i in range(codes):
+            code = model.OperatorCodes(i)
+            code.BuiltinCode(), code.DeprecatedBuiltinCode(), code.CustomCode()
+        subgraphs = count(model.SubgraphsLength(), "subgraphs")
+        if subgraphs < 1:
+            fail("no subgraph")
+        for g in range(subgraphs):
+            subgraph = model.Subgraphs(g)
+            tensors = count(subgraph.TensorsLength(), "tensors")
+            for i in range(tensors):
+                tensor = subgraph.Tensors(i)
+                tensor.Name(), tensor.Type(), tensor.ShapeAsNumpy() if tensor.ShapeLength() else None
+                indices([tensor.Buffer()], buffers, f"tensor {i}")
+            for i in range(count(subgraph.OperatorsLength(), "operators")):
+                op = subgraph.Operators(i)
+                indices([op.OpcodeIndex()], codes, f"operator {i}")
+                indices(op.InputsAsNumpy() if op.InputsLength() else [], tensors, f"operator {i}'s inputs", True)
+                indices(op.OutputsAsNumpy() if op.OutputsLength() else [], tensors, f"operator {i}'s outputs")
+                if op.CustomOptionsLength():
+                    op.CustomOptionsAsNumpy()
+            if not subgraph.InputsLength() or not subgraph.OutputsLength():
+                fail(f"subgraph {g} has no inputs or no outputs")
+            indices(subgraph.InputsAsNumpy(), tensors, f"subgraph {g}'s inputs")
+            indices(subgraph.OutputsAsNumpy(), tensors, f"subgraph {g}'s outputs")
+    except CorruptModelError:
+        raise
+    except (IndexError, struct.error, ValueError, TypeError, AttributeError, UnicodeDecodeError) as error:
+        fail(f"{type(error).__name__}: {error}")
+
+
 def read_graph(flatbuffer: bytes, name: str = "model") -> Graph:
-    """Parse the first subgraph of ``flatbuffer``; ``name`` is how errors refer to the file."""
+    """Parse the first subgraph of ``flatbuffer``; ``name`` is how errors refer to the file.
+
+    Raises:
+        CorruptModelError: the file is truncated or corrupt (:func:`verify_flatbuffer`).
+        UnsupportedModelError: it holds what the runtime does not run."""
     import tflite
     from flatbuffers import flexbuffers
 
-    if len(flatbuffer) < 8 or flatbuffer[4:8] != b"TFL3":
-        raise UnsupportedModelError(f"{name}: not a TFLite flatbuffer (no 'TFL3' identifier)")
+    verify_flatbuffer(flatbuffer, name)
     try:
         model = tflite.Model.GetRootAsModel(flatbuffer, 0)
         if model.SubgraphsLength() != 1:
