@@ -115,6 +115,19 @@ def test_rerunning_a_finished_train_is_refused_and_options_are_checked(trained, 
     assert not (run / "backup").exists() and not (run / "run.json").exists()
 
 
+def test_ctrl_c_during_training_is_one_line_saying_how_to_resume(trained, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    def interrupted(model, *args, **kwargs):
+        (tmp_path / "run" / "backup" / "chief").mkdir(parents=True)  # as if an epoch had finished
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf.keras.Model, "fit", interrupted)
+    with pytest.raises(SystemExit, match=r"interrupted; the last finished epoch is backed up in .*backup: run "
+                                         "the same command again to resume"):
+        cli.main(["train", "--config", str(trained / "train.json"), "--out", str(tmp_path / "run")])
+
+
 def test_predict_writes_nothing_when_an_image_fails_and_convert_refuses_a_folder(trained, tmp_path):
     good = next((trained / "test").glob("*.jpg"))
     broken = tmp_path / "broken.jpg"
