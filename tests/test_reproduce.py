@@ -53,3 +53,40 @@ def test_summary_judges_the_papers_orderings_from_the_numbers():
 def test_experiments_refuse_to_run_without_data():
     result = subprocess.run([sys.executable, SCRIPT, "mpii"], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "--data-root" in result.stderr
+
+
+def test_recipe_table_takes_means_over_seeds_and_compares_with_the_real_twin():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import reproduce
+
+    runs = lambda *values: [{"seed": s, "value": v} for s, v in enumerate(values)]  # noqa: E731
+    results = {
+        "MPII format, PCKh@0.5 Mean %": {"binary, papers' recipe (RMSprop, step decay)": runs(18.0, 20.0),
+                                         "binary, Adam, step decay": runs(44.0, 46.0),
+                                         "real twin, papers' recipe": runs(54.0, 56.0)},
+        "300W format, NME inter-ocular %": {"binary, Adam, step decay": runs(12.0, 14.0),
+                                            "real twin, Adam, step decay": runs(10.0, 10.0)},
+    }
+
+    class Args:
+        small = True
+
+    page = reproduce.recipe_markdown(results, [0, 1], Args())
+    assert "| binary, Adam, step decay | 44.00 | 46.00 | 45.00 |" in page
+    assert "the binary net is 10.00 points behind" in page  # 55.00 - 45.00
+    assert "the binary net is 1.30x its error" in page  # 13.00 / 10.00
+
+
+@pytest.mark.slow
+def test_recipe_ablation_runs_small_with_a_distilled_row(tmp_path):
+    out = tmp_path / "results"
+    command = [sys.executable, SCRIPT, "recipe", "--small", "--out", str(out), "--train-samples", "16",
+               "--test-samples", "8", "--epochs", "2", "--steps-per-epoch", "2", "--seeds", "1",
+               "--recipes", "step decay, distilled"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / "recipe.json").read_text())
+    for rows in report["results"].values():  # the teacher is trained first and recorded
+        assert set(rows) == {"real twin, Adam, step decay", "binary, Adam, step decay, distilled"}
+        assert all(len(r) == 1 and r[0]["steps"] == 4 for r in rows.values())
+    assert "Best binary" in (out / "recipe.md").read_text()
