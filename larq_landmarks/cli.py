@@ -313,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps-per-epoch", type=int, help="default: data-set size / batch size")
     train.add_argument("--learning-rate", type=float, default=2.5e-4)
     train.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
-                       help="adam (default) or rmsprop (the papers', with --schedule step)")
-    train.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
-                       help="cosine with a linear warm-up (default), step (the papers' decay) or constant")
+                       help="adam (default) or rmsprop (the papers')")
+    train.add_argument("--schedule", choices=["step", "cosine", "constant"], default="step",
+                       help="step (the papers' decay, default), cosine with a linear warm-up, or constant")
     train.add_argument("--warmup", type=float, default=None,
                        help="fraction of the steps warming up (cosine only; default 0.05)")
     train.add_argument("--input-size", type=int, default=256)

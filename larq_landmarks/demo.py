@@ -3,7 +3,7 @@
 1. write a synthetic 300W-format data set (images + 1-based ``.pts``) and read it back with the
    real ``.pts`` reader;
 2. train a small binary HPM hourglass with ``model.fit`` on the augmented ``tf.data`` pipeline
-   (the default recipe: Adam, warm-up + cosine), and its real-valued twin on the same data, steps
+   (the default recipe: Adam with step decay), and its real-valued twin on the same data, steps
    and recipe, as the reference;
 3. evaluate NME (inter-ocular and box) on held-out faces, with CED / AUC / failure rate;
 4. convert with LCE to a bit-packed ``.tflite`` and check parity with Keras;
@@ -118,7 +118,7 @@ def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, tes
         "total_seconds": round(time.time() - started, 1),
         "settings": {"steps": epochs * steps_per_epoch, "seed": seed, "input_size": INPUT_SIZE,
                      "width": 64, "depth": 2, "batch": BATCH, "learning_rate": LEARNING_RATE,
-                     "recipe": "Adam, 5% linear warm-up, cosine decay (training.compile_model's default)"},
+                     "recipe": "Adam with step decay (training.compile_model's default)"},
     }
     report["binary_vs_real_twin_nme"] = (report["trained_keras"]["nme_inter_ocular_%"]
                                          / report["real_twin_keras"]["nme_inter_ocular_%"])

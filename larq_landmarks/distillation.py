@@ -7,7 +7,7 @@ of the blocks both networks share by name::
     teacher = BinaryHourglass(68, binary=False)          # trained first
     student = BinaryHourglass(68)
     distiller = Distiller(student, teacher)
-    training.compile_model(distiller, steps_per_epoch=..., epochs=..., optimizer="adam", schedule="cosine")
+    training.compile_model(distiller, steps_per_epoch=..., epochs=...)
     distiller.fit(data, ...)                             # callbacks, tf.distribute scopes as usual
     distiller.student                                    # the binary network to save and convert
 

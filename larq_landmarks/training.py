@@ -1,6 +1,8 @@
 """Training with Keras ``fit``: the papers' loss, optimiser, schedule and callbacks (METHOD.md 3),
-and the options that train binary networks better (Adam with a warm-up and cosine decay, as
-Larq's own recipes; two-stage training through :func:`transfer_weights`).
+and the options that train binary networks better: Adam (the default; with the papers' step decay
+it measured best, ``reproduce.py recipe``), a warm-up with cosine decay as Larq's own recipes use,
+two-stage training through :func:`transfer_weights`, distillation in
+:mod:`larq_landmarks.distillation`.
 
 Use it as::
 
@@ -95,14 +97,15 @@ def compile_model(
     learning_rate: float = 2.5e-4,
     metrics: Optional[list] = None,
     optimizer: str = "adam",
-    schedule: str = "cosine",
+    schedule: str = "step",
     warmup_fraction: Optional[float] = None,
 ) -> tf.keras.Model:
     """Compile with the papers' loss, applied to every stack and summed.
 
-    The default recipe, Adam with a linear warm-up and cosine decay, trains the binary networks
-    far better than the papers' RMSprop with step decay at the same budget (``reproduce.py recipe``,
-    docs/results.md); the papers' recipe is ``compile_model(model, **PAPERS_RECIPE)``.
+    The default recipe, Adam with the papers' step decay, trains the binary networks far better
+    than the papers' RMSprop at the same budget, and better than Adam with a warm-up and cosine
+    decay (``reproduce.py recipe``, docs/results.md); the papers' recipe is
+    ``compile_model(model, **PAPERS_RECIPE)``.
 
     Args:
         model: the network (one output per stack).
@@ -112,7 +115,7 @@ def compile_model(
         learning_rate: the peak learning rate.
         metrics: Keras metrics.
         optimizer: ``"adam"`` or ``"rmsprop"`` (the papers').
-        schedule: ``"cosine"``, ``"step"`` (the papers' step decay) or ``"constant"``, see
+        schedule: ``"step"`` (the papers' step decay), ``"cosine"`` or ``"constant"``, see
             :func:`learning_rate_schedule`.
         warmup_fraction: with ``"cosine"``, the fraction of the steps that warm up linearly from 0
             (None: 0.05).
