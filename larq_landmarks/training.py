@@ -14,7 +14,7 @@ Use it as::
 import os
 import shutil
 import tempfile
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -153,6 +153,30 @@ def transfer_weights(source: tf.keras.Model, target: tf.keras.Model) -> tf.keras
                              f"in {target.name}")
         layer.set_weights(values)
     return target
+
+
+def two_stage(build: Callable[[bool], tf.keras.Model], train: Callable[[tf.keras.Model, int], None],
+              epochs: int) -> tf.keras.Model:
+    """Two-stage training (Martinez, Yang, Bulat & Tzimiropoulos, ICLR 2020): ``build(False)``
+    (binary weights, real activations: ``BinaryHourglass(..., binary_activations=False)``) is
+    trained for the first half of the epochs, its weights are copied into ``build(True)`` (the
+    fully binary network) with :func:`transfer_weights`, which trains for the rest.
+
+    Args:
+        build: ``binary_activations -> model``.
+        train: ``(model, epochs)``: compiles and fits the model for that many epochs.
+        epochs: both stages together (at least 2).
+
+    Returns:
+        The fully binary model, trained.
+    """
+    if epochs < 2:
+        raise ValueError(f"two-stage training needs epochs >= 2 (one per stage), got {epochs}")
+    first = build(False)
+    train(first, epochs // 2)
+    binary = transfer_weights(first, build(True))
+    train(binary, epochs - epochs // 2)
+    return binary
 
 
 def for_stacks(dataset: tf.data.Dataset, model_or_stacks) -> tf.data.Dataset:

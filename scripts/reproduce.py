@@ -125,8 +125,8 @@ RECIPE_BENCHMARKS = {
 def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=None, two_stage=False,
                teacher=None, keep_model=False):
     """Train one named configuration and evaluate it; returns its tables and timings.
-    ``compile_options`` go to :func:`training.compile_model` (default: the papers' recipe);
-    ``two_stage`` trains ``binary_activations=False`` for half the epochs first; ``teacher``
+    ``compile_options`` go to :func:`training.compile_model` (default: its default recipe);
+    ``two_stage`` uses :func:`training.two_stage`; ``teacher``
     distils a trained real-valued twin into it (:class:`Distiller`); ``keep_model`` adds the
     trained model under ``"model"``."""
     task = spec.get("task", "heatmaps")
@@ -137,37 +137,32 @@ def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=
     test_columns = formats.read_columns(test_format, os.path.join(root, test_path), images)
     outputs = 7 if task == "segmentation" else fmt.num_points
     tf.keras.utils.set_random_seed(seed)
-    build = dict(input_size=settings["input_size"], task=task, **settings["overrides"])
-    model = models.build_named(name, outputs, **build)
     steps_per_epoch = steps or max(1, len(train_columns["scale"]) // settings["batch_size"])
     compile_options = compile_options or {}
-    first_epochs = epochs // 2 if two_stage else 0
-    training.compile_model(model, task, steps_per_epoch, epochs - first_epochs, settings["learning_rate"],
-                           **compile_options)
+
+    def build(binary_activations=True):
+        return models.build_named(name, outputs, input_size=settings["input_size"], task=task,
+                                  binary_activations=binary_activations, **settings["overrides"])
+
+    def train(network, stage_epochs):
+        trainee = network if teacher is None else Distiller(network, teacher)
+        training.compile_model(trainee, task, steps_per_epoch, stage_epochs, settings["learning_rate"],
+                               **compile_options)
+        trainee.fit(training.for_stacks(data, network), epochs=stage_epochs, steps_per_epoch=steps_per_epoch,
+                    verbose=2)
+
     options = dict(flip_permutation=layouts.flip_permutation(fmt.num_points), seed=seed,
                    batch_size=settings["batch_size"])
     if task == "segmentation":
         data = pipeline.segmentation_dataset(train_columns, settings["input_size"], **options)
     else:
         data = pipeline.landmark_dataset(train_columns, settings["input_size"], sigma=settings["sigma"], **options)
-    def trainee(network, stage_epochs):
-        if teacher is None:
-            return network
-        distiller = Distiller(network, teacher)
-        training.compile_model(distiller, task, steps_per_epoch, stage_epochs, settings["learning_rate"],
-                               **compile_options)
-        return distiller
-
     started = time.time()
-    if first_epochs:
-        first = models.build_named(name, outputs, binary_activations=False, **build)
-        training.compile_model(first, task, steps_per_epoch, first_epochs, settings["learning_rate"],
-                               **compile_options)
-        trainee(first, first_epochs).fit(training.for_stacks(data, first), epochs=first_epochs,
-                                         steps_per_epoch=steps_per_epoch, verbose=2)
-        training.transfer_weights(first, model)
-    trainee(model, epochs - first_epochs).fit(training.for_stacks(data, model), epochs=epochs - first_epochs,
-                                              steps_per_epoch=steps_per_epoch, verbose=2)
+    if two_stage:
+        model = training.two_stage(build, train, epochs)
+    else:
+        model = build()
+        train(model, epochs)
     train_seconds = time.time() - started
     predict = lambda x: model.predict_on_batch(x)  # noqa: E731
     if task == "segmentation":

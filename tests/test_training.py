@@ -63,6 +63,20 @@ def test_two_stage_weights_carry_over_to_the_binary_model():
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(ValueError, match="layer 'stem_conv' has weights"):
         training.transfer_weights(BinaryHourglass(5, width=32, depth=1, input_size=32), binary)
+    # two_stage: half the epochs with real activations, the rest fully binary from those weights
+    stages = []
+
+    def train(model, epochs):
+        stages.append((model.get_layer("stem_block1_s1_bconv").input_quantizer is None, epochs))
+        model.get_layer("stem_conv").set_weights([w + 1 for w in model.get_layer("stem_conv").get_weights()])
+
+    result = training.two_stage(lambda binary_activations: BinaryHourglass(
+        5, width=16, depth=1, input_size=32, binary_activations=binary_activations), train, 5)
+    assert stages == [(True, 2), (False, 3)]
+    assert result.get_layer("stem_block1_s1_bconv").input_quantizer is not None
+    np.testing.assert_array_equal(result.get_layer("stem_conv").get_weights()[1], 2.0)  # bias 0 + 1 + 1
+    with pytest.raises(ValueError, match="epochs >= 2"):
+        training.two_stage(lambda b: binary, train, 1)
 
 
 def test_distiller_trains_the_student_only_and_round_trips(tmp_path):
