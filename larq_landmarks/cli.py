@@ -41,7 +41,7 @@ def _demo(args: argparse.Namespace) -> int:
     from larq_landmarks import demo
 
     demo.run(args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
-             test_images=args.test_images)
+             test_images=args.test_images, two_stage=not args.one_stage)
     return 0
 
 
@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--train-images", type=int, default=400, help="synthetic training faces (default 400)")
     demo.add_argument("--test-images", type=int, default=64, help="synthetic test faces (default 64)")
+    demo.add_argument("--one-stage", action="store_true",
+                      help="train the binary network in one stage (default: two, real activations first)")
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="train a named model on a data set",

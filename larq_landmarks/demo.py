@@ -40,8 +40,10 @@ def _face_scores(result: Dict[str, np.ndarray]) -> Dict[str, float]:
     }
 
 
-def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, test_images: int = 64) -> Dict:
-    """Run the demo into folder ``out``; returns the report dict."""
+def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, test_images: int = 64,
+        two_stage: bool = True) -> Dict:
+    """Run the demo into folder ``out``; returns the report dict. ``two_stage`` trains the binary
+    network in two stages (:func:`larq_landmarks.training.two_stage`), half the steps each."""
     started = time.time()
     tf.keras.utils.set_random_seed(seed)
     data_root = os.path.join(out, "data", "300w")
@@ -53,23 +55,36 @@ def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, tes
     train_columns = readers.to_columns(readers.read_pts_folder(train_dir))
     test_columns = readers.to_columns(readers.read_pts_folder(test_dir))
 
-    model = BinaryHourglass(68, width=64, depth=2, input_size=INPUT_SIZE)
-    model.summary(print_fn=lambda line: None)
     import larq as lq
 
-    lq.models.summary(model)
-    epochs = max(1, steps // 100)
+    epochs = max(2 if two_stage else 1, steps // 100)
     steps_per_epoch = max(1, steps // epochs)
-    training.compile_model(model, steps_per_epoch=steps_per_epoch, epochs=epochs, learning_rate=LEARNING_RATE)
     train_data = pipeline.landmark_dataset(
         train_columns, INPUT_SIZE, sigma=1.5, flip_permutation=layouts.flip_permutation(68),
         seed=seed, batch_size=BATCH,
     )
-    print(f"training {epochs} x {steps_per_epoch} steps on {len(train_columns['scale'])} faces")
+    losses = []
+
+    def build(binary_activations=True):
+        return BinaryHourglass(68, width=64, depth=2, input_size=INPUT_SIZE, binary_activations=binary_activations)
+
+    def train(network, stage_epochs):
+        training.compile_model(network, steps_per_epoch=steps_per_epoch, epochs=stage_epochs, learning_rate=LEARNING_RATE)
+        stage = os.path.join(out, "train", f"stage{len(losses) + 1}")
+        history = network.fit(train_data, epochs=stage_epochs, steps_per_epoch=steps_per_epoch, verbose=2,
+                              callbacks=training.training_callbacks(stage))
+        losses.append(float(history.history["loss"][-1]))
+
+    print(f"training {epochs} x {steps_per_epoch} steps on {len(train_columns['scale'])} faces"
+          + (" in two stages (real activations first, then binary)" if two_stage else ""))
     fit_started = time.time()
-    history = model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=2,
-                        callbacks=training.training_callbacks(os.path.join(out, "train")))
+    if two_stage:
+        model = training.two_stage(build, train, epochs)
+    else:
+        model = build()
+        train(model, epochs)
     fit_seconds = time.time() - fit_started
+    lq.models.summary(model)
     training.save_model(model, os.path.join(out, "model.keras"))
 
     # the real-valued twin: the same network with real blocks, data, steps and recipe
@@ -112,13 +127,14 @@ def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, tes
         "tflite_bytes_binary": len(flatbuffer),
         "tflite_bytes_float32": float_size,
         "parameters": model.count_params(),
-        "final_loss": float(history.history["loss"][-1]),
+        "final_loss": losses[-1],
         "train_seconds": round(fit_seconds, 1),
         "twin_train_seconds": round(twin_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
         "settings": {"steps": epochs * steps_per_epoch, "seed": seed, "input_size": INPUT_SIZE,
                      "width": 64, "depth": 2, "batch": BATCH, "learning_rate": LEARNING_RATE,
-                     "recipe": "Adam with step decay (training.compile_model's default)"},
+                     "recipe": "Adam with step decay (training.compile_model's default)"
+                               + (", two stages" if two_stage else "")},
     }
     report["binary_vs_real_twin_nme"] = (report["trained_keras"]["nme_inter_ocular_%"]
                                          / report["real_twin_keras"]["nme_inter_ocular_%"])
