@@ -67,9 +67,19 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as error:
         _fail("train", str(error))
     steps = args.steps_per_epoch or max(1, count // args.batch_size)
-    try:
-        training.compile_model(model, args.task, steps, args.epochs, args.learning_rate, optimizer=args.optimizer,
+    import larq as lq
+
+    # two stages (real activations first, then binary from those weights) for binary networks
+    two_stage = (not args.one_stage and args.epochs >= 2
+                 and any(isinstance(layer, lq.layers.QuantConv2D) for layer in model.layers))
+    first_epochs = args.epochs // 2 if two_stage else 0
+
+    def compile_for(network, epochs):
+        training.compile_model(network, args.task, steps, epochs, args.learning_rate, optimizer=args.optimizer,
                                schedule=args.schedule, warmup_fraction=args.warmup)
+
+    try:
+        compile_for(model, args.epochs - first_epochs)
     except ValueError as error:
         _fail("train", str(error))
     options = dict(flip_permutation=layouts.flip_permutation(fmt.num_points), seed=args.seed,
@@ -85,8 +95,24 @@ def _train(args: argparse.Namespace) -> int:
     tf.keras.utils.set_random_seed(args.seed)
     _record_run(args)
     backup = os.path.join(args.out, "backup")
+    stage1 = os.path.join(args.out, "stage1")
     try:
-        model.fit(training.for_stacks(data, model), epochs=args.epochs, steps_per_epoch=steps,
+        if two_stage and _finished(stage1):
+            first = tf.keras.models.load_model(os.path.join(stage1, "model.keras"))
+            print(f"stage 1 finished before: its weights from {stage1}")
+        elif two_stage:
+            backup = os.path.join(stage1, "backup")
+            first = models.build_named(args.model, outputs, input_size=args.input_size, task=args.task,
+                                       binary_activations=False, **overrides)
+            compile_for(first, first_epochs)
+            print(f"stage 1 of 2: {first_epochs} epochs with real-valued activations, in {stage1}")
+            first.fit(training.for_stacks(data, first), epochs=first_epochs, steps_per_epoch=steps,
+                      callbacks=training.training_callbacks(stage1), verbose=2 if args.quiet else 1)
+        if two_stage:
+            training.transfer_weights(first, model)
+            backup = os.path.join(args.out, "backup")
+            print(f"stage 2 of 2: {args.epochs - first_epochs} epochs fully binary")
+        model.fit(training.for_stacks(data, model), epochs=args.epochs - first_epochs, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=2 if args.quiet else 1)
     except KeyboardInterrupt:
         where = (f"the last finished epoch is backed up in {backup}" if os.path.isdir(backup)
@@ -98,7 +124,13 @@ def _train(args: argparse.Namespace) -> int:
 
 # what defines a training run: resuming in the same --out with other values would not resume it
 RUN_OPTIONS = ("format", "model", "task", "input_size", "width", "depth", "num_stacks", "sigma", "batch_size",
-               "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "seed")
+               "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "one_stage", "seed")
+
+
+def _finished(folder: str) -> bool:
+    """A training run in ``folder`` finished: its model is saved and its backup is gone or empty."""
+    backup = os.path.join(folder, "backup")
+    return os.path.exists(os.path.join(folder, "model.keras")) and not (os.path.isdir(backup) and os.listdir(backup))
 
 
 def _check_rerun(args: argparse.Namespace) -> None:
@@ -110,12 +142,12 @@ def _check_rerun(args: argparse.Namespace) -> None:
     run_file = os.path.join(args.out, "run.json")
     options = {k: getattr(args, k) for k in RUN_OPTIONS}
     if args.overwrite:
-        for path in (backup, run_file):
+        for path in (backup, run_file, os.path.join(args.out, "stage1")):
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    elif os.path.exists(model_path) and not (os.path.isdir(backup) and os.listdir(backup)):
+    elif _finished(args.out):
         _fail("train", f"{args.out} holds a finished run ({model_path}); use --overwrite to train again "
                        "there, or another --out")
     elif os.path.isdir(backup) and os.listdir(backup) and os.path.exists(run_file):
@@ -327,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sigma", type=float, default=1.5, help="heatmap Gaussian sigma (pixels)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="one line per epoch")
+    train.add_argument("--one-stage", action="store_true",
+                       help="binary networks: train in one stage (the papers'); default two, real-valued "
+                       "activations for the first half of the epochs (--out/stage1), then binary")
     train.add_argument("--overwrite", action="store_true",
                        help="train again in an --out that holds a finished (or interrupted) run")
     train.set_defaults(run=_train)

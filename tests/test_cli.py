@@ -25,6 +25,7 @@ def trained(tmp_path_factory):
 
 def test_train_writes_model_and_logs(trained):
     assert (trained / "run" / "model.keras").exists()
+    assert (trained / "run" / "stage1" / "model.keras").exists()  # binary networks train in two stages
     assert list((trained / "run" / "logs" / "images").glob("events.out.tfevents.*"))
 
 
@@ -119,12 +120,12 @@ def test_ctrl_c_during_training_is_one_line_saying_how_to_resume(trained, tmp_pa
     import tensorflow as tf
 
     def interrupted(model, *args, **kwargs):
-        (tmp_path / "run" / "backup" / "chief").mkdir(parents=True)  # as if an epoch had finished
+        (tmp_path / "run" / "stage1" / "backup" / "chief").mkdir(parents=True)  # as if an epoch had finished
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tf.keras.Model, "fit", interrupted)
-    with pytest.raises(SystemExit, match=r"interrupted; the last finished epoch is backed up in .*backup: run "
-                                         "the same command again to resume"):
+    with pytest.raises(SystemExit, match=r"interrupted; the last finished epoch is backed up in .*stage1.backup: "
+                                         "run the same command again to resume"):
         cli.main(["train", "--config", str(trained / "train.json"), "--out", str(tmp_path / "run")])
 
 
