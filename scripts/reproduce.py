@@ -226,8 +226,8 @@ def main():
     parser.add_argument("--test-samples", type=int, default=64, help="--small: synthetic test samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipe", choices=["default", "papers"], default="default",
-                        help="training recipe of the papers' experiments: this package's default (Adam, "
-                        "warm-up + cosine) or the papers' (RMSprop, step decay)")
+                        help="training recipe of the papers' experiments: this package's default (Adam with "
+                        "step decay, binary networks in two stages) or the papers' (RMSprop, one stage)")
     parser.add_argument("--seeds", type=int, default=2, help="recipe: seeds per configuration (seed, seed + 1, ...)")
     parser.add_argument("--recipes", help="recipe: only the recipes whose names contain one of these "
                         "';'-separated phrases, and their teachers (results merge into an existing recipe.json)")
@@ -255,7 +255,9 @@ def main():
     for experiment in names:
         spec = EXPERIMENTS[experiment]
         recipe = training.PAPERS_RECIPE if args.recipe == "papers" else {}
-        results = {name: run_config(name, spec, root, settings, steps, epochs, args.seed, recipe)
+        binary = {n: c["kwargs"].get("binary", True) for n, c in models.named_configurations().items()}
+        results = {name: run_config(name, spec, root, settings, steps, epochs, args.seed, recipe,
+                                    two_stage=args.recipe == "default" and binary[name])
                    for name in spec["configs"]}
         judged = verdict(spec, results)
         report = {"experiment": experiment, "title": spec["title"], "small": args.small, "seed": args.seed,
