@@ -158,7 +158,7 @@ def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=
     else:
         data = pipeline.landmark_dataset(train_columns, settings["input_size"], sigma=settings["sigma"], **options)
     started = time.time()
-    if two_stage:
+    if two_stage and epochs >= 2:  # one stage per epoch at least
         model = training.two_stage(build, train, epochs)
     else:
         model = build()
