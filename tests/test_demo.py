@@ -24,8 +24,10 @@ def _demo(folder, **settings):
 
 @pytest.mark.slow
 def test_demo_command_writes_report_pictures_and_converted_model(tmp_path):
-    """The README's main job, scaled down: LCE agrees with Keras, the runtime with LCE."""
-    saved = _demo(tmp_path, steps=100, train_images=40, test_images=16)
+    """The README's main job, scaled down: LCE agrees with Keras, the runtime with LCE. One stage:
+    after 50 binary steps of a two-stage run the heatmaps are nearly flat, and peak near-ties
+    (which rounding decides) make the parity bound meaningless; the tiny demo test runs two stages."""
+    saved = _demo(tmp_path, steps=100, train_images=40, test_images=16, two_stage=False)
     assert saved["lce_vs_keras_landmarks_within_0.5px"] >= 0.95
     # the bit-packed runtime runs the trained model's .tflite as LCE does (issue 10's parity bound)
     assert saved["runtime_vs_lce_landmarks_within_0.5px"] >= 0.99
