@@ -23,6 +23,7 @@ def converted(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # a conversion; the fast tier keeps the .pts fuzzing
 @pytest.mark.parametrize("keep", [0.3, -400, -4])
 def test_truncated_tflite_is_refused_by_every_engine(converted, tmp_path, keep):
     data = converted.read_bytes()
@@ -37,6 +38,7 @@ def test_truncated_tflite_is_refused_by_every_engine(converted, tmp_path, keep):
         export.interpreter(cut.read_bytes())
 
 
+@pytest.mark.slow
 def test_random_mutations_of_a_tflite_give_a_result_or_our_error(converted):
     data = converted.read_bytes()
     verify_flatbuffer(data, "model.tflite")  # the intact file passes
