@@ -252,6 +252,7 @@ class Predictor:
             items = tqdm(items, total=len(images), desc="predict", unit="image")
         results: List[tuple] = []
         pending: List[tuple] = []  # (result index, crops, matrices) waiting for one model call
+        waiting = 0  # crops in pending
 
         def run_pending():
             if not pending:
@@ -269,7 +270,9 @@ class Predictor:
             results.append(self._no_points())
             if len(crops):
                 pending.append((len(results) - 1, crops, matrices))
-            if sum(len(c) for _, c, _ in pending) >= batch_size:
+                waiting += len(crops)
+            if waiting >= batch_size:
                 run_pending()
+                waiting = 0
         run_pending()
         return results

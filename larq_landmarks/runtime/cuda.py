@@ -76,6 +76,8 @@ class CudaKernels:
         with open(SOURCE, encoding="utf-8") as f:
             self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
         self._bconv = self._module.get_function("bconv2d_tensor_cores" if path == "cuda" else "bconv2d_popcount")
+        self._bitpack, self._unpack, self._im2col, self._pool2d = (
+            self._module.get_function(name) for name in ("bitpack", "unpack", "im2col", "pool2d"))
         self._elementwise = cp.ElementwiseKernel(
             "float32 a, raw float32 b, int64 n, int32 op, float32 lo, float32 hi", "float32 out",
             "const float v = b[i % n]; const float r = op == 0 ? a + v : a * v; out = fminf(fmaxf(r, lo), hi);",
@@ -116,13 +118,13 @@ class CudaKernels:
         pixels = x.size // max(channels, 1)
         words = out.shape[-1]
         has_scale, has_shift = scale.size > 0, shift.size > 0
-        self._launch(self._module.get_function("bitpack"), pixels * words * 32, (
+        self._launch(self._bitpack, pixels * words * 32, (
             x, scale if has_scale else self._empty_float, shift if has_shift else self._empty_float,
             np.int32(has_scale), np.int32(has_shift), np.int64(pixels), np.int32(channels), np.int32(words), out))
 
     def unpack(self, x, channels: int, out) -> None:
         pixels = out.size // max(channels, 1)
-        self._launch(self._module.get_function("unpack"), pixels * channels,
+        self._launch(self._unpack, pixels * channels,
                      (x, np.int64(pixels), np.int32(channels), np.int32(x.shape[-1]), out))
 
     def prepare_binary_weights(self, filters: np.ndarray) -> BinaryWeights:
@@ -169,7 +171,7 @@ class CudaKernels:
         else:
             k = fh * fw * cin
             cols = cp.empty((rows, k), cp.float32)
-            self._launch(self._module.get_function("im2col"), rows * k, (
+            self._launch(self._im2col, rows * k, (
                 x, np.int32(batch), np.int32(height), np.int32(width), np.int32(cin), np.int32(out_h),
                 np.int32(out_w), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(dh), np.int32(dw),
                 np.int32(pad_top), np.int32(pad_left), cols))
@@ -187,7 +189,7 @@ class CudaKernels:
     def pool2d(self, x, geometry, kind: int, lo: float, hi: float, out) -> None:
         fh, fw, sh, sw, pad_top, pad_left = (int(v) for v in geometry)
         batch, height, width, channels = x.shape
-        self._launch(self._module.get_function("pool2d"), out.size, (
+        self._launch(self._pool2d, out.size, (
             x, np.int32(batch), np.int32(height), np.int32(width), np.int32(channels), np.int32(out.shape[1]),
             np.int32(out.shape[2]), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(pad_top),
             np.int32(pad_left), np.int32(kind), np.float32(lo), np.float32(hi), out))
