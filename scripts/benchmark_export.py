@@ -184,16 +184,8 @@ def layers(runs):
         row["xnnpack_float_ms"] = round(_run(lambda _: interpreter.invoke(), None, runs), 3)
         rows.append(row)
         print(row, flush=True)
-    breakdown = {}
     engine = Engine(flatbuffer, num_threads=1)
-    profiles = [engine.profile(image) for _ in range(max(3, runs // 2))]
-    kinds = {"LceBconv2d": "binary convolutions", "CONV_2D": "float convolutions",
-             "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
-             "LceDequantize": "bit-packing (with fused batch norm)"}
-    for step in range(len(profiles[0])):
-        name = profiles[0][step][0]
-        kind = kinds.get(name, "element-wise (add, mul, concat, pool, resize)")
-        breakdown[kind] = breakdown.get(kind, 0.0) + 1000 * float(np.median([p[step][2] for p in profiles]))
+    breakdown = engine.time_by_part(image, max(3, runs // 2))
     return {"popcount_limit_gmacs": limit, "layers": rows, "breakdown_ms": breakdown, "kernels": engine.kernels}
 
 

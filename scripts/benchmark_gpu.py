@@ -310,15 +310,7 @@ def whole_model(flatbuffer: bytes, runs: int):
 
 def breakdown(engine, images, repeats: int = 5) -> dict:
     """Milliseconds per kind of op (each step synchronised, so launch gaps count where they fall)."""
-    kinds = {"LceBconv2d": "binary convolutions", "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
-             "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
-             "LceDequantize": "bit-packing (with fused batch norm)"}
-    profiles = [engine.profile(images) for _ in range(repeats)]
-    totals: dict = {}
-    for step in range(len(profiles[0])):
-        kind = kinds.get(profiles[0][step][0], "element-wise (add, mul, concat, pool, resize)")
-        totals[kind] = totals.get(kind, 0.0) + 1000 * float(np.median([p[step][2] for p in profiles]))
-    return {k: round(v, 2) for k, v in totals.items()}
+    return {k: round(v, 2) for k, v in engine.time_by_part(images, repeats).items()}
 
 
 def agreement(flatbuffer: bytes, assets: str):

@@ -10,7 +10,7 @@ TensorFlow.
 """
 import os
 import time
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -76,6 +76,12 @@ def _following_add(graph: Graph, op, producers, consumers):
     if op.name == "CONCATENATION":
         return others[0], add.outputs[0]
     return others[0], add.outputs[0], activation
+
+
+# what each profiled step is, for Engine.time_by_part (fused steps are named as profile names them)
+PARTS = {"LceBconv2d": "binary convolutions", "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
+         "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
+         "LceDequantize": "bit-packing (with fused batch norm)"}
 
 
 class Engine:
@@ -197,6 +203,16 @@ class Engine:
         times: List[Tuple[str, str, float]] = []
         self._run(images, times)
         return times
+
+    def time_by_part(self, images: np.ndarray, repeats: int = 5) -> Dict[str, float]:
+        """Milliseconds per part of the model (binary convolutions, float convolutions, bit-packing,
+        element-wise), each step's median over ``repeats`` :meth:`profile` runs."""
+        profiles = [self.profile(images) for _ in range(repeats)]
+        totals: Dict[str, float] = {}
+        for step in range(len(profiles[0])):
+            part = PARTS.get(profiles[0][step][0], "element-wise (add, mul, concat, pool, resize)")
+            totals[part] = totals.get(part, 0.0) + 1000 * float(np.median([p[step][2] for p in profiles]))
+        return totals
 
     def _run(self, images, times: Optional[list]):
         kernels = self._kernels
