@@ -66,6 +66,18 @@ def _run(predict, image, runs):
     return 1000 * float(np.median(times))
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the machine type where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def _memory_mb(field: str) -> float:
     """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in MB."""
     with open("/proc/self/status") as f:
@@ -111,25 +123,36 @@ SPEED_CASES = [
 ]
 
 
-def speed(runs):
-    """Every engine, 1 and 2 threads, each in a fresh process (so memory is its own)."""
+def speed(runs, rounds=3):
+    """Every engine, 1 and 2 threads, each in a fresh process (so memory is its own). This machine's
+    speed drifts by up to 20% over minutes: every case runs in each of ``rounds`` rounds, one
+    after the other (1 and 2 threads back to back), and its figure is the median over the rounds."""
     from larq_landmarks.runtime import available_kernels
 
     model = trained_like_batch_norm(models.BinaryHourglass(68))
     cases = SPEED_CASES + [(f"binary .tflite, larq_landmarks.runtime ({p})", f"runtime-{p}", "binary")
                            for p in available_kernels()]
-    rows = []
+    results = {}
     with tempfile.TemporaryDirectory() as folder:
         files = {"binary": os.path.join(folder, "binary.tflite"), "float": os.path.join(folder, "float.tflite")}
         export.convert(model, files["binary"])
         export.convert(model, files["float"], binary=False)
-        for threads in (1, 2):
+        for _ in range(rounds):
             for label, engine, kind in cases:
-                command = [sys.executable, __file__, "--case", engine, files[kind], str(threads), str(runs)]
-                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                rows.append({"model": label, "engine": engine, "threads": threads,
-                             **json.loads(output.strip().splitlines()[-1])})
-                print(rows[-1], flush=True)
+                for threads in (1, 2):
+                    command = [sys.executable, __file__, "--case", engine, files[kind], str(threads), str(runs)]
+                    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                    result = json.loads(output.strip().splitlines()[-1])
+                    results.setdefault((label, engine, threads), []).append(result)
+                    print(label, threads, result, flush=True)
+    rows = []
+    for threads in (1, 2):
+        for label, engine, _ in cases:
+            measured = results[(label, engine, threads)]
+            rows.append({"model": label, "engine": engine, "threads": threads,
+                         "ms": round(float(np.median([m["ms"] for m in measured])), 1),
+                         "ms_rounds": [m["ms"] for m in measured],
+                         "peak_rss_mb": measured[0]["peak_rss_mb"], "engine_growth_mb": measured[0]["engine_growth_mb"]})
     return rows
 
 
@@ -220,6 +243,7 @@ def main():
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every engine (speed); median over them")
     parser.add_argument("--trained", help="a trained .keras model for the int8 landmark check")
     parser.add_argument("--faces", type=int, default=32)
     parser.add_argument("--parts", default="compression,speed",
@@ -229,15 +253,15 @@ def main():
     args = parser.parse_args()
     parts = args.parts.split(",")
     result = json.load(open(args.json)) if os.path.exists(args.json) else {}
-    result.update({"machine": platform.machine(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
+    result.update({"machine": platform.machine(), "cpu": _cpu_name(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
                    "lce": getattr(lce, "__version__", "0.16")})
     if "compression" in parts:
         result["compression"] = compression(68)
         if args.trained:
             result["int8"] = int8_check(args.trained, args.faces)
     if "speed" in parts:
-        result["speed"] = speed(args.runs)
-        result["runtime_layers"] = layers(args.runs)
+        result["speed"] = speed(args.runs, args.rounds)
+        result["runtime_layers"] = layers(max(args.runs, 30))
     with atomic_path(args.json) as temporary, open(temporary, "w") as f:
         json.dump(result, f, indent=2)
     if "compression" in parts:
@@ -301,7 +325,7 @@ def write_compression_markdown(args, result):
 
 
 def write_speed_markdown(args, result):
-    command = f"python scripts/benchmark_export.py --parts speed --runs {args.runs}"
+    command = f"python scripts/benchmark_export.py --parts speed --runs {args.runs} --rounds {args.rounds}"
     speed_rows = result["speed"]
     by_engine = {}
     for r in speed_rows:
@@ -309,8 +333,11 @@ def write_speed_markdown(args, result):
     float_ms = by_engine["float32 .tflite, TFLite interpreter (XNNPACK)"][1]["ms"]
     lines = [
         "## Inference speed on this machine (x86-64)", "",
-        f"Command: `{command}` ({result['machine']}, {result['cpus']} cores, one run of every engine side by "
-        f"side). Median of {args.runs} runs after 3 warm-up runs, batch 1, 256x256, default `binary_hpm` "
+        f"Command: `{command}` ({result.get('cpu', result['machine'])}, {result['cpus']} cores, one run of every "
+        f"engine side by side). Each engine runs {args.runs} times after 3 warm-up runs in each of "
+        f"{args.rounds} rounds (every case once per round, 1 and 2 threads back to back; this machine's speed "
+        "drifts by up to 20% over minutes); a figure is the median over the rounds of each round's median. "
+        "Batch 1, 256x256, default `binary_hpm` "
         "(68 landmarks, batch norms with trained-like statistics). Every engine runs in a fresh process: "
         "memory is that process's peak resident size and, in brackets, how much loading and running "
         "the engine added to it. LCE's x86-64 kernels are its portable C++ ones (its optimised kernels "

@@ -219,21 +219,35 @@ def test_runtime_needs_neither_tensorflow_nor_lce(small_file, tmp_path):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size,cin,cout,k,stride", [(20, 64, 70, 1, 1), (21, 3, 64, 7, 2), (9, 5, 7, 3, 1)])
-def test_float_conv_with_fused_residual_matches_tensorflow(path, size, cin, cout, k, stride):
-    """CONV_2D (SAME padding, bias, optional ReLU) and the ADD fused after it, against tf.nn.conv2d;
-    20x20 output pixels span several row chunks of the kernel."""
+def test_float_conv_with_fused_residual_and_batch_norm_matches_tensorflow(path, size, cin, cout, k, stride):
+    """CONV_2D (SAME padding, bias, optional ReLU) with the ADD fused after it (the residual whole,
+    or as the parts of a folded channel concatenation) and the batch norm + ReLU before it
+    (``relu(x * m + b)``, the padding staying zero), against tf.nn.conv2d; 20x20 output pixels span
+    several row chunks of the kernel."""
     rng = np.random.default_rng(size)
     x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
     filters = rng.normal(size=(cout, k, k, cin)).astype(np.float32)
     bias = rng.normal(size=cout).astype(np.float32)
-    expected = tf.nn.conv2d(x, np.transpose(filters, (1, 2, 3, 0)), stride, "SAME").numpy() + bias
+    scale, shift = rng.uniform(0.5, 2, cin).astype(np.float32), rng.normal(size=cin).astype(np.float32)
+
+    def conv(inputs):
+        return tf.nn.conv2d(inputs, np.transpose(filters, (1, 2, 3, 0)), stride, "SAME").numpy() + bias
+
+    expected, normalised = conv(x), conv(np.maximum(x * scale + shift, 0))
     residual = rng.normal(size=expected.shape).astype(np.float32)
+    split = [np.ascontiguousarray(residual[..., :32]), np.ascontiguousarray(residual[..., 32:])]
     module = kernel_paths.load(path)
     weights = module.prepare_float_weights(filters)
     out_size = expected.shape[1]
     pad = max((out_size - 1) * stride + k - size, 0) // 2
     geometry = [k, k, stride, stride, 1, 1, pad, pad]
-    for extra, low, want in ((np.zeros(0, np.float32), -np.inf, expected), (residual, 0.0, np.maximum(expected + residual, 0))):
+    none = np.zeros(0, np.float32)
+    cases = [([], none, none, -np.inf, -np.inf, expected),
+             ([residual], none, none, 0.0, -np.inf, np.maximum(expected + residual, 0)),
+             ([residual], scale, shift, -np.inf, 0.0, normalised + residual)]
+    if cout == 64:
+        cases.append((split, none, none, -np.inf, -np.inf, expected + residual))
+    for parts, multiplier, offset, low, input_low, want in cases:
         out = np.empty(expected.shape, np.float32)
-        module.conv2d(x, weights, bias, geometry, low, np.inf, extra, out)
+        module.conv2d(x, weights, bias, geometry, low, np.inf, parts, multiplier, offset, input_low, np.inf, out)
         np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)

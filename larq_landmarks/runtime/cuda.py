@@ -160,8 +160,16 @@ class CudaKernels:
         cout = filters.shape[0]
         return self.upload(np.ascontiguousarray(filters.reshape(cout, -1).T))
 
-    def conv2d(self, x, weights, bias, geometry, lo: float, hi: float, residual, out) -> None:
+    def conv2d(self, x, weights, bias, geometry, lo: float, hi: float, residual, input_multiplier, input_bias,
+               input_lo: float, input_hi: float, out) -> None:
         cp = self.cp
+        if input_multiplier.size > 0:  # a MUL then an ADD and its activation, rounded as the ops
+            x = x * input_multiplier
+        if input_bias.size > 0:
+            x = x + input_bias
+        if input_lo > -np.inf or input_hi < np.inf:
+            x = cp.clip(x, input_lo, input_hi)
+        residual = residual[0] if len(residual) == 1 else cp.concatenate(residual, axis=-1) if residual else None
         fh, fw, sh, sw, dh, dw, pad_top, pad_left = (int(v) for v in geometry)
         batch, height, width, cin = x.shape
         out_h, out_w, cout = out.shape[1], out.shape[2], out.shape[3]
@@ -177,7 +185,7 @@ class CudaKernels:
                 np.int32(pad_top), np.int32(pad_left), cols))
         flat = out.reshape(rows, cout)
         cp.matmul(cols, weights, out=flat)
-        if residual.size > 0:
+        if residual is not None:
             self._epilogue_residual(flat, bias, np.int64(cout), residual.reshape(rows, cout), np.float32(lo),
                                     np.float32(hi), flat)
         else:
@@ -202,6 +210,11 @@ class CudaKernels:
         if residual.size > 0:
             self.cp.add(out, residual, out=out)
 
+
+    def resize_nearest(self, x, rows, cols, residual, lo: float, hi: float, out) -> None:
+        out[:] = x[:, rows][:, :, cols]
+        if residual.size > 0:
+            self.cp.clip(self.cp.add(out, residual, out=out), lo, hi, out=out)
 
 _LOADED: dict = {}
 

@@ -19,14 +19,18 @@ from larq_landmarks.runtime import ops
 from larq_landmarks.runtime.graph import Graph, UnsupportedModelError, read_graph
 
 
-def _fused_affine(graph: Graph, quantize, producers, consumers):
-    """The batch norm folded before an LceQuantize as ``MUL`` by and/or ``ADD`` of per-channel
-    constants (each read only by the next op, no fused activation): returns ``(source tensor,
-    multiplier or None, bias or None, indices of the folded ops)``, computed ``x * m + b``."""
-    source, multiplier, bias, folded = quantize.inputs[0], None, None, []
-    for kind in ("ADD", "MUL"):  # walking back from the quantizer: the ADD comes last
+def _fused_affine(graph: Graph, reader, producers, consumers, activation: bool = False):
+    """The batch norm folded before an LceQuantize or a CONV_2D (``reader``) as ``MUL`` by and/or
+    ``ADD`` of per-channel constants (each read only by the next op, no fused activation, except
+    on the op next to the reader where ``activation``): returns ``(source tensor, multiplier or
+    None, bias or None, indices of the folded ops, activation code)``, computed ``clamp(x * m + b)``."""
+    source, multiplier, bias, folded, code = reader.inputs[0], None, None, [], 0
+    for kind in ("ADD", "MUL"):  # walking back from the reader: the ADD comes last
         op = producers.get(source)
-        if op is None or op.name != kind or (op.options and op.options.FusedActivationFunction() != 0):
+        if op is None or op.name != kind:
+            continue
+        op_code = op.options.FusedActivationFunction() if op.options else 0
+        if op_code != 0 and (folded or not activation):
             continue
         out = op.outputs[0]
         if out in graph.outputs or len(consumers.get(out, [])) != 1:
@@ -44,18 +48,25 @@ def _fused_affine(graph: Graph, quantize, producers, consumers):
         else:
             multiplier = factor
         source = variable[0]
+        code = code if folded else op_code
         folded.append(op.index)
-    return source, multiplier, bias, folded
+    return source, multiplier, bias, folded, code
 
 
 def _following_add(graph: Graph, op, producers, consumers):
-    """For a channel CONCATENATION (or a CONV_2D without activation) read only by an ADD of a
-    same-shape activation computed before it: ``(that other tensor, the ADD's output, the ADD's
-    activation)``, else None; the ADD is then done in the same pass."""
+    """For a channel CONCATENATION, a float RESIZE_NEAREST_NEIGHBOR or a CONV_2D without activation
+    read only by an ADD of a same-shape activation: ``(the tensors added, the ADD's output, the
+    ADD's activation, ops folded in)``, else None; the op and the ADD are then one pass, run where
+    the ADD was (the other tensor may be computed after the op, as an hourglass's skip branch
+    after its upsampling). For a CONV_2D the tensor added may be a channel CONCATENATION read only
+    by the ADD: its parts are then added directly and the concatenation is folded in too."""
     if op.name == "CONCATENATION":
         if op.options.Axis() not in (-1, 3) or op.options.FusedActivationFunction() != 0:
             return None
-    elif op.name != "CONV_2D" or op.options.FusedActivationFunction() != 0:
+    elif op.name == "CONV_2D":
+        if op.options.FusedActivationFunction() != 0:
+            return None
+    elif op.name != "RESIZE_NEAREST_NEIGHBOR":
         return None
     out = op.outputs[0]
     readers = consumers.get(out, [])
@@ -70,16 +81,19 @@ def _following_add(graph: Graph, op, producers, consumers):
         return None
     if graph.tensors[others[0]].shape != graph.tensors[out].shape or graph.tensors[out].dtype != np.float32:
         return None
-    producer = producers.get(others[0])
-    if producer is not None and producer.index > op.index:
-        return None
-    if op.name == "CONCATENATION":
-        return others[0], add.outputs[0]
-    return others[0], add.outputs[0], activation
+    concat = producers.get(others[0])
+    if op.name == "CONV_2D" and concat is not None and concat.name == "CONCATENATION" \
+            and concat.options.Axis() in (-1, 3) and concat.options.FusedActivationFunction() == 0 \
+            and len(consumers.get(others[0], [])) == 1 and others[0] not in graph.outputs \
+            and all(graph.tensors[i].data is None and graph.tensors[i].dtype == np.float32
+                    and graph.tensors[i].shape[-1] % 16 == 0 for i in concat.inputs):
+        return list(concat.inputs), add.outputs[0], activation, [concat.index]
+    return others, add.outputs[0], activation, []
 
 
 # what each profiled step is, for Engine.time_by_part (fused steps are named as profile names them)
 PARTS = {"LceBconv2d": "binary convolutions", "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
+         "BN+CONV_2D": "float convolutions", "BN+CONV_2D+ADD": "float convolutions",
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
          "LceDequantize": "bit-packing (with fused batch norm)"}
 
@@ -141,28 +155,41 @@ class Engine:
                 raise UnsupportedModelError(
                     f"{graph.name}: operator {op.index} {op.name} is not supported by larq_landmarks.runtime; "
                     "run this file with LCE's interpreter (engine='lce')")
-        fused, folded = {}, set()  # LceQuantize index -> (source, multiplier, bias); skipped ops
+        # LceQuantize / CONV_2D index -> (source, multiplier, bias[, activation]): the batch norm before it
+        fused, folded = {}, set()  # folded: ops done inside others
         for op in graph.operators:
-            if op.name == "LceQuantize":
-                source, multiplier, bias, skipped = _fused_affine(graph, op, producers, consumers)
+            if op.name in ("LceQuantize", "CONV_2D"):
+                source, multiplier, bias, skipped, code = _fused_affine(graph, op, producers, consumers,
+                                                                        activation=op.name == "CONV_2D")
                 if skipped:
-                    fused[op.index] = (source, multiplier, bias)
+                    fused[op.index] = (source, multiplier, bias) + ((code,) if op.name == "CONV_2D" else ())
                     folded.update(skipped)
-        residuals = {}  # CONCATENATION / CONV_2D index -> (residual tensor, ADD output, ...): op + ADD in one pass
-        for op in graph.operators:
+        # op index -> (tensors added, ADD output, activation): op + ADD in one pass, at the ADD's
+        # place; convolutions first, as they can take a concatenation in as well
+        residuals, deferred = {}, {}  # deferred: ADD index -> the op done with it
+        for op in sorted(graph.operators, key=lambda op: op.name != "CONV_2D"):
             add = _following_add(graph, op, producers, consumers)
-            if add is not None:
-                residuals[op.index] = add
-                folded.add(consumers[op.outputs[0]][0].index)
+            if add is None or op.index in folded or consumers[op.outputs[0]][0].index in deferred \
+                    or any(i in folded or i in residuals for i in add[3]):
+                continue
+            residuals[op.index] = add[:3]
+            deferred[consumers[op.outputs[0]][0].index] = op
+            folded.add(op.index)
+            folded.update(add[3])
         steps, step_ops = [], []
         for op in graph.operators:
             if op.index in folded:
                 continue
-            if op.index in fused:
+            op = deferred.get(op.index, op)
+            tensors, target, activation = residuals.get(op.index, (None, None, 0))
+            if op.name == "CONV_2D":
+                steps.append(ops.conv_2d(graph, op, self._kernels, tensors, target, activation, fused.get(op.index)))
+            elif op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
-            elif op.index in residuals:
-                make = ops.concatenation if op.name == "CONCATENATION" else ops.conv_2d
-                steps.append(make(graph, op, self._kernels, *residuals[op.index]))
+            elif op.name == "CONCATENATION" and tensors is not None:
+                steps.append(ops.concatenation(graph, op, self._kernels, tensors[0], target))
+            elif op.name == "RESIZE_NEAREST_NEIGHBOR" and tensors is not None:
+                steps.append(ops.resize_nearest_neighbor(graph, op, self._kernels, tensors[0], target, activation))
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
             step_ops.append(op)
@@ -173,7 +200,7 @@ class Engine:
         for position, op in enumerate(step_ops):
             reads = [fused[op.index][0]] if op.index in fused else op.inputs
             if op.index in residuals:
-                reads = reads + [residuals[op.index][0]]
+                reads = list(reads) + residuals[op.index][0]
             for i in set(reads):
                 if i >= 0 and graph.tensors[i].data is None:
                     last_read[i] = position
@@ -235,8 +262,8 @@ class Engine:
             if times is not None:
                 if synchronize is not None:  # GPU kernels run asynchronously
                     synchronize()
-                label = "BN+LceQuantize" if op.index in self._fused else op.name
-                label = f"{op.name}+ADD" if op.index in self._residuals else label
+                label = op.name + ("+ADD" if op.index in self._residuals else "")
+                label = "BN+" + label if op.index in self._fused else label
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
                 times.append((label, str(values[written].shape), time.perf_counter() - start))
             for i in release:

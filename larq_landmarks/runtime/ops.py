@@ -180,15 +180,19 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
     return run
 
 
-def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[int] = None, target: Optional[int] = None,
-            add_activation: int = 0) -> Run:
+def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] = None, target: Optional[int] = None,
+            add_activation: int = 0, input_affine: Optional[tuple] = None) -> Run:
     """Float convolution with bias and fused activation. ``residual``, ``target`` and
     ``add_activation`` fuse the ADD that follows a convolution without activation: ``target =
-    clamp(conv + residual)``, rounded as the two ops round."""
+    clamp(conv + residual)``, rounded as the two ops round, where ``residual`` lists the tensors
+    whose channels, concatenated, are added (a CONCATENATION folded in). ``input_affine`` =
+    ``(source, multiplier or None, bias or None, activation code)`` folds the per-channel MUL / ADD
+    (with its fused activation) of a batch norm before the convolution: it reads ``source`` and
+    applies them to each pixel as it is read."""
     _check_float(graph, op)
     o = op.options
     filters = _constant(graph, op, 1, np.float32)
-    cout, fh, fw, _ = filters.shape
+    cout, fh, fw, cin = filters.shape
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
     weights = kernels.prepare_float_weights(filters)
     bias = _on_device(kernels, bias)
@@ -198,6 +202,13 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[int] = None,
     sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
     source, target = op.inputs[0], op.outputs[0] if target is None else target
     none = _on_device(kernels, np.zeros(0, np.float32))
+    in_mul = in_bias = none
+    in_low, in_high = -math.inf, math.inf
+    if input_affine is not None:
+        source, multiplier, offset, code = input_affine
+        in_low, in_high = _activation(graph, op, code)
+        in_mul, in_bias = (none if v is None else _on_device(kernels, np.ascontiguousarray(
+            np.broadcast_to(v.astype(np.float32).reshape(-1), (cin,)))) for v in (multiplier, offset))
 
     def run(values):
         x = values[source]
@@ -206,7 +217,7 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[int] = None,
         out_w, pad_left = _same_padding(width, fw, sw, dw, o.Padding())
         out = values.alloc((batch, out_h, out_w, cout), np.float32)
         kernels.conv2d(x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high,
-                       none if residual is None else values[residual], out)
+                       [] if residual is None else [values[i] for i in residual], in_mul, in_bias, in_low, in_high, out)
         values[target] = out
 
     return run
@@ -325,23 +336,30 @@ def _nearest_indices(size_in: int, size_out: int, align_corners: bool, half_pixe
     return np.minimum(index.astype(np.int64), size_in - 1)
 
 
-def resize_nearest_neighbor(graph: Graph, op: Operator, kernels) -> Run:
-    """RESIZE_NEAREST_NEIGHBOR to the constant size of its second input."""
+def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optional[int] = None,
+                            target: Optional[int] = None, add_activation: int = 0) -> Run:
+    """RESIZE_NEAREST_NEIGHBOR to the constant size of its second input. ``residual``, ``target``
+    and ``add_activation`` fuse the ADD that follows (``target = clamp(resized + residual)``, one
+    pass), as an hourglass's upsampled branch plus its skip."""
     size = _constant(graph, op, 1).reshape(-1)
     align, half = bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters())
-    source, target = op.inputs[0], op.outputs[0]
+    low, high = _activation(graph, op, add_activation)
+    source, target = op.inputs[0], op.outputs[0] if target is None else target
+    none = _on_device(kernels, np.zeros(0, np.float32))
+    indices: Dict[tuple, tuple] = {}  # input (height, width) -> source rows and columns
 
     def run(values):
         x = values[source]
         batch, height, width, channels = x.shape
         out = values.alloc((batch, int(size[0]), int(size[1]), channels), x.dtype)
-        ys = _nearest_indices(height, int(size[0]), align, half)
-        xs = _nearest_indices(width, int(size[1]), align, half)
-        if out.shape[1] == 2 * height and out.shape[2] == 2 * width and np.array_equal(ys, np.arange(2 * height) // 2) \
-                and np.array_equal(xs, np.arange(2 * width) // 2):
-            out.reshape(batch, height, 2, width, 2, channels)[:] = x[:, :, None, :, None, :]  # 2x, one pass
-        else:
-            out[:] = x[:, ys][:, :, xs]
+        if (height, width) not in indices:
+            indices[height, width] = tuple(_on_device(kernels, _nearest_indices(n, int(m), align, half).astype(np.int32))
+                                           for n, m in ((height, size[0]), (width, size[1])))
+        rows, cols = indices[height, width]
+        if x.dtype == np.float32:
+            kernels.resize_nearest(x, rows, cols, none if residual is None else values[residual], low, high, out)
+        else:  # bit-packed or other tensors: a gather, then the ADD (never fused for them)
+            out[:] = x[:, rows][:, :, cols]
         values[target] = out
 
     return run

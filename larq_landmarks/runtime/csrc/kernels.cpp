@@ -221,8 +221,12 @@ static void unpack(Array<int32_t> input, int channels, Array<float> output) {
 // Binary convolution. Weights are prepared once (prepare_binary_weights) as [taps * words_in,
 // channels_padded]: for each input word, the words of 64 consecutive output channels side by side,
 // so one input word is broadcast against 16 output channels per AVX-512 register.
-constexpr int kBinaryChannelBlock = 64;  // output channels per register tile
-constexpr int kBinaryPixelBlock = 4;     // output pixels per register tile
+//
+// The input is first copied into a buffer with its padding written out (zero bits, a +1 input), so
+// that every tap of every output pixel reads memory inside the buffer: a register tile of P pixels
+// of one output row then reads pixel p's (tap, word) k at base[p] + offset[k], with no bounds
+// checks. LCE's 0-padding (pad_value 0) is the +1 result corrected on the border pixels only.
+constexpr int kBinaryChannelBlock = 64;  // output channels per weight block
 
 static Array<int32_t> prepare_binary_weights(Array<int32_t> filter) {
   // filter: [Cout, fh, fw, words_in] (LCE's layout) -> [fh * fw * words_in, Cout rounded up to 64]
@@ -240,28 +244,32 @@ static Array<int32_t> prepare_binary_weights(Array<int32_t> filter) {
 
 static inline uint32_t popcount32(uint32_t x) { return static_cast<uint32_t>(__builtin_popcount(x)); }
 
-// acc[p][c] += popcount(in_p[w] ^ weights[k][c]) over k = (tap, w), for 4 pixels x 16 * NV
-// channels (NV = 4, or 2 for a last block of at most 32 channels).
-template <int NV>
-static inline void binary_tile(const int32_t* const* taps_in, int taps, int words, const int32_t* weights,
-                               int64_t stride, int32_t acc[kBinaryPixelBlock][kBinaryChannelBlock]) {
+// acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
+// 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels).
+template <int P, int NV>
+static inline void binary_tile(const int32_t* const* base, const int32_t* offset, int words, const int32_t* weights,
+                               int64_t stride, int32_t (*acc)[kBinaryChannelBlock]) {
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-  __m512i a[kBinaryPixelBlock][NV];
-  for (int p = 0; p < kBinaryPixelBlock; ++p)
+  __m512i a[P][NV];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) a[p][j] = _mm512_setzero_si512();
-  for (int t = 0; t < taps; ++t) {
-    const int32_t* const* in = taps_in + t * kBinaryPixelBlock;
-    const int32_t* w_row = weights + static_cast<int64_t>(t) * words * stride;
-    for (int w = 0; w < words; ++w, w_row += stride) {
-      __m512i wv[NV];
-      for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_si512(w_row + 16 * j);
-      for (int p = 0; p < kBinaryPixelBlock; ++p) {
-        const __m512i x = _mm512_set1_epi32(in[p][w]);
-        for (int j = 0; j < NV; ++j) a[p][j] = _mm512_add_epi32(a[p][j], _mm512_popcnt_epi32(_mm512_xor_si512(x, wv[j])));
-      }
+  for (int k = 0; k < words; ++k, weights += stride) {
+    const int32_t at = offset[k];
+    __m512i wv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_si512(weights + 16 * j);
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      const __m512i x = _mm512_set1_epi32(base[p][at]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) a[p][j] = _mm512_add_epi32(a[p][j], _mm512_popcnt_epi32(_mm512_xor_si512(x, wv[j])));
     }
   }
-  for (int p = 0; p < kBinaryPixelBlock; ++p)
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) _mm512_storeu_si512(acc[p] + 16 * j, a[p][j]);
 #elif defined(__AVX2__)
   // No vector popcount: nibble look-up (vpshufb), byte counts summed in 8-bit lanes for up to 31
@@ -269,14 +277,13 @@ static inline void binary_tile(const int32_t* const* taps_in, int taps, int word
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3,
                                        1, 2, 2, 3, 2, 3, 3, 4);
   const __m256i low = _mm256_set1_epi8(0x0f), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-  for (int p = 0; p < kBinaryPixelBlock; ++p) std::memset(acc[p], 0, sizeof(acc[p]));
-  for (int half = 0; half < NV / 2; ++half) {  // 32 channels (4 registers) per pass keeps 16 accumulators
-    __m256i a[kBinaryPixelBlock][4], bytes[kBinaryPixelBlock][4];
-    for (int p = 0; p < kBinaryPixelBlock; ++p)
+  for (int half = 0; half < NV / 2; ++half) {  // 32 channels (4 registers) per pass
+    __m256i a[P][4], bytes[P][4];
+    for (int p = 0; p < P; ++p)
       for (int j = 0; j < 4; ++j) a[p][j] = bytes[p][j] = _mm256_setzero_si256();
     int pending = 0;
     auto flush = [&] {
-      for (int p = 0; p < kBinaryPixelBlock; ++p)
+      for (int p = 0; p < P; ++p)
         for (int j = 0; j < 4; ++j) {
           const __m256i pairs = _mm256_maddubs_epi16(bytes[p][j], ones8);
           a[p][j] = _mm256_add_epi32(a[p][j], _mm256_madd_epi16(pairs, ones16));
@@ -284,39 +291,32 @@ static inline void binary_tile(const int32_t* const* taps_in, int taps, int word
         }
       pending = 0;
     };
-    for (int t = 0; t < taps; ++t) {
-      const int32_t* const* in = taps_in + t * kBinaryPixelBlock;
-      const int32_t* w_row = weights + static_cast<int64_t>(t) * words * stride + 32 * half;
-      for (int w = 0; w < words; ++w, w_row += stride) {
-        __m256i wv[4];
-        for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_row + 8 * j));
-        for (int p = 0; p < kBinaryPixelBlock; ++p) {
-          const __m256i x = _mm256_set1_epi32(in[p][w]);
-          for (int j = 0; j < 4; ++j) {
-            const __m256i v = _mm256_xor_si256(x, wv[j]);
-            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low));
-            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
-            bytes[p][j] = _mm256_add_epi8(bytes[p][j], _mm256_add_epi8(lo, hi));
-          }
+    const int32_t* w_row = weights + 32 * half;
+    for (int k = 0; k < words; ++k, w_row += stride) {
+      __m256i wv[4];
+      for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_row + 8 * j));
+      for (int p = 0; p < P; ++p) {
+        const __m256i x = _mm256_set1_epi32(base[p][offset[k]]);
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_xor_si256(x, wv[j]);
+          const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low));
+          const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+          bytes[p][j] = _mm256_add_epi8(bytes[p][j], _mm256_add_epi8(lo, hi));
         }
-        if (++pending == 31) flush();  // a byte lane holds at most 31 * 8 = 248
       }
+      if (++pending == 31) flush();  // a byte lane holds at most 31 * 8 = 248
     }
     flush();
-    for (int p = 0; p < kBinaryPixelBlock; ++p)
+    for (int p = 0; p < P; ++p)
       for (int j = 0; j < 4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[p] + 32 * half + 8 * j), a[p][j]);
   }
 #else
-  for (int p = 0; p < kBinaryPixelBlock; ++p) std::memset(acc[p], 0, sizeof(acc[p]));
-  for (int t = 0; t < taps; ++t) {
-    const int32_t* const* in = taps_in + t * kBinaryPixelBlock;
-    const int32_t* w_row = weights + static_cast<int64_t>(t) * words * stride;
-    for (int w = 0; w < words; ++w, w_row += stride)
-      for (int p = 0; p < kBinaryPixelBlock; ++p) {
-        const uint32_t x = static_cast<uint32_t>(in[p][w]);
-        for (int c = 0; c < 16 * NV; ++c) acc[p][c] += popcount32(x ^ static_cast<uint32_t>(w_row[c]));
-      }
-  }
+  for (int p = 0; p < P; ++p) std::memset(acc[p], 0, sizeof(acc[p]));
+  for (int k = 0; k < words; ++k, weights += stride)
+    for (int p = 0; p < P; ++p) {
+      const uint32_t x = static_cast<uint32_t>(base[p][offset[k]]);
+      for (int c = 0; c < 16 * NV; ++c) acc[p][c] += popcount32(x ^ static_cast<uint32_t>(weights[c]));
+    }
 #endif
 }
 
@@ -325,120 +325,196 @@ struct BinaryConv {
   int pad_top, pad_left, pad_value;  // pad_value 1: pad with +1 (zero bits); 0: pad with 0
 };
 
+// What one bconv2d call needs besides its tile size: the padded input, the offsets, the output
+// transform. Built once per call, read by every thread.
+struct BinaryConvCall {
+  BinaryConv g;
+  int batch, height, width, words, out_h, out_w, padded_h, padded_w, taps;
+  int64_t stride;
+  const int32_t* padded;       // [batch, padded_h, padded_w, words]
+  std::vector<int32_t> offset;  // [taps * words]: word offset of (tap, word) from a pixel's base
+  const int32_t* weights;
+  const float* multiplier;     // 2 * LCE's multiplier where no clamp applies, else LCE's
+  const float* bias;
+  bool clamped;
+  int clamp_min, clamp_max;
+  const int32_t* thresholds;   // non-null: bit-packed output
+  const int32_t* weight_popcounts;
+  float* out_f;
+  int32_t* out_b;
+};
+
+// Output pixels [ox0, ox0 + count) of row (b, oy), P at a time: every 64-channel block, then the
+// output transform (float) or thresholds (bit-packed).
+template <int P>
+static void bconv2d_tile(const BinaryConvCall& c, int b, int oy, int ox0, int count) {
+  const BinaryConv& g = c.g;
+  const int32_t* base[P];
+  for (int p = 0; p < P; ++p) {
+    const int ox = ox0 + std::min(p, count - 1);  // a short tile repeats its last pixel
+    base[p] = c.padded + ((static_cast<int64_t>(b) * c.padded_h + oy * g.stride_h) * c.padded_w +
+                          static_cast<int64_t>(ox) * g.stride_w) * c.words;
+  }
+  const int y0 = oy * g.stride_h - g.pad_top, x0 = ox0 * g.stride_w - g.pad_left;
+  const bool border = g.pad_value == 0 &&
+                      (y0 < 0 || y0 + (g.filter_h - 1) * g.dilation_h >= c.height || x0 < 0 ||
+                       x0 + (count - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w >= c.width);
+  const int64_t first = (static_cast<int64_t>(b) * c.out_h + oy) * c.out_w + ox0;
+  const int out_words = (g.channels_out + 31) / 32;
+  alignas(64) int32_t acc[P][kBinaryChannelBlock];
+  for (int c0 = 0; c0 < g.channels_out; c0 += kBinaryChannelBlock) {
+    const int c_end = std::min(g.channels_out, c0 + kBinaryChannelBlock);
+    if (c_end - c0 <= 32)
+      binary_tile<P, 2>(base, c.offset.data(), c.taps * c.words, c.weights + c0, c.stride, acc);
+    else
+      binary_tile<P, 4>(base, c.offset.data(), c.taps * c.words, c.weights + c0, c.stride, acc);
+    if (border) {
+      // LCE's reference: an outside tap adds channels_in / 2 (it contributes 0), where the tile
+      // counted the weights' set bits (a +1 input).
+      for (int p = 0; p < count; ++p)
+        for (int fy = 0; fy < g.filter_h; ++fy)
+          for (int fx = 0; fx < g.filter_w; ++fx) {
+            const int y = y0 + fy * g.dilation_h, x = x0 + p * g.stride_w + fx * g.dilation_w;
+            if (y >= 0 && y < c.height && x >= 0 && x < c.width) continue;
+            const int32_t* wpop = c.weight_popcounts + static_cast<int64_t>(fy * g.filter_w + fx) * g.channels_out;
+            for (int ch = c0; ch < c_end; ++ch) acc[p][ch - c0] += g.channels_in / 2 - wpop[ch];
+          }
+    }
+#if defined(__AVX512F__)
+    if (c.thresholds) {
+      for (int ch = c0; ch < c_end; ch += 32) {  // one output word: two 16-channel compares
+        const int left = c_end - ch;
+        const __mmask16 lo = static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u);
+        const __mmask16 hi = static_cast<__mmask16>(left >= 32 ? 0xffffu : left > 16 ? (1u << (left - 16)) - 1u : 0u);
+        const __m512i thr_lo = _mm512_maskz_loadu_epi32(lo, c.thresholds + ch);
+        const __m512i thr_hi = _mm512_maskz_loadu_epi32(hi, c.thresholds + ch + 16);
+        for (int p = 0; p < count; ++p) {
+          const uint32_t bits = _mm512_mask_cmpgt_epi32_mask(lo, _mm512_load_si512(acc[p] + (ch - c0)), thr_lo) |
+                                (static_cast<uint32_t>(_mm512_mask_cmpgt_epi32_mask(
+                                     hi, _mm512_load_si512(acc[p] + (ch - c0) + 16), thr_hi)) << 16);
+          c.out_b[(first + p) * out_words + ch / 32] = static_cast<int32_t>(bits);
+        }
+      }
+      continue;
+    }
+    for (int ch = c0; ch < c_end; ch += 16) {
+      const int left = std::min(16, c_end - ch);
+      const __mmask16 mk = static_cast<__mmask16>((1u << left) - 1u);
+      const __m512 mul = _mm512_maskz_loadu_ps(mk, c.multiplier + ch), add = _mm512_maskz_loadu_ps(mk, c.bias + ch);
+      for (int p = 0; p < count; ++p) {
+        __m512i v = _mm512_load_si512(acc[p] + (ch - c0));
+        if (c.clamped)
+          v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(v, 1), _mm512_set1_epi32(c.clamp_min)),
+                               _mm512_set1_epi32(c.clamp_max));
+        _mm512_mask_storeu_ps(c.out_f + (first + p) * g.channels_out + ch, mk,
+                              _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), mul, add));
+      }
+    }
+#else
+    for (int p = 0; p < count; ++p) {
+      if (c.thresholds) {
+        uint32_t* bits = reinterpret_cast<uint32_t*>(c.out_b + (first + p) * out_words);
+        for (int ch = c0; ch < c_end; ++ch) {
+          if (ch % 32 == 0) bits[ch / 32] = 0;
+          bits[ch / 32] |= static_cast<uint32_t>(acc[p][ch - c0] > c.thresholds[ch]) << (ch % 32);
+        }
+      } else {
+        float* o = c.out_f + (first + p) * g.channels_out;
+        for (int ch = c0; ch < c_end; ++ch) {
+          const int32_t a = acc[p][ch - c0];
+          const int32_t v = c.clamped ? std::min(std::max(a * 2, c.clamp_min), c.clamp_max) : a;
+          o[ch] = static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
+        }
+      }
+    }
+#endif
+  }
+}
+
 // out (float): float(clamp(2 * acc, clamp_min, clamp_max)) * multiplier[c] + bias[c]   (LCE's form)
 // out (bit-packed, thresholds given): bit = acc > thresholds[c]
 static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<int> geometry,
                     Array<float> multiplier, Array<float> bias, int clamp_min, int clamp_max,
                     Array<int32_t> thresholds, Array<int32_t> weight_popcounts, py::array output) {
   if (geometry.size() != 11) throw std::invalid_argument("bconv2d: geometry needs 11 numbers");
-  const BinaryConv g{geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
-                     geometry[6], geometry[7], geometry[8], geometry[9], geometry[10]};
-  const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
-  const int width = static_cast<int>(input.shape(2)), words = static_cast<int>(input.shape(3));
-  const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
-  const int taps = g.filter_h * g.filter_w;
-  const int64_t stride = weights.shape(1);
-  if (weights.shape(0) != static_cast<int64_t>(taps) * words) throw std::invalid_argument("bconv2d: weights shape");
+  BinaryConvCall c;
+  c.g = BinaryConv{geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
+                   geometry[6], geometry[7], geometry[8], geometry[9], geometry[10]};
+  const BinaryConv& g = c.g;
+  c.batch = static_cast<int>(input.shape(0));
+  c.height = static_cast<int>(input.shape(1));
+  c.width = static_cast<int>(input.shape(2));
+  c.words = static_cast<int>(input.shape(3));
+  c.out_h = static_cast<int>(output.shape(1));
+  c.out_w = static_cast<int>(output.shape(2));
+  c.taps = g.filter_h * g.filter_w;
+  c.stride = weights.shape(1);
+  if (weights.shape(0) != static_cast<int64_t>(c.taps) * c.words) throw std::invalid_argument("bconv2d: weights shape");
   const bool packed_output = thresholds.size() > 0;
   const int out_words = (g.channels_out + 31) / 32;
-  const int out_channels_stored = packed_output ? out_words : g.channels_out;
-  if (output.shape(3) != out_channels_stored) throw std::invalid_argument("bconv2d: output channels");
+  if (output.shape(3) != (packed_output ? out_words : g.channels_out))
+    throw std::invalid_argument("bconv2d: output channels");
+  if (c.out_h <= 0 || c.out_w <= 0 || c.batch <= 0) return;
+  c.weights = weights.data();
+  c.thresholds = packed_output ? thresholds.data() : nullptr;
+  c.weight_popcounts = weight_popcounts.data();
+  c.out_f = packed_output ? nullptr : static_cast<float*>(output.mutable_data());
+  c.out_b = packed_output ? static_cast<int32_t*>(output.mutable_data()) : nullptr;
+  // 2 * acc stays in [0, 2 * channels_in * taps]: a clamp that holds all of it does nothing, and
+  // then float(2 * acc) * m == float(acc) * (2 * m) exactly (scaling by 2 is exact).
+  c.clamp_min = clamp_min;
+  c.clamp_max = clamp_max;
+  c.clamped = !(clamp_min <= 0 && static_cast<int64_t>(clamp_max) >= 2LL * g.channels_in * c.taps);
+  std::vector<float> doubled;
+  if (!packed_output) {
+    c.multiplier = multiplier.data();
+    c.bias = bias.data();
+    if (!c.clamped) {
+      doubled.resize(g.channels_out);
+      for (int ch = 0; ch < g.channels_out; ++ch) doubled[ch] = 2.0f * c.multiplier[ch];
+      c.multiplier = doubled.data();
+    }
+  }
+  // the padded input: rows [pad_top, pad_top + height) and columns [pad_left, pad_left + width)
+  // hold the input; the rest is zero bits
+  c.padded_h = std::max(g.pad_top + c.height, (c.out_h - 1) * g.stride_h + (g.filter_h - 1) * g.dilation_h + 1);
+  c.padded_w = std::max(g.pad_left + c.width, (c.out_w - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w + 1);
+  std::vector<int32_t> padded;
   const int32_t* in = input.data();
-  const int32_t* wt = weights.data();
-  const float* mul = multiplier.data();
-  const float* add = bias.data();
-  const int32_t* thr = thresholds.data();
-  const int32_t* wpop = weight_popcounts.data();  // [taps, Cout]: set bits of each tap's weights
-  float* out_f = packed_output ? nullptr : static_cast<float*>(output.mutable_data());
-  int32_t* out_b = packed_output ? static_cast<int32_t*>(output.mutable_data()) : nullptr;
-  const int64_t pixels = static_cast<int64_t>(batch) * out_h * out_w;
-  const int tiles = static_cast<int>((pixels + kBinaryPixelBlock - 1) / kBinaryPixelBlock);
-  const int cblocks = static_cast<int>(stride / kBinaryChannelBlock);
-  std::vector<int32_t> zeros(words + 16, 0);
-  const bool zero_padding = g.pad_value == 0;
-  const int half_in = g.channels_in / 2;
-  py::gil_scoped_release release;
-
-  pool().parallel_for(tiles, [&](int tile_begin, int tile_end) {
-    std::vector<const int32_t*> taps_in(static_cast<size_t>(taps) * kBinaryPixelBlock);
-    std::vector<int> outside(static_cast<size_t>(taps) * kBinaryPixelBlock);
-    alignas(64) int32_t acc[kBinaryPixelBlock][kBinaryChannelBlock];
-    std::vector<uint32_t> packed_bits(static_cast<size_t>(kBinaryPixelBlock) * out_words);
-    for (int tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t first = static_cast<int64_t>(tile) * kBinaryPixelBlock;
-      const int count = static_cast<int>(std::min<int64_t>(kBinaryPixelBlock, pixels - first));
-      bool any_outside = false;
-      // coordinates of the tile's first pixel by division, the next ones by stepping
-      int b = static_cast<int>(first / (static_cast<int64_t>(out_h) * out_w));
-      int oy = static_cast<int>(first / out_w % out_h), ox = static_cast<int>(first % out_w);
-      for (int p = 0; p < kBinaryPixelBlock; ++p) {
-        if (p > 0 && p < count && ++ox == out_w) {
-          ox = 0;
-          if (++oy == out_h) oy = 0, ++b;
-        }
-        for (int fy = 0; fy < g.filter_h; ++fy)
-          for (int fx = 0; fx < g.filter_w; ++fx) {
-            const int y = oy * g.stride_h - g.pad_top + fy * g.dilation_h;
-            const int x = ox * g.stride_w - g.pad_left + fx * g.dilation_w;
-            const int t = fy * g.filter_w + fx;
-            const bool inside = y >= 0 && y < height && x >= 0 && x < width;
-            taps_in[t * kBinaryPixelBlock + p] =
-                inside ? in + ((static_cast<int64_t>(b) * height + y) * width + x) * words : zeros.data();
-            outside[t * kBinaryPixelBlock + p] = !inside;
-            any_outside |= !inside;
-          }
-      }
-      std::fill(packed_bits.begin(), packed_bits.end(), 0u);
-      for (int cb = 0; cb < cblocks; ++cb) {
-        const int c0 = cb * kBinaryChannelBlock;
-        const int c_end = std::min(g.channels_out, c0 + kBinaryChannelBlock);
-        if (c_end - c0 <= 32)
-          binary_tile<2>(taps_in.data(), taps, words, wt + c0, stride, acc);
-        else
-          binary_tile<4>(taps_in.data(), taps, words, wt + c0, stride, acc);
-        for (int p = 0; p < count; ++p) {
-          if (zero_padding && any_outside) {
-            // LCE's reference: an outside tap adds channels_in / 2 (contributes 0), where the
-            // kernel above counted the weights' set bits (a +1 input).
-            for (int t = 0; t < taps; ++t)
-              if (outside[t * kBinaryPixelBlock + p])
-                for (int c = c0; c < c_end; ++c) acc[p][c - c0] += half_in - wpop[static_cast<int64_t>(t) * g.channels_out + c];
-          }
-          const int64_t pixel = first + p;
-#if defined(__AVX512F__)
-          // the output transform on 16 channels at a time (c0 is a multiple of 64)
-          for (int c = c0; c < c_end; c += 16) {
-            const int left = std::min(16, c_end - c);
-            const __mmask16 mk = static_cast<__mmask16>((1u << left) - 1u);
-            const __m512i a = _mm512_loadu_si512(acc[p] + (c - c0));
-            if (packed_output) {
-              const uint32_t bits = _mm512_mask_cmpgt_epi32_mask(mk, a, _mm512_maskz_loadu_epi32(mk, thr + c));
-              packed_bits[p * out_words + c / 32] |= bits << (c % 32);
-            } else {
-              __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(a, 1), _mm512_set1_epi32(clamp_min)),
-                                           _mm512_set1_epi32(clamp_max));
-              const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_maskz_loadu_ps(mk, mul + c),
-                                               _mm512_maskz_loadu_ps(mk, add + c));
-              _mm512_mask_storeu_ps(out_f + pixel * g.channels_out + c, mk, y);
-            }
-          }
+  if (g.pad_top == 0 && g.pad_left == 0 && c.padded_h == c.height && c.padded_w == c.width) {
+    c.padded = in;
+  } else {
+    padded.assign(static_cast<size_t>(c.batch) * c.padded_h * c.padded_w * c.words, 0);
+    for (int b = 0; b < c.batch; ++b)
+      for (int y = 0; y < c.height; ++y)
+        std::memcpy(padded.data() + ((static_cast<int64_t>(b) * c.padded_h + y + g.pad_top) * c.padded_w + g.pad_left) * c.words,
+                    in + (static_cast<int64_t>(b) * c.height + y) * c.width * c.words,
+                    sizeof(int32_t) * c.width * c.words);
+    c.padded = padded.data();
+  }
+  c.offset.resize(static_cast<size_t>(c.taps) * c.words);
+  for (int fy = 0; fy < g.filter_h; ++fy)
+    for (int fx = 0; fx < g.filter_w; ++fx)
+      for (int w = 0; w < c.words; ++w)
+        c.offset[(fy * g.filter_w + fx) * c.words + w] =
+            (fy * g.dilation_h * c.padded_w + fx * g.dilation_w) * c.words + w;
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+  // 8 pixels x 32 channels or 4 x 64 (16 accumulators); short rows take 4
+  const int tile = (g.channels_out <= 32 && c.out_w >= 8) ? 8 : 4;
 #else
-          if (packed_output) {
-            uint32_t* bits = packed_bits.data() + p * out_words;
-            for (int c = c0; c < c_end; ++c) bits[c / 32] |= static_cast<uint32_t>(acc[p][c - c0] > thr[c]) << (c % 32);
-          } else {
-            float* o = out_f + pixel * g.channels_out;
-            for (int c = c0; c < c_end; ++c) {
-              const int32_t v = std::min(std::max(acc[p][c - c0] * 2, clamp_min), clamp_max);
-              o[c] = static_cast<float>(v) * mul[c] + add[c];
-            }
-          }
+  const int tile = 4;
 #endif
-        }
-      }
-      if (packed_output)
-        for (int p = 0; p < count; ++p)
-          std::memcpy(out_b + (first + p) * out_words, packed_bits.data() + p * out_words, sizeof(int32_t) * out_words);
+  const int row_tiles = (c.out_w + tile - 1) / tile;
+  const int64_t tiles = static_cast<int64_t>(c.batch) * c.out_h * row_tiles;
+  py::gil_scoped_release release;
+  pool().parallel_for(static_cast<int>(tiles), [&](int t0, int t1) {
+    for (int t = t0; t < t1; ++t) {
+      const int row = t / row_tiles, ox0 = (t % row_tiles) * tile;
+      const int count = std::min(tile, c.out_w - ox0);
+      if (tile == 8)
+        bconv2d_tile<8>(c, row / c.out_h, row % c.out_h, ox0, count);
+      else
+        bconv2d_tile<4>(c, row / c.out_h, row % c.out_h, ox0, count);
     }
   });
 }
@@ -476,9 +552,20 @@ static inline vfloat load_v(const float* p) {
 }
 static inline void store_v(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
-// out[r, c] = clamp(sum_k a[r, k] b[k, c] + bias[c] (+ residual[r, c]), lo, hi)
+// The residual added after a convolution: its channels may lie in several tensors (a channel
+// CONCATENATION folded in), each part a multiple of 16 channels wide unless there is one part.
+// Channel group q (channels 16 q .. 16 q + 15) of pixel r is at group[q] + r * width[q].
+struct Residual {
+  std::vector<const float*> group;
+  std::vector<int64_t> width;
+  const float* at(int64_t row, int channel) const {
+    return group[channel / 16] + row * width[channel / 16] + channel % 16;
+  }
+};
+
+// out[r, c] = clamp(sum_k a[r, k] b[k, c] + bias[c] (+ residual[row0 + r, c]), lo, hi)
 static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64_t ldb, int cout,
-                      const float* bias, const float* residual, float lo, float hi, float* c) {
+                      const float* bias, const Residual* residual, int64_t row0, float lo, float hi, float* c) {
   const int nblocks = static_cast<int>(ldb / kFloatTileN);
   for (int64_t r0 = 0; r0 < rows; r0 += kFloatTileM) {
     const int m = static_cast<int>(std::min<int64_t>(kFloatTileM, rows - r0));
@@ -518,7 +605,7 @@ static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64
       auto finish = [&](int i, int j, __m512 v) {
         v = _mm512_add_ps(v, bias_v[j]);
         const int64_t at = (r0 + i) * cout + c0 + 16 * j;
-        if (residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual + at));
+        if (residual && mask[j]) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual->at(row0 + r0 + i, c0 + 16 * j)));
         _mm512_mask_storeu_ps(c + at, mask[j], _mm512_min_ps(_mm512_max_ps(v, lo_v), hi_v));
       };
 #define ROW(i)                  \
@@ -545,10 +632,9 @@ static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64
         for (int j = 0; j < kFloatVectors; ++j) store_v(tmp[i] + j * kFloatLanes, acc[i][j]);
       for (int i = 0; i < m; ++i) {
         float* out = c + (r0 + i) * cout + c0;
-        const float* r = residual ? residual + (r0 + i) * cout + c0 : nullptr;
         for (int q = 0; q < n; ++q) {
           float v = tmp[i][q] + bias[c0 + q];
-          if (r) v = v + r[q];
+          if (residual) v = v + *residual->at(row0 + r0 + i, c0 + q);
           out[q] = std::min(std::max(v, lo), hi);
         }
       }
@@ -557,9 +643,26 @@ static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64
   }
 }
 
+// dst[i] = clamp(src[i] * m[i] + b[i], lo, hi) (m and b each optional), rounded as a MUL then an
+// ADD with its fused activation (no FMA).
+__attribute__((optimize("fp-contract=off")))
+static void affine_copy(const float* src, int n, const float* m, const float* b, float lo, float hi, float* dst) {
+  for (int i = 0; i < n; ++i) {
+    float v = src[i];
+    if (m) v = v * m[i];
+    if (b) v = v + b[i];
+    dst[i] = std::min(std::max(v, lo), hi);
+  }
+}
+
+// geometry: filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left.
+// residual: the tensors whose channels, concatenated, are added to the output (none: no ADD).
+// input_multiplier / input_bias (each optional, per input channel) and the clamp [input_lo,
+// input_hi]: the batch norm (and activation) before the convolution, applied to the input pixels as
+// they are read (the zero padding stays zero).
 static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, std::vector<int> geometry,
-                   float lo, float hi, Array<float> residual, Array<float> output) {
-  // geometry: filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left
+                   float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
+                   Array<float> input_bias, float input_lo, float input_hi, Array<float> output) {
   const int fh = geometry[0], fw = geometry[1], sh = geometry[2], sw = geometry[3];
   const int dh = geometry[4], dw = geometry[5], pt = geometry[6], pl = geometry[7];
   const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
@@ -574,19 +677,40 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
   const float* bs = bias.data();
   float* y = data(output);
   const int64_t pixels = static_cast<int64_t>(batch) * out_h * out_w;
-  if (residual.size() > 0 && residual.size() != output.size()) throw std::invalid_argument("conv2d: residual shape");
-  const float* res = residual.size() > 0 ? residual.data() : nullptr;
+  Residual parts;
+  int channels = 0;
+  for (auto& part : residual) {
+    const int part_width = static_cast<int>(part.shape(part.ndim() - 1));
+    if (part.size() != pixels * part_width || (residual.size() > 1 && part_width % 16 != 0))
+      throw std::invalid_argument("conv2d: residual shape");
+    for (int c = 0; c < part_width; c += 16) {
+      parts.group.push_back(part.data() + c);
+      parts.width.push_back(part_width);
+    }
+    channels += part_width;
+  }
+  if (!residual.empty() && channels != cout) throw std::invalid_argument("conv2d: residual channels");
+  const Residual* res = residual.empty() ? nullptr : &parts;
+  const float* in_m = input_multiplier.size() > 0 ? input_multiplier.data() : nullptr;
+  const float* in_b = input_bias.size() > 0 ? input_bias.data() : nullptr;
+  if ((in_m && input_multiplier.size() != cin) || (in_b && input_bias.size() != cin))
+    throw std::invalid_argument("conv2d: input multiplier or bias size");
+  const bool affine = in_m || in_b || input_lo > -std::numeric_limits<float>::infinity() ||
+                      input_hi < std::numeric_limits<float>::infinity();
   const bool direct = fh == 1 && fw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0;
   py::gil_scoped_release release;
   constexpr int kRowsPerTask = 96;  // a multiple of every path's row tile
   const int tasks = static_cast<int>((pixels + kRowsPerTask - 1) / kRowsPerTask);
   pool().parallel_for(tasks, [&](int t0, int t1) {
-    std::vector<float> patch(direct ? 0 : static_cast<size_t>(kRowsPerTask) * k);
+    std::vector<float> patch(direct && !affine ? 0 : static_cast<size_t>(kRowsPerTask) * k);
     for (int t = t0; t < t1; ++t) {
       const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
       const int64_t rows = std::min<int64_t>(kRowsPerTask, pixels - r0);
       const float* a = x + r0 * cin;
-      if (!direct) {
+      if (direct && affine) {
+        for (int64_t r = 0; r < rows; ++r) affine_copy(a + r * cin, cin, in_m, in_b, input_lo, input_hi, patch.data() + r * k);
+        a = patch.data();
+      } else if (!direct) {
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t pixel = r0 + r;
           const int bi = static_cast<int>(pixel / (out_h * out_w));
@@ -595,7 +719,7 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
           for (int fy = 0; fy < fh; ++fy) {
             const int iy = oy * sh - pt + fy * dh, ix0 = ox * sw - pl;
             const float* src_row = x + (static_cast<int64_t>(bi) * height + iy) * width * cin;
-            if (dw == 1 && iy >= 0 && iy < height && ix0 >= 0 && ix0 + fw <= width) {
+            if (!affine && dw == 1 && iy >= 0 && iy < height && ix0 >= 0 && ix0 + fw <= width) {
               std::memcpy(dst, src_row + static_cast<int64_t>(ix0) * cin, sizeof(float) * fw * cin);  // one run of taps
               dst += fw * cin;
               continue;
@@ -605,13 +729,13 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
               if (iy < 0 || iy >= height || ix < 0 || ix >= width)
                 std::memset(dst, 0, sizeof(float) * cin);
               else
-                std::memcpy(dst, src_row + static_cast<int64_t>(ix) * cin, sizeof(float) * cin);
+                affine_copy(src_row + static_cast<int64_t>(ix) * cin, cin, in_m, in_b, input_lo, input_hi, dst);
             }
           }
         }
         a = patch.data();
       }
-      gemm_rows(a, rows, k, b, ldb, cout, bs, res ? res + r0 * cout : nullptr, lo, hi, y + r0 * cout);
+      gemm_rows(a, rows, k, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
     }
   });
 }
@@ -728,6 +852,44 @@ static void concat_channels(std::vector<Array<float>> parts, Array<float> residu
   });
 }
 
+// RESIZE_NEAREST_NEIGHBOR: out[b, y, x] = in[b, rows[y], cols[x]] (the source indices computed by
+// the caller); with a residual (same shape as the output), the ADD that follows and its clamp are
+// done in the same pass.
+static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_t> cols, Array<float> residual,
+                           float lo, float hi, Array<float> output) {
+  const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
+  const int width = static_cast<int>(input.shape(2)), channels = static_cast<int>(input.shape(3));
+  const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
+  if (rows.size() != out_h || cols.size() != out_w || output.shape(0) != batch || output.shape(3) != channels)
+    throw std::invalid_argument("resize_nearest: shapes");
+  const bool add = residual.size() > 0;
+  if (add && residual.size() != output.size()) throw std::invalid_argument("resize_nearest: residual shape");
+  const int32_t* ry = rows.data();
+  const int32_t* rx = cols.data();
+  for (int i = 0; i < out_h; ++i)
+    if (ry[i] < 0 || ry[i] >= height) throw std::invalid_argument("resize_nearest: row index");
+  for (int i = 0; i < out_w; ++i)
+    if (rx[i] < 0 || rx[i] >= width) throw std::invalid_argument("resize_nearest: column index");
+  const float* x = input.data();
+  const float* res = residual.data();
+  float* y = data(output);
+  py::gil_scoped_release release;
+  pool().parallel_for(batch * out_h, [&](int r0, int r1) {
+    for (int r = r0; r < r1; ++r) {
+      const int b = r / out_h, oy = r % out_h;
+      const float* src_row = x + (static_cast<int64_t>(b) * height + ry[oy]) * width * channels;
+      for (int ox = 0; ox < out_w; ++ox) {
+        const float* src = src_row + static_cast<int64_t>(rx[ox]) * channels;
+        const int64_t at = (static_cast<int64_t>(r) * out_w + ox) * channels;
+        if (add)
+          for (int c = 0; c < channels; ++c) y[at + c] = std::min(std::max(src[c] + res[at + c], lo), hi);
+        else
+          std::memcpy(y + at, src, sizeof(float) * channels);
+      }
+    }
+  });
+}
+
 static int set_num_threads(int threads) {
   pool().resize(threads);
   return pool().size();
@@ -747,6 +909,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("binary_elementwise", &binary_elementwise);
   m.def("pool2d", &pool2d);
   m.def("concat_channels", &concat_channels);
+  m.def("resize_nearest", &resize_nearest);
   m.def("cpu_supports", [](const std::string& feature) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
