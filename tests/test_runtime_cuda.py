@@ -90,6 +90,43 @@ def test_weight_layout_pads_with_zero_bits():
     np.testing.assert_array_equal(popcounts[:70], w_bits.reshape(70, -1).sum(-1))
 
 
+def test_gpu_float_conv_and_resize_glue_with_numpy_standing_in_for_cupy():
+    """The Python side of the GPU kernels' ``conv2d`` (batch norm + ReLU before it, the residual as
+    the parts of a folded concatenation) and ``resize_nearest`` (+ ADD), with NumPy in CuPy's place,
+    against the CPU kernels (the GPU itself is checked by the tests below, on a GPU)."""
+    from larq_landmarks.runtime import kernels as kernel_paths
+
+    gpu = cuda.CudaKernels.__new__(cuda.CudaKernels)
+    gpu.cp = np
+    gpu._epilogue = lambda y, bias, channels, lo, hi, out: np.clip(y + bias, lo, hi, out=out)
+    gpu._epilogue_residual = lambda y, bias, channels, residual, lo, hi, out: np.clip(y + bias + residual, lo, hi,
+                                                                                     out=out)
+    cpu = kernel_paths.load("portable")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 6, 24)).astype(np.float32)
+    filters = rng.normal(size=(48, 1, 1, 24)).astype(np.float32)
+    bias = rng.normal(size=48).astype(np.float32)
+    scale, shift = rng.uniform(0.5, 2, 24).astype(np.float32), rng.normal(size=24).astype(np.float32)
+    parts = [rng.normal(size=(2, 5, 6, 16)).astype(np.float32), rng.normal(size=(2, 5, 6, 32)).astype(np.float32)]
+    outputs = []
+    for module in (gpu, cpu):
+        weights = module.prepare_float_weights(filters)
+        out = np.empty((2, 5, 6, 48), np.float32)
+        module.conv2d(x, weights, bias, [1, 1, 1, 1, 1, 1, 0, 0], -np.inf, np.inf, parts, scale, shift, 0.0, np.inf, out)
+        outputs.append(out)
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+    small, skip = rng.normal(size=(1, 3, 4, 8)).astype(np.float32), rng.normal(size=(1, 6, 8, 8)).astype(np.float32)
+    rows, cols = np.repeat(np.arange(3), 2).astype(np.int32), np.repeat(np.arange(4), 2).astype(np.int32)
+    resized = []
+    for module in (gpu, cpu):
+        out = np.empty((1, 6, 8, 8), np.float32)
+        module.resize_nearest(small, rows, cols, skip, 0.0, np.inf, out)
+        resized.append(out)
+    np.testing.assert_array_equal(resized[0], resized[1])
+    np.testing.assert_array_equal(resized[1], np.maximum(small.repeat(2, 1).repeat(2, 2) + skip, 0))
+
+
 @pytest.mark.skipif(GPU, reason="a GPU is present")
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(cuda.CudaUnavailableError, match=r"kernels='cuda' needs .*(CuPy|GPU)"):
