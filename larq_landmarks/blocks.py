@@ -14,14 +14,22 @@ import larq as lq
 import tensorflow as tf
 
 KERNEL_QUANTIZERS = ("magnitude_aware_sign", "ste_sign")
+# The activations' binarizers: the same sign forward (LCE converts each to LceQuantize), different
+# gradients: straight-through clipped at |x| <= 1, ApproxSign's triangle, SwishSign's smooth bump.
+INPUT_QUANTIZERS = ("ste_sign", "approx_sign", "swish_sign")
 PAD_VALUES = (1.0, -1.0)
 
 
-def check_binary_options(kernel_quantizer: str, pad_value: float) -> None:
-    """Raise a ValueError naming ``kernel_quantizer`` or ``pad_value`` if it is not supported."""
+def check_binary_options(kernel_quantizer: str, pad_value: float, input_quantizer: str = "ste_sign") -> None:
+    """Raise a ValueError naming ``kernel_quantizer``, ``input_quantizer`` or ``pad_value`` if it
+    is not supported."""
     if kernel_quantizer not in KERNEL_QUANTIZERS:
         raise ValueError(
             f"kernel_quantizer={kernel_quantizer!r} is not supported; use one of {KERNEL_QUANTIZERS}"
+        )
+    if input_quantizer not in INPUT_QUANTIZERS:
+        raise ValueError(
+            f"input_quantizer={input_quantizer!r} is not supported; use one of {INPUT_QUANTIZERS}"
         )
     if float(pad_value) not in PAD_VALUES:
         raise ValueError(f"pad_value={pad_value!r} is not supported; use one of {PAD_VALUES}")
@@ -36,6 +44,7 @@ def conv(
     kernel_quantizer: str = "magnitude_aware_sign",
     pad_value: float = 1.0,
     binary_activations: bool = True,
+    input_quantizer: str = "ste_sign",
     name: Optional[str] = None,
 ) -> tf.Tensor:
     """Pre-activated convolution without bias: ``BN -> (sign | ReLU) -> conv``.
@@ -52,9 +61,11 @@ def conv(
             -1 matches the authors' code). Ignored for real convolutions and 1x1 kernels.
         binary_activations: False keeps the binary convolution's input real-valued (binary
             weights only): stage one of two-stage training; LCE converts only True.
+        input_quantizer: the activations' binarizer, one of ``INPUT_QUANTIZERS`` (the sign
+            forward, different gradients; all convert to LCE's ops).
         name: prefix of the layer names.
     """
-    check_binary_options(kernel_quantizer, pad_value)
+    check_binary_options(kernel_quantizer, pad_value, input_quantizer)
     x = tf.keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
     if not binary:
         x = tf.keras.layers.Activation("relu", name=f"{name}_relu")(x)
@@ -65,7 +76,7 @@ def conv(
     return lq.layers.QuantConv2D(
         filters,
         kernel_size,
-        input_quantizer="ste_sign" if binary_activations else None,
+        input_quantizer=input_quantizer if binary_activations else None,
         kernel_quantizer=kernel_quantizer,
         kernel_constraint="weight_clip",
         use_bias=False,
@@ -75,12 +86,12 @@ def conv(
 
 
 def _skip(x: tf.Tensor, filters: int, *, binary_skip: bool, kernel_quantizer: str, binary_activations: bool,
-          name: str):
+          input_quantizer: str, name: str):
     """Identity when the channel count matches, else ``BN -> act -> 1x1 conv``."""
     if x.shape[-1] == filters:
         return x
     return conv(x, filters, 1, binary=binary_skip, kernel_quantizer=kernel_quantizer,
-                binary_activations=binary_activations, name=name)
+                binary_activations=binary_activations, input_quantizer=input_quantizer, name=name)
 
 
 def _maybe_relu(x: tf.Tensor, relu: bool, name: str) -> tf.Tensor:
@@ -97,6 +108,7 @@ def hpm_block(
     pad_value: float = 1.0,
     binary_skip: bool = False,
     binary_activations: bool = True,
+    input_quantizer: str = "ste_sign",
     name: str = "hpm",
 ) -> tf.Tensor:
     """Hierarchical, parallel and multi-scale block (METHOD.md section 1).
@@ -116,12 +128,13 @@ def hpm_block(
         binary_skip: make the 1x1 skip convolution (used when channels change) binary.
         binary_activations: binarize the binary convolutions' inputs (False: weights only), see
             :func:`conv`.
+        input_quantizer: the activations' binarizer, see :func:`conv`.
         name: prefix of the layer names.
     """
     quarter = filters // 4
     widths = (filters - 2 * quarter, quarter, quarter)
     options = dict(binary=binary, kernel_quantizer=kernel_quantizer, pad_value=pad_value,
-                   binary_activations=binary_activations)
+                   binary_activations=binary_activations, input_quantizer=input_quantizer)
     stages = []
     y = x
     for i, width in enumerate(widths, start=1):
@@ -131,7 +144,7 @@ def hpm_block(
     y = tf.keras.layers.Concatenate(name=f"{name}_concat")(stages)
     skip = _skip(
         x, filters, binary_skip=binary_skip, kernel_quantizer=kernel_quantizer,
-        binary_activations=binary_activations, name=f"{name}_skip"
+        binary_activations=binary_activations, input_quantizer=input_quantizer, name=f"{name}_skip"
     )
     return tf.keras.layers.Add(name=f"{name}_add")([skip, y])
 
@@ -146,6 +159,7 @@ def bottleneck_block(
     pad_value: float = 1.0,
     binary_skip: bool = False,
     binary_activations: bool = True,
+    input_quantizer: str = "ste_sign",
     inner_ratio: float = 0.5,
     name: str = "bottleneck",
 ) -> tf.Tensor:
@@ -157,14 +171,14 @@ def bottleneck_block(
     """
     inner = max(1, int(round(filters * inner_ratio)))
     options = dict(binary=binary, kernel_quantizer=kernel_quantizer, pad_value=pad_value,
-                   binary_activations=binary_activations)
+                   binary_activations=binary_activations, input_quantizer=input_quantizer)
     y = x
     for i, (width, size) in enumerate(((inner, 1), (inner, 3), (filters, 1)), start=1):
         y = conv(y, width, size, name=f"{name}_c{i}", **options)
         y = _maybe_relu(y, relu, f"{name}_c{i}_relu")
     skip = _skip(
         x, filters, binary_skip=binary_skip, kernel_quantizer=kernel_quantizer,
-        binary_activations=binary_activations, name=f"{name}_skip"
+        binary_activations=binary_activations, input_quantizer=input_quantizer, name=f"{name}_skip"
     )
     return tf.keras.layers.Add(name=f"{name}_add")([skip, y])
 

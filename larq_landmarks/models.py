@@ -50,6 +50,7 @@ def BinaryHourglass(
     task: str = "heatmaps",
     bottleneck_ratio: float = 0.5,
     binary_activations: bool = True,
+    input_quantizer: str = "ste_sign",
     name: Optional[str] = None,
 ) -> tf.keras.Model:
     """Build the (binarized) stacked hourglass of Bulat & Tzimiropoulos.
@@ -79,6 +80,9 @@ def BinaryHourglass(
         binary_activations: False keeps the binary convolutions' inputs real (binary weights
             only): stage one of two-stage training (:func:`larq_landmarks.training.transfer_weights`
             then copies its weights into the fully binary model). Only True converts with LCE.
+        input_quantizer: the activations' binarizer: ``"ste_sign"`` (the papers'), or
+            ``"approx_sign"`` / ``"swish_sign"`` (same sign forward, smoother gradients); all
+            convert to LCE's bit-packed ops.
         name: model name.
 
     Returns:
@@ -87,7 +91,7 @@ def BinaryHourglass(
         tensor when ``num_stacks == 1``).
     """
     _check_arguments(num_landmarks, num_stacks, width, depth, block, pooling, input_size, task)
-    check_binary_options(kernel_quantizer, pad_value)
+    check_binary_options(kernel_quantizer, pad_value, input_quantizer)
     layers = tf.keras.layers
     if not 0 < bottleneck_ratio <= 1:
         raise ValueError(f"bottleneck_ratio={bottleneck_ratio!r} must be in (0, 1]")
@@ -99,6 +103,7 @@ def BinaryHourglass(
         pad_value=pad_value,
         binary_skip=binary_skip,
         binary_activations=binary_activations,
+        input_quantizer=input_quantizer,
     )
     if block == "bottleneck":
         options["inner_ratio"] = bottleneck_ratio

@@ -99,7 +99,7 @@ SMALL = {"input_size": 64, "overrides": {"width": 64, "depth": 2}, "batch_size":
 # Issue 12: training recipes: compile options; two-stage training (binary weights with real
 # activations for the first half of the steps, then the fully binary net from those weights);
 # distillation from a real twin trained on the same data and seed (the teacher recipe named).
-# name -> (named configuration, compile options, two-stage, teacher recipe or None)
+# name -> (named configuration, compile options, two-stage, teacher recipe or None[, model options])
 PAPERS = {"optimizer": "rmsprop", "schedule": "step"}
 ADAM_STEP = {"optimizer": "adam", "schedule": "step"}
 ADAM_COSINE = {"optimizer": "adam", "schedule": "cosine", "warmup_fraction": 0.05}
@@ -110,6 +110,10 @@ RECIPES = {
     "binary, Adam, warm-up + cosine, two-stage": ("binary_hpm", ADAM_COSINE, True, None),
     "binary, Adam, step decay, two-stage": ("binary_hpm", ADAM_STEP, True, None),
     "binary, Adam, step decay, distilled": ("binary_hpm", ADAM_STEP, False, "real twin, Adam, step decay"),
+    "binary, Adam, step decay, two-stage, ApproxSign gradient": ("binary_hpm", ADAM_STEP, True, None,
+                                                                 {"input_quantizer": "approx_sign"}),
+    "binary, Adam, step decay, two-stage, SwishSign gradient": ("binary_hpm", ADAM_STEP, True, None,
+                                                                {"input_quantizer": "swish_sign"}),
     "real twin, papers' recipe": ("real_hpm", PAPERS, False, None),
     "real twin, Adam, step decay": ("real_hpm", ADAM_STEP, False, None),
     "real twin, Adam, warm-up + cosine": ("real_hpm", ADAM_COSINE, False, None),
@@ -123,8 +127,9 @@ RECIPE_BENCHMARKS = {
 
 
 def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=None, two_stage=False,
-               teacher=None, keep_model=False):
+               teacher=None, keep_model=False, model_options=None):
     """Train one named configuration and evaluate it; returns its tables and timings.
+    ``model_options`` override the configuration's model arguments (e.g. ``input_quantizer``);
     ``compile_options`` go to :func:`training.compile_model` (default: its default recipe);
     ``two_stage`` uses :func:`training.two_stage`; ``teacher``
     distils a trained real-valued twin into it (:class:`Distiller`); ``keep_model`` adds the
@@ -142,7 +147,8 @@ def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=
 
     def build(binary_activations=True):
         return models.build_named(name, outputs, input_size=settings["input_size"], task=task,
-                                  binary_activations=binary_activations, **settings["overrides"])
+                                  binary_activations=binary_activations,
+                                  **{**settings["overrides"], **(model_options or {})})
 
     def train(network, stage_epochs):
         trainee = network if teacher is None else Distiller(network, teacher)
@@ -196,8 +202,10 @@ def markdown(experiment, spec, results, settings, args, judged):
     columns = list(next(iter(results.values()))["tables"][table])
     lines = [f"## {spec['title']}", "",
              f"Command: `python scripts/reproduce.py {experiment} {'--small ' if args.small else '--data-root ' + args.data_root + ' '}"
-             f"--out {args.out}` (seed {args.seed}; input {settings['input_size']}px, "
-             f"{settings['overrides'] or 'full-size'} model).", "",
+             f"{'--recipe papers ' if args.recipe == 'papers' else ''}--out {args.out}` (seed {args.seed}; input "
+             f"{settings['input_size']}px, {settings['overrides'] or 'full-size'} model; "
+             + ("the papers' recipe: RMSprop, step decay, one stage" if args.recipe == "papers" else
+                "the default recipe: Adam, step decay, binary networks in two stages") + ").", "",
              "| configuration | parameters | " + " | ".join(columns) + " | paper | train s |",
              "|---|---:|" + "---:|" * len(columns) + "---|---:|"]
     for name, r in results.items():
@@ -216,7 +224,8 @@ def markdown(experiment, spec, results, settings, args, judged):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=list(EXPERIMENTS) + ["all", "recipe"])
+    parser.add_argument("experiment", nargs="+", choices=list(EXPERIMENTS) + ["all", "recipe"],
+                        help="one or more experiments (a configuration trained the same way twice is trained once)")
     parser.add_argument("--data-root", help="root of the real data sets (layout above)")
     parser.add_argument("--small", action="store_true", help="synthetic data, small models, CPU")
     parser.add_argument("--out", default="results")
@@ -248,20 +257,27 @@ def main():
     root = args.data_root or os.path.join(args.out, "data")
     if args.small:
         writers.write_layout(root, args.train_samples, args.test_samples, args.seed)
-    if args.experiment == "recipe":
+    if "recipe" in args.experiment:
+        if len(args.experiment) > 1:
+            parser.error("recipe runs alone")
         run_recipes(args, root, settings, steps, epochs)
         return
-    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    names = list(EXPERIMENTS) if "all" in args.experiment else list(dict.fromkeys(args.experiment))
+    trained = {}  # (configuration, training and test data) -> results: the same training is done once
     for experiment in names:
         spec = EXPERIMENTS[experiment]
         recipe = training.PAPERS_RECIPE if args.recipe == "papers" else {}
         binary = {n: c["kwargs"].get("binary", True) for n, c in models.named_configurations().items()}
-        results = {name: run_config(name, spec, root, settings, steps, epochs, args.seed, recipe,
-                                    two_stage=args.recipe == "default" and binary[name])
-                   for name in spec["configs"]}
+        results = {}
+        for name in spec["configs"]:
+            key = (name, spec["train"], spec["test"], spec.get("task", "heatmaps"))
+            if key not in trained:
+                trained[key] = run_config(name, spec, root, settings, steps, epochs, args.seed, recipe,
+                                          two_stage=args.recipe == "default" and binary[name])
+            results[name] = trained[key]
         judged = verdict(spec, results)
         report = {"experiment": experiment, "title": spec["title"], "small": args.small, "seed": args.seed,
-                  "results": results, "paper": spec["paper"], "ordering": judged}
+                  "recipe": args.recipe, "results": results, "paper": spec["paper"], "ordering": judged}
         os.makedirs(args.out, exist_ok=True)
         with atomic_path(os.path.join(args.out, f"{experiment}.json")) as temporary, open(temporary, "w") as f:
             json.dump(report, f, indent=2)
@@ -290,11 +306,12 @@ def run_recipes(args, root, settings, steps, epochs):
         table, column = spec["key"]
         teachers = {}  # (teacher recipe, seed) -> trained model
         for recipe in chosen:
-            name, options, two_stage, teacher = RECIPES[recipe]
+            name, options, two_stage, teacher, *model_options = RECIPES[recipe]
             runs = []
             for seed in seeds:
                 run = run_config(name, spec, root, settings, steps, epochs, seed, options, two_stage,
-                                 teacher=teachers.get((teacher, seed)), keep_model=recipe in teacher_recipes)
+                                 teacher=teachers.get((teacher, seed)), keep_model=recipe in teacher_recipes,
+                                 model_options=model_options[0] if model_options else None)
                 if recipe in teacher_recipes:
                     teachers[(recipe, seed)] = run.pop("model")
                 runs.append({"seed": seed, "value": run["tables"][table][column], "train_seconds": run["train_seconds"],

@@ -55,6 +55,23 @@ def test_default_model_converts_every_binary_conv_to_lce_bconv_and_matches_keras
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("quantizer,name", [("approx_sign", "ApproxSign"), ("swish_sign", "SwishSign")])
+def test_smoother_sign_gradients_still_convert_to_bit_packed_ops(quantizer, name):
+    """``input_quantizer`` changes only the sign's gradient: every activation binarizer is that
+    quantizer, and the model still converts to LceBconv2d and matches Keras."""
+    tf.keras.utils.set_random_seed(0)
+    model = trained_like_batch_norm(models.BinaryHourglass(8, input_quantizer=quantizer, **SMALL))
+    quantizers = {l.input_quantizer.__class__.__name__ for l in export.binary_layers(model)}
+    assert quantizers == {name}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flatbuffer = export.convert(model)
+    assert export.op_counts(flatbuffer)["LceBconv2d"] == len(export.binary_layers(model))
+    images = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    assert_parity(export.TfliteModel(flatbuffer, engine="lce").predict(images), model.predict(images, verbose=0))
+
+
 def test_binary_skip_model_is_within_the_papers_size():
     model = trained_like_batch_norm(models.build_named("binary_hpm_binary_skip", 68))
     assert len(export.convert(model)) <= 1.4e6

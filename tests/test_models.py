@@ -82,10 +82,11 @@ def test_binary_blocks_use_larq_quantconv_configured_for_lce():
 def test_options_reach_the_layers():
     model = BinaryHourglass(
         16, width=32, input_size=64, depth=2, kernel_quantizer="ste_sign", pad_value=-1.0,
-        binary_skip=True, relu=True, pooling="avg",
+        binary_skip=True, relu=True, pooling="avg", input_quantizer="approx_sign",
     )
     quant = [l for l in model.layers if isinstance(l, lq.layers.QuantConv2D)]
     assert {l.kernel_quantizer.__class__.__name__ for l in quant} == {"SteSign"}
+    assert {l.input_quantizer.__class__.__name__ for l in quant} == {"ApproxSign"}
     assert {l.pad_values for l in quant if l.kernel_size == (3, 3)} == {-1.0}
     assert "stem_block1_skip_bconv" in [l.name for l in quant]
     assert any(isinstance(l, tf.keras.layers.AveragePooling2D) for l in model.layers)
@@ -135,6 +136,7 @@ def test_named_configurations_build_and_differ():
         (dict(num_stacks=0), "num_stacks"),
         (dict(task="depth"), "task"),
         (dict(kernel_quantizer="dorefa"), "kernel_quantizer"),
+        (dict(input_quantizer="dorefa"), "input_quantizer"),
         (dict(pad_value=0.0), "pad_value"),
     ],
 )

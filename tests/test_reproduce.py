@@ -11,7 +11,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "reproduce.py"
 @pytest.mark.slow
 def test_pooling_comparison_runs_small_and_writes_the_papers_table(tmp_path):
     out = tmp_path / "results"
-    command = [sys.executable, SCRIPT, "pooling", "--small", "--out", str(out), "--train-samples", "16",
+    command = [sys.executable, SCRIPT, "pooling", "relu", "--small", "--out", str(out), "--train-samples", "16",
                "--test-samples", "8", "--epochs", "1", "--steps-per-epoch", "3", "--summary", str(tmp_path / "results.md")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -22,8 +22,14 @@ def test_pooling_comparison_runs_small_and_writes_the_papers_table(tmp_path):
         assert set(table) == {"Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean"}
         assert 0 <= table["Mean"] <= 100 and run["steps"] == 3 and run["test_samples"] == 8
     assert report["ordering"]["paper_best_first"] == ["binary_hpm", "binary_hpm_avgpool"]
+    assert report["recipe"] == "default"
+    relu = json.loads((out / "relu.json").read_text())
+    # binary_hpm is in both experiments with the same data: trained once, the same result in both
+    assert relu["results"]["binary_hpm"] == report["results"]["binary_hpm"]
+    assert "binary_hpm_relu" in relu["results"]
     page = (tmp_path / "results.md").read_text()
     assert "Supplementary Table 1" in page and "Mean 71.9" in page and "--small" in page
+    assert "the default recipe: Adam, step decay, binary networks in two stages" in page
     assert "Papers' ordering" in page
     assert "- `pooling`: max pooling beats average pooling: **" in page
 
