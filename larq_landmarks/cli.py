@@ -58,8 +58,8 @@ def _train(args: argparse.Namespace) -> int:
     segmentation = args.task == "segmentation"
     if segmentation and fmt.num_points != 68:
         _fail("train", f"segmentation needs 68-point faces; format {args.format!r} has {fmt.num_points}")
-    overrides = {k: v for k, v in (("width", args.width), ("depth", args.depth),
-                                   ("num_stacks", args.num_stacks)) if v is not None}
+    overrides = {k: v for k, v in (("width", args.width), ("depth", args.depth), ("num_stacks", args.num_stacks),
+                                   ("input_quantizer", args.input_quantizer)) if v is not None}
     outputs = 7 if segmentation else fmt.num_points
     try:
         model = models.build_named(args.model, outputs, input_size=args.input_size,
@@ -124,7 +124,8 @@ def _train(args: argparse.Namespace) -> int:
 
 # what defines a training run: resuming in the same --out with other values would not resume it
 RUN_OPTIONS = ("format", "model", "task", "input_size", "width", "depth", "num_stacks", "sigma", "batch_size",
-               "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "one_stage", "seed")
+               "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "one_stage", "seed",
+               "input_quantizer")
 
 
 def _finished(folder: str) -> bool:
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--depth", type=int, help="override the configuration's depth")
     train.add_argument("--num-stacks", type=int, help="override the configuration's stacks")
     train.add_argument("--sigma", type=float, default=1.5, help="heatmap Gaussian sigma (pixels)")
+    train.add_argument("--input-quantizer", choices=["ste_sign", "approx_sign", "swish_sign"],
+                       help="binary networks: the activations' sign and its gradient (default ste_sign, the "
+                       "papers'; all convert to LCE)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="one line per epoch")
     train.add_argument("--one-stage", action="store_true",

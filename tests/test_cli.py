@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from larq_landmarks import cli
@@ -18,13 +19,17 @@ def trained(tmp_path_factory):
     writers.write_300w(str(root / "train"), 12, seed=1, image_size=(120, 120))
     writers.write_300w(str(root / "test"), 6, seed=2, image_size=(120, 120))
     config = root / "train.json"
-    config.write_text(json.dumps({"format": "300w", "data": str(root / "train"), **SMALL}))
+    config.write_text(json.dumps({"format": "300w", "data": str(root / "train"), "input_quantizer": "approx_sign",
+                                  **SMALL}))
     assert cli.main(["train", "--config", str(config), "--out", str(root / "run")]) == 0
     return root
 
 
 def test_train_writes_model_and_logs(trained):
     assert (trained / "run" / "model.keras").exists()
+    model = tf.keras.models.load_model(trained / "run" / "model.keras")
+    binary = [l for l in model.layers if getattr(l, "input_quantizer", None) is not None]
+    assert binary and {l.input_quantizer.__class__.__name__ for l in binary} == {"ApproxSign"}
     assert (trained / "run" / "stage1" / "model.keras").exists()  # binary networks train in two stages
     assert list((trained / "run" / "logs" / "images").glob("events.out.tfevents.*"))
 
