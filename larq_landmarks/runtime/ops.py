@@ -79,6 +79,14 @@ def _same_padding(size: int, filter_size: int, stride: int, dilation: int, paddi
     return out, total // 2
 
 
+def _per_channel(values: Optional[np.ndarray], channels: int) -> np.ndarray:
+    """A batch norm's folded constant (scalar or per channel) as ``channels`` float32 values; an
+    empty array (no such constant) for None."""
+    if values is None:
+        return np.zeros(0, np.float32)
+    return np.ascontiguousarray(np.broadcast_to(values.astype(np.float32).reshape(-1), (channels,)))
+
+
 def lce_quantize(graph: Graph, op: Operator, kernels, source: Optional[int] = None,
                  multiplier: Optional[np.ndarray] = None, bias: Optional[np.ndarray] = None) -> Run:
     """Float -> bit-packed int32 (``x < 0``). ``source``, ``multiplier`` and ``bias`` fuse the
@@ -88,12 +96,7 @@ def lce_quantize(graph: Graph, op: Operator, kernels, source: Optional[int] = No
     source, target = op.inputs[0] if source is None else source, op.outputs[0]
     channels = graph.tensors[source].shape[-1]
 
-    def per_channel(values):
-        if values is None:
-            return np.zeros(0, np.float32)
-        return np.ascontiguousarray(np.broadcast_to(values.astype(np.float32).reshape(-1), (channels,)))
-
-    scale, shift = _on_device(kernels, per_channel(multiplier)), _on_device(kernels, per_channel(bias))
+    scale, shift = (_on_device(kernels, _per_channel(v, channels)) for v in (multiplier, bias))
 
     def run(values):
         x = values[source]
@@ -207,8 +210,7 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     if input_affine is not None:
         source, multiplier, offset, code = input_affine
         in_low, in_high = _activation(graph, op, code)
-        in_mul, in_bias = (none if v is None else _on_device(kernels, np.ascontiguousarray(
-            np.broadcast_to(v.astype(np.float32).reshape(-1), (cin,)))) for v in (multiplier, offset))
+        in_mul, in_bias = (_on_device(kernels, _per_channel(v, cin)) for v in (multiplier, offset))
 
     def run(values):
         x = values[source]
