@@ -167,6 +167,14 @@ def popcount_limit():
     return float(match.group(1)) if match else None
 
 
+def _layer_runs(runs: int, run_once, seconds: float = 0.3) -> int:
+    """At least ``runs``, and as many as fill about ``seconds`` (a median of more runs where one
+    run takes microseconds)."""
+    start = time.perf_counter()
+    run_once(None)
+    return max(runs, int(seconds / max(time.perf_counter() - start, 1e-6)))
+
+
 def layers(runs):
     """Every distinct binary conv shape of the default model: this runtime's kernel (1 thread, each
     path) against XNNPACK's float conv of the same shape, and where the end-to-end time goes."""
@@ -195,7 +203,12 @@ def layers(runs):
             run = ops.lce_bconv2d(engine.graph, op, module)
             values = ops.Values(len(engine.graph.tensors), {})
             values[op.inputs[0]] = packed
-            ms = _run(lambda _: run(values), None, runs)
+
+            def run_once(_, run=run, values=values, output=op.outputs[0]):
+                run(values)
+                values.release(values[output])  # recycled as the engine does: no page faults on it
+
+            ms = _run(run_once, None, _layer_runs(runs, run_once))
             row[f"{path}_ms"] = round(ms, 3)
             row[f"{path}_gmacs"] = round(macs / ms / 1e6, 1)
         inputs = tf.keras.Input((size, size, cin), batch_size=1)
@@ -204,7 +217,8 @@ def layers(runs):
         interpreter.allocate_tensors()
         index = interpreter.get_input_details()[0]["index"]
         interpreter.set_tensor(index, rng.normal(size=(1, size, size, cin)).astype(np.float32))
-        row["xnnpack_float_ms"] = round(_run(lambda _: interpreter.invoke(), None, runs), 3)
+        invoke = lambda _: interpreter.invoke()  # noqa: E731
+        row["xnnpack_float_ms"] = round(_run(invoke, None, _layer_runs(runs, invoke)), 3)
         rows.append(row)
         print(row, flush=True)
     engine = Engine(flatbuffer, num_threads=1)

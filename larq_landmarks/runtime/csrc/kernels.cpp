@@ -465,7 +465,7 @@ static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<in
   c.clamp_min = clamp_min;
   c.clamp_max = clamp_max;
   c.clamped = !(clamp_min <= 0 && static_cast<int64_t>(clamp_max) >= 2LL * g.channels_in * c.taps);
-  std::vector<float> doubled;
+  static thread_local std::vector<float> doubled;
   if (!packed_output) {
     c.multiplier = multiplier.data();
     c.bias = bias.data();
@@ -479,7 +479,9 @@ static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<in
   // hold the input; the rest is zero bits
   c.padded_h = std::max(g.pad_top + c.height, (c.out_h - 1) * g.stride_h + (g.filter_h - 1) * g.dilation_h + 1);
   c.padded_w = std::max(g.pad_left + c.width, (c.out_w - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w + 1);
-  std::vector<int32_t> padded;
+  // scratch kept between calls (per calling thread): no allocation, and no page faults on a large
+  // buffer, per call
+  static thread_local std::vector<int32_t> padded;
   const int32_t* in = input.data();
   if (g.pad_top == 0 && g.pad_left == 0 && c.padded_h == c.height && c.padded_w == c.width) {
     c.padded = in;
