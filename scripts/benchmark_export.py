@@ -190,13 +190,14 @@ def layers(runs):
             size = engine.graph.tensors[op.inputs[0]].shape[1]
             shapes.setdefault((size, op.options["channels_in"], cout, k, op.options["stride_height"]), op)
     image = np.random.default_rng(0).uniform(size=(1, 256, 256, 3)).astype(np.float32)
-    limit = popcount_limit()
     rows = []
     rng = np.random.default_rng(1)
     for (size, cin, cout, k, stride), op in sorted(shapes.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
         packed = rng.integers(-2**31, 2**31 - 1, (1, size, size, (cin + 31) // 32), dtype=np.int64).astype(np.int32)
         macs = (size // stride) ** 2 * k * k * cin * cout
-        row = {"input": f"{size}x{size}x{cin}", "filter": f"{k}x{k}, {cout} out, stride {stride}", "binary_macs": macs}
+        # the limit again for every shape: this machine's speed drifts by up to 20% over minutes
+        row = {"input": f"{size}x{size}x{cin}", "filter": f"{k}x{k}, {cout} out, stride {stride}", "binary_macs": macs,
+               "popcount_limit_gmacs": popcount_limit()}
         for path in available_kernels():
             module = kernel_paths.load(path)
             module.set_num_threads(1)
@@ -223,7 +224,9 @@ def layers(runs):
         print(row, flush=True)
     engine = Engine(flatbuffer, num_threads=1)
     breakdown = engine.time_by_part(image, max(3, runs // 2))
-    return {"popcount_limit_gmacs": limit, "layers": rows, "breakdown_ms": breakdown, "kernels": engine.kernels}
+    limits = [row["popcount_limit_gmacs"] for row in rows if row["popcount_limit_gmacs"]]
+    return {"popcount_limit_gmacs": float(np.median(limits)) if limits else None, "layers": rows,
+            "breakdown_ms": breakdown, "kernels": engine.kernels}
 
 
 def int8_check(trained_path, faces):
@@ -369,17 +372,24 @@ def write_speed_markdown(args, result):
     lines += ["", "### Each binary convolution shape of the default model (1 thread)", "",
               "Binary MAC/s of this runtime's kernel for the op alone (bit-packed input, float output with "
               "the output transform), and the ratio to XNNPACK's float32 convolution of the same shape"
-              + (f"; the fraction is of this CPU's single-core limit for the 3x3 binary conv, "
-                 f"{limit:.0f} G binary MAC/s, from `../shared/tools/popcount-limit` in the same run" if limit else "")
-              + ".", "",
-              "| input | filter | XNNPACK float (ms) | " + " | ".join(f"{p} (ms, G MAC/s, vs float)" for p in paths) + " |",
-              "|---|---|---:|" + "---:|" * len(paths)]
+              + (f"; the fraction is of this CPU's single-core limit for the 3x3 binary conv from "
+                 f"`../shared/tools/popcount-limit`, measured again just before each shape (median "
+                 f"{limit:.0f} G binary MAC/s)" if limit else "")
+              + "." + (" The last column is what 15x XNNPACK would take: the whole call in at most 1/15 of "
+                 "XNNPACK's time, as a fraction of the popcount limit (over 100%: out of reach for any "
+                 "kernel bound by that limit)." if limit else ""), "",
+              "| input | filter | XNNPACK float (ms) | " + " | ".join(f"{p} (ms, G MAC/s, vs float)" for p in paths)
+              + (" | 15x needs |" if limit else " |"),
+              "|---|---|---:|" + "---:|" * (len(paths) + bool(limit))]
     for r in layer["layers"]:
+        limit = r.get("popcount_limit_gmacs", layer["popcount_limit_gmacs"])
+        needed = f"{r['binary_macs'] / (r['xnnpack_float_ms'] / 15) / 1e6 / limit:.0%} of limit" if limit else "-"
         cells = []
         for p in paths:
             fraction = f", {r[f'{p}_gmacs'] / limit:.0%} of limit" if limit and p == "avx512" else ""
             cells.append(f"{r[f'{p}_ms']}, {r[f'{p}_gmacs']:.0f}, {r['xnnpack_float_ms'] / r[f'{p}_ms']:.1f}x{fraction}")
-        lines.append(f"| {r['input']} | {r['filter']} | {r['xnnpack_float_ms']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['input']} | {r['filter']} | {r['xnnpack_float_ms']} | " + " | ".join(cells)
+                     + (f" | {needed} |" if layer["popcount_limit_gmacs"] else " |"))
     total = sum(layer["breakdown_ms"].values())
     lines += ["", f"### Where the runtime's time goes ({layer['kernels']}, 1 thread, median per step)", "",
               "| part | ms | share |", "|---|---:|---:|"]
