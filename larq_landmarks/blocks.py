@@ -45,6 +45,7 @@ def conv(
     pad_value: float = 1.0,
     binary_activations: bool = True,
     input_quantizer: str = "ste_sign",
+    binary_weights: bool = True,
     name: Optional[str] = None,
 ) -> tf.Tensor:
     """Pre-activated convolution without bias: ``BN -> (sign | ReLU) -> conv``.
@@ -63,6 +64,9 @@ def conv(
             weights only): stage one of two-stage training; LCE converts only True.
         input_quantizer: the activations' binarizer, one of ``INPUT_QUANTIZERS`` (the sign
             forward, different gradients; all convert to LCE's ops).
+        binary_weights: False keeps the binary convolution's weights real (binary activations
+            only): stage one of two-stage training in the other order, activations first (see
+            :func:`larq_landmarks.training.two_stage`); LCE converts only True.
         name: prefix of the layer names.
     """
     check_binary_options(kernel_quantizer, pad_value, input_quantizer)
@@ -77,7 +81,7 @@ def conv(
         filters,
         kernel_size,
         input_quantizer=input_quantizer if binary_activations else None,
-        kernel_quantizer=kernel_quantizer,
+        kernel_quantizer=kernel_quantizer if binary_weights else None,
         kernel_constraint="weight_clip",
         use_bias=False,
         name=f"{name}_bconv",
@@ -86,12 +90,13 @@ def conv(
 
 
 def _skip(x: tf.Tensor, filters: int, *, binary_skip: bool, kernel_quantizer: str, binary_activations: bool,
-          input_quantizer: str, name: str):
+          input_quantizer: str, binary_weights: bool, name: str):
     """Identity when the channel count matches, else ``BN -> act -> 1x1 conv``."""
     if x.shape[-1] == filters:
         return x
     return conv(x, filters, 1, binary=binary_skip, kernel_quantizer=kernel_quantizer,
-                binary_activations=binary_activations, input_quantizer=input_quantizer, name=name)
+                binary_activations=binary_activations, input_quantizer=input_quantizer,
+                binary_weights=binary_weights, name=name)
 
 
 def _maybe_relu(x: tf.Tensor, relu: bool, name: str) -> tf.Tensor:
@@ -109,6 +114,7 @@ def hpm_block(
     binary_skip: bool = False,
     binary_activations: bool = True,
     input_quantizer: str = "ste_sign",
+    binary_weights: bool = True,
     name: str = "hpm",
 ) -> tf.Tensor:
     """Hierarchical, parallel and multi-scale block (METHOD.md section 1).
@@ -129,12 +135,15 @@ def hpm_block(
         binary_activations: binarize the binary convolutions' inputs (False: weights only), see
             :func:`conv`.
         input_quantizer: the activations' binarizer, see :func:`conv`.
+        binary_weights: binarize the binary convolutions' weights (False: activations only), see
+            :func:`conv`.
         name: prefix of the layer names.
     """
     quarter = filters // 4
     widths = (filters - 2 * quarter, quarter, quarter)
     options = dict(binary=binary, kernel_quantizer=kernel_quantizer, pad_value=pad_value,
-                   binary_activations=binary_activations, input_quantizer=input_quantizer)
+                   binary_activations=binary_activations, input_quantizer=input_quantizer,
+                   binary_weights=binary_weights)
     stages = []
     y = x
     for i, width in enumerate(widths, start=1):
@@ -144,7 +153,8 @@ def hpm_block(
     y = tf.keras.layers.Concatenate(name=f"{name}_concat")(stages)
     skip = _skip(
         x, filters, binary_skip=binary_skip, kernel_quantizer=kernel_quantizer,
-        binary_activations=binary_activations, input_quantizer=input_quantizer, name=f"{name}_skip"
+        binary_activations=binary_activations, input_quantizer=input_quantizer, binary_weights=binary_weights,
+        name=f"{name}_skip"
     )
     return tf.keras.layers.Add(name=f"{name}_add")([skip, y])
 
@@ -160,6 +170,7 @@ def bottleneck_block(
     binary_skip: bool = False,
     binary_activations: bool = True,
     input_quantizer: str = "ste_sign",
+    binary_weights: bool = True,
     inner_ratio: float = 0.5,
     name: str = "bottleneck",
 ) -> tf.Tensor:
@@ -171,14 +182,16 @@ def bottleneck_block(
     """
     inner = max(1, int(round(filters * inner_ratio)))
     options = dict(binary=binary, kernel_quantizer=kernel_quantizer, pad_value=pad_value,
-                   binary_activations=binary_activations, input_quantizer=input_quantizer)
+                   binary_activations=binary_activations, input_quantizer=input_quantizer,
+                   binary_weights=binary_weights)
     y = x
     for i, (width, size) in enumerate(((inner, 1), (inner, 3), (filters, 1)), start=1):
         y = conv(y, width, size, name=f"{name}_c{i}", **options)
         y = _maybe_relu(y, relu, f"{name}_c{i}_relu")
     skip = _skip(
         x, filters, binary_skip=binary_skip, kernel_quantizer=kernel_quantizer,
-        binary_activations=binary_activations, input_quantizer=input_quantizer, name=f"{name}_skip"
+        binary_activations=binary_activations, input_quantizer=input_quantizer, binary_weights=binary_weights,
+        name=f"{name}_skip"
     )
     return tf.keras.layers.Add(name=f"{name}_add")([skip, y])
 

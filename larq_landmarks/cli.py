@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
     steps = args.steps_per_epoch or max(1, count // args.batch_size)
     import larq as lq
 
-    # two stages (real activations first, then binary from those weights) for binary networks
+    # two stages (one half of the network real first, then binary from those weights) for binary networks
     two_stage = (not args.one_stage and args.epochs >= 2
                  and any(isinstance(layer, lq.layers.QuantConv2D) for layer in model.layers))
     first_epochs = args.epochs // 2 if two_stage else 0
@@ -103,9 +103,10 @@ def _train(args: argparse.Namespace) -> int:
         elif two_stage:
             backup = os.path.join(stage1, "backup")
             first = models.build_named(args.model, outputs, input_size=args.input_size, task=args.task,
-                                       binary_activations=False, **overrides)
+                                       **training.FIRST_STAGES[args.first_stage], **overrides)
             compile_for(first, first_epochs)
-            print(f"stage 1 of 2: {first_epochs} epochs with real-valued activations, in {stage1}")
+            kept = "activations" if args.first_stage == "binary_weights" else "weights"
+            print(f"stage 1 of 2: {first_epochs} epochs with real-valued {kept}, in {stage1}")
             first.fit(training.for_stacks(data, first), epochs=first_epochs, steps_per_epoch=steps,
                       callbacks=training.training_callbacks(stage1), verbose=2 if args.quiet else 1)
         if two_stage:
@@ -125,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
 # what defines a training run: resuming in the same --out with other values would not resume it
 RUN_OPTIONS = ("format", "model", "task", "input_size", "width", "depth", "num_stacks", "sigma", "batch_size",
                "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "one_stage", "seed",
-               "input_quantizer")
+               "input_quantizer", "first_stage")
 
 
 def _finished(folder: str) -> bool:
@@ -364,8 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="one line per epoch")
     train.add_argument("--one-stage", action="store_true",
-                       help="binary networks: train in one stage (the papers'); default two, real-valued "
-                       "activations for the first half of the epochs (--out/stage1), then binary")
+                       help="binary networks: train in one stage (the papers'); default two, one half of the "
+                       "network real-valued for the first half of the epochs (--out/stage1, see --first-stage), "
+                       "then binary")
+    train.add_argument("--first-stage", choices=["binary_weights", "binary_activations"], default="binary_weights",
+                       help="two-stage training: what the first stage binarizes (binary_weights: real "
+                       "activations first; binary_activations: real weights first)")
     train.add_argument("--overwrite", action="store_true",
                        help="train again in an --out that holds a finished (or interrupted) run")
     train.set_defaults(run=_train)

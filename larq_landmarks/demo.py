@@ -65,8 +65,8 @@ def run(out: str, steps: int = 1500, seed: int = 0, train_images: int = 400, tes
     )
     losses = []
 
-    def build(binary_activations=True):
-        return BinaryHourglass(68, width=64, depth=2, input_size=INPUT_SIZE, binary_activations=binary_activations)
+    def build(**stage):
+        return BinaryHourglass(68, width=64, depth=2, input_size=INPUT_SIZE, **stage)
 
     def train(network, stage_epochs):
         training.compile_model(network, steps_per_epoch=steps_per_epoch, epochs=stage_epochs, learning_rate=LEARNING_RATE)

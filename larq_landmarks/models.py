@@ -51,6 +51,7 @@ def BinaryHourglass(
     bottleneck_ratio: float = 0.5,
     binary_activations: bool = True,
     input_quantizer: str = "ste_sign",
+    binary_weights: bool = True,
     name: Optional[str] = None,
 ) -> tf.keras.Model:
     """Build the (binarized) stacked hourglass of Bulat & Tzimiropoulos.
@@ -83,6 +84,9 @@ def BinaryHourglass(
         input_quantizer: the activations' binarizer: ``"ste_sign"`` (the papers'), or
             ``"approx_sign"`` / ``"swish_sign"`` (same sign forward, smoother gradients); all
             convert to LCE's bit-packed ops.
+        binary_weights: False keeps the binary convolutions' weights real (binary activations
+            only): stage one of two-stage training with the activations binarized first
+            (``training.two_stage(..., first="binary_activations")``). Only True converts with LCE.
         name: model name.
 
     Returns:
@@ -104,6 +108,7 @@ def BinaryHourglass(
         binary_skip=binary_skip,
         binary_activations=binary_activations,
         input_quantizer=input_quantizer,
+        binary_weights=binary_weights,
     )
     if block == "bottleneck":
         options["inner_ratio"] = bottleneck_ratio

@@ -136,8 +136,8 @@ def compile_model(
 
 def transfer_weights(source: tf.keras.Model, target: tf.keras.Model) -> tf.keras.Model:
     """Copy every weight of ``source`` into the layer of the same name in ``target`` (two-stage
-    training: a model with binary weights and real activations, ``binary_activations=False``,
-    initialises the fully binary one). Raises a ValueError naming the first layer that is missing
+    training: a model binarized in one respect only, ``binary_activations=False`` or
+    ``binary_weights=False``, initialises the fully binary one). Raises a ValueError naming the first layer that is missing
     or whose weight shapes differ."""
     layers = {layer.name: layer for layer in source.layers}
     for layer in target.layers:
@@ -155,26 +155,39 @@ def transfer_weights(source: tf.keras.Model, target: tf.keras.Model) -> tf.keras
     return target
 
 
-def two_stage(build: Callable[[bool], tf.keras.Model], train: Callable[[tf.keras.Model, int], None],
-              epochs: int) -> tf.keras.Model:
-    """Two-stage training (Martinez, Yang, Bulat & Tzimiropoulos, ICLR 2020): ``build(False)``
-    (binary weights, real activations: ``BinaryHourglass(..., binary_activations=False)``) is
-    trained for the first half of the epochs, its weights are copied into ``build(True)`` (the
-    fully binary network) with :func:`transfer_weights`, which trains for the rest.
+# what stage one of two-stage training keeps real: BinaryHourglass arguments for each order
+FIRST_STAGES = {
+    "binary_weights": {"binary_activations": False},  # binary weights, real activations
+    "binary_activations": {"binary_weights": False},  # binary activations, real weights
+}
+DEFAULT_FIRST_STAGE = "binary_weights"
+
+
+def two_stage(build: Callable[..., tf.keras.Model], train: Callable[[tf.keras.Model, int], None],
+              epochs: int, first: str = DEFAULT_FIRST_STAGE) -> tf.keras.Model:
+    """Two-stage training: a network binarized in one respect only is trained for the first half
+    of the epochs, its weights are copied into the fully binary network with
+    :func:`transfer_weights`, which trains for the rest.
 
     Args:
-        build: ``binary_activations -> model``.
+        build: ``build(**arguments) -> model``: ``build()`` is the fully binary network, and
+            ``build(**FIRST_STAGES[first])`` stage one (``BinaryHourglass`` arguments).
         train: ``(model, epochs)``: compiles and fits the model for that many epochs.
         epochs: both stages together (at least 2).
+        first: what stage one binarizes: ``"binary_weights"`` (real activations first) or
+            ``"binary_activations"`` (real weights first, as in Bulat et al. 2019 and Martinez,
+            Yang, Bulat & Tzimiropoulos, ICLR 2020).
 
     Returns:
         The fully binary model, trained.
     """
+    if first not in FIRST_STAGES:
+        raise ValueError(f"first={first!r} is not known; use one of {tuple(FIRST_STAGES)}")
     if epochs < 2:
         raise ValueError(f"two-stage training needs epochs >= 2 (one per stage), got {epochs}")
-    first = build(False)
-    train(first, epochs // 2)
-    binary = transfer_weights(first, build(True))
+    stage_one = build(**FIRST_STAGES[first])
+    train(stage_one, epochs // 2)
+    binary = transfer_weights(stage_one, build())
     train(binary, epochs - epochs // 2)
     return binary
 

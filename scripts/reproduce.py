@@ -96,27 +96,36 @@ SMALL = {"input_size": 64, "overrides": {"width": 64, "depth": 2}, "batch_size":
          "learning_rate": 2e-3, "sigma": 1.5}
 
 
-# Issue 12: training recipes: compile options; two-stage training (binary weights with real
-# activations for the first half of the steps, then the fully binary net from those weights);
-# distillation from a real twin trained on the same data and seed (the teacher recipe named).
-# name -> (named configuration, compile options, two-stage, teacher recipe or None[, model options])
+# Issue 12: training recipes: compile options; two-stage training (the first half of the steps
+# with binary weights and real activations, WEIGHTS_FIRST, or binary activations and real weights,
+# ACTIVATIONS_FIRST; then the fully binary net from those weights); distillation from a real twin
+# trained on the same data and seed (the teacher recipe named).
+# name -> (named configuration, compile options, two-stage first stage or None, teacher recipe or
+# None[, model options])
 PAPERS = {"optimizer": "rmsprop", "schedule": "step"}
 ADAM_STEP = {"optimizer": "adam", "schedule": "step"}
 ADAM_COSINE = {"optimizer": "adam", "schedule": "cosine", "warmup_fraction": 0.05}
+ADAM_STEP_FAST = {**ADAM_STEP, "rate_factor": 2.5}  # 2.5x the run's peak rate (5e-3 with --small)
+WEIGHTS_FIRST, ACTIVATIONS_FIRST = "binary_weights", "binary_activations"  # two stages: what stage one binarizes
 RECIPES = {
-    "binary, papers' recipe (RMSprop, step decay)": ("binary_hpm", PAPERS, False, None),
-    "binary, Adam, step decay": ("binary_hpm", ADAM_STEP, False, None),
-    "binary, Adam, warm-up + cosine": ("binary_hpm", ADAM_COSINE, False, None),
-    "binary, Adam, warm-up + cosine, two-stage": ("binary_hpm", ADAM_COSINE, True, None),
-    "binary, Adam, step decay, two-stage": ("binary_hpm", ADAM_STEP, True, None),
-    "binary, Adam, step decay, distilled": ("binary_hpm", ADAM_STEP, False, "real twin, Adam, step decay"),
-    "binary, Adam, step decay, two-stage, ApproxSign gradient": ("binary_hpm", ADAM_STEP, True, None,
+    "binary, papers' recipe (RMSprop, step decay)": ("binary_hpm", PAPERS, None, None),
+    "binary, Adam, step decay": ("binary_hpm", ADAM_STEP, None, None),
+    "binary, Adam, warm-up + cosine": ("binary_hpm", ADAM_COSINE, None, None),
+    "binary, Adam, warm-up + cosine, two-stage": ("binary_hpm", ADAM_COSINE, WEIGHTS_FIRST, None),
+    "binary, Adam, step decay, two-stage": ("binary_hpm", ADAM_STEP, WEIGHTS_FIRST, None),
+    "binary, Adam, step decay, distilled": ("binary_hpm", ADAM_STEP, None, "real twin, Adam, step decay"),
+    "binary, Adam, step decay, two-stage, ApproxSign gradient": ("binary_hpm", ADAM_STEP, WEIGHTS_FIRST, None,
                                                                  {"input_quantizer": "approx_sign"}),
-    "binary, Adam, step decay, two-stage, SwishSign gradient": ("binary_hpm", ADAM_STEP, True, None,
+    "binary, Adam, step decay, two-stage, SwishSign gradient": ("binary_hpm", ADAM_STEP, WEIGHTS_FIRST, None,
                                                                 {"input_quantizer": "swish_sign"}),
-    "real twin, papers' recipe": ("real_hpm", PAPERS, False, None),
-    "real twin, Adam, step decay": ("real_hpm", ADAM_STEP, False, None),
-    "real twin, Adam, warm-up + cosine": ("real_hpm", ADAM_COSINE, False, None),
+    "binary, Adam, step decay 2.5x rate, two-stage, ApproxSign gradient": (
+        "binary_hpm", ADAM_STEP_FAST, WEIGHTS_FIRST, None, {"input_quantizer": "approx_sign"}),
+    "binary, Adam, step decay 2.5x rate, two-stage activations first, ApproxSign gradient": (
+        "binary_hpm", ADAM_STEP_FAST, ACTIVATIONS_FIRST, None, {"input_quantizer": "approx_sign"}),
+    "real twin, papers' recipe": ("real_hpm", PAPERS, None, None),
+    "real twin, Adam, step decay": ("real_hpm", ADAM_STEP, None, None),
+    "real twin, Adam, warm-up + cosine": ("real_hpm", ADAM_COSINE, None, None),
+    "real twin, Adam, step decay 2.5x rate": ("real_hpm", ADAM_STEP_FAST, None, None),
 }
 RECIPE_BENCHMARKS = {
     "MPII format, PCKh@0.5 Mean %": {"train": ("mpii-json", "mpii/train.json"), "test": ("mpii-json", "mpii/valid.json"),
@@ -126,12 +135,13 @@ RECIPE_BENCHMARKS = {
 }
 
 
-def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=None, two_stage=False,
+def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=None, two_stage=None,
                teacher=None, keep_model=False, model_options=None):
     """Train one named configuration and evaluate it; returns its tables and timings.
     ``model_options`` override the configuration's model arguments (e.g. ``input_quantizer``);
     ``compile_options`` go to :func:`training.compile_model` (default: its default recipe);
-    ``two_stage`` uses :func:`training.two_stage`; ``teacher``
+    ``two_stage`` (None: one stage) names what the first stage of :func:`training.two_stage`
+    binarizes (``"binary_weights"`` or ``"binary_activations"``); ``teacher``
     distils a trained real-valued twin into it (:class:`Distiller`); ``keep_model`` adds the
     trained model under ``"model"``."""
     task = spec.get("task", "heatmaps")
@@ -145,15 +155,15 @@ def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=
     steps_per_epoch = steps or max(1, len(train_columns["scale"]) // settings["batch_size"])
     compile_options = compile_options or {}
 
-    def build(binary_activations=True):
+    def build(**stage):
         return models.build_named(name, outputs, input_size=settings["input_size"], task=task,
-                                  binary_activations=binary_activations,
-                                  **{**settings["overrides"], **(model_options or {})})
+                                  **{**settings["overrides"], **(model_options or {}), **stage})
 
     def train(network, stage_epochs):
         trainee = network if teacher is None else Distiller(network, teacher)
-        training.compile_model(trainee, task, steps_per_epoch, stage_epochs, settings["learning_rate"],
-                               **compile_options)
+        options = dict(compile_options)
+        rate = settings["learning_rate"] * options.pop("rate_factor", 1.0)
+        training.compile_model(trainee, task, steps_per_epoch, stage_epochs, rate, **options)
         trainee.fit(training.for_stacks(data, network), epochs=stage_epochs, steps_per_epoch=steps_per_epoch,
                     verbose=2)
 
@@ -165,7 +175,7 @@ def run_config(name, spec, root, settings, steps, epochs, seed, compile_options=
         data = pipeline.landmark_dataset(train_columns, settings["input_size"], sigma=settings["sigma"], **options)
     started = time.time()
     if two_stage and epochs >= 2:  # one stage per epoch at least
-        model = training.two_stage(build, train, epochs)
+        model = training.two_stage(build, train, epochs, first=two_stage)
     else:
         model = build()
         train(model, epochs)
@@ -273,7 +283,7 @@ def main():
             key = (name, spec["train"], spec["test"], spec.get("task", "heatmaps"))
             if key not in trained:
                 trained[key] = run_config(name, spec, root, settings, steps, epochs, args.seed, recipe,
-                                          two_stage=args.recipe == "default" and binary[name])
+                                          two_stage=training.DEFAULT_FIRST_STAGE if args.recipe == "default" and binary[name] else None)
             results[name] = trained[key]
         judged = verdict(spec, results)
         report = {"experiment": experiment, "title": spec["title"], "small": args.small, "seed": args.seed,

@@ -70,13 +70,40 @@ def test_two_stage_weights_carry_over_to_the_binary_model():
         stages.append((model.get_layer("stem_block1_s1_bconv").input_quantizer is None, epochs))
         model.get_layer("stem_conv").set_weights([w + 1 for w in model.get_layer("stem_conv").get_weights()])
 
-    result = training.two_stage(lambda binary_activations: BinaryHourglass(
-        5, width=16, depth=1, input_size=32, binary_activations=binary_activations), train, 5)
+    build = lambda **stage: BinaryHourglass(5, width=16, depth=1, input_size=32, **stage)  # noqa: E731
+    result = training.two_stage(build, train, 5)
     assert stages == [(True, 2), (False, 3)]
     assert result.get_layer("stem_block1_s1_bconv").input_quantizer is not None
     np.testing.assert_array_equal(result.get_layer("stem_conv").get_weights()[1], 2.0)  # bias 0 + 1 + 1
     with pytest.raises(ValueError, match="epochs >= 2"):
-        training.two_stage(lambda b: binary, train, 1)
+        training.two_stage(lambda **stage: binary, train, 1)
+    with pytest.raises(ValueError, match="first='weights' is not known"):
+        training.two_stage(build, train, 4, first="weights")
+
+
+def test_two_stage_activations_first_trains_real_weights_on_binary_inputs():
+    """The other order: stage one binarizes the activations and keeps the weights real; its
+    convolution is a float conv of the signs; the fully binary network starts from its weights."""
+    tf.keras.utils.set_random_seed(0)
+    stages = []
+
+    def train(model, epochs):
+        conv = model.get_layer("stem_block1_s1_bconv")
+        stages.append((conv.input_quantizer is not None, conv.kernel_quantizer is None, epochs))
+        if not stages[-1][1]:
+            return
+        inputs = tf.random.normal((2, 8, 8, conv.input.shape[-1]))
+        expected = tf.nn.conv2d(tf.where(inputs < 0, -1.0, 1.0), conv.kernel, 1, "SAME")  # pads 0 = +1 bits
+        expected_border = tf.nn.conv2d(tf.pad(tf.where(inputs < 0, -1.0, 1.0), [[0, 0], [1, 1], [1, 1], [0, 0]],
+                                              constant_values=1.0), conv.kernel, 1, "VALID")
+        np.testing.assert_allclose(conv(inputs).numpy(), expected_border.numpy(), rtol=1e-5, atol=1e-5)
+        assert not np.allclose(expected.numpy(), expected_border.numpy())  # the padding value is checked
+        conv.kernel.assign(tf.fill(conv.kernel.shape, 0.25))
+
+    result = training.two_stage(lambda **stage: BinaryHourglass(5, width=16, depth=1, input_size=32, **stage),
+                                train, 4, first="binary_activations")
+    assert stages == [(True, True, 2), (True, False, 2)]
+    np.testing.assert_array_equal(result.get_layer("stem_block1_s1_bconv").kernel.numpy(), 0.25)
 
 
 def test_distiller_trains_the_student_only_and_round_trips(tmp_path):
