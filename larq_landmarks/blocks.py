@@ -4,9 +4,9 @@ Each block is a function ``block(x, filters, ...) -> tensor`` that adds standard
 layers to a functional model. A model made of them therefore serialises with ``get_config`` and
 loads with ``tf.keras.models.load_model`` without custom objects (Larq registers its layers).
 
-Binary convolutions are ``larq.layers.QuantConv2D`` with ``input_quantizer="ste_sign"``, no bias,
-and a sign-based kernel quantizer: the configuration that Larq Compute Engine (LCE) converts to its
-``LceBconv2d`` op. They are pre-activated: ``BatchNormalization -> binarize -> conv``.
+Binary convolutions are ``larq.layers.QuantConv2D`` with a sign input quantizer (``approx_sign``
+by default, the papers' ``ste_sign`` one argument away), no bias, and a sign-based kernel
+quantizer: the configuration that Larq Compute Engine (LCE) converts to its ``LceBconv2d`` op. They are pre-activated: ``BatchNormalization -> binarize -> conv``.
 """
 from typing import Optional
 
@@ -20,7 +20,7 @@ INPUT_QUANTIZERS = ("ste_sign", "approx_sign", "swish_sign")
 PAD_VALUES = (1.0, -1.0)
 
 
-def check_binary_options(kernel_quantizer: str, pad_value: float, input_quantizer: str = "ste_sign") -> None:
+def check_binary_options(kernel_quantizer: str, pad_value: float, input_quantizer: str = "approx_sign") -> None:
     """Raise a ValueError naming ``kernel_quantizer``, ``input_quantizer`` or ``pad_value`` if it
     is not supported."""
     if kernel_quantizer not in KERNEL_QUANTIZERS:
@@ -44,7 +44,7 @@ def conv(
     kernel_quantizer: str = "magnitude_aware_sign",
     pad_value: float = 1.0,
     binary_activations: bool = True,
-    input_quantizer: str = "ste_sign",
+    input_quantizer: str = "approx_sign",
     binary_weights: bool = True,
     name: Optional[str] = None,
 ) -> tf.Tensor:
@@ -54,14 +54,15 @@ def conv(
         x: input tensor (NHWC).
         filters: number of output channels.
         kernel_size: 1 or 3 (square kernels, stride 1, "same" output size).
-        binary: binarize inputs with ``ste_sign`` and weights with ``kernel_quantizer``
+        binary: binarize inputs with ``input_quantizer`` and weights with ``kernel_quantizer``
             (Larq ``QuantConv2D``); if False, a real ``BN -> ReLU -> Conv2D``.
         kernel_quantizer: ``"magnitude_aware_sign"`` (sign times the per-output-channel mean of
             |W|, as XNOR-Net) or ``"ste_sign"`` (plain sign).
         pad_value: value the binary input is padded with at the border (1 is LCE's fastest path,
             -1 matches the authors' code). Ignored for real convolutions and 1x1 kernels.
         binary_activations: False keeps the binary convolution's input real-valued (binary
-            weights only): stage one of two-stage training; LCE converts only True.
+            weights only): stage one of two-stage training with the weights binarized first;
+            LCE converts only True.
         input_quantizer: the activations' binarizer, one of ``INPUT_QUANTIZERS`` (the sign
             forward, different gradients; all convert to LCE's ops).
         binary_weights: False keeps the binary convolution's weights real (binary activations
@@ -113,7 +114,7 @@ def hpm_block(
     pad_value: float = 1.0,
     binary_skip: bool = False,
     binary_activations: bool = True,
-    input_quantizer: str = "ste_sign",
+    input_quantizer: str = "approx_sign",
     binary_weights: bool = True,
     name: str = "hpm",
 ) -> tf.Tensor:
@@ -169,7 +170,7 @@ def bottleneck_block(
     pad_value: float = 1.0,
     binary_skip: bool = False,
     binary_activations: bool = True,
-    input_quantizer: str = "ste_sign",
+    input_quantizer: str = "approx_sign",
     binary_weights: bool = True,
     inner_ratio: float = 0.5,
     name: str = "bottleneck",

@@ -331,12 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate it, convert it with LCE, and write a report with pictures.",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    demo.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--train-images", type=int, default=400, help="synthetic training faces (default 400)")
     demo.add_argument("--test-images", type=int, default=64, help="synthetic test faces (default 64)")
     demo.add_argument("--one-stage", action="store_true",
-                      help="train the binary network in one stage (default: two, real activations first)")
+                      help="train the binary network in one stage (default: two, real weights first)")
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="train a named model on a data set",
@@ -360,17 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-stacks", type=int, help="override the configuration's stacks")
     train.add_argument("--sigma", type=float, default=1.5, help="heatmap Gaussian sigma (pixels)")
     train.add_argument("--input-quantizer", choices=["ste_sign", "approx_sign", "swish_sign"],
-                       help="binary networks: the activations' sign and its gradient (default ste_sign, the "
-                       "papers'; all convert to LCE)")
+                       help="binary networks: the activations' sign and its gradient (default approx_sign; "
+                       "ste_sign is the papers'; all convert to LCE)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="one line per epoch")
     train.add_argument("--one-stage", action="store_true",
                        help="binary networks: train in one stage (the papers'); default two, one half of the "
                        "network real-valued for the first half of the epochs (--out/stage1, see --first-stage), "
                        "then binary")
-    train.add_argument("--first-stage", choices=["binary_weights", "binary_activations"], default="binary_weights",
-                       help="two-stage training: what the first stage binarizes (binary_weights: real "
-                       "activations first; binary_activations: real weights first)")
+    train.add_argument("--first-stage", choices=["binary_weights", "binary_activations"], default="binary_activations",
+                       help="two-stage training: what the first stage binarizes (default binary_activations: "
+                       "real weights first; binary_weights: real activations first)")
     train.add_argument("--overwrite", action="store_true",
                        help="train again in an --out that holds a finished (or interrupted) run")
     train.set_defaults(run=_train)

@@ -50,7 +50,7 @@ def BinaryHourglass(
     task: str = "heatmaps",
     bottleneck_ratio: float = 0.5,
     binary_activations: bool = True,
-    input_quantizer: str = "ste_sign",
+    input_quantizer: str = "approx_sign",
     binary_weights: bool = True,
     name: Optional[str] = None,
 ) -> tf.keras.Model:
@@ -79,11 +79,13 @@ def BinaryHourglass(
         bottleneck_ratio: inner width of the bottleneck block as a fraction of ``width``
             (0.5 original; ignored by the HPM block).
         binary_activations: False keeps the binary convolutions' inputs real (binary weights
-            only): stage one of two-stage training (:func:`larq_landmarks.training.transfer_weights`
-            then copies its weights into the fully binary model). Only True converts with LCE.
-        input_quantizer: the activations' binarizer: ``"ste_sign"`` (the papers'), or
-            ``"approx_sign"`` / ``"swish_sign"`` (same sign forward, smoother gradients); all
-            convert to LCE's bit-packed ops.
+            only): stage one of ``training.two_stage(..., first="binary_weights")``, whose
+            weights :func:`larq_landmarks.training.transfer_weights` copies into the fully binary
+            model. Only True converts with LCE.
+        input_quantizer: the activations' binarizer: ``"approx_sign"`` (the default: Larq's
+            ApproxSign, a triangle-shaped gradient, measured better than the papers' in
+            docs/results.md), ``"ste_sign"`` (the papers' straight-through box) or
+            ``"swish_sign"``; the same sign forward, all convert to LCE's bit-packed ops.
         binary_weights: False keeps the binary convolutions' weights real (binary activations
             only): stage one of two-stage training with the activations binarized first
             (``training.two_stage(..., first="binary_activations")``). Only True converts with LCE.

@@ -160,7 +160,8 @@ FIRST_STAGES = {
     "binary_weights": {"binary_activations": False},  # binary weights, real activations
     "binary_activations": {"binary_weights": False},  # binary activations, real weights
 }
-DEFAULT_FIRST_STAGE = "binary_weights"
+# activations first: better on both benchmarks and the demo (reproduce.py recipe, docs/results.md)
+DEFAULT_FIRST_STAGE = "binary_activations"
 
 
 def two_stage(build: Callable[..., tf.keras.Model], train: Callable[[tf.keras.Model, int], None],

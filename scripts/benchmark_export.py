@@ -373,8 +373,9 @@ def write_speed_markdown(args, result):
               "Binary MAC/s of this runtime's kernel for the op alone (bit-packed input, float output with "
               "the output transform), and the ratio to XNNPACK's float32 convolution of the same shape"
               + (f"; the fraction is of this CPU's single-core limit for the 3x3 binary conv from "
-                 f"`../shared/tools/popcount-limit`, measured again just before each shape (median "
-                 f"{limit:.0f} G binary MAC/s)" if limit else "")
+                 f"`../shared/tools/popcount-limit`, measured "
+                 + ("again just before each shape (median " if "popcount_limit_gmacs" in layer["layers"][0]
+                    else "once in the same run (") + f"{limit:.0f} G binary MAC/s)" if limit else "")
               + "." + (" The last column is what 15x XNNPACK would take: the whole call in at most 1/15 of "
                  "XNNPACK's time, as a fraction of the popcount limit (over 100%: out of reach for any "
                  "kernel bound by that limit)." if limit else ""), "",

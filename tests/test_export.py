@@ -55,8 +55,8 @@ def test_default_model_converts_every_binary_conv_to_lce_bconv_and_matches_keras
 
 
 @pytest.mark.slow
-@pytest.mark.slow
-@pytest.mark.parametrize("quantizer,name", [("approx_sign", "ApproxSign"), ("swish_sign", "SwishSign")])
+@pytest.mark.parametrize("quantizer,name", [("ste_sign", "SteSign"), ("approx_sign", "ApproxSign"),
+                                            ("swish_sign", "SwishSign")])
 def test_smoother_sign_gradients_still_convert_to_bit_packed_ops(quantizer, name):
     """``input_quantizer`` changes only the sign's gradient: every activation binarizer is that
     quantizer, and the model still converts to LceBconv2d and matches Keras."""

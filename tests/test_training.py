@@ -63,7 +63,8 @@ def test_two_stage_weights_carry_over_to_the_binary_model():
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(ValueError, match="layer 'stem_conv' has weights"):
         training.transfer_weights(BinaryHourglass(5, width=32, depth=1, input_size=32), binary)
-    # two_stage: half the epochs with real activations, the rest fully binary from those weights
+    # two_stage, weights first: half the epochs with real activations, the rest fully binary from
+    # those weights
     stages = []
 
     def train(model, epochs):
@@ -71,7 +72,7 @@ def test_two_stage_weights_carry_over_to_the_binary_model():
         model.get_layer("stem_conv").set_weights([w + 1 for w in model.get_layer("stem_conv").get_weights()])
 
     build = lambda **stage: BinaryHourglass(5, width=16, depth=1, input_size=32, **stage)  # noqa: E731
-    result = training.two_stage(build, train, 5)
+    result = training.two_stage(build, train, 5, first="binary_weights")
     assert stages == [(True, 2), (False, 3)]
     assert result.get_layer("stem_block1_s1_bconv").input_quantizer is not None
     np.testing.assert_array_equal(result.get_layer("stem_conv").get_weights()[1], 2.0)  # bias 0 + 1 + 1
@@ -82,8 +83,9 @@ def test_two_stage_weights_carry_over_to_the_binary_model():
 
 
 def test_two_stage_activations_first_trains_real_weights_on_binary_inputs():
-    """The other order: stage one binarizes the activations and keeps the weights real; its
-    convolution is a float conv of the signs; the fully binary network starts from its weights."""
+    """Activations first (the default order): stage one binarizes the activations and keeps the
+    weights real, its convolution is a float conv of the signs; the fully binary network starts
+    from its weights."""
     tf.keras.utils.set_random_seed(0)
     stages = []
 
@@ -100,8 +102,9 @@ def test_two_stage_activations_first_trains_real_weights_on_binary_inputs():
         assert not np.allclose(expected.numpy(), expected_border.numpy())  # the padding value is checked
         conv.kernel.assign(tf.fill(conv.kernel.shape, 0.25))
 
+    assert training.DEFAULT_FIRST_STAGE == "binary_activations"  # the measured better order
     result = training.two_stage(lambda **stage: BinaryHourglass(5, width=16, depth=1, input_size=32, **stage),
-                                train, 4, first="binary_activations")
+                                train, 4)
     assert stages == [(True, True, 2), (True, False, 2)]
     np.testing.assert_array_equal(result.get_layer("stem_block1_s1_bconv").kernel.numpy(), 0.25)
 
