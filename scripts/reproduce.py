@@ -363,7 +363,8 @@ def recipe_markdown(results, seeds, args) -> str:
         if binary and real:
             best_binary = (max if higher else min)(binary, key=binary.get)
             best_real = (max if higher else min)(real, key=real.get)
-            relation = (f"{real[best_real] - binary[best_binary]:.2f} points behind" if higher
+            gap = real[best_real] - binary[best_binary]
+            relation = (f"{abs(gap):.2f} points {'behind' if gap >= 0 else 'ahead'}" if higher
                         else f"{binary[best_binary] / real[best_real]:.2f}x its error")
             lines += ["", f"Best binary: {best_binary} ({binary[best_binary]:.2f}); best real twin: {best_real} "
                       f"({real[best_real]:.2f}): the binary net is {relation}."]
