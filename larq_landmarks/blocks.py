@@ -6,7 +6,8 @@ loads with ``tf.keras.models.load_model`` without custom objects (Larq registers
 
 Binary convolutions are ``larq.layers.QuantConv2D`` with a sign input quantizer (``approx_sign``
 by default, the papers' ``ste_sign`` one argument away), no bias, and a sign-based kernel
-quantizer: the configuration that Larq Compute Engine (LCE) converts to its ``LceBconv2d`` op. They are pre-activated: ``BatchNormalization -> binarize -> conv``.
+quantizer: the configuration that Larq Compute Engine (LCE) converts to its ``LceBconv2d`` op.
+They are pre-activated: ``BatchNormalization -> binarize -> conv``.
 """
 from typing import Optional
 

@@ -137,8 +137,8 @@ def compile_model(
 def transfer_weights(source: tf.keras.Model, target: tf.keras.Model) -> tf.keras.Model:
     """Copy every weight of ``source`` into the layer of the same name in ``target`` (two-stage
     training: a model binarized in one respect only, ``binary_activations=False`` or
-    ``binary_weights=False``, initialises the fully binary one). Raises a ValueError naming the first layer that is missing
-    or whose weight shapes differ."""
+    ``binary_weights=False``, initialises the fully binary one). Raises a ValueError naming the
+    first layer that is missing or whose weight shapes differ."""
     layers = {layer.name: layer for layer in source.layers}
     for layer in target.layers:
         weights = layer.get_weights()
