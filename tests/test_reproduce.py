@@ -1,9 +1,10 @@
-import pytest
 """A tiny run of one reproduction experiment end to end (issue 6)."""
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "reproduce.py")
 
@@ -29,7 +30,8 @@ def test_pooling_comparison_runs_small_and_writes_the_papers_table(tmp_path):
     assert "binary_hpm_relu" in relu["results"]
     page = (tmp_path / "results.md").read_text()
     assert "Supplementary Table 1" in page and "Mean 71.9" in page and "--small" in page
-    assert "the default recipe: Adam, step decay, binary networks in two stages" in page
+    assert ("the default recipe: Adam, step decay, peak rate 0.005, binary networks in two stages, real weights "
+            "first, ApproxSign gradient") in page
     assert "Papers' ordering" in page
     assert "- `pooling`: max pooling beats average pooling: **" in page
 
