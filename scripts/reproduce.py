@@ -112,6 +112,7 @@ ADAM_COSINE = {"optimizer": "adam", "schedule": "cosine", "warmup_fraction": 0.0
 ADAM_STEP_FAST = {"optimizer": "adam", "schedule": "step"}
 WEIGHTS_FIRST, ACTIVATIONS_FIRST = "binary_weights", "binary_activations"  # two stages: what stage one binarizes
 STE = {"input_quantizer": "ste_sign"}  # the papers' sign gradient (the rows measured before the default changed)
+APPROX = {"input_quantizer": "approx_sign"}
 RECIPES = {
     "binary, papers' recipe (RMSprop, step decay)": ("binary_hpm", PAPERS, None, None, STE),
     "binary, Adam, step decay": ("binary_hpm", ADAM_STEP, None, None, STE),
@@ -119,14 +120,13 @@ RECIPES = {
     "binary, Adam, warm-up + cosine, two-stage": ("binary_hpm", ADAM_COSINE, WEIGHTS_FIRST, None, STE),
     "binary, Adam, step decay, two-stage": ("binary_hpm", ADAM_STEP, WEIGHTS_FIRST, None, STE),
     "binary, Adam, step decay, distilled": ("binary_hpm", ADAM_STEP, None, "real twin, Adam, step decay", STE),
-    "binary, Adam, step decay, two-stage, ApproxSign gradient": ("binary_hpm", ADAM_STEP, WEIGHTS_FIRST, None,
-                                                                 {"input_quantizer": "approx_sign"}),
+    "binary, Adam, step decay, two-stage, ApproxSign gradient": ("binary_hpm", ADAM_STEP, WEIGHTS_FIRST, None, APPROX),
     "binary, Adam, step decay, two-stage, SwishSign gradient": ("binary_hpm", ADAM_STEP, WEIGHTS_FIRST, None,
                                                                 {"input_quantizer": "swish_sign"}),
     "binary, Adam, step decay 2.5x rate, two-stage, ApproxSign gradient": (
-        "binary_hpm", ADAM_STEP_FAST, WEIGHTS_FIRST, None, {"input_quantizer": "approx_sign"}),
+        "binary_hpm", ADAM_STEP_FAST, WEIGHTS_FIRST, None, APPROX),
     "binary, Adam, step decay 2.5x rate, two-stage activations first, ApproxSign gradient": (
-        "binary_hpm", ADAM_STEP_FAST, ACTIVATIONS_FIRST, None, {"input_quantizer": "approx_sign"}),
+        "binary_hpm", ADAM_STEP_FAST, ACTIVATIONS_FIRST, None, APPROX),
     "real twin, papers' recipe": ("real_hpm", PAPERS, None, None),
     "real twin, Adam, step decay": ("real_hpm", ADAM_STEP, None, None),
     "real twin, Adam, warm-up + cosine": ("real_hpm", ADAM_COSINE, None, None),
