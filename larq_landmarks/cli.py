@@ -72,7 +72,10 @@ def _train(args: argparse.Namespace) -> int:
     # two stages (one half of the network real first, then binary from those weights) for binary networks
     two_stage = (not args.one_stage and args.epochs >= 2
                  and any(isinstance(layer, lq.layers.QuantConv2D) for layer in model.layers))
-    first_epochs = args.epochs // 2 if two_stage else 0
+    if args.first_fraction is not None and not 0.0 < args.first_fraction < 1.0:
+        _fail("train", f"--first-fraction {args.first_fraction} must be between 0 and 1 (exclusive)")
+    fraction = training.DEFAULT_FIRST_FRACTION if args.first_fraction is None else args.first_fraction
+    first_epochs = training.first_stage_epochs(args.epochs, fraction) if two_stage else 0
 
     def compile_for(network, epochs):
         training.compile_model(network, args.task, steps, epochs, args.learning_rate, optimizer=args.optimizer,
@@ -126,7 +129,7 @@ def _train(args: argparse.Namespace) -> int:
 # what defines a training run: resuming in the same --out with other values would not resume it
 RUN_OPTIONS = ("format", "model", "task", "input_size", "width", "depth", "num_stacks", "sigma", "batch_size",
                "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "one_stage", "seed",
-               "input_quantizer", "first_stage")
+               "input_quantizer", "first_stage", "first_fraction")
 
 
 def _finished(folder: str) -> bool:
@@ -366,11 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="one line per epoch")
     train.add_argument("--one-stage", action="store_true",
                        help="binary networks: train in one stage (the papers'); default two, one half of the "
-                       "network real-valued for the first half of the epochs (--out/stage1, see --first-stage), "
-                       "then binary")
+                       "network real-valued for the first epochs (--out/stage1, see --first-stage and "
+                       "--first-fraction), then binary")
     train.add_argument("--first-stage", choices=["binary_weights", "binary_activations"], default="binary_activations",
                        help="two-stage training: what the first stage binarizes (default binary_activations: "
                        "real weights first; binary_weights: real activations first)")
+    train.add_argument("--first-fraction", type=float,
+                       help="two-stage training: the first stage's share of the epochs (default "
+                       "training.DEFAULT_FIRST_FRACTION)")
     train.add_argument("--overwrite", action="store_true",
                        help="train again in an --out that holds a finished (or interrupted) run")
     train.set_defaults(run=_train)

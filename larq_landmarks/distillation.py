@@ -78,6 +78,7 @@ class Distiller(tf.keras.Model):
 
     def _with_features(self, model):
         layers = self.attention_layers if self.attention_weight else []
+        # (a model of one output returns a tensor, not a list: callers flatten)
         return tf.keras.Model(model.inputs, list(model.outputs) + [model.get_layer(n).output for n in layers])
 
     def call(self, inputs, training=None):
@@ -97,9 +98,9 @@ class Distiller(tf.keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
-        teacher_all = self._teacher_features(x, training=False)
+        teacher_all = tf.nest.flatten(self._teacher_features(x, training=False))
         with tf.GradientTape() as tape:
-            student_all = self._student_features(x, training=True)
+            student_all = tf.nest.flatten(self._student_features(x, training=True))
             count = len(self.student.outputs)
             predictions = student_all[0] if count == 1 else list(student_all[:count])
             task = self.compute_loss(x, y, predictions, sample_weight)  # already scaled per replica by Keras
@@ -112,12 +113,12 @@ class Distiller(tf.keras.Model):
 
     def test_step(self, data):
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
-        student_all = self._student_features(x, training=False)
+        student_all = tf.nest.flatten(self._student_features(x, training=False))
         count = len(self.student.outputs)
         predictions = student_all[0] if count == 1 else list(student_all[:count])
         self.compute_loss(x, y, predictions, sample_weight)
         self.distillation_tracker.update_state(
-            self._distillation_loss(student_all, self._teacher_features(x, training=False)))
+            self._distillation_loss(student_all, tf.nest.flatten(self._teacher_features(x, training=False))))
         return self.compute_metrics(x, y, predictions, sample_weight)
 
     def get_config(self):

@@ -162,13 +162,26 @@ FIRST_STAGES = {
 }
 # activations first: better on both benchmarks and the demo (reproduce.py recipe, docs/results.md)
 DEFAULT_FIRST_STAGE = "binary_activations"
+# stage one's share of the epochs (two_stage, first_stage_epochs)
+DEFAULT_FIRST_FRACTION = 0.5
+
+
+def first_stage_epochs(epochs: int, fraction: float = DEFAULT_FIRST_FRACTION) -> int:
+    """How many of ``epochs`` (at least 2) stage one of :func:`two_stage` trains: ``fraction`` of
+    them, rounded, and at least one epoch for each stage."""
+    if epochs < 2:
+        raise ValueError(f"two-stage training needs epochs >= 2 (one per stage), got {epochs}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"first_fraction={fraction} must be between 0 and 1 (exclusive)")
+    return min(epochs - 1, max(1, int(round(epochs * fraction))))
 
 
 def two_stage(build: Callable[..., tf.keras.Model], train: Callable[[tf.keras.Model, int], None],
-              epochs: int, first: str = DEFAULT_FIRST_STAGE) -> tf.keras.Model:
-    """Two-stage training: a network binarized in one respect only is trained for the first half
-    of the epochs, its weights are copied into the fully binary network with
-    :func:`transfer_weights`, which trains for the rest.
+              epochs: int, first: str = DEFAULT_FIRST_STAGE,
+              first_fraction: float = DEFAULT_FIRST_FRACTION) -> tf.keras.Model:
+    """Two-stage training: a network binarized in one respect only is trained for the first
+    epochs, its weights are copied into the fully binary network with :func:`transfer_weights`,
+    which trains for the rest.
 
     Args:
         build: ``build(**arguments) -> model``: ``build()`` is the fully binary network, and
@@ -178,18 +191,18 @@ def two_stage(build: Callable[..., tf.keras.Model], train: Callable[[tf.keras.Mo
         first: what stage one binarizes: ``"binary_weights"`` (real activations first) or
             ``"binary_activations"`` (real weights first, as in Bulat et al. 2019 and Martinez,
             Yang, Bulat & Tzimiropoulos, ICLR 2020).
+        first_fraction: stage one's share of the epochs (:func:`first_stage_epochs`).
 
     Returns:
         The fully binary model, trained.
     """
     if first not in FIRST_STAGES:
         raise ValueError(f"first={first!r} is not known; use one of {tuple(FIRST_STAGES)}")
-    if epochs < 2:
-        raise ValueError(f"two-stage training needs epochs >= 2 (one per stage), got {epochs}")
+    first_epochs = first_stage_epochs(epochs, first_fraction)
     stage_one = build(**FIRST_STAGES[first])
-    train(stage_one, epochs // 2)
+    train(stage_one, first_epochs)
     binary = transfer_weights(stage_one, build())
-    train(binary, epochs - epochs // 2)
+    train(binary, epochs - first_epochs)
     return binary
 
 

@@ -72,7 +72,7 @@ def test_two_stage_weights_carry_over_to_the_binary_model():
         model.get_layer("stem_conv").set_weights([w + 1 for w in model.get_layer("stem_conv").get_weights()])
 
     build = lambda **stage: BinaryHourglass(5, width=16, depth=1, input_size=32, **stage)  # noqa: E731
-    result = training.two_stage(build, train, 5, first="binary_weights")
+    result = training.two_stage(build, train, 5, first="binary_weights", first_fraction=0.5)
     assert stages == [(True, 2), (False, 3)]
     assert result.get_layer("stem_block1_s1_bconv").input_quantizer is not None
     np.testing.assert_array_equal(result.get_layer("stem_conv").get_weights()[1], 2.0)  # bias 0 + 1 + 1
@@ -80,6 +80,16 @@ def test_two_stage_weights_carry_over_to_the_binary_model():
         training.two_stage(lambda **stage: binary, train, 1)
     with pytest.raises(ValueError, match="first='weights' is not known"):
         training.two_stage(build, train, 4, first="weights")
+
+
+def test_first_stage_epochs_rounds_the_fraction_and_leaves_each_stage_one_epoch():
+    assert training.first_stage_epochs(10, 0.3) == 3
+    assert training.first_stage_epochs(10, 0.5) == 5
+    assert training.first_stage_epochs(2, 0.05) == 1 and training.first_stage_epochs(2, 0.95) == 1
+    assert training.first_stage_epochs(100, 0.25) == 25
+    for fraction in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError, match=f"first_fraction={fraction}"):
+            training.first_stage_epochs(10, fraction)
 
 
 def test_two_stage_activations_first_trains_real_weights_on_binary_inputs():
@@ -142,6 +152,23 @@ def test_distiller_trains_the_student_only_and_round_trips(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), student.predict(x, verbose=0), atol=1e-5)
     with pytest.raises(ValueError, match="attention layer 'nowhere'"):
         Distiller(student, teacher, attention_layers=["nowhere"])
+
+
+def test_distiller_with_the_attention_loss_off_matches_heatmaps_only():
+    """attention_weight=0: the loss is the output MSE to the teacher alone (a one-output feature
+    model returns a tensor, not a list: this once failed inside fit)."""
+    tf.keras.utils.set_random_seed(0)
+    teacher = BinaryHourglass(5, width=16, depth=1, input_size=32, binary=False)
+    student = BinaryHourglass(5, width=16, depth=1, input_size=32)
+    distiller = Distiller(student, teacher, heatmap_weight=2.0, attention_weight=0.0)
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    y = np.random.default_rng(1).uniform(size=(4, 8, 8, 5)).astype(np.float32)
+    training.compile_model(distiller, learning_rate=1e-3)
+    result = distiller.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
+    expected = 2.0 * np.mean((student(x).numpy() - teacher(x).numpy()) ** 2)
+    assert result["distillation_loss"] == pytest.approx(expected, rel=1e-4)
+    history = distiller.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["distillation_loss"][0])
 
 
 @pytest.mark.slow
