@@ -175,7 +175,7 @@ def _layer_runs(runs: int, run_once, seconds: float = 0.3) -> int:
     return max(runs, int(seconds / max(time.perf_counter() - start, 1e-6)))
 
 
-def layers(runs):
+def layers(runs, rounds=3):
     """Every distinct binary conv shape of the default model: this runtime's kernel (1 thread, each
     path) against XNNPACK's float conv of the same shape, and where the end-to-end time goes."""
     from larq_landmarks.runtime import Engine, available_kernels, kernels as kernel_paths, ops
@@ -198,6 +198,7 @@ def layers(runs):
         # the limit again for every shape: this machine's speed drifts by up to 20% over minutes
         row = {"input": f"{size}x{size}x{cin}", "filter": f"{k}x{k}, {cout} out, stride {stride}", "binary_macs": macs,
                "popcount_limit_gmacs": popcount_limit()}
+        timed = {}
         for path in available_kernels():
             module = kernel_paths.load(path)
             module.set_num_threads(1)
@@ -209,17 +210,30 @@ def layers(runs):
                 run(values)
                 values.release(values[output])  # recycled as the engine does: no page faults on it
 
-            ms = _run(run_once, None, _layer_runs(runs, run_once))
-            row[f"{path}_ms"] = round(ms, 3)
-            row[f"{path}_gmacs"] = round(macs / ms / 1e6, 1)
+            timed[path] = run_once
         inputs = tf.keras.Input((size, size, cin), batch_size=1)
         conv = tf.keras.Model(inputs, tf.keras.layers.Conv2D(cout, k, stride, padding="same", use_bias=False)(inputs))
         interpreter = tf.lite.Interpreter(model_content=export.convert(conv, binary=False), num_threads=1)
         interpreter.allocate_tensors()
         index = interpreter.get_input_details()[0]["index"]
         interpreter.set_tensor(index, rng.normal(size=(1, size, size, cin)).astype(np.float32))
-        invoke = lambda _: interpreter.invoke()  # noqa: E731
-        row["xnnpack_float_ms"] = round(_run(invoke, None, _layer_runs(runs, invoke)), 3)
+        timed["xnnpack_float"] = lambda _: interpreter.invoke()
+        # the fastest kernel path and XNNPACK alternate in `rounds` rounds (the ratio compares the
+        # same minutes: this machine drifts); the slower paths run once
+        first = available_kernels()[0]
+        counts = {name: _layer_runs(runs, f) for name, f in timed.items()}
+        medians = {name: [] for name in timed}
+        for _ in range(rounds):
+            for name in (first, "xnnpack_float"):
+                medians[name].append(_run(timed[name], None, counts[name]))
+        for name in timed:
+            if name not in (first, "xnnpack_float"):
+                medians[name].append(_run(timed[name], None, counts[name]))
+        for name, times in medians.items():
+            ms = float(np.median(times))
+            row[f"{name}_ms"] = round(ms, 3)
+            if name != "xnnpack_float":
+                row[f"{name}_gmacs"] = round(macs / ms / 1e6, 1)
         rows.append(row)
         print(row, flush=True)
     engine = Engine(flatbuffer, num_threads=1)
@@ -278,7 +292,7 @@ def main():
             result["int8"] = int8_check(args.trained, args.faces)
     if "speed" in parts:
         result["speed"] = speed(args.runs, args.rounds)
-        result["runtime_layers"] = layers(max(args.runs, 30))
+        result["runtime_layers"] = layers(max(args.runs, 30), args.rounds)
     with atomic_path(args.json) as temporary, open(temporary, "w") as f:
         json.dump(result, f, indent=2)
     if "compression" in parts:
@@ -376,7 +390,10 @@ def write_speed_markdown(args, result):
                  f"`../shared/tools/popcount-limit`, measured "
                  + ("again just before each shape (median " if "popcount_limit_gmacs" in layer["layers"][0]
                     else "once in the same run (") + f"{limit:.0f} G binary MAC/s)" if limit else "")
-              + "." + (" The last column is what 15x XNNPACK would take: the whole call in at most 1/15 of "
+              + f". The fastest kernel path and XNNPACK alternate in {args.rounds} rounds (each round's figure a "
+              "median of as many runs as fill 0.3 s, at least 30; the table gives the median over the rounds), "
+              "so that each ratio compares the same minutes; the slower paths run one round."
+              + (" The last column is what 15x XNNPACK would take: the whole call in at most 1/15 of "
                  "XNNPACK's time, as a fraction of the popcount limit (over 100%: out of reach for any "
                  "kernel bound by that limit)." if limit else ""), "",
               "| input | filter | XNNPACK float (ms) | " + " | ".join(f"{p} (ms, G MAC/s, vs float)" for p in paths)
