@@ -43,7 +43,8 @@ def _face_scores(result: Dict[str, np.ndarray]) -> Dict[str, float]:
 def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, test_images: int = 64,
         two_stage: bool = True) -> Dict:
     """Run the demo into folder ``out``; returns the report dict. ``two_stage`` trains the binary
-    network in two stages (:func:`larq_landmarks.training.two_stage`), half the steps each."""
+    network in two stages (:func:`larq_landmarks.training.two_stage`: real weights for the first
+    ``training.DEFAULT_FIRST_FRACTION`` of the steps, then fully binary)."""
     started = time.time()
     tf.keras.utils.set_random_seed(seed)
     data_root = os.path.join(out, "data", "300w")
@@ -76,7 +77,8 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
         losses.append(float(history.history["loss"][-1]))
 
     print(f"training {epochs} x {steps_per_epoch} steps on {len(train_columns['scale'])} faces"
-          + (" in two stages (real weights first, then binary)" if two_stage else ""))
+          + (f" in two stages (real weights for {training.DEFAULT_FIRST_FRACTION:.0%} of them, then binary)"
+             if two_stage else ""))
     fit_started = time.time()
     if two_stage:
         model = training.two_stage(build, train, epochs)
@@ -134,7 +136,8 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
         "settings": {"steps": epochs * steps_per_epoch, "seed": seed, "input_size": INPUT_SIZE,
                      "width": 64, "depth": 2, "batch": BATCH, "learning_rate": LEARNING_RATE,
                      "recipe": "Adam with step decay (training.compile_model's default), ApproxSign gradient"
-                               + (", two stages, real weights first" if two_stage else "")},
+                               + (f", two stages, real weights for the first {training.DEFAULT_FIRST_FRACTION:.0%} of the steps"
+                                  if two_stage else "")},
     }
     report["binary_vs_real_twin_nme"] = (report["trained_keras"]["nme_inter_ocular_%"]
                                          / report["real_twin_keras"]["nme_inter_ocular_%"])

@@ -228,7 +228,8 @@ def markdown(experiment, spec, results, settings, args, judged):
              f"{settings['input_size']}px, {settings['overrides'] or 'full-size'} model; "
              + ("the papers' recipe: RMSprop, step decay, one stage" if args.recipe == "papers" else
                 f"the default recipe: Adam, step decay, peak rate {settings['learning_rate']:g}, binary networks "
-                "in two stages, real weights first, ApproxSign gradient") + ").", "",
+                f"in two stages, real weights for the first {training.DEFAULT_FIRST_FRACTION:.0%} of the steps, "
+                "ApproxSign gradient") + ").", "",
              "| configuration | parameters | " + " | ".join(columns) + " | paper | train s |",
              "|---|---:|" + "---:|" * len(columns) + "---|---:|"]
     for name, r in results.items():
@@ -259,7 +260,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipe", choices=["default", "papers"], default="default",
                         help="training recipe of the papers' experiments: this package's default (Adam with "
-                        "step decay, binary networks in two stages with real weights first, ApproxSign) or the "
+                        "step decay, binary networks in two stages with real weights for the first 30%% of the steps, "
+                        "ApproxSign) or the "
                         "papers' (RMSprop, one stage, the straight-through sign)")
     parser.add_argument("--seeds", type=int, default=2, help="recipe: seeds per configuration (seed, seed + 1, ...)")
     parser.add_argument("--recipes", help="recipe: only the recipes whose names contain one of these "

@@ -113,9 +113,10 @@ def test_two_stage_activations_first_trains_real_weights_on_binary_inputs():
         conv.kernel.assign(tf.fill(conv.kernel.shape, 0.25))
 
     assert training.DEFAULT_FIRST_STAGE == "binary_activations"  # the measured better order
+    assert training.DEFAULT_FIRST_FRACTION == 0.3  # the measured better split
     result = training.two_stage(lambda **stage: BinaryHourglass(5, width=16, depth=1, input_size=32, **stage),
-                                train, 4)
-    assert stages == [(True, True, 2), (True, False, 2)]
+                                train, 10)
+    assert stages == [(True, True, 3), (True, False, 7)]
     np.testing.assert_array_equal(result.get_layer("stem_block1_s1_bconv").kernel.numpy(), 0.25)
 
 
