@@ -77,7 +77,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
         losses.append(float(history.history["loss"][-1]))
 
     print(f"training {epochs} x {steps_per_epoch} steps on {len(train_columns['scale'])} faces"
-          + (f" in two stages (real weights for {training.DEFAULT_FIRST_FRACTION:.0%} of them, then binary)"
+          + (f" in two stages (real weights for {training.DEFAULT_FIRST_FRACTION:.0%} of the epochs, then binary)"
              if two_stage else ""))
     fit_started = time.time()
     if two_stage:
@@ -136,7 +136,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
         "settings": {"steps": epochs * steps_per_epoch, "seed": seed, "input_size": INPUT_SIZE,
                      "width": 64, "depth": 2, "batch": BATCH, "learning_rate": LEARNING_RATE,
                      "recipe": "Adam with step decay (training.compile_model's default), ApproxSign gradient"
-                               + (f", two stages, real weights for the first {training.DEFAULT_FIRST_FRACTION:.0%} of the steps"
+                               + (f", two stages, real weights for the first {training.DEFAULT_FIRST_FRACTION:.0%} of the epochs"
                                   if two_stage else "")},
     }
     report["binary_vs_real_twin_nme"] = (report["trained_keras"]["nme_inter_ocular_%"]

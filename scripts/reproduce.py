@@ -106,7 +106,7 @@ SMALL = {"input_size": 64, "overrides": {"width": 64, "depth": 2}, "batch_size":
 # None[, model options])
 # rate_factor scales the run's peak rate: the first rows were measured at 2e-3 with --small (0.4x
 # today's 5e-3), the "2.5x rate" rows at 5e-3. first_fraction is stage one's share of the steps
-# (training.two_stage): the rows before the "30%" ones were measured with half.
+# (training.two_stage): the rows before the "first_fraction 0.3" one were measured with half.
 PAPERS = {"optimizer": "rmsprop", "schedule": "step", "rate_factor": 0.4, "first_fraction": 0.5}
 ADAM_STEP = {"optimizer": "adam", "schedule": "step", "rate_factor": 0.4, "first_fraction": 0.5}
 ADAM_COSINE = {"optimizer": "adam", "schedule": "cosine", "warmup_fraction": 0.05, "rate_factor": 0.4,
@@ -130,7 +130,7 @@ RECIPES = {
         "binary_hpm", ADAM_STEP_FAST, WEIGHTS_FIRST, None, APPROX),
     "binary, Adam, step decay 2.5x rate, two-stage activations first, ApproxSign gradient": (
         "binary_hpm", ADAM_STEP_FAST, ACTIVATIONS_FIRST, None, APPROX),
-    "binary, Adam, step decay 2.5x rate, two-stage activations first (30% of the steps), ApproxSign gradient": (
+    "binary, Adam, step decay 2.5x rate, two-stage activations first, first_fraction 0.3, ApproxSign gradient": (
         "binary_hpm", ADAM_STEP_FAST_SHORT_FIRST, ACTIVATIONS_FIRST, None, APPROX),
     "real twin, papers' recipe": ("real_hpm", PAPERS, None, None),
     "real twin, Adam, step decay": ("real_hpm", ADAM_STEP, None, None),
@@ -228,7 +228,7 @@ def markdown(experiment, spec, results, settings, args, judged):
              f"{settings['input_size']}px, {settings['overrides'] or 'full-size'} model; "
              + ("the papers' recipe: RMSprop, step decay, one stage" if args.recipe == "papers" else
                 f"the default recipe: Adam, step decay, peak rate {settings['learning_rate']:g}, binary networks "
-                f"in two stages, real weights for the first {training.DEFAULT_FIRST_FRACTION:.0%} of the steps, "
+                f"in two stages, real weights for the first {training.DEFAULT_FIRST_FRACTION:.0%} of the epochs, "
                 "ApproxSign gradient") + ").", "",
              "| configuration | parameters | " + " | ".join(columns) + " | paper | train s |",
              "|---|---:|" + "---:|" * len(columns) + "---|---:|"]
@@ -260,7 +260,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipe", choices=["default", "papers"], default="default",
                         help="training recipe of the papers' experiments: this package's default (Adam with "
-                        "step decay, binary networks in two stages with real weights for the first 30%% of the steps, "
+                        "step decay, binary networks in two stages with real weights for the first 30%% of the epochs, "
                         "ApproxSign) or the "
                         "papers' (RMSprop, one stage, the straight-through sign)")
     parser.add_argument("--seeds", type=int, default=2, help="recipe: seeds per configuration (seed, seed + 1, ...)")

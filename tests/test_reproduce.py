@@ -31,7 +31,7 @@ def test_pooling_comparison_runs_small_and_writes_the_papers_table(tmp_path):
     page = (tmp_path / "results.md").read_text()
     assert "Supplementary Table 1" in page and "Mean 71.9" in page and "--small" in page
     assert ("the default recipe: Adam, step decay, peak rate 0.005, binary networks in two stages, real weights "
-            "for the first 30% of the steps, ApproxSign gradient") in page
+            "for the first 30% of the epochs, ApproxSign gradient") in page
     assert "Papers' ordering" in page
     assert "- `pooling`: max pooling beats average pooling: **" in page
 
