@@ -77,12 +77,26 @@ def _train(args: argparse.Namespace) -> int:
     fraction = training.DEFAULT_FIRST_FRACTION if args.first_fraction is None else args.first_fraction
     first_epochs = training.first_stage_epochs(args.epochs, fraction) if two_stage else 0
 
+    teacher = _load_model("train", args.teacher) if args.teacher else None
+
+    def trainee(network):
+        """What fit trains: the network, or a Distiller of it from --teacher."""
+        if teacher is None:
+            return network
+        from larq_landmarks.distillation import Distiller
+
+        try:
+            return Distiller(network, teacher, attention_weight=args.attention_weight)
+        except ValueError as error:
+            _fail("train", f"--teacher {args.teacher}: {error}")
+
     def compile_for(network, epochs):
         training.compile_model(network, args.task, steps, epochs, args.learning_rate, optimizer=args.optimizer,
                                schedule=args.schedule, warmup_fraction=args.warmup)
 
+    fitted = trainee(model)
     try:
-        compile_for(model, args.epochs - first_epochs)
+        compile_for(fitted, args.epochs - first_epochs)
     except ValueError as error:
         _fail("train", str(error))
     options = dict(flip_permutation=layouts.flip_permutation(fmt.num_points), seed=args.seed,
@@ -107,17 +121,18 @@ def _train(args: argparse.Namespace) -> int:
             backup = os.path.join(stage1, "backup")
             first = models.build_named(args.model, outputs, input_size=args.input_size, task=args.task,
                                        **training.FIRST_STAGES[args.first_stage], **overrides)
-            compile_for(first, first_epochs)
+            first_fitted = trainee(first)
+            compile_for(first_fitted, first_epochs)
             kept = "activations" if args.first_stage == "binary_weights" else "weights"
             print(f"stage 1 of 2: {first_epochs} epochs with real-valued {kept}, in {stage1}")
-            first.fit(training.for_stacks(data, first), epochs=first_epochs, steps_per_epoch=steps,
-                      callbacks=training.training_callbacks(stage1), verbose=2 if args.quiet else 1)
+            first_fitted.fit(training.for_stacks(data, first), epochs=first_epochs, steps_per_epoch=steps,
+                             callbacks=training.training_callbacks(stage1), verbose=2 if args.quiet else 1)
         if two_stage:
             training.transfer_weights(first, model)
             backup = os.path.join(args.out, "backup")
             print(f"stage 2 of 2: {args.epochs - first_epochs} epochs fully binary")
-        model.fit(training.for_stacks(data, model), epochs=args.epochs - first_epochs, steps_per_epoch=steps,
-                  callbacks=callbacks, verbose=2 if args.quiet else 1)
+        fitted.fit(training.for_stacks(data, model), epochs=args.epochs - first_epochs, steps_per_epoch=steps,
+                   callbacks=callbacks, verbose=2 if args.quiet else 1)
     except KeyboardInterrupt:
         where = (f"the last finished epoch is backed up in {backup}" if os.path.isdir(backup)
                  else "no epoch had finished")
@@ -129,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
 # what defines a training run: resuming in the same --out with other values would not resume it
 RUN_OPTIONS = ("format", "model", "task", "input_size", "width", "depth", "num_stacks", "sigma", "batch_size",
                "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "one_stage", "seed",
-               "input_quantizer", "first_stage", "first_fraction")
+               "input_quantizer", "first_stage", "first_fraction", "teacher", "attention_weight")
 
 
 def _finished(folder: str) -> bool:
@@ -377,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--first-fraction", type=float,
                        help="two-stage training: the first stage's share of the epochs (default "
                        "training.DEFAULT_FIRST_FRACTION)")
+    train.add_argument("--teacher", metavar="MODEL",
+                       help="distil from this trained model (a real-valued twin, e.g. --model real_hpm, with the "
+                       "same outputs): its heatmaps and attention maps at the block outputs join the loss in "
+                       "every stage (larq_landmarks.distillation.Distiller); model.keras is the student")
+    train.add_argument("--attention-weight", type=float, default=1.0,
+                       help="with --teacher: weight of the attention-map loss (0: heatmaps only; default 1)")
     train.add_argument("--overwrite", action="store_true",
                        help="train again in an --out that holds a finished (or interrupted) run")
     train.set_defaults(run=_train)

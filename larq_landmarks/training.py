@@ -18,6 +18,8 @@ from typing import Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
+from larq_landmarks.distillation import Distiller
+
 
 def step_schedule(
     steps_per_epoch: int,
@@ -248,14 +250,15 @@ def save_model(model: tf.keras.Model, path: str) -> str:
 
 
 class SaveModelEachEpoch(tf.keras.callbacks.Callback):
-    """Write the model to ``path`` at the end of every epoch, atomically (see :func:`save_model`)."""
+    """Write the model to ``path`` at the end of every epoch, atomically (see :func:`save_model`);
+    for a :class:`~larq_landmarks.distillation.Distiller`, its student (the network to convert)."""
 
     def __init__(self, path: str):
         super().__init__()
         self.path = os.fspath(path)
 
     def on_epoch_end(self, epoch, logs=None):
-        save_model(self.model, self.path)
+        save_model(self.model.student if isinstance(self.model, Distiller) else self.model, self.path)
 
 
 def training_callbacks(work_dir: str, log_dir: Optional[str] = None) -> List[tf.keras.callbacks.Callback]:

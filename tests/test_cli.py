@@ -34,6 +34,29 @@ def test_train_writes_model_and_logs(trained):
     assert list((trained / "run" / "logs" / "images").glob("events.out.tfevents.*"))
 
 
+def test_train_distils_from_a_teacher_and_saves_the_student(trained, tmp_path):
+    """--teacher: both stages train a Distiller; every model.keras written is the plain student."""
+    teacher = tmp_path / "teacher.keras"
+    BinaryHourglass(68, width=32, input_size=64, depth=2, binary=False).save(teacher)
+    config = tmp_path / "distil.json"
+    config.write_text(json.dumps({"format": "300w", "data": str(trained / "train"), "teacher": str(teacher),
+                                  "attention_weight": 0.01, **SMALL}))
+    assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    for folder in (tmp_path / "run", tmp_path / "run" / "stage1"):
+        student = tf.keras.models.load_model(folder / "model.keras")
+        assert type(student).__name__ == "Functional" and student.output_shape == (None, 16, 16, 68)
+    assert [l for l in student.layers if getattr(l, "input_quantizer", None) is not None]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["options"]["attention_weight"] == 0.01
+    pose = tmp_path / "pose.keras"
+    BinaryHourglass(16, width=32, input_size=64, depth=2, binary=False).save(pose)
+    config.write_text(json.dumps({"format": "300w", "data": str(trained / "train"), "teacher": str(pose), **SMALL}))
+    with pytest.raises(SystemExit, match=r"--teacher .*pose.keras: student output .* and teacher output .* differ"):
+        cli.main(["train", "--config", str(config), "--out", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="model '.*nowhere.keras' not found"):
+        cli.main(["train", "--format", "300w", "--data", str(trained / "train"), "--teacher",
+                  str(tmp_path / "nowhere.keras"), "--out", str(tmp_path / "third")])
+
+
 def test_evaluate_prints_the_papers_tables_and_writes_json(trained, capsys, tmp_path):
     out = tmp_path / "eval.json"
     assert cli.main(["evaluate", "--model", str(trained / "run" / "model.keras"), "--format", "300w",
