@@ -297,7 +297,7 @@ print('DISTILLED', *history.history['loss'], *history.history['distillation_loss
 
 @pytest.mark.slow
 def test_same_training_code_runs_under_mirrored_strategy_on_two_cpus():
-    result = run_python(MIRRORED)
+    result = run_python(MIRRORED, timeout=900)  # two model builds and fits: 1-3 minutes alone, more on a busy machine
     assert result.returncode == 0, result.stderr[-3000:]
     line = [l for l in result.stdout.splitlines() if l.startswith("REPLICAS")][0].split()
     assert line[1] == "2"
