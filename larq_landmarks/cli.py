@@ -72,10 +72,11 @@ def _train(args: argparse.Namespace) -> int:
     # two stages (one half of the network real first, then binary from those weights) for binary networks
     two_stage = (not args.one_stage and args.epochs >= 2
                  and any(isinstance(layer, lq.layers.QuantConv2D) for layer in model.layers))
-    if args.first_fraction is not None and not 0.0 < args.first_fraction < 1.0:
-        _fail("train", f"--first-fraction {args.first_fraction} must be between 0 and 1 (exclusive)")
     fraction = training.DEFAULT_FIRST_FRACTION if args.first_fraction is None else args.first_fraction
-    first_epochs = training.first_stage_epochs(args.epochs, fraction) if two_stage else 0
+    try:
+        first_epochs = training.first_stage_epochs(args.epochs, fraction) if two_stage else 0
+    except ValueError as error:
+        _fail("train", f"--first-fraction: {error}")
 
     teacher = _load_model("train", args.teacher) if args.teacher else None
 

@@ -44,7 +44,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
         two_stage: bool = True) -> Dict:
     """Run the demo into folder ``out``; returns the report dict. ``two_stage`` trains the binary
     network in two stages (:func:`larq_landmarks.training.two_stage`: real weights for the first
-    ``training.DEFAULT_FIRST_FRACTION`` of the steps, then fully binary)."""
+    ``training.DEFAULT_FIRST_FRACTION`` of the epochs, then fully binary)."""
     started = time.time()
     tf.keras.utils.set_random_seed(seed)
     data_root = os.path.join(out, "data", "300w")

@@ -52,6 +52,9 @@ def test_train_distils_from_a_teacher_and_saves_the_student(trained, tmp_path):
     config.write_text(json.dumps({"format": "300w", "data": str(trained / "train"), "teacher": str(pose), **SMALL}))
     with pytest.raises(SystemExit, match=r"--teacher .*pose.keras: student output .* and teacher output .* differ"):
         cli.main(["train", "--config", str(config), "--out", str(tmp_path / "other")])
+    config.write_text(json.dumps({"format": "300w", "data": str(trained / "train"), "first_fraction": 1.5, **SMALL}))
+    with pytest.raises(SystemExit, match=r"--first-fraction: first_fraction=1.5 must be between 0 and 1"):
+        cli.main(["train", "--config", str(config), "--out", str(tmp_path / "fourth")])
     with pytest.raises(SystemExit, match="model '.*nowhere.keras' not found"):
         cli.main(["train", "--format", "300w", "--data", str(trained / "train"), "--teacher",
                   str(tmp_path / "nowhere.keras"), "--out", str(tmp_path / "third")])
