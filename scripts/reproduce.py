@@ -105,14 +105,14 @@ SMALL = {"input_size": 64, "overrides": {"width": 64, "depth": 2}, "batch_size":
 # name -> (named configuration, compile options, two-stage first stage or None, teacher recipe or
 # None[, model options])
 # rate_factor scales the run's peak rate: the first rows were measured at 2e-3 with --small (0.4x
-# today's 5e-3), the "2.5x rate" rows at 5e-3. first_fraction is stage one's share of the steps
+# today's 5e-3), the "2.5x rate" rows at 5e-3. first_fraction is stage one's share of the epochs
 # (training.two_stage): the rows before the "first_fraction 0.3" one were measured with half.
 PAPERS = {"optimizer": "rmsprop", "schedule": "step", "rate_factor": 0.4, "first_fraction": 0.5}
 ADAM_STEP = {"optimizer": "adam", "schedule": "step", "rate_factor": 0.4, "first_fraction": 0.5}
 ADAM_COSINE = {"optimizer": "adam", "schedule": "cosine", "warmup_fraction": 0.05, "rate_factor": 0.4,
                "first_fraction": 0.5}
 ADAM_STEP_FAST = {"optimizer": "adam", "schedule": "step", "first_fraction": 0.5}
-ADAM_STEP_FAST_SHORT_FIRST = {"optimizer": "adam", "schedule": "step", "first_fraction": 0.3}
+ADAM_STEP_FAST_SHORT_FIRST = {**ADAM_STEP_FAST, "first_fraction": 0.3}
 WEIGHTS_FIRST, ACTIVATIONS_FIRST = "binary_weights", "binary_activations"  # two stages: what stage one binarizes
 STE = {"input_quantizer": "ste_sign"}  # the papers' sign gradient (the rows measured before the default changed)
 APPROX = {"input_quantizer": "approx_sign"}
@@ -260,7 +260,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipe", choices=["default", "papers"], default="default",
                         help="training recipe of the papers' experiments: this package's default (Adam with "
-                        "step decay, binary networks in two stages with real weights for the first 30%% of the epochs, "
+                        f"step decay, binary networks in two stages with real weights for the first "
+                        f"{training.DEFAULT_FIRST_FRACTION * 100:.0f}%% of the epochs, "
                         "ApproxSign) or the "
                         "papers' (RMSprop, one stage, the straight-through sign)")
     parser.add_argument("--seeds", type=int, default=2, help="recipe: seeds per configuration (seed, seed + 1, ...)")
