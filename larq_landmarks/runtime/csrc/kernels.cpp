@@ -244,13 +244,13 @@ static Array<int32_t> prepare_binary_weights(Array<int32_t> filter) {
 
 static inline uint32_t popcount32(uint32_t x) { return static_cast<uint32_t>(__builtin_popcount(x)); }
 
-// acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
-// 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels).
-template <int P, int NV>
-static inline void binary_tile(const int32_t* const* base, const int32_t* offset, int words, const int32_t* weights,
-                               int64_t stride, int32_t (*acc)[kBinaryChannelBlock]) {
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-  __m512i a[P][NV];
+// a[p][j] = sum over k of popcount(base[p][offset[k]] ^ weights[k][16 j .. 16 j + 15]), for P pixels
+// and 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels), in registers.
+template <int P, int NV>
+static inline __attribute__((always_inline)) void binary_accumulate(const int32_t* const* base, const int32_t* offset,
+                                                                    int words, const int32_t* weights, int64_t stride,
+                                                                    __m512i (&a)[P][NV]) {
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
@@ -267,11 +267,14 @@ static inline void binary_tile(const int32_t* const* base, const int32_t* offset
       for (int j = 0; j < NV; ++j) a[p][j] = _mm512_add_epi32(a[p][j], _mm512_popcnt_epi32(_mm512_xor_si512(x, wv[j])));
     }
   }
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) _mm512_storeu_si512(acc[p] + 16 * j, a[p][j]);
-#elif defined(__AVX2__)
+}
+#else
+// acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
+// 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels).
+template <int P, int NV>
+static inline void binary_tile(const int32_t* const* base, const int32_t* offset, int words, const int32_t* weights,
+                               int64_t stride, int32_t (*acc)[kBinaryChannelBlock]) {
+#if defined(__AVX2__)
   // No vector popcount: nibble look-up (vpshufb), byte counts summed in 8-bit lanes for up to 31
   // words, then widened to the 32-bit accumulators with vpmaddubsw / vpmaddwd.
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3,
@@ -319,6 +322,7 @@ static inline void binary_tile(const int32_t* const* base, const int32_t* offset
     }
 #endif
 }
+#endif
 
 struct BinaryConv {
   int channels_in, channels_out, filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w;
@@ -344,6 +348,81 @@ struct BinaryConvCall {
   int32_t* out_b;
 };
 
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+// Channels [c0, c_end) (at most 64) of output pixels first .. first + count - 1 (one tile): the
+// accumulators stay in registers through the border correction, the output transform or the
+// thresholds, and the stores.
+template <int P, int NV>
+static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConvCall& c, const int32_t* const* base,
+                                                                int count, bool border, int y0, int x0, int64_t first,
+                                                                int c0, int c_end) {
+  const BinaryConv& g = c.g;
+  __m512i a[P][NV];
+  binary_accumulate<P, NV>(base, c.offset.data(), c.taps * c.words, c.weights + c0, c.stride, a);
+  __mmask16 mask[NV];  // the channels of each vector that exist
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const int left = c_end - c0 - 16 * j;
+    mask[j] = static_cast<__mmask16>(left >= 16 ? 0xffffu : left > 0 ? (1u << left) - 1u : 0u);
+  }
+  if (border) {
+    // LCE's reference: an outside tap adds channels_in / 2 (it contributes 0), where the tile
+    // counted the weights' set bits (a +1 input).
+    const __m512i half = _mm512_set1_epi32(g.channels_in / 2);
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      if (p >= count) break;
+      for (int fy = 0; fy < g.filter_h; ++fy)
+        for (int fx = 0; fx < g.filter_w; ++fx) {
+          const int y = y0 + fy * g.dilation_h, x = x0 + p * g.stride_w + fx * g.dilation_w;
+          if (y >= 0 && y < c.height && x >= 0 && x < c.width) continue;
+          const int32_t* wpop = c.weight_popcounts + static_cast<int64_t>(fy * g.filter_w + fx) * g.channels_out + c0;
+#pragma GCC unroll 4
+          for (int j = 0; j < NV; ++j)
+            a[p][j] = _mm512_add_epi32(a[p][j], _mm512_sub_epi32(half, _mm512_maskz_loadu_epi32(mask[j], wpop + 16 * j)));
+        }
+    }
+  }
+  if (c.thresholds) {
+    const int out_words = (g.channels_out + 31) / 32;
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; j += 2) {  // one output word: two 16-channel compares
+      if (!mask[j]) break;
+      const __m512i thr_lo = _mm512_maskz_loadu_epi32(mask[j], c.thresholds + c0 + 16 * j);
+      const __m512i thr_hi = _mm512_maskz_loadu_epi32(mask[j + 1], c.thresholds + c0 + 16 * j + 16);
+      int32_t* out = c.out_b + first * out_words + (c0 + 16 * j) / 32;
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        if (p >= count) break;
+        out[p * out_words] = static_cast<int32_t>(
+            _mm512_mask_cmpgt_epi32_mask(mask[j], a[p][j], thr_lo) |
+            (static_cast<uint32_t>(_mm512_mask_cmpgt_epi32_mask(mask[j + 1], a[p][j + 1], thr_hi)) << 16));
+      }
+    }
+    return;
+  }
+  const __m512i lo = _mm512_set1_epi32(c.clamp_min), hi = _mm512_set1_epi32(c.clamp_max);
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    if (!mask[j]) break;
+    const int ch = c0 + 16 * j;
+    const __m512 mul = _mm512_maskz_loadu_ps(mask[j], c.multiplier + ch), add = _mm512_maskz_loadu_ps(mask[j], c.bias + ch);
+    float* out = c.out_f + first * g.channels_out + ch;
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      if (p >= count) break;
+      __m512i v = a[p][j];
+      if (c.clamped) v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(v, 1), lo), hi);
+      const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), mul, add);
+      if (mask[j] == 0xffffu)
+        _mm512_storeu_ps(out + p * g.channels_out, y);
+      else
+        _mm512_mask_storeu_ps(out + p * g.channels_out, mask[j], y);
+    }
+  }
+}
+#endif
+
 // Output pixels [ox0, ox0 + count) of row (b, oy), P at a time: every 64-channel block, then the
 // output transform (float) or thresholds (bit-packed).
 template <int P>
@@ -360,6 +439,15 @@ static void bconv2d_tile(const BinaryConvCall& c, int b, int oy, int ox0, int co
                       (y0 < 0 || y0 + (g.filter_h - 1) * g.dilation_h >= c.height || x0 < 0 ||
                        x0 + (count - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w >= c.width);
   const int64_t first = (static_cast<int64_t>(b) * c.out_h + oy) * c.out_w + ox0;
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+  for (int c0 = 0; c0 < g.channels_out; c0 += kBinaryChannelBlock) {
+    const int c_end = std::min(g.channels_out, c0 + kBinaryChannelBlock);
+    if (c_end - c0 <= 32)
+      bconv2d_block<P, 2>(c, base, count, border, y0, x0, first, c0, c_end);
+    else
+      bconv2d_block<P, 4>(c, base, count, border, y0, x0, first, c0, c_end);
+  }
+#else
   const int out_words = (g.channels_out + 31) / 32;
   alignas(64) int32_t acc[P][kBinaryChannelBlock];
   for (int c0 = 0; c0 < g.channels_out; c0 += kBinaryChannelBlock) {
@@ -380,37 +468,6 @@ static void bconv2d_tile(const BinaryConvCall& c, int b, int oy, int ox0, int co
             for (int ch = c0; ch < c_end; ++ch) acc[p][ch - c0] += g.channels_in / 2 - wpop[ch];
           }
     }
-#if defined(__AVX512F__)
-    if (c.thresholds) {
-      for (int ch = c0; ch < c_end; ch += 32) {  // one output word: two 16-channel compares
-        const int left = c_end - ch;
-        const __mmask16 lo = static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u);
-        const __mmask16 hi = static_cast<__mmask16>(left >= 32 ? 0xffffu : left > 16 ? (1u << (left - 16)) - 1u : 0u);
-        const __m512i thr_lo = _mm512_maskz_loadu_epi32(lo, c.thresholds + ch);
-        const __m512i thr_hi = _mm512_maskz_loadu_epi32(hi, c.thresholds + ch + 16);
-        for (int p = 0; p < count; ++p) {
-          const uint32_t bits = _mm512_mask_cmpgt_epi32_mask(lo, _mm512_load_si512(acc[p] + (ch - c0)), thr_lo) |
-                                (static_cast<uint32_t>(_mm512_mask_cmpgt_epi32_mask(
-                                     hi, _mm512_load_si512(acc[p] + (ch - c0) + 16), thr_hi)) << 16);
-          c.out_b[(first + p) * out_words + ch / 32] = static_cast<int32_t>(bits);
-        }
-      }
-      continue;
-    }
-    for (int ch = c0; ch < c_end; ch += 16) {
-      const int left = std::min(16, c_end - ch);
-      const __mmask16 mk = static_cast<__mmask16>((1u << left) - 1u);
-      const __m512 mul = _mm512_maskz_loadu_ps(mk, c.multiplier + ch), add = _mm512_maskz_loadu_ps(mk, c.bias + ch);
-      for (int p = 0; p < count; ++p) {
-        __m512i v = _mm512_load_si512(acc[p] + (ch - c0));
-        if (c.clamped)
-          v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(v, 1), _mm512_set1_epi32(c.clamp_min)),
-                               _mm512_set1_epi32(c.clamp_max));
-        _mm512_mask_storeu_ps(c.out_f + (first + p) * g.channels_out + ch, mk,
-                              _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), mul, add));
-      }
-    }
-#else
     for (int p = 0; p < count; ++p) {
       if (c.thresholds) {
         uint32_t* bits = reinterpret_cast<uint32_t*>(c.out_b + (first + p) * out_words);
@@ -427,8 +484,8 @@ static void bconv2d_tile(const BinaryConvCall& c, int b, int oy, int ox0, int co
         }
       }
     }
-#endif
   }
+#endif
 }
 
 // out (float): float(clamp(2 * acc, clamp_min, clamp_max)) * multiplier[c] + bias[c]   (LCE's form)
