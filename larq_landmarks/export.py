@@ -72,17 +72,52 @@ def convert(
     if batch_size is not None:
         inputs = tf.keras.Input(single.input_shape[1:], batch_size=batch_size, name="image")
         single = tf.keras.Model(inputs, single(inputs), name=model.name)
-    if binary:
+        flatbuffer = _convert_frozen(single, binary)
+    elif binary:  # a SavedModel keeps the batch size open; the frozen graph cannot
         flatbuffer = lce.convert_keras_model(single)
     else:
-        converter = tf.lite.TFLiteConverter.from_keras_model(single)
-        flatbuffer = converter.convert()
+        flatbuffer = tf.lite.TFLiteConverter.from_keras_model(single).convert()
     if binary:
         _warn_float_fallback(model, flatbuffer)
     if path:
         with atomic_path(path) as temporary, open(temporary, "wb") as f:
             f.write(flatbuffer)
     return flatbuffer
+
+
+def _convert_frozen(model: tf.keras.Model, binary: bool) -> bytes:
+    """Convert the inference graph of ``model`` (fixed input shape), its variables frozen to
+    constants, without exporting a SavedModel first: the export is most of the time (5 vs 27 s
+    for the default model here), and the operators and outputs are the same
+    (tests/test_export.py compares the two). Binary: LCE's converter on the frozen graph, the
+    path ``lce.convert_keras_model`` itself takes when its SavedModel export fails; float:
+    TFLite's converter on the frozen concrete function. The file has no SignatureDef."""
+    from tensorflow.core.framework.types_pb2 import DataType
+    from tensorflow.lite.python.util import get_tensor_name
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    spec = tf.TensorSpec(model.input_shape, tf.float32, name="image")
+    function = tf.function(lambda image: model(image, training=False)).get_concrete_function(spec)
+    if not binary:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function], model)
+        converter.experimental_lower_to_saved_model = False
+        return converter.convert()
+    try:
+        from larq_compute_engine.mlir._tf_tfl_flatbuffer import convert_graphdef_to_tflite_flatbuffer
+    except ImportError:  # an LCE without this module: its public converter (slower, same result)
+        return lce.convert_keras_model(model)
+    frozen = convert_variables_to_constants_v2(function, lower_control_flow=False)
+    inputs = [t for t in frozen.inputs if t.dtype != tf.resource]
+    return convert_graphdef_to_tflite_flatbuffer(
+        frozen.graph.as_graph_def().SerializeToString(),
+        [get_tensor_name(t) for t in inputs],
+        [DataType.Name(t.dtype.as_datatype_enum) for t in inputs],
+        [t.shape.as_list() for t in inputs],
+        [get_tensor_name(t) for t in frozen.outputs],
+        False,  # should_quantize: the graph has no fake-quantisation ops
+        "arm",  # target
+        None,  # experimental_default_int8_range
+    )
 
 
 def binary_layers(model: tf.keras.Model):
