@@ -218,7 +218,8 @@ def test_runtime_needs_neither_tensorflow_nor_lce(small_file, tmp_path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("size,cin,cout,k,stride", [(20, 64, 70, 1, 1), (21, 3, 64, 7, 2), (9, 5, 7, 3, 1)])
+@pytest.mark.parametrize("size,cin,cout,k,stride", [(20, 64, 70, 1, 1), (21, 3, 64, 7, 2), (9, 5, 7, 3, 1),
+                                                   (8, 40, 96, 1, 1), (10, 16, 100, 3, 1)])
 def test_float_conv_with_fused_residual_and_batch_norm_matches_tensorflow(path, size, cin, cout, k, stride):
     """CONV_2D (SAME padding, bias, optional ReLU) with the ADD fused after it (the residual whole,
     or as the parts of a folded channel concatenation) and the batch norm + ReLU before it
@@ -245,9 +246,28 @@ def test_float_conv_with_fused_residual_and_batch_norm_matches_tensorflow(path, 
     cases = [([], none, none, -np.inf, -np.inf, expected),
              ([residual], none, none, 0.0, -np.inf, np.maximum(expected + residual, 0)),
              ([residual], scale, shift, -np.inf, 0.0, normalised + residual)]
-    if cout == 64:
+    if cout % 16 == 0 and cout > 32:  # the parts of a folded concatenation: 16-channel multiples
         cases.append((split, none, none, -np.inf, -np.inf, expected + residual))
     for parts, multiplier, offset, low, input_low, want in cases:
         out = np.empty(expected.shape, np.float32)
         module.conv2d(x, weights, bias, geometry, low, np.inf, parts, multiplier, offset, input_low, np.inf, out)
         np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_prepared_weights_and_engine_buffers_start_on_a_cache_line(path):
+    """The kernels' 64-byte vector loads of a weight row and stores of an output each touch one
+    cache line only if the arrays start on a 64-byte boundary (numpy's own start 16 or 32 past)."""
+    module = kernel_paths.load(path)
+    rng = np.random.default_rng(0)
+    filters = rng.normal(size=(70, 3, 3, 5)).astype(np.float32)
+    packed = rng.integers(-2**31, 2**31 - 1, (40, 3, 3, 2), dtype=np.int64).astype(np.int32)
+    for _ in range(3):
+        weights = module.prepare_float_weights(filters)
+        assert weights.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(weights[:, :70], filters.reshape(70, -1).T)
+        assert module.prepare_binary_weights(packed).ctypes.data % 64 == 0
+    for shape, dtype in (((1, 9, 9, 3), np.float32), ((7,), np.int32), ((0, 4), np.float32)):
+        array = ops.aligned_empty(shape, dtype)
+        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+        assert array.size == 0 or array.ctypes.data % 64 == 0

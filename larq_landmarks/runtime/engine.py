@@ -252,7 +252,7 @@ class Engine:
                              f"got {images.shape}")
         if images.dtype.kind != "f":
             raise ValueError(f"{self.graph.name}: input must be float, got {images.dtype}")
-        values = ops.Values(len(self.graph.tensors), self._pool, getattr(kernels, "empty", np.empty))
+        values = ops.Values(len(self.graph.tensors), self._pool, getattr(kernels, "empty", ops.aligned_empty))
         images = images.astype(np.float32, copy=False) if on_device else np.ascontiguousarray(images, np.float32)
         values[self.graph.inputs[0]] = images if upload is None else upload(images)
         kernels.set_num_threads(self.num_threads)

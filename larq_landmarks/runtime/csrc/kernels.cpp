@@ -17,6 +17,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -148,6 +149,18 @@ static T* data(Array<T>& a) {
   return a.mutable_data();
 }
 
+// A new array whose data starts on a 64-byte boundary (numpy's own start 16 or 32 bytes past one,
+// and then every 64-byte vector load of a weight row spans two cache lines).
+template <typename T>
+static Array<T> aligned_array(const std::vector<py::ssize_t>& shape) {
+  size_t bytes = sizeof(T);
+  for (auto n : shape) bytes *= static_cast<size_t>(n);
+  void* memory = std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
+  if (!memory) throw std::bad_alloc();
+  py::capsule owner(memory, [](void* p) { std::free(p); });
+  return Array<T>(shape, static_cast<T*>(memory), owner);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bit-packing: bit = (x * multiplier[c] + bias[c] < 0), each part optional (LceQuantize, with the
 // per-channel MUL and ADD of a preceding batch norm fused in). The product and the sum are rounded
@@ -233,7 +246,7 @@ static Array<int32_t> prepare_binary_weights(Array<int32_t> filter) {
   const int cout = static_cast<int>(filter.shape(0));
   const int k = static_cast<int>(filter.size() / cout);
   const int padded = (cout + kBinaryChannelBlock - 1) / kBinaryChannelBlock * kBinaryChannelBlock;
-  Array<int32_t> out({k, padded});
+  Array<int32_t> out = aligned_array<int32_t>({k, padded});
   int32_t* o = data(out);
   std::memset(o, 0, sizeof(int32_t) * k * padded);
   const int32_t* f = filter.data();
@@ -595,7 +608,7 @@ static Array<float> prepare_float_weights(Array<float> filter) {
   const int cout = static_cast<int>(filter.shape(0));
   const int k = static_cast<int>(filter.size() / cout);
   const int padded = (cout + kFloatTileN - 1) / kFloatTileN * kFloatTileN;
-  Array<float> out({k, padded});
+  Array<float> out = aligned_array<float>({k, padded});
   float* o = data(out);
   std::memset(o, 0, sizeof(float) * k * padded);
   const float* f = filter.data();
@@ -622,6 +635,59 @@ struct Residual {
   }
 };
 
+#if defined(__AVX512F__)
+// One 6 x (16 NV) tile of gemm_rows (NV = 4, or fewer for the last columns): rows arow[0 .. m - 1],
+// columns c0 .. c0 + n - 1, in 24 named registers (an array of vectors made GCC spill to the stack);
+// the epilogue (bias, residual, clamp) runs on the registers with masked loads and stores.
+template <int NV>
+static inline __attribute__((always_inline)) void gemm_tile(const float* const* arow, int m, int k, const float* bp, int64_t ldb, int c0, int n,
+                             const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c,
+                             int cout) {
+#define ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+  ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+  for (int kk = 0; kk < k; ++kk, bp += ldb) {
+    const __m512 b0 = _mm512_loadu_ps(bp);
+    const __m512 b1 = NV > 1 ? _mm512_loadu_ps(bp + 16) : b0;
+    const __m512 b2 = NV > 2 ? _mm512_loadu_ps(bp + 32) : b0;
+    const __m512 b3 = NV > 3 ? _mm512_loadu_ps(bp + 48) : b0;
+#define ROW(i)                                                \
+  {                                                           \
+    const __m512 a = _mm512_set1_ps(arow[i][kk]);             \
+    c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0);                \
+    if (NV > 1) c##i##1 = _mm512_fmadd_ps(a, b1, c##i##1);    \
+    if (NV > 2) c##i##2 = _mm512_fmadd_ps(a, b2, c##i##2);    \
+    if (NV > 3) c##i##3 = _mm512_fmadd_ps(a, b3, c##i##3);    \
+  }
+    ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+  }
+  __mmask16 mask[4];
+  __m512 bias_v[4];
+  for (int j = 0; j < 4; ++j) {
+    const int left = std::max(0, std::min(16, n - 16 * j));
+    mask[j] = static_cast<__mmask16>((1u << left) - 1u);
+    bias_v[j] = _mm512_maskz_loadu_ps(mask[j], bias + c0 + 16 * j);
+  }
+  const __m512 lo_v = _mm512_set1_ps(lo), hi_v = _mm512_set1_ps(hi);
+  auto finish = [&](int i, int j, __m512 v) {
+    v = _mm512_add_ps(v, bias_v[j]);
+    const int64_t at = static_cast<int64_t>(i) * cout + c0 + 16 * j;
+    if (residual && mask[j]) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual->at(row + i, c0 + 16 * j)));
+    _mm512_mask_storeu_ps(c + at, mask[j], _mm512_min_ps(_mm512_max_ps(v, lo_v), hi_v));
+  };
+#define ROW(i)                           \
+  if (i < m) {                           \
+    finish(i, 0, c##i##0);               \
+    if (NV > 1) finish(i, 1, c##i##1);   \
+    if (NV > 2) finish(i, 2, c##i##2);   \
+    if (NV > 3) finish(i, 3, c##i##3);   \
+  }
+  ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+}
+#endif
+
 // out[r, c] = clamp(sum_k a[r, k] b[k, c] + bias[c] (+ residual[row0 + r, c]), lo, hi)
 static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64_t ldb, int cout,
                       const float* bias, const Residual* residual, int64_t row0, float lo, float hi, float* c) {
@@ -634,48 +700,13 @@ static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64
       const float* bp = b + nb * kFloatTileN;
       const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
 #if defined(__AVX512F__)
-      // 6 x 64 tile in 24 named registers (an array of vectors made GCC spill to the stack); the
-      // epilogue (bias, residual, clamp) runs on the registers with masked loads and stores.
-#define ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
-      ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
-#undef ROW
-      for (int kk = 0; kk < k; ++kk, bp += ldb) {
-        const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
-        const __m512 b2 = _mm512_loadu_ps(bp + 32), b3 = _mm512_loadu_ps(bp + 48);
-#define ROW(i)                                          \
-  {                                                     \
-    const __m512 a = _mm512_set1_ps(arow[i][kk]);       \
-    c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0);          \
-    c##i##1 = _mm512_fmadd_ps(a, b1, c##i##1);          \
-    c##i##2 = _mm512_fmadd_ps(a, b2, c##i##2);          \
-    c##i##3 = _mm512_fmadd_ps(a, b3, c##i##3);          \
-  }
-        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
-#undef ROW
+      float* out = c + r0 * cout;
+      switch ((n + 15) / 16) {  // the last block of a channel count that is not a multiple of 64
+        case 1: gemm_tile<1>(arow, m, k, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
+        case 2: gemm_tile<2>(arow, m, k, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
+        case 3: gemm_tile<3>(arow, m, k, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
+        default: gemm_tile<4>(arow, m, k, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout);
       }
-      __mmask16 mask[4];
-      __m512 bias_v[4];
-      for (int j = 0; j < 4; ++j) {
-        const int left = std::max(0, std::min(16, n - 16 * j));
-        mask[j] = static_cast<__mmask16>((1u << left) - 1u);
-        bias_v[j] = _mm512_maskz_loadu_ps(mask[j], bias + c0 + 16 * j);
-      }
-      const __m512 lo_v = _mm512_set1_ps(lo), hi_v = _mm512_set1_ps(hi);
-      auto finish = [&](int i, int j, __m512 v) {
-        v = _mm512_add_ps(v, bias_v[j]);
-        const int64_t at = (r0 + i) * cout + c0 + 16 * j;
-        if (residual && mask[j]) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual->at(row0 + r0 + i, c0 + 16 * j)));
-        _mm512_mask_storeu_ps(c + at, mask[j], _mm512_min_ps(_mm512_max_ps(v, lo_v), hi_v));
-      };
-#define ROW(i)                  \
-  if (i < m) {                  \
-    finish(i, 0, c##i##0);      \
-    finish(i, 1, c##i##1);      \
-    finish(i, 2, c##i##2);      \
-    finish(i, 3, c##i##3);      \
-  }
-      ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
-#undef ROW
 #else
       alignas(64) float tmp[kFloatTileM][kFloatTileN];
       vfloat acc[kFloatTileM][kFloatVectors] = {};
