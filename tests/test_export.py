@@ -73,7 +73,7 @@ def test_smoother_sign_gradients_still_convert_to_bit_packed_ops(quantizer, name
     assert_parity(export.TfliteModel(flatbuffer, engine="lce").predict(images), model.predict(images, verbose=0))
 
 
-@pytest.mark.slow  # a full-size conversion (34 s); the fast tier converts small models
+@pytest.mark.slow  # a full-size conversion (10 s); the fast tier converts small models
 def test_binary_skip_model_is_within_the_papers_size():
     model = trained_like_batch_norm(models.build_named("binary_hpm_binary_skip", 68))
     assert len(export.convert(model)) <= 1.4e6
