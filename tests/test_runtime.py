@@ -218,6 +218,28 @@ def test_runtime_needs_neither_tensorflow_nor_lce(small_file, tmp_path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dilation,padding", [((2, 2), "SAME"), ((2, 3), "VALID"), ((1, 2), "SAME")])
+def test_float_conv_with_dilation_and_batch_norm_matches_tensorflow(path, dilation, padding):
+    """Dilated taps are read from the padded input one channel run per tap (one run per filter row
+    when the width dilation is 1); the batch norm + ReLU applies to the input, not the padding."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 11, 12, 5)).astype(np.float32)
+    filters = rng.normal(size=(9, 3, 3, 5)).astype(np.float32)
+    bias = rng.normal(size=9).astype(np.float32)
+    scale, shift = rng.uniform(0.5, 2, 5).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    expected = tf.nn.conv2d(np.maximum(x * scale + shift, 0), np.transpose(filters, (1, 2, 3, 0)), 1, padding,
+                            dilations=dilation).numpy() + bias
+    code = {"SAME": 0, "VALID": 1}[padding]
+    (out_h, top), (out_w, left) = (ops._same_padding(n, 3, 1, d, code) for n, d in zip(x.shape[1:3], dilation))
+    assert (out_h, out_w) == expected.shape[1:3]
+    module = kernel_paths.load(path)
+    out = np.empty(expected.shape, np.float32)
+    module.conv2d(x, module.prepare_float_weights(filters), bias, [3, 3, 1, 1, *dilation, top, left], -np.inf, np.inf,
+                  [], scale, shift, 0.0, np.inf, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size,cin,cout,k,stride", [(20, 64, 70, 1, 1), (21, 3, 64, 7, 2), (9, 5, 7, 3, 1),
                                                    (8, 40, 96, 1, 1), (10, 16, 100, 3, 1)])
 def test_float_conv_with_fused_residual_and_batch_norm_matches_tensorflow(path, size, cin, cout, k, stride):

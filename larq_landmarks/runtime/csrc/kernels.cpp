@@ -635,25 +635,38 @@ struct Residual {
   }
 };
 
+// Where the K values of one GEMM row lie: `length` consecutive floats at each of `offset` from the
+// row's base, in order. A 1x1 convolution: one run of Cin at 0; any other: the filter's taps read
+// straight from the padded input (one run of fw * Cin per filter row when dilation_w is 1), so
+// no im2col copy is made.
+struct Segments {
+  std::vector<int64_t> offset;
+  int length;
+};
+
 #if defined(__AVX512F__)
 // One 6 x (16 NV) tile of gemm_rows (NV = 4, or fewer for the last columns): rows arow[0 .. m - 1],
 // columns c0 .. c0 + n - 1, in 24 named registers (an array of vectors made GCC spill to the stack);
 // the epilogue (bias, residual, clamp) runs on the registers with masked loads and stores.
 template <int NV>
-static inline __attribute__((always_inline)) void gemm_tile(const float* const* arow, int m, int k, const float* bp, int64_t ldb, int c0, int n,
-                             const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c,
-                             int cout) {
+static inline __attribute__((always_inline)) void gemm_tile(const float* const* arow, int m, const Segments& segments,
+                                                            const float* bp, int64_t ldb, int c0, int n,
+                                                            const float* bias, const Residual* residual, int64_t row,
+                                                            float lo, float hi, float* c, int cout) {
 #define ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
   ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
-  for (int kk = 0; kk < k; ++kk, bp += ldb) {
+  for (const int64_t offset : segments.offset) {
+  const float* a_row[kFloatTileM];
+  for (int i = 0; i < kFloatTileM; ++i) a_row[i] = arow[i] + offset;
+  for (int kk = 0; kk < segments.length; ++kk, bp += ldb) {
     const __m512 b0 = _mm512_loadu_ps(bp);
     const __m512 b1 = NV > 1 ? _mm512_loadu_ps(bp + 16) : b0;
     const __m512 b2 = NV > 2 ? _mm512_loadu_ps(bp + 32) : b0;
     const __m512 b3 = NV > 3 ? _mm512_loadu_ps(bp + 48) : b0;
 #define ROW(i)                                                \
   {                                                           \
-    const __m512 a = _mm512_set1_ps(arow[i][kk]);             \
+    const __m512 a = _mm512_set1_ps(a_row[i][kk]);            \
     c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0);                \
     if (NV > 1) c##i##1 = _mm512_fmadd_ps(a, b1, c##i##1);    \
     if (NV > 2) c##i##2 = _mm512_fmadd_ps(a, b2, c##i##2);    \
@@ -661,6 +674,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
   }
     ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
+  }
   }
   __mmask16 mask[4];
   __m512 bias_v[4];
@@ -688,36 +702,39 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
 }
 #endif
 
-// out[r, c] = clamp(sum_k a[r, k] b[k, c] + bias[c] (+ residual[row0 + r, c]), lo, hi)
-static void gemm_rows(const float* a, int64_t rows, int k, const float* b, int64_t ldb, int cout,
-                      const float* bias, const Residual* residual, int64_t row0, float lo, float hi, float* c) {
+// out[r, c] = clamp(sum_k a[r, k] b[k, c] + bias[c] (+ residual[row0 + r, c]), lo, hi), row r of A
+// being the segments of base[r]
+static void gemm_rows(const float* const* base, int64_t rows, const Segments& segments, const float* b, int64_t ldb,
+                      int cout, const float* bias, const Residual* residual, int64_t row0, float lo, float hi,
+                      float* c) {
   const int nblocks = static_cast<int>(ldb / kFloatTileN);
   for (int64_t r0 = 0; r0 < rows; r0 += kFloatTileM) {
     const int m = static_cast<int>(std::min<int64_t>(kFloatTileM, rows - r0));
     const float* arow[kFloatTileM];
-    for (int i = 0; i < kFloatTileM; ++i) arow[i] = a + (r0 + std::min(i, m - 1)) * k;
+    for (int i = 0; i < kFloatTileM; ++i) arow[i] = base[r0 + std::min(i, m - 1)];
     for (int nb = 0; nb < nblocks; ++nb) {
       const float* bp = b + nb * kFloatTileN;
       const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
 #if defined(__AVX512F__)
       float* out = c + r0 * cout;
       switch ((n + 15) / 16) {  // the last block of a channel count that is not a multiple of 64
-        case 1: gemm_tile<1>(arow, m, k, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
-        case 2: gemm_tile<2>(arow, m, k, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
-        case 3: gemm_tile<3>(arow, m, k, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
-        default: gemm_tile<4>(arow, m, k, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout);
+        case 1: gemm_tile<1>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
+        case 2: gemm_tile<2>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
+        case 3: gemm_tile<3>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
+        default: gemm_tile<4>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout);
       }
 #else
       alignas(64) float tmp[kFloatTileM][kFloatTileN];
       vfloat acc[kFloatTileM][kFloatVectors] = {};
-      for (int kk = 0; kk < k; ++kk, bp += ldb) {
-        vfloat bv[kFloatVectors];
-        for (int j = 0; j < kFloatVectors; ++j) bv[j] = load_v(bp + j * kFloatLanes);
-        for (int i = 0; i < kFloatTileM; ++i) {
-          const float av = arow[i][kk];  // broadcast by the vector-scalar product
-          for (int j = 0; j < kFloatVectors; ++j) acc[i][j] += av * bv[j];
+      for (const int64_t offset : segments.offset)
+        for (int kk = 0; kk < segments.length; ++kk, bp += ldb) {
+          vfloat bv[kFloatVectors];
+          for (int j = 0; j < kFloatVectors; ++j) bv[j] = load_v(bp + j * kFloatLanes);
+          for (int i = 0; i < kFloatTileM; ++i) {
+            const float av = arow[i][offset + kk];  // broadcast by the vector-scalar product
+            for (int j = 0; j < kFloatVectors; ++j) acc[i][j] += av * bv[j];
+          }
         }
-      }
       for (int i = 0; i < kFloatTileM; ++i)
         for (int j = 0; j < kFloatVectors; ++j) store_v(tmp[i] + j * kFloatLanes, acc[i][j]);
       for (int i = 0; i < m; ++i) {
@@ -789,43 +806,60 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
                       input_hi < std::numeric_limits<float>::infinity();
   const bool direct = fh == 1 && fw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0;
   py::gil_scoped_release release;
+  // Any other convolution reads its taps from the input with its padding written out (zeros; the
+  // batch norm applied to the input pixels only), so that every tap of every output pixel is
+  // inside the buffer.
+  const int padded_h = direct ? height : std::max(pt + height, (out_h - 1) * sh + (fh - 1) * dh + 1);
+  const int padded_w = direct ? width : std::max(pl + width, (out_w - 1) * sw + (fw - 1) * dw + 1);
+  static thread_local std::vector<float> padded;
+  const float* source = x;
+  if (!direct && (affine || padded_h != height || padded_w != width)) {
+    padded.assign(static_cast<size_t>(batch) * padded_h * padded_w * cin, 0.0f);
+    for (int bi = 0; bi < batch; ++bi)
+      for (int iy = 0; iy < height; ++iy) {
+        const float* src = x + (static_cast<int64_t>(bi) * height + iy) * width * cin;
+        float* dst = padded.data() + ((static_cast<int64_t>(bi) * padded_h + iy + pt) * padded_w + pl) * cin;
+        if (affine)
+          for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, dst + ix * cin);
+        else
+          std::memcpy(dst, src, sizeof(float) * width * cin);
+      }
+    source = padded.data();
+  }
+  Segments segments;
+  if (direct) {
+    segments = {{0}, cin};
+  } else if (dw == 1) {
+    for (int fy = 0; fy < fh; ++fy) segments.offset.push_back(static_cast<int64_t>(fy) * dh * padded_w * cin);
+    segments.length = fw * cin;
+  } else {
+    for (int fy = 0; fy < fh; ++fy)
+      for (int fx = 0; fx < fw; ++fx)
+        segments.offset.push_back((static_cast<int64_t>(fy) * dh * padded_w + static_cast<int64_t>(fx) * dw) * cin);
+    segments.length = cin;
+  }
   constexpr int kRowsPerTask = 96;  // a multiple of every path's row tile
   const int tasks = static_cast<int>((pixels + kRowsPerTask - 1) / kRowsPerTask);
   pool().parallel_for(tasks, [&](int t0, int t1) {
-    std::vector<float> patch(direct && !affine ? 0 : static_cast<size_t>(kRowsPerTask) * k);
+    std::vector<float> patch(direct && affine ? static_cast<size_t>(kRowsPerTask) * cin : 0);
+    const float* base[kRowsPerTask];
     for (int t = t0; t < t1; ++t) {
       const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
-      const int64_t rows = std::min<int64_t>(kRowsPerTask, pixels - r0);
-      const float* a = x + r0 * cin;
-      if (direct && affine) {
-        for (int64_t r = 0; r < rows; ++r) affine_copy(a + r * cin, cin, in_m, in_b, input_lo, input_hi, patch.data() + r * k);
-        a = patch.data();
-      } else if (!direct) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t pixel = r0 + r;
-          const int bi = static_cast<int>(pixel / (out_h * out_w));
+      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0));
+      for (int r = 0; r < rows; ++r) {
+        const int64_t pixel = r0 + r;
+        if (direct && affine) {
+          affine_copy(x + pixel * cin, cin, in_m, in_b, input_lo, input_hi, patch.data() + static_cast<int64_t>(r) * cin);
+          base[r] = patch.data() + static_cast<int64_t>(r) * cin;
+        } else if (direct) {
+          base[r] = x + pixel * cin;
+        } else {
+          const int64_t bi = pixel / (static_cast<int64_t>(out_h) * out_w);
           const int oy = static_cast<int>(pixel / out_w % out_h), ox = static_cast<int>(pixel % out_w);
-          float* dst = patch.data() + r * k;
-          for (int fy = 0; fy < fh; ++fy) {
-            const int iy = oy * sh - pt + fy * dh, ix0 = ox * sw - pl;
-            const float* src_row = x + (static_cast<int64_t>(bi) * height + iy) * width * cin;
-            if (!affine && dw == 1 && iy >= 0 && iy < height && ix0 >= 0 && ix0 + fw <= width) {
-              std::memcpy(dst, src_row + static_cast<int64_t>(ix0) * cin, sizeof(float) * fw * cin);  // one run of taps
-              dst += fw * cin;
-              continue;
-            }
-            for (int fx = 0; fx < fw; ++fx, dst += cin) {
-              const int ix = ix0 + fx * dw;
-              if (iy < 0 || iy >= height || ix < 0 || ix >= width)
-                std::memset(dst, 0, sizeof(float) * cin);
-              else
-                affine_copy(src_row + static_cast<int64_t>(ix) * cin, cin, in_m, in_b, input_lo, input_hi, dst);
-            }
-          }
+          base[r] = source + ((bi * padded_h + static_cast<int64_t>(oy) * sh) * padded_w + static_cast<int64_t>(ox) * sw) * cin;
         }
-        a = patch.data();
       }
-      gemm_rows(a, rows, k, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
+      gemm_rows(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
     }
   });
 }
