@@ -137,8 +137,11 @@ def speed(runs, rounds=3):
         files = {"binary": os.path.join(folder, "binary.tflite"), "float": os.path.join(folder, "float.tflite")}
         export.convert(model, files["binary"])
         export.convert(model, files["float"], binary=False)
+        # XNNPACK and this runtime back to back in every round (the per-round ratio compares the
+        # same minutes), LCE after them
+        order = [cases[0]] + cases[len(SPEED_CASES):] + cases[1:len(SPEED_CASES)]
         for _ in range(rounds):
-            for label, engine, kind in cases:
+            for label, engine, kind in order:
                 for threads in (1, 2):
                     command = [sys.executable, __file__, "--case", engine, files[kind], str(threads), str(runs)]
                     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -147,11 +150,14 @@ def speed(runs, rounds=3):
                     print(label, threads, result, flush=True)
     rows = []
     for threads in (1, 2):
+        float_rounds = [m["ms"] for m in results[(cases[0][0], cases[0][1], 1)]]
         for label, engine, _ in cases:
             measured = results[(label, engine, threads)]
             rows.append({"model": label, "engine": engine, "threads": threads,
                          "ms": round(float(np.median([m["ms"] for m in measured])), 1),
                          "ms_rounds": [m["ms"] for m in measured],
+                         # float32 at 1 thread / this case, within each round: the median of these
+                         "vs_float_per_round": round(float(np.median([f / m["ms"] for f, m in zip(float_rounds, measured)])), 2),
                          "peak_rss_mb": measured[0]["peak_rss_mb"], "engine_growth_mb": measured[0]["engine_growth_mb"]})
     return rows
 
@@ -366,19 +372,23 @@ def write_speed_markdown(args, result):
         "## Inference speed on this machine (x86-64)", "",
         f"Command: `{command}` ({result.get('cpu', result['machine'])}, {result['cpus']} cores, one run of every "
         f"engine side by side). Each engine runs {args.runs} times after 3 warm-up runs in each of "
-        f"{args.rounds} rounds (every case once per round, 1 and 2 threads back to back; this machine's speed "
-        "drifts by up to 20% over minutes); a figure is the median over the rounds of each round's median. "
+        f"{args.rounds} rounds (every case once per round, 1 and 2 threads back to back, XNNPACK and this "
+        "runtime first; this machine's speed drifts by up to 20% over minutes); a figure is the median over "
+        "the rounds of each round's median. \"vs float32\" divides the medians; \"per round\" is the median "
+        "over the rounds of the same ratio within each round (the same minutes). "
         "Batch 1, 256x256, default `binary_hpm` "
         "(68 landmarks, batch norms with trained-like statistics). Every engine runs in a fresh process: "
         "memory is that process's peak resident size and, in brackets, how much loading and running "
         "the engine added to it. LCE's x86-64 kernels are its portable C++ ones (its optimised kernels "
         "are for ARM); `larq_landmarks.runtime` runs the same `.tflite` with this package's kernels.", "",
-        "| engine | 1 thread (ms) | vs float32 | 2 threads (ms) | 2 threads vs 1 | peak memory, 1 thread (MB) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| engine | 1 thread (ms) | vs float32 | vs float32, per round | 2 threads (ms) | 2 threads vs 1 | "
+        "peak memory, 1 thread (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in by_engine.items():
         one, two = runs.get(1), runs.get(2)
-        lines.append(f"| {name} | {one['ms']} | {float_ms / one['ms']:.2f}x | {two['ms'] if two else '-'} | "
+        per_round = f"{one['vs_float_per_round']:.2f}x" if "vs_float_per_round" in one else "-"
+        lines.append(f"| {name} | {one['ms']} | {float_ms / one['ms']:.2f}x | {per_round} | {two['ms'] if two else '-'} | "
                      f"{one['ms'] / two['ms']:.2f}x | {one['peak_rss_mb']:.0f} (+{one['engine_growth_mb']:.0f}) |")
     layer = result["runtime_layers"]
     paths = [key[: -len("_ms")] for key in layer["layers"][0] if key.endswith("_ms") and key != "xnnpack_float_ms"]
