@@ -337,6 +337,12 @@ static inline void binary_tile(const int32_t* const* base, const int32_t* offset
 }
 #endif
 
+// The extent of an input with its padding written out, along one axis: the input after `pad`, or
+// as far as the last output's last tap reaches, whichever is larger.
+static inline int padded_extent(int pad, int size, int out, int stride, int filter, int dilation) {
+  return std::max(pad + size, (out - 1) * stride + (filter - 1) * dilation + 1);
+}
+
 struct BinaryConv {
   int channels_in, channels_out, filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w;
   int pad_top, pad_left, pad_value;  // pad_value 1: pad with +1 (zero bits); 0: pad with 0
@@ -547,8 +553,8 @@ static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<in
   }
   // the padded input: rows [pad_top, pad_top + height) and columns [pad_left, pad_left + width)
   // hold the input; the rest is zero bits
-  c.padded_h = std::max(g.pad_top + c.height, (c.out_h - 1) * g.stride_h + (g.filter_h - 1) * g.dilation_h + 1);
-  c.padded_w = std::max(g.pad_left + c.width, (c.out_w - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w + 1);
+  c.padded_h = padded_extent(g.pad_top, c.height, c.out_h, g.stride_h, g.filter_h, g.dilation_h);
+  c.padded_w = padded_extent(g.pad_left, c.width, c.out_w, g.stride_w, g.filter_w, g.dilation_w);
   // scratch kept between calls (per calling thread): no allocation, and no page faults on a large
   // buffer, per call
   static thread_local std::vector<int32_t> padded;
@@ -657,13 +663,13 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
   ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
   for (const int64_t offset : segments.offset) {
-  const float* a_row[kFloatTileM];
-  for (int i = 0; i < kFloatTileM; ++i) a_row[i] = arow[i] + offset;
-  for (int kk = 0; kk < segments.length; ++kk, bp += ldb) {
-    const __m512 b0 = _mm512_loadu_ps(bp);
-    const __m512 b1 = NV > 1 ? _mm512_loadu_ps(bp + 16) : b0;
-    const __m512 b2 = NV > 2 ? _mm512_loadu_ps(bp + 32) : b0;
-    const __m512 b3 = NV > 3 ? _mm512_loadu_ps(bp + 48) : b0;
+    const float* a_row[kFloatTileM];
+    for (int i = 0; i < kFloatTileM; ++i) a_row[i] = arow[i] + offset;
+    for (int kk = 0; kk < segments.length; ++kk, bp += ldb) {
+      const __m512 b0 = _mm512_loadu_ps(bp);
+      const __m512 b1 = NV > 1 ? _mm512_loadu_ps(bp + 16) : b0;
+      const __m512 b2 = NV > 2 ? _mm512_loadu_ps(bp + 32) : b0;
+      const __m512 b3 = NV > 3 ? _mm512_loadu_ps(bp + 48) : b0;
 #define ROW(i)                                                \
   {                                                           \
     const __m512 a = _mm512_set1_ps(a_row[i][kk]);            \
@@ -672,9 +678,9 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
     if (NV > 2) c##i##2 = _mm512_fmadd_ps(a, b2, c##i##2);    \
     if (NV > 3) c##i##3 = _mm512_fmadd_ps(a, b3, c##i##3);    \
   }
-    ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+      ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
-  }
+    }
   }
   __mmask16 mask[4];
   __m512 bias_v[4];
@@ -809,8 +815,8 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
   // Any other convolution reads its taps from the input with its padding written out (zeros; the
   // batch norm applied to the input pixels only), so that every tap of every output pixel is
   // inside the buffer.
-  const int padded_h = direct ? height : std::max(pt + height, (out_h - 1) * sh + (fh - 1) * dh + 1);
-  const int padded_w = direct ? width : std::max(pl + width, (out_w - 1) * sw + (fw - 1) * dw + 1);
+  const int padded_h = direct ? height : padded_extent(pt, height, out_h, sh, fh, dh);
+  const int padded_w = direct ? width : padded_extent(pl, width, out_w, sw, fw, dw);
   static thread_local std::vector<float> padded;
   const float* source = x;
   if (!direct && (affine || padded_h != height || padded_w != width)) {
