@@ -54,6 +54,29 @@ def test_binary_conv_accumulators_are_bit_exact(path, cin, cout, k, stride, same
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("cout,pad_value", [(20, 0), (70, 1)])
+def test_binary_conv_threads_split_rows_anywhere(path, threads, cout, pad_value):
+    """A thread's share of tiles may start and end inside an output row (7 rows of 3 or 4 tiles of
+    8 or 4 pixels, split 2 or 3 ways); the accumulators stay bit-exact, with the border correction."""
+    rng = np.random.default_rng(threads * 100 + cout)
+    x_bits = rng.integers(0, 2, (1, 7, 13, 33), dtype=np.uint8)
+    w_bits = rng.integers(0, 2, (cout, 3, 3, 33), dtype=np.uint8)
+    expected = reference_accumulators(x_bits, w_bits, 1, True, pad_value)
+    module = kernel_paths.load(path)
+    graph, op = bconv_graph(pack_bits(w_bits), 33, 1, True, pad_value, "float",
+                            np.full(cout, -0.5, np.float32), np.full(cout, 9 * 33 / 2, np.float32))
+    values = ops.Values(6, {})
+    values[0] = pack_bits(x_bits)
+    module.set_num_threads(threads)
+    try:
+        ops.lce_bconv2d(graph, op, module)(values)
+    finally:
+        module.set_num_threads(1)
+    np.testing.assert_array_equal(values[5], expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_binary_conv_output_transform_and_relu_match_the_conv_of_signs(path):
     """Float output = clamp(conv of +-1 values, activation) * post_mul + post_bias (one padding)."""
     rng = np.random.default_rng(3)

