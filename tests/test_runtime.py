@@ -263,6 +263,27 @@ def test_float_conv_with_dilation_and_batch_norm_matches_tensorflow(path, dilati
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_float_conv_keeps_nan_as_tflite_does(path):
+    """A NaN input pixel makes the outputs that read it NaN, with or without the fused ReLU (TFLite
+    clamps with min/max that pass NaN through); the other outputs are untouched."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(1, 6, 7, 20)).astype(np.float32)
+    x[0, 2, 3, 5] = np.nan
+    filters = rng.normal(size=(40, 3, 3, 20)).astype(np.float32)
+    bias = rng.normal(size=40).astype(np.float32)
+    expected = tf.nn.conv2d(x, np.transpose(filters, (1, 2, 3, 0)), 1, "SAME").numpy() + bias
+    assert np.isnan(expected).sum() == 9 * 40
+    module = kernel_paths.load(path)
+    none = np.zeros(0, np.float32)
+    for low, want in ((-np.inf, expected), (0.0, np.where(np.isnan(expected), np.nan, np.maximum(expected, 0)))):
+        out = np.empty(expected.shape, np.float32)
+        module.conv2d(x, module.prepare_float_weights(filters), bias, [3, 3, 1, 1, 1, 1, 1, 1], low, np.inf, [],
+                      none, none, -np.inf, np.inf, out)
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+        np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size,cin,cout,k,stride", [(20, 64, 70, 1, 1), (21, 3, 64, 7, 2), (9, 5, 7, 3, 1),
                                                    (8, 40, 96, 1, 1), (10, 16, 100, 3, 1)])
 def test_float_conv_with_fused_residual_and_batch_norm_matches_tensorflow(path, size, cin, cout, k, stride):

@@ -712,7 +712,8 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
     v = _mm512_add_ps(v, bias_v[j]);
     const int64_t at = static_cast<int64_t>(i) * cout + c0 + 16 * j;
     if (residual && mask[j]) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual->at(row + i, c0 + 16 * j)));
-    _mm512_mask_storeu_ps(c + at, mask[j], _mm512_min_ps(_mm512_max_ps(v, lo_v), hi_v));
+    // max / min return their second operand when either is NaN: NaN passes through, as in TFLite
+    _mm512_mask_storeu_ps(c + at, mask[j], _mm512_min_ps(hi_v, _mm512_max_ps(lo_v, v)));
   };
 #define ROW(i)                           \
   if (i < m) {                           \
