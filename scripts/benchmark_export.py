@@ -375,21 +375,25 @@ def write_speed_markdown(args, result):
         f"{args.rounds} rounds (every case once per round, 1 and 2 threads back to back, XNNPACK and this "
         "runtime first; this machine's speed drifts by up to 20% over minutes); a figure is the median over "
         "the rounds of each round's median. \"vs float32\" divides the medians; \"per round\" is the median "
-        "over the rounds of the same ratio within each round (the same minutes). "
+        "over the rounds of the same ratio within each round (the same minutes), for float32 at 1 thread "
+        "over this case and for this case's 1 thread over its 2 threads. "
         "Batch 1, 256x256, default `binary_hpm` "
         "(68 landmarks, batch norms with trained-like statistics). Every engine runs in a fresh process: "
         "memory is that process's peak resident size and, in brackets, how much loading and running "
         "the engine added to it. LCE's x86-64 kernels are its portable C++ ones (its optimised kernels "
         "are for ARM); `larq_landmarks.runtime` runs the same `.tflite` with this package's kernels.", "",
         "| engine | 1 thread (ms) | vs float32 | vs float32, per round | 2 threads (ms) | 2 threads vs 1 | "
-        "peak memory, 1 thread (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "2 threads vs 1, per round | peak memory, 1 thread (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in by_engine.items():
         one, two = runs.get(1), runs.get(2)
         per_round = f"{one['vs_float_per_round']:.2f}x" if "vs_float_per_round" in one else "-"
+        threads_per_round = (f"{np.median([a / b for a, b in zip(one['ms_rounds'], two['ms_rounds'])]):.2f}x"
+                             if two and "ms_rounds" in one else "-")
         lines.append(f"| {name} | {one['ms']} | {float_ms / one['ms']:.2f}x | {per_round} | {two['ms'] if two else '-'} | "
-                     f"{one['ms'] / two['ms']:.2f}x | {one['peak_rss_mb']:.0f} (+{one['engine_growth_mb']:.0f}) |")
+                     f"{one['ms'] / two['ms']:.2f}x | {threads_per_round} | "
+                     f"{one['peak_rss_mb']:.0f} (+{one['engine_growth_mb']:.0f}) |")
     layer = result["runtime_layers"]
     paths = [key[: -len("_ms")] for key in layer["layers"][0] if key.endswith("_ms") and key != "xnnpack_float_ms"]
     limit = layer["popcount_limit_gmacs"]
