@@ -47,6 +47,9 @@ typedef float vfloat __attribute__((vector_size(kFloatLanes * 4)));
 
 // ---------------------------------------------------------------------------------------------
 // A small persistent thread pool: parallel_for(n, fn) runs fn(begin, end) over [0, n) in chunks.
+// The chunks (about kChunksPerThread per thread) are handed out in order to whichever thread asks
+// next, so a thread on a slower or busier core takes fewer of them (hybrid CPUs, shared VMs);
+// each index is still computed by exactly the same code, so results do not depend on the split.
 // Workers spin for a while (about a millisecond) before sleeping: a model's ops follow each other
 // within microseconds, and waking a sleeping thread costs more than most ops take.
 class ThreadPool {
@@ -79,6 +82,8 @@ class ThreadPool {
     }
     task_ = &fn;
     total_ = n;
+    chunk_ = std::max(1, n / (threads * kChunksPerThread));
+    next_.store(0, std::memory_order_relaxed);
     active_ = threads;
     pending_.store(threads - 1, std::memory_order_relaxed);
     {
@@ -86,7 +91,7 @@ class ThreadPool {
       generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
-    run_share(0, threads);
+    run_chunks();
     while (pending_.load(std::memory_order_acquire) != 0) pause();
     task_ = nullptr;
   }
@@ -100,10 +105,12 @@ class ThreadPool {
 #endif
   }
 
-  void run_share(int index, int threads) {
-    const int begin = static_cast<int>(static_cast<int64_t>(total_) * index / threads);
-    const int end = static_cast<int>(static_cast<int64_t>(total_) * (index + 1) / threads);
-    if (end > begin) (*task_)(begin, end);
+  void run_chunks() {
+    for (;;) {
+      const int begin = next_.fetch_add(chunk_, std::memory_order_relaxed);
+      if (begin >= total_) return;
+      (*task_)(begin, std::min(total_, begin + chunk_));
+    }
   }
 
   void loop(int index, uint64_t seen) {
@@ -120,7 +127,7 @@ class ThreadPool {
       seen = generation_.load(std::memory_order_acquire);
       if (stop_) return;
       if (index < active_) {
-        run_share(index, active_);
+        run_chunks();
         pending_.fetch_sub(1, std::memory_order_release);
       }
     }
@@ -132,7 +139,9 @@ class ThreadPool {
   const std::function<void(int, int)>* task_ = nullptr;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};
-  int total_ = 0, active_ = 0;
+  static constexpr int kChunksPerThread = 8;
+  std::atomic<int> next_{0};
+  int total_ = 0, active_ = 0, chunk_ = 1;
   bool stop_ = false;
 };
 
