@@ -57,8 +57,9 @@ def test_binary_conv_accumulators_are_bit_exact(path, cin, cout, k, stride, same
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("cout,pad_value", [(20, 0), (70, 1)])
 def test_binary_conv_threads_split_rows_anywhere(path, threads, cout, pad_value):
-    """A thread's share of tiles may start and end inside an output row (7 rows of 3 or 4 tiles of
-    8 or 4 pixels, split 2 or 3 ways); the accumulators stay bit-exact, with the border correction."""
+    """The thread pool's chunks of tiles may start and end inside an output row (7 rows of 3 or 4
+    tiles of 8 or 4 pixels, handed out to 2 or 3 threads); the accumulators stay bit-exact, with the
+    border correction."""
     rng = np.random.default_rng(threads * 100 + cout)
     x_bits = rng.integers(0, 2, (1, 7, 13, 33), dtype=np.uint8)
     w_bits = rng.integers(0, 2, (cout, 3, 3, 33), dtype=np.uint8)
