@@ -237,16 +237,34 @@ def layers(runs, rounds=3):
                 medians[name].append(_run(timed[name], None, counts[name]))
         for name, times in medians.items():
             ms = float(np.median(times))
-            row[f"{name}_ms"] = round(ms, 3)
+            row[f"{name}_ms"] = round(ms, 6)
             if name != "xnnpack_float":
                 row[f"{name}_gmacs"] = round(macs / ms / 1e6, 1)
         rows.append(row)
         print(row, flush=True)
+    # the cost of a call itself: both engines on a 1-pixel input of the smallest shape
+    size, cin, cout, k, stride = min(shapes, key=lambda s: (s[0], s[1]))
+    op = shapes[(size, cin, cout, k, stride)]
+    run = ops.lce_bconv2d(engine.graph, op, kernel_paths.load(available_kernels()[0]))
+    values = ops.Values(len(engine.graph.tensors), {})
+    values[op.inputs[0]] = np.zeros((1, 1, 1, (cin + 31) // 32), np.int32)
+
+    def runtime_call(_):
+        run(values)
+        values.release(values[op.outputs[0]])
+
+    inputs = tf.keras.Input((1, 1, cin), batch_size=1)
+    conv = tf.keras.Model(inputs, tf.keras.layers.Conv2D(cout, k, stride, padding="same", use_bias=False)(inputs))
+    interpreter = tf.lite.Interpreter(model_content=export.convert(conv, binary=False), num_threads=1)
+    interpreter.allocate_tensors()
+    call_us = {name: 1000 * float(np.median([_run(f, None, _layer_runs(runs, f)) for _ in range(rounds)]))
+               for name, f in (("runtime", runtime_call), ("xnnpack_float", lambda _: interpreter.invoke()))}
     engine = Engine(flatbuffer, num_threads=1)
     breakdown = engine.time_by_part(image, max(3, runs // 2))
     limits = [row["popcount_limit_gmacs"] for row in rows if row["popcount_limit_gmacs"]]
     return {"popcount_limit_gmacs": float(np.median(limits)) if limits else None, "layers": rows,
-            "breakdown_ms": breakdown, "kernels": engine.kernels}
+            "breakdown_ms": breakdown, "kernels": engine.kernels, "call_us": call_us,
+            "call_shape": f"1x1x{cin}, {k}x{k}, {cout} out"}
 
 
 def int8_check(trained_path, faces):
@@ -406,7 +424,9 @@ def write_speed_markdown(args, result):
                     else "once in the same run (") + f"{limit:.0f} G binary MAC/s)" if limit else "")
               + f". The fastest kernel path and XNNPACK alternate in {args.rounds} rounds (each round's figure a "
               "median of as many runs as fill 0.3 s, at least 30; the table gives the median over the rounds), "
-              "so that each ratio compares the same minutes; the slower paths run one round."
+              "so that each ratio compares the same minutes; the slower paths run one round. Each side is "
+              "timed as it runs in its engine: this runtime's step (the engine's Python closure and one call "
+              "of the prepared C++ op), XNNPACK's `Interpreter.invoke` on a one-op model."
               + (" The last column is what 15x XNNPACK would take: the whole call in at most 1/15 of "
                  "XNNPACK's time, as a fraction of the popcount limit (over 100%: out of reach for any "
                  "kernel bound by that limit)." if limit else ""), "",
@@ -419,9 +439,13 @@ def write_speed_markdown(args, result):
         cells = []
         for p in paths:
             fraction = f", {r[f'{p}_gmacs'] / limit:.0%} of limit" if limit and p == "avx512" else ""
-            cells.append(f"{r[f'{p}_ms']}, {r[f'{p}_gmacs']:.0f}, {r['xnnpack_float_ms'] / r[f'{p}_ms']:.1f}x{fraction}")
-        lines.append(f"| {r['input']} | {r['filter']} | {r['xnnpack_float_ms']} | " + " | ".join(cells)
+            cells.append(f"{r[f'{p}_ms']:.4g}, {r[f'{p}_gmacs']:.0f}, {r['xnnpack_float_ms'] / r[f'{p}_ms']:.1f}x{fraction}")
+        lines.append(f"| {r['input']} | {r['filter']} | {r['xnnpack_float_ms']:.4g} | " + " | ".join(cells)
                      + (f" | {needed} |" if layer["popcount_limit_gmacs"] else " |"))
+    if "call_us" in layer:
+        lines += ["", f"A call's own cost, on a 1-pixel input ({layer['call_shape']}): this runtime's step "
+                  f"{layer['call_us']['runtime']:.2f} us, XNNPACK's invoke {layer['call_us']['xnnpack_float']:.2f} us. "
+                  "It is most of the 4x4 and 8x8 shapes' time on both sides."]
     total = sum(layer["breakdown_ms"].values())
     lines += ["", f"### Where the runtime's time goes ({layer['kernels']}, 1 thread, median per step)", "",
               "| part | ms | share |", "|---|---:|---:|"]

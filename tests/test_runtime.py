@@ -78,6 +78,48 @@ def test_binary_conv_threads_split_rows_anywhere(path, threads, cout, pad_value)
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_prepared_binary_conv_runs_any_input_size_and_rejects_bad_arrays(path):
+    """One prepared LceBconv2d runs inputs of different batch and size (its padding and output
+    shape follow each input); arrays the kernel cannot read are errors naming the argument."""
+    rng = np.random.default_rng(7)
+    cin, cout = 40, 24
+    w_bits = rng.integers(0, 2, (cout, 3, 3, cin), dtype=np.uint8)
+    module = kernel_paths.load(path)
+    graph, op = bconv_graph(pack_bits(w_bits), cin, 2, True, 0, "float",
+                            np.full(cout, -0.5, np.float32), np.full(cout, 9 * cin / 2, np.float32))
+    run = ops.lce_bconv2d(graph, op, module)
+    for shape in ((1, 9, 11), (3, 6, 5), (1, 9, 11)):
+        x_bits = rng.integers(0, 2, shape + (cin,), dtype=np.uint8)
+        values = ops.Values(6, {})
+        values[0] = pack_bits(x_bits)
+        run(values)
+        np.testing.assert_array_equal(values[5], reference_accumulators(x_bits, w_bits, 2, True, 0).astype(np.float32))
+
+    weights = module.prepare_binary_weights(pack_bits(w_bits))
+    conv = module.binary_conv2d(weights, [cin, cout, 3, 3, 1, 1, 1, 1, 1], np.ones(cout, np.float32),
+                                np.zeros(cout, np.float32), -2**31, 2**31 - 1, np.zeros(0, np.int32),
+                                np.zeros((9, cout), np.int32))
+    x = pack_bits(rng.integers(0, 2, (1, 4, 4, cin), dtype=np.uint8))
+    out = np.empty((1, 4, 4, cout), np.float32)
+    conv(x, out, 1, 1)
+    with pytest.raises(ValueError, match="binary_conv2d input: expected a C-contiguous 4-d int32"):
+        conv(x.astype(np.float32), out, 1, 1)
+    with pytest.raises(ValueError, match="binary_conv2d input: expected a C-contiguous"):
+        conv(np.asfortranarray(np.concatenate([x, x], 3))[..., ::2], out, 1, 1)
+    with pytest.raises(ValueError, match=r"binary_conv2d output \(float\): expected .* \(writeable\)"):
+        readonly = out.copy()
+        readonly.flags.writeable = False
+        conv(x, readonly, 1, 1)
+    with pytest.raises(ValueError, match="input words per pixel"):
+        conv(np.zeros((1, 4, 4, 1), np.int32), out, 1, 1)
+    with pytest.raises(ValueError, match="output batch or channels"):
+        conv(x, np.empty((1, 4, 4, cout + 1), np.float32), 1, 1)
+    with pytest.raises(ValueError, match="weights are not prepare_binary_weights of this geometry"):
+        module.binary_conv2d(weights, [cin + 32, cout, 3, 3, 1, 1, 1, 1, 1], np.ones(cout, np.float32),
+                             np.zeros(cout, np.float32), 0, 0, np.zeros(0, np.int32), np.zeros((9, cout), np.int32))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_binary_conv_output_transform_and_relu_match_the_conv_of_signs(path):
     """Float output = clamp(conv of +-1 values, activation) * post_mul + post_bias (one padding)."""
     rng = np.random.default_rng(3)

@@ -155,6 +155,20 @@ class CudaKernels:
             self._empty_float if packed else multiplier, self._empty_float if packed else bias,
             thresholds if packed else self._empty_int, out) + scalars)
 
+    def binary_conv2d(self, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
+                      thresholds, weight_popcounts):
+        """The binary convolution with its constants bound, as the C++ modules' ``binary_conv2d``:
+        ``geometry`` is ``channels_in, channels_out, filter_h, filter_w, stride_h, stride_w,
+        dilation_h, dilation_w, pad_value``, and the result is called as ``conv(x, out, pad_top,
+        pad_left)``."""
+        geometry = [int(v) for v in geometry]
+
+        def conv(x, out, pad_top: int, pad_left: int) -> None:
+            self.bconv2d(x, weights, geometry[:8] + [pad_top, pad_left, geometry[8]], multiplier, bias, clamp_min,
+                         clamp_max, thresholds, weight_popcounts, out)
+
+        return conv
+
     def prepare_float_weights(self, filters: np.ndarray):
         """``[Cout, fh, fw, Cin]`` -> ``[fh * fw * Cin, Cout]`` on the GPU (im2col's column order)."""
         cout = filters.shape[0]

@@ -177,18 +177,21 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
     multiplier, bias, thresholds = (_on_device(kernels, v) for v in (multiplier, bias, thresholds))
     sh, sw = int(o["stride_height"]), int(o["stride_width"])
     dh, dw = int(o.get("dilation_height_factor", 1)), int(o.get("dilation_width_factor", 1))
+    conv = kernels.binary_conv2d(weights, [cin, cout, fh, fw, sh, sw, dh, dw, int(o["pad_values"])],
+                                 multiplier, bias, clamp[0], clamp[1], thresholds, weight_popcounts)
     source, target = op.inputs[0], op.outputs[0]
+    shapes = {}  # input shape -> (output shape, padding before the first row and column)
 
     def run(values):
         x = values[source]
-        batch, height, width, _ = x.shape
-        out_h, pad_top = _same_padding(height, fh, sh, dh, int(o["padding"]))
-        out_w, pad_left = _same_padding(width, fw, sw, dw, int(o["padding"]))
-        channels = (cout + 31) // 32 if packed else cout
-        out = values.alloc((batch, out_h, out_w, channels), np.int32 if packed else np.float32)
-        geometry = [cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left, int(o["pad_values"])]
-        kernels.bconv2d(x, weights, geometry, multiplier, bias, clamp[0], clamp[1], thresholds,
-                        weight_popcounts, out)
+        shape = shapes.get(x.shape)
+        if shape is None:
+            batch, height, width, _ = x.shape
+            out_h, pad_top = _same_padding(height, fh, sh, dh, int(o["padding"]))
+            out_w, pad_left = _same_padding(width, fw, sw, dw, int(o["padding"]))
+            shape = shapes[x.shape] = ((batch, out_h, out_w, (cout + 31) // 32 if packed else cout), pad_top, pad_left)
+        out = values.alloc(shape[0], np.int32 if packed else np.float32)
+        conv(x, out, shape[1], shape[2])
         values[target] = out
 
     return run

@@ -24,6 +24,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -538,91 +539,143 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
   }
 }
 
-// out (float): float(clamp(2 * acc, clamp_min, clamp_max)) * multiplier[c] + bias[c]   (LCE's form)
-// out (bit-packed, thresholds given): bit = acc > thresholds[c]
-static void bconv2d(Array<int32_t> input, Array<int32_t> weights, std::vector<int> geometry,
-                    Array<float> multiplier, Array<float> bias, int clamp_min, int clamp_max,
-                    Array<int32_t> thresholds, Array<int32_t> weight_popcounts, py::array output) {
-  if (geometry.size() != 11) throw std::invalid_argument("bconv2d: geometry needs 11 numbers");
-  BinaryConvCall c;
-  c.g = BinaryConv{geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
-                   geometry[6], geometry[7], geometry[8], geometry[9], geometry[10]};
-  const BinaryConv& g = c.g;
-  c.batch = static_cast<int>(input.shape(0));
-  c.height = static_cast<int>(input.shape(1));
-  c.width = static_cast<int>(input.shape(2));
-  c.words = static_cast<int>(input.shape(3));
-  c.out_h = static_cast<int>(output.shape(1));
-  c.out_w = static_cast<int>(output.shape(2));
-  c.taps = g.filter_h * g.filter_w;
-  c.stride = weights.shape(1);
-  if (weights.shape(0) != static_cast<int64_t>(c.taps) * c.words) throw std::invalid_argument("bconv2d: weights shape");
-  const bool packed_output = thresholds.size() > 0;
-  const int out_words = (g.channels_out + 31) / 32;
-  if (output.shape(3) != (packed_output ? out_words : g.channels_out))
-    throw std::invalid_argument("bconv2d: output channels");
-  if (c.out_h <= 0 || c.out_w <= 0 || c.batch <= 0) return;
-  c.weights = weights.data();
-  c.thresholds = packed_output ? thresholds.data() : nullptr;
-  c.weight_popcounts = weight_popcounts.data();
-  c.out_f = packed_output ? nullptr : static_cast<float*>(output.mutable_data());
-  c.out_b = packed_output ? static_cast<int32_t*>(output.mutable_data()) : nullptr;
-  // 2 * acc stays in [0, 2 * channels_in * taps]: a clamp that holds all of it does nothing, and
-  // then float(2 * acc) * m == float(acc) * (2 * m) exactly (scaling by 2 is exact).
-  c.clamp_min = clamp_min;
-  c.clamp_max = clamp_max;
-  c.clamped = !(clamp_min <= 0 && static_cast<int64_t>(clamp_max) >= 2LL * g.channels_in * c.taps);
-  static thread_local std::vector<float> doubled;
-  if (!packed_output) {
-    c.multiplier = multiplier.data();
-    c.bias = bias.data();
-    if (!c.clamped) {
-      doubled.resize(g.channels_out);
-      for (int ch = 0; ch < g.channels_out; ++ch) doubled[ch] = 2.0f * c.multiplier[ch];
-      c.multiplier = doubled.data();
+// The data of an array argument taken as py::array (no conversion: a few hundred nanoseconds less
+// per array than Array<T>'s cast, which builds a new array object each call), after checking that it
+// is what the kernel reads: type T, C-contiguous, `ndim` dimensions, writeable where it is written.
+template <typename T>
+static T* checked_data(const py::array& a, int ndim, bool writeable, const char* what) {
+  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style) || a.ndim() != ndim ||
+      (writeable && !a.writeable()))
+    throw std::invalid_argument(std::string(what) + ": expected a C-contiguous " + std::to_string(ndim) + "-d " +
+                                (std::is_same<T, float>::value ? "float32" : "int32") + " array" +
+                                (writeable ? " (writeable)" : ""));
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+// LceBconv2d with its constants prepared once; calling it runs the convolution on one input:
+//   out (float): float(clamp(2 * acc, clamp_min, clamp_max)) * multiplier[c] + bias[c]   (LCE's form)
+//   out (bit-packed, thresholds given): bit = acc > thresholds[c]
+// weights: prepare_binary_weights(filter). geometry: channels_in, channels_out, filter_h, filter_w,
+// stride_h, stride_w, dilation_h, dilation_w, pad_value. A call passes the input, the output and
+// the padding before the first row and column (they follow from the input's size); nothing else is
+// converted per call (the constants' conversion took 2-3 us a call, most of a 4x4 layer's time).
+class BinaryConv2D {
+ public:
+  BinaryConv2D(Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier, Array<float> bias,
+               int clamp_min, int clamp_max, Array<int32_t> thresholds, Array<int32_t> weight_popcounts)
+      : weights_(weights), bias_(bias), thresholds_(thresholds), weight_popcounts_(weight_popcounts) {
+    if (geometry.size() != 9) throw std::invalid_argument("binary_conv2d: geometry needs 9 numbers");
+    g_ = BinaryConv{geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
+                    geometry[6], geometry[7], 0, 0, geometry[8]};
+    taps_ = g_.filter_h * g_.filter_w;
+    words_ = (g_.channels_in + 31) / 32;
+    if (g_.channels_in <= 0 || g_.channels_out <= 0 || taps_ <= 0 || g_.stride_h <= 0 || g_.stride_w <= 0 ||
+        g_.dilation_h <= 0 || g_.dilation_w <= 0)
+      throw std::invalid_argument("binary_conv2d: channels, filter size, strides and dilations must be positive");
+    if (weights.ndim() != 2 || weights.shape(0) != static_cast<int64_t>(taps_) * words_ ||
+        weights.shape(1) < g_.channels_out)
+      throw std::invalid_argument("binary_conv2d: weights are not prepare_binary_weights of this geometry");
+    if (weight_popcounts.size() != static_cast<int64_t>(taps_) * g_.channels_out)
+      throw std::invalid_argument("binary_conv2d: weight_popcounts needs taps * channels_out values");
+    packed_ = thresholds.size() > 0;
+    if (packed_ ? thresholds.size() != g_.channels_out
+                : (multiplier.size() != g_.channels_out || bias.size() != g_.channels_out))
+      throw std::invalid_argument("binary_conv2d: thresholds, or multiplier and bias, need channels_out values");
+    // 2 * acc stays in [0, 2 * channels_in * taps]: a clamp that holds all of it does nothing, and
+    // then float(2 * acc) * m == float(acc) * (2 * m) exactly (scaling by 2 is exact).
+    clamp_min_ = clamp_min;
+    clamp_max_ = clamp_max;
+    clamped_ = !(clamp_min <= 0 && static_cast<int64_t>(clamp_max) >= 2LL * g_.channels_in * taps_);
+    if (!packed_) {
+      multiplier_.assign(multiplier.data(), multiplier.data() + g_.channels_out);
+      if (!clamped_)
+        for (float& m : multiplier_) m *= 2.0f;
     }
   }
-  // the padded input: rows [pad_top, pad_top + height) and columns [pad_left, pad_left + width)
-  // hold the input; the rest is zero bits
-  c.padded_h = padded_extent(g.pad_top, c.height, c.out_h, g.stride_h, g.filter_h, g.dilation_h);
-  c.padded_w = padded_extent(g.pad_left, c.width, c.out_w, g.stride_w, g.filter_w, g.dilation_w);
-  // scratch kept between calls (per calling thread): no allocation, and no page faults on a large
-  // buffer, per call
-  static thread_local std::vector<int32_t> padded;
-  const int32_t* in = input.data();
-  if (g.pad_top == 0 && g.pad_left == 0 && c.padded_h == c.height && c.padded_w == c.width) {
-    c.padded = in;
-  } else {
-    padded.assign(static_cast<size_t>(c.batch) * c.padded_h * c.padded_w * c.words, 0);
-    for (int b = 0; b < c.batch; ++b)
-      for (int y = 0; y < c.height; ++y)
-        std::memcpy(padded.data() + ((static_cast<int64_t>(b) * c.padded_h + y + g.pad_top) * c.padded_w + g.pad_left) * c.words,
-                    in + (static_cast<int64_t>(b) * c.height + y) * c.width * c.words,
-                    sizeof(int32_t) * c.width * c.words);
-    c.padded = padded.data();
-  }
-  c.offset.resize(static_cast<size_t>(c.taps) * c.words);
-  for (int fy = 0; fy < g.filter_h; ++fy)
-    for (int fx = 0; fx < g.filter_w; ++fx)
-      for (int w = 0; w < c.words; ++w)
-        c.offset[(fy * g.filter_w + fx) * c.words + w] =
-            (fy * g.dilation_h * c.padded_w + fx * g.dilation_w) * c.words + w;
+
+  void operator()(const py::array& input, const py::array& output, int pad_top, int pad_left) const {
+    BinaryConvCall c;
+    c.g = g_;
+    c.g.pad_top = pad_top;
+    c.g.pad_left = pad_left;
+    const BinaryConv& g = c.g;
+    const int32_t* in = checked_data<int32_t>(input, 4, false, "binary_conv2d input");
+    void* out = packed_ ? static_cast<void*>(checked_data<int32_t>(output, 4, true, "binary_conv2d output (bit-packed)"))
+                        : static_cast<void*>(checked_data<float>(output, 4, true, "binary_conv2d output (float)"));
+    c.batch = static_cast<int>(input.shape(0));
+    c.height = static_cast<int>(input.shape(1));
+    c.width = static_cast<int>(input.shape(2));
+    c.words = static_cast<int>(input.shape(3));
+    c.out_h = static_cast<int>(output.shape(1));
+    c.out_w = static_cast<int>(output.shape(2));
+    c.taps = taps_;
+    c.stride = weights_.shape(1);
+    if (c.words != words_) throw std::invalid_argument("binary_conv2d: input words per pixel != ceil(channels_in / 32)");
+    if (output.shape(0) != c.batch || output.shape(3) != (packed_ ? (g.channels_out + 31) / 32 : g.channels_out))
+      throw std::invalid_argument("binary_conv2d: output batch or channels");
+    if (pad_top < 0 || pad_left < 0) throw std::invalid_argument("binary_conv2d: negative padding");
+    if (c.out_h <= 0 || c.out_w <= 0 || c.batch <= 0) return;
+    c.weights = weights_.data();
+    c.thresholds = packed_ ? thresholds_.data() : nullptr;
+    c.weight_popcounts = weight_popcounts_.data();
+    c.out_f = packed_ ? nullptr : static_cast<float*>(out);
+    c.out_b = packed_ ? static_cast<int32_t*>(out) : nullptr;
+    c.clamp_min = clamp_min_;
+    c.clamp_max = clamp_max_;
+    c.clamped = clamped_;
+    c.multiplier = packed_ ? nullptr : multiplier_.data();
+    c.bias = packed_ ? nullptr : bias_.data();
+    // the padded input: rows [pad_top, pad_top + height) and columns [pad_left, pad_left + width)
+    // hold the input; the rest is zero bits
+    c.padded_h = padded_extent(g.pad_top, c.height, c.out_h, g.stride_h, g.filter_h, g.dilation_h);
+    c.padded_w = padded_extent(g.pad_left, c.width, c.out_w, g.stride_w, g.filter_w, g.dilation_w);
+    // scratch kept between calls (per calling thread): no allocation, and no page faults on a large
+    // buffer, per call
+    static thread_local std::vector<int32_t> padded;
+    if (g.pad_top == 0 && g.pad_left == 0 && c.padded_h == c.height && c.padded_w == c.width) {
+      c.padded = in;
+    } else {
+      padded.assign(static_cast<size_t>(c.batch) * c.padded_h * c.padded_w * c.words, 0);
+      for (int b = 0; b < c.batch; ++b)
+        for (int y = 0; y < c.height; ++y)
+          std::memcpy(padded.data() + ((static_cast<int64_t>(b) * c.padded_h + y + g.pad_top) * c.padded_w + g.pad_left) * c.words,
+                      in + (static_cast<int64_t>(b) * c.height + y) * c.width * c.words,
+                      sizeof(int32_t) * c.width * c.words);
+      c.padded = padded.data();
+    }
+    c.offset.resize(static_cast<size_t>(c.taps) * c.words);
+    for (int fy = 0; fy < g.filter_h; ++fy)
+      for (int fx = 0; fx < g.filter_w; ++fx)
+        for (int w = 0; w < c.words; ++w)
+          c.offset[(fy * g.filter_w + fx) * c.words + w] =
+              (fy * g.dilation_h * c.padded_w + fx * g.dilation_w) * c.words + w;
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-  // 8 pixels x 32 channels or 4 x 64 (16 accumulators); short rows take 4
-  const int tile = (g.channels_out <= 32 && c.out_w >= 8) ? 8 : 4;
+    // 8 pixels x 32 channels or 4 x 64 (16 accumulators); short rows take 4
+    const int tile = (g.channels_out <= 32 && c.out_w >= 8) ? 8 : 4;
 #else
-  const int tile = 4;
+    const int tile = 4;
 #endif
-  const int row_tiles = (c.out_w + tile - 1) / tile;
-  const int64_t tiles = static_cast<int64_t>(c.batch) * c.out_h * row_tiles;
-  py::gil_scoped_release release;
-  pool().parallel_for(static_cast<int>(tiles), [&](int t0, int t1) {
-    if (tile == 8)
-      bconv2d_tiles<8>(c, t0, t1, row_tiles);
-    else
-      bconv2d_tiles<4>(c, t0, t1, row_tiles);
-  });
-}
+    const int row_tiles = (c.out_w + tile - 1) / tile;
+    const int64_t tiles = static_cast<int64_t>(c.batch) * c.out_h * row_tiles;
+    py::gil_scoped_release release;
+    pool().parallel_for(static_cast<int>(tiles), [&](int t0, int t1) {
+      if (tile == 8)
+        bconv2d_tiles<8>(c, t0, t1, row_tiles);
+      else
+        bconv2d_tiles<4>(c, t0, t1, row_tiles);
+    });
+  }
+
+ private:
+  BinaryConv g_;
+  int taps_, words_;
+  bool packed_, clamped_;
+  int clamp_min_, clamp_max_;
+  Array<int32_t> weights_;
+  std::vector<float> multiplier_;  // 2 * LCE's multiplier where no clamp applies, else LCE's
+  Array<float> bias_;
+  Array<int32_t> thresholds_, weight_popcounts_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Float convolution: im2col (only when the filter is not 1x1 stride 1) and a register-tiled GEMM
@@ -1063,7 +1116,14 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("bitpack", &bitpack);
   m.def("unpack", &unpack);
   m.def("prepare_binary_weights", &prepare_binary_weights);
-  m.def("bconv2d", &bconv2d);
+  py::class_<BinaryConv2D>(m, "BinaryConv2D", py::module_local())  // one class per module (three builds)
+      .def("__call__", &BinaryConv2D::operator(), py::arg("input"), py::arg("output"), py::arg("pad_top"),
+           py::arg("pad_left"));
+  m.def("binary_conv2d", [](Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier,
+                            Array<float> bias, int clamp_min, int clamp_max, Array<int32_t> thresholds,
+                            Array<int32_t> weight_popcounts) {
+    return BinaryConv2D(weights, geometry, multiplier, bias, clamp_min, clamp_max, thresholds, weight_popcounts);
+  });
   m.def("prepare_float_weights", &prepare_float_weights);
   m.def("conv2d", &conv2d);
   m.def("binary_elementwise", &binary_elementwise);
