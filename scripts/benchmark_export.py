@@ -443,9 +443,12 @@ def write_speed_markdown(args, result):
         lines.append(f"| {r['input']} | {r['filter']} | {r['xnnpack_float_ms']:.4g} | " + " | ".join(cells)
                      + (f" | {needed} |" if layer["popcount_limit_gmacs"] else " |"))
     if "call_us" in layer:
+        smallest = min(layer["layers"], key=lambda r: r["binary_macs"])
+        runtime_us, xnnpack_us = layer["call_us"]["runtime"], layer["call_us"]["xnnpack_float"]
         lines += ["", f"A call's own cost, on a 1-pixel input ({layer['call_shape']}): this runtime's step "
-                  f"{layer['call_us']['runtime']:.2f} us, XNNPACK's invoke {layer['call_us']['xnnpack_float']:.2f} us. "
-                  "It is most of the 4x4 and 8x8 shapes' time on both sides."]
+                  f"{runtime_us:.2f} us, XNNPACK's invoke {xnnpack_us:.2f} us; on the smallest shape "
+                  f"({smallest['input']}) that is {runtime_us / (1000 * smallest[paths[0] + '_ms']):.0%} of this "
+                  f"runtime's time and {xnnpack_us / (1000 * smallest['xnnpack_float_ms']):.0%} of XNNPACK's."]
     total = sum(layer["breakdown_ms"].values())
     lines += ["", f"### Where the runtime's time goes ({layer['kernels']}, 1 thread, median per step)", "",
               "| part | ms | share |", "|---|---:|---:|"]

@@ -1,5 +1,5 @@
 """The runtime's kernels on an NVIDIA GPU: the same functions as the C++ kernel modules
-(``bitpack``, ``bconv2d``, ``conv2d``, ...), on CuPy arrays, so :mod:`larq_landmarks.runtime.ops`
+(``bitpack``, ``binary_conv2d``, ``conv2d``, ...), on CuPy arrays, so :mod:`larq_landmarks.runtime.ops`
 and the engine run unchanged. Binary convolutions use the 1-bit tensor cores (``"cuda"``, sm_80
 and newer) or a plain ``__popc`` kernel (``"cuda-popcount"``, any GPU); float convolutions are
 im2col plus cuBLAS (``cupy.matmul``, TF32 off as CuPy's default), element-wise ops CuPy kernels.

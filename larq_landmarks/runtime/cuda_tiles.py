@@ -65,7 +65,7 @@ def a_words(x: np.ndarray, rows: np.ndarray, kk: np.ndarray, geometry, out_hw) -
 def bconv2d_model(x: np.ndarray, filters: np.ndarray, geometry: Sequence[int], out_hw, tensor_cores: bool = True):
     """Run the model of ``bconv2d_tensor_cores`` (or ``bconv2d_popcount``) on bit-packed
     ``x [N, H, W, words]`` and LCE's ``filters [Cout, fh, fw, words]``: the accumulators
-    ``[N, out_h, out_w, Cout]`` the epilogue turns into outputs. ``geometry`` is ``bconv2d``'s
+    ``[N, out_h, out_w, Cout]`` the epilogue turns into outputs. ``geometry`` is ``CudaKernels.bconv2d``'s
     (channels_in, channels_out, filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w,
     pad_top, pad_left, pad_value), ``out_hw`` the output's height and width."""
     cin, cout, fh, fw = geometry[:4]
