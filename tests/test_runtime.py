@@ -4,6 +4,7 @@ engine selection, threads, unsupported ops, and running without TensorFlow."""
 import os
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -216,6 +217,35 @@ def test_threads_and_kernel_choice(small_file):
         Engine(small_file, kernels="neon")
     with pytest.raises(ValueError, match=r"input must have shape \(B, 64, 64, 3\)"):
         Engine(small_file).predict(images[:, :32])
+
+
+def test_engines_run_from_several_python_threads_at_once(small_file):
+    """The kernels release the GIL, so several Python threads (a server's workers) can be inside the
+    runtime at once, sharing its thread pool and an engine's buffer pool: every result equals the
+    one-at-a-time result (this deadlocked when two callers entered the pool together)."""
+    rng = np.random.default_rng(5)
+    images = [rng.uniform(size=(1 + i % 2, 64, 64, 3)).astype(np.float32) for i in range(4)]
+    shared, other = Engine(small_file, num_threads=2), Engine(small_file, num_threads=1)
+    expected = [shared.predict(x) for x in images]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            engine = other if i == 3 else shared  # one engine with another thread count too
+            results[i] = [engine.predict(images[i]) for _ in range(8)]
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a thread is stuck in the runtime"
+    assert not errors, errors
+    for i in range(4):
+        for got in results[i]:
+            np.testing.assert_array_equal(got, expected[i])
 
 
 def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):

@@ -103,7 +103,10 @@ class Engine:
 
     Args:
         model: path of a ``.tflite`` file, or its bytes.
-        num_threads: threads the kernels split each op over.
+        num_threads: threads the kernels split each op over. The kernels' threads are one pool per
+            process, sized by the engine that runs: :meth:`predict` may be called from several
+            Python threads at once (results as if one at a time); while one op has the pool,
+            another thread's op runs on its calling thread alone.
         kernels: ``"auto"`` (the best the CPU runs), ``"avx512"``, ``"avx2"`` or ``"portable"``;
             or on an NVIDIA GPU (CuPy needed, weights uploaded once, inputs and outputs NumPy):
             ``"cuda"`` (1-bit tensor cores on sm_80 and newer, else the popcount kernel) or

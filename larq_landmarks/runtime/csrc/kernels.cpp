@@ -59,6 +59,7 @@ class ThreadPool {
 
   void resize(int threads) {
     if (threads < 1) threads = 1;
+    std::lock_guard<std::mutex> in_use(in_use_);  // not while a parallel_for runs
     if (threads == static_cast<int>(workers_.size()) + 1) return;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -73,11 +74,20 @@ class ThreadPool {
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i, now] { loop(i, now); });
   }
 
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
+  int size() {
+    std::lock_guard<std::mutex> in_use(in_use_);
+    return static_cast<int>(workers_.size()) + 1;
+  }
 
+  // Several Python threads may run ops at once (the kernels release the GIL): the pool serves one
+  // caller at a time, and a caller that finds it busy runs its whole range itself, which gives the
+  // same results (every index is computed by the same code whatever the split). Not nested: no
+  // task calls parallel_for.
   void parallel_for(int n, const std::function<void(int, int)>& fn) {
-    const int threads = std::min(size(), n);
+    std::unique_lock<std::mutex> in_use(in_use_, std::try_to_lock);
+    const int threads = in_use.owns_lock() ? std::min(static_cast<int>(workers_.size()) + 1, n) : 1;
     if (threads <= 1) {
+      if (in_use.owns_lock()) in_use.unlock();
       if (n > 0) fn(0, n);
       return;
     }
@@ -135,6 +145,7 @@ class ThreadPool {
   }
 
   std::vector<std::thread> workers_;
+  std::mutex in_use_;  // held by the caller of parallel_for (and by resize)
   std::mutex mutex_;
   std::condition_variable wake_;
   const std::function<void(int, int)>* task_ = nullptr;
