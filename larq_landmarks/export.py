@@ -5,6 +5,7 @@ binary model, every Larq ``QuantConv2D`` should become one ``LceBconv2d``; :func
 naming the layers, when the flatbuffer has fewer (LCE fell back to float for them).
 """
 import collections
+import threading
 import warnings
 from typing import Counter, Optional
 
@@ -231,14 +232,17 @@ class TfliteModel:
         self.engine = "lce"
         self.input_shape, self.output_shape = tuple(lce_interpreter.input_shapes[0]), tuple(lce_interpreter.output_shapes[0])
         fixed_batch = self.input_shape[0]
+        one_at_a_time = threading.Lock()  # the interpreter's tensors are shared: no two runs at once
 
         def predict(images):
-            if fixed_batch == 1 and len(images) != 1:
-                return np.concatenate([lce_interpreter.predict(images[i : i + 1]) for i in range(len(images))])
-            return lce_interpreter.predict(images)
+            with one_at_a_time:
+                if fixed_batch == 1 and len(images) != 1:
+                    return np.concatenate([lce_interpreter.predict(images[i : i + 1]) for i in range(len(images))])
+                return lce_interpreter.predict(images)
 
         self._predict = predict
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Heatmaps (or logits) for ``(B, S, S, 3)`` float32 images."""
+        """Heatmaps (or logits) for ``(B, S, S, 3)`` float32 images; several threads may call it
+        at once."""
         return self._predict(np.asarray(images, np.float32))

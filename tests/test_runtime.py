@@ -219,30 +219,41 @@ def test_threads_and_kernel_choice(small_file):
         Engine(small_file).predict(images[:, :32])
 
 
-def test_engines_run_from_several_python_threads_at_once(small_file):
-    """The kernels release the GIL, so several Python threads (a server's workers) can be inside the
-    runtime at once, sharing its thread pool and an engine's buffer pool: every result equals the
-    one-at-a-time result (this deadlocked when two callers entered the pool together)."""
-    rng = np.random.default_rng(5)
-    images = [rng.uniform(size=(1 + i % 2, 64, 64, 3)).astype(np.float32) for i in range(4)]
-    shared, other = Engine(small_file, num_threads=2), Engine(small_file, num_threads=1)
-    expected = [shared.predict(x) for x in images]
+def _run_in_threads(predicts, images, repeats=8):
+    """Each ``predicts[i](images[i])`` ``repeats`` times, all in threads at once: the results, after
+    checking that every thread finished without an error."""
     results, errors = {}, []
 
     def work(i):
         try:
-            engine = other if i == 3 else shared  # one engine with another thread count too
-            results[i] = [engine.predict(images[i]) for _ in range(8)]
+            results[i] = [predicts[i](images[i]) for _ in range(repeats)]
         except Exception as error:  # noqa: BLE001 (reported below)
             errors.append(error)
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(4)]
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(images))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a thread is stuck in the runtime"
+    assert not any(thread.is_alive() for thread in threads), "a thread is stuck in the engine"
     assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("engine", ["runtime", "lce"])
+def test_engines_run_from_several_python_threads_at_once(small_file, engine):
+    """Several Python threads (a server's workers) may run one model at once: every result equals
+    the one-at-a-time result. The runtime's kernels release the GIL and share one thread pool (it
+    deadlocked when two callers entered it together); LCE's interpreter shares its tensors (runs
+    are serialised)."""
+    rng = np.random.default_rng(5)
+    images = [rng.uniform(size=(1 + i % 2, 64, 64, 3)).astype(np.float32) for i in range(4)]
+    flatbuffer = open(small_file, "rb").read()
+    shared = export.TfliteModel(flatbuffer, engine, num_threads=2)
+    other = export.TfliteModel(flatbuffer, engine, num_threads=1)  # another thread count at once
+    predicts = [shared.predict, shared.predict, shared.predict, other.predict]
+    expected = [predict(x) for predict, x in zip(predicts, images)]
+    results = _run_in_threads(predicts, images)
     for i in range(4):
         for got in results[i]:
             np.testing.assert_array_equal(got, expected[i])
