@@ -90,6 +90,35 @@ def test_weight_layout_pads_with_zero_bits():
     np.testing.assert_array_equal(popcounts[:70], w_bits.reshape(70, -1).sum(-1))
 
 
+@pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", [(40, 24, 3, 2, True, 0), (33, 70, 3, 1, False, 1)])
+def test_gpu_binary_conv_gets_the_geometry_from_the_ops(cin, cout, k, stride, same, pad_value):
+    """``ops.lce_bconv2d`` on the GPU kernels' ``binary_conv2d``, with the NumPy model of the CUDA
+    kernel standing in for the launch: the geometry it is given (padding and pad value placed
+    where the kernel reads them) gives LCE's accumulators, for inputs of two sizes."""
+    launched = []
+
+    def bconv2d(x, weights, geometry, multiplier, bias, clamp_min, clamp_max, thresholds, weight_popcounts, out):
+        launched.append(list(geometry))
+        out[...] = cuda_tiles.bconv2d_model(x, weights, geometry, out.shape[1:3], tensor_cores=True)
+
+    gpu = cuda.CudaKernels.__new__(cuda.CudaKernels)
+    gpu.cp = np  # uploads stay NumPy arrays
+    gpu.prepare_binary_weights = lambda filters: filters  # the model reads LCE's layout
+    gpu.bconv2d = bconv2d
+    rng = np.random.default_rng(cin)
+    w_bits = rng.integers(0, 2, (cout, k, k, cin), dtype=np.uint8)
+    graph, op = bconv_graph(pack_bits(w_bits), cin, stride, same, pad_value, "float",
+                            np.full(cout, -0.5, np.float32), np.full(cout, k * k * cin / 2, np.float32))
+    run = ops.lce_bconv2d(graph, op, gpu)
+    for size in ((1, 9, 11), (2, 6, 7)):
+        x_bits = rng.integers(0, 2, size + (cin,), dtype=np.uint8)
+        values = ops.Values(6, {})
+        values[0] = pack_bits(x_bits)
+        run(values)
+        np.testing.assert_array_equal(values[5], reference_accumulators(x_bits, w_bits, stride, same, pad_value))
+        assert launched[-1] == _geometry(x_bits.shape, cin, cout, k, stride, same, pad_value)[0]
+
+
 def test_gpu_float_conv_and_resize_glue_with_numpy_standing_in_for_cupy():
     """The Python side of the GPU kernels' ``conv2d`` (batch norm + ReLU before it, the residual as
     the parts of a folded concatenation) and ``resize_nearest`` (+ ADD), with NumPy in CuPy's place,
