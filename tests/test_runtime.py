@@ -115,9 +115,11 @@ def test_prepared_binary_conv_runs_any_input_size_and_rejects_bad_arrays(path):
         conv(np.zeros((1, 4, 4, 1), np.int32), out, 1, 1)
     with pytest.raises(ValueError, match="output batch or channels"):
         conv(x, np.empty((1, 4, 4, cout + 1), np.float32), 1, 1)
-    with pytest.raises(ValueError, match="weights are not prepare_binary_weights of this geometry"):
-        module.binary_conv2d(weights, [cin + 32, cout, 3, 3, 1, 1, 1, 1, 1], np.ones(cout, np.float32),
-                             np.zeros(cout, np.float32), 0, 0, np.zeros(0, np.int32), np.zeros((9, cout), np.int32))
+    for bad_weights, geometry in ((weights, [cin + 32, cout, 3, 3, 1, 1, 1, 1, 1]),
+                                  (weights[:, :cout], [cin, cout, 3, 3, 1, 1, 1, 1, 1])):  # not 64-channel blocks
+        with pytest.raises(ValueError, match="weights are not prepare_binary_weights of this geometry"):
+            module.binary_conv2d(bad_weights, geometry, np.ones(cout, np.float32), np.zeros(cout, np.float32), 0, 0,
+                                 np.zeros(0, np.int32), np.zeros((9, cout), np.int32))
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -39,10 +39,12 @@ class Values(list):
 
     def alloc(self, shape: tuple, dtype):
         free = self.pool.get((tuple(shape), np.dtype(dtype)))
-        try:  # the pool is the engine's: another thread's run may take the last buffer first
-            return free.pop()
-        except (AttributeError, IndexError):
-            return self.empty(shape, dtype)
+        if free:
+            try:
+                return free.pop()
+            except IndexError:  # the pool is the engine's: another thread's run took the last one
+                pass
+        return self.empty(shape, dtype)
 
     def release(self, array: np.ndarray) -> None:
         self.pool.setdefault((array.shape, array.dtype), []).append(array)

@@ -584,7 +584,7 @@ class BinaryConv2D {
         g_.dilation_h <= 0 || g_.dilation_w <= 0)
       throw std::invalid_argument("binary_conv2d: channels, filter size, strides and dilations must be positive");
     if (weights.ndim() != 2 || weights.shape(0) != static_cast<int64_t>(taps_) * words_ ||
-        weights.shape(1) < g_.channels_out)
+        weights.shape(1) < g_.channels_out || weights.shape(1) % kBinaryChannelBlock != 0)
       throw std::invalid_argument("binary_conv2d: weights are not prepare_binary_weights of this geometry");
     if (weight_popcounts.size() != static_cast<int64_t>(taps_) * g_.channels_out)
       throw std::invalid_argument("binary_conv2d: weight_popcounts needs taps * channels_out values");
