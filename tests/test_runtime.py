@@ -151,6 +151,38 @@ def test_bitpacking_matches_lce_sign_convention():
         assert out[0, 0] == 0b10001 and out[0, 1] == 0b1000  # -0.0 is not negative; padding bits 0
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_kernels_refuse_outputs_they_cannot_write_in_place(path):
+    """An output of another type, not contiguous, read-only or of the wrong size is an error that
+    names the kernel (a converted copy would have been written and thrown away)."""
+    module = kernel_paths.load(path)
+    none = np.zeros(0, np.float32)
+    x = -np.ones((1, 2, 2, 32), np.float32)
+    with pytest.raises(ValueError, match="bitpack output: expected a C-contiguous int32"):
+        module.bitpack(x, none, none, np.zeros((1, 2, 2, 1), np.int64))
+    with pytest.raises(ValueError, match="unpack output: expected a C-contiguous float32"):
+        module.unpack(np.zeros((1, 2, 2, 1), np.int32), 32, np.zeros((1, 2, 2, 32), np.float64))
+    with pytest.raises(ValueError, match="unpack: output has the wrong size"):
+        module.unpack(np.zeros((1, 2, 2, 1), np.int32), 32, np.zeros((1, 2, 2, 16), np.float32))
+    weights = module.prepare_float_weights(np.ones((8, 1, 1, 32), np.float32))
+    geometry = [1, 1, 1, 1, 1, 1, 0, 0]
+    with pytest.raises(ValueError, match=r"conv2d output: expected a C-contiguous 4-d float32 array \(writeable\)"):
+        module.conv2d(x, weights, np.zeros(8, np.float32), geometry, -np.inf, np.inf, [], none, none, -np.inf, np.inf,
+                      np.zeros((1, 2, 2, 16), np.float32)[..., ::2])
+    with pytest.raises(ValueError, match="conv2d: output batch differs"):
+        module.conv2d(x, weights, np.zeros(8, np.float32), geometry, -np.inf, np.inf, [], none, none, -np.inf, np.inf,
+                      np.zeros((2, 2, 2, 8), np.float32))
+    with pytest.raises(ValueError, match="pool2d: output batch or channels differ"):
+        module.pool2d(x, [2, 2, 2, 2, 0, 0], 0, -np.inf, np.inf, np.zeros((1, 1, 1, 16), np.float32))
+    readonly = np.zeros((1, 2, 2, 32), np.float32)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match=r"binary_elementwise output: .* \(writeable\)"):
+        module.binary_elementwise(x, x.reshape(-1), 0, -np.inf, np.inf, readonly)
+    out = np.zeros((1, 2, 2, 1), np.int32)
+    module.bitpack(x, none, none, out)
+    assert (out == -1).all()  # all 32 bits set: every value negative, written in place
+
+
 def _landmarks(heatmaps):
     return hm.heatmap_to_input(hm.decode_heatmaps(heatmaps)[0]).numpy()
 

@@ -170,6 +170,21 @@ static T* data(Array<T>& a) {
   return a.mutable_data();
 }
 
+// The data of an array argument taken as py::array (no conversion: a few hundred nanoseconds less
+// per array than Array<T>'s cast, which builds a new array object each call), after checking that it
+// is what the kernel reads: type T, C-contiguous, `ndim` dimensions (any where ndim < 0), writeable
+// where it is written. Outputs are always taken this way: a cast would write to a converted copy.
+template <typename T>
+static T* checked_data(const py::array& a, int ndim, bool writeable, const char* what) {
+  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style) || (ndim >= 0 && a.ndim() != ndim) ||
+      (writeable && !a.writeable()))
+    throw std::invalid_argument(std::string(what) + ": expected a C-contiguous " +
+                                (ndim >= 0 ? std::to_string(ndim) + "-d " : "") +
+                                (std::is_same<T, float>::value ? "float32" : "int32") + " array" +
+                                (writeable ? " (writeable)" : ""));
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
 // A new array whose data starts on a 64-byte boundary (numpy's own start 16 or 32 bytes past one,
 // and then every 64-byte vector load of a weight row spans two cache lines).
 template <typename T>
@@ -187,7 +202,7 @@ static Array<T> aligned_array(const std::vector<py::ssize_t>& shape) {
 // per-channel MUL and ADD of a preceding batch norm fused in). The product and the sum are rounded
 // separately, as the unfused ops round them (no FMA contraction here).
 __attribute__((optimize("fp-contract=off")))
-static void bitpack(Array<float> input, Array<float> multiplier, Array<float> bias, Array<int32_t> output) {
+static void bitpack(Array<float> input, Array<float> multiplier, Array<float> bias, py::array output) {
   const int channels = static_cast<int>(input.shape(input.ndim() - 1));
   const int words = (channels + 31) / 32;
   const int64_t pixels = input.size() / std::max(channels, 1);
@@ -198,7 +213,7 @@ static void bitpack(Array<float> input, Array<float> multiplier, Array<float> bi
   const float* x = input.data();
   const float* m = multiplier.data();
   const float* b = bias.data();
-  int32_t* out = data(output);
+  int32_t* out = checked_data<int32_t>(output, -1, true, "bitpack output");
   py::gil_scoped_release release;
   const int chunks = static_cast<int>(std::min<int64_t>(pixels, 256));
   pool().parallel_for(chunks, [&](int begin, int end) {
@@ -240,11 +255,13 @@ static void bitpack(Array<float> input, Array<float> multiplier, Array<float> bi
 }
 
 // LceDequantize: bits -> +1 / -1.
-static void unpack(Array<int32_t> input, int channels, Array<float> output) {
+static void unpack(Array<int32_t> input, int channels, py::array output) {
   const int words = static_cast<int>(input.shape(input.ndim() - 1));
   const int64_t pixels = input.size() / std::max(words, 1);
   const int32_t* in = input.data();
-  float* out = data(output);
+  float* out = checked_data<float>(output, -1, true, "unpack output");
+  if (output.size() != pixels * channels || channels > 32 * words)
+    throw std::invalid_argument("unpack: output has the wrong size");
   py::gil_scoped_release release;
   for (int64_t p = 0; p < pixels; ++p)
     for (int c = 0; c < channels; ++c)
@@ -548,19 +565,6 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
       for (int p = 0; p < P; ++p) base[p] += step;
     }
   }
-}
-
-// The data of an array argument taken as py::array (no conversion: a few hundred nanoseconds less
-// per array than Array<T>'s cast, which builds a new array object each call), after checking that it
-// is what the kernel reads: type T, C-contiguous, `ndim` dimensions, writeable where it is written.
-template <typename T>
-static T* checked_data(const py::array& a, int ndim, bool writeable, const char* what) {
-  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style) || a.ndim() != ndim ||
-      (writeable && !a.writeable()))
-    throw std::invalid_argument(std::string(what) + ": expected a C-contiguous " + std::to_string(ndim) + "-d " +
-                                (std::is_same<T, float>::value ? "float32" : "int32") + " array" +
-                                (writeable ? " (writeable)" : ""));
-  return static_cast<T*>(const_cast<void*>(a.data()));
 }
 
 // LceBconv2d with its constants prepared once; calling it runs the convolution on one input:
@@ -867,7 +871,9 @@ static void affine_copy(const float* src, int n, const float* m, const float* b,
 // they are read (the zero padding stays zero).
 static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, std::vector<int> geometry,
                    float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
-                   Array<float> input_bias, float input_lo, float input_hi, Array<float> output) {
+                   Array<float> input_bias, float input_lo, float input_hi, py::array output) {
+  if (geometry.size() != 8) throw std::invalid_argument("conv2d: geometry needs 8 numbers");
+  float* y = checked_data<float>(output, 4, true, "conv2d output");
   const int fh = geometry[0], fw = geometry[1], sh = geometry[2], sw = geometry[3];
   const int dh = geometry[4], dw = geometry[5], pt = geometry[6], pl = geometry[7];
   const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
@@ -875,12 +881,14 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
   const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
   const int cout = static_cast<int>(output.shape(3));
   const int k = fh * fw * cin;
-  if (weights.shape(0) != k) throw std::invalid_argument("conv2d: weights shape");
+  if (weights.ndim() != 2 || weights.shape(0) != k || weights.shape(1) < cout || weights.shape(1) % kFloatTileN != 0 ||
+      bias.size() != cout)
+    throw std::invalid_argument("conv2d: weights are not prepare_float_weights of this filter, or bias size");
   const int64_t ldb = weights.shape(1);
   const float* x = input.data();
   const float* b = weights.data();
   const float* bs = bias.data();
-  float* y = data(output);
+  if (output.shape(0) != batch) throw std::invalid_argument("conv2d: output batch differs from the input's");
   const int64_t pixels = static_cast<int64_t>(batch) * out_h * out_w;
   Residual parts;
   int channels = 0;
@@ -965,12 +973,12 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
 
 // ---------------------------------------------------------------------------------------------
 // Element-wise: out = clamp(a (op) b) where b is a full tensor, a per-channel vector or a scalar.
-static void binary_elementwise(Array<float> a, Array<float> b, int op, float lo, float hi, Array<float> out) {
+static void binary_elementwise(Array<float> a, Array<float> b, int op, float lo, float hi, py::array out) {
   const int64_t n = a.size(), nb = b.size();
   if (out.size() != n || (nb != n && nb != 1 && n % nb != 0)) throw std::invalid_argument("elementwise: shapes");
   const float* x = a.data();
   const float* z = b.data();
-  float* o = data(out);
+  float* o = checked_data<float>(out, -1, true, "binary_elementwise output");
   py::gil_scoped_release release;
   // A full tensor or a scalar: flat chunks; a per-channel vector: rows of nb channels.
   const int64_t row = (nb == n || nb == 1) ? std::min<int64_t>(n, 16384) : nb;
@@ -1002,13 +1010,16 @@ static void binary_elementwise(Array<float> a, Array<float> b, int op, float lo,
 
 // MAX_POOL_2D (kind 0) and AVERAGE_POOL_2D (kind 1, the mean of the taps inside the image, as
 // TFLite computes it), with the fused activation clamp.
-static void pool2d(Array<float> input, std::vector<int> geometry, int kind, float lo, float hi, Array<float> output) {
+static void pool2d(Array<float> input, std::vector<int> geometry, int kind, float lo, float hi, py::array output) {
+  if (geometry.size() != 6 || input.ndim() != 4) throw std::invalid_argument("pool2d: geometry needs 6 numbers, input 4-d");
+  float* y = checked_data<float>(output, 4, true, "pool2d output");
   const int fh = geometry[0], fw = geometry[1], sh = geometry[2], sw = geometry[3], pt = geometry[4], pl = geometry[5];
   const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
   const int width = static_cast<int>(input.shape(2)), channels = static_cast<int>(input.shape(3));
   const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
+  if (output.shape(0) != batch || output.shape(3) != channels)
+    throw std::invalid_argument("pool2d: output batch or channels differ from the input's");
   const float* x = input.data();
-  float* y = data(output);
   py::gil_scoped_release release;
   pool().parallel_for(batch * out_h, [&](int r0, int r1) {
     static thread_local std::vector<float> acc;  // per thread, kept: fn runs once per chunk
@@ -1039,7 +1050,7 @@ static void pool2d(Array<float> input, std::vector<int> geometry, int kind, floa
 
 // CONCATENATION along the channel axis: each pixel's channels are the parts' channels in order;
 // with a residual (same shape as the output), the ADD that follows is done in the same pass.
-static void concat_channels(std::vector<Array<float>> parts, Array<float> residual, Array<float> output) {
+static void concat_channels(std::vector<Array<float>> parts, Array<float> residual, py::array output) {
   const int total = static_cast<int>(output.shape(output.ndim() - 1));
   const int64_t pixels = output.size() / std::max(total, 1);
   std::vector<const float*> sources;
@@ -1056,7 +1067,7 @@ static void concat_channels(std::vector<Array<float>> parts, Array<float> residu
   const bool add = residual.size() > 0;
   if (add && residual.size() != output.size()) throw std::invalid_argument("concat_channels: residual shape");
   const float* res = residual.data();
-  float* out = data(output);
+  float* out = checked_data<float>(output, -1, true, "concat_channels output");
   py::gil_scoped_release release;
   const int tasks = static_cast<int>(std::min<int64_t>(pixels, 256));
   pool().parallel_for(tasks, [&](int t0, int t1) {
@@ -1080,7 +1091,7 @@ static void concat_channels(std::vector<Array<float>> parts, Array<float> residu
 // the caller); with a residual (same shape as the output), the ADD that follows and its clamp are
 // done in the same pass.
 static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_t> cols, Array<float> residual,
-                           float lo, float hi, Array<float> output) {
+                           float lo, float hi, py::array output) {
   const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
   const int width = static_cast<int>(input.shape(2)), channels = static_cast<int>(input.shape(3));
   const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
@@ -1096,7 +1107,7 @@ static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_
     if (rx[i] < 0 || rx[i] >= width) throw std::invalid_argument("resize_nearest: column index");
   const float* x = input.data();
   const float* res = residual.data();
-  float* y = data(output);
+  float* y = checked_data<float>(output, 4, true, "resize_nearest output");
   py::gil_scoped_release release;
   pool().parallel_for(batch * out_h, [&](int r0, int r1) {
     for (int r = r0; r < r1; ++r) {
