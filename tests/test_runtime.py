@@ -293,6 +293,25 @@ def test_engines_run_from_several_python_threads_at_once(small_file, engine):
             np.testing.assert_array_equal(got, expected[i])
 
 
+@pytest.mark.parametrize("kernels", ["cuda", "cuda-popcount"])
+def test_gpu_engine_glue_runs_with_numpy_standing_in_for_cupy(small_file, monkeypatch, kernels):
+    """The whole GPU engine's Python side on the CPU (tests/fake_cupy.py): every kernel launch
+    matches its parameter list in kernels.cu (count and types) and its grid covers the work, and
+    with NumPy models of the kernels the model's output is the CPU runtime's."""
+    import fake_cupy
+
+    fake_cupy.install(monkeypatch)
+    images = np.random.default_rng(3).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    gpu = Engine(small_file, kernels=kernels)
+    assert gpu.kernels == kernels
+    expected = Engine(small_file).predict(images)
+    got = gpu.predict(images)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).mean() <= 1e-5 * np.abs(expected).mean()
+    moved = np.abs(_landmarks(got) - _landmarks(expected)).max(-1)
+    assert np.mean(moved <= 0.5) >= 0.99
+
+
 def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
     x = tf.keras.Input((8, 8, 3), batch_size=1)
     model = tf.keras.Model(x, tf.keras.layers.Conv2D(4, 3, padding="same", activation="tanh")(x))
