@@ -18,15 +18,9 @@ import numpy as np
 
 from larq_landmarks.runtime import cuda, cuda_tiles
 
+from binary_reference import pack_bits
+
 SCALARS = {"int": np.int32, "i64": np.int64, "float": np.float32}
-
-
-def _pack(bits: np.ndarray) -> np.ndarray:
-    """Booleans ``[..., n]`` -> int32 words ``[..., ceil(n / 32)]``, bit i of word w = entry 32 w + i."""
-    words = -(-bits.shape[-1] // 32)
-    padded = np.zeros(bits.shape[:-1] + (words * 32,), np.uint8)
-    padded[..., : bits.shape[-1]] = bits
-    return np.packbits(padded, axis=-1, bitorder="little").view("<i4")
 
 
 def kernel_signatures(source: str) -> dict:
@@ -86,7 +80,7 @@ class _Kernel:
             x = x * v["scale"]
         if v["has_shift"]:
             x = x + v["shift"]
-        v["out"].reshape(pixels, words)[...] = _pack(x < 0)
+        v["out"].reshape(pixels, words)[...] = pack_bits(x < 0)
 
     def _unpack(self, grid, block, v):
         pixels, channels, words = int(v["pixels"]), int(v["channels"]), int(v["words"])
@@ -140,7 +134,7 @@ class _Kernel:
         acc = cuda_tiles.bconv2d_model(x, filters, geometry, (g["out_h"], g["out_w"]),
                                        tensor_cores=self.name == "bconv2d_tensor_cores").reshape(rows, cout)
         if g["packed_output"]:
-            v["out"].view(np.int32).reshape(rows, -1)[...] = _pack(acc > v["thresholds"][:cout])
+            v["out"].view(np.int32).reshape(rows, -1)[...] = pack_bits(acc > v["thresholds"][:cout])
         else:
             scaled = np.clip(2 * acc, g["clamp_min"], g["clamp_max"]).astype(np.float32)
             v["out"].view(np.float32).reshape(rows, cout)[...] = scaled * v["multiplier"][:cout] + v["bias"][:cout]
