@@ -181,10 +181,37 @@ def _layer_runs(runs: int, run_once, seconds: float = 0.3) -> int:
     return max(runs, int(seconds / max(time.perf_counter() - start, 1e-6)))
 
 
+def _runtime_step(graph, op, module, packed):
+    """One ``LceBconv2d`` timed as the engine runs it: its step on ``packed``, the output buffer
+    recycled as the engine does (no page faults on it)."""
+    from larq_landmarks.runtime import ops
+
+    run = ops.lce_bconv2d(graph, op, module)
+    values = ops.Values(len(graph.tensors), {})
+    values[op.inputs[0]] = packed
+
+    def step(_):
+        run(values)
+        values.release(values[op.outputs[0]])
+
+    return step
+
+
+def _xnnpack_conv(size, cin, cout, k, stride, rng):
+    """XNNPACK's float conv of one shape: ``invoke`` of a one-op model, its input set once."""
+    inputs = tf.keras.Input((size, size, cin), batch_size=1)
+    conv = tf.keras.Model(inputs, tf.keras.layers.Conv2D(cout, k, stride, padding="same", use_bias=False)(inputs))
+    interpreter = tf.lite.Interpreter(model_content=export.convert(conv, binary=False), num_threads=1)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
+                           rng.normal(size=(1, size, size, cin)).astype(np.float32))
+    return lambda _: interpreter.invoke()
+
+
 def layers(runs, rounds=3):
     """Every distinct binary conv shape of the default model: this runtime's kernel (1 thread, each
     path) against XNNPACK's float conv of the same shape, and where the end-to-end time goes."""
-    from larq_landmarks.runtime import Engine, available_kernels, kernels as kernel_paths, ops
+    from larq_landmarks.runtime import Engine, available_kernels, kernels as kernel_paths
 
     model = trained_like_batch_norm(models.BinaryHourglass(68))
     flatbuffer = export.convert(model)
@@ -208,22 +235,8 @@ def layers(runs, rounds=3):
         for path in available_kernels():
             module = kernel_paths.load(path)
             module.set_num_threads(1)
-            run = ops.lce_bconv2d(engine.graph, op, module)
-            values = ops.Values(len(engine.graph.tensors), {})
-            values[op.inputs[0]] = packed
-
-            def run_once(_, run=run, values=values, output=op.outputs[0]):
-                run(values)
-                values.release(values[output])  # recycled as the engine does: no page faults on it
-
-            timed[path] = run_once
-        inputs = tf.keras.Input((size, size, cin), batch_size=1)
-        conv = tf.keras.Model(inputs, tf.keras.layers.Conv2D(cout, k, stride, padding="same", use_bias=False)(inputs))
-        interpreter = tf.lite.Interpreter(model_content=export.convert(conv, binary=False), num_threads=1)
-        interpreter.allocate_tensors()
-        index = interpreter.get_input_details()[0]["index"]
-        interpreter.set_tensor(index, rng.normal(size=(1, size, size, cin)).astype(np.float32))
-        timed["xnnpack_float"] = lambda _: interpreter.invoke()
+            timed[path] = _runtime_step(engine.graph, op, module, packed)
+        timed["xnnpack_float"] = _xnnpack_conv(size, cin, cout, k, stride, rng)
         # the fastest kernel path and XNNPACK alternate in `rounds` rounds (the ratio compares the
         # same minutes: this machine drifts); the slower paths run once
         first = available_kernels()[0]
@@ -244,21 +257,12 @@ def layers(runs, rounds=3):
         print(row, flush=True)
     # the cost of a call itself: both engines on a 1-pixel input of the smallest shape
     size, cin, cout, k, stride = min(shapes, key=lambda s: (s[0], s[1]))
-    op = shapes[(size, cin, cout, k, stride)]
-    run = ops.lce_bconv2d(engine.graph, op, kernel_paths.load(available_kernels()[0]))
-    values = ops.Values(len(engine.graph.tensors), {})
-    values[op.inputs[0]] = np.zeros((1, 1, 1, (cin + 31) // 32), np.int32)
-
-    def runtime_call(_):
-        run(values)
-        values.release(values[op.outputs[0]])
-
-    inputs = tf.keras.Input((1, 1, cin), batch_size=1)
-    conv = tf.keras.Model(inputs, tf.keras.layers.Conv2D(cout, k, stride, padding="same", use_bias=False)(inputs))
-    interpreter = tf.lite.Interpreter(model_content=export.convert(conv, binary=False), num_threads=1)
-    interpreter.allocate_tensors()
+    calls = {"runtime": _runtime_step(engine.graph, shapes[(size, cin, cout, k, stride)],
+                                      kernel_paths.load(available_kernels()[0]),
+                                      np.zeros((1, 1, 1, (cin + 31) // 32), np.int32)),
+             "xnnpack_float": _xnnpack_conv(1, cin, cout, k, stride, rng)}
     call_us = {name: 1000 * float(np.median([_run(f, None, _layer_runs(runs, f)) for _ in range(rounds)]))
-               for name, f in (("runtime", runtime_call), ("xnnpack_float", lambda _: interpreter.invoke()))}
+               for name, f in calls.items()}
     engine = Engine(flatbuffer, num_threads=1)
     breakdown = engine.time_by_part(image, max(3, runs // 2))
     limits = [row["popcount_limit_gmacs"] for row in rows if row["popcount_limit_gmacs"]]
