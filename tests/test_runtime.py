@@ -312,28 +312,6 @@ def test_gpu_engine_glue_runs_with_numpy_standing_in_for_cupy(small_file, monkey
     assert np.mean(moved <= 0.5) >= 0.99
 
 
-def test_gpu_kernel_grids_cover_sizes_that_are_not_multiples_of_a_block(monkeypatch):
-    """Odd sizes (work not a multiple of the 256-thread block) through the GPU kernels' glue, with
-    NumPy standing in for CuPy: each launch's grid covers its work and the results are the CPU
-    kernels'."""
-    import fake_cupy
-
-    fake_cupy.install(monkeypatch)
-    gpu, cpu = cuda.load("cuda"), kernel_paths.load("portable")
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(1, 5, 3, 40)).astype(np.float32)  # 15 pixels x 2 words x 32 = 960 threads
-    scale, shift = rng.uniform(0.5, 2, 40).astype(np.float32), rng.normal(size=40).astype(np.float32)
-    pooled = []
-    for module in (gpu, cpu):
-        bits = np.zeros((1, 5, 3, 2), np.int32)
-        module.bitpack(x, scale, shift, bits)
-        out = np.zeros((1, 2, 1, 40), np.float32)  # 80 outputs
-        module.pool2d(x, [3, 3, 2, 2, 0, 0], 1, -np.inf, np.inf, out)
-        pooled.append((bits, out))
-    np.testing.assert_array_equal(pooled[0][0], pooled[1][0])
-    np.testing.assert_allclose(pooled[0][1], pooled[1][1], rtol=1e-6)
-
-
 def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
     x = tf.keras.Input((8, 8, 3), batch_size=1)
     model = tf.keras.Model(x, tf.keras.layers.Conv2D(4, 3, padding="same", activation="tanh")(x))

@@ -2,7 +2,9 @@
 
 On the CPU (always): the NumPy model of the CUDA binary convolution (its tile indexing, m16n8k256
 fragment layout and AND-popcount formulation, ``runtime/cuda_tiles.py``) gives LCE's accumulators;
-asking for the GPU without CuPy or a GPU is a clear error. On a GPU (skipped elsewhere): the CUDA
+the GPU kernels' Python side, with NumPy standing in for CuPy (``fake_cupy.py``: launches checked
+against kernels.cu), gives the CPU kernels' results; asking for the GPU without CuPy or a GPU is a
+clear error. On a GPU (skipped elsewhere): the CUDA
 kernels' accumulators are bit-exact against the same reference and this runtime's CPU kernels,
 and whole models match the CPU runtime. No TensorFlow is imported here, so the GPU tests run on a
 machine without it (``pytest --noconftest tests/test_runtime_cuda.py`` with the models made by
@@ -17,6 +19,7 @@ import pytest
 from larq_landmarks.runtime import cuda, cuda_tiles, ops
 from larq_landmarks.runtime.ops import _same_padding
 
+import fake_cupy
 from binary_reference import CASES, bconv_graph, pack_bits, reference_accumulators
 
 # the GPU tests' cases add blocks of more than 128 pixels and 64 channels and several K steps
@@ -91,19 +94,19 @@ def test_weight_layout_pads_with_zero_bits():
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", [(40, 24, 3, 2, True, 0), (33, 70, 3, 1, False, 1)])
-def test_gpu_binary_conv_gets_the_geometry_from_the_ops(cin, cout, k, stride, same, pad_value):
-    """``ops.lce_bconv2d`` on the GPU kernels' ``binary_conv2d``, with the NumPy model of the CUDA
-    kernel standing in for the launch: the geometry it is given (padding and pad value placed
-    where the kernel reads them) gives LCE's accumulators, for inputs of two sizes."""
-    launched = []
+def test_gpu_binary_conv_gets_the_geometry_from_the_ops(monkeypatch, cin, cout, k, stride, same, pad_value):
+    """``ops.lce_bconv2d`` on the GPU kernels' ``binary_conv2d``, with NumPy standing in for CuPy
+    (tests/fake_cupy.py: the launch checked against kernels.cu, the CUDA kernel's NumPy model run):
+    the geometry it is given (padding and pad value placed where the kernel reads them) gives
+    LCE's accumulators, for inputs of two sizes."""
+    fake_cupy.install(monkeypatch)
+    gpu = cuda.load("cuda")
+    launched, launch = [], gpu.bconv2d
 
-    def bconv2d(x, weights, geometry, multiplier, bias, clamp_min, clamp_max, thresholds, weight_popcounts, out):
+    def bconv2d(x, weights, geometry, *rest):
         launched.append(list(geometry))
-        out[...] = cuda_tiles.bconv2d_model(x, weights, geometry, out.shape[1:3], tensor_cores=True)
+        launch(x, weights, geometry, *rest)
 
-    gpu = cuda.CudaKernels.__new__(cuda.CudaKernels)
-    gpu.cp = np  # uploads stay NumPy arrays
-    gpu.prepare_binary_weights = lambda filters: filters  # the model reads LCE's layout
     gpu.bconv2d = bconv2d
     rng = np.random.default_rng(cin)
     w_bits = rng.integers(0, 2, (cout, k, k, cin), dtype=np.uint8)
@@ -119,17 +122,15 @@ def test_gpu_binary_conv_gets_the_geometry_from_the_ops(cin, cout, k, stride, sa
         assert launched[-1] == _geometry(x_bits.shape, cin, cout, k, stride, same, pad_value)[0]
 
 
-def test_gpu_float_conv_and_resize_glue_with_numpy_standing_in_for_cupy():
+def test_gpu_float_conv_and_resize_glue_with_numpy_standing_in_for_cupy(monkeypatch):
     """The Python side of the GPU kernels' ``conv2d`` (batch norm + ReLU before it, the residual as
-    the parts of a folded concatenation) and ``resize_nearest`` (+ ADD), with NumPy in CuPy's place,
-    against the CPU kernels (the GPU itself is checked by the tests below, on a GPU)."""
+    the parts of a folded concatenation) and ``resize_nearest`` (+ ADD), with NumPy in CuPy's place
+    (tests/fake_cupy.py), against the CPU kernels (the GPU itself is checked by the tests below, on
+    a GPU)."""
     from larq_landmarks.runtime import kernels as kernel_paths
 
-    gpu = cuda.CudaKernels.__new__(cuda.CudaKernels)
-    gpu.cp = np
-    gpu._epilogue = lambda y, bias, channels, lo, hi, out: np.clip(y + bias, lo, hi, out=out)
-    gpu._epilogue_residual = lambda y, bias, channels, residual, lo, hi, out: np.clip(y + bias + residual, lo, hi,
-                                                                                     out=out)
+    fake_cupy.install(monkeypatch)
+    gpu = cuda.load("cuda")
     cpu = kernel_paths.load("portable")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, 6, 24)).astype(np.float32)
@@ -154,6 +155,28 @@ def test_gpu_float_conv_and_resize_glue_with_numpy_standing_in_for_cupy():
         resized.append(out)
     np.testing.assert_array_equal(resized[0], resized[1])
     np.testing.assert_array_equal(resized[1], np.maximum(small.repeat(2, 1).repeat(2, 2) + skip, 0))
+
+
+def test_gpu_kernel_grids_cover_sizes_that_are_not_multiples_of_a_block(monkeypatch):
+    """Odd sizes (work not a multiple of the 256-thread block) through the GPU kernels' glue, with
+    NumPy standing in for CuPy: each launch's grid covers its work and the results are the CPU
+    kernels'."""
+    from larq_landmarks.runtime import kernels as kernel_paths
+
+    fake_cupy.install(monkeypatch)
+    gpu, cpu = cuda.load("cuda"), kernel_paths.load("portable")
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1, 5, 3, 40)).astype(np.float32)  # 15 pixels x 2 words x 32 = 960 threads
+    scale, shift = rng.uniform(0.5, 2, 40).astype(np.float32), rng.normal(size=40).astype(np.float32)
+    pooled = []
+    for module in (gpu, cpu):
+        bits = np.zeros((1, 5, 3, 2), np.int32)
+        module.bitpack(x, scale, shift, bits)
+        out = np.zeros((1, 2, 1, 40), np.float32)  # 80 outputs
+        module.pool2d(x, [3, 3, 2, 2, 0, 0], 1, -np.inf, np.inf, out)
+        pooled.append((bits, out))
+    np.testing.assert_array_equal(pooled[0][0], pooled[1][0])
+    np.testing.assert_allclose(pooled[0][1], pooled[1][1], rtol=1e-6)
 
 
 @pytest.mark.skipif(GPU, reason="a GPU is present")
