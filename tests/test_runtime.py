@@ -21,6 +21,7 @@ from larq_landmarks.runtime import available_kernels
 from larq_landmarks.runtime import cuda, kernels as kernel_paths, ops
 from larq_landmarks.synthetic import trained_like_batch_norm
 
+import fake_cupy
 from binary_reference import CASES, bconv_graph, pack_bits, reference_accumulators
 
 PATHS = available_kernels()
@@ -187,14 +188,19 @@ def _landmarks(heatmaps):
     return hm.heatmap_to_input(hm.decode_heatmaps(heatmaps)[0]).numpy()
 
 
+def _assert_same_heatmaps(got, expected, what):
+    """Issue 10's parity bound: mean difference at most 1e-5 of the mean magnitude, and at least 99%
+    of the decoded landmarks within 0.5 px."""
+    assert got.shape == expected.shape, what
+    assert np.abs(got - expected).mean() <= 1e-5 * np.abs(expected).mean(), what
+    moved = np.abs(_landmarks(got) - _landmarks(expected)).max(-1)
+    assert np.mean(moved <= 0.5) >= 0.99, what
+
+
 def _assert_parity_with_lce(flatbuffer, images, paths=PATHS):
     lce = export.TfliteModel(flatbuffer, engine="lce").predict(images)
     for path in paths:
-        ours = Engine(flatbuffer, kernels=path).predict(images)
-        assert ours.shape == lce.shape
-        assert np.abs(ours - lce).mean() <= 1e-5 * np.abs(lce).mean(), path
-        moved = np.abs(_landmarks(ours) - _landmarks(lce)).max(-1)
-        assert np.mean(moved <= 0.5) >= 0.99, path
+        _assert_same_heatmaps(Engine(flatbuffer, kernels=path).predict(images), lce, path)
 
 
 BINARY_CONFIGS = [name for name, c in models.named_configurations().items() if c["kwargs"].get("binary", True)]
@@ -298,18 +304,11 @@ def test_gpu_engine_glue_runs_with_numpy_standing_in_for_cupy(small_file, monkey
     """The whole GPU engine's Python side on the CPU (tests/fake_cupy.py): every kernel launch
     matches its parameter list in kernels.cu (count and types) and its grid covers the work, and
     with NumPy models of the kernels the model's output is the CPU runtime's."""
-    import fake_cupy
-
     fake_cupy.install(monkeypatch)
     images = np.random.default_rng(3).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     gpu = Engine(small_file, kernels=kernels)
     assert gpu.kernels == kernels
-    expected = Engine(small_file).predict(images)
-    got = gpu.predict(images)
-    assert got.shape == expected.shape
-    assert np.abs(got - expected).mean() <= 1e-5 * np.abs(expected).mean()
-    moved = np.abs(_landmarks(got) - _landmarks(expected)).max(-1)
-    assert np.mean(moved <= 0.5) >= 0.99
+    _assert_same_heatmaps(gpu.predict(images), Engine(small_file).predict(images), kernels)
 
 
 def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
