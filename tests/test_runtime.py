@@ -300,10 +300,11 @@ def test_engines_run_from_several_python_threads_at_once(small_file, engine):
 
 
 @pytest.mark.parametrize("kernels", ["cuda", "cuda-popcount"])
-def test_gpu_engine_glue_runs_with_numpy_standing_in_for_cupy(small_file, monkeypatch, kernels):
-    """The whole GPU engine's Python side on the CPU (tests/fake_cupy.py): every kernel launch
-    matches its parameter list in kernels.cu (count and types) and its grid covers the work, and
-    with NumPy models of the kernels the model's output is the CPU runtime's."""
+def test_gpu_engine_runs_its_cuda_kernels_on_the_cpu(small_file, monkeypatch, kernels):
+    """The whole GPU engine on the CPU (tests/fake_cupy.py): every kernel launch matches its
+    parameter list in kernels.cu (count and types) and its grid covers the work, and with
+    kernels.cu's kernels built for the CPU (tests/cuda_on_cpu.py) the model's output is the CPU
+    runtime's."""
     fake_cupy.install(monkeypatch)
     images = np.random.default_rng(3).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     gpu = Engine(small_file, kernels=kernels)

@@ -2,13 +2,14 @@
 
 On the CPU (always): the NumPy model of the CUDA binary convolution (its tile indexing, m16n8k256
 fragment layout and AND-popcount formulation, ``runtime/cuda_tiles.py``) gives LCE's accumulators;
-the GPU kernels' Python side, with NumPy standing in for CuPy (``fake_cupy.py``: launches checked
-against kernels.cu), gives the CPU kernels' results; asking for the GPU without CuPy or a GPU is a
-clear error. On a GPU (skipped elsewhere): the CUDA
-kernels' accumulators are bit-exact against the same reference and this runtime's CPU kernels,
-and whole models match the CPU runtime. No TensorFlow is imported here, so the GPU tests run on a
-machine without it (``pytest --noconftest tests/test_runtime_cuda.py`` with the models made by
-``scripts/benchmark_gpu.py --prepare DIR`` and ``LARQ_LANDMARKS_GPU_ASSETS=DIR``).
+the GPU kernels with NumPy standing in for CuPy (``fake_cupy.py``: launches checked against
+kernels.cu, and kernels.cu itself built for the CPU by ``cuda_on_cpu.py``) give the CPU kernels'
+results; asking for the GPU without CuPy or a GPU is a clear error. The kernel tests below
+(accumulators bit-exact against the reference and this runtime's CPU kernels, bit packing and
+element-wise ops) run on the GPU where there is one and on that CPU build elsewhere; whole models
+against the CPU runtime need a GPU and the prepared models. No TensorFlow is imported here, so
+the GPU tests run on a machine without it (``pytest --noconftest tests/test_runtime_cuda.py`` with
+the models made by ``scripts/benchmark_gpu.py --prepare DIR`` and ``LARQ_LANDMARKS_GPU_ASSETS=DIR``).
 """
 import importlib.util
 import os
@@ -187,7 +188,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
         cuda.CudaKernels("cuda-fast")
 
 
-# --- on a GPU -----------------------------------------------------------------------------------
+# --- on a GPU, or kernels.cu built for the CPU -------------------------------------------------
 
 def _run_bconv(kernels, graph, op, x_packed):
     values = ops.Values(6, {}, getattr(kernels, "empty", np.empty))
@@ -205,10 +206,17 @@ def _cpu_kernels():
         return None
 
 
-@needs_gpu
+@pytest.fixture
+def gpu_or_cpu(monkeypatch):
+    """The GPU kernels on the GPU where there is one; elsewhere the same CUDA source built for the
+    CPU (``fake_cupy``), so that these tests run in CI and on a GPU alike."""
+    if not GPU:
+        fake_cupy.install(monkeypatch)
+
+
 @pytest.mark.parametrize("path", cuda.PATHS)
 @pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", GPU_CASES)
-def test_gpu_accumulators_are_bit_exact(path, cin, cout, k, stride, same, pad_value):
+def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, cin, cout, k, stride, same, pad_value):
     x_bits, w_bits = _random_layer(cin, cout, k, cin * 1000 + cout, size=(3, 19, 17))
     expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value)
     kernels = cuda.load(path)
@@ -228,8 +236,7 @@ def test_gpu_accumulators_are_bit_exact(path, cin, cout, k, stride, same, pad_va
         np.testing.assert_array_equal(got, _run_bconv(cpu, graph, op, pack_bits(x_bits)))
 
 
-@needs_gpu
-def test_gpu_bitpacking_and_elementwise_ops():
+def test_gpu_bitpacking_and_elementwise_ops(gpu_or_cpu):
     kernels = cuda.load("cuda")
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 5, 7, 70)).astype(np.float32)

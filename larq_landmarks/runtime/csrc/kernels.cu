@@ -54,7 +54,9 @@ extern "C" __global__ void unpack(const u32* x, i64 pixels, int channels, int wo
 }
 
 __device__ __forceinline__ void mma_and_popc(int* c, const u32* a, u32 b0, u32 b1) {
-#if __CUDA_ARCH__ >= 800
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+  cuda_on_cpu_mma_m16n8k256_and_popc(c, a, b0, b1);  // the tests' CPU build (tests/cuda_on_cpu.h)
+#elif __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"

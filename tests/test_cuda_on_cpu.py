@@ -1,0 +1,112 @@
+"""The CPU build of CUDA kernels that the GPU tests use where there is no GPU (cuda_on_cpu.py): it
+must compute what a GPU computes and show the bugs a GPU would hide or crash on, each checked on a
+small kernel written for it."""
+import numpy as np
+import pytest
+
+import cuda_on_cpu
+
+pytestmark = pytest.mark.skipif(not cuda_on_cpu.available(), reason="no g++ to build CUDA for the CPU")
+
+SOURCE = r"""
+typedef unsigned int u32;
+
+// out[i] = x[i + 1] (the last reads x[n]), neighbours through shared memory, with and without the barrier
+extern "C" __global__ void shift_left(const float* x, int n, int barrier, int read_past_end, float* out) {
+  __shared__ float tile[256];
+  const int i = threadIdx.x;
+  tile[i] = i < n ? x[i] : 0.0f;
+  if (barrier) __syncthreads();
+  if (i + 1 < n) out[i] = tile[i + 1];
+  if (read_past_end && i + 1 == n) out[i] = x[n];
+}
+
+// ballot of x[i] < 0 per warp, and each lane's neighbour's value by xor-shuffle
+extern "C" __global__ void vote(const float* x, int* ballots, int* swapped) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const u32 word = __ballot_sync(0xffffffffu, x[i] < 0.0f);
+  if ((threadIdx.x & 31) == 0) ballots[i / 32] = (int)word;
+  swapped[i] = __shfl_xor_sync(0xffffffffu, i, 1);
+}
+
+// a warp operation after some lanes have returned
+extern "C" __global__ void vote_after_return(int* out) {
+  if (threadIdx.x == 3) return;
+  out[threadIdx.x] = (int)__ballot_sync(0xffffffffu, 1);
+}
+
+// one m16n8k256 AND-popcount MMA: lane L's registers from a[L][4] and b[L][2], its results to d[L][4]
+extern "C" __global__ void mma(const u32* a, const u32* b, int* d) {
+  const int lane = threadIdx.x;
+  int c[4] = {1, 2, 3, 4};
+  cuda_on_cpu_mma_m16n8k256_and_popc(c, a + 4 * lane, b[2 * lane], b[2 * lane + 1]);
+  for (int r = 0; r < 4; ++r) d[4 * lane + r] = c[r];
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return cuda_on_cpu.kernels(SOURCE)
+
+
+def test_a_missing_barrier_gives_a_wrong_result(kernels):
+    """With ``__syncthreads`` the shift is right in both thread orders; without it a thread reads
+    its neighbour's slot before the neighbour wrote it (poisoned shared memory), in one of them."""
+    x = np.arange(1, 201, dtype=np.float32)
+    for _ in range(2):  # launches alternate the thread order
+        out = np.zeros(200, np.float32)
+        kernels.launch("shift_left", (1,), (256,), (x, np.int32(200), np.int32(1), np.int32(0), out))
+        np.testing.assert_array_equal(out[:199], x[1:])
+    wrong = 0
+    for _ in range(2):
+        out = np.zeros(200, np.float32)
+        kernels.launch("shift_left", (1,), (256,), (x, np.int32(200), np.int32(0), np.int32(0), out))
+        wrong += int(np.sum(out[:199] != x[1:]))
+    assert wrong >= 199
+
+
+def test_a_read_past_an_arrays_end_is_an_error_naming_the_thread(kernels):
+    x, out = np.arange(200, dtype=np.float32), np.zeros(200, np.float32)
+    with pytest.raises(AssertionError, match=r"shift_left \(on the CPU\): memory fault .* block \(0,0,0\) thread 199"):
+        kernels.launch("shift_left", (1,), (256,), (x, np.int32(200), np.int32(1), np.int32(1), out))
+    kernels.launch("shift_left", (1,), (256,), (x, np.int32(200), np.int32(1), np.int32(0), out))  # still usable
+    np.testing.assert_array_equal(out[:199], x[1:])
+
+
+def test_warp_votes_and_shuffles(kernels):
+    x = np.random.default_rng(0).normal(size=128).astype(np.float32)
+    ballots, swapped = np.zeros(4, np.int32), np.zeros(128, np.int32)
+    kernels.launch("vote", (2,), (64,), (x, ballots, swapped))
+    expected = [sum(1 << lane for lane in range(32) if x[32 * w + lane] < 0) for w in range(4)]
+    np.testing.assert_array_equal(ballots.view(np.uint32), np.array(expected, np.uint32))
+    np.testing.assert_array_equal(swapped, np.arange(128) ^ 1)
+    with pytest.raises(AssertionError, match="__ballot_sync in a warp with exited lanes"):
+        kernels.launch("vote_after_return", (1,), (32,), (np.zeros(32, np.int32),))
+
+
+def test_mma_is_the_documented_fragment_product():
+    """D = C + popc(A & B) over 256 bits, with A (16 x 256) and B (256 x 8) scattered into the
+    lanes' registers as the PTX ISA lays out m16n8k256 .b1 fragments (this scatter written from
+    the ISA's tables, independently of the emulation's gather)."""
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 2**32, (16, 8), dtype=np.uint64).astype(np.uint32)  # [row, 32-bit word of K]
+    b = rng.integers(0, 2**32, (8, 8), dtype=np.uint64).astype(np.uint32)  # [column, word]
+    a_regs, b_regs = np.zeros((32, 4), np.uint32), np.zeros((32, 2), np.uint32)
+    for lane in range(32):
+        group, t = divmod(lane, 4)  # groupID = lane >> 2, threadID_in_group = lane % 4
+        a_regs[lane] = a[group, t], a[group + 8, t], a[group, t + 4], a[group + 8, t + 4]
+        b_regs[lane] = b[group, t], b[group, t + 4]
+    d = np.zeros((32, 4), np.int32)
+    cuda_on_cpu.kernels(SOURCE).launch("mma", (1,), (32,), (a_regs, b_regs, d))
+    product = np.array([[sum(bin(int(a[r, w]) & int(b[c, w])).count("1") for w in range(8)) for c in range(8)]
+                        for r in range(16)])
+    for lane in range(32):
+        group, t = divmod(lane, 4)
+        assert list(d[lane]) == [1 + product[group, 2 * t], 2 + product[group, 2 * t + 1],
+                                 3 + product[group + 8, 2 * t], 4 + product[group + 8, 2 * t + 1]]
+
+
+def test_source_that_does_not_compile_is_an_error_with_the_compilers_message():
+    with pytest.raises(AssertionError, match="(?s)does not compile for the CPU emulation.*undeclared_name"):
+        cuda_on_cpu.kernels('extern "C" __global__ void broken(int* out) { out[0] = undeclared_name; }')
