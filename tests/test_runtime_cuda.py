@@ -13,6 +13,9 @@ the models made by ``scripts/benchmark_gpu.py --prepare DIR`` and ``LARQ_LANDMAR
 """
 import importlib.util
 import os
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -298,3 +301,19 @@ def test_gpu_models_match_the_cpu_runtime(name, flatbuffer, images, cpu_output, 
     same = np.all(_peaks(got) == _peaks(cpu_output), -1)
     assert same.mean() >= 0.99, name
     np.testing.assert_allclose(engine.predict(images[:1]), got[:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here")
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
+def test_kernels_compile_for_the_gpus_without_spills(arch, tmp_path):
+    """kernels.cu as NVIDIA's compiler sees it (CuPy compiles it with NVRTC, the same front end):
+    it compiles for Turing (the popcount path), Ampere and Hopper, and the binary convolutions fit
+    their registers (``__launch_bounds__``) without spilling to local memory."""
+    result = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o",
+                             str(tmp_path / "kernels.cubin"), cuda.SOURCE], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads",
+                        result.stderr, flags=re.S)
+    assert {name for name, _, _ in report} == {"bitpack", "unpack", "bconv2d_tensor_cores", "bconv2d_popcount",
+                                               "im2col", "pool2d"}
+    assert all(stores == loads == "0" for _, stores, loads in report), result.stderr
