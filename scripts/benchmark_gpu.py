@@ -58,15 +58,13 @@ def prepare(folder: str) -> None:
 
 
 # --- the same network in PyTorch, float ---------------------------------------------------------
-def torch_network(graph, dtype):
-    """The graph run op by op with PyTorch (NCHW, channels-last memory): bit-packed tensors are
-    +-1 floats and LceBconv2d a float convolution of them, with LCE's output transform."""
+def torch_network(graph, dtype, device: str = "cuda"):
+    """The graph run op by op with PyTorch (NCHW, channels-last memory) on ``device``: bit-packed
+    tensors are +-1 floats and LceBconv2d a float convolution of them, with LCE's output transform."""
     import torch
     import torch.nn.functional as F
 
     from larq_landmarks.runtime.ops import _nearest_indices, _same_padding
-
-    device = "cuda"
 
     def constant(index, shape_like=None):
         data = graph.tensors[index].data.astype(np.float32)

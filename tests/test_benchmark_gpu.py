@@ -1,0 +1,76 @@
+"""scripts/benchmark_gpu.py's parts that need no GPU, checked here so that the GPU session spends its
+minutes measuring: the PyTorch float network it measures against (the same function as the
+model, run on the CPU where PyTorch is installed) and the table it writes."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from larq_landmarks import export, models
+from larq_landmarks.runtime import Engine
+from larq_landmarks.runtime.graph import read_graph
+from larq_landmarks.synthetic import trained_like_batch_norm
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark_gpu.py")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("benchmark_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _peaks(heatmaps):
+    batch, height, width, count = heatmaps.shape
+    return heatmaps.transpose(0, 3, 1, 2).reshape(batch, count, -1).argmax(-1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed (the GPU machine has it)")
+def test_pytorch_baseline_is_the_models_function(tmp_path):
+    """The float baseline (the .tflite's graph op by op in PyTorch, binary convolutions as float
+    convolutions of +-1 values) gives this runtime's heatmaps in float32, to rounding. In bfloat16
+    it runs (it is timed, not compared: rounding before each sign flips bits, and the heatmaps move
+    by a quarter of their size on this model)."""
+    import tensorflow as tf
+    import torch
+
+    tf.keras.utils.set_random_seed(0)
+    model = trained_like_batch_norm(models.build_named("binary_hpm", 68, input_size=64, width=32, depth=2))
+    flatbuffer = export.convert(model, str(tmp_path / "small.tflite"))
+    images = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    expected = Engine(flatbuffer).predict(images)
+    script = _script()
+    graph = read_graph(flatbuffer, "small")
+    with torch.no_grad():
+        got = script.torch_network(graph, torch.float32, device="cpu")(torch.tensor(images)).numpy()
+        half = script.torch_network(graph, torch.bfloat16, device="cpu")(torch.tensor(images)).numpy()
+    assert got.shape == half.shape == expected.shape
+    assert np.abs(got - expected).mean() <= 1e-4 * np.abs(expected).mean()
+    assert np.mean(_peaks(got) == _peaks(expected)) >= 0.99
+    assert np.isfinite(half).all()
+
+
+def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
+    layer = {"input": "64x64x128", "filter": "3x3, 128 out, stride 1", "batch": 32, "float32_ms": 2.0, "tf32_ms": 1.0,
+             "bf16_ms": 0.8, "cuda_ms": 0.5, "cuda-popcount_ms": 1.5}
+    engines = {"larq_landmarks.runtime (cuda)": (1.5, 20.0), "same network in PyTorch, float32 (cuDNN, TF32 off)": (
+        2.0, 64.0)}
+    whole = [{"engine": name, "batch": batch, "ms": ms[i]} for name, ms in engines.items()
+             for i, batch in enumerate((1, 64))]
+    whole[1]["breakdown_ms"] = {"binary convs": 12.0, "float convs": 8.0}
+    result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "layers": [layer], "whole_model": whole,
+              "agreement": {"same_peaks": 1.0, "mean_abs_difference_ratio": 1e-7}}
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\n## CPU\n\ntext\n\n## Bit-packed inference on an NVIDIA GPU (old)\n\nold\n\n## After\n\nkept\n")
+    script = _script()
+    script.write_markdown(str(path), result)
+    script.write_markdown(str(path), result)
+    text = path.read_text()
+    assert text.count("## Bit-packed inference on an NVIDIA GPU") == 1 and "old" not in text
+    assert "## CPU\n\ntext" in text and "## After\n\nkept" in text
+    assert "(NVIDIA H200, 2026-11-29)" in text
+    assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2.000 | 1.000 | 0.800 | 0.500 | 1.500 | 4.0x | 1.6x |" in text
+    assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
+    assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks" in text
