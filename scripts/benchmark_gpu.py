@@ -2,9 +2,9 @@
 and PyTorch; no TensorFlow there).
 
     # here, with TensorFlow: the default model and the named configurations as .tflite files,
-    # with the CPU runtime's outputs for the GPU tests
+    # with the CPU runtime's outputs for the GPU tests, and the pure-Python wheels the GPU machine lacks
     python scripts/benchmark_gpu.py --prepare gpu_assets
-    # on the GPU machine
+    # on the GPU machine: the GPU tests, then this benchmark (scripts/gpu_session.sh runs both)
     python scripts/benchmark_gpu.py --assets gpu_assets --json results.json --markdown docs/benchmarks.md
 
 Part 1, every distinct binary 3x3 conv shape of the default model at batch 1, 32 and 128: this
@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -27,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 DEFAULT = "binary_hpm_default"
+GPU_WHEELS = ("tflite", "flatbuffers", "pytest", "pluggy", "iniconfig", "packaging", "pybind11")
 
 
 # --- preparing the models (with TensorFlow) -----------------------------------------------------
@@ -55,6 +57,12 @@ def prepare(folder: str) -> None:
         images = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
         np.savez(os.path.join(folder, name + ".npz"), images=images, cpu_output=Engine(flatbuffer).predict(images))
         print("prepared", name, flush=True)
+    # what the GPU machine lacks and has no index to fetch: the .tflite schema, pytest, pybind11
+    wheels = os.path.join(folder, "wheels")
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels, *GPU_WHEELS],
+                            capture_output=True, text=True)
+    print("wheels for the GPU machine:", ", ".join(sorted(os.listdir(wheels))) if result.returncode == 0
+          else f"not downloaded ({result.stderr.strip()[-300:]})", flush=True)
 
 
 # --- the same network in PyTorch, float ---------------------------------------------------------

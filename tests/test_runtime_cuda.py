@@ -43,6 +43,18 @@ GPU = _gpu_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="no CuPy or no NVIDIA GPU here")
 
 
+def _cpu_kernels():
+    try:
+        from larq_landmarks.runtime import kernels as kernel_paths
+
+        return kernel_paths.load("auto")
+    except ImportError:  # the C++ kernels are not built on this machine
+        return None
+
+
+needs_cpu_kernels = pytest.mark.skipif(_cpu_kernels() is None, reason="the C++ kernels are not built here")
+
+
 def _random_layer(cin, cout, k, seed, size=(2, 9, 11)):
     rng = np.random.default_rng(seed)
     x_bits = rng.integers(0, 2, size + (cin,), dtype=np.uint8)
@@ -126,6 +138,7 @@ def test_gpu_binary_conv_gets_the_geometry_from_the_ops(monkeypatch, cin, cout, 
         assert launched[-1] == _geometry(x_bits.shape, cin, cout, k, stride, same, pad_value)[0]
 
 
+@needs_cpu_kernels
 def test_gpu_float_conv_and_resize_glue_with_numpy_standing_in_for_cupy(monkeypatch):
     """The Python side of the GPU kernels' ``conv2d`` (batch norm + ReLU before it, the residual as
     the parts of a folded concatenation) and ``resize_nearest`` (+ ADD), with NumPy in CuPy's place
@@ -161,6 +174,7 @@ def test_gpu_float_conv_and_resize_glue_with_numpy_standing_in_for_cupy(monkeypa
     np.testing.assert_array_equal(resized[1], np.maximum(small.repeat(2, 1).repeat(2, 2) + skip, 0))
 
 
+@needs_cpu_kernels
 def test_gpu_kernel_grids_cover_sizes_that_are_not_multiples_of_a_block(monkeypatch):
     """Odd sizes (work not a multiple of the 256-thread block) through the GPU kernels' glue, with
     NumPy standing in for CuPy: each launch's grid covers its work and the results are the CPU
@@ -198,15 +212,6 @@ def _run_bconv(kernels, graph, op, x_packed):
     values[0] = kernels.upload(x_packed) if hasattr(kernels, "upload") else x_packed
     ops.lce_bconv2d(graph, op, kernels)(values)
     return kernels.download(values[5]) if hasattr(kernels, "download") else values[5]
-
-
-def _cpu_kernels():
-    try:
-        from larq_landmarks.runtime import kernels as kernel_paths
-
-        return kernel_paths.load("auto")
-    except ImportError:  # the C++ kernels are not built on this machine
-        return None
 
 
 @pytest.fixture
@@ -285,11 +290,10 @@ def _peaks(heatmaps: np.ndarray) -> np.ndarray:
     return np.stack([flat // width, flat % width], -1)
 
 
-@needs_gpu
 @pytest.mark.skipif(not _model_cases(), reason="no models prepared (LARQ_LANDMARKS_GPU_ASSETS)")
 @pytest.mark.parametrize("name,flatbuffer,images,cpu_output", _model_cases())
 @pytest.mark.parametrize("path", cuda.PATHS)
-def test_gpu_models_match_the_cpu_runtime(name, flatbuffer, images, cpu_output, path):
+def test_gpu_models_match_the_cpu_runtime(gpu_or_cpu, name, flatbuffer, images, cpu_output, path):
     """Every named binary configuration and the default model: the whole model on the GPU against
     the CPU runtime's output on the same file (batch > 1 on a batch-1 file)."""
     from larq_landmarks.runtime import Engine

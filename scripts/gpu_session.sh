@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 11's GPU checks in one run: the GPU tests, then the GPU benchmark. For a machine with an
+# NVIDIA GPU, CuPy, PyTorch and numpy but no TensorFlow and no package index. First, on a machine
+# with TensorFlow:
+#     python scripts/benchmark_gpu.py --prepare gpu_assets   # models, CPU outputs, wheels
+# then, from the repository root on the GPU machine, with gpu_assets/ beside it:
+#     OUT=gpu_results scripts/gpu_session.sh
+# $OUT gets environment.txt, build.txt, tests.txt, benchmark.txt, benchmark.json, and benchmarks.md
+# (docs/benchmarks.md with its GPU section written). Each step runs even if one before it failed;
+# the exit status is the tests'.
+set -u
+ASSETS=${ASSETS:-gpu_assets}
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+site=$(mktemp -d)
+python -m pip install -q --no-index --no-deps --target "$site" "$ASSETS"/wheels/*.whl > "$OUT/build.txt" 2>&1
+export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+{ nvidia-smi; python -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
+  python -c "import torch; print('torch', torch.__version__, torch.backends.cudnn.version())"; } > "$OUT/environment.txt" 2>&1
+# the C++ CPU kernels, for the GPU-vs-CPU comparisons (the tests skip those without them)
+python setup.py -q build_ext --inplace -j 4 >> "$OUT/build.txt" 2>&1 || echo "C++ kernels not built: see build.txt"
+LARQ_LANDMARKS_GPU_ASSETS="$ASSETS" python -m pytest --noconftest -p no:cacheprovider -o addopts="" -q -rs \
+    tests/test_runtime_cuda.py > "$OUT/tests.txt" 2>&1
+status=$?
+tail -n 30 "$OUT/tests.txt"
+cp docs/benchmarks.md "$OUT/benchmarks.md"
+python scripts/benchmark_gpu.py --assets "$ASSETS" --json "$OUT/benchmark.json" --markdown "$OUT/benchmarks.md" \
+    > "$OUT/benchmark.txt" 2>&1
+tail -n 60 "$OUT/benchmark.txt"
+exit $status
