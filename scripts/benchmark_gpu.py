@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -226,7 +227,30 @@ def _time_cuda(function, runs: int, synchronize, event):
     return float(np.median(times))
 
 
-def layers(flatbuffer: bytes, batches, runs: int):
+def _torch_time(function, runs: int, device: str) -> float:
+    """``_time_cuda`` for PyTorch work on ``device`` (CUDA events; wall clock on the CPU, for the
+    tests)."""
+    import torch
+
+    if device == "cpu":
+        return _time_cuda(function, runs, lambda: None, _WallEvent)
+    return _time_cuda(function, runs, torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True))
+
+
+class _WallEvent:
+    """``perf_counter`` with the events' interface."""
+
+    def record(self):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end) -> float:
+        return 1000 * (end.time - self.time)
+
+
+def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda"):
     import cupy as cp
     import torch
     import torch.nn.functional as F
@@ -246,7 +270,7 @@ def layers(flatbuffer: bytes, batches, runs: int):
         return _time_cuda(function, runs, cp.cuda.get_current_stream().synchronize, _cupy_event)
 
     def torch_time(function):
-        return _time_cuda(function, runs, torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True))
+        return _torch_time(function, runs, device)
 
     rows = []
     rng = np.random.default_rng(1)
@@ -265,8 +289,8 @@ def layers(flatbuffer: bytes, batches, runs: int):
                 values = ops.Values(len(graph.tensors), {}, kernels.empty)
                 values[op.inputs[0]] = packed
                 row[f"{path}_ms"] = cupy_time(lambda: run(values))
-            x = torch.randn(batch, cin, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
-            w = torch.randn(cout, cin, k, k, device="cuda").contiguous(memory_format=torch.channels_last)
+            x = torch.randn(batch, cin, size, size, device=device).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(cout, cin, k, k, device=device).contiguous(memory_format=torch.channels_last)
             for label, dtype, tf32 in (("float32", torch.float32, False), ("tf32", torch.float32, True),
                                        ("bf16", torch.bfloat16, False)):
                 torch.backends.cudnn.allow_tf32 = tf32
@@ -280,7 +304,7 @@ def layers(flatbuffer: bytes, batches, runs: int):
     return rows
 
 
-def whole_model(flatbuffer: bytes, runs: int):
+def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cuda"):
     import cupy as cp
     import torch
 
@@ -291,8 +315,9 @@ def whole_model(flatbuffer: bytes, runs: int):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     results = []
-    for batch in (1, 64):
-        images = np.random.default_rng(0).uniform(size=(batch, 256, 256, 3)).astype(np.float32)
+    for batch in batches:
+        images = np.random.default_rng(0).uniform(size=(batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:]))
+        images = images.astype(np.float32)
         device_images = cp.asarray(images)
         for path in ("cuda", "cuda-popcount"):
             engine = Engine(flatbuffer, kernels=path, name="default")
@@ -302,12 +327,11 @@ def whole_model(flatbuffer: bytes, runs: int):
             if path == "cuda":
                 results[-1]["breakdown_ms"] = breakdown(engine, device_images)
             print(json.dumps(results[-1]), flush=True)
-        x = torch.tensor(images, device="cuda")
+        x = torch.tensor(images, device=device)
         for label, dtype in (("float32 (cuDNN, TF32 off)", torch.float32), ("bfloat16 (cuDNN)", torch.bfloat16)):
-            network = torch_network(graph, dtype)
+            network = torch_network(graph, dtype, device)
             with torch.no_grad():
-                ms = _time_cuda(lambda: network(x), runs, torch.cuda.synchronize,
-                                lambda: torch.cuda.Event(enable_timing=True))
+                ms = _torch_time(lambda: network(x), runs, device)
             results.append({"engine": f"same network in PyTorch, {label}", "batch": batch, "ms": ms})
             print(json.dumps(results[-1]), flush=True)
         del x, device_images
@@ -319,16 +343,16 @@ def breakdown(engine, images, repeats: int = 5) -> dict:
     return {k: round(v, 2) for k, v in engine.time_by_part(images, repeats).items()}
 
 
-def agreement(flatbuffer: bytes, assets: str):
+def agreement(flatbuffer: bytes, assets: str, device: str = "cuda"):
     """The PyTorch float32 network against the CPU runtime's output (same landmarks?)."""
     import torch
 
     from larq_landmarks.runtime.graph import read_graph
 
     data = np.load(os.path.join(assets, DEFAULT + ".npz"))
-    network = torch_network(read_graph(flatbuffer, "default"), torch.float32)
+    network = torch_network(read_graph(flatbuffer, "default"), torch.float32, device)
     with torch.no_grad():
-        ours = network(torch.tensor(data["images"], device="cuda")).cpu().numpy()
+        ours = network(torch.tensor(data["images"], device=device)).cpu().numpy()
     cpu = data["cpu_output"]
     peaks = lambda h: h.transpose(0, 3, 1, 2).reshape(h.shape[0], h.shape[3], -1).argmax(-1)
     return {"same_peaks": float(np.mean(peaks(ours) == peaks(cpu))),
@@ -350,17 +374,21 @@ def write_markdown(path: str, result: dict) -> None:
         lines.append(f"| {r['input']} | {r['filter']} | {r['batch']} | {r['float32_ms']:.3f} | {r['tf32_ms']:.3f} | "
                      f"{r['bf16_ms']:.3f} | {r['cuda_ms']:.3f} | {r['cuda-popcount_ms']:.3f} | "
                      f"{r['float32_ms'] / r['cuda_ms']:.1f}x | {r['bf16_ms'] / r['cuda_ms']:.1f}x |")
+    small, large = min(r["batch"] for r in result["whole_model"]), max(r["batch"] for r in result["whole_model"])
     lines += ["", "### The whole default model", "",
-              "| engine | batch 1 (ms) | batch 64 (ms) | batch 64 (images/s) | batch 64 vs float32 |", "|---|---:|---:|---:|---:|"]
+              f"| engine | batch {small} (ms) | batch {large} (ms) | batch {large} (images/s) | batch {large} vs float32 |",
+              "|---|---:|---:|---:|---:|"]
     by = {}
     for r in result["whole_model"]:
         by.setdefault(r["engine"], {})[r["batch"]] = r["ms"]
-    float32 = by["same network in PyTorch, float32 (cuDNN, TF32 off)"][64]
+    float32 = by["same network in PyTorch, float32 (cuDNN, TF32 off)"][large]
     for engine, ms in by.items():
-        lines.append(f"| {engine} | {ms[1]:.2f} | {ms[64]:.1f} | {64000 / ms[64]:.0f} | {float32 / ms[64]:.2f}x |")
-    parts = next((r.get("breakdown_ms") for r in result["whole_model"] if r["batch"] == 64 and "breakdown_ms" in r), None)
+        lines.append(f"| {engine} | {ms[small]:.2f} | {ms[large]:.1f} | {1000 * large / ms[large]:.0f} | "
+                     f"{float32 / ms[large]:.2f}x |")
+    parts = next((r.get("breakdown_ms") for r in result["whole_model"] if r["batch"] == large and "breakdown_ms" in r),
+                 None)
     if parts:
-        lines += ["", "Where this runtime's batch-64 time goes (tensor cores; each step synchronised):", "",
+        lines += ["", f"Where this runtime's batch-{large} time goes (tensor cores; each step synchronised):", "",
                   "| part | ms |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in parts.items()]
     if "agreement" in result:
         a = result["agreement"]

@@ -12,6 +12,7 @@ checked against their parameter strings and their operations compiled and run th
 write shows. What this cannot check is the GPU itself: timing, and hardware that differs from the
 PTX ISA's description; the GPU tests do that, on a GPU.
 """
+import time
 import types
 
 import numpy as np
@@ -106,15 +107,26 @@ def empty(shape, dtype):
     return np.full(shape, np.nan if dtype.kind == "f" else 0x7FADBEEF, dtype)
 
 
+class Event:
+    """A CUDA event as the wall clock."""
+
+    def record(self):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
 def module() -> types.SimpleNamespace:
-    """What ``runtime/cuda.py`` uses of CuPy, on NumPy."""
+    """What ``runtime/cuda.py`` and ``scripts/benchmark_gpu.py`` use of CuPy, on NumPy."""
     stream = types.SimpleNamespace(synchronize=lambda: None)
     return types.SimpleNamespace(
         RawModule=RawModule, ElementwiseKernel=ElementwiseKernel, asarray=np.asarray,
         ascontiguousarray=np.ascontiguousarray, asnumpy=np.array, empty=empty, zeros=np.zeros,
         float32=np.float32, int32=np.int32, clip=np.clip, concatenate=np.concatenate, matmul=np.matmul, add=np.add,
         cuda=types.SimpleNamespace(Device=lambda *_: types.SimpleNamespace(compute_capability="90", id=0),
-                                   get_current_stream=lambda: stream))
+                                   get_current_stream=lambda: stream, Event=Event,
+                                   get_elapsed_time=lambda start, end: 1000 * (end.time - start.time)))
 
 
 def install(monkeypatch) -> None:

@@ -3,6 +3,7 @@ minutes measuring: the PyTorch float network it measures against (the same funct
 model, run on the CPU where PyTorch is installed) and the table it writes."""
 import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -27,18 +28,28 @@ def _peaks(heatmaps):
     return heatmaps.transpose(0, 3, 1, 2).reshape(batch, count, -1).argmax(-1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed (the GPU machine has it)")
-def test_pytorch_baseline_is_the_models_function(tmp_path):
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="PyTorch is not installed (the GPU machine has it)")
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory):
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
+    model = trained_like_batch_norm(models.build_named("binary_hpm", 68, input_size=64, width=32, depth=2))
+    return export.convert(model, str(tmp_path_factory.mktemp("benchmark_gpu") / "small.tflite"))
+
+
+@needs_torch
+def test_pytorch_baseline_is_the_models_function(small_file):
     """The float baseline (the .tflite's graph op by op in PyTorch, binary convolutions as float
     convolutions of +-1 values) gives this runtime's heatmaps in float32, to rounding. In bfloat16
     it runs (it is timed, not compared: rounding before each sign flips bits, and the heatmaps move
     by a quarter of their size on this model)."""
-    import tensorflow as tf
     import torch
 
-    tf.keras.utils.set_random_seed(0)
-    model = trained_like_batch_norm(models.build_named("binary_hpm", 68, input_size=64, width=32, depth=2))
-    flatbuffer = export.convert(model, str(tmp_path / "small.tflite"))
+    flatbuffer = small_file
     images = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     expected = Engine(flatbuffer).predict(images)
     script = _script()
@@ -74,3 +85,37 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2.000 | 1.000 | 0.800 | 0.500 | 1.500 | 4.0x | 1.6x |" in text
     assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
     assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks" in text
+
+
+@needs_torch
+@pytest.mark.slow
+def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_file, tmp_path, monkeypatch):
+    """The benchmark's GPU parts end to end with kernels.cu built for the CPU standing in for CuPy
+    (fake_cupy) and PyTorch on the CPU: every shape row and engine row has its times, and the
+    markdown table is written from them (the times themselves mean nothing here)."""
+    import fake_cupy
+
+    fake_cupy.install(monkeypatch)
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy.module())
+    script = _script()
+    rows = script.layers(small_file, [1], runs=1, device="cpu")
+    graph = read_graph(small_file, "small")
+    shapes = {(graph.tensors[op.inputs[0]].shape[1], op.options["channels_in"], graph.tensors[op.inputs[1]].shape[0])
+              for op in graph.operators if op.name == "LceBconv2d" and graph.tensors[op.inputs[1]].shape[1] == 3}
+    assert len(rows) == len(shapes) > 3
+    assert all(r[f"{k}_ms"] > 0 for r in rows for k in ("cuda", "cuda-popcount", "float32", "tf32", "bf16"))
+    whole = script.whole_model(small_file, runs=1, batches=(1, 2), device="cpu")
+    assert [(r["engine"].split(" (")[0].split(",")[0], r["batch"]) for r in whole] == [
+        ("larq_landmarks.runtime", 1), ("larq_landmarks.runtime", 1), ("same network in PyTorch", 1),
+        ("same network in PyTorch", 1), ("larq_landmarks.runtime", 2), ("larq_landmarks.runtime", 2),
+        ("same network in PyTorch", 2), ("same network in PyTorch", 2)]
+    assert set(whole[4]["breakdown_ms"]) >= {"binary convolutions", "float convolutions"}
+    images = np.random.default_rng(5).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    np.savez(tmp_path / (script.DEFAULT + ".npz"), images=images, cpu_output=Engine(small_file).predict(images))
+    agreement = script.agreement(small_file, str(tmp_path), device="cpu")
+    assert agreement["same_peaks"] >= 0.99 and agreement["mean_abs_difference_ratio"] < 1e-4
+    path = tmp_path / "benchmarks.md"
+    script.write_markdown(str(path), {"gpu": "CPU build", "date": "today", "layers": rows, "whole_model": whole,
+                                      "agreement": agreement})
+    text = path.read_text()
+    assert text.count("| 3x3, ") == len(rows) and "| batch 2 (images/s) |" in text and "heatmap peaks" in text
