@@ -34,6 +34,20 @@ def small_faces():
     return images, points
 
 
+@pytest.fixture(scope="session")
+def small_file(tmp_path_factory):
+    """A small converted binary model (``binary_hpm``, 64x64 input, width 32, depth 2, batch norms
+    with trained-like statistics): the path of its ``.tflite``."""
+    from larq_landmarks import export, models
+    from larq_landmarks.synthetic import trained_like_batch_norm
+
+    tf.keras.utils.set_random_seed(0)
+    model = trained_like_batch_norm(models.build_named("binary_hpm", 68, input_size=64, width=32, depth=2))
+    path = tmp_path_factory.mktemp("runtime") / "small.tflite"
+    export.convert(model, str(path))
+    return str(path)
+
+
 def pytest_collection_modifyitems(items):
     """Start the longest tests (tutorials, conversions) first, so that the two xdist workers
     fill the end of the run with short tests instead of waiting on one long one."""

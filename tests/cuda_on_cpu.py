@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,8 +89,11 @@ class _GuardedCopy:
         self.nbytes = array.nbytes
         data_pages = max(1, -(-self.nbytes // page))
         self.memory = mmap.mmap(-1, (data_pages + 2) * page)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
-        for guard in (base, base + (data_pages + 1) * page):
+        anchor = ctypes.c_char.from_buffer(self.memory)
+        base = ctypes.addressof(anchor)
+        del anchor  # the mmap cannot be closed while a buffer of it is held
+        self.guards = (base, base + (data_pages + 1) * page)
+        for guard in self.guards:
             if self._libc.mprotect(ctypes.c_void_p(guard), ctypes.c_size_t(page), 0) != 0:  # PROT_NONE
                 raise OSError(ctypes.get_errno(), "mprotect")
         self.offset = (data_pages + 1) * page - self.nbytes
@@ -100,18 +104,21 @@ class _GuardedCopy:
         array.reshape(-1).view(np.uint8)[...] = np.frombuffer(self.memory, np.uint8, self.nbytes, self.offset)
 
     def close(self) -> None:
-        page = mmap.PAGESIZE
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
-        data_pages = (len(self.memory) // page) - 2
-        for guard in (base, base + (data_pages + 1) * page):
-            self._libc.mprotect(ctypes.c_void_p(guard), ctypes.c_size_t(page), 3)  # read | write, for munmap
+        for guard in self.guards:
+            self._libc.mprotect(ctypes.c_void_p(guard), ctypes.c_size_t(mmap.PAGESIZE), 3)  # read | write
         self.memory.close()
 
 
-def _launch(call, grid, block, values, const, what: str) -> None:
-    """Runs ``call(grid, block, argument pointers, order)`` (a built launcher) on ``values``: NumPy
-    arrays (pointer parameters, copied next to guard pages and, unless ``const``, copied back) and
-    NumPy scalars, in the parameter order."""
+def _launch(call, library, grid, block, values, const, what: str) -> None:
+    """Runs ``call(grid, block, argument pointers, order)`` (a launcher of ``library``) on
+    ``values``: NumPy arrays (pointer parameters, copied next to guard pages and, unless ``const``,
+    copied back) and NumPy scalars, in the parameter order. One launch at a time: the emulation's
+    state is global."""
+    with _LOCK:
+        _launch_alone(call, library, grid, block, values, const, what)
+
+
+def _launch_alone(call, library, grid, block, values, const, what: str) -> None:
     global _launches
     grid = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
     block = tuple(int(v) for v in block) + (1,) * (3 - len(block))
@@ -132,7 +139,8 @@ def _launch(call, grid, block, values, const, what: str) -> None:
         _launches += 1
         status = call((ctypes.c_int * 3)(*grid), (ctypes.c_int * 3)(*block), pointers, ctypes.c_int(order))
         if status != 0:
-            raise AssertionError(f"{what} (on the CPU): {_error(call)}")
+            library.cuda_on_cpu_error.restype = ctypes.c_char_p
+            raise AssertionError(f"{what} (on the CPU): {library.cuda_on_cpu_error().decode()}")
         for copy, array, is_const in copies:
             if not is_const:
                 copy.copy_to(array)
@@ -142,12 +150,7 @@ def _launch(call, grid, block, values, const, what: str) -> None:
 
 
 _launches = 0
-
-
-def _error(call) -> str:
-    library = call.library
-    library.cuda_on_cpu_error.restype = ctypes.c_char_p
-    return library.cuda_on_cpu_error().decode()
+_LOCK = threading.Lock()
 
 
 _COMMON = """
@@ -177,10 +180,8 @@ class RawKernels:
         self._library = _build("\n".join(parts), "kernels")
 
     def launch(self, name: str, grid, block, args) -> None:
-        call = getattr(self._library, f"launch_{name}")
-        call.library = self._library
         const = [param[3] for param in self.signatures[name]]
-        _launch(call, grid, block, list(args), const, name)
+        _launch(getattr(self._library, f"launch_{name}"), self._library, grid, block, list(args), const, name)
 
 
 _ELEMENTWISE_TYPES = {"float32": "float", "int32": "int", "int64": "long long"}
@@ -236,9 +237,8 @@ extern "C" int launch(const int* grid, const int* block, void** args, int order,
         def call(grid, block, pointers, order):
             return self._library.launch(grid, block, pointers, order, scalar, ctypes.c_longlong(size))
 
-        call.library = self._library
         const = [k < len(args) - self.outputs for k in range(len(args))]
-        _launch(call, (max(1, min(64, -(-size // 256))),), (256,), list(args), const, self.name)
+        _launch(call, self._library, (max(1, min(64, -(-size // 256))),), (256,), list(args), const, self.name)
 
 
 def kernels(source: str) -> RawKernels:

@@ -8,10 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from larq_landmarks import export, models
 from larq_landmarks.runtime import Engine
 from larq_landmarks.runtime.graph import read_graph
-from larq_landmarks.synthetic import trained_like_batch_norm
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark_gpu.py")
 
@@ -33,23 +31,20 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
 
 
 @pytest.fixture(scope="module")
-def small_file(tmp_path_factory):
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(0)
-    model = trained_like_batch_norm(models.build_named("binary_hpm", 68, input_size=64, width=32, depth=2))
-    return export.convert(model, str(tmp_path_factory.mktemp("benchmark_gpu") / "small.tflite"))
+def small_flatbuffer(small_file):
+    with open(small_file, "rb") as f:
+        return f.read()
 
 
 @needs_torch
-def test_pytorch_baseline_is_the_models_function(small_file):
+def test_pytorch_baseline_is_the_models_function(small_flatbuffer):
     """The float baseline (the .tflite's graph op by op in PyTorch, binary convolutions as float
     convolutions of +-1 values) gives this runtime's heatmaps in float32, to rounding. In bfloat16
     it runs (it is timed, not compared: rounding before each sign flips bits, and the heatmaps move
     by a quarter of their size on this model)."""
     import torch
 
-    flatbuffer = small_file
+    flatbuffer = small_flatbuffer
     images = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     expected = Engine(flatbuffer).predict(images)
     script = _script()
@@ -89,7 +84,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
 
 @needs_torch
 @pytest.mark.slow
-def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_file, tmp_path, monkeypatch):
+def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tmp_path, monkeypatch):
     """The benchmark's GPU parts end to end with kernels.cu built for the CPU standing in for CuPy
     (fake_cupy) and PyTorch on the CPU: every shape row and engine row has its times, and the
     markdown table is written from them (the times themselves mean nothing here)."""
@@ -98,21 +93,21 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_file, tmp_path
     fake_cupy.install(monkeypatch)
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy.module())
     script = _script()
-    rows = script.layers(small_file, [1], runs=1, device="cpu")
-    graph = read_graph(small_file, "small")
+    rows = script.layers(small_flatbuffer, [1], runs=1, device="cpu")
+    graph = read_graph(small_flatbuffer, "small")
     shapes = {(graph.tensors[op.inputs[0]].shape[1], op.options["channels_in"], graph.tensors[op.inputs[1]].shape[0])
               for op in graph.operators if op.name == "LceBconv2d" and graph.tensors[op.inputs[1]].shape[1] == 3}
     assert len(rows) == len(shapes) > 3
     assert all(r[f"{k}_ms"] > 0 for r in rows for k in ("cuda", "cuda-popcount", "float32", "tf32", "bf16"))
-    whole = script.whole_model(small_file, runs=1, batches=(1, 2), device="cpu")
+    whole = script.whole_model(small_flatbuffer, runs=1, batches=(1, 2), device="cpu")
     assert [(r["engine"].split(" (")[0].split(",")[0], r["batch"]) for r in whole] == [
         ("larq_landmarks.runtime", 1), ("larq_landmarks.runtime", 1), ("same network in PyTorch", 1),
         ("same network in PyTorch", 1), ("larq_landmarks.runtime", 2), ("larq_landmarks.runtime", 2),
         ("same network in PyTorch", 2), ("same network in PyTorch", 2)]
     assert set(whole[4]["breakdown_ms"]) >= {"binary convolutions", "float convolutions"}
     images = np.random.default_rng(5).uniform(size=(2, 64, 64, 3)).astype(np.float32)
-    np.savez(tmp_path / (script.DEFAULT + ".npz"), images=images, cpu_output=Engine(small_file).predict(images))
-    agreement = script.agreement(small_file, str(tmp_path), device="cpu")
+    np.savez(tmp_path / (script.DEFAULT + ".npz"), images=images, cpu_output=Engine(small_flatbuffer).predict(images))
+    agreement = script.agreement(small_flatbuffer, str(tmp_path), device="cpu")
     assert agreement["same_peaks"] >= 0.99 and agreement["mean_abs_difference_ratio"] < 1e-4
     path = tmp_path / "benchmarks.md"
     script.write_markdown(str(path), {"gpu": "CPU build", "date": "today", "layers": rows, "whole_model": whole,

@@ -238,15 +238,6 @@ def test_bit_packed_outputs_and_strides_match_lce():
         np.testing.assert_allclose(Engine(flatbuffer, kernels=path).predict(images), lce, rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def small_file(tmp_path_factory):
-    tf.keras.utils.set_random_seed(0)
-    model = trained_like_batch_norm(models.build_named("binary_hpm", 68, input_size=64, width=32, depth=2))
-    path = tmp_path_factory.mktemp("runtime") / "small.tflite"
-    export.convert(model, str(path))
-    return str(path)
-
-
 def test_threads_and_kernel_choice(small_file):
     images = np.random.default_rng(2).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     one = Engine(small_file).predict(images)
