@@ -60,7 +60,8 @@ def test_pytorch_baseline_is_the_models_function(small_flatbuffer):
 
 def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     layer = {"input": "64x64x128", "filter": "3x3, 128 out, stride 1", "batch": 32, "float32_ms": 2.0, "tf32_ms": 1.0,
-             "bf16_ms": 0.8, "cuda_ms": 0.5, "cuda-popcount_ms": 1.5}
+             "bf16_ms": 0.8, "cuda_ms": 0.5, "cuda-popcount_ms": 1.5, "float32_gpu_ms": 1.8, "tf32_gpu_ms": 0.9,
+             "bf16_gpu_ms": 0.6, "cuda_gpu_ms": 0.3, "cuda-popcount_gpu_ms": None}
     engines = {"larq_landmarks.runtime (cuda)": (1.5, 20.0), "same network in PyTorch, float32 (cuDNN, TF32 off)": (
         2.0, 64.0)}
     whole = [{"engine": name, "batch": batch, "ms": ms[i]} for name, ms in engines.items()
@@ -78,6 +79,8 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "## CPU\n\ntext" in text and "## After\n\nkept" in text
     assert "(NVIDIA H200, 2026-11-29)" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2.000 | 1.000 | 0.800 | 0.500 | 1.500 | 4.0x | 1.6x |" in text
+    assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 1.800 | 0.900 | 0.600 | 0.300 | n/a | 6.0x | 2.0x |" in text
+    assert text.count("| input | filter | batch |") == 2
     assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
     assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks" in text
 
@@ -114,3 +117,4 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
                                       "agreement": agreement})
     text = path.read_text()
     assert text.count("| 3x3, ") == len(rows) and "| batch 2 (images/s) |" in text and "heatmap peaks" in text
+    assert all(r["cuda_gpu_ms"] is None and r["float32_gpu_ms"] is None for r in rows)  # no CUDA graphs on the CPU
