@@ -183,7 +183,9 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     if (kTensorCores) {
       const int warp = tid >> 5, lane = tid & 31, group = lane >> 2, t = lane & 3;
       const int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
-      for (int st = 0; st < steps; ++st) {
+      // a warp whose 32 columns all lie past the last channel (narrow layers) has nothing to count
+      const int warp_steps = n0 + wn < g.channels_out ? steps : 0;
+      for (int st = 0; st < warp_steps; ++st) {
         const int k = st * KW + t;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -199,12 +201,21 @@ __device__ void bconv2d_block(const BconvArgs& g) {
       }
     } else {
       const int tr = tid >> 4, tc = tid & 15;
-      for (int k = 0; k < steps * KW; ++k)
+      if (n0 + 32 < g.channels_out) {
+        for (int k = 0; k < steps * KW; ++k)
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+          for (int i = 0; i < 8; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            pacc[i][j] += __popc(s.tiles.a[(tr + 16 * i) * LDS + k] & s.tiles.b[(tc + 16 * j) * LDS + k]);
+            for (int j = 0; j < 4; ++j)
+              pacc[i][j] += __popc(s.tiles.a[(tr + 16 * i) * LDS + k] & s.tiles.b[(tc + 16 * j) * LDS + k]);
+      } else {  // at most 32 channels left: columns 32-63 are padding
+        for (int k = 0; k < steps * KW; ++k)
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+              pacc[i][j] += __popc(s.tiles.a[(tr + 16 * i) * LDS + k] & s.tiles.b[(tc + 16 * j) * LDS + k]);
+      }
     }
     __syncthreads();
   }
@@ -235,19 +246,21 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   }
   __syncthreads();
 
-  // epilogue: XOR count, LCE's zero-padding correction, output transform. A thread keeps one
-  // column (idx % BN = tid % BN), so its channel's constants are loaded once; a warp is 32
-  // channels of one pixel, so a ballot is one bit-packed output word.
+  // epilogue: XOR count, LCE's zero-padding correction, output transform. A row's columns are
+  // spread over `span` threads (64, or 32 where at most 32 channels are left, so that narrow layers
+  // keep every thread busy); a thread keeps one column (tid % span), so its channel's constants
+  // are loaded once, and a warp is 32 channels of one pixel, so a ballot is one bit-packed word.
   const int half_in = g.channels_in / 2;
   const int out_words = (g.channels_out + 31) / 32;
-  const int col = tid % BN, c = n0 + col;
+  const int span = g.channels_out - n0 <= 32 ? 32 : BN;
+  const int col = tid % span, c = n0 + col;
   const bool column_valid = c < g.channels_out;
   const int c_read = column_valid ? c : 0;
   const int w_pop = g.weight_pop[c_read];
   const float mul = g.packed_output ? 0.0f : g.multiplier[c_read];
   const float add = g.packed_output ? 0.0f : g.bias[c_read];
   const int threshold = g.packed_output ? g.thresholds[c_read] : 0;
-  for (int r = tid / BN; r < BM; r += THREADS / BN) {
+  for (int r = tid / span; r < BM; r += THREADS / span) {
     const i64 mr = m0 + r;
     const bool valid = mr < rows && column_valid;
     int xor_count = 0;
