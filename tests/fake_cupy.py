@@ -51,7 +51,9 @@ def _check_grid(name, grid, block, v, numbers):
              "unpack": lambda: int(v["pixels"]) * int(v["channels"]),
              "im2col": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "filter_h", "filter_w",
                                                                    "channels")])),
-             "pool2d": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")]))}
+             "pool2d": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
+             "resize_nearest": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
+             "concat_part": lambda: int(v["pixels"]) * int(v["part_channels"])}
     if name in count:
         assert name != "bitpack" or block[0] % 32 == 0, "bitpack: a warp's ballot is one word"
         threads = int(np.prod(grid)) * int(np.prod(block))

@@ -76,18 +76,21 @@ class CudaKernels:
         with open(SOURCE, encoding="utf-8") as f:
             self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
         self._bconv = self._module.get_function("bconv2d_tensor_cores" if path == "cuda" else "bconv2d_popcount")
-        self._bitpack, self._unpack, self._im2col, self._pool2d = (
-            self._module.get_function(name) for name in ("bitpack", "unpack", "im2col", "pool2d"))
+        self._bitpack, self._unpack, self._im2col, self._pool2d, self._concat_part, self._resize = (
+            self._module.get_function(name)
+            for name in ("bitpack", "unpack", "im2col", "pool2d", "concat_part", "resize_nearest"))
+        # the clamps are TFLite's std::min(std::max(v, lo), hi), which let NaN through
+        clamp = "const float low = r < lo ? lo : r; out = hi < low ? hi : low;"
         self._elementwise = cp.ElementwiseKernel(
             "float32 a, raw float32 b, int64 n, int32 op, float32 lo, float32 hi", "float32 out",
-            "const float v = b[i % n]; const float r = op == 0 ? a + v : a * v; out = fminf(fmaxf(r, lo), hi);",
+            "const float v = b[i % n]; const float r = op == 0 ? a + v : a * v; " + clamp,
             "larq_landmarks_binary_elementwise")
         self._epilogue = cp.ElementwiseKernel(
             "float32 y, raw float32 bias, int64 channels, float32 lo, float32 hi", "float32 out",
-            "out = fminf(fmaxf(y + bias[i % channels], lo), hi);", "larq_landmarks_conv_epilogue")
+            "const float r = y + bias[i % channels]; " + clamp, "larq_landmarks_conv_epilogue")
         self._epilogue_residual = cp.ElementwiseKernel(
             "float32 y, raw float32 bias, int64 channels, float32 residual, float32 lo, float32 hi", "float32 out",
-            "out = fminf(fmaxf((y + bias[i % channels]) + residual, lo), hi);", "larq_landmarks_conv_residual")
+            "const float r = (y + bias[i % channels]) + residual; " + clamp, "larq_landmarks_conv_residual")
         self._empty_float = cp.zeros(1, cp.float32)
         self._empty_int = cp.zeros(1, cp.int32)
 
@@ -217,18 +220,26 @@ class CudaKernels:
             np.int32(pad_left), np.int32(kind), np.float32(lo), np.float32(hi), out))
 
     def concat_channels(self, parts, residual, out) -> None:
+        """One launch a part, each writing its channels (plus the residual) once."""
+        channels = out.shape[-1]
+        pixels = out.size // max(channels, 1)
+        has_residual = residual.size > 0
         offset = 0
         for part in parts:
-            out[..., offset:offset + part.shape[-1]] = part
-            offset += part.shape[-1]
-        if residual.size > 0:
-            self.cp.add(out, residual, out=out)
-
+            part_channels = part.shape[-1]
+            self._launch(self._concat_part, pixels * part_channels, (
+                self.cp.ascontiguousarray(part), np.int32(part_channels), np.int32(offset), np.int32(channels),
+                residual if has_residual else self._empty_float, np.int32(has_residual), np.int64(pixels), out))
+            offset += part_channels
 
     def resize_nearest(self, x, rows, cols, residual, lo: float, hi: float, out) -> None:
-        out[:] = x[:, rows][:, :, cols]
-        if residual.size > 0:
-            self.cp.clip(self.cp.add(out, residual, out=out), lo, hi, out=out)
+        batch, height, width, channels = x.shape
+        has_residual = residual.size > 0
+        self._launch(self._resize, out.size, (
+            self.cp.ascontiguousarray(x), rows, cols, np.int32(batch), np.int32(height), np.int32(width),
+            np.int32(channels), np.int32(out.shape[1]), np.int32(out.shape[2]),
+            residual if has_residual else self._empty_float, np.int32(has_residual), np.float32(lo), np.float32(hi),
+            out))
 
 _LOADED: dict = {}
 

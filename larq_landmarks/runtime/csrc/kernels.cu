@@ -24,6 +24,13 @@ typedef long long i64;
 #define BCONV_MIN_BLOCKS 4  // blocks per SM the registers must allow (64 registers, no spills on sm_90)
 #endif
 
+// TFLite's activation clamp, std::min(std::max(v, lo), hi): NaN passes through (fminf/fmaxf would
+// turn it into a bound).
+__device__ __forceinline__ float clamp_as_tflite(float v, float lo, float hi) {
+  const float low = v < lo ? lo : v;
+  return hi < low ? hi : low;
+}
+
 // LceQuantize: bit c of pixel p = (x * scale + shift) < 0, rounded as separate ops. One thread per
 // (pixel, channel), a warp's ballot is one output word.
 extern "C" __global__ void bitpack(const float* x, const float* scale, const float* shift, int has_scale,
@@ -325,6 +332,33 @@ extern "C" __global__ void im2col(const float* x, int batch, int height, int wid
                                                                : 0.0f;
 }
 
+// CONCATENATION along channels, one part at a time: out[pixel, offset + c] = part[pixel, c], plus
+// the residual of a fused ADD, so that each output is written once.
+extern "C" __global__ void concat_part(const float* part, int part_channels, int offset, int channels,
+                                       const float* residual, int has_residual, i64 pixels, float* out) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= pixels * part_channels) return;
+  const i64 pixel = idx / part_channels;
+  const i64 at = pixel * channels + offset + (idx - pixel * part_channels);
+  out[at] = has_residual ? part[idx] + residual[at] : part[idx];
+}
+
+// RESIZE_NEAREST_NEIGHBOR with the source rows and columns given, plus the residual of a fused ADD
+// and its activation.
+extern "C" __global__ void resize_nearest(const float* x, const int* rows, const int* cols, int batch, int height,
+                                          int width, int channels, int out_h, int out_w, const float* residual,
+                                          int has_residual, float lo, float hi, float* out) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (i64)batch * out_h * out_w * channels) return;
+  const i64 pixel = idx / channels;
+  const int c = (int)(idx - pixel * channels);
+  const int b = (int)(pixel / ((i64)out_h * out_w));
+  const int rest = (int)(pixel - (i64)b * out_h * out_w);
+  const int oy = rest / out_w, ox = rest - oy * out_w;
+  const float v = x[(((i64)b * height + rows[oy]) * width + cols[ox]) * channels + c];
+  out[idx] = has_residual ? clamp_as_tflite(v + residual[idx], lo, hi) : v;
+}
+
 // MAX_POOL_2D (kind 0) and AVERAGE_POOL_2D (kind 1, mean over the taps inside the image), clamped.
 extern "C" __global__ void pool2d(const float* x, int batch, int height, int width, int channels, int out_h, int out_w,
                                   int filter_h, int filter_w, int stride_h, int stride_w, int pad_top, int pad_left,
@@ -347,5 +381,5 @@ extern "C" __global__ void pool2d(const float* x, int batch, int height, int wid
       acc = kind == 0 ? fmaxf(acc, v) : acc + v;
     }
   const float result = kind == 0 ? acc : acc * (1.0f / (float)max(taps, 1));
-  out[idx] = fminf(fmaxf(result, lo), hi);
+  out[idx] = clamp_as_tflite(result, lo, hi);
 }
