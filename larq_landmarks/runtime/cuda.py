@@ -91,6 +91,12 @@ class CudaKernels:
         self._epilogue_residual = cp.ElementwiseKernel(
             "float32 y, raw float32 bias, int64 channels, float32 residual, float32 lo, float32 hi", "float32 out",
             "const float r = (y + bias[i % channels]) + residual; " + clamp, "larq_landmarks_conv_residual")
+        # a batch norm folded before a float convolution: MUL, ADD and the clamp in one pass, rounded as the ops
+        self._input_transform = cp.ElementwiseKernel(
+            "float32 x, raw float32 mul, raw float32 add, int64 channels, int32 has_mul, int32 has_add, float32 lo, "
+            "float32 hi", "float32 out",
+            "float r = x; if (has_mul) r = __fmul_rn(r, mul[i % channels]); "
+            "if (has_add) r = __fadd_rn(r, add[i % channels]); " + clamp, "larq_landmarks_input_transform")
         self._empty_float = cp.zeros(1, cp.float32)
         self._empty_int = cp.zeros(1, cp.int32)
 
@@ -180,12 +186,14 @@ class CudaKernels:
     def conv2d(self, x, weights, bias, geometry, lo: float, hi: float, residual, input_multiplier, input_bias,
                input_lo: float, input_hi: float, out) -> None:
         cp = self.cp
-        if input_multiplier.size > 0:  # a MUL then an ADD and its activation, rounded as the ops
-            x = x * input_multiplier
-        if input_bias.size > 0:
-            x = x + input_bias
-        if input_lo > -np.inf or input_hi < np.inf:
-            x = cp.clip(x, input_lo, input_hi)
+        has_mul, has_add = input_multiplier.size > 0, input_bias.size > 0
+        if has_mul or has_add or input_lo > -np.inf or input_hi < np.inf:
+            transformed = cp.empty(x.shape, cp.float32)
+            self._input_transform(x, input_multiplier if has_mul else self._empty_float,
+                                  input_bias if has_add else self._empty_float, np.int64(x.shape[-1]),
+                                  np.int32(has_mul), np.int32(has_add), np.float32(input_lo), np.float32(input_hi),
+                                  transformed)
+            x = transformed
         residual = residual[0] if len(residual) == 1 else cp.concatenate(residual, axis=-1) if residual else None
         fh, fw, sh, sw, dh, dw, pad_top, pad_left = (int(v) for v in geometry)
         batch, height, width, cin = x.shape
