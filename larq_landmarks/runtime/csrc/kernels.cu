@@ -24,6 +24,17 @@ typedef long long i64;
 #define BCONV_MIN_BLOCKS 4  // blocks per SM the registers must allow (64 registers, no spills on sm_90)
 #endif
 
+// An output pixel's batch index, row and column (pixels numbered image by image, row by row).
+struct Pixel {
+  int b, y, x;
+};
+__device__ __forceinline__ Pixel pixel_position(i64 pixel, int out_h, int out_w) {
+  const int b = (int)(pixel / ((i64)out_h * out_w));
+  const int rest = (int)(pixel - (i64)b * out_h * out_w);
+  const int y = rest / out_w;
+  return Pixel{b, y, rest - y * out_w};
+}
+
 // TFLite's activation clamp, std::min(std::max(v, lo), hi): NaN passes through (fminf/fmaxf would
 // turn it into a bound).
 __device__ __forceinline__ float clamp_as_tflite(float v, float lo, float hi) {
@@ -117,20 +128,18 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   const bool row_valid = m < rows;
   int b = 0, y0 = 0, x0 = 0;
   if (row_valid) {
-    b = (int)(m / ((i64)g.out_h * g.out_w));
-    const int rest = (int)(m - (i64)b * g.out_h * g.out_w);
-    const int oy = rest / g.out_w, ox = rest - oy * g.out_w;
-    y0 = oy * g.stride_h - g.pad_top;
-    x0 = ox * g.stride_w - g.pad_left;
+    const Pixel p = pixel_position(m, g.out_h, g.out_w);
+    b = p.b;
+    y0 = p.y * g.stride_h - g.pad_top;
+    x0 = p.x * g.stride_w - g.pad_left;
   }
   // the taps outside the image, for LCE's zero-padding correction (one row per thread)
   if (tid < BM) {
     const i64 mr = m0 + tid;
     unsigned long long outside = 0;
     if (mr < rows) {
-      const int br = (int)(mr / ((i64)g.out_h * g.out_w));
-      const int rest = (int)(mr - (i64)br * g.out_h * g.out_w);
-      const int oy = rest / g.out_w, ox = rest - oy * g.out_w;
+      const Pixel p = pixel_position(mr, g.out_h, g.out_w);
+      const int oy = p.y, ox = p.x;
       for (int fy = 0; fy < g.filter_h; ++fy)
         for (int fx = 0; fx < g.filter_w; ++fx) {
           const int y = oy * g.stride_h - g.pad_top + fy * g.dilation_h;
@@ -324,9 +333,8 @@ extern "C" __global__ void im2col(const float* x, int batch, int height, int wid
   const int kk = (int)(idx - pixel * k);
   const int tap = kk / channels, c = kk - tap * channels;
   const int fy = tap / filter_w, fx = tap - fy * filter_w;
-  const int b = (int)(pixel / ((i64)out_h * out_w));
-  const int rest = (int)(pixel - (i64)b * out_h * out_w);
-  const int oy = rest / out_w, ox = rest - oy * out_w;
+  const Pixel p = pixel_position(pixel, out_h, out_w);
+  const int b = p.b, oy = p.y, ox = p.x;
   const int y = oy * stride_h - pad_top + fy * dilation_h, xx = ox * stride_w - pad_left + fx * dilation_w;
   cols[idx] = (y >= 0 && y < height && xx >= 0 && xx < width) ? x[(((i64)b * height + y) * width + xx) * channels + c]
                                                                : 0.0f;
@@ -352,10 +360,8 @@ extern "C" __global__ void resize_nearest(const float* x, const int* rows, const
   if (idx >= (i64)batch * out_h * out_w * channels) return;
   const i64 pixel = idx / channels;
   const int c = (int)(idx - pixel * channels);
-  const int b = (int)(pixel / ((i64)out_h * out_w));
-  const int rest = (int)(pixel - (i64)b * out_h * out_w);
-  const int oy = rest / out_w, ox = rest - oy * out_w;
-  const float v = x[(((i64)b * height + rows[oy]) * width + cols[ox]) * channels + c];
+  const Pixel p = pixel_position(pixel, out_h, out_w);
+  const float v = x[(((i64)p.b * height + rows[p.y]) * width + cols[p.x]) * channels + c];
   out[idx] = has_residual ? clamp_as_tflite(v + residual[idx], lo, hi) : v;
 }
 
@@ -367,9 +373,8 @@ extern "C" __global__ void pool2d(const float* x, int batch, int height, int wid
   if (idx >= (i64)batch * out_h * out_w * channels) return;
   const i64 pixel = idx / channels;
   const int c = (int)(idx - pixel * channels);
-  const int b = (int)(pixel / ((i64)out_h * out_w));
-  const int rest = (int)(pixel - (i64)b * out_h * out_w);
-  const int oy = rest / out_w, ox = rest - oy * out_w;
+  const Pixel p = pixel_position(pixel, out_h, out_w);
+  const int b = p.b, oy = p.y, ox = p.x;
   float acc = kind == 0 ? __int_as_float(0xff800000) : 0.0f;  // -inf
   int taps = 0;
   for (int fy = 0; fy < filter_h; ++fy)
