@@ -6,8 +6,8 @@ the GPU kernels with NumPy standing in for CuPy (``fake_cupy.py``: launches chec
 kernels.cu, and kernels.cu itself built for the CPU by ``cuda_on_cpu.py``) give the CPU kernels'
 results; asking for the GPU without CuPy or a GPU is a clear error. The kernel tests below
 (accumulators bit-exact against the reference and this runtime's CPU kernels, bit packing and
-element-wise ops) run on the GPU where there is one and on that CPU build elsewhere; whole models
-against the CPU runtime need a GPU and the prepared models. No TensorFlow is imported here, so
+element-wise ops) run on the GPU where there is one and on that CPU build elsewhere, and so do
+whole models against the CPU runtime where the models are prepared. No TensorFlow is imported here, so
 the GPU tests run on a machine without it (``pytest --noconftest tests/test_runtime_cuda.py`` with
 the models made by ``scripts/benchmark_gpu.py --prepare DIR`` and ``LARQ_LANDMARKS_GPU_ASSETS=DIR``).
 """
@@ -41,7 +41,6 @@ def _gpu_available() -> bool:
 
 
 GPU = _gpu_available()
-needs_gpu = pytest.mark.skipif(not GPU, reason="no CuPy or no NVIDIA GPU here")
 
 
 def _cpu_kernels():

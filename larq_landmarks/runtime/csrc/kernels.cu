@@ -108,6 +108,18 @@ union BconvShared {
   int c[BM * (BN + 1)];
 };
 
+// The popcount path's counting: thread (tr, tc) adds popc(a & w) over `k_words` words for rows
+// tr + 16 i and columns tc + 16 j, j below kColumnGroups (4: all 64 columns, 2: the first 32).
+template <int kColumnGroups>
+__device__ __forceinline__ void popcount_tile(int (&pacc)[8][4], const u32* a, const u32* b, int tr, int tc,
+                                              int k_words) {
+  for (int k = 0; k < k_words; ++k)
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < kColumnGroups; ++j) pacc[i][j] += __popc(a[(tr + 16 * i) * LDS + k] & b[(tc + 16 * j) * LDS + k]);
+}
+
 // One block: BM pixels x BN channels, K in chunks of KC words (all of a chunk's loads in flight at
 // once). Thread t loads half of row t / 2 of each chunk (the chunk's words rounded up to whole
 // 256-bit steps; the first or the second half by t % 2), stepping through the taps without division, and counts their set bits (the row popcount of the AND formulation;
@@ -217,21 +229,10 @@ __device__ void bconv2d_block(const BconvArgs& g) {
       }
     } else {
       const int tr = tid >> 4, tc = tid & 15;
-      if (n0 + 32 < g.channels_out) {
-        for (int k = 0; k < steps * KW; ++k)
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-              pacc[i][j] += __popc(s.tiles.a[(tr + 16 * i) * LDS + k] & s.tiles.b[(tc + 16 * j) * LDS + k]);
-      } else {  // at most 32 channels left: columns 32-63 are padding
-        for (int k = 0; k < steps * KW; ++k)
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-#pragma unroll
-            for (int j = 0; j < 2; ++j)
-              pacc[i][j] += __popc(s.tiles.a[(tr + 16 * i) * LDS + k] & s.tiles.b[(tc + 16 * j) * LDS + k]);
-      }
+      if (n0 + 32 < g.channels_out)
+        popcount_tile<4>(pacc, s.tiles.a, s.tiles.b, tr, tc, steps * KW);
+      else  // at most 32 channels left: columns 32-63 are padding
+        popcount_tile<2>(pacc, s.tiles.a, s.tiles.b, tr, tc, steps * KW);
     }
     __syncthreads();
   }
