@@ -40,11 +40,6 @@ def _check(name, params, args):
     return values
 
 
-def _covers(name, grid, block, total):
-    threads = int(np.prod(grid)) * int(np.prod(block))
-    assert threads >= total, f"{name}: {threads} threads for {total} work items"
-
-
 def _check_grid(name, grid, block, v, numbers):
     """The launch's grid covers the work the kernel's index runs over."""
     count = {"bitpack": lambda: int(v["pixels"]) * int(v["words"]) * 32,

@@ -112,7 +112,7 @@ def test_weight_layout_pads_with_zero_bits():
 @pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", [(40, 24, 3, 2, True, 0), (33, 70, 3, 1, False, 1)])
 def test_gpu_binary_conv_gets_the_geometry_from_the_ops(monkeypatch, cin, cout, k, stride, same, pad_value):
     """``ops.lce_bconv2d`` on the GPU kernels' ``binary_conv2d``, with NumPy standing in for CuPy
-    (tests/fake_cupy.py: the launch checked against kernels.cu, the CUDA kernel's NumPy model run):
+    (tests/fake_cupy.py: the launch checked against kernels.cu, the kernel built for the CPU run):
     the geometry it is given (padding and pad value placed where the kernel reads them) gives
     LCE's accumulators, for inputs of two sizes."""
     fake_cupy.install(monkeypatch)
@@ -142,8 +142,7 @@ def test_gpu_binary_conv_gets_the_geometry_from_the_ops(monkeypatch, cin, cout, 
 def test_gpu_float_conv_and_resize_glue_with_numpy_standing_in_for_cupy(monkeypatch):
     """The Python side of the GPU kernels' ``conv2d`` (batch norm + ReLU before it, the residual as
     the parts of a folded concatenation) and ``resize_nearest`` (+ ADD), with NumPy in CuPy's place
-    (tests/fake_cupy.py), against the CPU kernels (the GPU itself is checked by the tests below, on
-    a GPU)."""
+    (tests/fake_cupy.py, kernels.cu built for the CPU), against the C++ kernels."""
     from larq_landmarks.runtime import kernels as kernel_paths
 
     fake_cupy.install(monkeypatch)
