@@ -522,8 +522,15 @@ def main(argv=None):
 
     torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm for each shape
     parts = args.parts.split(",")
+    def save():  # after each part, so that a part cut short leaves the ones before it
+        if args.json:
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.json)), delete=False) as f:
+                json.dump(result, f, indent=1)
+            os.replace(f.name, args.json)
+
     if "layers" in parts:
         result["layers"] = layers(flatbuffer, [int(b) for b in args.batches.split(",")], args.runs)
+        save()
     if "model" in parts:
         try:
             result["agreement"] = agreement(flatbuffer, args.assets)
@@ -531,9 +538,7 @@ def main(argv=None):
         except Exception as error:  # the timing below does not depend on it
             print(f"agreement check failed: {error!r}", flush=True)
         result["whole_model"] = whole_model(flatbuffer, max(5, args.runs // 2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        save()
     if args.markdown and "layers" in result and "whole_model" in result:
         write_markdown(args.markdown, result)
 
