@@ -504,6 +504,8 @@ def main(argv=None):
     parser.add_argument("--assets", metavar="DIR", help="folder written by --prepare")
     parser.add_argument("--parts", default="layers,model", help="layers, model (comma-separated)")
     parser.add_argument("--batches", default="1,32,128", help="batch sizes of the per-layer table")
+    parser.add_argument("--model-batches", default="1,64", help="batch sizes of the whole-model table")
+    parser.add_argument("--device", default="cuda", help="PyTorch's device (cpu only to test this script)")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="update this file's GPU section")
@@ -522,6 +524,7 @@ def main(argv=None):
 
     torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm for each shape
     parts = args.parts.split(",")
+
     def save():  # after each part, so that a part cut short leaves the ones before it
         if args.json:
             with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.json)), delete=False) as f:
@@ -529,15 +532,16 @@ def main(argv=None):
             os.replace(f.name, args.json)
 
     if "layers" in parts:
-        result["layers"] = layers(flatbuffer, [int(b) for b in args.batches.split(",")], args.runs)
+        result["layers"] = layers(flatbuffer, [int(b) for b in args.batches.split(",")], args.runs, args.device)
         save()
     if "model" in parts:
         try:
-            result["agreement"] = agreement(flatbuffer, args.assets)
+            result["agreement"] = agreement(flatbuffer, args.assets, args.device)
             print(json.dumps(result["agreement"]), flush=True)
         except Exception as error:  # the timing below does not depend on it
             print(f"agreement check failed: {error!r}", flush=True)
-        result["whole_model"] = whole_model(flatbuffer, max(5, args.runs // 2))
+        result["whole_model"] = whole_model(flatbuffer, max(5, args.runs // 2),
+                                            [int(b) for b in args.model_batches.split(",")], args.device)
         save()
     if args.markdown and "layers" in result and "whole_model" in result:
         write_markdown(args.markdown, result)

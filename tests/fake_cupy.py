@@ -123,6 +123,7 @@ def module() -> types.SimpleNamespace:
         float32=np.float32, int32=np.int32, clip=np.clip, concatenate=np.concatenate, matmul=np.matmul, add=np.add,
         cuda=types.SimpleNamespace(Device=lambda *_: types.SimpleNamespace(compute_capability="90", id=0),
                                    get_current_stream=lambda: stream, Event=Event,
+                                   runtime=types.SimpleNamespace(getDeviceProperties=lambda _: {"name": b"CPU build"}),
                                    get_elapsed_time=lambda start, end: 1000 * (end.time - start.time)))
 
 

@@ -2,6 +2,7 @@
 minutes measuring: the PyTorch float network it measures against (the same function as the
 model, run on the CPU where PyTorch is installed) and the table it writes."""
 import importlib.util
+import json
 import os
 import sys
 
@@ -108,13 +109,17 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
         ("same network in PyTorch", 1), ("larq_landmarks.runtime", 2), ("larq_landmarks.runtime", 2),
         ("same network in PyTorch", 2), ("same network in PyTorch", 2)]
     assert set(whole[4]["breakdown_ms"]) >= {"binary convolutions", "float convolutions"}
+    assert all(r["cuda_gpu_ms"] is None and r["float32_gpu_ms"] is None for r in rows)  # no CUDA graphs on the CPU
+
+    # the command line, as on the GPU machine: the prepared folder in, JSON and the markdown section out
+    (tmp_path / (script.DEFAULT + ".tflite")).write_bytes(small_flatbuffer)
     images = np.random.default_rng(5).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     np.savez(tmp_path / (script.DEFAULT + ".npz"), images=images, cpu_output=Engine(small_flatbuffer).predict(images))
-    agreement = script.agreement(small_flatbuffer, str(tmp_path), device="cpu")
-    assert agreement["same_peaks"] >= 0.99 and agreement["mean_abs_difference_ratio"] < 1e-4
     path = tmp_path / "benchmarks.md"
-    script.write_markdown(str(path), {"gpu": "CPU build", "date": "today", "layers": rows, "whole_model": whole,
-                                      "agreement": agreement})
+    script.main(["--assets", str(tmp_path), "--json", str(tmp_path / "result.json"), "--markdown", str(path),
+                 "--batches", "1", "--model-batches", "1,2", "--runs", "1", "--device", "cpu"])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert len(result["layers"]) == len(rows) and len(result["whole_model"]) == 8
+    assert result["agreement"]["same_peaks"] >= 0.99 and result["agreement"]["mean_abs_difference_ratio"] < 1e-4
     text = path.read_text()
     assert text.count("| 3x3, ") == len(rows) and "| batch 2 (images/s) |" in text and "heatmap peaks" in text
-    assert all(r["cuda_gpu_ms"] is None and r["float32_gpu_ms"] is None for r in rows)  # no CUDA graphs on the CPU
