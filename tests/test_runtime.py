@@ -1,6 +1,7 @@
 """The bit-packed runtime (issue 10): binary-conv accumulators bit-exact against a NumPy reference
 of LCE's semantics on every kernel path; whole converted models against LCE's interpreter; the
 engine selection, threads, unsupported ops, and running without TensorFlow."""
+import json
 import os
 import subprocess
 import sys
@@ -301,6 +302,30 @@ def test_gpu_engine_runs_its_cuda_kernels_on_the_cpu(small_file, monkeypatch, ke
     gpu = Engine(small_file, kernels=kernels)
     assert gpu.kernels == kernels
     _assert_same_heatmaps(gpu.predict(images), Engine(small_file).predict(images), kernels)
+
+
+def test_predictor_and_cli_run_the_cuda_engine_on_the_cpu_build(small_file, monkeypatch, tmp_path):
+    """Issue 11's item 3 with kernels.cu built for the CPU in the GPU's place (tests/fake_cupy.py):
+    ``Predictor(engine="cuda")`` batches the faces of several images into one model call and finds
+    the CPU runtime's landmarks; ``larq-landmarks predict --engine cuda`` writes them."""
+    fake_cupy.install(monkeypatch)
+    rng = np.random.default_rng(8)
+    images = [(rng.uniform(size=(90, 100, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    boxes = [[[10, 10, 80, 70], [0, 0, 50, 50]], [[5, 5, 60, 60]], [[20, 10, 90, 85]]]
+    gpu, cpu = Predictor.from_path(small_file, engine="cuda"), Predictor.from_path(small_file)
+    assert (gpu.engine, cpu.engine) == ("cuda", "runtime")
+    calls = []
+    heatmaps = gpu._heatmaps
+    monkeypatch.setattr(gpu, "_heatmaps", lambda crops: calls.append(len(crops)) or heatmaps(crops))
+    for (points, _), (expected, _) in zip(gpu.predict_many(images, boxes), cpu.predict_many(images, boxes)):
+        np.testing.assert_allclose(points, expected, atol=0.5)
+    assert calls == [4]  # the four faces of three images in one call
+    path = tmp_path / "face.png"
+    Image.fromarray(images[0]).save(path)
+    assert cli.main(["predict", str(path), "--model", small_file, "--engine", "cuda", "--box", "10,10,80,70",
+                     "--out", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "landmarks.json").read_text())[str(path)]["landmarks"]
+    np.testing.assert_allclose(written[0], cpu.predict(images[0], [boxes[0][0]])[0][0], atol=0.5)
 
 
 def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
