@@ -29,6 +29,10 @@ struct cuda_on_cpu_dim3 {
 struct uint2 {
   unsigned x, y;
 };
+struct float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 inline cuda_on_cpu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
@@ -247,6 +251,13 @@ inline int run_grid(const int* grid, const int* block_dim, void (*body)(), int o
 }  // namespace cuda_on_cpu
 
 inline void __syncthreads() { cuda_on_cpu::wait_at(cuda_on_cpu::block.barrier, cuda_on_cpu::block.live); }
+
+// A vector access must be aligned to its size on a GPU (a misaligned one faults there).
+inline void cuda_on_cpu_check_aligned(const void* p, int bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    cuda_on_cpu::fail(std::string(what) + " at an address not aligned to " + std::to_string(bytes) + " bytes (" +
+                      cuda_on_cpu::where() + ")");
+}
 
 inline void __trap() { cuda_on_cpu::fail("__trap() in " + cuda_on_cpu::where()); }
 

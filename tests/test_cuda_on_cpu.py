@@ -35,6 +35,12 @@ extern "C" __global__ void vote_after_return(int* out) {
   out[threadIdx.x] = (int)__ballot_sync(0xffffffffu, 1);
 }
 
+// a 16-byte store at out + offset floats
+extern "C" __global__ void store4(int offset, float* out) {
+  cuda_on_cpu_check_aligned(out + offset, 16, "float4 store");
+  *reinterpret_cast<float4*>(out + offset) = make_float4(1.0f, 2.0f, 3.0f, 4.0f);
+}
+
 // one m16n8k256 AND-popcount MMA: lane L's registers from a[L][4] and b[L][2], its results to d[L][4]
 extern "C" __global__ void mma(const u32* a, const u32* b, int* d) {
   const int lane = threadIdx.x;
@@ -72,6 +78,14 @@ def test_a_read_past_an_arrays_end_is_an_error_naming_the_thread(kernels):
         kernels.launch("shift_left", (1,), (256,), (x, np.int32(200), np.int32(1), np.int32(1), out))
     kernels.launch("shift_left", (1,), (256,), (x, np.int32(200), np.int32(1), np.int32(0), out))  # still usable
     np.testing.assert_array_equal(out[:199], x[1:])
+
+
+def test_a_misaligned_vector_store_is_an_error(kernels):
+    out = np.zeros(8, np.float32)
+    kernels.launch("store4", (1,), (32,), (np.int32(4), out))
+    np.testing.assert_array_equal(out, [0, 0, 0, 0, 1, 2, 3, 4])
+    with pytest.raises(AssertionError, match=r"float4 store at an address not aligned to 16 bytes \(block \(0,0,0\) thread \d+\)"):
+        kernels.launch("store4", (1,), (32,), (np.int32(2), out))
 
 
 def test_warp_votes_and_shuffles(kernels):

@@ -120,6 +120,55 @@ __device__ __forceinline__ void popcount_tile(int (&pacc)[8][4], const u32* a, c
       for (int j = 0; j < kColumnGroups; ++j) pacc[i][j] += __popc(a[(tr + 16 * i) * LDS + k] & b[(tc + 16 * j) * LDS + k]);
 }
 
+// A 16-byte store (the address must be 16-byte aligned on the GPU; the tests' CPU build checks it).
+__device__ __forceinline__ void store_float4(float* p, float4 v) {
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+  cuda_on_cpu_check_aligned(p, 16, "float4 store");
+#endif
+  *reinterpret_cast<float4*>(p) = v;
+}
+
+// The float-output epilogue with 4 channels a thread (channels_out a multiple of 4): a row's count,
+// border taps and address are read once for 4 outputs, which go out in one 16-byte store. A row
+// is spread over 16 threads (8 where at most 32 channels are left, so narrow layers keep every
+// thread busy). `counts` are the block's AND counts, [BM][BN + 1].
+__device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, const int* counts, const int* row_pop,
+                                                        const unsigned long long* row_outside, i64 m0, int n0,
+                                                        i64 rows) {
+  const int tid = threadIdx.x;
+  const int quads = (g.channels_out - n0 <= 32 ? 32 : BN) / 4;
+  const int col = 4 * (tid % quads), c = n0 + col;
+  if (c >= g.channels_out) return;  // channels_out % 4 == 0: a thread's 4 channels are all in or all out
+  const int half_in = g.channels_in / 2;
+  int w_pop[4];
+  float mul[4], add[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    w_pop[j] = g.weight_pop[c + j];
+    mul[j] = g.multiplier[c + j];
+    add[j] = g.bias[c + j];
+  }
+  for (int r = tid / quads; r < BM && m0 + r < rows; r += THREADS / quads) {
+    int count[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) count[j] = row_pop[r] + w_pop[j] - 2 * counts[r * (BN + 1) + col + j];
+    if (g.pad_value == 0) {
+      unsigned long long outside = row_outside[r];
+      while (outside) {
+        const int tap = __ffsll((long long)outside) - 1;
+        outside &= outside - 1;
+        const int* pop = g.tap_pop + (i64)tap * g.channels_out + c;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) count[j] += half_in - pop[j];
+      }
+    }
+    float v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = fmaf((float)min(max(2 * count[j], g.clamp_min), g.clamp_max), mul[j], add[j]);
+    store_float4(reinterpret_cast<float*>(g.out) + (m0 + r) * g.channels_out + c, make_float4(v[0], v[1], v[2], v[3]));
+  }
+}
+
 // One block: BM pixels x BN channels, K in chunks of KC words (all of a chunk's loads in flight at
 // once). Thread t loads half of row t / 2 of each chunk (the chunk's words rounded up to whole
 // 256-bit steps; the first or the second half by t % 2), stepping through the taps without division, and counts their set bits (the row popcount of the AND formulation;
@@ -263,6 +312,10 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   }
   __syncthreads();
 
+  if (!g.packed_output && g.channels_out % 4 == 0) {
+    bconv2d_float4_epilogue(g, s.c, row_pop, row_outside, m0, n0, rows);
+    return;
+  }
   // epilogue: XOR count, LCE's zero-padding correction, output transform. A row's columns are
   // spread over `span` threads (64, or 32 where at most 32 channels are left, so that narrow layers
   // keep every thread busy); a thread keeps one column (tid % span), so its channel's constants
