@@ -338,6 +338,8 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda"):
     def torch_time(function):
         return _torch_time(function, runs, device)
 
+    graph_runs = max(3, runs // 2)  # each replay is GRAPH_CALLS calls
+
     rows = []
     rng = np.random.default_rng(1)
     for (size, cin, cout, k, stride), op in sorted(shapes.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
@@ -360,7 +362,7 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda"):
                     values.release(values[op.outputs[0]])
 
                 row[f"{path}_ms"] = cupy_time(step)
-                row[f"{path}_gpu_ms"] = _cupy_graph_time(step, runs)
+                row[f"{path}_gpu_ms"] = _cupy_graph_time(step, graph_runs)
             x = torch.randn(batch, cin, size, size, device=device).contiguous(memory_format=torch.channels_last)
             w = torch.randn(cout, cin, k, k, device=device).contiguous(memory_format=torch.channels_last)
             for label, dtype, tf32 in (("float32", torch.float32, False), ("tf32", torch.float32, True),
@@ -370,7 +372,7 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda"):
                 xd, wd = x.to(dtype), w.to(dtype)
                 row[f"{label}_ms"] = torch_time(lambda: F.conv2d(xd, wd, padding=k // 2, stride=stride))
                 row[f"{label}_gpu_ms"] = _torch_graph_time(lambda: F.conv2d(xd, wd, padding=k // 2, stride=stride),
-                                                           runs, device)
+                                                           graph_runs, device)
             torch.backends.cudnn.allow_tf32 = False
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -7,8 +7,8 @@
 #     OUT=gpu_results scripts/gpu_session.sh
 # $OUT gets environment.txt, build.txt, tests.txt, benchmark.txt, benchmark.json, and benchmarks.md
 # (docs/benchmarks.md with its GPU section written). Each step runs even if one before it failed,
-# under a time limit (TEST_SECONDS, BENCHMARK_SECONDS) so that one hang cannot take the session;
-# the exit status is the tests'.
+# under a time limit (TEST_SECONDS, BENCHMARK_SECONDS) so that one hang cannot take the session
+# and the whole run fits in 10 minutes; the exit status is the tests'.
 set -u
 ASSETS=${ASSETS:-gpu_assets}
 OUT=${OUT:-gpu_results}
@@ -19,13 +19,13 @@ export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi; python -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
   python -c "import torch; print('torch', torch.__version__, torch.backends.cudnn.version())"; } > "$OUT/environment.txt" 2>&1
 # the C++ CPU kernels, for the GPU-vs-CPU comparisons (the tests skip those without them)
-timeout 120 python setup.py -q build_ext --inplace -j 4 >> "$OUT/build.txt" 2>&1 || echo "C++ kernels not built: see build.txt"
-LARQ_LANDMARKS_GPU_ASSETS="$ASSETS" timeout "${TEST_SECONDS:-240}" python -m pytest --noconftest -p no:cacheprovider -o addopts="" -q -rs \
+timeout 90 python setup.py -q build_ext --inplace -j 4 >> "$OUT/build.txt" 2>&1 || echo "C++ kernels not built: see build.txt"
+LARQ_LANDMARKS_GPU_ASSETS="$ASSETS" timeout "${TEST_SECONDS:-150}" python -m pytest --noconftest -p no:cacheprovider -o addopts="" -q -rs \
     tests/test_runtime_cuda.py > "$OUT/tests.txt" 2>&1
 status=$?
 tail -n 30 "$OUT/tests.txt"
 cp docs/benchmarks.md "$OUT/benchmarks.md"
-timeout "${BENCHMARK_SECONDS:-420}" python scripts/benchmark_gpu.py --assets "$ASSETS" --json "$OUT/benchmark.json" --markdown "$OUT/benchmarks.md" \
+timeout "${BENCHMARK_SECONDS:-330}" python scripts/benchmark_gpu.py --assets "$ASSETS" --json "$OUT/benchmark.json" --markdown "$OUT/benchmarks.md" \
     > "$OUT/benchmark.txt" 2>&1
 tail -n 60 "$OUT/benchmark.txt"
 exit $status
