@@ -16,6 +16,7 @@ import time
 import types
 
 import numpy as np
+import pytest
 
 from larq_landmarks.runtime import cuda
 
@@ -128,6 +129,9 @@ def module() -> types.SimpleNamespace:
 
 
 def install(monkeypatch) -> None:
-    """Make ``runtime.cuda`` load this module instead of CuPy, for one test."""
+    """Make ``runtime.cuda`` load this module instead of CuPy, for one test (skipped where there is
+    no g++ to build the kernels for the CPU)."""
+    if not cuda_on_cpu.available():
+        pytest.skip("no g++ to build kernels.cu for the CPU")
     monkeypatch.setattr(cuda, "_cupy", module)
     monkeypatch.setattr(cuda, "_LOADED", {})
