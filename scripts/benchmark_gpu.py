@@ -257,6 +257,7 @@ def _cupy_graph_time(function, runs: int, calls: int = GRAPH_CALLS):
     """Milliseconds a call of ``function`` takes on the GPU alone: ``calls`` calls captured in one
     CUDA graph, the graph replayed ``runs`` times (median), divided by ``calls``. No Python between
     the kernels, so small shapes show the kernel, not the launch. None where capture fails."""
+    stream = None
     try:
         import cupy as cp
 
@@ -280,6 +281,11 @@ def _cupy_graph_time(function, runs: int, calls: int = GRAPH_CALLS):
         return float(np.median(times))
     except Exception as error:  # the per-call times do not depend on it
         print(f"CUDA graph timing failed: {error!r}", flush=True)
+        try:  # leave no stream capturing behind
+            if stream is not None and stream.is_capturing():
+                stream.end_capture()
+        except Exception:
+            pass
         return None
 
 

@@ -69,7 +69,7 @@ class _Kernel:
     def __call__(self, grid, block, args):
         v = _check(self.name, self.kernels.signatures[self.name], args)
         _check_grid(self.name, grid, block, v, self.kernels.numbers)
-        self.kernels.launch(self.name, grid, block, args)
+        _run_or_record(lambda: self.kernels.launch(self.name, grid, block, args))
 
 
 class RawModule:
@@ -96,7 +96,7 @@ class ElementwiseKernel:
                 assert arg.dtype == dtype, f"{self.name}: {words[-1]} is {dtype}, got {arg.dtype}"
             else:
                 assert type(arg) is dtype.type, f"{self.name}: {words[-1]} is {dtype}, got {type(arg).__name__}"
-        self.kernel(*args)
+        _run_or_record(lambda: self.kernel(*args))
 
 
 def empty(shape, dtype):
@@ -108,11 +108,61 @@ def empty(shape, dtype):
 class Event:
     """A CUDA event as the wall clock."""
 
-    def record(self):
+    def record(self, stream=None):
         self.time = time.perf_counter()
 
     def synchronize(self):
         pass
+
+
+class Stream:
+    """A CUDA stream: work runs at once, except between ``begin_capture`` and ``end_capture``, where
+    kernel launches are recorded into a :class:`Graph` instead (CUDA stream capture), and where the
+    stream may not be synchronized."""
+
+    capturing = None  # the stream capturing now, if any
+
+    def __init__(self, non_blocking: bool = False):
+        self.recorded = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        assert self.recorded is None, "a capturing stream cannot be synchronized"
+
+    def is_capturing(self) -> bool:
+        return self.recorded is not None
+
+    def begin_capture(self, mode=None):
+        assert Stream.capturing is None, "already capturing"
+        self.recorded, Stream.capturing = [], self
+
+    def end_capture(self):
+        assert Stream.capturing is self, "this stream is not capturing"
+        graph, self.recorded, Stream.capturing = Graph(self.recorded), None, None
+        return graph
+
+
+class Graph:
+    """Captured launches, run again on each ``launch``."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def launch(self, stream=None):
+        for launch in self.launches:
+            launch()
+
+
+def _run_or_record(launch) -> None:
+    if Stream.capturing is not None:
+        Stream.capturing.recorded.append(launch)
+    else:
+        launch()
 
 
 def module() -> types.SimpleNamespace:
@@ -123,7 +173,7 @@ def module() -> types.SimpleNamespace:
         ascontiguousarray=np.ascontiguousarray, asnumpy=np.array, empty=empty, zeros=np.zeros,
         float32=np.float32, int32=np.int32, clip=np.clip, concatenate=np.concatenate, matmul=np.matmul, add=np.add,
         cuda=types.SimpleNamespace(Device=lambda *_: types.SimpleNamespace(compute_capability="90", id=0),
-                                   get_current_stream=lambda: stream, Event=Event,
+                                   get_current_stream=lambda: stream, Event=Event, Stream=Stream,
                                    runtime=types.SimpleNamespace(getDeviceProperties=lambda _: {"name": b"CPU build"}),
                                    get_elapsed_time=lambda start, end: 1000 * (end.time - start.time)))
 
@@ -133,5 +183,6 @@ def install(monkeypatch) -> None:
     no g++ to build the kernels for the CPU)."""
     if not cuda_on_cpu.available():
         pytest.skip("no g++ to build kernels.cu for the CPU")
+    monkeypatch.setattr(Stream, "capturing", None)
     monkeypatch.setattr(cuda, "_cupy", module)
     monkeypatch.setattr(cuda, "_LOADED", {})
