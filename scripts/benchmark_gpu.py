@@ -269,16 +269,8 @@ def _cupy_graph_time(function, runs: int, calls: int = GRAPH_CALLS):
             for _ in range(calls):
                 function()
             graph = stream.end_capture()
-        times = []
-        for i in range(runs + 2):
-            start, end = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            end.record(stream)
-            end.synchronize()
-            if i >= 2:  # the first replays upload the graph
-                times.append(cp.cuda.get_elapsed_time(start, end) / calls)
-        return float(np.median(times))
+        # replayed on the current stream, where the events are recorded
+        return _time_cuda(graph.launch, runs, cp.cuda.get_current_stream().synchronize, _cupy_event) / calls
     except Exception as error:  # the per-call times do not depend on it
         print(f"CUDA graph timing failed: {error!r}", flush=True)
         try:  # leave no stream capturing behind
@@ -307,16 +299,7 @@ def _torch_graph_time(function, runs: int, device: str, calls: int = GRAPH_CALLS
         with torch.cuda.graph(graph):
             for _ in range(calls):
                 function()
-        times = []
-        for i in range(runs + 2):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            if i >= 2:
-                times.append(start.elapsed_time(end) / calls)
-        return float(np.median(times))
+        return _torch_time(graph.replay, runs, device) / calls
     except Exception as error:
         print(f"CUDA graph timing failed: {error!r}", flush=True)
         return None

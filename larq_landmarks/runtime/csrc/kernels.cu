@@ -35,6 +35,16 @@ __device__ __forceinline__ Pixel pixel_position(i64 pixel, int out_h, int out_w)
   return Pixel{b, y, rest - y * out_w};
 }
 
+// Element idx of an NHWC output: its pixel's batch index, row and column, and its channel.
+struct Element {
+  int b, y, x, c;
+};
+__device__ __forceinline__ Element element_position(i64 idx, int channels, int out_h, int out_w) {
+  const i64 pixel = idx / channels;
+  const Pixel p = pixel_position(pixel, out_h, out_w);
+  return Element{p.b, p.y, p.x, (int)(idx - pixel * channels)};
+}
+
 // TFLite's activation clamp, std::min(std::max(v, lo), hi): NaN passes through (fminf/fmaxf would
 // turn it into a bound).
 __device__ __forceinline__ float clamp_as_tflite(float v, float lo, float hi) {
@@ -412,10 +422,8 @@ extern "C" __global__ void resize_nearest(const float* x, const int* rows, const
                                           int has_residual, float lo, float hi, float* out) {
   const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (i64)batch * out_h * out_w * channels) return;
-  const i64 pixel = idx / channels;
-  const int c = (int)(idx - pixel * channels);
-  const Pixel p = pixel_position(pixel, out_h, out_w);
-  const float v = x[(((i64)p.b * height + rows[p.y]) * width + cols[p.x]) * channels + c];
+  const Element e = element_position(idx, channels, out_h, out_w);
+  const float v = x[(((i64)e.b * height + rows[e.y]) * width + cols[e.x]) * channels + e.c];
   out[idx] = has_residual ? clamp_as_tflite(v + residual[idx], lo, hi) : v;
 }
 
@@ -425,10 +433,8 @@ extern "C" __global__ void pool2d(const float* x, int batch, int height, int wid
                                   int kind, float lo, float hi, float* out) {
   const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (i64)batch * out_h * out_w * channels) return;
-  const i64 pixel = idx / channels;
-  const int c = (int)(idx - pixel * channels);
-  const Pixel p = pixel_position(pixel, out_h, out_w);
-  const int b = p.b, oy = p.y, ox = p.x;
+  const Element e = element_position(idx, channels, out_h, out_w);
+  const int b = e.b, oy = e.y, ox = e.x, c = e.c;
   float acc = kind == 0 ? __int_as_float(0xff800000) : 0.0f;  // -inf
   int taps = 0;
   for (int fy = 0; fy < filter_h; ++fy)
