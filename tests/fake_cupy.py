@@ -99,10 +99,107 @@ class ElementwiseKernel:
         _run_or_record(lambda: self.kernel(*args))
 
 
+class DeviceArray(np.ndarray):
+    """A NumPy array standing for GPU memory: ``set`` and ``get`` copy from and to the host, as
+    CuPy's ``ndarray``; neither may run while a stream captures (CUDA refuses the synchronous
+    transfer, and a graph would not repeat it)."""
+
+    def set(self, array, stream=None):
+        _no_capture("a host-to-device copy")
+        assert isinstance(array, np.ndarray) and array.shape == self.shape and array.dtype == self.dtype
+        self[...] = array
+
+    def get(self, stream=None):
+        _no_capture("a device-to-host copy")
+        return np.array(self).view(np.ndarray)
+
+    @property
+    def __cuda_array_interface__(self):  # what the engine asks to tell a CuPy array from a NumPy one
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ctypes.data, False), "version": 3}
+
+
+def _no_capture(what: str) -> None:
+    assert Stream.capturing is None, f"{what} while a stream captures"
+
+
+def _device(array):
+    return array if isinstance(array, DeviceArray) else np.asarray(array).view(DeviceArray)
+
+
 def empty(shape, dtype):
-    """Uninitialised memory made visible: NaN floats, 0x7fadbeef integers."""
+    """Uninitialised memory made visible: NaN floats, 0x7fadbeef integers. While a stream captures
+    it must come from a private pool (``using_allocator``), as the engine's graphs keep their
+    temporaries' addresses."""
+    assert Stream.capturing is None or MemoryPool.current is not None, \
+        "an allocation from CuPy's default pool while capturing a graph"
     dtype = np.dtype(dtype)
-    return np.full(shape, np.nan if dtype.kind == "f" else 0x7FADBEEF, dtype)
+    return np.full(shape, np.nan if dtype.kind == "f" else 0x7FADBEEF, dtype).view(DeviceArray)
+
+
+def asarray(array):
+    """An upload (not allowed while capturing) unless ``array`` is on the device already."""
+    if not isinstance(array, DeviceArray):
+        _no_capture("an upload")
+    return _device(array)
+
+
+def asnumpy(array, stream=None):
+    _no_capture("a download")
+    return np.array(array).view(np.ndarray)
+
+
+def copyto(target, source):
+    """A device-to-device copy: a kernel on the current stream (recorded while capturing)."""
+    assert isinstance(source, DeviceArray) and source.shape == target.shape, "copyto: device arrays of one shape"
+    _run_or_record(lambda: np.copyto(target, source))
+
+
+def ascontiguousarray(array):
+    """The array itself where it is C-contiguous, else a copy made by a kernel (recorded while
+    capturing, as CuPy's copy kernel would be)."""
+    array = asarray(array)
+    if array.flags.c_contiguous:
+        return array
+    out = empty(array.shape, array.dtype)
+    _run_or_record(lambda: np.copyto(out, array))
+    return out
+
+
+def concatenate(arrays, axis=0):
+    """A new array filled by a kernel (recorded while capturing)."""
+    arrays = [asarray(a) for a in arrays]
+    shape = list(arrays[0].shape)
+    shape[axis] = sum(a.shape[axis] for a in arrays)
+    out = empty(shape, arrays[0].dtype)
+    _run_or_record(lambda: np.concatenate(arrays, axis=axis, out=out))
+    return out
+
+
+def matmul(a, b, out):
+    """cuBLAS's product into ``out`` (recorded while capturing)."""
+    _run_or_record(lambda: np.matmul(a, b, out=out))
+    return out
+
+
+class MemoryPool:
+    """A CuPy memory pool: ``using_allocator(pool.malloc)`` makes it the one ``empty`` draws from."""
+
+    current = None  # the pool in use, None for the default one
+
+    def malloc(self, size):  # only its identity matters here
+        raise AssertionError("the fake pool's malloc is not called")
+
+
+class using_allocator:
+    def __init__(self, malloc):
+        self.pool = malloc.__self__
+
+    def __enter__(self):
+        self.previous, MemoryPool.current = MemoryPool.current, self.pool
+
+    def __exit__(self, *exc):
+        MemoryPool.current = self.previous
+        return False
 
 
 class Event:
@@ -118,26 +215,39 @@ class Event:
 class Stream:
     """A CUDA stream: work runs at once, except between ``begin_capture`` and ``end_capture``, where
     kernel launches are recorded into a :class:`Graph` instead (CUDA stream capture), and where the
-    stream may not be synchronized."""
+    stream may not be synchronized. ``with stream:`` makes it the current stream; while one
+    captures, a launch on another stream is an error (it would run at once, outside the graph)."""
 
     capturing = None  # the stream capturing now, if any
+    current: list = []  # the streams made current by ``with``, innermost last
 
-    def __init__(self, non_blocking: bool = False):
-        self.recorded = None
+    def __init__(self, non_blocking: bool = False, null: bool = False):
+        self.recorded, self.null = None, null
 
     def __enter__(self):
+        Stream.current.append(self)
         return self
 
     def __exit__(self, *exc):
+        Stream.current.pop()
         return False
 
     def synchronize(self):
         assert self.recorded is None, "a capturing stream cannot be synchronized"
 
+    def record(self, event=None):
+        event = event or Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        assert isinstance(event, Event)
+
     def is_capturing(self) -> bool:
         return self.recorded is not None
 
     def begin_capture(self, mode=None):
+        assert not self.null, "cannot capture on the default (legacy) stream"
         assert Stream.capturing is None, "already capturing"
         self.recorded, Stream.capturing = [], self
 
@@ -147,6 +257,13 @@ class Stream:
         return graph
 
 
+NULL_STREAM = Stream(null=True)
+
+
+def get_current_stream():
+    return Stream.current[-1] if Stream.current else NULL_STREAM
+
+
 class Graph:
     """Captured launches, run again on each ``launch``."""
 
@@ -154,12 +271,14 @@ class Graph:
         self.launches = launches
 
     def launch(self, stream=None):
+        _no_capture("a graph launch")
         for launch in self.launches:
             launch()
 
 
 def _run_or_record(launch) -> None:
     if Stream.capturing is not None:
+        assert get_current_stream() is Stream.capturing, "a launch on another stream while one captures"
         Stream.capturing.recorded.append(launch)
     else:
         launch()
@@ -167,13 +286,13 @@ def _run_or_record(launch) -> None:
 
 def module() -> types.SimpleNamespace:
     """What ``runtime/cuda.py`` and ``scripts/benchmark_gpu.py`` use of CuPy, on NumPy."""
-    stream = types.SimpleNamespace(synchronize=lambda: None)
     return types.SimpleNamespace(
-        RawModule=RawModule, ElementwiseKernel=ElementwiseKernel, asarray=np.asarray,
-        ascontiguousarray=np.ascontiguousarray, asnumpy=np.array, empty=empty, zeros=np.zeros,
-        float32=np.float32, int32=np.int32, clip=np.clip, concatenate=np.concatenate, matmul=np.matmul, add=np.add,
+        RawModule=RawModule, ElementwiseKernel=ElementwiseKernel, asarray=asarray, ascontiguousarray=ascontiguousarray,
+        asnumpy=asnumpy, empty=empty, zeros=lambda *a, **k: np.zeros(*a, **k).view(DeviceArray), copyto=copyto,
+        float32=np.float32, int32=np.int32, concatenate=concatenate, matmul=matmul,
         cuda=types.SimpleNamespace(Device=lambda *_: types.SimpleNamespace(compute_capability="90", id=0),
-                                   get_current_stream=lambda: stream, Event=Event, Stream=Stream,
+                                   get_current_stream=get_current_stream, Event=Event, Stream=Stream,
+                                   MemoryPool=MemoryPool, using_allocator=using_allocator,
                                    runtime=types.SimpleNamespace(getDeviceProperties=lambda _: {"name": b"CPU build"}),
                                    get_elapsed_time=lambda start, end: 1000 * (end.time - start.time)))
 
@@ -184,5 +303,7 @@ def install(monkeypatch) -> None:
     if not cuda_on_cpu.available():
         pytest.skip("no g++ to build kernels.cu for the CPU")
     monkeypatch.setattr(Stream, "capturing", None)
+    monkeypatch.setattr(Stream, "current", [])
+    monkeypatch.setattr(MemoryPool, "current", None)
     monkeypatch.setattr(cuda, "_cupy", module)
     monkeypatch.setattr(cuda, "_LOADED", {})

@@ -304,6 +304,57 @@ def test_gpu_engine_runs_its_cuda_kernels_on_the_cpu(small_file, monkeypatch, ke
     _assert_same_heatmaps(gpu.predict(images), Engine(small_file).predict(images), kernels)
 
 
+def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
+    """A shape's first run is eager, its second is captured as one CUDA graph (CuPy stream capture,
+    tests/fake_cupy.py: while capturing, every allocation must come from the engine's private pool,
+    every launch must be on the capturing stream, no transfer or synchronisation may happen), and
+    later calls replay it: on new images (nothing of the captured call's data is baked in), from
+    NumPy or CuPy, each result a copy the next call leaves alone; a capture that fails warns once
+    and the engine runs eagerly from then on."""
+    fake_cupy.install(monkeypatch)
+    launches = []
+    replay = fake_cupy.Graph.launch
+    monkeypatch.setattr(fake_cupy.Graph, "launch", lambda graph, stream=None: launches.append(1) or replay(graph))
+    rng = np.random.default_rng(11)
+    batches = [rng.uniform(size=(2, 64, 64, 3)).astype(np.float32) for _ in range(4)]
+    cpu = Engine(small_file)
+    expected = [cpu.predict(x) for x in batches]
+    gpu = Engine(small_file, kernels="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns
+        results = [gpu.predict(x) for x in batches[:3]]
+        assert len(launches) == 2 and list(gpu._captured.captured) == [(2, 64, 64, 3)]  # captured at the 2nd call
+        on_device = gpu.predict(fake_cupy.asarray(batches[3]))
+        again = gpu.predict(batches[0])  # replayed after the CuPy call: its result is left alone
+    assert isinstance(on_device, fake_cupy.DeviceArray) and len(launches) == 4
+    _assert_same_heatmaps(again, expected[0], "replayed again")
+    for got, want, what in zip(results + [on_device], expected, ["eager", "captured", "replayed", "CuPy in"]):
+        _assert_same_heatmaps(np.asarray(got), want, what)
+    assert gpu.profile(batches[0]) and len(launches) == 4  # profiling times the steps, eagerly
+    gpu._captured.keep = 1
+    three = rng.uniform(size=(3, 64, 64, 3)).astype(np.float32)
+    for _ in range(3):
+        _assert_same_heatmaps(gpu.predict(three), cpu.predict(three), "batch 3")
+    assert list(gpu._captured.captured) == [(3, 64, 64, 3)] and len(launches) == 6  # the least recent dropped
+    eager = Engine(small_file, kernels="cuda", cuda_graphs=False)
+    for x, want in zip(batches[:3], expected):
+        _assert_same_heatmaps(eager.predict(x), want, "cuda_graphs=False")
+    assert eager._captured is None and len(launches) == 6
+
+    def refuse(stream, mode=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fake_cupy.Stream, "begin_capture", refuse)
+    failing = Engine(small_file, kernels="cuda")
+    failing.predict(batches[0])
+    with pytest.warns(RuntimeWarning, match="capturing the model as a CUDA graph failed.*not permitted"):
+        _assert_same_heatmaps(failing.predict(batches[1]), expected[1], "after a failed capture")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same_heatmaps(failing.predict(batches[2]), expected[2], "eager from then on")
+    assert len(launches) == 6
+
+
 def test_predictor_and_cli_run_the_cuda_engine_on_the_cpu_build(small_file, monkeypatch, tmp_path):
     """Issue 11's item 3 with kernels.cu built for the CPU in the GPU's place (tests/fake_cupy.py):
     ``Predictor(engine="cuda")`` batches the faces of several images into one model call and finds

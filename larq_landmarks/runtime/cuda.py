@@ -8,7 +8,10 @@ The CUDA source is ``runtime/csrc/kernels.cu``, compiled once per process by NVR
 Needs CuPy (``pip install -e ".[cuda]"``) and a GPU, never TensorFlow.
 """
 import os
-from typing import Optional
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -248,6 +251,89 @@ class CudaKernels:
             np.int32(channels), np.int32(out.shape[1]), np.int32(out.shape[2]),
             residual if has_residual else self._empty_float, np.int32(has_residual), np.float32(lo), np.float32(hi),
             out))
+
+class CapturedRuns:
+    """Whole runs of a model as CUDA graphs, one per input shape: a run of ~200 steps is then one
+    graph launch from Python instead of ~200 kernel launches (at batch 1 the launches, not the
+    kernels, take most of the time).
+
+    A shape's first run is eager (``__call__`` returns None; it compiles the element-wise kernels,
+    creates cuBLAS's handle and fills the per-shape caches); its second is captured: ``run`` (a
+    device input -> device output function, the engine's steps) on a private stream, every array
+    it allocates from a private memory pool that nothing else allocates from, so the addresses the
+    graph holds stay the run's own. Each later call copies the images into the captured input,
+    launches the graph and copies the output out, in that order on the private stream (a lock
+    keeps calls from several threads in one piece). Up to ``keep`` shapes stay captured, each
+    holding its activations' memory; the least recently used is dropped. If a capture fails
+    (a CUDA or CuPy version that does not capture some step) the error is warned about once and
+    every run is eager from then on.
+    """
+
+    def __init__(self, cp, run: Callable, keep: int = 4):
+        self.cp, self.run, self.keep = cp, run, keep
+        self.captured: "OrderedDict[tuple, tuple]" = OrderedDict()  # shape -> (graph, input, output, stream, pool)
+        self.seen: set = set()
+        self.failed: Optional[str] = None
+        self.lock = threading.Lock()
+
+    def _capture(self, shape: tuple) -> tuple:
+        cp = self.cp
+        pool, stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
+        with cp.cuda.using_allocator(pool.malloc), stream:
+            images = cp.empty(shape, cp.float32)
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                output = self.run(images)
+            except BaseException:
+                try:  # leave no stream capturing behind; the run's error is the one to report
+                    stream.end_capture()
+                except Exception:
+                    pass
+                raise
+            graph = stream.end_capture()
+        return graph, images, output, stream, pool
+
+    def __call__(self, images, on_device: bool):
+        """The model's output for ``images`` (float32, C-contiguous; CuPy if ``on_device``, else
+        NumPy) from the shape's graph, or None where the caller is to run eagerly."""
+        if self.failed is not None:
+            return None
+        cp, shape = self.cp, tuple(images.shape)
+        with self.lock:
+            if shape not in self.captured:
+                if shape not in self.seen:
+                    self.seen.add(shape)
+                    return None
+                try:
+                    self.captured[shape] = self._capture(shape)
+                except Exception as error:
+                    self.failed = repr(error)
+                    warnings.warn(f"larq_landmarks.runtime: capturing the model as a CUDA graph failed ({error!r}); "
+                                  "running it step by step from now on", RuntimeWarning, stacklevel=3)
+                    return None
+                while len(self.captured) > self.keep:
+                    self.captured.popitem(last=False)
+            self.captured.move_to_end(shape)
+            graph, inputs, output, stream, _ = self.captured[shape]
+            current = cp.cuda.get_current_stream()
+            result = cp.empty(output.shape, output.dtype) if on_device else None  # allocated in the caller's order
+            stream.wait_event(current.record())  # after the caller's work on the images (and on result's memory)
+            if on_device:
+                with stream:
+                    cp.copyto(inputs, images)
+            else:
+                inputs.set(images, stream=stream)
+            graph.launch(stream=stream)
+            if on_device:
+                with stream:
+                    cp.copyto(result, output)
+                current.wait_event(stream.record())
+                return result
+            result = output.get(stream=stream)
+            stream.synchronize()
+            return result
+
 
 _LOADED: dict = {}
 
