@@ -102,7 +102,34 @@ class ElementwiseKernel:
 class DeviceArray(np.ndarray):
     """A NumPy array standing for GPU memory: ``set`` and ``get`` copy from and to the host, as
     CuPy's ``ndarray``; neither may run while a stream captures (CUDA refuses the synchronous
-    transfer, and a graph would not repeat it)."""
+    transfer, and a graph would not repeat it). NumPy functions, ufuncs, ``copy``, ``astype``, a
+    gather and an assignment on it stand for the CuPy kernels they dispatch to: while a stream
+    captures they are recorded (run again at each replay, into the same result), and one whose
+    result is a host value (a scalar read back) is an error."""
+
+    def __array_function__(self, func, types, args, kwargs):
+        return _device_call(func, args, kwargs)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        return _device_call(getattr(ufunc, method), inputs, kwargs)
+
+    def copy(self, order="C"):
+        return _device_call(np.copy, (self,), {"order": order})
+
+    def astype(self, dtype, *args, **kwargs):
+        if kwargs.get("copy", True) is False and np.dtype(dtype) == self.dtype:
+            return self
+        return _device_call(np.ndarray.astype, (self, dtype) + args, kwargs)
+
+    def __getitem__(self, key):
+        plain = self.view(np.ndarray)
+        result = plain[key]
+        if isinstance(result, np.ndarray) and np.may_share_memory(result, plain):
+            return result.view(DeviceArray)  # a view: no kernel
+        return _device_call(np.ndarray.__getitem__, (self, key), {})  # a gather
+
+    def __setitem__(self, key, value):
+        _device_call(np.ndarray.__setitem__, (self, key, value), {}, writes=self)
 
     def set(self, array, stream=None):
         _no_capture("a host-to-device copy")
@@ -116,6 +143,33 @@ class DeviceArray(np.ndarray):
     @property
     def __cuda_array_interface__(self):  # what the engine asks to tell a CuPy array from a NumPy one
         return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ctypes.data, False), "version": 3}
+
+
+def _plain(value):
+    """``value`` with each DeviceArray in it as a plain NumPy view (so NumPy does the work)."""
+    if isinstance(value, DeviceArray):
+        return value.view(np.ndarray)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _device_call(function, args, kwargs, writes=None):
+    """``function`` on device arrays as a CuPy kernel: run now, and while a stream captures, also
+    recorded to run again at each replay, writing into the same result."""
+    args, kwargs = _plain(args), _plain(kwargs)
+    result = function(*args, **kwargs)
+    if Stream.capturing is not None:
+        assert get_current_stream() is Stream.capturing, "a kernel on another stream while one captures"
+        if writes is None and "out" not in kwargs:
+            assert isinstance(result, np.ndarray), f"{function.__name__}: a host value computed while capturing"
+            target = result
+            Stream.capturing.recorded.append(lambda: np.copyto(target, function(*args, **kwargs)))
+        else:
+            Stream.capturing.recorded.append(lambda: function(*args, **kwargs))
+    return result.view(DeviceArray) if isinstance(result, np.ndarray) else result
 
 
 def _no_capture(what: str) -> None:

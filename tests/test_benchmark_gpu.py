@@ -68,6 +68,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     whole = [{"engine": name, "batch": batch, "ms": ms[i]} for name, ms in engines.items()
              for i, batch in enumerate((1, 64))]
     whole[1]["breakdown_ms"] = {"binary convs": 12.0, "float convs": 8.0}
+    whole.append({"engine": "PyTorch, CUDA graph", "batch": 1, "ms": 0.9})  # a batch it has no time for
     result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "layers": [layer], "whole_model": whole,
               "agreement": {"same_peaks": 1.0, "mean_abs_difference_ratio": 1e-7}}
     path = tmp_path / "benchmarks.md"
@@ -83,6 +84,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 1.800 | 0.900 | 0.600 | 0.300 | n/a | 6.0x | 2.0x |" in text
     assert text.count("| input | filter | batch |") == 2
     assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
+    assert "| PyTorch, CUDA graph | 0.90 | n/a | n/a | n/a |" in text
     assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks" in text
 
 
@@ -104,11 +106,12 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     assert len(rows) == len(shapes) > 3
     assert all(r[f"{k}_ms"] > 0 for r in rows for k in ("cuda", "cuda-popcount", "float32", "tf32", "bf16"))
     whole = script.whole_model(small_flatbuffer, runs=1, batches=(1, 2), device="cpu")
-    assert [(r["engine"].split(" (")[0].split(",")[0], r["batch"]) for r in whole] == [
-        ("larq_landmarks.runtime", 1), ("larq_landmarks.runtime", 1), ("same network in PyTorch", 1),
-        ("same network in PyTorch", 1), ("larq_landmarks.runtime", 2), ("larq_landmarks.runtime", 2),
-        ("same network in PyTorch", 2), ("same network in PyTorch", 2)]
-    assert set(whole[4]["breakdown_ms"]) >= {"binary convolutions", "float convolutions"}
+    engines = ["larq_landmarks.runtime (cuda)", "larq_landmarks.runtime (cuda, steps launched from Python)",
+               "larq_landmarks.runtime (cuda-popcount)", "same network in PyTorch, float32 (cuDNN, TF32 off)",
+               "same network in PyTorch, bfloat16 (cuDNN)"]  # no CUDA graph rows for PyTorch on the CPU
+    assert [(r["engine"], r["batch"]) for r in whole] == [(e, b) for b in (1, 2) for e in engines]
+    assert all(r["ms"] > 0 for r in whole)
+    assert set(whole[6]["breakdown_ms"]) >= {"binary convolutions", "float convolutions"}
     # the runtime's calls captured and replayed as a graph (fake_cupy's stream capture); no CUDA graphs for PyTorch on the CPU
     assert all(r["cuda_gpu_ms"] > 0 and r["cuda-popcount_gpu_ms"] > 0 and r["float32_gpu_ms"] is None for r in rows)
 
@@ -120,7 +123,7 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     script.main(["--assets", str(tmp_path), "--json", str(tmp_path / "result.json"), "--markdown", str(path),
                  "--batches", "1", "--model-batches", "1,2", "--runs", "1", "--device", "cpu"])
     result = json.loads((tmp_path / "result.json").read_text())
-    assert len(result["layers"]) == len(rows) and len(result["whole_model"]) == 8
+    assert len(result["layers"]) == len(rows) and len(result["whole_model"]) == 10
     assert result["agreement"]["same_peaks"] >= 0.99 and result["agreement"]["mean_abs_difference_ratio"] < 1e-4
     text = path.read_text()
     assert text.count("| 3x3, ") == 2 * len(rows)  # per call, and on the GPU alone (graph-replayed)

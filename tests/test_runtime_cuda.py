@@ -335,7 +335,9 @@ def _peaks(heatmaps: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("path", cuda.PATHS)
 def test_gpu_models_match_the_cpu_runtime(gpu_or_cpu, name, flatbuffer, images, cpu_output, path):
     """Every named binary configuration and the default model: the whole model on the GPU against
-    the CPU runtime's output on the same file (batch > 1 on a batch-1 file)."""
+    the CPU runtime's output on the same file (batch > 1 on a batch-1 file); the second and third
+    calls (the run captured as a CUDA graph, then replayed, NumPy and CuPy in) give the first's
+    output."""
     from larq_landmarks.runtime import Engine
 
     engine = Engine(flatbuffer, kernels=path, name=name)
@@ -344,6 +346,12 @@ def test_gpu_models_match_the_cpu_runtime(gpu_or_cpu, name, flatbuffer, images, 
     assert np.abs(got - cpu_output).mean() <= 1e-5 * np.abs(cpu_output).mean(), name
     same = np.all(_peaks(got) == _peaks(cpu_output), -1)
     assert same.mean() >= 0.99, name
+    cp = cuda._cupy()
+    captured = engine.predict(images)
+    replayed = cp.asnumpy(engine.predict(cp.asarray(images)))
+    assert engine._captured.failed is None and list(engine._captured.captured) == [images.shape], name
+    for again in (captured, replayed):
+        np.testing.assert_allclose(again, got, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(engine.predict(images[:1]), got[:1], rtol=1e-5, atol=1e-5)
 
 

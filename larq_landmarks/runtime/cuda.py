@@ -264,13 +264,15 @@ class CapturedRuns:
     graph holds stay the run's own. Each later call copies the images into the captured input,
     launches the graph and copies the output out, in that order on the private stream (a lock
     keeps calls from several threads in one piece). Up to ``keep`` shapes stay captured, each
-    holding its activations' memory; the least recently used is dropped. If a capture fails
+    holding its activations' memory; the least recently used is dropped. ``on_capture(shape)``
+    is called after a shape is captured (the engine then frees the buffers its step-by-step runs
+    of that batch size kept). If a capture fails
     (a CUDA or CuPy version that does not capture some step) the error is warned about once and
     every run is eager from then on.
     """
 
-    def __init__(self, cp, run: Callable, keep: int = 4):
-        self.cp, self.run, self.keep = cp, run, keep
+    def __init__(self, cp, run: Callable, keep: int = 4, on_capture: Optional[Callable] = None):
+        self.cp, self.run, self.keep, self.on_capture = cp, run, keep, on_capture
         self.captured: "OrderedDict[tuple, tuple]" = OrderedDict()  # shape -> (graph, input, output, stream, pool)
         self.seen: set = set()
         self.failed: Optional[str] = None
@@ -312,8 +314,11 @@ class CapturedRuns:
                     warnings.warn(f"larq_landmarks.runtime: capturing the model as a CUDA graph failed ({error!r}); "
                                   "running it step by step from now on", RuntimeWarning, stacklevel=3)
                     return None
+                if self.on_capture is not None:
+                    self.on_capture(shape)
                 while len(self.captured) > self.keep:
-                    self.captured.popitem(last=False)
+                    _, dropped = self.captured.popitem(last=False)
+                    dropped[3].synchronize()  # its graph may still run (a CuPy call returns before it ends)
             self.captured.move_to_end(shape)
             graph, inputs, output, stream, _ = self.captured[shape]
             current = cp.cuda.get_current_stream()

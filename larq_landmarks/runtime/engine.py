@@ -148,7 +148,8 @@ class Engine:
         self._steps, self._step_ops = self._plan()
         self._captured = None
         if kernels.startswith("cuda") and cuda_graphs:
-            self._captured = cuda.CapturedRuns(self._kernels.cp, lambda images: self._run_steps(images, {}, None))
+            self._captured = cuda.CapturedRuns(self._kernels.cp, lambda images: self._run_steps(images, {}, None),
+                                               on_capture=self._forget_batch)
 
     def _plan(self) -> Tuple[list, list]:
         graph = self.graph
@@ -217,6 +218,11 @@ class Engine:
                                for position in range(len(step_ops))]
         self._pool: dict = {}
         return steps, step_ops
+
+    def _forget_batch(self, shape: tuple) -> None:
+        """Frees the recycled buffers of ``shape``'s batch size (a CUDA graph of it has its own)."""
+        for key in [key for key in self._pool if key[0][:1] == shape[:1]]:
+            self._pool.pop(key, None)
 
     @property
     def input_shape(self) -> tuple:
