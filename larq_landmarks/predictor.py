@@ -237,8 +237,9 @@ class Predictor:
                      boxes: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None,
                      progress: bool = False, batch_size: int = 64) -> List[tuple]:
         """:meth:`predict` over many images (``boxes[i]`` for ``images[i]``; ``None``: detect).
-        The faces of several images go through the model together, up to ``batch_size`` crops a
-        call (what a GPU engine needs to be fast)."""
+        The faces of several images go through the model together, ``batch_size`` crops a call
+        (what a GPU engine needs to be fast; the same size every call but the last lets it replay
+        one CUDA graph)."""
         if boxes is None:
             boxes = [None] * len(images)
         if len(images) != len(boxes):
@@ -257,7 +258,9 @@ class Predictor:
         def run_pending():
             if not pending:
                 return
-            heatmaps = self._heatmaps(np.concatenate([crops for _, crops, _ in pending]))
+            crops = np.concatenate([crops for _, crops, _ in pending])
+            heatmaps = np.concatenate([np.asarray(self._heatmaps(crops[i:i + batch_size]))
+                                       for i in range(0, len(crops), batch_size)])
             start = 0
             for index, crops, matrices in pending:
                 points, scores = heatmaps_to_image(heatmaps[start:start + len(crops)], matrices)

@@ -322,8 +322,11 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
     gpu = Engine(small_file, kernels="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture warns
-        results = [gpu.predict(x) for x in batches[:3]]
+        results = [gpu.predict(batches[0])]
+        assert [key for key in gpu._pool if key[0][0] == 2] and not launches  # eager, buffers kept for reuse
+        results += [gpu.predict(x) for x in batches[1:3]]
         assert len(launches) == 2 and list(gpu._captured.captured) == [(2, 64, 64, 3)]  # captured at the 2nd call
+        assert not [key for key in gpu._pool if key[0][0] == 2]  # the eager run's buffers freed
         on_device = gpu.predict(fake_cupy.asarray(batches[3]))
         again = gpu.predict(batches[0])  # replayed after the CuPy call: its result is left alone
     assert isinstance(on_device, fake_cupy.DeviceArray) and len(launches) == 4
