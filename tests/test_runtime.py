@@ -358,6 +358,24 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
     assert len(launches) == 6
 
 
+def test_gpu_engine_graph_repeats_ops_done_through_numpy_dispatch(monkeypatch, tmp_path):
+    """The authors' padding model pads with PADV2, which the runtime does with ``np.pad`` (on the GPU
+    CuPy's ``pad`` through NumPy's dispatch): its captured graph must repeat the padding at each
+    replay, as CuPy's stream capture records its kernels (fake_cupy records them too)."""
+    fake_cupy.install(monkeypatch)
+    tf.keras.utils.set_random_seed(0)
+    model = trained_like_batch_norm(models.build_named("binary_hpm_authors_padding", 68, input_size=64, width=32,
+                                                       depth=2))
+    flatbuffer = export.convert(model)
+    assert "PADV2" in {op.name for op in Engine(flatbuffer).graph.operators}
+    rng = np.random.default_rng(2)
+    batches = [rng.uniform(size=(1, 64, 64, 3)).astype(np.float32) for _ in range(3)]
+    cpu, gpu = Engine(flatbuffer), Engine(flatbuffer, kernels="cuda")
+    for x, what in zip(batches, ("eager", "captured", "replayed")):
+        _assert_same_heatmaps(gpu.predict(x), cpu.predict(x), what)
+    assert gpu._captured.failed is None and list(gpu._captured.captured) == [(1, 64, 64, 3)]
+
+
 def test_predictor_and_cli_run_the_cuda_engine_on_the_cpu_build(small_file, monkeypatch, tmp_path):
     """Issue 11's item 3 with kernels.cu built for the CPU in the GPU's place (tests/fake_cupy.py):
     ``Predictor(engine="cuda")`` batches the faces of several images into one model call and finds
