@@ -6,14 +6,17 @@ and PyTorch; no TensorFlow there).
     python scripts/benchmark_gpu.py --prepare gpu_assets
     # on the GPU machine: the GPU tests, then this benchmark (scripts/gpu_session.sh runs both)
     python scripts/benchmark_gpu.py --assets gpu_assets --json results.json --markdown docs/benchmarks.md
+    # anywhere: the markdown from a saved JSON (a run cut short by a time limit keeps what it measured)
+    python scripts/benchmark_gpu.py --from-json results.json --markdown docs/benchmarks.md
 
-Part 1, every distinct binary 3x3 conv shape of the default model at batch 1, 32 and 128: this
-runtime's kernel (bit-packed input, float output with LCE's output transform; tensor cores and
-the popcount fallback) against PyTorch's ``conv2d`` (cuDNN, channels-last) in float32 with TF32
-off (the papers' comparison), TF32 and bfloat16. Part 2, the whole default model: batch 1
-latency and batch 64 throughput, this runtime against the same network in float32 and bfloat16
+Part 1 (run second), every distinct binary 3x3 conv shape of the default model at batch 1, 32
+and 128: this runtime's kernel (bit-packed input, float output with LCE's output transform; tensor
+cores and the popcount fallback) against PyTorch's ``conv2d`` (cuDNN, channels-last) in float32
+with TF32 off (the papers' comparison), TF32 and bfloat16, per call and on the GPU alone (CUDA
+graphs). Part 2 (run first), the whole default model: batch 1 latency and batch 64 throughput,
+this runtime (with and without its CUDA graph) against the same network in float32 and bfloat16
 (the .tflite's graph run op by op in PyTorch, binary convolutions as float convolutions of the
-+-1 values). Times are CUDA-event medians.
++-1 values; eagerly and as a CUDA graph). Times are CUDA-event medians.
 """
 import argparse
 import datetime
@@ -305,7 +308,9 @@ def _torch_graph_time(function, runs: int, device: str, calls: int = GRAPH_CALLS
         return None
 
 
-def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda"):
+def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=None, on_row=None):
+    """Part 1's rows, appended to ``rows`` (a new list by default) one by one, ``on_row()`` after
+    each (the caller saves them, so a run cut short keeps the shapes done)."""
     import cupy as cp
     import torch
     import torch.nn.functional as F
@@ -329,7 +334,7 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda"):
 
     graph_runs = max(3, runs // 2)  # each replay is GRAPH_CALLS calls
 
-    rows = []
+    rows = [] if rows is None else rows
     rng = np.random.default_rng(1)
     for (size, cin, cout, k, stride), op in sorted(shapes.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
         if k != 3:
@@ -365,6 +370,8 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda"):
             torch.backends.cudnn.allow_tf32 = False
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if on_row is not None:
+                on_row()
             del packed, x, w
     return rows
 
@@ -445,56 +452,70 @@ def _shape_rows(rows, suffix: str):
             f"{ms(r, 'cuda')} | {ms(r, 'cuda-popcount')} | {ratio(r, 'float32')} | {ratio(r, 'bf16')} |" for r in rows]
 
 
-def write_markdown(path: str, result: dict) -> None:
-    lines = [f"## Bit-packed inference on an NVIDIA GPU ({result['gpu']}, {result['date']})", "",
-             f"Command: `python scripts/benchmark_gpu.py --assets DIR --markdown docs/benchmarks.md` (models from "
-             "`--prepare DIR`: the default `binary_hpm`, 68 landmarks, 256x256, batch norms with trained-like statistics). "
-             "CUDA-event medians; this runtime's kernels are CuPy `RawModule` CUDA (`runtime/csrc/kernels.cu`); the "
-             "float baselines are PyTorch's `conv2d` on cuDNN, channels-last.", "",
-             "### Each 3x3 binary convolution shape of the default model", "",
+def _layer_tables(rows) -> list:
+    lines = ["### Each 3x3 binary convolution shape of the default model", "",
              "Binary conv: bit-packed input, float output with LCE's output transform. Ratios are float time / binary "
              "time (tensor-core kernel).", ""]
     header = ["| input | filter | batch | float32 (ms) | TF32 (ms) | bf16 (ms) | binary, tensor cores (ms) | "
               "binary, popcount (ms) | vs float32 | vs bf16 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += header + _shape_rows(result["layers"], "_ms")
-    if any(r.get("cuda_gpu_ms") for r in result["layers"]):
+    lines += header + _shape_rows(rows, "_ms")
+    if any(r.get("cuda_gpu_ms") for r in rows):
         lines += ["", f"The same convolutions timed on the GPU alone: {GRAPH_CALLS} calls captured in one CUDA graph "
                   "(CuPy's stream capture for this runtime, `torch.cuda.graph` for cuDNN), the graph replayed, the time "
                   "divided by the calls. The table above times each call from Python, so below about 0.04 ms it "
                   "measures the launch (CuPy's and PyTorch's alike); this one measures the kernels.", ""]
-        lines += header + _shape_rows(result["layers"], "_gpu_ms")
-    small, large = min(r["batch"] for r in result["whole_model"]), max(r["batch"] for r in result["whole_model"])
-    lines += ["", "### The whole default model", "",
-              f"| engine | batch {small} (ms) | batch {large} (ms) | batch {large} (images/s) | batch {large} vs float32 |",
-              "|---|---:|---:|---:|---:|"]
+        lines += header + _shape_rows(rows, "_gpu_ms")
+    return lines + [""]
+
+
+def _model_table(rows) -> list:
+    small, large = min(r["batch"] for r in rows), max(r["batch"] for r in rows)
+    lines = ["### The whole default model", "",
+             f"| engine | batch {small} (ms) | batch {large} (ms) | batch {large} (images/s) | batch {large} vs float32 |",
+             "|---|---:|---:|---:|---:|"]
     by = {}
-    for r in result["whole_model"]:
+    for r in rows:
         by.setdefault(r["engine"], {})[r["batch"]] = r["ms"]
-    float32 = by["same network in PyTorch, float32 (cuDNN, TF32 off)"][large]
+    float32 = by.get("same network in PyTorch, float32 (cuDNN, TF32 off)", {}).get(large)
     for engine, ms in by.items():
         small_ms = f"{ms[small]:.2f}" if small in ms else "n/a"
-        large_ms = [f"{ms[large]:.1f}", f"{1000 * large / ms[large]:.0f}", f"{float32 / ms[large]:.2f}x"] \
-            if large in ms else ["n/a"] * 3
+        large_ms = [f"{ms[large]:.1f}", f"{1000 * large / ms[large]:.0f}",
+                    f"{float32 / ms[large]:.2f}x" if float32 else "n/a"] if large in ms else ["n/a"] * 3
         lines.append(f"| {engine} | {small_ms} | " + " | ".join(large_ms) + " |")
-    parts = next((r.get("breakdown_ms") for r in result["whole_model"] if r["batch"] == large and "breakdown_ms" in r),
-                 None)
     lines += ["", "The engine replays each batch size's run as one CUDA graph (captured at its second call); "
               "\"steps launched from Python\" is the same engine with `cuda_graphs=False`. PyTorch's rows run eagerly, "
               "and, where marked, as one captured CUDA graph too."]
+    parts = next((r.get("breakdown_ms") for r in rows if r["batch"] == large and "breakdown_ms" in r), None)
     if parts:
         lines += ["", f"Where this runtime's batch-{large} time goes (tensor cores, steps launched from Python; each "
                   "step synchronised):", "",
                   "| part | ms |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in parts.items()]
+    return lines + [""]
+
+
+def write_markdown(path: str, result: dict) -> None:
+    """``path``'s GPU section (replaced, or added at the end) from ``result``: the parts it has."""
+    lines = [f"## Bit-packed inference on an NVIDIA GPU ({result['gpu']}, {result['date']})", "",
+             f"Command: `python scripts/benchmark_gpu.py --assets DIR --markdown docs/benchmarks.md` (models from "
+             "`--prepare DIR`: the default `binary_hpm`, 68 landmarks, 256x256, batch norms with trained-like statistics). "
+             "CUDA-event medians; this runtime's kernels are CuPy `RawModule` CUDA (`runtime/csrc/kernels.cu`); the "
+             "float baselines are PyTorch's `conv2d` on cuDNN, channels-last.", ""]
+    if result.get("layers"):
+        lines += _layer_tables(result["layers"])
+    if result.get("whole_model"):
+        lines += _model_table(result["whole_model"])
     if "agreement" in result:
         a = result["agreement"]
-        lines += ["", f"The PyTorch float32 network computes the same function: {100 * a['same_peaks']:.1f}% of the "
+        lines += [f"The PyTorch float32 network computes the same function: {100 * a['same_peaks']:.1f}% of the "
                   "heatmap peaks equal the CPU runtime's on the prepared images."]
+    while lines[-1] == "":
+        lines.pop()
     section = "\n".join(lines) + "\n"
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
     start = text.find("## Bit-packed inference on an NVIDIA GPU")
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:
@@ -513,9 +534,17 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="update this file's GPU section")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="write --markdown from a saved --json (a run cut short included), no GPU needed")
     args = parser.parse_args(argv)
     if args.prepare:
         prepare(args.prepare)
+        return
+    if args.from_json:
+        if not args.markdown:
+            parser.error("--from-json needs --markdown")
+        with open(args.from_json, encoding="utf-8") as f:
+            write_markdown(args.markdown, json.load(f))
         return
     if not args.assets:
         parser.error("--assets DIR (from --prepare DIR) is needed on the GPU machine")
@@ -535,10 +564,7 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
             os.replace(f.name, args.json)
 
-    if "layers" in parts:
-        result["layers"] = layers(flatbuffer, [int(b) for b in args.batches.split(",")], args.runs, args.device)
-        save()
-    if "model" in parts:
+    if "model" in parts:  # first: the shorter part, and the one a cut-short run most needs
         try:
             result["agreement"] = agreement(flatbuffer, args.assets, args.device)
             print(json.dumps(result["agreement"]), flush=True)
@@ -547,7 +573,10 @@ def main(argv=None):
         result["whole_model"] = whole_model(flatbuffer, max(5, args.runs // 2),
                                             [int(b) for b in args.model_batches.split(",")], args.device)
         save()
-    if args.markdown and "layers" in result and "whole_model" in result:
+    if "layers" in parts:
+        result["layers"] = []
+        layers(flatbuffer, [int(b) for b in args.batches.split(",")], args.runs, args.device, result["layers"], save)
+    if args.markdown:
         write_markdown(args.markdown, result)
 
 

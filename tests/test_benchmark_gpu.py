@@ -85,7 +85,16 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert text.count("| input | filter | batch |") == 2
     assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
     assert "| PyTorch, CUDA graph | 0.90 | n/a | n/a | n/a |" in text
+    assert "prepared images.\n\n## After" in text  # one blank line before the next section
     assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks" in text
+    # a run cut short (the layers part unfinished, one shape saved): written from its JSON, no GPU needed
+    partial = dict(result, layers=[layer])
+    del partial["whole_model"]
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    script.main(["--from-json", str(tmp_path / "partial.json"), "--markdown", str(path)])
+    text = path.read_text()
+    assert text.count("| 64x64x128 | 3x3, 128 out, stride 1 | 32 |") == 2 and "### The whole default model" not in text
+    assert "## CPU\n\ntext" in text and "## After\n\nkept" in text
 
 
 @needs_torch
