@@ -158,13 +158,15 @@ def _plain(value):
 
 def _device_call(function, args, kwargs, writes=None):
     """``function`` on device arrays as a CuPy kernel: run now, and while a stream captures, also
-    recorded to run again at each replay, writing into the same result."""
+    recorded to run again at each replay, writing into the same result (``out``, ``writes``, or
+    the new array it returns, which must then come from a private pool)."""
     args, kwargs = _plain(args), _plain(kwargs)
     result = function(*args, **kwargs)
     if Stream.capturing is not None:
         assert get_current_stream() is Stream.capturing, "a kernel on another stream while one captures"
         if writes is None and "out" not in kwargs:
             assert isinstance(result, np.ndarray), f"{function.__name__}: a host value computed while capturing"
+            assert MemoryPool.current is not None, "an allocation from CuPy's default pool while capturing a graph"
             target = result
             Stream.capturing.recorded.append(lambda: np.copyto(target, function(*args, **kwargs)))
         else:
@@ -203,36 +205,24 @@ def asnumpy(array, stream=None):
 
 
 def copyto(target, source):
-    """A device-to-device copy: a kernel on the current stream (recorded while capturing)."""
+    """A device-to-device copy: a kernel on the current stream."""
     assert isinstance(source, DeviceArray) and source.shape == target.shape, "copyto: device arrays of one shape"
-    _run_or_record(lambda: np.copyto(target, source))
+    _device_call(np.copyto, (target, source), {}, writes=target)
 
 
 def ascontiguousarray(array):
-    """The array itself where it is C-contiguous, else a copy made by a kernel (recorded while
-    capturing, as CuPy's copy kernel would be)."""
+    """The array itself where it is C-contiguous, else a copy made by a kernel."""
     array = asarray(array)
-    if array.flags.c_contiguous:
-        return array
-    out = empty(array.shape, array.dtype)
-    _run_or_record(lambda: np.copyto(out, array))
-    return out
+    return array if array.flags.c_contiguous else _device_call(np.ascontiguousarray, (array,), {})
 
 
 def concatenate(arrays, axis=0):
-    """A new array filled by a kernel (recorded while capturing)."""
-    arrays = [asarray(a) for a in arrays]
-    shape = list(arrays[0].shape)
-    shape[axis] = sum(a.shape[axis] for a in arrays)
-    out = empty(shape, arrays[0].dtype)
-    _run_or_record(lambda: np.concatenate(arrays, axis=axis, out=out))
-    return out
+    return _device_call(np.concatenate, ([asarray(a) for a in arrays],), {"axis": axis})
 
 
 def matmul(a, b, out):
-    """cuBLAS's product into ``out`` (recorded while capturing)."""
-    _run_or_record(lambda: np.matmul(a, b, out=out))
-    return out
+    """cuBLAS's product into ``out``."""
+    return _device_call(np.matmul, (a, b), {"out": out})
 
 
 class MemoryPool:

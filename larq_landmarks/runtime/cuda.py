@@ -266,9 +266,8 @@ class CapturedRuns:
     keeps calls from several threads in one piece). Up to ``keep`` shapes stay captured, each
     holding its activations' memory; the least recently used is dropped. ``on_capture(shape)``
     is called after a shape is captured (the engine then frees the buffers its step-by-step runs
-    of that batch size kept). If a capture fails
-    (a CUDA or CuPy version that does not capture some step) the error is warned about once and
-    every run is eager from then on.
+    of that batch size kept). If a capture fails (a CUDA or CuPy version that does not capture
+    some step) the error is warned about once and every run is eager from then on.
     """
 
     def __init__(self, cp, run: Callable, keep: int = 4, on_capture: Optional[Callable] = None):
@@ -301,7 +300,7 @@ class CapturedRuns:
         NumPy) from the shape's graph, or None where the caller is to run eagerly."""
         if self.failed is not None:
             return None
-        cp, shape = self.cp, tuple(images.shape)
+        shape = tuple(images.shape)
         with self.lock:
             if shape not in self.captured:
                 if shape not in self.seen:
@@ -320,24 +319,30 @@ class CapturedRuns:
                     _, dropped = self.captured.popitem(last=False)
                     dropped[3].synchronize()  # its graph may still run (a CuPy call returns before it ends)
             self.captured.move_to_end(shape)
-            graph, inputs, output, stream, _ = self.captured[shape]
-            current = cp.cuda.get_current_stream()
-            result = cp.empty(output.shape, output.dtype) if on_device else None  # allocated in the caller's order
-            stream.wait_event(current.record())  # after the caller's work on the images (and on result's memory)
-            if on_device:
-                with stream:
-                    cp.copyto(inputs, images)
-            else:
-                inputs.set(images, stream=stream)
-            graph.launch(stream=stream)
-            if on_device:
-                with stream:
-                    cp.copyto(result, output)
-                current.wait_event(stream.record())
-                return result
-            result = output.get(stream=stream)
-            stream.synchronize()
+            return self._replay(self.captured[shape], images, on_device)
+
+    def _replay(self, entry: tuple, images, on_device: bool):
+        """Images in, the graph, the output out, in that order on the graph's stream, after the
+        caller's work on its current stream (and, for CuPy, before the caller's next work)."""
+        cp = self.cp
+        graph, inputs, output, stream, _ = entry
+        current = cp.cuda.get_current_stream()
+        result = cp.empty(output.shape, output.dtype) if on_device else None  # allocated in the caller's order
+        stream.wait_event(current.record())  # after the caller's work on the images (and on result's memory)
+        if on_device:
+            with stream:
+                cp.copyto(inputs, images)
+        else:
+            inputs.set(images, stream=stream)
+        graph.launch(stream=stream)
+        if on_device:
+            with stream:
+                cp.copyto(result, output)
+            current.wait_event(stream.record())
             return result
+        result = output.get(stream=stream)
+        stream.synchronize()
+        return result
 
 
 _LOADED: dict = {}
