@@ -257,13 +257,16 @@ __device__ void bconv2d_block(const BconvArgs& g) {
       }
     }
     {
-      const int n = tid >> 2, q = tid & 3;  // 10 words of one weight row
-      const u32* src = g.w + (i64)(n0 + n) * g.k_stride + chunk * KC + q * (KC / 4);
-#pragma unroll
-      for (int j = 0; j < KC / 4; j += 2) {
-        const uint2 wv = *reinterpret_cast<const uint2*>(src + j);
-        s.tiles.b[n * LDS + q * (KC / 4) + j] = wv.x;
-        s.tiles.b[n * LDS + q * (KC / 4) + j + 1] = wv.y;
+      // the weight rows of the block's real channels, and of each only the words the MMA steps
+      // read (narrow layers: 32 rows of 16 words, not 64 of 40); word pairs spread over all threads.
+      // Columns past the last channel are never output, so their rows may hold anything.
+      const int pairs = steps * (KW / 2), loads = min(BN, g.channels_out - n0) * pairs;
+      const u32* src = g.w + (i64)n0 * g.k_stride + chunk * KC;
+      for (int i = tid; i < loads; i += THREADS) {
+        const int n = i / pairs, j = 2 * (i - n * pairs);
+        const uint2 wv = *reinterpret_cast<const uint2*>(src + (i64)n * g.k_stride + j);
+        s.tiles.b[n * LDS + j] = wv.x;
+        s.tiles.b[n * LDS + j + 1] = wv.y;
       }
     }
     __syncthreads();
