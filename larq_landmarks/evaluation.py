@@ -12,8 +12,13 @@ def heatmaps_to_image(heatmaps: tf.Tensor, matrix: tf.Tensor, stride: int = hm.S
     """Decode ``(B, H, W, K)`` heatmaps of crops to ``(B, K, 2)`` image pixels, given each crop's
     3x3 image -> crop ``matrix``; returns ``(points, scores)``."""
     points, scores = hm.decode_heatmaps(heatmaps)
-    crop_points = hm.heatmap_to_input(points, stride)
-    return transform_points(tf.linalg.inv(matrix), crop_points), scores
+    return heatmap_points_to_image(points, matrix, stride), scores
+
+
+def heatmap_points_to_image(points: tf.Tensor, matrix: tf.Tensor, stride: int = hm.STRIDE) -> tf.Tensor:
+    """``(B, K, 2)`` points in the heatmap pixels of crops -> image pixels, given each crop's 3x3
+    image -> crop ``matrix``."""
+    return transform_points(tf.linalg.inv(matrix), hm.heatmap_to_input(points, stride))
 
 
 def predict_dataset(predict: Callable[[np.ndarray], np.ndarray], dataset: tf.data.Dataset) -> Dict[str, np.ndarray]:

@@ -244,5 +244,7 @@ class TfliteModel:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Heatmaps (or logits) for ``(B, S, S, 3)`` float32 images; several threads may call it
-        at once."""
+        at once. On the ``"cuda"`` engine a CuPy array in gives a CuPy array out."""
+        if self.engine == "cuda" and hasattr(images, "__cuda_array_interface__"):
+            return self._predict(images)
         return self._predict(np.asarray(images, np.float32))

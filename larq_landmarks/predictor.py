@@ -11,11 +11,11 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from larq_landmarks import export, layouts
+from larq_landmarks import export, heatmaps as hm, layouts
 from larq_landmarks.datasets.pipeline import crop_matrix, warp_image
 from larq_landmarks.datasets.readers import face_crop
 from larq_landmarks.detection import FaceDetector
-from larq_landmarks.evaluation import heatmaps_to_image
+from larq_landmarks.evaluation import heatmap_points_to_image
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -92,11 +92,12 @@ def check_boxes(boxes, name: str = "image") -> np.ndarray:
     return array.astype(np.float32)
 
 
-def flip_test(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, permutation) -> np.ndarray:
-    """The papers' flip test: ``f(x) + unflip(swapLR(f(flip(x))))`` on heatmaps."""
-    heatmaps = np.asarray(predict(images))
-    flipped = np.asarray(predict(images[:, :, ::-1]))[:, :, ::-1]
-    return heatmaps + flipped[..., np.asarray(permutation)]
+def flip_test(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, permutation, xp=np) -> np.ndarray:
+    """The papers' flip test: ``f(x) + unflip(swapLR(f(flip(x))))`` on heatmaps (``xp``: the
+    array module of what ``predict`` returns, NumPy or CuPy)."""
+    heatmaps = xp.asarray(predict(images))
+    flipped = xp.asarray(predict(images[:, :, ::-1]))[:, :, ::-1]
+    return heatmaps + flipped[..., xp.asarray(permutation)]
 
 
 class Predictor:
@@ -117,6 +118,8 @@ class Predictor:
         if box_kind not in ("face", "person"):
             raise ValueError(f"box_kind={box_kind!r} must be 'face' or 'person'")
         self._predict = predict
+        # what _heatmaps runs, and where its heatmaps are (NumPy; CuPy for the GPU engine)
+        self._predict_heatmaps, self._array_module = predict, np
         self.input_size = input_size
         self.num_landmarks = num_landmarks
         self.box_kind = box_kind
@@ -177,6 +180,12 @@ class Predictor:
         _check_model_shapes(tuple(inputs), tuple(outputs), str(path))
         predictor = cls(model.predict, inputs[1], outputs[-1], box_kind, use_flip_test)
         predictor.engine = model.engine
+        if model.engine == "cuda":  # the heatmaps stay on the GPU and are decoded there
+            from larq_landmarks.runtime import cuda
+
+            cp = cuda.load(model.kernels).cp
+            predictor._array_module = cp
+            predictor._predict_heatmaps = lambda crops: model.predict(cp.asarray(np.ascontiguousarray(crops)))
         return predictor
 
     def _crops(self, image: np.ndarray, boxes: np.ndarray, name: str):
@@ -210,8 +219,8 @@ class Predictor:
         crops, matrices = self._prepare(image, boxes, name)
         if not len(crops):
             return self._no_points()
-        points, scores = heatmaps_to_image(self._heatmaps(crops), matrices)
-        return points.numpy(), scores.numpy()
+        points, scores = self._decode(crops)
+        return heatmap_points_to_image(points, matrices).numpy(), scores
 
     def _prepare(self, image: ImageLike, boxes, name: Optional[str]):
         """The model's input crops of ``image`` for ``boxes`` (detected when None), and their
@@ -230,8 +239,17 @@ class Predictor:
 
     def _heatmaps(self, crops: np.ndarray):
         if self.permutation is not None:
-            return flip_test(self._predict, crops, self.permutation) / 2.0
-        return self._predict(crops)
+            return flip_test(self._predict_heatmaps, crops, self.permutation, self._array_module) / 2.0
+        return self._predict_heatmaps(crops)
+
+    def _decode(self, crops: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The model's landmarks for ``crops``: ``(points, scores)``, NumPy, in heatmap pixels."""
+        heatmaps, xp = self._heatmaps(crops), self._array_module
+        if xp is np:
+            points, scores = hm.decode_heatmaps(heatmaps)
+            return points.numpy(), scores.numpy()
+        points, scores = hm.decode_heatmaps_array(heatmaps, xp)
+        return xp.asnumpy(points), xp.asnumpy(scores)
 
     def predict_many(self, images: Sequence[ImageLike],
                      boxes: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None,
@@ -259,13 +277,13 @@ class Predictor:
             if not pending:
                 return
             crops = np.concatenate([crops for _, crops, _ in pending])
-            heatmaps = np.concatenate([np.asarray(self._heatmaps(crops[i:i + batch_size]))
-                                       for i in range(0, len(crops), batch_size)])
+            decoded = [self._decode(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
+            points, scores = (np.concatenate(parts) for parts in zip(*decoded))
             start = 0
             for index, crops, matrices in pending:
-                points, scores = heatmaps_to_image(heatmaps[start:start + len(crops)], matrices)
-                results[index] = (points.numpy(), scores.numpy())
-                start += len(crops)
+                end = start + len(crops)
+                results[index] = (heatmap_points_to_image(points[start:end], matrices).numpy(), scores[start:end])
+                start = end
             pending.clear()
 
         for image, image_boxes in items:

@@ -190,6 +190,27 @@ def test_decoding_a_rendered_heatmap_recovers_subpixel_positions():
     np.testing.assert_allclose(hm.heatmap_to_input(hm.input_to_heatmap(points)), points, atol=1e-5)
 
 
+def test_array_decoding_is_the_tensorflow_decoding():
+    """decode_heatmaps_array (NumPy here, CuPy on a GPU) gives decode_heatmaps' points and scores
+    exactly: random maps, plus a tie (the first maximum wins), peaks on each border (no shift
+    across it), equal neighbours (no shift) and a shift each way."""
+    rng = np.random.default_rng(3)
+    maps = rng.uniform(size=(3, 9, 11, 6)).astype(np.float32)
+    maps[0, :, :, :5] = 0
+    maps[0, 2, 3, 0] = maps[0, 6, 1, 0] = 5  # a tie: (3, 2) wins
+    maps[0, 0, 4, 1] = maps[0, 8, 4, 2] = maps[0, 4, 0, 3] = maps[0, 4, 10, 4] = 7  # on the borders,
+    maps[0, 1, 4, 1] = maps[0, 7, 4, 2] = maps[0, 4, 1, 3] = maps[0, 4, 9, 4] = 3  # the inner neighbour larger
+    maps[1, :, :, 0] = 0
+    maps[1, 4, 5, 0], maps[1, 4, 4, 0], maps[1, 4, 6, 0], maps[1, 3, 5, 0], maps[1, 5, 5, 0] = 9, 2, 2, 1, 3
+    points, scores = hm.decode_heatmaps_array(maps)
+    expected_points, expected_scores = hm.decode_heatmaps(maps)
+    assert points.dtype == np.float32 and points.shape == (3, 6, 2) and scores.shape == (3, 6)
+    np.testing.assert_array_equal(points, expected_points.numpy())
+    np.testing.assert_array_equal(scores, expected_scores.numpy())
+    np.testing.assert_array_equal(points[0, :5], [[3, 2], [4, 0], [4, 8], [0, 4], [10, 4]])
+    np.testing.assert_array_equal(points[1, 0], [5, 4.25])  # equal in x, larger below
+
+
 def _dot_dataset(tmp_path):
     """An image with a bright dot at every one of 68 asymmetric points, others black."""
     rng = np.random.default_rng(1)

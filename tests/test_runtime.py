@@ -400,6 +400,16 @@ def test_predictor_and_cli_run_the_cuda_engine_on_the_cpu_build(small_file, monk
                      "--out", str(tmp_path / "out")]) == 0
     written = json.loads((tmp_path / "out" / "landmarks.json").read_text())[str(path)]["landmarks"]
     np.testing.assert_allclose(written[0], cpu.predict(images[0], [boxes[0][0]])[0][0], atol=0.5)
+    # the heatmaps stay on the GPU (decoded there), flip test included
+    flipped, flipped_cpu = (Predictor.from_path(small_file, engine=engine, use_flip_test=True)
+                            for engine in ("cuda", "runtime"))
+    assert flipped._array_module is cuda.load("cuda").cp
+    predicted = flipped._heatmaps(np.zeros((1, 64, 64, 3), np.float32))
+    assert isinstance(predicted, fake_cupy.DeviceArray)
+    for (points, scores), (expected, expected_scores) in zip(flipped.predict_many(images, boxes),
+                                                             flipped_cpu.predict_many(images, boxes)):
+        np.testing.assert_allclose(points, expected, atol=0.5)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)
 
 
 def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
