@@ -16,6 +16,7 @@ from larq_landmarks.datasets.pipeline import crop_matrix, warp_image
 from larq_landmarks.datasets.readers import face_crop
 from larq_landmarks.detection import FaceDetector
 from larq_landmarks.evaluation import heatmap_points_to_image
+from larq_landmarks.runtime.decoding import decode_heatmaps_array
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -248,7 +249,7 @@ class Predictor:
         if xp is np:
             points, scores = hm.decode_heatmaps(heatmaps)
             return points.numpy(), scores.numpy()
-        points, scores = hm.decode_heatmaps_array(heatmaps, xp)
+        points, scores = decode_heatmaps_array(heatmaps, xp)
         return xp.asnumpy(points), xp.asnumpy(scores)
 
     def predict_many(self, images: Sequence[ImageLike],

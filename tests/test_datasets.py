@@ -13,6 +13,7 @@ from larq_landmarks import layouts, synthetic
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.datasets.readers import DatasetError
 from larq_landmarks.datasets.segmentation import inside_polygon, render_part_mask
+from larq_landmarks.runtime.decoding import decode_heatmaps_array
 
 HAND_PTS = """version: 1
 n_points: 3
@@ -202,7 +203,7 @@ def test_array_decoding_is_the_tensorflow_decoding():
     maps[0, 1, 4, 1] = maps[0, 7, 4, 2] = maps[0, 4, 1, 3] = maps[0, 4, 9, 4] = 3  # the inner neighbour larger
     maps[1, :, :, 0] = 0
     maps[1, 4, 5, 0], maps[1, 4, 4, 0], maps[1, 4, 6, 0], maps[1, 3, 5, 0], maps[1, 5, 5, 0] = 9, 2, 2, 1, 3
-    points, scores = hm.decode_heatmaps_array(maps)
+    points, scores = decode_heatmaps_array(maps)
     expected_points, expected_scores = hm.decode_heatmaps(maps)
     assert points.dtype == np.float32 and points.shape == (3, 6, 2) and scores.shape == (3, 6)
     np.testing.assert_array_equal(points, expected_points.numpy())

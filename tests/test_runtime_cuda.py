@@ -306,6 +306,20 @@ def test_gpu_float_ops_match_the_cpu_kernels_and_pass_nan(gpu_or_cpu):
     np.testing.assert_array_equal(results[cpu]["resize"], np.maximum(small.repeat(2, 1).repeat(2, 2) + big, 0))
 
 
+def test_heatmaps_decode_on_the_gpu_as_in_numpy(gpu_or_cpu):
+    """The Predictor's GPU decoding (``decode_heatmaps_array`` on CuPy arrays) gives the NumPy
+    decoding's points and scores exactly (that one is tested equal to TensorFlow's)."""
+    from larq_landmarks.runtime.decoding import decode_heatmaps_array
+
+    cp = cuda.load("cuda").cp
+    maps = np.random.default_rng(4).uniform(size=(5, 16, 16, 68)).astype(np.float32)
+    maps[:, 0, 7, 3] = maps[:, 9, 15, 4] = 2.0  # peaks on the borders
+    expected = decode_heatmaps_array(maps)
+    got = decode_heatmaps_array(cp.asarray(maps), cp)
+    for value, want in zip(got, expected):
+        np.testing.assert_array_equal(cp.asnumpy(value), want)
+
+
 def _model_cases():
     """(name, flatbuffer, images, CPU runtime output) for every model ``scripts/benchmark_gpu.py
     --prepare`` wrote to ``$LARQ_LANDMARKS_GPU_ASSETS``."""

@@ -1,0 +1,29 @@
+"""Decoding the runtime's heatmaps where they are (NumPy, or CuPy on the GPU engine), without
+TensorFlow: the in-graph version is :func:`larq_landmarks.heatmaps.decode_heatmaps`, and this one
+gives its results."""
+import numpy as np
+
+
+def decode_heatmaps_array(heatmaps, xp=np) -> tuple:
+    """``larq_landmarks.heatmaps.decode_heatmaps`` on a NumPy or CuPy array, ``xp`` its module:
+    a GPU engine's heatmaps are decoded where they are, and only the points leave the GPU. Same
+    results (ties go to the first maximum, as ``tf.argmax``).
+
+    Returns:
+        ``(points, scores)`` as ``xp`` arrays: ``(batch, K, 2)`` float32 ``(x, y)`` in heatmap
+        pixels and ``(batch, K)`` the peak values.
+    """
+    batch, height, width, count = heatmaps.shape
+    flat = xp.ascontiguousarray(heatmaps.transpose(0, 3, 1, 2)).reshape(batch, count, height * width)
+    index = flat.argmax(-1)
+    y, x = index // width, index % width
+
+    def value_at(yy, xx):
+        at = xp.clip(yy, 0, height - 1) * width + xp.clip(xx, 0, width - 1)
+        return xp.take_along_axis(flat, at[..., None], -1)[..., 0]
+
+    # Neighbours outside the map count as equal (no shift), as in the authors' code.
+    shift_x = xp.where((x > 0) & (x < width - 1), xp.sign(value_at(y, x + 1) - value_at(y, x - 1)), 0.0)
+    shift_y = xp.where((y > 0) & (y < height - 1), xp.sign(value_at(y + 1, x) - value_at(y - 1, x)), 0.0)
+    points = xp.stack([x + 0.25 * shift_x, y + 0.25 * shift_y], -1).astype(xp.float32)
+    return points, value_at(y, x)
