@@ -76,4 +76,3 @@ def decode_heatmaps(heatmaps: tf.Tensor) -> tuple:
         [tf.cast(x, tf.float32) + 0.25 * shift_x, tf.cast(y, tf.float32) + 0.25 * shift_y], -1
     )
     return points, scores
-

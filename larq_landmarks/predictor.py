@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from larq_landmarks import export, heatmaps as hm, layouts
+from larq_landmarks import export, layouts
 from larq_landmarks.datasets.pipeline import crop_matrix, warp_image
 from larq_landmarks.datasets.readers import face_crop
 from larq_landmarks.detection import FaceDetector
@@ -245,12 +245,9 @@ class Predictor:
 
     def _decode(self, crops: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """The model's landmarks for ``crops``: ``(points, scores)``, NumPy, in heatmap pixels."""
-        heatmaps, xp = self._heatmaps(crops), self._array_module
-        if xp is np:
-            points, scores = hm.decode_heatmaps(heatmaps)
-            return points.numpy(), scores.numpy()
-        points, scores = decode_heatmaps_array(heatmaps, xp)
-        return xp.asnumpy(points), xp.asnumpy(scores)
+        xp = self._array_module
+        points, scores = decode_heatmaps_array(xp.asarray(self._heatmaps(crops)), xp)
+        return (points, scores) if xp is np else (xp.asnumpy(points), xp.asnumpy(scores))
 
     def predict_many(self, images: Sequence[ImageLike],
                      boxes: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None,
