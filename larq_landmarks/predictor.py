@@ -191,7 +191,7 @@ class Predictor:
 
     def _crops(self, image: np.ndarray, boxes: np.ndarray, name: str):
         height, width = image.shape[:2]
-        matrices = []
+        centres, scales = [], []
         for i, box in enumerate(boxes):
             x1, y1, x2, y2 = box
             if not np.all(np.isfinite(box)) or x2 <= x1 or y2 <= y1:
@@ -199,10 +199,12 @@ class Predictor:
             if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
                 raise InputError(f"{name}: box {i} {box.tolist()} lies outside the {width}x{height} image")
             centre, scale = face_crop(box) if self.box_kind == "face" else person_crop(box)
-            matrices.append(crop_matrix(centre, scale, self.input_size))
+            centres.append(centre)
+            scales.append(scale)
+        matrices = crop_matrix(np.stack(centres), np.array(scales, np.float32), self.input_size)  # one call
         pixels = tf.image.convert_image_dtype(tf.constant(image), tf.float32)
         crops = tf.stack([warp_image(pixels, m, self.input_size) for m in matrices])
-        return crops.numpy(), tf.stack(matrices)
+        return crops.numpy(), matrices
 
     def predict(self, image: ImageLike, boxes: Optional[Sequence[Sequence[float]]] = None,
                 name: Optional[str] = None):

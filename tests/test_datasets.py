@@ -260,6 +260,22 @@ def test_flip_swaps_left_and_right_points(tmp_path):
     np.testing.assert_allclose(p_flip, mirrored, atol=0.51)
 
 
+def test_crop_matrix_by_hand_and_for_a_batch():
+    """The crop of side 200 * scale around the centre maps onto the input (corner to corner), and a
+    batch of centres and scales gives each one's matrix, rotated and flipped alike."""
+    matrix = pipeline.crop_matrix([150.0, 80.0], 0.5, 64).numpy()  # a 100-pixel crop -> 64 pixels
+    zoom = 64 / 100
+    np.testing.assert_allclose(matrix, [[zoom, 0, 31.5 - 150 * zoom], [0, zoom, 31.5 - 80 * zoom], [0, 0, 1]],
+                               rtol=1e-6, atol=1e-5)
+    rng = np.random.default_rng(2)
+    centres, scales = rng.uniform(0, 400, (5, 2)).astype(np.float32), rng.uniform(0.5, 3, 5).astype(np.float32)
+    for rotation, flip in ((0.0, False), (25.0, True)):
+        batch = pipeline.crop_matrix(centres, scales, 128, rotation, flip).numpy()
+        assert batch.shape == (5, 3, 3)
+        for i in range(5):
+            np.testing.assert_array_equal(batch[i], pipeline.crop_matrix(centres[i], scales[i], 128, rotation, flip))
+
+
 def test_pipeline_is_deterministic_given_a_seed(tmp_path):
     columns = readers.to_columns(readers.read_pts_folder(writers.write_300w(str(tmp_path), 4, image_size=(96, 96))))
     perm = layouts.flip_permutation(68)

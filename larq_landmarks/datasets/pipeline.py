@@ -46,11 +46,11 @@ NO_AUGMENTATION = Augmentation(0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, (1.0, 1.0))
 
 
 def crop_matrix(centre, scale, input_size: int, rotation=0.0, flip=False) -> tf.Tensor:
-    """3x3 float32 matrix mapping image pixels to crop pixels.
+    """3x3 float32 matrix mapping image pixels to crop pixels (``(..., 3, 3)`` for a batch).
 
     Args:
-        centre: ``(2,)`` crop centre ``(x, y)`` in image pixels.
-        scale: the crop side is ``200 * scale`` image pixels.
+        centre: ``(..., 2)`` crop centre ``(x, y)`` in image pixels.
+        scale: ``(...)``: the crop side is ``200 * scale`` image pixels.
         input_size: crop side in pixels.
         rotation: degrees; the image content turns counter-clockwise by this angle.
         flip: mirror the crop horizontally (``x -> input_size - 1 - x``).
@@ -63,15 +63,20 @@ def crop_matrix(centre, scale, input_size: int, rotation=0.0, flip=False) -> tf.
     # crop = zoom * R(-angle in image coordinates, y down) @ (p - centre) + half
     a, b = cos, sin
     c, d = -sin, cos
-    tx = half - (a * centre[0] + b * centre[1])
-    ty = half - (c * centre[0] + d * centre[1])
+    tx = half - (a * centre[..., 0] + b * centre[..., 1])
+    ty = half - (c * centre[..., 0] + d * centre[..., 1])
     sign = tf.where(tf.cast(flip, tf.bool), -1.0, 1.0)
     offset = tf.where(tf.cast(flip, tf.bool), 2.0 * half, 0.0)
+    shape = tf.shape(tx)  # a batch's, where centre or scale has one
+
+    def entries(*values):
+        return tf.stack([tf.broadcast_to(v, shape) for v in values], -1)
+
     return tf.stack([
-        tf.stack([sign * a, sign * b, sign * tx + offset]),
-        tf.stack([c, d, ty]),
-        tf.constant([0.0, 0.0, 1.0]),
-    ])
+        entries(sign * a, sign * b, sign * tx + offset),
+        entries(c, d, ty),
+        entries(0.0, 0.0, 1.0),
+    ], -2)
 
 
 def transform_points(matrix: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
