@@ -58,6 +58,10 @@ inline float __fadd_rn(float a, float b) {
   volatile float r = a + b;
   return r;
 }
+inline float __fdiv_rn(float a, float b) {
+  volatile float r = a / b;
+  return r;
+}
 inline float __int_as_float(int v) {
   float f;
   std::memcpy(&f, &v, 4);

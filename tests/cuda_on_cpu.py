@@ -24,7 +24,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "cuda_on_cpu.h")
-C_TYPES = {"int": "int", "i64": "long long", "float": "float", "u32": "unsigned", "void": "void"}
+C_TYPES = {"int": "int", "i64": "long long", "float": "float", "u32": "unsigned", "u8": "unsigned char",
+           "void": "void"}
 
 
 def kernel_signatures(source: str):

@@ -35,6 +35,8 @@ def _check(name, params, args):
                 assert arg.dtype == np.float32, f"{name}: {pname} is float*, got {arg.dtype}"
             elif ctype in ("int", "u32"):
                 assert arg.dtype.kind in "iu" and arg.dtype.itemsize == 4, f"{name}: {pname} is {ctype}*, got {arg.dtype}"
+            elif ctype == "u8":
+                assert arg.dtype == np.uint8, f"{name}: {pname} is u8*, got {arg.dtype}"
         else:
             assert type(arg) is SCALARS[ctype], f"{name}: {pname} is {ctype}, got {type(arg).__name__}"
         values[pname] = arg
@@ -49,7 +51,8 @@ def _check_grid(name, grid, block, v, numbers):
                                                                    "channels")])),
              "pool2d": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
              "resize_nearest": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
-             "concat_part": lambda: int(v["pixels"]) * int(v["part_channels"])}
+             "concat_part": lambda: int(v["pixels"]) * int(v["part_channels"]),
+             "warp_crops": lambda: int(v["crops"]) * int(v["size"]) ** 2}
     if name in count:
         assert name != "bitpack" or block[0] % 32 == 0, "bitpack: a warp's ballot is one word"
         threads = int(np.prod(grid)) * int(np.prod(block))

@@ -378,6 +378,25 @@ def test_gpu_engine_graph_repeats_ops_done_through_numpy_dispatch(monkeypatch, t
     assert gpu._captured.failed is None and list(gpu._captured.captured) == [(1, 64, 64, 3)]
 
 
+def test_gpu_crops_are_the_pipelines_crops(monkeypatch):
+    """The Predictor's crops cut on the GPU (kernels.cu's warp_crops, here its CPU build) equal
+    TensorFlow's ImageProjectiveTransformV3 crops of the pipeline (warp_image) to float rounding:
+    scaled, rotated, flipped, and reaching past every edge of the image."""
+    from larq_landmarks.datasets.pipeline import crop_matrix, sampling_params, warp_image
+
+    fake_cupy.install(monkeypatch)
+    image = np.random.default_rng(6).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    centres = np.array([[26, 18], [2, 3], [50, 35], [20, 30]], np.float32)
+    matrices = tf.concat([crop_matrix(centres[:2], np.array([0.2, 0.3], np.float32), 24),
+                          crop_matrix(centres[2:], np.array([0.25, 0.15], np.float32), 24, 30.0, True)], 0)
+    got = cuda.load("cuda").warp_crops(image, sampling_params(matrices).numpy(), 24)
+    assert isinstance(got, fake_cupy.DeviceArray) and got.shape == (4, 24, 24, 3)
+    pixels = tf.image.convert_image_dtype(tf.constant(image), tf.float32)
+    expected = np.stack([warp_image(pixels, m, 24).numpy() for m in matrices])
+    assert (expected == 0).any() and (expected > 0).mean() > 0.3  # past the edges, and inside
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-6)
+
+
 def test_predictor_and_cli_run_the_cuda_engine_on_the_cpu_build(small_file, monkeypatch, tmp_path):
     """Issue 11's item 3 with kernels.cu built for the CPU in the GPU's place (tests/fake_cupy.py):
     ``Predictor(engine="cuda")`` batches the faces of several images into one model call and finds

@@ -87,13 +87,19 @@ def transform_points(matrix: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(linear * points[..., None, :], -1) + matrix[..., None, :2, 2]
 
 
+def sampling_params(matrix: tf.Tensor) -> tf.Tensor:
+    """The 8 projective parameters (crop pixel -> image pixel) that ``ImageProjectiveTransformV3``
+    takes for an image -> crop ``matrix``, ``(..., 8)`` for ``(..., 3, 3)``."""
+    inverse = tf.linalg.inv(matrix)
+    flat = tf.reshape(inverse, tf.concat([tf.shape(inverse)[:-2], [9]], 0))
+    return flat[..., :8] / inverse[..., 2, 2:3]
+
+
 def warp_image(image: tf.Tensor, matrix: tf.Tensor, input_size: int) -> tf.Tensor:
     """Sample the crop of ``image`` (H, W, 3 float) given by ``matrix`` (image -> crop)."""
-    inverse = tf.linalg.inv(matrix)
-    params = tf.reshape(inverse, [9])[:8] / inverse[2, 2]
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=image[None],
-        transforms=params[None],
+        transforms=sampling_params(matrix)[None],
         output_shape=tf.constant([input_size, input_size], tf.int32),
         fill_value=0.0,
         interpolation="BILINEAR",

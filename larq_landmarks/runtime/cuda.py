@@ -79,9 +79,9 @@ class CudaKernels:
         with open(SOURCE, encoding="utf-8") as f:
             self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
         self._bconv = self._module.get_function("bconv2d_tensor_cores" if path == "cuda" else "bconv2d_popcount")
-        self._bitpack, self._unpack, self._im2col, self._pool2d, self._concat_part, self._resize = (
+        self._bitpack, self._unpack, self._im2col, self._pool2d, self._concat_part, self._resize, self._warp = (
             self._module.get_function(name)
-            for name in ("bitpack", "unpack", "im2col", "pool2d", "concat_part", "resize_nearest"))
+            for name in ("bitpack", "unpack", "im2col", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
         # the clamps are TFLite's std::min(std::max(v, lo), hi), which let NaN through
         clamp = "const float low = r < lo ? lo : r; out = hi < low ? hi : low;"
         self._elementwise = cp.ElementwiseKernel(
@@ -251,6 +251,21 @@ class CudaKernels:
             np.int32(channels), np.int32(out.shape[1]), np.int32(out.shape[2]),
             residual if has_residual else self._empty_float, np.int32(has_residual), np.float32(lo), np.float32(hi),
             out))
+
+    # --- the Predictor's crops --------------------------------------------------------------
+    def warp_crops(self, image: np.ndarray, params: np.ndarray, size: int):
+        """Crops of one ``(H, W, C)`` uint8 image on the GPU: ``(N, size, size, C)`` float32 for the
+        ``(N, 8)`` sampling parameters (``datasets.pipeline.sampling_params``), as the pipeline's
+        ``warp_image`` cuts them on the CPU. Only the image travels to the GPU."""
+        cp = self.cp
+        height, width, channels = image.shape
+        params = self.upload(np.ascontiguousarray(params, np.float32))
+        out = cp.empty((params.shape[0], size, size, channels), cp.float32)
+        self._launch(self._warp, params.shape[0] * size * size, (
+            self.upload(np.ascontiguousarray(image, np.uint8)), np.int32(height), np.int32(width), np.int32(channels),
+            params, np.int32(params.shape[0]), np.int32(size), out))
+        return out
+
 
 class CapturedRuns:
     """Whole runs of a model as CUDA graphs, one per input shape: a run of ~200 steps is then one

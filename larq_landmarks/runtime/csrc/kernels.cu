@@ -12,6 +12,7 @@
 // runtime/cuda_tiles.py is a NumPy model of exactly this indexing, tested on the CPU.
 
 typedef unsigned int u32;
+typedef unsigned char u8;
 typedef long long i64;
 
 #define BM 128     // output pixels per block
@@ -405,6 +406,43 @@ extern "C" __global__ void im2col(const float* x, int batch, int height, int wid
   const int y = oy * stride_h - pad_top + fy * dilation_h, xx = ox * stride_w - pad_left + fx * dilation_w;
   cols[idx] = (y >= 0 && y < height && xx >= 0 && xx < width) ? x[(((i64)b * height + y) * width + xx) * channels + c]
                                                                : 0.0f;
+}
+
+// The Predictor's crops of one image (uint8, HWC) on the GPU: out[n, y, x, c] samples the image,
+// as floats v / 255 (tf.image.convert_image_dtype), at params[n] (8 projective parameters, crop
+// pixel -> image pixel) applied to (x, y), bilinear, 0 outside the image: TensorFlow's
+// ImageProjectiveTransformV3 with BILINEAR and CONSTANT fill 0, computed the same way. One thread
+// per output pixel.
+__device__ __forceinline__ float image_value(const u8* image, int height, int width, int channels,
+                                             float y, float x, int c) {
+  const int yi = (int)y, xi = (int)x;
+  if (y < 0.0f || x < 0.0f || yi >= height || xi >= width) return 0.0f;
+  return __fmul_rn((float)image[((i64)yi * width + xi) * channels + c], 1.0f / 255.0f);
+}
+
+extern "C" __global__ void warp_crops(const u8* image, int height, int width, int channels,
+                                      const float* params, int crops, int size, float* out) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (i64)crops * size * size) return;
+  const int n = (int)(idx / ((i64)size * size)), rest = (int)(idx - (i64)n * size * size);
+  const float oy = (float)(rest / size), ox = (float)(rest % size);
+  const float* t = params + 8 * n;
+  float* o = out + idx * channels;
+  const float projection = __fadd_rn(__fadd_rn(__fmul_rn(t[6], ox), __fmul_rn(t[7], oy)), 1.0f);
+  if (projection == 0.0f) {
+    for (int c = 0; c < channels; ++c) o[c] = 0.0f;
+    return;
+  }
+  const float x = __fdiv_rn(__fadd_rn(__fadd_rn(__fmul_rn(t[0], ox), __fmul_rn(t[1], oy)), t[2]), projection);
+  const float y = __fdiv_rn(__fadd_rn(__fadd_rn(__fmul_rn(t[3], ox), __fmul_rn(t[4], oy)), t[5]), projection);
+  const float y0 = floorf(y), x0 = floorf(x), y1 = y0 + 1.0f, x1 = x0 + 1.0f;
+  for (int c = 0; c < channels; ++c) {
+    const float top = __fadd_rn(__fmul_rn(x1 - x, image_value(image, height, width, channels, y0, x0, c)),
+                                __fmul_rn(x - x0, image_value(image, height, width, channels, y0, x1, c)));
+    const float bottom = __fadd_rn(__fmul_rn(x1 - x, image_value(image, height, width, channels, y1, x0, c)),
+                                   __fmul_rn(x - x0, image_value(image, height, width, channels, y1, x1, c)));
+    o[c] = __fadd_rn(__fmul_rn(y1 - y, top), __fmul_rn(y - y0, bottom));
+  }
 }
 
 // CONCATENATION along channels, one part at a time: out[pixel, offset + c] = part[pixel, c], plus
