@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from larq_landmarks import export, layouts
-from larq_landmarks.datasets.pipeline import crop_matrix, warp_image
+from larq_landmarks.datasets.pipeline import crop_matrix, sampling_params, warp_image
 from larq_landmarks.datasets.readers import face_crop
 from larq_landmarks.detection import FaceDetector
 from larq_landmarks.evaluation import heatmap_points_to_image
@@ -119,8 +119,9 @@ class Predictor:
         if box_kind not in ("face", "person"):
             raise ValueError(f"box_kind={box_kind!r} must be 'face' or 'person'")
         self._predict = predict
-        # what _heatmaps runs, and where its heatmaps are (NumPy; CuPy for the GPU engine)
-        self._predict_heatmaps, self._array_module = predict, np
+        # what _heatmaps runs, and where its heatmaps are (NumPy; CuPy for the GPU engine, which
+        # also cuts the crops: _warp_crops(image, sampling parameters, size))
+        self._predict_heatmaps, self._array_module, self._warp_crops = predict, np, None
         self.input_size = input_size
         self.num_landmarks = num_landmarks
         self.box_kind = box_kind
@@ -181,12 +182,13 @@ class Predictor:
         _check_model_shapes(tuple(inputs), tuple(outputs), str(path))
         predictor = cls(model.predict, inputs[1], outputs[-1], box_kind, use_flip_test)
         predictor.engine = model.engine
-        if model.engine == "cuda":  # the heatmaps stay on the GPU and are decoded there
+        if model.engine == "cuda":  # crops cut, heatmaps made and decoded on the GPU: images in, points out
             from larq_landmarks.runtime import cuda
 
-            cp = cuda.load(model.kernels).cp
-            predictor._array_module = cp
-            predictor._predict_heatmaps = lambda crops: model.predict(cp.asarray(np.ascontiguousarray(crops)))
+            kernels = cuda.load(model.kernels)
+            cp = kernels.cp
+            predictor._array_module, predictor._warp_crops = cp, kernels.warp_crops
+            predictor._predict_heatmaps = lambda crops: model.predict(cp.ascontiguousarray(cp.asarray(crops)))
         return predictor
 
     def _crops(self, image: np.ndarray, boxes: np.ndarray, name: str):
@@ -202,6 +204,8 @@ class Predictor:
             centres.append(centre)
             scales.append(scale)
         matrices = crop_matrix(np.stack(centres), np.array(scales, np.float32), self.input_size)  # one call
+        if self._warp_crops is not None:  # on the GPU: only the image travels
+            return self._warp_crops(image, sampling_params(matrices).numpy(), self.input_size), matrices
         pixels = tf.image.convert_image_dtype(tf.constant(image), tf.float32)
         crops = tf.stack([warp_image(pixels, m, self.input_size) for m in matrices])
         return crops.numpy(), matrices
@@ -276,7 +280,7 @@ class Predictor:
         def run_pending():
             if not pending:
                 return
-            crops = np.concatenate([crops for _, crops, _ in pending])
+            crops = self._array_module.concatenate([crops for _, crops, _ in pending])
             decoded = [self._decode(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
             points, scores = (np.concatenate(parts) for parts in zip(*decoded))
             start = 0

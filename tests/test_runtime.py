@@ -425,6 +425,9 @@ def test_predictor_and_cli_run_the_cuda_engine_on_the_cpu_build(small_file, monk
     assert flipped._array_module is cuda.load("cuda").cp
     predicted = flipped._heatmaps(np.zeros((1, 64, 64, 3), np.float32))
     assert isinstance(predicted, fake_cupy.DeviceArray)
+    crops, _ = flipped._prepare(images[0], boxes[0], None)  # cut on the GPU, as on the CPU
+    assert isinstance(crops, fake_cupy.DeviceArray)
+    np.testing.assert_allclose(np.asarray(crops), flipped_cpu._prepare(images[0], boxes[0], None)[0], atol=2e-6)
     for (points, scores), (expected, expected_scores) in zip(flipped.predict_many(images, boxes),
                                                              flipped_cpu.predict_many(images, boxes)):
         np.testing.assert_allclose(points, expected, atol=0.5)
