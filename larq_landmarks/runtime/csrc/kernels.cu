@@ -415,9 +415,10 @@ extern "C" __global__ void im2col(const float* x, int batch, int height, int wid
 // per output pixel.
 __device__ __forceinline__ float image_value(const u8* image, int height, int width, int channels,
                                              float y, float x, int c) {
-  const int yi = (int)y, xi = (int)x;
-  if (y < 0.0f || x < 0.0f || yi >= height || xi >= width) return 0.0f;
-  return __fmul_rn((float)image[((i64)yi * width + xi) * channels + c], 1.0f / 255.0f);
+  // y and x are whole (floors, or floors + 1): compared as floats, so that no far-off coordinate
+  // (or NaN) is cast to an int
+  if (!(y >= 0.0f && x >= 0.0f && y < (float)height && x < (float)width)) return 0.0f;
+  return __fmul_rn((float)image[((i64)y * width + (int)x) * channels + c], 1.0f / 255.0f);
 }
 
 extern "C" __global__ void warp_crops(const u8* image, int height, int width, int channels,
