@@ -381,7 +381,8 @@ def test_gpu_engine_graph_repeats_ops_done_through_numpy_dispatch(monkeypatch, t
 def test_gpu_crops_are_the_pipelines_crops(monkeypatch):
     """The Predictor's crops cut on the GPU (kernels.cu's warp_crops, here its CPU build) equal
     TensorFlow's ImageProjectiveTransformV3 crops of the pipeline (warp_image) to float rounding:
-    scaled, rotated, flipped, and reaching past every edge of the image."""
+    scaled, rotated, flipped, and reaching past every edge of the image; a crop far outside it is
+    zeros."""
     from larq_landmarks.datasets.pipeline import crop_matrix, sampling_params, warp_image
 
     fake_cupy.install(monkeypatch)
@@ -395,6 +396,8 @@ def test_gpu_crops_are_the_pipelines_crops(monkeypatch):
     expected = np.stack([warp_image(pixels, m, 24).numpy() for m in matrices])
     assert (expected == 0).any() and (expected > 0).mean() > 0.3  # past the edges, and inside
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-6)
+    far = crop_matrix(np.array([[3e9, -3e9]], np.float32), np.array([0.2], np.float32), 24)  # no int overflow
+    assert not np.asarray(cuda.load("cuda").warp_crops(image, sampling_params(far).numpy(), 24)).any()
 
 
 def test_predictor_and_cli_run_the_cuda_engine_on_the_cpu_build(small_file, monkeypatch, tmp_path):
