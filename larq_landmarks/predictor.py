@@ -188,7 +188,7 @@ class Predictor:
             kernels = cuda.load(model.kernels)
             cp = kernels.cp
             predictor._array_module, predictor._warp_crops = cp, kernels.warp_crops
-            predictor._predict_heatmaps = lambda crops: model.predict(cp.ascontiguousarray(cp.asarray(crops)))
+            predictor._predict_heatmaps = lambda crops: model.predict(cp.asarray(crops))
         return predictor
 
     def _crops(self, image: np.ndarray, boxes: np.ndarray, name: str):

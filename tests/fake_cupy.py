@@ -181,10 +181,6 @@ def _no_capture(what: str) -> None:
     assert Stream.capturing is None, f"{what} while a stream captures"
 
 
-def _device(array):
-    return array if isinstance(array, DeviceArray) else np.asarray(array).view(DeviceArray)
-
-
 def empty(shape, dtype):
     """Uninitialised memory made visible: NaN floats, 0x7fadbeef integers. While a stream captures
     it must come from a private pool (``using_allocator``), as the engine's graphs keep their
@@ -197,9 +193,10 @@ def empty(shape, dtype):
 
 def asarray(array):
     """An upload (not allowed while capturing) unless ``array`` is on the device already."""
-    if not isinstance(array, DeviceArray):
-        _no_capture("an upload")
-    return _device(array)
+    if isinstance(array, DeviceArray):
+        return array
+    _no_capture("an upload")
+    return np.asarray(array).view(DeviceArray)
 
 
 def asnumpy(array, stream=None):

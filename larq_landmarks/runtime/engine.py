@@ -266,9 +266,12 @@ class Engine:
                              f"got {images.shape}")
         if images.dtype.kind != "f":
             raise ValueError(f"{self.graph.name}: input must be float, got {images.dtype}")
-        images = images.astype(np.float32, copy=False) if on_device else np.ascontiguousarray(images, np.float32)
+        if on_device:  # any strides in (a flipped view, say): the kernels read C order
+            images = kernels.cp.ascontiguousarray(images.astype(np.float32, copy=False))
+        else:
+            images = np.ascontiguousarray(images, np.float32)
         if self._captured is not None and times is None:
-            output = self._captured(kernels.cp.ascontiguousarray(images) if on_device else images, on_device)
+            output = self._captured(images, on_device)
             if output is not None:
                 return output
         output = self._run_steps(images if upload is None or on_device else upload(images), self._pool, times)
