@@ -343,6 +343,8 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
     for x, want in zip(batches[:3], expected):
         _assert_same_heatmaps(eager.predict(x), want, "cuda_graphs=False")
     assert eager._captured is None and len(launches) == 6
+    mirrored = fake_cupy.asarray(batches[0])[:, :, ::-1]  # a strided CuPy view, step by step
+    _assert_same_heatmaps(np.asarray(eager.predict(mirrored)), cpu.predict(batches[0][:, :, ::-1]), "strided")
 
     def refuse(stream, mode=None):
         raise RuntimeError("operation not permitted when stream is capturing")
