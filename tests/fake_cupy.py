@@ -221,7 +221,10 @@ def concatenate(arrays, axis=0):
 
 
 def matmul(a, b, out):
-    """cuBLAS's product into ``out``."""
+    """cuBLAS's product into ``out``. Refused while a stream captures, as CuPy refuses every cuBLAS
+    call then (its binding's ``setStream`` raises this error, CuPy 13 to 15)."""
+    if Stream.capturing is not None:
+        raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
     return _device_call(np.matmul, (a, b), {"out": out})
 
 

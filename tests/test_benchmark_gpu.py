@@ -69,6 +69,8 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
              for i, batch in enumerate((1, 64))]
     whole[1]["breakdown_ms"] = {"binary convs": 12.0, "float convs": 8.0}
     whole.append({"engine": "PyTorch, CUDA graph", "batch": 1, "ms": 0.9})  # a batch it has no time for
+    whole.append({"engine": "larq_landmarks.runtime (cuda-popcount)", "batch": 1, "ms": 3.0,
+                  "capture_failed": "NotImplementedError()"})  # ran step by step: labelled so
     result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "layers": [layer], "whole_model": whole,
               "agreement": {"same_peaks": 1.0, "mean_abs_difference_ratio": 1e-7}}
     path = tmp_path / "benchmarks.md"
@@ -85,6 +87,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert text.count("| input | filter | batch |") == 2
     assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
     assert "| PyTorch, CUDA graph | 0.90 | n/a | n/a | n/a |" in text
+    assert "| larq_landmarks.runtime (cuda-popcount) (graph capture failed: steps launched from Python) | 3.00 |" in text
     assert "prepared images.\n\n## After" in text  # one blank line before the next section
     assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks" in text
     # a run cut short (the layers part unfinished, one shape saved): written from its JSON, no GPU needed
@@ -119,7 +122,7 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
                "larq_landmarks.runtime (cuda-popcount)", "same network in PyTorch, float32 (cuDNN, TF32 off)",
                "same network in PyTorch, bfloat16 (cuDNN)"]  # no CUDA graph rows for PyTorch on the CPU
     assert [(r["engine"], r["batch"]) for r in whole] == [(e, b) for b in (1, 2) for e in engines]
-    assert all(r["ms"] > 0 for r in whole)
+    assert all(r["ms"] > 0 for r in whole) and not [r for r in whole if "capture_failed" in r]  # graphs replayed
     assert set(whole[6]["breakdown_ms"]) >= {"binary convolutions", "float convolutions"}
     # the runtime's calls captured and replayed as a graph (fake_cupy's stream capture); no CUDA graphs for PyTorch on the CPU
     assert all(r["cuda_gpu_ms"] > 0 and r["cuda-popcount_gpu_ms"] > 0 and r["float32_gpu_ms"] is None for r in rows)

@@ -305,9 +305,10 @@ def test_gpu_engine_runs_its_cuda_kernels_on_the_cpu(small_file, monkeypatch, ke
 
 
 def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
-    """A shape's first run is eager, its second is captured as one CUDA graph (CuPy stream capture,
+    """A shape's first run is eager, its second is captured as CUDA graphs (CuPy stream capture,
     tests/fake_cupy.py: while capturing, every allocation must come from the engine's private pool,
-    every launch must be on the capturing stream, no transfer or synchronisation may happen), and
+    every launch must be on the capturing stream, no transfer, synchronisation or cuBLAS call may
+    happen; so the graphs are split at the float convolutions' cuBLAS products), and
     later calls replay it: on new images (nothing of the captured call's data is baked in), from
     NumPy or CuPy, each result a copy the next call leaves alone; a capture that fails warns once
     and the engine runs eagerly from then on."""
@@ -324,25 +325,29 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
         warnings.simplefilter("error")  # a failed capture warns
         results = [gpu.predict(batches[0])]
         assert [key for key in gpu._pool if key[0][0] == 2] and not launches  # eager, buffers kept for reuse
-        results += [gpu.predict(x) for x in batches[1:3]]
-        assert len(launches) == 2 and list(gpu._captured.captured) == [(2, 64, 64, 3)]  # captured at the 2nd call
+        results.append(gpu.predict(batches[1]))
+        per_run = len(launches)  # graphs a replay launches: split at each float convolution's cuBLAS GEMM
+        products = sum(op.name == "CONV_2D" for op in gpu.graph.operators)
+        assert products >= 2 and per_run == products + 1
+        results.append(gpu.predict(batches[2]))
+        assert len(launches) == 2 * per_run and list(gpu._captured.captured) == [(2, 64, 64, 3)]  # captured at the 2nd call
         assert not [key for key in gpu._pool if key[0][0] == 2]  # the eager run's buffers freed
         on_device = gpu.predict(fake_cupy.asarray(batches[3]))
         again = gpu.predict(batches[0])  # replayed after the CuPy call: its result is left alone
-    assert isinstance(on_device, fake_cupy.DeviceArray) and len(launches) == 4
+    assert isinstance(on_device, fake_cupy.DeviceArray) and len(launches) == 4 * per_run
     _assert_same_heatmaps(again, expected[0], "replayed again")
     for got, want, what in zip(results + [on_device], expected, ["eager", "captured", "replayed", "CuPy in"]):
         _assert_same_heatmaps(np.asarray(got), want, what)
-    assert gpu.profile(batches[0]) and len(launches) == 4  # profiling times the steps, eagerly
+    assert gpu.profile(batches[0]) and len(launches) == 4 * per_run  # profiling times the steps, eagerly
     gpu._captured.keep = 1
     three = rng.uniform(size=(3, 64, 64, 3)).astype(np.float32)
     for _ in range(3):
         _assert_same_heatmaps(gpu.predict(three), cpu.predict(three), "batch 3")
-    assert list(gpu._captured.captured) == [(3, 64, 64, 3)] and len(launches) == 6  # the least recent dropped
+    assert list(gpu._captured.captured) == [(3, 64, 64, 3)] and len(launches) == 6 * per_run  # the least recent dropped
     eager = Engine(small_file, kernels="cuda", cuda_graphs=False)
     for x, want in zip(batches[:3], expected):
         _assert_same_heatmaps(eager.predict(x), want, "cuda_graphs=False")
-    assert eager._captured is None and len(launches) == 6
+    assert eager._captured is None and len(launches) == 6 * per_run
     mirrored = fake_cupy.asarray(batches[0])[:, :, ::-1]  # a strided CuPy view, step by step
     _assert_same_heatmaps(np.asarray(eager.predict(mirrored)), cpu.predict(batches[0][:, :, ::-1]), "strided")
 
@@ -357,7 +362,7 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _assert_same_heatmaps(failing.predict(batches[2]), expected[2], "eager from then on")
-    assert len(launches) == 6
+    assert len(launches) == 6 * per_run
 
 
 def test_gpu_engine_graph_repeats_ops_done_through_numpy_dispatch(monkeypatch, tmp_path):

@@ -7,6 +7,7 @@ The CUDA source is ``runtime/csrc/kernels.cu``, compiled once per process by NVR
 
 Needs CuPy (``pip install -e ".[cuda]"``) and a GPU, never TensorFlow.
 """
+import functools
 import os
 import threading
 import warnings
@@ -212,12 +213,22 @@ class CudaKernels:
                 np.int32(out_w), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(dh), np.int32(dw),
                 np.int32(pad_top), np.int32(pad_left), cols))
         flat = out.reshape(rows, cout)
-        cp.matmul(cols, weights, out=flat)
+        self._matmul(cols, weights, flat)
         if residual is not None:
             self._epilogue_residual(flat, bias, np.int64(cout), residual.reshape(rows, cout), np.float32(lo),
                                     np.float32(hi), flat)
         else:
             self._epilogue(flat, bias, np.int64(cout), np.float32(lo), np.float32(hi), flat)
+
+    def _matmul(self, a, b, out) -> None:
+        """``out = a @ b`` by cuBLAS. CuPy refuses every cuBLAS call while a stream captures a graph:
+        during a :class:`CapturedRuns` capture the product is kept out of the graph and run between
+        its parts at each replay."""
+        capture = getattr(_CAPTURING, "capture", None)
+        if capture is None:
+            self.cp.matmul(a, b, out=out)
+        else:
+            capture.call_between(functools.partial(self.cp.matmul, a, b, out=out))
 
     def binary_elementwise(self, a, b, op: int, lo: float, hi: float, out) -> None:
         self._elementwise(a, b, np.int64(b.size), np.int32(op), np.float32(lo), np.float32(hi), out)
@@ -267,18 +278,42 @@ class CudaKernels:
         return out
 
 
+_CAPTURING = threading.local()  # .capture: the _Capture this thread is recording, if any
+
+
+class _Capture:
+    """A run being captured: its CUDA graphs and, between them, the calls a graph cannot hold (CuPy
+    refuses cuBLAS while a stream captures), in the run's order."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.parts: list = []  # what a replay calls, in order: graph launches and the calls between
+
+    def end_graph(self) -> None:
+        self.parts.append(functools.partial(self.stream.end_capture().launch, stream=self.stream))
+
+    def call_between(self, call: Callable) -> None:
+        """Ends the graph captured so far, keeps ``call`` to run after it at each replay (it is not
+        run now: its inputs exist only once the graph runs), and captures the rest as a new graph."""
+        self.end_graph()
+        self.parts.append(call)
+        self.stream.begin_capture()
+
+
 class CapturedRuns:
-    """Whole runs of a model as CUDA graphs, one per input shape: a run of ~200 steps is then one
-    graph launch from Python instead of ~200 kernel launches (at batch 1 the launches, not the
-    kernels, take most of the time).
+    """Whole runs of a model as CUDA graphs, one run per input shape: a run of ~200 steps is then a
+    few graph launches from Python instead of ~200 kernel launches (at batch 1 the launches, not
+    the kernels, take most of the time). CuPy refuses cuBLAS calls while a stream captures, so a
+    run is captured as graphs split at its cuBLAS products (the float convolutions' GEMMs: 5 in
+    the default model, 6 graphs), which each replay calls between the graphs.
 
     A shape's first run is eager (``__call__`` returns None; it compiles the element-wise kernels,
     creates cuBLAS's handle and fills the per-shape caches); its second is captured: ``run`` (a
     device input -> device output function, the engine's steps) on a private stream, every array
     it allocates from a private memory pool that nothing else allocates from, so the addresses the
-    graph holds stay the run's own. Each later call copies the images into the captured input,
-    launches the graph and copies the output out, in that order on the private stream (a lock
-    keeps calls from several threads in one piece). Up to ``keep`` shapes stay captured, each
+    graphs and the products hold stay the run's own. Each later call copies the images into the
+    captured input, launches the graphs (and the products between them) and copies the output out,
+    in that order on the private stream (a lock keeps calls from several threads in one piece). Up to ``keep`` shapes stay captured, each
     holding its activations' memory; the least recently used is dropped. ``on_capture(shape)``
     is called after a shape is captured (the engine then frees the buffers its step-by-step runs
     of that batch size kept). If a capture fails (a CUDA or CuPy version that does not capture
@@ -287,7 +322,7 @@ class CapturedRuns:
 
     def __init__(self, cp, run: Callable, keep: int = 4, on_capture: Optional[Callable] = None):
         self.cp, self.run, self.keep, self.on_capture = cp, run, keep, on_capture
-        self.captured: "OrderedDict[tuple, tuple]" = OrderedDict()  # shape -> (graph, input, output, stream, pool)
+        self.captured: "OrderedDict[tuple, tuple]" = OrderedDict()  # shape -> (parts, input, output, stream, pool)
         self.seen: set = set()
         self.failed: Optional[str] = None
         self.lock = threading.Lock()
@@ -298,7 +333,9 @@ class CapturedRuns:
         with cp.cuda.using_allocator(pool.malloc), stream:
             images = cp.empty(shape, cp.float32)
             stream.synchronize()
+            capture = _Capture(stream)
             stream.begin_capture()
+            _CAPTURING.capture = capture
             try:
                 output = self.run(images)
             except BaseException:
@@ -307,8 +344,10 @@ class CapturedRuns:
                 except Exception:
                     pass
                 raise
-            graph = stream.end_capture()
-        return graph, images, output, stream, pool
+            finally:
+                _CAPTURING.capture = None
+            capture.end_graph()
+        return capture.parts, images, output, stream, pool
 
     def __call__(self, images, on_device: bool):
         """The model's output for ``images`` (float32, C-contiguous; CuPy if ``on_device``, else
@@ -340,7 +379,7 @@ class CapturedRuns:
         """Images in, the graph, the output out, in that order on the graph's stream, after the
         caller's work on its current stream (and, for CuPy, before the caller's next work)."""
         cp = self.cp
-        graph, inputs, output, stream, _ = entry
+        parts, inputs, output, stream, pool = entry
         current = cp.cuda.get_current_stream()
         result = cp.empty(output.shape, output.dtype) if on_device else None  # allocated in the caller's order
         stream.wait_event(current.record())  # after the caller's work on the images (and on result's memory)
@@ -349,7 +388,9 @@ class CapturedRuns:
                 cp.copyto(inputs, images)
         else:
             inputs.set(images, stream=stream)
-        graph.launch(stream=stream)
+        with cp.cuda.using_allocator(pool.malloc), stream:  # cuBLAS products between the graphs
+            for part in parts:
+                part()
         if on_device:
             with stream:
                 cp.copyto(result, output)
