@@ -261,7 +261,7 @@ class Predictor:
         """:meth:`predict` over many images (``boxes[i]`` for ``images[i]``; ``None``: detect).
         The faces of several images go through the model together, ``batch_size`` crops a call
         (what a GPU engine needs to be fast; the same size every call but the last lets it replay
-        one CUDA graph)."""
+        its CUDA graphs)."""
         if boxes is None:
             boxes = [None] * len(images)
         if len(images) != len(boxes):

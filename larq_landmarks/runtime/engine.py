@@ -113,9 +113,10 @@ class Engine:
             ``"cuda"`` (1-bit tensor cores on sm_80 and newer, else the popcount kernel) or
             ``"cuda-popcount"``.
         name: how errors refer to the model when it is given as bytes (default "model").
-        cuda_graphs: on the GPU kernels, capture each input shape's run as a CUDA graph at its second
-            call and replay it from then on (one launch instead of one a step; the shape's
-            activations stay allocated, up to 4 shapes). False runs every step from Python.
+        cuda_graphs: on the GPU kernels, capture each input shape's run as CUDA graphs at its second
+            call and replay them from then on (a graph between each two float convolutions' cuBLAS
+            products, instead of a launch a step; the shape's activations stay allocated, up to 4
+            shapes). False runs every step from Python.
 
     Raises:
         UnsupportedModelError: the file is not a TFLite flatbuffer, or holds an op or option the
