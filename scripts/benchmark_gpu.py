@@ -420,7 +420,8 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
 
 
 def breakdown(engine, images, repeats: int = 5) -> dict:
-    """Milliseconds per kind of op (each step synchronised, so launch gaps count where they fall)."""
+    """Milliseconds of GPU time per kind of op (``Engine.time_by_part``: CUDA events around each step,
+    the steps queued as ``predict`` queues them; where the GPU waits for a launch, the wait counts)."""
     return {k: round(v, 2) for k, v in engine.time_by_part(images, repeats).items()}
 
 
@@ -491,8 +492,8 @@ def _model_table(rows) -> list:
               "and, where marked, as one captured CUDA graph too."]
     parts = next((r.get("breakdown_ms") for r in rows if r["batch"] == large and "breakdown_ms" in r), None)
     if parts:
-        lines += ["", f"Where this runtime's batch-{large} time goes (tensor cores, steps launched from Python; each "
-                  "step synchronised):", "",
+        lines += ["", f"Where this runtime's batch-{large} time goes (tensor cores, steps launched from Python; GPU "
+                  "time between CUDA events around each step, median of 5 runs):", "",
                   "| part | ms |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in parts.items()]
     return lines + [""]
 

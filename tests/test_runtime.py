@@ -365,6 +365,24 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
     assert len(launches) == 6 * per_run
 
 
+def test_gpu_profile_times_each_step_by_cuda_events(small_file, monkeypatch):
+    """On the GPU kernels the profile queues the steps as ``predict`` does and reads each step's
+    time from the CUDA events recorded before and after it (the GPU's time, not the Python launch
+    cost), with one synchronisation at the end instead of one a step."""
+    fake_cupy.install(monkeypatch)
+    gpu = Engine(small_file, kernels="cuda")
+    images = np.random.default_rng(4).uniform(size=(1, 64, 64, 3)).astype(np.float32)
+    waits = []
+    monkeypatch.setattr(fake_cupy.Stream, "synchronize", lambda stream: waits.append("stream"))
+    monkeypatch.setattr(fake_cupy.Event, "synchronize", lambda event: waits.append("event"))
+    stamps = iter(range(10**6))  # the k-th event at k * k milliseconds: step k takes 2 k + 1 ms
+    monkeypatch.setattr(fake_cupy.Event, "record", lambda event, stream=None: setattr(event, "time", next(stamps) ** 2 / 1000))
+    profile = gpu.profile(images)
+    assert len(profile) == len(gpu._steps) > 10 and waits == ["event"]
+    np.testing.assert_allclose([seconds for _, _, seconds in profile], [(2 * k + 1) / 1000 for k in range(len(profile))])
+    assert [name for name, _, _ in profile] == [name for name, _, _ in Engine(small_file).profile(images)]
+
+
 def test_gpu_engine_graph_repeats_ops_done_through_numpy_dispatch(monkeypatch, tmp_path):
     """The authors' padding model pads with PADV2, which the runtime does with ``np.pad`` (on the GPU
     CuPy's ``pad`` through NumPy's dispatch): its captured graph must repeat the padding at each

@@ -118,6 +118,16 @@ class CudaKernels:
     def synchronize(self) -> None:
         self.cp.cuda.get_current_stream().synchronize()
 
+    def record_event(self):
+        """A CUDA event recorded on the current stream (the engine's profile times its steps with them)."""
+        event = self.cp.cuda.Event()
+        event.record()
+        return event
+
+    def elapsed_seconds(self, start, end) -> float:
+        """Seconds between two recorded events (``end`` complete)."""
+        return self.cp.cuda.get_elapsed_time(start, end) / 1000
+
     def set_num_threads(self, num_threads: int) -> None:
         """Threads are a CPU notion; the GPU path ignores them."""
 

@@ -241,7 +241,10 @@ class Engine:
     def profile(self, images: np.ndarray) -> List[Tuple[str, str, float]]:
         """Run once and time each step: ``(op name, output shape, seconds)`` in graph order (a
         batch norm's MUL and ADD fused into the LceQuantize after them is one step named
-        ``BN+LceQuantize``)."""
+        ``BN+LceQuantize``). On the GPU kernels a step's time is the GPU's, between CUDA events
+        recorded before and after its launches (the steps are queued as :meth:`predict` queues
+        them, not synchronised one by one, so a step's time is not its Python launch cost; at
+        small batches, where the GPU waits for the launches, it includes that wait)."""
         times: List[Tuple[str, str, float]] = []
         self._run(images, times)
         return times
@@ -282,21 +285,27 @@ class Engine:
         """The steps on ``images`` (where the kernels run), buffers recycled through ``pool``: the
         output tensor."""
         kernels = self._kernels
-        synchronize = getattr(kernels, "synchronize", None)
+        record_event = getattr(kernels, "record_event", None)  # GPU kernels run asynchronously: timed by events
         values = ops.Values(len(self.graph.tensors), pool, getattr(kernels, "empty", ops.aligned_empty))
         values[self.graph.inputs[0]] = images
         kernels.set_num_threads(self.num_threads)
+        events = [record_event()] if times is not None and record_event is not None else []
+        first = len(times) if times is not None else 0
         for step, op, release in zip(self._steps, self._step_ops, self._release_after):
             start = time.perf_counter()
             step(values)
             if times is not None:
-                if synchronize is not None:  # GPU kernels run asynchronously
-                    synchronize()
                 label = op.name + ("+ADD" if op.index in self._residuals else "")
                 label = "BN+" + label if op.index in self._fused else label
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
+                if events:
+                    events.append(record_event())
                 times.append((label, str(values[written].shape), time.perf_counter() - start))
             for i in release:
                 values.release(values[i])
                 values[i] = None
+        if events:
+            events[-1].synchronize()
+            for i, (start, end) in enumerate(zip(events, events[1:])):
+                times[first + i] = times[first + i][:2] + (kernels.elapsed_seconds(start, end),)
         return values[self.graph.outputs[0]]
