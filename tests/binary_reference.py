@@ -15,6 +15,29 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     return np.packbits(padded, axis=-1, bitorder="little").view("<i4")
 
 
+def next_layer_bits(out: np.ndarray, scale=None, shift=None) -> np.ndarray:
+    """The bits an LceQuantize packs from a float output with a batch norm folded in (``scale`` and
+    ``shift``, each optional): ``out * scale + shift < 0``, each op rounded to float32 (NumPy uses
+    no FMA)."""
+    q = out.astype(np.float32)
+    if scale is not None:
+        q = q * scale
+    if shift is not None:
+        q = q + shift
+    return pack_bits((q < 0).astype(np.uint8))
+
+
+def next_batch_norm(rng, cout: int, total: int):
+    """A folded batch norm ``(scale, shift)`` for the LceQuantize after a convolution whose float
+    outputs are its accumulators (``total`` taps x channels): some scales negative, and each shift
+    the negated float32 product of the scale and a typical accumulator, so that an output equal to
+    it gives exactly 0 (bit 0) when the product is rounded first, as separate ops round, and the
+    product's rounding error, negative about half the time, where an FMA fuses them."""
+    scale = rng.normal(size=cout).astype(np.float32)
+    typical = rng.integers(total // 2 - 2, total // 2 + 3, cout).astype(np.float32)
+    return scale, -(typical * scale)
+
+
 def reference_accumulators(x_bits, w_bits, stride, same, pad_value):
     """LCE's reference XOR-popcount accumulators, counted over unpacked 0/1 values.
 

@@ -23,7 +23,7 @@ from larq_landmarks.runtime import cuda, kernels as kernel_paths, ops
 from larq_landmarks.synthetic import trained_like_batch_norm
 
 import fake_cupy
-from binary_reference import CASES, bconv_graph, pack_bits, reference_accumulators
+from binary_reference import CASES, bconv_graph, next_batch_norm, next_layer_bits, pack_bits, reference_accumulators
 
 PATHS = available_kernels()
 
@@ -46,6 +46,16 @@ def test_binary_conv_accumulators_are_bit_exact(path, cin, cout, k, stride, same
     values[0] = pack_bits(x_bits)
     ops.lce_bconv2d(graph, op, module)(values)
     np.testing.assert_array_equal(values[5], expected.astype(np.float32))
+
+    # the next layer's LceQuantize (a batch norm folded in) packed by the same call: its bits as
+    # that op would pack the float output, the float output unchanged
+    scale, shift = next_batch_norm(rng, cout, total)
+    for next_scale, next_shift in ((scale, shift), (None, shift), (scale, None)):
+        values = ops.Values(7, {})
+        values[0] = pack_bits(x_bits)
+        ops.lce_bconv2d(graph, op, module, (6, next_scale, next_shift))(values)
+        np.testing.assert_array_equal(values[5], expected.astype(np.float32))
+        np.testing.assert_array_equal(values[6], next_layer_bits(values[5], next_scale, next_shift))
 
     # bit-packed output: bit = accumulator > threshold
     thresholds = rng.integers(0, total, cout).astype(np.int32)

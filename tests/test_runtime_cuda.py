@@ -25,7 +25,7 @@ from larq_landmarks.runtime.ops import _same_padding
 
 import cuda_on_cpu
 import fake_cupy
-from binary_reference import CASES, bconv_graph, pack_bits, reference_accumulators
+from binary_reference import CASES, bconv_graph, next_batch_norm, next_layer_bits, pack_bits, reference_accumulators
 
 # the GPU tests' cases add blocks of more than 128 pixels and 64 channels and several K steps
 GPU_CASES = CASES + [(256, 192, 3, 1, True, 0), (64, 32, 3, 1, True, 1), (32, 64, 3, 2, True, 0)]
@@ -206,11 +206,14 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
 
 # --- on a GPU, or kernels.cu built for the CPU -------------------------------------------------
 
-def _run_bconv(kernels, graph, op, x_packed):
-    values = ops.Values(6, {}, getattr(kernels, "empty", np.empty))
+def _run_bconv(kernels, graph, op, x_packed, next_quantize=None):
+    """The op's output on ``kernels`` (NumPy); with ``next_quantize`` (its tensor is 6), also the
+    fused LceQuantize's bits."""
+    values = ops.Values(7, {}, getattr(kernels, "empty", np.empty))
     values[0] = kernels.upload(x_packed) if hasattr(kernels, "upload") else x_packed
-    ops.lce_bconv2d(graph, op, kernels)(values)
-    return kernels.download(values[5]) if hasattr(kernels, "download") else values[5]
+    ops.lce_bconv2d(graph, op, kernels, next_quantize)(values)
+    download = getattr(kernels, "download", np.asarray)
+    return download(values[5]) if next_quantize is None else (download(values[5]), download(values[6]))
 
 
 @pytest.fixture
@@ -235,6 +238,12 @@ def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, cin, cout, k, stride, 
     np.testing.assert_array_equal(got, expected.astype(np.float32))
     if cpu is not None:
         np.testing.assert_array_equal(got, _run_bconv(cpu, graph, op, pack_bits(x_bits)))
+    # the next layer's LceQuantize (a batch norm folded in) packed by the same launch
+    scale, shift = next_batch_norm(np.random.default_rng(cin), cout, total)
+    for next_scale, next_shift in ((scale, shift), (None, shift), (scale, None)):
+        out, bits = _run_bconv(kernels, graph, op, pack_bits(x_bits), (6, next_scale, next_shift))
+        np.testing.assert_array_equal(out, expected.astype(np.float32))
+        np.testing.assert_array_equal(bits, next_layer_bits(out, next_scale, next_shift))
     thresholds = np.random.default_rng(cout).integers(0, total, cout).astype(np.int32)
     graph, op = bconv_graph(filters, cin, stride, same, pad_value, "bits", thresholds=thresholds)
     got = _run_bconv(kernels, graph, op, pack_bits(x_bits))

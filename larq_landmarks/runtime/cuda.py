@@ -155,8 +155,13 @@ class CudaKernels:
         return BinaryWeights(self.upload(matrix), self.upload(popcounts))
 
     def bconv2d(self, x, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
-                thresholds, weight_popcounts, out) -> None:
+                thresholds, weight_popcounts, out, next_scale=None, next_shift=None, next_bits=None) -> None:
+        """``next_bits`` (float output only): also the bits of the LceQuantize that reads ``out``,
+        ``out * next_scale + next_shift < 0`` (each optional: empty or None)."""
         packed = thresholds.size > 0
+        if packed and next_bits is not None:
+            raise ValueError("bconv2d on the GPU: next_bits needs a float output")
+        has_scale, has_shift = (v is not None and v.size > 0 for v in (next_scale, next_shift))
         key = (x.shape, out.shape, tuple(geometry), clamp_min, clamp_max, packed)
         launch = weights.launches.get(key)
         if launch is None:  # grid and scalars, once per shape
@@ -176,19 +181,24 @@ class CudaKernels:
         self._bconv(grid, (THREADS,), (
             x, weights.words, weights.popcounts, weight_popcounts,
             self._empty_float if packed else multiplier, self._empty_float if packed else bias,
-            thresholds if packed else self._empty_int, out) + scalars)
+            thresholds if packed else self._empty_int, out, self._empty_int if next_bits is None else next_bits,
+            next_scale if has_scale else self._empty_float, next_shift if has_shift else self._empty_float)
+            + scalars + (np.int32(next_bits is not None), np.int32(has_scale), np.int32(has_shift)))
 
     def binary_conv2d(self, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
-                      thresholds, weight_popcounts):
+                      thresholds, weight_popcounts, next_scale=None, next_shift=None, pack_next: bool = False):
         """The binary convolution with its constants bound, as the C++ modules' ``binary_conv2d``:
         ``geometry`` is ``channels_in, channels_out, filter_h, filter_w, stride_h, stride_w,
         dilation_h, dilation_w, pad_value``, and the result is called as ``conv(x, out, pad_top,
-        pad_left)``."""
+        pad_left)``, or with ``pack_next`` as ``conv(x, out, pad_top, pad_left, next_bits)``."""
         geometry = [int(v) for v in geometry]
 
-        def conv(x, out, pad_top: int, pad_left: int) -> None:
+        def conv(x, out, pad_top: int, pad_left: int, next_bits=None) -> None:
+            if pack_next != (next_bits is not None):
+                raise ValueError("binary_conv2d: next_bits " + ("missing (made with pack_next)" if pack_next
+                                                                 else "given without pack_next"))
             self.bconv2d(x, weights, geometry[:8] + [pad_top, pad_left, geometry[8]], multiplier, bias, clamp_min,
-                         clamp_max, thresholds, weight_popcounts, out)
+                         clamp_max, thresholds, weight_popcounts, out, next_scale, next_shift, next_bits)
 
         return conv
 

@@ -92,8 +92,25 @@ def _following_add(graph: Graph, op, producers, consumers):
     return others, add.outputs[0], activation, []
 
 
+def _packed_quantizes(graph: Graph, fused: dict, producers: dict) -> dict:
+    """The LceQuantize ops that read an LceBconv2d's float output (through a batch norm folded into
+    them, ``fused``, or directly), whose bits the convolution's epilogue can pack: LceBconv2d index
+    -> ``(quantize output, multiplier or None, bias or None, quantize index)``."""
+    packs = {}
+    for op in graph.operators:
+        if op.name != "LceQuantize":
+            continue
+        source, multiplier, bias = fused[op.index][:3] if op.index in fused else (op.inputs[0], None, None)
+        producer = producers.get(source)
+        if producer is not None and producer.name == "LceBconv2d" and producer.index not in packs \
+                and graph.tensors[source].dtype == np.float32:
+            packs[producer.index] = (op.outputs[0], multiplier, bias, op.index)
+    return packs
+
+
 # what each profiled step is, for Engine.time_by_part (fused steps are named as profile names them)
-PARTS = {"LceBconv2d": "binary convolutions", "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
+PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary convolutions",
+         "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
          "BN+CONV_2D": "float convolutions", "BN+CONV_2D+ADD": "float convolutions",
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
          "LceDequantize": "bit-packing (with fused batch norm)"}
@@ -174,6 +191,9 @@ class Engine:
                 if skipped:
                     fused[op.index] = (source, multiplier, bias) + ((code,) if op.name == "CONV_2D" else ())
                     folded.update(skipped)
+        packs = _packed_quantizes(graph, fused, producers)
+        folded.update(index for _, _, _, index in packs.values())
+        packs = {bconv: pack[:3] for bconv, pack in packs.items()}
         # op index -> (tensors added, ADD output, activation): op + ADD in one pass, at the ADD's
         # place; convolutions first, as they can take a concatenation in as well
         residuals, deferred = {}, {}  # deferred: ADD index -> the op done with it
@@ -196,6 +216,8 @@ class Engine:
                 steps.append(ops.conv_2d(graph, op, self._kernels, tensors, target, activation, fused.get(op.index)))
             elif op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
+            elif op.index in packs:
+                steps.append(ops.lce_bconv2d(graph, op, self._kernels, packs[op.index]))
             elif op.name == "CONCATENATION" and tensors is not None:
                 steps.append(ops.concatenation(graph, op, self._kernels, tensors[0], target))
             elif op.name == "RESIZE_NEAREST_NEIGHBOR" and tensors is not None:
@@ -203,7 +225,7 @@ class Engine:
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
             step_ops.append(op)
-        self._fused = set(fused)
+        self._fused, self._packs = set(fused), set(packs)
         # after which step each activation is read for the last time (then its buffer is reused)
         self._residuals = residuals
         last_read = {}
@@ -296,6 +318,7 @@ class Engine:
             step(values)
             if times is not None:
                 label = op.name + ("+ADD" if op.index in self._residuals else "")
+                label += "+LceQuantize" if op.index in self._packs else ""
                 label = "BN+" + label if op.index in self._fused else label
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
                 if events:

@@ -139,9 +139,11 @@ def lce_dequantize(graph: Graph, op: Operator, kernels) -> Run:
     return run
 
 
-def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
+def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tuple] = None) -> Run:
     """LCE's binary convolution: float output (multiplier, bias, fused clamp) or bit-packed
-    output (thresholds)."""
+    output (thresholds). ``next_quantize`` = ``(tensor, multiplier or None, bias or None)`` fuses
+    an LceQuantize that reads the float output (with a batch norm's MUL and ADD folded in):
+    the convolution's epilogue also writes that LceQuantize's bits into ``tensor``."""
     o = op.options
     for key in ("channels_in", "stride_height", "stride_width", "padding", "pad_values", "fused_activation_function"):
         if key not in o:
@@ -176,6 +178,10 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
             raise _unsupported(graph, op, f"fused activation {code}")
         low, high = max(ranges[code][0], -k_total), min(ranges[code][1], k_total)
         clamp = (-high + k_total, -low + k_total)
+    if next_quantize is not None and packed:
+        raise _unsupported(graph, op, "an LceQuantize fused after a bit-packed output")
+    next_target, next_scale, next_shift = next_quantize if next_quantize is not None else (None, None, None)
+    next_scale, next_shift = (_on_device(kernels, _per_channel(v, cout)) for v in (next_scale, next_shift))
     weights = kernels.prepare_binary_weights(filters)
     bits = np.unpackbits(filters.view(np.uint8), axis=-1).reshape(cout, fh * fw, -1)
     weight_popcounts = _on_device(kernels, np.ascontiguousarray(bits.sum(-1, dtype=np.int32).T))  # [taps, Cout]
@@ -183,7 +189,8 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
     sh, sw = int(o["stride_height"]), int(o["stride_width"])
     dh, dw = int(o.get("dilation_height_factor", 1)), int(o.get("dilation_width_factor", 1))
     conv = kernels.binary_conv2d(weights, [cin, cout, fh, fw, sh, sw, dh, dw, int(o["pad_values"])],
-                                 multiplier, bias, clamp[0], clamp[1], thresholds, weight_popcounts)
+                                 multiplier, bias, clamp[0], clamp[1], thresholds, weight_popcounts,
+                                 next_scale, next_shift, next_target is not None)
     source, target = op.inputs[0], op.outputs[0]
     shapes = {}  # input shape -> (output shape, padding before the first row and column)
 
@@ -196,7 +203,12 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels) -> Run:
             out_w, pad_left = _same_padding(width, fw, sw, dw, int(o["padding"]))
             shape = shapes[x.shape] = ((batch, out_h, out_w, (cout + 31) // 32 if packed else cout), pad_top, pad_left)
         out = values.alloc(shape[0], np.int32 if packed else np.float32)
-        conv(x, out, shape[1], shape[2])
+        if next_target is None:
+            conv(x, out, shape[1], shape[2])
+        else:
+            next_bits = values.alloc(shape[0][:-1] + ((cout + 31) // 32,), np.int32)
+            conv(x, out, shape[1], shape[2], next_bits)
+            values[next_target] = next_bits
         values[target] = out
 
     return run

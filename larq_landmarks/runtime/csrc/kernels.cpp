@@ -403,7 +403,26 @@ struct BinaryConvCall {
   const int32_t* weight_popcounts;
   float* out_f;
   int32_t* out_b;
+  // non-null: the float output's bits for the LceQuantize that reads it, bit = out * next_scale[c]
+  // + next_shift[c] < 0 (each optional: a batch norm folded in), rounded as the separate ops round
+  int32_t* next_bits;
+  const float* next_scale;
+  const float* next_shift;
 };
+
+// a * b rounded to a float before anything is added to it: the asm hides the product, which the
+// compiler would otherwise contract with a following add into one FMA (GCC's -ffp-contract=fast),
+// so that the bits a convolution packs for the next layer are those a separate LceQuantize packs.
+template <typename T>
+static inline T rounded_product(T a, T b) {
+  T product = a * b;
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+v"(product));
+#else
+  asm("" : "+m"(product));
+#endif
+  return product;
+}
 
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
 // Channels [c0, c_end) (at most 64) of output pixels first .. first + count - 1 (one tile): the
@@ -459,11 +478,14 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
     return;
   }
   const __m512i lo = _mm512_set1_epi32(c.clamp_min), hi = _mm512_set1_epi32(c.clamp_max);
+  uint32_t next[P][2] = {};  // the next layer's bits of this block's 64 channels (c.next_bits)
 #pragma GCC unroll 4
   for (int j = 0; j < NV; ++j) {
     if (!mask[j]) break;
     const int ch = c0 + 16 * j;
     const __m512 mul = _mm512_maskz_loadu_ps(mask[j], c.multiplier + ch), add = _mm512_maskz_loadu_ps(mask[j], c.bias + ch);
+    const __m512 next_scale = c.next_scale ? _mm512_maskz_loadu_ps(mask[j], c.next_scale + ch) : _mm512_set1_ps(1.0f);
+    const __m512 next_shift = c.next_shift ? _mm512_maskz_loadu_ps(mask[j], c.next_shift + ch) : _mm512_setzero_ps();
     float* out = c.out_f + first * g.channels_out + ch;
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {
@@ -475,7 +497,18 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
         _mm512_storeu_ps(out + p * g.channels_out, y);
       else
         _mm512_mask_storeu_ps(out + p * g.channels_out, mask[j], y);
+      if (c.next_bits) {
+        __m512 q = c.next_scale ? rounded_product(y, next_scale) : y;
+        if (c.next_shift) q = _mm512_add_ps(q, next_shift);
+        next[p][j >> 1] |= static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(mask[j], q, _mm512_setzero_ps(), _CMP_LT_OQ))
+                           << (16 * (j & 1));
+      }
     }
+  }
+  if (c.next_bits) {
+    const int next_words = (g.channels_out + 31) / 32, words = (c_end - c0 + 31) / 32;
+    for (int p = 0; p < count; ++p)
+      for (int w = 0; w < words; ++w) c.next_bits[(first + p) * next_words + c0 / 32 + w] = static_cast<int32_t>(next[p][w]);
   }
 }
 #endif
@@ -531,6 +564,15 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
           const int32_t v = c.clamped ? std::min(std::max(a * 2, c.clamp_min), c.clamp_max) : a;
           o[ch] = static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
         }
+        if (c.next_bits) {  // from the stored values, as the LceQuantize reads them
+          uint32_t* bits = reinterpret_cast<uint32_t*>(c.next_bits + (first + p) * out_words);
+          for (int ch = c0; ch < c_end; ++ch) {
+            float q = c.next_scale ? rounded_product(o[ch], c.next_scale[ch]) : o[ch];
+            if (c.next_shift) q = q + c.next_shift[ch];
+            if (ch % 32 == 0) bits[ch / 32] = 0;
+            bits[ch / 32] |= static_cast<uint32_t>(q < 0.0f) << (ch % 32);
+          }
+        }
       }
     }
   }
@@ -570,6 +612,9 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
 // LceBconv2d with its constants prepared once; calling it runs the convolution on one input:
 //   out (float): float(clamp(2 * acc, clamp_min, clamp_max)) * multiplier[c] + bias[c]   (LCE's form)
 //   out (bit-packed, thresholds given): bit = acc > thresholds[c]
+// pack_next (float output): a call also writes next_bits, the bits of the LceQuantize that reads
+// out, bit = out * next_scale[c] + next_shift[c] < 0 (a batch norm folded in; each may be empty),
+// rounded as the separate ops round: that LceQuantize's pass over the output is saved.
 // weights: prepare_binary_weights(filter). geometry: channels_in, channels_out, filter_h, filter_w,
 // stride_h, stride_w, dilation_h, dilation_w, pad_value. A call passes the input, the output and
 // the padding before the first row and column (they follow from the input's size); nothing else is
@@ -577,8 +622,10 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
 class BinaryConv2D {
  public:
   BinaryConv2D(Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier, Array<float> bias,
-               int clamp_min, int clamp_max, Array<int32_t> thresholds, Array<int32_t> weight_popcounts)
-      : weights_(weights), bias_(bias), thresholds_(thresholds), weight_popcounts_(weight_popcounts) {
+               int clamp_min, int clamp_max, Array<int32_t> thresholds, Array<int32_t> weight_popcounts,
+               Array<float> next_scale, Array<float> next_shift, bool pack_next)
+      : weights_(weights), bias_(bias), thresholds_(thresholds), weight_popcounts_(weight_popcounts),
+        next_scale_(next_scale), next_shift_(next_shift), pack_next_(pack_next) {
     if (geometry.size() != 9) throw std::invalid_argument("binary_conv2d: geometry needs 9 numbers");
     g_ = BinaryConv{geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
                     geometry[6], geometry[7], 0, 0, geometry[8]};
@@ -596,6 +643,10 @@ class BinaryConv2D {
     if (packed_ ? thresholds.size() != g_.channels_out
                 : (multiplier.size() != g_.channels_out || bias.size() != g_.channels_out))
       throw std::invalid_argument("binary_conv2d: thresholds, or multiplier and bias, need channels_out values");
+    if (pack_next && packed_) throw std::invalid_argument("binary_conv2d: pack_next needs a float output");
+    if ((next_scale.size() != 0 && next_scale.size() != g_.channels_out) ||
+        (next_shift.size() != 0 && next_shift.size() != g_.channels_out))
+      throw std::invalid_argument("binary_conv2d: next_scale and next_shift need channels_out values or none");
     // 2 * acc stays in [0, 2 * channels_in * taps]: a clamp that holds all of it does nothing, and
     // then float(2 * acc) * m == float(acc) * (2 * m) exactly (scaling by 2 is exact).
     clamp_min_ = clamp_min;
@@ -608,7 +659,8 @@ class BinaryConv2D {
     }
   }
 
-  void operator()(const py::array& input, const py::array& output, int pad_top, int pad_left) const {
+  void operator()(const py::array& input, const py::array& output, int pad_top, int pad_left,
+                  const py::object& next_bits) const {
     BinaryConvCall c;
     c.g = g_;
     c.g.pad_top = pad_top;
@@ -629,6 +681,19 @@ class BinaryConv2D {
     if (output.shape(0) != c.batch || output.shape(3) != (packed_ ? (g.channels_out + 31) / 32 : g.channels_out))
       throw std::invalid_argument("binary_conv2d: output batch or channels");
     if (pad_top < 0 || pad_left < 0) throw std::invalid_argument("binary_conv2d: negative padding");
+    c.next_bits = nullptr;
+    c.next_scale = next_scale_.size() ? next_scale_.data() : nullptr;
+    c.next_shift = next_shift_.size() ? next_shift_.data() : nullptr;
+    if (pack_next_ != !next_bits.is_none())
+      throw std::invalid_argument(pack_next_ ? "binary_conv2d: next_bits missing (made with pack_next)"
+                                             : "binary_conv2d: next_bits given without pack_next");
+    if (pack_next_) {
+      const py::array bits = next_bits.cast<py::array>();
+      c.next_bits = checked_data<int32_t>(bits, 4, true, "binary_conv2d next_bits");
+      for (int axis = 0; axis < 3; ++axis)
+        if (bits.shape(axis) != output.shape(axis)) throw std::invalid_argument("binary_conv2d: next_bits shape");
+      if (bits.shape(3) != (g.channels_out + 31) / 32) throw std::invalid_argument("binary_conv2d: next_bits words");
+    }
     if (c.out_h <= 0 || c.out_w <= 0 || c.batch <= 0) return;
     c.weights = weights_.data();
     c.thresholds = packed_ ? thresholds_.data() : nullptr;
@@ -690,6 +755,8 @@ class BinaryConv2D {
   std::vector<float> multiplier_;  // 2 * LCE's multiplier where no clamp applies, else LCE's
   Array<float> bias_;
   Array<int32_t> thresholds_, weight_popcounts_;
+  Array<float> next_scale_, next_shift_;
+  bool pack_next_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1140,12 +1207,17 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("prepare_binary_weights", &prepare_binary_weights);
   py::class_<BinaryConv2D>(m, "BinaryConv2D", py::module_local())  // one class per module (three builds)
       .def("__call__", &BinaryConv2D::operator(), py::arg("input"), py::arg("output"), py::arg("pad_top"),
-           py::arg("pad_left"));
+           py::arg("pad_left"), py::arg("next_bits") = py::none());
   m.def("binary_conv2d", [](Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier,
                             Array<float> bias, int clamp_min, int clamp_max, Array<int32_t> thresholds,
-                            Array<int32_t> weight_popcounts) {
-    return BinaryConv2D(weights, geometry, multiplier, bias, clamp_min, clamp_max, thresholds, weight_popcounts);
-  });
+                            Array<int32_t> weight_popcounts, Array<float> next_scale, Array<float> next_shift,
+                            bool pack_next) {
+    return BinaryConv2D(weights, geometry, multiplier, bias, clamp_min, clamp_max, thresholds, weight_popcounts,
+                        next_scale, next_shift, pack_next);
+  }, py::arg("weights"), py::arg("geometry"), py::arg("multiplier"), py::arg("bias"), py::arg("clamp_min"),
+        py::arg("clamp_max"), py::arg("thresholds"), py::arg("weight_popcounts"),
+        py::arg("next_scale") = py::array_t<float>(0), py::arg("next_shift") = py::array_t<float>(0),
+        py::arg("pack_next") = false);
   m.def("prepare_float_weights", &prepare_float_weights);
   m.def("conv2d", &conv2d);
   m.def("binary_elementwise", &binary_elementwise);

@@ -105,10 +105,20 @@ struct BconvArgs {
   const float* bias;
   const int* thresholds;   // [Cout] bit-packed output: bit = acc > threshold
   void* out;
+  u32* next_bits;          // pack_next: [pixels, ceil(Cout / 32)] the bits of the LceQuantize reading the
+  const float* next_scale; // float output, bit = out * next_scale + next_shift < 0 (each optional,
+  const float* next_shift; // has_next_scale / has_next_shift), rounded as the separate ops round
   int batch, height, width, words, out_h, out_w, channels_in, channels_out;
   int filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, pad_value;
-  int k_words, k_stride, clamp_min, clamp_max, packed_output;
+  int k_words, k_stride, clamp_min, clamp_max, packed_output, pack_next, has_next_scale, has_next_shift;
 };
+
+// The bit the next layer's LceQuantize packs for a float output v (its batch norm folded in).
+__device__ __forceinline__ bool next_bit(const BconvArgs& g, float v, int c) {
+  if (g.has_next_scale) v = __fmul_rn(v, g.next_scale[c]);
+  if (g.has_next_shift) v = __fadd_rn(v, g.next_shift[c]);
+  return v < 0.0f;
+}
 
 // The A and B tiles of one K chunk, and afterwards the block's accumulators, share the memory.
 union BconvShared {
@@ -142,41 +152,59 @@ __device__ __forceinline__ void store_float4(float* p, float4 v) {
 // The float-output epilogue with 4 channels a thread (channels_out a multiple of 4): a row's count,
 // border taps and address are read once for 4 outputs, which go out in one 16-byte store. A row
 // is spread over 16 threads (8 where at most 32 channels are left, so narrow layers keep every
-// thread busy). `counts` are the block's AND counts, [BM][BN + 1].
+// thread busy). `counts` are the block's AND counts, [BM][BN + 1]. With pack_next, 8 neighbouring
+// threads hold the 32 channels of one next-layer word: their 4-bit pieces are ORed by shuffles
+// (every thread runs every row step, so that the whole warp takes part).
 __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, const int* counts, const int* row_pop,
                                                         const unsigned long long* row_outside, i64 m0, int n0,
                                                         i64 rows) {
   const int tid = threadIdx.x;
   const int quads = (g.channels_out - n0 <= 32 ? 32 : BN) / 4;
   const int col = 4 * (tid % quads), c = n0 + col;
-  if (c >= g.channels_out) return;  // channels_out % 4 == 0: a thread's 4 channels are all in or all out
+  const bool column_valid = c < g.channels_out;  // channels_out % 4 == 0: a thread's 4 channels are all in or all out
+  const int c_read = column_valid ? c : 0;
   const int half_in = g.channels_in / 2;
+  const int next_words = (g.channels_out + 31) / 32;
   int w_pop[4];
   float mul[4], add[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    w_pop[j] = g.weight_pop[c + j];
-    mul[j] = g.multiplier[c + j];
-    add[j] = g.bias[c + j];
+    w_pop[j] = g.weight_pop[c_read + j];
+    mul[j] = g.multiplier[c_read + j];
+    add[j] = g.bias[c_read + j];
   }
-  for (int r = tid / quads; r < BM && m0 + r < rows; r += THREADS / quads) {
-    int count[4];
+  for (int r = tid / quads; r < BM; r += THREADS / quads) {
+    const bool valid = column_valid && m0 + r < rows;
+    u32 bits = 0;  // this thread's 4 bits of the next layer's word
+    if (valid) {
+      int count[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) count[j] = row_pop[r] + w_pop[j] - 2 * counts[r * (BN + 1) + col + j];
-    if (g.pad_value == 0) {
-      unsigned long long outside = row_outside[r];
-      while (outside) {
-        const int tap = __ffsll((long long)outside) - 1;
-        outside &= outside - 1;
-        const int* pop = g.tap_pop + (i64)tap * g.channels_out + c;
+      for (int j = 0; j < 4; ++j) count[j] = row_pop[r] + w_pop[j] - 2 * counts[r * (BN + 1) + col + j];
+      if (g.pad_value == 0) {
+        unsigned long long outside = row_outside[r];
+        while (outside) {
+          const int tap = __ffsll((long long)outside) - 1;
+          outside &= outside - 1;
+          const int* pop = g.tap_pop + (i64)tap * g.channels_out + c;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) count[j] += half_in - pop[j];
+          for (int j = 0; j < 4; ++j) count[j] += half_in - pop[j];
+        }
       }
-    }
-    float v[4];
+      float v[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = fmaf((float)min(max(2 * count[j], g.clamp_min), g.clamp_max), mul[j], add[j]);
-    store_float4(reinterpret_cast<float*>(g.out) + (m0 + r) * g.channels_out + c, make_float4(v[0], v[1], v[2], v[3]));
+      for (int j = 0; j < 4; ++j) v[j] = fmaf((float)min(max(2 * count[j], g.clamp_min), g.clamp_max), mul[j], add[j]);
+      store_float4(reinterpret_cast<float*>(g.out) + (m0 + r) * g.channels_out + c, make_float4(v[0], v[1], v[2], v[3]));
+      if (g.pack_next)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) bits |= (u32)next_bit(g, v[j], c + j) << j;
+    }
+    if (g.pack_next) {
+      u32 word = bits << (4 * (tid & 7));
+      word |= __shfl_xor_sync(0xffffffffu, word, 1);
+      word |= __shfl_xor_sync(0xffffffffu, word, 2);
+      word |= __shfl_xor_sync(0xffffffffu, word, 4);
+      if (valid && (tid & 7) == 0) g.next_bits[(m0 + r) * next_words + c / 32] = word;
+    }
   }
 }
 
@@ -362,9 +390,16 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     if (g.packed_output) {
       const u32 word = __ballot_sync(0xffffffffu, valid && xor_count > threshold);
       if ((col & 31) == 0 && valid) reinterpret_cast<u32*>(g.out)[mr * out_words + c / 32] = word;
-    } else if (valid) {
-      const int v = min(max(2 * xor_count, g.clamp_min), g.clamp_max);
-      reinterpret_cast<float*>(g.out)[mr * g.channels_out + c] = fmaf((float)v, mul, add);
+    } else {
+      float value = 0.0f;
+      if (valid) {
+        value = fmaf((float)min(max(2 * xor_count, g.clamp_min), g.clamp_max), mul, add);
+        reinterpret_cast<float*>(g.out)[mr * g.channels_out + c] = value;
+      }
+      if (g.pack_next) {  // a warp is 32 channels of one pixel: its ballot is the next layer's word
+        const u32 word = __ballot_sync(0xffffffffu, valid && next_bit(g, value, c));
+        if ((col & 31) == 0 && valid) g.next_bits[mr * out_words + c / 32] = word;
+      }
     }
   }
 }
@@ -372,15 +407,19 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 // CuPy passes scalars one by one: the kernels take them as arguments and gather them.
 #define BCONV_PARAMS                                                                                       \
   const u32 *x, const u32 *w, const int *weight_pop, const int *tap_pop,                                    \
-      const float *multiplier, const float *bias, const int *thresholds, void *out, int batch, int height, \
-      int width, int words, int out_h, int out_w, int channels_in, int channels_out, int filter_h,         \
-      int filter_w, int stride_h, int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, \
-      int pad_value, int k_words, int k_stride, int clamp_min, int clamp_max, int packed_output
-#define BCONV_ARGS                                                                                        \
-  BconvArgs{x,        w,        weight_pop,  tap_pop,      multiplier, bias,       thresholds,            \
-            out,      batch,    height,      width,        words,      out_h,      out_w,     channels_in, \
-            channels_out, filter_h, filter_w, stride_h,   stride_w,   dilation_h, dilation_w, pad_top,    \
-            pad_left, pad_value, k_words,    k_stride,     clamp_min,  clamp_max,  packed_output}
+      const float *multiplier, const float *bias, const int *thresholds, void *out, u32 *next_bits,        \
+      const float *next_scale, const float *next_shift, int batch, int height, int width, int words,      \
+      int out_h, int out_w, int channels_in, int channels_out, int filter_h, int filter_w, int stride_h,  \
+      int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, int pad_value, int k_words, \
+      int k_stride, int clamp_min, int clamp_max, int packed_output, int pack_next, int has_next_scale,     \
+      int has_next_shift
+#define BCONV_ARGS                                                                                     \
+  BconvArgs{x,          w,          weight_pop, tap_pop,      multiplier,  bias,        thresholds,     \
+            out,        next_bits,  next_scale, next_shift,   batch,       height,      width,          \
+            words,      out_h,      out_w,      channels_in,  channels_out, filter_h,   filter_w,       \
+            stride_h,   stride_w,   dilation_h, dilation_w,   pad_top,     pad_left,    pad_value,      \
+            k_words,    k_stride,   clamp_min,  clamp_max,    packed_output, pack_next, has_next_scale, \
+            has_next_shift}
 
 extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_tensor_cores(BCONV_PARAMS) {
   bconv2d_block<true>(BCONV_ARGS);
