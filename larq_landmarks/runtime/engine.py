@@ -108,8 +108,44 @@ def _packed_quantizes(graph: Graph, fused: dict, producers: dict) -> dict:
     return packs
 
 
+def _concatenated_outputs(graph: Graph, residuals: dict, packs: dict, chains: dict, producers: dict,
+                          consumers: dict) -> dict:
+    """The channel CONCATENATIONs done with the ADD after them (``residuals``) whose parts are all
+    LceBconv2d float outputs read by nothing else (but the LceQuantize that convolution packs,
+    ``packs``, through the batch norm folded into it, ``chains``), with the residual computed
+    before the first of them: each part's convolution can write its channels of the ADD's output,
+    plus the residual, itself. Returns ``{concatenation index: {LceBconv2d index: (ADD output,
+    channel offset, channels, residual)}}``."""
+    found = {}
+    for op in graph.operators:
+        if op.index not in residuals or op.name != "CONCATENATION":
+            continue
+        (residual,), target, _ = residuals[op.index]
+        parts, offset = {}, 0
+        for tensor in op.inputs:
+            writer = producers.get(tensor)
+            if writer is None or writer.name != "LceBconv2d" or writer.index in parts or tensor in graph.outputs \
+                    or graph.tensors[tensor].dtype != np.float32:
+                break
+            readers = {op.index}
+            if writer.index in packs:
+                quantize = packs[writer.index][3]
+                readers |= {quantize, *chains.get(quantize, [])}
+            if any(reader.index not in readers for reader in consumers[tensor]):
+                break
+            parts[writer.index] = (target, offset, graph.tensors[target].shape[-1], residual)
+            offset += graph.tensors[tensor].shape[-1]
+        else:
+            source = producers.get(residual)
+            if residual in graph.inputs or (source is not None and source.index < min(parts)):
+                found[op.index] = parts
+    return found
+
+
 # what each profiled step is, for Engine.time_by_part (fused steps are named as profile names them)
 PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary convolutions",
+         "LceBconv2d+CONCATENATION+ADD": "binary convolutions",
+         "LceBconv2d+LceQuantize+CONCATENATION+ADD": "binary convolutions",
          "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
          "BN+CONV_2D": "float convolutions", "BN+CONV_2D+ADD": "float convolutions",
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
@@ -183,7 +219,7 @@ class Engine:
                     f"{graph.name}: operator {op.index} {op.name} is not supported by larq_landmarks.runtime; "
                     "run this file with LCE's interpreter (engine='lce')")
         # LceQuantize / CONV_2D index -> (source, multiplier, bias[, activation]): the batch norm before it
-        fused, folded = {}, set()  # folded: ops done inside others
+        fused, folded, chains = {}, set(), {}  # folded: ops done inside others; chains: which, per reader
         for op in graph.operators:
             if op.name in ("LceQuantize", "CONV_2D"):
                 source, multiplier, bias, skipped, code = _fused_affine(graph, op, producers, consumers,
@@ -191,9 +227,10 @@ class Engine:
                 if skipped:
                     fused[op.index] = (source, multiplier, bias) + ((code,) if op.name == "CONV_2D" else ())
                     folded.update(skipped)
-        packs = _packed_quantizes(graph, fused, producers)
-        folded.update(index for _, _, _, index in packs.values())
-        packs = {bconv: pack[:3] for bconv, pack in packs.items()}
+                    chains[op.index] = skipped
+        packed_quantizes = _packed_quantizes(graph, fused, producers)
+        folded.update(index for _, _, _, index in packed_quantizes.values())
+        packs = {bconv: pack[:3] for bconv, pack in packed_quantizes.items()}
         # op index -> (tensors added, ADD output, activation): op + ADD in one pass, at the ADD's
         # place; convolutions first, as they can take a concatenation in as well
         residuals, deferred = {}, {}  # deferred: ADD index -> the op done with it
@@ -206,6 +243,15 @@ class Engine:
             deferred[consumers[op.outputs[0]][0].index] = op
             folded.add(op.index)
             folded.update(add[3])
+        # LceBconv2d index -> (ADD output, channel offset, channels, residual): convolutions writing
+        # their channels of a concatenation + ADD themselves, which then has no step of its own
+        intos = {}
+        for concat, parts in _concatenated_outputs(graph, residuals, packed_quantizes, chains, producers,
+                                                   consumers).items():
+            intos.update(parts)
+            add = next(index for index, op in deferred.items() if op.index == concat)
+            del residuals[concat], deferred[add]
+            folded.add(add)
         steps, step_ops = [], []
         for op in graph.operators:
             if op.index in folded:
@@ -216,8 +262,8 @@ class Engine:
                 steps.append(ops.conv_2d(graph, op, self._kernels, tensors, target, activation, fused.get(op.index)))
             elif op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
-            elif op.index in packs:
-                steps.append(ops.lce_bconv2d(graph, op, self._kernels, packs[op.index]))
+            elif op.index in packs or op.index in intos:
+                steps.append(ops.lce_bconv2d(graph, op, self._kernels, packs.get(op.index), intos.get(op.index)))
             elif op.name == "CONCATENATION" and tensors is not None:
                 steps.append(ops.concatenation(graph, op, self._kernels, tensors[0], target))
             elif op.name == "RESIZE_NEAREST_NEIGHBOR" and tensors is not None:
@@ -225,7 +271,7 @@ class Engine:
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
             step_ops.append(op)
-        self._fused, self._packs = set(fused), set(packs)
+        self._fused, self._packs, self._intos = set(fused), set(packs), intos
         # after which step each activation is read for the last time (then its buffer is reused)
         self._residuals = residuals
         last_read = {}
@@ -233,6 +279,8 @@ class Engine:
             reads = [fused[op.index][0]] if op.index in fused else op.inputs
             if op.index in residuals:
                 reads = list(reads) + residuals[op.index][0]
+            if op.index in intos:
+                reads = list(reads) + [intos[op.index][3]]
             for i in set(reads):
                 if i >= 0 and graph.tensors[i].data is None:
                     last_read[i] = position
@@ -319,8 +367,10 @@ class Engine:
             if times is not None:
                 label = op.name + ("+ADD" if op.index in self._residuals else "")
                 label += "+LceQuantize" if op.index in self._packs else ""
+                label += "+CONCATENATION+ADD" if op.index in self._intos else ""
                 label = "BN+" + label if op.index in self._fused else label
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
+                written = self._intos[op.index][0] if op.index in self._intos else written
                 if events:
                     events.append(record_event())
                 times.append((label, str(values[written].shape), time.perf_counter() - start))

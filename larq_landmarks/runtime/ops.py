@@ -139,11 +139,15 @@ def lce_dequantize(graph: Graph, op: Operator, kernels) -> Run:
     return run
 
 
-def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tuple] = None) -> Run:
+def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tuple] = None,
+                into: Optional[tuple] = None) -> Run:
     """LCE's binary convolution: float output (multiplier, bias, fused clamp) or bit-packed
     output (thresholds). ``next_quantize`` = ``(tensor, multiplier or None, bias or None)`` fuses
     an LceQuantize that reads the float output (with a batch norm's MUL and ADD folded in):
-    the convolution's epilogue also writes that LceQuantize's bits into ``tensor``."""
+    the convolution's epilogue also writes that LceQuantize's bits into ``tensor``. ``into`` =
+    ``(tensor, channel offset, channels, residual tensor)`` fuses the channel CONCATENATION (and
+    the ADD after it) that reads the float output: the output goes straight into its channels
+    of ``tensor``, plus the residual there (the first part run allocates ``tensor``)."""
     o = op.options
     for key in ("channels_in", "stride_height", "stride_width", "padding", "pad_values", "fused_activation_function"):
         if key not in o:
@@ -178,8 +182,8 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
             raise _unsupported(graph, op, f"fused activation {code}")
         low, high = max(ranges[code][0], -k_total), min(ranges[code][1], k_total)
         clamp = (-high + k_total, -low + k_total)
-    if next_quantize is not None and packed:
-        raise _unsupported(graph, op, "an LceQuantize fused after a bit-packed output")
+    if (next_quantize is not None or into is not None) and packed:
+        raise _unsupported(graph, op, "an LceQuantize or CONCATENATION fused after a bit-packed output")
     next_target, next_scale, next_shift = next_quantize if next_quantize is not None else (None, None, None)
     next_scale, next_shift = (_on_device(kernels, _per_channel(v, cout)) for v in (next_scale, next_shift))
     weights = kernels.prepare_binary_weights(filters)
@@ -202,14 +206,20 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
             out_h, pad_top = _same_padding(height, fh, sh, dh, int(o["padding"]))
             out_w, pad_left = _same_padding(width, fw, sw, dw, int(o["padding"]))
             shape = shapes[x.shape] = ((batch, out_h, out_w, (cout + 31) // 32 if packed else cout), pad_top, pad_left)
-        out = values.alloc(shape[0], np.int32 if packed else np.float32)
-        if next_target is None:
+        if into is None:
+            out = values[target] = values.alloc(shape[0], np.int32 if packed else np.float32)
+        else:
+            out = values[into[0]]
+            if out is None:
+                out = values[into[0]] = values.alloc(shape[0][:-1] + (into[2],), np.float32)
+        next_bits = None
+        if next_target is not None:
+            next_bits = values[next_target] = values.alloc(shape[0][:-1] + ((cout + 31) // 32,), np.int32)
+        if into is None and next_bits is None:
             conv(x, out, shape[1], shape[2])
         else:
-            next_bits = values.alloc(shape[0][:-1] + ((cout + 31) // 32,), np.int32)
-            conv(x, out, shape[1], shape[2], next_bits)
-            values[next_target] = next_bits
-        values[target] = out
+            conv(x, out, shape[1], shape[2], next_bits, 0 if into is None else into[1],
+                 None if into is None else values[into[3]])
 
     return run
 

@@ -401,7 +401,10 @@ struct BinaryConvCall {
   int clamp_min, clamp_max;
   const int32_t* thresholds;   // non-null: bit-packed output
   const int32_t* weight_popcounts;
-  float* out_f;
+  float* out_f;                // float output: channels out_offset .. + channels_out of rows out_stride
+  int64_t out_stride;          // apart (a part of a channel CONCATENATION), plus `residual` there if
+  int out_offset;              // non-null (the ADD after the concatenation)
+  const float* residual;
   int32_t* out_b;
   // non-null: the float output's bits for the LceQuantize that reads it, bit = out * next_scale[c]
   // + next_shift[c] < 0 (each optional: a batch norm folded in), rounded as the separate ops round
@@ -486,17 +489,19 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
     const __m512 mul = _mm512_maskz_loadu_ps(mask[j], c.multiplier + ch), add = _mm512_maskz_loadu_ps(mask[j], c.bias + ch);
     const __m512 next_scale = c.next_scale ? _mm512_maskz_loadu_ps(mask[j], c.next_scale + ch) : _mm512_set1_ps(1.0f);
     const __m512 next_shift = c.next_shift ? _mm512_maskz_loadu_ps(mask[j], c.next_shift + ch) : _mm512_setzero_ps();
-    float* out = c.out_f + first * g.channels_out + ch;
+    float* out = c.out_f + first * c.out_stride + c.out_offset + ch;
+    const float* residual = c.residual ? c.residual + first * c.out_stride + c.out_offset + ch : nullptr;
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {
       if (p >= count) break;
       __m512i v = a[p][j];
       if (c.clamped) v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(v, 1), lo), hi);
       const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), mul, add);
+      const __m512 stored = residual ? _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[j], residual + p * c.out_stride)) : y;
       if (mask[j] == 0xffffu)
-        _mm512_storeu_ps(out + p * g.channels_out, y);
+        _mm512_storeu_ps(out + p * c.out_stride, stored);
       else
-        _mm512_mask_storeu_ps(out + p * g.channels_out, mask[j], y);
+        _mm512_mask_storeu_ps(out + p * c.out_stride, mask[j], stored);
       if (c.next_bits) {
         __m512 q = c.next_scale ? rounded_product(y, next_scale) : y;
         if (c.next_shift) q = _mm512_add_ps(q, next_shift);
@@ -558,16 +563,16 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
           bits[ch / 32] |= static_cast<uint32_t>(acc[p][ch - c0] > c.thresholds[ch]) << (ch % 32);
         }
       } else {
-        float* o = c.out_f + (first + p) * g.channels_out;
+        float* o = c.out_f + (first + p) * c.out_stride + c.out_offset;
+        const float* r = c.residual ? c.residual + (first + p) * c.out_stride + c.out_offset : nullptr;
+        uint32_t* bits = c.next_bits ? reinterpret_cast<uint32_t*>(c.next_bits + (first + p) * out_words) : nullptr;
         for (int ch = c0; ch < c_end; ++ch) {
           const int32_t a = acc[p][ch - c0];
           const int32_t v = c.clamped ? std::min(std::max(a * 2, c.clamp_min), c.clamp_max) : a;
-          o[ch] = static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
-        }
-        if (c.next_bits) {  // from the stored values, as the LceQuantize reads them
-          uint32_t* bits = reinterpret_cast<uint32_t*>(c.next_bits + (first + p) * out_words);
-          for (int ch = c0; ch < c_end; ++ch) {
-            float q = c.next_scale ? rounded_product(o[ch], c.next_scale[ch]) : o[ch];
+          const float y = static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
+          o[ch] = r ? y + r[ch] : y;
+          if (bits) {  // from the convolution's output, as the LceQuantize reads it
+            float q = c.next_scale ? rounded_product(y, c.next_scale[ch]) : y;
             if (c.next_shift) q = q + c.next_shift[ch];
             if (ch % 32 == 0) bits[ch / 32] = 0;
             bits[ch / 32] |= static_cast<uint32_t>(q < 0.0f) << (ch % 32);
@@ -615,6 +620,9 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
 // pack_next (float output): a call also writes next_bits, the bits of the LceQuantize that reads
 // out, bit = out * next_scale[c] + next_shift[c] < 0 (a batch norm folded in; each may be empty),
 // rounded as the separate ops round: that LceQuantize's pass over the output is saved.
+// channel_offset, residual (float output): the output is the part of a channel CONCATENATION at
+// channels channel_offset .. + channels_out of `output`, with the ADD that follows it fused in
+// (out + residual, residual shaped as output): the part is never written on its own.
 // weights: prepare_binary_weights(filter). geometry: channels_in, channels_out, filter_h, filter_w,
 // stride_h, stride_w, dilation_h, dilation_w, pad_value. A call passes the input, the output and
 // the padding before the first row and column (they follow from the input's size); nothing else is
@@ -660,7 +668,7 @@ class BinaryConv2D {
   }
 
   void operator()(const py::array& input, const py::array& output, int pad_top, int pad_left,
-                  const py::object& next_bits) const {
+                  const py::object& next_bits, int channel_offset, const py::object& residual) const {
     BinaryConvCall c;
     c.g = g_;
     c.g.pad_top = pad_top;
@@ -678,8 +686,20 @@ class BinaryConv2D {
     c.taps = taps_;
     c.stride = weights_.shape(1);
     if (c.words != words_) throw std::invalid_argument("binary_conv2d: input words per pixel != ceil(channels_in / 32)");
-    if (output.shape(0) != c.batch || output.shape(3) != (packed_ ? (g.channels_out + 31) / 32 : g.channels_out))
+    const bool part = channel_offset != 0 || !residual.is_none();
+    if (output.shape(0) != c.batch ||
+        (part ? packed_ || channel_offset < 0 || channel_offset + g.channels_out > output.shape(3)
+              : output.shape(3) != (packed_ ? (g.channels_out + 31) / 32 : g.channels_out)))
       throw std::invalid_argument("binary_conv2d: output batch or channels");
+    c.out_stride = output.shape(3);
+    c.out_offset = channel_offset;
+    c.residual = nullptr;
+    if (!residual.is_none()) {
+      const py::array r = residual.cast<py::array>();
+      c.residual = checked_data<float>(r, 4, false, "binary_conv2d residual");
+      for (int axis = 0; axis < 4; ++axis)
+        if (r.shape(axis) != output.shape(axis)) throw std::invalid_argument("binary_conv2d: residual shape != output shape");
+    }
     if (pad_top < 0 || pad_left < 0) throw std::invalid_argument("binary_conv2d: negative padding");
     c.next_bits = nullptr;
     c.next_scale = next_scale_.size() ? next_scale_.data() : nullptr;
@@ -1207,7 +1227,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("prepare_binary_weights", &prepare_binary_weights);
   py::class_<BinaryConv2D>(m, "BinaryConv2D", py::module_local())  // one class per module (three builds)
       .def("__call__", &BinaryConv2D::operator(), py::arg("input"), py::arg("output"), py::arg("pad_top"),
-           py::arg("pad_left"), py::arg("next_bits") = py::none());
+           py::arg("pad_left"), py::arg("next_bits") = py::none(), py::arg("channel_offset") = 0,
+           py::arg("residual") = py::none());
   m.def("binary_conv2d", [](Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier,
                             Array<float> bias, int clamp_min, int clamp_max, Array<int32_t> thresholds,
                             Array<int32_t> weight_popcounts, Array<float> next_scale, Array<float> next_shift,

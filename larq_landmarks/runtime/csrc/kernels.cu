@@ -104,13 +104,15 @@ struct BconvArgs {
   const float* multiplier; // [Cout] float output: out = float(clamp(2 acc)) * multiplier + bias
   const float* bias;
   const int* thresholds;   // [Cout] bit-packed output: bit = acc > threshold
-  void* out;
+  void* out;               // float output: channels out_offset .. + Cout of rows out_stride apart (a part of
+  const float* residual;   // a channel CONCATENATION), plus the residual there where has_residual (its ADD)
   u32* next_bits;          // pack_next: [pixels, ceil(Cout / 32)] the bits of the LceQuantize reading the
   const float* next_scale; // float output, bit = out * next_scale + next_shift < 0 (each optional,
   const float* next_shift; // has_next_scale / has_next_shift), rounded as the separate ops round
   int batch, height, width, words, out_h, out_w, channels_in, channels_out;
   int filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, pad_value;
   int k_words, k_stride, clamp_min, clamp_max, packed_output, pack_next, has_next_scale, has_next_shift;
+  int out_stride, out_offset, has_residual;
 };
 
 // The bit the next layer's LceQuantize packs for a float output v (its batch norm folded in).
@@ -190,10 +192,14 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
           for (int j = 0; j < 4; ++j) count[j] += half_in - pop[j];
         }
       }
-      float v[4];
+      float v[4], stored[4];
+      const i64 at = (m0 + r) * g.out_stride + g.out_offset + c;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) v[j] = fmaf((float)min(max(2 * count[j], g.clamp_min), g.clamp_max), mul[j], add[j]);
-      store_float4(reinterpret_cast<float*>(g.out) + (m0 + r) * g.channels_out + c, make_float4(v[0], v[1], v[2], v[3]));
+      for (int j = 0; j < 4; ++j) {
+        v[j] = fmaf((float)min(max(2 * count[j], g.clamp_min), g.clamp_max), mul[j], add[j]);
+        stored[j] = g.has_residual ? __fadd_rn(v[j], g.residual[at + j]) : v[j];
+      }
+      store_float4(reinterpret_cast<float*>(g.out) + at, make_float4(stored[0], stored[1], stored[2], stored[3]));
       if (g.pack_next)
 #pragma unroll
         for (int j = 0; j < 4; ++j) bits |= (u32)next_bit(g, v[j], c + j) << j;
@@ -354,7 +360,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   }
   __syncthreads();
 
-  if (!g.packed_output && g.channels_out % 4 == 0) {
+  if (!g.packed_output && g.channels_out % 4 == 0 && g.out_stride % 4 == 0 && g.out_offset % 4 == 0) {
     bconv2d_float4_epilogue(g, s.c, row_pop, row_outside, m0, n0, rows);
     return;
   }
@@ -394,7 +400,8 @@ __device__ void bconv2d_block(const BconvArgs& g) {
       float value = 0.0f;
       if (valid) {
         value = fmaf((float)min(max(2 * xor_count, g.clamp_min), g.clamp_max), mul, add);
-        reinterpret_cast<float*>(g.out)[mr * g.channels_out + c] = value;
+        const i64 at = mr * g.out_stride + g.out_offset + c;
+        reinterpret_cast<float*>(g.out)[at] = g.has_residual ? __fadd_rn(value, g.residual[at]) : value;
       }
       if (g.pack_next) {  // a warp is 32 channels of one pixel: its ballot is the next layer's word
         const u32 word = __ballot_sync(0xffffffffu, valid && next_bit(g, value, c));
@@ -406,20 +413,20 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 
 // CuPy passes scalars one by one: the kernels take them as arguments and gather them.
 #define BCONV_PARAMS                                                                                       \
-  const u32 *x, const u32 *w, const int *weight_pop, const int *tap_pop,                                    \
-      const float *multiplier, const float *bias, const int *thresholds, void *out, u32 *next_bits,        \
-      const float *next_scale, const float *next_shift, int batch, int height, int width, int words,      \
-      int out_h, int out_w, int channels_in, int channels_out, int filter_h, int filter_w, int stride_h,  \
+  const u32 *x, const u32 *w, const int *weight_pop, const int *tap_pop, const float *multiplier,          \
+      const float *bias, const int *thresholds, void *out, const float *residual, u32 *next_bits,          \
+      const float *next_scale, const float *next_shift, int batch, int height, int width, int words,       \
+      int out_h, int out_w, int channels_in, int channels_out, int filter_h, int filter_w, int stride_h,   \
       int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, int pad_value, int k_words, \
-      int k_stride, int clamp_min, int clamp_max, int packed_output, int pack_next, int has_next_scale,     \
-      int has_next_shift
-#define BCONV_ARGS                                                                                     \
-  BconvArgs{x,          w,          weight_pop, tap_pop,      multiplier,  bias,        thresholds,     \
-            out,        next_bits,  next_scale, next_shift,   batch,       height,      width,          \
-            words,      out_h,      out_w,      channels_in,  channels_out, filter_h,   filter_w,       \
-            stride_h,   stride_w,   dilation_h, dilation_w,   pad_top,     pad_left,    pad_value,      \
-            k_words,    k_stride,   clamp_min,  clamp_max,    packed_output, pack_next, has_next_scale, \
-            has_next_shift}
+      int k_stride, int clamp_min, int clamp_max, int packed_output, int pack_next, int has_next_scale,    \
+      int has_next_shift, int out_stride, int out_offset, int has_residual
+#define BCONV_ARGS                                                                                         \
+  BconvArgs{x,           w,          weight_pop,  tap_pop,     multiplier,    bias,       thresholds,      \
+            out,         residual,   next_bits,   next_scale,  next_shift,    batch,      height,          \
+            width,       words,      out_h,       out_w,       channels_in,   channels_out, filter_h,      \
+            filter_w,    stride_h,   stride_w,    dilation_h,  dilation_w,    pad_top,    pad_left,        \
+            pad_value,   k_words,    k_stride,    clamp_min,   clamp_max,     packed_output, pack_next,    \
+            has_next_scale, has_next_shift, out_stride, out_offset, has_residual}
 
 extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_tensor_cores(BCONV_PARAMS) {
   bconv2d_block<true>(BCONV_ARGS);
