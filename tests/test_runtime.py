@@ -57,6 +57,16 @@ def test_binary_conv_accumulators_are_bit_exact(path, cin, cout, k, stride, same
         np.testing.assert_array_equal(values[5], expected.astype(np.float32))
         np.testing.assert_array_equal(values[6], next_layer_bits(values[5], next_scale, next_shift))
 
+    # one part of a channel CONCATENATION + ADD: written at its channels of the sum, the residual
+    # added there; the other channels left alone
+    residual = rng.normal(size=expected.shape[:3] + (cout + 7,)).astype(np.float32)
+    values = ops.Values(8, {})
+    values[0], values[7] = pack_bits(x_bits), residual
+    values[6] = np.full(residual.shape, 5.0, np.float32)  # allocated by an earlier part
+    ops.lce_bconv2d(graph, op, module, into=(6, 3, cout + 7, 7))(values)
+    np.testing.assert_array_equal(values[6][..., 3:3 + cout], expected.astype(np.float32) + residual[..., 3:3 + cout])
+    assert (values[6][..., :3] == 5).all() and (values[6][..., 3 + cout:] == 5).all() and values[5] is None
+
     # bit-packed output: bit = accumulator > threshold
     thresholds = rng.integers(0, total, cout).astype(np.int32)
     graph, op = bconv_graph(filters, cin, stride, same, pad_value, "bits", thresholds=thresholds)
