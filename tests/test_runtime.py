@@ -311,6 +311,34 @@ def test_engines_run_from_several_python_threads_at_once(small_file, engine):
             np.testing.assert_array_equal(got, expected[i])
 
 
+@pytest.mark.parametrize("kernels", PATHS + ["cuda"])
+def test_fused_hpm_block_steps_give_the_unfused_plans_outputs(small_file, monkeypatch, kernels):
+    """In an HPM block, the LceQuantize reading each binary convolution's output (through its batch
+    norm) is packed by that convolution, and the block's CONCATENATION + ADD is written by its
+    convolutions into their channels: neither has a step of its own, and the outputs are bit for
+    bit those of the plan where each is its own pass (the C++ paths, and kernels.cu built for the
+    CPU standing in for the GPU)."""
+    from larq_landmarks.runtime import engine as engine_module
+
+    if kernels == "cuda":
+        fake_cupy.install(monkeypatch)
+    images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    fused = Engine(small_file, kernels=kernels, cuda_graphs=False)
+    names = [name for name, _, _ in fused.profile(images)]
+    assert {"LceBconv2d+LceQuantize+CONCATENATION+ADD", "LceBconv2d+CONCATENATION+ADD",
+            "LceBconv2d+LceQuantize+CONCATENATION", "LceBconv2d+CONCATENATION"} <= set(names)
+    assert not [name for name in names if name.startswith("CONCATENATION")]
+    assert set(names) <= set(engine_module.PARTS) | {"MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR+ADD"}
+    monkeypatch.setattr(engine_module, "_packed_quantizes", lambda *args: {})
+    monkeypatch.setattr(engine_module, "_concatenated_outputs", lambda *args: {})
+    plain = Engine(small_file, kernels=kernels, cuda_graphs=False)
+    plain_names = [name for name, _, _ in plain.profile(images)]
+    packed = sum(name.startswith("LceBconv2d+LceQuantize") for name in names)
+    concatenations = sum(name.startswith("CONCATENATION") for name in plain_names)
+    assert len(plain_names) == len(names) + packed + concatenations and packed > 10 and concatenations > 3
+    np.testing.assert_array_equal(np.asarray(fused.predict(images)), np.asarray(plain.predict(images)))
+
+
 @pytest.mark.parametrize("kernels", ["cuda", "cuda-popcount"])
 def test_gpu_engine_runs_its_cuda_kernels_on_the_cpu(small_file, monkeypatch, kernels):
     """The whole GPU engine on the CPU (tests/fake_cupy.py): every kernel launch matches its

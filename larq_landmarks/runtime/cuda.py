@@ -159,14 +159,13 @@ class CudaKernels:
                 channel_offset: int = 0, residual=None) -> None:
         """``next_bits`` (float output only): also the bits of the LceQuantize that reads the output,
         ``output * next_scale + next_shift < 0`` (each optional: empty or None). ``channel_offset``,
-        ``residual`` (float output only): ``out`` is a channel CONCATENATION whose channels
+        ``residual`` (float output only): ``out`` may be a channel CONCATENATION whose channels
         ``channel_offset`` on are this output, plus ``residual`` (shaped as ``out``) where given."""
         packed = thresholds.size > 0
         cout = int(geometry[1])
-        part = channel_offset != 0 or residual is not None
-        if packed and (next_bits is not None or part):
+        if packed and (next_bits is not None or channel_offset or residual is not None):
             raise ValueError("bconv2d on the GPU: next_bits, channel_offset and residual need a float output")
-        if part and not 0 <= channel_offset <= out.shape[-1] - cout:
+        if not packed and not 0 <= channel_offset <= out.shape[-1] - cout:
             raise ValueError(f"bconv2d on the GPU: channels {channel_offset}..{channel_offset + cout} of an output "
                              f"of {out.shape[-1]}")
         if residual is not None and residual.shape != out.shape:

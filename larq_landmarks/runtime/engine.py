@@ -108,19 +108,24 @@ def _packed_quantizes(graph: Graph, fused: dict, producers: dict) -> dict:
     return packs
 
 
-def _concatenated_outputs(graph: Graph, residuals: dict, packs: dict, chains: dict, producers: dict,
-                          consumers: dict) -> dict:
-    """The channel CONCATENATIONs done with the ADD after them (``residuals``) whose parts are all
-    LceBconv2d float outputs read by nothing else (but the LceQuantize that convolution packs,
-    ``packs``, through the batch norm folded into it, ``chains``), with the residual computed
-    before the first of them: each part's convolution can write its channels of the ADD's output,
-    plus the residual, itself. Returns ``{concatenation index: {LceBconv2d index: (ADD output,
-    channel offset, channels, residual)}}``."""
+def _concatenated_outputs(graph: Graph, residuals: dict, folded: set, packs: dict, chains: dict,
+                          producers: dict, consumers: dict) -> dict:
+    """The channel CONCATENATIONs (alone, or done with the ADD after them, ``residuals``) whose parts
+    are all LceBconv2d float outputs read by nothing else (but the LceQuantize that convolution
+    packs, ``packs``, through the batch norm folded into it, ``chains``), any residual computed
+    before the first of them: each part's convolution can write its channels of the output (the
+    ADD's, plus the residual) itself. Returns ``{concatenation index: {LceBconv2d index: (output,
+    channel offset, channels, residual or None)}}``."""
     found = {}
     for op in graph.operators:
-        if op.index not in residuals or op.name != "CONCATENATION":
+        if op.name != "CONCATENATION" or op.options.Axis() not in (-1, 3) or op.options.FusedActivationFunction() != 0:
             continue
-        (residual,), target, _ = residuals[op.index]
+        if op.index in residuals:
+            (residual,), target, _ = residuals[op.index]
+        elif op.index in folded:  # done inside another op (a convolution's residual)
+            continue
+        else:
+            residual, target = None, op.outputs[0]
         parts, offset = {}, 0
         for tensor in op.inputs:
             writer = producers.get(tensor)
@@ -137,13 +142,14 @@ def _concatenated_outputs(graph: Graph, residuals: dict, packs: dict, chains: di
             offset += graph.tensors[tensor].shape[-1]
         else:
             source = producers.get(residual)
-            if residual in graph.inputs or (source is not None and source.index < min(parts)):
+            if residual is None or residual in graph.inputs or (source is not None and source.index < min(parts)):
                 found[op.index] = parts
     return found
 
 
 # what each profiled step is, for Engine.time_by_part (fused steps are named as profile names them)
 PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary convolutions",
+         "LceBconv2d+CONCATENATION": "binary convolutions", "LceBconv2d+LceQuantize+CONCATENATION": "binary convolutions",
          "LceBconv2d+CONCATENATION+ADD": "binary convolutions",
          "LceBconv2d+LceQuantize+CONCATENATION+ADD": "binary convolutions",
          "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
@@ -243,15 +249,17 @@ class Engine:
             deferred[consumers[op.outputs[0]][0].index] = op
             folded.add(op.index)
             folded.update(add[3])
-        # LceBconv2d index -> (ADD output, channel offset, channels, residual): convolutions writing
-        # their channels of a concatenation + ADD themselves, which then has no step of its own
+        # LceBconv2d index -> (output, channel offset, channels, residual or None): convolutions
+        # writing their channels of a concatenation (+ ADD) themselves, which has no step of its own
         intos = {}
-        for concat, parts in _concatenated_outputs(graph, residuals, packed_quantizes, chains, producers,
+        for concat, parts in _concatenated_outputs(graph, residuals, folded, packed_quantizes, chains, producers,
                                                    consumers).items():
             intos.update(parts)
-            add = next(index for index, op in deferred.items() if op.index == concat)
-            del residuals[concat], deferred[add]
-            folded.add(add)
+            if concat in residuals:  # the ADD after it is done too
+                add = next(index for index, op in deferred.items() if op.index == concat)
+                del residuals[concat], deferred[add]
+                folded.add(add)
+            folded.add(concat)
         steps, step_ops = [], []
         for op in graph.operators:
             if op.index in folded:
@@ -279,7 +287,7 @@ class Engine:
             reads = [fused[op.index][0]] if op.index in fused else op.inputs
             if op.index in residuals:
                 reads = list(reads) + residuals[op.index][0]
-            if op.index in intos:
+            if op.index in intos and intos[op.index][3] is not None:
                 reads = list(reads) + [intos[op.index][3]]
             for i in set(reads):
                 if i >= 0 and graph.tensors[i].data is None:
@@ -367,7 +375,8 @@ class Engine:
             if times is not None:
                 label = op.name + ("+ADD" if op.index in self._residuals else "")
                 label += "+LceQuantize" if op.index in self._packs else ""
-                label += "+CONCATENATION+ADD" if op.index in self._intos else ""
+                if op.index in self._intos:
+                    label += "+CONCATENATION" + ("+ADD" if self._intos[op.index][3] is not None else "")
                 label = "BN+" + label if op.index in self._fused else label
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
                 written = self._intos[op.index][0] if op.index in self._intos else written

@@ -145,9 +145,10 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
     output (thresholds). ``next_quantize`` = ``(tensor, multiplier or None, bias or None)`` fuses
     an LceQuantize that reads the float output (with a batch norm's MUL and ADD folded in):
     the convolution's epilogue also writes that LceQuantize's bits into ``tensor``. ``into`` =
-    ``(tensor, channel offset, channels, residual tensor)`` fuses the channel CONCATENATION (and
-    the ADD after it) that reads the float output: the output goes straight into its channels
-    of ``tensor``, plus the residual there (the first part run allocates ``tensor``)."""
+    ``(tensor, channel offset, channels, residual tensor or None)`` fuses the channel
+    CONCATENATION (and the ADD after it, with a residual) that reads the float output: the output
+    goes straight into its channels of ``tensor``, plus the residual there (the first part run
+    allocates ``tensor``)."""
     o = op.options
     for key in ("channels_in", "stride_height", "stride_width", "padding", "pad_values", "fused_activation_function"):
         if key not in o:
@@ -219,7 +220,7 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
             conv(x, out, shape[1], shape[2])
         else:
             conv(x, out, shape[1], shape[2], next_bits, 0 if into is None else into[1],
-                 None if into is None else values[into[3]])
+                 None if into is None or into[3] is None else values[into[3]])
 
     return run
 

@@ -621,8 +621,9 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
 // out, bit = out * next_scale[c] + next_shift[c] < 0 (a batch norm folded in; each may be empty),
 // rounded as the separate ops round: that LceQuantize's pass over the output is saved.
 // channel_offset, residual (float output): the output is the part of a channel CONCATENATION at
-// channels channel_offset .. + channels_out of `output`, with the ADD that follows it fused in
-// (out + residual, residual shaped as output): the part is never written on its own.
+// channels channel_offset .. + channels_out of `output` (which may be wider than channels_out),
+// with the ADD that follows it fused in where residual is given (out + residual, residual shaped
+// as output): the part is never written on its own.
 // weights: prepare_binary_weights(filter). geometry: channels_in, channels_out, filter_h, filter_w,
 // stride_h, stride_w, dilation_h, dilation_w, pad_value. A call passes the input, the output and
 // the padding before the first row and column (they follow from the input's size); nothing else is
@@ -686,10 +687,10 @@ class BinaryConv2D {
     c.taps = taps_;
     c.stride = weights_.shape(1);
     if (c.words != words_) throw std::invalid_argument("binary_conv2d: input words per pixel != ceil(channels_in / 32)");
-    const bool part = channel_offset != 0 || !residual.is_none();
+    // a float output may be a part of a wider tensor (a concatenation): channels channel_offset on
     if (output.shape(0) != c.batch ||
-        (part ? packed_ || channel_offset < 0 || channel_offset + g.channels_out > output.shape(3)
-              : output.shape(3) != (packed_ ? (g.channels_out + 31) / 32 : g.channels_out)))
+        (packed_ ? channel_offset != 0 || !residual.is_none() || output.shape(3) != (g.channels_out + 31) / 32
+                 : channel_offset < 0 || channel_offset + g.channels_out > output.shape(3)))
       throw std::invalid_argument("binary_conv2d: output batch or channels");
     c.out_stride = output.shape(3);
     c.out_offset = channel_offset;
