@@ -137,6 +137,17 @@ def test_prepared_binary_conv_runs_any_input_size_and_rejects_bad_arrays(path):
         conv(np.zeros((1, 4, 4, 1), np.int32), out, 1, 1)
     with pytest.raises(ValueError, match="output batch or channels"):
         conv(x, np.empty((1, 4, 4, cout + 1), np.float32), 1, 1)
+    wide = np.zeros((1, 4, 4, cout + 3), np.float32)  # a concatenation: its channels 2 .. cout + 1
+    conv(x, wide, 1, 1, channel_offset=2)
+    np.testing.assert_array_equal(wide[..., 2:-1], out)
+    assert not wide[..., :2].any() and not wide[..., -1].any()
+    for offset in (-1, 4):
+        with pytest.raises(ValueError, match="output batch or channels"):
+            conv(x, wide, 1, 1, channel_offset=offset)
+    with pytest.raises(ValueError, match="residual shape"):
+        conv(x, wide, 1, 1, channel_offset=2, residual=np.zeros((1, 4, 4, cout), np.float32))
+    with pytest.raises(ValueError, match="next_bits given without pack_next"):
+        conv(x, out, 1, 1, np.zeros((1, 4, 4, 1), np.int32))
     for bad_weights, geometry in ((weights, [cin + 32, cout, 3, 3, 1, 1, 1, 1, 1]),
                                   (weights[:, :cout], [cin, cout, 3, 3, 1, 1, 1, 1, 1])):  # not 64-channel blocks
         with pytest.raises(ValueError, match="weights are not prepare_binary_weights of this geometry"):

@@ -156,18 +156,22 @@ class CudaKernels:
 
     def bconv2d(self, x, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
                 thresholds, weight_popcounts, out, next_scale=None, next_shift=None, next_bits=None,
-                channel_offset: int = 0, residual=None) -> None:
+                channel_offset: Optional[int] = None, residual=None) -> None:
         """``next_bits`` (float output only): also the bits of the LceQuantize that reads the output,
-        ``output * next_scale + next_shift < 0`` (each optional: empty or None). ``channel_offset``,
-        ``residual`` (float output only): ``out`` may be a channel CONCATENATION whose channels
-        ``channel_offset`` on are this output, plus ``residual`` (shaped as ``out``) where given."""
+        ``output * next_scale + next_shift < 0`` (each optional: empty or None). ``channel_offset``
+        (not None), ``residual`` (float output only): ``out`` is a channel CONCATENATION whose
+        channels ``channel_offset`` on are this output, plus ``residual`` (shaped as ``out``) where
+        given."""
         packed = thresholds.size > 0
         cout = int(geometry[1])
-        if packed and (next_bits is not None or channel_offset or residual is not None):
+        part = channel_offset is not None
+        if packed and (next_bits is not None or part or residual is not None):
             raise ValueError("bconv2d on the GPU: next_bits, channel_offset and residual need a float output")
-        if not packed and not 0 <= channel_offset <= out.shape[-1] - cout:
+        if part and not 0 <= channel_offset <= out.shape[-1] - cout:
             raise ValueError(f"bconv2d on the GPU: channels {channel_offset}..{channel_offset + cout} of an output "
                              f"of {out.shape[-1]}")
+        if not part and out.shape[-1] != ((cout + 31) // 32 if packed else cout):
+            raise ValueError(f"bconv2d on the GPU: an output of {out.shape[-1]} channels for {cout}")
         if residual is not None and residual.shape != out.shape:
             raise ValueError(f"bconv2d on the GPU: residual {residual.shape} for an output {out.shape}")
         has_scale, has_shift = (v is not None and v.size > 0 for v in (next_scale, next_shift))
@@ -194,18 +198,18 @@ class CudaKernels:
             self._empty_int if next_bits is None else next_bits,
             next_scale if has_scale else self._empty_float, next_shift if has_shift else self._empty_float)
             + scalars + (np.int32(next_bits is not None), np.int32(has_scale), np.int32(has_shift),
-                         np.int32(out.shape[-1]), np.int32(channel_offset), np.int32(residual is not None)))
+                         np.int32(out.shape[-1]), np.int32(channel_offset or 0), np.int32(residual is not None)))
 
     def binary_conv2d(self, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
                       thresholds, weight_popcounts, next_scale=None, next_shift=None, pack_next: bool = False):
         """The binary convolution with its constants bound, as the C++ modules' ``binary_conv2d``:
         ``geometry`` is ``channels_in, channels_out, filter_h, filter_w, stride_h, stride_w,
         dilation_h, dilation_w, pad_value``, and the result is called as ``conv(x, out, pad_top,
-        pad_left, next_bits=None, channel_offset=0, residual=None)`` (``next_bits`` given exactly
+        pad_left, next_bits=None, channel_offset=None, residual=None)`` (``next_bits`` given exactly
         when made with ``pack_next``)."""
         geometry = [int(v) for v in geometry]
 
-        def conv(x, out, pad_top: int, pad_left: int, next_bits=None, channel_offset: int = 0,
+        def conv(x, out, pad_top: int, pad_left: int, next_bits=None, channel_offset: Optional[int] = None,
                  residual=None) -> None:
             if pack_next != (next_bits is not None):
                 raise ValueError("binary_conv2d: next_bits " + ("missing (made with pack_next)" if pack_next

@@ -219,7 +219,7 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
         if into is None and next_bits is None:
             conv(x, out, shape[1], shape[2])
         else:
-            conv(x, out, shape[1], shape[2], next_bits, 0 if into is None else into[1],
+            conv(x, out, shape[1], shape[2], next_bits, None if into is None else into[1],
                  None if into is None or into[3] is None else values[into[3]])
 
     return run

@@ -620,8 +620,8 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
 // pack_next (float output): a call also writes next_bits, the bits of the LceQuantize that reads
 // out, bit = out * next_scale[c] + next_shift[c] < 0 (a batch norm folded in; each may be empty),
 // rounded as the separate ops round: that LceQuantize's pass over the output is saved.
-// channel_offset, residual (float output): the output is the part of a channel CONCATENATION at
-// channels channel_offset .. + channels_out of `output` (which may be wider than channels_out),
+// channel_offset (not None), residual (float output): the output is the part of a channel
+// CONCATENATION at channels channel_offset .. + channels_out of `output` (which may be wider),
 // with the ADD that follows it fused in where residual is given (out + residual, residual shaped
 // as output): the part is never written on its own.
 // weights: prepare_binary_weights(filter). geometry: channels_in, channels_out, filter_h, filter_w,
@@ -669,7 +669,7 @@ class BinaryConv2D {
   }
 
   void operator()(const py::array& input, const py::array& output, int pad_top, int pad_left,
-                  const py::object& next_bits, int channel_offset, const py::object& residual) const {
+                  const py::object& next_bits, const py::object& channel_offset, const py::object& residual) const {
     BinaryConvCall c;
     c.g = g_;
     c.g.pad_top = pad_top;
@@ -687,13 +687,15 @@ class BinaryConv2D {
     c.taps = taps_;
     c.stride = weights_.shape(1);
     if (c.words != words_) throw std::invalid_argument("binary_conv2d: input words per pixel != ceil(channels_in / 32)");
-    // a float output may be a part of a wider tensor (a concatenation): channels channel_offset on
-    if (output.shape(0) != c.batch ||
-        (packed_ ? channel_offset != 0 || !residual.is_none() || output.shape(3) != (g.channels_out + 31) / 32
-                 : channel_offset < 0 || channel_offset + g.channels_out > output.shape(3)))
+    // with channel_offset, a float output is a part of a wider tensor (a concatenation)
+    const bool part = !channel_offset.is_none();
+    const int offset = part ? channel_offset.cast<int>() : 0;
+    if (output.shape(0) != c.batch || (packed_ && (part || !residual.is_none())) ||
+        (part ? offset < 0 || offset + g.channels_out > output.shape(3)
+              : output.shape(3) != (packed_ ? (g.channels_out + 31) / 32 : g.channels_out)))
       throw std::invalid_argument("binary_conv2d: output batch or channels");
     c.out_stride = output.shape(3);
-    c.out_offset = channel_offset;
+    c.out_offset = offset;
     c.residual = nullptr;
     if (!residual.is_none()) {
       const py::array r = residual.cast<py::array>();
@@ -1228,7 +1230,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("prepare_binary_weights", &prepare_binary_weights);
   py::class_<BinaryConv2D>(m, "BinaryConv2D", py::module_local())  // one class per module (three builds)
       .def("__call__", &BinaryConv2D::operator(), py::arg("input"), py::arg("output"), py::arg("pad_top"),
-           py::arg("pad_left"), py::arg("next_bits") = py::none(), py::arg("channel_offset") = 0,
+           py::arg("pad_left"), py::arg("next_bits") = py::none(), py::arg("channel_offset") = py::none(),
            py::arg("residual") = py::none());
   m.def("binary_conv2d", [](Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier,
                             Array<float> bias, int clamp_min, int clamp_max, Array<int32_t> thresholds,
