@@ -389,7 +389,7 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
         products = sum(op.name == "CONV_2D" for op in gpu.graph.operators)
         assert products >= 2 and per_run == products + 1
         results.append(gpu.predict(batches[2]))
-        assert len(launches) == 2 * per_run and list(gpu._captured.captured) == [(2, 64, 64, 3)]  # captured at the 2nd call
+        assert len(launches) == 2 * per_run and list(gpu._captured.captured) == [(2, 64, 64, 3)]  # captured at call 2
         assert not [key for key in gpu._pool if key[0][0] == 2]  # the eager run's buffers freed
         on_device = gpu.predict(fake_cupy.asarray(batches[3]))
         again = gpu.predict(batches[0])  # replayed after the CuPy call: its result is left alone

@@ -351,11 +351,12 @@ class CapturedRuns:
     it allocates from a private memory pool that nothing else allocates from, so the addresses the
     graphs and the products hold stay the run's own. Each later call copies the images into the
     captured input, launches the graphs (and the products between them) and copies the output out,
-    in that order on the private stream (a lock keeps calls from several threads in one piece). Up to ``keep`` shapes stay captured, each
-    holding its activations' memory; the least recently used is dropped. ``on_capture(shape)``
-    is called after a shape is captured (the engine then frees the buffers its step-by-step runs
-    of that batch size kept). If a capture fails (a CUDA or CuPy version that does not capture
-    some step) the error is warned about once and every run is eager from then on.
+    in that order on the private stream (a lock keeps calls from several threads in one piece). Up
+    to ``keep`` shapes stay captured, each holding its activations' memory; the least recently
+    used is dropped. ``on_capture(shape)`` is called after a shape is captured (the engine then
+    frees the buffers its step-by-step runs of that batch size kept). If a capture fails (a CUDA or
+    CuPy version that does not capture some step) the error is warned about once and every run is
+    eager from then on.
     """
 
     def __init__(self, cp, run: Callable, keep: int = 4, on_capture: Optional[Callable] = None):

@@ -149,7 +149,8 @@ def _concatenated_outputs(graph: Graph, residuals: dict, folded: set, packs: dic
 
 # what each profiled step is, for Engine.time_by_part (fused steps are named as profile names them)
 PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary convolutions",
-         "LceBconv2d+CONCATENATION": "binary convolutions", "LceBconv2d+LceQuantize+CONCATENATION": "binary convolutions",
+         "LceBconv2d+CONCATENATION": "binary convolutions",
+         "LceBconv2d+LceQuantize+CONCATENATION": "binary convolutions",
          "LceBconv2d+CONCATENATION+ADD": "binary convolutions",
          "LceBconv2d+LceQuantize+CONCATENATION+ADD": "binary convolutions",
          "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
