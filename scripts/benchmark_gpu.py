@@ -14,7 +14,8 @@ and 128: this runtime's kernel (bit-packed input, float output with LCE's output
 cores and the popcount fallback) against PyTorch's ``conv2d`` (cuDNN, channels-last) in float32
 with TF32 off (the papers' comparison), TF32 and bfloat16, per call and on the GPU alone (CUDA
 graphs). Part 2 (run first), the whole default model: batch 1 latency and batch 64 throughput,
-this runtime (with and without its CUDA graph) against the same network in float32 and bfloat16
+this runtime (with and without its CUDA graphs, and with the HPM block ops as separate passes)
+against the same network in float32 and bfloat16
 (the .tflite's graph run op by op in PyTorch, binary convolutions as float convolutions of the
 +-1 values; eagerly and as a CUDA graph). Times are CUDA-event medians.
 """
@@ -391,9 +392,11 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
         images = np.random.default_rng(0).uniform(size=(batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:]))
         images = images.astype(np.float32)
         device_images = cp.asarray(images)
-        for path, graphs, label in (("cuda", True, "cuda"), ("cuda", False, "cuda, steps launched from Python"),
-                                    ("cuda-popcount", True, "cuda-popcount")):
-            engine = Engine(flatbuffer, kernels=path, name="default", cuda_graphs=graphs)
+        for path, graphs, fuse, label in (
+                ("cuda", True, True, "cuda"), ("cuda", False, True, "cuda, steps launched from Python"),
+                ("cuda", True, False, "cuda, HPM block ops as separate passes"),
+                ("cuda-popcount", True, True, "cuda-popcount")):
+            engine = Engine(flatbuffer, kernels=path, name="default", cuda_graphs=graphs, fuse_blocks=fuse)
             # images already on the GPU stay there (no transfers, as for the PyTorch baselines); the
             # warm-up calls capture the engine's CUDA graph where it makes one
             ms = _time_cuda(lambda: engine.predict(device_images), runs, engine._kernels.synchronize, _cupy_event)
@@ -488,8 +491,9 @@ def _model_table(rows) -> list:
         lines.append(f"| {engine} | {small_ms} | " + " | ".join(large_ms) + " |")
     lines += ["", "The engine replays each batch size's run as CUDA graphs (captured at its second call, split at "
               "the float convolutions' cuBLAS products, which CuPy cannot capture); "
-              "\"steps launched from Python\" is the same engine with `cuda_graphs=False`. PyTorch's rows run eagerly, "
-              "and, where marked, as one captured CUDA graph too."]
+              "\"steps launched from Python\" is the same engine with `cuda_graphs=False`, \"HPM block ops as separate "
+              "passes\" with `fuse_blocks=False` (each LceQuantize and CONCATENATION + ADD after a binary convolution its "
+              "own kernel). PyTorch's rows run eagerly, and, where marked, as one captured CUDA graph too."]
     parts = next((r.get("breakdown_ms") for r in rows if r["batch"] == large and "breakdown_ms" in r), None)
     if parts:
         lines += ["", f"Where this runtime's batch-{large} time goes (tensor cores, steps launched from Python; GPU "

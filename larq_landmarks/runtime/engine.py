@@ -177,6 +177,10 @@ class Engine:
             call and replay them from then on (a graph between each two float convolutions' cuBLAS
             products, instead of a launch a step; the shape's activations stay allocated, up to 4
             shapes). False runs every step from Python.
+        fuse_blocks: a binary convolution packs the bits of the LceQuantize that reads its output
+            and writes its output into the channel CONCATENATION (+ ADD) that reads it, so that an
+            HPM block's ops take no pass of their own (outputs bit-identical). False runs each of
+            them as its own step, for comparisons.
 
     Raises:
         UnsupportedModelError: the file is not a TFLite flatbuffer, or holds an op or option the
@@ -185,7 +189,7 @@ class Engine:
     """
 
     def __init__(self, model: Union[str, os.PathLike, bytes], num_threads: int = 1, kernels: str = "auto",
-                 name: Optional[str] = None, cuda_graphs: bool = True):
+                 name: Optional[str] = None, cuda_graphs: bool = True, fuse_blocks: bool = True):
         if isinstance(model, (bytes, bytearray)):
             flatbuffer, name = bytes(model), name or "model"
         else:
@@ -206,13 +210,13 @@ class Engine:
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
                                         "outputs; the runtime runs one-input, one-output models")
-        self._steps, self._step_ops = self._plan()
+        self._steps, self._step_ops = self._plan(fuse_blocks)
         self._captured = None
         if kernels.startswith("cuda") and cuda_graphs:
             self._captured = cuda.CapturedRuns(self._kernels.cp, lambda images: self._run_steps(images, {}, None),
                                                on_capture=self._forget_batch)
 
-    def _plan(self) -> Tuple[list, list]:
+    def _plan(self, fuse_blocks: bool = True) -> Tuple[list, list]:
         graph = self.graph
         consumers, producers = {}, {}
         for op in graph.operators:
@@ -235,7 +239,7 @@ class Engine:
                     fused[op.index] = (source, multiplier, bias) + ((code,) if op.name == "CONV_2D" else ())
                     folded.update(skipped)
                     chains[op.index] = skipped
-        packed_quantizes = _packed_quantizes(graph, fused, producers)
+        packed_quantizes = _packed_quantizes(graph, fused, producers) if fuse_blocks else {}
         folded.update(index for _, _, _, index in packed_quantizes.values())
         packs = {bconv: pack[:3] for bconv, pack in packed_quantizes.items()}
         # op index -> (tensors added, ADD output, activation): op + ADD in one pass, at the ADD's
@@ -253,8 +257,9 @@ class Engine:
         # LceBconv2d index -> (output, channel offset, channels, residual or None): convolutions
         # writing their channels of a concatenation (+ ADD) themselves, which has no step of its own
         intos = {}
-        for concat, parts in _concatenated_outputs(graph, residuals, folded, packed_quantizes, chains, producers,
-                                                   consumers).items():
+        concatenations = _concatenated_outputs(graph, residuals, folded, packed_quantizes, chains, producers,
+                                               consumers) if fuse_blocks else {}
+        for concat, parts in concatenations.items():
             intos.update(parts)
             if concat in residuals:  # the ADD after it is done too
                 add = next(index for index, op in deferred.items() if op.index == concat)
