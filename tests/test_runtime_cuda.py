@@ -277,6 +277,32 @@ def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, cin, cout, k, stride, 
         np.testing.assert_array_equal(got, _run_bconv(cpu, graph, op, pack_bits(x_bits)))
 
 
+def test_gpu_binary_conv_rejects_outputs_it_cannot_write(gpu_or_cpu):
+    """The GPU's prepared binary convolution, as the C++ one: a part of a concatenation must fit in
+    its output, a residual must be shaped as the output, and next_bits comes exactly with pack_next;
+    a wrong-sized output without an offset stays an error."""
+    kernels = cuda.load("cuda")
+    rng = np.random.default_rng(9)
+    cin, cout = 40, 24
+    weights = kernels.prepare_binary_weights(pack_bits(rng.integers(0, 2, (cout, 3, 3, cin), dtype=np.uint8)))
+    popcounts = kernels.upload(np.zeros((9, cout), np.int32))
+    conv = kernels.binary_conv2d(weights, [cin, cout, 3, 3, 1, 1, 1, 1, 1], kernels.upload(np.ones(cout, np.float32)),
+                                 kernels.upload(np.zeros(cout, np.float32)), -2**31, 2**31 - 1,
+                                 kernels.upload(np.zeros(0, np.int32)), popcounts)
+    x = kernels.upload(pack_bits(rng.integers(0, 2, (1, 4, 4, cin), dtype=np.uint8)))
+    wide = kernels.empty((1, 4, 4, cout + 3), np.float32)
+    conv(x, wide, 1, 1, channel_offset=3)
+    for offset in (-1, 4):
+        with pytest.raises(ValueError, match="channels .* of an output of 27"):
+            conv(x, wide, 1, 1, channel_offset=offset)
+    with pytest.raises(ValueError, match="an output of 27 channels for 24"):
+        conv(x, wide, 1, 1)
+    with pytest.raises(ValueError, match="residual"):
+        conv(x, wide, 1, 1, channel_offset=0, residual=kernels.empty((1, 4, 4, cout), np.float32))
+    with pytest.raises(ValueError, match="next_bits given without pack_next"):
+        conv(x, kernels.empty((1, 4, 4, cout), np.float32), 1, 1, kernels.empty((1, 4, 4, 1), np.int32))
+
+
 def test_gpu_bitpacking_and_elementwise_ops(gpu_or_cpu):
     kernels = cuda.load("cuda")
     rng = np.random.default_rng(1)

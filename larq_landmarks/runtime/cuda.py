@@ -163,22 +163,22 @@ class CudaKernels:
         channels ``channel_offset`` on are this output, plus ``residual`` (shaped as ``out``) where
         given."""
         packed = thresholds.size > 0
-        cout = int(geometry[1])
-        part = channel_offset is not None
-        if packed and (next_bits is not None or part or residual is not None):
-            raise ValueError("bconv2d on the GPU: next_bits, channel_offset and residual need a float output")
-        if part and not 0 <= channel_offset <= out.shape[-1] - cout:
-            raise ValueError(f"bconv2d on the GPU: channels {channel_offset}..{channel_offset + cout} of an output "
-                             f"of {out.shape[-1]}")
-        if not part and out.shape[-1] != ((cout + 31) // 32 if packed else cout):
-            raise ValueError(f"bconv2d on the GPU: an output of {out.shape[-1]} channels for {cout}")
+        has_scale, has_shift = (v is not None and v.size > 0 for v in (next_scale, next_shift))
         if residual is not None and residual.shape != out.shape:
             raise ValueError(f"bconv2d on the GPU: residual {residual.shape} for an output {out.shape}")
-        has_scale, has_shift = (v is not None and v.size > 0 for v in (next_scale, next_shift))
-        key = (x.shape, out.shape, tuple(geometry), clamp_min, clamp_max, packed)
+        key = (x.shape, out.shape, tuple(geometry), clamp_min, clamp_max, packed, next_bits is not None, has_scale,
+               has_shift, channel_offset, residual is not None)
         launch = weights.launches.get(key)
-        if launch is None:  # grid and scalars, once per shape
+        if launch is None:  # checks, grid and scalars, once per shape and fusion
             cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left, pad_value = (int(v) for v in geometry)
+            part = channel_offset is not None
+            if packed and (next_bits is not None or part or residual is not None):
+                raise ValueError("bconv2d on the GPU: next_bits, channel_offset and residual need a float output")
+            if part and not 0 <= channel_offset <= out.shape[-1] - cout:
+                raise ValueError(f"bconv2d on the GPU: channels {channel_offset}..{channel_offset + cout} of an "
+                                 f"output of {out.shape[-1]}")
+            if not part and out.shape[-1] != ((cout + 31) // 32 if packed else cout):
+                raise ValueError(f"bconv2d on the GPU: an output of {out.shape[-1]} channels for {cout}")
             batch, height, width, words = x.shape
             if fh * fw > 64:
                 raise ValueError(f"bconv2d on the GPU: {fh}x{fw} filters have more than 64 taps")
@@ -186,7 +186,8 @@ class CudaKernels:
             grid = (int(-(-batch * out_h * out_w // BLOCK_ROWS)), int(weights.words.shape[0] // BLOCK_CHANNELS))
             scalars = tuple(np.int32(v) for v in (
                 batch, height, width, words, out_h, out_w, cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left,
-                pad_value, fh * fw * words, weights.words.shape[1], clamp_min, clamp_max, packed))
+                pad_value, fh * fw * words, weights.words.shape[1], clamp_min, clamp_max, packed,
+                next_bits is not None, has_scale, has_shift, out.shape[-1], channel_offset or 0, residual is not None))
             launch = weights.launches[key] = (grid, scalars)
         grid, scalars = launch
         if grid[0] == 0:
@@ -196,9 +197,7 @@ class CudaKernels:
             self._empty_float if packed else multiplier, self._empty_float if packed else bias,
             thresholds if packed else self._empty_int, out, self._empty_float if residual is None else residual,
             self._empty_int if next_bits is None else next_bits,
-            next_scale if has_scale else self._empty_float, next_shift if has_shift else self._empty_float)
-            + scalars + (np.int32(next_bits is not None), np.int32(has_scale), np.int32(has_shift),
-                         np.int32(out.shape[-1]), np.int32(channel_offset or 0), np.int32(residual is not None)))
+            next_scale if has_scale else self._empty_float, next_shift if has_shift else self._empty_float) + scalars)
 
     def binary_conv2d(self, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
                       thresholds, weight_popcounts, next_scale=None, next_shift=None, pack_next: bool = False):
