@@ -216,23 +216,16 @@ def _run_bconv(kernels, graph, op, x_packed, next_quantize=None):
     return download(values[5]) if next_quantize is None else (download(values[5]), download(values[6]))
 
 
-def _run_bconv_into_concatenation(kernels, graph, op, x_packed, offset, channels):
-    """The op's output written at channels ``offset`` on of a ``channels``-wide tensor holding 5 (a
+def _run_bconv_into_concatenation(kernels, graph, op, x_packed, offset, shape):
+    """The op's output written at channels ``offset`` on of a tensor of ``shape`` holding 5 (a
     concatenation other parts write the rest of), a random residual added: (that tensor, residual)."""
     upload, download = getattr(kernels, "upload", np.asarray), getattr(kernels, "download", np.asarray)
-    residual = np.random.default_rng(offset).normal(size=_out_shape(graph, op, x_packed) + (channels,))
-    residual = residual.astype(np.float32)
+    residual = np.random.default_rng(offset).normal(size=shape).astype(np.float32)
     values = ops.Values(8, {}, getattr(kernels, "empty", np.empty))
     values[0], values[7] = upload(x_packed), upload(residual)
     values[6] = upload(np.full(residual.shape, 5.0, np.float32))
-    ops.lce_bconv2d(graph, op, kernels, into=(6, offset, channels, 7))(values)
+    ops.lce_bconv2d(graph, op, kernels, into=(6, offset, shape[-1], 7))(values)
     return download(values[6]), residual
-
-
-def _out_shape(graph, op, x_packed):
-    """The output's (batch, height, width) of a one-op test graph on ``x_packed``."""
-    k, stride, padding = graph.tensors[op.inputs[1]].shape[1], op.options["stride_height"], op.options["padding"]
-    return (x_packed.shape[0],) + tuple(_same_padding(n, k, stride, 1, padding)[0] for n in x_packed.shape[1:3])
 
 
 @pytest.fixture
@@ -265,7 +258,8 @@ def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, cin, cout, k, stride, 
         np.testing.assert_array_equal(bits, next_layer_bits(out, next_scale, next_shift))
     # one part of a channel CONCATENATION + ADD (at channel 3 or 4 on: the 16-byte stores need 4)
     for offset in (3, 4):
-        out, residual = _run_bconv_into_concatenation(kernels, graph, op, pack_bits(x_bits), offset, cout + 8)
+        out, residual = _run_bconv_into_concatenation(kernels, graph, op, pack_bits(x_bits), offset,
+                                                      expected.shape[:3] + (cout + 8,))
         np.testing.assert_array_equal(out[..., offset:offset + cout],
                                       expected.astype(np.float32) + residual[..., offset:offset + cout])
         assert (out[..., :offset] == 5).all() and (out[..., offset + cout:] == 5).all()
