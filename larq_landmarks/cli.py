@@ -232,15 +232,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from larq_landmarks import export, visualize
+    from larq_landmarks import visualize
     from larq_landmarks.atomic import atomic_path
     from larq_landmarks.predictor import InputError, Predictor, load_rgb
     from larq_landmarks.runtime import CudaUnavailableError, UnsupportedModelError
+    from larq_landmarks.tflite_model import NotOurModelError
 
     try:
         predictor = Predictor.from_path(args.model, "person" if args.person else "face", args.flip_test,
                                         num_threads=args.threads, engine=args.engine)
-    except (InputError, export.NotOurModelError, UnsupportedModelError, CudaUnavailableError) as error:
+    except (InputError, NotOurModelError, UnsupportedModelError, CudaUnavailableError, ImportError) as error:
         _fail("predict", str(error))
     boxes = list(args.box or [])
     if args.person and not boxes:
@@ -248,7 +249,10 @@ def _predict(args: argparse.Namespace) -> int:
     if not boxes:
         from larq_landmarks.detection import FaceDetector
 
-        predictor.detector = FaceDetector(args.detector, args.min_score)
+        try:
+            predictor.detector = FaceDetector(args.detector, args.min_score)
+        except ImportError as error:
+            _fail("predict", str(error))
     from tqdm import tqdm
 
     # every image first, then the files: a failure leaves no folder, overlay or landmarks.json

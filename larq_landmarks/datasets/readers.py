@@ -16,8 +16,9 @@ import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
-import scipy.io
 from PIL import Image
+
+from larq_landmarks.cropping import face_crop
 
 # Tried first, without opening the file; any other file beside the annotation with the same stem
 # is used when Pillow can decode it (TIFF, PPM, WebP, JPEG 2000, ...).
@@ -50,14 +51,6 @@ class Record:
     scale: float
     box: np.ndarray
     extras: Dict[str, object] = dataclasses.field(default_factory=dict)
-
-
-def face_crop(box: np.ndarray):
-    """Centre and scale of a face box as face-alignment does: the box centre moved up by
-    0.12 of the height, scale ``(w + h) / 195``."""
-    x1, y1, x2, y2 = [float(v) for v in box]
-    w, h = x2 - x1, y2 - y1
-    return np.array([(x1 + x2) / 2, (y1 + y2) / 2 - 0.12 * h], np.float32), (w + h) / 195.0
 
 
 def points_box(points: np.ndarray, visible: Optional[np.ndarray] = None) -> np.ndarray:
@@ -209,6 +202,8 @@ def read_pts_folder(
 
 def _loadmat(path: str, keys: Iterable[str]) -> dict:
     try:
+        import scipy.io  # imported where .mat files are read: `larq-landmarks predict` runs without SciPy
+
         data = scipy.io.loadmat(path)
     except Exception as error:
         raise DatasetError(f"{path}: cannot read .mat file ({error})") from error
@@ -378,6 +373,8 @@ def read_mpii_mat(
     if split == "validation" and validation_images is None:
         raise ValueError("split='validation' needs validation_images (the list of image names)")
     try:
+        import scipy.io
+
         release = scipy.io.loadmat(path, struct_as_record=False, squeeze_me=True)["RELEASE"]
     except KeyError as error:
         raise DatasetError(f"{path}: no 'RELEASE' struct: not the official MPII annotation file") from error
