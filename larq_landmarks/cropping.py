@@ -49,9 +49,23 @@ def crop_matrices(centres, scales, input_size: int) -> np.ndarray:
 
 def sampling_params(matrices: np.ndarray) -> np.ndarray:
     """The 8 projective parameters (crop pixel -> image pixel) of each image -> crop matrix, as
-    ``ImageProjectiveTransformV3`` and :func:`warp_crops` take them: ``(N, 8)`` for ``(N, 3, 3)``."""
-    inverse = np.linalg.inv(np.asarray(matrices, np.float64).reshape(-1, 3, 3))
-    return (inverse.reshape(-1, 9)[:, :8] / inverse[:, 2, 2:3]).astype(np.float32)
+    ``ImageProjectiveTransformV3`` and :func:`warp_crops` take them: ``(N, 8)`` for ``(N, 3, 3)``.
+
+    Upright crops (:func:`crop_matrices`, mirrored or not) get exactly the float32 values that the
+    pipeline's ``tf.linalg.inv`` gives (``1 / a`` and ``-t * (1 / a)``), so that their crops are
+    the pipeline's bit for bit; any other matrix is inverted in float64."""
+    matrices = np.asarray(matrices, np.float32).reshape(-1, 3, 3)
+    inverse = np.linalg.inv(matrices.astype(np.float64))
+    params = (inverse.reshape(-1, 9)[:, :8] / inverse[:, 2, 2:3]).astype(np.float32)
+    upright = ((matrices[:, 0, 1] == 0) & (matrices[:, 1, 0] == 0) & (matrices[:, 2, 0] == 0)
+               & (matrices[:, 2, 1] == 0) & (matrices[:, 2, 2] == 1))
+    upright_params = np.zeros((int(upright.sum()), 8), np.float32)
+    for row, scale, shift in ((0, 0, 2), (1, 4, 5)):  # x = p0 * x' + p2, y = p4 * y' + p5
+        reciprocal = np.float32(1) / matrices[upright, row, row]
+        upright_params[:, scale] = reciprocal
+        upright_params[:, shift] = -matrices[upright, row, 2] * reciprocal
+    params[upright] = upright_params
+    return params
 
 
 def warp_crops(image: np.ndarray, params: np.ndarray, size: int) -> np.ndarray:
@@ -71,25 +85,39 @@ def warp_crops(image: np.ndarray, params: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"image: expected an (H, W, C) uint8 array, got {image.dtype} {image.shape}")
     height, width, channels = image.shape
     pixels = image.reshape(-1, channels)
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    t = np.asarray(params, np.float32).reshape(-1, 8)[:, :, None, None]
-    with np.errstate(divide="ignore", invalid="ignore"):  # d = 0: no pixel is read there
-        projection = t[:, 6] * xs + t[:, 7] * ys + np.float32(1)
-        x = (t[:, 0] * xs + t[:, 1] * ys + t[:, 2]) / projection
-        y = (t[:, 3] * xs + t[:, 4] * ys + t[:, 5]) / projection
+    t = np.asarray(params, np.float32).reshape(-1, 8)
+    steps = np.arange(size, dtype=np.float32)
+    if not t[:, [1, 3, 6, 7]].any():  # upright crops: x follows the column alone, y the row alone
+        # (the same float32 values: t1 * y and t3 * x are zeros and the projection is exactly 1)
+        x = t[:, 0, None, None] * steps[None, None, :] + t[:, 2, None, None]  # (N, 1, S)
+        y = t[:, 4, None, None] * steps[None, :, None] + t[:, 5, None, None]  # (N, S, 1)
+    else:
+        ys, xs = np.meshgrid(steps, steps, indexing="ij")
+        t = t[:, :, None, None]
+        with np.errstate(divide="ignore", invalid="ignore"):  # d = 0: nothing is read there
+            projection = t[:, 6] * xs + t[:, 7] * ys + np.float32(1)
+            x = (t[:, 0] * xs + t[:, 1] * ys + t[:, 2]) / projection
+            y = (t[:, 3] * xs + t[:, 4] * ys + t[:, 5]) / projection
     x0, y0 = np.floor(x), np.floor(y)
     x1, y1 = x0 + 1, y0 + 1
 
-    def at(rows, cols):  # the image at integer (rows, cols), 0 outside it
-        inside = (rows >= 0) & (cols >= 0) & (rows < height) & (cols < width)
-        index = np.where(inside, rows, 0).astype(np.intp) * width + np.where(inside, cols, 0).astype(np.intp)
-        value = pixels[index].astype(np.float32) * np.float32(1 / 255)
-        value[~inside] = 0
-        return value
+    def within(v, limit):  # whether each coordinate lies in [0, limit), and it as an index (0 if not)
+        inside = (v >= 0) & (v < limit)
+        return inside, np.where(inside, v, 0).astype(np.intp)
 
-    wx0, wx1, wy0, wy1 = (w[..., None] for w in (x1 - x, x - x0, y1 - y, y - y0))
-    top = wx0 * at(y0, x0) + wx1 * at(y0, x1)
-    bottom = wx0 * at(y1, x0) + wx1 * at(y1, x1)
+    (in_y0, row0), (in_y1, row1), (in_x0, col0), (in_x1, col1) = (
+        within(y0, height), within(y1, height), within(x0, width), within(x1, width))
+
+    def at(row, col):  # the image at (row, col), scaled as tf.image.convert_image_dtype scales uint8
+        return np.take(pixels, row * width + col, axis=0).astype(np.float32) * np.float32(1 / 255)
+
+    # A corner outside the image reads 0 in TensorFlow; here its weight is 0 instead (a finite value
+    # times 0 adds the same +0), so that the masks stay one-dimensional for upright crops.
+    zero = np.float32(0)
+    wx0, wx1 = (np.where(inside, w, zero)[..., None] for inside, w in ((in_x0, x1 - x), (in_x1, x - x0)))
+    wy0, wy1 = (np.where(inside, w, zero)[..., None] for inside, w in ((in_y0, y1 - y), (in_y1, y - y0)))
+    top = wx0 * at(row0, col0) + wx1 * at(row0, col1)
+    bottom = wx0 * at(row1, col0) + wx1 * at(row1, col1)
     return wy0 * top + wy1 * bottom
 
 

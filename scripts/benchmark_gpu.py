@@ -422,6 +422,37 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
     return results
 
 
+def predictor_throughput(path: str, faces: int = 256, batch: int = 64, runs: int = 3) -> list:
+    """``Predictor`` end to end, images in and landmarks out: ``faces`` face boxes, 4 to a 640x480
+    uint8 image, through ``predict_many`` in calls of ``batch`` crops, on the CUDA engine (crops
+    cut, heatmaps decoded on the GPU) and on the CPU runtime with every core. Median seconds of
+    ``runs`` runs after a warm-up run (which captures the CUDA graphs); an engine that cannot run
+    here gets its error instead."""
+    from larq_landmarks.predictor import Predictor
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range((faces + 3) // 4)]
+    boxes = [[[20 + 150 * i, 120, 170 + 150 * i, 300] for i in range(4)] for _ in images]
+    count = 4 * len(images)
+    results = []
+    for engine, threads in (("cuda", 1), ("runtime", os.cpu_count() or 1)):
+        row = {"engine": engine, "threads": threads, "faces": count, "batch": batch}
+        try:
+            predictor = Predictor.from_path(path, engine=engine, num_threads=threads)
+            predictor.predict_many(images, boxes, batch_size=batch)
+            times = []
+            for _ in range(runs):  # the results come back as NumPy: each run ends synchronised
+                start = time.perf_counter()
+                predictor.predict_many(images, boxes, batch_size=batch)
+                times.append(time.perf_counter() - start)
+            row["s"] = float(np.median(times))
+        except Exception as error:  # e.g. no C++ kernels built on this machine: the other row still counts
+            row["error"] = repr(error)[:300]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
+
+
 def breakdown(engine, images, repeats: int = 5) -> dict:
     """Milliseconds of GPU time per kind of op (``Engine.time_by_part``: CUDA events around each step,
     the steps queued as ``predict`` queues them; where the GPU waits for a launch, the wait counts)."""
@@ -502,6 +533,22 @@ def _model_table(rows) -> list:
     return lines + [""]
 
 
+def _predictor_table(rows) -> list:
+    lines = ["### Predictor end to end (images in, landmarks out)", "",
+             f"`Predictor.predict_many` on {rows[0]['faces']} face boxes, 4 to a 640x480 image, "
+             f"{rows[0]['batch']} crops a model call: cutting the crops, the model, decoding the heatmaps and "
+             "mapping the landmarks back to the image.", "",
+             "| engine | faces/s | ms a face |", "|---|---:|---:|"]
+    for r in rows:
+        name = {"cuda": "CUDA engine (crops and decoding on the GPU)"}.get(
+            r["engine"], f"CPU runtime, {r['threads']} threads")
+        if "s" in r:
+            lines.append(f"| {name} | {r['faces'] / r['s']:.0f} | {1000 * r['s'] / r['faces']:.2f} |")
+        else:
+            lines.append(f"| {name} | not run: {r['error']} | |")
+    return lines + [""]
+
+
 def write_markdown(path: str, result: dict) -> None:
     """``path``'s GPU section (replaced, or added at the end) from ``result``: the parts it has."""
     lines = [f"## Bit-packed inference on an NVIDIA GPU ({result['gpu']}, {result['date']})", "",
@@ -513,6 +560,8 @@ def write_markdown(path: str, result: dict) -> None:
         lines += _layer_tables(result["layers"])
     if result.get("whole_model"):
         lines += _model_table(result["whole_model"])
+    if result.get("predictor"):
+        lines += _predictor_table(result["predictor"])
     if "agreement" in result:
         a = result["agreement"]
         lines += [f"The PyTorch float32 network computes the same function: {100 * a['same_peaks']:.1f}% of the "
@@ -536,9 +585,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepare", metavar="DIR", help="write the models and CPU outputs (needs TensorFlow)")
     parser.add_argument("--assets", metavar="DIR", help="folder written by --prepare")
-    parser.add_argument("--parts", default="layers,model", help="layers, model (comma-separated)")
+    parser.add_argument("--parts", default="layers,model,predictor",
+                        help="layers, model, predictor (comma-separated)")
     parser.add_argument("--batches", default="1,32,128", help="batch sizes of the per-layer table")
     parser.add_argument("--model-batches", default="1,64", help="batch sizes of the whole-model table")
+    parser.add_argument("--faces", type=int, default=256, help="face boxes of the predictor part")
     parser.add_argument("--device", default="cuda", help="PyTorch's device (cpu only to test this script)")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", help="write the results here")
@@ -581,6 +632,9 @@ def main(argv=None):
             print(f"agreement check failed: {error!r}", flush=True)
         result["whole_model"] = whole_model(flatbuffer, max(5, args.runs // 2),
                                             [int(b) for b in args.model_batches.split(",")], args.device)
+        save()
+    if "predictor" in parts:  # a few seconds: before the long per-shape part
+        result["predictor"] = predictor_throughput(os.path.join(args.assets, DEFAULT + ".tflite"), args.faces)
         save()
     if "layers" in parts:
         result["layers"] = []

@@ -71,8 +71,10 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     whole.append({"engine": "PyTorch, CUDA graph", "batch": 1, "ms": 0.9})  # a batch it has no time for
     whole.append({"engine": "larq_landmarks.runtime (cuda-popcount)", "batch": 1, "ms": 3.0,
                   "capture_failed": "NotImplementedError()"})  # ran step by step: labelled so
+    predictor = [{"engine": "cuda", "threads": 1, "faces": 256, "batch": 64, "s": 0.128},
+                 {"engine": "runtime", "threads": 16, "faces": 256, "batch": 64, "error": "ImportError('no kernels')"}]
     result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "layers": [layer], "whole_model": whole,
-              "agreement": {"same_peaks": 1.0, "mean_abs_difference_ratio": 1e-7}}
+              "predictor": predictor, "agreement": {"same_peaks": 1.0, "mean_abs_difference_ratio": 1e-7}}
     path = tmp_path / "benchmarks.md"
     path.write_text("# Benchmarks\n\n## CPU\n\ntext\n\n## Bit-packed inference on an NVIDIA GPU (old)\n\nold\n\n## After\n\nkept\n")
     script = _script()
@@ -90,6 +92,8 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "| larq_landmarks.runtime (cuda-popcount) (graph capture failed: steps launched from Python) | 3.00 |" in text
     assert "prepared images.\n\n## After" in text  # one blank line before the next section
     assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks" in text
+    assert "| CUDA engine (crops and decoding on the GPU) | 2000 | 0.50 |" in text  # 256 / 0.128 s
+    assert "| CPU runtime, 16 threads | not run: ImportError('no kernels') | |" in text
     # a run cut short (the layers part unfinished, one shape saved): written from its JSON, no GPU needed
     partial = dict(result, layers=[layer])
     del partial["whole_model"]
@@ -133,10 +137,14 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     np.savez(tmp_path / (script.DEFAULT + ".npz"), images=images, cpu_output=Engine(small_flatbuffer).predict(images))
     path = tmp_path / "benchmarks.md"
     script.main(["--assets", str(tmp_path), "--json", str(tmp_path / "result.json"), "--markdown", str(path),
-                 "--batches", "1", "--model-batches", "1,2", "--runs", "1", "--device", "cpu"])
+                 "--batches", "1", "--model-batches", "1,2", "--runs", "1", "--device", "cpu", "--faces", "10"])
     result = json.loads((tmp_path / "result.json").read_text())
     assert len(result["layers"]) == len(rows) and len(result["whole_model"]) == 12
+    # Predictor end to end on both engines: 10 faces rounded up to whole images of 4
+    assert [(r["engine"], r["faces"], r["batch"]) for r in result["predictor"]] == [("cuda", 12, 64), ("runtime", 12, 64)]
+    assert all(r["s"] > 0 for r in result["predictor"])
     assert result["agreement"]["same_peaks"] >= 0.99 and result["agreement"]["mean_abs_difference_ratio"] < 1e-4
     text = path.read_text()
     assert text.count("| 3x3, ") == 2 * len(rows)  # per call, and on the GPU alone (graph-replayed)
     assert "| batch 2 (images/s) |" in text and "heatmap peaks" in text
+    assert "| CUDA engine (crops and decoding on the GPU) | " in text and f"| CPU runtime, {os.cpu_count()} threads | " in text

@@ -36,22 +36,42 @@ def test_crops_are_the_pipelines_crops():
     image = np.random.default_rng(6).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     centres = np.array([[26, 18], [2, 3], [50, 35], [20, 30]], np.float32)
     matrices = tf.concat([pipeline.crop_matrix(centres[:2], np.array([0.2, 0.3], np.float32), 24),
-                          pipeline.crop_matrix(centres[2:], np.array([0.25, 0.15], np.float32), 24, 30.0, True)], 0)
+                          pipeline.crop_matrix(centres[2:], np.array([0.25, 0.15], np.float32), 24, 30.0, True),
+                          pipeline.crop_matrix(centres[:1], np.array([0.22], np.float32), 24, 0.0, True)], 0)
     tf_params = pipeline.sampling_params(matrices).numpy()  # inverted in float32
     got = cropping.warp_crops(image, tf_params, 24)
     pixels = tf.image.convert_image_dtype(tf.constant(image), tf.float32)
     expected = np.stack([pipeline.warp_image(pixels, m, 24).numpy() for m in matrices])
-    assert got.shape == (4, 24, 24, 3) and got.dtype == np.float32
+    assert got.shape == (5, 24, 24, 3) and got.dtype == np.float32
     assert (expected == 0).any() and (expected > 0).mean() > 0.3  # past the edges, and inside
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
-    # the parameters as the Predictor computes them (inverted in float64): the same crops to 1e-4
+    # upright crops alone (mirrored or not) take the separable path: the same values
+    upright = [0, 1, 4]
+    np.testing.assert_array_equal(cropping.warp_crops(image, tf_params[upright], 24), got[upright])
+    np.testing.assert_allclose(got[upright], expected[upright], rtol=0, atol=2e-6)
+    # the parameters computed here: TensorFlow's float32 values for upright crops, the rotated ones
+    # inverted in float64 (the same crops to 1e-4)
     params = cropping.sampling_params(matrices.numpy())
+    np.testing.assert_array_equal(params[upright], tf_params[upright])
     np.testing.assert_allclose(params, tf_params, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cropping.warp_crops(image, params, 24), expected, rtol=0, atol=1e-4)
     far = cropping.crop_matrices(np.array([[3e9, -3e9]], np.float32), np.array([0.2], np.float32), 24)
     assert not cropping.warp_crops(image, cropping.sampling_params(far), 24).any()
     grey = image[..., :1]
     np.testing.assert_array_equal(cropping.warp_crops(grey, tf_params, 24), got[..., :1])
+
+
+def test_upright_crops_sample_where_the_pipeline_samples_bit_for_bit():
+    """The Predictor's crops are the evaluation pipeline's exactly (a binary network can turn a
+    last-bit difference of its input into another landmark): the sampling parameters of many
+    upright crops, mirrored or not, equal TensorFlow's float32 inverse bit for bit."""
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(-500, 3000, (5000, 2)).astype(np.float32)
+    scales = rng.uniform(0.1, 20, 5000).astype(np.float32)
+    for size, flip in ((64, False), (256, False), (256, True)):
+        matrices = pipeline.crop_matrix(centres, scales, size, 0.0, flip)
+        np.testing.assert_array_equal(cropping.sampling_params(matrices.numpy()),
+                                      pipeline.sampling_params(matrices).numpy())
 
 
 def test_a_crop_of_the_whole_image_at_its_own_size_is_the_image():
