@@ -428,8 +428,6 @@ def predictor_throughput(path: str, faces: int = 256, batch: int = 64, runs: int
     cut, heatmaps decoded on the GPU) and on the CPU runtime with every core. Median seconds of
     ``runs`` runs after a warm-up run (which captures the CUDA graphs); an engine that cannot run
     here gets its error instead."""
-    from larq_landmarks.predictor import Predictor
-
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range((faces + 3) // 4)]
     boxes = [[[20 + 150 * i, 120, 170 + 150 * i, 300] for i in range(4)] for _ in images]
@@ -438,6 +436,8 @@ def predictor_throughput(path: str, faces: int = 256, batch: int = 64, runs: int
     for engine, threads in (("cuda", 1), ("runtime", os.cpu_count() or 1)):
         row = {"engine": engine, "threads": threads, "faces": count, "batch": batch}
         try:
+            from larq_landmarks.predictor import Predictor  # Pillow needed
+
             predictor = Predictor.from_path(path, engine=engine, num_threads=threads)
             predictor.predict_many(images, boxes, batch_size=batch)
             times = []

@@ -1,7 +1,6 @@
 """The bit-packed runtime (issue 10): binary-conv accumulators bit-exact against a NumPy reference
 of LCE's semantics on every kernel path; whole converted models against LCE's interpreter; the
 engine selection, threads, unsupported ops, and running without TensorFlow."""
-import json
 import os
 import subprocess
 import sys
@@ -480,43 +479,6 @@ def test_gpu_crops_are_the_pipelines_crops(monkeypatch):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-6)
     far = crop_matrix(np.array([[3e9, -3e9]], np.float32), np.array([0.2], np.float32), 24)  # no int overflow
     assert not np.asarray(cuda.load("cuda").warp_crops(image, sampling_params(far).numpy(), 24)).any()
-
-
-def test_predictor_and_cli_run_the_cuda_engine_on_the_cpu_build(small_file, monkeypatch, tmp_path):
-    """Issue 11's item 3 with kernels.cu built for the CPU in the GPU's place (tests/fake_cupy.py):
-    ``Predictor(engine="cuda")`` batches the faces of several images into one model call and finds
-    the CPU runtime's landmarks; ``larq-landmarks predict --engine cuda`` writes them."""
-    fake_cupy.install(monkeypatch)
-    rng = np.random.default_rng(8)
-    images = [(rng.uniform(size=(90, 100, 3)) * 255).astype(np.uint8) for _ in range(3)]
-    boxes = [[[10, 10, 80, 70], [0, 0, 50, 50]], [[5, 5, 60, 60]], [[20, 10, 90, 85]]]
-    gpu, cpu = Predictor.from_path(small_file, engine="cuda"), Predictor.from_path(small_file)
-    assert (gpu.engine, cpu.engine) == ("cuda", "runtime")
-    calls = []
-    heatmaps = gpu._heatmaps
-    monkeypatch.setattr(gpu, "_heatmaps", lambda crops: calls.append(len(crops)) or heatmaps(crops))
-    for (points, _), (expected, _) in zip(gpu.predict_many(images, boxes), cpu.predict_many(images, boxes)):
-        np.testing.assert_allclose(points, expected, atol=0.5)
-    assert calls == [4]  # the four faces of three images in one call
-    path = tmp_path / "face.png"
-    Image.fromarray(images[0]).save(path)
-    assert cli.main(["predict", str(path), "--model", small_file, "--engine", "cuda", "--box", "10,10,80,70",
-                     "--out", str(tmp_path / "out")]) == 0
-    written = json.loads((tmp_path / "out" / "landmarks.json").read_text())[str(path)]["landmarks"]
-    np.testing.assert_allclose(written[0], cpu.predict(images[0], [boxes[0][0]])[0][0], atol=0.5)
-    # the heatmaps stay on the GPU (decoded there), flip test included
-    flipped, flipped_cpu = (Predictor.from_path(small_file, engine=engine, use_flip_test=True)
-                            for engine in ("cuda", "runtime"))
-    assert flipped._array_module is cuda.load("cuda").cp
-    predicted = flipped._heatmaps(np.zeros((1, 64, 64, 3), np.float32))
-    assert isinstance(predicted, fake_cupy.DeviceArray)
-    crops, _ = flipped._prepare(images[0], boxes[0], None)  # cut on the GPU, as on the CPU
-    assert isinstance(crops, fake_cupy.DeviceArray)
-    np.testing.assert_allclose(np.asarray(crops), flipped_cpu._prepare(images[0], boxes[0], None)[0], atol=2e-6)
-    for (points, scores), (expected, expected_scores) in zip(flipped.predict_many(images, boxes),
-                                                             flipped_cpu.predict_many(images, boxes)):
-        np.testing.assert_allclose(points, expected, atol=0.5)
-        np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)
 
 
 def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):

@@ -439,6 +439,66 @@ def test_gpu_models_match_the_cpu_runtime(gpu_or_cpu, name, flatbuffer, images, 
     np.testing.assert_allclose(engine.predict(images[:1]), got[:1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def predictor_model(request):
+    """A small converted model's path: the prepared ``binary_hpm`` (64x64) where
+    ``$LARQ_LANDMARKS_GPU_ASSETS`` has one (the GPU machine), otherwise conftest's ``small_file``."""
+    folder = os.environ.get("LARQ_LANDMARKS_GPU_ASSETS")
+    if folder and os.path.isfile(os.path.join(folder, "binary_hpm.tflite")):
+        return os.path.join(folder, "binary_hpm.tflite")
+    try:
+        return request.getfixturevalue("small_file")
+    except pytest.FixtureLookupError:
+        pytest.skip("no model: no prepared models (LARQ_LANDMARKS_GPU_ASSETS) and no conftest (small_file)")
+
+
+@needs_cpu_kernels
+def test_predictor_and_cli_run_the_cuda_engine(gpu_or_cpu, predictor_model, monkeypatch, tmp_path):
+    """Issue 11's item 3 (on the GPU, or on kernels.cu built for the CPU): ``Predictor(engine="cuda")``
+    cuts the crops on the GPU as the CPU cuts them, batches the faces of several images into one
+    model call and finds the CPU runtime's landmarks, flip test included, heatmaps decoded on the
+    GPU; ``larq-landmarks predict --engine cuda`` writes them. None of it needs TensorFlow."""
+    import json
+
+    from PIL import Image
+
+    from larq_landmarks import cli
+    from larq_landmarks.predictor import Predictor
+
+    rng = np.random.default_rng(8)
+    images = [(rng.uniform(size=(90, 100, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    boxes = [[[10, 10, 80, 70], [0, 0, 50, 50]], [[5, 5, 60, 60]], [[20, 10, 90, 85]]]
+    gpu, cpu = Predictor.from_path(predictor_model, engine="cuda"), Predictor.from_path(predictor_model, engine="runtime")
+    assert (gpu.engine, cpu.engine) == ("cuda", "runtime")
+    calls = []
+    heatmaps = gpu._heatmaps
+    monkeypatch.setattr(gpu, "_heatmaps", lambda crops: calls.append(len(crops)) or heatmaps(crops))
+    for (points, _), (expected, _) in zip(gpu.predict_many(images, boxes), cpu.predict_many(images, boxes)):
+        np.testing.assert_allclose(points, expected, atol=0.5)
+    assert calls == [4]  # the four faces of three images in one call
+    path = tmp_path / "face.png"
+    Image.fromarray(images[0]).save(path)
+    assert cli.main(["predict", str(path), "--model", predictor_model, "--engine", "cuda", "--box", "10,10,80,70",
+                     "--out", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "landmarks.json").read_text())[str(path)]["landmarks"]
+    np.testing.assert_allclose(written[0], cpu.predict(images[0], [boxes[0][0]])[0][0], atol=0.5)
+    # the crops are cut and the heatmaps stay on the GPU (decoded there), flip test included
+    flipped, flipped_cpu = (Predictor.from_path(predictor_model, engine=engine, use_flip_test=True)
+                            for engine in ("cuda", "runtime"))
+    cp = cuda.load("cuda").cp
+    device_array = type(cp.zeros(1))
+    assert flipped._array_module is cp
+    size = flipped.input_size
+    assert isinstance(flipped._heatmaps(np.zeros((1, size, size, 3), np.float32)), device_array)
+    crops, _ = flipped._prepare(images[0], boxes[0], None)
+    assert isinstance(crops, device_array)
+    np.testing.assert_allclose(cp.asnumpy(crops), flipped_cpu._prepare(images[0], boxes[0], None)[0], atol=2e-6)
+    for (points, scores), (expected, expected_scores) in zip(flipped.predict_many(images, boxes),
+                                                             flipped_cpu.predict_many(images, boxes)):
+        np.testing.assert_allclose(points, expected, atol=0.5)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here")
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
 def test_kernels_compile_for_the_gpus_without_spills(arch, tmp_path):
