@@ -261,18 +261,22 @@ class Predictor:
 
     def predict_many(self, images: Sequence[ImageLike],
                      boxes: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None,
-                     progress: bool = False, batch_size: int = 64) -> List[tuple]:
+                     progress: bool = False, batch_size: int = 64,
+                     names: Optional[Sequence[str]] = None) -> List[tuple]:
         """:meth:`predict` over many images (``boxes[i]`` for ``images[i]``; ``None``: detect).
         The faces of several images go through the model together, ``batch_size`` crops a call
         (what a GPU engine needs to be fast; the same size every call but the last lets it replay
-        its CUDA graphs)."""
+        its CUDA graphs). ``names[i]``: how errors refer to ``images[i]`` (default its path, or
+        "image")."""
         if boxes is None:
             boxes = [None] * len(images)
-        if len(images) != len(boxes):
-            raise InputError(f"{len(images)} images but {len(boxes)} box lists")
+        if names is None:
+            names = [None] * len(images)
+        if not len(images) == len(boxes) == len(names):
+            raise InputError(f"{len(images)} images but {len(boxes)} box lists and {len(names)} names")
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size} must be at least 1")
-        items = zip(images, boxes)
+        items = zip(images, boxes, names)
         if progress:
             from tqdm import tqdm
 
@@ -294,8 +298,8 @@ class Predictor:
                 start = end
             pending.clear()
 
-        for image, image_boxes in items:
-            crops, matrices = self._prepare(image, image_boxes, None)
+        for image, image_boxes, name in items:
+            crops, matrices = self._prepare(image, image_boxes, name)
             results.append(self._no_points())
             if len(crops):
                 pending.append((len(results) - 1, crops, matrices))

@@ -111,6 +111,8 @@ def test_predictor_bad_input_names_it(faces, tmp_path):
         predictor.predict(np.zeros((4, 4, 4, 3)), [[0, 0, 2, 2]])
     with pytest.raises(InputError, match="2 images but 1 box lists"):
         predictor.predict_many([path, path], [[[0, 0, 5, 5]]])
+    with pytest.raises(InputError, match="scan_7: expected an \\(H, W, 3\\) image"):  # arrays named by the caller
+        predictor.predict_many([path, np.zeros((4, 4, 4, 3))], [[[0, 0, 5, 5]]] * 2, names=[path, "scan_7"])
     # boxes are checked, not reshaped: one 8-number box is not two boxes
     for boxes, message in (([[0, 0, 10, 10, 20, 20, 30, 30]], r"shape \(1, 8\)"), ([[1, 2, 3]], r"shape \(1, 3\)"),
                            ([0, 0, 10, 10], r"shape \(4,\)"), ([None], "x1, y1, x2, y2"),

@@ -476,12 +476,20 @@ def test_predictor_and_cli_run_the_cuda_engine(gpu_or_cpu, predictor_model, monk
     for (points, _), (expected, _) in zip(gpu.predict_many(images, boxes), cpu.predict_many(images, boxes)):
         np.testing.assert_allclose(points, expected, atol=0.5)
     assert calls == [4]  # the four faces of three images in one call
-    path = tmp_path / "face.png"
-    Image.fromarray(images[0]).save(path)
-    assert cli.main(["predict", str(path), "--model", predictor_model, "--engine", "cuda", "--box", "10,10,80,70",
+    # the command batches the faces of all its images too: three images, one model call
+    paths = [str(tmp_path / f"face{i}.png") for i in range(3)]
+    for path, image in zip(paths, images):
+        Image.fromarray(image).save(path)
+    calls.clear()
+    own = Predictor._heatmaps
+    monkeypatch.setattr(Predictor, "_heatmaps", lambda self, crops: calls.append(len(crops)) or own(self, crops))
+    assert cli.main(["predict", *paths, "--model", predictor_model, "--engine", "cuda", "--box", "10,10,80,70",
                      "--out", str(tmp_path / "out")]) == 0
-    written = json.loads((tmp_path / "out" / "landmarks.json").read_text())[str(path)]["landmarks"]
-    np.testing.assert_allclose(written[0], cpu.predict(images[0], [boxes[0][0]])[0][0], atol=0.5)
+    assert calls == [3]
+    written = json.loads((tmp_path / "out" / "landmarks.json").read_text())
+    for path, image in zip(paths, images):
+        np.testing.assert_allclose(written[path]["landmarks"][0], cpu.predict(image, [[10, 10, 80, 70]])[0][0],
+                                   atol=0.5)
     # the crops are cut and the heatmaps stay on the GPU (decoded there), flip test included
     flipped, flipped_cpu = (Predictor.from_path(predictor_model, engine=engine, use_flip_test=True)
                             for engine in ("cuda", "runtime"))
