@@ -8,10 +8,10 @@ A ``.tflite`` run by this package's runtime (CPU or CUDA) needs no TensorFlow: c
 the mapping back to the image are NumPy (or CuPy); only Keras models and LCE's interpreter need it.
 """
 import os
+import sys
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
 
 from larq_landmarks import layouts, tflite_model
 from larq_landmarks.cropping import crop_matrices, crop_points_to_image, face_crop, person_crop, sampling_params, warp_crops
@@ -19,10 +19,11 @@ from larq_landmarks.runtime.decoding import decode_heatmaps_array
 
 if TYPE_CHECKING:
     import tensorflow as tf
+    from PIL import Image
 
     from larq_landmarks.detection import FaceDetector
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = Union[str, os.PathLike, "Image.Image", np.ndarray]
 
 
 class InputError(ValueError):
@@ -30,16 +31,20 @@ class InputError(ValueError):
 
 
 def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
-    """A path, PIL image or array as an ``(H, W, 3)`` uint8 array; errors name the input."""
+    """A path, PIL image or array as an ``(H, W, 3)`` uint8 array; errors name the input. Files
+    are decoded with Pillow; arrays need no Pillow (a GPU machine may lack it)."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise InputError(f"{image}: image file not found")
+        from PIL import Image
+
         try:
             with Image.open(image) as opened:
                 return np.asarray(opened.convert("RGB"))
         except Exception as error:
             raise InputError(f"{image}: image cannot be decoded ({error})") from error
-    if isinstance(image, Image.Image):
+    pil = sys.modules.get("PIL.Image")  # where Pillow was never imported, no PIL image exists
+    if pil is not None and isinstance(image, pil.Image):
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)
     if array.ndim == 2:

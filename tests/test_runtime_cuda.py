@@ -12,6 +12,7 @@ the GPU tests run on a machine without it (``pytest --noconftest tests/test_runt
 the models made by ``scripts/benchmark_gpu.py --prepare DIR`` and ``LARQ_LANDMARKS_GPU_ASSETS=DIR``).
 """
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -452,22 +453,22 @@ def predictor_model(request):
         pytest.skip("no model: no prepared models (LARQ_LANDMARKS_GPU_ASSETS) and no conftest (small_file)")
 
 
+def _faces():
+    """Three 90x100 images and their face boxes (two in the first)."""
+    rng = np.random.default_rng(8)
+    images = [(rng.uniform(size=(90, 100, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    return images, [[[10, 10, 80, 70], [0, 0, 50, 50]], [[5, 5, 60, 60]], [[20, 10, 90, 85]]]
+
+
 @needs_cpu_kernels
-def test_predictor_and_cli_run_the_cuda_engine(gpu_or_cpu, predictor_model, monkeypatch, tmp_path):
+def test_predictor_runs_the_cuda_engine(gpu_or_cpu, predictor_model, monkeypatch):
     """Issue 11's item 3 (on the GPU, or on kernels.cu built for the CPU): ``Predictor(engine="cuda")``
     cuts the crops on the GPU as the CPU cuts them, batches the faces of several images into one
     model call and finds the CPU runtime's landmarks, flip test included, heatmaps decoded on the
-    GPU; ``larq-landmarks predict --engine cuda`` writes them. None of it needs TensorFlow."""
-    import json
-
-    from PIL import Image
-
-    from larq_landmarks import cli
+    GPU. It needs neither TensorFlow nor Pillow (images as arrays)."""
     from larq_landmarks.predictor import Predictor
 
-    rng = np.random.default_rng(8)
-    images = [(rng.uniform(size=(90, 100, 3)) * 255).astype(np.uint8) for _ in range(3)]
-    boxes = [[[10, 10, 80, 70], [0, 0, 50, 50]], [[5, 5, 60, 60]], [[20, 10, 90, 85]]]
+    images, boxes = _faces()
     gpu, cpu = Predictor.from_path(predictor_model, engine="cuda"), Predictor.from_path(predictor_model, engine="runtime")
     assert (gpu.engine, cpu.engine) == ("cuda", "runtime")
     calls = []
@@ -476,20 +477,6 @@ def test_predictor_and_cli_run_the_cuda_engine(gpu_or_cpu, predictor_model, monk
     for (points, _), (expected, _) in zip(gpu.predict_many(images, boxes), cpu.predict_many(images, boxes)):
         np.testing.assert_allclose(points, expected, atol=0.5)
     assert calls == [4]  # the four faces of three images in one call
-    # the command batches the faces of all its images too: three images, one model call
-    paths = [str(tmp_path / f"face{i}.png") for i in range(3)]
-    for path, image in zip(paths, images):
-        Image.fromarray(image).save(path)
-    calls.clear()
-    own = Predictor._heatmaps
-    monkeypatch.setattr(Predictor, "_heatmaps", lambda self, crops: calls.append(len(crops)) or own(self, crops))
-    assert cli.main(["predict", *paths, "--model", predictor_model, "--engine", "cuda", "--box", "10,10,80,70",
-                     "--out", str(tmp_path / "out")]) == 0
-    assert calls == [3]
-    written = json.loads((tmp_path / "out" / "landmarks.json").read_text())
-    for path, image in zip(paths, images):
-        np.testing.assert_allclose(written[path]["landmarks"][0], cpu.predict(image, [[10, 10, 80, 70]])[0][0],
-                                   atol=0.5)
     # the crops are cut and the heatmaps stay on the GPU (decoded there), flip test included
     flipped, flipped_cpu = (Predictor.from_path(predictor_model, engine=engine, use_flip_test=True)
                             for engine in ("cuda", "runtime"))
@@ -505,6 +492,32 @@ def test_predictor_and_cli_run_the_cuda_engine(gpu_or_cpu, predictor_model, monk
                                                              flipped_cpu.predict_many(images, boxes)):
         np.testing.assert_allclose(points, expected, atol=0.5)
         np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu_kernels
+def test_predict_command_runs_the_cuda_engine(gpu_or_cpu, predictor_model, monkeypatch, tmp_path):
+    """``larq-landmarks predict --engine cuda`` on three image files: their faces go through the
+    model in one call and it writes the CPU runtime's landmarks for each."""
+    Image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("tqdm")
+    from larq_landmarks import cli
+    from larq_landmarks.predictor import Predictor
+
+    images, _ = _faces()
+    paths = [str(tmp_path / f"face{i}.png") for i in range(3)]
+    for path, image in zip(paths, images):
+        Image.fromarray(image).save(path)
+    calls = []
+    own = Predictor._heatmaps
+    monkeypatch.setattr(Predictor, "_heatmaps", lambda self, crops: calls.append(len(crops)) or own(self, crops))
+    assert cli.main(["predict", *paths, "--model", predictor_model, "--engine", "cuda", "--box", "10,10,80,70",
+                     "--out", str(tmp_path / "out")]) == 0
+    assert calls == [3]
+    written = json.loads((tmp_path / "out" / "landmarks.json").read_text())
+    cpu = Predictor.from_path(predictor_model, engine="runtime")
+    for path, image in zip(paths, images):
+        np.testing.assert_allclose(written[path]["landmarks"][0], cpu.predict(image, [[10, 10, 80, 70]])[0][0],
+                                   atol=0.5)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here")
