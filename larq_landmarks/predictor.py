@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from larq_landmarks import layouts, tflite_model
-from larq_landmarks.cropping import crop_matrices, crop_points_to_image, face_crop, person_crop, sampling_params, warp_crops
+from larq_landmarks.cropping import (crop_matrices, crop_points_to_image, face_crop, person_crop, sampling_params,
+                                     warp_crops)
 from larq_landmarks.runtime.decoding import decode_heatmaps_array
 
 if TYPE_CHECKING:
