@@ -358,6 +358,15 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
 
                 row[f"{path}_ms"] = cupy_time(step)
                 row[f"{path}_gpu_ms"] = _cupy_graph_time(step, graph_runs)
+                if path == "cuda":  # the same kernel with its loads through registers, GPU time only
+                    kernels = cuda.load(path, async_copies=False)
+                    run = ops.lce_bconv2d(graph, op, kernels)
+
+                    def step(run=run, values=values):
+                        run(values)
+                        values.release(values[op.outputs[0]])
+
+                    row["cuda-register-loads_gpu_ms"] = _cupy_graph_time(step, graph_runs)
             x = torch.randn(batch, cin, size, size, device=device).contiguous(memory_format=torch.channels_last)
             w = torch.randn(cout, cin, k, k, device=device).contiguous(memory_format=torch.channels_last)
             for label, dtype, tf32 in (("float32", torch.float32, False), ("tf32", torch.float32, True),
@@ -502,6 +511,14 @@ def _layer_tables(rows) -> list:
                   "divided by the calls. The table above times each call from Python, so below about 0.04 ms it "
                   "measures the launch (CuPy's and PyTorch's alike); this one measures the kernels.", ""]
         lines += header + _shape_rows(rows, "_gpu_ms")
+    both = [r for r in rows if r.get("cuda_gpu_ms") and r.get("cuda-register-loads_gpu_ms")]
+    if both:
+        lines += ["", "The tensor-core kernel's loads (GPU alone, as above): `cp.async` copies straight to shared "
+                  "memory, all of a K chunk's in flight at once (the default), against the same kernel loading "
+                  "through registers a few words at a time (`CudaKernels(async_copies=False)`).", "",
+                  "| input | filter | batch | register loads (ms) | cp.async (ms) | speed-up |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r['cuda-register-loads_gpu_ms']:.3f} | "
+                  f"{r['cuda_gpu_ms']:.3f} | {r['cuda-register-loads_gpu_ms'] / r['cuda_gpu_ms']:.2f}x |" for r in both]
     return lines + [""]
 
 

@@ -78,9 +78,18 @@ struct Barrier {
   long generation = 0;
 };
 
+// A cp.async copy: issued by a thread, carried out at its next wait (cuda_on_cpu_copy_async_wait),
+// so that data read before the wait is shared memory's old contents, as it may be on a GPU.
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;  // src_bytes < bytes: the rest is zeros
+};
+
 struct Thread {
   ucontext_t context;
   std::vector<char> stack;
+  std::vector<Copy> copies;  // issued, not yet waited for
   bool exited = false;
   const Barrier* waiting = nullptr;  // blocked until this barrier's generation passes `waiting_for`
   long waiting_for = 0;
@@ -156,6 +165,8 @@ inline void warp_exchange(unsigned mask, const char* what, const unsigned* mine,
 inline void entry() {
   kernel_body();
   Thread& self = block.threads[block.current];
+  if (!self.copies.empty())
+    fail(std::to_string(self.copies.size()) + " cp.async copies never waited for (" + where() + ")");
   self.exited = true;
   --block.live;
   --block.warps[block.current / 32].live;
@@ -218,6 +229,7 @@ inline int run_grid(const int* grid, const int* block_dim, void (*body)(), int o
           Thread& t = block.threads[i];
           t.exited = false;
           t.waiting = nullptr;
+          t.copies.clear();
           getcontext(&t.context);
           t.context.uc_stack.ss_sp = t.stack.data();
           t.context.uc_stack.ss_size = t.stack.size();
@@ -264,6 +276,23 @@ inline void cuda_on_cpu_check_aligned(const void* p, int bytes, const char* what
 }
 
 inline void __trap() { cuda_on_cpu::fail("__trap() in " + cuda_on_cpu::where()); }
+
+// cp.async.ca.shared.global [dst], [src], bytes, src_bytes: aligned to `bytes` as on a GPU, done at the wait.
+inline void cuda_on_cpu_copy_async(void* dst, const void* src, int bytes, int src_bytes) {
+  cuda_on_cpu_check_aligned(dst, bytes, "cp.async destination");
+  cuda_on_cpu_check_aligned(src, bytes, "cp.async source");
+  cuda_on_cpu::block.threads[cuda_on_cpu::block.current].copies.push_back({dst, src, bytes, src_bytes});
+}
+
+// cp.async.wait_all: this thread's copies land (a source outside its array faults here).
+inline void cuda_on_cpu_copy_async_wait() {
+  auto& copies = cuda_on_cpu::block.threads[cuda_on_cpu::block.current].copies;
+  for (const cuda_on_cpu::Copy& copy : copies) {
+    std::memset(copy.dst, 0, copy.bytes);
+    std::memcpy(copy.dst, copy.src, copy.src_bytes);
+  }
+  copies.clear();
+}
 
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   unsigned result = 0;

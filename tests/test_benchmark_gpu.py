@@ -62,7 +62,7 @@ def test_pytorch_baseline_is_the_models_function(small_flatbuffer):
 def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     layer = {"input": "64x64x128", "filter": "3x3, 128 out, stride 1", "batch": 32, "float32_ms": 2.0, "tf32_ms": 1.0,
              "bf16_ms": 0.8, "cuda_ms": 0.5, "cuda-popcount_ms": 1.5, "float32_gpu_ms": 1.8, "tf32_gpu_ms": 0.9,
-             "bf16_gpu_ms": 0.6, "cuda_gpu_ms": 0.3, "cuda-popcount_gpu_ms": None}
+             "bf16_gpu_ms": 0.6, "cuda_gpu_ms": 0.3, "cuda-popcount_gpu_ms": None, "cuda-register-loads_gpu_ms": 0.45}
     engines = {"larq_landmarks.runtime (cuda)": (1.5, 20.0), "same network in PyTorch, float32 (cuDNN, TF32 off)": (
         2.0, 64.0)}
     whole = [{"engine": name, "batch": batch, "ms": ms[i]} for name, ms in engines.items()
@@ -86,7 +86,8 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "(NVIDIA H200, 2026-11-29)" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2.000 | 1.000 | 0.800 | 0.500 | 1.500 | 4.0x | 1.6x |" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 1.800 | 0.900 | 0.600 | 0.300 | n/a | 6.0x | 2.0x |" in text
-    assert text.count("| input | filter | batch |") == 2
+    assert text.count("| input | filter | batch |") == 3
+    assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 0.450 | 0.300 | 1.50x |" in text  # register loads vs cp.async
     assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
     assert "| PyTorch, CUDA graph | 0.90 | n/a | n/a | n/a |" in text
     assert "| larq_landmarks.runtime (cuda-popcount) (graph capture failed: steps launched from Python) | 3.00 |" in text
@@ -100,7 +101,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     (tmp_path / "partial.json").write_text(json.dumps(partial))
     script.main(["--from-json", str(tmp_path / "partial.json"), "--markdown", str(path)])
     text = path.read_text()
-    assert text.count("| 64x64x128 | 3x3, 128 out, stride 1 | 32 |") == 2 and "### The whole default model" not in text
+    assert text.count("| 64x64x128 | 3x3, 128 out, stride 1 | 32 |") == 3 and "### The whole default model" not in text
     assert "## CPU\n\ntext" in text and "## After\n\nkept" in text
 
 
@@ -129,7 +130,8 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     assert all(r["ms"] > 0 for r in whole) and not [r for r in whole if "capture_failed" in r]  # graphs replayed
     assert set(whole[7]["breakdown_ms"]) >= {"binary convolutions", "float convolutions"}
     # the runtime's calls captured and replayed as a graph (fake_cupy's stream capture); no CUDA graphs for PyTorch on the CPU
-    assert all(r["cuda_gpu_ms"] > 0 and r["cuda-popcount_gpu_ms"] > 0 and r["float32_gpu_ms"] is None for r in rows)
+    assert all(r["cuda_gpu_ms"] > 0 and r["cuda-popcount_gpu_ms"] > 0 and r["cuda-register-loads_gpu_ms"] > 0
+               and r["float32_gpu_ms"] is None for r in rows)
 
     # the command line, as on the GPU machine: the prepared folder in, JSON and the markdown section out
     (tmp_path / (script.DEFAULT + ".tflite")).write_bytes(small_flatbuffer)
@@ -145,6 +147,7 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     assert all(r["s"] > 0 for r in result["predictor"])
     assert result["agreement"]["same_peaks"] >= 0.99 and result["agreement"]["mean_abs_difference_ratio"] < 1e-4
     text = path.read_text()
-    assert text.count("| 3x3, ") == 2 * len(rows)  # per call, and on the GPU alone (graph-replayed)
+    # per call, on the GPU alone (graph-replayed), and the tensor-core kernel's two ways of loading
+    assert text.count("| 3x3, ") == 3 * len(rows)
     assert "| batch 2 (images/s) |" in text and "heatmap peaks" in text
     assert "| CUDA engine (crops and decoding on the GPU) | " in text and f"| CPU runtime, {os.cpu_count()} threads | " in text

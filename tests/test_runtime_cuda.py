@@ -238,12 +238,18 @@ def gpu_or_cpu(monkeypatch):
         fake_cupy.install(monkeypatch)
 
 
-@pytest.mark.parametrize("path", cuda.PATHS)
+# the binary convolution's kernels: tensor cores with cp.async loads (the default), tensor cores with
+# register loads, popcount
+KERNELS = [pytest.param("cuda", True, id="cuda"), pytest.param("cuda", False, id="cuda-register-loads"),
+           pytest.param("cuda-popcount", True, id="cuda-popcount")]
+
+
+@pytest.mark.parametrize("path,async_copies", KERNELS)
 @pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", GPU_CASES)
-def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, cin, cout, k, stride, same, pad_value):
+def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, async_copies, cin, cout, k, stride, same, pad_value):
     x_bits, w_bits = _random_layer(cin, cout, k, cin * 1000 + cout, size=(3, 19, 17))
     expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value)
-    kernels = cuda.load(path)
+    kernels = cuda.load(path, async_copies)
     cpu = _cpu_kernels()
     filters, total = pack_bits(w_bits), k * k * cin
     graph, op = bconv_graph(filters, cin, stride, same, pad_value, "float",

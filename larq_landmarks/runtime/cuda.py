@@ -66,9 +66,11 @@ def layout_binary_weights(filters: np.ndarray):
 
 class CudaKernels:
     """The kernel functions of the C++ modules, on the GPU. ``path`` is ``"cuda"`` (tensor cores)
-    or ``"cuda-popcount"``."""
+    or ``"cuda-popcount"``. ``async_copies=False`` gives the tensor-core binary convolution its
+    loads through registers instead of ``cp.async`` (for comparisons; the popcount path always
+    loads so)."""
 
-    def __init__(self, path: str = "cuda"):
+    def __init__(self, path: str = "cuda", async_copies: bool = True):
         if path not in PATHS:
             raise ValueError(f"kernels={path!r}; the GPU paths are {PATHS}")
         cp = _cupy()
@@ -79,7 +81,10 @@ class CudaKernels:
         self.path = path
         with open(SOURCE, encoding="utf-8") as f:
             self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
-        self._bconv = self._module.get_function("bconv2d_tensor_cores" if path == "cuda" else "bconv2d_popcount")
+        self.async_copies = path == "cuda" and async_copies
+        self._bconv = self._module.get_function(
+            "bconv2d_popcount" if path != "cuda" else
+            "bconv2d_tensor_cores" if async_copies else "bconv2d_tensor_cores_register_loads")
         self._bitpack, self._unpack, self._im2col, self._pool2d, self._concat_part, self._resize, self._warp = (
             self._module.get_function(name)
             for name in ("bitpack", "unpack", "im2col", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
@@ -442,11 +447,12 @@ class CapturedRuns:
 _LOADED: dict = {}
 
 
-def load(path: str = "cuda") -> CudaKernels:
-    """The GPU kernels (compiled once per process and path)."""
-    if path not in _LOADED:
-        _LOADED[path] = CudaKernels(path)
-    return _LOADED[path]
+def load(path: str = "cuda", async_copies: bool = True) -> CudaKernels:
+    """The GPU kernels (compiled once per process, path and kind of loads: :class:`CudaKernels`)."""
+    key = (path, async_copies)
+    if key not in _LOADED:
+        _LOADED[key] = CudaKernels(path, async_copies)
+    return _LOADED[key]
 
 
 def gpu_name() -> Optional[str]:

@@ -96,6 +96,31 @@ __device__ __forceinline__ void mma_and_popc(int* c, const u32* a, u32 b0, u32 b
 #endif
 }
 
+// A global -> shared copy that holds no register and does not wait for its data (cp.async, sm_80
+// and newer: the tensor-core path's GPUs), so that all of a chunk's loads are in flight at once;
+// `valid` false writes zeros instead of reading. The data is there after the thread's next
+// copy_async_wait().
+template <int kBytes>
+__device__ __forceinline__ void copy_async(void* dst, const void* src, bool valid) {
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+  cuda_on_cpu_copy_async(dst, src, kBytes, valid ? kBytes : 0);  // the tests' CPU build: done at the wait
+#elif __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"((u32)__cvta_generic_to_shared(dst)),
+               "l"(src), "n"(kBytes), "r"(valid ? kBytes : 0)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+  cuda_on_cpu_copy_async_wait();
+#elif __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 struct BconvArgs {
   const u32* x;            // [N, H, W, words] bit-packed input
   const u32* w;            // [Cout padded to BN, k_stride] weights, K = tap-major, zero padded to KC words
@@ -214,12 +239,15 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
   }
 }
 
-// One block: BM pixels x BN channels, K in chunks of KC words (all of a chunk's loads in flight at
-// once). Thread t loads half of row t / 2 of each chunk (the chunk's words rounded up to whole
-// 256-bit steps; the first or the second half by t % 2), stepping through the taps without division, and counts their set bits (the row popcount of the AND formulation;
-// outside taps load 0). kTensorCores: 8 warps as 4 (rows) x 2 (columns), each a 32 x 32 tile of
+// One block: BM pixels x BN channels, K in chunks of KC words. Thread t loads half of row t / 2 of
+// each chunk (the chunk's words rounded up to whole 256-bit steps; the first or the second half by
+// t % 2), stepping through the taps without division, and counts their set bits (the row popcount
+// of the AND formulation; outside taps load 0). kAsyncCopies: the chunk's row and weight words go
+// to shared memory by cp.async, all in flight at once, and the row popcounts are counted there
+// afterwards; otherwise through registers, a few loads in flight at a time (for GPUs before sm_80
+// and for comparisons). kTensorCores: 8 warps as 4 (rows) x 2 (columns), each a 32 x 32 tile of
 // 2 x 4 m16n8k256 MMAs per 256 bits; otherwise each thread counts 8 rows x 4 columns with __popc.
-template <bool kTensorCores>
+template <bool kTensorCores, bool kAsyncCopies>
 __device__ void bconv2d_block(const BconvArgs& g) {
   __shared__ BconvShared s;
   __shared__ int row_pop[BM];
@@ -278,14 +306,19 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     const int k0 = chunk * KC + load_half * share;
     int tap = k0 / g.words, word = k0 - tap * g.words;
     int fy = tap / g.filter_w, fx = tap - fy * g.filter_w;
+    u32* my_words = s.tiles.a + load_row * LDS + load_half * share;
 #pragma unroll 4
     for (int j = 0; j < share; ++j) {
-      u32 v = 0;
       const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
-      if (row_valid && k0 + j < g.k_words && y >= 0 && y < g.height && x >= 0 && x < g.width)
-        v = g.x[(((i64)b * g.height + y) * g.width + x) * g.words + word];
-      my_pop += __popc(v);
-      s.tiles.a[load_row * LDS + load_half * share + j] = v;
+      const bool inside = row_valid && k0 + j < g.k_words && y >= 0 && y < g.height && x >= 0 && x < g.width;
+      const u32* src = g.x + (inside ? (((i64)b * g.height + y) * g.width + x) * g.words + word : 0);
+      if (kAsyncCopies) {
+        copy_async<4>(my_words + j, src, inside);
+      } else {
+        const u32 v = inside ? *src : 0u;
+        my_pop += __popc(v);
+        my_words[j] = v;
+      }
       if (++word == g.words) {
         word = 0;
         if (++fx == g.filter_w) fx = 0, ++fy;
@@ -299,10 +332,19 @@ __device__ void bconv2d_block(const BconvArgs& g) {
       const u32* src = g.w + (i64)n0 * g.k_stride + chunk * KC;
       for (int i = tid; i < loads; i += THREADS) {
         const int n = i / pairs, j = 2 * (i - n * pairs);
-        const uint2 wv = *reinterpret_cast<const uint2*>(src + (i64)n * g.k_stride + j);
-        s.tiles.b[n * LDS + j] = wv.x;
-        s.tiles.b[n * LDS + j + 1] = wv.y;
+        const u32* from = src + (i64)n * g.k_stride + j;
+        if (kAsyncCopies) {
+          copy_async<8>(s.tiles.b + n * LDS + j, from, true);
+        } else {
+          const uint2 wv = *reinterpret_cast<const uint2*>(from);
+          s.tiles.b[n * LDS + j] = wv.x;
+          s.tiles.b[n * LDS + j + 1] = wv.y;
+        }
       }
+    }
+    if (kAsyncCopies) {
+      copy_async_wait();  // this thread's copies are in; its row words are counted from shared memory
+      for (int j = 0; j < share; ++j) my_pop += __popc(my_words[j]);
     }
     __syncthreads();
     if (kTensorCores) {
@@ -429,11 +471,17 @@ __device__ void bconv2d_block(const BconvArgs& g) {
             has_next_scale, has_next_shift, out_stride, out_offset, has_residual}
 
 extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_tensor_cores(BCONV_PARAMS) {
-  bconv2d_block<true>(BCONV_ARGS);
+  bconv2d_block<true, true>(BCONV_ARGS);
+}
+
+// the tensor-core kernel with its loads through registers (CudaKernels(async_copies=False), for comparisons)
+extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS)
+    bconv2d_tensor_cores_register_loads(BCONV_PARAMS) {
+  bconv2d_block<true, false>(BCONV_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_popcount(BCONV_PARAMS) {
-  bconv2d_block<false>(BCONV_ARGS);
+  bconv2d_block<false, false>(BCONV_ARGS);
 }
 
 // im2col for float convolutions: cols[pixel, (fy, fx, c)] (zeros outside the image); cuBLAS does the GEMM.
