@@ -337,10 +337,11 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
 
     rows = [] if rows is None else rows
     rng = np.random.default_rng(1)
-    for (size, cin, cout, k, stride), op in sorted(shapes.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
-        if k != 3:
-            continue
-        for batch in batches:
+    ordered = [(key, op) for key, op in sorted(shapes.items(), key=lambda kv: (-kv[0][0], -kv[0][1])) if key[3] == 3]
+    # batch by batch (the first given first: 32, the targets' batch, by default), so that a run cut
+    # short by its time limit has every shape at that batch
+    for batch in batches:
+        for (size, cin, cout, k, stride), op in ordered:
             macs = batch * (size // stride) ** 2 * k * k * cin * cout
             row = {"input": f"{size}x{size}x{cin}", "filter": f"{k}x{k}, {cout} out, stride {stride}",
                    "batch": batch, "macs": macs}
@@ -499,6 +500,11 @@ def _shape_rows(rows, suffix: str):
 
 
 def _layer_tables(rows) -> list:
+    def order(r):  # largest input first, each shape's batches together
+        size, _, channels = (int(v) for v in r["input"].split("x"))
+        return -size, -channels, r["filter"], r["batch"]
+
+    rows = sorted(rows, key=order)
     lines = ["### Each 3x3 binary convolution shape of the default model", "",
              "Binary conv: bit-packed input, float output with LCE's output transform. Ratios are float time / binary "
              "time (tensor-core kernel).", ""]
@@ -604,7 +610,7 @@ def main(argv=None):
     parser.add_argument("--assets", metavar="DIR", help="folder written by --prepare")
     parser.add_argument("--parts", default="layers,model,predictor",
                         help="layers, model, predictor (comma-separated)")
-    parser.add_argument("--batches", default="1,32,128", help="batch sizes of the per-layer table")
+    parser.add_argument("--batches", default="32,1,128", help="batch sizes of the per-layer table, in the order run")
     parser.add_argument("--model-batches", default="1,64", help="batch sizes of the whole-model table")
     parser.add_argument("--faces", type=int, default=256, help="face boxes of the predictor part")
     parser.add_argument("--device", default="cuda", help="PyTorch's device (cpu only to test this script)")

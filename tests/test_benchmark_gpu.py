@@ -73,7 +73,8 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
                   "capture_failed": "NotImplementedError()"})  # ran step by step: labelled so
     predictor = [{"engine": "cuda", "threads": 1, "faces": 256, "batch": 64, "s": 0.128},
                  {"engine": "runtime", "threads": 16, "faces": 256, "batch": 64, "error": "ImportError('no kernels')"}]
-    result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "layers": [layer], "whole_model": whole,
+    first = dict(layer, input="128x128x64", filter="3x3, 32 out, stride 1")  # run after it (batch by batch)
+    result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "layers": [layer, first], "whole_model": whole,
               "predictor": predictor, "agreement": {"same_peaks": 1.0, "mean_abs_difference_ratio": 1e-7}}
     path = tmp_path / "benchmarks.md"
     path.write_text("# Benchmarks\n\n## CPU\n\ntext\n\n## Bit-packed inference on an NVIDIA GPU (old)\n\nold\n\n## After\n\nkept\n")
@@ -87,6 +88,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2.000 | 1.000 | 0.800 | 0.500 | 1.500 | 4.0x | 1.6x |" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 1.800 | 0.900 | 0.600 | 0.300 | n/a | 6.0x | 2.0x |" in text
     assert text.count("| input | filter | batch |") == 3
+    assert text.index("| 128x128x64 | 3x3, 32 out") < text.index("| 64x64x128 | 3x3, 128 out")  # larger input first
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 0.450 | 0.300 | 1.50x |" in text  # register loads vs cp.async
     assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
     assert "| PyTorch, CUDA graph | 0.90 | n/a | n/a | n/a |" in text
