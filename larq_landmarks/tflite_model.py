@@ -20,9 +20,11 @@ def op_counts(flatbuffer: bytes) -> Counter:
     """How many times each operator occurs in a TFLite flatbuffer (custom ops by name)."""
     import tflite
 
+    from larq_landmarks.runtime.graph import builtin_names
+
     try:
         model = tflite.Model.GetRootAsModel(flatbuffer, 0)
-        names = {v: k for k, v in vars(tflite.BuiltinOperator).items() if not k.startswith("_")}
+        names = builtin_names()
         codes = []
         for i in range(model.OperatorCodesLength()):
             code = model.OperatorCodes(i)

@@ -48,13 +48,14 @@ class Graph:
     outputs: List[int]
 
 
-def _builtin_names() -> Dict[int, str]:
+def builtin_names() -> Dict[int, str]:
+    """TFLite builtin operator codes -> names (CONV_2D, ...), from the schema package."""
     import tflite
 
     return {v: k for k, v in vars(tflite.BuiltinOperator).items() if not k.startswith("_")}
 
 
-def _options_class(op, builtin_names):
+def _options_class(op):
     import tflite
 
     kind = op.BuiltinOptionsType()
@@ -157,7 +158,7 @@ def read_graph(flatbuffer: bytes, name: str = "model") -> Graph:
         if model.SubgraphsLength() != 1:
             raise UnsupportedModelError(f"{name}: {model.SubgraphsLength()} subgraphs; the runtime runs one")
         subgraph = model.Subgraphs(0)
-        builtin_names = _builtin_names()
+        names = builtin_names()
         tensors = []
         for i in range(subgraph.TensorsLength()):
             t = subgraph.Tensors(i)
@@ -183,8 +184,8 @@ def read_graph(flatbuffer: bytes, name: str = "model") -> Graph:
                 raw = bytes(op.CustomOptionsAsNumpy()) if op.CustomOptionsLength() else b""
                 options = flexbuffers.Loads(raw) if raw else {}
             else:
-                op_name = builtin_names.get(builtin, str(builtin))
-                options = _options_class(op, builtin_names)
+                op_name = names.get(builtin, str(builtin))
+                options = _options_class(op)
             operators.append(Operator(i, op_name, [int(v) for v in op.InputsAsNumpy()],
                                       [int(v) for v in op.OutputsAsNumpy()], options))
         inputs = [int(v) for v in subgraph.InputsAsNumpy()]
