@@ -347,8 +347,12 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
                    "batch": batch, "macs": macs}
             packed = cp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, size, size, (cin + 31) // 32),
                                              dtype=np.int64).astype(np.int32))
-            for path in cuda.PATHS:
-                kernels = cuda.load(path)
+            # (row label, path, cp.async loads, timed per call too); the tensor-core kernel with its
+            # loads through registers is timed on the GPU alone, for the loads' comparison
+            for label, path, async_copies, per_call in (("cuda", "cuda", True, True),
+                                                        ("cuda-popcount", "cuda-popcount", True, True),
+                                                        ("cuda-register-loads", "cuda", False, False)):
+                kernels = cuda.load(path, async_copies)
                 run = ops.lce_bconv2d(graph, op, kernels)
                 values = ops.Values(len(graph.tensors), {}, kernels.empty)
                 values[op.inputs[0]] = packed
@@ -357,17 +361,9 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
                     run(values)
                     values.release(values[op.outputs[0]])
 
-                row[f"{path}_ms"] = cupy_time(step)
-                row[f"{path}_gpu_ms"] = _cupy_graph_time(step, graph_runs)
-                if path == "cuda":  # the same kernel with its loads through registers, GPU time only
-                    kernels = cuda.load(path, async_copies=False)
-                    run = ops.lce_bconv2d(graph, op, kernels)
-
-                    def step(run=run, values=values):
-                        run(values)
-                        values.release(values[op.outputs[0]])
-
-                    row["cuda-register-loads_gpu_ms"] = _cupy_graph_time(step, graph_runs)
+                if per_call:
+                    row[f"{label}_ms"] = cupy_time(step)
+                row[f"{label}_gpu_ms"] = _cupy_graph_time(step, graph_runs)
             x = torch.randn(batch, cin, size, size, device=device).contiguous(memory_format=torch.channels_last)
             w = torch.randn(cout, cin, k, k, device=device).contiguous(memory_format=torch.channels_last)
             for label, dtype, tf32 in (("float32", torch.float32, False), ("tf32", torch.float32, True),

@@ -81,10 +81,8 @@ class CudaKernels:
         self.path = path
         with open(SOURCE, encoding="utf-8") as f:
             self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
-        self.async_copies = path == "cuda" and async_copies
-        self._bconv = self._module.get_function(
-            "bconv2d_popcount" if path != "cuda" else
-            "bconv2d_tensor_cores" if async_copies else "bconv2d_tensor_cores_register_loads")
+        bconv = "bconv2d_tensor_cores" if async_copies else "bconv2d_tensor_cores_register_loads"
+        self._bconv = self._module.get_function(bconv if path == "cuda" else "bconv2d_popcount")
         self._bitpack, self._unpack, self._im2col, self._pool2d, self._concat_part, self._resize, self._warp = (
             self._module.get_function(name)
             for name in ("bitpack", "unpack", "im2col", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
