@@ -140,10 +140,50 @@ struct BconvArgs {
   int out_stride, out_offset, has_residual;
 };
 
-// The bit the next layer's LceQuantize packs for a float output v (its batch norm folded in).
-__device__ __forceinline__ bool next_bit(const BconvArgs& g, float v, int c) {
-  if (g.has_next_scale) v = __fmul_rn(v, g.next_scale[c]);
-  if (g.has_next_shift) v = __fadd_rn(v, g.next_shift[c]);
+// A block's per-channel constants (column j is channel n0 + j; zero past the last channel), copied
+// to shared memory with the first K chunk, so that the epilogue finds them there instead of
+// waiting for global loads after the MMAs.
+struct BconvConstants {
+  int weight_pop[BN];
+  float multiplier[BN];  // float output
+  float bias[BN];
+  int threshold[BN];     // bit-packed output
+  float next_scale[BN];  // pack_next, each where given
+  float next_shift[BN];
+};
+
+// One 4-byte word to shared memory: by cp.async (kAsyncCopies) or through a register; zero where
+// `valid` is false (src is then not read).
+template <bool kAsyncCopies>
+__device__ __forceinline__ void copy_word(void* dst, const void* src, bool valid) {
+  if (kAsyncCopies)
+    copy_async<4>(dst, src, valid);
+  else
+    *static_cast<u32*>(dst) = valid ? *static_cast<const u32*>(src) : 0u;
+}
+
+// Thread j < BN copies column j's constants (the copies are in after the thread's first wait).
+template <bool kAsyncCopies>
+__device__ __forceinline__ void copy_constants(const BconvArgs& g, BconvConstants& k, int n0) {
+  const int j = threadIdx.x;
+  if (j >= BN) return;
+  const bool real = n0 + j < g.channels_out;
+  const int c = real ? n0 + j : 0;
+  copy_word<kAsyncCopies>(&k.weight_pop[j], g.weight_pop + c, real);
+  if (g.packed_output) {
+    copy_word<kAsyncCopies>(&k.threshold[j], g.thresholds + c, real);
+    return;
+  }
+  copy_word<kAsyncCopies>(&k.multiplier[j], g.multiplier + c, real);
+  copy_word<kAsyncCopies>(&k.bias[j], g.bias + c, real);
+  if (g.has_next_scale) copy_word<kAsyncCopies>(&k.next_scale[j], g.next_scale + c, real);
+  if (g.has_next_shift) copy_word<kAsyncCopies>(&k.next_shift[j], g.next_shift + c, real);
+}
+
+// The bit the next layer's LceQuantize packs for column j's float output v (its batch norm folded in).
+__device__ __forceinline__ bool next_bit(const BconvArgs& g, const BconvConstants& k, float v, int j) {
+  if (g.has_next_scale) v = __fmul_rn(v, k.next_scale[j]);
+  if (g.has_next_shift) v = __fadd_rn(v, k.next_shift[j]);
   return v < 0.0f;
 }
 
@@ -168,7 +208,14 @@ __device__ __forceinline__ void popcount_tile(int (&pacc)[8][4], const u32* a, c
       for (int j = 0; j < kColumnGroups; ++j) pacc[i][j] += __popc(a[(tr + 16 * i) * LDS + k] & b[(tc + 16 * j) * LDS + k]);
 }
 
-// A 16-byte store (the address must be 16-byte aligned on the GPU; the tests' CPU build checks it).
+// 16-byte loads and stores (the address must be 16-byte aligned on the GPU; the tests' CPU build checks it).
+__device__ __forceinline__ float4 load_float4(const float* p) {
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+  cuda_on_cpu_check_aligned(p, 16, "float4 load");
+#endif
+  return *reinterpret_cast<const float4*>(p);
+}
+
 __device__ __forceinline__ void store_float4(float* p, float4 v) {
 #if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
   cuda_on_cpu_check_aligned(p, 16, "float4 store");
@@ -182,23 +229,22 @@ __device__ __forceinline__ void store_float4(float* p, float4 v) {
 // thread busy). `counts` are the block's AND counts, [BM][BN + 1]. With pack_next, 8 neighbouring
 // threads hold the 32 channels of one next-layer word: their 4-bit pieces are ORed by shuffles
 // (every thread runs every row step, so that the whole warp takes part).
-__device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, const int* counts, const int* row_pop,
-                                                        const unsigned long long* row_outside, i64 m0, int n0,
-                                                        i64 rows) {
+__device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, const BconvConstants& k, const int* counts,
+                                                        const int* row_pop, const unsigned long long* row_outside,
+                                                        i64 m0, int n0, i64 rows) {
   const int tid = threadIdx.x;
   const int quads = (g.channels_out - n0 <= 32 ? 32 : BN) / 4;
   const int col = 4 * (tid % quads), c = n0 + col;
   const bool column_valid = c < g.channels_out;  // channels_out % 4 == 0: a thread's 4 channels are all in or all out
-  const int c_read = column_valid ? c : 0;
   const int half_in = g.channels_in / 2;
   const int next_words = (g.channels_out + 31) / 32;
   int w_pop[4];
   float mul[4], add[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    w_pop[j] = g.weight_pop[c_read + j];
-    mul[j] = g.multiplier[c_read + j];
-    add[j] = g.bias[c_read + j];
+    w_pop[j] = k.weight_pop[col + j];
+    mul[j] = k.multiplier[col + j];
+    add[j] = k.bias[col + j];
   }
   for (int r = tid / quads; r < BM; r += THREADS / quads) {
     const bool valid = column_valid && m0 + r < rows;
@@ -219,15 +265,17 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
       }
       float v[4], stored[4];
       const i64 at = (m0 + r) * g.out_stride + g.out_offset + c;
+      const float4 residual = g.has_residual ? load_float4(g.residual + at) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      const float residuals[4] = {residual.x, residual.y, residual.z, residual.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         v[j] = fmaf((float)min(max(2 * count[j], g.clamp_min), g.clamp_max), mul[j], add[j]);
-        stored[j] = g.has_residual ? __fadd_rn(v[j], g.residual[at + j]) : v[j];
+        stored[j] = g.has_residual ? __fadd_rn(v[j], residuals[j]) : v[j];
       }
       store_float4(reinterpret_cast<float*>(g.out) + at, make_float4(stored[0], stored[1], stored[2], stored[3]));
       if (g.pack_next)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) bits |= (u32)next_bit(g, v[j], c + j) << j;
+        for (int j = 0; j < 4; ++j) bits |= (u32)next_bit(g, k, v[j], col + j) << j;
     }
     if (g.pack_next) {
       u32 word = bits << (4 * (tid & 7));
@@ -250,6 +298,7 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
 template <bool kTensorCores, bool kAsyncCopies>
 __device__ void bconv2d_block(const BconvArgs& g) {
   __shared__ BconvShared s;
+  __shared__ BconvConstants constants;
   __shared__ int row_pop[BM];
   __shared__ unsigned long long row_outside[BM];
   const int tid = threadIdx.x;
@@ -297,6 +346,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) pacc[i][j] = 0;
 
+  copy_constants<kAsyncCopies>(g, constants, n0);  // waited for with the first chunk
   int my_pop = 0;
   const int chunks = (g.k_words + KC - 1) / KC;
   for (int chunk = 0; chunk < chunks; ++chunk) {
@@ -403,7 +453,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   __syncthreads();
 
   if (!g.packed_output && g.channels_out % 4 == 0 && g.out_stride % 4 == 0 && g.out_offset % 4 == 0) {
-    bconv2d_float4_epilogue(g, s.c, row_pop, row_outside, m0, n0, rows);
+    bconv2d_float4_epilogue(g, constants, s.c, row_pop, row_outside, m0, n0, rows);
     return;
   }
   // epilogue: XOR count, LCE's zero-padding correction, output transform. A row's columns are
@@ -415,11 +465,10 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   const int span = g.channels_out - n0 <= 32 ? 32 : BN;
   const int col = tid % span, c = n0 + col;
   const bool column_valid = c < g.channels_out;
-  const int c_read = column_valid ? c : 0;
-  const int w_pop = g.weight_pop[c_read];
-  const float mul = g.packed_output ? 0.0f : g.multiplier[c_read];
-  const float add = g.packed_output ? 0.0f : g.bias[c_read];
-  const int threshold = g.packed_output ? g.thresholds[c_read] : 0;
+  const int w_pop = constants.weight_pop[col];
+  const float mul = g.packed_output ? 0.0f : constants.multiplier[col];
+  const float add = g.packed_output ? 0.0f : constants.bias[col];
+  const int threshold = g.packed_output ? constants.threshold[col] : 0;
   for (int r = tid / span; r < BM; r += THREADS / span) {
     const i64 mr = m0 + r;
     const bool valid = mr < rows && column_valid;
@@ -446,7 +495,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
         reinterpret_cast<float*>(g.out)[at] = g.has_residual ? __fadd_rn(value, g.residual[at]) : value;
       }
       if (g.pack_next) {  // a warp is 32 channels of one pixel: its ballot is the next layer's word
-        const u32 word = __ballot_sync(0xffffffffu, valid && next_bit(g, value, c));
+        const u32 word = __ballot_sync(0xffffffffu, valid && next_bit(g, constants, value, col));
         if ((col & 31) == 0 && valid) g.next_bits[mr * out_words + c / 32] = word;
       }
     }
