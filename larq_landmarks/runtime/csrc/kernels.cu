@@ -187,6 +187,18 @@ __device__ __forceinline__ bool next_bit(const BconvArgs& g, const BconvConstant
   return v < 0.0f;
 }
 
+// The taps of the pixel whose top-left input is (y0, x0) that lie outside the image: bit
+// fy * filter_w + fx.
+__device__ __forceinline__ unsigned long long outside_taps(const BconvArgs& g, int y0, int x0) {
+  unsigned long long outside = 0;
+  for (int fy = 0; fy < g.filter_h; ++fy)
+    for (int fx = 0; fx < g.filter_w; ++fx) {
+      const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
+      if (y < 0 || y >= g.height || x < 0 || x >= g.width) outside |= 1ull << (fy * g.filter_w + fx);
+    }
+  return outside;
+}
+
 // The A and B tiles of one K chunk, and afterwards the block's accumulators, share the memory.
 union BconvShared {
   struct {
@@ -316,23 +328,6 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     y0 = p.y * g.stride_h - g.pad_top;
     x0 = p.x * g.stride_w - g.pad_left;
   }
-  // the taps outside the image, for LCE's zero-padding correction (one row per thread)
-  if (tid < BM) {
-    const i64 mr = m0 + tid;
-    unsigned long long outside = 0;
-    if (mr < rows) {
-      const Pixel p = pixel_position(mr, g.out_h, g.out_w);
-      const int oy = p.y, ox = p.x;
-      for (int fy = 0; fy < g.filter_h; ++fy)
-        for (int fx = 0; fx < g.filter_w; ++fx) {
-          const int y = oy * g.stride_h - g.pad_top + fy * g.dilation_h;
-          const int x = ox * g.stride_w - g.pad_left + fx * g.dilation_w;
-          if (y < 0 || y >= g.height || x < 0 || x >= g.width) outside |= 1ull << (fy * g.filter_w + fx);
-        }
-    }
-    row_outside[tid] = outside;
-  }
-
   int acc[2][4][4];
   int pacc[8][4];
 #pragma unroll
@@ -392,6 +387,10 @@ __device__ void bconv2d_block(const BconvArgs& g) {
         }
       }
     }
+    // while the first chunk's copies are in flight: the row's taps outside the image, for the
+    // epilogue's zero-padding correction (LCE's; pad_value 0 only), by the row's first loader
+    if (chunk == 0 && load_half == 0 && g.pad_value == 0)
+      row_outside[load_row] = row_valid ? outside_taps(g, y0, x0) : 0;
     if (kAsyncCopies) {
       copy_async_wait();  // this thread's copies are in; its row words are counted from shared memory
       for (int j = 0; j < share; ++j) my_pop += __popc(my_words[j]);
