@@ -270,6 +270,7 @@ class Stream:
 
     def __init__(self, non_blocking: bool = False, null: bool = False):
         self.recorded, self.null = None, null
+        self.ptr = 0 if null else id(self)  # the cudaStream_t handle; 0 is the legacy default stream
 
     def __enter__(self):
         Stream.current.append(self)

@@ -361,6 +361,43 @@ def test_gpu_engine_runs_its_cuda_kernels_on_the_cpu(small_file, monkeypatch, ke
     _assert_same_heatmaps(gpu.predict(images), Engine(small_file).predict(images), kernels)
 
 
+def test_gpu_runs_on_other_streams_and_threads_take_none_of_a_runs_buffers(small_file, monkeypatch):
+    """A step-by-step run on the GPU releases an activation's buffer once its last reader is queued,
+    not done, so only later work on the same CUDA stream may take it: a run on another stream, or
+    from another thread, allocates its own (else it could overwrite a buffer that kernels queued
+    on the first stream still read), while a later run on the same stream reuses them; every run
+    gives the CPU runtime's output."""
+    fake_cupy.install(monkeypatch)
+    images = np.random.default_rng(5).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    expected = Engine(small_file).predict(images)
+    gpu = Engine(small_file, kernels="cuda", cuda_graphs=False)
+    taken = []
+    alloc = ops.Values.alloc
+
+    def recording_alloc(values, shape, dtype):
+        taken.append(alloc(values, shape, dtype))
+        return taken[-1]
+
+    monkeypatch.setattr(ops.Values, "alloc", recording_alloc)
+
+    def run(what):
+        taken.clear()
+        _assert_same_heatmaps(gpu.predict(images), expected, what)
+        return {id(buffer) for buffer in taken}
+
+    first = run("default stream")
+    released = {id(b) for buffers in gpu._buffers().values() for b in buffers}
+    assert released and released <= first
+    with fake_cupy.Stream(non_blocking=True):
+        assert not run("another stream") & released
+    in_thread = {}
+    thread = threading.Thread(target=lambda: in_thread.update(buffers=run("another thread")))
+    thread.start()
+    thread.join()
+    assert "buffers" in in_thread and not in_thread["buffers"] & released  # (missing: the run failed)
+    assert run("the default stream again") & released  # its own released buffers, reused
+
+
 def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
     """A shape's first run is eager, its second is captured as CUDA graphs (CuPy stream capture,
     tests/fake_cupy.py: while capturing, every allocation must come from the engine's private pool,
@@ -381,14 +418,14 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture warns
         results = [gpu.predict(batches[0])]
-        assert [key for key in gpu._pool if key[0][0] == 2] and not launches  # eager, buffers kept for reuse
+        assert [key for key in gpu._buffers() if key[0][0] == 2] and not launches  # eager, buffers kept for reuse
         results.append(gpu.predict(batches[1]))
         per_run = len(launches)  # graphs a replay launches: split at each float convolution's cuBLAS GEMM
         products = sum(op.name == "CONV_2D" for op in gpu.graph.operators)
         assert products >= 2 and per_run == products + 1
         results.append(gpu.predict(batches[2]))
         assert len(launches) == 2 * per_run and list(gpu._captured.captured) == [(2, 64, 64, 3)]  # captured at call 2
-        assert not [key for key in gpu._pool if key[0][0] == 2]  # the eager run's buffers freed
+        assert not [key for key in gpu._buffers() if key[0][0] == 2]  # the eager run's buffers freed
         on_device = gpu.predict(fake_cupy.asarray(batches[3]))
         again = gpu.predict(batches[0])  # replayed after the CuPy call: its result is left alone
     assert isinstance(on_device, fake_cupy.DeviceArray) and len(launches) == 4 * per_run

@@ -466,6 +466,30 @@ def _faces():
     return images, [[[10, 10, 80, 70], [0, 0, 50, 50]], [[5, 5, 60, 60]], [[20, 10, 90, 85]]]
 
 
+def test_step_by_step_runs_queued_on_two_streams_at_once_keep_their_buffers(gpu_or_cpu, predictor_model):
+    """Step-by-step runs queued on two CUDA streams at once (CuPy arrays in and out, nothing waiting
+    between them) each give the result of a run alone: neither takes a buffer that the other's
+    queued kernels still read. On a GPU, at batch 64 the kernels run behind the launches, so a
+    shared pool of released buffers would be overwritten while still read."""
+    from larq_landmarks.runtime import Engine
+
+    engine = Engine(predictor_model, kernels="cuda", cuda_graphs=False)
+    cp = engine._kernels.cp
+    rng = np.random.default_rng(12)
+    images = [rng.uniform(size=(64 if GPU else 2,) + engine.input_shape[1:]).astype(np.float32) for _ in range(2)]
+    expected = [engine.predict(x) for x in images]  # one at a time (NumPy out: each waited for)
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in images]
+    outputs = []
+    for _ in range(3):
+        for stream, x in zip(streams, images):
+            with stream:
+                outputs.append(engine.predict(engine._kernels.upload(x)))
+    for stream in streams:
+        stream.synchronize()
+    for i, output in enumerate(outputs):
+        np.testing.assert_array_equal(cp.asnumpy(output), expected[i % 2], err_msg=f"run {i}")
+
+
 @needs_cpu_kernels
 def test_predictor_runs_the_cuda_engine(gpu_or_cpu, predictor_model, monkeypatch):
     """Issue 11's item 3 (on the GPU, or on kernels.cu built for the CPU): ``Predictor(engine="cuda")``

@@ -121,6 +121,10 @@ class CudaKernels:
     def synchronize(self) -> None:
         self.cp.cuda.get_current_stream().synchronize()
 
+    def current_stream(self) -> int:
+        """The current CUDA stream (its handle): what the engine keeps recycled buffers apart by."""
+        return self.cp.cuda.get_current_stream().ptr
+
     def record_event(self):
         """A CUDA event recorded on the current stream (the engine's profile times its steps with them)."""
         event = self.cp.cuda.Event()

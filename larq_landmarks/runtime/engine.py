@@ -9,6 +9,7 @@ TensorFlow.
     gpu = Engine("face.tflite", kernels="cuda")  # the whole model on an NVIDIA GPU (needs CuPy)
 """
 import os
+import threading
 import time
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -171,7 +172,8 @@ class Engine:
         kernels: ``"auto"`` (the best the CPU runs), ``"avx512"``, ``"avx2"`` or ``"portable"``;
             or on an NVIDIA GPU (CuPy needed, weights uploaded once, inputs and outputs NumPy):
             ``"cuda"`` (1-bit tensor cores on sm_80 and newer, else the popcount kernel) or
-            ``"cuda-popcount"``.
+            ``"cuda-popcount"``. On the GPU, runs from several threads or on several CUDA streams
+            at once each keep their own activation buffers.
         name: how errors refer to the model when it is given as bytes (default "model").
         cuda_graphs: on the GPU kernels, capture each input shape's run as CUDA graphs at its second
             call and replay them from then on (a graph between each two float convolutions' cuBLAS
@@ -301,13 +303,27 @@ class Engine:
         keep = set(graph.inputs) | set(graph.outputs)
         self._release_after = [[i for i, p in last_read.items() if p == position and i not in keep]
                                for position in range(len(step_ops))]
-        self._pool: dict = {}
+        self._pool: dict = {}  # the CPU kernels' recycled buffers, shared by all threads
+        self._gpu_pools = threading.local()  # .by_stream: the GPU kernels', per thread and CUDA stream
         return steps, step_ops
 
+    def _buffers(self) -> dict:
+        """The recycled buffers a step-by-step run takes its activations from. On the CPU a run
+        releases a buffer once its last reader has run, so one pool serves every thread. On the GPU
+        it releases a buffer once its last reader is queued, so only later work on the same stream
+        may reuse it (a run on another stream could overwrite it while it is still read): one pool
+        per thread and CUDA stream."""
+        current_stream = getattr(self._kernels, "current_stream", None)
+        if current_stream is None:
+            return self._pool
+        pools = self._gpu_pools.__dict__.setdefault("by_stream", {})
+        return pools.setdefault(current_stream(), {})
+
     def _forget_batch(self, shape: tuple) -> None:
-        """Frees the recycled buffers of ``shape``'s batch size (a CUDA graph of it has its own)."""
-        for key in [key for key in self._pool if key[0][:1] == shape[:1]]:
-            self._pool.pop(key, None)
+        """Frees this thread's recycled buffers of ``shape``'s batch size (a CUDA graph of it has its own)."""
+        for pool in self._gpu_pools.__dict__.get("by_stream", {}).values():
+            for key in [key for key in pool if key[0][:1] == shape[:1]]:
+                pool.pop(key, None)
 
     @property
     def input_shape(self) -> tuple:
@@ -362,7 +378,7 @@ class Engine:
             output = self._captured(images, on_device)
             if output is not None:
                 return output
-        output = self._run_steps(images if upload is None or on_device else upload(images), self._pool, times)
+        output = self._run_steps(images if upload is None or on_device else upload(images), self._buffers(), times)
         return output if upload is None or on_device else kernels.download(output)
 
     def _run_steps(self, images, pool: dict, times: Optional[list]):
