@@ -3,8 +3,10 @@ import platform
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 
-# The bit-packed runtime's kernels: one C++ source built once per instruction set; Python picks
-# the best one the CPU supports at run time (larq_landmarks.runtime.kernels). Never -march=native.
+# The bit-packed runtime's kernels: one C++ source (kernels.cpp) built once per instruction set,
+# each through a file of its own (kernels_<set>.cpp, which names its module), so that each build has
+# its own object file; Python picks the best one the CPU supports at run time
+# (larq_landmarks.runtime.kernels). Never -march=native.
 KERNEL_SOURCE = "larq_landmarks/runtime/csrc/kernels.cpp"
 KERNEL_FLAGS = {"portable": []}
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -14,9 +16,9 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 kernels = [
     Pybind11Extension(
         f"larq_landmarks.runtime._kernels_{path}",
-        [KERNEL_SOURCE],
+        [f"larq_landmarks/runtime/csrc/kernels_{path}.cpp"],
+        depends=[KERNEL_SOURCE],
         cxx_std=17,
-        define_macros=[("RUNTIME_MODULE", f"_kernels_{path}")],
         extra_compile_args=["-O3", "-fno-math-errno", *flags],
     )
     for path, flags in KERNEL_FLAGS.items()

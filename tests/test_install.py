@@ -65,3 +65,24 @@ def test_readme_install_twice_then_wheel_imports_every_subpackage(tmp_path):
     found = json.loads(_run([python, "-c", IMPORT_ALL], str(work)).splitlines()[-1])
     assert found["configs"] == expected
     assert found["named_models"].startswith(site)  # the installed copy, not the checkout
+
+
+def test_each_instruction_set_compiles_into_an_object_file_of_its_own():
+    """setup.py's kernel modules (one C++ source, one build per instruction set) compile to object
+    files of their own, and each is rebuilt when kernels.cpp changes. ``build_ext -j`` builds the
+    modules in parallel: with kernels.cpp as the source of all three, their compiles wrote one
+    ``kernels.o`` at once, and a build of this repository came out unimportable ("Internal error
+    while parsing type signature")."""
+    from distutils.ccompiler import new_compiler
+    from distutils.core import run_setup
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # setup.py reads README.md from the working directory
+    try:
+        modules = run_setup("setup.py", stop_after="init").ext_modules
+    finally:
+        os.chdir(cwd)
+    assert len(modules) == (3 if sysconfig.get_platform().endswith(("x86_64", "amd64")) else 1)
+    objects = [tuple(new_compiler().object_filenames(module.sources, output_dir="build")) for module in modules]
+    assert len(set(objects)) == len(modules), objects
+    assert all("larq_landmarks/runtime/csrc/kernels.cpp" in module.depends for module in modules)

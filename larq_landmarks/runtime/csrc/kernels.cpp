@@ -1,8 +1,9 @@
 // Kernels of larq_landmarks.runtime: bit-packing, binary convolution with LCE's output transform
 // fused, float convolution, and the element-wise ops of the named models.
 //
-// One source, built three times by setup.py with different instruction sets (RUNTIME_MODULE names
-// the Python module): _kernels_avx512 (AVX-512 with VPOPCNTDQ), _kernels_avx2 (AVX2 + FMA), and
+// One source, built three times by setup.py with different instruction sets, each through the
+// file that names its Python module (RUNTIME_MODULE): kernels_avx512.cpp -> _kernels_avx512 (AVX-512
+// with VPOPCNTDQ), kernels_avx2.cpp -> _kernels_avx2 (AVX2 + FMA), kernels_portable.cpp ->
 // _kernels_portable (baseline C++). Python picks one at run time from the CPU's features.
 //
 // Tensors are NHWC and C-contiguous. Bit-packed tensors follow LCE: int32 words along the channel
