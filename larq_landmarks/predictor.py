@@ -262,7 +262,8 @@ class Predictor:
         points, scores = decode_heatmaps_array(heatmaps, xp)
         if xp is not np:
             points, scores = xp.asnumpy(points), xp.asnumpy(scores)
-        stride = self.input_size / heatmaps.shape[1]  # heatmap pixel centres -> crop pixel centres
+        # heatmap pixel centres -> crop pixel centres (heatmaps.heatmap_to_input, which needs TensorFlow)
+        stride = self.input_size / heatmaps.shape[1]
         return (points + 0.5) * stride - 0.5, scores
 
     def predict_many(self, images: Sequence[ImageLike],

@@ -111,26 +111,20 @@ class TfliteModel:
             raise ValueError(f"engine={engine!r}; use one of {ENGINES}")
         verify(flatbuffer, name)
         self.kernels = None
-        if engine == "cuda":
-            from larq_landmarks.runtime import Engine
-
-            runtime = Engine(flatbuffer, kernels="cuda", name=name)
-            self.engine, self.kernels = "cuda", runtime.kernels
-            self.input_shape, self.output_shape = runtime.input_shape, runtime.output_shape
-            self._predict = runtime.predict
-            return
         fallback_reason = None  # why the runtime cannot run the file, under "auto"
-        if engine in ("auto", "runtime"):
+        if engine != "lce":
             from larq_landmarks.runtime import Engine, UnsupportedModelError
 
             try:
-                runtime = Engine(flatbuffer, num_threads=num_threads, name=name)
+                runtime = Engine(flatbuffer, num_threads=num_threads, kernels="cuda" if engine == "cuda" else "auto",
+                                 name=name)
             except UnsupportedModelError as error:
-                if engine == "runtime":
+                if engine != "auto":
                     raise
                 fallback_reason = error
             else:
-                self.engine, self.kernels = "runtime", runtime.kernels
+                self.engine = "cuda" if engine == "cuda" else "runtime"
+                self.kernels = runtime.kernels
                 self.input_shape, self.output_shape = runtime.input_shape, runtime.output_shape
                 self._predict = runtime.predict
                 return
