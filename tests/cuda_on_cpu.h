@@ -40,6 +40,7 @@ inline cuda_on_cpu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static __attribute__((section("cuda_on_cpu_shared")))
 #define LARQ_LANDMARKS_CUDA_ON_CPU 1
 

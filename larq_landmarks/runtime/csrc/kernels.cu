@@ -200,13 +200,17 @@ __device__ __forceinline__ unsigned long long outside_taps(const BconvArgs& g, i
 }
 
 // The A and B tiles of one K chunk, and afterwards the block's accumulators, share the memory.
-union BconvShared {
+// The weight words go in by 8-byte copies: a union of 4-byte words is only 4-byte aligned by
+// itself (`.shared .align 4` in the PTX), so its alignment is asked for.
+union __align__(16) BconvShared {
   struct {
     u32 a[BM * LDS];
     u32 b[BN * LDS];
   } tiles;
   int c[BM * (BN + 1)];
 };
+static_assert(alignof(BconvShared) % 8 == 0 && BM * LDS * sizeof(u32) % 8 == 0 && LDS * sizeof(u32) % 8 == 0,
+              "the 8-byte weight copies into BconvShared::tiles.b need 8-byte aligned rows");
 
 // The popcount path's counting: thread (tr, tc) adds popc(a & w) over `k_words` words for rows
 // tr + 16 i and columns tc + 16 j, j below kColumnGroups (4: all 64 columns, 2: the first 32).
