@@ -344,7 +344,8 @@ def _box(text: str) -> List[float]:
 def _tflite_arguments(parser):
     parser.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce", "cuda"],
                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
-                        "cannot run the file), runtime, lce, or cuda (the runtime on an NVIDIA GPU; needs CuPy)")
+                        "cannot run the file or where the CPU lacks AVX2, an ARM one say), runtime, lce, or cuda "
+                        "(the runtime on an NVIDIA GPU; needs CuPy)")
     parser.add_argument("--threads", type=_positive_int, default=1, help="threads for a .tflite model")
 
 

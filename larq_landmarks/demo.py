@@ -106,7 +106,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
 
     tflite_path = os.path.join(out, "model.tflite")
     flatbuffer = export.convert(model, tflite_path)
-    runtime = export.TfliteModel(flatbuffer, engine="auto", name=tflite_path)  # our bit-packed kernels
+    runtime = export.TfliteModel(flatbuffer, engine="runtime", name=tflite_path)  # our bit-packed kernels
     runtime_result = predict_dataset(runtime.predict, test_data)
     lce_result = predict_dataset(export.TfliteModel(flatbuffer, engine="lce").predict, test_data)
     float_size = len(export.convert(model, binary=False))

@@ -152,8 +152,9 @@ class Predictor:
         """Load a saved Keras model (``.keras`` / SavedModel folder / ``.h5``) or a ``.tflite``.
 
         ``engine`` runs a ``.tflite``: ``"auto"`` (this package's bit-packed runtime, or LCE's
-        interpreter with a warning where the runtime cannot run the file), ``"runtime"``, ``"lce"``
-        or ``"cuda"`` (the runtime on an NVIDIA GPU, CuPy needed)."""
+        interpreter with a warning where the runtime cannot run the file; on a CPU without AVX2,
+        an ARM one say, LCE's interpreter where installed: :class:`tflite_model.TfliteModel`),
+        ``"runtime"``, ``"lce"`` or ``"cuda"`` (the runtime on an NVIDIA GPU, CuPy needed)."""
         if not os.path.exists(path):
             raise InputError(f"{path}: model not found")
         if str(path).endswith(".tflite"):

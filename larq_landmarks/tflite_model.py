@@ -89,15 +89,28 @@ def interpreter(flatbuffer: bytes, num_threads: int = 1, use_xnnpack: bool = Fal
 ENGINES = ("auto", "runtime", "lce", "cuda")
 
 
+def runtime_is_portable_only() -> bool:
+    """Whether the runtime's best kernels on this CPU are its portable C++ ones (no AVX2: an ARM
+    CPU, or an old x86-64 one). There ``engine="auto"`` prefers LCE's interpreter: on x86-64 its
+    indirect BGEMM ran the default model 6x faster than the portable kernels (docs/benchmarks.md),
+    and on 64-bit ARM it has its optimised kernels."""
+    from larq_landmarks.runtime import kernels
+
+    return kernels.available()[0] == "portable"
+
+
 class TfliteModel:
     """A converted ``.tflite`` ready to run: ``predict(images)`` for any batch size.
 
     Args:
         flatbuffer: the file's bytes.
         engine: ``"runtime"`` (this package's bit-packed kernels, :mod:`larq_landmarks.runtime`),
-            ``"lce"`` (LCE's interpreter) or ``"auto"``: the runtime, falling back to LCE's
-            interpreter with a warning that names the reason when the runtime cannot run the file;
-            ``"cuda"``: the runtime's GPU kernels (CuPy and an NVIDIA GPU; no fallback).
+            ``"lce"`` (LCE's interpreter) or ``"auto"``: the runtime where it has SIMD kernels for
+            this CPU (AVX2 or AVX-512), falling back to LCE's interpreter with a warning that names
+            the reason when the runtime cannot run the file; on other CPUs (ARM, x86-64 without
+            AVX2) LCE's interpreter where it is installed (see :func:`runtime_is_portable_only`),
+            else the runtime's portable kernels; ``"cuda"``: the runtime's GPU kernels (CuPy and an
+            NVIDIA GPU; no fallback).
         num_threads: threads for the CPU engines.
         name: how errors and warnings refer to the file.
 
@@ -111,6 +124,14 @@ class TfliteModel:
             raise ValueError(f"engine={engine!r}; use one of {ENGINES}")
         verify(flatbuffer, name)
         self.kernels = None
+        if engine == "auto" and runtime_is_portable_only():
+            try:
+                lce_interpreter = interpreter(flatbuffer, num_threads)
+            except ImportError:
+                lce_interpreter = None  # no LCE here: the runtime's portable kernels, below
+            if lce_interpreter is not None:
+                self._run_with_lce(lce_interpreter)
+                return
         fallback_reason = None  # why the runtime cannot run the file, under "auto"
         if engine != "lce":
             from larq_landmarks.runtime import Engine, UnsupportedModelError
@@ -137,6 +158,9 @@ class TfliteModel:
                                         "installed") from error
         if fallback_reason is not None:
             warnings.warn(f"{fallback_reason}; running {name} with LCE's interpreter instead", stacklevel=2)
+        self._run_with_lce(lce_interpreter)
+
+    def _run_with_lce(self, lce_interpreter) -> None:
         self.engine = "lce"
         self.input_shape, self.output_shape = tuple(lce_interpreter.input_shapes[0]), tuple(lce_interpreter.output_shapes[0])
         fixed_batch = self.input_shape[0]

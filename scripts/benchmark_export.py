@@ -107,6 +107,8 @@ def run_case(engine: str, path: str, threads: int, runs: int) -> dict:
         predict = export.interpreter(flatbuffer, threads, use_indirect_bgemm=False).predict
     elif engine == "lce-indirect-bgemm":
         predict = export.interpreter(flatbuffer, threads, use_xnnpack=True, use_indirect_bgemm=True).predict
+    elif engine == "lce-engine":  # what TfliteModel(engine="lce") runs, and engine="auto" on a CPU without AVX2
+        predict = export.TfliteModel(flatbuffer, engine="lce", num_threads=threads).predict
     else:  # runtime-<path>
         from larq_landmarks.runtime import Engine
 
@@ -120,6 +122,7 @@ SPEED_CASES = [
     ("float32 .tflite, TFLite interpreter (XNNPACK)", "tflite-xnnpack", "float"),
     ("binary .tflite, LCE interpreter, defaults", "lce-default", "binary"),
     ("binary .tflite, LCE interpreter, indirect BGEMM + XNNPACK", "lce-indirect-bgemm", "binary"),
+    ("binary .tflite, LCE interpreter as engine=\"lce\" runs it (indirect BGEMM)", "lce-engine", "binary"),
 ]
 
 

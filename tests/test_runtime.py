@@ -538,6 +538,30 @@ def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
         Engine(str(tmp_path / "junk.tflite"))
 
 
+def test_auto_prefers_lce_where_the_runtime_has_only_its_portable_kernels(small_file, monkeypatch):
+    from larq_landmarks import tflite_model
+
+    flatbuffer = open(small_file, "rb").read()
+    images = np.random.default_rng(5).uniform(size=(2,) + Engine(flatbuffer).input_shape[1:]).astype(np.float32)
+    here = export.TfliteModel(flatbuffer)
+    assert (here.engine, here.kernels) == (("lce", None) if available_kernels()[0] == "portable"
+                                           else ("runtime", available_kernels()[0]))
+    monkeypatch.setattr(kernel_paths, "available", lambda: ["portable"])  # an ARM CPU, say
+    portable_cpu = export.TfliteModel(flatbuffer)
+    assert (portable_cpu.engine, portable_cpu.kernels) == ("lce", None)
+    lce = export.TfliteModel(flatbuffer, engine="lce").predict(images)
+    np.testing.assert_array_equal(portable_cpu.predict(images), lce)
+    assert export.TfliteModel(flatbuffer, engine="runtime").kernels == "portable"  # asked for: no LCE
+
+    def no_lce(*args, **kwargs):
+        raise ImportError("LCE's interpreter is not installed")
+
+    monkeypatch.setattr(tflite_model, "interpreter", no_lce)  # and no LCE: the runtime's portable kernels
+    without_lce = export.TfliteModel(flatbuffer)
+    assert (without_lce.engine, without_lce.kernels) == ("runtime", "portable")
+    np.testing.assert_allclose(without_lce.predict(images), lce, atol=1e-4)
+
+
 def test_predictor_runs_tflite_with_the_runtime_by_default(small_file):
     image = (np.random.default_rng(4).uniform(size=(90, 100, 3)) * 255).astype(np.uint8)
     ours = Predictor.from_path(small_file)
