@@ -22,6 +22,15 @@ def _demo(folder, **settings):
     return saved
 
 
+def test_report_explains_only_differences_over_half_a_pixel():
+    from larq_landmarks.demo import _parity_sentence
+
+    assert _parity_sentence(1.0, 0.0) == "100.0% of landmarks within 0.5 px (largest difference 0.00 px)"
+    moved = _parity_sentence(0.985, 4.125)
+    assert moved.startswith("98.5% of landmarks within 0.5 px (largest difference 4.12 px: where two heatmap")
+    assert _parity_sentence(1.0, 0.5).endswith("0.50 px)")
+
+
 @pytest.mark.slow
 def test_demo_command_writes_report_pictures_and_converted_model(tmp_path):
     """The README's main job, scaled down: LCE agrees with Keras, the runtime with LCE. One stage:
