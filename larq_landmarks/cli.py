@@ -322,6 +322,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _engine(text: str) -> str:
+    from larq_landmarks.tflite_model import check_engine
+
+    try:
+        return check_engine(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -342,10 +351,10 @@ def _box(text: str) -> List[float]:
 
 
 def _tflite_arguments(parser):
-    parser.add_argument("--engine", default="auto", choices=["auto", "runtime", "lce", "cuda"],
+    parser.add_argument("--engine", default="auto", type=_engine,
                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
                         "cannot run the file or where the CPU lacks AVX2, an ARM one say), runtime, lce, or cuda "
-                        "(the runtime on an NVIDIA GPU; needs CuPy)")
+                        "(the runtime on an NVIDIA GPU; needs CuPy); cuda:N runs it on GPU N")
     parser.add_argument("--threads", type=_positive_int, default=1, help="threads for a .tflite model")
 
 

@@ -7,6 +7,7 @@
 A ``.tflite`` run by this package's runtime (CPU or CUDA) needs no TensorFlow: crops, decoding and
 the mapping back to the image are NumPy (or CuPy); only Keras models and LCE's interpreter need it.
 """
+import contextlib
 import os
 import sys
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Union
@@ -126,6 +127,7 @@ class Predictor:
         # what _heatmaps runs, where its heatmaps are and what cuts the crops (NumPy; CuPy for the
         # GPU engine: _warp_crops(image, sampling parameters, size) there uploads only the image)
         self._predict_heatmaps, self._array_module, self._warp_crops = predict, np, warp_crops
+        self._device = contextlib.nullcontext()  # the GPU engine's device, entered around the work there
         self.input_size = input_size
         self.num_landmarks = num_landmarks
         self.box_kind = box_kind
@@ -154,7 +156,8 @@ class Predictor:
         ``engine`` runs a ``.tflite``: ``"auto"`` (this package's bit-packed runtime, or LCE's
         interpreter with a warning where the runtime cannot run the file; on a CPU without AVX2,
         an ARM one say, LCE's interpreter where installed: :class:`tflite_model.TfliteModel`),
-        ``"runtime"``, ``"lce"`` or ``"cuda"`` (the runtime on an NVIDIA GPU, CuPy needed)."""
+        ``"runtime"``, ``"lce"`` or ``"cuda"`` (the runtime on an NVIDIA GPU, CuPy needed; CuPy's
+        current device, or GPU N with ``"cuda:N"``)."""
         if not os.path.exists(path):
             raise InputError(f"{path}: model not found")
         if str(path).endswith(".tflite"):
@@ -198,7 +201,7 @@ class Predictor:
 
             kernels = cuda.load(model.kernels)
             cp = kernels.cp
-            predictor._array_module, predictor._warp_crops = cp, kernels.warp_crops
+            predictor._array_module, predictor._warp_crops, predictor._device = cp, kernels.warp_crops, kernels.device
             predictor._predict_heatmaps = lambda crops: model.predict(cp.asarray(crops))
         return predictor
 
@@ -215,7 +218,8 @@ class Predictor:
             centres.append(centre)
             scales.append(scale)
         matrices = crop_matrices(np.stack(centres), np.array(scales, np.float32), self.input_size)
-        return self._warp_crops(image, sampling_params(matrices), self.input_size), matrices
+        with self._device:
+            return self._warp_crops(image, sampling_params(matrices), self.input_size), matrices
 
     def predict(self, image: ImageLike, boxes: Optional[Sequence[Sequence[float]]] = None,
                 name: Optional[str] = None):
@@ -259,10 +263,11 @@ class Predictor:
     def _decode(self, crops: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """The model's landmarks for ``crops``: ``(points, scores)``, NumPy, points in crop pixels."""
         xp = self._array_module
-        heatmaps = xp.asarray(self._heatmaps(crops))
-        points, scores = decode_heatmaps_array(heatmaps, xp)
-        if xp is not np:
-            points, scores = xp.asnumpy(points), xp.asnumpy(scores)
+        with self._device:
+            heatmaps = xp.asarray(self._heatmaps(crops))
+            points, scores = decode_heatmaps_array(heatmaps, xp)
+            if xp is not np:
+                points, scores = xp.asnumpy(points), xp.asnumpy(scores)
         # heatmap pixel centres -> crop pixel centres (heatmaps.heatmap_to_input, which needs TensorFlow)
         stride = self.input_size / heatmaps.shape[1]
         return (points + 0.5) * stride - 0.5, scores
@@ -296,7 +301,8 @@ class Predictor:
         def run_pending():
             if not pending:
                 return
-            crops = self._array_module.concatenate([crops for _, crops, _ in pending])
+            with self._device:  # the crops are on the GPU engine's device
+                crops = self._array_module.concatenate([crops for _, crops, _ in pending])
             decoded = [self._decode(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
             points, scores = (np.concatenate(parts) for parts in zip(*decoded))
             start = 0

@@ -86,7 +86,16 @@ def interpreter(flatbuffer: bytes, num_threads: int = 1, use_xnnpack: bool = Fal
                        use_indirect_bgemm=use_indirect_bgemm)
 
 
-ENGINES = ("auto", "runtime", "lce", "cuda")
+ENGINES = ("auto", "runtime", "lce", "cuda")  # and "cuda:N", the GPU engine on device N
+
+
+def check_engine(engine: str) -> str:
+    """``engine`` if it is one of :data:`ENGINES` or ``"cuda:N"`` (N a device index), else a
+    ValueError that lists them."""
+    path, _, index = engine.partition(":")
+    if engine in ENGINES or (path == "cuda" and index.isdigit()):
+        return engine
+    raise ValueError(f"engine={engine!r}; use one of {ENGINES}, or 'cuda:N' for the GPU with index N")
 
 
 def runtime_is_portable_only() -> bool:
@@ -110,18 +119,18 @@ class TfliteModel:
             the reason when the runtime cannot run the file; on other CPUs (ARM, x86-64 without
             AVX2) LCE's interpreter where it is installed (see :func:`runtime_is_portable_only`),
             else the runtime's portable kernels; ``"cuda"``: the runtime's GPU kernels (CuPy and an
-            NVIDIA GPU; no fallback).
+            NVIDIA GPU; no fallback) on CuPy's current device, ``"cuda:N"`` on device N.
         num_threads: threads for the CPU engines.
         name: how errors and warnings refer to the file.
 
     Attributes:
         engine: the engine that runs it (``"runtime"``, ``"lce"`` or ``"cuda"``); ``kernels``: the runtime's
-        kernel path, or None under LCE; ``input_shape`` and ``output_shape`` as stored.
+        kernel path (on a GPU other than device 0 with ``":N"``), or None under LCE; ``input_shape``
+        and ``output_shape`` as stored.
     """
 
     def __init__(self, flatbuffer: bytes, engine: str = "auto", num_threads: int = 1, name: str = "model"):
-        if engine not in ENGINES:
-            raise ValueError(f"engine={engine!r}; use one of {ENGINES}")
+        check_engine(engine)
         verify(flatbuffer, name)
         self.kernels = None
         if engine == "auto" and runtime_is_portable_only():
@@ -137,14 +146,14 @@ class TfliteModel:
             from larq_landmarks.runtime import Engine, UnsupportedModelError
 
             try:
-                runtime = Engine(flatbuffer, num_threads=num_threads, kernels="cuda" if engine == "cuda" else "auto",
-                                 name=name)
+                on_gpu = engine.startswith("cuda")
+                runtime = Engine(flatbuffer, num_threads=num_threads, kernels=engine if on_gpu else "auto", name=name)
             except UnsupportedModelError as error:
                 if engine != "auto":
                     raise
                 fallback_reason = error
             else:
-                self.engine = "cuda" if engine == "cuda" else "runtime"
+                self.engine = "cuda" if on_gpu else "runtime"
                 self.kernels = runtime.kernels
                 self.input_shape, self.output_shape = runtime.input_shape, runtime.output_shape
                 self._predict = runtime.predict

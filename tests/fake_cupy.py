@@ -9,9 +9,13 @@ CUDA source as written, runs on the CPU (``cuda_on_cpu.py``: g++, CUDA's threads
 operations and 1-bit MMA emulated, reads past an array's end caught). ``ElementwiseKernel`` s are
 checked against their parameter strings and their operations compiled and run the same way.
 ``empty`` fills its arrays with NaN (floats) or a marker (integers), so an output a kernel does not
-write shows. What this cannot check is the GPU itself: timing, and hardware that differs from the
-PTX ISA's description; the GPU tests do that, on a GPU.
+write shows. A machine may have several GPUs (``Device.count``): each array belongs to the device
+current when it was made, and a launch that gets an array of another device, or runs on another
+device's stream, is an error (on a GPU it faults or CuPy refuses). What this cannot check is the GPU
+itself: timing, and hardware that differs from the PTX ISA's description; the GPU tests do that, on
+a GPU.
 """
+import threading
 import time
 import types
 
@@ -23,6 +27,47 @@ from larq_landmarks.runtime import cuda
 import cuda_on_cpu
 
 SCALARS = {"int": np.int32, "i64": np.int64, "float": np.float32}
+
+
+class Device:
+    """``cupy.cuda.Device``: one of ``Device.count`` GPUs; ``with Device(i):`` makes it current
+    (a stack per thread, as CuPy keeps); ``Device()`` is the current one."""
+
+    count = 1
+    _local = threading.local()
+
+    def __init__(self, device=None):
+        self.id = current_device() if device is None else int(device)
+        self.compute_capability = "90"
+
+    def __enter__(self):
+        assert 0 <= self.id < Device.count, f"no GPU {self.id}: CUDA error (invalid device ordinal)"
+        Device._local.__dict__.setdefault("stack", []).append(self.id)
+        return self
+
+    def __exit__(self, *exc):
+        Device._local.stack.pop()
+        return False
+
+
+def current_device() -> int:
+    stack = Device._local.__dict__.get("stack")
+    return stack[-1] if stack else 0
+
+
+def _on_current_device(name: str, values) -> None:
+    """Every device array in ``values`` (nested lists, tuples, dicts) is on the current device."""
+    if isinstance(values, dict):
+        values = list(values.values())
+    for value in values if isinstance(values, (list, tuple)) else [values]:
+        if isinstance(value, (list, tuple, dict)):
+            _on_current_device(name, value)
+        elif isinstance(value, DeviceArray):
+            assert value.device_id == current_device(), \
+                f"{name}: an array on GPU {value.device_id} used while GPU {current_device()} is current"
+    stream = get_current_stream()
+    assert stream.null or stream.device_id == current_device(), \
+        f"{name}: a launch on a stream of GPU {stream.device_id} while GPU {current_device()} is current"
 
 
 def _check(name, params, args):
@@ -71,6 +116,7 @@ class _Kernel:
 
     def __call__(self, grid, block, args):
         v = _check(self.name, self.kernels.signatures[self.name], args)
+        _on_current_device(self.name, args)
         _check_grid(self.name, grid, block, v, self.kernels.numbers)
         _run_or_record(lambda: self.kernels.launch(self.name, grid, block, args))
 
@@ -93,6 +139,7 @@ class ElementwiseKernel:
     def __call__(self, *args):
         inputs = args[:-1]
         assert len(inputs) == len(self.params), f"{self.name}: {len(inputs)} inputs for {len(self.params)}"
+        _on_current_device(self.name, args)
         for words, arg in zip(self.params, inputs):
             dtype = np.dtype(words[-2])
             if isinstance(arg, np.ndarray):
@@ -108,7 +155,17 @@ class DeviceArray(np.ndarray):
     transfer, and a graph would not repeat it). NumPy functions, ufuncs, ``copy``, ``astype``, a
     gather and an assignment on it stand for the CuPy kernels they dispatch to: while a stream
     captures they are recorded (run again at each replay, into the same result), and one whose
-    result is a host value (a scalar read back) is an error."""
+    result is a host value (a scalar read back) is an error. It belongs to the device current when
+    it was made (a view to its base's)."""
+
+    def __array_finalize__(self, obj):
+        self.device_id = getattr(obj, "device_id", None)
+        if self.device_id is None:
+            self.device_id = current_device()
+
+    @property
+    def device(self):
+        return Device(self.device_id)
 
     def __array_function__(self, func, types, args, kwargs):
         return _device_call(func, args, kwargs)
@@ -128,7 +185,9 @@ class DeviceArray(np.ndarray):
         plain = self.view(np.ndarray)
         result = plain[key]
         if isinstance(result, np.ndarray) and np.may_share_memory(result, plain):
-            return result.view(DeviceArray)  # a view: no kernel
+            view = result.view(DeviceArray)  # a view: no kernel, on the array's device
+            view.device_id = self.device_id
+            return view
         return _device_call(np.ndarray.__getitem__, (self, key), {})  # a gather
 
     def __setitem__(self, key, value):
@@ -163,6 +222,7 @@ def _device_call(function, args, kwargs, writes=None):
     """``function`` on device arrays as a CuPy kernel: run now, and while a stream captures, also
     recorded to run again at each replay, writing into the same result (``out``, ``writes``, or
     the new array it returns, which must then come from a private pool)."""
+    _on_current_device(getattr(function, "__name__", repr(function)), [args, kwargs])
     args, kwargs = _plain(args), _plain(kwargs)
     result = function(*args, **kwargs)
     if Stream.capturing is not None:
@@ -269,7 +329,7 @@ class Stream:
     current: list = []  # the streams made current by ``with``, innermost last
 
     def __init__(self, non_blocking: bool = False, null: bool = False):
-        self.recorded, self.null = None, null
+        self.recorded, self.null, self.device_id = None, null, current_device()
         self.ptr = 0 if null else id(self)  # the cudaStream_t handle; 0 is the legacy default stream
 
     def __enter__(self):
@@ -339,10 +399,10 @@ def module() -> types.SimpleNamespace:
         asnumpy=asnumpy, empty=empty, zeros=lambda *a, **k: np.zeros(*a, **k).view(DeviceArray), copyto=copyto,
         float32=np.float32, int32=np.int32, concatenate=concatenate, matmul=matmul, clip=np.clip, where=np.where,
         sign=np.sign, stack=np.stack, take_along_axis=np.take_along_axis,
-        cuda=types.SimpleNamespace(Device=lambda *_: types.SimpleNamespace(compute_capability="90", id=0),
-                                   get_current_stream=get_current_stream, Event=Event, Stream=Stream,
+        cuda=types.SimpleNamespace(Device=Device, get_current_stream=get_current_stream, Event=Event, Stream=Stream,
                                    MemoryPool=MemoryPool, using_allocator=using_allocator,
-                                   runtime=types.SimpleNamespace(getDeviceProperties=lambda _: {"name": b"CPU build"}),
+                                   runtime=types.SimpleNamespace(getDeviceProperties=lambda _: {"name": b"CPU build"},
+                                                                 getDeviceCount=lambda: Device.count),
                                    get_elapsed_time=lambda start, end: 1000 * (end.time - start.time)))
 
 
@@ -354,5 +414,7 @@ def install(monkeypatch) -> None:
     monkeypatch.setattr(Stream, "capturing", None)
     monkeypatch.setattr(Stream, "current", [])
     monkeypatch.setattr(MemoryPool, "current", None)
+    monkeypatch.setattr(Device, "count", 1)
+    monkeypatch.setattr(Device, "_local", threading.local())
     monkeypatch.setattr(cuda, "_cupy", module)
     monkeypatch.setattr(cuda, "_LOADED", {})

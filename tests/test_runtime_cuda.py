@@ -550,6 +550,101 @@ def test_predict_command_runs_the_cuda_engine(gpu_or_cpu, predictor_model, monke
                                    atol=0.5)
 
 
+def _two_gpus(monkeypatch):
+    """The GPU kernels on the CPU (fake_cupy) on a machine with two GPUs: an array used while the
+    other GPU is current is an error, as on a GPU it faults or CuPy refuses it."""
+    fake_cupy.install(monkeypatch)
+    monkeypatch.setattr(fake_cupy.Device, "count", 2)
+
+
+@pytest.mark.skipif(GPU, reason="two GPUs stood for by the CPU build (CI); the GPU session keeps its time for the GPU")
+def test_gpu_engine_keeps_to_the_gpu_it_is_given(predictor_model, monkeypatch):
+    """With two GPUs: ``kernels="cuda:1"`` puts the weights on GPU 1 and runs there whichever GPU
+    is current at the call (step by step, captured as CUDA graphs and replayed), with the outputs
+    of the engine on GPU 0; ``"cuda"`` is the GPU current when the engine is made. A CuPy input on
+    the other GPU, a GPU that does not exist and a malformed name are errors that say so. The same
+    kernels launched with GPU 0 current fail (what the engine's care prevents)."""
+    from larq_landmarks.runtime import Engine
+
+    _two_gpus(monkeypatch)
+    zero = Engine(predictor_model, kernels="cuda", cuda_graphs=False)
+    images = np.random.default_rng(13).uniform(size=(1,) + tuple(zero.input_shape[1:])).astype(np.float32)
+    expected = zero.predict(images)
+    one = Engine(predictor_model, kernels="cuda:1")
+    assert (zero.kernels, one.kernels) == ("cuda", "cuda:1")
+    assert one._kernels is cuda.load("cuda:1") and one._kernels.device.id == 1 and zero._kernels.device.id == 0
+    for call in ("eager", "captured", "replayed"):
+        np.testing.assert_array_equal(one.predict(images), expected, err_msg=call)
+    with fake_cupy.Device(1):
+        made_on_one = Engine(predictor_model, kernels="cuda", cuda_graphs=False)
+        on_one = fake_cupy.asarray(images)
+    assert made_on_one.kernels == "cuda:1"
+    np.testing.assert_array_equal(made_on_one.predict(images), expected)
+    result = one.predict(on_one)  # CuPy in, CuPy out, on GPU 1
+    assert result.device.id == 1
+    np.testing.assert_array_equal(fake_cupy.asnumpy(result), expected)
+    with pytest.raises(ValueError, match="images are on GPU 0, the engine runs on GPU 1"):
+        one.predict(fake_cupy.asarray(images))
+    with pytest.raises(cuda.CudaUnavailableError, match="'cuda:2': this machine has 2 GPUs"):
+        Engine(predictor_model, kernels="cuda:2")
+    with pytest.raises(ValueError, match="kernels='cuda:one'"):
+        Engine(predictor_model, kernels="cuda:one")
+    cp = one._kernels.cp
+    with fake_cupy.Device(1):
+        x, out = cp.zeros((1, 4, 4, 32), np.float32), cp.empty((1, 4, 4, 1), np.int32)
+    with pytest.raises(AssertionError, match="an array on GPU 1 used while GPU 0 is current"):
+        one._kernels.bitpack(x, x[:0], x[:0], out)
+
+
+@pytest.mark.skipif(GPU, reason="two GPUs stood for by the CPU build (CI); the GPU session keeps its time for the GPU")
+def test_predictor_runs_on_the_gpu_it_is_given(predictor_model, monkeypatch):
+    """With two GPUs and GPU 0 current, ``Predictor.from_path(engine="cuda:1")`` cuts the crops,
+    runs the model (flip test: twice) and decodes the heatmaps on GPU 1, finding the landmarks of
+    the predictor on GPU 0; a GPU that does not exist is an error that says so."""
+    from larq_landmarks.predictor import Predictor
+
+    _two_gpus(monkeypatch)
+    images, boxes = _faces()
+    zero, one = (Predictor.from_path(predictor_model, engine=engine, use_flip_test=True)
+                 for engine in ("cuda", "cuda:1"))
+    assert one.engine == "cuda" and one._device.id == 1
+    crops, _ = one._prepare(images[0], boxes[0], None)
+    assert crops.device.id == 1
+    for (points, scores), (expected, expected_scores) in zip(one.predict_many(images[:2], boxes[:2]),
+                                                             zero.predict_many(images[:2], boxes[:2])):
+        np.testing.assert_array_equal(points, expected)
+        np.testing.assert_array_equal(scores, expected_scores)
+    with pytest.raises(cuda.CudaUnavailableError, match="'cuda:2': this machine has 2 GPUs"):
+        Predictor.from_path(predictor_model, engine="cuda:2")
+    with pytest.raises(ValueError, match="engine='gpu'"):
+        Predictor.from_path(predictor_model, engine="gpu")
+
+
+@pytest.mark.skipif(GPU, reason="two GPUs stood for by the CPU build (CI); the GPU session keeps its time for the GPU")
+def test_predict_command_takes_a_gpu_index(predictor_model, monkeypatch, tmp_path, capsys):
+    """``larq-landmarks predict --engine cuda:1`` writes the landmarks that GPU 0 finds; a GPU that
+    does not exist, or an engine name that is not one, is a one-line error."""
+    Image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("tqdm")
+    from larq_landmarks import cli
+    from larq_landmarks.predictor import Predictor
+
+    _two_gpus(monkeypatch)
+    images, _ = _faces()
+    path = str(tmp_path / "face.png")
+    Image.fromarray(images[0]).save(path)
+    arguments = ["predict", path, "--model", predictor_model, "--box", "10,10,80,70", "--out", str(tmp_path / "out")]
+    assert cli.main(arguments + ["--engine", "cuda:1"]) == 0
+    written = json.loads((tmp_path / "out" / "landmarks.json").read_text())
+    expected = Predictor.from_path(predictor_model, engine="cuda").predict(images[0], [[10, 10, 80, 70]])[0][0]
+    np.testing.assert_allclose(written[path]["landmarks"][0], expected, atol=1e-4)
+    with pytest.raises(SystemExit, match="predict: kernels='cuda:2': this machine has 2 GPUs"):
+        cli.main(arguments + ["--engine", "cuda:2"])
+    with pytest.raises(SystemExit):
+        cli.main(arguments + ["--engine", "cuda:x"])
+    assert "engine='cuda:x'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here")
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
 def test_kernels_compile_for_the_gpus_without_spills(arch, tmp_path):

@@ -5,6 +5,10 @@ and newer) or a plain ``__popc`` kernel (``"cuda-popcount"``, any GPU); float co
 im2col plus cuBLAS (``cupy.matmul``, TF32 off as CuPy's default), element-wise ops CuPy kernels.
 The CUDA source is ``runtime/csrc/kernels.cu``, compiled once per process by NVRTC.
 
+Each set of kernels belongs to one GPU: ``"cuda"`` is CuPy's current device when it is loaded,
+``"cuda:N"`` device N (as PyTorch spells it). Its functions launch on the current device, which
+must be theirs; the engine and the ``Predictor`` make it so around every call.
+
 Needs CuPy (``pip install -e ".[cuda]"``) and a GPU, never TensorFlow.
 """
 import functools
@@ -12,7 +16,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -42,6 +46,16 @@ def _cupy():
     return cupy
 
 
+def parse_kernels(name: str) -> Tuple[str, Optional[int]]:
+    """``"cuda"``, ``"cuda-popcount"``, ``"cuda:1"``, ``"cuda-popcount:0"`` -> ``(path, device
+    index or None)``; anything else is a ValueError that lists the spellings."""
+    path, _, index = name.partition(":")
+    if path not in PATHS or (index and not index.isdigit()):
+        raise ValueError(f"kernels={name!r}; the GPU paths are {PATHS}, each optionally with a device "
+                         "index, e.g. 'cuda:1'")
+    return path, int(index) if index else None
+
+
 class BinaryWeights:
     """A binary convolution's weights on the GPU: ``words`` ``[Cout padded to 64, K words padded
     to 40]`` (K tap-major, zero padded) and ``popcounts`` (set bits per output channel)."""
@@ -65,24 +79,39 @@ def layout_binary_weights(filters: np.ndarray):
 
 
 class CudaKernels:
-    """The kernel functions of the C++ modules, on the GPU. ``path`` is ``"cuda"`` (tensor cores)
-    or ``"cuda-popcount"``. ``async_copies=False`` gives the tensor-core binary convolution its
-    loads through registers instead of ``cp.async`` (for comparisons; the popcount path always
-    loads so)."""
+    """The kernel functions of the C++ modules, on one GPU. ``path`` is ``"cuda"`` (tensor cores)
+    or ``"cuda-popcount"``; ``device`` the GPU's index (None: CuPy's current device), whose
+    ``cupy.cuda.Device`` is :attr:`device` (the functions launch on the current device: enter it
+    first where another may be current). ``async_copies=False`` gives the tensor-core binary
+    convolution its loads through registers instead of ``cp.async`` (for comparisons; the popcount
+    path always loads so)."""
 
-    def __init__(self, path: str = "cuda", async_copies: bool = True):
+    def __init__(self, path: str = "cuda", async_copies: bool = True, device: Optional[int] = None):
         if path not in PATHS:
             raise ValueError(f"kernels={path!r}; the GPU paths are {PATHS}")
         cp = _cupy()
         self.cp = cp
-        self.compute_capability = int(cp.cuda.Device().compute_capability)  # e.g. 90 for sm_90
+        count = cp.cuda.runtime.getDeviceCount()
+        index = cp.cuda.Device().id if device is None else device
+        if not 0 <= index < count:
+            raise CudaUnavailableError(f"kernels='{path}:{index}': this machine has {count} GPU"
+                                       f"{'s' if count > 1 else ''} (devices 0 to {count - 1})")
+        self.device = cp.cuda.Device(index)
+        self.compute_capability = int(self.device.compute_capability)  # e.g. 90 for sm_90
         if path == "cuda" and self.compute_capability < 80:
             path = "cuda-popcount"  # no 1-bit tensor cores before sm_80
         self.path = path
+        # how the engine names these kernels: the path, with the device's index where it is not 0
+        self.name = path if index == 0 else f"{path}:{index}"
+        with self.device:
+            self._load(async_copies)
+
+    def _load(self, async_copies: bool) -> None:
+        cp = self.cp
         with open(SOURCE, encoding="utf-8") as f:
             self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
         bconv = "bconv2d_tensor_cores" if async_copies else "bconv2d_tensor_cores_register_loads"
-        self._bconv = self._module.get_function(bconv if path == "cuda" else "bconv2d_popcount")
+        self._bconv = self._module.get_function(bconv if self.path == "cuda" else "bconv2d_popcount")
         self._bitpack, self._unpack, self._im2col, self._pool2d, self._concat_part, self._resize, self._warp = (
             self._module.get_function(name)
             for name in ("bitpack", "unpack", "im2col", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
@@ -449,11 +478,16 @@ class CapturedRuns:
 _LOADED: dict = {}
 
 
-def load(path: str = "cuda", async_copies: bool = True) -> CudaKernels:
-    """The GPU kernels (compiled once per process, path and kind of loads: :class:`CudaKernels`)."""
-    key = (path, async_copies)
+def load(name: str = "cuda", async_copies: bool = True) -> CudaKernels:
+    """The GPU kernels of ``name`` (``"cuda"`` or ``"cuda-popcount"``, on CuPy's current device,
+    or with a device index: ``"cuda:1"``), compiled once per process, path, device and kind of
+    loads (:class:`CudaKernels`)."""
+    path, device = parse_kernels(name)
+    if device is None:
+        device = _cupy().cuda.Device().id
+    key = (path, device, async_copies)
     if key not in _LOADED:
-        _LOADED[key] = CudaKernels(path, async_copies)
+        _LOADED[key] = CudaKernels(path, async_copies, device)
     return _LOADED[key]
 
 

@@ -8,6 +8,7 @@ TensorFlow.
 
     gpu = Engine("face.tflite", kernels="cuda")  # the whole model on an NVIDIA GPU (needs CuPy)
 """
+import contextlib
 import os
 import threading
 import time
@@ -172,8 +173,11 @@ class Engine:
         kernels: ``"auto"`` (the best the CPU runs), ``"avx512"``, ``"avx2"`` or ``"portable"``;
             or on an NVIDIA GPU (CuPy needed, weights uploaded once, inputs and outputs NumPy):
             ``"cuda"`` (1-bit tensor cores on sm_80 and newer, else the popcount kernel) or
-            ``"cuda-popcount"``. On the GPU, runs from several threads or on several CUDA streams
-            at once each keep their own activation buffers.
+            ``"cuda-popcount"``, on CuPy's current device, or on device N: ``"cuda:N"``. The
+            engine keeps to that GPU: its weights live there and every run launches there,
+            whichever device is current when :meth:`predict` is called (a CuPy input must be on
+            it). On the GPU, runs from several threads or on several CUDA streams at once each
+            keep their own activation buffers.
         name: how errors refer to the model when it is given as bytes (default "model").
         cuda_graphs: on the GPU kernels, capture each input shape's run as CUDA graphs at its second
             call and replay them from then on (a graph between each two float convolutions' cuBLAS
@@ -187,7 +191,11 @@ class Engine:
     Raises:
         UnsupportedModelError: the file is not a TFLite flatbuffer, or holds an op or option the
             runtime does not implement (the message names both; LCE's interpreter runs it).
-        CudaUnavailableError: ``kernels="cuda"`` without CuPy or a GPU.
+        CudaUnavailableError: ``kernels="cuda"`` without CuPy or a GPU, or ``"cuda:N"`` without a GPU N.
+
+    Attributes:
+        kernels: the kernel path that runs (``"avx512"``, ..., ``"cuda"``, ``"cuda-popcount"``; on
+            a GPU other than device 0 with ``":N"``).
     """
 
     def __init__(self, model: Union[str, os.PathLike, bytes], num_threads: int = 1, kernels: str = "auto",
@@ -203,18 +211,23 @@ class Engine:
         if num_threads < 1:
             raise ValueError(f"num_threads={num_threads} must be at least 1")
         self.graph = read_graph(flatbuffer, name)
-        if kernels.startswith("cuda"):
+        on_gpu = kernels.startswith("cuda")
+        if on_gpu:
             self._kernels = cuda.load(kernels)
+            self.kernels: str = self._kernels.name
+            self._device = self._kernels.device  # entered around the plan and every run
         else:
             self._kernels = kernel_paths.load(kernels)
-        self.kernels: str = self._kernels.path
+            self.kernels = self._kernels.path
+            self._device = contextlib.nullcontext()
         self.num_threads = num_threads
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
                                         "outputs; the runtime runs one-input, one-output models")
-        self._steps, self._step_ops = self._plan(fuse_blocks)
+        with self._device:  # the ops upload their constants
+            self._steps, self._step_ops = self._plan(fuse_blocks)
         self._captured = None
-        if kernels.startswith("cuda") and cuda_graphs:
+        if on_gpu and cuda_graphs:
             self._captured = cuda.CapturedRuns(self._kernels.cp, lambda images: self._run_steps(images, {}, None),
                                                on_capture=self._forget_batch)
 
@@ -360,6 +373,11 @@ class Engine:
         return totals
 
     def _run(self, images, times: Optional[list]):
+        with self._device:
+            return self._run_here(images, times)
+
+    def _run_here(self, images, times: Optional[list]):
+        """:meth:`_run` with the engine's device current (on the GPU)."""
         kernels = self._kernels
         upload = getattr(kernels, "upload", None)
         on_device = upload is not None and hasattr(images, "__cuda_array_interface__")  # CuPy in, CuPy out
@@ -371,6 +389,10 @@ class Engine:
         if images.dtype.kind != "f":
             raise ValueError(f"{self.graph.name}: input must be float, got {images.dtype}")
         if on_device:  # any strides in (a flipped view, say): the kernels read C order
+            if images.device.id != kernels.device.id:
+                raise ValueError(f"{self.graph.name}: the images are on GPU {images.device.id}, the engine runs on GPU "
+                                 f"{kernels.device.id} (copy them there first: with cupy.cuda.Device("
+                                 f"{kernels.device.id}): images = images.copy())")
             images = kernels.cp.ascontiguousarray(images.astype(np.float32, copy=False))
         else:
             images = np.ascontiguousarray(images, np.float32)
