@@ -206,6 +206,27 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
         cuda.CudaKernels("cuda-fast")
 
 
+def test_kernels_the_driver_cannot_load_are_a_clear_error(predictor_model, monkeypatch):
+    """Where NVRTC's or the driver's step fails (CuPy built for a newer CUDA than the driver: the
+    PTX is refused), ``kernels="cuda"`` is a CudaUnavailableError that names the cause and the
+    fix, and ``larq-landmarks predict --engine cuda`` says it in one line."""
+    from larq_landmarks import cli
+    from larq_landmarks.runtime import Engine
+
+    fake_cupy.install(monkeypatch)
+
+    def refused(module, name):
+        raise RuntimeError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled with an "
+                           "unsupported toolchain.")
+
+    monkeypatch.setattr(fake_cupy.RawModule, "get_function", refused)
+    with pytest.raises(cuda.CudaUnavailableError, match=r"kernels='cuda': CuPy .*could not build .*sm_90.*"
+                                                        r"UNSUPPORTED_PTX_VERSION.*cupy-cuda12x for a CUDA 12 driver"):
+        Engine(predictor_model, kernels="cuda")
+    with pytest.raises(SystemExit, match="larq-landmarks predict: kernels='cuda': .*UNSUPPORTED_PTX_VERSION"):
+        cli.main(["predict", "face.png", "--model", predictor_model, "--engine", "cuda", "--box", "0,0,10,10"])
+
+
 # --- on a GPU, or kernels.cu built for the CPU -------------------------------------------------
 
 def _run_bconv(kernels, graph, op, x_packed, next_quantize=None):

@@ -111,7 +111,15 @@ class CudaKernels:
         with open(SOURCE, encoding="utf-8") as f:
             self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
         bconv = "bconv2d_tensor_cores" if async_copies else "bconv2d_tensor_cores_register_loads"
-        self._bconv = self._module.get_function(bconv if self.path == "cuda" else "bconv2d_popcount")
+        try:  # NVRTC compiles the module, and the driver loads it, at the first get_function
+            self._bconv = self._module.get_function(bconv if self.path == "cuda" else "bconv2d_popcount")
+        except Exception as error:  # e.g. CUDA_ERROR_UNSUPPORTED_PTX_VERSION: a driver older than CuPy's CUDA
+            raise CudaUnavailableError(
+                f"kernels='{self.name}': CuPy {getattr(cp, '__version__', '')} could not build the runtime's CUDA "
+                f"kernels for this GPU (sm_{self.compute_capability}): {type(error).__name__}: {error}. The CuPy "
+                "package must match the NVIDIA driver's CUDA version (cupy-cuda12x for a CUDA 12 driver, "
+                "cupy-cuda13x for CUDA 13; `nvidia-smi` shows the driver's, `python -c \"import cupy; "
+                "cupy.show_config()\"` CuPy's)") from error
         self._bitpack, self._unpack, self._im2col, self._pool2d, self._concat_part, self._resize, self._warp = (
             self._module.get_function(name)
             for name in ("bitpack", "unpack", "im2col", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
