@@ -51,8 +51,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5,<4"],
-        # the runtime's GPU kernels (kernels="cuda"): CuPy for CUDA 13; on CUDA 12 install cupy-cuda12x instead
-        "cuda": ["cupy-cuda13x>=13"],
+        # the runtime's GPU kernels (kernels="cuda"): CuPy for CUDA 13 with NVIDIA's CUDA component
+        # wheels (the [ctk] extra: NVRTC, cuBLAS, the runtime), so that the machine needs only the
+        # driver; on a CUDA 12 driver install cupy-cuda12x[ctk] instead
+        "cuda": ["cupy-cuda13x[ctk]>=14"],
     },
     entry_points={"console_scripts": ["larq-landmarks=larq_landmarks.cli:main"]},
 )

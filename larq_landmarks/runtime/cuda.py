@@ -119,7 +119,8 @@ class CudaKernels:
                 f"kernels for this GPU (sm_{self.compute_capability}): {type(error).__name__}: {error}. The CuPy "
                 "package must match the NVIDIA driver's CUDA version (cupy-cuda12x for a CUDA 12 driver, "
                 "cupy-cuda13x for CUDA 13; `nvidia-smi` shows the driver's, `python -c \"import cupy; "
-                "cupy.show_config()\"` CuPy's)") from error
+                "cupy.show_config()\"` CuPy's) and find NVRTC (its [ctk] extra brings it: pip install "
+                "\"cupy-cuda13x[ctk]\")") from error
         self._bitpack, self._unpack, self._im2col, self._pool2d, self._concat_part, self._resize, self._warp = (
             self._module.get_function(name)
             for name in ("bitpack", "unpack", "im2col", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
