@@ -12,6 +12,9 @@ the binary model under LCE (defaults, and indirect BGEMM) and under larq_landmar
 each kernel path, 1 and 2 threads, each in a fresh process with its peak memory; median of
 ``--runs`` after warm-up. Then every distinct binary conv shape of the default model (runtime
 kernel vs XNNPACK's float conv of the same shape) and where the runtime's time goes.
+Float convolutions (``--parts float``): each CONV_2D step of the default model in the runtime
+against this core's FMA limit (a bare loop of independent FMA chains, compiled with the system's
+C++ compiler for the kernels' instruction set, measured just before and after).
 """
 import argparse
 import json
@@ -176,6 +179,107 @@ def popcount_limit():
     return float(match.group(1)) if match else None
 
 
+FMA_LOOP = r"""
+#include <immintrin.h>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <vector>
+#if defined(__AVX512F__)
+typedef __m512 V;
+static const int kLanes = 16;
+static V set1(float x) { return _mm512_set1_ps(x); }
+static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static float first_lane(V v) { return _mm512_cvtss_f32(v); }
+#else
+typedef __m256 V;
+static const int kLanes = 8;
+static V set1(float x) { return _mm256_set1_ps(x); }
+static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static float first_lane(V v) { return _mm256_cvtss_f32(v); }
+#endif
+// 12 independent chains (more than FMA latency x throughput), so the loop runs at the FMA units' rate;
+// a leaf function, so that the chains stay in registers
+__attribute__((noinline)) static float chains(long n, float seed) {
+  V a[12];
+  for (int i = 0; i < 12; ++i) a[i] = set1(seed * i);
+  const V b = set1(0.9999f), c = set1(1e-5f);
+  for (long k = 0; k < n; ++k) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) a[i] = fma(a[i], b, c);
+  }
+  float sum = 0;  // the chains' results used, so that none is optimised away
+  for (int i = 0; i < 12; ++i) sum += first_lane(a[i]);
+  return sum;
+}
+
+int main() {
+  std::vector<double> rates;
+  float sink = 0;
+  const long n = 10000000;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    sink += chains(n, 0.001f);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    rates.push_back(n * 12.0 * kLanes / s / 1e9);
+  }
+  std::sort(rates.begin(), rates.end());
+  std::printf("%f G FMA/s %f\n", rates[rates.size() / 2], sink);
+}
+"""
+
+
+def fma_limit(kernels: str):
+    """This core's float32 FMA rate (G FMA/s, the median of 7 timings of a bare loop of independent
+    FMA chains) for the kernel path ``kernels`` ("avx512" or "avx2"), compiled with the system's
+    C++ compiler; None for other paths or without a compiler."""
+    flags = {"avx512": ["-mavx512f", "-mfma"], "avx2": ["-mavx2", "-mfma"]}.get(kernels)
+    compiler = os.environ.get("CXX", "g++")
+    if flags is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        source, program = os.path.join(folder, "fma.cpp"), os.path.join(folder, "fma")
+        with open(source, "w") as f:
+            f.write(FMA_LOOP)
+        try:
+            subprocess.run([compiler, "-O2", *flags, source, "-o", program], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        output = subprocess.run([program], capture_output=True, text=True, check=True).stdout
+    return float(output.split()[0])
+
+
+def float_convolutions(runs: int = 15):
+    """Each CONV_2D step of the default model (1 thread, median of ``runs`` ``Engine.profile``
+    runs, batch norm and residual fused as the engine runs them) against :func:`fma_limit`,
+    measured just before and after."""
+    from larq_landmarks.runtime import Engine
+
+    model = trained_like_batch_norm(models.BinaryHourglass(68))
+    engine = Engine(export.convert(model), num_threads=1)
+    image = np.random.default_rng(0).uniform(size=(1, 256, 256, 3)).astype(np.float32)
+    for _ in range(3):
+        engine.predict(image)
+    before = fma_limit(engine.kernels)
+    profiles = [engine.profile(image) for _ in range(runs)]
+    after = fma_limit(engine.kernels)
+    rows = []
+    for step, op in enumerate(engine._step_ops):
+        if op.name != "CONV_2D":
+            continue
+        graph = engine.graph
+        cout, fh, fw, cin = graph.tensors[op.inputs[1]].shape
+        out = graph.tensors[op.outputs[0]].shape
+        macs = int(np.prod(out[:3])) * int(cout) * int(fh * fw * cin)
+        ms = 1000 * float(np.median([p[step][2] for p in profiles]))
+        rows.append({"step": profiles[0][step][0], "output": "x".join(map(str, out[1:])),
+                     "filter": f"{fh}x{fw}, {cin} -> {cout}", "macs": macs, "ms": round(ms, 4),
+                     "gmacs": round(macs / ms / 1e6, 1)})
+    limits = [v for v in (before, after) if v]
+    return {"kernels": engine.kernels, "fma_limit_gflops": round(float(np.median(limits)), 1) if limits else None,
+            "fma_limit_before_after": [before, after], "runs": runs, "convolutions": rows}
+
+
 def _layer_runs(runs: int, run_once, seconds: float = 0.3) -> int:
     """At least ``runs``, and as many as fill about ``seconds`` (a median of more runs where one
     run takes microseconds)."""
@@ -308,8 +412,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every engine (speed); median over them")
     parser.add_argument("--trained", help="a trained .keras model for the int8 landmark check")
     parser.add_argument("--faces", type=int, default=32)
-    parser.add_argument("--parts", default="compression,speed",
-                        help="comma-separated: compression (sizes, int8), speed (engines, layers, breakdown)")
+    parser.add_argument("--parts", default="compression,speed,float",
+                        help="comma-separated: compression (sizes, int8), speed (engines, layers, breakdown), "
+                        "float (the float convolutions against this core's FMA limit)")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--json", default="docs/benchmark_export.json")
     args = parser.parse_args()
@@ -324,11 +429,14 @@ def main():
     if "speed" in parts:
         result["speed"] = speed(args.runs, args.rounds)
         result["runtime_layers"] = layers(max(args.runs, 30), args.rounds)
+        result["speed_command"] = f"python scripts/benchmark_export.py --parts speed --runs {args.runs} --rounds {args.rounds}"
+    if "float" in parts:
+        result["float_convolutions"] = float_convolutions()
     with atomic_path(args.json) as temporary, open(temporary, "w") as f:
         json.dump(result, f, indent=2)
     if "compression" in parts:
         write_compression_markdown(args, result)
-    if "speed" in parts:
+    if ("speed" in parts or "float" in parts) and "speed" in result:
         write_speed_markdown(args, result)
 
 
@@ -387,7 +495,7 @@ def write_compression_markdown(args, result):
 
 
 def write_speed_markdown(args, result):
-    command = f"python scripts/benchmark_export.py --parts speed --runs {args.runs} --rounds {args.rounds}"
+    command = result.get("speed_command", "python scripts/benchmark_export.py --parts speed --runs 10 --rounds 3")
     speed_rows = result["speed"]
     by_engine = {}
     for r in speed_rows:
@@ -462,7 +570,36 @@ def write_speed_markdown(args, result):
     for part, ms in sorted(layer["breakdown_ms"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {part} | {ms:.1f} | {ms / total:.0%} |")
     lines.append(f"| total (sum of steps) | {total:.1f} | |")
+    if "float_convolutions" in result:
+        lines += [""] + float_convolution_lines(result["float_convolutions"])
     replace_markdown_section(args.out, "\n".join(lines) + "\n", "## Inference speed on this machine")
+
+
+def float_convolution_lines(measured) -> list:
+    """The float convolutions' table (``--parts float``), as markdown lines."""
+    limit = measured["fma_limit_gflops"]
+    rows = measured["convolutions"]
+    lines = [f"### The float convolutions against this core's FMA limit ({measured['kernels']}, 1 thread)", "",
+             "Command: `python scripts/benchmark_export.py --parts float`. Each CONV_2D step of the default model "
+             f"as the runtime runs it (its batch norm and residual fused in), the median of {measured['runs']} "
+             "`Engine.profile` runs"
+             + (f", against a bare loop of 12 independent FMA chains compiled for the same instruction set and "
+                f"timed just before and after ({limit:.1f} G FMA/s, the median of the two)" if limit else "")
+             + ". A MAC is one multiply-add of the convolution as defined (a kernel may compute padding "
+             "columns besides).", "",
+             "| step | output | filter | ms | G MAC/s |" + (" of the FMA limit |" if limit else ""),
+             "|---|---|---|---:|---:|" + ("---:|" if limit else "")]
+    for r in rows:
+        lines.append(f"| {r['step']} | {r['output']} | {r['filter']} | {r['ms']:.3f} | {r['gmacs']:.1f} |"
+                     + (f" {r['gmacs'] / limit:.0%} |" if limit else ""))
+    total_ms = sum(r["ms"] for r in rows)
+    total_macs = sum(r["macs"] for r in rows)
+    lines.append(f"| all {len(rows)} | | | {total_ms:.2f} | {total_macs / total_ms / 1e6:.1f} |"
+                 + (f" {total_macs / total_ms / 1e6 / limit:.0%} |" if limit else ""))
+    if limit:
+        lines += ["", f"At the FMA limit the {len(rows)} would take {total_macs / limit / 1e6:.2f} ms instead of "
+                  f"{total_ms:.2f} ms."]
+    return lines
 
 
 if __name__ == "__main__":
