@@ -1,5 +1,4 @@
 """scripts/benchmark_export.py's float-convolution part: the FMA limit probe and its table."""
-import importlib.util
 import os
 import shutil
 
@@ -7,14 +6,11 @@ import pytest
 
 from larq_landmarks.runtime import available_kernels
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark_export.py")
+from script_modules import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_export", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_export")
 
 
 def test_float_convolution_table_is_each_steps_rate_against_the_limit():

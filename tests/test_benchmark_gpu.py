@@ -12,14 +12,11 @@ import pytest
 from larq_landmarks.runtime import Engine
 from larq_landmarks.runtime.graph import read_graph
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark_gpu.py")
+from script_modules import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_gpu")
 
 
 def _peaks(heatmaps):
