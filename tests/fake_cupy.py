@@ -397,7 +397,7 @@ def module() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         RawModule=RawModule, ElementwiseKernel=ElementwiseKernel, asarray=asarray, ascontiguousarray=ascontiguousarray,
         asnumpy=asnumpy, empty=empty, zeros=lambda *a, **k: np.zeros(*a, **k).view(DeviceArray), copyto=copyto,
-        float32=np.float32, int32=np.int32, concatenate=concatenate, matmul=matmul, clip=np.clip, where=np.where,
+        ndarray=DeviceArray, float32=np.float32, int32=np.int32, concatenate=concatenate, matmul=matmul, clip=np.clip, where=np.where,
         sign=np.sign, stack=np.stack, take_along_axis=np.take_along_axis,
         cuda=types.SimpleNamespace(Device=Device, get_current_stream=get_current_stream, Event=Event, Stream=Stream,
                                    MemoryPool=MemoryPool, using_allocator=using_allocator,

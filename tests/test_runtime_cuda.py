@@ -606,6 +606,12 @@ def test_gpu_engine_keeps_to_the_gpu_it_is_given(predictor_model, monkeypatch):
     np.testing.assert_array_equal(fake_cupy.asnumpy(result), expected)
     with pytest.raises(ValueError, match="images are on GPU 0, the engine runs on GPU 1"):
         one.predict(fake_cupy.asarray(images))
+
+    class OtherLibrarysTensor:  # a GPU array of another library (a PyTorch tensor, say)
+        shape, ndim, __cuda_array_interface__ = images.shape, 4, {"shape": images.shape, "typestr": "<f4"}
+
+    with pytest.raises(TypeError, match=r"must be a CuPy array, got .*OtherLibrarysTensor \(cupy.asarray"):
+        one.predict(OtherLibrarysTensor())
     with pytest.raises(cuda.CudaUnavailableError, match="'cuda:2': this machine has 2 GPUs"):
         Engine(predictor_model, kernels="cuda:2")
     with pytest.raises(ValueError, match="kernels='cuda:one'"):

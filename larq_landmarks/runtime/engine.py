@@ -381,6 +381,10 @@ class Engine:
         kernels = self._kernels
         upload = getattr(kernels, "upload", None)
         on_device = upload is not None and hasattr(images, "__cuda_array_interface__")  # CuPy in, CuPy out
+        if on_device and not isinstance(images, kernels.cp.ndarray):
+            kind = type(images)
+            raise TypeError(f"{self.graph.name}: images on the GPU must be a CuPy array, got {kind.__module__}."
+                            f"{kind.__name__} (cupy.asarray(images) views it as one)")
         images = images if on_device else np.asarray(images)
         expected = self.input_shape[1:]
         if images.ndim != 4 or images.shape[1:] != expected:
