@@ -206,13 +206,9 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
         cuda.CudaKernels("cuda-fast")
 
 
-def test_kernels_the_driver_cannot_load_are_a_clear_error(predictor_model, monkeypatch):
-    """Where NVRTC's or the driver's step fails (CuPy built for a newer CUDA than the driver: the
-    PTX is refused), ``kernels="cuda"`` is a CudaUnavailableError that names the cause and the
-    fix, and ``larq-landmarks predict --engine cuda`` says it in one line."""
-    from larq_landmarks import cli
-    from larq_landmarks.runtime import Engine
-
+def _driver_refuses_the_kernels(monkeypatch):
+    """fake_cupy, with the driver refusing the compiled module (CuPy built for a newer CUDA than
+    the driver: the PTX is refused at the first function looked up)."""
     fake_cupy.install(monkeypatch)
 
     def refused(module, name):
@@ -220,9 +216,24 @@ def test_kernels_the_driver_cannot_load_are_a_clear_error(predictor_model, monke
                            "unsupported toolchain.")
 
     monkeypatch.setattr(fake_cupy.RawModule, "get_function", refused)
+
+
+def test_kernels_the_driver_cannot_load_are_a_clear_error(predictor_model, monkeypatch):
+    """Where NVRTC's or the driver's step fails, ``kernels="cuda"`` is a CudaUnavailableError that
+    names the cause and the fix."""
+    from larq_landmarks.runtime import Engine
+
+    _driver_refuses_the_kernels(monkeypatch)
     with pytest.raises(cuda.CudaUnavailableError, match=r"kernels='cuda': CuPy .*could not build .*sm_90.*"
                                                         r"UNSUPPORTED_PTX_VERSION.*cupy-cuda12x for a CUDA 12 driver"):
         Engine(predictor_model, kernels="cuda")
+
+
+def test_predict_command_says_the_driver_cannot_load_the_kernels_in_one_line(predictor_model, monkeypatch):
+    pytest.importorskip("PIL.Image")  # the predict command draws its pictures with Pillow
+    from larq_landmarks import cli
+
+    _driver_refuses_the_kernels(monkeypatch)
     with pytest.raises(SystemExit, match="larq-landmarks predict: kernels='cuda': .*UNSUPPORTED_PTX_VERSION"):
         cli.main(["predict", "face.png", "--model", predictor_model, "--engine", "cuda", "--box", "0,0,10,10"])
 
