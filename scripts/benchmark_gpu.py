@@ -33,7 +33,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 DEFAULT = "binary_hpm_default"
-GPU_WHEELS = ("tflite", "flatbuffers", "pytest", "pluggy", "iniconfig", "packaging", "pybind11", "tqdm")
+# pure-Python wheels the GPU machine may lack (it has no package index), installed there without
+# their dependencies: so pytest's own are listed (pygments since pytest 8.4; exceptiongroup, with
+# typing_extensions, and tomli on Python 3.10)
+GPU_WHEELS = ("tflite", "flatbuffers", "pytest", "pluggy", "iniconfig", "packaging", "pygments", "exceptiongroup",
+              "typing_extensions", "tomli", "pybind11", "tqdm")
 
 
 # --- preparing the models (with TensorFlow) -----------------------------------------------------
@@ -62,10 +66,13 @@ def prepare(folder: str) -> None:
         images = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
         np.savez(os.path.join(folder, name + ".npz"), images=images, cpu_output=Engine(flatbuffer).predict(images))
         print("prepared", name, flush=True)
-    # what the GPU machine lacks and has no index to fetch: the .tflite schema, pytest, pybind11, tqdm
+    # what the GPU machine lacks and has no index to fetch: the .tflite schema, pytest, pybind11, tqdm (GPU_WHEELS)
     wheels = os.path.join(folder, "wheels")
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels, *GPU_WHEELS],
-                            capture_output=True, text=True)
+    # their pure-Python builds (one that is compiled for this Python, as tomli's is, would make the
+    # GPU machine's pip refuse the whole install on another Python)
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                             "--platform", "any", "--implementation", "py", "--python-version", "3.10", "-d", wheels,
+                             *GPU_WHEELS], capture_output=True, text=True)
     print("wheels for the GPU machine:", ", ".join(sorted(os.listdir(wheels))) if result.returncode == 0
           else f"not downloaded ({result.stderr.strip()[-300:]})", flush=True)
 
