@@ -234,9 +234,9 @@ def fma_limit(kernels: str):
     FMA chains) for the kernel path ``kernels`` ("avx512" or "avx2"), compiled with the system's
     C++ compiler; None for other paths or without a compiler."""
     flags = {"avx512": ["-mavx512f", "-mfma"], "avx2": ["-mavx2", "-mfma"]}.get(kernels)
-    compiler = os.environ.get("CXX", "g++")
     if flags is None:
         return None
+    compiler = os.environ.get("CXX", "g++")
     with tempfile.TemporaryDirectory() as folder:
         source, program = os.path.join(folder, "fma.cpp"), os.path.join(folder, "fma")
         with open(source, "w") as f:
@@ -263,11 +263,10 @@ def float_convolutions(runs: int = 15):
     before = fma_limit(engine.kernels)
     profiles = [engine.profile(image) for _ in range(runs)]
     after = fma_limit(engine.kernels)
-    rows = []
+    graph, rows = engine.graph, []
     for step, op in enumerate(engine._step_ops):
         if op.name != "CONV_2D":
             continue
-        graph = engine.graph
         cout, fh, fw, cin = graph.tensors[op.inputs[1]].shape
         out = graph.tensors[op.outputs[0]].shape
         macs = int(np.prod(out[:3])) * int(cout) * int(fh * fw * cin)
