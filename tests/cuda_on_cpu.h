@@ -2,17 +2,21 @@
 // larq_landmarks/runtime/csrc/kernels.cu with g++ and run its kernels, unchanged, on a machine
 // without a GPU (tests/cuda_on_cpu.py builds and drives it).
 //
-// A block's threads are coroutines (ucontext) on one OS thread. The scheduler always resumes the
-// lowest-numbered runnable thread (or the highest, `order` < 0), so a thread runs ahead of the
-// others until it reaches a barrier: a missing __syncthreads shows up as a read of another
-// thread's data before it was written. Warp-synchronous operations (__ballot_sync,
-// __shfl_xor_sync, the 1-bit m16n8k256 MMA) exchange values between the 32 lanes of a warp through
-// a barrier of the warp; they need all 32 lanes (full masks, as the kernels use them), and a warp
-// with an exited lane reaching one is an error. Shared memory (`__shared__` variables, placed in
-// one section) is filled with a poison byte before every block, as a GPU leaves it undefined. A
-// read through a pointer argument past its array's end lands on a guard page (the Python side
-// places arrays so): the fault is caught and reported as an error of the launch.
+// A block's threads are coroutines on one OS thread: each starts on its own stack once a launch
+// by ucontext (makecontext, setcontext) and runs the kernel block after block, switching with
+// _setjmp / _longjmp, which, unlike swapcontext, save and restore no signal mask: a switch is no
+// system call. The scheduler always resumes the lowest-numbered runnable thread (or the highest,
+// `order` < 0), so a thread runs ahead of the others until it reaches a barrier: a missing
+// __syncthreads shows up as a read of another thread's data before it was written.
+// Warp-synchronous operations (__ballot_sync, __shfl_xor_sync, the 1-bit m16n8k256 MMA) exchange
+// values between the 32 lanes of a warp through a barrier of the warp; they need all 32 lanes
+// (full masks, as the kernels use them), and a warp with an exited lane reaching one is an error.
+// Shared memory (`__shared__` variables, placed in one section) is filled with a poison byte
+// before every block, as a GPU leaves it undefined. A read through a pointer argument past its
+// array's end lands on a guard page (the Python side places arrays so): the fault is caught and
+// reported as an error of the launch.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <csetjmp>
 #include <csignal>
@@ -88,7 +92,9 @@ struct Copy {
 };
 
 struct Thread {
-  ucontext_t context;
+  ucontext_t context;  // where it starts
+  jmp_buf resume;      // where it continues, once started
+  bool started = false;
   std::vector<char> stack;
   std::vector<Copy> copies;  // issued, not yet waited for
   bool exited = false;
@@ -108,7 +114,10 @@ struct Block {
   Barrier barrier;
   int live = 0;
   int current = -1;
-  ucontext_t scheduler;
+  jmp_buf scheduler;
+  // the threads a barrier released since the scheduler last looked (first > last: none), so that
+  // it need not look again at the threads it found waiting before
+  int released_first = 1, released_last = 0;
 };
 
 inline Block block;
@@ -120,9 +129,15 @@ inline volatile sig_atomic_t in_kernel = 0;
 extern "C" char __start_cuda_on_cpu_shared[] __attribute__((weak));
 extern "C" char __stop_cuda_on_cpu_shared[] __attribute__((weak));
 
+// The running thread hands control back to the scheduler; `resumable`: it continues here when
+// the scheduler picks it again.
+inline void yield(bool resumable) {
+  if (!resumable || _setjmp(block.threads[block.current].resume) == 0) _longjmp(block.scheduler, 1);
+}
+
 inline void fail(const std::string& message) {
   if (error.empty()) error = message;
-  swapcontext(&block.threads[block.current].context, &block.scheduler);  // never resumed
+  yield(false);  // never resumed
 }
 
 inline std::string where() {
@@ -130,18 +145,32 @@ inline std::string where() {
          std::to_string(blockIdx.z) + ") thread " + std::to_string(threadIdx.x);
 }
 
+// Lets the threads waiting at `barrier` (the block's, or the running thread's warp's) go on.
+inline void release(Barrier& barrier) {
+  barrier.arrived = 0;
+  ++barrier.generation;
+  const bool whole_block = &barrier == &block.barrier;
+  const int first = whole_block ? 0 : block.current / 32 * 32;
+  const int last = whole_block ? int(block.threads.size()) - 1 : first + 31;
+  if (block.released_first > block.released_last) {
+    block.released_first = first, block.released_last = last;
+  } else {
+    block.released_first = std::min(block.released_first, first);
+    block.released_last = std::max(block.released_last, last);
+  }
+}
+
 // Arrive at `barrier` of `participants` threads and wait for the others.
 inline void wait_at(Barrier& barrier, int participants) {
   Thread& self = block.threads[block.current];
   const long generation = barrier.generation;
   if (++barrier.arrived >= participants) {
-    barrier.arrived = 0;
-    ++barrier.generation;
+    release(barrier);
     return;
   }
   self.waiting = &barrier;
   self.waiting_for = generation;
-  swapcontext(&self.context, &block.scheduler);
+  yield(true);
 }
 
 inline Warp& my_warp(unsigned mask, const char* what) {
@@ -163,20 +192,21 @@ inline void warp_exchange(unsigned mask, const char* what, const unsigned* mine,
   wait_at(warp.barrier, 32);
 }
 
+// A thread's life in a launch: the kernel for one block after another (the scheduler resumes it
+// for the next block), so that it starts on its stack once per launch, not once per block.
 inline void entry() {
-  kernel_body();
-  Thread& self = block.threads[block.current];
-  if (!self.copies.empty())
-    fail(std::to_string(self.copies.size()) + " cp.async copies never waited for (" + where() + ")");
-  self.exited = true;
-  --block.live;
-  --block.warps[block.current / 32].live;
-  // an exited thread no longer holds back a __syncthreads
-  if (block.barrier.arrived > 0 && block.barrier.arrived >= block.live) {
-    block.barrier.arrived = 0;
-    ++block.barrier.generation;
+  for (;;) {
+    kernel_body();
+    Thread& self = block.threads[block.current];
+    if (!self.copies.empty())
+      fail(std::to_string(self.copies.size()) + " cp.async copies never waited for (" + where() + ")");
+    self.exited = true;
+    --block.live;
+    --block.warps[block.current / 32].live;
+    // an exited thread no longer holds back a __syncthreads
+    if (block.barrier.arrived > 0 && block.barrier.arrived >= block.live) release(block.barrier);
+    yield(true);
   }
-  swapcontext(&self.context, &block.scheduler);
 }
 
 inline void on_fault(int signal_number) {
@@ -201,8 +231,15 @@ inline int run_grid(const int* grid, const int* block_dim, void (*body)(), int o
     return 1;
   }
   block.threads.resize(threads);
-  for (Thread& t : block.threads)
+  for (Thread& t : block.threads) {
     if (t.stack.empty()) t.stack.resize(kStackBytes);
+    t.started = false;
+    getcontext(&t.context);
+    t.context.uc_stack.ss_sp = t.stack.data();
+    t.context.uc_stack.ss_size = t.stack.size();
+    t.context.uc_link = nullptr;
+    makecontext(&t.context, entry, 0);
+  }
   struct sigaction action = {}, old_segv = {}, old_bus = {};
   action.sa_handler = on_fault;
   action.sa_flags = SA_ONSTACK;
@@ -231,15 +268,14 @@ inline int run_grid(const int* grid, const int* block_dim, void (*body)(), int o
           t.exited = false;
           t.waiting = nullptr;
           t.copies.clear();
-          getcontext(&t.context);
-          t.context.uc_stack.ss_sp = t.stack.data();
-          t.context.uc_stack.ss_size = t.stack.size();
-          t.context.uc_link = nullptr;
-          makecontext(&t.context, entry, 0);
         }
+        // threads are looked at in order k (thread k, or threads - 1 - k where `order` < 0); the
+        // ones before `start` were found waiting or exited, and no barrier has released them since
+        int start = 0;
+        block.released_first = 1, block.released_last = 0;
         while (block.live > 0 && error.empty()) {
           int next = -1;
-          for (int k = 0; k < threads; ++k) {
+          for (int k = start; k < threads; ++k) {
             const int i = order >= 0 ? k : threads - 1 - k;
             Thread& t = block.threads[i];
             if (t.exited) continue;
@@ -248,6 +284,10 @@ inline int run_grid(const int* grid, const int* block_dim, void (*body)(), int o
             break;
           }
           if (next < 0) {
+            if (start > 0) {  // a deadlock is only called after looking at every thread
+              start = 0;
+              continue;
+            }
             error = "deadlock: every live thread waits at a barrier (block " + std::to_string(bx) + ")";
             break;
           }
@@ -255,8 +295,19 @@ inline int run_grid(const int* grid, const int* block_dim, void (*body)(), int o
           block.current = next;
           threadIdx = {unsigned(next), 0, 0};
           in_kernel = 1;
-          swapcontext(&block.scheduler, &block.threads[next].context);
+          if (_setjmp(block.scheduler) == 0) {
+            Thread& t = block.threads[next];
+            if (t.started) _longjmp(t.resume, 1);
+            t.started = true;
+            setcontext(&t.context);
+          }
           in_kernel = 0;
+          // `next` now waits or has exited: look on after it, or from the first thread released
+          start = order >= 0 ? next + 1 : threads - next;
+          if (block.released_first <= block.released_last) {
+            start = std::min(start, order >= 0 ? block.released_first : threads - 1 - block.released_last);
+            block.released_first = 1, block.released_last = 0;
+          }
         }
       }
   sigaltstack(&old_alternate, nullptr);

@@ -29,6 +29,25 @@ extern "C" __global__ void vote(const float* x, int* ballots, int* swapped) {
   swapped[i] = __shfl_xor_sync(0xffffffffu, i, 1);
 }
 
+// each block rotates its slice of x by one through shared memory; thread 0 of block `skip_block`
+// returns after the barrier without writing
+extern "C" __global__ void rotate_in_blocks(const float* x, int skip_block, float* out) {
+  __shared__ float tile[256];
+  const int t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
+  tile[t] = x[i];
+  __syncthreads();
+  if ((int)blockIdx.x == skip_block && t == 0) return;
+  out[i] = tile[(t + 1) % blockDim.x];
+}
+
+// lane 0 waits at the block's barrier while the other lanes wait for it at a warp vote
+extern "C" __global__ void deadlock(int* out) {
+  if (threadIdx.x == 0)
+    __syncthreads();
+  else
+    out[threadIdx.x] = (int)__ballot_sync(0xffffffffu, 1);
+}
+
 // a warp operation after some lanes have returned
 extern "C" __global__ void vote_after_return(int* out) {
   if (threadIdx.x == 3) return;
@@ -70,6 +89,29 @@ def test_a_missing_barrier_gives_a_wrong_result(kernels):
         kernels.launch("shift_left", (1,), (256,), (x, np.int32(200), np.int32(0), np.int32(0), out))
         wrong += int(np.sum(out[:199] != x[1:]))
     assert wrong >= 199
+
+
+def test_every_block_runs_every_thread_from_the_start(kernels):
+    """Threads run the kernel block after block (the emulation starts them once a launch): each
+    block's barrier and shared memory are its own, and a thread that returned early in one block
+    runs whole in the next; in both thread orders."""
+    x = np.arange(1, 5 * 64 + 1, dtype=np.float32)
+    expected = np.roll(x.reshape(5, 64), -1, axis=1).reshape(-1)
+    for skip_block in (1, 1):  # launches alternate the thread order
+        out = np.zeros_like(x)
+        kernels.launch("rotate_in_blocks", (5,), (64,), (x, np.int32(skip_block), out))
+        assert out[64] == 0
+        out[64] = expected[64]
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_threads_that_wait_for_each_other_are_an_error(kernels):
+    for _ in range(2):
+        with pytest.raises(AssertionError, match=r"deadlock: every live thread waits at a barrier \(block 0\)"):
+            kernels.launch("deadlock", (1,), (64,), (np.zeros(64, np.int32),))
+    x, out = np.arange(200, dtype=np.float32), np.zeros(200, np.float32)
+    kernels.launch("shift_left", (1,), (256,), (x, np.int32(200), np.int32(1), np.int32(0), out))  # still usable
+    np.testing.assert_array_equal(out[:199], x[1:])
 
 
 def test_a_read_past_an_arrays_end_is_an_error_naming_the_thread(kernels):
