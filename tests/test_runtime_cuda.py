@@ -7,9 +7,10 @@ kernels.cu, and kernels.cu itself built for the CPU by ``cuda_on_cpu.py``) give 
 results; asking for the GPU without CuPy or a GPU is a clear error. The kernel tests below
 (accumulators bit-exact against the reference and this runtime's CPU kernels, bit packing and
 element-wise ops) run on the GPU where there is one and on that CPU build elsewhere, and so do
-whole models against the CPU runtime where the models are prepared. No TensorFlow is imported here, so
-the GPU tests run on a machine without it (``pytest --noconftest tests/test_runtime_cuda.py`` with
-the models made by ``scripts/benchmark_gpu.py --prepare DIR`` and ``LARQ_LANDMARKS_GPU_ASSETS=DIR``).
+whole models against the CPU runtime: the prepared ones where they are given, and the default model
+converted here where TensorFlow is. No TensorFlow is imported at the top, so the GPU tests run on a
+machine without it (``pytest --noconftest tests/test_runtime_cuda.py`` with the models made by
+``scripts/benchmark_gpu.py --prepare DIR`` and ``LARQ_LANDMARKS_GPU_ASSETS=DIR``).
 """
 import importlib.util
 import json
@@ -457,10 +458,40 @@ def _peaks(heatmaps: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name,flatbuffer,images,cpu_output", _model_cases())
 @pytest.mark.parametrize("path", cuda.PATHS)
 def test_gpu_models_match_the_cpu_runtime(gpu_or_cpu, name, flatbuffer, images, cpu_output, path):
-    """Every named binary configuration and the default model: the whole model on the GPU against
-    the CPU runtime's output on the same file (batch > 1 on a batch-1 file); the second and third
-    calls (the run captured as a CUDA graph, then replayed, NumPy and CuPy in) give the first's
-    output."""
+    """Every named binary configuration and the default model, as prepared for the GPU machine."""
+    _assert_gpu_model_matches_the_cpu_runtime(name, flatbuffer, images, cpu_output, path)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    """The default model (256x256, 68 points, batch norms with trained-like statistics) converted
+    here, as ``scripts/benchmark_gpu.py --prepare`` makes it, with two images and the CPU runtime's
+    output on them: (flatbuffer, images, cpu_output). Needs TensorFlow (CI has it; the GPU machine
+    has the prepared models instead)."""
+    pytest.importorskip("tensorflow")
+    from larq_landmarks import export, models
+    from larq_landmarks.runtime import Engine
+    from larq_landmarks.synthetic import trained_like_batch_norm
+
+    flatbuffer = export.convert(trained_like_batch_norm(models.BinaryHourglass(68)))
+    images = np.random.default_rng(1).uniform(size=(2, 256, 256, 3)).astype(np.float32)
+    return flatbuffer, images, Engine(flatbuffer).predict(images)
+
+
+@pytest.mark.slow  # a full-size conversion, and about 4 s a call of the model where kernels.cu runs on the CPU
+@needs_cpu_kernels
+@pytest.mark.parametrize("path", cuda.PATHS)
+def test_default_model_on_the_gpu_matches_the_cpu_runtime(gpu_or_cpu, default_model, path):
+    """The default model's every GPU step (the fused HPM blocks with their narrow layers, the
+    float convolutions, CUDA graph capture and replay) as the GPU test on prepared models checks
+    it, without them: where there is no GPU, ``kernels.cu`` runs on the CPU."""
+    _assert_gpu_model_matches_the_cpu_runtime("default", *default_model, path)
+
+
+def _assert_gpu_model_matches_the_cpu_runtime(name, flatbuffer, images, cpu_output, path) -> None:
+    """The whole model on the GPU against the CPU runtime's output on the same file (batch > 1 on
+    a batch-1 file); the second and third calls (the run captured as a CUDA graph, then replayed,
+    NumPy and CuPy in) give the first's output, and so does batch 1."""
     from larq_landmarks.runtime import Engine
 
     engine = Engine(flatbuffer, kernels=path, name=name)
