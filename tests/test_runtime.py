@@ -361,6 +361,64 @@ def test_gpu_engine_runs_its_cuda_kernels_on_the_cpu(small_file, monkeypatch, ke
     _assert_same_heatmaps(gpu.predict(images), Engine(small_file).predict(images), kernels)
 
 
+def _memory_held(array) -> int:
+    """Bytes of the allocation that ``array`` views (its own, for an array that owns its data)."""
+    while array.base is not None:
+        array = array.base
+    return array.nbytes
+
+
+def test_a_pooled_buffer_serves_smaller_batches_and_goes_back_whole():
+    pool = {}
+    values = ops.Values(2, pool)
+    big = values.alloc((3, 4, 5, 6), np.float32)
+    assert big.shape == (3, 4, 5, 6) and not values.is_part(big)
+    values.release(big)
+    small = values.alloc((2, 4, 5, 6), np.float32)  # the first 2 images of the batch-3 buffer
+    assert small.shape == (2, 4, 5, 6) and small.flags.c_contiguous and values.is_part(small)
+    assert small.ctypes.data == big.ctypes.data and not pool[((4, 5, 6), np.dtype(np.float32))]
+    values.release(small)
+    assert [b is big for b in pool[((4, 5, 6), np.dtype(np.float32))]] == [True]  # back whole
+    other = values.alloc((2, 4, 5, 6), np.int32)  # another dtype: a buffer of its own
+    assert other.dtype == np.int32 and other.ctypes.data != big.ctypes.data and not values.is_part(other)
+    bigger = values.alloc((4, 4, 5, 6), np.float32)  # the batch-3 buffer is too small: dropped
+    assert len(bigger) == 4 and not pool[((4, 5, 6), np.dtype(np.float32))]
+    values.release(bigger)
+    values.release(other)
+    assert {key: [len(b) for b in free] for key, free in pool.items()} == {
+        ((4, 5, 6), np.dtype(np.float32)): [4], ((4, 5, 6), np.dtype(np.int32)): [2]}
+
+
+@pytest.mark.parametrize("kernels", ["auto", "cuda"])
+def test_buffers_of_the_largest_batch_serve_every_smaller_one(small_file, monkeypatch, kernels):
+    """Called with batches 1, 3, 2, 1, 3 (as a Predictor is, with each image's faces), the engine
+    keeps one set of buffers, of batch 3 (not one per batch size): the smaller runs take the first
+    images of those and make no new ones but their outputs; every result is a fresh engine's, and
+    none holds more memory than its own (a result that is part of a pooled buffer is copied)."""
+    if kernels == "cuda":
+        fake_cupy.install(monkeypatch)
+    made = []
+    init = ops.Values.__init__
+
+    def counting_init(values, count, pool, empty=ops.aligned_empty):
+        init(values, count, pool, lambda shape, dtype: made.append(tuple(shape)) or empty(shape, dtype))
+
+    monkeypatch.setattr(ops.Values, "__init__", counting_init)
+    images = np.random.default_rng(12).uniform(size=(3, 64, 64, 3)).astype(np.float32)
+    engine = Engine(small_file, kernels=kernels, cuda_graphs=False)
+    output_shape = engine.output_shape[1:]
+    for position, batch in enumerate([1, 3, 2, 1, 3]):
+        made.clear()
+        got = engine.predict(images[:batch])
+        if position >= 2:  # the batch-3 buffers serve every later run
+            assert made == [(batch,) + output_shape], f"batch {batch}"
+        assert _memory_held(got) <= got.nbytes + 64, f"batch {batch}: the result holds a bigger buffer"
+        fresh = Engine(small_file, kernels=kernels, cuda_graphs=False)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(fresh.predict(images[:batch])), f"batch {batch}")
+        pooled = {len(buffer) for free in engine._buffers().values() for buffer in free}
+        assert pooled == {max([1, 3, 2, 1, 3][:position + 1])}, f"batch {batch}: pooled batches {pooled}"
+
+
 def test_gpu_runs_on_other_streams_and_threads_take_none_of_a_runs_buffers(small_file, monkeypatch):
     """A step-by-step run on the GPU releases an activation's buffer once its last reader is queued,
     not done, so only later work on the same CUDA stream may take it: a run on another stream, or
@@ -418,14 +476,14 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture warns
         results = [gpu.predict(batches[0])]
-        assert [key for key in gpu._buffers() if key[0][0] == 2] and not launches  # eager, buffers kept for reuse
+        assert [b for free in gpu._buffers().values() for b in free if len(b) == 2] and not launches  # eager, buffers kept for reuse
         results.append(gpu.predict(batches[1]))
         per_run = len(launches)  # graphs a replay launches: split at each float convolution's cuBLAS GEMM
         products = sum(op.name == "CONV_2D" for op in gpu.graph.operators)
         assert products >= 2 and per_run == products + 1
         results.append(gpu.predict(batches[2]))
         assert len(launches) == 2 * per_run and list(gpu._captured.captured) == [(2, 64, 64, 3)]  # captured at call 2
-        assert not [key for key in gpu._buffers() if key[0][0] == 2]  # the eager run's buffers freed
+        assert not [b for free in gpu._buffers().values() for b in free if len(b) == 2]  # the eager run's buffers freed
         on_device = gpu.predict(fake_cupy.asarray(batches[3]))
         again = gpu.predict(batches[0])  # replayed after the CuPy call: its result is left alone
     assert isinstance(on_device, fake_cupy.DeviceArray) and len(launches) == 4 * per_run

@@ -335,8 +335,8 @@ class Engine:
     def _forget_batch(self, shape: tuple) -> None:
         """Frees this thread's recycled buffers of ``shape``'s batch size (a CUDA graph of it has its own)."""
         for pool in self._gpu_pools.__dict__.get("by_stream", {}).values():
-            for key in [key for key in pool if key[0][:1] == shape[:1]]:
-                pool.pop(key, None)
+            for free in pool.values():
+                free[:] = [buffer for buffer in free if len(buffer) != shape[0]]
 
     @property
     def input_shape(self) -> tuple:
@@ -438,4 +438,5 @@ class Engine:
             events[-1].synchronize()
             for i, (start, end) in enumerate(zip(events, events[1:])):
                 times[first + i] = times[first + i][:2] + (kernels.elapsed_seconds(start, end),)
-        return values[self.graph.outputs[0]]
+        output = values[self.graph.outputs[0]]
+        return output.copy() if values.is_part(output) else output
