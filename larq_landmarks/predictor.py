@@ -277,10 +277,10 @@ class Predictor:
                      progress: bool = False, batch_size: int = 64,
                      names: Optional[Sequence[str]] = None) -> List[tuple]:
         """:meth:`predict` over many images (``boxes[i]`` for ``images[i]``; ``None``: detect).
-        The faces of several images go through the model together, ``batch_size`` crops a call
-        (what a GPU engine needs to be fast; the same size every call but the last lets it replay
-        its CUDA graphs). ``names[i]``: how errors refer to ``images[i]`` (default its path, or
-        "image")."""
+        The faces of several images go through the model together, ``batch_size`` crops every call
+        but the last (an image's faces may be split between two calls): a GPU engine needs large
+        batches to be fast, and one batch size to replay its CUDA graphs. ``names[i]``: how errors
+        refer to ``images[i]`` (default its path, or "image")."""
         if boxes is None:
             boxes = [None] * len(images)
         if names is None:
@@ -295,31 +295,38 @@ class Predictor:
 
             items = tqdm(items, total=len(images), desc="predict", unit="image")
         results: List[tuple] = []
-        pending: List[tuple] = []  # (result index, crops, matrices) waiting for one model call
-        waiting = 0  # crops in pending
+        waiting: List[tuple] = []  # (result index, crop count, matrices): images whose points are not all decoded
+        queued: list = []  # crops not yet run (on the GPU engine's device there)
+        decoded: List[tuple] = []  # (points, scores) of crops run, not yet handed to their images
 
-        def run_pending():
-            if not pending:
+        def run_queued(final: bool) -> None:
+            """Runs the queued crops in calls of ``batch_size`` (and, when ``final``, the rest in one
+            last call; otherwise the rest waits for the next images' crops), then hands every image
+            whose crops are all decoded its points."""
+            if queued:
+                with self._device:  # the crops are on the GPU engine's device
+                    crops = self._array_module.concatenate(queued) if len(queued) > 1 else queued[0]
+                ready = len(crops) if final else len(crops) - len(crops) % batch_size
+                decoded.extend(self._decode(crops[i:i + batch_size]) for i in range(0, ready, batch_size))
+                queued[:] = [crops[ready:]] if ready < len(crops) else []
+            if not decoded:
                 return
-            with self._device:  # the crops are on the GPU engine's device
-                crops = self._array_module.concatenate([crops for _, crops, _ in pending])
-            decoded = [self._decode(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
             points, scores = (np.concatenate(parts) for parts in zip(*decoded))
             start = 0
-            for index, crops, matrices in pending:
-                end = start + len(crops)
+            while waiting and start + waiting[0][1] <= len(points):
+                index, count, matrices = waiting.pop(0)
+                end = start + count
                 results[index] = (crop_points_to_image(points[start:end], matrices), scores[start:end])
                 start = end
-            pending.clear()
+            decoded[:] = [(points[start:], scores[start:])] if start < len(points) else []
 
         for image, image_boxes, name in items:
             crops, matrices = self._prepare(image, image_boxes, name)
             results.append(self._no_points())
             if len(crops):
-                pending.append((len(results) - 1, crops, matrices))
-                waiting += len(crops)
-            if waiting >= batch_size:
-                run_pending()
-                waiting = 0
-        run_pending()
+                waiting.append((len(results) - 1, len(crops), matrices))
+                queued.append(crops)
+            if sum(len(crops) for crops in queued) >= batch_size:
+                run_queued(final=False)
+        run_queued(final=True)
         return results

@@ -67,14 +67,15 @@ def test_predictor_agrees_with_the_evaluation_pipeline(faces):
             np.testing.assert_allclose(points[0], expected[i], atol=1e-3)
             # JPEG decoders (Pillow vs TensorFlow) may differ by a grey level
             assert np.abs(seen[0][0] - batch["image"][i].numpy()).mean() < 2 / 255
-    # faces of several images go through the model together, batch_size crops a call (the first
-    # two images' three faces as 2 + 1, never more than batch_size)
-    paths = list(faces["image_path"][:4])
-    boxes = [[faces["box"][0]], [faces["box"][1], faces["box"][1]], [], [faces["box"][3]]]
+    # faces of several images go through the model together, batch_size crops every call but the
+    # last (the second image's two faces go in two calls: the first image's face and its first,
+    # then its second and the fourth image's face; the fifth image's face alone at the end)
+    paths = list(faces["image_path"][:4]) + [faces["image_path"][0]]
+    boxes = [[faces["box"][0]], [faces["box"][1], faces["box"][1]], [], [faces["box"][3]], [faces["box"][0]]]
     seen.clear()
     many = predictor.predict_many(paths, boxes, batch_size=2)
-    assert [len(crops) for crops in seen] == [2, 1, 1]
-    assert [p.shape[0] for p, _ in many] == [1, 2, 0, 1]
+    assert [len(crops) for crops in seen] == [2, 2, 1]
+    assert [p.shape[0] for p, _ in many] == [1, 2, 0, 1, 1]
     for (points, scores), path, image_boxes in zip(many, paths, boxes):
         alone = predictor.predict(path, image_boxes)
         np.testing.assert_allclose(points, alone[0], atol=1e-4)
