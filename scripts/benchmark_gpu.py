@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -352,6 +353,7 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
             macs = batch * (size // stride) ** 2 * k * k * cin * cout
             row = {"input": f"{size}x{size}x{cin}", "filter": f"{k}x{k}, {cout} out, stride {stride}",
                    "batch": batch, "macs": macs}
+            row.update(least_traffic(batch, size, cin, cout, k, stride))
             packed = cp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, size, size, (cin + 31) // 32),
                                              dtype=np.int64).astype(np.int32))
             # (row label, path, cp.async loads, timed per call too); the tensor-core kernel with its
@@ -488,6 +490,45 @@ def agreement(flatbuffer: bytes, assets: str, device: str = "cuda"):
             "mean_abs_difference_ratio": float(np.abs(ours - cpu).mean() / np.abs(cpu).mean())}
 
 
+def least_traffic(batch: int, size: int, cin: int, cout: int, k: int, stride: int) -> dict:
+    """The bytes a convolution must move at the least (its input, filter and output each read or
+    written once): ``binary_bytes`` for this runtime's (bit-packed input and filter, float32
+    output), ``bf16_bytes`` and ``float32_bytes`` for cuDNN's in those types."""
+    pixels_in, pixels_out = batch * size * size, batch * (size // stride) ** 2
+    words = (cin + 31) // 32
+    return {"binary_bytes": 4 * (pixels_in * words + k * k * words * cout + pixels_out * cout),
+            "bf16_bytes": 2 * (pixels_in * cin + k * k * cin * cout + pixels_out * cout),
+            "float32_bytes": 4 * (pixels_in * cin + k * k * cin * cout + pixels_out * cout)}
+
+
+def memory_bandwidth() -> Optional[float]:
+    """The current GPU's memory bandwidth in bytes/s (memory clock x 2 transfers x bus width), or
+    None where CuPy cannot tell."""
+    try:
+        import cupy as cp
+
+        runtime, device = cp.cuda.runtime, cp.cuda.Device().id
+        clock_khz = runtime.deviceGetAttribute(runtime.cudaDevAttrMemoryClockRate, device)
+        bus_bits = runtime.deviceGetAttribute(runtime.cudaDevAttrGlobalMemoryBusWidth, device)
+    except Exception:
+        return None
+    return 2.0 * clock_khz * 1e3 * bus_bits / 8 if clock_khz > 0 and bus_bits > 0 else None
+
+
+def _traffic_rows(rows, bandwidth: Optional[float]) -> list:
+    """Each shape's least traffic over its time on the GPU alone, for the binary kernel and cuDNN's bf16."""
+    def rate(r, key, time_key):
+        seconds = (r.get(time_key) or 0) / 1000
+        if not seconds or not r.get(key):
+            return "n/a | n/a"
+        gbs = r[key] / seconds / 1e9
+        return f"{gbs:.0f} | " + (f"{100 * r[key] / seconds / bandwidth:.0f}%" if bandwidth else "n/a")
+
+    return [f"| {r['input']} | {r['filter']} | {r['batch']} | {r['binary_bytes'] / 1e6:.2f} | "
+            f"{rate(r, 'binary_bytes', 'cuda_gpu_ms')} | {r['bf16_bytes'] / 1e6:.2f} | {rate(r, 'bf16_bytes', 'bf16_gpu_ms')} |"
+            for r in rows if r.get("binary_bytes")]
+
+
 def _shape_rows(rows, suffix: str):
     """The per-shape table's rows from the times ending in ``suffix`` ("n/a" where one is missing)."""
     def ms(r, key):
@@ -502,7 +543,7 @@ def _shape_rows(rows, suffix: str):
             f"{ms(r, 'cuda')} | {ms(r, 'cuda-popcount')} | {ratio(r, 'float32')} | {ratio(r, 'bf16')} |" for r in rows]
 
 
-def _layer_tables(rows) -> list:
+def _layer_tables(rows, bandwidth: Optional[float] = None) -> list:
     def order(r):  # largest input first, each shape's batches together
         size, _, channels = (int(v) for v in r["input"].split("x"))
         return -size, -channels, r["filter"], r["batch"]
@@ -528,6 +569,16 @@ def _layer_tables(rows) -> list:
                   "| input | filter | batch | register loads (ms) | cp.async (ms) | speed-up |", "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r['cuda-register-loads_gpu_ms']:.3f} | "
                   f"{r['cuda_gpu_ms']:.3f} | {r['cuda-register-loads_gpu_ms'] / r['cuda_gpu_ms']:.2f}x |" for r in both]
+    traffic = _traffic_rows([r for r in rows if r.get("cuda_gpu_ms")], bandwidth)
+    if traffic:
+        peak = f"{bandwidth / 1e9:.0f} GB/s, from its memory clock and bus width" if bandwidth else "not known here"
+        lines += ["", "What bounds them (GPU alone, as above): the least memory traffic each convolution needs (input, "
+                  "filter and output each read or written once: the binary kernel reads bits and writes float32, "
+                  "cuDNN's bf16 reads and writes bf16) over its time, and that rate against the GPU's memory "
+                  f"bandwidth ({peak}). Near 100% a kernel is bound by memory, well below by latency or launch.", "",
+                  "| input | filter | batch | binary (MB) | binary (GB/s) | of bandwidth | bf16 (MB) | bf16 (GB/s) | "
+                  "of bandwidth |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += traffic
     return lines + [""]
 
 
@@ -583,7 +634,7 @@ def write_markdown(path: str, result: dict) -> None:
              "CUDA-event medians; this runtime's kernels are CuPy `RawModule` CUDA (`runtime/csrc/kernels.cu`); the "
              "float baselines are PyTorch's `conv2d` on cuDNN, channels-last.", ""]
     if result.get("layers"):
-        lines += _layer_tables(result["layers"])
+        lines += _layer_tables(result["layers"], result.get("memory_bandwidth"))
     if result.get("whole_model"):
         lines += _model_table(result["whole_model"])
     if result.get("predictor"):
@@ -638,7 +689,7 @@ def main(argv=None):
 
     with open(os.path.join(args.assets, DEFAULT + ".tflite"), "rb") as f:
         flatbuffer = f.read()
-    result = {"gpu": cuda.gpu_name(), "date": datetime.date.today().isoformat()}
+    result = {"gpu": cuda.gpu_name(), "date": datetime.date.today().isoformat(), "memory_bandwidth": memory_bandwidth()}
     import torch
 
     torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm for each shape

@@ -60,6 +60,13 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     layer = {"input": "64x64x128", "filter": "3x3, 128 out, stride 1", "batch": 32, "float32_ms": 2.0, "tf32_ms": 1.0,
              "bf16_ms": 0.8, "cuda_ms": 0.5, "cuda-popcount_ms": 1.5, "float32_gpu_ms": 1.8, "tf32_gpu_ms": 0.9,
              "bf16_gpu_ms": 0.6, "cuda_gpu_ms": 0.3, "cuda-popcount_gpu_ms": None, "cuda-register-loads_gpu_ms": 0.45}
+    script = _script()
+    # the least traffic by hand: 32 x 64 x 64 pixels in and out, 4 words of bits in, 128 floats out,
+    # 9 x 4 x 128 filter words; bf16: 128 values in and out a pixel, 9 x 128 x 128 filter values
+    layer.update(script.least_traffic(32, 64, 128, 128, 3, 1))
+    assert layer["binary_bytes"] == 4 * (131072 * 4 + 9 * 4 * 128 + 131072 * 128) == 69224448
+    assert layer["bf16_bytes"] == 2 * (131072 * 128 + 9 * 128 * 128 + 131072 * 128) == 67403776
+    assert layer["float32_bytes"] == 2 * layer["bf16_bytes"]
     engines = {"larq_landmarks.runtime (cuda)": (1.5, 20.0), "same network in PyTorch, float32 (cuDNN, TF32 off)": (
         2.0, 64.0)}
     whole = [{"engine": name, "batch": batch, "ms": ms[i]} for name, ms in engines.items()
@@ -71,11 +78,11 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     predictor = [{"engine": "cuda", "threads": 1, "faces": 256, "batch": 64, "s": 0.128},
                  {"engine": "runtime", "threads": 16, "faces": 256, "batch": 64, "error": "ImportError('no kernels')"}]
     first = dict(layer, input="128x128x64", filter="3x3, 32 out, stride 1")  # run after it (batch by batch)
-    result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "layers": [layer, first], "whole_model": whole,
+    result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "memory_bandwidth": 4.8e12, "layers": [layer, first],
+              "whole_model": whole,
               "predictor": predictor, "agreement": {"same_peaks": 1.0, "mean_abs_difference_ratio": 1e-7}}
     path = tmp_path / "benchmarks.md"
     path.write_text("# Benchmarks\n\n## CPU\n\ntext\n\n## Bit-packed inference on an NVIDIA GPU (old)\n\nold\n\n## After\n\nkept\n")
-    script = _script()
     script.write_markdown(str(path), result)
     script.write_markdown(str(path), result)
     text = path.read_text()
@@ -84,9 +91,12 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "(NVIDIA H200, 2026-11-29)" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2.000 | 1.000 | 0.800 | 0.500 | 1.500 | 4.0x | 1.6x |" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 1.800 | 0.900 | 0.600 | 0.300 | n/a | 6.0x | 2.0x |" in text
-    assert text.count("| input | filter | batch |") == 3
+    assert text.count("| input | filter | batch |") == 4  # per call, GPU alone, loads, traffic
     assert text.index("| 128x128x64 | 3x3, 32 out") < text.index("| 64x64x128 | 3x3, 128 out")  # larger input first
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 0.450 | 0.300 | 1.50x |" in text  # register loads vs cp.async
+    # 69.22 MB in 0.3 ms: 231 GB/s, 4.8% of 4.8 TB/s; bf16 67.40 MB in 0.6 ms: 112 GB/s, 2.3%
+    assert "(4800 GB/s, from its memory clock and bus width)" in text
+    assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 69.22 | 231 | 5% | 67.40 | 112 | 2% |" in text
     assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
     assert "| PyTorch, CUDA graph | 0.90 | n/a | n/a | n/a |" in text
     assert "| larq_landmarks.runtime (cuda-popcount) (graph capture failed: steps launched from Python) | 3.00 |" in text
@@ -100,7 +110,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     (tmp_path / "partial.json").write_text(json.dumps(partial))
     script.main(["--from-json", str(tmp_path / "partial.json"), "--markdown", str(path)])
     text = path.read_text()
-    assert text.count("| 64x64x128 | 3x3, 128 out, stride 1 | 32 |") == 3 and "### The whole default model" not in text
+    assert text.count("| 64x64x128 | 3x3, 128 out, stride 1 | 32 |") == 4 and "### The whole default model" not in text
     assert "## CPU\n\ntext" in text and "## After\n\nkept" in text
 
 
@@ -146,7 +156,9 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     assert all(r["s"] > 0 for r in result["predictor"])
     assert result["agreement"]["same_peaks"] >= 0.99 and result["agreement"]["mean_abs_difference_ratio"] < 1e-4
     text = path.read_text()
-    # per call, on the GPU alone (graph-replayed), and the tensor-core kernel's two ways of loading
-    assert text.count("| 3x3, ") == 3 * len(rows)
+    # per call, on the GPU alone (graph-replayed), the tensor-core kernel's two ways of loading, and
+    # the traffic (the bandwidth unknown without a GPU)
+    assert text.count("| 3x3, ") == 4 * len(rows) and "bandwidth (not known here)" in text
+    assert result["memory_bandwidth"] is None and all(r["binary_bytes"] > 0 for r in result["layers"])
     assert "| batch 2 (images/s) |" in text and "heatmap peaks" in text
     assert "| CUDA engine (crops and decoding on the GPU) | " in text and f"| CPU runtime, {os.cpu_count()} threads | " in text
