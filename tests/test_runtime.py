@@ -18,7 +18,7 @@ from larq_landmarks import cli, export, heatmaps as hm, models
 from larq_landmarks.predictor import Predictor
 from larq_landmarks.runtime import CorruptModelError, CudaUnavailableError, Engine, UnsupportedModelError
 from larq_landmarks.runtime import available_kernels
-from larq_landmarks.runtime import cuda, kernels as kernel_paths, ops
+from larq_landmarks.runtime import cuda, engine as engine_module, kernels as kernel_paths, ops
 from larq_landmarks.synthetic import trained_like_batch_norm
 
 import fake_cupy
@@ -329,8 +329,6 @@ def test_fused_hpm_block_steps_give_the_unfused_plans_outputs(small_file, monkey
     convolutions into their channels: neither has a step of its own, and the outputs are bit for
     bit those of the plan where each is its own pass (the C++ paths, and kernels.cu built for the
     CPU standing in for the GPU)."""
-    from larq_landmarks.runtime import engine as engine_module
-
     if kernels == "cuda":
         fake_cupy.install(monkeypatch)
     images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype(np.float32)
@@ -454,6 +452,16 @@ def test_gpu_runs_on_other_streams_and_threads_take_none_of_a_runs_buffers(small
     thread.join()
     assert "buffers" in in_thread and not in_thread["buffers"] & released  # (missing: the run failed)
     assert run("the default stream again") & released  # its own released buffers, reused
+    # a stream made for each call: the pools of the last GPU_STREAMS_KEPT streams are kept, the
+    # default stream's among them while it keeps running
+    streams = [fake_cupy.Stream(non_blocking=True) for _ in range(engine_module.GPU_STREAMS_KEPT + 2)]
+    for stream in streams:
+        with stream:
+            run("a new stream")
+        run("the default stream between them")
+    kept = list(gpu._gpu_pools.by_stream)
+    assert len(kept) == engine_module.GPU_STREAMS_KEPT and kept[-1] == fake_cupy.get_current_stream().ptr
+    assert kept[:-1] == [stream.ptr for stream in streams[-(engine_module.GPU_STREAMS_KEPT - 1):]]
 
 
 def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):

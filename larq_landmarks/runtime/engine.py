@@ -8,6 +8,7 @@ TensorFlow.
 
     gpu = Engine("face.tflite", kernels="cuda")  # the whole model on an NVIDIA GPU (needs CuPy)
 """
+import collections
 import contextlib
 import os
 import threading
@@ -159,6 +160,9 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
          "BN+CONV_2D": "float convolutions", "BN+CONV_2D+ADD": "float convolutions",
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
          "LceDequantize": "bit-packing (with fused batch norm)"}
+
+# the CUDA streams per thread whose recycled buffers an engine keeps (Engine._buffers)
+GPU_STREAMS_KEPT = 4
 
 
 class Engine:
@@ -325,12 +329,19 @@ class Engine:
         releases a buffer once its last reader has run, so one pool serves every thread. On the GPU
         it releases a buffer once its last reader is queued, so only later work on the same stream
         may reuse it (a run on another stream could overwrite it while it is still read): one pool
-        per thread and CUDA stream."""
+        per thread and CUDA stream, for the last ``GPU_STREAMS_KEPT`` streams a thread ran on (a
+        thread that makes a stream for each call does not keep a pool for each; CuPy gives a
+        dropped pool's memory only to later work on its stream)."""
         current_stream = getattr(self._kernels, "current_stream", None)
         if current_stream is None:
             return self._pool
-        pools = self._gpu_pools.__dict__.setdefault("by_stream", {})
-        return pools.setdefault(current_stream(), {})
+        pools = self._gpu_pools.__dict__.setdefault("by_stream", collections.OrderedDict())
+        stream = current_stream()
+        pool = pools.setdefault(stream, {})
+        pools.move_to_end(stream)
+        while len(pools) > GPU_STREAMS_KEPT:
+            pools.popitem(last=False)
+        return pool
 
     def _forget_batch(self, shape: tuple) -> None:
         """Frees this thread's recycled buffers of ``shape``'s batch size (a CUDA graph of it has its own)."""
