@@ -388,6 +388,32 @@ def test_a_pooled_buffer_serves_smaller_batches_and_goes_back_whole():
 
 
 @pytest.mark.parametrize("kernels", ["auto", "cuda"])
+def test_predict_runs_a_large_batch_in_parts(small_file, monkeypatch, kernels):
+    """``batch_size`` images at a time (memory for that many), the parts' results concatenated:
+    the same as all at once (bit for bit on the CPU; on the GPU the float convolutions' cuBLAS
+    products, NumPy's here, may sum in another order for another batch); NumPy or CuPy in, the
+    same kind out."""
+    if kernels == "cuda":
+        fake_cupy.install(monkeypatch)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if kernels == "cuda" else {"rtol": 0, "atol": 0}
+    images = np.random.default_rng(13).uniform(size=(5, 64, 64, 3)).astype(np.float32)
+    whole = Engine(small_file, kernels=kernels, cuda_graphs=False).predict(images, batch_size=None)
+    engine = Engine(small_file, kernels=kernels, cuda_graphs=False)
+    got = engine.predict(images, batch_size=2)  # 2 + 2 + 1
+    np.testing.assert_allclose(got, whole, **tolerance)
+    assert {len(buffer) for free in engine._buffers().values() for buffer in free} == {2}
+    if kernels == "cuda":
+        on_device = engine.predict(fake_cupy.asarray(images), batch_size=2)
+        assert isinstance(on_device, fake_cupy.DeviceArray)
+        np.testing.assert_allclose(np.asarray(on_device), whole, **tolerance)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"batch_size={bad} must be a positive integer or None"):
+            engine.predict(images, batch_size=bad)
+    with pytest.raises(ValueError, match=r"input must have shape \(B, 64, 64, 3\)"):
+        engine.predict(np.float32(1.0))
+
+
+@pytest.mark.parametrize("kernels", ["auto", "cuda"])
 def test_buffers_of_the_largest_batch_serve_every_smaller_one(small_file, monkeypatch, kernels):
     """Called with batches 1, 3, 2, 1, 3 (as a Predictor is, with each image's faces), the engine
     keeps one set of buffers, of batch 3 (not one per batch size): the smaller runs take the first
