@@ -240,8 +240,10 @@ BINARY_CONFIGS = [name for name, c in models.named_configurations().items() if c
 
 @pytest.mark.slow  # the fast tier checks LCE parity through test_predictor_runs_tflite_with_the_runtime_by_default
 @pytest.mark.parametrize("name", BINARY_CONFIGS)
-def test_named_binary_configuration_matches_lce_on_every_path(name):
-    """Width 48 gives channel counts (24, 12) that are not multiples of 32; batch 3 on a batch-1 file."""
+def test_named_binary_configuration_matches_lce_on_every_path(name, monkeypatch):
+    """Width 48 gives channel counts (24, 12) that are not multiples of 32; batch 3 on a batch-1 file.
+    The GPU paths too (kernels.cu built for the CPU standing in for the GPU), as the GPU machine
+    checks these models (tests/test_runtime_cuda.py on the prepared ones)."""
     tf.keras.utils.set_random_seed(0)
     model = trained_like_batch_norm(models.build_named(name, 68, input_size=64, width=48, depth=2))
     with warnings.catch_warnings():
@@ -249,6 +251,8 @@ def test_named_binary_configuration_matches_lce_on_every_path(name):
         flatbuffer = export.convert(model)
     images = np.random.default_rng(1).uniform(size=(3, 64, 64, 3)).astype(np.float32)
     _assert_parity_with_lce(flatbuffer, images)
+    fake_cupy.install(monkeypatch)
+    _assert_parity_with_lce(flatbuffer, images, cuda.PATHS)
 
 
 def test_bit_packed_outputs_and_strides_match_lce():
