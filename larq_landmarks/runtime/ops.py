@@ -59,6 +59,7 @@ class Values(list):
                 part = buffer[:batch]
                 self._bases[id(part)] = buffer
                 return part
+            # smaller than this batch: dropped (the buffer made below, or a bigger one, replaces it)
         return self.empty(shape, dtype)
 
     def release(self, array) -> None:
