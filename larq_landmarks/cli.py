@@ -350,12 +350,21 @@ def _box(text: str) -> List[float]:
     return values
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _tflite_arguments(parser):
     parser.add_argument("--engine", default="auto", type=_engine,
                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
                         "cannot run the file or where the CPU lacks AVX2, an ARM one say), runtime, lce, or cuda "
                         "(the runtime on an NVIDIA GPU; needs CuPy); cuda:N runs it on GPU N")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="threads for a .tflite model")
+    parser.add_argument("--threads", type=_positive_int, default=usable_cores(),
+                        help="threads for a .tflite model on the CPU (default: every core this process may use)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """The larq-landmarks command line: train, evaluate, predict (issue 4)."""
 import json
+import os
 
 import pytest
 import tensorflow as tf
@@ -182,6 +183,15 @@ def test_box_option_is_four_numbers_and_may_be_negative(capsys):
         with pytest.raises(SystemExit) as exit:
             cli.main(["predict", "x.jpg", "--model", "m.tflite", "--box", value])
         assert exit.value.code == 2 and "argument --box" in capsys.readouterr().err
+
+
+def test_tflite_models_run_on_every_usable_core_by_default():
+    """A .tflite runs on every core this process may use unless --threads says otherwise."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser = cli.build_parser()
+    for command in (["predict", "x.jpg", "--model", "m.tflite"], ["evaluate", "--model", "m.tflite", "--format", "300w", "--data", "d"]):
+        assert parser.parse_args(command).threads == cores == cli.usable_cores()
+        assert parser.parse_args(command + ["--threads", "1"]).threads == 1
 
 
 @pytest.mark.parametrize("option,value", [("--threads", "0"), ("--min-score", "1.5"), ("--threads", "two")])
