@@ -13,11 +13,11 @@ Part 1 (run second), every distinct binary 3x3 conv shape of the default model a
 and 128: this runtime's kernel (bit-packed input, float output with LCE's output transform; tensor
 cores and the popcount fallback) against PyTorch's ``conv2d`` (cuDNN, channels-last) in float32
 with TF32 off (the papers' comparison), TF32 and bfloat16, per call and on the GPU alone (CUDA
-graphs), with each side's least memory traffic against the GPU's bandwidth. Part 2 (run first), the whole default model: batch 1 latency and batch 64 throughput,
-this runtime (with and without its CUDA graphs, and with the HPM block ops as separate passes)
-against the same network in float32 and bfloat16
-(the .tflite's graph run op by op in PyTorch, binary convolutions as float convolutions of the
-+-1 values; eagerly and as a CUDA graph). Times are CUDA-event medians.
+graphs), with each side's least memory traffic against the GPU's bandwidth. Part 2 (run first),
+the whole default model: batch 1 latency and batch 64 throughput, this runtime (with and without
+its CUDA graphs, and with the HPM block ops as separate passes) against the same network in
+float32 and bfloat16 (the .tflite's graph run op by op in PyTorch, binary convolutions as float
+convolutions of the +-1 values; eagerly and as a CUDA graph). Times are CUDA-event medians.
 """
 import argparse
 import datetime
