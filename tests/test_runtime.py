@@ -370,25 +370,42 @@ def _memory_held(array) -> int:
     return array.nbytes
 
 
+def _pooled(pool) -> list:
+    """Every free buffer of an engine's (or a run's) pool."""
+    return [buffer for by_batch in pool.values() for free in by_batch.values() for buffer in free]
+
+
 def test_a_pooled_buffer_serves_smaller_batches_and_goes_back_whole():
     pool = {}
+    key = ((4, 5, 6), np.dtype(np.float32))
     values = ops.Values(2, pool)
     big = values.alloc((3, 4, 5, 6), np.float32)
     assert big.shape == (3, 4, 5, 6) and not values.is_part(big)
     values.release(big)
     small = values.alloc((2, 4, 5, 6), np.float32)  # the first 2 images of the batch-3 buffer
     assert small.shape == (2, 4, 5, 6) and small.flags.c_contiguous and values.is_part(small)
-    assert small.ctypes.data == big.ctypes.data and not pool[((4, 5, 6), np.dtype(np.float32))]
+    assert small.ctypes.data == big.ctypes.data and not _pooled(pool)
     values.release(small)
-    assert [b is big for b in pool[((4, 5, 6), np.dtype(np.float32))]] == [True]  # back whole
+    assert [b is big for b in _pooled(pool)] == [True]  # back whole
     other = values.alloc((2, 4, 5, 6), np.int32)  # another dtype: a buffer of its own
     assert other.dtype == np.int32 and other.ctypes.data != big.ctypes.data and not values.is_part(other)
-    bigger = values.alloc((4, 4, 5, 6), np.float32)  # the batch-3 buffer is too small: dropped
-    assert len(bigger) == 4 and not pool[((4, 5, 6), np.dtype(np.float32))]
+    one = values.alloc((1, 4, 5, 6), np.float32)  # the batch-3 one, as no smaller one is free
+    values.release(one)
+    held = values.alloc((3, 4, 5, 6), np.float32)  # (another thread's run, say, holds the batch-3 one)
+    one = values.alloc((1, 4, 5, 6), np.float32)  # none free: a batch-1 buffer of its own
+    assert len(one) == 1 and not values.is_part(one)
+    values.release(one)
+    values.release(held)
+    assert sorted(len(buffer) for free in pool[key].values() for buffer in free) == [1, 3]
+    again = values.alloc((1, 4, 5, 6), np.float32)  # the smallest that fits: batch 1, not 3
+    assert again is one
+    values.release(again)
+    bigger = values.alloc((4, 4, 5, 6), np.float32)  # none fits: made, and the smaller free ones dropped
+    assert len(bigger) == 4 and not _pooled({key: pool[key]})
     values.release(bigger)
     values.release(other)
-    assert {key: [len(b) for b in free] for key, free in pool.items()} == {
-        ((4, 5, 6), np.dtype(np.float32)): [4], ((4, 5, 6), np.dtype(np.int32)): [2]}
+    assert {k: {size: len(free) for size, free in by_batch.items() if free} for k, by_batch in pool.items()} == {
+        key: {4: 1}, ((4, 5, 6), np.dtype(np.int32)): {2: 1}}
 
 
 @pytest.mark.parametrize("kernels", ["auto", "cuda"])
@@ -405,7 +422,7 @@ def test_predict_runs_a_large_batch_in_parts(small_file, monkeypatch, kernels):
     engine = Engine(small_file, kernels=kernels, cuda_graphs=False)
     got = engine.predict(images, batch_size=2)  # 2 + 2 + 1
     np.testing.assert_allclose(got, whole, **tolerance)
-    assert {len(buffer) for free in engine._buffers().values() for buffer in free} == {2}
+    assert {len(buffer) for buffer in _pooled(engine._buffers())} == {2}
     if kernels == "cuda":
         on_device = engine.predict(fake_cupy.asarray(images), batch_size=2)
         assert isinstance(on_device, fake_cupy.DeviceArray)
@@ -443,7 +460,7 @@ def test_buffers_of_the_largest_batch_serve_every_smaller_one(small_file, monkey
         assert _memory_held(got) <= got.nbytes + 64, f"batch {batch}: the result holds a bigger buffer"
         fresh = Engine(small_file, kernels=kernels, cuda_graphs=False)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(fresh.predict(images[:batch])), f"batch {batch}")
-        pooled = {len(buffer) for free in engine._buffers().values() for buffer in free}
+        pooled = {len(buffer) for buffer in _pooled(engine._buffers())}
         assert pooled == {max([1, 3, 2, 1, 3][:position + 1])}, f"batch {batch}: pooled batches {pooled}"
 
 
@@ -472,7 +489,7 @@ def test_gpu_runs_on_other_streams_and_threads_take_none_of_a_runs_buffers(small
         return {id(buffer) for buffer in taken}
 
     first = run("default stream")
-    released = {id(b) for buffers in gpu._buffers().values() for b in buffers}
+    released = {id(b) for b in _pooled(gpu._buffers())}
     assert released and released <= first
     with fake_cupy.Stream(non_blocking=True):
         assert not run("another stream") & released
@@ -514,14 +531,14 @@ def test_gpu_engine_replays_each_shape_as_a_cuda_graph(small_file, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture warns
         results = [gpu.predict(batches[0])]
-        assert [b for free in gpu._buffers().values() for b in free if len(b) == 2] and not launches  # eager, buffers kept for reuse
+        assert [b for b in _pooled(gpu._buffers()) if len(b) == 2] and not launches  # eager, buffers kept for reuse
         results.append(gpu.predict(batches[1]))
         per_run = len(launches)  # graphs a replay launches: split at each float convolution's cuBLAS GEMM
         products = sum(op.name == "CONV_2D" for op in gpu.graph.operators)
         assert products >= 2 and per_run == products + 1
         results.append(gpu.predict(batches[2]))
         assert len(launches) == 2 * per_run and list(gpu._captured.captured) == [(2, 64, 64, 3)]  # captured at call 2
-        assert not [b for free in gpu._buffers().values() for b in free if len(b) == 2]  # the eager run's buffers freed
+        assert not [b for b in _pooled(gpu._buffers()) if len(b) == 2]  # the eager run's buffers freed
         on_device = gpu.predict(fake_cupy.asarray(batches[3]))
         again = gpu.predict(batches[0])  # replayed after the CuPy call: its result is left alone
     assert isinstance(on_device, fake_cupy.DeviceArray) and len(launches) == 4 * per_run

@@ -346,8 +346,8 @@ class Engine:
     def _forget_batch(self, shape: tuple) -> None:
         """Frees this thread's recycled buffers of ``shape``'s batch size (a CUDA graph of it has its own)."""
         for pool in self._gpu_pools.__dict__.get("by_stream", {}).values():
-            for free in pool.values():
-                free[:] = [buffer for buffer in free if len(buffer) != shape[0]]
+            for by_batch in pool.values():
+                by_batch.pop(shape[0], None)
 
     @property
     def input_shape(self) -> tuple:

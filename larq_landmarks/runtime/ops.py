@@ -32,13 +32,15 @@ class Values(list):
     that the engine recycles once their last reader has run (no page faults after the first run).
     ``empty`` makes new buffers: :func:`aligned_empty`, or the GPU kernels' ``empty`` for CuPy arrays.
 
-    ``pool`` maps an image shape and dtype to free buffers, each of some batch size: a run of batch
-    ``b`` takes the first ``b`` images of a free buffer of at least ``b`` (C-contiguous, as the
-    kernels need), and a free buffer smaller than the batch asked for is dropped, as a bigger one
-    is made instead. So the pool holds one set of buffers of the largest batch run, not one set
-    per batch size (called with batches 1 to 12, the default model's engine kept 3.5 GB that way)."""
+    ``pool`` maps an image shape and dtype to free buffers by batch size: a run of batch ``b``
+    takes a free buffer of batch ``b``, or else the first ``b`` images of the smallest free buffer
+    bigger than that (C-contiguous, as the kernels need); where none fits, it makes one and drops
+    the free ones smaller than it (this one, or a bigger one, serves their batches from then on).
+    So one engine called with many batch sizes in turn holds one set of buffers of the largest, not
+    one set per batch size (called with batches 1 to 12, the default model's engine kept 3.5 GB
+    that way), and runs of small batches in other threads take small buffers, not big ones."""
 
-    def __init__(self, count: int, pool: Dict[tuple, list], empty: Callable = aligned_empty):
+    def __init__(self, count: int, pool: Dict[tuple, Dict[int, list]], empty: Callable = aligned_empty):
         super().__init__([None] * count)
         self.pool = pool
         self.empty = empty
@@ -47,24 +49,29 @@ class Values(list):
     def alloc(self, shape: tuple, dtype):
         shape = tuple(shape)
         batch = shape[0]
-        free = self.pool.get((shape[1:], np.dtype(dtype)))
-        while free:
-            try:
-                buffer = free.pop()
-            except IndexError:  # the pool is the engine's: another thread's run took the last one
-                break
-            if len(buffer) == batch:
-                return buffer
-            if len(buffer) > batch:
+        by_batch = self.pool.get((shape[1:], np.dtype(dtype)))
+        if by_batch:
+            sizes = sorted(list(by_batch))  # (the pool is the engine's: other threads' runs take and give too)
+            for size in sizes:
+                if size < batch:
+                    continue
+                try:
+                    buffer = by_batch[size].pop()
+                except (IndexError, KeyError):  # another thread's run took the last one, or dropped them
+                    continue
+                if size == batch:
+                    return buffer
                 part = buffer[:batch]
                 self._bases[id(part)] = buffer
                 return part
-            # smaller than this batch: dropped (the buffer made below, or a bigger one, replaces it)
+            for size in sizes:
+                if size < batch:
+                    by_batch.pop(size, None)
         return self.empty(shape, dtype)
 
     def release(self, array) -> None:
         buffer = self._bases.pop(id(array), array)
-        self.pool.setdefault((buffer.shape[1:], buffer.dtype), []).append(buffer)
+        self.pool.setdefault((buffer.shape[1:], buffer.dtype), {}).setdefault(len(buffer), []).append(buffer)
 
     def is_part(self, array) -> bool:
         """Whether ``array`` is the first images of a bigger pooled buffer (a graph output that is
