@@ -51,7 +51,7 @@ class Values(list):
         batch = shape[0]
         by_batch = self.pool.get((shape[1:], np.dtype(dtype)))
         if by_batch:
-            sizes = sorted(list(by_batch))  # (the pool is the engine's: other threads' runs take and give too)
+            sizes = sorted(by_batch)  # (the pool is the engine's: other threads' runs take and give too)
             for size in sizes:
                 if size < batch:
                     continue
