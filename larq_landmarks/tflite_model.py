@@ -5,9 +5,10 @@ interpreter. Nothing here needs TensorFlow: on a machine without it (a deploymen
 server) the runtime engines work, and only LCE's interpreter is missing.
 """
 import collections
+import os
 import threading
 import warnings
-from typing import Counter
+from typing import Counter, Union
 
 import numpy as np
 
@@ -112,7 +113,7 @@ class TfliteModel:
     """A converted ``.tflite`` ready to run: ``predict(images)`` for any batch size.
 
     Args:
-        flatbuffer: the file's bytes.
+        flatbuffer: the file's bytes, or its path (read and checked by :func:`load_flatbuffer`).
         engine: ``"runtime"`` (this package's bit-packed kernels, :mod:`larq_landmarks.runtime`),
             ``"lce"`` (LCE's interpreter) or ``"auto"``: the runtime where it has SIMD kernels for
             this CPU (AVX2 or AVX-512), falling back to LCE's interpreter with a warning that names
@@ -129,8 +130,11 @@ class TfliteModel:
         and ``output_shape`` as stored.
     """
 
-    def __init__(self, flatbuffer: bytes, engine: str = "auto", num_threads: int = 1, name: str = "model"):
+    def __init__(self, flatbuffer: Union[bytes, str, os.PathLike], engine: str = "auto", num_threads: int = 1,
+                 name: str = "model"):
         check_engine(engine)
+        if isinstance(flatbuffer, (str, os.PathLike)):
+            flatbuffer, name = load_flatbuffer(flatbuffer), os.fspath(flatbuffer) if name == "model" else name
         verify(flatbuffer, name)
         self.kernels = None
         if engine == "auto" and runtime_is_portable_only():

@@ -214,6 +214,9 @@ def test_kernels_refuse_outputs_they_cannot_write_in_place(path):
     out = np.zeros((1, 2, 2, 1), np.int32)
     module.bitpack(x, none, none, out)
     assert (out == -1).all()  # all 32 bits set: every value negative, written in place
+    with pytest.raises(ValueError, match="elementwise: shapes"):  # an empty operand: not a broadcast
+        module.binary_elementwise(x, none, 0, -np.inf, np.inf, np.zeros_like(x))
+    module.binary_elementwise(none, none, 0, -np.inf, np.inf, none)  # nothing to do (was a division by zero)
 
 
 def _landmarks(heatmaps):
@@ -427,6 +430,11 @@ def test_predict_runs_a_large_batch_in_parts(small_file, monkeypatch, kernels):
         on_device = engine.predict(fake_cupy.asarray(images), batch_size=2)
         assert isinstance(on_device, fake_cupy.DeviceArray)
         np.testing.assert_allclose(np.asarray(on_device), whole, **tolerance)
+    empty = engine.predict(images[:0])  # no image, no run (the kernels' grids assume one)
+    assert type(empty) is np.ndarray and empty.shape == (0,) + whole.shape[1:] and empty.dtype == np.float32
+    if kernels == "cuda":
+        empty = engine.predict(fake_cupy.asarray(images[:0]))
+        assert isinstance(empty, fake_cupy.DeviceArray) and empty.shape == (0,) + whole.shape[1:]
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match=rf"batch_size={bad} must be a positive integer or None"):
             engine.predict(images, batch_size=bad)
@@ -649,6 +657,12 @@ def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
     with pytest.raises(CorruptModelError, match="junk.tflite: not a complete TFLite flatbuffer"):
         (tmp_path / "junk.tflite").write_bytes(b"junk" * 10)
         Engine(str(tmp_path / "junk.tflite"))
+    with pytest.warns(UserWarning, match=r"tanh.tflite: operator 1 TANH"):  # a path, as Engine takes
+        np.testing.assert_array_equal(export.TfliteModel(path).predict(images), fallback.predict(images))
+    with pytest.raises(export.NotOurModelError, match="junk.tflite: not a complete TFLite flatbuffer"):
+        export.TfliteModel(str(tmp_path / "junk.tflite"))
+    with pytest.raises(FileNotFoundError, match="missing.tflite"):
+        export.TfliteModel(tmp_path / "missing.tflite")
 
 
 def test_auto_prefers_lce_where_the_runtime_has_only_its_portable_kernels(small_file, monkeypatch):

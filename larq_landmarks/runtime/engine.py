@@ -424,6 +424,8 @@ class Engine:
             images = kernels.cp.ascontiguousarray(images.astype(np.float32, copy=False))
         else:
             images = np.ascontiguousarray(images, np.float32)
+        if len(images) == 0:  # no image: nothing to run (the kernels' shapes assume at least one)
+            return (kernels.cp if on_device else np).zeros((0,) + tuple(self.output_shape[1:]), np.float32)
         if self._captured is not None and times is None:
             output = self._captured(images, on_device)
             if output is not None:

@@ -1066,7 +1066,8 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
 // Element-wise: out = clamp(a (op) b) where b is a full tensor, a per-channel vector or a scalar.
 static void binary_elementwise(Array<float> a, Array<float> b, int op, float lo, float hi, py::array out) {
   const int64_t n = a.size(), nb = b.size();
-  if (out.size() != n || (nb != n && nb != 1 && n % nb != 0)) throw std::invalid_argument("elementwise: shapes");
+  if (out.size() != n || (nb != n && (nb == 0 || (nb != 1 && n % nb != 0)))) throw std::invalid_argument("elementwise: shapes");
+  if (n == 0) return;
   const float* x = a.data();
   const float* z = b.data();
   float* o = checked_data<float>(out, -1, true, "binary_elementwise output");
