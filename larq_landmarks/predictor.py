@@ -191,7 +191,7 @@ class Predictor:
 
     @classmethod
     def _from_tflite(cls, path, box_kind, use_flip_test, num_threads, engine):
-        model = tflite_model.TfliteModel(tflite_model.load_flatbuffer(path), engine, num_threads, name=str(path))
+        model = tflite_model.TfliteModel(path, engine, num_threads)
         inputs, outputs = model.input_shape, model.output_shape
         _check_model_shapes(tuple(inputs), tuple(outputs), str(path))
         predictor = cls(model.predict, inputs[1], outputs[-1], box_kind, use_flip_test)
