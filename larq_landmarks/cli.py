@@ -312,13 +312,27 @@ def _data_arguments(parser):
     parser.add_argument("--images", help="image folder (MPII formats)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning")
     parser.add_argument("--task", default="heatmaps", choices=("heatmaps", "segmentation"))
-    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--batch-size", type=_positive_int, default=10)
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
     return value
 
 
@@ -379,10 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate it, convert it with LCE, and write a report with pictures.",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+    demo.add_argument("--steps", type=_positive_int, default=1000, help="training steps (default 1000)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--train-images", type=int, default=400, help="synthetic training faces (default 400)")
-    demo.add_argument("--test-images", type=int, default=64, help="synthetic test faces (default 64)")
+    demo.add_argument("--train-images", type=_positive_int, default=400, help="synthetic training faces (default 400)")
+    demo.add_argument("--test-images", type=_positive_int, default=64, help="synthetic test faces (default 64)")
     demo.add_argument("--one-stage", action="store_true",
                       help="train the binary network in one stage (default: two, real weights first)")
     demo.set_defaults(run=_demo)
@@ -393,9 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(train)
     train.add_argument("--out", required=True, help="run folder: model.keras, backup/, logs/")
     train.add_argument("--model", default="binary_hpm", help="named configuration (models/*.json)")
-    train.add_argument("--epochs", type=int, default=100)
-    train.add_argument("--steps-per-epoch", type=int, help="default: data-set size / batch size")
-    train.add_argument("--learning-rate", type=float, default=2.5e-4)
+    train.add_argument("--epochs", type=_positive_int, default=100)
+    train.add_argument("--steps-per-epoch", type=_positive_int, help="default: data-set size / batch size")
+    train.add_argument("--learning-rate", type=_positive_float, default=2.5e-4)
     train.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
                        help="adam (default) or rmsprop (the papers')")
     train.add_argument("--schedule", choices=["step", "cosine", "constant"], default="step",
@@ -406,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--width", type=int, help="override the configuration's width")
     train.add_argument("--depth", type=int, help="override the configuration's depth")
     train.add_argument("--num-stacks", type=int, help="override the configuration's stacks")
-    train.add_argument("--sigma", type=float, default=1.5, help="heatmap Gaussian sigma (pixels)")
+    train.add_argument("--sigma", type=_positive_float, default=1.5, help="heatmap Gaussian sigma (pixels)")
     train.add_argument("--input-quantizer", choices=["ste_sign", "approx_sign", "swish_sign"],
                        help="binary networks: the activations' sign and its gradient (default approx_sign; "
                        "ste_sign is the papers'; all convert to LCE)")
@@ -426,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="distil from this trained model (a real-valued twin, e.g. --model real_hpm, with the "
                        "same outputs): its heatmaps and attention maps at the block outputs join the loss in "
                        "every stage (larq_landmarks.distillation.Distiller); model.keras is the student")
-    train.add_argument("--attention-weight", type=float, default=1.0,
+    train.add_argument("--attention-weight", type=_non_negative_float, default=1.0,
                        help="with --teacher: weight of the attention-map loss (0: heatmaps only; default 1)")
     train.add_argument("--overwrite", action="store_true",
                        help="train again in an --out that holds a finished (or interrupted) run")
@@ -510,6 +524,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         unknown = sorted(set(config) - known)
         if unknown:
             _fail(command, f"config {config_path!r} has unknown options {unknown}")
+        for action in subparser._actions:  # a number in the file gets the check its flag gets
+            value = config.get(action.dest)
+            if action.type is not None and isinstance(value, (bool, int, float)):
+                try:
+                    action.type(str(value))
+                except (argparse.ArgumentTypeError, ValueError) as error:
+                    _fail(command, f"config {config_path!r}: {action.dest}={value!r}: {error}")
         subparser.set_defaults(**config)
         for action in subparser._actions:  # the config may supply required options
             if action.dest in config:

@@ -119,6 +119,23 @@ def test_bad_config_and_missing_data_are_named(tmp_path):
         cli.main(["train", "--config", str(config), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="nowhere: data-set folder not found"):
         cli.main(["train", "--format", "300w", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    for bad, message in [({"batch_size": 0}, "batch_size=0: 0 is not at least 1"),
+                         ({"batch_size": 2.5}, "batch_size=2.5: invalid literal"),
+                         ({"learning_rate": -1e-3}, "learning_rate=-0.001: -0.001 is not a positive number")]:
+        config.write_text(json.dumps({"format": "300w", "data": "x", **bad}))  # checked as its flag is
+        with pytest.raises(SystemExit, match=rf"larq-landmarks train: config .*c.json'?: {message}"):
+            cli.main(["train", "--config", str(config), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--batch-size", "0"), ("--epochs", "0"), ("--steps-per-epoch", "-1"),
+                                          ("--learning-rate", "0"), ("--learning-rate", "nan"), ("--sigma", "-1"),
+                                          ("--attention-weight", "-1")])
+def test_bad_training_numbers_are_named_before_anything_starts(option, value, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", "--format", "300w", "--data", "x", "--out", str(tmp_path / "o"), option, value])
+    assert exit.value.code == 2 and f"argument {option}: {value} is not" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("command", ["demo", "train", "evaluate", "predict", "convert"])
