@@ -258,6 +258,30 @@ def test_named_binary_configuration_matches_lce_on_every_path(name, monkeypatch)
     _assert_parity_with_lce(flatbuffer, images, cuda.PATHS)
 
 
+UNNAMED_SHAPES = [  # what the named configurations do not vary: depth, stacks, task, width, input size
+    dict(width=20, depth=1, num_stacks=2, block="hpm", pooling="avg", relu=True, task="segmentation", input_size=32),
+    dict(width=36, depth=3, num_stacks=1, block="bottleneck", pooling="avg", binary_skip=True, input_size=96,
+         kernel_quantizer="ste_sign"),
+    dict(width=44, depth=2, num_stacks=2, block="hpm", pooling="max", binary_skip=True, input_size=48),
+    dict(width=12, depth=3, num_stacks=2, block="bottleneck", pooling="max", task="segmentation", input_size=64),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", UNNAMED_SHAPES, ids=lambda kwargs: f"w{kwargs['width']}d{kwargs['depth']}")
+def test_other_depths_stacks_widths_and_tasks_match_lce_on_every_path(kwargs, monkeypatch):
+    tf.keras.utils.set_random_seed(3)
+    model = trained_like_batch_norm(models.BinaryHourglass(7, **kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flatbuffer = export.convert(model)
+    size = kwargs["input_size"]
+    images = np.random.default_rng(2).uniform(size=(2, size, size, 3)).astype(np.float32)
+    _assert_parity_with_lce(flatbuffer, images)
+    fake_cupy.install(monkeypatch)
+    _assert_parity_with_lce(flatbuffer, images, cuda.PATHS)
+
+
 def test_bit_packed_outputs_and_strides_match_lce():
     """bconv -> batch norm -> bconv becomes an LceBconv2d with thresholds and int32 output."""
     tf.keras.utils.set_random_seed(2)
