@@ -160,7 +160,10 @@ class CudaKernels:
         self.cp.cuda.get_current_stream().synchronize()
 
     def current_stream(self) -> int:
-        """The current CUDA stream (its handle): what the engine keeps recycled buffers apart by."""
+        """The current CUDA stream (its handle): what the engine keeps recycled buffers apart by. A
+        handle is reused only for a stream made after the one it named was destroyed and its work
+        done (the driver frees a destroyed stream once its queued work has run), so a new stream that
+        finds an old stream's pool cannot overwrite buffers that work still reads."""
         return self.cp.cuda.get_current_stream().ptr
 
     def record_event(self):
