@@ -5,7 +5,6 @@ Larq works on Keras 2 only, so this package makes TensorFlow resolve ``tf.keras`
 was already imported and bound ``tf.keras`` to Keras 3, importing this package raises an
 ``ImportError`` that says what to do.
 """
-import importlib
 import importlib.util
 import os
 import sys
@@ -21,9 +20,13 @@ _KERAS3_MESSAGE = (
 )
 
 
-def _check_keras_2() -> None:
-    """TensorFlow, already imported, must resolve tf.keras to tf_keras."""
-    tf = sys.modules["tensorflow"]
+def _use_legacy_keras() -> None:
+    tf_was_imported = "tensorflow" in sys.modules
+    if not tf_was_imported:
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
     try:
         keras_package = tf.keras.Model.__module__.split(".")[0]
     except Exception as error:  # tf_keras missing: the lazy loader raises
@@ -32,40 +35,21 @@ def _check_keras_2() -> None:
         raise ImportError(_KERAS3_MESSAGE + f" (tf.keras is the {keras_package!r} package)")
 
 
-def _use_legacy_keras() -> None:
-    """Make the TensorFlow imported later resolve tf.keras to tf_keras, without importing it here
-    (the runtime and the predictor on a ``.tflite`` need no TensorFlow: importing it would cost them
-    seconds and hundreds of MB); if it was imported already, check that it did."""
-    if "tensorflow" in sys.modules:
-        _check_keras_2()
-        return
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not _installed("tf_keras"):
-        raise ImportError(_KERAS3_MESSAGE + " (tf_keras is not installed)")
-
-
-def _installed(package: str) -> bool:
+def _tensorflow_installed() -> bool:
     try:
-        return importlib.util.find_spec(package) is not None
+        return importlib.util.find_spec("tensorflow") is not None
     except (ImportError, ValueError):
         return False
 
 
-if not _installed("tensorflow"):
+if not _tensorflow_installed():
     # Without TensorFlow only the bit-packed runtime (larq_landmarks.runtime) can be used, e.g. on
     # a deployment machine; everything else needs TensorFlow.
     __all__ = ["__version__"]
 else:
     _use_legacy_keras()
+
+    from larq_landmarks import blocks, models  # noqa: E402  (needs the Keras set-up above)
+    from larq_landmarks.models import BinaryHourglass  # noqa: E402
+
     __all__ = ["BinaryHourglass", "blocks", "models", "__version__"]
-
-
-def __getattr__(name: str):
-    """``larq_landmarks.BinaryHourglass``, ``.blocks`` and ``.models`` import TensorFlow when first
-    used, not when the package is imported."""
-    if name in ("blocks", "models") and name in __all__:
-        return importlib.import_module(f"{__name__}.{name}")
-    if name == "BinaryHourglass" and name in __all__:
-        return importlib.import_module(f"{__name__}.models").BinaryHourglass
-    raise AttributeError(f"module 'larq_landmarks' has no attribute {name!r}")
