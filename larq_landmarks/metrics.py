@@ -9,21 +9,65 @@ import numpy as np
 YAW_BINS = ((0.0, 30.0), (30.0, 60.0), (60.0, 90.0))
 
 
+def _points(name: str, points, count: Optional[int] = None) -> np.ndarray:
+    """``points`` as float64 ``(N, K, 2)`` (K = ``count`` when given), or a ValueError naming it."""
+    points = np.asarray(points, np.float64)
+    if points.ndim != 3 or points.shape[-1] != 2 or (count is not None and points.shape[1] != count):
+        raise ValueError(f"{name} must have shape (N, {count or 'K'}, 2), got {points.shape}")
+    return points
+
+
+def _pair(predicted, truth, count: Optional[int] = None):
+    """Predicted and true points of one shape, as float64."""
+    predicted, truth = _points("predicted", predicted, count), _points("truth", truth, count)
+    if predicted.shape != truth.shape:
+        raise ValueError(f"predicted {predicted.shape} and truth {truth.shape} differ in shape")
+    return predicted, truth
+
+
+def _per_image(name: str, values, images: int) -> np.ndarray:
+    """``(N,)`` positive finite sizes (a normaliser, head sizes), or a ValueError naming them."""
+    values = np.asarray(values, np.float64)
+    if values.shape != (images,):
+        raise ValueError(f"{name} must have shape ({images},), got {values.shape}")
+    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+    if bad.size:
+        raise ValueError(f"{name} must be positive and finite: image {bad[0]} has {values[bad[0]]}")
+    return values
+
+
+def _mask(name: str, mask, shape: tuple) -> np.ndarray:
+    mask = np.asarray(mask, bool)
+    if mask.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {mask.shape}")
+    return mask
+
+
+def _errors(errors) -> np.ndarray:
+    """Per-image errors, a non-empty 1-d array (NaN, from a NaN prediction, counts as a failure)."""
+    errors = np.asarray(errors, np.float64)
+    if errors.ndim != 1 or errors.size == 0:
+        raise ValueError(f"errors must be a non-empty 1-d array, got shape {errors.shape}")
+    return errors
+
+
 def box_size(box: np.ndarray) -> np.ndarray:
     """``sqrt(w * h)`` of ``(N, 4)`` boxes ``x1, y1, x2, y2`` (AFLW2000-3D's normaliser)."""
     box = np.asarray(box, np.float64)
+    if box.ndim != 2 or box.shape[1] != 4:
+        raise ValueError(f"box must have shape (N, 4), got {box.shape}")
     return np.sqrt((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))
 
 
 def inter_ocular(points: np.ndarray) -> np.ndarray:
     """Distance between the outer eye corners (points 36 and 45) of 68-point faces."""
-    points = np.asarray(points, np.float64)
+    points = _points("points", points, 68)
     return np.linalg.norm(points[:, 36] - points[:, 45], axis=-1)
 
 
 def inter_pupil(points: np.ndarray) -> np.ndarray:
     """Distance between the eye centres (means of points 36-41 and 42-47) of 68-point faces."""
-    points = np.asarray(points, np.float64)
+    points = _points("points", points, 68)
     return np.linalg.norm(points[:, 36:42].mean(1) - points[:, 42:48].mean(1), axis=-1)
 
 
@@ -44,14 +88,14 @@ def nme(
     Returns:
         ``(N,)`` errors as fractions (multiply by 100 for the papers' percentages).
     """
-    distance = np.linalg.norm(np.asarray(predicted, np.float64) - np.asarray(truth, np.float64), axis=-1)
-    if visible is None:
-        visible = np.ones(distance.shape, bool)
-    visible = np.asarray(visible, bool)
+    predicted, truth = _pair(predicted, truth)
+    distance = np.linalg.norm(predicted - truth, axis=-1)
+    normaliser = _per_image("normaliser", normaliser, len(distance))
+    visible = np.ones(distance.shape, bool) if visible is None else _mask("visible", visible, distance.shape)
     counts = visible.sum(1)
     if np.any(counts == 0):
-        raise ValueError("an image has no visible points to average over")
-    return (distance * visible).sum(1) / counts / np.asarray(normaliser, np.float64)
+        raise ValueError(f"image {np.flatnonzero(counts == 0)[0]} has no visible points to average over")
+    return np.where(visible, distance, 0.0).sum(1) / counts / normaliser
 
 
 def nme_by_yaw(errors: np.ndarray, yaw_degrees: np.ndarray) -> Dict[str, float]:
@@ -69,7 +113,7 @@ def nme_by_yaw(errors: np.ndarray, yaw_degrees: np.ndarray) -> Dict[str, float]:
 def ced(errors: np.ndarray, threshold: float = 0.07, steps: int = 1000):
     """Cumulative error distribution: ``(thresholds, fraction of images with error <= t)``."""
     thresholds = np.linspace(0.0, threshold, steps + 1)
-    errors = np.sort(np.asarray(errors))
+    errors = np.sort(_errors(errors))  # NaN sorts last: never within a threshold
     return thresholds, np.searchsorted(errors, thresholds, side="right") / len(errors)
 
 
@@ -80,8 +124,8 @@ def auc(errors: np.ndarray, threshold: float = 0.07, steps: int = 1000) -> float
 
 
 def failure_rate(errors: np.ndarray, threshold: float = 0.07) -> float:
-    """Fraction of images whose error is above ``threshold``."""
-    return float(np.mean(np.asarray(errors) > threshold))
+    """Fraction of images whose error is above ``threshold`` (or NaN, as in :func:`ced`)."""
+    return float(np.mean(~(_errors(errors) <= threshold)))
 
 
 MPII_PCKH_COLUMNS = {
@@ -103,9 +147,10 @@ def pckh(
     Returns the MPII table: Head, Shoulder, Elbow, Wrist, Hip, Knee, Ankle (left/right joints
     pooled) and Mean (over all labelled joints but pelvis and thorax, as the common evaluation code).
     """
-    distance = np.linalg.norm(np.asarray(predicted, np.float64) - np.asarray(truth, np.float64), axis=-1)
-    scaled = distance / np.asarray(head_sizes, np.float64)[:, None]
-    visible = np.asarray(visible, bool)
+    predicted, truth = _pair(predicted, truth, 16)
+    distance = np.linalg.norm(predicted - truth, axis=-1)
+    scaled = distance / _per_image("head_sizes", head_sizes, len(distance))[:, None]
+    visible = _mask("visible", visible, distance.shape)
     correct = (scaled <= alpha) & visible
     table = {}
     for name, joints in MPII_PCKH_COLUMNS.items():
@@ -118,8 +163,14 @@ def pckh(
 
 def confusion_matrix(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """``(C, C)`` counts: row = true class, column = predicted class."""
-    truth = np.asarray(truth).ravel().astype(np.int64)
-    predicted = np.asarray(predicted).ravel().astype(np.int64)
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    if truth.shape != predicted.shape:
+        raise ValueError(f"predicted {predicted.shape} and truth {truth.shape} differ in shape")
+    for name, labels in (("predicted", predicted), ("truth", truth)):
+        if labels.size and not (np.all(labels == np.round(labels)) and labels.min() >= 0 and labels.max() < num_classes):
+            raise ValueError(f"{name} must hold class indices 0..{num_classes - 1}, got values in "
+                             f"[{labels.min()}, {labels.max()}]")
+    truth, predicted = truth.ravel().astype(np.int64), predicted.ravel().astype(np.int64)
     return np.bincount(truth * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 

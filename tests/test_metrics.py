@@ -69,3 +69,40 @@ def test_segmentation_scores_by_hand():
     assert scores["mean_accuracy"] == pytest.approx(100 * (2 / 3 + 1 + 2 / 3) / 3)
     # IU: 0: 2 / (3 + 3 - 2) ; 1: 2 / (2 + 3 - 2) ; 2: 2 / (3 + 2 - 2)
     assert scores["mean_iu"] == pytest.approx(100 * (0.5 + 2 / 3 + 2 / 3) / 3)
+
+
+def test_bad_arguments_are_named():
+    points = np.zeros((2, 68, 2))
+    cases = [
+        (lambda: metrics.nme(points[:, :5], points, [1, 1]), r"predicted \(2, 5, 2\) and truth \(2, 68, 2\) differ"),
+        (lambda: metrics.nme(points, points, [1, 1, 1]), r"normaliser must have shape \(2,\), got \(3,\)"),
+        (lambda: metrics.nme(points, points, [1, 0]), "normaliser must be positive and finite: image 1 has 0"),
+        (lambda: metrics.nme(points, points, [1, np.nan]), "normaliser must be positive and finite: image 1"),
+        (lambda: metrics.nme(points, points, [1, 1], np.ones((2, 5))), r"visible must have shape \(2, 68\)"),
+        (lambda: metrics.nme(points[0], points[0], [1]), r"predicted must have shape \(N, K, 2\), got \(68, 2\)"),
+        (lambda: metrics.inter_ocular(points[:, :5]), r"points must have shape \(N, 68, 2\), got \(2, 5, 2\)"),
+        (lambda: metrics.box_size([0, 0, 1, 1]), r"box must have shape \(N, 4\)"),
+        (lambda: metrics.auc([]), "errors must be a non-empty 1-d array"),
+        (lambda: metrics.failure_rate(np.zeros((2, 2))), "errors must be a non-empty 1-d array"),
+        (lambda: metrics.pckh(points[:, :14], points[:, :14], np.ones((2, 14)), [1, 1]),
+         r"predicted must have shape \(N, 16, 2\)"),
+        (lambda: metrics.pckh(points[:, :16], points[:, :16], np.ones((2, 16)), [1, -1]),
+         "head_sizes must be positive and finite: image 1 has -1"),
+        (lambda: metrics.segmentation_scores(np.zeros((2, 8, 8)), np.zeros((2, 8, 9)), 7), "differ in shape"),
+        (lambda: metrics.segmentation_scores(np.full((2, 2), 7), np.zeros((2, 2)), 7),
+         r"predicted must hold class indices 0..6, got values in \[7, 7\]"),
+        (lambda: metrics.segmentation_scores(np.zeros((2, 2)), np.full((2, 2), 0.5), 7), "truth must hold class indices"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_a_nan_prediction_is_a_failure_everywhere_and_invisible_points_do_not_count():
+    errors = np.array([0.01, np.nan])  # a model that output NaN for image 2
+    assert metrics.failure_rate(errors, 0.05) == 0.5  # as the CED counts it: never within a threshold
+    np.testing.assert_allclose(metrics.ced(errors, 0.05, steps=1)[1], [0.0, 0.5])
+    truth = np.zeros((1, 2, 2))
+    predicted = np.array([[[3.0, 4.0], [np.nan, np.nan]]])
+    assert np.isnan(metrics.nme(predicted, truth, [1.0]))[0]
+    assert metrics.nme(predicted, truth, [1.0], visible=[[True, False]])[0] == 5.0
