@@ -294,6 +294,27 @@ def test_flip_without_permutation_is_refused(tmp_path):
         pipeline.landmark_dataset(columns)
 
 
+def test_pipeline_arguments_are_checked_before_any_sample_is_read(tmp_path):
+    columns = readers.to_columns(readers.read_pts_folder(writers.write_300w(str(tmp_path), 1)))
+    perm = layouts.flip_permutation(68)
+    cases = [
+        (dict(input_size=50), "input_size=50 must be a positive multiple of 4"),
+        (dict(input_size=0), "input_size=0 must be a positive multiple of 4"),
+        (dict(batch_size=0), "batch_size=0 must be a positive integer or None"),
+        (dict(sigma=0.0), "sigma=0.0 must be a positive number"),
+        (dict(sigma=float("nan")), "sigma=nan must be a positive number"),
+        (dict(flip_permutation=perm[:10]), r"flip_permutation must be a permutation of the 68 points' indices 0..67, got 10"),
+        (dict(flip_permutation=[0] * 68), "flip_permutation must be a permutation"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pipeline.landmark_dataset(columns, **{"flip_permutation": perm, **kwargs})
+    with pytest.raises(ValueError, match="input_size=30 must be"):
+        pipeline.segmentation_dataset(columns, 30, flip_permutation=perm)
+    with pytest.raises(ValueError, match="batch_size=-1 must be"):
+        pipeline.evaluation_dataset(columns, 64, batch_size=-1)
+
+
 def test_evaluation_dataset_maps_predictions_back_to_the_image(tmp_path):
     columns = readers.to_columns(readers.read_pts_folder(writers.write_300w(str(tmp_path), 3, image_size=(300, 200))))
     for element in pipeline.evaluation_dataset(columns, 128, batch_size=3):

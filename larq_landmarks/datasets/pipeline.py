@@ -204,6 +204,7 @@ def landmark_dataset(
 
     Landmarks that are invisible or fall outside the crop get an all-zero heatmap.
     """
+    _check_arguments(columns, input_size, batch_size, flip_permutation, sigma)
     augmentation = _augmentation_for(train, augmentation, flip_permutation)
     size = input_size // 4
 
@@ -230,6 +231,7 @@ def segmentation_dataset(
 ) -> tf.data.Dataset:
     """``(image, mask)`` pairs: 7-class facial part masks of side ``input_size // 4`` rendered
     from the (augmented) 68 landmarks. Arguments as :func:`landmark_dataset`."""
+    _check_arguments(columns, input_size, batch_size, flip_permutation)
     augmentation = _augmentation_for(train, augmentation, flip_permutation)
     if columns["points"].shape[1] != 68:
         raise ValueError(f"segmentation masks need 68-point faces, got {columns['points'].shape[1]} points")
@@ -253,6 +255,7 @@ def evaluation_dataset(
     Elements are dicts: ``image`` (crop), ``matrix`` (3x3 image -> crop), and every column
     (``points``, ``visible``, ``box``, extras, ...) unchanged, in original image pixels.
     """
+    _check_arguments(columns, input_size, batch_size)
 
     def make(index, features):
         image, _, _, matrix = _crop_sample(features, input_size, None, None, None)
@@ -260,6 +263,21 @@ def evaluation_dataset(
 
     data = _dataset(columns, 0, False, False).map(make, num_parallel_calls=tf.data.AUTOTUNE)
     return _finish(data, batch_size, False)
+
+
+def _check_arguments(columns, input_size, batch_size, flip_permutation=None, sigma=1.0) -> None:
+    """A ValueError naming the argument of a pipeline that cannot be built as asked."""
+    if not isinstance(input_size, (int, np.integer)) or input_size < hm.STRIDE or input_size % hm.STRIDE:
+        raise ValueError(f"input_size={input_size!r} must be a positive multiple of {hm.STRIDE} (the heatmap stride)")
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None")
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma={sigma!r} must be a positive number of heatmap pixels")
+    if flip_permutation is not None:
+        count = columns["points"].shape[1]
+        if sorted(int(i) for i in flip_permutation) != list(range(count)):
+            raise ValueError(f"flip_permutation must be a permutation of the {count} points' indices 0..{count - 1}, "
+                             f"got {len(flip_permutation)} indices (larq_landmarks.layouts.flip_permutation({count}))")
 
 
 def _augmentation_for(train, augmentation, flip_permutation):
