@@ -9,6 +9,7 @@ from typing import Optional
 
 import larq as lq
 import larq_compute_engine as lce
+import numpy as np
 import tensorflow as tf
 
 from larq_landmarks.atomic import atomic_path
@@ -46,7 +47,15 @@ def convert(
             gives a plain float32 TFLite model (Larq quantizers run as float ops).
         batch_size: fixed batch size of the converted model; None keeps it dynamic.
     """
+    if not isinstance(model, tf.keras.Model):
+        raise TypeError(f"model must be a Keras model, got {type(model).__name__} "
+                        "(a saved one: tf.keras.models.load_model(path) first)")
     single = last_stack(model)
+    if len(single.inputs) != 1 or None in single.input_shape[1:]:
+        raise ValueError(f"{model.name}: convert needs one input of fixed height, width and channels, got "
+                         f"{single.input_shape} (build the model with a fixed input size)")
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None (dynamic)")
     if batch_size is not None:
         inputs = tf.keras.Input(single.input_shape[1:], batch_size=batch_size, name="image")
         single = tf.keras.Model(inputs, single(inputs), name=model.name)

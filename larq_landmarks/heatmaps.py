@@ -33,6 +33,8 @@ def render_heatmaps(
     Returns:
         ``(..., size, size, K)`` float32 heatmaps with peak 1 at each landmark.
     """
+    if isinstance(sigma, (int, float)) and not sigma > 0:
+        raise ValueError(f"sigma={sigma!r} must be a positive number of heatmap pixels")
     points = tf.convert_to_tensor(points, tf.float32)
     visible = tf.cast(visible, tf.float32)
     grid = tf.range(size, dtype=tf.float32)
@@ -55,6 +57,8 @@ def decode_heatmaps(heatmaps: tf.Tensor) -> tuple:
         ``(batch, K)`` the peak values.
     """
     heatmaps = tf.convert_to_tensor(heatmaps, tf.float32)
+    if heatmaps.shape.rank is not None and heatmaps.shape.rank != 4:
+        raise ValueError(f"heatmaps must have shape (batch, H, W, K), got {heatmaps.shape}")
     shape = tf.shape(heatmaps)
     height, width = shape[1], shape[2]
     flat = tf.reshape(tf.transpose(heatmaps, [0, 3, 1, 2]), [shape[0], shape[3], -1])

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from larq_landmarks.distillation import Distiller
@@ -75,6 +76,11 @@ def learning_rate_schedule(schedule: str, steps_per_epoch: Optional[int], epochs
         raise ValueError(f"schedule={schedule!r} is not known; use one of {SCHEDULES}")
     if warmup_fraction and schedule != "cosine":
         raise ValueError(f"warmup_fraction={warmup_fraction} needs schedule='cosine' (got {schedule!r})")
+    if not (np.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate={learning_rate!r} must be a positive number")
+    for name, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name}={value!r} must be a positive integer or None")
     if schedule == "constant" or not (steps_per_epoch and epochs):
         return float(learning_rate)
     if schedule == "step":

@@ -147,3 +147,22 @@ def test_foreign_files_are_refused(tmp_path):
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(export.NotOurModelError, match="not.tflite"):
         export.load_flatbuffer(str(bad))
+
+
+def test_what_cannot_be_converted_is_named_before_lce_sees_it():
+    with pytest.raises(TypeError, match="model must be a Keras model, got str"):
+        export.convert("model.keras")
+    x = tf.keras.Input((None, None, 3))
+    open_size = tf.keras.Model(x, tf.keras.layers.Conv2D(4, 3)(x), name="open_size")
+    with pytest.raises(ValueError, match=r"open_size: convert needs one input of fixed height, width and channels, "
+                                         r"got \(None, None, None, 3\)"):
+        export.convert(open_size)
+    with pytest.raises(ValueError, match="batch_size=0 must be a positive integer or None"):
+        export.convert(models.BinaryHourglass(3, **SMALL), batch_size=0)
+
+
+def test_heatmap_functions_name_bad_arguments():
+    with pytest.raises(ValueError, match="sigma=0.0 must be a positive number"):
+        hm.render_heatmaps(tf.zeros((1, 3, 2)), tf.ones((1, 3), bool), 16, 0.0)
+    with pytest.raises(ValueError, match=r"heatmaps must have shape \(batch, H, W, K\), got \(16, 16, 3\)"):
+        hm.decode_heatmaps(tf.zeros((16, 16, 3)))

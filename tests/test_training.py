@@ -51,6 +51,16 @@ def test_cosine_schedule_with_warm_up_matches_hand_computation():
         training.compile_model(model, 10, 10, warmup_fraction=0.1)
 
 
+def test_schedule_arguments_are_named():
+    model = BinaryHourglass(3, width=32, depth=2, input_size=64)
+    for kwargs, message in [(dict(steps_per_epoch=0, epochs=1), "steps_per_epoch=0 must be a positive integer"),
+                            (dict(steps_per_epoch=10, epochs=0), "epochs=0 must be a positive integer"),
+                            (dict(learning_rate=-1e-3), "learning_rate=-0.001 must be a positive number"),
+                            (dict(learning_rate=float("nan")), "learning_rate=nan must be a positive number")]:
+        with pytest.raises(ValueError, match=message):
+            training.compile_model(model, **kwargs)
+
+
 def test_two_stage_weights_carry_over_to_the_binary_model():
     tf.keras.utils.set_random_seed(0)
     first = BinaryHourglass(5, width=16, depth=1, input_size=32, binary_activations=False)
