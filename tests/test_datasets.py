@@ -174,6 +174,11 @@ def test_mpii_hand_written_json_fixture(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([person]))
     with pytest.raises(DatasetError, match=r"bad.json\[0\]: missing keys \['joints_vis'\]"):
         readers.read_mpii_json(str(tmp_path / "bad.json"), str(tmp_path))
+    person["joints_vis"], person["head_box"] = [1] * 16, [11, 21, 11, 21]
+    (tmp_path / "flat.json").write_text(json.dumps([person]))
+    message = r"flat.json\[0\]: head box \[10.0, 20.0, 10.0, 20.0\] has no size"  # 1-based in the file
+    with pytest.raises(DatasetError, match=message):
+        readers.read_mpii_json(str(tmp_path / "flat.json"), str(tmp_path))
 
 
 def test_decoding_a_rendered_heatmap_recovers_subpixel_positions():

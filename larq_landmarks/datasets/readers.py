@@ -296,6 +296,8 @@ def _person_record(where, image_path, joints, visible, centre, scale, head_box, 
     if head_box is not None:
         extras["head_box"] = np.asarray(head_box, np.float32)
         extras["head_size"] = head_size(head_box)
+        if not (np.isfinite(extras["head_size"]) and extras["head_size"] > 0):  # PCKh divides by it
+            raise DatasetError(f"{where}: head box {extras['head_box'].tolist()} has no size")
     labelled = np.asarray(visible, bool)
     box = points_box(joints, labelled)
     return Record(image_path, joints, labelled, np.asarray(centre, np.float32), float(scale), box, extras)
