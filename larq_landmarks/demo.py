@@ -6,7 +6,8 @@
    (the default recipe: Adam with step decay), and its real-valued twin on the same data, steps
    and recipe, as the reference;
 3. evaluate NME (inter-ocular and box) on held-out faces, with CED / AUC / failure rate;
-4. convert with LCE to a bit-packed ``.tflite`` and check parity with Keras;
+4. convert with LCE to a bit-packed ``.tflite`` and check parity with Keras; time it against the
+   float32 ``.tflite`` of the same network, side by side;
 5. write ``report.md``, ``report.json`` and pictures.
 """
 import json
@@ -109,7 +110,13 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
     runtime = export.TfliteModel(flatbuffer, engine="runtime", name=tflite_path)  # our bit-packed kernels
     runtime_result = predict_dataset(runtime.predict, test_data)
     lce_result = predict_dataset(export.TfliteModel(flatbuffer, engine="lce").predict, test_data)
-    float_size = len(export.convert(model, binary=False))
+    float_flatbuffer = export.convert(model, binary=False)
+    float_size = len(float_flatbuffer)
+    speed = _batch_one_ms({
+        "binary .tflite, larq_landmarks.runtime": runtime.predict,
+        "binary .tflite, LCE interpreter": export.TfliteModel(flatbuffer, engine="lce").predict,
+        "float32 .tflite, TFLite interpreter (XNNPACK)": export.interpreter(float_flatbuffer, use_xnnpack=True).predict,
+    }, np.asarray(next(iter(test_data))["image"][:1]))
     difference = np.linalg.norm(lce_result["predicted"] - keras_result["predicted"], axis=-1)
     runtime_difference = np.linalg.norm(runtime_result["predicted"] - lce_result["predicted"], axis=-1)
 
@@ -128,6 +135,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
         "ops": dict(export.op_counts(flatbuffer)),
         "tflite_bytes_binary": len(flatbuffer),
         "tflite_bytes_float32": float_size,
+        "batch_one_ms": speed,
         "parameters": model.count_params(),
         "final_loss": losses[-1],
         "train_seconds": round(fit_seconds, 1),
@@ -146,6 +154,21 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
     print(json.dumps(report, indent=2))
     print(f"report: {os.path.join(out, 'report.md')}")
     return report
+
+
+def _batch_one_ms(engines: Dict[str, callable], image: np.ndarray, rounds: int = 5, runs: int = 20) -> Dict[str, float]:
+    """Median milliseconds of one call on ``image`` for each engine (1 thread), the engines taking
+    turns in ``rounds`` rounds of ``runs`` calls, so that each ratio compares the same minutes."""
+    times: Dict[str, list] = {name: [] for name in engines}
+    for predict in engines.values():
+        predict(image)  # first call: buffers, delegate set-up
+    for _ in range(rounds):
+        for name, predict in engines.items():
+            for _ in range(runs):
+                start = time.perf_counter()
+                predict(image)
+                times[name].append(time.perf_counter() - start)
+    return {name: round(1000 * float(np.median(t)), 3) for name, t in times.items()}
 
 
 def _write_pictures(out, result, twin_result, columns):
@@ -170,6 +193,15 @@ def _parity_sentence(within: float, largest_px: float) -> str:
     if largest_px > 0.5:
         text += ": where two heatmap values nearly tie, a rounding difference moves the peak or its quarter-pixel shift"
     return text + ")"
+
+
+def _speed_table(batch_one_ms: Dict[str, float]) -> str:
+    """The engines' batch-1 times as a markdown table, each against the float32 file's."""
+    reference = next(ms for name, ms in batch_one_ms.items() if name.startswith("float32"))
+    rows = "".join(f"| {name} | {ms:.3f} | {reference / ms:.2f}x |\n" for name, ms in batch_one_ms.items())
+    return ("One image at a time on this machine (this 64px model, 1 thread, medians of the engines taking "
+            "turns; the papers' 256px model: docs/benchmarks.md):\n\n"
+            "| engine | ms | vs float32 |\n|---|---:|---:|\n" + rows + "\n")
 
 
 def _write_report(out, report):
@@ -204,6 +236,7 @@ def _write_report(out, report):
         f"Converted sizes: binary (LCE) {report['tflite_bytes_binary']:,} bytes, "
         f"float32 TFLite {report['tflite_bytes_float32']:,} bytes "
         f"({report['tflite_bytes_float32'] / report['tflite_bytes_binary']:.1f}x).\n\n"
+        + _speed_table(report["batch_one_ms"]) +
         f"Ops in the LCE model: {report['ops']}\n\n"
         "![predictions (green) and ground truth (red)](predictions.png)\n\n![CED](ced.png)\n"
     )

@@ -19,6 +19,14 @@ def _demo(folder, **settings):
     ratio = saved["trained_keras"]["nme_inter_ocular_%"] / saved["real_twin_keras"]["nme_inter_ocular_%"]
     assert saved["binary_vs_real_twin_nme"] == pytest.approx(ratio)
     assert "real-valued twin" in (folder / "report.md").read_text()
+    # speed beside accuracy: the binary file's engines and the float32 file, timed in one run
+    speed = saved["batch_one_ms"]
+    assert set(speed) == {"binary .tflite, larq_landmarks.runtime", "binary .tflite, LCE interpreter",
+                          "float32 .tflite, TFLite interpreter (XNNPACK)"} and min(speed.values()) > 0
+    float_ms = speed["float32 .tflite, TFLite interpreter (XNNPACK)"]
+    runtime_row = f"| binary .tflite, larq_landmarks.runtime | {speed['binary .tflite, larq_landmarks.runtime']:.3f} | "
+    assert runtime_row + f"{float_ms / speed['binary .tflite, larq_landmarks.runtime']:.2f}x |" in (
+        folder / "report.md").read_text()
     return saved
 
 
