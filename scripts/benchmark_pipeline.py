@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from larq_landmarks import layouts, training
-from larq_landmarks.atomic import replace_markdown_section
+from larq_landmarks.atomic import atomic_path, replace_markdown_section
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.models import BinaryHourglass
 
@@ -72,7 +72,7 @@ def main():
         "settings": vars(args),
     }
     print(json.dumps(result, indent=2))
-    with open(args.json, "w") as f:
+    with atomic_path(args.json) as temporary, open(temporary, "w") as f:
         json.dump(result, f, indent=2)
     section = (
         "## Data pipeline vs. training step rate\n\n"

@@ -7,6 +7,7 @@ import contextlib
 import io
 
 from larq_landmarks import models  # first: sets up Keras 2 before larq imports TensorFlow
+from larq_landmarks.atomic import atomic_path
 
 import larq as lq  # noqa: E402
 
@@ -36,7 +37,7 @@ def main() -> None:
         start = next(i for i, line in enumerate(lines) if line.startswith("+") and "summary" in line)
         summary = "\n".join(lines[start:])
         summaries.append(f"### `{name}`\n\n```\n{summary.strip()}\n```\n")
-    with open(args.out, "w") as f:
+    with atomic_path(args.out) as temporary, open(temporary, "w") as f:
         f.write(
             "# Named model configurations\n\n"
             f"Made by `python scripts/model_table.py --out {args.out}` "
