@@ -158,6 +158,26 @@ def test_mpii_mat_and_json_readers_agree(tmp_path):
         readers.read_mpii_mat(mat, str(tmp_path / "mat" / "images"), "validation")
 
 
+def test_malformed_mpii_mat_entries_are_dataset_errors_that_skip_bad_skips(tmp_path, monkeypatch):
+    save = writers._savemat
+
+    def corrupt(path, data):  # person 1: a joint id past 15; person 2: a head box corner that is not a number
+        annolist = data["RELEASE"]["annolist"]
+        annolist[0, 0]["annorect"][0, 0]["annopoints"]["point"]["id"][0, 0] = 16
+        annolist[0, 1]["annorect"]["x1"][0, 0] = "left"
+        save(path, data)
+
+    monkeypatch.setattr(writers, "_savemat", corrupt)
+    mat = writers.write_mpii_mat(str(tmp_path), 3, test_every=None)
+    images = str(tmp_path / "images")
+    with pytest.raises(DatasetError, match=r"annolist\(1\).annorect\(1\): joint id 16 is not one of MPII's 0..15"):
+        readers.read_mpii_mat(mat, images)
+    with pytest.warns(UserWarning, match=r"skipped 2 bad sample.*annolist\(2\).annorect\(1\): malformed annotation "
+                                         r"\(ValueError"):
+        (record,) = readers.read_mpii_mat(mat, images, skip_bad=True)
+    assert record.extras["image_name"] == "000000002.jpg"
+
+
 def test_mpii_hand_written_json_fixture(tmp_path):
     _image(tmp_path / "015601864.jpg", (400, 300))
     person = {"image": "015601864.jpg", "center": [200.0, 150.0], "scale": 1.0,

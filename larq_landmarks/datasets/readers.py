@@ -401,6 +401,14 @@ def read_mpii_mat(
     def read_one(item):
         index, name, person_number = item
         where = f"{path}: annolist({index + 1}).annorect({person_number})"
+        try:
+            return read_person(where, index, name, person_number)
+        except DatasetError:
+            raise
+        except (AttributeError, IndexError, TypeError, ValueError) as error:  # a field missing or of another kind
+            raise DatasetError(f"{where}: malformed annotation ({type(error).__name__}: {error})") from error
+
+    def read_person(where, index, name, person_number):
         rects = _as_list(_field(annolist[index], "annorect"))
         if not 1 <= person_number <= len(rects):
             raise DatasetError(f"{where}: no such person")
@@ -414,6 +422,8 @@ def read_mpii_mat(
         occlusion = np.full(16, np.nan, np.float32)
         for point in points:
             joint = int(point.id)
+            if not 0 <= joint < 16:
+                raise DatasetError(f"{where}: joint id {joint} is not one of MPII's 0..15")
             joints[joint] = (float(point.x) - 1.0, float(point.y) - 1.0)
             labelled[joint] = True
             flag = _field(point, "is_visible", None)
