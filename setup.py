@@ -13,6 +13,8 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     KERNEL_FLAGS["avx2"] = ["-mavx2", "-mfma", "-mpopcnt"]
     KERNEL_FLAGS["avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vpopcntdq",
                               "-mavx2", "-mfma", "-mpopcnt"]
+    # AVX-512 without VPOPCNTDQ (Skylake-SP, Cascade Lake): the same kernels, popcounts by table
+    KERNEL_FLAGS["avx512bw"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mpopcnt"]
 kernels = [
     Pybind11Extension(
         f"larq_landmarks.runtime._kernels_{path}",

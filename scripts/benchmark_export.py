@@ -231,9 +231,9 @@ int main() {
 
 def fma_limit(kernels: str):
     """This core's float32 FMA rate (G FMA/s, the median of 7 timings of a bare loop of independent
-    FMA chains) for the kernel path ``kernels`` ("avx512" or "avx2"), compiled with the system's
-    C++ compiler; None for other paths or without a compiler."""
-    flags = {"avx512": ["-mavx512f", "-mfma"], "avx2": ["-mavx2", "-mfma"]}.get(kernels)
+    FMA chains) for the kernel path ``kernels`` ("avx512", "avx512bw" or "avx2"), compiled with the
+    system's C++ compiler; None for other paths or without a compiler."""
+    flags = {"avx512": ["-mavx512f", "-mfma"], "avx512bw": ["-mavx512f", "-mfma"], "avx2": ["-mavx2", "-mfma"]}.get(kernels)
     if flags is None:
         return None
     compiler = os.environ.get("CXX", "g++")

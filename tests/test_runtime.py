@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 import warnings
 
 import numpy as np
@@ -182,6 +183,15 @@ def test_bitpacking_matches_lce_sign_convention():
         kernel_paths.load(path).bitpack(x, np.zeros(0, np.float32), np.zeros(0, np.float32), out)
         np.testing.assert_array_equal(out, expected)
         assert out[0, 0] == 0b10001 and out[0, 1] == 0b1000  # -0.0 is not negative; padding bits 0
+    # with a batch norm folded in: the product and the sum rounded apart, as NumPy rounds them
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 5, 7, 70)).astype(np.float32)
+    scale, shift = rng.normal(size=70).astype(np.float32), rng.normal(size=70).astype(np.float32)
+    expected = pack_bits(((x * scale + shift) < 0).astype(np.uint8))
+    for path in PATHS:
+        out = np.empty((2, 5, 7, 3), np.int32)
+        kernel_paths.load(path).bitpack(x, scale, shift, out)
+        np.testing.assert_array_equal(out, expected, err_msg=path)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -311,6 +321,19 @@ def test_threads_and_kernel_choice(small_file):
         Engine(small_file, kernels="neon")
     with pytest.raises(ValueError, match=r"input must have shape \(B, 64, 64, 3\)"):
         Engine(small_file).predict(images[:, :32])
+
+
+def test_auto_takes_the_table_popcount_kernels_where_avx512_lacks_vpopcntdq(small_file, monkeypatch):
+    """A Skylake-SP or Cascade Lake Xeon (AVX-512 F/BW/VL/DQ, no VPOPCNTDQ) gets the avx512bw
+    kernels, an AVX2 CPU the avx2 ones (the CPU's features stood in for)."""
+    if "avx512bw" not in PATHS:
+        pytest.skip("this CPU has no AVX-512 BW")
+    real_module = kernel_paths._module
+    for features, expected in ((("avx512bw", "avx2", "portable"), "avx512bw"), (("avx2", "portable"), "avx2")):
+        cpu = types.SimpleNamespace(cpu_supports=lambda path, features=features: path in features)
+        monkeypatch.setattr(kernel_paths, "_module", lambda path, cpu=cpu: cpu if path == "portable" else real_module(path))
+        assert kernel_paths.available()[0] == expected
+        assert Engine(small_file).kernels == expected
 
 
 def _run_in_threads(predicts, images, repeats=8):

@@ -4,7 +4,7 @@ TensorFlow.
 
     engine = Engine("face.tflite", num_threads=2)
     heatmaps = engine.predict(images)        # (B, S, S, 3) float32 -> (B, S/4, S/4, K)
-    engine.kernels                           # "avx512", "avx2" or "portable"
+    engine.kernels                           # "avx512", "avx512bw", "avx2" or "portable"
 
     gpu = Engine("face.tflite", kernels="cuda")  # the whole model on an NVIDIA GPU (needs CuPy)
 """
@@ -174,7 +174,7 @@ class Engine:
             process, sized by the engine that runs: :meth:`predict` may be called from several
             Python threads at once (results as if one at a time); while one op has the pool,
             another thread's op runs on its calling thread alone.
-        kernels: ``"auto"`` (the best the CPU runs), ``"avx512"``, ``"avx2"`` or ``"portable"``;
+        kernels: ``"auto"`` (the best the CPU runs), ``"avx512"``, ``"avx512bw"``, ``"avx2"`` or ``"portable"``;
             or on an NVIDIA GPU (CuPy needed, weights uploaded once, inputs and outputs NumPy):
             ``"cuda"`` (1-bit tensor cores on sm_80 and newer, else the popcount kernel) or
             ``"cuda-popcount"``, on CuPy's current device, or on device N: ``"cuda:N"``. The

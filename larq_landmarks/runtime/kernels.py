@@ -1,14 +1,15 @@
 """The compiled kernels, one build per instruction set, chosen at run time from the CPU's features.
 
 ``load("auto")`` gives the best path this CPU runs: ``"avx512"`` (AVX-512 with VPOPCNTDQ),
-``"avx2"`` (AVX2, FMA, POPCNT) or ``"portable"`` (plain C++); asking for a path the CPU lacks is
-an error that says which paths it has.
+``"avx512bw"`` (AVX-512 F/BW/VL/DQ without VPOPCNTDQ, as Skylake-SP and Cascade Lake Xeons have:
+popcounts by table look-up), ``"avx2"`` (AVX2, FMA, POPCNT) or ``"portable"`` (plain C++); asking
+for a path the CPU lacks is an error that says which paths it has.
 """
 import importlib
 from types import ModuleType
 from typing import List
 
-PATHS = ("avx512", "avx2", "portable")
+PATHS = ("avx512", "avx512bw", "avx2", "portable")
 
 
 def _module(path: str) -> ModuleType:

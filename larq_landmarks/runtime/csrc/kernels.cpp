@@ -1,10 +1,12 @@
 // Kernels of larq_landmarks.runtime: bit-packing, binary convolution with LCE's output transform
 // fused, float convolution, and the element-wise ops of the named models.
 //
-// One source, built three times by setup.py with different instruction sets, each through the
+// One source, built four times by setup.py with different instruction sets, each through the
 // file that names its Python module (RUNTIME_MODULE): kernels_avx512.cpp -> _kernels_avx512 (AVX-512
-// with VPOPCNTDQ), kernels_avx2.cpp -> _kernels_avx2 (AVX2 + FMA), kernels_portable.cpp ->
-// _kernels_portable (baseline C++). Python picks one at run time from the CPU's features.
+// with VPOPCNTDQ), kernels_avx512bw.cpp -> _kernels_avx512bw (AVX-512 F/BW/VL/DQ without VPOPCNTDQ,
+// as Skylake-SP and Cascade Lake Xeons have: the same kernels, the popcount by nibble look-up),
+// kernels_avx2.cpp -> _kernels_avx2 (AVX2 + FMA), kernels_portable.cpp -> _kernels_portable
+// (baseline C++). Python picks one at run time from the CPU's features.
 //
 // Tensors are NHWC and C-contiguous. Bit-packed tensors follow LCE: int32 words along the channel
 // axis, ceil(C / 32) words per pixel, bit i of word w is channel 32 w + i, a set bit means the value
@@ -36,6 +38,9 @@ namespace py = pybind11;
 
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
 static const char* kPath = "avx512";
+constexpr int kFloatLanes = 16;
+#elif defined(__AVX512F__)
+static const char* kPath = "avx512bw";
 constexpr int kFloatLanes = 16;
 #elif defined(__AVX2__)
 static const char* kPath = "avx2";
@@ -242,6 +247,17 @@ static void bitpack(Array<float> input, Array<float> multiplier, Array<float> bi
           packed[w] = static_cast<int32_t>(bits);
           continue;
         }
+#elif defined(__AVX2__)
+        if (n == 32) {
+          for (int q = 0; q < 4; ++q) {  // 8 channels a vector: their sign bits by movemask
+            __m256 v = _mm256_loadu_ps(row + c0 + 8 * q);
+            if (scaled) v = _mm256_mul_ps(v, _mm256_loadu_ps(m + c0 + 8 * q));
+            if (biased) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c0 + 8 * q));
+            bits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ))) << (8 * q);
+          }
+          packed[w] = static_cast<int32_t>(bits);
+          continue;
+        }
 #endif
         for (int i = 0; i < n; ++i) {
           float v = row[c0 + i];
@@ -296,7 +312,7 @@ static Array<int32_t> prepare_binary_weights(Array<int32_t> filter) {
 
 static inline uint32_t popcount32(uint32_t x) { return static_cast<uint32_t>(__builtin_popcount(x)); }
 
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+#if defined(__AVX512F__)
 // a[p][j] = sum over k of popcount(base[p][offset[k]] ^ weights[k][16 j .. 16 j + 15]), for P pixels
 // and 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels), in registers.
 template <int P, int NV>
@@ -307,6 +323,7 @@ static inline __attribute__((always_inline)) void binary_accumulate(const int32_
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) a[p][j] = _mm512_setzero_si512();
+#if defined(__AVX512VPOPCNTDQ__)
   for (int k = 0; k < words; ++k, weights += stride) {
     const int32_t at = offset[k];
     __m512i wv[NV];
@@ -319,6 +336,41 @@ static inline __attribute__((always_inline)) void binary_accumulate(const int32_
       for (int j = 0; j < NV; ++j) a[p][j] = _mm512_add_epi32(a[p][j], _mm512_popcnt_epi32(_mm512_xor_si512(x, wv[j])));
     }
   }
+#else
+  // No VPOPCNTDQ: each byte's set bits from a 16-entry table of nibble counts (vpshufb), summed in
+  // 8-bit lanes for up to 31 words (at most 31 * 8 = 248), then widened into the 32-bit sums.
+  const __m512i table = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
+  const __m512i low = _mm512_set1_epi8(0x0f), ones8 = _mm512_set1_epi8(1), ones16 = _mm512_set1_epi16(1);
+  for (int k0 = 0; k0 < words; k0 += 31) {
+    __m512i bytes[P][NV];
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) bytes[p][j] = _mm512_setzero_si512();
+    for (int k = k0; k < std::min(words, k0 + 31); ++k, weights += stride) {
+      const int32_t at = offset[k];
+      __m512i wv[NV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_si512(weights + 16 * j);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const __m512i x = _mm512_set1_epi32(base[p][at]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) {
+          const __m512i v = _mm512_xor_si512(x, wv[j]);
+          bytes[p][j] = _mm512_add_epi8(bytes[p][j], _mm512_add_epi8(
+              _mm512_shuffle_epi8(table, _mm512_and_si512(v, low)),
+              _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low))));
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j)
+        a[p][j] = _mm512_add_epi32(a[p][j], _mm512_madd_epi16(_mm512_maddubs_epi16(bytes[p][j], ones8), ones16));
+  }
+#endif
 }
 #else
 // acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
@@ -428,7 +480,7 @@ static inline T rounded_product(T a, T b) {
   return product;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+#if defined(__AVX512F__)
 // Channels [c0, c_end) (at most 64) of output pixels first .. first + count - 1 (one tile): the
 // accumulators stay in registers through the border correction, the output transform or the
 // thresholds, and the stores.
@@ -527,7 +579,7 @@ template <int P>
 static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* base, int count, bool border, int y0,
                                 int x0, int64_t first) {
   const BinaryConv& g = c.g;
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+#if defined(__AVX512F__)
   for (int c0 = 0; c0 < g.channels_out; c0 += kBinaryChannelBlock) {
     const int c_end = std::min(g.channels_out, c0 + kBinaryChannelBlock);
     if (c_end - c0 <= 32)
@@ -753,7 +805,7 @@ class BinaryConv2D {
         for (int w = 0; w < c.words; ++w)
           c.offset[(fy * g.filter_w + fx) * c.words + w] =
               (fy * g.dilation_h * c.padded_w + fx * g.dilation_w) * c.words + w;
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+#if defined(__AVX512F__)
     // 8 pixels x 32 channels or 4 x 64 (16 accumulators); short rows take 4
     const int tile = (g.channels_out <= 32 && c.out_w >= 8) ? 8 : 4;
 #else
@@ -1255,6 +1307,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
     __builtin_cpu_init();
     if (feature == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
                                     __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    if (feature == "avx512bw") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     if (feature == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                   __builtin_cpu_supports("popcnt");
 #endif
