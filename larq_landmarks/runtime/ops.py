@@ -52,7 +52,8 @@ class Values(list):
     def alloc(self, shape: tuple, dtype):
         shape = tuple(shape)
         batch = shape[0]
-        by_batch = self.pool.get((shape[1:], _DTYPES.get(dtype) or np.dtype(dtype)))
+        kind = _DTYPES.get(dtype)
+        by_batch = self.pool.get((shape[1:], np.dtype(dtype) if kind is None else kind))
         if by_batch:
             free = by_batch.get(batch)
             if free:  # the common case, first: a free buffer of this batch (the search below: ~1 us a step)
