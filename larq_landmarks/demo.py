@@ -109,12 +109,13 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
     flatbuffer = export.convert(model, tflite_path)
     runtime = export.TfliteModel(flatbuffer, engine="runtime", name=tflite_path)  # our bit-packed kernels
     runtime_result = predict_dataset(runtime.predict, test_data)
-    lce_result = predict_dataset(export.TfliteModel(flatbuffer, engine="lce").predict, test_data)
+    lce = export.TfliteModel(flatbuffer, engine="lce")
+    lce_result = predict_dataset(lce.predict, test_data)
     float_flatbuffer = export.convert(model, binary=False)
     float_size = len(float_flatbuffer)
     speed = _batch_one_ms({
         "binary .tflite, larq_landmarks.runtime": runtime.predict,
-        "binary .tflite, LCE interpreter": export.TfliteModel(flatbuffer, engine="lce").predict,
+        "binary .tflite, LCE interpreter": lce.predict,
         "float32 .tflite, TFLite interpreter (XNNPACK)": export.interpreter(float_flatbuffer, use_xnnpack=True).predict,
     }, np.asarray(next(iter(test_data))["image"][:1]))
     difference = np.linalg.norm(lce_result["predicted"] - keras_result["predicted"], axis=-1)
