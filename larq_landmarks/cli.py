@@ -207,11 +207,11 @@ def _evaluate(args: argparse.Namespace) -> int:
                           f"format {args.format!r} with task {args.task!r} needs {expected}")
     columns = _read(args, "evaluate")
     predict = predictor._predict
-    if args.flip_test and args.task != "segmentation":
+    if args.flip_test:  # the part classes are their own mirror images; landmarks swap left and right
         from larq_landmarks import layouts
 
-        permutation = layouts.flip_permutation(fmt.num_points)
-        predict = lambda images: flip_test(predictor._predict, images, permutation)  # noqa: E731
+        permutation = list(range(7)) if args.task == "segmentation" else layouts.flip_permutation(fmt.num_points)
+        predict = lambda images: flip_test(predictor._predict, images, permutation) / 2.0  # noqa: E731
     if args.task == "segmentation":
         result = evaluation.evaluate_segmentation(predict, columns, predictor.input_size,
                                                   args.batch_size, progress=True)
@@ -232,17 +232,26 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from larq_landmarks import visualize
     from larq_landmarks.atomic import atomic_path
+    from larq_landmarks.layouts import FACE_PART_CLASSES
     from larq_landmarks.predictor import InputError, Predictor, load_rgb
     from larq_landmarks.runtime import CudaUnavailableError, UnsupportedModelError
     from larq_landmarks.tflite_model import NotOurModelError
 
+    segmentation = args.task == "segmentation"
+    if segmentation and args.person:
+        _fail("predict", "--task segmentation segments faces; --person is for pose models")
     try:
         predictor = Predictor.from_path(args.model, "person" if args.person else "face", args.flip_test,
-                                        num_threads=args.threads, engine=args.engine)
+                                        num_threads=args.threads, engine=args.engine, task=args.task)
     except (InputError, NotOurModelError, UnsupportedModelError, CudaUnavailableError, ImportError) as error:
         _fail("predict", str(error))
+    if segmentation and predictor.num_landmarks != len(FACE_PART_CLASSES):
+        _fail("predict", f"model {args.model!r} outputs {predictor.num_landmarks} channels; a part segmentation "
+                         f"model outputs {len(FACE_PART_CLASSES)} (one per class)")
     boxes = list(args.box or [])
     if args.person and not boxes:
         _fail("predict", "--person needs --box x1,y1,x2,y2: only faces are detected")
@@ -264,25 +273,35 @@ def _predict(args: argparse.Namespace) -> int:
         except InputError as error:
             _fail("predict", str(error))
     try:  # the faces of all images together, --batch-size crops a model call
-        found = predictor.predict_many(images, image_boxes, progress=True, batch_size=args.batch_size,
-                                       names=args.images)
+        run_many = predictor.segment_many if segmentation else predictor.predict_many
+        found = run_many(images, image_boxes, progress=True, batch_size=args.batch_size, names=args.images)
     except InputError as error:
         _fail("predict", str(error))
     results, pictures = {}, {}
-    for path, image, box_list, (points, scores) in zip(args.images, images, image_boxes, found):
+    for path, image, box_list, result in zip(args.images, images, image_boxes, found):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if segmentation:  # the class map as a grey PNG of class numbers, and in colour over the image
+            counts = np.bincount(result.ravel(), minlength=len(FACE_PART_CLASSES))
+            results[path] = {"boxes": box_list, "mask": f"{stem}_mask.png",
+                             "pixels": dict(zip(FACE_PART_CLASSES, counts.tolist()))}
+            pictures[f"{stem}_mask"] = Image.fromarray(result, mode="L")
+            pictures[f"{stem}_parts"] = visualize.overlay_mask(image, result)
+            continue
+        points, scores = result
         results[path] = {"boxes": box_list, "landmarks": points.tolist(), "scores": scores.tolist()}
         picture = visualize.draw_landmarks(image, np.zeros((0, 2)))
         for p in points:
             picture = visualize.draw_landmarks(np.asarray(picture), p)
-        pictures[os.path.splitext(os.path.basename(path))[0]] = picture
+        pictures[f"{stem}_landmarks"] = picture
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         _fail("predict", f"--out {args.out} is a file, not a folder")
     os.makedirs(args.out, exist_ok=True)
-    for stem, picture in pictures.items():
-        visualize.save_png(picture, os.path.join(args.out, f"{stem}_landmarks.png"))
-    with atomic_path(os.path.join(args.out, "landmarks.json")) as temporary, open(temporary, "w") as f:
+    for name, picture in pictures.items():
+        visualize.save_png(picture, os.path.join(args.out, f"{name}.png"))
+    written = os.path.join(args.out, "parts.json" if segmentation else "landmarks.json")
+    with atomic_path(written) as temporary, open(temporary, "w") as f:
         json.dump(results, f)
-    print(f"wrote {os.path.join(args.out, 'landmarks.json')} and overlays in {args.out}")
+    print(f"wrote {written} and {'masks' if segmentation else 'overlays'} in {args.out}")
     return 0
 
 
@@ -456,8 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the tables to this JSON file")
     evaluate.set_defaults(run=_evaluate)
 
-    predict = commands.add_parser("predict", help="landmarks for boxes in your own images",
-                                  description="Write landmarks.json and overlay PNGs to --out.")
+    predict = commands.add_parser("predict", help="landmarks (or facial parts) for boxes in your own images",
+                                  description="Write landmarks.json and overlay PNGs to --out; with --task "
+                                  "segmentation, parts.json, each image's class map (<name>_mask.png, grey "
+                                  "levels 0-6) and its parts in colour (<name>_parts.png).")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
     _tflite_arguments(predict)
@@ -468,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "default), back, full (faces up to ~5 m)")
     predict.add_argument("--min-score", type=_fraction, default=0.5, help="detection confidence to keep a face (0..1)")
     predict.add_argument("--person", action="store_true", help="boxes are person boxes")
+    predict.add_argument("--task", default="heatmaps", choices=("heatmaps", "segmentation"),
+                         help="what the model was trained for: landmarks (default) or facial parts")
     predict.add_argument("--flip-test", action="store_true")
     predict.add_argument("--batch-size", type=_positive_int, default=64,
                          help="face crops a model call, from as many images as it takes (a GPU wants many)")

@@ -127,3 +127,58 @@ def crop_points_to_image(points: np.ndarray, matrices: np.ndarray) -> np.ndarray
     inverse = np.linalg.inv(np.asarray(matrices, np.float64).reshape(-1, 3, 3))
     points = np.asarray(points, np.float64)
     return (np.einsum("nij,nkj->nki", inverse[:, :2, :2], points) + inverse[:, None, :2, 2]).astype(np.float32)
+
+
+def crop_labels_to_image(logits: np.ndarray, matrices: np.ndarray, input_size: int, height: int,
+                         width: int) -> np.ndarray:
+    """Per-pixel class scores of crops -> one ``(height, width)`` uint8 class map of the image.
+
+    Each image pixel centre inside a crop reads that crop's scores bilinearly (score pixel centres
+    sit at crop pixels ``(u + 0.5) * stride - 0.5``, as the pipeline renders its masks) and takes
+    their arg-max. Where crops overlap, the crop least sure that the pixel is background (class 0,
+    by its softmax) decides; pixels outside every crop are background.
+
+    Args:
+        logits: ``(N, h, w, C)`` a segmentation model's outputs for N crops (class 0: background).
+        matrices: ``(N, 3, 3)`` image -> crop matrices of the crops (:func:`crop_matrices`).
+        input_size: the crops' side in pixels; ``input_size / w`` is the scores' stride.
+        height, width: the image's size.
+    """
+    logits = np.asarray(logits, np.float32)
+    matrices = np.asarray(matrices, np.float64).reshape(-1, 3, 3)
+    if logits.ndim != 4 or len(logits) != len(matrices):
+        raise ValueError(f"logits: expected (N, h, w, C) for {len(matrices)} crops, got shape {logits.shape}")
+    labels = np.zeros((height, width), np.uint8)
+    background = np.ones((height, width), np.float32)  # the deciding crop's background probability
+    _, rows, columns, _ = logits.shape
+    stride_x, stride_y = input_size / columns, input_size / rows
+    edges = np.array([-0.5, input_size - 0.5])
+    for scores, matrix in zip(logits, matrices):
+        inverse = np.linalg.inv(matrix)
+        corners = np.array([[x, y, 1.0] for x in edges for y in edges]) @ inverse.T
+        corners = corners[:, :2] / corners[:, 2:]
+        x0, y0 = np.maximum(np.ceil(corners.min(0) - 1), 0).astype(int)
+        x1, y1 = np.minimum(np.floor(corners.max(0) + 1), [width - 1, height - 1]).astype(int)
+        if x1 < x0 or y1 < y0:
+            continue
+        ys, xs = np.meshgrid(np.arange(y0, y1 + 1, dtype=np.float64), np.arange(x0, x1 + 1, dtype=np.float64),
+                             indexing="ij")
+        projection = matrix[2, 0] * xs + matrix[2, 1] * ys + matrix[2, 2]
+        cx = (matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]) / projection
+        cy = (matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]) / projection
+        inside = (cx >= -0.5) & (cx < input_size - 0.5) & (cy >= -0.5) & (cy < input_size - 0.5)
+        u = np.clip((cx + 0.5) / stride_x - 0.5, 0, columns - 1)
+        v = np.clip((cy + 0.5) / stride_y - 0.5, 0, rows - 1)
+        u0, v0 = np.minimum(np.floor(u), columns - 2).astype(np.intp), np.minimum(np.floor(v), rows - 2).astype(np.intp)
+        u0, v0 = np.maximum(u0, 0), np.maximum(v0, 0)  # a 1-pixel side: both corners are pixel 0
+        u1, v1 = np.minimum(u0 + 1, columns - 1), np.minimum(v0 + 1, rows - 1)
+        fu, fv = (u - u0)[..., None].astype(np.float32), (v - v0)[..., None].astype(np.float32)
+        sampled = ((1 - fv) * ((1 - fu) * scores[v0, u0] + fu * scores[v0, u1])
+                   + fv * ((1 - fu) * scores[v1, u0] + fu * scores[v1, u1]))
+        exponentials = np.exp(sampled - sampled.max(-1, keepdims=True))
+        crop_background = exponentials[..., 0] / exponentials.sum(-1)
+        region = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+        decides = inside & (crop_background < background[region])
+        labels[region][decides] = sampled.argmax(-1)[decides]
+        background[region][decides] = crop_background[decides]
+    return labels

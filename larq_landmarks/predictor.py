@@ -4,6 +4,9 @@
     points, scores = predictor.predict("photo.jpg", boxes=[[x1, y1, x2, y2]])
     points, scores = predictor.predict("photo.jpg")     # faces found by BlazeFace
 
+    parts = Predictor.from_path("parts.tflite", task="segmentation")
+    labels = parts.segment("photo.jpg")                 # (H, W) facial part classes
+
 A ``.tflite`` run by this package's runtime (CPU or CUDA) needs no TensorFlow: crops, decoding and
 the mapping back to the image are NumPy (or CuPy); only Keras models and LCE's interpreter need it.
 """
@@ -15,8 +18,8 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from larq_landmarks import layouts, tflite_model
-from larq_landmarks.cropping import (crop_matrices, crop_points_to_image, face_crop, person_crop, sampling_params,
-                                     warp_crops)
+from larq_landmarks.cropping import (crop_labels_to_image, crop_matrices, crop_points_to_image, face_crop,
+                                     person_crop, sampling_params, warp_crops)
 from larq_landmarks.runtime.decoding import decode_heatmaps_array
 
 if TYPE_CHECKING:
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from larq_landmarks.detection import FaceDetector
 
 ImageLike = Union[str, os.PathLike, "Image.Image", np.ndarray]
+TASKS = ("heatmaps", "segmentation")
 
 
 class InputError(ValueError):
@@ -107,22 +111,31 @@ def flip_test(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, p
 
 
 class Predictor:
-    """Landmarks for boxes in images, from a Keras model or a converted ``.tflite``.
+    """Landmarks (or facial part classes) for boxes in images, from a Keras model or a converted
+    ``.tflite``.
 
     Args:
-        predict: crops ``(B, S, S, 3)`` float in [0, 1] -> heatmaps ``(B, S/4, S/4, K)``.
+        predict: crops ``(B, S, S, 3)`` float in [0, 1] -> heatmaps (or class logits)
+            ``(B, S/4, S/4, K)``.
         input_size: S.
-        num_landmarks: K.
+        num_landmarks: K, the landmarks, or the classes of a segmentation model.
         box_kind: ``"face"`` (face-alignment's crop from a face box) or ``"person"``.
-        use_flip_test: average with the mirrored image (needs a known layout: 68, 34 or 16).
+        use_flip_test: average with the mirrored image (landmarks: needs a known layout, 68, 34
+            or 16; segmentation: the classes are their own mirror images).
         detector: finds face boxes when :meth:`predict` gets none (default: a
             :class:`~larq_landmarks.detection.FaceDetector`, made on first use).
+        task: ``"heatmaps"`` (a landmark model: :meth:`predict`) or ``"segmentation"`` (a part
+            segmentation model, ``--task segmentation`` in training: :meth:`segment`). A model
+            file does not say which it is.
     """
 
     def __init__(self, predict, input_size: int, num_landmarks: int, box_kind: str = "face",
-                 use_flip_test: bool = False, detector: Optional["FaceDetector"] = None):
+                 use_flip_test: bool = False, detector: Optional["FaceDetector"] = None,
+                 task: str = "heatmaps"):
         if box_kind not in ("face", "person"):
             raise ValueError(f"box_kind={box_kind!r} must be 'face' or 'person'")
+        if task not in TASKS:
+            raise ValueError(f"task={task!r} must be one of {TASKS}")
         self._predict = predict
         # what _heatmaps runs, where its heatmaps are and what cuts the crops (NumPy; CuPy for the
         # GPU engine: _warp_crops(image, sampling parameters, size) there uploads only the image)
@@ -131,7 +144,10 @@ class Predictor:
         self.input_size = input_size
         self.num_landmarks = num_landmarks
         self.box_kind = box_kind
-        self.permutation = layouts.flip_permutation(num_landmarks) if use_flip_test else None
+        self.task = task
+        self.permutation = None
+        if use_flip_test:  # every part class (both eyes one class) is its own mirror image
+            self.permutation = np.arange(num_landmarks) if task == "segmentation" else layouts.flip_permutation(num_landmarks)
         self.detector = detector
         self.engine = "python"  # what runs the model: "keras", "runtime" or "lce"
 
@@ -150,32 +166,35 @@ class Predictor:
 
     @classmethod
     def from_path(cls, path: str, box_kind: str = "face", use_flip_test: bool = False,
-                  num_threads: int = 1, engine: str = "auto") -> "Predictor":
+                  num_threads: int = 1, engine: str = "auto", task: str = "heatmaps") -> "Predictor":
         """Load a saved Keras model (``.keras`` / SavedModel folder / ``.h5``) or a ``.tflite``.
 
         ``engine`` runs a ``.tflite``: ``"auto"`` (this package's bit-packed runtime, or LCE's
         interpreter with a warning where the runtime cannot run the file; on a CPU without AVX2,
         an ARM one say, LCE's interpreter where installed: :class:`tflite_model.TfliteModel`),
         ``"runtime"``, ``"lce"`` or ``"cuda"`` (the runtime on an NVIDIA GPU, CuPy needed; CuPy's
-        current device, or GPU N with ``"cuda:N"``)."""
+        current device, or GPU N with ``"cuda:N"``). ``task``: ``"segmentation"`` for a part
+        segmentation model (see :class:`Predictor`)."""
+        if task not in TASKS:  # before loading anything
+            raise ValueError(f"task={task!r} must be one of {TASKS}")
         if not os.path.exists(path):
             raise InputError(f"{path}: model not found")
         if str(path).endswith(".tflite"):
-            return cls._from_tflite(path, box_kind, use_flip_test, num_threads, engine)
+            return cls._from_tflite(path, box_kind, use_flip_test, num_threads, engine, task)
         import tensorflow as tf
 
         try:
             model = tf.keras.models.load_model(path)
         except Exception as error:
             raise InputError(f"{path}: cannot load a Keras model ({error})") from error
-        return cls.from_model(model, box_kind, use_flip_test, name=str(path))
+        return cls.from_model(model, box_kind, use_flip_test, name=str(path), task=task)
 
     @classmethod
     def from_model(cls, model: "tf.keras.Model", box_kind: str = "face", use_flip_test: bool = False,
-                   name: Optional[str] = None):
+                   name: Optional[str] = None, task: str = "heatmaps"):
         """Wrap an in-memory Keras model (its last stack). It must map ``(B, S, S, 3)`` images to
-        ``(B, S/4, S/4, K)`` heatmaps, as the ``.tflite`` path checks; ``name`` is how errors refer
-        to it (default the model's name)."""
+        ``(B, S/4, S/4, K)`` heatmaps (or logits), as the ``.tflite`` path checks; ``name`` is how
+        errors refer to it (default the model's name)."""
         from larq_landmarks import export
 
         model = export.last_stack(model)
@@ -185,16 +204,16 @@ class Predictor:
         def predict(images):
             return model.predict_on_batch(images)
 
-        predictor = cls(predict, model.input_shape[1], shape[-1], box_kind, use_flip_test)
+        predictor = cls(predict, model.input_shape[1], shape[-1], box_kind, use_flip_test, task=task)
         predictor.engine = "keras"
         return predictor
 
     @classmethod
-    def _from_tflite(cls, path, box_kind, use_flip_test, num_threads, engine):
+    def _from_tflite(cls, path, box_kind, use_flip_test, num_threads, engine, task):
         model = tflite_model.TfliteModel(path, engine, num_threads)
         inputs, outputs = model.input_shape, model.output_shape
         _check_model_shapes(tuple(inputs), tuple(outputs), str(path))
-        predictor = cls(model.predict, inputs[1], outputs[-1], box_kind, use_flip_test)
+        predictor = cls(model.predict, inputs[1], outputs[-1], box_kind, use_flip_test, task=task)
         predictor.engine = model.engine
         if model.engine == "cuda":  # crops cut, heatmaps made and decoded on the GPU: images in, points out
             from larq_landmarks.runtime import cuda
@@ -221,6 +240,12 @@ class Predictor:
         with self._device:
             return self._warp_crops(image, sampling_params(matrices), self.input_size), matrices
 
+    def _check_task(self, task: str, method: str) -> None:
+        if self.task != task:
+            other = "segment" if method == "predict" else "predict"
+            raise InputError(f"{method}() needs a {task} model; this predictor's task is {self.task!r} "
+                             f"(use {other}(), or load the model with task={task!r})")
+
     def predict(self, image: ImageLike, boxes: Optional[Sequence[Sequence[float]]] = None,
                 name: Optional[str] = None):
         """Landmarks for each box in one image.
@@ -234,26 +259,51 @@ class Predictor:
         Returns:
             ``(points, scores)``: ``(N, K, 2)`` image pixels and ``(N, K)`` heatmap peaks.
         """
-        crops, matrices = self._prepare(image, boxes, name)
-        if not len(crops):
-            return self._no_points()
-        points, scores = self._decode(crops)
-        return crop_points_to_image(points, matrices), scores
+        self._check_task("heatmaps", "predict")
+        crops, matrices, shape = self._prepare(image, boxes, name)
+        return self._points_in_image(self._decode(crops) if len(crops) else (), matrices, shape)
+
+    def segment(self, image: ImageLike, boxes: Optional[Sequence[Sequence[float]]] = None,
+                name: Optional[str] = None) -> np.ndarray:
+        """Facial part classes of one image, from a segmentation model (``task="segmentation"``).
+
+        Args:
+            image, boxes, name: as for :meth:`predict` (``None``: the faces BlazeFace finds).
+
+        Returns:
+            ``(H, W)`` uint8 class map of the image (:data:`larq_landmarks.layouts.FACE_PART_CLASSES`:
+            0 background, 1 skin, ..., 6 nose): each face's crop scores mapped back to the image's
+            pixels (:func:`~larq_landmarks.cropping.crop_labels_to_image`); background outside
+            every crop.
+        """
+        self._check_task("segmentation", "segment")
+        crops, matrices, shape = self._prepare(image, boxes, name)
+        return self._labels_in_image((self._logits(crops),) if len(crops) else (), matrices, shape)
 
     def _prepare(self, image: ImageLike, boxes, name: Optional[str]):
-        """The model's input crops of ``image`` for ``boxes`` (detected when None), and their
-        crop-to-image matrices."""
+        """The model's input crops of ``image`` for ``boxes`` (detected when None), their
+        crop-to-image matrices (None without boxes) and the image's ``(height, width)``."""
         name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
         pixels = load_rgb(image, name)
         if boxes is None:
             boxes = self.detect(pixels, name)
         boxes = check_boxes(boxes, name)
         if not len(boxes):
-            return np.zeros((0, self.input_size, self.input_size, 3), np.float32), None
-        return self._crops(pixels, boxes, name)
+            return np.zeros((0, self.input_size, self.input_size, 3), np.float32), None, pixels.shape[:2]
+        return (*self._crops(pixels, boxes, name), pixels.shape[:2])
 
-    def _no_points(self):
-        return np.zeros((0, self.num_landmarks, 2), np.float32), np.zeros((0, self.num_landmarks), np.float32)
+    def _points_in_image(self, rows: tuple, matrices, shape) -> Tuple[np.ndarray, np.ndarray]:
+        """An image's ``(points, scores)`` from its crops' decoded ``rows`` (``()``: no crops)."""
+        if matrices is None:
+            return np.zeros((0, self.num_landmarks, 2), np.float32), np.zeros((0, self.num_landmarks), np.float32)
+        points, scores = rows
+        return crop_points_to_image(points, matrices), scores
+
+    def _labels_in_image(self, rows: tuple, matrices, shape) -> np.ndarray:
+        """An image's class map from its crops' ``rows`` (``(logits,)``; ``()``: no crops)."""
+        if matrices is None:
+            return np.zeros(shape, np.uint8)
+        return crop_labels_to_image(rows[0], matrices, self.input_size, *shape)
 
     def _heatmaps(self, crops: np.ndarray):
         if self.permutation is not None:
@@ -272,6 +322,13 @@ class Predictor:
         stride = self.input_size / heatmaps.shape[1]
         return (points + 0.5) * stride - 0.5, scores
 
+    def _logits(self, crops: np.ndarray) -> np.ndarray:
+        """The segmentation model's class logits for ``crops``, NumPy ``(B, S/4, S/4, K)``."""
+        xp = self._array_module
+        with self._device:
+            logits = xp.asarray(self._heatmaps(crops))
+            return xp.asnumpy(logits) if xp is not np else np.asarray(logits, np.float32)
+
     def predict_many(self, images: Sequence[ImageLike],
                      boxes: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None,
                      progress: bool = False, batch_size: int = 64,
@@ -281,6 +338,22 @@ class Predictor:
         but the last (an image's faces may be split between two calls): a GPU engine needs large
         batches to be fast, and one batch size to replay its CUDA graphs. ``names[i]``: how errors
         refer to ``images[i]`` (default its path, or "image")."""
+        self._check_task("heatmaps", "predict")
+        return self._run_many(images, boxes, names, progress, batch_size, self._decode, self._points_in_image)
+
+    def segment_many(self, images: Sequence[ImageLike],
+                     boxes: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None,
+                     progress: bool = False, batch_size: int = 64,
+                     names: Optional[Sequence[str]] = None) -> List[np.ndarray]:
+        """:meth:`segment` over many images, their faces batched as :meth:`predict_many` does."""
+        self._check_task("segmentation", "segment")
+        return self._run_many(images, boxes, names, progress, batch_size,
+                              lambda crops: (self._logits(crops),), self._labels_in_image)
+
+    def _run_many(self, images, boxes, names, progress: bool, batch_size: int,
+                  run: Callable[[np.ndarray], tuple], finish: Callable[[tuple, Optional[np.ndarray], tuple], object]):
+        """``finish(rows, matrices, shape)`` of each image, where ``run(crops)`` gives a tuple of
+        NumPy arrays with one row a crop and ``rows`` are an image's rows (``()`` for no crops)."""
         if boxes is None:
             boxes = [None] * len(images)
         if names is None:
@@ -294,37 +367,37 @@ class Predictor:
             from tqdm import tqdm
 
             items = tqdm(items, total=len(images), desc="predict", unit="image")
-        results: List[tuple] = []
-        waiting: List[tuple] = []  # (result index, crop count, matrices): images whose points are not all decoded
+        results: list = []
+        waiting: List[tuple] = []  # (result index, crop count, matrices, shape): images whose rows are not all run
         queued: list = []  # crops not yet run (on the GPU engine's device there)
-        decoded: List[tuple] = []  # (points, scores) of crops run, not yet handed to their images
+        done: List[tuple] = []  # rows of crops run, not yet handed to their images
 
         def run_queued(final: bool) -> None:
             """Runs the queued crops in calls of ``batch_size`` (and, when ``final``, the rest in one
             last call; otherwise the rest waits for the next images' crops), then hands every image
-            whose crops are all decoded its points."""
+            whose crops have all run its result."""
             if queued:
                 with self._device:  # the crops are on the GPU engine's device
                     crops = self._array_module.concatenate(queued) if len(queued) > 1 else queued[0]
                 ready = len(crops) if final else len(crops) - len(crops) % batch_size
-                decoded.extend(self._decode(crops[i:i + batch_size]) for i in range(0, ready, batch_size))
+                done.extend(run(crops[i:i + batch_size]) for i in range(0, ready, batch_size))
                 queued[:] = [crops[ready:]] if ready < len(crops) else []
-            if not decoded:
+            if not done:
                 return
-            points, scores = (np.concatenate(parts) for parts in zip(*decoded))
+            rows = tuple(np.concatenate(parts) for parts in zip(*done))
             start = 0
-            while waiting and start + waiting[0][1] <= len(points):
-                index, count, matrices = waiting.pop(0)
+            while waiting and start + waiting[0][1] <= len(rows[0]):
+                index, count, matrices, shape = waiting.pop(0)
                 end = start + count
-                results[index] = (crop_points_to_image(points[start:end], matrices), scores[start:end])
+                results[index] = finish(tuple(part[start:end] for part in rows), matrices, shape)
                 start = end
-            decoded[:] = [(points[start:], scores[start:])] if start < len(points) else []
+            done[:] = [tuple(part[start:] for part in rows)] if start < len(rows[0]) else []
 
         for image, image_boxes, name in items:
-            crops, matrices = self._prepare(image, image_boxes, name)
-            results.append(self._no_points())
+            crops, matrices, shape = self._prepare(image, image_boxes, name)
+            results.append(finish((), None, shape) if not len(crops) else None)
             if len(crops):
-                waiting.append((len(results) - 1, len(crops), matrices))
+                waiting.append((len(results) - 1, len(crops), matrices, shape))
                 queued.append(crops)
             if sum(len(crops) for crops in queued) >= batch_size:
                 run_queued(final=False)

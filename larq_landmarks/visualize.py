@@ -1,4 +1,5 @@
-"""Pictures: landmark and skeleton overlays, part masks in colour, CED plots (PNG, Pillow)."""
+"""Pictures: landmark and skeleton overlays, part masks in colour (alone or over the image), CED
+plots (PNG, Pillow)."""
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -33,6 +34,16 @@ def draw_landmarks(image: np.ndarray, points: np.ndarray, truth: Optional[np.nda
 def colour_mask(mask: np.ndarray) -> Image.Image:
     """A 7-class facial part mask as an RGB picture."""
     return Image.fromarray(PART_COLOURS[np.asarray(mask, np.int64)])
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray, opacity: float = 0.5) -> Image.Image:
+    """The parts of a class ``mask`` (``(H, W)``, 0 background) in colour over an RGB ``image`` of
+    the same size; background pixels keep the image."""
+    image, mask = np.asarray(image, np.uint8), np.asarray(mask, np.int64)
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"mask of shape {mask.shape} for an image of shape {image.shape}")
+    blended = (1 - opacity) * image + opacity * PART_COLOURS[mask]
+    return Image.fromarray(np.where(mask[..., None] > 0, np.round(blended), image).astype(np.uint8))
 
 
 def grid(pictures: Sequence[Image.Image], columns: int = 4) -> Image.Image:

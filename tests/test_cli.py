@@ -2,12 +2,14 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from larq_landmarks import cli
 from larq_landmarks.datasets import writers
+from larq_landmarks.layouts import FACE_PART_CLASSES
 from larq_landmarks.models import BinaryHourglass
 
 SMALL = {"input_size": 64, "width": 32, "depth": 2, "batch_size": 4, "epochs": 2, "steps_per_epoch": 3, "quiet": True}
@@ -98,6 +100,30 @@ def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
     assert cli.main(["evaluate", "--model", str(run / "model.keras"), "--format", "300w", "--task", "segmentation",
                      "--data", str(trained / "test")]) == 0
     assert "| pixel_accuracy | mean_accuracy | mean_iu |" in capsys.readouterr().out
+    assert cli.main(["evaluate", "--model", str(run / "model.keras"), "--format", "300w", "--task", "segmentation",
+                     "--data", str(trained / "test"), "--flip-test"]) == 0
+    assert "| pixel_accuracy | mean_accuracy | mean_iu |" in capsys.readouterr().out
+    # the parts of your own images, from the Keras model and from its converted file
+    assert cli.main(["convert", str(run / "model.keras"), str(run / "model.tflite")]) == 0
+    image = str(trained / "test" / "00000.jpg")
+    maps = []
+    for model in ("model.keras", "model.tflite"):
+        out = tmp_path / model.replace(".", "_")
+        assert cli.main(["predict", image, "--model", str(run / model), "--task", "segmentation",
+                         "--box", "20,20,100,100", "--out", str(out)]) == 0
+        result = json.loads((out / "parts.json").read_text())[image]
+        mask = np.asarray(Image.open(out / result["mask"]))
+        assert mask.shape == (120, 120) and mask.max() <= 6
+        assert result["pixels"] == dict(zip(FACE_PART_CLASSES, np.bincount(mask.ravel(), minlength=7).tolist()))
+        assert Image.open(out / "00000_parts.png").size == (120, 120)
+        maps.append(mask)
+    assert (maps[0] == maps[1]).mean() > 0.99  # the bit-packed file segments as Keras does (1.0 here)
+    with pytest.raises(SystemExit, match="outputs 68 channels; a part segmentation model outputs 7"):
+        cli.main(["predict", image, "--model", str(trained / "run" / "model.keras"), "--task", "segmentation",
+                  "--box", "20,20,100,100", "--out", str(tmp_path / "wrong")])
+    with pytest.raises(SystemExit, match="--person is for pose models"):
+        cli.main(["predict", image, "--model", str(run / "model.keras"), "--task", "segmentation", "--person",
+                  "--box", "20,20,100,100"])
 
 
 def test_predict_writes_landmarks_and_overlays(trained, tmp_path):

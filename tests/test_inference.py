@@ -7,7 +7,9 @@ import tensorflow as tf
 from PIL import Image
 
 from larq_landmarks import export, heatmaps as hm, keras_metrics, metrics, visualize
+from larq_landmarks.cropping import crop_labels_to_image, crop_matrices, face_crop
 from larq_landmarks.datasets import pipeline, readers, writers
+from larq_landmarks.datasets.segmentation import render_part_mask
 from larq_landmarks.evaluation import heatmaps_to_image, predict_dataset
 from larq_landmarks.models import BinaryHourglass
 from larq_landmarks.predictor import InputError, Predictor, flip_test, load_rgb
@@ -80,6 +82,110 @@ def test_predictor_agrees_with_the_evaluation_pipeline(faces):
         alone = predictor.predict(path, image_boxes)
         np.testing.assert_allclose(points, alone[0], atol=1e-4)
         np.testing.assert_allclose(scores, alone[1], atol=1e-6)
+
+
+def _footprint(centre, side, size):
+    """The image pixels (centres at integers, ``0..size-1``) inside a crop of ``side`` image pixels
+    around ``centre``, the half-open interval ``[centre - side/2, centre + side/2)``."""
+    pixels = np.arange(size)
+    return (pixels >= centre - side / 2) & (pixels < centre + side / 2)
+
+
+def test_crop_labels_in_the_image_match_hand_computation():
+    """A crop's class scores land on the image pixels its crop covers, the right way round."""
+    size, rows = 64, 16  # crop side and score side: stride 4
+    box = [100.0, 60.0, 161.0, 140.0]  # centre x 130.5: between two pixels
+    centre, scale = face_crop(box)
+    matrices = crop_matrices(centre[None], [scale], size)
+    side = 200 * scale  # image pixels across the crop
+    inside = _footprint(centre[1], side, 200)[:, None] & _footprint(centre[0], side, 300)[None, :]
+    # constant scores for class 3: class 3 exactly on the crop's footprint, background elsewhere
+    constant = np.zeros((1, rows, rows, 7), np.float32)
+    constant[..., 3] = 5
+    labels = crop_labels_to_image(constant, matrices, size, 200, 300)
+    assert labels.dtype == np.uint8 and labels.shape == (200, 300)
+    np.testing.assert_array_equal(labels, np.where(inside, 3, 0))
+    # class 1 rises with the score column u, class 2 falls: they tie at the middle column (u = 7.5,
+    # crop x = (7.5 + 0.5) * 4 - 0.5 = 31.5, the crop's centre), so class 1 is right of the centre
+    ramp = np.zeros((1, rows, rows, 7), np.float32)
+    ramp[..., 1] = np.arange(rows)
+    ramp[..., 2] = rows - 1 - np.arange(rows)
+    labels = crop_labels_to_image(ramp, matrices, size, 200, 300)
+    x = np.arange(300)[None, :]
+    np.testing.assert_array_equal(labels, np.where(inside, np.where(x > centre[0], 1, 2), 0))
+    # two crops overlapping: the one least sure of background decides; outside both, background
+    other = crop_matrices(centre[None] + [30, 0], [scale], size)
+    sure = np.zeros((1, rows, rows, 7), np.float32)
+    sure[..., 5] = 9  # background probability e^0 / (e^9 + 6): lower than the constant crop's
+    labels = crop_labels_to_image(np.concatenate([constant, sure]), np.concatenate([matrices, other]), size, 200, 300)
+    inside_other = _footprint(centre[1], side, 200)[:, None] & _footprint(centre[0] + 30, side, 300)[None, :]
+    np.testing.assert_array_equal(labels, np.where(inside_other, 5, np.where(inside, 3, 0)))
+    background = sure.copy()
+    background[..., 0] = 20  # the second crop sure of background: the first crop's class stays
+    labels = crop_labels_to_image(np.concatenate([constant, background]), np.concatenate([matrices, other]), size,
+                                  200, 300)
+    np.testing.assert_array_equal(labels, np.where(inside, 3, 0))
+    with pytest.raises(ValueError, match=r"logits: expected \(N, h, w, C\) for 1 crops"):
+        crop_labels_to_image(constant[0], matrices, size, 200, 300)
+
+
+def test_segment_puts_the_pipelines_masks_back_on_the_image(faces):
+    """A model answering the pipeline's own masks (as one-hot logits) for each face's crop gives,
+    mapped back by ``Predictor.segment``, the parts drawn from the landmarks in the image itself
+    (an independent rendering at the image's resolution): the same pixels but for the edges that
+    the 4x coarser masks blur, and the skin where it is to a third of an image pixel (one score
+    pixel off would move it 3.5 pixels)."""
+    size = 256
+    _, masks = next(iter(pipeline.segmentation_dataset(faces, size, train=False, batch_size=2)))
+    logits = 10 * tf.one_hot(masks, 7).numpy()
+    seen = []
+
+    def predict(crops):
+        seen.append(len(crops))
+        return logits[len(seen) - 1:len(seen)]
+
+    predictor = Predictor(predict, size, 7, task="segmentation")
+    for i in range(2):
+        labels = predictor.segment(faces["image_path"][i], [faces["box"][i]])
+        truth = render_part_mask(faces["points"][i], *labels.shape).numpy()
+        x1, y1, x2, y2 = np.round(faces["box"][i]).astype(int)
+        face = (slice(max(y1, 0), y2), slice(max(x1, 0), x2))
+        assert (labels[face] == truth[face]).mean() > 0.95
+        assert (labels == truth).mean() > 0.99
+        skin_centre = np.argwhere(labels == 1).mean(0)
+        assert np.abs(skin_centre - np.argwhere(truth == 1).mean(0)).max() < 0.75
+    # many images batched as predict_many batches them: the same maps as one at a time
+    constant = np.zeros((1, 16, 16, 7), np.float32)
+    constant[..., 6] = 1
+    predictor = Predictor(lambda crops: np.repeat(constant, len(crops), 0), 64, 7, task="segmentation")
+    paths, boxes = list(faces["image_path"][:3]), [[faces["box"][0]], [], [faces["box"][2], faces["box"][1]]]
+    many = predictor.segment_many(paths, boxes, batch_size=2)
+    assert [m.shape for m in many] == [(220, 300)] * 3 and not many[1].any()
+    for labels, path, image_boxes in zip(many, paths, boxes):
+        np.testing.assert_array_equal(labels, predictor.segment(path, image_boxes))
+    # the flip test on a model whose scores do not depend on the image changes nothing
+    flipped = Predictor(lambda crops: np.repeat(constant, len(crops), 0), 64, 7, use_flip_test=True, task="segmentation")
+    np.testing.assert_array_equal(flipped.segment(paths[2], boxes[2]), many[2])
+    # each task's method refuses the other kind of model
+    with pytest.raises(InputError, match=r"predict\(\) needs a heatmaps model.*use segment\(\)"):
+        predictor.predict(paths[0], boxes[0])
+    with pytest.raises(InputError, match=r"segment\(\) needs a segmentation model"):
+        Predictor(predict, 64, 68).segment_many(paths, boxes)
+    with pytest.raises(ValueError, match="task='parts' must be one of"):
+        Predictor.from_path("missing.tflite", task="parts")
+
+
+def test_part_overlay_colours_the_parts_only():
+    image = np.full((2, 3, 3), 100, np.uint8)
+    mask = np.array([[0, 1, 5], [6, 0, 0]])
+    picture = np.asarray(visualize.overlay_mask(image, mask, opacity=0.5))
+    expected = image.astype(np.float64)
+    for (row, column), label in np.ndenumerate(mask):
+        if label:
+            expected[row, column] = np.round(0.5 * 100 + 0.5 * visualize.PART_COLOURS[label])
+    np.testing.assert_array_equal(picture, expected)
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 2\) for an image of shape \(2, 3, 3\)"):
+        visualize.overlay_mask(image, mask.T)
 
 
 @pytest.mark.slow

@@ -578,13 +578,18 @@ def test_predictor_runs_the_cuda_engine(gpu_or_cpu, predictor_model, monkeypatch
     assert flipped._array_module is cp
     size = flipped.input_size
     assert isinstance(flipped._heatmaps(np.zeros((1, size, size, 3), np.float32)), device_array)
-    crops, _ = flipped._prepare(images[0], boxes[0], None)
+    crops, _, _ = flipped._prepare(images[0], boxes[0], None)
     assert isinstance(crops, device_array)
     np.testing.assert_allclose(cp.asnumpy(crops), flipped_cpu._prepare(images[0], boxes[0], None)[0], atol=2e-6)
     for (points, scores), (expected, expected_scores) in zip(flipped.predict_many(images, boxes),
                                                              flipped_cpu.predict_many(images, boxes)):
         np.testing.assert_allclose(points, expected, atol=0.5)
         np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)
+    # segmentation (the 68 heatmaps read as class scores): the scores come back to NumPy, the maps agree
+    parts, parts_cpu = (Predictor.from_path(predictor_model, engine=engine, task="segmentation")
+                        for engine in ("cuda", "runtime"))
+    for labels, expected in zip(parts.segment_many(images, boxes), parts_cpu.segment_many(images, boxes)):
+        assert labels.shape == expected.shape == images[0].shape[:2] and (labels == expected).mean() > 0.99
 
 
 @needs_cpu_kernels
@@ -677,7 +682,7 @@ def test_predictor_runs_on_the_gpu_it_is_given(predictor_model, monkeypatch):
     zero, one = (Predictor.from_path(predictor_model, engine=engine, use_flip_test=True)
                  for engine in ("cuda", "cuda:1"))
     assert one.engine == "cuda" and one._device.id == 1
-    crops, _ = one._prepare(images[0], boxes[0], None)
+    crops, _, _ = one._prepare(images[0], boxes[0], None)
     assert crops.device.id == 1
     for (points, scores), (expected, expected_scores) in zip(one.predict_many(images[:2], boxes[:2]),
                                                              zero.predict_many(images[:2], boxes[:2])):
