@@ -134,9 +134,10 @@ def crop_labels_to_image(logits: np.ndarray, matrices: np.ndarray, input_size: i
     """Per-pixel class scores of crops -> one ``(height, width)`` uint8 class map of the image.
 
     Each image pixel centre inside a crop reads that crop's scores bilinearly (score pixel centres
-    sit at crop pixels ``(u + 0.5) * stride - 0.5``, as the pipeline renders its masks) and takes
-    their arg-max. Where crops overlap, the crop least sure that the pixel is background (class 0,
-    by its softmax) decides; pixels outside every crop are background.
+    sit at crop pixels ``(u + 0.5) * stride - 0.5``, as the pipeline renders its masks; the edge
+    values beyond the outermost centres) and takes their arg-max (ties: the lower class). Where
+    crops overlap, the crop least sure that the pixel is background decides (class 0's softmax
+    probability, read bilinearly as the scores are); pixels outside every crop are background.
 
     Args:
         logits: ``(N, h, w, C)`` a segmentation model's outputs for N crops (class 0: background).
@@ -151,9 +152,12 @@ def crop_labels_to_image(logits: np.ndarray, matrices: np.ndarray, input_size: i
     labels = np.zeros((height, width), np.uint8)
     background = np.ones((height, width), np.float32)  # the deciding crop's background probability
     _, rows, columns, _ = logits.shape
-    stride_x, stride_y = input_size / columns, input_size / rows
     edges = np.array([-0.5, input_size - 0.5])
-    for scores, matrix in zip(logits, matrices):
+    exponentials = np.exp(logits - logits.max(-1, keepdims=True))
+    probability = exponentials[..., :1] / exponentials.sum(-1, keepdims=True)  # of background
+    # per crop (C + 1, h, w): the class scores, then the background probability, planes contiguous
+    planes = np.concatenate([logits, probability], -1).transpose(0, 3, 1, 2)
+    for scores, matrix in zip(planes, matrices):
         inverse = np.linalg.inv(matrix)
         corners = np.array([[x, y, 1.0] for x in edges for y in edges]) @ inverse.T
         corners = corners[:, :2] / corners[:, 2:]
@@ -161,24 +165,39 @@ def crop_labels_to_image(logits: np.ndarray, matrices: np.ndarray, input_size: i
         x1, y1 = np.minimum(np.floor(corners.max(0) + 1), [width - 1, height - 1]).astype(int)
         if x1 < x0 or y1 < y0:
             continue
-        ys, xs = np.meshgrid(np.arange(y0, y1 + 1, dtype=np.float64), np.arange(x0, x1 + 1, dtype=np.float64),
-                             indexing="ij")
-        projection = matrix[2, 0] * xs + matrix[2, 1] * ys + matrix[2, 2]
-        cx = (matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]) / projection
-        cy = (matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]) / projection
-        inside = (cx >= -0.5) & (cx < input_size - 0.5) & (cy >= -0.5) & (cy < input_size - 0.5)
-        u = np.clip((cx + 0.5) / stride_x - 0.5, 0, columns - 1)
-        v = np.clip((cy + 0.5) / stride_y - 0.5, 0, rows - 1)
-        u0, v0 = np.minimum(np.floor(u), columns - 2).astype(np.intp), np.minimum(np.floor(v), rows - 2).astype(np.intp)
-        u0, v0 = np.maximum(u0, 0), np.maximum(v0, 0)  # a 1-pixel side: both corners are pixel 0
-        u1, v1 = np.minimum(u0 + 1, columns - 1), np.minimum(v0 + 1, rows - 1)
-        fu, fv = (u - u0)[..., None].astype(np.float32), (v - v0)[..., None].astype(np.float32)
-        sampled = ((1 - fv) * ((1 - fu) * scores[v0, u0] + fu * scores[v0, u1])
-                   + fv * ((1 - fu) * scores[v1, u0] + fu * scores[v1, u1]))
-        exponentials = np.exp(sampled - sampled.max(-1, keepdims=True))
-        crop_background = exponentials[..., 0] / exponentials.sum(-1)
+        xs, ys = np.arange(x0, x1 + 1, dtype=np.float64), np.arange(y0, y1 + 1, dtype=np.float64)
+        if matrix[0, 1] == matrix[1, 0] == matrix[2, 0] == matrix[2, 1] == 0 and matrix[2, 2] == 1:
+            # upright: x alone gives the crop column and y the row, so interpolate along each in turn
+            cx, cy = matrix[0, 0] * xs + matrix[0, 2], matrix[1, 1] * ys + matrix[1, 2]
+            (u0, u1, fu), (v0, v1, fv) = _bilinear(cx, input_size / columns, columns), _bilinear(cy, input_size / rows, rows)
+            along_x = scores[:, :, u0] * (1 - fu) + scores[:, :, u1] * fu  # (C, h, region width)
+            sampled = along_x[:, v0] * (1 - fv)[:, None] + along_x[:, v1] * fv[:, None]
+            inside = _within(cy, input_size)[:, None] & _within(cx, input_size)[None, :]
+        else:
+            xs, ys = np.meshgrid(xs, ys)
+            projection = matrix[2, 0] * xs + matrix[2, 1] * ys + matrix[2, 2]
+            cx = (matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]) / projection
+            cy = (matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]) / projection
+            (u0, u1, fu), (v0, v1, fv) = _bilinear(cx, input_size / columns, columns), _bilinear(cy, input_size / rows, rows)
+            sampled = ((1 - fv) * ((1 - fu) * scores[:, v0, u0] + fu * scores[:, v0, u1])
+                       + fv * ((1 - fu) * scores[:, v1, u0] + fu * scores[:, v1, u1]))
+            inside = _within(cx, input_size) & _within(cy, input_size)
+        crop_background = sampled[-1]
         region = (slice(y0, y1 + 1), slice(x0, x1 + 1))
         decides = inside & (crop_background < background[region])
-        labels[region][decides] = sampled.argmax(-1)[decides]
+        labels[region][decides] = sampled[:-1].argmax(0).astype(np.uint8)[decides]
         background[region][decides] = crop_background[decides]
     return labels
+
+
+def _within(crop_coordinates: np.ndarray, input_size: int) -> np.ndarray:
+    """Whether crop pixel coordinates lie in the crop, ``[-0.5, input_size - 0.5)``."""
+    return (crop_coordinates >= -0.5) & (crop_coordinates < input_size - 0.5)
+
+
+def _bilinear(crop_coordinates: np.ndarray, stride: float, count: int):
+    """The two score pixels around crop coordinates and the second one's weight (float32), along
+    one axis of ``count`` score pixels; beyond the outermost centres the edge value."""
+    position = np.clip((crop_coordinates + 0.5) / stride - 0.5, 0, count - 1)
+    first = np.clip(np.floor(position), 0, max(count - 2, 0)).astype(np.intp)
+    return first, np.minimum(first + 1, count - 1), (position - first).astype(np.float32)

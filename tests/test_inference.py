@@ -127,6 +127,15 @@ def test_crop_labels_in_the_image_match_hand_computation():
     np.testing.assert_array_equal(labels, np.where(inside, 3, 0))
     with pytest.raises(ValueError, match=r"logits: expected \(N, h, w, C\) for 1 crops"):
         crop_labels_to_image(constant[0], matrices, size, 200, 300)
+    # any other matrix takes the general (per-pixel) path: the same matrix scaled as a whole (the same
+    # mapping), and the crop turned a quarter about its centre with its scores turned with it, give
+    # the upright crop's map
+    scores = np.random.default_rng(3).normal(size=(1, rows, rows, 7)).astype(np.float32)
+    upright = crop_labels_to_image(scores, matrices, size, 200, 300)
+    np.testing.assert_array_equal(crop_labels_to_image(scores, 2 * matrices, size, 200, 300), upright)
+    turn = np.array([[0, -1, size - 1], [1, 0, 0], [0, 0, 1]], np.float32)  # crop (x, y) -> (S-1-y, x)
+    turned = crop_labels_to_image(np.rot90(scores, -1, axes=(1, 2)), turn @ matrices, size, 200, 300)
+    assert (turned == upright).mean() > 0.999 and (upright > 0).mean() > 0.1  # but for float rounding
 
 
 def test_segment_puts_the_pipelines_masks_back_on_the_image(faces):
