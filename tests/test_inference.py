@@ -270,6 +270,8 @@ model, image, out, dense = sys.argv[1:]
 found = {"predict": cli.main(["predict", image, "--model", model, "--box", "40,30,260,250", "--out", out])}
 predictor = Predictor.from_path(model, engine="runtime")
 found["many"] = [points.tolist() for points, _ in predictor.predict_many([image, image], [[[40, 30, 260, 250]], []])]
+parts = Predictor.from_path(model, engine="runtime", task="segmentation")  # the 68 heatmaps read as class scores
+found["parts"] = int(parts.segment(image, [[40, 30, 260, 250]]).sum(dtype="int64"))
 for call in (lambda: Predictor.from_path(model, engine="lce"),
              lambda: cli.main(["predict", image, "--model", model, "--box", "1,1,9,9", "--engine", "lce", "--out", out]),
              lambda: cli.main(["predict", image, "--model", model, "--out", out]),  # no boxes: detection
@@ -306,6 +308,8 @@ def test_converted_models_predict_without_tensorflow(small_file, faces, tmp_path
     np.testing.assert_allclose(written, expected, atol=1e-4)
     np.testing.assert_allclose(found["many"][0], expected, atol=1e-4)
     assert found["many"][1] == []
+    parts = Predictor.from_path(small_file, task="segmentation").segment(image, [[40, 30, 260, 250]])
+    assert found["parts"] == int(parts.astype(np.int64).sum()) > 0
     lce, command_lce, detection, no_fallback = found["errors"]
     assert "LCE's interpreter is not installed" in lce and "engine='runtime' or 'cuda'" in lce
     assert command_lce.startswith("larq-landmarks predict: LCE's interpreter is not installed")
