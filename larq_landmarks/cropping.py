@@ -129,6 +129,9 @@ def crop_points_to_image(points: np.ndarray, matrices: np.ndarray) -> np.ndarray
     return (np.einsum("nij,nkj->nki", inverse[:, :2, :2], points) + inverse[:, None, :2, 2]).astype(np.float32)
 
 
+PIXELS_A_BAND = 1 << 18  # image pixels mapped at once by crop_labels_to_image: 8 MB a class plane
+
+
 def crop_labels_to_image(logits: np.ndarray, matrices: np.ndarray, input_size: int, height: int,
                          width: int) -> np.ndarray:
     """Per-pixel class scores of crops -> one ``(height, width)`` uint8 class map of the image.
@@ -165,28 +168,34 @@ def crop_labels_to_image(logits: np.ndarray, matrices: np.ndarray, input_size: i
         x1, y1 = np.minimum(np.floor(corners.max(0) + 1), [width - 1, height - 1]).astype(int)
         if x1 < x0 or y1 < y0:
             continue
-        xs, ys = np.arange(x0, x1 + 1, dtype=np.float64), np.arange(y0, y1 + 1, dtype=np.float64)
-        if matrix[0, 1] == matrix[1, 0] == matrix[2, 0] == matrix[2, 1] == 0 and matrix[2, 2] == 1:
-            # upright: x alone gives the crop column and y the row, so interpolate along each in turn
-            cx, cy = matrix[0, 0] * xs + matrix[0, 2], matrix[1, 1] * ys + matrix[1, 2]
-            (u0, u1, fu), (v0, v1, fv) = _bilinear(cx, input_size / columns, columns), _bilinear(cy, input_size / rows, rows)
-            along_x = scores[:, :, u0] * (1 - fu) + scores[:, :, u1] * fu  # (C, h, region width)
-            sampled = along_x[:, v0] * (1 - fv)[:, None] + along_x[:, v1] * fv[:, None]
-            inside = _within(cy, input_size)[:, None] & _within(cx, input_size)[None, :]
-        else:
-            xs, ys = np.meshgrid(xs, ys)
-            projection = matrix[2, 0] * xs + matrix[2, 1] * ys + matrix[2, 2]
-            cx = (matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]) / projection
-            cy = (matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]) / projection
-            (u0, u1, fu), (v0, v1, fv) = _bilinear(cx, input_size / columns, columns), _bilinear(cy, input_size / rows, rows)
-            sampled = ((1 - fv) * ((1 - fu) * scores[:, v0, u0] + fu * scores[:, v0, u1])
-                       + fv * ((1 - fu) * scores[:, v1, u0] + fu * scores[:, v1, u1]))
-            inside = _within(cx, input_size) & _within(cy, input_size)
-        crop_background = sampled[-1]
-        region = (slice(y0, y1 + 1), slice(x0, x1 + 1))
-        decides = inside & (crop_background < background[region])
-        labels[region][decides] = sampled[:-1].argmax(0).astype(np.uint8)[decides]
-        background[region][decides] = crop_background[decides]
+        xs = np.arange(x0, x1 + 1, dtype=np.float64)
+        upright = matrix[0, 1] == matrix[1, 0] == matrix[2, 0] == matrix[2, 1] == 0 and matrix[2, 2] == 1
+        if upright:  # x alone gives the crop column and y the row: interpolate along each in turn
+            cx = matrix[0, 0] * xs + matrix[0, 2]
+            u0, u1, fu = _bilinear(cx, input_size / columns, columns)
+            along_x = scores[:, :, u0] * (1 - fu) + scores[:, :, u1] * fu  # (C + 1, h, region width)
+        band = max(1, PIXELS_A_BAND // len(xs))  # rows at a time: a whole photo's crop would take GBs
+        for top in range(y0, y1 + 1, band):
+            ys = np.arange(top, min(top + band, y1 + 1), dtype=np.float64)
+            if upright:
+                cy = matrix[1, 1] * ys + matrix[1, 2]
+                v0, v1, fv = _bilinear(cy, input_size / rows, rows)
+                sampled = along_x[:, v0] * (1 - fv)[:, None] + along_x[:, v1] * fv[:, None]
+                inside = _within(cy, input_size)[:, None] & _within(cx, input_size)[None, :]
+            else:
+                x, y = np.meshgrid(xs, ys)
+                projection = matrix[2, 0] * x + matrix[2, 1] * y + matrix[2, 2]
+                cx_, cy = ((matrix[i, 0] * x + matrix[i, 1] * y + matrix[i, 2]) / projection for i in (0, 1))
+                (u0, u1, fu), (v0, v1, fv) = (_bilinear(cx_, input_size / columns, columns),
+                                              _bilinear(cy, input_size / rows, rows))
+                sampled = ((1 - fv) * ((1 - fu) * scores[:, v0, u0] + fu * scores[:, v0, u1])
+                           + fv * ((1 - fu) * scores[:, v1, u0] + fu * scores[:, v1, u1]))
+                inside = _within(cx_, input_size) & _within(cy, input_size)
+            crop_background = sampled[-1]
+            region = (slice(top, top + len(ys)), slice(x0, x1 + 1))
+            decides = inside & (crop_background < background[region])
+            labels[region][decides] = sampled[:-1].argmax(0).astype(np.uint8)[decides]
+            background[region][decides] = crop_background[decides]
     return labels
 
 

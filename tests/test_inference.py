@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from larq_landmarks import export, heatmaps as hm, keras_metrics, metrics, visualize
+from larq_landmarks import cropping, export, heatmaps as hm, keras_metrics, metrics, visualize
 from larq_landmarks.cropping import crop_labels_to_image, crop_matrices, face_crop
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.datasets.segmentation import render_part_mask
@@ -91,7 +91,7 @@ def _footprint(centre, side, size):
     return (pixels >= centre - side / 2) & (pixels < centre + side / 2)
 
 
-def test_crop_labels_in_the_image_match_hand_computation():
+def test_crop_labels_in_the_image_match_hand_computation(monkeypatch):
     """A crop's class scores land on the image pixels its crop covers, the right way round."""
     size, rows = 64, 16  # crop side and score side: stride 4
     box = [100.0, 60.0, 161.0, 140.0]  # centre x 130.5: between two pixels
@@ -136,6 +136,11 @@ def test_crop_labels_in_the_image_match_hand_computation():
     turn = np.array([[0, -1, size - 1], [1, 0, 0], [0, 0, 1]], np.float32)  # crop (x, y) -> (S-1-y, x)
     turned = crop_labels_to_image(np.rot90(scores, -1, axes=(1, 2)), turn @ matrices, size, 200, 300)
     assert (turned == upright).mean() > 0.999 and (upright > 0).mean() > 0.1  # but for float rounding
+    # a large crop is mapped a band of rows at a time: bands of two rows give the same maps
+    monkeypatch.setattr(cropping, "PIXELS_A_BAND", 300)
+    np.testing.assert_array_equal(crop_labels_to_image(scores, matrices, size, 200, 300), upright)
+    np.testing.assert_array_equal(crop_labels_to_image(np.rot90(scores, -1, axes=(1, 2)), turn @ matrices, size, 200,
+                                                       300), turned)
 
 
 def test_segment_puts_the_pipelines_masks_back_on_the_image(faces):
