@@ -185,12 +185,12 @@ def crop_labels_to_image(logits: np.ndarray, matrices: np.ndarray, input_size: i
             else:
                 x, y = np.meshgrid(xs, ys)
                 projection = matrix[2, 0] * x + matrix[2, 1] * y + matrix[2, 2]
-                cx_, cy = ((matrix[i, 0] * x + matrix[i, 1] * y + matrix[i, 2]) / projection for i in (0, 1))
-                (u0, u1, fu), (v0, v1, fv) = (_bilinear(cx_, input_size / columns, columns),
+                cx, cy = ((matrix[i, 0] * x + matrix[i, 1] * y + matrix[i, 2]) / projection for i in (0, 1))
+                (u0, u1, fu), (v0, v1, fv) = (_bilinear(cx, input_size / columns, columns),
                                               _bilinear(cy, input_size / rows, rows))
                 sampled = ((1 - fv) * ((1 - fu) * scores[:, v0, u0] + fu * scores[:, v0, u1])
                            + fv * ((1 - fu) * scores[:, v1, u0] + fu * scores[:, v1, u1]))
-                inside = _within(cx_, input_size) & _within(cy, input_size)
+                inside = _within(cx, input_size) & _within(cy, input_size)
             crop_background = sampled[-1]
             region = (slice(top, top + len(ys)), slice(x0, x1 + 1))
             decides = inside & (crop_background < background[region])

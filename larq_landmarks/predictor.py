@@ -282,7 +282,7 @@ class Predictor:
 
     def _prepare(self, image: ImageLike, boxes, name: Optional[str]):
         """The model's input crops of ``image`` for ``boxes`` (detected when None), their
-        crop-to-image matrices (None without boxes) and the image's ``(height, width)``."""
+        image -> crop matrices (None without boxes) and the image's ``(height, width)``."""
         name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
         pixels = load_rgb(image, name)
         if boxes is None:
