@@ -873,3 +873,93 @@ def test_prepared_weights_and_engine_buffers_start_on_a_cache_line(path):
         array = ops.aligned_empty(shape, dtype)
         assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
         assert array.size == 0 or array.ctypes.data % 64 == 0
+
+
+BF16_PATHS = [p for p in PATHS if p.startswith("avx512") and kernel_paths.load(p).cpu_supports("avx512bf16")]
+needs_bf16 = pytest.mark.skipif(not BF16_PATHS, reason="this CPU has no AVX512_BF16")
+
+
+def _bfloat16(values) -> np.ndarray:
+    """float32 rounded to bfloat16 (nearest, ties to even; NaN stays NaN), as float32: by hand."""
+    bits = np.asarray(values, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(values), np.float32(np.nan), rounded)
+
+
+@needs_bf16
+@pytest.mark.parametrize("path", BF16_PATHS)
+def test_bfloat16_float_conv_is_the_conv_of_bfloat16_operands(path):
+    """``float_precision="bfloat16"``'s convolution: products of the input and weights rounded to
+    bfloat16 (by hand here: ties to even, NaN kept), summed in float32; odd channel counts (the 7x7
+    stem's 3) with a zero channel added, so that a NaN or infinity reaches only the outputs that read
+    it; dilated taps; the batch norm before it and the residual after it as in float32."""
+    module = kernel_paths.load(path)
+    none = np.zeros(0, np.float32)
+    # a 1x1 identity filter gives the input's rounding itself: halfway cases round to even
+    halves = np.array([1.00390625, 1.01171875, -3.0078125, 2.0 ** -130, np.nan, np.inf, 65504.0, 0.1],
+                      np.float32).reshape(1, 1, 8, 1)
+    out = np.empty((1, 1, 8, 1), np.float32)
+    module.conv2d_bf16(halves, module.prepare_float_weights_bf16(np.ones((1, 1, 1, 1), np.float32)),
+                       np.zeros(1, np.float32), [1, 1, 1, 1, 1, 1, 0, 0], -np.inf, np.inf, [], none, none, -np.inf,
+                       np.inf, out)
+    rounded = _bfloat16(halves).ravel()
+    np.testing.assert_array_equal(out.ravel(), np.where(np.abs(rounded) < 2.0 ** -126, 0, rounded))
+    assert out.ravel()[0] == 1.0 and out.ravel()[1] == 1.015625  # ties: down to even, up to even
+    assert out.ravel()[3] == 0  # a subnormal product counts as zero (VDPBF16PS flushes them)
+    rng = np.random.default_rng(11)
+    for size, cin, cout, k, stride, dilation in [(21, 3, 64, 7, 2, 1), (9, 5, 7, 3, 1, 1), (20, 64, 70, 1, 1, 1),
+                                                 (11, 5, 9, 3, 1, 2), (8, 33, 96, 1, 1, 1)]:
+        x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
+        filters = rng.normal(size=(cout, k, k, cin)).astype(np.float32)
+        bias = rng.normal(size=cout).astype(np.float32)
+        scale, shift = rng.uniform(0.5, 2, cin).astype(np.float32), rng.normal(size=cin).astype(np.float32)
+        (out_size, pad), _ = (ops._same_padding(size, k, stride, dilation, 0),) * 2
+        weights = module.prepare_float_weights_bf16(filters)
+        assert weights.ctypes.data % 64 == 0
+        for multiplier, offset, input_low in ((none, none, -np.inf), (scale, shift, 0.0)):
+            source = x if multiplier.size == 0 else np.maximum(x * scale + shift, 0)
+            expected = tf.nn.conv2d(_bfloat16(source).astype(np.float64),
+                                    np.transpose(_bfloat16(filters), (1, 2, 3, 0)).astype(np.float64), stride, "SAME",
+                                    dilations=dilation).numpy() + bias
+            residual = rng.normal(size=expected.shape).astype(np.float32)
+            out = np.empty(expected.shape, np.float32)
+            module.conv2d_bf16(x, weights, bias, [k, k, stride, stride, dilation, dilation, pad, pad], -np.inf,
+                               np.inf, [residual], multiplier, offset, input_low, np.inf, out)
+            np.testing.assert_allclose(out, expected + residual, rtol=1e-5, atol=1e-4, err_msg=f"{size, cin, k}")
+    with pytest.raises(ValueError, match="not prepare_float_weights_bf16 of this filter"):
+        module.conv2d_bf16(x, module.prepare_float_weights_bf16(filters), bias, [3, 3, 1, 1, 1, 1, 1, 1],  # 1x1's
+                           -np.inf, np.inf, [], none, none, -np.inf, np.inf, np.empty((2, 8, 8, 96), np.float32))
+
+
+@needs_bf16
+def test_bfloat16_engine_runs_float_models_to_bfloat16_rounding(tmp_path):
+    """A float .tflite (every convolution float) under ``float_precision="bfloat16"`` gives float32's
+    outputs to bfloat16's rounding; the binary model's landmarks mostly stay where they were (a sign
+    near zero may flip, so they are not bit-exact)."""
+    tf.keras.utils.set_random_seed(1)
+    real = trained_like_batch_norm(models.build_named("real_hpm", 16, input_size=64, width=32, depth=2))
+    path = tmp_path / "real.tflite"
+    export.convert(real, str(path), binary=False)
+    images = np.random.default_rng(2).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    float32, bfloat16 = (Engine(str(path), float_precision=p) for p in ("float32", "bfloat16"))
+    assert (float32.float_precision, bfloat16.float_precision) == ("float32", "bfloat16")
+    want, got = float32.predict(images), bfloat16.predict(images)
+    scale = np.abs(want).max()
+    assert 1e-5 * scale < np.abs(got - want).max() < 3e-2 * scale  # rounded, and only by that much
+    with pytest.raises(ValueError, match="float_precision='float16' must be one of"):
+        Engine(str(path), float_precision="float16")
+
+
+def test_bfloat16_is_refused_where_the_kernels_lack_it(small_file, monkeypatch):
+    """bfloat16 needs the avx512 or avx512bw kernels on a CPU with AVX512_BF16; elsewhere (AVX2,
+    portable, a CPU without it, the GPU) asking for it is an error that says which."""
+    for path in PATHS:
+        module = kernel_paths.load(path)
+        if path.startswith("avx512") and module.cpu_supports("avx512bf16"):
+            continue
+        with pytest.raises(ValueError, match=f"needs AVX512_BF16 and the avx512 or avx512bw kernels; these are the "
+                                             f"{path} kernels"):
+            Engine(small_file, kernels=path, float_precision="bfloat16")
+    fake_cupy.install(monkeypatch)
+    with pytest.raises(ValueError, match="float_precision='bfloat16' is for the CPU kernels"):
+        Engine(small_file, kernels="cuda", float_precision="bfloat16")

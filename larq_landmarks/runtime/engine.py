@@ -161,6 +161,8 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
          "LceDequantize": "bit-packing (with fused batch norm)"}
 
+FLOAT_PRECISIONS = ("float32", "bfloat16")
+
 # the CUDA streams per thread whose recycled buffers an engine keeps (Engine._buffers)
 GPU_STREAMS_KEPT = 4
 
@@ -191,6 +193,13 @@ class Engine:
             and writes its output into the channel CONCATENATION (+ ADD) that reads it, so that an
             HPM block's ops take no pass of their own (outputs bit-identical). False runs each of
             them as its own step, for comparisons.
+        float_precision: ``"float32"`` (the default: TFLite's and LCE's results) or
+            ``"bfloat16"``: the float convolutions (stem, skips, heads) multiply in bfloat16 and
+            sum in float32, at twice the FMA's rate, on CPUs with AVX512_BF16 (AMD Zen 4 and
+            newer, Intel Cooper Lake and Sapphire Rapids and newer; elsewhere an error). Outputs
+            move by about bfloat16's rounding (a few parts in a thousand; subnormal products count
+            as zero), and further where that flips a binary layer's sign; docs/benchmarks.md
+            measures the speed and how far the landmarks move.
 
     Raises:
         UnsupportedModelError: the file is not a TFLite flatbuffer, or holds an op or option the
@@ -203,7 +212,8 @@ class Engine:
     """
 
     def __init__(self, model: Union[str, os.PathLike, bytes], num_threads: int = 1, kernels: str = "auto",
-                 name: Optional[str] = None, cuda_graphs: bool = True, fuse_blocks: bool = True):
+                 name: Optional[str] = None, cuda_graphs: bool = True, fuse_blocks: bool = True,
+                 float_precision: str = "float32"):
         if isinstance(model, (bytes, bytearray)):
             flatbuffer, name = bytes(model), name or "model"
         else:
@@ -225,6 +235,17 @@ class Engine:
             self.kernels = self._kernels.path
             self._device = contextlib.nullcontext()
         self.num_threads = num_threads
+        if float_precision not in FLOAT_PRECISIONS:
+            raise ValueError(f"float_precision={float_precision!r} must be one of {FLOAT_PRECISIONS}")
+        if float_precision == "bfloat16" and on_gpu:
+            raise ValueError("float_precision='bfloat16' is for the CPU kernels (AVX512_BF16); the GPU kernels "
+                             "run float32")
+        if float_precision == "bfloat16" and not (hasattr(self._kernels, "conv2d_bf16")
+                                                  and self._kernels.cpu_supports("avx512bf16")):
+            has = "has" if self._kernels.cpu_supports("avx512bf16") else "has no"
+            raise ValueError(f"float_precision='bfloat16' needs AVX512_BF16 and the avx512 or avx512bw kernels; "
+                             f"these are the {self.kernels} kernels, and this CPU {has} AVX512_BF16")
+        self.float_precision = float_precision
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
                                         "outputs; the runtime runs one-input, one-output models")
@@ -292,7 +313,8 @@ class Engine:
             op = deferred.get(op.index, op)
             tensors, target, activation = residuals.get(op.index, (None, None, 0))
             if op.name == "CONV_2D":
-                steps.append(ops.conv_2d(graph, op, self._kernels, tensors, target, activation, fused.get(op.index)))
+                steps.append(ops.conv_2d(graph, op, self._kernels, tensors, target, activation, fused.get(op.index),
+                                         bfloat16=self.float_precision == "bfloat16"))
             elif op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
             elif op.index in packs or op.index in intos:

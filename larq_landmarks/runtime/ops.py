@@ -270,25 +270,29 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
 
 
 def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] = None, target: Optional[int] = None,
-            add_activation: int = 0, input_affine: Optional[tuple] = None) -> Run:
+            add_activation: int = 0, input_affine: Optional[tuple] = None, bfloat16: bool = False) -> Run:
     """Float convolution with bias and fused activation. ``residual``, ``target`` and
     ``add_activation`` fuse the ADD that follows a convolution without activation: ``target =
     clamp(conv + residual)``, rounded as the two ops round, where ``residual`` lists the tensors
     whose channels, concatenated, are added (a CONCATENATION folded in). ``input_affine`` =
     ``(source, multiplier or None, bias or None, activation code)`` folds the per-channel MUL / ADD
     (with its fused activation) of a batch norm before the convolution: it reads ``source`` and
-    applies them to each pixel as it is read."""
+    applies them to each pixel as it is read. ``bfloat16``: products of the input and weights
+    rounded to bfloat16, sums in float32 (``Engine(float_precision="bfloat16")``)."""
     _check_float(graph, op)
     o = op.options
     filters = _constant(graph, op, 1, np.float32)
     cout, fh, fw, cin = filters.shape
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
-    weights = kernels.prepare_float_weights(filters)
+    sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
+    if bfloat16:
+        weights, convolve = kernels.prepare_float_weights_bf16(filters), kernels.conv2d_bf16
+    else:
+        weights, convolve = kernels.prepare_float_weights(filters), kernels.conv2d
     bias = _on_device(kernels, bias)
     if residual is not None and o.FusedActivationFunction() != 0:
         raise _unsupported(graph, op, "an ADD fused after an activation")
     low, high = _activation(graph, op, add_activation if residual is not None else o.FusedActivationFunction())
-    sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
     source, target = op.inputs[0], op.outputs[0] if target is None else target
     none = _on_device(kernels, np.zeros(0, np.float32))
     in_mul = in_bias = none
@@ -304,8 +308,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         out_h, pad_top = _same_padding(height, fh, sh, dh, o.Padding())
         out_w, pad_left = _same_padding(width, fw, sw, dw, o.Padding())
         out = values.alloc((batch, out_h, out_w, cout), np.float32)
-        kernels.conv2d(x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high,
-                       [] if residual is None else [values[i] for i in residual], in_mul, in_bias, in_low, in_high, out)
+        convolve(x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high,
+                 [] if residual is None else [values[i] for i in residual], in_mul, in_bias, in_low, in_high, out)
         values[target] = out
 
     return run

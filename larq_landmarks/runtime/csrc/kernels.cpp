@@ -889,6 +889,32 @@ struct Segments {
 };
 
 #if defined(__AVX512F__)
+// A tile's epilogue on its accumulators c00 .. c53 (row i, vector j): bias, residual and clamp, with
+// masked loads and stores for the last columns.
+#define GEMM_TILE_EPILOGUE                                                                                  \
+  __mmask16 mask[4];                                                                                        \
+  __m512 bias_v[4];                                                                                         \
+  for (int j = 0; j < 4; ++j) {                                                                             \
+    const int left = std::max(0, std::min(16, n - 16 * j));                                                 \
+    mask[j] = static_cast<__mmask16>((1u << left) - 1u);                                                    \
+    bias_v[j] = _mm512_maskz_loadu_ps(mask[j], bias + c0 + 16 * j);                                         \
+  }                                                                                                         \
+  const __m512 lo_v = _mm512_set1_ps(lo), hi_v = _mm512_set1_ps(hi);                                        \
+  auto finish = [&](int i, int j, __m512 v) {                                                               \
+    v = _mm512_add_ps(v, bias_v[j]);                                                                        \
+    const int64_t at = static_cast<int64_t>(i) * cout + c0 + 16 * j;                                        \
+    if (residual && mask[j])                                                                                \
+      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual->at(row + i, c0 + 16 * j)));            \
+    /* max / min return their second operand when either is NaN: NaN passes through, as in TFLite */        \
+    _mm512_mask_storeu_ps(c + at, mask[j], _mm512_min_ps(hi_v, _mm512_max_ps(lo_v, v)));                    \
+  };                                                                                                        \
+  if (0 < m) { finish(0, 0, c00); if (NV > 1) finish(0, 1, c01); if (NV > 2) finish(0, 2, c02); if (NV > 3) finish(0, 3, c03); } \
+  if (1 < m) { finish(1, 0, c10); if (NV > 1) finish(1, 1, c11); if (NV > 2) finish(1, 2, c12); if (NV > 3) finish(1, 3, c13); } \
+  if (2 < m) { finish(2, 0, c20); if (NV > 1) finish(2, 1, c21); if (NV > 2) finish(2, 2, c22); if (NV > 3) finish(2, 3, c23); } \
+  if (3 < m) { finish(3, 0, c30); if (NV > 1) finish(3, 1, c31); if (NV > 2) finish(3, 2, c32); if (NV > 3) finish(3, 3, c33); } \
+  if (4 < m) { finish(4, 0, c40); if (NV > 1) finish(4, 1, c41); if (NV > 2) finish(4, 2, c42); if (NV > 3) finish(4, 3, c43); } \
+  if (5 < m) { finish(5, 0, c50); if (NV > 1) finish(5, 1, c51); if (NV > 2) finish(5, 2, c52); if (NV > 3) finish(5, 3, c53); }
+
 // One 6 x (16 NV) tile of gemm_rows (NV = 4, or fewer for the last columns): rows arow[0 .. m - 1],
 // columns c0 .. c0 + n - 1, in 24 named registers (an array of vectors made GCC spill to the stack);
 // the epilogue (bias, residual, clamp) runs on the registers with masked loads and stores.
@@ -920,30 +946,48 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
 #undef ROW
     }
   }
-  __mmask16 mask[4];
-  __m512 bias_v[4];
-  for (int j = 0; j < 4; ++j) {
-    const int left = std::max(0, std::min(16, n - 16 * j));
-    mask[j] = static_cast<__mmask16>((1u << left) - 1u);
-    bias_v[j] = _mm512_maskz_loadu_ps(mask[j], bias + c0 + 16 * j);
-  }
-  const __m512 lo_v = _mm512_set1_ps(lo), hi_v = _mm512_set1_ps(hi);
-  auto finish = [&](int i, int j, __m512 v) {
-    v = _mm512_add_ps(v, bias_v[j]);
-    const int64_t at = static_cast<int64_t>(i) * cout + c0 + 16 * j;
-    if (residual && mask[j]) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual->at(row + i, c0 + 16 * j)));
-    // max / min return their second operand when either is NaN: NaN passes through, as in TFLite
-    _mm512_mask_storeu_ps(c + at, mask[j], _mm512_min_ps(hi_v, _mm512_max_ps(lo_v, v)));
-  };
-#define ROW(i)                           \
-  if (i < m) {                           \
-    finish(i, 0, c##i##0);               \
-    if (NV > 1) finish(i, 1, c##i##1);   \
-    if (NV > 2) finish(i, 2, c##i##2);   \
-    if (NV > 3) finish(i, 3, c##i##3);   \
-  }
+  GEMM_TILE_EPILOGUE
+}
+
+// bfloat16 products with float32 sums (AVX512_BF16's VDPBF16PS: two products a lane an instruction,
+// twice the FMA's rate): gemm_tile with the A rows and B in bfloat16, K taken in pairs (B prepared
+// by prepare_float_weights_bf16: [K / 2, Cout rounded up, 2]; ldb counts uint16 values). Compiled
+// for AVX512_BF16 whatever the build's flags; run only where the CPU has it (cpu_supports).
+#define BF16_TARGET __attribute__((target("avx512bf16")))
+static inline BF16_TARGET __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+template <int NV>
+static inline __attribute__((always_inline)) BF16_TARGET void gemm_tile_bf16(
+    const uint16_t* const* arow, int m, const Segments& segments, const uint16_t* bp, int64_t ldb, int c0, int n,
+    const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c, int cout) {
+#define ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
   ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
+  for (const int64_t offset : segments.offset) {
+    const uint16_t* a_row[kFloatTileM];
+    for (int i = 0; i < kFloatTileM; ++i) a_row[i] = arow[i] + offset;
+    for (int kk = 0; kk < segments.length; kk += 2, bp += ldb) {
+      const __m512i b0 = _mm512_loadu_si512(bp);
+      const __m512i b1 = NV > 1 ? _mm512_loadu_si512(bp + 32) : b0;
+      const __m512i b2 = NV > 2 ? _mm512_loadu_si512(bp + 64) : b0;
+      const __m512i b3 = NV > 3 ? _mm512_loadu_si512(bp + 96) : b0;
+#define ROW(i)                                                      \
+  {                                                                 \
+    int32_t pair;                                                   \
+    std::memcpy(&pair, a_row[i] + kk, sizeof(pair));                \
+    const __m512i a = _mm512_set1_epi32(pair);                      \
+    c##i##0 = dot_bf16(c##i##0, a, b0);                             \
+    if (NV > 1) c##i##1 = dot_bf16(c##i##1, a, b1);                 \
+    if (NV > 2) c##i##2 = dot_bf16(c##i##2, a, b2);                 \
+    if (NV > 3) c##i##3 = dot_bf16(c##i##3, a, b3);                 \
+  }
+      ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+    }
+  }
+  GEMM_TILE_EPILOGUE
 }
 #endif
 
@@ -995,6 +1039,72 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
   }
 }
 
+#if defined(__AVX512F__)
+// gemm_rows in bfloat16 (gemm_tile_bf16): A rows and B in bfloat16, K in pairs.
+static BF16_TARGET void gemm_rows_bf16(const uint16_t* const* base, int64_t rows, const Segments& segments,
+                                       const uint16_t* b, int64_t ldb, int cout, const float* bias,
+                                       const Residual* residual, int64_t row0, float lo, float hi, float* c) {
+  const int nblocks = static_cast<int>(ldb / (2 * kFloatTileN));
+  for (int64_t r0 = 0; r0 < rows; r0 += kFloatTileM) {
+    const int m = static_cast<int>(std::min<int64_t>(kFloatTileM, rows - r0));
+    const uint16_t* arow[kFloatTileM];
+    for (int i = 0; i < kFloatTileM; ++i) arow[i] = base[r0 + std::min(i, m - 1)];
+    for (int nb = 0; nb < nblocks; ++nb) {
+      const uint16_t* bp = b + 2 * nb * kFloatTileN;
+      const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
+      float* out = c + r0 * cout;
+      switch ((n + 15) / 16) {
+        case 1: gemm_tile_bf16<1>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
+        case 2: gemm_tile_bf16<2>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
+        case 3: gemm_tile_bf16<3>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout); break;
+        default: gemm_tile_bf16<4>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout);
+      }
+    }
+  }
+}
+#endif
+
+// float32 -> bfloat16, rounded to nearest even (NaN stays NaN), as VCVTNEPS2BF16 rounds.
+static inline uint16_t to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+#if defined(__AVX512F__)
+// float32 -> bfloat16 of n values (VCVTNEPS2BF16, rounded to nearest even as to_bf16 rounds).
+static BF16_TARGET void convert_bf16(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+  for (; i < n; ++i) dst[i] = to_bf16(src[i]);
+}
+
+// Filter [Cout, fh, fw, Cin] (TFLite) -> bfloat16 [fh * fw * Cin2 / 2, Cout rounded up, 2] for
+// gemm_tile_bf16, Cin2 being Cin rounded up to even: element [p, c, e] is the weight of K index
+// 2 p + e, with a zero weight for each tap's added channel. The convolution's bfloat16 copy of its
+// input has that channel too, a zero (a zero weight on a neighbour's value instead would turn a NaN
+// or infinity there into a NaN here).
+static Array<uint16_t> prepare_float_weights_bf16(Array<float> filter) {
+  if (filter.ndim() != 4) throw std::invalid_argument("prepare_float_weights_bf16: expected a 4-d filter");
+  const int cout = static_cast<int>(filter.shape(0)), taps = static_cast<int>(filter.shape(1) * filter.shape(2));
+  const int cin = static_cast<int>(filter.shape(3)), cin2 = cin + cin % 2, pairs = taps * cin2 / 2;
+  const int padded = (cout + kFloatTileN - 1) / kFloatTileN * kFloatTileN;
+  Array<uint16_t> out = aligned_array<uint16_t>({pairs, padded, 2});
+  uint16_t* o = data(out);
+  std::memset(o, 0, sizeof(uint16_t) * static_cast<size_t>(pairs) * padded * 2);
+  const float* f = filter.data();
+  for (int c = 0; c < cout; ++c)
+    for (int t = 0; t < taps; ++t)
+      for (int i = 0; i < cin; ++i) {
+        const int k = t * cin2 + i;
+        o[(static_cast<int64_t>(k / 2) * padded + c) * 2 + k % 2] = to_bf16(f[(static_cast<int64_t>(c) * taps + t) * cin + i]);
+      }
+  return out;
+}
+#endif
+
 // dst[i] = clamp(src[i] * m[i] + b[i], lo, hi) (m and b each optional), rounded as a MUL then an
 // ADD with its fused activation (no FMA).
 __attribute__((optimize("fp-contract=off")))
@@ -1012,9 +1122,15 @@ static void affine_copy(const float* src, int n, const float* m, const float* b,
 // input_multiplier / input_bias (each optional, per input channel) and the clamp [input_lo,
 // input_hi]: the batch norm (and activation) before the convolution, applied to the input pixels as
 // they are read (the zero padding stays zero).
-static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, std::vector<int> geometry,
-                   float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
-                   Array<float> input_bias, float input_lo, float input_hi, py::array output) {
+// kBf16: weights from prepare_float_weights_bf16, products in bfloat16 (the input rounded to
+// bfloat16 as it is copied, odd channel counts with a zero channel added), sums in float32;
+// AVX-512 builds only.
+template <bool kBf16>
+static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint16_t, float>> weights,
+                        Array<float> bias, std::vector<int> geometry, float lo, float hi,
+                        std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
+                        float input_lo, float input_hi, py::array output) {
+  using W = std::conditional_t<kBf16, uint16_t, float>;  // the GEMM's A and B
   if (geometry.size() != 8) throw std::invalid_argument("conv2d: geometry needs 8 numbers");
   float* y = checked_data<float>(output, 4, true, "conv2d output");
   const int fh = geometry[0], fw = geometry[1], sh = geometry[2], sw = geometry[3];
@@ -1023,13 +1139,16 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
   const int width = static_cast<int>(input.shape(2)), cin = static_cast<int>(input.shape(3));
   const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
   const int cout = static_cast<int>(output.shape(3));
-  const int k = fh * fw * cin;
-  if (weights.ndim() != 2 || weights.shape(0) != k || weights.shape(1) < cout || weights.shape(1) % kFloatTileN != 0 ||
-      bias.size() != cout)
-    throw std::invalid_argument("conv2d: weights are not prepare_float_weights of this filter, or bias size");
-  const int64_t ldb = weights.shape(1);
+  const int channels_read = kBf16 ? cin + cin % 2 : cin;  // a pixel's values in the GEMM's A rows
+  const int64_t k = static_cast<int64_t>(fh) * fw * channels_read;
+  const bool weights_ok = kBf16 ? weights.ndim() == 3 && weights.shape(0) * 2 == k && weights.shape(2) == 2
+                                : weights.ndim() == 2 && weights.shape(0) == k;
+  if (!weights_ok || weights.shape(1) < cout || weights.shape(1) % kFloatTileN != 0 || bias.size() != cout)
+    throw std::invalid_argument(kBf16 ? "conv2d_bf16: weights are not prepare_float_weights_bf16 of this filter, or bias size"
+                                      : "conv2d: weights are not prepare_float_weights of this filter, or bias size");
+  const int64_t ldb = weights.shape(1) * (kBf16 ? 2 : 1);
   const float* x = input.data();
-  const float* b = weights.data();
+  const W* b = weights.data();
   const float* bs = bias.data();
   if (output.shape(0) != batch) throw std::invalid_argument("conv2d: output batch differs from the input's");
   const int64_t pixels = static_cast<int64_t>(batch) * out_h * out_w;
@@ -1057,62 +1176,121 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
   py::gil_scoped_release release;
   // Any other convolution reads its taps from the input with its padding written out (zeros; the
   // batch norm applied to the input pixels only), so that every tap of every output pixel is
-  // inside the buffer.
+  // inside the buffer. In bfloat16 every input is copied so, rounded.
   const int padded_h = direct ? height : padded_extent(pt, height, out_h, sh, fh, dh);
   const int padded_w = direct ? width : padded_extent(pl, width, out_w, sw, fw, dw);
-  static thread_local std::vector<float> padded;
-  const float* source = x;
-  if (!direct && (affine || padded_h != height || padded_w != width)) {
-    padded.assign(static_cast<size_t>(batch) * padded_h * padded_w * cin, 0.0f);
-    for (int bi = 0; bi < batch; ++bi)
-      for (int iy = 0; iy < height; ++iy) {
-        const float* src = x + (static_cast<int64_t>(bi) * height + iy) * width * cin;
-        float* dst = padded.data() + ((static_cast<int64_t>(bi) * padded_h + iy + pt) * padded_w + pl) * cin;
-        if (affine)
-          for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, dst + ix * cin);
-        else
-          std::memcpy(dst, src, sizeof(float) * width * cin);
+  static thread_local std::vector<W> padded;
+  const W* source = nullptr;
+  if constexpr (kBf16) {
+#if defined(__AVX512F__)
+    padded.assign(static_cast<size_t>(batch) * padded_h * padded_w * channels_read, 0);
+    uint16_t* const copy = padded.data();  // this thread's buffer (a worker's `padded` is its own)
+    pool().parallel_for(batch * height, [&](int r0, int r1) {
+      static thread_local std::vector<float> row;  // one input row after the batch norm
+      row.resize(static_cast<size_t>(width) * cin);
+      for (int r = r0; r < r1; ++r) {
+        const int bi = r / height, iy = r % height;
+        const float* src = x + static_cast<int64_t>(r) * width * cin;
+        if (affine) {
+          for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, row.data() + ix * cin);
+          src = row.data();
+        }
+        const int top = direct ? 0 : pt, left = direct ? 0 : pl;
+        uint16_t* dst = copy + ((static_cast<int64_t>(bi) * padded_h + iy + top) * padded_w + left) * channels_read;
+        if (channels_read == cin)
+          convert_bf16(src, static_cast<int64_t>(width) * cin, dst);
+        else  // odd channel counts: each pixel's added channel stays zero
+          for (int ix = 0; ix < width; ++ix)
+            for (int c = 0; c < cin; ++c) dst[static_cast<int64_t>(ix) * channels_read + c] = to_bf16(src[ix * cin + c]);
       }
+    });
     source = padded.data();
+#endif
+  } else {
+    source = x;
+    if (!direct && (affine || padded_h != height || padded_w != width)) {
+      padded.assign(static_cast<size_t>(batch) * padded_h * padded_w * cin, 0.0f);
+      for (int bi = 0; bi < batch; ++bi)
+        for (int iy = 0; iy < height; ++iy) {
+          const float* src = x + (static_cast<int64_t>(bi) * height + iy) * width * cin;
+          float* dst = padded.data() + ((static_cast<int64_t>(bi) * padded_h + iy + pt) * padded_w + pl) * cin;
+          if (affine)
+            for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, dst + ix * cin);
+          else
+            std::memcpy(dst, src, sizeof(float) * width * cin);
+        }
+      source = padded.data();
+    }
   }
   Segments segments;
   if (direct) {
-    segments = {{0}, cin};
+    segments = {{0}, channels_read};
   } else if (dw == 1) {
-    for (int fy = 0; fy < fh; ++fy) segments.offset.push_back(static_cast<int64_t>(fy) * dh * padded_w * cin);
-    segments.length = fw * cin;
+    for (int fy = 0; fy < fh; ++fy) segments.offset.push_back(static_cast<int64_t>(fy) * dh * padded_w * channels_read);
+    segments.length = fw * channels_read;
   } else {
     for (int fy = 0; fy < fh; ++fy)
       for (int fx = 0; fx < fw; ++fx)
-        segments.offset.push_back((static_cast<int64_t>(fy) * dh * padded_w + static_cast<int64_t>(fx) * dw) * cin);
-    segments.length = cin;
+        segments.offset.push_back((static_cast<int64_t>(fy) * dh * padded_w + static_cast<int64_t>(fx) * dw) *
+                                  channels_read);
+    segments.length = channels_read;
   }
+  // the float32 1x1 convolution with a batch norm before it applies it a task's rows at a time
+  const bool patched = !kBf16 && direct && affine;
   constexpr int kRowsPerTask = 96;  // a multiple of every path's row tile
   const int tasks = static_cast<int>((pixels + kRowsPerTask - 1) / kRowsPerTask);
   pool().parallel_for(tasks, [&](int t0, int t1) {
     static thread_local std::vector<float> patch;  // per thread, kept: fn runs once per chunk
-    patch.resize(direct && affine ? static_cast<size_t>(kRowsPerTask) * cin : 0);
-    const float* base[kRowsPerTask];
+    patch.resize(patched ? static_cast<size_t>(kRowsPerTask) * cin : 0);
+    const W* base[kRowsPerTask];
     for (int t = t0; t < t1; ++t) {
       const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
       const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0));
       for (int r = 0; r < rows; ++r) {
         const int64_t pixel = r0 + r;
-        if (direct && affine) {
-          affine_copy(x + pixel * cin, cin, in_m, in_b, input_lo, input_hi, patch.data() + static_cast<int64_t>(r) * cin);
-          base[r] = patch.data() + static_cast<int64_t>(r) * cin;
-        } else if (direct) {
-          base[r] = x + pixel * cin;
+        if constexpr (!kBf16) {
+          if (patched) {
+            affine_copy(x + pixel * cin, cin, in_m, in_b, input_lo, input_hi, patch.data() + static_cast<int64_t>(r) * cin);
+            base[r] = patch.data() + static_cast<int64_t>(r) * cin;
+            continue;
+          }
+        }
+        if (direct) {
+          base[r] = source + pixel * channels_read;
         } else {
           const int64_t bi = pixel / (static_cast<int64_t>(out_h) * out_w);
           const int oy = static_cast<int>(pixel / out_w % out_h), ox = static_cast<int>(pixel % out_w);
-          base[r] = source + ((bi * padded_h + static_cast<int64_t>(oy) * sh) * padded_w + static_cast<int64_t>(ox) * sw) * cin;
+          base[r] = source + ((bi * padded_h + static_cast<int64_t>(oy) * sh) * padded_w + static_cast<int64_t>(ox) * sw) *
+                                 channels_read;
         }
       }
-      gemm_rows(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
+      if constexpr (kBf16) {
+#if defined(__AVX512F__)
+        gemm_rows_bf16(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
+#endif
+      } else {
+        gemm_rows(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
+      }
     }
   });
 }
+
+static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, std::vector<int> geometry, float lo,
+                   float hi, std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
+                   float input_lo, float input_hi, py::array output) {
+  conv2d_impl<false>(input, weights, bias, geometry, lo, hi, residual, input_multiplier, input_bias, input_lo, input_hi,
+                     output);
+}
+
+#if defined(__AVX512F__)
+static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float> bias, std::vector<int> geometry,
+                        float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
+                        Array<float> input_bias, float input_lo, float input_hi, py::array output) {
+  if (!__builtin_cpu_supports("avx512bf16")) throw std::runtime_error("conv2d_bf16: this CPU has no AVX512_BF16");
+  conv2d_impl<true>(input, weights, bias, geometry, lo, hi, residual, input_multiplier, input_bias, input_lo, input_hi,
+                    output);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Element-wise: out = clamp(a (op) b) where b is a full tensor, a per-channel vector or a scalar.
@@ -1298,6 +1476,10 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
         py::arg("pack_next") = false);
   m.def("prepare_float_weights", &prepare_float_weights);
   m.def("conv2d", &conv2d);
+#if defined(__AVX512F__)  // bfloat16 float convolutions: AVX-512 builds, CPUs with AVX512_BF16 (cpu_supports)
+  m.def("prepare_float_weights_bf16", &prepare_float_weights_bf16);
+  m.def("conv2d_bf16", &conv2d_bf16);
+#endif
   m.def("binary_elementwise", &binary_elementwise);
   m.def("pool2d", &pool2d);
   m.def("concat_channels", &concat_channels);
@@ -1309,6 +1491,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
                                     __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
     if (feature == "avx512bw") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (feature == "avx512bf16") return __builtin_cpu_supports("avx512bf16") != 0;
     if (feature == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                   __builtin_cpu_supports("popcnt");
 #endif
