@@ -166,7 +166,8 @@ class Predictor:
 
     @classmethod
     def from_path(cls, path: str, box_kind: str = "face", use_flip_test: bool = False,
-                  num_threads: int = 1, engine: str = "auto", task: str = "heatmaps") -> "Predictor":
+                  num_threads: int = 1, engine: str = "auto", task: str = "heatmaps",
+                  float_precision: str = "float32") -> "Predictor":
         """Load a saved Keras model (``.keras`` / SavedModel folder / ``.h5``) or a ``.tflite``.
 
         ``engine`` runs a ``.tflite``: ``"auto"`` (this package's bit-packed runtime, or LCE's
@@ -174,13 +175,18 @@ class Predictor:
         an ARM one say, LCE's interpreter where installed: :class:`tflite_model.TfliteModel`),
         ``"runtime"``, ``"lce"`` or ``"cuda"`` (the runtime on an NVIDIA GPU, CuPy needed; CuPy's
         current device, or GPU N with ``"cuda:N"``). ``task``: ``"segmentation"`` for a part
-        segmentation model (see :class:`Predictor`)."""
+        segmentation model (see :class:`Predictor`). ``float_precision="bfloat16"``: the runtime's
+        bfloat16 float convolutions (a ``.tflite`` on a CPU with AVX512_BF16; see
+        :class:`~larq_landmarks.runtime.Engine`)."""
         if task not in TASKS:  # before loading anything
             raise ValueError(f"task={task!r} must be one of {TASKS}")
         if not os.path.exists(path):
             raise InputError(f"{path}: model not found")
         if str(path).endswith(".tflite"):
-            return cls._from_tflite(path, box_kind, use_flip_test, num_threads, engine, task)
+            return cls._from_tflite(path, box_kind, use_flip_test, num_threads, engine, task, float_precision)
+        if float_precision != "float32":
+            raise ValueError(f"{path}: float_precision={float_precision!r} is for a .tflite run by the runtime; "
+                             "a Keras model runs float32")
         import tensorflow as tf
 
         try:
@@ -209,8 +215,8 @@ class Predictor:
         return predictor
 
     @classmethod
-    def _from_tflite(cls, path, box_kind, use_flip_test, num_threads, engine, task):
-        model = tflite_model.TfliteModel(path, engine, num_threads)
+    def _from_tflite(cls, path, box_kind, use_flip_test, num_threads, engine, task, float_precision):
+        model = tflite_model.TfliteModel(path, engine, num_threads, float_precision=float_precision)
         inputs, outputs = model.input_shape, model.output_shape
         _check_model_shapes(tuple(inputs), tuple(outputs), str(path))
         predictor = cls(model.predict, inputs[1], outputs[-1], box_kind, use_flip_test, task=task)

@@ -123,21 +123,28 @@ class TfliteModel:
             NVIDIA GPU; no fallback) on CuPy's current device, ``"cuda:N"`` on device N.
         num_threads: threads for the CPU engines.
         name: how errors and warnings refer to the file.
+        float_precision: ``"float32"``, or ``"bfloat16"`` for the runtime's bfloat16 float
+            convolutions on CPUs with AVX512_BF16 (:class:`~larq_landmarks.runtime.Engine`; never
+            LCE's interpreter, which runs float32: asking for both is an error).
 
     Attributes:
         engine: the engine that runs it (``"runtime"``, ``"lce"`` or ``"cuda"``); ``kernels``: the runtime's
-        kernel path (on a GPU other than device 0 with ``":N"``), or None under LCE; ``input_shape``
-        and ``output_shape`` as stored.
+        kernel path (on a GPU other than device 0 with ``":N"``), or None under LCE;
+        ``float_precision`` that of the float convolutions; ``input_shape`` and ``output_shape`` as
+        stored.
     """
 
     def __init__(self, flatbuffer: Union[bytes, str, os.PathLike], engine: str = "auto", num_threads: int = 1,
-                 name: str = "model"):
+                 name: str = "model", float_precision: str = "float32"):
         check_engine(engine)
+        if float_precision != "float32" and engine == "lce":
+            raise ValueError(f"float_precision={float_precision!r} is the runtime's; LCE's interpreter runs float32 "
+                             "(use engine='runtime' or 'auto')")
         if isinstance(flatbuffer, (str, os.PathLike)):
             flatbuffer, name = load_flatbuffer(flatbuffer), os.fspath(flatbuffer) if name == "model" else name
         verify(flatbuffer, name)
         self.kernels = None
-        if engine == "auto" and runtime_is_portable_only():
+        if engine == "auto" and runtime_is_portable_only() and float_precision == "float32":
             try:
                 lce_interpreter = interpreter(flatbuffer, num_threads)
             except ImportError:
@@ -151,14 +158,15 @@ class TfliteModel:
 
             try:
                 on_gpu = engine.startswith("cuda")
-                runtime = Engine(flatbuffer, num_threads=num_threads, kernels=engine if on_gpu else "auto", name=name)
+                runtime = Engine(flatbuffer, num_threads=num_threads, kernels=engine if on_gpu else "auto", name=name,
+                                 float_precision=float_precision)
             except UnsupportedModelError as error:
-                if engine != "auto":
+                if engine != "auto" or float_precision != "float32":  # LCE runs float32 only
                     raise
                 fallback_reason = error
             else:
                 self.engine = "cuda" if on_gpu else "runtime"
-                self.kernels = runtime.kernels
+                self.kernels, self.float_precision = runtime.kernels, runtime.float_precision
                 self.input_shape, self.output_shape = runtime.input_shape, runtime.output_shape
                 self._predict = runtime.predict
                 return
@@ -174,7 +182,7 @@ class TfliteModel:
         self._run_with_lce(lce_interpreter)
 
     def _run_with_lce(self, lce_interpreter) -> None:
-        self.engine = "lce"
+        self.engine, self.float_precision = "lce", "float32"
         self.input_shape, self.output_shape = tuple(lce_interpreter.input_shapes[0]), tuple(lce_interpreter.output_shapes[0])
         fixed_batch = self.input_shape[0]
         one_at_a_time = threading.Lock()  # the interpreter's tensors are shared: no two runs at once

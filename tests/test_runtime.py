@@ -963,3 +963,29 @@ def test_bfloat16_is_refused_where_the_kernels_lack_it(small_file, monkeypatch):
     fake_cupy.install(monkeypatch)
     with pytest.raises(ValueError, match="float_precision='bfloat16' is for the CPU kernels"):
         Engine(small_file, kernels="cuda", float_precision="bfloat16")
+
+
+@needs_bf16
+def test_bfloat16_through_the_predictor_and_the_command_line(small_file, tmp_path, capsys):
+    """``Predictor.from_path(..., float_precision="bfloat16")`` and ``--float-precision bfloat16``
+    run the runtime's bfloat16 convolutions; LCE's interpreter and Keras models run float32 only,
+    and asking them for bfloat16 is an error that says so."""
+    from larq_landmarks.datasets import writers
+    from larq_landmarks.tflite_model import TfliteModel
+
+    writers.write_300w(str(tmp_path / "faces"), 4, seed=3, image_size=(100, 100))
+    image = str(tmp_path / "faces" / "00000.jpg")
+    predictor = Predictor.from_path(small_file, float_precision="bfloat16")
+    assert predictor.engine == "runtime" and predictor._predict.__self__.float_precision == "bfloat16"
+    points, _ = predictor.predict(image, [[10, 10, 90, 90]])
+    assert points.shape == (1, 68, 2)
+    assert cli.main(["evaluate", "--model", small_file, "--format", "300w", "--data", str(tmp_path / "faces"),
+                     "--float-precision", "bfloat16"]) == 0
+    assert "NME box %" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="LCE's interpreter runs float32"):
+        TfliteModel(small_file, engine="lce", float_precision="bfloat16")
+    model = tf.keras.Sequential([tf.keras.Input((8, 8, 3)), tf.keras.layers.Conv2D(4, 1, strides=4)])
+    model.save(tmp_path / "m.keras")
+    with pytest.raises(SystemExit, match="m.keras: float_precision='bfloat16' is for a .tflite"):
+        cli.main(["predict", image, "--model", str(tmp_path / "m.keras"), "--box", "10,10,90,90",
+                  "--float-precision", "bfloat16", "--out", str(tmp_path / "out")])
