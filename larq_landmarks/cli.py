@@ -253,6 +253,9 @@ def _predict(args: argparse.Namespace) -> int:
     if segmentation and predictor.num_landmarks != len(FACE_PART_CLASSES):
         _fail("predict", f"model {args.model!r} outputs {predictor.num_landmarks} channels; a part segmentation "
                          f"model outputs {len(FACE_PART_CLASSES)} (one per class)")
+    if not segmentation and predictor.num_landmarks == len(FACE_PART_CLASSES):  # a file does not say its task
+        print(f"larq-landmarks predict: note: {args.model} outputs {len(FACE_PART_CLASSES)} channels, as a part "
+              "segmentation model does; if it is one, add --task segmentation", file=sys.stderr)
     boxes = list(args.box or [])
     if args.person and not boxes:
         _fail("predict", "--person needs --box x1,y1,x2,y2: only faces are detected")

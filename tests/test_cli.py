@@ -118,6 +118,11 @@ def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
         assert Image.open(out / "00000_parts.png").size == (120, 120)
         maps.append(mask)
     assert (maps[0] == maps[1]).mean() > 0.99  # the bit-packed file segments as Keras does (1.0 here)
+    capsys.readouterr()
+    assert cli.main(["predict", image, "--model", str(run / "model.tflite"), "--box", "20,20,100,100",
+                     "--out", str(tmp_path / "as_landmarks")]) == 0  # 7 "landmarks", with a hint
+    assert "outputs 7 channels, as a part segmentation model does; if it is one, add --task segmentation" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit, match="outputs 68 channels; a part segmentation model outputs 7"):
         cli.main(["predict", image, "--model", str(trained / "run" / "model.keras"), "--task", "segmentation",
                   "--box", "20,20,100,100", "--out", str(tmp_path / "wrong")])
