@@ -1184,7 +1184,11 @@ static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint
   const W* source = nullptr;
   if constexpr (kBf16) {
 #if defined(__AVX512F__)
-    padded.assign(static_cast<size_t>(batch) * padded_h * padded_w * channels_read, 0);
+    const size_t values = static_cast<size_t>(batch) * padded_h * padded_w * channels_read;
+    if (direct && channels_read == cin)
+      padded.resize(values);  // every value is written below
+    else
+      padded.assign(values, 0);  // the padding and the added channel stay zero
     uint16_t* const copy = padded.data();  // this thread's buffer (a worker's `padded` is its own)
     pool().parallel_for(batch * height, [&](int r0, int r1) {
       static thread_local std::vector<float> row;  // one input row after the batch norm
