@@ -146,8 +146,10 @@ class Predictor:
         self.box_kind = box_kind
         self.task = task
         self.permutation = None
-        if use_flip_test:  # every part class (both eyes one class) is its own mirror image
-            self.permutation = np.arange(num_landmarks) if task == "segmentation" else layouts.flip_permutation(num_landmarks)
+        if use_flip_test and task == "segmentation":  # every part class (both eyes one) is its own mirror image
+            self.permutation = np.arange(num_landmarks)
+        elif use_flip_test:
+            self.permutation = layouts.flip_permutation(num_landmarks)
         self.detector = detector
         self.engine = "python"  # what runs the model: "keras", "runtime" or "lce"
 
