@@ -960,6 +960,16 @@ def test_bfloat16_is_refused_where_the_kernels_lack_it(small_file, monkeypatch):
         with pytest.raises(ValueError, match=f"needs AVX512_BF16 and the avx512 or avx512bw kernels; these are the "
                                              f"{path} kernels"):
             Engine(small_file, kernels=path, float_precision="bfloat16")
+    # AVX-512 kernels built by a compiler without AVX512_BF16 (GCC 9, say) have no conv2d_bf16
+    if "avx512" in PATHS:
+        full = kernel_paths.load("avx512")
+        without = types.SimpleNamespace(**{k: getattr(full, k) for k in dir(full)
+                                           if not k.startswith("__") and k != "conv2d_bf16"})
+        monkeypatch.setattr(kernel_paths, "load", lambda kernels="auto": without)
+        with pytest.raises(ValueError, match=r"these are the avx512 kernels, built without bfloat16 \(a compiler "
+                                             r"before GCC 10 or Clang 9\)"):
+            Engine(small_file, float_precision="bfloat16")
+        monkeypatch.undo()
     fake_cupy.install(monkeypatch)
     with pytest.raises(ValueError, match="float_precision='bfloat16' is for the CPU kernels"):
         Engine(small_file, kernels="cuda", float_precision="bfloat16")

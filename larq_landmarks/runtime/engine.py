@@ -242,9 +242,12 @@ class Engine:
                              "run float32")
         if float_precision == "bfloat16" and not (hasattr(self._kernels, "conv2d_bf16")
                                                   and self._kernels.cpu_supports("avx512bf16")):
-            has = "has" if self._kernels.cpu_supports("avx512bf16") else "has no"
+            if not hasattr(self._kernels, "conv2d_bf16") and self.kernels.startswith("avx512"):
+                why = "built without bfloat16 (a compiler before GCC 10 or Clang 9)"
+            else:
+                why = f"and this CPU {'has' if self._kernels.cpu_supports('avx512bf16') else 'has no'} AVX512_BF16"
             raise ValueError(f"float_precision='bfloat16' needs AVX512_BF16 and the avx512 or avx512bw kernels; "
-                             f"these are the {self.kernels} kernels, and this CPU {has} AVX512_BF16")
+                             f"these are the {self.kernels} kernels, {why}")
         self.float_precision = float_precision
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "

@@ -52,6 +52,16 @@ constexpr int kFloatLanes = 4;
 
 typedef float vfloat __attribute__((vector_size(kFloatLanes * 4)));
 
+// bfloat16 float convolutions (conv2d_bf16): AVX-512 builds whose compiler knows AVX512_BF16 (GCC 10,
+// Clang 9 and newer; -DLARQ_LANDMARKS_NO_BF16 leaves them out). Without them the module has no
+// conv2d_bf16 and Engine(float_precision="bfloat16") says so.
+#if defined(__AVX512F__) && !defined(LARQ_LANDMARKS_NO_BF16) && \
+    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define HAVE_BF16 1
+#else
+#define HAVE_BF16 0
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // A small persistent thread pool: parallel_for(n, fn) runs fn(begin, end) over [0, n) in chunks.
 // The chunks (about kChunksPerThread per thread) are handed out in order to whichever thread asks
@@ -948,7 +958,9 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
   }
   GEMM_TILE_EPILOGUE
 }
+#endif
 
+#if HAVE_BF16
 // bfloat16 products with float32 sums (AVX512_BF16's VDPBF16PS: two products a lane an instruction,
 // twice the FMA's rate): gemm_tile with the A rows and B in bfloat16, K taken in pairs (B prepared
 // by prepare_float_weights_bf16: [K / 2, Cout rounded up, 2]; ldb counts uint16 values). Compiled
@@ -1039,7 +1051,7 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
   }
 }
 
-#if defined(__AVX512F__)
+#if HAVE_BF16
 // gemm_rows in bfloat16 (gemm_tile_bf16): A rows and B in bfloat16, K in pairs.
 static BF16_TARGET void gemm_rows_bf16(const uint16_t* const* base, int64_t rows, const Segments& segments,
                                        const uint16_t* b, int64_t ldb, int cout, const float* bias,
@@ -1072,7 +1084,7 @@ static inline uint16_t to_bf16(float value) {
   return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-#if defined(__AVX512F__)
+#if HAVE_BF16
 // float32 -> bfloat16 of n values (VCVTNEPS2BF16: rounded as to_bf16 rounds, but subnormals to zero,
 // which VDPBF16PS takes them as anyway).
 static BF16_TARGET void convert_bf16(const float* src, int64_t n, uint16_t* dst) {
@@ -1183,7 +1195,7 @@ static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint
   static thread_local std::vector<W> padded;
   const W* source = nullptr;
   if constexpr (kBf16) {
-#if defined(__AVX512F__)
+#if HAVE_BF16
     const size_t values = static_cast<size_t>(batch) * padded_h * padded_w * channels_read;
     if (direct && channels_read == cin)
       padded.resize(values);  // every value is written below
@@ -1270,7 +1282,7 @@ static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint
         }
       }
       if constexpr (kBf16) {
-#if defined(__AVX512F__)
+#if HAVE_BF16
         gemm_rows_bf16(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
 #endif
       } else {
@@ -1287,7 +1299,7 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
                      output);
 }
 
-#if defined(__AVX512F__)
+#if HAVE_BF16
 static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float> bias, std::vector<int> geometry,
                         float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                         Array<float> input_bias, float input_lo, float input_hi, py::array output) {
@@ -1481,7 +1493,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
         py::arg("pack_next") = false);
   m.def("prepare_float_weights", &prepare_float_weights);
   m.def("conv2d", &conv2d);
-#if defined(__AVX512F__)  // bfloat16 float convolutions: AVX-512 builds, CPUs with AVX512_BF16 (cpu_supports)
+#if HAVE_BF16  // bfloat16 float convolutions: AVX-512 builds, CPUs with AVX512_BF16 (cpu_supports)
   m.def("prepare_float_weights_bf16", &prepare_float_weights_bf16);
   m.def("conv2d_bf16", &conv2d_bf16);
 #endif
@@ -1496,7 +1508,9 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
                                     __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
     if (feature == "avx512bw") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#if HAVE_BF16
     if (feature == "avx512bf16") return __builtin_cpu_supports("avx512bf16") != 0;
+#endif
     if (feature == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                   __builtin_cpu_supports("popcnt");
 #endif
