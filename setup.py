@@ -52,7 +52,8 @@ setup(
         "flatbuffers>=23",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5,<4"],
+        # pybind11: its headers, for the test that compiles the kernels without bfloat16
+        "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "pybind11>=2.12"],
         # the runtime's GPU kernels (kernels="cuda"): CuPy for CUDA 13 with NVIDIA's CUDA component
         # wheels (the [ctk] extra: NVRTC, cuBLAS, the runtime), so that the machine needs only the
         # driver; on a CUDA 12 driver install cupy-cuda12x[ctk] instead
