@@ -198,22 +198,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     fmt = formats.get_format(args.format)
     try:
-        predictor = Predictor.from_path(args.model, num_threads=args.threads, engine=args.engine,
+        predictor = Predictor.from_path(args.model, num_threads=args.threads, engine=args.engine, task=args.task,
                                         float_precision=args.float_precision)
     except (ValueError, CudaUnavailableError) as error:  # the model and input errors are ValueErrors
         _fail("evaluate", str(error))
-    expected = 7 if args.task == "segmentation" else fmt.num_points
+    task = predictor.task  # --task, or what the model's outputs say (7: the part classes)
+    expected = 7 if task == "segmentation" else fmt.num_points
     if predictor.num_landmarks != expected:
         _fail("evaluate", f"model {args.model!r} outputs {predictor.num_landmarks} channels but "
-                          f"format {args.format!r} with task {args.task!r} needs {expected}")
+                          f"format {args.format!r} with task {task!r} needs {expected}")
     columns = _read(args, "evaluate")
     predict = predictor._predict
     if args.flip_test:  # the part classes are their own mirror images; landmarks swap left and right
         from larq_landmarks import layouts
 
-        permutation = list(range(7)) if args.task == "segmentation" else layouts.flip_permutation(fmt.num_points)
+        permutation = layouts.flip_permutation(expected, task)
         predict = lambda images: flip_test(predictor._predict, images, permutation) / 2.0  # noqa: E731
-    if args.task == "segmentation":
+    if task == "segmentation":
         result = evaluation.evaluate_segmentation(predict, columns, predictor.input_size,
                                                   args.batch_size, progress=True)
     else:
@@ -224,7 +225,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         from larq_landmarks.atomic import atomic_path
 
-        report = {"model": args.model, "data": args.data, "format": args.format, "task": args.task,
+        report = {"model": args.model, "data": args.data, "format": args.format, "task": task,
                   "flip_test": bool(args.flip_test), "count": result["count"], "tables": result["tables"]}
         with atomic_path(args.json) as temporary, open(temporary, "w") as f:
             json.dump(report, f, indent=2)
@@ -241,24 +242,25 @@ def _predict(args: argparse.Namespace) -> int:
     from larq_landmarks.predictor import InputError, Predictor, load_rgb
     from larq_landmarks.runtime import CudaUnavailableError
 
-    segmentation = args.task == "segmentation"
-    if segmentation and args.person:
-        _fail("predict", "--task segmentation segments faces; --person is for pose models")
-    try:
-        predictor = Predictor.from_path(args.model, "person" if args.person else "face", args.flip_test,
-                                        num_threads=args.threads, engine=args.engine, task=args.task,
-                                        float_precision=args.float_precision)
+    try:  # the task and the kind of box: as given, or what the model's outputs say (7 part classes, 16 joints)
+        predictor = Predictor.from_path(args.model, None, args.flip_test, num_threads=args.threads,
+                                        engine=args.engine, task=args.task, float_precision=args.float_precision)
     except (ValueError, CudaUnavailableError, ImportError) as error:  # the model and input errors are ValueErrors
         _fail("predict", str(error))
+    segmentation = predictor.task == "segmentation"
+    if args.person and segmentation:
+        _fail("predict", f"--person is for pose models; {args.model} is a part segmentation model (it segments faces)")
+    if args.person:
+        predictor.box_kind = "person"
     if segmentation and predictor.num_landmarks != len(FACE_PART_CLASSES):
         _fail("predict", f"model {args.model!r} outputs {predictor.num_landmarks} channels; a part segmentation "
                          f"model outputs {len(FACE_PART_CLASSES)} (one per class)")
-    if not segmentation and predictor.num_landmarks == len(FACE_PART_CLASSES):  # a file does not say its task
-        print(f"larq-landmarks predict: note: {args.model} outputs {len(FACE_PART_CLASSES)} channels, as a part "
-              "segmentation model does; if it is one, add --task segmentation", file=sys.stderr)
     boxes = list(args.box or [])
     if args.person and not boxes:
         _fail("predict", "--person needs --box x1,y1,x2,y2: only faces are detected")
+    if predictor.box_kind == "person" and not boxes:
+        _fail("predict", f"{args.model} is a pose model ({predictor.num_landmarks} joints): give the person boxes "
+                         "with --box x1,y1,x2,y2 (only faces are detected)")
     if not boxes:
         from larq_landmarks.detection import FaceDetector
 
@@ -326,7 +328,7 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_arguments(parser):
+def _data_arguments(parser, task_default: Optional[str], task_help: str):
     from larq_landmarks.datasets.formats import FORMATS
 
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="data-set format")
@@ -334,7 +336,7 @@ def _data_arguments(parser):
                         help="data-set folder (or the MPII .mat / .json annotation file)")
     parser.add_argument("--images", help="image folder (MPII formats)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning")
-    parser.add_argument("--task", default="heatmaps", choices=("heatmaps", "segmentation"))
+    parser.add_argument("--task", default=task_default, choices=("heatmaps", "segmentation"), help=task_help)
     parser.add_argument("--batch-size", type=_positive_int, default=10)
 
 
@@ -430,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a named model on a data set",
                                 description="Train with model.fit on the augmented tf.data pipeline; "
                                 "resumes an interrupted run in the same --out folder.")
-    _data_arguments(train)
+    _data_arguments(train, "heatmaps", "landmark heatmaps (default) or facial part segmentation (7 classes, "
+                    "from 68-point faces)")
     train.add_argument("--out", required=True, help="run folder: model.keras, backup/, logs/")
     train.add_argument("--model", default="binary_hpm", help="named configuration (models/*.json)")
     train.add_argument("--epochs", type=_positive_int, default=100)
@@ -475,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="the papers' tables for a model on a data set",
                                    description="Print NME (by yaw bin, visible points), PCKh by joint "
                                    "or segmentation scores, and optionally write them as JSON.")
-    _data_arguments(evaluate)
+    _data_arguments(evaluate, None, "what the model was trained for (default: from its outputs, segmentation "
+                    "for 7 channels, the part classes)")
     evaluate.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
     _tflite_arguments(evaluate)
     evaluate.add_argument("--flip-test", action="store_true", help="add the mirrored prediction")
@@ -495,9 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="BlazeFace model for images without --box: front (close faces, "
                          "default), back, full (faces up to ~5 m)")
     predict.add_argument("--min-score", type=_fraction, default=0.5, help="detection confidence to keep a face (0..1)")
-    predict.add_argument("--person", action="store_true", help="boxes are person boxes")
-    predict.add_argument("--task", default="heatmaps", choices=("heatmaps", "segmentation"),
-                         help="what the model was trained for: landmarks (default) or facial parts")
+    predict.add_argument("--person", action="store_true",
+                         help="boxes are person boxes (default: for a 16-joint MPII model, else face boxes)")
+    predict.add_argument("--task", choices=("heatmaps", "segmentation"),
+                         help="what the model was trained for, landmarks or facial parts (default: from its "
+                         "outputs, segmentation for 7 channels, the part classes)")
     predict.add_argument("--flip-test", action="store_true")
     predict.add_argument("--batch-size", type=_positive_int, default=64,
                          help="face crops a model call, from as many images as it takes (a GPU wants many)")

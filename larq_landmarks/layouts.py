@@ -75,10 +75,29 @@ FACE_PART_POLYGONS: Tuple[Tuple[int, Tuple[int, ...]], ...] = (
 FLIP_PERMUTATIONS: Dict[int, List[int]] = {68: FACE68_FLIP, 34: FACE34_FLIP, 16: MPII_FLIP}
 
 
-def flip_permutation(num_points: int) -> np.ndarray:
-    """The left/right permutation for a layout of ``num_points`` (68, 34 or 16)."""
+def flip_permutation(num_points: int, task: str = "heatmaps") -> np.ndarray:
+    """The left/right permutation of a model's ``num_points`` output channels: for
+    ``task="heatmaps"`` the landmark layout's (68, 34 or 16 points); for ``"segmentation"`` the
+    identity (every part class, both eyes one, is its own mirror image)."""
+    if task == "segmentation":
+        return np.arange(num_points, dtype=np.int32)
+    if task != "heatmaps":
+        raise ValueError(f"task={task!r} must be 'heatmaps' or 'segmentation'")
     if num_points not in FLIP_PERMUTATIONS:
         raise ValueError(
             f"no left/right permutation for {num_points} points; known: {sorted(FLIP_PERMUTATIONS)}"
         )
     return np.asarray(FLIP_PERMUTATIONS[num_points], np.int32)
+
+
+def default_task(num_outputs: int) -> str:
+    """What a model with ``num_outputs`` output channels was trained for, when nobody says:
+    ``"segmentation"`` for the 7 facial part classes, else ``"heatmaps"`` (68 or 34 face
+    landmarks, MPII's 16 joints): the layouts this package trains have these counts and no other."""
+    return "segmentation" if num_outputs == len(FACE_PART_CLASSES) else "heatmaps"
+
+
+def default_box_kind(num_outputs: int, task: str) -> str:
+    """The boxes a model's crops are cut from, when nobody says: ``"person"`` for MPII's 16
+    joints, else ``"face"``."""
+    return "person" if task == "heatmaps" and num_outputs == len(MPII_JOINTS) else "face"

@@ -4,8 +4,11 @@
     points, scores = predictor.predict("photo.jpg", boxes=[[x1, y1, x2, y2]])
     points, scores = predictor.predict("photo.jpg")     # faces found by BlazeFace
 
-    parts = Predictor.from_path("parts.tflite", task="segmentation")
-    labels = parts.segment("photo.jpg")                 # (H, W) facial part classes
+    parts = Predictor.from_path("parts.tflite")         # 7 outputs: the facial part classes
+    labels = parts.segment("photo.jpg")                 # (H, W) class map
+
+A model's output channels say what it is when nobody says (``task``, ``box_kind``): 7 the facial
+part classes (segmentation), 16 MPII's joints (landmarks in person boxes), 68 or 34 face landmarks.
 
 A ``.tflite`` run by this package's runtime (CPU or CUDA) needs no TensorFlow: crops, decoding and
 the mapping back to the image are NumPy (or CuPy); only Keras models and LCE's interpreter need it.
@@ -119,23 +122,30 @@ class Predictor:
             ``(B, S/4, S/4, K)``.
         input_size: S.
         num_landmarks: K, the landmarks, or the classes of a segmentation model.
-        box_kind: ``"face"`` (face-alignment's crop from a face box) or ``"person"``.
+        box_kind: ``"face"`` (face-alignment's crop from a face box) or ``"person"``; None: from
+            K (``"person"`` for MPII's 16 joints, else ``"face"``:
+            :func:`~larq_landmarks.layouts.default_box_kind`).
         use_flip_test: average with the mirrored image (landmarks: needs a known layout, 68, 34
             or 16; segmentation: the classes are their own mirror images).
         detector: finds face boxes when :meth:`predict` gets none (default: a
             :class:`~larq_landmarks.detection.FaceDetector`, made on first use).
         task: ``"heatmaps"`` (a landmark model: :meth:`predict`) or ``"segmentation"`` (a part
-            segmentation model, ``--task segmentation`` in training: :meth:`segment`). A model
-            file does not say which it is.
+            segmentation model, ``--task segmentation`` in training: :meth:`segment`); None: from
+            K (a model file does not say; the 7 part classes are ``"segmentation"``, the landmark
+            layouts 68, 34 and 16 ``"heatmaps"``: :func:`~larq_landmarks.layouts.default_task`).
     """
 
-    def __init__(self, predict, input_size: int, num_landmarks: int, box_kind: str = "face",
+    def __init__(self, predict, input_size: int, num_landmarks: int, box_kind: Optional[str] = None,
                  use_flip_test: bool = False, detector: Optional["FaceDetector"] = None,
-                 task: str = "heatmaps"):
-        if box_kind not in ("face", "person"):
-            raise ValueError(f"box_kind={box_kind!r} must be 'face' or 'person'")
+                 task: Optional[str] = None):
+        task = layouts.default_task(num_landmarks) if task is None else task
         if task not in TASKS:
             raise ValueError(f"task={task!r} must be one of {TASKS}")
+        box_kind = layouts.default_box_kind(num_landmarks, task) if box_kind is None else box_kind
+        if box_kind not in ("face", "person"):
+            raise ValueError(f"box_kind={box_kind!r} must be 'face' or 'person'")
+        if task == "segmentation" and box_kind != "face":
+            raise ValueError("a part segmentation model segments faces: box_kind must be 'face'")
         self._predict = predict
         # what _heatmaps runs, where its heatmaps are and what cuts the crops (NumPy; CuPy for the
         # GPU engine: _warp_crops(image, sampling parameters, size) there uploads only the image)
@@ -145,11 +155,7 @@ class Predictor:
         self.num_landmarks = num_landmarks
         self.box_kind = box_kind
         self.task = task
-        self.permutation = None
-        if use_flip_test and task == "segmentation":  # every part class (both eyes one) is its own mirror image
-            self.permutation = np.arange(num_landmarks)
-        elif use_flip_test:
-            self.permutation = layouts.flip_permutation(num_landmarks)
+        self.permutation = layouts.flip_permutation(num_landmarks, task) if use_flip_test else None
         self.detector = detector
         self.engine = "python"  # what runs the model: "keras", "runtime" or "lce"
 
@@ -167,8 +173,8 @@ class Predictor:
         return self.detector.detect(load_rgb(image, name))[0]
 
     @classmethod
-    def from_path(cls, path: str, box_kind: str = "face", use_flip_test: bool = False,
-                  num_threads: int = 1, engine: str = "auto", task: str = "heatmaps",
+    def from_path(cls, path: str, box_kind: Optional[str] = None, use_flip_test: bool = False,
+                  num_threads: int = 1, engine: str = "auto", task: Optional[str] = None,
                   float_precision: str = "float32") -> "Predictor":
         """Load a saved Keras model (``.keras`` / SavedModel folder / ``.h5``) or a ``.tflite``.
 
@@ -176,12 +182,14 @@ class Predictor:
         interpreter with a warning where the runtime cannot run the file; on a CPU without AVX2,
         an ARM one say, LCE's interpreter where installed: :class:`tflite_model.TfliteModel`),
         ``"runtime"``, ``"lce"`` or ``"cuda"`` (the runtime on an NVIDIA GPU, CuPy needed; CuPy's
-        current device, or GPU N with ``"cuda:N"``). ``task``: ``"segmentation"`` for a part
-        segmentation model (see :class:`Predictor`). ``float_precision="bfloat16"``: the runtime's
+        current device, or GPU N with ``"cuda:N"``). ``task`` and ``box_kind``: as
+        :class:`Predictor` takes them (None: from the model's output channels). ``float_precision="bfloat16"``: the runtime's
         bfloat16 float convolutions (a ``.tflite`` on a CPU with AVX512_BF16; see
         :class:`~larq_landmarks.runtime.Engine`)."""
-        if task not in TASKS:  # before loading anything
+        if task not in (None, *TASKS):  # before loading anything
             raise ValueError(f"task={task!r} must be one of {TASKS}")
+        if box_kind not in (None, "face", "person"):
+            raise ValueError(f"box_kind={box_kind!r} must be 'face' or 'person'")
         if not os.path.exists(path):
             raise InputError(f"{path}: model not found")
         if str(path).endswith(".tflite"):
@@ -198,8 +206,8 @@ class Predictor:
         return cls.from_model(model, box_kind, use_flip_test, name=str(path), task=task)
 
     @classmethod
-    def from_model(cls, model: "tf.keras.Model", box_kind: str = "face", use_flip_test: bool = False,
-                   name: Optional[str] = None, task: str = "heatmaps"):
+    def from_model(cls, model: "tf.keras.Model", box_kind: Optional[str] = None, use_flip_test: bool = False,
+                   name: Optional[str] = None, task: Optional[str] = None):
         """Wrap an in-memory Keras model (its last stack). It must map ``(B, S, S, 3)`` images to
         ``(B, S/4, S/4, K)`` heatmaps (or logits), as the ``.tflite`` path checks; ``name`` is how
         errors refer to it (default the model's name)."""

@@ -90,6 +90,14 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
     with pytest.raises(SystemExit, match="outputs 68 channels but format 'mpii-json'"):
         cli.main(["evaluate", "--model", str(face), "--format", "mpii-json", "--data", valid,
                   "--images", str(tmp_path / "mpii" / "images")])
+    # a 16-joint model is a pose model: person boxes, given (only faces are detected), no --person needed
+    image = str(next((tmp_path / "mpii" / "images").iterdir()))
+    with pytest.raises(SystemExit, match=r"pose.keras is a pose model \(16 joints\): give the person boxes with --box"):
+        cli.main(["predict", image, "--model", str(pose), "--out", str(tmp_path / "none")])
+    assert cli.main(["predict", image, "--model", str(pose), "--box", "10,10,100,110", "--out",
+                     str(tmp_path / "pose")]) == 0
+    assert np.asarray(json.loads((tmp_path / "pose" / "landmarks.json").read_text())[image]["landmarks"]).shape == \
+        (1, 16, 2)
 
 
 def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
@@ -118,17 +126,26 @@ def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
         assert Image.open(out / "00000_parts.png").size == (120, 120)
         maps.append(mask)
     assert (maps[0] == maps[1]).mean() > 0.99  # the bit-packed file segments as Keras does (1.0 here)
-    capsys.readouterr()
+    # without --task: 7 output channels are the part classes; --task heatmaps reads them as 7 "landmarks"
     assert cli.main(["predict", image, "--model", str(run / "model.tflite"), "--box", "20,20,100,100",
-                     "--out", str(tmp_path / "as_landmarks")]) == 0  # 7 "landmarks", with a hint
-    assert "outputs 7 channels, as a part segmentation model does; if it is one, add --task segmentation" in \
-        capsys.readouterr().err
+                     "--out", str(tmp_path / "inferred")]) == 0
+    result = json.loads((tmp_path / "inferred" / "parts.json").read_text())[image]
+    assert (np.asarray(Image.open(tmp_path / "inferred" / result["mask"])) == maps[1]).all()
+    assert cli.main(["predict", image, "--model", str(run / "model.tflite"), "--box", "20,20,100,100",
+                     "--task", "heatmaps", "--out", str(tmp_path / "as_landmarks")]) == 0
+    points = json.loads((tmp_path / "as_landmarks" / "landmarks.json").read_text())[image]["landmarks"]
+    assert np.asarray(points).shape == (1, 7, 2)
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(run / "model.tflite"), "--format", "300w",
+                     "--data", str(trained / "test"), "--flip-test"]) == 0
+    assert "| pixel_accuracy | mean_accuracy | mean_iu |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="outputs 68 channels; a part segmentation model outputs 7"):
         cli.main(["predict", image, "--model", str(trained / "run" / "model.keras"), "--task", "segmentation",
                   "--box", "20,20,100,100", "--out", str(tmp_path / "wrong")])
-    with pytest.raises(SystemExit, match="--person is for pose models"):
-        cli.main(["predict", image, "--model", str(run / "model.keras"), "--task", "segmentation", "--person",
-                  "--box", "20,20,100,100"])
+    for task in (["--task", "segmentation"], []):
+        with pytest.raises(SystemExit, match="--person is for pose models; .* is a part segmentation model"):
+            cli.main(["predict", image, "--model", str(run / "model.keras"), *task, "--person",
+                      "--box", "20,20,100,100"])
 
 
 def test_predict_writes_landmarks_and_overlays(trained, tmp_path):

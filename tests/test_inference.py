@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from larq_landmarks import cropping, export, heatmaps as hm, keras_metrics, metrics, visualize
+from larq_landmarks import cropping, export, heatmaps as hm, keras_metrics, layouts, metrics, visualize
 from larq_landmarks.cropping import crop_labels_to_image, crop_matrices, face_crop
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.datasets.segmentation import render_part_mask
@@ -213,6 +213,47 @@ def test_predictor_loads_keras_and_tflite_files(faces, tmp_path):
     a, _ = from_keras.predict(faces["image_path"][0], [faces["box"][0]])
     b, _ = from_tflite.predict(faces["image_path"][0], [faces["box"][0]])
     assert a.shape == b.shape == (1, 68, 2)
+
+
+def test_a_predictor_takes_its_task_and_boxes_from_its_outputs_unless_told():
+    """Not told: 7 output channels are the part classes (segmentation, face boxes), 16 MPII's
+    joints (person boxes), 68 and 34 face landmarks; what is given overrides it."""
+    image = np.zeros((200, 300, 3), np.uint8)
+    box = [100, 40, 180, 160]
+
+    def predictor(k, **options):
+        return Predictor(lambda crops: np.zeros((len(crops), 16, 16, k), np.float32), 64, k, **options)
+
+    def crop_matrix(p):
+        return p._prepare(image, [box], "image")[1][0]
+
+    person = crop_matrices(*[np.array([v]) for v in cropping.person_crop(box)], 64)[0]
+    face = crop_matrices(*[np.array([v]) for v in face_crop(box)], 64)[0]
+    assert not np.allclose(person, face)
+    for k, task, kind, matrix in ((68, "heatmaps", "face", face), (34, "heatmaps", "face", face),
+                                  (16, "heatmaps", "person", person), (7, "segmentation", "face", face)):
+        made = predictor(k)
+        assert (made.task, made.box_kind) == (task, kind), k
+        np.testing.assert_allclose(crop_matrix(made), matrix, rtol=1e-6)
+    np.testing.assert_allclose(crop_matrix(predictor(16, box_kind="face")), face, rtol=1e-6)
+    np.testing.assert_allclose(crop_matrix(predictor(68, box_kind="person")), person, rtol=1e-6)
+    with pytest.raises(InputError, match="person boxes are not detected"):
+        predictor(16).predict(image)
+    assert predictor(16).predict(image, [box])[0].shape == (1, 16, 2)
+    assert predictor(7).segment(image, [box]).shape == (200, 300)
+    with pytest.raises(InputError, match=r"predict\(\) needs a heatmaps model; this predictor's task is 'segmentation'"):
+        predictor(7).predict(image, [box])
+    assert predictor(7, task="heatmaps").predict(image, [box])[0].shape == (1, 7, 2)
+    with pytest.raises(ValueError, match="segments faces: box_kind must be 'face'"):
+        predictor(7, box_kind="person")
+    # the flip test's channel permutation follows the task
+    np.testing.assert_array_equal(predictor(16, use_flip_test=True).permutation, layouts.MPII_FLIP)
+    np.testing.assert_array_equal(predictor(7, use_flip_test=True).permutation, np.arange(7))
+    np.testing.assert_array_equal(layouts.flip_permutation(7, "segmentation"), np.arange(7))
+    with pytest.raises(ValueError, match="no left/right permutation for 7 points"):
+        predictor(7, task="heatmaps", use_flip_test=True)
+    with pytest.raises(ValueError, match="task='pose' must be 'heatmaps' or 'segmentation'"):
+        layouts.flip_permutation(16, "pose")
 
 
 def test_predictor_bad_input_names_it(faces, tmp_path):
