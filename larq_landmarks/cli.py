@@ -1,4 +1,4 @@
-"""The ``larq-landmarks`` command: demo, train, evaluate, predict, convert.
+"""The ``larq-landmarks`` command: demo, train, evaluate, predict, convert, benchmark.
 
 Every subcommand takes its options as flags or from a JSON file given with ``--config`` (keys are
 the flag names with ``_`` for ``-``); flags given on the command line win.
@@ -328,6 +328,24 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from larq_landmarks import speed
+    from larq_landmarks.atomic import atomic_path
+
+    try:
+        model = speed.load_or_build(args.model, args.landmarks, args.input_size)
+        print(f"converting {model.name} and timing it here ({args.rounds} rounds of {args.runs} calls an engine)")
+        result = speed.compare(model, args.threads, args.rounds, args.runs)
+    except ValueError as error:
+        _fail("benchmark", str(error))
+    print("\n" + speed.markdown(result))
+    if args.json:
+        with atomic_path(args.json) as temporary, open(temporary, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _data_arguments(parser, task_default: Optional[str], task_help: str):
     from larq_landmarks.datasets.formats import FORMATS
 
@@ -521,7 +539,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dynamic-batch", action="store_true", help="keep the batch size dynamic")
     convert.set_defaults(run=_convert)
 
-    for sub in (demo, train, evaluate, predict, convert):
+    benchmark = commands.add_parser(
+        "benchmark", help="time the binary model against its float32 twin on this machine",
+        description="Convert a model with LCE and to float32 TFLite, and time every engine that runs them here "
+        "(XNNPACK the float32 file; LCE's interpreter and this package's runtime the binary one) at batch 1, "
+        "the engines taking turns; print the table (and write it as JSON).")
+    benchmark.add_argument("--model", default="binary_hpm",
+                           help="a saved Keras model, or a named configuration (default binary_hpm, the papers' "
+                           "network; docs/models.md)")
+    benchmark.add_argument("--landmarks", type=_positive_int, default=68, help="a named configuration's outputs")
+    benchmark.add_argument("--input-size", type=_positive_int,
+                           help="a named configuration's input side (default its own, 256)")
+    benchmark.add_argument("--threads", type=_positive_int, default=1, help="threads of every engine (default 1)")
+    benchmark.add_argument("--rounds", type=_positive_int, default=5)
+    benchmark.add_argument("--runs", type=_positive_int, default=20, help="calls an engine makes in a round")
+    benchmark.add_argument("--json", help="write the result to this JSON file")
+    benchmark.set_defaults(run=_benchmark)
+
+    for sub in (demo, train, evaluate, predict, convert, benchmark):
         sub.add_argument("--config", help="JSON file of options (flags given here win)")
     return parser
 

@@ -23,6 +23,7 @@ from larq_landmarks.atomic import atomic_path
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.evaluation import predict_dataset
 from larq_landmarks.models import BinaryHourglass
+from larq_landmarks.speed import batch_one_ms
 
 INPUT_SIZE = 64
 BATCH = 16
@@ -113,7 +114,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
     lce_result = predict_dataset(lce.predict, test_data)
     float_flatbuffer = export.convert(model, binary=False)
     float_size = len(float_flatbuffer)
-    speed = _batch_one_ms({
+    speed = batch_one_ms({
         "binary .tflite, larq_landmarks.runtime": runtime.predict,
         "binary .tflite, LCE interpreter": lce.predict,
         "float32 .tflite, TFLite interpreter (XNNPACK)": export.interpreter(float_flatbuffer, use_xnnpack=True).predict,
@@ -157,21 +158,6 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
     return report
 
 
-def _batch_one_ms(engines: Dict[str, callable], image: np.ndarray, rounds: int = 5, runs: int = 20) -> Dict[str, float]:
-    """Median milliseconds of one call on ``image`` for each engine (1 thread), the engines taking
-    turns in ``rounds`` rounds of ``runs`` calls, so that each ratio compares the same minutes."""
-    times: Dict[str, list] = {name: [] for name in engines}
-    for predict in engines.values():
-        predict(image)  # first call: buffers, delegate set-up
-    for _ in range(rounds):
-        for name, predict in engines.items():
-            for _ in range(runs):
-                start = time.perf_counter()
-                predict(image)
-                times[name].append(time.perf_counter() - start)
-    return {name: round(1000 * float(np.median(t)), 3) for name, t in times.items()}
-
-
 def _write_pictures(out, result, twin_result, columns):
     from PIL import Image
 
@@ -196,10 +182,10 @@ def _parity_sentence(within: float, largest_px: float) -> str:
     return text + ")"
 
 
-def _speed_table(batch_one_ms: Dict[str, float]) -> str:
-    """The engines' batch-1 times as a markdown table, each against the float32 file's."""
-    reference = next(ms for name, ms in batch_one_ms.items() if name.startswith("float32"))
-    rows = "".join(f"| {name} | {ms:.3f} | {reference / ms:.2f}x |\n" for name, ms in batch_one_ms.items())
+def _speed_table(times: Dict[str, float]) -> str:
+    """The engines' batch-1 times (ms) as a markdown table, each against the float32 file's."""
+    reference = next(ms for name, ms in times.items() if name.startswith("float32"))
+    rows = "".join(f"| {name} | {ms:.3f} | {reference / ms:.2f}x |\n" for name, ms in times.items())
     return ("One image at a time on this machine (this 64px model, 1 thread, medians of the engines taking "
             "turns; the papers' 256px model: docs/benchmarks.md):\n\n"
             "| engine | ms | vs float32 |\n|---|---:|---:|\n" + rows + "\n")

@@ -38,6 +38,7 @@ import tensorflow as tf
 from larq_landmarks import export, heatmaps as hm, models
 from larq_landmarks.atomic import atomic_path, replace_markdown_section
 from larq_landmarks.runtime import kernels as kernel_paths
+from larq_landmarks.speed import cpu_name
 from larq_landmarks.synthetic import trained_like_batch_norm
 from larq_landmarks.datasets import pipeline, readers, writers
 
@@ -71,18 +72,6 @@ def _run(predict, image, runs):
         predict(image)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the machine type where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _memory_mb(field: str) -> float:
@@ -467,7 +456,7 @@ def main():
     args = parser.parse_args()
     parts = args.parts.split(",")
     result = json.load(open(args.json)) if os.path.exists(args.json) else {}
-    result.update({"machine": platform.machine(), "cpu": _cpu_name(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
+    result.update({"machine": platform.machine(), "cpu": cpu_name(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
                    "lce": getattr(lce, "__version__", "0.16")})
     if "compression" in parts:
         result["compression"] = compression(68)

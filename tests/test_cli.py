@@ -186,7 +186,7 @@ def test_bad_training_numbers_are_named_before_anything_starts(option, value, ca
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "evaluate", "predict", "convert"])
+@pytest.mark.parametrize("command", ["demo", "train", "evaluate", "predict", "convert", "benchmark"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main([command, "--help"])
