@@ -255,13 +255,15 @@ def _predict(args: argparse.Namespace) -> int:
     if segmentation and predictor.num_landmarks != len(FACE_PART_CLASSES):
         _fail("predict", f"model {args.model!r} outputs {predictor.num_landmarks} channels; a part segmentation "
                          f"model outputs {len(FACE_PART_CLASSES)} (one per class)")
+    if args.track and segmentation:
+        _fail("predict", "--track follows landmarks from frame to frame; a part segmentation model has none")
     boxes = list(args.box or [])
     if args.person and not boxes:
         _fail("predict", "--person needs --box x1,y1,x2,y2: only faces are detected")
     if predictor.box_kind == "person" and not boxes:
         _fail("predict", f"{args.model} is a pose model ({predictor.num_landmarks} joints): give the person boxes "
                          "with --box x1,y1,x2,y2 (only faces are detected)")
-    if not boxes:
+    if predictor.box_kind == "face" and (not boxes or args.track):  # tracking looks again for lost faces
         from larq_landmarks.detection import FaceDetector
 
         try:
@@ -275,12 +277,19 @@ def _predict(args: argparse.Namespace) -> int:
     for path in tqdm(args.images, desc="read", unit="image"):
         try:
             images.append(load_rgb(path))
-            image_boxes.append(boxes or predictor.detect(images[-1], name=path).tolist())
+            if not args.track:
+                image_boxes.append(boxes or predictor.detect(images[-1], name=path).tolist())
         except InputError as error:
             _fail("predict", str(error))
-    try:  # the faces of all images together, --batch-size crops a model call
-        run_many = predictor.segment_many if segmentation else predictor.predict_many
-        found = run_many(images, image_boxes, progress=True, batch_size=args.batch_size, names=args.images)
+    try:
+        if args.track:  # frames in order: each face's box from its landmarks in the frame before
+            tracked = list(predictor.track(tqdm(images, desc="track", unit="frame"), boxes or None,
+                                           names=args.images))
+            found = [(points, scores) for points, scores, _ in tracked]
+            image_boxes = [frame_boxes.tolist() for _, _, frame_boxes in tracked]
+        else:  # the faces of all images together, --batch-size crops a model call
+            run_many = predictor.segment_many if segmentation else predictor.predict_many
+            found = run_many(images, image_boxes, progress=True, batch_size=args.batch_size, names=args.images)
     except InputError as error:
         _fail("predict", str(error))
     results, pictures = {}, {}
@@ -523,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what the model was trained for, landmarks or facial parts (default: from its "
                          "outputs, segmentation for 7 channels, the part classes)")
     predict.add_argument("--flip-test", action="store_true")
+    predict.add_argument("--track", action="store_true",
+                         help="the images are a video's frames, in order: each face's box is the box of its landmarks "
+                         "in the frame before (the detector runs on the first frame and where a face is lost)")
     predict.add_argument("--batch-size", type=_positive_int, default=64,
                          help="face crops a model call, from as many images as it takes (a GPU wants many)")
     predict.add_argument("--out", default="predictions")

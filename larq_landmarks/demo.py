@@ -18,7 +18,7 @@ from typing import Dict
 import numpy as np
 import tensorflow as tf
 
-from larq_landmarks import export, layouts, metrics, training, visualize
+from larq_landmarks import export, layouts, metrics, synthetic, training, visualize
 from larq_landmarks.atomic import atomic_path
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.evaluation import predict_dataset
@@ -119,6 +119,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
         "binary .tflite, LCE interpreter": lce.predict,
         "float32 .tflite, TFLite interpreter (XNNPACK)": export.interpreter(float_flatbuffer, use_xnnpack=True).predict,
     }, np.asarray(next(iter(test_data))["image"][:1]))
+    tracking = _tracking(tflite_path, seed)
     difference = np.linalg.norm(lce_result["predicted"] - keras_result["predicted"], axis=-1)
     runtime_difference = np.linalg.norm(runtime_result["predicted"] - lce_result["predicted"], axis=-1)
 
@@ -138,6 +139,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
         "tflite_bytes_binary": len(flatbuffer),
         "tflite_bytes_float32": float_size,
         "batch_one_ms": speed,
+        "tracking": tracking,
         "parameters": model.count_params(),
         "final_loss": losses[-1],
         "train_seconds": round(fit_seconds, 1),
@@ -156,6 +158,59 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
     print(json.dumps(report, indent=2))
     print(f"report: {os.path.join(out, 'report.md')}")
     return report
+
+
+class _CountedDetector:
+    """A face detector that counts its calls."""
+
+    def __init__(self):
+        from larq_landmarks.detection import FaceDetector
+
+        self.detector, self.calls = FaceDetector(), 0
+
+    def detect(self, image):
+        self.calls += 1
+        return self.detector.detect(image)
+
+
+def _tracking(model_path: str, seed: int) -> Dict:
+    """A synthetic video (one face moving and turning over 30 frames) through ``Predictor.track``,
+    which detects the face in the first frame and follows its landmarks, against the landmarks from
+    each frame's true box and against detecting the face in every frame."""
+    from larq_landmarks.predictor import Predictor
+
+    video = synthetic.face_video(seed)
+    frames, truth = video["frames"], video["points"]
+    true_boxes = np.concatenate([truth.min(1), truth.max(1)], axis=1)
+    scale = metrics.box_size(true_boxes)
+    predictor = Predictor.from_path(model_path)
+    given = np.stack([predictor.predict(frame, [box])[0][0] for frame, box in zip(frames, true_boxes)])
+    predictor.detector = _CountedDetector()
+    tracked = [points for points, _, _ in predictor.track(frames)]
+    calls = predictor.detector.calls
+    detected = [predictor.predict(frame)[0] for frame in frames]
+    found = [i for i, points in enumerate(tracked) if len(points)]
+    seen = [i for i, points in enumerate(detected) if len(points)]
+
+    def score(points, indices):
+        return 100 * float(metrics.nme(points, truth[indices], scale[indices]).mean()) if indices else None
+
+    return {"frames": len(frames), "detector_calls": calls, "frames_tracked": len(found),
+            "frames_detected_each": len(seen), "nme_box_%_true_boxes": score(given, list(range(len(frames)))),
+            "nme_box_%_tracked": score(np.stack([tracked[i][0] for i in found]) if found else None, found),
+            "nme_box_%_detected_each": score(np.stack([detected[i][0] for i in seen]) if seen else None, seen)}
+
+
+def _tracking_sentence(t: Dict) -> str:
+    """The tracking check in words."""
+    def pct(value):
+        return "-" if value is None else f"{value:.2f}%"
+
+    return (f"Video (`Predictor.track`, a synthetic face moving and turning over {t['frames']} frames): landmarks in "
+            f"{t['frames_tracked']}/{t['frames']} frames with {t['detector_calls']} detector call(s), NME (box) "
+            f"{pct(t['nme_box_%_tracked'])} against {pct(t['nme_box_%_true_boxes'])} from each frame's true box; "
+            f"the detector run on every frame finds the face in {t['frames_detected_each']}/{t['frames']} "
+            f"(NME {pct(t['nme_box_%_detected_each'])}).\n\n")
 
 
 def _write_pictures(out, result, twin_result, columns):
@@ -223,7 +278,7 @@ def _write_report(out, report):
         f"Converted sizes: binary (LCE) {report['tflite_bytes_binary']:,} bytes, "
         f"float32 TFLite {report['tflite_bytes_float32']:,} bytes "
         f"({report['tflite_bytes_float32'] / report['tflite_bytes_binary']:.1f}x).\n\n"
-        + _speed_table(report["batch_one_ms"]) +
+        + _speed_table(report["batch_one_ms"]) + _tracking_sentence(report["tracking"]) +
         f"Ops in the LCE model: {report['ops']}\n\n"
         "![predictions (green) and ground truth (red)](predictions.png)\n\n![CED](ced.png)\n"
     )

@@ -138,6 +138,25 @@ def random_face(rng: np.random.Generator, image_size: Tuple[int, int] = (256, 25
     }
 
 
+def face_video(seed: int, frames: int = 30, image_size: Tuple[int, int] = (320, 240),
+               step: Tuple[float, float] = (3.0, 1.5), turn_degrees: float = 1.0) -> Dict[str, np.ndarray]:
+    """A synthetic video: one face (the same colours and background every frame) moving by
+    ``step`` pixels and turning by ``turn_degrees`` of yaw a frame, from the left of the picture.
+
+    Returns a dict with ``frames`` ``(T, H, W, 3)`` uint8 and ``points`` ``(T, 68, 2)``.
+    """
+    width, height = image_size
+    half_width = 0.2 * min(width, height)
+    start = (1.6 * half_width, 0.45 * height)
+    images, tracks = [], []
+    for t in range(frames):
+        centre = (start[0] + step[0] * t, start[1] + step[1] * t)
+        points, _, _ = project_face(centre, half_width, *np.radians([5.0, -15.0 + turn_degrees * t, 5.0]))
+        images.append(draw_face(image_size, points, np.random.default_rng(seed)))
+        tracks.append(points.astype(np.float32))
+    return {"frames": np.stack(images), "points": np.stack(tracks)}
+
+
 def random_person(rng: np.random.Generator, image_size: Tuple[int, int] = (256, 256)) -> Dict[str, np.ndarray]:
     """One synthetic person: a 16-joint MPII skeleton facing the camera (its right on image left).
 

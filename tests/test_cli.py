@@ -98,6 +98,23 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
                      str(tmp_path / "pose")]) == 0
     assert np.asarray(json.loads((tmp_path / "pose" / "landmarks.json").read_text())[image]["landmarks"]).shape == \
         (1, 16, 2)
+    # --track: the images are frames; each box is the box of the joints found in the frame before
+    frames = []
+    for t in range(3):
+        frames.append(str(tmp_path / f"frame{t}.png"))
+        Image.open(image).save(frames[-1])
+    assert cli.main(["predict", *frames, "--model", str(pose), "--box", "10,10,100,110", "--track",
+                     "--out", str(tmp_path / "video")]) == 0
+    result = json.loads((tmp_path / "video" / "landmarks.json").read_text())
+    assert result[frames[0]]["boxes"] == [[10, 10, 100, 110]]
+    for before, now in zip(frames, frames[1:]):
+        points = np.asarray(result[before]["landmarks"])
+        if len(points):
+            x1, y1, x2, y2 = *points[0].min(0), *points[0].max(0)
+            inside = x2 > 0 and y2 > 0 and x1 < 120 and y1 < 120  # else the person left the picture
+            assert len(result[now]["boxes"]) == inside
+            if inside:
+                np.testing.assert_allclose(result[now]["boxes"][0], [x1, y1, x2, y2], rtol=1e-5)
 
 
 def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
@@ -142,6 +159,8 @@ def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
     with pytest.raises(SystemExit, match="outputs 68 channels; a part segmentation model outputs 7"):
         cli.main(["predict", image, "--model", str(trained / "run" / "model.keras"), "--task", "segmentation",
                   "--box", "20,20,100,100", "--out", str(tmp_path / "wrong")])
+    with pytest.raises(SystemExit, match="--track follows landmarks from frame to frame; a part segmentation"):
+        cli.main(["predict", image, "--model", str(run / "model.keras"), "--track", "--box", "20,20,100,100"])
     for task in (["--task", "segmentation"], []):
         with pytest.raises(SystemExit, match="--person is for pose models; .* is a part segmentation model"):
             cli.main(["predict", image, "--model", str(run / "model.keras"), *task, "--person",

@@ -27,6 +27,13 @@ def _demo(folder, **settings):
     runtime_row = f"| binary .tflite, larq_landmarks.runtime | {speed['binary .tflite, larq_landmarks.runtime']:.3f} | "
     assert runtime_row + f"{float_ms / speed['binary .tflite, larq_landmarks.runtime']:.2f}x |" in (
         folder / "report.md").read_text()
+    # a video through Predictor.track: never fewer frames with the face than the detector finds on
+    # every frame (a lost face is looked for again in its frame), never more detector calls than frames
+    tracking = saved["tracking"]
+    assert tracking["frames"] == 30 and tracking["frames_tracked"] >= tracking["frames_detected_each"]
+    assert 1 <= tracking["detector_calls"] <= tracking["frames"]
+    assert f"landmarks in {tracking['frames_tracked']}/30 frames with {tracking['detector_calls']} detector" in (
+        folder / "report.md").read_text()
     return saved
 
 

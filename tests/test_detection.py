@@ -96,3 +96,72 @@ def test_predict_command_without_box_detects_faces(two_faces, tmp_path):
     with pytest.raises(SystemExit, match="--person needs --box"):
         cli.main(["predict", str(tmp_path / "two.png"), "--model", str(tmp_path / "m.keras"), "--person",
                   "--out", str(tmp_path / "p")])
+
+
+def _spread_model(k, peak):
+    """A stand-in model: landmark j peaks at a heatmap pixel of its own (all at one pixel with
+    ``flat``), as high as ``peak[0]`` (changed between frames)."""
+    def predict(crops, flat=False):
+        maps = np.zeros((len(crops), 16, 16, k), np.float32)
+        for j in range(k):
+            maps[:, 5 if flat else 2 + j // 6, 5 if flat else 2 + 2 * (j % 6), j] = peak[0]
+        return maps
+    return predict
+
+
+def _box_of(points):
+    return np.concatenate([points.min(0), points.max(0)])
+
+
+def test_track_follows_the_landmarks_and_looks_again_only_where_a_face_is_lost():
+    frames, peak = [np.zeros((240, 320, 3), np.uint8)] * 6, [1.0]
+    stand_in = _Boxes([[100, 60, 200, 180]])
+    predictor = Predictor(_spread_model(68, peak), 64, 68, detector=stand_in)
+    seen = []
+    for index, (points, scores, boxes) in enumerate(predictor.track(frames, min_score=0.5)):
+        seen.append((points, boxes))
+        assert points.shape == (1, 68, 2) and scores.shape == (1, 68) and boxes.shape == (1, 4)
+        np.testing.assert_array_equal(points, predictor.predict(frames[index], boxes)[0])
+        peak[0] = 0.3 if index == 2 else 1.0  # frame 3 loses its face (and the detector finds no better)
+    for index in (0, 3, 4):  # the first frame, the lost face, and the frame after it (nothing tracked)
+        np.testing.assert_array_equal(seen[index][1], stand_in.boxes)
+    for index in (1, 2, 5):  # the box of the landmarks of the frame before
+        np.testing.assert_allclose(seen[index][1][0], _box_of(seen[index - 1][0][0]), rtol=1e-6)
+    assert stand_in.calls == 3
+    # detect_every: also every other frame; given boxes replace the first detection
+    stand_in.calls = 0
+    given = [[90, 50, 210, 170]]
+    boxes = [b for _, _, b in predictor.track(frames, boxes=given, detect_every=2)]
+    np.testing.assert_array_equal(boxes[0], given)
+    assert stand_in.calls == 2 and all((boxes[i] == stand_in.boxes).all() for i in (2, 4))
+    # landmarks all at one point leave no box: that face is lost too
+    flat = Predictor(lambda crops: _spread_model(68, [1.0])(crops, flat=True), 64, 68, detector=stand_in)
+    stand_in.calls = 0
+    assert [len(b) for _, _, b in flat.track(frames[:3], boxes=given)] == [1, 1, 1] and stand_in.calls == 2
+
+
+def test_track_keeps_people_it_cannot_detect_and_checks_its_arguments():
+    frames, peak = [np.zeros((240, 320, 3), np.uint8)] * 4, [0.1]  # below any min_score: still tracked
+    stand_in = _Boxes([[0, 0, 10, 10]])
+    pose = Predictor(_spread_model(16, peak), 64, 16, detector=stand_in)
+    seen = list(pose.track(frames * 2, boxes=[[100, 20, 180, 230]]))
+    assert stand_in.calls == 0 and len(seen[1][2]) == 1 and not len(seen[-1][2])
+    for before, now in zip(seen, seen[1:]):  # the box of the joints before, until it leaves the picture
+        if len(before[0]):
+            x1, y1, x2, y2 = _box_of(before[0][0])
+            inside = x2 > 0 and y2 > 0 and x1 < 320 and y1 < 240
+            assert len(now[2]) == inside
+            if inside:
+                np.testing.assert_allclose(now[2][0], [x1, y1, x2, y2], rtol=1e-6)
+    with pytest.raises(InputError, match="person boxes are not detected"):
+        next(pose.track(frames))
+    flat = Predictor(lambda crops: _spread_model(16, [1.0])(crops, flat=True), 64, 16)
+    assert all((b == [[100, 20, 180, 230]]).all() for _, _, b in flat.track(frames, boxes=[[100, 20, 180, 230]]))
+    with pytest.raises(ValueError, match="min_score=-1 must be a number of at least 0"):
+        pose.track(frames, min_score=-1)
+    with pytest.raises(ValueError, match="detect_every=-2 must be 0"):
+        pose.track(frames, detect_every=-2)
+    with pytest.raises(InputError, match=r"boxes: boxes must be \[\[x1, y1, x2, y2\], ...\]"):
+        pose.track(frames, boxes=[1, 2, 3])
+    with pytest.raises(InputError, match=r"frame 0: box 0 \[5.0, 5.0, 5.0, 9.0\] has zero or negative size"):
+        next(pose.track(frames, boxes=[[5, 5, 5, 9]]))
