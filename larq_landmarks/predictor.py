@@ -41,15 +41,23 @@ class InputError(ValueError):
 
 def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
     """A path, PIL image or array as an ``(H, W, 3)`` uint8 array; errors name the input. Files
-    are decoded with Pillow; arrays need no Pillow (a GPU machine may lack it)."""
+    are decoded with Pillow and turned upright as their EXIF orientation says (a phone's photo as a
+    viewer shows it: the landmarks are in those pixels); 16-bit grey files are scaled to 8 bits
+    (Pillow's own conversion clips them). A PIL image or an array is taken as its pixels are;
+    arrays need no Pillow (a GPU machine may lack it)."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise InputError(f"{image}: image file not found")
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         try:
             with Image.open(image) as opened:
-                return np.asarray(opened.convert("RGB"))
+                upright = ImageOps.exif_transpose(opened)
+                if upright.mode.startswith("I;16") or (upright.mode == "I" and upright.getextrema()[1] <= 65535):
+                    return load_rgb(np.asarray(upright).astype(np.uint16), str(image))
+                return np.asarray(upright.convert("RGB"))
+        except InputError:
+            raise
         except Exception as error:
             raise InputError(f"{image}: image cannot be decoded ({error})") from error
     pil = sys.modules.get("PIL.Image")  # where Pillow was never imported, no PIL image exists

@@ -256,6 +256,26 @@ def test_a_predictor_takes_its_task_and_boxes_from_its_outputs_unless_told():
         layouts.flip_permutation(16, "pose")
 
 
+def test_image_files_are_read_upright_and_16_bit_grey_is_scaled(tmp_path):
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:10, :, 0] = 255  # a red band along the top of the stored pixels
+    picture = Image.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = 6  # EXIF orientation 6: a viewer turns it a quarter clockwise (a phone held upright)
+    picture.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = load_rgb(str(tmp_path / "phone.jpg"))
+    assert upright.shape == (60, 40, 3)  # as shown: the top band is now the right-hand side
+    assert upright[:, -8:, 0].mean() > 240 and upright[:, :28, 0].mean() < 15
+    assert load_rgb(Image.open(tmp_path / "phone.jpg")).shape == (40, 60, 3)  # a PIL image as it is
+    Image.fromarray(stored).save(tmp_path / "plain.png")
+    np.testing.assert_array_equal(load_rgb(str(tmp_path / "plain.png")), stored)
+    grey = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    loaded = load_rgb(str(tmp_path / "grey16.png"))
+    expected = np.round(grey.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert loaded.shape == (64, 64, 3) and (loaded == expected[..., None]).all()
+
+
 def test_predictor_bad_input_names_it(faces, tmp_path):
     predictor = Predictor.from_model(BinaryHourglass(68, width=32, input_size=64, depth=2))
     path = faces["image_path"][0]
