@@ -257,6 +257,8 @@ def _predict(args: argparse.Namespace) -> int:
                          f"model outputs {len(FACE_PART_CLASSES)} (one per class)")
     if args.track and segmentation:
         _fail("predict", "--track follows landmarks from frame to frame; a part segmentation model has none")
+    if args.detect_every and not args.track:
+        _fail("predict", "--detect-every is for --track (without it every image is searched)")
     boxes = list(args.box or [])
     if args.person and not boxes:
         _fail("predict", "--person needs --box x1,y1,x2,y2: only faces are detected")
@@ -284,7 +286,7 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         if args.track:  # frames in order: each face's box from its landmarks in the frame before
             tracked = list(predictor.track(tqdm(images, desc="track", unit="frame"), boxes or None,
-                                           names=args.images))
+                                           detect_every=args.detect_every, names=args.images))
             found = [(points, scores) for points, scores, _ in tracked]
             image_boxes = [frame_boxes.tolist() for _, _, frame_boxes in tracked]
         else:  # the faces of all images together, --batch-size crops a model call
@@ -535,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--track", action="store_true",
                          help="the images are a video's frames, in order: each face's box is the box of its landmarks "
                          "in the frame before (the detector runs on the first frame and where a face is lost)")
+    predict.add_argument("--detect-every", type=_positive_int, default=0,
+                         help="with --track: also look for faces every this many frames (new faces come in)")
     predict.add_argument("--batch-size", type=_positive_int, default=64,
                          help="face crops a model call, from as many images as it takes (a GPU wants many)")
     predict.add_argument("--out", default="predictions")

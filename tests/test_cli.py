@@ -103,8 +103,10 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
     for t in range(3):
         frames.append(str(tmp_path / f"frame{t}.png"))
         Image.open(image).save(frames[-1])
+    with pytest.raises(SystemExit, match=r"--detect-every is for --track \(without it every image is searched\)"):
+        cli.main(["predict", *frames, "--model", str(pose), "--box", "10,10,100,110", "--detect-every", "2"])
     assert cli.main(["predict", *frames, "--model", str(pose), "--box", "10,10,100,110", "--track",
-                     "--out", str(tmp_path / "video")]) == 0
+                     "--detect-every", "2", "--out", str(tmp_path / "video")]) == 0  # no person detector: kept
     result = json.loads((tmp_path / "video" / "landmarks.json").read_text())
     assert result[frames[0]]["boxes"] == [[10, 10, 100, 110]]
     for before, now in zip(frames, frames[1:]):
