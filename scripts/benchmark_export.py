@@ -437,6 +437,47 @@ def bfloat16_check(trained_path, faces):
             "nme_box_bfloat16": nme["bfloat16"]}
 
 
+def cpu_batches(rounds: int = 3, batches=(1, 8, 32)) -> dict:
+    """The default model's ``Engine.predict`` on CPU batches (1 thread): run as the engine runs them
+    (as many images at a time as keep the largest activation under ``CPU_BATCH_BYTES``: here one)
+    against the whole batch in one run, in turns; ms an image (median over the rounds) and this
+    process's peak memory after each way."""
+    from larq_landmarks.runtime import Engine, engine as engine_module
+
+    model = trained_like_batch_norm(models.BinaryHourglass(68))
+    engine = Engine(export.convert(model), num_threads=1)
+    rows = []
+    for batch in batches:
+        images = np.random.default_rng(0).uniform(size=(batch, 256, 256, 3)).astype(np.float32)
+        ways = {"as the engine runs it": lambda: engine.predict(images), "the batch at once": lambda: engine._run(images, None)}
+        times = {name: [] for name in ways}
+        for run in ways.values():
+            run()  # buffers for this batch size
+        for _ in range(rounds):
+            for name, run in ways.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(1000 * (time.perf_counter() - start) / batch)
+        rows.append({"batch": batch, **{name: round(float(np.median(t)), 1) for name, t in times.items()}})
+        print(rows[-1], flush=True)
+    return {"images_a_run": engine._images_a_run, "cpu_batch_bytes": engine_module.CPU_BATCH_BYTES, "rows": rows,
+            "kernels": engine.kernels}
+
+
+def write_batch_markdown(args, result):
+    batches = result["cpu_batches"]
+    lines = ["## CPU batches (default model, 1 thread)", "",
+             f"Command: `python scripts/benchmark_export.py --parts batch` ({result['cpu']}, {batches['kernels']} "
+             "kernels). `Engine.predict` on the CPU runs a batch as many images at a time as keep the model's "
+             f"largest activation under `CPU_BATCH_BYTES` ({batches['cpu_batch_bytes'] >> 20} MB): for the default "
+             f"model {batches['images_a_run']} (its largest activation is 8.4 MB an image), against the whole batch in "
+             "one run, the two ways in turns, ms an image (median of 3 rounds). Results are the same bit for bit "
+             "(tests/test_runtime.py); the batch at once also holds every image's activations (2.4 GB for 64).", "",
+             "| batch | as the engine runs it (ms an image) | the batch at once (ms an image) |", "|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['as the engine runs it']} | {r['the batch at once']} |" for r in batches["rows"]]
+    replace_markdown_section(args.out, "\n".join(lines) + "\n", "## CPU batches")
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--case":  # one engine in a fresh process (see speed)
         engine, path, threads, runs = sys.argv[2:6]
@@ -450,7 +491,8 @@ def main():
     parser.add_argument("--parts", default="compression,speed,float",
                         help="comma-separated: compression (sizes, int8), speed (engines, layers, breakdown), "
                         "float (the float convolutions against this core's FMA limit), bfloat16 (how far "
-                        "float_precision='bfloat16' moves --trained's landmarks; with speed's figures)")
+                        "float_precision='bfloat16' moves --trained's landmarks; with speed's figures), batch (the CPU "
+                        "engine's batches run a few images at a time against all at once)")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--json", default="docs/benchmark_export.json")
     args = parser.parse_args()
@@ -468,6 +510,8 @@ def main():
         result["speed_command"] = f"python scripts/benchmark_export.py --parts speed --runs {args.runs} --rounds {args.rounds}"
     if "float" in parts:
         result["float_convolutions"] = float_convolutions()
+    if "batch" in parts:
+        result["cpu_batches"] = cpu_batches()
     if "bfloat16" in parts:
         if not args.trained:
             parser.error("--parts bfloat16 needs --trained (a trained .keras model)")
@@ -480,6 +524,8 @@ def main():
         write_speed_markdown(args, result)
     if ("speed" in parts or "bfloat16" in parts) and "bfloat16" in result:
         write_bfloat16_markdown(args, result)
+    if "batch" in parts:
+        write_batch_markdown(args, result)
 
 
 def write_bfloat16_markdown(args, result):

@@ -999,3 +999,22 @@ def test_bfloat16_through_the_predictor_and_the_command_line(small_file, tmp_pat
     with pytest.raises(SystemExit, match="m.keras: float_precision='bfloat16' is for a .tflite"):
         cli.main(["predict", image, "--model", str(tmp_path / "m.keras"), "--box", "10,10,90,90",
                   "--float-precision", "bfloat16", "--out", str(tmp_path / "out")])
+
+
+def test_cpu_kernels_run_a_batch_as_many_images_at_a_time_as_fit(small_file, monkeypatch):
+    """The CPU kernels run a batch in runs of as many images as keep the largest activation under
+    ``CPU_BATCH_BYTES``; the result is the whole batch's, bit for bit."""
+    # the small model's largest activation: its 16x16x68 float32 heatmaps, 68 KiB an image (more than
+    # the 32x32x16 of its stem block)
+    assert Engine(small_file)._images_a_run == engine_module.CPU_BATCH_BYTES // (16 * 16 * 68 * 4) == 120
+    monkeypatch.setattr(engine_module, "CPU_BATCH_BYTES", 2 * 16 * 16 * 68 * 4 + 100)
+    engine = Engine(small_file)
+    runs, run = [], engine._run
+    engine._run = lambda images, times: runs.append(len(images)) or run(images, times)
+    images = np.random.default_rng(0).uniform(size=(5, 64, 64, 3)).astype(np.float32)
+    batch = engine.predict(images)
+    assert runs == [2, 2, 1]
+    np.testing.assert_array_equal(batch, np.concatenate([run(images[i:i + 1], None) for i in range(5)]))
+    runs.clear()
+    engine.predict(images, batch_size=1)
+    assert runs == [1] * 5

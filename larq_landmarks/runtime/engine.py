@@ -166,6 +166,13 @@ FLOAT_PRECISIONS = ("float32", "bfloat16")
 # the CUDA streams per thread whose recycled buffers an engine keeps (Engine._buffers)
 GPU_STREAMS_KEPT = 4
 
+# On the CPU a batch runs as many images at a time as keep the model's largest activation under
+# this: the default model (8.4 MB) one image at a time, 1.09-1.11x faster an image than batches of
+# 8 and 32 at once, whose activations leave the caches (docs/benchmarks.md, "CPU batches"), where a
+# small model's images go together (the per-step cost of a call shared: the 64px demo model took
+# 0.49 ms an image alone, 0.31 in 16s; 1 thread, avx512 kernels).
+CPU_BATCH_BYTES = 8 << 20
+
 
 class Engine:
     """Runs a converted landmark model with the bit-packed runtime.
@@ -254,6 +261,9 @@ class Engine:
                                         "outputs; the runtime runs one-input, one-output models")
         with self._device:  # the ops upload their constants
             self._steps, self._step_ops = self._plan(fuse_blocks)
+        activations = [int(np.prod(t.shape[1:])) * np.dtype(t.dtype).itemsize for t in self.graph.tensors
+                       if t.data is None and len(t.shape) > 1 and min(t.shape[1:]) > 0]
+        self._images_a_run = max(1, CPU_BATCH_BYTES // max(activations, default=1))  # the CPU kernels' batch
         self._captured = None
         if on_gpu and cuda_graphs:
             self._captured = cuda.CapturedRuns(self._kernels.cp, lambda images: self._run_steps(images, {}, None),
@@ -385,17 +395,22 @@ class Engine:
     def predict(self, images: np.ndarray, batch_size: Optional[int] = 64) -> np.ndarray:
         """Run the model on ``images`` (``(B, H, W, C)`` float32, any batch size), ``batch_size``
         at a time (as Keras's ``predict`` does: the activations of 64 images of the default model
-        take about 2.4 GB, of 1,000 at once 38 GB; None runs them all at once). On the GPU kernels
-        a CuPy array stays on the GPU: the result is then a CuPy array too."""
+        take about 2.4 GB, of 1,000 at once 38 GB; None runs them all at once). The CPU kernels run
+        fewer at a time where the model is large (:data:`CPU_BATCH_BYTES`: the default model one
+        image at a time, faster per image than batches). On the GPU kernels a CuPy array stays on
+        the GPU: the result is then a CuPy array too."""
         if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
             raise ValueError(f"{self.graph.name}: batch_size={batch_size!r} must be a positive integer or None")
         try:
             count = len(images)
         except TypeError:  # not a batch (a scalar, another library's GPU array): _run says what is wrong
             count = 0
-        if batch_size is None or count <= batch_size:
+        step = count if batch_size is None else batch_size
+        if getattr(self._kernels, "upload", None) is None:  # the CPU kernels
+            step = min(step, self._images_a_run)
+        if count <= step:
             return self._run(images, None)
-        parts = [self._run(images[start:start + batch_size], None) for start in range(0, count, batch_size)]
+        parts = [self._run(images[start:start + step], None) for start in range(0, count, step)]
         with self._device:
             xp = self._kernels.cp if hasattr(parts[0], "__cuda_array_interface__") else np
             return xp.concatenate(parts)
