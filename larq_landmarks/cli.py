@@ -233,6 +233,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _image_files(paths: List[str]) -> List[str]:
+    """The image files named, a folder standing for the images in it (by name: a video's frames in order)."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        inside = sorted(os.path.join(path, name) for name in os.listdir(path)
+                        if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
+        if not inside:
+            _fail("predict", f"{path}: a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
+        files.extend(inside)
+    return files
+
+
+def _picture_stems(paths: List[str]) -> List[str]:
+    """A name for each image's pictures: its file name without extension, or where images in
+    different folders share one, its path with the folders joined by ``_`` (a/0001.png: a_0001)."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    shared = {stem for stem in stems if len({p for p, s in zip(paths, stems) if s == stem}) > 1}
+    return [os.path.splitext(os.path.normpath(path))[0].replace(os.sep, "_").lstrip("._") if stem in shared else stem
+            for path, stem in zip(paths, stems)]
+
+
 def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -275,6 +302,7 @@ def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     # every image first, then the files: a failure leaves no folder, overlay or landmarks.json
+    args.images = _image_files(args.images)
     images, image_boxes = [], []
     for path in tqdm(args.images, desc="read", unit="image"):
         try:
@@ -295,8 +323,7 @@ def _predict(args: argparse.Namespace) -> int:
     except InputError as error:
         _fail("predict", str(error))
     results, pictures = {}, {}
-    for path, image, box_list, result in zip(args.images, images, image_boxes, found):
-        stem = os.path.splitext(os.path.basename(path))[0]
+    for path, stem, image, box_list, result in zip(args.images, _picture_stems(args.images), images, image_boxes, found):
         if segmentation:  # the class map as a grey PNG of class numbers, and in colour over the image
             counts = np.bincount(result.ravel(), minlength=len(FACE_PART_CLASSES))
             results[path] = {"boxes": box_list, "mask": f"{stem}_mask.png",
@@ -519,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Write landmarks.json and overlay PNGs to --out; with --task "
                                   "segmentation, parts.json, each image's class map (<name>_mask.png, grey "
                                   "levels 0-6) and its parts in colour (<name>_parts.png).")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("images", nargs="+", help="image files, or folders of them (in name order)")
     predict.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
     _tflite_arguments(predict)
     predict.add_argument("--box", action="append", type=_box, help="x1,y1,x2,y2 in pixels, may be negative "

@@ -179,6 +179,23 @@ def test_predict_writes_landmarks_and_overlays(trained, tmp_path):
     with pytest.raises(SystemExit, match="zero or negative size"):
         cli.main(["predict", image, "--model", str(trained / "run" / "model.keras"), "--box", "5,5,5,9",
                   "--out", str(tmp_path)])
+    # folders stand for their images in name order; pictures of same-named images in two folders both kept
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for name in ("0002.png", "0001.jpg"):
+            Image.open(image).save(tmp_path / folder / name)
+        (tmp_path / folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "folders"
+    assert cli.main(["predict", str(tmp_path / "a"), str(tmp_path / "b"), "--model", str(trained / "run" / "model.keras"),
+                     "--box", "20,20,100,100", "--out", str(out)]) == 0
+    expected = [str(tmp_path / f / n) for f in ("a", "b") for n in ("0001.jpg", "0002.png")]
+    assert list(json.loads((out / "landmarks.json").read_text())) == expected
+    pictures = sorted(p.name for p in out.glob("*_landmarks.png"))
+    assert len(pictures) == 4 and all("_a_000" in p or "_b_000" in p for p in pictures)
+    assert cli._picture_stems(["x/1.png", "y/2.png", "x/1.png"]) == ["1", "2", "1"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty: a folder without images"):
+        cli.main(["predict", str(tmp_path / "empty"), "--model", str(trained / "run" / "model.keras")])
 
 
 def test_bad_config_and_missing_data_are_named(tmp_path):
