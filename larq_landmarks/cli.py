@@ -207,6 +207,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if predictor.num_landmarks != expected:
         _fail("evaluate", f"model {args.model!r} outputs {predictor.num_landmarks} channels but "
                           f"format {args.format!r} with task {task!r} needs {expected}")
+    if args.per_image and task == "segmentation":
+        _fail("evaluate", "--per-image lists landmark errors; a part segmentation model has none")
     columns = _read(args, "evaluate")
     predict = predictor._predict
     if args.flip_test:  # the part classes are their own mirror images; landmarks swap left and right
@@ -222,6 +224,18 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                args.batch_size, progress=True)
     print(f"\n{result['count']} samples of {args.data} ({args.format}), model {args.model}\n")
     print(evaluation.format_tables(result["tables"]))
+    if args.per_image:
+        import csv
+
+        from larq_landmarks.atomic import atomic_path
+
+        rows = result["per_image"]
+        with atomic_path(args.per_image) as temporary, open(temporary, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(list(rows))
+            for i in range(result["count"]):
+                writer.writerow([rows[key][i] if key == "image_path" else f"{float(rows[key][i]):.4f}" for key in rows])
+        print(f"wrote {args.per_image}")
     if args.json:
         from larq_landmarks.atomic import atomic_path
 
@@ -540,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tflite_arguments(evaluate)
     evaluate.add_argument("--flip-test", action="store_true", help="add the mirrored prediction")
     evaluate.add_argument("--json", help="write the tables to this JSON file")
+    evaluate.add_argument("--per-image", help="write each image's error to this CSV file (NME or PCKh; landmarks)")
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser("predict", help="landmarks (or facial parts) for boxes in your own images",

@@ -73,6 +73,36 @@ def _face_table(result: Dict[str, np.ndarray], num_points: int) -> Dict[str, Dic
     return tables
 
 
+def per_image_errors(result: Dict[str, np.ndarray], kind: str) -> Dict[str, np.ndarray]:
+    """Each image's error, to find the failures behind the tables (``result`` from
+    :func:`predict_dataset`): ``image_path``, and for faces ``nme_box_%`` (with ``nme_inter_ocular_%``
+    for 68 points, ``nme_box_visible_%`` where some points are hidden, ``yaw_degrees`` where known),
+    for people ``pckh_%``: the share of the labelled joints but pelvis and thorax (as PCKh's Mean)
+    within half the head size, NaN where none is labelled."""
+    from larq_landmarks import metrics
+
+    truth, predicted, visible = result["points"], result["predicted"], result["visible"]
+    rows = {"image_path": np.array([p.decode() if isinstance(p, bytes) else str(p) for p in result["image_path"]])}
+    if kind == "face":
+        box = metrics.box_size(result["box"])
+        rows["nme_box_%"] = 100 * metrics.nme(predicted, truth, box)
+        if truth.shape[1] == 68:
+            rows["nme_inter_ocular_%"] = 100 * metrics.nme(predicted, truth, metrics.inter_ocular(truth))
+        if not visible.all():
+            rows["nme_box_visible_%"] = 100 * metrics.nme(predicted, truth, box, visible)
+        if "yaw" in result:
+            rows["yaw_degrees"] = result["yaw"]
+    elif kind == "pose":
+        distance = np.linalg.norm(predicted - truth, axis=-1) / result["head_size"][:, None]
+        used = visible.copy()
+        used[:, [6, 7]] = False  # pelvis and thorax, as PCKh's Mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows["pckh_%"] = 100 * ((distance <= 0.5) & used).sum(1) / used.sum(1)
+    else:
+        raise ValueError(f"kind={kind!r} must be 'face' or 'pose'")
+    return rows
+
+
 def evaluate_landmarks(
     predict: Callable[[np.ndarray], np.ndarray],
     columns: Dict[str, np.ndarray],
@@ -91,7 +121,8 @@ def evaluate_landmarks(
             points are invisible) or ``"pose"`` (MPII PCKh@0.5 by joint).
 
     Returns:
-        ``{"tables": {title: {column: value}}, "count": N}``.
+        ``{"tables": {title: {column: value}}, "count": N, "predicted": (N, K, 2) image pixels,
+        "per_image": each image's error (:func:`per_image_errors`)}``.
     """
     from larq_landmarks import metrics
     from larq_landmarks.datasets.pipeline import evaluation_dataset
@@ -110,7 +141,8 @@ def evaluate_landmarks(
                                              result["head_size"])}
     else:
         raise ValueError(f"kind={kind!r} must be 'face' or 'pose'")
-    return {"tables": tables, "count": int(len(result["points"])), "predicted": result["predicted"]}
+    return {"tables": tables, "count": int(len(result["points"])), "predicted": result["predicted"],
+            "per_image": per_image_errors(result, kind)}
 
 
 def evaluate_segmentation(

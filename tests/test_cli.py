@@ -72,6 +72,17 @@ def test_evaluate_prints_the_papers_tables_and_writes_json(trained, capsys, tmp_
     report = json.loads(out.read_text())
     assert report["count"] == 6 and report["flip_test"] is True
     assert set(report["tables"]["NME"]) >= {"NME box %", "NME inter-ocular %", "AUC@0.07 box"}
+    # each image's error, in file order: their mean is the table's NME
+    errors = tmp_path / "errors.csv"
+    assert cli.main(["evaluate", "--model", str(trained / "run" / "model.keras"), "--format", "300w",
+                     "--data", str(trained / "test"), "--json", str(out), "--per-image", str(errors)]) == 0
+    lines = errors.read_text().splitlines()
+    assert lines[0] == "image_path,nme_box_%,nme_inter_ocular_%" and len(lines) == 7
+    rows = [line.split(",") for line in lines[1:]]
+    assert [os.path.basename(r[0]) for r in rows] == [f"{i:05d}.jpg" for i in range(6)]
+    table = json.loads(out.read_text())["tables"]["NME"]
+    assert np.mean([float(r[1]) for r in rows]) == pytest.approx(table["NME box %"], abs=1e-3)
+    assert np.mean([float(r[2]) for r in rows]) == pytest.approx(table["NME inter-ocular %"], abs=1e-3)
 
 
 def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
@@ -85,6 +96,13 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
     BinaryHourglass(16, width=32, input_size=64, depth=2).save(pose)
     assert cli.main(["evaluate", "--model", str(pose), "--format", "mpii-json", "--data", valid,
                      "--images", str(tmp_path / "mpii" / "images")]) == 0
+    assert cli.main(["evaluate", "--model", str(face), "--format", "aflw2000", "--data", str(tmp_path / "aflw"),
+                     "--per-image", str(tmp_path / "aflw.csv")]) == 0
+    assert (tmp_path / "aflw.csv").read_text().splitlines()[0] == "image_path,nme_box_%,nme_inter_ocular_%,yaw_degrees"
+    assert cli.main(["evaluate", "--model", str(pose), "--format", "mpii-json", "--data", valid, "--images",
+                     str(tmp_path / "mpii" / "images"), "--per-image", str(tmp_path / "mpii.csv")]) == 0
+    lines = (tmp_path / "mpii.csv").read_text().splitlines()
+    assert lines[0] == "image_path,pckh_%" and len(lines) == 1 + 2  # valid.json: 2 of the 8 people
     printed = capsys.readouterr().out
     assert "PCKh@0.5 %" in printed and "| Head | Shoulder | Elbow | Wrist | Hip | Knee | Ankle | Mean |" in printed
     with pytest.raises(SystemExit, match="outputs 68 channels but format 'mpii-json'"):
@@ -161,6 +179,9 @@ def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
     with pytest.raises(SystemExit, match="outputs 68 channels; a part segmentation model outputs 7"):
         cli.main(["predict", image, "--model", str(trained / "run" / "model.keras"), "--task", "segmentation",
                   "--box", "20,20,100,100", "--out", str(tmp_path / "wrong")])
+    with pytest.raises(SystemExit, match="--per-image lists landmark errors; a part segmentation model has none"):
+        cli.main(["evaluate", "--model", str(run / "model.keras"), "--format", "300w", "--data", str(trained / "test"),
+                  "--per-image", str(tmp_path / "parts.csv")])
     with pytest.raises(SystemExit, match="--track follows landmarks from frame to frame; a part segmentation"):
         cli.main(["predict", image, "--model", str(run / "model.keras"), "--track", "--box", "20,20,100,100"])
     for task in (["--task", "segmentation"], []):

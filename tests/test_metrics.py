@@ -106,3 +106,31 @@ def test_a_nan_prediction_is_a_failure_everywhere_and_invisible_points_do_not_co
     predicted = np.array([[[3.0, 4.0], [np.nan, np.nan]]])
     assert np.isnan(metrics.nme(predicted, truth, [1.0]))[0]
     assert metrics.nme(predicted, truth, [1.0], visible=[[True, False]])[0] == 5.0
+
+
+def test_per_image_errors_by_hand():
+    from larq_landmarks.evaluation import per_image_errors
+
+    truth = np.zeros((2, 16, 2))
+    predicted = np.zeros((2, 16, 2))
+    predicted[0, :4, 0] = 3.0  # image 0: 4 joints 3 px off, head size 4 (0.75 > 0.5): 10 of 14 used joints correct
+    predicted[0, 6, 0] = 30.0  # pelvis: left out, as PCKh's Mean leaves it out
+    predicted[1, :, 0] = 1.0  # image 1: all 1 px off, head size 4; only joints 0-2 labelled
+    visible = np.ones((2, 16), bool)
+    visible[1, 3:] = False
+    result = {"points": truth, "predicted": predicted, "visible": visible, "head_size": np.array([4.0, 4.0]),
+              "image_path": np.array([b"a.jpg", b"b.jpg"])}
+    rows = per_image_errors(result, "pose")
+    assert rows["image_path"].tolist() == ["a.jpg", "b.jpg"]
+    np.testing.assert_allclose(rows["pckh_%"], [100 * 10 / 14, 100.0])
+    visible[1] = False
+    assert np.isnan(per_image_errors(result, "pose")["pckh_%"][1])
+    # faces: the mean distance over the box's sqrt(w * h); a hidden point counts only in the first
+    faces = {"points": np.array([[[0.0, 0.0], [10.0, 0.0], [0.0, 40.0]]]),
+             "predicted": np.array([[[3.0, 4.0], [10.0, 0.0], [0.0, 40.0]]]),
+             "visible": np.array([[True, False, True]]), "box": np.array([[0.0, 0.0, 10.0, 40.0]]),
+             "yaw": np.array([35.0]), "image_path": np.array(["c.png"])}
+    rows = per_image_errors(faces, "face")
+    np.testing.assert_allclose(rows["nme_box_%"], [100 * (5 / 3) / 20])
+    np.testing.assert_allclose(rows["nme_box_visible_%"], [100 * (5 / 2) / 20])
+    assert rows["yaw_degrees"].tolist() == [35.0] and "nme_inter_ocular_%" not in rows
