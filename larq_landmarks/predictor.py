@@ -191,9 +191,9 @@ class Predictor:
         an ARM one say, LCE's interpreter where installed: :class:`tflite_model.TfliteModel`),
         ``"runtime"``, ``"lce"`` or ``"cuda"`` (the runtime on an NVIDIA GPU, CuPy needed; CuPy's
         current device, or GPU N with ``"cuda:N"``). ``task`` and ``box_kind``: as
-        :class:`Predictor` takes them (None: from the model's output channels). ``float_precision="bfloat16"``: the runtime's
-        bfloat16 float convolutions (a ``.tflite`` on a CPU with AVX512_BF16; see
-        :class:`~larq_landmarks.runtime.Engine`)."""
+        :class:`Predictor` takes them (None: from the model's output channels).
+        ``float_precision="bfloat16"``: the runtime's bfloat16 float convolutions (a ``.tflite``
+        on a CPU with AVX512_BF16; see :class:`~larq_landmarks.runtime.Engine`)."""
         if task not in (None, *TASKS):  # before loading anything
             raise ValueError(f"task={task!r} must be one of {TASKS}")
         if box_kind not in (None, "face", "person"):
@@ -307,9 +307,10 @@ class Predictor:
                 a face is lost or none is tracked.
             names: how errors refer to the frames (default a frame's path, or "frame i").
 
-        Yields:
-            ``(points, scores, boxes)`` for each frame: as :meth:`predict` returns, and the
-            ``(N, 4)`` boxes the landmarks come from.
+        Returns:
+            An iterator of ``(points, scores, boxes)``, one a frame as it is read: as
+            :meth:`predict` returns, and the ``(N, 4)`` boxes the landmarks come from. The
+            arguments are checked when it is made; a frame's errors come when it is reached.
         """
         self._check_task("heatmaps", "predict")  # the arguments checked now, not at the first frame
         if not np.isfinite(min_score) or min_score < 0:

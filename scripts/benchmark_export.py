@@ -449,7 +449,8 @@ def cpu_batches(rounds: int = 3, batches=(1, 8, 32)) -> dict:
     rows = []
     for batch in batches:
         images = np.random.default_rng(0).uniform(size=(batch, 256, 256, 3)).astype(np.float32)
-        ways = {"as the engine runs it": lambda: engine.predict(images), "the batch at once": lambda: engine._run(images, None)}
+        ways = {"as the engine runs it": lambda: engine.predict(images),
+                "the batch at once": lambda: engine._run(images, None)}
         times = {name: [] for name in ways}
         for run in ways.values():
             run()  # buffers for this batch size

@@ -207,8 +207,8 @@ def test_predict_writes_landmarks_and_overlays(trained, tmp_path):
             Image.open(image).save(tmp_path / folder / name)
         (tmp_path / folder / "notes.txt").write_text("not an image")
     out = tmp_path / "folders"
-    assert cli.main(["predict", str(tmp_path / "a"), str(tmp_path / "b"), "--model", str(trained / "run" / "model.keras"),
-                     "--box", "20,20,100,100", "--out", str(out)]) == 0
+    assert cli.main(["predict", str(tmp_path / "a"), str(tmp_path / "b"), "--model",
+                     str(trained / "run" / "model.keras"), "--box", "20,20,100,100", "--out", str(out)]) == 0
     expected = [str(tmp_path / f / n) for f in ("a", "b") for n in ("0001.jpg", "0002.png")]
     assert list(json.loads((out / "landmarks.json").read_text())) == expected
     pictures = sorted(p.name for p in out.glob("*_landmarks.png"))
