@@ -191,56 +191,78 @@ def _record_run(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from larq_landmarks import evaluation
+    from larq_landmarks import evaluation, layouts
+    from larq_landmarks.atomic import atomic_path
     from larq_landmarks.datasets import formats
     from larq_landmarks.predictor import Predictor, flip_test
     from larq_landmarks.runtime import CudaUnavailableError
 
     fmt = formats.get_format(args.format)
-    try:
-        predictor = Predictor.from_path(args.model, num_threads=args.threads, engine=args.engine, task=args.task,
-                                        float_precision=args.float_precision)
-    except (ValueError, CudaUnavailableError) as error:  # the model and input errors are ValueErrors
-        _fail("evaluate", str(error))
-    task = predictor.task  # --task, or what the model's outputs say (7: the part classes)
-    expected = 7 if task == "segmentation" else fmt.num_points
-    if predictor.num_landmarks != expected:
-        _fail("evaluate", f"model {args.model!r} outputs {predictor.num_landmarks} channels but "
-                          f"format {args.format!r} with task {task!r} needs {expected}")
-    if args.per_image and task == "segmentation":
-        _fail("evaluate", "--per-image lists landmark errors; a part segmentation model has none")
+    paths = [args.model] if isinstance(args.model, str) else list(args.model)  # a --config file may give one
+    predictors = {}
+    for path in paths:  # every model checked before the data are read
+        try:
+            predictor = Predictor.from_path(path, num_threads=args.threads, engine=args.engine, task=args.task,
+                                            float_precision=args.float_precision)
+        except (ValueError, CudaUnavailableError) as error:  # the model and input errors are ValueErrors
+            _fail("evaluate", str(error))
+        expected = 7 if predictor.task == "segmentation" else fmt.num_points  # --task, or what its outputs say
+        if predictor.num_landmarks != expected:
+            _fail("evaluate", f"model {path!r} outputs {predictor.num_landmarks} channels but "
+                              f"format {args.format!r} with task {predictor.task!r} needs {expected}")
+        predictors[path] = predictor
+    tasks = {p.task for p in predictors.values()}
+    if len(tasks) > 1:
+        _fail("evaluate", f"the models were trained for different tasks ({', '.join(sorted(tasks))}): "
+                          "evaluate them apart")
+    task = tasks.pop()
+    if (args.per_image or args.ced) and task == "segmentation":
+        _fail("evaluate", "--per-image and --ced are for landmark errors; a part segmentation model has none")
+    if args.ced and fmt.kind != "face":
+        _fail("evaluate", f"--ced plots faces' NME; format {args.format!r} is scored by PCKh")
     columns = _read(args, "evaluate")
-    predict = predictor._predict
-    if args.flip_test:  # the part classes are their own mirror images; landmarks swap left and right
-        from larq_landmarks import layouts
-
-        permutation = layouts.flip_permutation(expected, task)
-        predict = lambda images: flip_test(predictor._predict, images, permutation) / 2.0  # noqa: E731
-    if task == "segmentation":
-        result = evaluation.evaluate_segmentation(predict, columns, predictor.input_size,
-                                                  args.batch_size, progress=True)
-    else:
-        result = evaluation.evaluate_landmarks(predict, columns, fmt.kind, predictor.input_size,
-                                               args.batch_size, progress=True)
-    print(f"\n{result['count']} samples of {args.data} ({args.format}), model {args.model}\n")
-    print(evaluation.format_tables(result["tables"]))
+    results = {}
+    for path, predictor in predictors.items():
+        predict = predictor._predict
+        if args.flip_test:  # the part classes are their own mirror images; landmarks swap left and right
+            permutation = layouts.flip_permutation(predictor.num_landmarks, task)
+            predict = lambda images, p=predictor._predict, q=permutation: flip_test(p, images, q) / 2.0  # noqa: E731
+        if task == "segmentation":
+            results[path] = evaluation.evaluate_segmentation(predict, columns, predictor.input_size,
+                                                             args.batch_size, progress=True)
+        else:
+            results[path] = evaluation.evaluate_landmarks(predict, columns, fmt.kind, predictor.input_size,
+                                                          args.batch_size, progress=True)
+        print(f"\n{results[path]['count']} samples of {args.data} ({args.format}), model {path}\n")
+        print(evaluation.format_tables(results[path]["tables"]))
+    if len(results) > 1:  # the models side by side, first table of each
+        print(evaluation.format_comparison({path: result["tables"] for path, result in results.items()}))
     if args.per_image:
         import csv
 
-        from larq_landmarks.atomic import atomic_path
-
-        rows = result["per_image"]
         with atomic_path(args.per_image) as temporary, open(temporary, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(list(rows))
-            for i in range(result["count"]):
-                writer.writerow([rows[key][i] if key == "image_path" else f"{float(rows[key][i]):.4f}" for key in rows])
+            for number, (path, result) in enumerate(results.items()):
+                rows = result["per_image"]
+                if number == 0:
+                    writer.writerow(["model", *rows])
+                for i in range(result["count"]):
+                    writer.writerow([path] + [rows[key][i] if key == "image_path" else f"{float(rows[key][i]):.4f}"
+                                              for key in rows])
         print(f"wrote {args.per_image}")
-    if args.json:
-        from larq_landmarks.atomic import atomic_path
+    if args.ced:
+        from larq_landmarks import metrics, visualize
 
-        report = {"model": args.model, "data": args.data, "format": args.format, "task": task,
-                  "flip_test": bool(args.flip_test), "count": result["count"], "tables": result["tables"]}
+        curves = {path: metrics.ced(result["per_image"]["nme_box_%"] / 100, 0.07) for path, result in results.items()}
+        visualize.save_png(visualize.ced_plot(curves, x_label="NME (box)"), args.ced)
+        print(f"wrote {args.ced}")
+    if args.json:
+        reports = [{"model": path, "task": task, "count": result["count"], "tables": result["tables"]}
+                   for path, result in results.items()]
+        report = {**reports[0], "data": args.data, "format": args.format, "flip_test": bool(args.flip_test)}
+        if len(reports) > 1:
+            report = {"data": args.data, "format": args.format, "flip_test": bool(args.flip_test), "task": task,
+                      "models": reports}
         with atomic_path(args.json) as temporary, open(temporary, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
@@ -550,11 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or segmentation scores, and optionally write them as JSON.")
     _data_arguments(evaluate, None, "what the model was trained for (default: from its outputs, segmentation "
                     "for 7 channels, the part classes)")
-    evaluate.add_argument("--model", required=True, help=".keras / SavedModel / .tflite")
+    evaluate.add_argument("--model", required=True, nargs="+",
+                          help=".keras / SavedModel / .tflite; several (a binary model and its real-valued twin, "
+                          "say) are scored on the same data and compared side by side")
     _tflite_arguments(evaluate)
     evaluate.add_argument("--flip-test", action="store_true", help="add the mirrored prediction")
     evaluate.add_argument("--json", help="write the tables to this JSON file")
     evaluate.add_argument("--per-image", help="write each image's error to this CSV file (NME or PCKh; landmarks)")
+    evaluate.add_argument("--ced", help="faces: plot each model's cumulative error distribution (NME by box, up to "
+                          "0.07) to this PNG")
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser("predict", help="landmarks (or facial parts) for boxes in your own images",

@@ -176,12 +176,28 @@ def _with_progress(dataset, count, batch_size):
     return tqdm(dataset, total=-(-count // batch_size), desc="evaluate", unit="batch")
 
 
+def format_comparison(tables_by_model: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """Several models' first tables (the same data and measure) as one markdown table, a row a model."""
+    title = next(iter(next(iter(tables_by_model.values()))))
+    columns = list(next(iter(tables_by_model.values()))[title])
+    lines = [f"### {title}, side by side", "", "| model | " + " | ".join(columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for model, tables in tables_by_model.items():
+        row = tables.get(title, {})
+        lines.append(f"| {model} | " + " | ".join(_number(title, k, row[k]) if k in row else "-" for k in columns) + " |")
+    return "\n".join(lines + [""])
+
+
+def _number(title: str, column: str, value: float) -> str:
+    """A table value: three decimals for a fraction, two for a percentage or anything larger."""
+    return f"{value:.3f}" if abs(value) <= 1 and "%" not in title + column else f"{value:.2f}"
+
+
 def format_tables(tables: Dict[str, Dict[str, float]]) -> str:
     """Markdown tables, one per title, values with two decimals (fractions with three)."""
     lines = []
     for title, row in tables.items():
         lines += [f"### {title}", "", "| " + " | ".join(row) + " |", "|" + "---:|" * len(row)]
-        lines.append("| " + " | ".join(f"{v:.3f}" if abs(v) <= 1 and "%" not in title + k else f"{v:.2f}"
-                                       for k, v in row.items()) + " |")
+        lines.append("| " + " | ".join(_number(title, k, v) for k, v in row.items()) + " |")
         lines.append("")
     return "\n".join(lines)

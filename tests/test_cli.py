@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from larq_landmarks import cli
+from larq_landmarks import cli, evaluation
 from larq_landmarks.datasets import writers
 from larq_landmarks.layouts import FACE_PART_CLASSES
 from larq_landmarks.models import BinaryHourglass
@@ -77,12 +77,29 @@ def test_evaluate_prints_the_papers_tables_and_writes_json(trained, capsys, tmp_
     assert cli.main(["evaluate", "--model", str(trained / "run" / "model.keras"), "--format", "300w",
                      "--data", str(trained / "test"), "--json", str(out), "--per-image", str(errors)]) == 0
     lines = errors.read_text().splitlines()
-    assert lines[0] == "image_path,nme_box_%,nme_inter_ocular_%" and len(lines) == 7
+    assert lines[0] == "model,image_path,nme_box_%,nme_inter_ocular_%" and len(lines) == 7
     rows = [line.split(",") for line in lines[1:]]
-    assert [os.path.basename(r[0]) for r in rows] == [f"{i:05d}.jpg" for i in range(6)]
+    assert [os.path.basename(r[1]) for r in rows] == [f"{i:05d}.jpg" for i in range(6)]
     table = json.loads(out.read_text())["tables"]["NME"]
-    assert np.mean([float(r[1]) for r in rows]) == pytest.approx(table["NME box %"], abs=1e-3)
-    assert np.mean([float(r[2]) for r in rows]) == pytest.approx(table["NME inter-ocular %"], abs=1e-3)
+    assert np.mean([float(r[2]) for r in rows]) == pytest.approx(table["NME box %"], abs=1e-3)
+    assert np.mean([float(r[3]) for r in rows]) == pytest.approx(table["NME inter-ocular %"], abs=1e-3)
+    # a binary model and its real-valued twin on the same data: each one's tables, then side by side
+    twin = tmp_path / "twin.keras"
+    BinaryHourglass(68, width=32, input_size=64, depth=2, binary=False).save(twin)
+    binary = str(trained / "run" / "model.keras")
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", binary, str(twin), "--format", "300w", "--data", str(trained / "test"),
+                     "--json", str(out), "--per-image", str(errors), "--ced", str(tmp_path / "ced.png")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert [m["model"] for m in report["models"]] == [binary, str(twin)] and report["format"] == "300w"
+    for m in report["models"]:  # each row of the side-by-side table is that model's own table
+        nme = m["tables"]["NME"]
+        assert f"| {m['model']} | " + " | ".join(evaluation._number("NME", k, v) for k, v in nme.items()) + " |" in printed
+    assert "### NME, side by side" in printed and printed.count("### NME\n") == 2
+    lines = errors.read_text().splitlines()
+    assert len(lines) == 13 and {line.split(",")[0] for line in lines[1:]} == {binary, str(twin)}
+    assert Image.open(tmp_path / "ced.png").size == (480, 360)
 
 
 def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
@@ -98,11 +115,15 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
                      "--images", str(tmp_path / "mpii" / "images")]) == 0
     assert cli.main(["evaluate", "--model", str(face), "--format", "aflw2000", "--data", str(tmp_path / "aflw"),
                      "--per-image", str(tmp_path / "aflw.csv")]) == 0
-    assert (tmp_path / "aflw.csv").read_text().splitlines()[0] == "image_path,nme_box_%,nme_inter_ocular_%,yaw_degrees"
+    assert (tmp_path / "aflw.csv").read_text().splitlines()[0] == \
+        "model,image_path,nme_box_%,nme_inter_ocular_%,yaw_degrees"
     assert cli.main(["evaluate", "--model", str(pose), "--format", "mpii-json", "--data", valid, "--images",
                      str(tmp_path / "mpii" / "images"), "--per-image", str(tmp_path / "mpii.csv")]) == 0
     lines = (tmp_path / "mpii.csv").read_text().splitlines()
-    assert lines[0] == "image_path,pckh_%" and len(lines) == 1 + 2  # valid.json: 2 of the 8 people
+    assert lines[0] == "model,image_path,pckh_%" and len(lines) == 1 + 2  # valid.json: 2 of the 8 people
+    with pytest.raises(SystemExit, match="--ced plots faces' NME; format 'mpii-json' is scored by PCKh"):
+        cli.main(["evaluate", "--model", str(pose), "--format", "mpii-json", "--data", valid, "--images",
+                  str(tmp_path / "mpii" / "images"), "--ced", str(tmp_path / "pose.png")])
     printed = capsys.readouterr().out
     assert "PCKh@0.5 %" in printed and "| Head | Shoulder | Elbow | Wrist | Hip | Knee | Ankle | Mean |" in printed
     with pytest.raises(SystemExit, match="outputs 68 channels but format 'mpii-json'"):
@@ -179,7 +200,10 @@ def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
     with pytest.raises(SystemExit, match="outputs 68 channels; a part segmentation model outputs 7"):
         cli.main(["predict", image, "--model", str(trained / "run" / "model.keras"), "--task", "segmentation",
                   "--box", "20,20,100,100", "--out", str(tmp_path / "wrong")])
-    with pytest.raises(SystemExit, match="--per-image lists landmark errors; a part segmentation model has none"):
+    with pytest.raises(SystemExit, match="trained for different tasks \\(heatmaps, segmentation\\): evaluate them apart"):
+        cli.main(["evaluate", "--model", str(run / "model.keras"), str(trained / "run" / "model.keras"),
+                  "--format", "300w", "--data", str(trained / "test")])
+    with pytest.raises(SystemExit, match="--per-image and --ced are for landmark errors; a part segmentation model"):
         cli.main(["evaluate", "--model", str(run / "model.keras"), "--format", "300w", "--data", str(trained / "test"),
                   "--per-image", str(tmp_path / "parts.csv")])
     with pytest.raises(SystemExit, match="--track follows landmarks from frame to frame; a part segmentation"):
