@@ -158,6 +158,7 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
                 np.testing.assert_allclose(result[now]["boxes"][0], [x1, y1, x2, y2], rtol=1e-5)
 
 
+@pytest.mark.slow  # trains, converts and runs a segmentation model: 30 s (the fast tier has test_inference's)
 def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
     run = tmp_path / "seg"
     assert cli.main(["train", "--format", "300w", "--data", str(trained / "train"), "--task", "segmentation",
