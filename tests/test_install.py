@@ -113,3 +113,18 @@ def test_avx512_kernels_compile_without_bfloat16():
         result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", *define, *flags, *includes, source],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or importlib.util.find_spec("pybind11") is None,
+                    reason="needs the aarch64-linux-gnu-g++ cross compiler and pybind11")
+def test_portable_kernels_compile_for_64_bit_arm():
+    """On ARM (a Raspberry Pi, a phone board) setup.py builds the portable kernels only: they compile
+    there without any x86 header or builtin (LCE's interpreter runs the file fast there; the
+    runtime's kernels must still build for the package to install)."""
+    import pybind11
+
+    includes = ["-I" + sysconfig.get_paths()["include"], "-I" + pybind11.get_include()]
+    source = os.path.join(ROOT, "larq_landmarks", "runtime", "csrc", "kernels_portable.cpp")
+    result = subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-fsyntax-only", "-O3", *includes, source],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
