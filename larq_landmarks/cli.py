@@ -216,8 +216,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         _fail("evaluate", f"the models were trained for different tasks ({', '.join(sorted(tasks))}): "
                           "evaluate them apart")
     task = tasks.pop()
-    if (args.per_image or args.ced) and task == "segmentation":
-        _fail("evaluate", "--per-image and --ced are for landmark errors; a part segmentation model has none")
+    if args.ced and task == "segmentation":
+        _fail("evaluate", "--ced plots landmark errors; a part segmentation model has none")
     if args.ced and fmt.kind != "face":
         _fail("evaluate", f"--ced plots faces' NME; format {args.format!r} is scored by PCKh")
     columns = _read(args, "evaluate")
@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tflite_arguments(evaluate)
     evaluate.add_argument("--flip-test", action="store_true", help="add the mirrored prediction")
     evaluate.add_argument("--json", help="write the tables to this JSON file")
-    evaluate.add_argument("--per-image", help="write each image's error to this CSV file (NME or PCKh; landmarks)")
+    evaluate.add_argument("--per-image", help="write each image's error to this CSV file (NME, PCKh or segmentation scores)")
     evaluate.add_argument("--ced", help="faces: plot each model's cumulative error distribution (NME by box, up to "
                           "0.07) to this PNG")
     evaluate.set_defaults(run=_evaluate)

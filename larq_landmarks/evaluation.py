@@ -153,7 +153,8 @@ def evaluate_segmentation(
     progress: bool = False,
 ) -> Dict[str, object]:
     """Pixel accuracy, mean accuracy and mean IU (FCN) of a part segmentation model against masks
-    rendered from the 68 ground-truth landmarks (supplementary Table 6 layout)."""
+    rendered from the 68 ground-truth landmarks (supplementary Table 6 layout); ``per_image``: each
+    image's own three scores, in file order."""
     from larq_landmarks import metrics
     from larq_landmarks.datasets.pipeline import segmentation_dataset
 
@@ -166,8 +167,12 @@ def evaluate_segmentation(
         logits = logits[-1] if isinstance(logits, (list, tuple)) else logits
         predictions.append(np.argmax(logits, -1))
         truths.append(masks.numpy())
-    scores = metrics.segmentation_scores(np.concatenate(predictions), np.concatenate(truths), 7)
-    return {"tables": {"Part segmentation %": scores}, "count": int(sum(len(t) for t in truths))}
+    predicted, truth = np.concatenate(predictions), np.concatenate(truths)
+    scores = metrics.segmentation_scores(predicted, truth, 7)
+    each = [metrics.segmentation_scores(p, t, 7) for p, t in zip(predicted, truth)]
+    per_image = {"image_path": np.array([str(p) for p in columns["image_path"]])}
+    per_image.update({f"{key}_%": np.array([scores_i[key] for scores_i in each]) for key in scores})
+    return {"tables": {"Part segmentation %": scores}, "count": int(len(truth)), "per_image": per_image}
 
 
 def _with_progress(dataset, count, batch_size):

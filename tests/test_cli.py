@@ -204,9 +204,19 @@ def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
     with pytest.raises(SystemExit, match="trained for different tasks \\(heatmaps, segmentation\\): evaluate them apart"):
         cli.main(["evaluate", "--model", str(run / "model.keras"), str(trained / "run" / "model.keras"),
                   "--format", "300w", "--data", str(trained / "test")])
-    with pytest.raises(SystemExit, match="--per-image and --ced are for landmark errors; a part segmentation model"):
+    with pytest.raises(SystemExit, match="--ced plots landmark errors; a part segmentation model has none"):
         cli.main(["evaluate", "--model", str(run / "model.keras"), "--format", "300w", "--data", str(trained / "test"),
-                  "--per-image", str(tmp_path / "parts.csv")])
+                  "--ced", str(tmp_path / "parts.png")])
+    # each image's scores: its masks have as many pixels as any other, so their pixel accuracies average
+    # to the table's
+    assert cli.main(["evaluate", "--model", str(run / "model.keras"), "--format", "300w", "--data",
+                     str(trained / "test"), "--per-image", str(tmp_path / "parts.csv"),
+                     "--json", str(tmp_path / "parts.json")]) == 0
+    lines = (tmp_path / "parts.csv").read_text().splitlines()
+    assert lines[0] == "model,image_path,pixel_accuracy_%,mean_accuracy_%,mean_iu_%" and len(lines) == 7
+    table = json.loads((tmp_path / "parts.json").read_text())["tables"]["Part segmentation %"]
+    assert np.mean([float(line.split(",")[2]) for line in lines[1:]]) == pytest.approx(table["pixel_accuracy"],
+                                                                                        abs=1e-3)
     with pytest.raises(SystemExit, match="--track follows landmarks from frame to frame; a part segmentation"):
         cli.main(["predict", image, "--model", str(run / "model.keras"), "--track", "--box", "20,20,100,100"])
     for task in (["--task", "segmentation"], []):
