@@ -1,4 +1,5 @@
-"""Where a model's input crop lies in an image, and cutting it out, in NumPy alone.
+"""Where a model's input crop lies in an image, and cutting it out, without TensorFlow (NumPy, and
+the bit-packed runtime's C++ kernels for the cutting: :func:`warp_crops`).
 
 The :class:`~larq_landmarks.predictor.Predictor` cuts its crops with these, so that a converted
 model runs on images with the bit-packed runtime on a machine without TensorFlow. The ``tf.data``
@@ -74,15 +75,30 @@ def warp_crops(image: np.ndarray, params: np.ndarray, size: int) -> np.ndarray:
     Sampled as TensorFlow's ``ImageProjectiveTransformV3`` samples (bilinear, 0 outside the
     image, float32 arithmetic in its order; the pipeline's crops): crop pixel ``(x, y)`` reads the
     image at ``((p0 x + p1 y + p2) / d, (p3 x + p4 y + p5) / d)`` with ``d = p6 x + p7 y + 1``.
+    Computed by the runtime's C++ kernels (on their threads; a 256-pixel crop 1.4 ms against 4.4
+    in NumPy here); :func:`warp_crops_numpy` computes the same, bit for bit.
 
     Args:
         image: the image, uint8 (scaled by 1/255 as ``tf.image.convert_image_dtype`` does).
         params: ``(N, 8)`` sampling parameters, e.g. ``sampling_params(matrices)``.
         size: the crops' side in pixels.
     """
+    from larq_landmarks.runtime import kernels
+
+    image = _checked_image(image)
+    return kernels.load().warp_crops(image, np.asarray(params, np.float32).reshape(-1, 8), int(size))
+
+
+def _checked_image(image) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.dtype != np.uint8:
         raise ValueError(f"image: expected an (H, W, C) uint8 array, got {image.dtype} {image.shape}")
+    return image
+
+
+def warp_crops_numpy(image: np.ndarray, params: np.ndarray, size: int) -> np.ndarray:
+    """:func:`warp_crops` in NumPy (its reference)."""
+    image = _checked_image(image)
     height, width, channels = image.shape
     pixels = image.reshape(-1, channels)
     t = np.asarray(params, np.float32).reshape(-1, 8)

@@ -103,3 +103,31 @@ def test_bad_images_are_named():
         cropping.warp_crops(np.zeros((8, 8, 3), np.float32), np.zeros((1, 8), np.float32), 4)
     with pytest.raises(ValueError, match="got uint8 \\(8, 8\\)"):
         cropping.warp_crops(np.zeros((8, 8), np.uint8), np.zeros((1, 8), np.float32), 4)
+
+
+def test_the_kernels_crops_are_numpys_bit_for_bit():
+    """cropping.warp_crops runs in the runtime's C++ kernels: every kernel path gives the NumPy
+    reference's crops bit for bit (upright, mirrored, rotated, projective, a NaN parameter and a
+    zero divisor, one channel)."""
+    from larq_landmarks.runtime import available_kernels, kernels
+
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    matrices = cropping.crop_matrices(np.array([[35, 25], [5, 48], [80, 10]], np.float32),
+                                      np.array([0.3, 0.2, 0.5], np.float32), 64)
+    mirrored = matrices.copy()
+    mirrored[:, 0, 0] *= -1
+    turn = np.array([[np.cos(0.4), -np.sin(0.4), 0], [np.sin(0.4), np.cos(0.4), 0], [0, 0, 1]], np.float32)
+    rotated = cropping.sampling_params(turn @ matrices)
+    projective = rotated.copy()
+    projective[:, 6:] = [1e-3, -2e-3]
+    broken = cropping.sampling_params(matrices)
+    broken[0, 0], broken[1, 6] = np.nan, -1 / 30  # row 30 of crop 1 divides by zero
+    cases = [cropping.sampling_params(matrices), cropping.sampling_params(mirrored), rotated, projective, broken]
+    for path in available_kernels():
+        for params in cases:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                expected = cropping.warp_crops_numpy(image, params, 64)
+            np.testing.assert_array_equal(kernels.load(path).warp_crops(image, params, 64), expected)
+        np.testing.assert_array_equal(kernels.load(path).warp_crops(image[..., :1], rotated, 64),
+                                      cropping.warp_crops_numpy(image[..., :1], rotated, 64))
+    assert (cropping.warp_crops_numpy(image, rotated, 64) > 0).mean() > 0.3

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -1464,6 +1465,58 @@ static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_
   });
 }
 
+// Crops of one (H, W, C) uint8 image, (N, size, size, C) float32 in [0, 1], as cropping.warp_crops
+// (NumPy) and TensorFlow's ImageProjectiveTransformV3 compute them, bit for bit: crop pixel (x, y)
+// reads the image at ((p0 x + p1 y + p2) / d, (p3 x + p4 y + p5) / d), d = p6 x + p7 y + 1,
+// bilinearly, 0 outside; every product rounded on its own (no FMA), in NumPy's order.
+static py::array_t<float> warp_crops(Array<uint8_t> image, Array<float> params, int size) {
+  if (image.ndim() != 3) throw std::invalid_argument("warp_crops: image must be (H, W, C)");
+  if (params.ndim() != 2 || params.shape(1) != 8) throw std::invalid_argument("warp_crops: params must be (N, 8)");
+  if (size < 1) throw std::invalid_argument("warp_crops: size must be at least 1");
+  const int height = static_cast<int>(image.shape(0)), width = static_cast<int>(image.shape(1));
+  const int channels = static_cast<int>(image.shape(2)), count = static_cast<int>(params.shape(0));
+  py::array_t<float> output({static_cast<py::ssize_t>(count), static_cast<py::ssize_t>(size),
+                             static_cast<py::ssize_t>(size), static_cast<py::ssize_t>(channels)});
+  const uint8_t* pixels = image.data();
+  const float* p = params.data();
+  float* out = output.mutable_data();
+  const float scale = 1.0f / 255.0f;
+  py::gil_scoped_release release;
+  pool().parallel_for(count * size, [&](int r0, int r1) {
+    for (int r = r0; r < r1; ++r) {
+      const int n = r / size;
+      const float ys = static_cast<float>(r % size);
+      const float* t = p + 8 * static_cast<int64_t>(n);
+      float* row = out + static_cast<int64_t>(r) * size * channels;
+      for (int ix = 0; ix < size; ++ix) {
+        const float xs = static_cast<float>(ix);
+        const float d = rounded_product(t[6], xs) + rounded_product(t[7], ys) + 1.0f;
+        const float x = (rounded_product(t[0], xs) + rounded_product(t[1], ys) + t[2]) / d;
+        const float y = (rounded_product(t[3], xs) + rounded_product(t[4], ys) + t[5]) / d;
+        const float x0 = std::floor(x), y0 = std::floor(y), x1 = x0 + 1.0f, y1 = y0 + 1.0f;
+        const bool in_x0 = x0 >= 0 && x0 < width, in_x1 = x1 >= 0 && x1 < width;
+        const bool in_y0 = y0 >= 0 && y0 < height, in_y1 = y1 >= 0 && y1 < height;
+        const float wx0 = in_x0 ? x1 - x : 0.0f, wx1 = in_x1 ? x - x0 : 0.0f;
+        const float wy0 = in_y0 ? y1 - y : 0.0f, wy1 = in_y1 ? y - y0 : 0.0f;
+        const int col[2] = {in_x0 ? static_cast<int>(x0) : 0, in_x1 ? static_cast<int>(x1) : 0};
+        const int line[2] = {in_y0 ? static_cast<int>(y0) : 0, in_y1 ? static_cast<int>(y1) : 0};
+        float* o = row + static_cast<int64_t>(ix) * channels;
+        for (int c = 0; c < channels; ++c) {
+          float v[2][2];  // (row, column) corners scaled as tf.image.convert_image_dtype scales uint8
+          for (int a = 0; a < 2; ++a)
+            for (int b = 0; b < 2; ++b)
+              v[a][b] = rounded_product(
+                  static_cast<float>(pixels[(static_cast<int64_t>(line[a]) * width + col[b]) * channels + c]), scale);
+          const float top = rounded_product(wx0, v[0][0]) + rounded_product(wx1, v[0][1]);
+          const float bottom = rounded_product(wx0, v[1][0]) + rounded_product(wx1, v[1][1]);
+          o[c] = rounded_product(wy0, top) + rounded_product(wy1, bottom);
+        }
+      }
+    }
+  });
+  return output;
+}
+
 static int set_num_threads(int threads) {
   pool().resize(threads);
   return pool().size();
@@ -1501,6 +1554,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("pool2d", &pool2d);
   m.def("concat_channels", &concat_channels);
   m.def("resize_nearest", &resize_nearest);
+  m.def("warp_crops", &warp_crops);
   m.def("cpu_supports", [](const std::string& feature) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
