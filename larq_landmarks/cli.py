@@ -291,7 +291,10 @@ def _picture_stems(paths: List[str]) -> List[str]:
     """A name for each image's pictures: its file name without extension, or where images in
     different folders share one, its path with the folders joined by ``_`` (a/0001.png: a_0001)."""
     stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
-    shared = {stem for stem in stems if len({p for p, s in zip(paths, stems) if s == stem}) > 1}
+    paths_of: dict = {}  # stem -> the distinct paths that have it (one pass: a folder may hold many frames)
+    for path, stem in zip(paths, stems):
+        paths_of.setdefault(stem, set()).add(path)
+    shared = {stem for stem, named in paths_of.items() if len(named) > 1}
     return [os.path.splitext(os.path.normpath(path))[0].replace(os.sep, "_").lstrip("._") if stem in shared else stem
             for path, stem in zip(paths, stems)]
 

@@ -181,7 +181,7 @@ def _tracking(model_path: str, seed: int) -> Dict:
 
     video = synthetic.face_video(seed)
     frames, truth = video["frames"], video["points"]
-    true_boxes = np.concatenate([truth.min(1), truth.max(1)], axis=1)
+    true_boxes = np.stack([readers.points_box(points) for points in truth])
     scale = metrics.box_size(true_boxes)
     predictor = Predictor.from_path(model_path)
     given = np.stack([predictor.predict(frame, [box])[0][0] for frame, box in zip(frames, true_boxes)])
