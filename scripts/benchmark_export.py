@@ -465,6 +465,52 @@ def cpu_batches(rounds: int = 3, batches=(1, 8, 32)) -> dict:
             "kernels": engine.kernels}
 
 
+def crop_speed(rounds: int = 3, runs: int = 20) -> dict:
+    """Cutting the Predictor's crops on the CPU: the runtime's C++ warp against the NumPy reference
+    (one 256-pixel crop of a 640x480 image), and ``Predictor.predict`` on the default model with
+    each (1 thread), in turns; medians over the rounds."""
+    from larq_landmarks import cropping
+    from larq_landmarks.predictor import Predictor
+
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    params = cropping.sampling_params(cropping.crop_matrices(np.array([[300, 200]], np.float32),
+                                                             np.array([1.2], np.float32), 256))
+    model = trained_like_batch_norm(models.BinaryHourglass(68))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.tflite")
+        export.convert(model, path)
+        predictor = Predictor.from_path(path)
+        box = [[200, 100, 400, 330]]
+        ways = {"warp, C++": (lambda: cropping.warp_crops(image, params, 256), None),
+                "warp, NumPy": (lambda: cropping.warp_crops_numpy(image, params, 256), None),
+                "Predictor.predict, C++ warp": (lambda: predictor.predict(image, box), cropping.warp_crops),
+                "Predictor.predict, NumPy warp": (lambda: predictor.predict(image, box), cropping.warp_crops_numpy)}
+        times = {name: [] for name in ways}
+        for _ in range(rounds):
+            for name, (run, warp) in ways.items():
+                if warp is not None:
+                    predictor._warp_crops = warp
+                times[name].append(_run(lambda _: run(), None, runs))
+    return {"ms": {name: round(float(np.median(t)), 3) for name, t in times.items()},
+            "kernels": kernel_paths.load().__name__.rsplit("_", 1)[-1]}
+
+
+def write_crops_markdown(args, result):
+    ms = result["crop_speed"]["ms"]
+    lines = ["## Cutting the Predictor's crops (CPU, 1 thread)", "",
+             f"Command: `python scripts/benchmark_export.py --parts crops` ({result['cpu']}, "
+             f"{result['crop_speed']['kernels']} kernels). `cropping.warp_crops` (the runtime's C++, bit for bit "
+             "the NumPy reference `warp_crops_numpy`) against that reference: one 256-pixel crop of a 640x480 "
+             "image, and `Predictor.predict` on the default model (one face, its crop cut either way), the four "
+             "in turns, median ms over 3 rounds.", "",
+             "| step | C++ (ms) | NumPy (ms) | NumPy / C++ |", "|---|---:|---:|---:|"]
+    for step in ("warp", "Predictor.predict"):
+        fast, slow = ms[f"{step}, C++" if step == "warp" else f"{step}, C++ warp"], \
+            ms[f"{step}, NumPy" if step == "warp" else f"{step}, NumPy warp"]
+        lines.append(f"| {step} | {fast} | {slow} | {slow / fast:.2f}x |")
+    replace_markdown_section(args.out, "\n".join(lines) + "\n", "## Cutting the Predictor's crops")
+
+
 def write_batch_markdown(args, result):
     batches = result["cpu_batches"]
     lines = ["## CPU batches (default model, 1 thread)", "",
@@ -493,7 +539,8 @@ def main():
                         help="comma-separated: compression (sizes, int8), speed (engines, layers, breakdown), "
                         "float (the float convolutions against this core's FMA limit), bfloat16 (how far "
                         "float_precision='bfloat16' moves --trained's landmarks; with speed's figures), batch (the CPU "
-                        "engine's batches run a few images at a time against all at once)")
+                        "engine's batches run a few images at a time against all at once), crops (the Predictor's "
+                        "crops in C++ against NumPy)")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--json", default="docs/benchmark_export.json")
     args = parser.parse_args()
@@ -513,6 +560,8 @@ def main():
         result["float_convolutions"] = float_convolutions()
     if "batch" in parts:
         result["cpu_batches"] = cpu_batches()
+    if "crops" in parts:
+        result["crop_speed"] = crop_speed()
     if "bfloat16" in parts:
         if not args.trained:
             parser.error("--parts bfloat16 needs --trained (a trained .keras model)")
@@ -527,6 +576,8 @@ def main():
         write_bfloat16_markdown(args, result)
     if "batch" in parts:
         write_batch_markdown(args, result)
+    if "crops" in parts:
+        write_crops_markdown(args, result)
 
 
 def write_bfloat16_markdown(args, result):
