@@ -123,9 +123,10 @@ class TfliteModel:
             NVIDIA GPU; no fallback) on CuPy's current device, ``"cuda:N"`` on device N.
         num_threads: threads for the CPU engines.
         name: how errors and warnings refer to the file.
-        float_precision: ``"float32"``, or ``"bfloat16"`` for the runtime's bfloat16 float
-            convolutions on CPUs with AVX512_BF16 (:class:`~larq_landmarks.runtime.Engine`; never
-            LCE's interpreter, which runs float32: asking for both is an error).
+        float_precision: ``"float32"``, or ``"bfloat16"`` / ``"int8"`` for the runtime's bfloat16
+            or int8 float convolutions on CPUs with AVX512_BF16 / AVX512_VNNI
+            (:class:`~larq_landmarks.runtime.Engine`; never LCE's interpreter, which runs float32:
+            asking for both is an error).
 
     Attributes:
         engine: the engine that runs it (``"runtime"``, ``"lce"`` or ``"cuda"``); ``kernels``: the runtime's

@@ -15,9 +15,9 @@ kernel vs XNNPACK's float conv of the same shape) and where the runtime's time g
 Float convolutions (``--parts float``): each CONV_2D step of the default model in the runtime
 against this core's FMA limit (a bare loop of independent FMA chains, compiled with the system's
 C++ compiler for the kernels' instruction set, measured just before and after).
-bfloat16 (``--parts bfloat16 --trained model.keras``): how far the runtime's bfloat16 float
-convolutions move a trained model's landmarks (the speed part times them beside float32 where the
-CPU has AVX512_BF16).
+Reduced precisions (``--parts precision --trained model.keras``): how far the runtime's bfloat16
+and int8 float convolutions move a trained model's landmarks (the speed and float parts time them
+beside float32 where the CPU has AVX512_BF16 / AVX512_VNNI).
 """
 import argparse
 import json
@@ -105,7 +105,7 @@ def run_case(engine: str, path: str, threads: int, runs: int) -> dict:
         predict = export.interpreter(flatbuffer, threads, use_xnnpack=True, use_indirect_bgemm=True).predict
     elif engine == "lce-engine":  # what TfliteModel(engine="lce") runs, and engine="auto" on a CPU without AVX2
         predict = export.TfliteModel(flatbuffer, engine="lce", num_threads=threads).predict
-    else:  # runtime-<path>, or runtime-<path>-bfloat16
+    else:  # runtime-<path>, or runtime-<path>-<precision> (bfloat16, int8)
         from larq_landmarks.runtime import Engine
 
         _, kernels, *precision = engine.split("-")
@@ -123,7 +123,19 @@ SPEED_CASES = [
 ]
 
 
-BFLOAT16_CASE = "binary .tflite, larq_landmarks.runtime (avx512, bfloat16 float convolutions)"
+# the runtime's reduced float precisions: the CPU feature each needs, and its speed case
+REDUCED_PRECISIONS = {"bfloat16": "avx512bf16", "int8": "avx512vnni"}
+REDUCED_CASES = {p: f"binary .tflite, larq_landmarks.runtime (avx512, {p} float convolutions)" for p in REDUCED_PRECISIONS}
+
+
+def reduced_precisions_here(kernels: str = "avx512") -> list:
+    """The reduced float precisions that ``kernels`` run on this CPU."""
+    from larq_landmarks.runtime import available_kernels
+
+    if not kernels.startswith("avx512") or kernels not in available_kernels():
+        return []
+    module = kernel_paths.load(kernels)
+    return [p for p, feature in REDUCED_PRECISIONS.items() if module.cpu_supports(feature)]
 
 
 def speed(runs, rounds=3):
@@ -135,8 +147,8 @@ def speed(runs, rounds=3):
     model = trained_like_batch_norm(models.BinaryHourglass(68))
     cases = SPEED_CASES + [(f"binary .tflite, larq_landmarks.runtime ({p})", f"runtime-{p}", "binary")
                            for p in available_kernels()]
-    if "avx512" in available_kernels() and kernel_paths.load("avx512").cpu_supports("avx512bf16"):
-        cases.insert(len(SPEED_CASES) + 1, (BFLOAT16_CASE, "runtime-avx512-bfloat16", "binary"))
+    for i, precision in enumerate(reduced_precisions_here()):
+        cases.insert(len(SPEED_CASES) + 1 + i, (REDUCED_CASES[precision], f"runtime-avx512-{precision}", "binary"))
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         files = {"binary": os.path.join(folder, "binary.tflite"), "float": os.path.join(folder, "float.tflite")}
@@ -259,18 +271,18 @@ def float_convolutions(runs: int = 15):
     image = np.random.default_rng(0).uniform(size=(1, 256, 256, 3)).astype(np.float32)
     for _ in range(3):
         engine.predict(image)
-    # the same steps in bfloat16 (float_precision="bfloat16"), profiled in turns with float32
-    bfloat16 = None
-    if kernel_paths.load(engine.kernels).cpu_supports("avx512bf16") and engine.kernels.startswith("avx512"):
-        bfloat16 = Engine(export.convert(model), num_threads=1, float_precision="bfloat16")
+    # the same steps in bfloat16 and int8 (float_precision) where this CPU runs them, profiled in turns
+    reduced = {p: Engine(export.convert(model), num_threads=1, float_precision=p)
+               for p in reduced_precisions_here(engine.kernels)}
+    for other in reduced.values():
         for _ in range(3):
-            bfloat16.predict(image)
+            other.predict(image)
     before = fma_limit(engine.kernels)
-    profiles, bfloat16_profiles = [], []
+    profiles, reduced_profiles = [], {p: [] for p in reduced}
     for _ in range(runs):
         profiles.append(engine.profile(image))
-        if bfloat16:
-            bfloat16_profiles.append(bfloat16.profile(image))
+        for p, other in reduced.items():
+            reduced_profiles[p].append(other.profile(image))
     after = fma_limit(engine.kernels)
     graph, rows = engine.graph, []
     for step, op in enumerate(engine._step_ops):
@@ -283,8 +295,8 @@ def float_convolutions(runs: int = 15):
         rows.append({"step": profiles[0][step][0], "output": "x".join(map(str, out[1:])),
                      "filter": f"{fh}x{fw}, {cin} -> {cout}", "macs": macs, "ms": round(ms, 4),
                      "gmacs": round(macs / ms / 1e6, 1)})
-        if bfloat16:
-            rows[-1]["bfloat16_ms"] = round(1000 * float(np.median([p[step][2] for p in bfloat16_profiles])), 4)
+        for p, measured in reduced_profiles.items():
+            rows[-1][f"{p}_ms"] = round(1000 * float(np.median([q[step][2] for q in measured])), 4)
     limits = [v for v in (before, after) if v]
     return {"kernels": engine.kernels, "fma_limit_gflops": round(float(np.median(limits)), 1) if limits else None,
             "fma_limit_before_after": [before, after], "runs": runs, "convolutions": rows}
@@ -412,9 +424,10 @@ def int8_check(trained_path, faces):
             "within_0.5px": float(np.mean(moved <= 0.5))}
 
 
-def bfloat16_check(trained_path, faces):
-    """How far ``float_precision="bfloat16"`` moves a trained model's landmarks: the runtime in float32
-    and in bfloat16 on ``faces`` synthetic faces (the model's own crops), and each one's NME."""
+def precision_check(trained_path, faces):
+    """How far the runtime's reduced float precisions (bfloat16, int8: those this CPU runs) move a
+    trained model's landmarks from float32's, on ``faces`` synthetic faces (the model's own crops),
+    and each precision's NME."""
     from larq_landmarks import evaluation
     from larq_landmarks.runtime import Engine
 
@@ -424,17 +437,20 @@ def bfloat16_check(trained_path, faces):
         export.convert(model, path)
         writers.write_300w(os.path.join(folder, "faces"), faces, seed=123, image_size=(160, 160))
         columns = readers.to_columns(readers.read_pts_folder(os.path.join(folder, "faces")))
-        engines = {p: Engine(path, float_precision=p) for p in ("float32", "bfloat16")}
+        engines = {p: Engine(path, float_precision=p) for p in ("float32", *reduced_precisions_here())}
         size = engines["float32"].input_shape[1]
         images = next(iter(pipeline.evaluation_dataset(columns, size, batch_size=faces)))["image"].numpy()
         points = {p: hm.heatmap_to_input(hm.decode_heatmaps(e.predict(images))[0]).numpy() for p, e in engines.items()}
         nme = {p: evaluation.evaluate_landmarks(e.predict, columns, "face", size)["tables"]["NME"]["NME box %"]
                for p, e in engines.items()}
-    moved = np.linalg.norm(points["float32"] - points["bfloat16"], axis=-1)
-    return {"model": trained_path, "input_size": size, "faces": faces, "landmarks": int(moved.size),
-            "median_moved_px": float(np.median(moved)), "max_moved_px": float(moved.max()),
-            "within_0.5px": float(np.mean(moved <= 0.5)), "nme_box_float32": nme["float32"],
-            "nme_box_bfloat16": nme["bfloat16"]}
+    precisions = {"float32": {"nme_box": nme["float32"]}}
+    for p in engines:
+        if p != "float32":
+            moved = np.linalg.norm(points["float32"] - points[p], axis=-1)
+            precisions[p] = {"nme_box": nme[p], "median_moved_px": float(np.median(moved)),
+                             "max_moved_px": float(moved.max()), "within_0.5px": float(np.mean(moved <= 0.5))}
+    return {"model": trained_path, "input_size": size, "faces": faces,
+            "landmarks": int(np.prod(points["float32"].shape[:2])), "precisions": precisions}
 
 
 def cpu_batches(rounds: int = 3, batches=(1, 8, 32)) -> dict:
@@ -537,8 +553,9 @@ def main():
     parser.add_argument("--faces", type=int, default=32)
     parser.add_argument("--parts", default="compression,speed,float",
                         help="comma-separated: compression (sizes, int8), speed (engines, layers, breakdown), "
-                        "float (the float convolutions against this core's FMA limit), bfloat16 (how far "
-                        "float_precision='bfloat16' moves --trained's landmarks; with speed's figures), batch (the CPU "
+                        "float (the float convolutions against this core's FMA limit), precision (how far "
+                        "float_precision='bfloat16' and 'int8' move --trained's landmarks; with speed's figures), "
+                        "batch (the CPU "
                         "engine's batches run a few images at a time against all at once), crops (the Predictor's "
                         "crops in C++ against NumPy)")
     parser.add_argument("--out", default="docs/benchmarks.md")
@@ -562,53 +579,57 @@ def main():
         result["cpu_batches"] = cpu_batches()
     if "crops" in parts:
         result["crop_speed"] = crop_speed()
-    if "bfloat16" in parts:
+    if "precision" in parts:
         if not args.trained:
-            parser.error("--parts bfloat16 needs --trained (a trained .keras model)")
-        result["bfloat16"] = bfloat16_check(args.trained, args.faces)
+            parser.error("--parts precision needs --trained (a trained .keras model)")
+        result["precision"] = precision_check(args.trained, args.faces)
     with atomic_path(args.json) as temporary, open(temporary, "w") as f:
         json.dump(result, f, indent=2)
     if "compression" in parts:
         write_compression_markdown(args, result)
     if ("speed" in parts or "float" in parts) and "speed" in result:
         write_speed_markdown(args, result)
-    if ("speed" in parts or "bfloat16" in parts) and "bfloat16" in result:
-        write_bfloat16_markdown(args, result)
+    if ("speed" in parts or "precision" in parts) and "precision" in result:
+        write_precision_markdown(args, result)
     if "batch" in parts:
         write_batch_markdown(args, result)
     if "crops" in parts:
         write_crops_markdown(args, result)
 
 
-def write_bfloat16_markdown(args, result):
-    check = result["bfloat16"]
+def write_precision_markdown(args, result):
+    check = result["precision"]
     one_thread = {r["model"]: r for r in result.get("speed", []) if r["threads"] == 1}
-    lines = ["## bfloat16 float convolutions on x86-64 (AVX512_BF16)", "",
-             "`Engine(..., float_precision=\"bfloat16\")` (`--float-precision bfloat16`): the float "
-             "convolutions (7x7 stem, 1x1 skips, heads) multiply in bfloat16 and sum in float32 "
-             "(VDPBF16PS, twice the FMA's rate on this CPU); the binary convolutions are unchanged. Each step "
-             "in both precisions: the float convolutions' table above. The 7x7 stem gains least: its 3 input "
-             "channels are read as 4 (a zero channel, as K is taken in pairs; pairing across pixels instead "
-             "would multiply a neighbour's NaN or infinity by a zero weight, giving NaN), and each input is "
-             "first copied into bfloat16 (with its batch norm where one is folded in).", ""]
-    plain = one_thread.get("binary .tflite, larq_landmarks.runtime (avx512)")
-    if BFLOAT16_CASE in one_thread and plain:
-        xnnpack = one_thread["float32 .tflite, TFLite interpreter (XNNPACK)"]["ms"]
-        fast = one_thread[BFLOAT16_CASE]
-        lines += [f"Speed (from `{result.get('speed_command', 'the speed table')}` above, 1 thread, default "
-                  f"model at 256x256): {fast['ms']} ms against {plain['ms']} ms in float32 "
-                  f"({plain['ms'] / fast['ms']:.2f}x), {xnnpack / fast['ms']:.2f}x float32 XNNPACK "
-                  f"({xnnpack / plain['ms']:.2f}x in float32).", ""]
-    lines += [f"Accuracy (`python scripts/benchmark_export.py --parts bfloat16 --trained {check['model']} --faces "
-              f"{check['faces']}`, the demo's trained model): the "
-              f"runtime in float32 and in bfloat16 on {check['faces']} synthetic faces ({check['input_size']}px crops, "
-              f"{check['landmarks']} landmarks): {check['within_0.5px']:.1%} of the landmarks within 0.5 px of "
-              f"float32's at input resolution (median {check['median_moved_px']:.2f} px, largest "
-              f"{check['max_moved_px']:.2f} px); NME (box) {check['nme_box_float32']:.3f}% in float32, "
-              f"{check['nme_box_bfloat16']:.3f}% in bfloat16. A binary layer's sign flips where bfloat16's "
-              "rounding crosses zero, so outputs are not float32's to rounding; the default stays float32 "
-              "(LCE's and TFLite's results)."]
-    replace_markdown_section(args.out, "\n".join(lines) + "\n", "## bfloat16 float convolutions")
+    xnnpack = one_thread.get("float32 .tflite, TFLite interpreter (XNNPACK)", {}).get("ms")
+    plain = one_thread.get("binary .tflite, larq_landmarks.runtime (avx512)", {}).get("ms")
+    lines = ["## bfloat16 and int8 float convolutions on x86-64", "",
+             "`Engine(..., float_precision=\"bfloat16\" | \"int8\")` (`--float-precision`): the float "
+             "convolutions (7x7 stem, 1x1 skips, heads) run in a reduced precision; the binary convolutions are "
+             "unchanged. bfloat16 (AVX512_BF16's VDPBF16PS, twice the FMA's rate): bfloat16 products, float32 "
+             "sums; the stem's 3 input channels are read as 4 (a zero channel, as K is taken in pairs; pairing "
+             "across pixels instead would multiply a neighbour's NaN or infinity by a zero weight, giving NaN). "
+             "int8 (AVX512_VNNI's VPDPBUSD, four times the FMA's rate): the weights quantised once, a scale an "
+             "output channel; the input quantised as it is read, a 1x1 convolution's each pixel with its own "
+             "scale and zero point (a batch-normed input's pixels differ in range), the stem's each image (an "
+             "8-bit image is kept exactly); products and sums in integers, scaled back to float32 before the "
+             "bias. Each input is first copied into the reduced precision (with its batch norm where one is "
+             "folded in). Each step in every precision: the float convolutions' table above.", "",
+             f"Speed: from `{result.get('speed_command', 'the speed table')}` above (1 thread, default model at "
+             "256x256). Accuracy: `python scripts/benchmark_export.py --parts precision --trained "
+             f"{check['model']} --faces {check['faces']}`, the demo's trained model, the runtime in each precision "
+             f"on {check['faces']} synthetic faces ({check['input_size']}px crops, {check['landmarks']} landmarks), "
+             "landmark movement at input resolution.", "",
+             "| float convolutions | ms | vs float32 | vs float32 XNNPACK | landmarks within 0.5 px of float32's | "
+             "median / largest move (px) | NME (box) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for precision, measured in check["precisions"].items():
+        ms = plain if precision == "float32" else one_thread.get(REDUCED_CASES[precision], {}).get("ms")
+        speed_cells = (f"{ms} | {plain / ms:.2f}x | {xnnpack / ms:.2f}x" if ms and plain and xnnpack else "- | - | -")
+        moved = ("- | -" if precision == "float32" else f"{measured['within_0.5px']:.1%} | "
+                 f"{measured['median_moved_px']:.2f} / {measured['max_moved_px']:.2f}")
+        lines.append(f"| {precision} | {speed_cells} | {moved} | {measured['nme_box']:.3f}% |")
+    lines += ["", "A binary layer's sign flips where the reduced precision's rounding crosses zero, so outputs are "
+              "not float32's to rounding; the default stays float32 (LCE's and TFLite's results)."]
+    replace_markdown_section(args.out, "\n".join(lines) + "\n", "## bfloat16 and int8 float convolutions")
 
 
 def write_compression_markdown(args, result):
@@ -750,7 +771,7 @@ def float_convolution_lines(measured) -> list:
     """The float convolutions' table (``--parts float``), as markdown lines."""
     limit = measured["fma_limit_gflops"]
     rows = measured["convolutions"]
-    bf16 = all("bfloat16_ms" in r for r in rows)
+    reduced = [p for p in REDUCED_PRECISIONS if all(f"{p}_ms" in r for r in rows)]
     lines = [f"### The float convolutions against this core's FMA limit ({measured['kernels']}, 1 thread)", "",
              "Command: `python scripts/benchmark_export.py --parts float`. Each CONV_2D step of the default model "
              f"as the runtime runs it (its batch norm and residual fused in), the median of {measured['runs']} "
@@ -759,21 +780,22 @@ def float_convolution_lines(measured) -> list:
                 f"timed just before and after ({limit:.1f} G FMA/s, the median of the two)" if limit else "")
              + ". A MAC is one multiply-add of the convolution as defined (a kernel may compute padding "
              "columns besides)."
-             + (" The last columns: the same step with `float_precision=\"bfloat16\"` (bfloat16 products, "
-                "float32 sums), profiled in turns with float32." if bf16 else ""), "",
+             + (" The last columns: the same step with `float_precision=` " + " and ".join(f"`\"{p}\"`" for p in reduced)
+                + " (bfloat16 products and float32 sums; int8 products and int32 sums), profiled in turns with "
+                "float32." if reduced else ""), "",
              "| step | output | filter | ms | G MAC/s |" + (" of the FMA limit |" if limit else "")
-             + (" bfloat16 ms | bfloat16 vs float32 |" if bf16 else ""),
-             "|---|---|---|---:|---:|" + ("---:|" if limit else "") + ("---:|---:|" if bf16 else "")]
+             + "".join(f" {p} ms | {p} vs float32 |" for p in reduced),
+             "|---|---|---|---:|---:|" + ("---:|" if limit else "") + "---:|---:|" * len(reduced)]
     for r in rows:
         lines.append(f"| {r['step']} | {r['output']} | {r['filter']} | {r['ms']:.3f} | {r['gmacs']:.1f} |"
                      + (f" {r['gmacs'] / limit:.0%} |" if limit else "")
-                     + (f" {r['bfloat16_ms']:.3f} | {r['ms'] / r['bfloat16_ms']:.2f}x |" if bf16 else ""))
+                     + "".join(f" {r[p + '_ms']:.3f} | {r['ms'] / r[p + '_ms']:.2f}x |" for p in reduced))
     total_ms = sum(r["ms"] for r in rows)
     total_macs = sum(r["macs"] for r in rows)
-    total_bf16 = sum(r["bfloat16_ms"] for r in rows) if bf16 else None
+    totals = {p: sum(r[f"{p}_ms"] for r in rows) for p in reduced}
     lines.append(f"| all {len(rows)} | | | {total_ms:.2f} | {total_macs / total_ms / 1e6:.1f} |"
                  + (f" {total_macs / total_ms / 1e6 / limit:.0%} |" if limit else "")
-                 + (f" {total_bf16:.2f} | {total_ms / total_bf16:.2f}x |" if bf16 else ""))
+                 + "".join(f" {totals[p]:.2f} | {total_ms / totals[p]:.2f}x |" for p in reduced))
     if limit:
         lines += ["", f"At the FMA limit the {len(rows)} would take {total_macs / limit / 1e6:.2f} ms instead of "
                   f"{total_ms:.2f} ms."]

@@ -37,6 +37,14 @@ def test_float_convolution_table_is_each_steps_rate_against_the_limit():
     assert "| CONV_2D | 8x8x64 | 3x3, 3 -> 64 | 1.000 | 40.0 | 80% | 0.800 | 1.25x |" in with_bf16
     assert "| BN+CONV_2D+ADD | 8x8x128 | 1x1, 64 -> 128 | 1.000 | 20.0 | 40% | 0.500 | 2.00x |" in with_bf16
     assert "| all 2 | | | 2.00 | 30.0 | 60% | 1.30 | 1.54x |" in with_bf16
+    # and int8's beside them
+    for row, ms in zip(measured["convolutions"], (0.5, 0.4)):
+        row["int8_ms"] = ms
+    with_int8 = _script().float_convolution_lines(measured)
+    assert "| CONV_2D | 8x8x64 | 3x3, 3 -> 64 | 1.000 | 40.0 | 80% | 0.800 | 1.25x | 0.500 | 2.00x |" in with_int8
+    assert "| all 2 | | | 2.00 | 30.0 | 60% | 1.30 | 1.54x | 0.90 | 2.22x |" in with_int8
+    assert "| step | output | filter | ms | G MAC/s | of the FMA limit | bfloat16 ms | bfloat16 vs float32 | int8 ms | " \
+           "int8 vs float32 |" in with_int8
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
@@ -51,27 +59,29 @@ def test_fma_limit_probe_compiles_and_runs_for_the_simd_paths(monkeypatch):
     assert script.fma_limit("avx2") is None
 
 
-def test_bfloat16_section_puts_speed_and_accuracy_side_by_side(tmp_path):
-    """The bfloat16 section: its ratios to float32 and to XNNPACK from the speed rows, computed by
-    hand, and the landmark movement and NME of the accuracy check as measured."""
+def test_precision_section_puts_speed_and_accuracy_side_by_side(tmp_path):
+    """The reduced precisions' section: each one's ratios to float32 and to XNNPACK from the speed
+    rows, computed by hand, beside the landmark movement and NME of the accuracy check as measured."""
     script = _script()
     speed = [{"model": "float32 .tflite, TFLite interpreter (XNNPACK)", "threads": 1, "ms": 180.0},
              {"model": "binary .tflite, larq_landmarks.runtime (avx512)", "threads": 1, "ms": 30.0},
-             {"model": script.BFLOAT16_CASE, "threads": 1, "ms": 24.0},
-             {"model": script.BFLOAT16_CASE, "threads": 2, "ms": 14.0}]
-    check = {"model": "runs/demo/model.keras", "input_size": 64, "faces": 8, "landmarks": 544,
-             "median_moved_px": 0.0, "max_moved_px": 4.5, "within_0.5px": 0.75, "nme_box_float32": 4.5,
-             "nme_box_bfloat16": 4.52}
+             {"model": script.REDUCED_CASES["bfloat16"], "threads": 1, "ms": 24.0},
+             {"model": script.REDUCED_CASES["bfloat16"], "threads": 2, "ms": 14.0},
+             {"model": script.REDUCED_CASES["int8"], "threads": 1, "ms": 20.0}]
+    check = {"model": "runs/demo/model.keras", "input_size": 64, "faces": 8, "landmarks": 544, "precisions": {
+        "float32": {"nme_box": 4.5},
+        "bfloat16": {"nme_box": 4.52, "median_moved_px": 0.0, "max_moved_px": 4.5, "within_0.5px": 0.75},
+        "int8": {"nme_box": 4.51, "median_moved_px": 0.25, "max_moved_px": 6.0, "within_0.5px": 0.625}}}
     out = tmp_path / "benchmarks.md"
     args = type("Args", (), {"out": str(out)})()
-    script.write_bfloat16_markdown(args, {"speed": speed, "bfloat16": check, "speed_command": "CMD"})
+    script.write_precision_markdown(args, {"speed": speed, "precision": check, "speed_command": "CMD"})
     text = out.read_text()
-    assert "## bfloat16 float convolutions on x86-64 (AVX512_BF16)" in text
-    assert "(from `CMD` above, 1 thread, default model at 256x256): 24.0 ms against 30.0 ms in float32 (1.25x), " \
-           "7.50x float32 XNNPACK (6.00x in float32)." in text
-    assert "--trained runs/demo/model.keras --faces 8" in text
-    assert "75.0% of the landmarks within 0.5 px" in text and "largest 4.50 px" in text
-    assert "NME (box) 4.500% in float32, 4.520% in bfloat16" in text
+    assert "## bfloat16 and int8 float convolutions on x86-64" in text and "from `CMD` above" in text
+    assert "--trained runs/demo/model.keras --faces 8" in text and "(64px crops, 544 landmarks)" in text
+    assert "| float32 | 30.0 | 1.00x | 6.00x | - | - | 4.500% |" in text
+    assert "| bfloat16 | 24.0 | 1.25x | 7.50x | 75.0% | 0.00 / 4.50 | 4.520% |" in text
+    assert "| int8 | 20.0 | 1.50x | 9.00x | 62.5% | 0.25 / 6.00 | 4.510% |" in text
     # without the speed part's figures, the accuracy alone
-    script.write_bfloat16_markdown(args, {"bfloat16": check})
-    assert "ms against" not in out.read_text() and out.read_text().count("## bfloat16") == 1
+    script.write_precision_markdown(args, {"precision": check})
+    text = out.read_text()
+    assert "| int8 | - | - | - | 62.5% | 0.25 / 6.00 | 4.510% |" in text and text.count("## bfloat16") == 1

@@ -102,14 +102,16 @@ def test_each_instruction_set_compiles_into_an_object_file_of_its_own(monkeypatc
 @pytest.mark.skipif(not sysconfig.get_platform().endswith(("x86_64", "amd64")) or shutil.which("g++") is None
                     or importlib.util.find_spec("pybind11") is None, reason="x86-64 with g++ and pybind11 only")
 def test_avx512_kernels_compile_without_bfloat16():
-    """Compilers before GCC 10 / Clang 9 do not know AVX512_BF16: the AVX-512 sources compile without
-    the bfloat16 convolution (as -DLARQ_LANDMARKS_NO_BF16 makes any compiler do), and with it."""
+    """Compilers before GCC 10 / Clang 9 do not know AVX512_BF16 (before GCC 8 / Clang 6,
+    AVX512_VNNI): the AVX-512 sources compile without the bfloat16 convolution, the int8 one or both
+    (as -DLARQ_LANDMARKS_NO_BF16 / -DLARQ_LANDMARKS_NO_VNNI make any compiler do), and with them."""
     import pybind11
 
     includes = ["-I" + sysconfig.get_paths()["include"], "-I" + pybind11.get_include()]
     flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mpopcnt"]
     source = os.path.join(ROOT, "larq_landmarks", "runtime", "csrc", "kernels_avx512bw.cpp")
-    for define in ([], ["-DLARQ_LANDMARKS_NO_BF16"]):
+    for define in ([], ["-DLARQ_LANDMARKS_NO_BF16"], ["-DLARQ_LANDMARKS_NO_VNNI"],
+                   ["-DLARQ_LANDMARKS_NO_BF16", "-DLARQ_LANDMARKS_NO_VNNI"]):
         result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", *define, *flags, *includes, source],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]

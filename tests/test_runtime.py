@@ -1001,6 +1001,201 @@ def test_bfloat16_through_the_predictor_and_the_command_line(small_file, tmp_pat
                   "--float-precision", "bfloat16", "--out", str(tmp_path / "out")])
 
 
+INT8_PATHS = [p for p in PATHS if p.startswith("avx512") and kernel_paths.load(p).cpu_supports("avx512vnni")]
+needs_int8 = pytest.mark.skipif(not INT8_PATHS, reason="this CPU has no AVX512_VNNI")
+
+
+def _quantised(values: np.ndarray):
+    """Rows (the last axis) quantised to uint8 by hand: lo = min(0, min), hi = max(0, max),
+    scale (hi - lo) / 255, zero point rint(-lo * 255 / (hi - lo)), q = clip(rint(x * 255 / (hi - lo))
+    + zero, 0, 255), all in float32 as the kernel computes them; a row of zeros: scale 0, zero 0."""
+    values = values.astype(np.float32)
+    low, high = np.minimum(values.min(-1), np.float32(0)), np.maximum(values.max(-1), np.float32(0))
+    width = high - low
+    scale = width / np.float32(255)
+    inverse = np.divide(np.float32(255), width, out=np.zeros_like(width), where=width > 0)
+    zero = np.clip(np.rint(-low * inverse), 0, 255).astype(np.int64)
+    q = np.clip(np.rint(values * inverse[..., None]) + zero[..., None], 0, 255).astype(np.int64)
+    return q, scale, zero
+
+
+def _int8_conv(x, filters, bias, stride, dilation, residual, per_pixel):
+    """``conv2d_int8`` by hand, in integers: the weights a scale t an output channel (max |w| / 127,
+    rint(w / t)), the input a scale s and zero point z a pixel (``per_pixel``) or an image, its
+    "SAME" padding the zero point; out = float32(acc - z sum(w8)) * (s t) + bias + residual."""
+    cout, k, _, cin = filters.shape
+    largest = np.abs(filters.reshape(cout, -1)).max(1)
+    t = np.where(largest > 0, largest / np.float32(127), np.float32(1)).astype(np.float32)
+    w8 = np.rint(filters / t[:, None, None, None]).astype(np.int64)
+    batch, size = x.shape[:2]
+    if per_pixel:
+        q, s, z = _quantised(x)
+        acc = np.einsum("bhwc,oc->bhwo", q, w8[:, 0, 0, :])
+    else:
+        q, s, z = _quantised(x.reshape(batch, -1))
+        q = q.reshape(x.shape)
+        out_size, pad = ops._same_padding(size, k, stride, dilation, 0)
+        reach = (out_size - 1) * stride + (k - 1) * dilation + 1
+        padded = np.broadcast_to(z[:, None, None, None], (batch, reach + size, reach + size, cin)).copy()
+        padded[:, pad:pad + size, pad:pad + size] = q
+        acc = sum(np.einsum("bhwc,oc->bhwo", padded[:, fy * dilation:fy * dilation + stride * out_size:stride,
+                                                    fx * dilation:fx * dilation + stride * out_size:stride], w8[:, fy, fx])
+                  for fy in range(k) for fx in range(k))
+        s, z = s[:, None, None], z[:, None, None]
+    corrected = (acc - z[..., None] * w8.reshape(cout, -1).sum(1)).astype(np.float32)
+    return corrected * (s[..., None].astype(np.float32) * t) + bias + residual
+
+
+@needs_int8
+@pytest.mark.parametrize("path", INT8_PATHS)
+def test_int8_float_conv_is_the_quantised_arithmetic_by_hand(path):
+    """``float_precision="int8"``'s convolution is, bit for bit, the integer arithmetic by hand: a
+    1x1 convolution quantises each pixel with its own scale and zero point, any other (the 7x7
+    stem, 3x3, dilated) each image, the padding being its zero point; odd channel counts; the batch
+    norm before it and the residual after it. Its error against the float64 convolution stays
+    within the rounding of the input and the weights (half a step each, bounded by hand)."""
+    module = kernel_paths.load(path)
+    none = np.zeros(0, np.float32)
+    rng = np.random.default_rng(12)
+    for size, cin, cout, k, stride, dilation in [(21, 3, 64, 7, 2, 1), (9, 5, 7, 3, 1, 1), (20, 64, 70, 1, 1, 1),
+                                                 (11, 5, 9, 3, 1, 2), (8, 33, 96, 1, 1, 1)]:
+        x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
+        filters = rng.normal(size=(cout, k, k, cin)).astype(np.float32)
+        bias = rng.normal(size=cout).astype(np.float32)
+        scale, shift = rng.uniform(0.5, 2, cin).astype(np.float32), rng.normal(size=cin).astype(np.float32)
+        out_size, pad = ops._same_padding(size, k, stride, dilation, 0)
+        weights, weight_scale, weight_sum = module.prepare_float_weights_int8(filters)
+        assert weights.ctypes.data % 64 == 0 and weights.dtype == np.int8 and weight_sum.dtype == np.int32
+        for multiplier, offset, input_low in ((none, none, -np.inf), (scale, shift, 0.0)):
+            source = x if multiplier.size == 0 else np.maximum(x * scale + shift, 0).astype(np.float32)
+            residual = rng.normal(size=(2, out_size, out_size, cout)).astype(np.float32)
+            out = np.empty(residual.shape, np.float32)
+            module.conv2d_int8(x, weights, weight_scale, weight_sum, bias, [k, k, stride, stride, dilation, dilation,
+                               pad, pad], -np.inf, np.inf, [residual], multiplier, offset, input_low, np.inf, out)
+            expected = _int8_conv(source, filters, bias, stride, dilation, residual, per_pixel=k == 1)
+            np.testing.assert_array_equal(out, expected, err_msg=f"{size, cin, k}")
+            exact = tf.nn.conv2d(source.astype(np.float64), np.transpose(filters, (1, 2, 3, 0)).astype(np.float64),
+                                 stride, "SAME", dilations=dilation).numpy() + bias + residual
+            # half an input step times sum |w|, plus half a weight step times sum |x| (of the taps)
+            step = (np.maximum(source.max((1, 2, 3)), 0) - np.minimum(source.min((1, 2, 3)), 0)) / 255
+            if k == 1:
+                step = (np.maximum(source.max(-1), 0) - np.minimum(source.min(-1), 0))[..., None] / 255
+            else:
+                step = step[:, None, None, None]
+            weight_step = np.abs(filters).reshape(cout, -1).max(1) / 127
+            taps_abs = tf.nn.conv2d(np.abs(source).astype(np.float64), np.ones((k, k, cin, 1)), stride, "SAME",
+                                    dilations=dilation).numpy()
+            bound = step / 2 * np.abs(filters).reshape(cout, -1).sum(1) + weight_step / 2 * (taps_abs + step * k * k * cin)
+            assert np.all(np.abs(out - exact) <= bound + 1e-4), f"{size, cin, k}"
+            assert np.abs(out - exact).max() > 1e-3  # quantised: not float32's result
+    with pytest.raises(ValueError, match="not prepare_float_weights_int8 of this filter"):
+        module.conv2d_int8(x, *module.prepare_float_weights_int8(filters), bias, [3, 3, 1, 1, 1, 1, 1, 1],  # 1x1's
+                           -np.inf, np.inf, [], none, none, -np.inf, np.inf, np.empty((2, 8, 8, 96), np.float32))
+    with pytest.raises(ValueError, match="a weight is NaN or infinite"):
+        module.prepare_float_weights_int8(np.full((1, 1, 1, 4), np.nan, np.float32))
+
+
+@needs_int8
+@pytest.mark.parametrize("path", INT8_PATHS)
+def test_int8_keeps_images_zeros_and_nans_where_float32_has_them(path):
+    """An 8-bit image (values k / 255) is quantised without loss, so the stem's only error is its
+    weights' rounding; a pixel of zeros gives the bias exactly; a NaN or infinity in a 1x1
+    convolution's input pixel makes that pixel's outputs NaN and leaves the others as they were."""
+    module = kernel_paths.load(path)
+    none = np.zeros(0, np.float32)
+    rng = np.random.default_rng(13)
+    image = (rng.integers(0, 256, size=(1, 16, 16, 3)) / 255).astype(np.float32)
+    image[0, 0, 0, 0], image[0, 0, 0, 1] = 0, 1  # the full range
+    filters = rng.normal(size=(8, 7, 7, 3)).astype(np.float32)
+    weights, weight_scale, weight_sum = module.prepare_float_weights_int8(filters)
+    out = np.empty((1, 8, 8, 8), np.float32)
+    module.conv2d_int8(image, weights, weight_scale, weight_sum, np.zeros(8, np.float32), [7, 7, 2, 2, 1, 1, 2, 2],
+                       -np.inf, np.inf, [], none, none, -np.inf, np.inf, out)
+    t = np.abs(filters).reshape(8, -1).max(1) / np.float32(127)
+    rounded_weights = (np.rint(filters / t[:, None, None, None]) * t[:, None, None, None]).astype(np.float64)
+    exact = tf.nn.conv2d(image.astype(np.float64), np.transpose(rounded_weights, (1, 2, 3, 0)), 2, "SAME").numpy()
+    np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
+    x = rng.normal(size=(1, 4, 4, 32)).astype(np.float32)
+    x[0, 1, 2] = 0
+    filters = rng.normal(size=(16, 1, 1, 32)).astype(np.float32)
+    bias = rng.normal(size=16).astype(np.float32)
+    prepared = module.prepare_float_weights_int8(filters)
+    clean, spoilt = np.empty((1, 4, 4, 16), np.float32), np.empty((1, 4, 4, 16), np.float32)
+    module.conv2d_int8(x, *prepared, bias, [1, 1, 1, 1, 1, 1, 0, 0], -np.inf, np.inf, [], none, none, -np.inf, np.inf,
+                       clean)
+    np.testing.assert_array_equal(clean[0, 1, 2], bias)
+    x[0, 3, 3, 5], x[0, 0, 1, 0] = np.nan, np.inf
+    module.conv2d_int8(x, *prepared, bias, [1, 1, 1, 1, 1, 1, 0, 0], -np.inf, np.inf, [], none, none, -np.inf, np.inf,
+                       spoilt)
+    bad = np.zeros((1, 4, 4), bool)
+    bad[0, 3, 3] = bad[0, 0, 1] = True
+    assert np.isnan(spoilt[bad]).all()
+    np.testing.assert_array_equal(spoilt[~bad], clean[~bad])
+
+
+@needs_int8
+def test_int8_engine_runs_float_models_to_int8_rounding(tmp_path):
+    """A float .tflite (every convolution float) under ``float_precision="int8"`` gives float32's
+    outputs to int8's rounding (about a percent of their range, more than bfloat16's)."""
+    tf.keras.utils.set_random_seed(1)
+    real = trained_like_batch_norm(models.build_named("real_hpm", 16, input_size=64, width=32, depth=2))
+    path = tmp_path / "real.tflite"
+    export.convert(real, str(path), binary=False)
+    images = np.random.default_rng(2).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    float32, int8 = (Engine(str(path), float_precision=p) for p in ("float32", "int8"))
+    assert int8.float_precision == "int8"
+    want, got = float32.predict(images), int8.predict(images)
+    scale = np.abs(want).max()
+    assert 1e-4 * scale < np.abs(got - want).max() < 5e-2 * scale
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
+
+
+def test_int8_is_refused_where_the_kernels_lack_it(small_file, monkeypatch):
+    """int8 needs the avx512 or avx512bw kernels on a CPU with AVX512_VNNI; elsewhere (AVX2,
+    portable, a CPU without it, a compiler without it, the GPU) asking for it is an error that says
+    which."""
+    for path in PATHS:
+        module = kernel_paths.load(path)
+        if path.startswith("avx512") and module.cpu_supports("avx512vnni"):
+            continue
+        with pytest.raises(ValueError, match=f"needs AVX512_VNNI and the avx512 or avx512bw kernels; these are the "
+                                             f"{path} kernels"):
+            Engine(small_file, kernels=path, float_precision="int8")
+    if "avx512" in PATHS:
+        full = kernel_paths.load("avx512")
+        without = types.SimpleNamespace(**{k: getattr(full, k) for k in dir(full)
+                                           if not k.startswith("__") and k != "conv2d_int8"})
+        monkeypatch.setattr(kernel_paths, "load", lambda kernels="auto": without)
+        with pytest.raises(ValueError, match=r"these are the avx512 kernels, built without int8 \(a compiler "
+                                             r"before GCC 8 or Clang 6\)"):
+            Engine(small_file, float_precision="int8")
+        monkeypatch.undo()
+    fake_cupy.install(monkeypatch)
+    with pytest.raises(ValueError, match=r"float_precision='int8' is for the CPU kernels \(AVX512_VNNI\)"):
+        Engine(small_file, kernels="cuda", float_precision="int8")
+
+
+@needs_int8
+def test_int8_through_the_predictor_and_the_command_line(small_file, tmp_path, capsys):
+    """``Predictor.from_path(..., float_precision="int8")`` and ``--float-precision int8`` run the
+    runtime's int8 convolutions; LCE's interpreter runs float32 only, and asking it for int8 is an
+    error that says so."""
+    from larq_landmarks.datasets import writers
+    from larq_landmarks.tflite_model import TfliteModel
+
+    writers.write_300w(str(tmp_path / "faces"), 4, seed=3, image_size=(100, 100))
+    image = str(tmp_path / "faces" / "00000.jpg")
+    predictor = Predictor.from_path(small_file, float_precision="int8")
+    assert predictor.engine == "runtime" and predictor._predict.__self__.float_precision == "int8"
+    points, _ = predictor.predict(image, [[10, 10, 90, 90]])
+    assert points.shape == (1, 68, 2) and np.isfinite(points).all()
+    assert cli.main(["evaluate", "--model", small_file, "--format", "300w", "--data", str(tmp_path / "faces"),
+                     "--float-precision", "int8"]) == 0
+    assert "NME box %" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="float_precision='int8' is the runtime's; LCE's interpreter runs float32"):
+        TfliteModel(small_file, engine="lce", float_precision="int8")
+
+
 def test_cpu_kernels_run_a_batch_as_many_images_at_a_time_as_fit(small_file, monkeypatch):
     """The CPU kernels run a batch in runs of as many images as keep the largest activation under
     ``CPU_BATCH_BYTES``; the result is the whole batch's, bit for bit."""

@@ -37,12 +37,15 @@ def test_benchmark_command_times_the_binary_file_against_the_float32_one(tmp_pat
                      "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     ours = f"binary .tflite, larq_landmarks.runtime ({available_kernels()[0]})"
-    try:
-        Engine(export.convert(model), float_precision="bfloat16")
-        bfloat16 = [f"binary .tflite, larq_landmarks.runtime ({available_kernels()[0]}, bfloat16 float convolutions)"]
-    except ValueError:  # no AVX512_BF16 on this CPU
-        bfloat16 = []
-    assert list(result["ms"]) == [speed.FLOAT32, speed.LCE, ours, *bfloat16]
+    reduced = []
+    for precision in ("bfloat16", "int8"):
+        try:
+            Engine(export.convert(model), float_precision=precision)
+            reduced.append(f"binary .tflite, larq_landmarks.runtime ({available_kernels()[0]}, {precision} float "
+                           "convolutions)")
+        except ValueError:  # no AVX512_BF16 / AVX512_VNNI on this CPU
+            pass
+    assert list(result["ms"]) == [speed.FLOAT32, speed.LCE, ours, *reduced]
     assert result["input_shape"] == [64, 64, 3] and result["threads"] == 1 and result["model"] == "small"
     # the sizes are the two converted files', the ratios float32's median over each engine's
     assert result["bytes"] == {"binary": len(export.convert(model)), "float32": len(export.convert(model, binary=False))}

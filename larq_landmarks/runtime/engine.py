@@ -161,7 +161,14 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
          "LceDequantize": "bit-packing (with fused batch norm)"}
 
-FLOAT_PRECISIONS = ("float32", "bfloat16")
+FLOAT_PRECISIONS = ("float32", "bfloat16", "int8")
+
+# what each reduced precision needs: the kernels' function, the CPU feature (cpu_supports' name and
+# as Intel's manuals spell it), and the compilers that lack it
+_REDUCED_PRECISIONS = {
+    "bfloat16": ("conv2d_bf16", "avx512bf16", "AVX512_BF16", "built without bfloat16 (a compiler before GCC 10 or Clang 9)"),
+    "int8": ("conv2d_int8", "avx512vnni", "AVX512_VNNI", "built without int8 (a compiler before GCC 8 or Clang 6)"),
+}
 
 # the CUDA streams per thread whose recycled buffers an engine keeps (Engine._buffers)
 GPU_STREAMS_KEPT = 4
@@ -244,17 +251,18 @@ class Engine:
         self.num_threads = num_threads
         if float_precision not in FLOAT_PRECISIONS:
             raise ValueError(f"float_precision={float_precision!r} must be one of {FLOAT_PRECISIONS}")
-        if float_precision == "bfloat16" and on_gpu:
-            raise ValueError("float_precision='bfloat16' is for the CPU kernels (AVX512_BF16); the GPU kernels "
-                             "run float32")
-        if float_precision == "bfloat16" and not (hasattr(self._kernels, "conv2d_bf16")
-                                                  and self._kernels.cpu_supports("avx512bf16")):
-            if not hasattr(self._kernels, "conv2d_bf16") and self.kernels.startswith("avx512"):
-                why = "built without bfloat16 (a compiler before GCC 10 or Clang 9)"
-            else:
-                why = f"and this CPU {'has' if self._kernels.cpu_supports('avx512bf16') else 'has no'} AVX512_BF16"
-            raise ValueError(f"float_precision='bfloat16' needs AVX512_BF16 and the avx512 or avx512bw kernels; "
-                             f"these are the {self.kernels} kernels, {why}")
+        if float_precision in _REDUCED_PRECISIONS:
+            function, feature, spelled, unbuilt = _REDUCED_PRECISIONS[float_precision]
+            if on_gpu:
+                raise ValueError(f"float_precision={float_precision!r} is for the CPU kernels ({spelled}); the GPU "
+                                 "kernels run float32")
+            if not (hasattr(self._kernels, function) and self._kernels.cpu_supports(feature)):
+                if not hasattr(self._kernels, function) and self.kernels.startswith("avx512"):
+                    why = unbuilt
+                else:
+                    why = f"and this CPU {'has' if self._kernels.cpu_supports(feature) else 'has no'} {spelled}"
+                raise ValueError(f"float_precision={float_precision!r} needs {spelled} and the avx512 or avx512bw "
+                                 f"kernels; these are the {self.kernels} kernels, {why}")
         self.float_precision = float_precision
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
@@ -327,7 +335,7 @@ class Engine:
             tensors, target, activation = residuals.get(op.index, (None, None, 0))
             if op.name == "CONV_2D":
                 steps.append(ops.conv_2d(graph, op, self._kernels, tensors, target, activation, fused.get(op.index),
-                                         bfloat16=self.float_precision == "bfloat16"))
+                                         precision=self.float_precision))
             elif op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
             elif op.index in packs or op.index in intos:

@@ -6,6 +6,7 @@ Semantics follow TFLite's reference kernels and LCE's op definitions (``LceQuant
 ``LceDequantize``, ``LceBconv2d``: bit set = negative, padding bits 0, float output
 ``float(clamp(2 * acc)) * -m + (b + K * m)``, bit-packed output ``acc > threshold``).
 """
+import functools
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -270,23 +271,29 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
 
 
 def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] = None, target: Optional[int] = None,
-            add_activation: int = 0, input_affine: Optional[tuple] = None, bfloat16: bool = False) -> Run:
+            add_activation: int = 0, input_affine: Optional[tuple] = None, precision: str = "float32") -> Run:
     """Float convolution with bias and fused activation. ``residual``, ``target`` and
     ``add_activation`` fuse the ADD that follows a convolution without activation: ``target =
     clamp(conv + residual)``, rounded as the two ops round, where ``residual`` lists the tensors
     whose channels, concatenated, are added (a CONCATENATION folded in). ``input_affine`` =
     ``(source, multiplier or None, bias or None, activation code)`` folds the per-channel MUL / ADD
     (with its fused activation) of a batch norm before the convolution: it reads ``source`` and
-    applies them to each pixel as it is read. ``bfloat16``: products of the input and weights
-    rounded to bfloat16, sums in float32 (``Engine(float_precision="bfloat16")``)."""
+    applies them to each pixel as it is read. ``precision`` (``Engine``'s ``float_precision``):
+    ``"bfloat16"``, products of the input and weights rounded to bfloat16, sums in float32;
+    ``"int8"``, the weights quantised a scale an output channel and the input as it is read (a 1x1
+    convolution's each pixel with its own scale and zero point, any other's each image), products
+    and sums in integers, then scaled back to float32."""
     _check_float(graph, op)
     o = op.options
     filters = _constant(graph, op, 1, np.float32)
     cout, fh, fw, cin = filters.shape
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
     sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
-    if bfloat16:
+    if precision == "bfloat16":
         weights, convolve = kernels.prepare_float_weights_bf16(filters), kernels.conv2d_bf16
+    elif precision == "int8":
+        weights, scales, sums = kernels.prepare_float_weights_int8(filters)
+        convolve = functools.partial(_conv2d_int8, kernels.conv2d_int8, scales, sums)
     else:
         weights, convolve = kernels.prepare_float_weights(filters), kernels.conv2d
     bias = _on_device(kernels, bias)
@@ -313,6 +320,11 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         values[target] = out
 
     return run
+
+
+def _conv2d_int8(conv2d_int8, scales, sums, x, weights, *args):
+    """``conv2d_int8`` called as ``conv2d`` is: the weights' scales and sums after them."""
+    conv2d_int8(x, weights, scales, sums, *args)
 
 
 def _elementwise(graph: Graph, op: Operator, kernels, code: int) -> Run:

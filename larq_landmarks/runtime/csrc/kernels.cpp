@@ -63,6 +63,16 @@ typedef float vfloat __attribute__((vector_size(kFloatLanes * 4)));
 #define HAVE_BF16 0
 #endif
 
+// int8 float convolutions (conv2d_int8): AVX-512 builds whose compiler knows AVX512_VNNI (GCC 8,
+// Clang 6 and newer; -DLARQ_LANDMARKS_NO_VNNI leaves them out). Without them the module has no
+// conv2d_int8 and Engine(float_precision="int8") says so.
+#if defined(__AVX512F__) && !defined(LARQ_LANDMARKS_NO_VNNI) && \
+    ((defined(__clang__) && __clang_major__ >= 6) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
+#define HAVE_VNNI 1
+#else
+#define HAVE_VNNI 0
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // A small persistent thread pool: parallel_for(n, fn) runs fn(begin, end) over [0, n) in chunks.
 // The chunks (about kChunksPerThread per thread) are handed out in order to whichever thread asks
@@ -1119,6 +1129,197 @@ static Array<uint16_t> prepare_float_weights_bf16(Array<float> filter) {
 }
 #endif
 
+#if HAVE_VNNI
+// int8 products with int32 sums (AVX512_VNNI's VPDPBUSD: four products of an unsigned byte and a
+// signed byte a lane an instruction, twice VDPBF16PS's rate and four times the FMA's): the input
+// quantised as it is copied, its own scale and zero point a row (q = clamp(rint(x / s) + z, 0,
+// 255), so that x ~ s (q - z), a zero exactly z), the weights a scale an output channel (w ~ t w8,
+// w8 in [-127, 127]); then out = float(acc - z colsum) * (s t) + bias, colsum being the channel's
+// sum of w8, the product rounded before the bias is added (no FMA). B prepared by
+// prepare_float_weights_int8: [K / 4, Cout rounded up, 4]; ldb counts bytes.
+#define VNNI_TARGET __attribute__((target("avx512vnni")))
+
+template <int NV>
+static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
+    const uint8_t* const* arow, int m, const Segments& segments, const int8_t* bp, int64_t ldb, int c0, int n,
+    const float* weight_scale, const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
+    const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c, int cout) {
+#define ROW(i) __m512i q##i##0 = _mm512_setzero_si512(), q##i##1 = q##i##0, q##i##2 = q##i##0, q##i##3 = q##i##0;
+  ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+  for (const int64_t offset : segments.offset) {
+    const uint8_t* a_row[kFloatTileM];
+    for (int i = 0; i < kFloatTileM; ++i) a_row[i] = arow[i] + offset;
+    for (int kk = 0; kk < segments.length; kk += 4, bp += ldb) {
+      const __m512i b0 = _mm512_loadu_si512(bp);
+      const __m512i b1 = NV > 1 ? _mm512_loadu_si512(bp + 64) : b0;
+      const __m512i b2 = NV > 2 ? _mm512_loadu_si512(bp + 128) : b0;
+      const __m512i b3 = NV > 3 ? _mm512_loadu_si512(bp + 192) : b0;
+#define ROW(i)                                                          \
+  {                                                                     \
+    int32_t quad;                                                       \
+    std::memcpy(&quad, a_row[i] + kk, sizeof(quad));                    \
+    const __m512i a = _mm512_set1_epi32(quad);                          \
+    q##i##0 = _mm512_dpbusd_epi32(q##i##0, a, b0);                      \
+    if (NV > 1) q##i##1 = _mm512_dpbusd_epi32(q##i##1, a, b1);          \
+    if (NV > 2) q##i##2 = _mm512_dpbusd_epi32(q##i##2, a, b2);          \
+    if (NV > 3) q##i##3 = _mm512_dpbusd_epi32(q##i##3, a, b3);          \
+  }
+      ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+    }
+  }
+  // weight_scale and weight_sum are as long as B is wide: no masks
+  __m512 t_v[4];
+  __m512i sum_v[4];
+  for (int j = 0; j < 4; ++j) {
+    t_v[j] = _mm512_loadu_ps(weight_scale + c0 + 16 * (j < NV ? j : 0));
+    sum_v[j] = _mm512_loadu_si512(weight_sum + c0 + 16 * (j < NV ? j : 0));
+  }
+#define ROW(i)                                                                                                 \
+  const int at##i = i < m ? i : m - 1;                                                                         \
+  const __m512i z##i = _mm512_set1_epi32(row_zero[at##i]);                                                     \
+  const __m512 s##i = _mm512_set1_ps(row_scale[at##i]);                                                        \
+  const __m512 c##i##0 = rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q##i##0, _mm512_mullo_epi32(z##i, sum_v[0]))), \
+                                            _mm512_mul_ps(s##i, t_v[0]));                                           \
+  const __m512 c##i##1 = rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q##i##1, _mm512_mullo_epi32(z##i, sum_v[1]))), \
+                                            _mm512_mul_ps(s##i, t_v[1]));                                           \
+  const __m512 c##i##2 = rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q##i##2, _mm512_mullo_epi32(z##i, sum_v[2]))), \
+                                            _mm512_mul_ps(s##i, t_v[2]));                                           \
+  const __m512 c##i##3 = rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q##i##3, _mm512_mullo_epi32(z##i, sum_v[3]))), \
+                                            _mm512_mul_ps(s##i, t_v[3]));
+  ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+  GEMM_TILE_EPILOGUE
+}
+
+// gemm_rows in int8 (gemm_tile_int8): row r's scale and zero point at row_scale[r], row_zero[r].
+static VNNI_TARGET void gemm_rows_int8(const uint8_t* const* base, int64_t rows, const Segments& segments,
+                                       const int8_t* b, int64_t ldb, int cout, const float* weight_scale,
+                                       const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
+                                       const float* bias, const Residual* residual, int64_t row0, float lo, float hi,
+                                       float* c) {
+  const int nblocks = static_cast<int>(ldb / (4 * kFloatTileN));
+  for (int64_t r0 = 0; r0 < rows; r0 += kFloatTileM) {
+    const int m = static_cast<int>(std::min<int64_t>(kFloatTileM, rows - r0));
+    const uint8_t* arow[kFloatTileM];
+    for (int i = 0; i < kFloatTileM; ++i) arow[i] = base[r0 + std::min(i, m - 1)];
+    const float* s = row_scale + r0;
+    const int32_t* z = row_zero + r0;
+    for (int nb = 0; nb < nblocks; ++nb) {
+      const int8_t* bp = b + 4 * nb * kFloatTileN;
+      const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
+      float* out = c + r0 * cout;
+#define TILE(NV) gemm_tile_int8<NV>(arow, m, segments, bp, ldb, c0, n, weight_scale, weight_sum, s, z, bias, residual, \
+                                    row0 + r0, lo, hi, out, cout)
+      switch ((n + 15) / 16) {
+        case 1: TILE(1); break;
+        case 2: TILE(2); break;
+        case 3: TILE(3); break;
+        default: TILE(4);
+      }
+#undef TILE
+    }
+  }
+}
+
+// The quantisation of a run of values: lo = min(0, min x), hi = max(0, max x) and whether every x
+// is finite, accumulated over calls.
+struct Range {
+  float lo = 0.0f, hi = 0.0f;
+  bool finite = true;
+  void add(const float* x, int64_t n) {
+    __m512 low = _mm512_set1_ps(lo), high = _mm512_set1_ps(hi), nan = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      low = _mm512_min_ps(low, v);
+      high = _mm512_max_ps(high, v);
+      nan = _mm512_add_ps(nan, _mm512_mul_ps(v, _mm512_setzero_ps()));  // NaN where some x is NaN or infinite
+    }
+    lo = _mm512_reduce_min_ps(low);
+    hi = _mm512_reduce_max_ps(high);
+    float bad = _mm512_reduce_add_ps(nan);
+    for (; i < n; ++i) {
+      lo = std::min(lo, x[i]);
+      hi = std::max(hi, x[i]);
+      bad += x[i] * 0.0f;
+    }
+    finite = finite && bad == 0.0f;
+  }
+};
+
+// A range's scale s = (hi - lo) / 255 and zero point z = rint(-lo / s) (as -lo * (255 / (hi - lo))):
+// s is NaN where some value was not finite (every output that reads them is NaN, as in float32),
+// 0 with z = 0 where every value was 0.
+struct Quantizer {
+  float scale, inverse;
+  int32_t zero;
+  explicit Quantizer(const Range& r) {
+    const float range = r.hi - r.lo;
+    scale = r.finite ? range / 255.0f : std::numeric_limits<float>::quiet_NaN();
+    inverse = r.finite && range > 0.0f ? 255.0f / range : 0.0f;
+    zero = static_cast<int32_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(-r.lo * inverse))));
+  }
+  // dst[i] = clamp(rint(x[i] * inverse) + zero, 0, 255), ties to even
+  void apply(const float* x, int64_t n, uint8_t* dst) const {
+    const __m512 inv = _mm512_set1_ps(inverse);
+    const __m512i z = _mm512_set1_epi32(zero), low = _mm512_setzero_si512(), high = _mm512_set1_epi32(255);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv)), z);
+      q = _mm512_min_epi32(high, _mm512_max_epi32(low, q));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(q));
+    }
+    for (; i < n; ++i) {
+      const float v = std::nearbyint(x[i] * inverse);  // a NaN gives 0 (its outputs are NaN by the scale)
+      dst[i] = static_cast<uint8_t>(v != v ? 0 : std::min(255.0f, std::max(0.0f, v + static_cast<float>(zero))));
+    }
+  }
+};
+
+// Filter [Cout, fh, fw, Cin] (TFLite) -> (int8 [fh * fw * Cin4 / 4, Cout rounded up, 4], the scale
+// of each output channel, its sum of int8 weights), Cin4 being Cin rounded up to a multiple of 4:
+// element [p, c, e] is the weight of K index 4 p + e (an added channel's weight is 0); channel c's
+// weights are rint(w / t) with t = max |w| / 127 (1 where every weight is 0). The scales and sums
+// are as long as B is wide (0 past Cout).
+static py::tuple prepare_float_weights_int8(Array<float> filter) {
+  if (filter.ndim() != 4) throw std::invalid_argument("prepare_float_weights_int8: expected a 4-d filter");
+  const int cout = static_cast<int>(filter.shape(0)), taps = static_cast<int>(filter.shape(1) * filter.shape(2));
+  const int cin = static_cast<int>(filter.shape(3)), cin4 = (cin + 3) / 4 * 4, quads = taps * cin4 / 4;
+  const int padded = (cout + kFloatTileN - 1) / kFloatTileN * kFloatTileN;
+  const int64_t per_channel = static_cast<int64_t>(taps) * cin;
+  Array<int8_t> out = aligned_array<int8_t>({quads, padded, 4});
+  Array<float> scales = aligned_array<float>({padded});
+  Array<int32_t> sums = aligned_array<int32_t>({padded});
+  int8_t* o = data(out);
+  float* t = data(scales);
+  int32_t* sum = data(sums);
+  std::memset(o, 0, static_cast<size_t>(quads) * padded * 4);
+  const float* f = filter.data();
+  for (int c = 0; c < padded; ++c) {
+    t[c] = 1.0f;
+    sum[c] = 0;
+    if (c >= cout) continue;
+    float largest = 0.0f;
+    for (int64_t i = 0; i < per_channel; ++i) {
+      const float w = f[c * per_channel + i];
+      if (!std::isfinite(w)) throw std::invalid_argument("prepare_float_weights_int8: a weight is NaN or infinite");
+      largest = std::max(largest, std::fabs(w));
+    }
+    if (largest > 0.0f) t[c] = largest / 127.0f;
+    for (int tap = 0; tap < taps; ++tap)
+      for (int i = 0; i < cin; ++i) {
+        const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(f[c * per_channel + tap * cin + i] / t[c])));
+        const int k = tap * cin4 + i;
+        o[(static_cast<int64_t>(k / 4) * padded + c) * 4 + k % 4] = static_cast<int8_t>(q);
+        sum[c] += static_cast<int32_t>(q);
+      }
+  }
+  return py::make_tuple(out, scales, sums);
+}
+#endif
+
 // dst[i] = clamp(src[i] * m[i] + b[i], lo, hi) (m and b each optional), rounded as a MUL then an
 // ADD with its fused activation (no FMA).
 __attribute__((optimize("fp-contract=off")))
@@ -1131,21 +1332,33 @@ static void affine_copy(const float* src, int n, const float* m, const float* b,
   }
 }
 
+// The precisions of the float convolution's products (Engine's float_precision).
+enum class Precision { kFloat32, kBfloat16, kInt8 };
+
 // geometry: filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left.
 // residual: the tensors whose channels, concatenated, are added to the output (none: no ADD).
 // input_multiplier / input_bias (each optional, per input channel) and the clamp [input_lo,
 // input_hi]: the batch norm (and activation) before the convolution, applied to the input pixels as
 // they are read (the zero padding stays zero).
-// kBf16: weights from prepare_float_weights_bf16, products in bfloat16 (the input rounded to
-// bfloat16 as it is copied, odd channel counts with a zero channel added), sums in float32;
-// AVX-512 builds only.
-template <bool kBf16>
-static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint16_t, float>> weights,
-                        Array<float> bias, std::vector<int> geometry, float lo, float hi,
-                        std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
-                        float input_lo, float input_hi, py::array output) {
-  using W = std::conditional_t<kBf16, uint16_t, float>;  // the GEMM's A and B
-  if (geometry.size() != 8) throw std::invalid_argument("conv2d: geometry needs 8 numbers");
+// kBfloat16: weights from prepare_float_weights_bf16, products in bfloat16 (the input rounded to
+// bfloat16 as it is copied, odd channel counts with a zero channel added), sums in float32.
+// kInt8: weights from prepare_float_weights_int8 (with their scales and sums), the input quantised
+// as it is copied (channel counts rounded up to 4): a 1x1 stride-1 convolution's each pixel with its
+// own scale and zero point, any other's each image with one (its padding the zero point).
+// Both: AVX-512 builds only.
+template <Precision P>
+static void conv2d_impl(Array<float> input,
+                        Array<std::conditional_t<P == Precision::kFloat32, float,
+                                                 std::conditional_t<P == Precision::kBfloat16, uint16_t, int8_t>>> weights,
+                        Array<float> weight_scale, Array<int32_t> weight_sum, Array<float> bias,
+                        std::vector<int> geometry, float lo, float hi, std::vector<Array<float>> residual,
+                        Array<float> input_multiplier, Array<float> input_bias, float input_lo, float input_hi,
+                        py::array output) {
+  constexpr bool kBf16 = P == Precision::kBfloat16, kInt8 = P == Precision::kInt8;
+  // the GEMM's A
+  using A = std::conditional_t<P == Precision::kFloat32, float, std::conditional_t<kBf16, uint16_t, uint8_t>>;
+  const char* name = kInt8 ? "conv2d_int8" : kBf16 ? "conv2d_bf16" : "conv2d";
+  if (geometry.size() != 8) throw std::invalid_argument(std::string(name) + ": geometry needs 8 numbers");
   float* y = checked_data<float>(output, 4, true, "conv2d output");
   const int fh = geometry[0], fw = geometry[1], sh = geometry[2], sw = geometry[3];
   const int dh = geometry[4], dw = geometry[5], pt = geometry[6], pl = geometry[7];
@@ -1153,16 +1366,19 @@ static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint
   const int width = static_cast<int>(input.shape(2)), cin = static_cast<int>(input.shape(3));
   const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
   const int cout = static_cast<int>(output.shape(3));
-  const int channels_read = kBf16 ? cin + cin % 2 : cin;  // a pixel's values in the GEMM's A rows
+  // a pixel's values in the GEMM's A rows
+  const int channels_read = kInt8 ? (cin + 3) / 4 * 4 : kBf16 ? cin + cin % 2 : cin;
+  const int pack = kInt8 ? 4 : kBf16 ? 2 : 1;  // K values to a B element group
   const int64_t k = static_cast<int64_t>(fh) * fw * channels_read;
-  const bool weights_ok = kBf16 ? weights.ndim() == 3 && weights.shape(0) * 2 == k && weights.shape(2) == 2
-                                : weights.ndim() == 2 && weights.shape(0) == k;
-  if (!weights_ok || weights.shape(1) < cout || weights.shape(1) % kFloatTileN != 0 || bias.size() != cout)
-    throw std::invalid_argument(kBf16 ? "conv2d_bf16: weights are not prepare_float_weights_bf16 of this filter, or bias size"
-                                      : "conv2d: weights are not prepare_float_weights of this filter, or bias size");
-  const int64_t ldb = weights.shape(1) * (kBf16 ? 2 : 1);
+  const bool weights_ok = pack == 1 ? weights.ndim() == 2 && weights.shape(0) == k
+                                    : weights.ndim() == 3 && weights.shape(0) * pack == k && weights.shape(2) == pack;
+  const bool scales_ok = !kInt8 || (weight_scale.size() == weights.shape(1) && weight_sum.size() == weights.shape(1));
+  if (!weights_ok || !scales_ok || weights.shape(1) < cout || weights.shape(1) % kFloatTileN != 0 || bias.size() != cout)
+    throw std::invalid_argument(std::string(name) + ": weights are not prepare_float_weights" +
+                                (kInt8 ? "_int8" : kBf16 ? "_bf16" : "") + " of this filter, or bias size");
+  const int64_t ldb = weights.shape(1) * pack;
   const float* x = input.data();
-  const W* b = weights.data();
+  const auto* b = weights.data();
   const float* bs = bias.data();
   if (output.shape(0) != batch) throw std::invalid_argument("conv2d: output batch differs from the input's");
   const int64_t pixels = static_cast<int64_t>(batch) * out_h * out_w;
@@ -1190,31 +1406,43 @@ static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint
   py::gil_scoped_release release;
   // Any other convolution reads its taps from the input with its padding written out (zeros; the
   // batch norm applied to the input pixels only), so that every tap of every output pixel is
-  // inside the buffer. In bfloat16 every input is copied so, rounded.
+  // inside the buffer. In bfloat16 and int8 every input is copied so, rounded or quantised.
   const int padded_h = direct ? height : padded_extent(pt, height, out_h, sh, fh, dh);
   const int padded_w = direct ? width : padded_extent(pl, width, out_w, sw, fw, dw);
-  static thread_local std::vector<W> padded;
-  const W* source = nullptr;
+  static thread_local std::vector<A> padded;
+  // int8: each GEMM row's input scale and zero point (taken by pointer in the workers' lambdas, where
+  // the name of a thread_local is the worker's own)
+  static thread_local std::vector<float> row_scales;
+  static thread_local std::vector<int32_t> row_zeros;
+  float* row_scale = nullptr;
+  int32_t* row_zero = nullptr;
+  const A* source = nullptr;
+  // input row r (of batch * height) after the batch norm, in `row` (a buffer of width * cin)
+  [[maybe_unused]] auto input_row = [&](int r, std::vector<float>& row) {
+    const float* src = x + static_cast<int64_t>(r) * width * cin;
+    if (!affine) return src;
+    row.resize(static_cast<size_t>(width) * cin);
+    for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, row.data() + ix * cin);
+    return static_cast<const float*>(row.data());
+  };
+  // where input row r's first pixel goes in the padded copy
+  auto copy_at = [&](A* copy, int r) {
+    const int bi = r / height, iy = r % height, top = direct ? 0 : pt, left = direct ? 0 : pl;
+    return copy + ((static_cast<int64_t>(bi) * padded_h + iy + top) * padded_w + left) * channels_read;
+  };
+  const size_t values = static_cast<size_t>(batch) * padded_h * padded_w * channels_read;
   if constexpr (kBf16) {
 #if HAVE_BF16
-    const size_t values = static_cast<size_t>(batch) * padded_h * padded_w * channels_read;
     if (direct && channels_read == cin)
       padded.resize(values);  // every value is written below
     else
       padded.assign(values, 0);  // the padding and the added channel stay zero
     uint16_t* const copy = padded.data();  // this thread's buffer (a worker's `padded` is its own)
     pool().parallel_for(batch * height, [&](int r0, int r1) {
-      static thread_local std::vector<float> row;  // one input row after the batch norm
-      row.resize(static_cast<size_t>(width) * cin);
+      static thread_local std::vector<float> row;
       for (int r = r0; r < r1; ++r) {
-        const int bi = r / height, iy = r % height;
-        const float* src = x + static_cast<int64_t>(r) * width * cin;
-        if (affine) {
-          for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, row.data() + ix * cin);
-          src = row.data();
-        }
-        const int top = direct ? 0 : pt, left = direct ? 0 : pl;
-        uint16_t* dst = copy + ((static_cast<int64_t>(bi) * padded_h + iy + top) * padded_w + left) * channels_read;
+        const float* src = input_row(r, row);
+        uint16_t* dst = copy_at(copy, r);
         if (channels_read == cin)
           convert_bf16(src, static_cast<int64_t>(width) * cin, dst);
         else  // odd channel counts: each pixel's added channel stays zero
@@ -1224,19 +1452,82 @@ static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint
     });
     source = padded.data();
 #endif
+  } else if constexpr (kInt8) {
+#if HAVE_VNNI
+    padded.resize(values);
+    uint8_t* const copy = padded.data();
+    row_scales.resize(pixels);
+    row_zeros.resize(pixels);
+    row_scale = row_scales.data();
+    row_zero = row_zeros.data();
+    // each pixel's values quantised with its own range, into a copy of cin rounded up to 4 a pixel
+    auto quantize_pixels = [&](const float* src, int count, uint8_t* dst, int64_t pixel) {
+      for (int ix = 0; ix < count; ++ix) {
+        Range range;
+        range.add(src + static_cast<int64_t>(ix) * cin, cin);
+        const Quantizer q(range);
+        q.apply(src + static_cast<int64_t>(ix) * cin, cin, dst + static_cast<int64_t>(ix) * channels_read);
+        std::memset(dst + static_cast<int64_t>(ix) * channels_read + cin, q.zero, channels_read - cin);
+        row_scale[pixel + ix] = q.scale;
+        row_zero[pixel + ix] = q.zero;
+      }
+    };
+    if (direct) {
+      pool().parallel_for(batch * height, [&](int r0, int r1) {
+        static thread_local std::vector<float> row;
+        for (int r = r0; r < r1; ++r)
+          quantize_pixels(input_row(r, row), width, copy_at(copy, r), static_cast<int64_t>(r) * width);
+      });
+    } else {  // one range an image: each row's, then the image's
+      std::vector<Range> ranges(static_cast<size_t>(batch) * height);
+      pool().parallel_for(batch * height, [&](int r0, int r1) {
+        static thread_local std::vector<float> row;
+        for (int r = r0; r < r1; ++r) ranges[r].add(input_row(r, row), static_cast<int64_t>(width) * cin);
+      });
+      std::vector<Quantizer> images;
+      for (int bi = 0; bi < batch; ++bi) {
+        Range image;
+        for (int iy = 0; iy < height; ++iy) {
+          const Range& r = ranges[static_cast<size_t>(bi) * height + iy];
+          image.lo = std::min(image.lo, r.lo);
+          image.hi = std::max(image.hi, r.hi);
+          image.finite = image.finite && r.finite && r.lo == r.lo && r.hi == r.hi;
+        }
+        images.emplace_back(image);
+        const int64_t plane = static_cast<int64_t>(padded_h) * padded_w * channels_read;
+        std::memset(copy + bi * plane, images.back().zero, plane);  // the padding: a zero
+        const int64_t out_plane = static_cast<int64_t>(out_h) * out_w;
+        std::fill(row_scale + bi * out_plane, row_scale + (bi + 1) * out_plane, images.back().scale);
+        std::fill(row_zero + bi * out_plane, row_zero + (bi + 1) * out_plane, images.back().zero);
+      }
+      pool().parallel_for(batch * height, [&](int r0, int r1) {
+        static thread_local std::vector<float> row;
+        for (int r = r0; r < r1; ++r) {
+          const float* src = input_row(r, row);
+          const Quantizer& q = images[r / height];
+          uint8_t* dst = copy_at(copy, r);
+          if (channels_read == cin)
+            q.apply(src, static_cast<int64_t>(width) * cin, dst);
+          else  // each pixel's added channels stay the zero point (their weights are 0)
+            for (int ix = 0; ix < width; ++ix)
+              q.apply(src + static_cast<int64_t>(ix) * cin, cin, dst + static_cast<int64_t>(ix) * channels_read);
+        }
+      });
+    }
+    source = padded.data();
+#endif
   } else {
     source = x;
     if (!direct && (affine || padded_h != height || padded_w != width)) {
-      padded.assign(static_cast<size_t>(batch) * padded_h * padded_w * cin, 0.0f);
-      for (int bi = 0; bi < batch; ++bi)
-        for (int iy = 0; iy < height; ++iy) {
-          const float* src = x + (static_cast<int64_t>(bi) * height + iy) * width * cin;
-          float* dst = padded.data() + ((static_cast<int64_t>(bi) * padded_h + iy + pt) * padded_w + pl) * cin;
-          if (affine)
-            for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, dst + ix * cin);
-          else
-            std::memcpy(dst, src, sizeof(float) * width * cin);
-        }
+      padded.assign(values, 0.0f);
+      for (int r = 0; r < batch * height; ++r) {
+        const float* src = x + static_cast<int64_t>(r) * width * cin;
+        float* dst = copy_at(padded.data(), r);
+        if (affine)
+          for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, dst + ix * cin);
+        else
+          std::memcpy(dst, src, sizeof(float) * width * cin);
+      }
       source = padded.data();
     }
   }
@@ -1254,19 +1545,19 @@ static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint
     segments.length = channels_read;
   }
   // the float32 1x1 convolution with a batch norm before it applies it a task's rows at a time
-  const bool patched = !kBf16 && direct && affine;
+  const bool patched = P == Precision::kFloat32 && direct && affine;
   constexpr int kRowsPerTask = 96;  // a multiple of every path's row tile
   const int tasks = static_cast<int>((pixels + kRowsPerTask - 1) / kRowsPerTask);
   pool().parallel_for(tasks, [&](int t0, int t1) {
     static thread_local std::vector<float> patch;  // per thread, kept: fn runs once per chunk
     patch.resize(patched ? static_cast<size_t>(kRowsPerTask) * cin : 0);
-    const W* base[kRowsPerTask];
+    const A* base[kRowsPerTask];
     for (int t = t0; t < t1; ++t) {
       const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
       const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0));
       for (int r = 0; r < rows; ++r) {
         const int64_t pixel = r0 + r;
-        if constexpr (!kBf16) {
+        if constexpr (P == Precision::kFloat32) {
           if (patched) {
             affine_copy(x + pixel * cin, cin, in_m, in_b, input_lo, input_hi, patch.data() + static_cast<int64_t>(r) * cin);
             base[r] = patch.data() + static_cast<int64_t>(r) * cin;
@@ -1286,6 +1577,11 @@ static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint
 #if HAVE_BF16
         gemm_rows_bf16(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
 #endif
+      } else if constexpr (kInt8) {
+#if HAVE_VNNI
+        gemm_rows_int8(base, rows, segments, b, ldb, cout, weight_scale.data(), weight_sum.data(),
+                       row_scale + r0, row_zero + r0, bs, res, r0, lo, hi, y + r0 * cout);
+#endif
       } else {
         gemm_rows(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
       }
@@ -1296,8 +1592,8 @@ static void conv2d_impl(Array<float> input, Array<std::conditional_t<kBf16, uint
 static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, std::vector<int> geometry, float lo,
                    float hi, std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
                    float input_lo, float input_hi, py::array output) {
-  conv2d_impl<false>(input, weights, bias, geometry, lo, hi, residual, input_multiplier, input_bias, input_lo, input_hi,
-                     output);
+  conv2d_impl<Precision::kFloat32>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
+                                   input_bias, input_lo, input_hi, output);
 }
 
 #if HAVE_BF16
@@ -1305,8 +1601,20 @@ static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float
                         float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                         Array<float> input_bias, float input_lo, float input_hi, py::array output) {
   if (!__builtin_cpu_supports("avx512bf16")) throw std::runtime_error("conv2d_bf16: this CPU has no AVX512_BF16");
-  conv2d_impl<true>(input, weights, bias, geometry, lo, hi, residual, input_multiplier, input_bias, input_lo, input_hi,
-                    output);
+  conv2d_impl<Precision::kBfloat16>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
+                                    input_bias, input_lo, input_hi, output);
+}
+#endif
+
+#if HAVE_VNNI
+// weights, weight_scale, weight_sum: prepare_float_weights_int8(filter)'s three arrays.
+static void conv2d_int8(Array<float> input, Array<int8_t> weights, Array<float> weight_scale, Array<int32_t> weight_sum,
+                        Array<float> bias, std::vector<int> geometry, float lo, float hi,
+                        std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
+                        float input_lo, float input_hi, py::array output) {
+  if (!__builtin_cpu_supports("avx512vnni")) throw std::runtime_error("conv2d_int8: this CPU has no AVX512_VNNI");
+  conv2d_impl<Precision::kInt8>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
+                                input_multiplier, input_bias, input_lo, input_hi, output);
 }
 #endif
 
@@ -1550,6 +1858,10 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("prepare_float_weights_bf16", &prepare_float_weights_bf16);
   m.def("conv2d_bf16", &conv2d_bf16);
 #endif
+#if HAVE_VNNI  // int8 float convolutions: AVX-512 builds, CPUs with AVX512_VNNI (cpu_supports)
+  m.def("prepare_float_weights_int8", &prepare_float_weights_int8);
+  m.def("conv2d_int8", &conv2d_int8);
+#endif
   m.def("binary_elementwise", &binary_elementwise);
   m.def("pool2d", &pool2d);
   m.def("concat_channels", &concat_channels);
@@ -1564,6 +1876,9 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
                                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #if HAVE_BF16
     if (feature == "avx512bf16") return __builtin_cpu_supports("avx512bf16") != 0;
+#endif
+#if HAVE_VNNI
+    if (feature == "avx512vnni") return __builtin_cpu_supports("avx512vnni") != 0;
 #endif
     if (feature == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                   __builtin_cpu_supports("popcnt");
