@@ -125,6 +125,7 @@ SPEED_CASES = [
 
 # the runtime's reduced float precisions: the CPU feature each needs, and its speed case
 REDUCED_PRECISIONS = {"bfloat16": "avx512bf16", "int8": "avx512vnni"}
+REDUCED_PRODUCTS = {"bfloat16": "bfloat16 products, float32 sums", "int8": "int8 products, int32 sums"}
 REDUCED_CASES = {p: f"binary .tflite, larq_landmarks.runtime (avx512, {p} float convolutions)" for p in REDUCED_PRECISIONS}
 
 
@@ -780,9 +781,9 @@ def float_convolution_lines(measured) -> list:
                 f"timed just before and after ({limit:.1f} G FMA/s, the median of the two)" if limit else "")
              + ". A MAC is one multiply-add of the convolution as defined (a kernel may compute padding "
              "columns besides)."
-             + (" The last columns: the same step with `float_precision=` " + " and ".join(f"`\"{p}\"`" for p in reduced)
-                + " (bfloat16 products and float32 sums; int8 products and int32 sums), profiled in turns with "
-                "float32." if reduced else ""), "",
+             + (" The last columns: the same step with " + " and with ".join(
+                 f"`float_precision=\"{p}\"` ({REDUCED_PRODUCTS[p]})" for p in reduced)
+                + ", profiled in turns with float32." if reduced else ""), "",
              "| step | output | filter | ms | G MAC/s |" + (" of the FMA limit |" if limit else "")
              + "".join(f" {p} ms | {p} vs float32 |" for p in reduced),
              "|---|---|---|---:|---:|" + ("---:|" if limit else "") + "---:|---:|" * len(reduced)]

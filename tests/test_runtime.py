@@ -879,6 +879,20 @@ BF16_PATHS = [p for p in PATHS if p.startswith("avx512") and kernel_paths.load(p
 needs_bf16 = pytest.mark.skipif(not BF16_PATHS, reason="this CPU has no AVX512_BF16")
 
 
+def _float_conv_cases(rng):
+    """The reduced-precision convolution tests' shapes (the 7x7 stride-2 stem's 3 channels, odd
+    channel counts, 1x1 with more channels than a tile, dilated taps) with random inputs, filters,
+    biases and a batch norm's scale and shift: (size, cin, cout, k, stride, dilation, x, filters,
+    bias, scale, shift)."""
+    for size, cin, cout, k, stride, dilation in [(21, 3, 64, 7, 2, 1), (9, 5, 7, 3, 1, 1), (20, 64, 70, 1, 1, 1),
+                                                 (11, 5, 9, 3, 1, 2), (8, 33, 96, 1, 1, 1)]:
+        x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
+        filters = rng.normal(size=(cout, k, k, cin)).astype(np.float32)
+        bias = rng.normal(size=cout).astype(np.float32)
+        scale, shift = rng.uniform(0.5, 2, cin).astype(np.float32), rng.normal(size=cin).astype(np.float32)
+        yield size, cin, cout, k, stride, dilation, x, filters, bias, scale, shift
+
+
 def _bfloat16(values) -> np.ndarray:
     """float32 rounded to bfloat16 (nearest, ties to even; NaN stays NaN), as float32: by hand."""
     bits = np.asarray(values, np.float32).view(np.uint32).astype(np.uint64)
@@ -907,13 +921,8 @@ def test_bfloat16_float_conv_is_the_conv_of_bfloat16_operands(path):
     assert out.ravel()[0] == 1.0 and out.ravel()[1] == 1.015625  # ties: down to even, up to even
     assert out.ravel()[3] == 0  # a subnormal product counts as zero (VDPBF16PS flushes them)
     rng = np.random.default_rng(11)
-    for size, cin, cout, k, stride, dilation in [(21, 3, 64, 7, 2, 1), (9, 5, 7, 3, 1, 1), (20, 64, 70, 1, 1, 1),
-                                                 (11, 5, 9, 3, 1, 2), (8, 33, 96, 1, 1, 1)]:
-        x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
-        filters = rng.normal(size=(cout, k, k, cin)).astype(np.float32)
-        bias = rng.normal(size=cout).astype(np.float32)
-        scale, shift = rng.uniform(0.5, 2, cin).astype(np.float32), rng.normal(size=cin).astype(np.float32)
-        (out_size, pad), _ = (ops._same_padding(size, k, stride, dilation, 0),) * 2
+    for size, cin, cout, k, stride, dilation, x, filters, bias, scale, shift in _float_conv_cases(rng):
+        out_size, pad = ops._same_padding(size, k, stride, dilation, 0)
         weights = module.prepare_float_weights_bf16(filters)
         assert weights.ctypes.data % 64 == 0
         for multiplier, offset, input_low in ((none, none, -np.inf), (scale, shift, 0.0)):
@@ -950,29 +959,34 @@ def test_bfloat16_engine_runs_float_models_to_bfloat16_rounding(tmp_path):
         Engine(str(path), float_precision="float16")
 
 
-def test_bfloat16_is_refused_where_the_kernels_lack_it(small_file, monkeypatch):
-    """bfloat16 needs the avx512 or avx512bw kernels on a CPU with AVX512_BF16; elsewhere (AVX2,
-    portable, a CPU without it, the GPU) asking for it is an error that says which."""
+@pytest.mark.parametrize("precision, feature, spelled, function, compilers", [
+    ("bfloat16", "avx512bf16", "AVX512_BF16", "conv2d_bf16", "GCC 10 or Clang 9"),
+    ("int8", "avx512vnni", "AVX512_VNNI", "conv2d_int8", "GCC 8 or Clang 6")])
+def test_reduced_precisions_are_refused_where_the_kernels_lack_them(small_file, monkeypatch, precision, feature,
+                                                                   spelled, function, compilers):
+    """bfloat16 (int8) needs the avx512 or avx512bw kernels on a CPU with AVX512_BF16
+    (AVX512_VNNI); elsewhere (AVX2, portable, a CPU without it, the GPU) asking for it is an error
+    that says which."""
     for path in PATHS:
         module = kernel_paths.load(path)
-        if path.startswith("avx512") and module.cpu_supports("avx512bf16"):
+        if path.startswith("avx512") and module.cpu_supports(feature):
             continue
-        with pytest.raises(ValueError, match=f"needs AVX512_BF16 and the avx512 or avx512bw kernels; these are the "
+        with pytest.raises(ValueError, match=f"needs {spelled} and the avx512 or avx512bw kernels; these are the "
                                              f"{path} kernels"):
-            Engine(small_file, kernels=path, float_precision="bfloat16")
-    # AVX-512 kernels built by a compiler without AVX512_BF16 (GCC 9, say) have no conv2d_bf16
+            Engine(small_file, kernels=path, float_precision=precision)
+    # AVX-512 kernels built by a compiler without the instructions (GCC 9, say) lack the function
     if "avx512" in PATHS:
         full = kernel_paths.load("avx512")
         without = types.SimpleNamespace(**{k: getattr(full, k) for k in dir(full)
-                                           if not k.startswith("__") and k != "conv2d_bf16"})
+                                           if not k.startswith("__") and k != function})
         monkeypatch.setattr(kernel_paths, "load", lambda kernels="auto": without)
-        with pytest.raises(ValueError, match=r"these are the avx512 kernels, built without bfloat16 \(a compiler "
-                                             r"before GCC 10 or Clang 9\)"):
-            Engine(small_file, float_precision="bfloat16")
+        with pytest.raises(ValueError, match=fr"these are the avx512 kernels, built without {precision} \(a compiler "
+                                             fr"before {compilers}\)"):
+            Engine(small_file, float_precision=precision)
         monkeypatch.undo()
     fake_cupy.install(monkeypatch)
-    with pytest.raises(ValueError, match="float_precision='bfloat16' is for the CPU kernels"):
-        Engine(small_file, kernels="cuda", float_precision="bfloat16")
+    with pytest.raises(ValueError, match=fr"float_precision='{precision}' is for the CPU kernels \({spelled}\)"):
+        Engine(small_file, kernels="cuda", float_precision=precision)
 
 
 @needs_bf16
@@ -1057,12 +1071,7 @@ def test_int8_float_conv_is_the_quantised_arithmetic_by_hand(path):
     module = kernel_paths.load(path)
     none = np.zeros(0, np.float32)
     rng = np.random.default_rng(12)
-    for size, cin, cout, k, stride, dilation in [(21, 3, 64, 7, 2, 1), (9, 5, 7, 3, 1, 1), (20, 64, 70, 1, 1, 1),
-                                                 (11, 5, 9, 3, 1, 2), (8, 33, 96, 1, 1, 1)]:
-        x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
-        filters = rng.normal(size=(cout, k, k, cin)).astype(np.float32)
-        bias = rng.normal(size=cout).astype(np.float32)
-        scale, shift = rng.uniform(0.5, 2, cin).astype(np.float32), rng.normal(size=cin).astype(np.float32)
+    for size, cin, cout, k, stride, dilation, x, filters, bias, scale, shift in _float_conv_cases(rng):
         out_size, pad = ops._same_padding(size, k, stride, dilation, 0)
         weights, weight_scale, weight_sum = module.prepare_float_weights_int8(filters)
         assert weights.ctypes.data % 64 == 0 and weights.dtype == np.int8 and weight_sum.dtype == np.int32
@@ -1148,31 +1157,6 @@ def test_int8_engine_runs_float_models_to_int8_rounding(tmp_path):
     scale = np.abs(want).max()
     assert 1e-4 * scale < np.abs(got - want).max() < 5e-2 * scale
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
-
-
-def test_int8_is_refused_where_the_kernels_lack_it(small_file, monkeypatch):
-    """int8 needs the avx512 or avx512bw kernels on a CPU with AVX512_VNNI; elsewhere (AVX2,
-    portable, a CPU without it, a compiler without it, the GPU) asking for it is an error that says
-    which."""
-    for path in PATHS:
-        module = kernel_paths.load(path)
-        if path.startswith("avx512") and module.cpu_supports("avx512vnni"):
-            continue
-        with pytest.raises(ValueError, match=f"needs AVX512_VNNI and the avx512 or avx512bw kernels; these are the "
-                                             f"{path} kernels"):
-            Engine(small_file, kernels=path, float_precision="int8")
-    if "avx512" in PATHS:
-        full = kernel_paths.load("avx512")
-        without = types.SimpleNamespace(**{k: getattr(full, k) for k in dir(full)
-                                           if not k.startswith("__") and k != "conv2d_int8"})
-        monkeypatch.setattr(kernel_paths, "load", lambda kernels="auto": without)
-        with pytest.raises(ValueError, match=r"these are the avx512 kernels, built without int8 \(a compiler "
-                                             r"before GCC 8 or Clang 6\)"):
-            Engine(small_file, float_precision="int8")
-        monkeypatch.undo()
-    fake_cupy.install(monkeypatch)
-    with pytest.raises(ValueError, match=r"float_precision='int8' is for the CPU kernels \(AVX512_VNNI\)"):
-        Engine(small_file, kernels="cuda", float_precision="int8")
 
 
 @needs_int8

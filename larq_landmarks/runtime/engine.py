@@ -212,8 +212,14 @@ class Engine:
             sum in float32, at twice the FMA's rate, on CPUs with AVX512_BF16 (AMD Zen 4 and
             newer, Intel Cooper Lake and Sapphire Rapids and newer; elsewhere an error). Outputs
             move by about bfloat16's rounding (a few parts in a thousand; subnormal products count
-            as zero), and further where that flips a binary layer's sign; docs/benchmarks.md
-            measures the speed and how far the landmarks move.
+            as zero), and further where that flips a binary layer's sign. Or ``"int8"``: int8
+            products and int32 sums at four times the FMA's rate, on CPUs with AVX512_VNNI (Intel
+            Cascade Lake, Ice Lake and newer Xeons, AMD Zen 4 and newer): the weights quantised
+            once, a scale an output channel; the input as it is read, a 1x1 convolution's each
+            pixel with its own scale and zero point, any other's each image (an 8-bit image is kept
+            exactly); a NaN or infinity makes the outputs that read it NaN (a stem's, its image's).
+            Outputs move by about a percent of their range, and further where a sign flips.
+            docs/benchmarks.md measures the speed and how far the landmarks move.
 
     Raises:
         UnsupportedModelError: the file is not a TFLite flatbuffer, or holds an op or option the
