@@ -123,20 +123,27 @@ SPEED_CASES = [
 ]
 
 
-# the runtime's reduced float precisions: the CPU feature each needs, and its speed case
-REDUCED_PRECISIONS = {"bfloat16": "avx512bf16", "int8": "avx512vnni"}
+# the runtime's reduced float precisions (in the tables' order), and their speed case on each kernel path
 REDUCED_PRODUCTS = {"bfloat16": "bfloat16 products, float32 sums", "int8": "int8 products, int32 sums"}
-REDUCED_CASES = {p: f"binary .tflite, larq_landmarks.runtime (avx512, {p} float convolutions)" for p in REDUCED_PRECISIONS}
+
+
+def reduced_case(precision: str, kernels: str = "avx512") -> str:
+    return f"binary .tflite, larq_landmarks.runtime ({kernels}, {precision} float convolutions)"
+
+
+REDUCED_CASES = {p: reduced_case(p) for p in REDUCED_PRODUCTS}
 
 
 def reduced_precisions_here(kernels: str = "avx512") -> list:
     """The reduced float precisions that ``kernels`` run on this CPU."""
     from larq_landmarks.runtime import available_kernels
 
-    if not kernels.startswith("avx512") or kernels not in available_kernels():
+    if kernels not in available_kernels():
         return []
     module = kernel_paths.load(kernels)
-    return [p for p, feature in REDUCED_PRECISIONS.items() if module.cpu_supports(feature)]
+    here = {"bfloat16": hasattr(module, "conv2d_bf16") and module.cpu_supports("avx512bf16"),
+            "int8": hasattr(module, "conv2d_int8") and module.cpu_supports(module.int8_feature)}
+    return [p for p in REDUCED_PRODUCTS if here[p]]
 
 
 def speed(runs, rounds=3):
@@ -146,10 +153,12 @@ def speed(runs, rounds=3):
     from larq_landmarks.runtime import available_kernels
 
     model = trained_like_batch_norm(models.BinaryHourglass(68))
-    cases = SPEED_CASES + [(f"binary .tflite, larq_landmarks.runtime ({p})", f"runtime-{p}", "binary")
-                           for p in available_kernels()]
-    for i, precision in enumerate(reduced_precisions_here()):
-        cases.insert(len(SPEED_CASES) + 1 + i, (REDUCED_CASES[precision], f"runtime-avx512-{precision}", "binary"))
+    # each kernel path, then its reduced precisions: bfloat16 and int8 on avx512, int8 on the others
+    cases = list(SPEED_CASES)
+    for path in available_kernels():
+        cases.append((f"binary .tflite, larq_landmarks.runtime ({path})", f"runtime-{path}", "binary"))
+        cases += [(reduced_case(p, path), f"runtime-{path}-{p}", "binary") for p in reduced_precisions_here(path)
+                  if path == "avx512" or p == "int8"]
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         files = {"binary": os.path.join(folder, "binary.tflite"), "float": os.path.join(folder, "float.tflite")}
@@ -772,7 +781,7 @@ def float_convolution_lines(measured) -> list:
     """The float convolutions' table (``--parts float``), as markdown lines."""
     limit = measured["fma_limit_gflops"]
     rows = measured["convolutions"]
-    reduced = [p for p in REDUCED_PRECISIONS if all(f"{p}_ms" in r for r in rows)]
+    reduced = [p for p in REDUCED_PRODUCTS if all(f"{p}_ms" in r for r in rows)]
     lines = [f"### The float convolutions against this core's FMA limit ({measured['kernels']}, 1 thread)", "",
              "Command: `python scripts/benchmark_export.py --parts float`. Each CONV_2D step of the default model "
              f"as the runtime runs it (its batch norm and residual fused in), the median of {measured['runs']} "

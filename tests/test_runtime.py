@@ -2,6 +2,7 @@
 of LCE's semantics on every kernel path; whole converted models against LCE's interpreter; the
 engine selection, threads, unsupported ops, and running without TensorFlow."""
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -959,33 +960,40 @@ def test_bfloat16_engine_runs_float_models_to_bfloat16_rounding(tmp_path):
         Engine(str(path), float_precision="float16")
 
 
-@pytest.mark.parametrize("precision, feature, spelled, function, compilers", [
-    ("bfloat16", "avx512bf16", "AVX512_BF16", "conv2d_bf16", "GCC 10 or Clang 9"),
-    ("int8", "avx512vnni", "AVX512_VNNI", "conv2d_int8", "GCC 8 or Clang 6")])
-def test_reduced_precisions_are_refused_where_the_kernels_lack_them(small_file, monkeypatch, precision, feature,
-                                                                   spelled, function, compilers):
-    """bfloat16 (int8) needs the avx512 or avx512bw kernels on a CPU with AVX512_BF16
-    (AVX512_VNNI); elsewhere (AVX2, portable, a CPU without it, the GPU) asking for it is an error
-    that says which."""
+@pytest.mark.parametrize("precision, function, needs, paths, unbuilt", [
+    ("bfloat16", "conv2d_bf16", "AVX512_BF16 and the avx512 or avx512bw kernels", ("avx512", "avx512bw"),
+     r"built without bfloat16 \(a compiler before GCC 10 or Clang 9\)"),
+    ("int8", "conv2d_int8", "AVX512_VNNI and the avx512 or avx512bw kernels, or AVX-VNNI and the avx2 kernels",
+     ("avx512", "avx512bw", "avx2"), r"built without int8 \(a compiler before GCC 8 or Clang 6; for AVX-VNNI, GCC 11 "
+                                     r"or Clang 12\)")])
+def test_reduced_precisions_are_refused_where_the_kernels_lack_them(small_file, monkeypatch, precision, function,
+                                                                   needs, paths, unbuilt):
+    """bfloat16 needs the avx512 or avx512bw kernels on a CPU with AVX512_BF16, int8 those on a CPU
+    with AVX512_VNNI or the avx2 kernels on one with AVX-VNNI; elsewhere (the portable kernels, a
+    CPU without the instructions, kernels built by a compiler without them, the GPU) asking for it
+    is an error that says which."""
     for path in PATHS:
         module = kernel_paths.load(path)
-        if path.startswith("avx512") and module.cpu_supports(feature):
+        feature = "avx512bf16" if precision == "bfloat16" else getattr(module, "int8_feature", "")
+        if hasattr(module, function) and module.cpu_supports(feature):
+            assert path in paths
+            assert Engine(small_file, kernels=path, float_precision=precision).float_precision == precision
             continue
-        with pytest.raises(ValueError, match=f"needs {spelled} and the avx512 or avx512bw kernels; these are the "
-                                             f"{path} kernels"):
+        why = "which have no" if path not in paths else "and this CPU has no"
+        with pytest.raises(ValueError, match=re.escape(f"needs {needs}; these are the {path} kernels, {why}")):
             Engine(small_file, kernels=path, float_precision=precision)
-    # AVX-512 kernels built by a compiler without the instructions (GCC 9, say) lack the function
-    if "avx512" in PATHS:
-        full = kernel_paths.load("avx512")
+    # kernels built by a compiler without the instructions (GCC 9 for bfloat16, say) lack the function
+    for path in set(paths) & set(PATHS):
+        full = kernel_paths.load(path)
         without = types.SimpleNamespace(**{k: getattr(full, k) for k in dir(full)
                                            if not k.startswith("__") and k != function})
         monkeypatch.setattr(kernel_paths, "load", lambda kernels="auto": without)
-        with pytest.raises(ValueError, match=fr"these are the avx512 kernels, built without {precision} \(a compiler "
-                                             fr"before {compilers}\)"):
+        with pytest.raises(ValueError, match=fr"these are the {path} kernels, {unbuilt}"):
             Engine(small_file, float_precision=precision)
         monkeypatch.undo()
     fake_cupy.install(monkeypatch)
-    with pytest.raises(ValueError, match=fr"float_precision='{precision}' is for the CPU kernels \({spelled}\)"):
+    with pytest.raises(ValueError, match=re.escape(f"float_precision='{precision}' is for the CPU kernels (it needs "
+                                                   f"{needs}); the GPU kernels run float32")):
         Engine(small_file, kernels="cuda", float_precision=precision)
 
 
@@ -1015,8 +1023,9 @@ def test_bfloat16_through_the_predictor_and_the_command_line(small_file, tmp_pat
                   "--float-precision", "bfloat16", "--out", str(tmp_path / "out")])
 
 
-INT8_PATHS = [p for p in PATHS if p.startswith("avx512") and kernel_paths.load(p).cpu_supports("avx512vnni")]
-needs_int8 = pytest.mark.skipif(not INT8_PATHS, reason="this CPU has no AVX512_VNNI")
+INT8_PATHS = [p for p in PATHS if hasattr(kernel_paths.load(p), "conv2d_int8")
+              and kernel_paths.load(p).cpu_supports(kernel_paths.load(p).int8_feature)]
+needs_int8 = pytest.mark.skipif(not INT8_PATHS, reason="this CPU has neither AVX512_VNNI nor AVX-VNNI")
 
 
 def _quantised(values: np.ndarray):

@@ -163,12 +163,17 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
 
 FLOAT_PRECISIONS = ("float32", "bfloat16", "int8")
 
-# what each reduced precision needs: the kernels' function, the CPU feature (cpu_supports' name and
-# as Intel's manuals spell it), and the compilers that lack it
+# what each reduced precision needs: the kernels' function, the kernel paths that may have it, what
+# to say it needs, and why a path that may have it does not (the CPU feature each path's function
+# needs is the kernels' own: cpu_supports(FEATURE) below, or their int8_feature)
 _REDUCED_PRECISIONS = {
-    "bfloat16": ("conv2d_bf16", "avx512bf16", "AVX512_BF16", "built without bfloat16 (a compiler before GCC 10 or Clang 9)"),
-    "int8": ("conv2d_int8", "avx512vnni", "AVX512_VNNI", "built without int8 (a compiler before GCC 8 or Clang 6)"),
+    "bfloat16": ("conv2d_bf16", ("avx512", "avx512bw"), "AVX512_BF16 and the avx512 or avx512bw kernels",
+                 "built without bfloat16 (a compiler before GCC 10 or Clang 9)"),
+    "int8": ("conv2d_int8", ("avx512", "avx512bw", "avx2"),
+             "AVX512_VNNI and the avx512 or avx512bw kernels, or AVX-VNNI and the avx2 kernels",
+             "built without int8 (a compiler before GCC 8 or Clang 6; for AVX-VNNI, GCC 11 or Clang 12)"),
 }
+_FEATURE_NAMES = {"avx512bf16": "AVX512_BF16", "avx512vnni": "AVX512_VNNI", "avxvnni": "AVX-VNNI"}
 
 # the CUDA streams per thread whose recycled buffers an engine keeps (Engine._buffers)
 GPU_STREAMS_KEPT = 4
@@ -218,6 +223,8 @@ class Engine:
             once, a scale an output channel; the input as it is read, a 1x1 convolution's each
             pixel with its own scale and zero point, any other's each image (an 8-bit image is kept
             exactly); a NaN or infinity makes the outputs that read it NaN (a stem's, its image's).
+            The avx2 kernels run it too on CPUs with AVX-VNNI (Intel Alder Lake and newer client
+            CPUs, which have no AVX-512).
             Outputs move by about a percent of their range, and further where a sign flips.
             docs/benchmarks.md measures the speed and how far the landmarks move.
 
@@ -258,17 +265,20 @@ class Engine:
         if float_precision not in FLOAT_PRECISIONS:
             raise ValueError(f"float_precision={float_precision!r} must be one of {FLOAT_PRECISIONS}")
         if float_precision in _REDUCED_PRECISIONS:
-            function, feature, spelled, unbuilt = _REDUCED_PRECISIONS[float_precision]
+            function, paths, needs, unbuilt = _REDUCED_PRECISIONS[float_precision]
             if on_gpu:
-                raise ValueError(f"float_precision={float_precision!r} is for the CPU kernels ({spelled}); the GPU "
-                                 "kernels run float32")
+                raise ValueError(f"float_precision={float_precision!r} is for the CPU kernels (it needs {needs}); "
+                                 "the GPU kernels run float32")
+            feature = "avx512bf16" if float_precision == "bfloat16" else getattr(self._kernels, "int8_feature", "")
             if not (hasattr(self._kernels, function) and self._kernels.cpu_supports(feature)):
-                if not hasattr(self._kernels, function) and self.kernels.startswith("avx512"):
+                if self.kernels not in paths:
+                    why = f"which have no {float_precision} convolutions"
+                elif not hasattr(self._kernels, function):
                     why = unbuilt
                 else:
-                    why = f"and this CPU {'has' if self._kernels.cpu_supports(feature) else 'has no'} {spelled}"
-                raise ValueError(f"float_precision={float_precision!r} needs {spelled} and the avx512 or avx512bw "
-                                 f"kernels; these are the {self.kernels} kernels, {why}")
+                    why = f"and this CPU has no {_FEATURE_NAMES[feature]}"
+                raise ValueError(f"float_precision={float_precision!r} needs {needs}; these are the {self.kernels} "
+                                 f"kernels, {why}")
         self.float_precision = float_precision
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "

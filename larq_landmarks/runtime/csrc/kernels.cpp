@@ -64,13 +64,20 @@ typedef float vfloat __attribute__((vector_size(kFloatLanes * 4)));
 #endif
 
 // int8 float convolutions (conv2d_int8): AVX-512 builds whose compiler knows AVX512_VNNI (GCC 8,
-// Clang 6 and newer; -DLARQ_LANDMARKS_NO_VNNI leaves them out). Without them the module has no
-// conv2d_int8 and Engine(float_precision="int8") says so.
+// Clang 6 and newer), AVX2 builds whose compiler knows AVX-VNNI (its 256-bit VEX form, on Intel's
+// Alder Lake and newer client CPUs without AVX-512; GCC 11, Clang 12 and newer);
+// -DLARQ_LANDMARKS_NO_VNNI leaves them out. Without them the module has no conv2d_int8 and
+// Engine(float_precision="int8") says so.
 #if defined(__AVX512F__) && !defined(LARQ_LANDMARKS_NO_VNNI) && \
     ((defined(__clang__) && __clang_major__ >= 6) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
-#define HAVE_VNNI 1
+#define HAVE_INT8 1
+#define INT8_FEATURE "avx512vnni"
+#elif !defined(__AVX512F__) && defined(__AVX2__) && !defined(LARQ_LANDMARKS_NO_VNNI) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define HAVE_INT8 1
+#define INT8_FEATURE "avxvnni"
 #else
-#define HAVE_VNNI 0
+#define HAVE_INT8 0
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -1047,6 +1054,19 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
             for (int j = 0; j < kFloatVectors; ++j) acc[i][j] += av * bv[j];
           }
         }
+      if (n == kFloatTileN) {  // whole columns: the epilogue in vectors, each lane as the loop below
+        const vfloat lo_v = vfloat{} + lo, hi_v = vfloat{} + hi;
+        for (int i = 0; i < m; ++i)
+          for (int j = 0; j < kFloatVectors; ++j) {
+            const int col = c0 + j * kFloatLanes;
+            vfloat v = acc[i][j] + load_v(bias + col);
+            if (residual) v = v + load_v(residual->at(row0 + r0 + i, col));
+            v = v < lo_v ? lo_v : v;  // std::max(v, lo): NaN stays
+            v = hi_v < v ? hi_v : v;  // std::min(v, hi)
+            store_v(c + (r0 + i) * cout + col, v);
+          }
+        continue;
+      }
       for (int i = 0; i < kFloatTileM; ++i)
         for (int j = 0; j < kFloatVectors; ++j) store_v(tmp[i] + j * kFloatLanes, acc[i][j]);
       for (int i = 0; i < m; ++i) {
@@ -1129,14 +1149,15 @@ static Array<uint16_t> prepare_float_weights_bf16(Array<float> filter) {
 }
 #endif
 
-#if HAVE_VNNI
-// int8 products with int32 sums (AVX512_VNNI's VPDPBUSD: four products of an unsigned byte and a
-// signed byte a lane an instruction, twice VDPBF16PS's rate and four times the FMA's): the input
+#if HAVE_INT8
+// int8 products with int32 sums (VPDPBUSD, AVX512_VNNI's or AVX-VNNI's: four products of an unsigned
+// byte and a signed byte a lane an instruction, twice VDPBF16PS's rate and four times the FMA's): the input
 // quantised as it is copied, its own scale and zero point a row (q = clamp(rint(x / s) + z, 0,
 // 255), so that x ~ s (q - z), a zero exactly z), the weights a scale an output channel (w ~ t w8,
 // w8 in [-127, 127]); then out = float(acc - z colsum) * (s t) + bias, colsum being the channel's
 // sum of w8, the product rounded before the bias is added (no FMA). B prepared by
 // prepare_float_weights_int8: [K / 4, Cout rounded up, 4]; ldb counts bytes.
+#if defined(__AVX512F__)
 #define VNNI_TARGET __attribute__((target("avx512vnni")))
 
 template <int NV>
@@ -1192,6 +1213,76 @@ static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
 #undef ROW
   GEMM_TILE_EPILOGUE
 }
+#else  // AVX2 with AVX-VNNI: 4 x (8 NV) tiles (NV = 2, or 1 for the last columns), the epilogue per value
+#define VNNI_TARGET __attribute__((target("avxvnni")))
+
+template <int NV>
+static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
+    const uint8_t* const* arow, int m, const Segments& segments, const int8_t* bp, int64_t ldb, int c0, int n,
+    const float* weight_scale, const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
+    const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c, int cout) {
+  static_assert(kFloatTileM == 4 && kFloatTileN == 16, "the AVX2 int8 tile is 4 x 16");
+#define ROW(i) __m256i q##i##0 = _mm256_setzero_si256(), q##i##1 = q##i##0;
+  ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+  for (const int64_t offset : segments.offset) {
+    const uint8_t* a_row[kFloatTileM];
+    for (int i = 0; i < kFloatTileM; ++i) a_row[i] = arow[i] + offset;
+    for (int kk = 0; kk < segments.length; kk += 4, bp += ldb) {
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+      const __m256i b1 = NV > 1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 32)) : b0;
+#define ROW(i)                                                          \
+  {                                                                     \
+    int32_t quad;                                                       \
+    std::memcpy(&quad, a_row[i] + kk, sizeof(quad));                    \
+    const __m256i a = _mm256_set1_epi32(quad);                          \
+    q##i##0 = _mm256_dpbusd_avx_epi32(q##i##0, a, b0);                  \
+    if (NV > 1) q##i##1 = _mm256_dpbusd_avx_epi32(q##i##1, a, b1);      \
+  }
+      ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+    }
+  }
+  alignas(32) float values[kFloatTileM][kFloatTileN];
+  const __m256 t0 = _mm256_loadu_ps(weight_scale + c0), t1 = _mm256_loadu_ps(weight_scale + c0 + 8);
+  const __m256i sum0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight_sum + c0));
+  const __m256i sum1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight_sum + c0 + 8));
+  auto scaled = [&](int i, __m256i q, __m256i sum, __m256 t) {
+    const int at = i < m ? i : m - 1;
+    const __m256i z = _mm256_set1_epi32(row_zero[at]);
+    return rounded_product(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_mullo_epi32(z, sum))),
+                           _mm256_mul_ps(_mm256_set1_ps(row_scale[at]), t));
+  };
+  if (n == kFloatTileN) {  // whole columns: bias, residual and clamp in vectors (NaN passes, as in TFLite)
+    const __m256 bias0 = _mm256_loadu_ps(bias + c0), bias1 = _mm256_loadu_ps(bias + c0 + 8);
+    const __m256 lo_v = _mm256_set1_ps(lo), hi_v = _mm256_set1_ps(hi);
+    auto finish = [&](int i, int j, __m256 v) {
+      v = _mm256_add_ps(v, j ? bias1 : bias0);
+      if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual->at(row + i, c0 + 8 * j)));
+      _mm256_storeu_ps(c + static_cast<int64_t>(i) * cout + c0 + 8 * j, _mm256_min_ps(hi_v, _mm256_max_ps(lo_v, v)));
+    };
+#define ROW(i)                                                                    \
+  if (i < m) {                                                                    \
+    finish(i, 0, scaled(i, q##i##0, sum0, t0));                                   \
+    finish(i, 1, scaled(i, q##i##1, sum1, t1));                                   \
+  }
+    ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+    return;
+  }
+#define ROW(i)                                                          \
+  _mm256_store_ps(values[i], scaled(i, q##i##0, sum0, t0));             \
+  if (NV > 1) _mm256_store_ps(values[i] + 8, scaled(i, q##i##1, sum1, t1));
+  ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+  for (int i = 0; i < m; ++i)
+    for (int q = 0; q < n; ++q) {
+      float v = values[i][q] + bias[c0 + q];
+      if (residual) v = v + *residual->at(row + i, c0 + q);
+      c[static_cast<int64_t>(i) * cout + c0 + q] = std::min(std::max(v, lo), hi);
+    }
+}
+#endif
 
 // gemm_rows in int8 (gemm_tile_int8): row r's scale and zero point at row_scale[r], row_zero[r].
 static VNNI_TARGET void gemm_rows_int8(const uint8_t* const* base, int64_t rows, const Segments& segments,
@@ -1212,11 +1303,15 @@ static VNNI_TARGET void gemm_rows_int8(const uint8_t* const* base, int64_t rows,
       float* out = c + r0 * cout;
 #define TILE(NV) gemm_tile_int8<NV>(arow, m, segments, bp, ldb, c0, n, weight_scale, weight_sum, s, z, bias, residual, \
                                     row0 + r0, lo, hi, out, cout)
-      switch ((n + 15) / 16) {
+      switch ((n + kFloatLanes - 1) / kFloatLanes) {  // the last block of a channel count not a multiple of the tile's
         case 1: TILE(1); break;
+#if defined(__AVX512F__)
         case 2: TILE(2); break;
         case 3: TILE(3); break;
         default: TILE(4);
+#else
+        default: TILE(2);
+#endif
       }
 #undef TILE
     }
@@ -1229,17 +1324,37 @@ struct Range {
   float lo = 0.0f, hi = 0.0f;
   bool finite = true;
   void add(const float* x, int64_t n) {
-    __m512 low = _mm512_set1_ps(lo), high = _mm512_set1_ps(hi), nan = _mm512_setzero_ps();
     int64_t i = 0;
+    float bad = 0.0f;  // NaN where some x is NaN or infinite
+#if defined(__AVX512F__)
+    __m512 low = _mm512_set1_ps(lo), high = _mm512_set1_ps(hi), nan = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
       const __m512 v = _mm512_loadu_ps(x + i);
       low = _mm512_min_ps(low, v);
       high = _mm512_max_ps(high, v);
-      nan = _mm512_add_ps(nan, _mm512_mul_ps(v, _mm512_setzero_ps()));  // NaN where some x is NaN or infinite
+      nan = _mm512_add_ps(nan, _mm512_mul_ps(v, _mm512_setzero_ps()));
     }
     lo = _mm512_reduce_min_ps(low);
     hi = _mm512_reduce_max_ps(high);
-    float bad = _mm512_reduce_add_ps(nan);
+    bad = _mm512_reduce_add_ps(nan);
+#else
+    __m256 low = _mm256_set1_ps(lo), high = _mm256_set1_ps(hi), nan = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      low = _mm256_min_ps(low, v);
+      high = _mm256_max_ps(high, v);
+      nan = _mm256_add_ps(nan, _mm256_mul_ps(v, _mm256_setzero_ps()));
+    }
+    alignas(32) float lanes[3][8];
+    _mm256_store_ps(lanes[0], low);
+    _mm256_store_ps(lanes[1], high);
+    _mm256_store_ps(lanes[2], nan);
+    for (int j = 0; j < 8; ++j) {
+      lo = std::min(lo, lanes[0][j]);
+      hi = std::max(hi, lanes[1][j]);
+      bad += lanes[2][j];
+    }
+#endif
     for (; i < n; ++i) {
       lo = std::min(lo, x[i]);
       hi = std::max(hi, x[i]);
@@ -1263,14 +1378,25 @@ struct Quantizer {
   }
   // dst[i] = clamp(rint(x[i] * inverse) + zero, 0, 255), ties to even
   void apply(const float* x, int64_t n, uint8_t* dst) const {
+    int64_t i = 0;
+#if defined(__AVX512F__)
     const __m512 inv = _mm512_set1_ps(inverse);
     const __m512i z = _mm512_set1_epi32(zero), low = _mm512_setzero_si512(), high = _mm512_set1_epi32(255);
-    int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
       __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv)), z);
       q = _mm512_min_epi32(high, _mm512_max_epi32(low, q));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(q));
     }
+#else
+    const __m256 inv = _mm256_set1_ps(inverse);
+    const __m256i z = _mm256_set1_epi32(zero), low = _mm256_setzero_si256(), high = _mm256_set1_epi32(255);
+    for (; i + 8 <= n; i += 8) {
+      __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv)), z);
+      q = _mm256_min_epi32(high, _mm256_max_epi32(low, q));
+      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packus_epi16(words, words));
+    }
+#endif
     for (; i < n; ++i) {
       const float v = std::nearbyint(x[i] * inverse);  // a NaN gives 0 (its outputs are NaN by the scale)
       dst[i] = static_cast<uint8_t>(v != v ? 0 : std::min(255.0f, std::max(0.0f, v + static_cast<float>(zero))));
@@ -1282,7 +1408,7 @@ struct Quantizer {
 // of each output channel, its sum of int8 weights), Cin4 being Cin rounded up to a multiple of 4:
 // element [p, c, e] is the weight of K index 4 p + e (an added channel's weight is 0); channel c's
 // weights are rint(w / t) with t = max |w| / 127 (1 where every weight is 0). The scales and sums
-// are as long as B is wide (0 past Cout).
+// are as long as B is wide (scale 1 and sum 0 past Cout).
 static py::tuple prepare_float_weights_int8(Array<float> filter) {
   if (filter.ndim() != 4) throw std::invalid_argument("prepare_float_weights_int8: expected a 4-d filter");
   const int cout = static_cast<int>(filter.shape(0)), taps = static_cast<int>(filter.shape(1) * filter.shape(2));
@@ -1414,8 +1540,8 @@ static void conv2d_impl(Array<float> input,
   // the name of a thread_local is the worker's own)
   static thread_local std::vector<float> row_scales;
   static thread_local std::vector<int32_t> row_zeros;
-  float* row_scale = nullptr;
-  int32_t* row_zero = nullptr;
+  [[maybe_unused]] float* row_scale = nullptr;
+  [[maybe_unused]] int32_t* row_zero = nullptr;
   const A* source = nullptr;
   // input row r (of batch * height) after the batch norm, in `row` (a buffer of width * cin)
   [[maybe_unused]] auto input_row = [&](int r, std::vector<float>& row) {
@@ -1453,7 +1579,7 @@ static void conv2d_impl(Array<float> input,
     source = padded.data();
 #endif
   } else if constexpr (kInt8) {
-#if HAVE_VNNI
+#if HAVE_INT8
     padded.resize(values);
     uint8_t* const copy = padded.data();
     row_scales.resize(pixels);
@@ -1578,7 +1704,7 @@ static void conv2d_impl(Array<float> input,
         gemm_rows_bf16(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
 #endif
       } else if constexpr (kInt8) {
-#if HAVE_VNNI
+#if HAVE_INT8
         gemm_rows_int8(base, rows, segments, b, ldb, cout, weight_scale.data(), weight_sum.data(),
                        row_scale + r0, row_zero + r0, bs, res, r0, lo, hi, y + r0 * cout);
 #endif
@@ -1606,13 +1732,13 @@ static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float
 }
 #endif
 
-#if HAVE_VNNI
+#if HAVE_INT8
 // weights, weight_scale, weight_sum: prepare_float_weights_int8(filter)'s three arrays.
 static void conv2d_int8(Array<float> input, Array<int8_t> weights, Array<float> weight_scale, Array<int32_t> weight_sum,
                         Array<float> bias, std::vector<int> geometry, float lo, float hi,
                         std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
                         float input_lo, float input_hi, py::array output) {
-  if (!__builtin_cpu_supports("avx512vnni")) throw std::runtime_error("conv2d_int8: this CPU has no AVX512_VNNI");
+  if (!__builtin_cpu_supports(INT8_FEATURE)) throw std::runtime_error("conv2d_int8: this CPU has no " INT8_FEATURE);
   conv2d_impl<Precision::kInt8>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
                                 input_multiplier, input_bias, input_lo, input_hi, output);
 }
@@ -1858,7 +1984,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("prepare_float_weights_bf16", &prepare_float_weights_bf16);
   m.def("conv2d_bf16", &conv2d_bf16);
 #endif
-#if HAVE_VNNI  // int8 float convolutions: AVX-512 builds, CPUs with AVX512_VNNI (cpu_supports)
+#if HAVE_INT8  // int8 float convolutions: AVX-512 and AVX2 builds, CPUs with int8_feature (cpu_supports)
+  m.attr("int8_feature") = INT8_FEATURE;
   m.def("prepare_float_weights_int8", &prepare_float_weights_int8);
   m.def("conv2d_int8", &conv2d_int8);
 #endif
@@ -1877,8 +2004,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
 #if HAVE_BF16
     if (feature == "avx512bf16") return __builtin_cpu_supports("avx512bf16") != 0;
 #endif
-#if HAVE_VNNI
-    if (feature == "avx512vnni") return __builtin_cpu_supports("avx512vnni") != 0;
+#if HAVE_INT8
+    if (feature == INT8_FEATURE) return __builtin_cpu_supports(INT8_FEATURE) != 0;
 #endif
     if (feature == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                   __builtin_cpu_supports("popcnt");
