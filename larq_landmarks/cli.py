@@ -502,7 +502,7 @@ def _tflite_arguments(parser):
     parser.add_argument("--float-precision", default="float32", choices=("float32", "bfloat16", "int8"),
                         help=".tflite on the runtime only: bfloat16 runs the float convolutions with bfloat16 "
                         "products, faster on CPUs with AVX512_BF16; int8 with int8 products of inputs quantised "
-                        "as they are read, faster still, on CPUs with AVX512_VNNI (landmarks may move slightly)")
+                        "as they are read, faster still, on CPUs with AVX512_VNNI or AVX-VNNI (landmarks may move slightly)")
 
 
 def build_parser() -> argparse.ArgumentParser:

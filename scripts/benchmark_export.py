@@ -17,7 +17,7 @@ against this core's FMA limit (a bare loop of independent FMA chains, compiled w
 C++ compiler for the kernels' instruction set, measured just before and after).
 Reduced precisions (``--parts precision --trained model.keras``): how far the runtime's bfloat16
 and int8 float convolutions move a trained model's landmarks (the speed and float parts time them
-beside float32 where the CPU has AVX512_BF16 / AVX512_VNNI).
+beside float32 where the CPU has AVX512_BF16 / AVX512_VNNI or AVX-VNNI).
 """
 import argparse
 import json
@@ -618,8 +618,8 @@ def write_precision_markdown(args, result):
              "unchanged. bfloat16 (AVX512_BF16's VDPBF16PS, twice the FMA's rate): bfloat16 products, float32 "
              "sums; the stem's 3 input channels are read as 4 (a zero channel, as K is taken in pairs; pairing "
              "across pixels instead would multiply a neighbour's NaN or infinity by a zero weight, giving NaN). "
-             "int8 (AVX512_VNNI's VPDPBUSD, four times the FMA's rate): the weights quantised once, a scale an "
-             "output channel; the input quantised as it is read, a 1x1 convolution's each pixel with its own "
+             "int8 (VPDPBUSD, AVX512_VNNI's or, on the avx2 kernels, AVX-VNNI's: four times the FMA's rate): "
+             "the weights quantised once, a scale an output channel; the input quantised as it is read, a 1x1 convolution's each pixel with its own "
              "scale and zero point (a batch-normed input's pixels differ in range), the stem's each image (an "
              "8-bit image is kept exactly); products and sums in integers, scaled back to float32 before the "
              "bias. Each input is first copied into the reduced precision (with its batch norm where one is "

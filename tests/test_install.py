@@ -103,8 +103,9 @@ def test_each_instruction_set_compiles_into_an_object_file_of_its_own(monkeypatc
                     or importlib.util.find_spec("pybind11") is None, reason="x86-64 with g++ and pybind11 only")
 def test_avx512_kernels_compile_without_bfloat16():
     """Compilers before GCC 10 / Clang 9 do not know AVX512_BF16 (before GCC 8 / Clang 6,
-    AVX512_VNNI): the AVX-512 sources compile without the bfloat16 convolution, the int8 one or both
-    (as -DLARQ_LANDMARKS_NO_BF16 / -DLARQ_LANDMARKS_NO_VNNI make any compiler do), and with them."""
+    AVX512_VNNI; before GCC 11 / Clang 12, AVX-VNNI): the AVX-512 sources compile without the
+    bfloat16 convolution, the int8 one or both, and the AVX2 ones without the int8 one (as
+    -DLARQ_LANDMARKS_NO_BF16 / -DLARQ_LANDMARKS_NO_VNNI make any compiler do), and with them."""
     import pybind11
 
     includes = ["-I" + sysconfig.get_paths()["include"], "-I" + pybind11.get_include()]
@@ -114,6 +115,11 @@ def test_avx512_kernels_compile_without_bfloat16():
                    ["-DLARQ_LANDMARKS_NO_BF16", "-DLARQ_LANDMARKS_NO_VNNI"]):
         result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", *define, *flags, *includes, source],
                                 capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    source = os.path.join(ROOT, "larq_landmarks", "runtime", "csrc", "kernels_avx2.cpp")
+    for define in ([], ["-DLARQ_LANDMARKS_NO_VNNI"]):
+        result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", *define, "-mavx2", "-mfma", "-mpopcnt",
+                                 *includes, source], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
 
 
