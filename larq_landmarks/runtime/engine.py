@@ -164,8 +164,8 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
 FLOAT_PRECISIONS = ("float32", "bfloat16", "int8")
 
 # what each reduced precision needs: the kernels' function, the kernel paths that may have it, what
-# to say it needs, and why a path that may have it does not (the CPU feature each path's function
-# needs is the kernels' own: cpu_supports(FEATURE) below, or their int8_feature)
+# to say it needs, and why a path that may have it does not (the CPU feature it needs: avx512bf16
+# for bfloat16, the kernels' own int8_feature for int8)
 _REDUCED_PRECISIONS = {
     "bfloat16": ("conv2d_bf16", ("avx512", "avx512bw"), "AVX512_BF16 and the avx512 or avx512bw kernels",
                  "built without bfloat16 (a compiler before GCC 10 or Clang 9)"),

@@ -1213,7 +1213,8 @@ static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
 #undef ROW
   GEMM_TILE_EPILOGUE
 }
-#else  // AVX2 with AVX-VNNI: 4 x (8 NV) tiles (NV = 2, or 1 for the last columns), the epilogue per value
+#else  // AVX2 with AVX-VNNI: 4 x (8 NV) tiles (NV = 2, or 1 for the last columns); the epilogue in vectors on
+       // whole tiles, per value on the last columns
 #define VNNI_TARGET __attribute__((target("avxvnni")))
 
 template <int NV>
@@ -1471,7 +1472,7 @@ enum class Precision { kFloat32, kBfloat16, kInt8 };
 // kInt8: weights from prepare_float_weights_int8 (with their scales and sums), the input quantised
 // as it is copied (channel counts rounded up to 4): a 1x1 stride-1 convolution's each pixel with its
 // own scale and zero point, any other's each image with one (its padding the zero point).
-// Both: AVX-512 builds only.
+// bfloat16: AVX-512 builds (HAVE_BF16); int8: AVX-512 and AVX2 builds (HAVE_INT8).
 template <Precision P>
 static void conv2d_impl(Array<float> input,
                         Array<std::conditional_t<P == Precision::kFloat32, float,
