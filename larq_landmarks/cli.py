@@ -199,18 +199,20 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     fmt = formats.get_format(args.format)
     paths = [args.model] if isinstance(args.model, str) else list(args.model)  # a --config file may give one
+    precisions = [args.float_precision] if isinstance(args.float_precision, str) else list(args.float_precision)
     predictors = {}
-    for path in paths:  # every model checked before the data are read
+    for path, precision in ((p, q) for p in paths for q in precisions):  # all checked before the data are read
+        label = path if len(precisions) == 1 else f"{path} ({precision})"
         try:
             predictor = Predictor.from_path(path, num_threads=args.threads, engine=args.engine, task=args.task,
-                                            float_precision=args.float_precision)
+                                            float_precision=precision)
         except (ValueError, CudaUnavailableError) as error:  # the model and input errors are ValueErrors
             _fail("evaluate", str(error))
         expected = 7 if predictor.task == "segmentation" else fmt.num_points  # --task, or what its outputs say
         if predictor.num_landmarks != expected:
             _fail("evaluate", f"model {path!r} outputs {predictor.num_landmarks} channels but "
                               f"format {args.format!r} with task {predictor.task!r} needs {expected}")
-        predictors[path] = predictor
+        predictors[label] = predictor
     tasks = {p.task for p in predictors.values()}
     if len(tasks) > 1:
         _fail("evaluate", f"the models were trained for different tasks ({', '.join(sorted(tasks))}): "
@@ -492,7 +494,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _tflite_arguments(parser):
+def _tflite_arguments(parser, several_precisions: bool = False):
     parser.add_argument("--engine", default="auto", type=_engine,
                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
                         "cannot run the file or where the CPU lacks AVX2, an ARM one say), runtime, lce, or cuda "
@@ -500,9 +502,11 @@ def _tflite_arguments(parser):
     parser.add_argument("--threads", type=_positive_int, default=usable_cores(),
                         help="threads for a .tflite model on the CPU (default: every core this process may use)")
     parser.add_argument("--float-precision", default="float32", choices=("float32", "bfloat16", "int8"),
+                        nargs="+" if several_precisions else None,
                         help=".tflite on the runtime only: bfloat16 runs the float convolutions with bfloat16 "
                         "products, faster on CPUs with AVX512_BF16; int8 with int8 products of inputs quantised "
-                        "as they are read, faster still, on CPUs with AVX512_VNNI or AVX-VNNI (landmarks may move slightly)")
+                        "as they are read, faster still, on CPUs with AVX512_VNNI or AVX-VNNI (landmarks may move "
+                        "slightly)" + ("; several: each model in each, side by side" if several_precisions else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -579,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, nargs="+",
                           help=".keras / SavedModel / .tflite; several (a binary model and its real-valued twin, "
                           "say) are scored on the same data and compared side by side")
-    _tflite_arguments(evaluate)
+    _tflite_arguments(evaluate, several_precisions=True)
     evaluate.add_argument("--flip-test", action="store_true", help="add the mirrored prediction")
     evaluate.add_argument("--json", help="write the tables to this JSON file")
     evaluate.add_argument("--per-image", help="write each image's error to this CSV file (NME, PCKh or segmentation scores)")

@@ -1,6 +1,7 @@
 """The bit-packed runtime (issue 10): binary-conv accumulators bit-exact against a NumPy reference
 of LCE's semantics on every kernel path; whole converted models against LCE's interpreter; the
 engine selection, threads, unsupported ops, and running without TensorFlow."""
+import json
 import os
 import re
 import subprocess
@@ -1157,8 +1158,9 @@ def test_reduced_precision_engine_runs_float_models_to_its_rounding(tmp_path, pr
 @needs_int8
 def test_int8_through_the_predictor_and_the_command_line(small_file, tmp_path, capsys):
     """``Predictor.from_path(..., float_precision="int8")`` and ``--float-precision int8`` run the
-    runtime's int8 convolutions; LCE's interpreter runs float32 only, and asking it for int8 is an
-    error that says so."""
+    runtime's int8 convolutions; ``evaluate`` given several precisions scores the model in each, side
+    by side (each one's JSON tables those of the model run alone in it); LCE's interpreter runs
+    float32 only, and asking it for int8 is an error that says so."""
     from larq_landmarks.datasets import writers
     from larq_landmarks.tflite_model import TfliteModel
 
@@ -1168,9 +1170,19 @@ def test_int8_through_the_predictor_and_the_command_line(small_file, tmp_path, c
     assert predictor.engine == "runtime" and predictor._predict.__self__.float_precision == "int8"
     points, _ = predictor.predict(image, [[10, 10, 90, 90]])
     assert points.shape == (1, 68, 2) and np.isfinite(points).all()
-    assert cli.main(["evaluate", "--model", small_file, "--format", "300w", "--data", str(tmp_path / "faces"),
-                     "--float-precision", "int8"]) == 0
+    evaluate = ["evaluate", "--model", small_file, "--format", "300w", "--data", str(tmp_path / "faces")]
+    alone = {}
+    for precision in ("float32", "int8"):
+        assert cli.main(evaluate + ["--float-precision", precision, "--json", str(tmp_path / f"{precision}.json")]) == 0
+        alone[precision] = json.loads((tmp_path / f"{precision}.json").read_text())["tables"]
     assert "NME box %" in capsys.readouterr().out
+    assert cli.main(evaluate + ["--float-precision", "float32", "int8", "--json", str(tmp_path / "both.json")]) == 0
+    printed = capsys.readouterr().out
+    labels = [f"{small_file} (float32)", f"{small_file} (int8)"]
+    assert all(f"model {label}\n" in printed and f"| {label} | " in printed for label in labels)
+    both = json.loads((tmp_path / "both.json").read_text())["models"]
+    assert [m["model"] for m in both] == labels
+    assert [m["tables"] for m in both] == [alone["float32"], alone["int8"]]
     with pytest.raises(ValueError, match="float_precision='int8' is the runtime's; LCE's interpreter runs float32"):
         TfliteModel(small_file, engine="lce", float_precision="int8")
 
