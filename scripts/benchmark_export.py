@@ -138,12 +138,7 @@ def reduced_precisions_here(kernels: str = "avx512") -> list:
     """The reduced float precisions that ``kernels`` run on this CPU."""
     from larq_landmarks.runtime import available_kernels
 
-    if kernels not in available_kernels():
-        return []
-    module = kernel_paths.load(kernels)
-    here = {"bfloat16": hasattr(module, "conv2d_bf16") and module.cpu_supports("avx512bf16"),
-            "int8": hasattr(module, "conv2d_int8") and module.cpu_supports(module.int8_feature)}
-    return [p for p in REDUCED_PRODUCTS if here[p]]
+    return kernel_paths.reduced_precisions(kernel_paths.load(kernels)) if kernels in available_kernels() else []
 
 
 def speed(runs, rounds=3):
@@ -565,9 +560,8 @@ def main():
                         help="comma-separated: compression (sizes, int8), speed (engines, layers, breakdown), "
                         "float (the float convolutions against this core's FMA limit), precision (how far "
                         "float_precision='bfloat16' and 'int8' move --trained's landmarks; with speed's figures), "
-                        "batch (the CPU "
-                        "engine's batches run a few images at a time against all at once), crops (the Predictor's "
-                        "crops in C++ against NumPy)")
+                        "batch (the CPU engine's batches run a few images at a time against all at once), crops "
+                        "(the Predictor's crops in C++ against NumPy)")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--json", default="docs/benchmark_export.json")
     args = parser.parse_args()

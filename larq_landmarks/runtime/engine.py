@@ -164,8 +164,8 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
 FLOAT_PRECISIONS = ("float32", "bfloat16", "int8")
 
 # what each reduced precision needs: the kernels' function, the kernel paths that may have it, what
-# to say it needs, and why a path that may have it does not (the CPU feature it needs: avx512bf16
-# for bfloat16, the kernels' own int8_feature for int8)
+# to say it needs, and why a path that may have it does not (the CPU feature it needs:
+# kernel_paths.precision_feature)
 _REDUCED_PRECISIONS = {
     "bfloat16": ("conv2d_bf16", ("avx512", "avx512bw"), "AVX512_BF16 and the avx512 or avx512bw kernels",
                  "built without bfloat16 (a compiler before GCC 10 or Clang 9)"),
@@ -269,8 +269,8 @@ class Engine:
             if on_gpu:
                 raise ValueError(f"float_precision={float_precision!r} is for the CPU kernels (it needs {needs}); "
                                  "the GPU kernels run float32")
-            feature = "avx512bf16" if float_precision == "bfloat16" else getattr(self._kernels, "int8_feature", "")
-            if not (hasattr(self._kernels, function) and self._kernels.cpu_supports(feature)):
+            if float_precision not in kernel_paths.reduced_precisions(self._kernels):
+                feature = kernel_paths.precision_feature(self._kernels, float_precision)
                 if self.kernels not in paths:
                     why = f"which have no {float_precision} convolutions"
                 elif not hasattr(self._kernels, function):

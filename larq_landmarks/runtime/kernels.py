@@ -36,6 +36,21 @@ def available() -> List[str]:
     return paths
 
 
+def precision_feature(module: ModuleType, precision: str) -> str:
+    """The CPU feature (``cpu_supports``' name) that a kernel module's ``precision`` float
+    convolutions need: AVX512_BF16 for bfloat16; for int8 the module's own ``int8_feature``
+    (AVX512_VNNI on the AVX-512 paths, AVX-VNNI on avx2), "" where it has none."""
+    return "avx512bf16" if precision == "bfloat16" else getattr(module, "int8_feature", "")
+
+
+def reduced_precisions(module: ModuleType) -> List[str]:
+    """The reduced float precisions (``Engine``'s ``float_precision`` besides float32) that a kernel
+    module runs on this CPU: those it was built with whose instructions the CPU has."""
+    built = {"bfloat16": "conv2d_bf16", "int8": "conv2d_int8"}
+    return [p for p, function in built.items()
+            if hasattr(module, function) and module.cpu_supports(precision_feature(module, p))]
+
+
 def load(kernels: str = "auto") -> ModuleType:
     """The kernel module for ``kernels`` (``"auto"`` or one of ``PATHS``; the GPU's
     ``"cuda"`` paths are :func:`larq_landmarks.runtime.cuda.load`)."""
