@@ -1204,3 +1204,106 @@ def test_cpu_kernels_run_a_batch_as_many_images_at_a_time_as_fit(small_file, mon
     runs.clear()
     engine.predict(images, batch_size=1)
     assert runs == [1] * 5
+
+
+def _precisions_on(path: str) -> list:
+    """The float convolutions' precisions the kernels of ``path`` run on this CPU: (name, conv2d
+    called as ``conv2d`` is, prepare)."""
+    module = kernel_paths.load(path)
+    found = [("float32", module.conv2d, module.prepare_float_weights)]
+    if path in BF16_PATHS:
+        found.append(("bfloat16", module.conv2d_bf16, module.prepare_float_weights_bf16))
+    if path in INT8_PATHS:
+        def int8(filters):
+            weights, scales, sums = module.prepare_float_weights_int8(filters)
+            return weights, scales, sums
+        found.append(("int8", lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
+                      int8))
+    return found
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_float_conv_pools_its_output_as_max_pool_2d_does(path):
+    """``conv2d(..., pool_window=(ph, pw))`` writes the convolution's output (its batch norm before,
+    residual after) max-pooled by that window and stride: bit for bit ``conv2d`` then ``pool2d``, in
+    every precision this CPU runs, a NaN dropped as MAX_POOL_2D drops it; tasks of ph rows longer
+    than the kernel's 96-row GEMM chunks (a 2 x 50 strip), the 7x7 stride-2 stem, 3-row windows."""
+    rng = np.random.default_rng(11)
+    module = kernel_paths.load(path)
+    none = np.zeros(0, np.float32)
+    for (height, width), cin, cout, k, stride, window in [((12, 50), 64, 48, 1, 1, (2, 2)),
+                                                         ((24, 24), 3, 32, 7, 2, (3, 2)),
+                                                         ((9, 9), 5, 7, 3, 1, (3, 3))]:
+        x = rng.normal(size=(2, height, width, cin)).astype(np.float32)
+        x[1, 3, 4, 0] = np.nan
+        filters = rng.normal(size=(cout, k, k, cin)).astype(np.float32)
+        bias = rng.normal(size=cout).astype(np.float32)
+        scale, shift = rng.uniform(0.5, 2, cin).astype(np.float32), rng.normal(size=cin).astype(np.float32)
+        out_h, pad_top = ops._same_padding(height, k, stride, 1, 0)
+        out_w, pad_left = ops._same_padding(width, k, stride, 1, 0)
+        geometry = [k, k, stride, stride, 1, 1, pad_top, pad_left]
+        residual = rng.normal(size=(2, out_h, out_w, cout)).astype(np.float32)
+        ph, pw = window
+        for precision, convolve, prepare in _precisions_on(path):
+            weights = prepare(filters)
+            for parts, multiplier, offset in (([], none, none), ([residual], scale, shift)):
+                full = np.empty((2, out_h, out_w, cout), np.float32)
+                convolve(x, weights, bias, geometry, -np.inf, np.inf, parts, multiplier, offset, -np.inf, np.inf, full)
+                want = np.empty((2, out_h // ph, out_w // pw, cout), np.float32)
+                module.pool2d(full, [ph, pw, ph, pw, 0, 0], 0, -np.inf, np.inf, want)
+                got = np.full_like(want, 7.0)
+                convolve(x, weights, bias, geometry, -np.inf, np.inf, parts, multiplier, offset, -np.inf, np.inf, got,
+                         pool_window=[ph, pw])
+                assert np.isnan(full).any() and not np.isnan(want).all()
+                np.testing.assert_array_equal(got, want, err_msg=f"{precision}, {k}x{k}, window {window}")
+                # by hand: the maximum over each window of the convolution's output, NaN left out
+                windows = full.reshape(2, out_h // ph, ph, out_w // pw, pw, cout)
+                np.testing.assert_array_equal(got, np.where(np.isnan(windows), -np.inf, windows).max(axis=(2, 4)))
+    with pytest.raises(ValueError, match="conv2d: pool_window needs 2 positive numbers"):
+        module.conv2d(x, module.prepare_float_weights(filters), bias, geometry, -np.inf, np.inf, [], none, none,
+                      -np.inf, np.inf, got, pool_window=[2])
+
+
+@pytest.fixture(scope="module")
+def pooled_convs_file(tmp_path_factory):
+    """A float model of convolutions read by MAX_POOL_2Ds: a 1x1 + ADD pooled 2x2 (the HPM stem's
+    pattern), a 3x3 + ReLU pooled 3x3 "SAME" on an 8x8 output (the window does not divide it: one
+    row and column of padding), a 1x1 pooled 2x2 with stride 1 (overlapping windows, not a
+    convolution's to pool) and a 1x1 also read by an ADD (not either)."""
+    layers = tf.keras.layers
+    tf.keras.utils.set_random_seed(5)
+    inputs = tf.keras.Input((16, 16, 8))
+    x = layers.Add()([layers.Conv2D(16, 1)(inputs), layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)])
+    x = layers.MaxPool2D(2)(x)
+    x = layers.MaxPool2D(3, padding="same")(layers.Conv2D(16, 3, padding="same", activation="relu")(x))
+    x = layers.MaxPool2D(2, strides=1)(layers.Conv2D(16, 1)(x))
+    shared = layers.Conv2D(16, 1)(x)
+    x = layers.Add()([layers.MaxPool2D(1)(shared), shared])
+    path = tmp_path_factory.mktemp("pooled") / "pooled.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(inputs, x)).convert())
+    return str(path)
+
+
+@pytest.mark.parametrize("kernels", PATHS + ["cuda"])
+def test_max_pool_after_a_float_conv_is_done_in_its_pass(pooled_convs_file, monkeypatch, kernels):
+    """A MAX_POOL_2D whose stride is its window, reading only a float convolution's output (after
+    its ADD), has no step of its own: the convolution pools as it computes (by ``pool2d`` after it
+    where the window does not divide its output, and on the GPU). The outputs are bit for bit the
+    plan's with every pool its own step, and TensorFlow Lite's to float rounding; overlapping
+    windows and an output read by another op stay separate steps (LCE's interpreter runs the file
+    as TensorFlow Lite does)."""
+    if kernels == "cuda":
+        fake_cupy.install(monkeypatch)
+    images = np.random.default_rng(4).normal(size=(3, 16, 16, 8)).astype(np.float32)
+    fused = Engine(pooled_convs_file, kernels=kernels, cuda_graphs=False)
+    names = [name for name, _, _ in fused.profile(images)]
+    assert names[:4] == ["CONV_2D", "CONV_2D+ADD+MAX_POOL_2D", "CONV_2D+MAX_POOL_2D", "CONV_2D"]
+    assert names.count("MAX_POOL_2D") == 2 and set(names) <= set(engine_module.PARTS) | {"MAX_POOL_2D", "ADD"}
+    got = np.asarray(fused.predict(images))
+    monkeypatch.setattr(engine_module, "_following_max_pool", lambda *args: None)
+    plain = Engine(pooled_convs_file, kernels=kernels, cuda_graphs=False)
+    assert [name for name, _, _ in plain.profile(images)].count("MAX_POOL_2D") == 4
+    np.testing.assert_array_equal(got, np.asarray(plain.predict(images)))
+    want = export.TfliteModel(pooled_convs_file, engine="lce").predict(images)
+    assert got.shape == want.shape == (3, 2, 2, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

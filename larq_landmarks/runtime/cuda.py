@@ -273,8 +273,17 @@ class CudaKernels:
         return self.upload(np.ascontiguousarray(filters.reshape(cout, -1).T))
 
     def conv2d(self, x, weights, bias, geometry, lo: float, hi: float, residual, input_multiplier, input_bias,
-               input_lo: float, input_hi: float, out) -> None:
+               input_lo: float, input_hi: float, out, pool_window=()) -> None:
+        """The CPU kernels' ``conv2d``; ``pool_window`` ``(ph, pw)``: ``out`` is the convolution's
+        output max-pooled by that window and stride, here by ``pool2d`` after the convolution."""
         cp = self.cp
+        if len(pool_window):
+            ph, pw = (int(v) for v in pool_window)
+            full = cp.empty((out.shape[0], out.shape[1] * ph, out.shape[2] * pw, out.shape[3]), cp.float32)
+            self.conv2d(x, weights, bias, geometry, lo, hi, residual, input_multiplier, input_bias, input_lo,
+                        input_hi, full)
+            self.pool2d(full, [ph, pw, ph, pw, 0, 0], 0, -np.inf, np.inf, out)
+            return
         has_mul, has_add = input_multiplier.size > 0, input_bias.size > 0
         if has_mul or has_add or input_lo > -np.inf or input_hi < np.inf:
             transformed = cp.empty(x.shape, cp.float32)

@@ -95,6 +95,22 @@ def _following_add(graph: Graph, op, producers, consumers):
     return others, add.outputs[0], activation, []
 
 
+def _following_max_pool(graph: Graph, tensor: int, consumers: dict) -> Optional[tuple]:
+    """For a float convolution's output (its ADD's, where one is fused) read only by a MAX_POOL_2D
+    whose stride is its window, without activation: ``(that pool, (window height, window width),
+    padding code)``, else None; the convolution can then pool its output as it computes it."""
+    readers = consumers.get(tensor, [])
+    if tensor in graph.outputs or len(readers) != 1 or readers[0].name != "MAX_POOL_2D":
+        return None
+    pool = readers[0]
+    o = pool.options
+    window = (o.FilterHeight(), o.FilterWidth())
+    if o.FusedActivationFunction() != 0 or window != (o.StrideH(), o.StrideW()) or window[0] * window[1] < 2 \
+            or graph.tensors[pool.outputs[0]].dtype != np.float32:
+        return None
+    return pool, window, o.Padding()
+
+
 def _packed_quantizes(graph: Graph, fused: dict, producers: dict) -> dict:
     """The LceQuantize ops that read an LceBconv2d's float output (through a batch norm folded into
     them, ``fused``, or directly), whose bits the convolution's epilogue can pack: LceBconv2d index
@@ -158,6 +174,8 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
          "LceBconv2d+LceQuantize+CONCATENATION+ADD": "binary convolutions",
          "CONV_2D": "float convolutions", "CONV_2D+ADD": "float convolutions",
          "BN+CONV_2D": "float convolutions", "BN+CONV_2D+ADD": "float convolutions",
+         "CONV_2D+MAX_POOL_2D": "float convolutions", "CONV_2D+ADD+MAX_POOL_2D": "float convolutions",
+         "BN+CONV_2D+MAX_POOL_2D": "float convolutions", "BN+CONV_2D+ADD+MAX_POOL_2D": "float convolutions",
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
          "LceDequantize": "bit-packing (with fused batch norm)"}
 
@@ -343,6 +361,15 @@ class Engine:
                 del residuals[concat], deferred[add]
                 folded.add(add)
             folded.add(concat)
+        # CONV_2D index -> (pool output, window, padding): the MAX_POOL_2D after it done in its pass
+        max_pools = {}
+        for op in graph.operators:
+            if op.name == "CONV_2D":
+                found = _following_max_pool(graph, residuals[op.index][1] if op.index in residuals else op.outputs[0],
+                                            consumers)
+                if found is not None:
+                    max_pools[op.index] = (found[0].outputs[0],) + found[1:]
+                    folded.add(found[0].index)
         steps, step_ops = [], []
         for op in graph.operators:
             if op.index in folded:
@@ -351,7 +378,7 @@ class Engine:
             tensors, target, activation = residuals.get(op.index, (None, None, 0))
             if op.name == "CONV_2D":
                 steps.append(ops.conv_2d(graph, op, self._kernels, tensors, target, activation, fused.get(op.index),
-                                         precision=self.float_precision))
+                                         precision=self.float_precision, max_pool=max_pools.get(op.index)))
             elif op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
             elif op.index in packs or op.index in intos:
@@ -363,7 +390,7 @@ class Engine:
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
             step_ops.append(op)
-        self._fused, self._packs, self._intos = set(fused), set(packs), intos
+        self._fused, self._packs, self._intos, self._max_pools = set(fused), set(packs), intos, max_pools
         # after which step each activation is read for the last time (then its buffer is reused)
         self._residuals = residuals
         last_read = {}
@@ -516,8 +543,10 @@ class Engine:
                 if op.index in self._intos:
                     label += "+CONCATENATION" + ("+ADD" if self._intos[op.index][3] is not None else "")
                 label = "BN+" + label if op.index in self._fused else label
+                label += "+MAX_POOL_2D" if op.index in self._max_pools else ""
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
                 written = self._intos[op.index][0] if op.index in self._intos else written
+                written = self._max_pools[op.index][0] if op.index in self._max_pools else written
                 if events:
                     events.append(record_event())
                 times.append((label, str(values[written].shape), time.perf_counter() - start))

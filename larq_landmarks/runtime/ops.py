@@ -271,7 +271,8 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
 
 
 def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] = None, target: Optional[int] = None,
-            add_activation: int = 0, input_affine: Optional[tuple] = None, precision: str = "float32") -> Run:
+            add_activation: int = 0, input_affine: Optional[tuple] = None, precision: str = "float32",
+            max_pool: Optional[tuple] = None) -> Run:
     """Float convolution with bias and fused activation. ``residual``, ``target`` and
     ``add_activation`` fuse the ADD that follows a convolution without activation: ``target =
     clamp(conv + residual)``, rounded as the two ops round, where ``residual`` lists the tensors
@@ -282,7 +283,10 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     ``"bfloat16"``, products of the input and weights rounded to bfloat16, sums in float32;
     ``"int8"``, the weights quantised a scale an output channel and the input as it is read (a 1x1
     convolution's each pixel with its own scale and zero point, any other's each image), products
-    and sums in integers, then scaled back to float32."""
+    and sums in integers, then scaled back to float32. ``max_pool`` = ``(pool output, (window
+    height, window width), padding code)``: the MAX_POOL_2D (its stride its window, no activation)
+    that reads the convolution's output (after the ADD), done in the same pass where the window
+    divides that output (no padding then, either way), else by ``pool2d`` after it."""
     _check_float(graph, op)
     o = op.options
     filters = _constant(graph, op, 1, np.float32)
@@ -314,17 +318,33 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         batch, height, width, _ = x.shape
         out_h, pad_top = _same_padding(height, fh, sh, dh, o.Padding())
         out_w, pad_left = _same_padding(width, fw, sw, dw, o.Padding())
-        out = values.alloc((batch, out_h, out_w, cout), np.float32)
-        convolve(x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high,
-                 [] if residual is None else [values[i] for i in residual], in_mul, in_bias, in_low, in_high, out)
-        values[target] = out
+        args = (x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high,
+                [] if residual is None else [values[i] for i in residual], in_mul, in_bias, in_low, in_high)
+        if max_pool is None:
+            out = values.alloc((batch, out_h, out_w, cout), np.float32)
+            convolve(*args, out)
+            values[target] = out
+            return
+        pooled, (ph, pw), padding = max_pool
+        if out_h % ph == 0 and out_w % pw == 0:
+            out = values.alloc((batch, out_h // ph, out_w // pw, cout), np.float32)
+            convolve(*args, out, pool_window=[ph, pw])
+        else:
+            full = values.alloc((batch, out_h, out_w, cout), np.float32)
+            convolve(*args, full)
+            pool_h, pool_top = _same_padding(out_h, ph, ph, 1, padding)
+            pool_w, pool_left = _same_padding(out_w, pw, pw, 1, padding)
+            out = values.alloc((batch, pool_h, pool_w, cout), np.float32)
+            kernels.pool2d(full, [ph, pw, ph, pw, pool_top, pool_left], 0, -math.inf, math.inf, out)
+            values.release(full)
+        values[pooled] = out
 
     return run
 
 
-def _conv2d_int8(conv2d_int8, scales, sums, x, weights, *args):
+def _conv2d_int8(conv2d_int8, scales, sums, x, weights, *args, **kwargs):
     """``conv2d_int8`` called as ``conv2d`` is: the weights' scales and sums after them."""
-    conv2d_int8(x, weights, scales, sums, *args)
+    conv2d_int8(x, weights, scales, sums, *args, **kwargs)
 
 
 def _elementwise(graph: Graph, op: Operator, kernels, code: int) -> Run:

@@ -1473,6 +1473,11 @@ enum class Precision { kFloat32, kBfloat16, kInt8 };
 // as it is copied (channel counts rounded up to 4): a 1x1 stride-1 convolution's each pixel with its
 // own scale and zero point, any other's each image with one (its padding the zero point).
 // bfloat16: AVX-512 builds (HAVE_BF16); int8: AVX-512 and AVX2 builds (HAVE_INT8).
+// pool_window ({} or {ph, pw}): a MAX_POOL_2D of that window, stride and no padding (no activation)
+// after the convolution (and its ADD), done by the same pass: `output` is the pooled tensor, the
+// convolution's own output (ph times its height, pw times its width, the residual's shape) is
+// computed one task of ph rows at a time into a buffer of the thread's and pooled from there, so it
+// is never written out whole. The maxima are those MAX_POOL_2D computes (pool2d, bit for bit).
 template <Precision P>
 static void conv2d_impl(Array<float> input,
                         Array<std::conditional_t<P == Precision::kFloat32, float,
@@ -1480,7 +1485,7 @@ static void conv2d_impl(Array<float> input,
                         Array<float> weight_scale, Array<int32_t> weight_sum, Array<float> bias,
                         std::vector<int> geometry, float lo, float hi, std::vector<Array<float>> residual,
                         Array<float> input_multiplier, Array<float> input_bias, float input_lo, float input_hi,
-                        py::array output) {
+                        py::array output, std::vector<int> pool_window) {
   constexpr bool kBf16 = P == Precision::kBfloat16, kInt8 = P == Precision::kInt8;
   // the GEMM's A
   using A = std::conditional_t<P == Precision::kFloat32, float, std::conditional_t<kBf16, uint16_t, uint8_t>>;
@@ -1491,7 +1496,12 @@ static void conv2d_impl(Array<float> input,
   const int dh = geometry[4], dw = geometry[5], pt = geometry[6], pl = geometry[7];
   const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
   const int width = static_cast<int>(input.shape(2)), cin = static_cast<int>(input.shape(3));
-  const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
+  if (!pool_window.empty() && (pool_window.size() != 2 || pool_window[0] < 1 || pool_window[1] < 1))
+    throw std::invalid_argument(std::string(name) + ": pool_window needs 2 positive numbers");
+  const int ph = pool_window.empty() ? 1 : pool_window[0], pw = pool_window.empty() ? 1 : pool_window[1];
+  const bool pooled = ph * pw > 1;
+  // the convolution's output size (the pooled output's times the window)
+  const int out_h = static_cast<int>(output.shape(1)) * ph, out_w = static_cast<int>(output.shape(2)) * pw;
   const int cout = static_cast<int>(output.shape(3));
   // a pixel's values in the GEMM's A rows
   const int channels_read = kInt8 ? (cin + 3) / 4 * 4 : kBf16 ? cin + cin % 2 : cin;
@@ -1674,43 +1684,72 @@ static void conv2d_impl(Array<float> input,
   // the float32 1x1 convolution with a batch norm before it applies it a task's rows at a time
   const bool patched = P == Precision::kFloat32 && direct && affine;
   constexpr int kRowsPerTask = 96;  // a multiple of every path's row tile
-  const int tasks = static_cast<int>((pixels + kRowsPerTask - 1) / kRowsPerTask);
-  pool().parallel_for(tasks, [&](int t0, int t1) {
-    static thread_local std::vector<float> patch;  // per thread, kept: fn runs once per chunk
-    patch.resize(patched ? static_cast<size_t>(kRowsPerTask) * cin : 0);
+  // GEMM rows (output pixels) r0 .. r0 + rows - 1 (at most kRowsPerTask) into dst; `patch`: the
+  // calling thread's buffer of kRowsPerTask * cin floats (patched only)
+  auto gemm_task = [&](int64_t r0, int rows, float* dst, float* patch) {
     const A* base[kRowsPerTask];
-    for (int t = t0; t < t1; ++t) {
-      const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
-      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0));
-      for (int r = 0; r < rows; ++r) {
-        const int64_t pixel = r0 + r;
-        if constexpr (P == Precision::kFloat32) {
-          if (patched) {
-            affine_copy(x + pixel * cin, cin, in_m, in_b, input_lo, input_hi, patch.data() + static_cast<int64_t>(r) * cin);
-            base[r] = patch.data() + static_cast<int64_t>(r) * cin;
-            continue;
-          }
-        }
-        if (direct) {
-          base[r] = source + pixel * channels_read;
-        } else {
-          const int64_t bi = pixel / (static_cast<int64_t>(out_h) * out_w);
-          const int oy = static_cast<int>(pixel / out_w % out_h), ox = static_cast<int>(pixel % out_w);
-          base[r] = source + ((bi * padded_h + static_cast<int64_t>(oy) * sh) * padded_w + static_cast<int64_t>(ox) * sw) *
-                                 channels_read;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t pixel = r0 + r;
+      if constexpr (P == Precision::kFloat32) {
+        if (patched) {
+          affine_copy(x + pixel * cin, cin, in_m, in_b, input_lo, input_hi, patch + static_cast<int64_t>(r) * cin);
+          base[r] = patch + static_cast<int64_t>(r) * cin;
+          continue;
         }
       }
-      if constexpr (kBf16) {
-#if HAVE_BF16
-        gemm_rows_bf16(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
-#endif
-      } else if constexpr (kInt8) {
-#if HAVE_INT8
-        gemm_rows_int8(base, rows, segments, b, ldb, cout, weight_scale.data(), weight_sum.data(),
-                       row_scale + r0, row_zero + r0, bs, res, r0, lo, hi, y + r0 * cout);
-#endif
+      if (direct) {
+        base[r] = source + pixel * channels_read;
       } else {
-        gemm_rows(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, y + r0 * cout);
+        const int64_t bi = pixel / (static_cast<int64_t>(out_h) * out_w);
+        const int oy = static_cast<int>(pixel / out_w % out_h), ox = static_cast<int>(pixel % out_w);
+        base[r] = source + ((bi * padded_h + static_cast<int64_t>(oy) * sh) * padded_w + static_cast<int64_t>(ox) * sw) *
+                               channels_read;
+      }
+    }
+    if constexpr (kBf16) {
+#if HAVE_BF16
+      gemm_rows_bf16(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, dst);
+#endif
+    } else if constexpr (kInt8) {
+#if HAVE_INT8
+      gemm_rows_int8(base, rows, segments, b, ldb, cout, weight_scale.data(), weight_sum.data(), row_scale + r0,
+                     row_zero + r0, bs, res, r0, lo, hi, dst);
+#endif
+    } else {
+      gemm_rows(base, rows, segments, b, ldb, cout, bs, res, r0, lo, hi, dst);
+    }
+  };
+  if (!pooled) {
+    const int tasks = static_cast<int>((pixels + kRowsPerTask - 1) / kRowsPerTask);
+    pool().parallel_for(tasks, [&](int t0, int t1) {
+      static thread_local std::vector<float> patch;  // per thread, kept: fn runs once per chunk
+      patch.resize(patched ? static_cast<size_t>(kRowsPerTask) * cin : 0);
+      for (int t = t0; t < t1; ++t) {
+        const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
+        gemm_task(r0, static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0)), y + r0 * cout, patch.data());
+      }
+    });
+    return;
+  }
+  // a task: ph rows of the convolution's output into `strip`, pooled into one row of `output`
+  const int pooled_w = out_w / pw, strip_rows = ph * out_w;
+  pool().parallel_for(batch * (out_h / ph), [&](int t0, int t1) {
+    static thread_local std::vector<float> patch, strip;
+    patch.resize(patched ? static_cast<size_t>(kRowsPerTask) * cin : 0);
+    strip.resize(static_cast<size_t>(strip_rows) * cout);
+    for (int t = t0; t < t1; ++t) {
+      const int64_t first = static_cast<int64_t>(t) * strip_rows;
+      for (int r = 0; r < strip_rows; r += kRowsPerTask)
+        gemm_task(first + r, std::min(kRowsPerTask, strip_rows - r), strip.data() + static_cast<int64_t>(r) * cout,
+                  patch.data());
+      float* dst = y + static_cast<int64_t>(t) * pooled_w * cout;
+      for (int px = 0; px < pooled_w; ++px, dst += cout) {
+        std::fill(dst, dst + cout, -std::numeric_limits<float>::infinity());
+        for (int fy = 0; fy < ph; ++fy)  // in pool2d's order
+          for (int fx = 0; fx < pw; ++fx) {
+            const float* src = strip.data() + (static_cast<int64_t>(fy) * out_w + px * pw + fx) * cout;
+            for (int c = 0; c < cout; ++c) dst[c] = std::max(dst[c], src[c]);
+          }
       }
     }
   });
@@ -1718,18 +1757,19 @@ static void conv2d_impl(Array<float> input,
 
 static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, std::vector<int> geometry, float lo,
                    float hi, std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
-                   float input_lo, float input_hi, py::array output) {
+                   float input_lo, float input_hi, py::array output, std::vector<int> pool_window) {
   conv2d_impl<Precision::kFloat32>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
-                                   input_bias, input_lo, input_hi, output);
+                                   input_bias, input_lo, input_hi, output, pool_window);
 }
 
 #if HAVE_BF16
 static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float> bias, std::vector<int> geometry,
                         float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
-                        Array<float> input_bias, float input_lo, float input_hi, py::array output) {
+                        Array<float> input_bias, float input_lo, float input_hi, py::array output,
+                        std::vector<int> pool_window) {
   if (!__builtin_cpu_supports("avx512bf16")) throw std::runtime_error("conv2d_bf16: this CPU has no AVX512_BF16");
   conv2d_impl<Precision::kBfloat16>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
-                                    input_bias, input_lo, input_hi, output);
+                                    input_bias, input_lo, input_hi, output, pool_window);
 }
 #endif
 
@@ -1738,10 +1778,10 @@ static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float
 static void conv2d_int8(Array<float> input, Array<int8_t> weights, Array<float> weight_scale, Array<int32_t> weight_sum,
                         Array<float> bias, std::vector<int> geometry, float lo, float hi,
                         std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
-                        float input_lo, float input_hi, py::array output) {
+                        float input_lo, float input_hi, py::array output, std::vector<int> pool_window) {
   if (!__builtin_cpu_supports(INT8_FEATURE)) throw std::runtime_error("conv2d_int8: this CPU has no " INT8_FEATURE);
   conv2d_impl<Precision::kInt8>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
-                                input_multiplier, input_bias, input_lo, input_hi, output);
+                                input_multiplier, input_bias, input_lo, input_hi, output, pool_window);
 }
 #endif
 
@@ -1980,15 +2020,24 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
         py::arg("next_scale") = py::array_t<float>(0), py::arg("next_shift") = py::array_t<float>(0),
         py::arg("pack_next") = false);
   m.def("prepare_float_weights", &prepare_float_weights);
-  m.def("conv2d", &conv2d);
+  m.def("conv2d", &conv2d, py::arg("input"), py::arg("weights"),
+        py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
+        py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
+        py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>());
 #if HAVE_BF16  // bfloat16 float convolutions: AVX-512 builds, CPUs with AVX512_BF16 (cpu_supports)
   m.def("prepare_float_weights_bf16", &prepare_float_weights_bf16);
-  m.def("conv2d_bf16", &conv2d_bf16);
+  m.def("conv2d_bf16", &conv2d_bf16, py::arg("input"), py::arg("weights"),
+        py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
+        py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
+        py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>());
 #endif
 #if HAVE_INT8  // int8 float convolutions: AVX-512 and AVX2 builds, CPUs with int8_feature (cpu_supports)
   m.attr("int8_feature") = INT8_FEATURE;
   m.def("prepare_float_weights_int8", &prepare_float_weights_int8);
-  m.def("conv2d_int8", &conv2d_int8);
+  m.def("conv2d_int8", &conv2d_int8, py::arg("input"), py::arg("weights"), py::arg("weight_scale"), py::arg("weight_sum"),
+        py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
+        py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
+        py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>());
 #endif
   m.def("binary_elementwise", &binary_elementwise);
   m.def("pool2d", &pool2d);
