@@ -917,6 +917,15 @@ struct Segments {
 };
 
 #if defined(__AVX512F__)
+// The residual of a 6 x (16 NV) tile's rows row .. row + m - 1 and columns c0 .. c0 + n - 1, asked
+// for before the tile's products so that the epilogue finds it in the cache (the default model's
+// 128x128 1x1 convolution with its residual and pool: 2.6-2.8 -> 2.1-2.2 ms; on the AVX2 tiles,
+// 4 x 16, the same made the convolutions slower).
+#define GEMM_TILE_PREFETCH_RESIDUAL                                                                         \
+  if (residual)                                                                                             \
+    for (int i = 0; i < m; ++i)                                                                             \
+      for (int j = 0; j < NV && 16 * j < n; ++j) __builtin_prefetch(residual->at(row + i, c0 + 16 * j));
+
 // A tile's epilogue on its accumulators c00 .. c53 (row i, vector j): bias, residual and clamp, with
 // masked loads and stores for the last columns.
 #define GEMM_TILE_EPILOGUE                                                                                  \
@@ -951,6 +960,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
                                                             const float* bp, int64_t ldb, int c0, int n,
                                                             const float* bias, const Residual* residual, int64_t row,
                                                             float lo, float hi, float* c, int cout) {
+  GEMM_TILE_PREFETCH_RESIDUAL
 #define ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
   ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
@@ -992,6 +1002,7 @@ template <int NV>
 static inline __attribute__((always_inline)) BF16_TARGET void gemm_tile_bf16(
     const uint16_t* const* arow, int m, const Segments& segments, const uint16_t* bp, int64_t ldb, int c0, int n,
     const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c, int cout) {
+  GEMM_TILE_PREFETCH_RESIDUAL
 #define ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
   ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
@@ -1165,6 +1176,7 @@ static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
     const uint8_t* const* arow, int m, const Segments& segments, const int8_t* bp, int64_t ldb, int c0, int n,
     const float* weight_scale, const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
     const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c, int cout) {
+  GEMM_TILE_PREFETCH_RESIDUAL
 #define ROW(i) __m512i q##i##0 = _mm512_setzero_si512(), q##i##1 = q##i##0, q##i##2 = q##i##0, q##i##3 = q##i##0;
   ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
