@@ -778,7 +778,7 @@ def float_convolution_lines(measured) -> list:
     reduced = [p for p in REDUCED_PRODUCTS if all(f"{p}_ms" in r for r in rows)]
     lines = [f"### The float convolutions against this core's FMA limit ({measured['kernels']}, 1 thread)", "",
              "Command: `python scripts/benchmark_export.py --parts float`. Each CONV_2D step of the default model "
-             f"as the runtime runs it (its batch norm and residual fused in), the median of {measured['runs']} "
+             f"as the runtime runs it (its batch norm, residual and max pool fused in where the model has them), the median of {measured['runs']} "
              "`Engine.profile` runs"
              + (f", against a bare loop of 12 independent FMA chains compiled for the same instruction set and "
                 f"timed just before and after ({limit:.1f} G FMA/s, the median of the two)" if limit else "")
