@@ -1307,3 +1307,47 @@ def test_max_pool_after_a_float_conv_is_done_in_its_pass(pooled_convs_file, monk
     want = export.TfliteModel(pooled_convs_file, engine="lce").predict(images)
     assert got.shape == want.shape == (3, 2, 2, 16)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_heatmap_peaks_are_the_numpy_decoding_bit_for_bit(path):
+    """The kernels' ``heatmap_peaks`` (what ``decode_heatmaps_array`` runs on NumPy arrays) gives
+    ``decode_heatmaps_with(maps, np)``'s points and scores bit for bit: map counts below, at and
+    above a vector's width (68: the last vector overlapping), ties, peaks on the border, equal
+    neighbours, NaNs (the first is the peak, as ``numpy.argmax`` has it; a NaN neighbour makes its
+    shift NaN); a 1-pixel-wide map. Wrong output shapes are refused."""
+    from larq_landmarks.runtime.decoding import decode_heatmaps_array, decode_heatmaps_with
+
+    module = kernel_paths.load(path)
+    rng = np.random.default_rng(12)
+    for shape in [(2, 9, 11, 3), (1, 16, 16, 16), (2, 64, 64, 68), (1, 5, 1, 20)]:
+        maps = rng.normal(size=shape).astype(np.float32)
+        batch, height, width, count = shape
+        maps[0, 2, 0, 1] = maps[0, 4, 0, 1] = 50.0  # a tie on the left border: the first wins,
+        maps[0, 1, 0, 1] = maps[0, 3, 0, 1] = 1.0  # its neighbours above and below equal
+        if width > 2:
+            maps[0, 3, 1, 0] = np.nan  # the first NaN is the peak
+            maps[0, 6, 1, 0] = np.nan
+            maps[-1, 4, 1, 2] = maps[-1, 4, 2, 2] = np.nan  # the peak's right neighbour NaN: its x NaN
+        if count > 3 and width > 6:
+            maps[-1, 3, 5, count - 1] = 70.0  # equal neighbours: no shift
+            maps[-1, 3, 4, count - 1] = maps[-1, 3, 6, count - 1] = 3.0
+        points = np.full((batch, count, 2), 7.0, np.float32)
+        scores = np.full((batch, count), 7.0, np.float32)
+        module.heatmap_peaks(maps, points, scores)
+        want_points, want_scores = decode_heatmaps_with(maps, np)
+        np.testing.assert_array_equal(points, want_points, err_msg=str(shape))
+        np.testing.assert_array_equal(scores, want_scores, err_msg=str(shape))
+        assert np.isnan(points).any() == np.isnan(scores).any() == (width > 2)
+        np.testing.assert_array_equal(points[0, 1], [0, 2])
+        if width > 2:
+            assert np.isnan(scores[0, 0]) and np.isnan(points[-1, 2, 0]) and abs(points[-1, 2, 1] - 4) <= 0.25
+            np.testing.assert_allclose(points[0, 0], [1, 3], atol=0.25)
+        if count > 3 and width > 6:
+            assert points[-1, count - 1, 0] == 5 and abs(points[-1, count - 1, 1] - 3) <= 0.25
+        if path == PATHS[0]:
+            got = decode_heatmaps_array(maps)
+            np.testing.assert_array_equal(got[0], want_points)
+            np.testing.assert_array_equal(got[1], want_scores)
+    with pytest.raises(ValueError, match=r"heatmap_peaks: points must be \(B, K, 2\)"):
+        module.heatmap_peaks(maps, np.empty((1, 20, 3), np.float32), np.empty((1, 20), np.float32))

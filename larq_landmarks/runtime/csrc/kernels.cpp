@@ -1952,6 +1952,86 @@ static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_
   });
 }
 
+// The heatmaps' peaks, as runtime.decoding computes them in NumPy (bit for bit): for each image b and
+// map k of heatmaps (B, H, W, K), the pixel of its largest value (the first in row-major order on a
+// tie; the first NaN where there is one, as numpy.argmax), moved a quarter pixel towards the larger
+// of its two neighbours along each axis (none where they are equal or one is outside the map; NaN
+// where their difference is): points (B, K, 2) float32 (x, y) in heatmap pixels, scores (B, K)
+// the peak values. One pass over the maps, the K maps of a pixel side by side in vectors.
+static void heatmap_peaks(Array<float> heatmaps, py::array points, py::array scores) {
+  if (heatmaps.ndim() != 4) throw std::invalid_argument("heatmap_peaks: heatmaps must be (B, H, W, K)");
+  const int batch = static_cast<int>(heatmaps.shape(0)), height = static_cast<int>(heatmaps.shape(1));
+  const int width = static_cast<int>(heatmaps.shape(2)), maps = static_cast<int>(heatmaps.shape(3));
+  float* xy = checked_data<float>(points, 3, true, "heatmap_peaks points");
+  float* peak = checked_data<float>(scores, 2, true, "heatmap_peaks scores");
+  if (points.shape(0) != batch || points.shape(1) != maps || points.shape(2) != 2 || scores.shape(0) != batch ||
+      scores.shape(1) != maps)
+    throw std::invalid_argument("heatmap_peaks: points must be (B, K, 2) and scores (B, K)");
+  if (static_cast<int64_t>(height) * width == 0 && batch * maps > 0)
+    throw std::invalid_argument("heatmap_peaks: empty heatmaps");
+  typedef int32_t vindex __attribute__((vector_size(kFloatLanes * 4)));
+  const float* h = heatmaps.data();
+  const int pixels = height * width;
+  py::gil_scoped_release release;
+  std::vector<int32_t> best_at(maps);
+  std::vector<int> starts;
+  std::vector<vfloat> best_v;
+  std::vector<vindex> at_v;
+  for (int b = 0; b < batch; ++b) {
+    const float* image = h + static_cast<int64_t>(b) * pixels * maps;
+    if (maps >= kFloatLanes) {
+      // vectors of kFloatLanes maps side by side, all of them updated pixel by pixel (one pass
+      // over the maps); the last vector ends at the last map, overlapping the one before where
+      // kFloatLanes does not divide the count (each lane's result is its own map's)
+      starts.clear();
+      for (int k = 0; k + kFloatLanes <= maps; k += kFloatLanes) starts.push_back(k);
+      if (maps % kFloatLanes) starts.push_back(maps - kFloatLanes);
+      const size_t vectors = starts.size();
+      best_v.resize(vectors);
+      at_v.resize(vectors);
+      for (size_t j = 0; j < vectors; ++j) {
+        std::memcpy(&best_v[j], image + starts[j], sizeof(vfloat));
+        at_v[j] = vindex{} + 0;
+      }
+      for (int p = 1; p < pixels; ++p) {
+        const float* row = image + static_cast<int64_t>(p) * maps;
+        for (size_t j = 0; j < vectors; ++j) {
+          vfloat v;
+          std::memcpy(&v, row + starts[j], sizeof(v));
+          const vindex take = ((v > best_v[j]) | (v != v)) & (best_v[j] == best_v[j]);
+          best_v[j] = take ? v : best_v[j];
+          at_v[j] = take ? (vindex{} + p) : at_v[j];
+        }
+      }
+      for (size_t j = 0; j < vectors; ++j) std::memcpy(best_at.data() + starts[j], &at_v[j], sizeof(vindex));
+    } else {
+      for (int k = 0; k < maps; ++k) {
+        float best = image[k];
+        int at = 0;
+        for (int p = 1; p < pixels && best == best; ++p) {
+          const float v = image[static_cast<int64_t>(p) * maps + k];
+          if (v > best || v != v) {
+            best = v;
+            at = p;
+          }
+        }
+        best_at[k] = at;
+      }
+    }
+    for (int k = 0; k < maps; ++k) {
+      const int y = best_at[k] / width, x = best_at[k] % width;
+      auto value = [&](int yy, int xx) { return image[(static_cast<int64_t>(yy) * width + xx) * maps + k]; };
+      auto sign = [](float d) { return d > 0.0f ? 1.0f : d < 0.0f ? -1.0f : d == 0.0f ? 0.0f : d; };
+      const float shift_x = x > 0 && x < width - 1 ? sign(value(y, x + 1) - value(y, x - 1)) : 0.0f;
+      const float shift_y = y > 0 && y < height - 1 ? sign(value(y + 1, x) - value(y - 1, x)) : 0.0f;
+      const int64_t out = static_cast<int64_t>(b) * maps + k;
+      xy[2 * out] = static_cast<float>(x) + 0.25f * shift_x;
+      xy[2 * out + 1] = static_cast<float>(y) + 0.25f * shift_y;
+      peak[out] = value(y, x);
+    }
+  }
+}
+
 // Crops of one (H, W, C) uint8 image, (N, size, size, C) float32 in [0, 1], as cropping.warp_crops
 // (NumPy) and TensorFlow's ImageProjectiveTransformV3 compute them, bit for bit: crop pixel (x, y)
 // reads the image at ((p0 x + p1 y + p2) / d, (p3 x + p4 y + p5) / d), d = p6 x + p7 y + 1,
@@ -2056,6 +2136,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("concat_channels", &concat_channels);
   m.def("resize_nearest", &resize_nearest);
   m.def("warp_crops", &warp_crops);
+  m.def("heatmap_peaks", &heatmap_peaks);
   m.def("cpu_supports", [](const std::string& feature) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
