@@ -107,8 +107,9 @@ def test_bad_images_are_named():
 
 def test_the_kernels_crops_are_numpys_bit_for_bit():
     """cropping.warp_crops runs in the runtime's C++ kernels: every kernel path gives the NumPy
-    reference's crops bit for bit (upright, mirrored, rotated, projective, a NaN parameter and a
-    zero divisor, one channel)."""
+    reference's crops bit for bit (upright, which the kernels compute a column and a row at a
+    time, mirrored, rotated, projective, a NaN parameter and a zero divisor, zeros of either sign,
+    one channel)."""
     from larq_landmarks.runtime import available_kernels, kernels
 
     image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
@@ -122,7 +123,11 @@ def test_the_kernels_crops_are_numpys_bit_for_bit():
     projective[:, 6:] = [1e-3, -2e-3]
     broken = cropping.sampling_params(matrices)
     broken[0, 0], broken[1, 6] = np.nan, -1 / 30  # row 30 of crop 1 divides by zero
-    cases = [cropping.sampling_params(matrices), cropping.sampling_params(mirrored), rotated, projective, broken]
+    signed_zeros = cropping.sampling_params(mirrored)  # upright: the zeros' signs change no value
+    signed_zeros[:, [1, 3, 6, 7]] = -0.0
+    signed_zeros[0, [2, 5]] = -0.0
+    cases = [cropping.sampling_params(matrices), cropping.sampling_params(mirrored), rotated, projective, broken,
+             signed_zeros]
     for path in available_kernels():
         for params in cases:
             with np.errstate(invalid="ignore", divide="ignore"):

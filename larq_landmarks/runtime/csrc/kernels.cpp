@@ -2047,36 +2047,63 @@ static py::array_t<float> warp_crops(Array<uint8_t> image, Array<float> params, 
   const uint8_t* pixels = image.data();
   const float* p = params.data();
   float* out = output.mutable_data();
-  const float scale = 1.0f / 255.0f;
+  // a byte's value as tf.image.convert_image_dtype scales it (the product rounded as below)
+  float scaled[256];
+  for (int u = 0; u < 256; ++u) scaled[u] = rounded_product(static_cast<float>(u), 1.0f / 255.0f);
+  // Where crop pixel (xs, ys) of crop n reads: the image column, row and weights of its corners.
+  // Upright crops (p1 = p3 = p6 = p7 = 0, as the Predictor's are) read x from the column alone
+  // and y from the row alone: the terms of the other coordinate are zeros of one sign whatever
+  // it is and the projection is 1, so the values are those of the whole formula at (xs, 0) and
+  // (0, ys), computed once a column and once a row.
+  struct Axis {
+    int index[2];  // the two neighbours' index (0 where outside)
+    float weight[2];  // their weights (0 where outside)
+  };
+  auto axis = [](float v, int limit) {
+    const float v0 = std::floor(v), v1 = v0 + 1.0f;
+    const bool in0 = v0 >= 0 && v0 < limit, in1 = v1 >= 0 && v1 < limit;
+    return Axis{{in0 ? static_cast<int>(v0) : 0, in1 ? static_cast<int>(v1) : 0},
+                {in0 ? v1 - v : 0.0f, in1 ? v - v0 : 0.0f}};
+  };
+  auto position = [](const float* t, float xs, float ys) {
+    const float d = rounded_product(t[6], xs) + rounded_product(t[7], ys) + 1.0f;
+    return std::make_pair((rounded_product(t[0], xs) + rounded_product(t[1], ys) + t[2]) / d,
+                          (rounded_product(t[3], xs) + rounded_product(t[4], ys) + t[5]) / d);
+  };
   py::gil_scoped_release release;
   pool().parallel_for(count * size, [&](int r0, int r1) {
+    static thread_local std::vector<Axis> columns;  // an upright crop's, per thread
+    int columns_of = -1;  // the crop they are of
+    columns.resize(size);
     for (int r = r0; r < r1; ++r) {
       const int n = r / size;
       const float ys = static_cast<float>(r % size);
       const float* t = p + 8 * static_cast<int64_t>(n);
+      const bool upright = t[1] == 0.0f && t[3] == 0.0f && t[6] == 0.0f && t[7] == 0.0f;
+      if (upright && columns_of != n) {
+        for (int ix = 0; ix < size; ++ix) columns[ix] = axis(position(t, static_cast<float>(ix), 0.0f).first, width);
+        columns_of = n;
+      }
+      const Axis row_axis = upright ? axis(position(t, 0.0f, ys).second, height) : Axis{};
       float* row = out + static_cast<int64_t>(r) * size * channels;
       for (int ix = 0; ix < size; ++ix) {
-        const float xs = static_cast<float>(ix);
-        const float d = rounded_product(t[6], xs) + rounded_product(t[7], ys) + 1.0f;
-        const float x = (rounded_product(t[0], xs) + rounded_product(t[1], ys) + t[2]) / d;
-        const float y = (rounded_product(t[3], xs) + rounded_product(t[4], ys) + t[5]) / d;
-        const float x0 = std::floor(x), y0 = std::floor(y), x1 = x0 + 1.0f, y1 = y0 + 1.0f;
-        const bool in_x0 = x0 >= 0 && x0 < width, in_x1 = x1 >= 0 && x1 < width;
-        const bool in_y0 = y0 >= 0 && y0 < height, in_y1 = y1 >= 0 && y1 < height;
-        const float wx0 = in_x0 ? x1 - x : 0.0f, wx1 = in_x1 ? x - x0 : 0.0f;
-        const float wy0 = in_y0 ? y1 - y : 0.0f, wy1 = in_y1 ? y - y0 : 0.0f;
-        const int col[2] = {in_x0 ? static_cast<int>(x0) : 0, in_x1 ? static_cast<int>(x1) : 0};
-        const int line[2] = {in_y0 ? static_cast<int>(y0) : 0, in_y1 ? static_cast<int>(y1) : 0};
+        Axis cx = upright ? columns[ix] : Axis{}, cy = row_axis;
+        if (!upright) {
+          const auto xy = position(t, static_cast<float>(ix), ys);
+          cx = axis(xy.first, width);
+          cy = axis(xy.second, height);
+        }
+        const uint8_t* corner[2][2];  // (row, column)
+        for (int a = 0; a < 2; ++a)
+          for (int b = 0; b < 2; ++b)
+            corner[a][b] = pixels + (static_cast<int64_t>(cy.index[a]) * width + cx.index[b]) * channels;
         float* o = row + static_cast<int64_t>(ix) * channels;
         for (int c = 0; c < channels; ++c) {
-          float v[2][2];  // (row, column) corners scaled as tf.image.convert_image_dtype scales uint8
-          for (int a = 0; a < 2; ++a)
-            for (int b = 0; b < 2; ++b)
-              v[a][b] = rounded_product(
-                  static_cast<float>(pixels[(static_cast<int64_t>(line[a]) * width + col[b]) * channels + c]), scale);
-          const float top = rounded_product(wx0, v[0][0]) + rounded_product(wx1, v[0][1]);
-          const float bottom = rounded_product(wx0, v[1][0]) + rounded_product(wx1, v[1][1]);
-          o[c] = rounded_product(wy0, top) + rounded_product(wy1, bottom);
+          const float top = rounded_product(cx.weight[0], scaled[corner[0][0][c]]) +
+                            rounded_product(cx.weight[1], scaled[corner[0][1][c]]);
+          const float bottom = rounded_product(cx.weight[0], scaled[corner[1][0][c]]) +
+                               rounded_product(cx.weight[1], scaled[corner[1][1][c]]);
+          o[c] = rounded_product(cy.weight[0], top) + rounded_product(cy.weight[1], bottom);
         }
       }
     }
