@@ -1471,6 +1471,14 @@ static void affine_copy(const float* src, int n, const float* m, const float* b,
   }
 }
 
+// count pixels of `channels` values each, from consecutive in src to `stride` values apart in dst
+// (a reduced-precision copy's pixels have their channel count rounded up; the rest is left as is).
+template <typename T>
+static void spread_pixels(const T* src, int count, int channels, int stride, T* dst) {
+  for (int i = 0; i < count; ++i)
+    std::memcpy(dst + static_cast<int64_t>(i) * stride, src + static_cast<int64_t>(i) * channels, sizeof(T) * channels);
+}
+
 // The precisions of the float convolution's products (Engine's float_precision).
 enum class Precision { kFloat32, kBfloat16, kInt8 };
 
@@ -1589,14 +1597,17 @@ static void conv2d_impl(Array<float> input,
     uint16_t* const copy = padded.data();  // this thread's buffer (a worker's `padded` is its own)
     pool().parallel_for(batch * height, [&](int r0, int r1) {
       static thread_local std::vector<float> row;
+      static thread_local std::vector<uint16_t> staged;
       for (int r = r0; r < r1; ++r) {
         const float* src = input_row(r, row);
         uint16_t* dst = copy_at(copy, r);
-        if (channels_read == cin)
+        if (channels_read == cin) {
           convert_bf16(src, static_cast<int64_t>(width) * cin, dst);
-        else  // odd channel counts: each pixel's added channel stays zero
-          for (int ix = 0; ix < width; ++ix)
-            for (int c = 0; c < cin; ++c) dst[static_cast<int64_t>(ix) * channels_read + c] = to_bf16(src[ix * cin + c]);
+        } else {  // odd channel counts: the row converted in one run, then spread (the added channels stay zero)
+          staged.resize(static_cast<size_t>(width) * cin);
+          convert_bf16(src, static_cast<int64_t>(width) * cin, staged.data());
+          spread_pixels(staged.data(), width, cin, channels_read, dst);
+        }
       }
     });
     source = padded.data();
@@ -1651,15 +1662,18 @@ static void conv2d_impl(Array<float> input,
       }
       pool().parallel_for(batch * height, [&](int r0, int r1) {
         static thread_local std::vector<float> row;
+        static thread_local std::vector<uint8_t> staged;
         for (int r = r0; r < r1; ++r) {
           const float* src = input_row(r, row);
           const Quantizer& q = images[r / height];
           uint8_t* dst = copy_at(copy, r);
-          if (channels_read == cin)
+          if (channels_read == cin) {
             q.apply(src, static_cast<int64_t>(width) * cin, dst);
-          else  // each pixel's added channels stay the zero point (their weights are 0)
-            for (int ix = 0; ix < width; ++ix)
-              q.apply(src + static_cast<int64_t>(ix) * cin, cin, dst + static_cast<int64_t>(ix) * channels_read);
+          } else {  // the row quantised in one run, then spread (the added channels stay the zero point)
+            staged.resize(static_cast<size_t>(width) * cin);
+            q.apply(src, static_cast<int64_t>(width) * cin, staged.data());
+            spread_pixels(staged.data(), width, cin, channels_read, dst);
+          }
         }
       });
     }
@@ -1700,6 +1714,9 @@ static void conv2d_impl(Array<float> input,
   // calling thread's buffer of kRowsPerTask * cin floats (patched only)
   auto gemm_task = [&](int64_t r0, int rows, float* dst, float* patch) {
     const A* base[kRowsPerTask];
+    // the first row's output position, then advanced a pixel a row (no divisions a row)
+    int64_t bi = r0 / (static_cast<int64_t>(out_h) * out_w);
+    int oy = static_cast<int>(r0 / out_w % out_h), ox = static_cast<int>(r0 % out_w);
     for (int r = 0; r < rows; ++r) {
       const int64_t pixel = r0 + r;
       if constexpr (P == Precision::kFloat32) {
@@ -1712,10 +1729,15 @@ static void conv2d_impl(Array<float> input,
       if (direct) {
         base[r] = source + pixel * channels_read;
       } else {
-        const int64_t bi = pixel / (static_cast<int64_t>(out_h) * out_w);
-        const int oy = static_cast<int>(pixel / out_w % out_h), ox = static_cast<int>(pixel % out_w);
         base[r] = source + ((bi * padded_h + static_cast<int64_t>(oy) * sh) * padded_w + static_cast<int64_t>(ox) * sw) *
                                channels_read;
+        if (++ox == out_w) {
+          ox = 0;
+          if (++oy == out_h) {
+            oy = 0;
+            ++bi;
+          }
+        }
       }
     }
     if constexpr (kBf16) {
