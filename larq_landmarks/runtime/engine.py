@@ -197,7 +197,7 @@ _FEATURE_NAMES = {"avx512bf16": "AVX512_BF16", "avx512vnni": "AVX512_VNNI", "avx
 GPU_STREAMS_KEPT = 4
 
 # On the CPU a batch runs as many images at a time as keep the model's largest activation under
-# this: the default model (8.4 MB) one image at a time, 1.24-1.33x faster an image than batches of
+# this: the default model (8.4 MB) one image at a time, 1.19x faster an image than batches of
 # 8 and 32 at once, whose activations leave the caches (docs/benchmarks.md, "CPU batches"), where a
 # small model's images go together (the per-step cost of a call shared: the 64px demo model took
 # 0.49 ms an image alone, 0.31 in 16s; 1 thread, avx512 kernels).
