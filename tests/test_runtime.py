@@ -1267,15 +1267,17 @@ def test_float_conv_pools_its_output_as_max_pool_2d_does(path):
 @pytest.fixture(scope="module")
 def pooled_convs_file(tmp_path_factory):
     """A float model of convolutions read by MAX_POOL_2Ds: a 1x1 + ADD pooled 2x2 (the HPM stem's
-    pattern), a 3x3 + ReLU pooled 3x3 "SAME" on an 8x8 output (the window does not divide it: one
-    row and column of padding), a 1x1 pooled 2x2 with stride 1 (overlapping windows, not a
-    convolution's to pool) and a 1x1 also read by an ADD (not either)."""
+    pattern), a 3x3 + ReLU pooled 2x2 "VALID" on a 9x9 output (the window does not divide it: the
+    last row and column are left out), a 1x1 pooled 3x3 "SAME" on a 4x4 output (one row and column
+    of padding), a 1x1 pooled 2x2 with stride 1 (overlapping windows, not a convolution's to pool)
+    and a 1x1 also read by an ADD (not either)."""
     layers = tf.keras.layers
     tf.keras.utils.set_random_seed(5)
-    inputs = tf.keras.Input((16, 16, 8))
+    inputs = tf.keras.Input((18, 18, 8))
     x = layers.Add()([layers.Conv2D(16, 1)(inputs), layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)])
     x = layers.MaxPool2D(2)(x)
-    x = layers.MaxPool2D(3, padding="same")(layers.Conv2D(16, 3, padding="same", activation="relu")(x))
+    x = layers.MaxPool2D(2)(layers.Conv2D(16, 3, padding="same", activation="relu")(x))
+    x = layers.MaxPool2D(3, padding="same")(layers.Conv2D(16, 1)(x))
     x = layers.MaxPool2D(2, strides=1)(layers.Conv2D(16, 1)(x))
     shared = layers.Conv2D(16, 1)(x)
     x = layers.Add()([layers.MaxPool2D(1)(shared), shared])
@@ -1294,18 +1296,18 @@ def test_max_pool_after_a_float_conv_is_done_in_its_pass(pooled_convs_file, monk
     as TensorFlow Lite does)."""
     if kernels == "cuda":
         fake_cupy.install(monkeypatch)
-    images = np.random.default_rng(4).normal(size=(3, 16, 16, 8)).astype(np.float32)
+    images = np.random.default_rng(4).normal(size=(3, 18, 18, 8)).astype(np.float32)
     fused = Engine(pooled_convs_file, kernels=kernels, cuda_graphs=False)
     names = [name for name, _, _ in fused.profile(images)]
-    assert names[:4] == ["CONV_2D", "CONV_2D+ADD+MAX_POOL_2D", "CONV_2D+MAX_POOL_2D", "CONV_2D"]
+    assert names[:5] == ["CONV_2D", "CONV_2D+ADD+MAX_POOL_2D", "CONV_2D+MAX_POOL_2D", "CONV_2D+MAX_POOL_2D", "CONV_2D"]
     assert names.count("MAX_POOL_2D") == 2 and set(names) <= set(engine_module.PARTS) | {"MAX_POOL_2D", "ADD"}
     got = np.asarray(fused.predict(images))
     monkeypatch.setattr(engine_module, "_following_max_pool", lambda *args: None)
     plain = Engine(pooled_convs_file, kernels=kernels, cuda_graphs=False)
-    assert [name for name, _, _ in plain.profile(images)].count("MAX_POOL_2D") == 4
+    assert [name for name, _, _ in plain.profile(images)].count("MAX_POOL_2D") == 5
     np.testing.assert_array_equal(got, np.asarray(plain.predict(images)))
     want = export.TfliteModel(pooled_convs_file, engine="lce").predict(images)
-    assert got.shape == want.shape == (3, 2, 2, 16)
+    assert got.shape == want.shape == (3, 1, 1, 16)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
