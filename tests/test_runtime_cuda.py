@@ -491,7 +491,10 @@ def test_default_model_on_the_gpu_matches_the_cpu_runtime(gpu_or_cpu, default_mo
 def _assert_gpu_model_matches_the_cpu_runtime(name, flatbuffer, images, cpu_output, path) -> None:
     """The whole model on the GPU against the CPU runtime's output on the same file (batch > 1 on
     a batch-1 file); the second and third calls (the run captured as a CUDA graph, then replayed,
-    NumPy and CuPy in) give the first's output, and so does batch 1."""
+    NumPy and CuPy in) give the first's output, and so does batch 1 to the float convolutions'
+    rounding: their products (cuBLAS, or NumPy's BLAS standing in) sum in an order that depends on
+    the batch, a few units in the last place of the largest sums (2e-5 on maps up to 40 where
+    kernels.cu ran on the CPU, 1e-6 inside a fixed 1e-5 bound, which a CI run's model crossed)."""
     from larq_landmarks.runtime import Engine
 
     engine = Engine(flatbuffer, kernels=path, name=name)
@@ -506,7 +509,7 @@ def _assert_gpu_model_matches_the_cpu_runtime(name, flatbuffer, images, cpu_outp
     assert engine._captured.failed is None and list(engine._captured.captured) == [images.shape], name
     for again in (captured, replayed):
         np.testing.assert_allclose(again, got, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(engine.predict(images[:1]), got[:1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(engine.predict(images[:1]), got[:1], rtol=1e-5, atol=2e-6 * np.abs(got).max())
 
 
 @pytest.fixture
