@@ -613,11 +613,12 @@ def write_precision_markdown(args, result):
              "sums; the stem's 3 input channels are read as 4 (a zero channel, as K is taken in pairs; pairing "
              "across pixels instead would multiply a neighbour's NaN or infinity by a zero weight, giving NaN). "
              "int8 (VPDPBUSD, AVX512_VNNI's or, on the avx2 kernels, AVX-VNNI's: four times the FMA's rate): "
-             "the weights quantised once, a scale an output channel; the input quantised as it is read, a 1x1 convolution's each pixel with its own "
-             "scale and zero point (a batch-normed input's pixels differ in range), the stem's each image (an "
-             "8-bit image is kept exactly); products and sums in integers, scaled back to float32 before the "
-             "bias. Each input is first copied into the reduced precision (with its batch norm where one is "
-             "folded in). Each step in every precision: the float convolutions' table above.", "",
+             "the weights quantised once, a scale an output channel; the input quantised as it is read, a 1x1 "
+             "convolution's each pixel with its own scale and zero point (a batch-normed input's pixels differ in "
+             "range), the stem's each image (an 8-bit image is kept exactly); products and sums in integers, scaled "
+             "back to float32 before the bias. Each input is first copied into the reduced precision (with its "
+             "batch norm where one is folded in). Each step in every precision: the float convolutions' table "
+             "above.", "",
              f"Speed: from `{result.get('speed_command', 'the speed table')}` above (1 thread, default model at "
              "256x256). Accuracy: `python scripts/benchmark_export.py --parts precision --trained "
              f"{check['model']} --faces {check['faces']}`, the demo's trained model, the runtime in each precision "
@@ -778,8 +779,8 @@ def float_convolution_lines(measured) -> list:
     reduced = [p for p in REDUCED_PRODUCTS if all(f"{p}_ms" in r for r in rows)]
     lines = [f"### The float convolutions against this core's FMA limit ({measured['kernels']}, 1 thread)", "",
              "Command: `python scripts/benchmark_export.py --parts float`. Each CONV_2D step of the default model "
-             f"as the runtime runs it (its batch norm, residual and max pool fused in where the model has them), the median of {measured['runs']} "
-             "`Engine.profile` runs"
+             "as the runtime runs it (its batch norm, residual and max pool fused in where the model has them), "
+             f"the median of {measured['runs']} `Engine.profile` runs"
              + (f", against a bare loop of 12 independent FMA chains compiled for the same instruction set and "
                 f"timed just before and after ({limit:.1f} G FMA/s, the median of the two)" if limit else "")
              + ". A MAC is one multiply-add of the convolution as defined (a kernel may compute padding "

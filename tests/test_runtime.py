@@ -1213,12 +1213,9 @@ def _precisions_on(path: str) -> list:
     found = [("float32", module.conv2d, module.prepare_float_weights)]
     if path in BF16_PATHS:
         found.append(("bfloat16", module.conv2d_bf16, module.prepare_float_weights_bf16))
-    if path in INT8_PATHS:
-        def int8(filters):
-            weights, scales, sums = module.prepare_float_weights_int8(filters)
-            return weights, scales, sums
+    if path in INT8_PATHS:  # prepared: (weights, scales, sums), as conv2d_int8 takes them after the input
         found.append(("int8", lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
-                      int8))
+                      module.prepare_float_weights_int8))
     return found
 
 
