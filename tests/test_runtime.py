@@ -1309,6 +1309,48 @@ def test_max_pool_after_a_float_conv_is_done_in_its_pass(pooled_convs_file, monk
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_pools_are_each_windows_maximum_and_mean_by_hand(path):
+    """``pool2d``: MAX_POOL_2D and AVERAGE_POOL_2D as TFLite defines them, by hand: the taps inside
+    the input only (a "SAME" window at the border averages fewer), in order (the mean's float32 sum
+    tap by tap, times the float32 reciprocal of their count), a NaN left out of the maximum (a window
+    of NaN only gives -inf) and kept by the mean, infinities kept, then the clamp of the fused
+    activation; 37 channels, so that every path's vectors leave a tail."""
+    module = kernel_paths.load(path)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 7, 9, 37)).astype(np.float32) * 4
+    x[0, 1, 2, 3] = x[1, 6, 8, 36] = np.nan
+    x[0, 0:2, 0:2, 5] = np.nan  # a whole VALID 2x2 window of NaN in channel 5
+    x[1, 3, 4, 20], x[0, 5, 5, 0] = np.inf, -np.inf
+    for (fh, fw, sh, sw), padding in (((2, 2, 2, 2), "VALID"), ((3, 3, 2, 2), "SAME"), ((3, 2, 1, 3), "SAME")):
+        out_h = (7 - fh) // sh + 1 if padding == "VALID" else -(-7 // sh)
+        out_w = (9 - fw) // sw + 1 if padding == "VALID" else -(-9 // sw)
+        pad_top = max((out_h - 1) * sh + fh - 7, 0) // 2 if padding == "SAME" else 0
+        pad_left = max((out_w - 1) * sw + fw - 9, 0) // 2 if padding == "SAME" else 0
+        for kind in (0, 1):
+            for low, high in ((-np.inf, np.inf), (0.0, 6.0)):
+                want = np.empty((2, out_h, out_w, 37), np.float32)
+                for b in range(2):
+                    for oy in range(out_h):
+                        for ox in range(out_w):
+                            taps = [x[b, iy, ix] for iy in range(oy * sh - pad_top, oy * sh - pad_top + fh)
+                                    for ix in range(ox * sw - pad_left, ox * sw - pad_left + fw)
+                                    if 0 <= iy < 7 and 0 <= ix < 9]
+                            if kind == 0:
+                                v = np.where(np.isnan(taps), -np.inf, taps).max(axis=0).astype(np.float32)
+                            else:
+                                v = np.zeros(37, np.float32)
+                                for tap in taps:
+                                    v = v + tap
+                                v = v * (np.float32(1) / np.float32(len(taps)))
+                            want[b, oy, ox] = np.where(np.isnan(v), v, np.clip(v, low, high))
+                got = np.full_like(want, 123.0)
+                module.pool2d(x, [fh, fw, sh, sw, pad_top, pad_left], kind, low, high, got)
+                np.testing.assert_array_equal(got, want, err_msg=f"{fh}x{fw}/{sh}x{sw} {padding} kind {kind} {low}")
+                if padding == "VALID":  # the window of NaN only: -inf (clamped to 0 by a ReLU) or NaN
+                    assert got[0, 0, 0, 5] == max(low, -np.inf) if kind == 0 else np.isnan(got[0, 0, 0, 5])
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_heatmap_peaks_are_the_numpy_decoding_bit_for_bit(path):
     """The kernels' ``heatmap_peaks`` (what ``decode_heatmaps_array`` runs on NumPy arrays) gives
     ``decode_heatmaps_with(maps, np)``'s points and scores bit for bit: map counts below, at and

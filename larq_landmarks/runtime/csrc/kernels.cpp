@@ -917,14 +917,22 @@ struct Segments {
 };
 
 #if defined(__AVX512F__)
-// The residual of a 6 x (16 NV) tile's rows row .. row + m - 1 and columns c0 .. c0 + n - 1, asked
-// for before the tile's products so that the epilogue finds it in the cache (the default model's
-// 128x128 1x1 convolution with its residual and pool: 2.6-2.8 -> 2.1-2.2 ms; on the AVX2 tiles,
-// 4 x 16, the same made the convolutions slower).
+// The residual of a 6 x (16 NV) tile's rows row .. row + m - 1 and columns c0 .. c0 + n - 1: each
+// vector's pointer at the first row and its row stride, found once a tile (residual_at[j],
+// residual_width[j]; looked up a row and vector at a time they were read again after every store,
+// which may alias them: 1.92-2.00 -> 1.74-1.79 ms on the default model's 128x128 1x1 convolution
+// with its batch norm and residual), and asked for before the tile's products so that the epilogue
+// finds it in the cache (the same convolution with its pool: 2.6-2.8 -> 2.1-2.2 ms; on the AVX2
+// tiles, 4 x 16, the same made the convolutions slower).
 #define GEMM_TILE_PREFETCH_RESIDUAL                                                                         \
+  const float* residual_at[4] = {};                                                                         \
+  int64_t residual_width[4] = {};                                                                           \
   if (residual)                                                                                             \
-    for (int i = 0; i < m; ++i)                                                                             \
-      for (int j = 0; j < NV && 16 * j < n; ++j) __builtin_prefetch(residual->at(row + i, c0 + 16 * j));
+    for (int j = 0; j < NV && 16 * j < n; ++j) {                                                            \
+      residual_at[j] = residual->at(row, c0 + 16 * j);                                                      \
+      residual_width[j] = residual->width[(c0 + 16 * j) / 16];                                              \
+      for (int i = 0; i < m; ++i) __builtin_prefetch(residual_at[j] + i * residual_width[j]);              \
+    }
 
 // A tile's epilogue on its accumulators c00 .. c53 (row i, vector j): bias, residual and clamp, with
 // masked loads and stores for the last columns.
@@ -941,7 +949,7 @@ struct Segments {
     v = _mm512_add_ps(v, bias_v[j]);                                                                        \
     const int64_t at = static_cast<int64_t>(i) * cout + c0 + 16 * j;                                        \
     if (residual && mask[j])                                                                                \
-      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual->at(row + i, c0 + 16 * j)));            \
+      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], residual_at[j] + i * residual_width[j]));        \
     /* max / min return their second operand when either is NaN: NaN passes through, as in TFLite */        \
     _mm512_mask_storeu_ps(c + at, mask[j], _mm512_min_ps(hi_v, _mm512_max_ps(lo_v, v)));                    \
   };                                                                                                        \
@@ -1067,11 +1075,14 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
         }
       if (n == kFloatTileN) {  // whole columns: the epilogue in vectors, each lane as the loop below
         const vfloat lo_v = vfloat{} + lo, hi_v = vfloat{} + hi;
+        static_assert(kFloatTileN <= 16, "a tile's columns lie in one residual group");
+        const float* residual_at = residual ? residual->at(row0 + r0, c0) : nullptr;
+        const int64_t residual_width = residual ? residual->width[c0 / 16] : 0;
         for (int i = 0; i < m; ++i)
           for (int j = 0; j < kFloatVectors; ++j) {
             const int col = c0 + j * kFloatLanes;
             vfloat v = acc[i][j] + load_v(bias + col);
-            if (residual) v = v + load_v(residual->at(row0 + r0 + i, col));
+            if (residual) v = v + load_v(residual_at + i * residual_width + j * kFloatLanes);
             v = v < lo_v ? lo_v : v;  // std::max(v, lo): NaN stays
             v = hi_v < v ? hi_v : v;  // std::min(v, hi)
             store_v(c + (r0 + i) * cout + col, v);
@@ -1269,9 +1280,11 @@ static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
   if (n == kFloatTileN) {  // whole columns: bias, residual and clamp in vectors (NaN passes, as in TFLite)
     const __m256 bias0 = _mm256_loadu_ps(bias + c0), bias1 = _mm256_loadu_ps(bias + c0 + 8);
     const __m256 lo_v = _mm256_set1_ps(lo), hi_v = _mm256_set1_ps(hi);
+    const float* residual_at = residual ? residual->at(row, c0) : nullptr;  // the tile's 16 columns: one group
+    const int64_t residual_width = residual ? residual->width[c0 / 16] : 0;
     auto finish = [&](int i, int j, __m256 v) {
       v = _mm256_add_ps(v, j ? bias1 : bias0);
-      if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual->at(row + i, c0 + 8 * j)));
+      if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual_at + i * residual_width + 8 * j));
       _mm256_storeu_ps(c + static_cast<int64_t>(i) * cout + c0 + 8 * j, _mm256_min_ps(hi_v, _mm256_max_ps(lo_v, v)));
     };
 #define ROW(i)                                                                    \
@@ -1468,6 +1481,33 @@ static void affine_copy(const float* src, int n, const float* m, const float* b,
     if (m) v = v * m[i];
     if (b) v = v + b[i];
     dst[i] = std::min(std::max(v, lo), hi);
+  }
+}
+
+// One pooled pixel: dst[c] = clamp(v, lo, hi), v the maximum (kind 0) or the sum times `scale`
+// (kind 1) of taps[t][c] over the taps in order. The maximum starts at -infinity and keeps its value
+// where a tap is NaN (std::max(v, tap)); the sum adds the taps in order. Vectors of channels kept in
+// registers across the taps; each lane as the scalar tail computes it.
+static void pool_pixel(int kind, const float* const* taps, int count, int channels, float scale, float lo, float hi,
+                       float* dst) {
+  const float start = kind == 0 ? -std::numeric_limits<float>::infinity() : 0.0f;
+  int c = 0;
+  const vfloat lo_v = vfloat{} + lo, hi_v = vfloat{} + hi, scale_v = vfloat{} + scale;
+  for (; c + kFloatLanes <= channels; c += kFloatLanes) {
+    vfloat v = vfloat{} + start;
+    for (int t = 0; t < count; ++t) {
+      const vfloat x = load_v(taps[t] + c);
+      v = kind == 0 ? (v < x ? x : v) : v + x;
+    }
+    if (kind != 0) v = v * scale_v;
+    v = v < lo_v ? lo_v : v;  // std::max(v, lo): NaN stays
+    v = hi_v < v ? hi_v : v;  // std::min(v, hi)
+    store_v(dst + c, v);
+  }
+  for (; c < channels; ++c) {
+    float v = start;
+    for (int t = 0; t < count; ++t) v = kind == 0 ? std::max(v, taps[t][c]) : v + taps[t][c];
+    dst[c] = std::min(std::max(kind == 0 ? v : v * scale, lo), hi);
   }
 }
 
@@ -1769,6 +1809,7 @@ static void conv2d_impl(Array<float> input,
   const int pooled_w = out_w / pw, strip_rows = ph * out_w;
   pool().parallel_for(batch * (out_h / ph), [&](int t0, int t1) {
     static thread_local std::vector<float> patch, strip;
+    static thread_local std::vector<const float*> taps;
     patch.resize(patched ? static_cast<size_t>(kRowsPerTask) * cin : 0);
     strip.resize(static_cast<size_t>(strip_rows) * cout);
     for (int t = t0; t < t1; ++t) {
@@ -1777,13 +1818,13 @@ static void conv2d_impl(Array<float> input,
         gemm_task(first + r, std::min(kRowsPerTask, strip_rows - r), strip.data() + static_cast<int64_t>(r) * cout,
                   patch.data());
       float* dst = y + static_cast<int64_t>(t) * pooled_w * cout;
+      taps.resize(static_cast<size_t>(ph) * pw);
       for (int px = 0; px < pooled_w; ++px, dst += cout) {
-        std::fill(dst, dst + cout, -std::numeric_limits<float>::infinity());
         for (int fy = 0; fy < ph; ++fy)  // in pool2d's order
-          for (int fx = 0; fx < pw; ++fx) {
-            const float* src = strip.data() + (static_cast<int64_t>(fy) * out_w + px * pw + fx) * cout;
-            for (int c = 0; c < cout; ++c) dst[c] = std::max(dst[c], src[c]);
-          }
+          for (int fx = 0; fx < pw; ++fx)
+            taps[fy * pw + fx] = strip.data() + (static_cast<int64_t>(fy) * out_w + px * pw + fx) * cout;
+        pool_pixel(0, taps.data(), ph * pw, cout, 1.0f, -std::numeric_limits<float>::infinity(),
+                   std::numeric_limits<float>::infinity(), dst);
       }
     }
   });
@@ -1871,27 +1912,21 @@ static void pool2d(Array<float> input, std::vector<int> geometry, int kind, floa
   const float* x = input.data();
   py::gil_scoped_release release;
   pool().parallel_for(batch * out_h, [&](int r0, int r1) {
-    static thread_local std::vector<float> acc;  // per thread, kept: fn runs once per chunk
-    acc.resize(channels);
+    static thread_local std::vector<const float*> taps;  // per thread, kept: fn runs once per chunk
+    taps.resize(static_cast<size_t>(fh) * fw);
     for (int r = r0; r < r1; ++r) {
       const int b = r / out_h, oy = r % out_h;
       for (int ox = 0; ox < out_w; ++ox) {
-        std::fill(acc.begin(), acc.end(), kind == 0 ? -std::numeric_limits<float>::infinity() : 0.0f);
-        int taps = 0;
+        int count = 0;  // the taps inside the input, in order
         for (int fy = 0; fy < fh; ++fy)
           for (int fx = 0; fx < fw; ++fx) {
             const int iy = oy * sh - pt + fy, ix = ox * sw - pl + fx;
             if (iy < 0 || iy >= height || ix < 0 || ix >= width) continue;
-            ++taps;
-            const float* src = x + ((static_cast<int64_t>(b) * height + iy) * width + ix) * channels;
-            if (kind == 0)
-              for (int c = 0; c < channels; ++c) acc[c] = std::max(acc[c], src[c]);
-            else
-              for (int c = 0; c < channels; ++c) acc[c] += src[c];
+            taps[count++] = x + ((static_cast<int64_t>(b) * height + iy) * width + ix) * channels;
           }
         float* dst = y + ((static_cast<int64_t>(b) * out_h + oy) * out_w + ox) * channels;
-        const float scale = kind == 0 ? 1.0f : 1.0f / static_cast<float>(std::max(taps, 1));
-        for (int c = 0; c < channels; ++c) dst[c] = std::min(std::max(kind == 0 ? acc[c] : acc[c] * scale, lo), hi);
+        const float scale = kind == 0 ? 1.0f : 1.0f / static_cast<float>(std::max(count, 1));
+        pool_pixel(kind, taps.data(), count, channels, scale, lo, hi, dst);
       }
     }
   });
