@@ -489,6 +489,10 @@ def test_predict_runs_a_large_batch_in_parts(small_file, monkeypatch, kernels):
             engine.predict(images, batch_size=bad)
     with pytest.raises(ValueError, match=r"input must have shape \(B, 64, 64, 3\)"):
         engine.predict(np.float32(1.0))
+    # one image without its batch axis: named by its own shape (it was cut into parts of its rows,
+    # and the error named the first part's shape, (2, 64, 3))
+    with pytest.raises(ValueError, match=r"input must have shape \(B, 64, 64, 3\), got \(64, 64, 3\)"):
+        engine.predict(images[0], batch_size=2)
 
 
 @pytest.mark.parametrize("kernels", ["auto", "cuda"])

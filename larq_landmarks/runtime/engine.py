@@ -461,6 +461,9 @@ class Engine:
             step = min(step, self._images_a_run)
         if count <= step:
             return self._run(images, None)
+        # the whole input's shape, not a part's (a single image without its batch axis would be
+        # cut into rows and named by the first row's shape)
+        self._check_shape(images.shape if hasattr(images, "shape") else np.shape(images))
         parts = [self._run(images[start:start + step], None) for start in range(0, count, step)]
         with self._device:
             xp = self._kernels.cp if hasattr(parts[0], "__cuda_array_interface__") else np
@@ -487,6 +490,12 @@ class Engine:
             totals[part] = totals.get(part, 0.0) + 1000 * float(np.median([p[step][2] for p in profiles]))
         return totals
 
+    def _check_shape(self, shape: tuple) -> None:
+        expected = self.input_shape[1:]
+        if len(shape) != 4 or tuple(shape[1:]) != expected:
+            raise ValueError(f"{self.graph.name}: input must have shape (B, {', '.join(map(str, expected))}), "
+                             f"got {tuple(shape)}")
+
     def _run(self, images, times: Optional[list]):
         with self._device:
             return self._run_here(images, times)
@@ -501,10 +510,7 @@ class Engine:
             raise TypeError(f"{self.graph.name}: images on the GPU must be a CuPy array, got {kind.__module__}."
                             f"{kind.__name__} (cupy.asarray(images) views it as one)")
         images = images if on_device else np.asarray(images)
-        expected = self.input_shape[1:]
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(f"{self.graph.name}: input must have shape (B, {', '.join(map(str, expected))}), "
-                             f"got {images.shape}")
+        self._check_shape(images.shape)
         if images.dtype.kind != "f":
             raise ValueError(f"{self.graph.name}: input must be float, got {images.dtype}")
         if on_device:  # any strides in (a flipped view, say): the kernels read C order
