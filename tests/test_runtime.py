@@ -716,6 +716,18 @@ def test_unsupported_ops_are_named_and_auto_falls_back_to_lce(tmp_path):
         export.TfliteModel(str(tmp_path / "junk.tflite"))
     with pytest.raises(FileNotFoundError, match="missing.tflite"):
         export.TfliteModel(tmp_path / "missing.tflite")
+    # a Keras file given where a .tflite goes: said so, with the way to convert it
+    for keras_file in (tmp_path / "tanh.keras", tmp_path / "tanh.h5"):
+        model.save(keras_file)
+        with pytest.raises(CorruptModelError, match=rf"{keras_file.name}: a Keras model .* larq_landmarks.export.convert"):
+            Engine(str(keras_file))
+    with pytest.raises(IsADirectoryError, match="a folder, not a model file"):
+        Engine(str(tmp_path))
+    supported = export.convert(tf.keras.Model(x, tf.keras.layers.Conv2D(4, 3, padding="same")(x)), binary=False)
+    assert Engine(supported, num_threads=np.int64(2)).num_threads == 2
+    for threads in (0, 2.5, True):  # 2.5 was taken, and failed at the first predict inside the kernels
+        with pytest.raises(ValueError, match=rf"num_threads={threads!r} must be a positive integer"):
+            Engine(supported, num_threads=threads)
 
 
 def test_auto_prefers_lce_where_the_runtime_has_only_its_portable_kernels(small_file, monkeypatch):

@@ -263,12 +263,14 @@ class Engine:
             flatbuffer, name = bytes(model), name or "model"
         else:
             name = str(model)
+            if os.path.isdir(name):
+                raise IsADirectoryError(f"{name}: a folder, not a model file")
             if not os.path.isfile(name):
                 raise FileNotFoundError(f"{name}: model file not found")
             with open(name, "rb") as f:
                 flatbuffer = f.read()
-        if num_threads < 1:
-            raise ValueError(f"num_threads={num_threads} must be at least 1")
+        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+            raise ValueError(f"num_threads={num_threads!r} must be a positive integer")
         self.graph = read_graph(flatbuffer, name)
         on_gpu = kernels.startswith("cuda")
         if on_gpu:

@@ -86,6 +86,10 @@ def verify_flatbuffer(flatbuffer: bytes, name: str = "model") -> None:
         raise CorruptModelError(f"{name}: not a complete TFLite flatbuffer ({reason})")
 
     size = len(flatbuffer)
+    if flatbuffer[:4] == b"PK\x03\x04" or flatbuffer[:8] == b"\x89HDF\r\n\x1a\n":
+        raise CorruptModelError(f"{name}: a Keras model (.keras or .h5), not a .tflite: convert it with "
+                                "larq_landmarks.export.convert (`larq-landmarks convert`), or run it with "
+                                "larq_landmarks.predictor.Predictor.from_path")
     if size < 8 or flatbuffer[4:8] != b"TFL3":
         fail("no 'TFL3' identifier")
 
