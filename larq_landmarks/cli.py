@@ -21,6 +21,10 @@ def _load_model(command: str, path: str):
 
     if not os.path.exists(path):
         _fail(command, f"model {path!r} not found")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read(8)[4:8] == b"TFL3":
+                _fail(command, f"{path!r} is a converted .tflite; {command} takes the Keras model (.keras) it came from")
     try:
         return tf.keras.models.load_model(path)
     except Exception as error:  # Keras raises many kinds for a file that is not a model
@@ -315,6 +319,8 @@ def _predict(args: argparse.Namespace) -> int:
                                         engine=args.engine, task=args.task, float_precision=args.float_precision)
     except (ValueError, CudaUnavailableError, ImportError) as error:  # the model and input errors are ValueErrors
         _fail("predict", str(error))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before any image is read or run
+        _fail("predict", f"--out {args.out} is a file, not a folder")
     segmentation = predictor.task == "segmentation"
     if args.person and segmentation:
         _fail("predict", f"--person is for pose models; {args.model} is a part segmentation model (it segments faces)")
@@ -378,8 +384,6 @@ def _predict(args: argparse.Namespace) -> int:
         for p in points:
             picture = visualize.draw_landmarks(np.asarray(picture), p)
         pictures[f"{stem}_landmarks"] = picture
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        _fail("predict", f"--out {args.out} is a file, not a folder")
     os.makedirs(args.out, exist_ok=True)
     for name, picture in pictures.items():
         visualize.save_png(picture, os.path.join(args.out, f"{name}.png"))

@@ -11,6 +11,7 @@ from larq_landmarks import cli, evaluation
 from larq_landmarks.datasets import writers
 from larq_landmarks.layouts import FACE_PART_CLASSES
 from larq_landmarks.models import BinaryHourglass
+from larq_landmarks.predictor import Predictor
 
 SMALL = {"input_size": 64, "width": 32, "depth": 2, "batch_size": 4, "epochs": 2, "steps_per_epoch": 3, "quiet": True}
 
@@ -320,7 +321,7 @@ def test_ctrl_c_during_training_is_one_line_saying_how_to_resume(trained, tmp_pa
         cli.main(["train", "--config", str(trained / "train.json"), "--out", str(tmp_path / "run")])
 
 
-def test_predict_writes_nothing_when_an_image_fails_and_convert_refuses_a_folder(trained, tmp_path):
+def test_predict_writes_nothing_when_an_image_fails_and_convert_refuses_a_folder(trained, tmp_path, monkeypatch):
     good = next((trained / "test").glob("*.jpg"))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
@@ -331,6 +332,20 @@ def test_predict_writes_nothing_when_an_image_fails_and_convert_refuses_a_folder
     assert not out.exists()
     with pytest.raises(SystemExit, match="is a folder; give the .tflite file"):
         cli.main(["convert", str(trained / "run" / "model.keras"), str(tmp_path)])
+    # --out naming a file: refused before any image is read or run
+    taken = tmp_path / "taken"
+    taken.write_text("kept")
+    with monkeypatch.context() as patch:
+        patch.setattr(Predictor, "predict_many", lambda *a, **k: pytest.fail("ran the model first"))
+        with pytest.raises(SystemExit, match="--out .*taken is a file, not a folder"):
+            cli.main(["predict", str(good), "--model", str(trained / "run" / "model.keras"), "--box", "0,0,60,60",
+                      "--out", str(taken)])
+    assert taken.read_text() == "kept"
+    # a converted file given to convert: said to be one (Keras read it as a broken HDF5 file)
+    tflite = tmp_path / "model.tflite"
+    assert cli.main(["convert", str(trained / "run" / "model.keras"), str(tflite)]) == 0
+    with pytest.raises(SystemExit, match=r"model.tflite' is a converted .tflite; convert takes the Keras model"):
+        cli.main(["convert", str(tflite), str(tmp_path / "again.tflite")])
 
 
 def test_box_option_is_four_numbers_and_may_be_negative(capsys):
