@@ -44,6 +44,8 @@ def _read(args, command):
 def _demo(args: argparse.Namespace) -> int:
     from larq_landmarks import demo
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # demo.run says so too, as a ValueError
+        _fail("demo", f"--out {args.out} is a file, not a folder")
     demo.run(args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
              test_images=args.test_images, two_stage=not args.one_stage)
     return 0

@@ -47,6 +47,8 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
     """Run the demo into folder ``out``; returns the report dict. ``two_stage`` trains the binary
     network in two stages (:func:`larq_landmarks.training.two_stage`: real weights for the first
     ``training.DEFAULT_FIRST_FRACTION`` of the epochs, then fully binary)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out}: a file, not a folder (the demo writes its data, model and report into a folder)")
     started = time.time()
     tf.keras.utils.set_random_seed(seed)
     data_root = os.path.join(out, "data", "300w")

@@ -80,6 +80,20 @@ def test_convert_command_writes_lce_model_and_refuses_bad_input(tmp_path, capsys
     assert not (tmp_path / "x.tflite").exists()
 
 
+def test_demo_refuses_an_out_that_is_a_file(tmp_path):
+    """A file where the demo's folder goes: one line from the command (it was a NotADirectoryError
+    traceback from the data writer), a ValueError from ``demo.run``; the file is left as it was."""
+    from larq_landmarks import demo
+
+    taken = tmp_path / "taken"
+    taken.write_text("kept")
+    with pytest.raises(SystemExit, match="--out .*taken is a file, not a folder"):
+        cli.main(["demo", "--out", str(taken)])
+    with pytest.raises(ValueError, match="taken: a file, not a folder"):
+        demo.run(str(taken))
+    assert taken.read_text() == "kept"
+
+
 def test_cli_help_lists_demo(capsys):
     try:
         cli.main(["--help"])
