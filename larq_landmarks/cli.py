@@ -16,6 +16,24 @@ def _fail(command: str, message: str):
     raise SystemExit(f"larq-landmarks {command}: {message}")
 
 
+def _check_output_folder(command: str, path: str) -> None:
+    """``--out``, a folder to write into: refused before any work when a file has its name."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        _fail(command, f"--out {path} is a file, not a folder")
+
+
+def _check_output_file(command: str, option: str, path: Optional[str]) -> None:
+    """An option naming a file to write (``--json``, ``--per-image``, ``--ced``): refused before
+    any work when it is a folder or its folder does not exist (the file is written at the end)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        _fail(command, f"{option} {path} is a folder; give the file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        _fail(command, f"{option} {path}: folder {folder} not found")
+
+
 def _load_model(command: str, path: str):
     import tensorflow as tf
 
@@ -44,8 +62,7 @@ def _read(args, command):
 def _demo(args: argparse.Namespace) -> int:
     from larq_landmarks import demo
 
-    if os.path.exists(args.out) and not os.path.isdir(args.out):  # demo.run says so too, as a ValueError
-        _fail("demo", f"--out {args.out} is a file, not a folder")
+    _check_output_folder("demo", args.out)  # demo.run says so too, as a ValueError
     demo.run(args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
              test_images=args.test_images, two_stage=not args.one_stage)
     return 0
@@ -58,6 +75,7 @@ def _train(args: argparse.Namespace) -> int:
     from larq_landmarks.datasets import formats, pipeline
 
     fmt = formats.get_format(args.format)
+    _check_output_folder("train", args.out)
     _check_rerun(args)
     columns = _read(args, "train")
     count = len(columns["scale"])
@@ -204,6 +222,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from larq_landmarks.runtime import CudaUnavailableError
 
     fmt = formats.get_format(args.format)
+    for option, path in (("--json", args.json), ("--per-image", args.per_image), ("--ced", args.ced)):
+        _check_output_file("evaluate", option, path)  # before the models run (they are written at the end)
     paths = [args.model] if isinstance(args.model, str) else list(args.model)  # a --config file may give one
     precisions = [args.float_precision] if isinstance(args.float_precision, str) else list(args.float_precision)
     predictors = {}
@@ -321,8 +341,7 @@ def _predict(args: argparse.Namespace) -> int:
                                         engine=args.engine, task=args.task, float_precision=args.float_precision)
     except (ValueError, CudaUnavailableError, ImportError) as error:  # the model and input errors are ValueErrors
         _fail("predict", str(error))
-    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before any image is read or run
-        _fail("predict", f"--out {args.out} is a file, not a folder")
+    _check_output_folder("predict", args.out)  # before any image is read or run
     segmentation = predictor.task == "segmentation"
     if args.person and segmentation:
         _fail("predict", f"--person is for pose models; {args.model} is a part segmentation model (it segments faces)")
@@ -417,6 +436,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     from larq_landmarks import speed
     from larq_landmarks.atomic import atomic_path
 
+    _check_output_file("benchmark", "--json", args.json)  # before the timing (written at the end)
     try:
         model = speed.load_or_build(args.model, args.landmarks, args.input_size)
         print(f"converting {model.name} and timing it here ({args.rounds} rounds of {args.runs} calls an engine)")

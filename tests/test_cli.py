@@ -1,6 +1,7 @@
 """The larq-landmarks command line: train, evaluate, predict (issue 4)."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -346,6 +347,32 @@ def test_predict_writes_nothing_when_an_image_fails_and_convert_refuses_a_folder
     assert cli.main(["convert", str(trained / "run" / "model.keras"), str(tflite)]) == 0
     with pytest.raises(SystemExit, match=r"model.tflite' is a converted .tflite; convert takes the Keras model"):
         cli.main(["convert", str(tflite), str(tmp_path / "again.tflite")])
+
+
+EVALUATE = ["evaluate", "--format", "300w", "--data", "data", "--model", "model.keras"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (EVALUATE + ["--json", "{folder}"], "--json {folder} is a folder; give the file to write"),
+    (EVALUATE + ["--per-image", "{missing}/errors.csv"], "--per-image {missing}/errors.csv: folder {missing} not found"),
+    (EVALUATE + ["--ced", "{folder}"], "--ced {folder} is a folder; give the file to write"),
+    (["benchmark", "--json", "{folder}"], "--json {folder} is a folder; give the file to write"),
+    (["train", "--format", "300w", "--data", "data", "--out", "{file}"], "--out {file} is a file, not a folder"),
+])
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(argv, message, tmp_path, monkeypatch):
+    """A file option naming a folder or a missing folder, or --out naming a file: one line before a
+    model is loaded or built or the data are read (these were tracebacks from the atomic write at
+    the end, after every model had run, or from TensorBoard's writer)."""
+    from larq_landmarks import speed
+
+    monkeypatch.setattr(Predictor, "from_path", lambda *a, **k: pytest.fail("loaded a model first"))
+    monkeypatch.setattr(speed, "load_or_build", lambda *a, **k: pytest.fail("built a model first"))
+    monkeypatch.setattr(cli, "_read", lambda *a, **k: pytest.fail("read the data first"))
+    (tmp_path / "file").write_text("kept")
+    names = {"folder": str(tmp_path), "missing": str(tmp_path / "missing"), "file": str(tmp_path / "file")}
+    with pytest.raises(SystemExit, match=re.escape(message.format(**names))):
+        cli.main([a.format(**names) for a in argv])
+    assert (tmp_path / "file").read_text() == "kept" and not (tmp_path / "missing").exists()
 
 
 def test_box_option_is_four_numbers_and_may_be_negative(capsys):
