@@ -4,6 +4,7 @@
 binary model, every Larq ``QuantConv2D`` should become one ``LceBconv2d``; :func:`convert` warns,
 naming the layers, when the flatbuffer has fewer (LCE fell back to float for them).
 """
+import os
 import warnings
 from typing import Optional
 
@@ -50,6 +51,8 @@ def convert(
     if not isinstance(model, tf.keras.Model):
         raise TypeError(f"model must be a Keras model, got {type(model).__name__} "
                         "(a saved one: tf.keras.models.load_model(path) first)")
+    if path and os.path.isdir(path):  # before the conversion (the write comes last)
+        raise ValueError(f"{path} is a folder; give the .tflite file to write, e.g. {os.path.join(path, 'model.tflite')}")
     single = last_stack(model)
     if len(single.inputs) != 1 or None in single.input_shape[1:]:
         raise ValueError(f"{model.name}: convert needs one input of fixed height, width and channels, got "

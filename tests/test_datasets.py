@@ -43,6 +43,10 @@ def test_read_pts_hand_written_fixture_is_shifted_to_zero_based(tmp_path):
         (HAND_PTS.replace("{\n", ""), "malformed"),
         (HAND_PTS.replace("1 1\n", "1 nan\n"), "NaN"),
         (HAND_PTS.replace("n_points: 3", "n_points: 2").replace("1 1\n", ""), "expected 3 points"),
+        # fewer lines than n_points says (it read 'list index out of range')
+        (HAND_PTS.replace("n_points: 3", "n_points: 68"), r"n_points is 68, but 4 lines follow '\{'"),
+        ("version: 1\n", "not a .pts file \\(1 non-empty lines"),
+        ("", "not a .pts file \\(0 non-empty lines"),
     ],
 )
 def test_bad_pts_files_name_the_file(tmp_path, text, message):

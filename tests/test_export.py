@@ -149,7 +149,13 @@ def test_foreign_files_are_refused(tmp_path):
         export.load_flatbuffer(str(bad))
 
 
-def test_what_cannot_be_converted_is_named_before_lce_sees_it():
+def test_what_cannot_be_converted_is_named_before_lce_sees_it(tmp_path, monkeypatch):
+    # a folder where the file goes: said before converting (it was an IsADirectoryError from the
+    # atomic rename after the conversion)
+    monkeypatch.setattr(export, "last_stack", lambda model: pytest.fail("converted first"))
+    with pytest.raises(ValueError, match=rf"{tmp_path} is a folder; give the .tflite file to write"):
+        export.convert(tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(1)]), str(tmp_path))
+    monkeypatch.undo()
     with pytest.raises(TypeError, match="model must be a Keras model, got str"):
         export.convert("model.keras")
     x = tf.keras.Input((None, None, 3))

@@ -157,6 +157,9 @@ def read_pts(path: str, num_points: Optional[int] = 68) -> np.ndarray:
             lines = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: cannot read ({error})") from error
+    if len(lines) < 3:
+        raise DatasetError(f"{path}: not a .pts file ({len(lines)} non-empty lines; expected 'version: 1', "
+                           "'n_points: N', '{{', N points, '}}')")
     try:
         if not lines[0].startswith("version"):
             raise DatasetError(f"{path}: malformed header: first line is {lines[0]!r}, expected 'version: 1'")
@@ -164,6 +167,9 @@ def read_pts(path: str, num_points: Optional[int] = 68) -> np.ndarray:
         if key.strip() != "n_points":
             raise DatasetError(f"{path}: malformed header: second line is {lines[1]!r}, expected 'n_points: N'")
         count = int(value)
+        if lines[2] == "{" and len(lines) < 4 + count:  # the header, '{', the points and '}'
+            raise DatasetError(f"{path}: n_points is {count}, but {len(lines) - 3} lines follow '{{' "
+                               f"(expected {count} points and '}}')")
         if lines[2] != "{" or lines[3 + count] != "}":
             raise DatasetError(f"{path}: malformed file: points must be enclosed in '{{' and '}}'")
         points = np.array([[float(v) for v in line.split()[:2]] for line in lines[3 : 3 + count]], np.float32)
