@@ -12,6 +12,8 @@ def atomic_path(path: str) -> Iterator[str]:
     A crash or exception inside the block leaves any existing ``path`` untouched.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):  # before the block writes anything (the rename onto a folder would fail after)
+        raise IsADirectoryError(f"{path} is a folder; give the file to write")
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")

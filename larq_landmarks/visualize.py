@@ -23,6 +23,8 @@ def draw_landmarks(image: np.ndarray, points: np.ndarray, truth: Optional[np.nda
     for pts, colour in ((truth, (255, 40, 40)), (points, (40, 255, 40))):
         if pts is None:
             continue
+        if np.ndim(pts) != 2 or np.shape(pts)[1] != 2:
+            raise ValueError(f"points to draw must be (N, 2) x, y pixels, got shape {np.shape(pts)}")
         if len(pts) == 16:
             for a, b in MPII_SKELETON:
                 draw.line([tuple(pts[a]), tuple(pts[b])], fill=colour, width=2)
@@ -48,6 +50,8 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, opacity: float = 0.5) -> I
 
 def grid(pictures: Sequence[Image.Image], columns: int = 4) -> Image.Image:
     """Tile pictures of equal size into one."""
+    if len(pictures) == 0 or columns < 1:
+        raise ValueError(f"grid needs at least one picture and one column, got {len(pictures)} and columns={columns}")
     width, height = pictures[0].size
     rows = (len(pictures) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * width, rows * height))

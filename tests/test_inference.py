@@ -433,6 +433,15 @@ def test_landmark_overlay_puts_points_on_the_features(tmp_path):
     ced = visualize.ced_plot({"a": metrics.ced(np.array([0.01, 0.02, 0.05]), 0.08)})
     path = visualize.save_png(ced, str(tmp_path / "ced.png"))
     assert Image.open(path).size == (480, 360)
+    # bad arguments named (they were 'too many values to unpack', an IndexError, and an
+    # IsADirectoryError from the rename after the picture was written)
+    with pytest.raises(ValueError, match=r"points to draw must be \(N, 2\) x, y pixels, got shape \(2, 3\)"):
+        visualize.draw_landmarks(image, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="grid needs at least one picture and one column, got 0"):
+        visualize.grid([])
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder; give the file to write"):
+        visualize.save_png(ced, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ced.png"]  # no temporary file left
 
 
 def test_heatmap_images_callback_writes_tensorboard_images(tmp_path):
