@@ -342,6 +342,17 @@ def test_pipeline_arguments_are_checked_before_any_sample_is_read(tmp_path):
         pipeline.segmentation_dataset(columns, 30, flip_permutation=perm)
     with pytest.raises(ValueError, match="batch_size=-1 must be"):
         pipeline.evaluation_dataset(columns, 64, batch_size=-1)
+    # columns not as to_columns gives them (a KeyError inside tf.data's trace, or TensorFlow's
+    # "buffer_size must be greater than zero" from the shuffle, before)
+    without_centre = {k: v for k, v in columns.items() if k != "centre"}
+    with pytest.raises(ValueError, match=r"columns lack \['centre'\]: a pipeline reads"):
+        pipeline.evaluation_dataset(without_centre, 64)
+    with pytest.raises(ValueError, match=r"columns lack \['centre'\]"):
+        pipeline.landmark_dataset(without_centre, flip_permutation=perm)
+    with pytest.raises(ValueError, match=r"columns need one entry per sample, at least one, got lengths \{'image_path': 0"):
+        pipeline.landmark_dataset({k: v[:0] for k, v in columns.items()}, flip_permutation=perm)
+    with pytest.raises(ValueError, match=r"got lengths \{'image_path': 1, 'points': 1, 'visible': 1, 'centre': 1, 'scale': 2\}"):
+        pipeline.segmentation_dataset({**columns, "scale": np.ones(2, np.float32)}, flip_permutation=perm)
 
 
 def test_evaluation_dataset_maps_predictions_back_to_the_image(tmp_path):

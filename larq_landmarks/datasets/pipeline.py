@@ -265,8 +265,17 @@ def evaluation_dataset(
     return _finish(data, batch_size, False)
 
 
+COLUMNS = ("image_path", "points", "visible", "centre", "scale")  # what the pipelines read of to_columns' output
+
+
 def _check_arguments(columns, input_size, batch_size, flip_permutation=None, sigma=1.0) -> None:
     """A ValueError naming the argument of a pipeline that cannot be built as asked."""
+    missing = [key for key in COLUMNS if key not in columns]
+    if missing:
+        raise ValueError(f"columns lack {missing}: a pipeline reads {list(COLUMNS)} (readers.to_columns gives them)")
+    lengths = {key: len(columns[key]) for key in COLUMNS}
+    if len(set(lengths.values())) != 1 or not lengths["scale"]:
+        raise ValueError(f"columns need one entry per sample, at least one, got lengths {lengths}")
     if not isinstance(input_size, (int, np.integer)) or input_size < hm.STRIDE or input_size % hm.STRIDE:
         raise ValueError(f"input_size={input_size!r} must be a positive multiple of {hm.STRIDE} (the heatmap stride)")
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
