@@ -1409,3 +1409,8 @@ def test_heatmap_peaks_are_the_numpy_decoding_bit_for_bit(path):
             np.testing.assert_array_equal(got[1], want_scores)
     with pytest.raises(ValueError, match=r"heatmap_peaks: points must be \(B, K, 2\)"):
         module.heatmap_peaks(maps, np.empty((1, 20, 3), np.float32), np.empty((1, 20), np.float32))
+    # one image's maps without the batch axis: named as decode_heatmaps names it ('not enough
+    # values to unpack' before), on NumPy and through the CuPy path's functions
+    for xp in (np, fake_cupy):
+        with pytest.raises(ValueError, match=r"heatmaps must have shape \(batch, H, W, K\), got \(16, 16, 68\)"):
+            decode_heatmaps_array(xp.asarray(np.zeros((16, 16, 68), np.float32)), xp)

@@ -15,6 +15,9 @@ def decode_heatmaps_array(heatmaps, xp=np) -> tuple:
         ``(points, scores)`` as ``xp`` arrays: ``(batch, K, 2)`` float32 ``(x, y)`` in heatmap
         pixels and ``(batch, K)`` the peak values.
     """
+    shape = tuple(heatmaps.shape) if hasattr(heatmaps, "shape") else np.shape(heatmaps)
+    if len(shape) != 4 or 0 in shape[1:]:  # as decode_heatmaps says it
+        raise ValueError(f"heatmaps must have shape (batch, H, W, K), got {shape}")
     if xp is np:
         from larq_landmarks.runtime import kernels
 
