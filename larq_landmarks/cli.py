@@ -336,12 +336,12 @@ def _predict(args: argparse.Namespace) -> int:
     from larq_landmarks.predictor import InputError, Predictor, load_rgb
     from larq_landmarks.runtime import CudaUnavailableError
 
+    _check_output_folder("predict", args.out)  # before the model is loaded or any image read
     try:  # the task and the kind of box: as given, or what the model's outputs say (7 part classes, 16 joints)
         predictor = Predictor.from_path(args.model, None, args.flip_test, num_threads=args.threads,
                                         engine=args.engine, task=args.task, float_precision=args.float_precision)
     except (ValueError, CudaUnavailableError, ImportError) as error:  # the model and input errors are ValueErrors
         _fail("predict", str(error))
-    _check_output_folder("predict", args.out)  # before any image is read or run
     segmentation = predictor.task == "segmentation"
     if args.person and segmentation:
         _fail("predict", f"--person is for pose models; {args.model} is a part segmentation model (it segments faces)")

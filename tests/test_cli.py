@@ -333,11 +333,11 @@ def test_predict_writes_nothing_when_an_image_fails_and_convert_refuses_a_folder
     assert not out.exists()
     with pytest.raises(SystemExit, match="is a folder; give the .tflite file"):
         cli.main(["convert", str(trained / "run" / "model.keras"), str(tmp_path)])
-    # --out naming a file: refused before any image is read or run
+    # --out naming a file: refused before the model is loaded or any image read
     taken = tmp_path / "taken"
     taken.write_text("kept")
     with monkeypatch.context() as patch:
-        patch.setattr(Predictor, "predict_many", lambda *a, **k: pytest.fail("ran the model first"))
+        patch.setattr(Predictor, "from_path", lambda *a, **k: pytest.fail("loaded the model first"))
         with pytest.raises(SystemExit, match="--out .*taken is a file, not a folder"):
             cli.main(["predict", str(good), "--model", str(trained / "run" / "model.keras"), "--box", "0,0,60,60",
                       "--out", str(taken)])
