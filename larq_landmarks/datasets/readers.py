@@ -159,7 +159,7 @@ def read_pts(path: str, num_points: Optional[int] = 68) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read ({error})") from error
     if len(lines) < 3:
         raise DatasetError(f"{path}: not a .pts file ({len(lines)} non-empty lines; expected 'version: 1', "
-                           "'n_points: N', '{{', N points, '}}')")
+                           "'n_points: N', '{', N points, '}')")
     try:
         if not lines[0].startswith("version"):
             raise DatasetError(f"{path}: malformed header: first line is {lines[0]!r}, expected 'version: 1'")
