@@ -202,6 +202,8 @@ class Predictor:
         if not os.path.exists(path):
             raise InputError(f"{path}: model not found")
         if str(path).endswith(".tflite"):
+            if os.path.isdir(path):
+                raise InputError(f"{path}: a folder, not a .tflite file")
             return cls._from_tflite(path, box_kind, use_flip_test, num_threads, engine, task, float_precision)
         if float_precision != "float32":
             raise ValueError(f"{path}: float_precision={float_precision!r} is for a .tflite run by the runtime; "

@@ -347,6 +347,10 @@ def test_predict_writes_nothing_when_an_image_fails_and_convert_refuses_a_folder
     assert cli.main(["convert", str(trained / "run" / "model.keras"), str(tflite)]) == 0
     with pytest.raises(SystemExit, match=r"model.tflite' is a converted .tflite; convert takes the Keras model"):
         cli.main(["convert", str(tflite), str(tmp_path / "again.tflite")])
+    (tmp_path / "folder.tflite").mkdir()  # was an IsADirectoryError traceback from the runtime
+    with pytest.raises(SystemExit, match="folder.tflite: a folder, not a .tflite file"):
+        cli.main(["predict", str(good), "--model", str(tmp_path / "folder.tflite"), "--box", "0,0,60,60",
+                  "--out", str(out)])
 
 
 EVALUATE = ["evaluate", "--format", "300w", "--data", "data", "--model", "model.keras"]

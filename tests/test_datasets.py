@@ -86,6 +86,33 @@ def test_pts_folder_round_trip_and_bad_samples(tmp_path):
     assert len(records) == 1
 
 
+def test_writers_refuse_bad_arguments_before_writing(tmp_path):
+    bad = [
+        (lambda f: writers.write_300w(f, -1), "count must be an integer of at least 0, got -1"),
+        (lambda f: writers.write_300w(f, 2.0), "count must be an integer"),
+        (lambda f: writers.write_300w_lp(f, True), "count must be an integer"),
+        (lambda f: writers.write_aflw_pifa(f, 1, image_size=(0, 64)), "image_size must be two positive"),
+        (lambda f: writers.write_aflw2000(f, 1, image_size=(64,)), "image_size must be two positive"),
+        (lambda f: writers.write_mpii_mat(f, -2), "count must be"),
+        (lambda f: writers.write_300w(f, 1, image_format="gif"), "image_format must be 'jpg' or 'png', got 'gif'"),
+        (lambda f: writers.write_mpii_json(f, 4, validation_fraction=1.5), "validation_fraction must be between 0 and 1"),
+        (lambda f: writers.write_mpii_json(f, 4, validation_fraction=float("nan")), "validation_fraction"),
+        (lambda f: writers.write_layout(f, 0, 0), "train must be an integer of at least 1, got 0"),
+        (lambda f: writers.write_layout(f, 4, -1), "test must be an integer of at least 1, got -1"),
+    ]
+    for i, (write, message) in enumerate(bad):
+        folder = tmp_path / str(i)
+        with pytest.raises(ValueError, match=message):
+            write(str(folder))
+        assert not folder.exists()
+    # the edge cases that are allowed: an empty folder, a PNG set, all of MPII's people for validation
+    assert os.listdir(writers.write_300w(str(tmp_path / "empty"), 0)) == []
+    assert sorted(os.listdir(writers.write_300w(str(tmp_path / "png"), 1, image_size=(48, 40), image_format="png"))) == ["00000.png", "00000.pts"]
+    assert Image.open(tmp_path / "png" / "00000.png").format == "PNG"
+    train, valid = writers.write_mpii_json(str(tmp_path / "mpii"), 2, image_size=(64, 64), validation_fraction=1.0)
+    assert [len(json.load(open(p))) for p in (train, valid)] == [0, 2]
+
+
 def test_empty_or_missing_folder_is_an_error(tmp_path):
     with pytest.raises(DatasetError, match="empty folder"):
         readers.read_pts_folder(str(tmp_path))

@@ -317,6 +317,10 @@ def test_predictor_bad_input_names_it(faces, tmp_path):
     junk.write_bytes(b"0123TFL3" + b"\x00" * 32)
     with pytest.raises(export.NotOurModelError, match="junk.tflite"):
         Predictor.from_path(str(junk))
+    (tmp_path / "folder.tflite").mkdir()
+    for engine in ("auto", "runtime", "lce"):
+        with pytest.raises(InputError, match="folder.tflite: a folder, not a .tflite file"):
+            Predictor.from_path(str(tmp_path / "folder.tflite"), engine=engine)
     # a valid TFLite model that is not ours: wrong input/output layout
     dense = tf.keras.Sequential([tf.keras.Input((4,), batch_size=1), tf.keras.layers.Dense(2)])
     (tmp_path / "dense.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(dense).convert())

@@ -32,6 +32,25 @@ def write_pts(path: str, points: np.ndarray) -> None:
         f.write("\n".join(lines + ["}"]) + "\n")
 
 
+def _check_count(count, argument: str, minimum: int = 0) -> None:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < minimum:
+        raise ValueError(f"{argument} must be an integer of at least {minimum}, got {count!r}")
+
+
+def _check_image_size(image_size) -> None:
+    if (len(np.shape(image_size)) != 1 or len(image_size) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+                       for v in image_size)):
+        raise ValueError(f"image_size must be two positive integers (width, height), got {image_size!r}")
+
+
+def _start(folder: str, count, image_size) -> None:
+    """Checks a writer's arguments and makes its folder."""
+    _check_count(count, "count")
+    _check_image_size(image_size)
+    os.makedirs(folder, exist_ok=True)
+
+
 def _savemat(path: str, data: dict) -> None:
     with atomic_path(path) as temporary, open(temporary, "wb") as f:
         scipy.io.savemat(f, data)
@@ -39,8 +58,11 @@ def _savemat(path: str, data: dict) -> None:
 
 def write_300w(folder: str, count: int, seed: int = 0, image_size: Tuple[int, int] = (256, 256),
                image_format: str = "jpg", max_yaw_degrees: float = 45.0) -> str:
-    """``count`` faces as ``NNNNN.jpg`` + ``NNNNN.pts`` (68 points, 1-based) in ``folder``."""
-    os.makedirs(folder, exist_ok=True)
+    """``count`` faces as ``NNNNN.jpg`` + ``NNNNN.pts`` (68 points, 1-based) in ``folder``;
+    ``image_format`` is ``"jpg"`` or ``"png"``."""
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    _start(folder, count, image_size)
     rng = np.random.default_rng(seed)
     for i in range(count):
         face = synthetic.random_face(rng, image_size, max_yaw_degrees)
@@ -54,7 +76,7 @@ def write_300w_lp(folder: str, count: int, seed: int = 0, image_size: Tuple[int,
     """300W-LP style ``.jpg`` + ``.mat`` (``pt2d`` 2x68, ``pt3d_68`` 3x68, ``Pose_Para`` 1x7 with
     pitch, yaw, roll in radians). With ``aflw2000_style`` the ``pt2d`` holds AFLW's 21 points, as
     in AFLW2000-3D, so readers must use ``pt3d_68``."""
-    os.makedirs(folder, exist_ok=True)
+    _start(folder, count, image_size)
     rng = np.random.default_rng(seed)
     for i in range(count):
         face = synthetic.random_face(rng, image_size, max_yaw_degrees)
@@ -79,7 +101,7 @@ def write_aflw2000(folder: str, count: int, seed: int = 0, image_size=(256, 256)
 
 def write_aflw_pifa(folder: str, count: int, seed: int = 0, image_size=(256, 256)) -> str:
     """AFLW-PIFA style ``.jpg`` + ``.mat`` with ``pt2d`` (2x34) and ``visibility`` (1x34)."""
-    os.makedirs(folder, exist_ok=True)
+    _start(folder, count, image_size)
     rng = np.random.default_rng(seed)
     for i in range(count):
         face = synthetic.random_face(rng, image_size, max_yaw_degrees=80.0)
@@ -94,7 +116,7 @@ def write_aflw_pifa(folder: str, count: int, seed: int = 0, image_size=(256, 256
 
 
 def _people(folder: str, count: int, seed: int, image_size):
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    _start(os.path.join(folder, "images"), count, image_size)
     rng = np.random.default_rng(seed)
     people = []
     for i in range(count):
@@ -110,6 +132,8 @@ def write_mpii_json(folder: str, count: int, seed: int = 0, image_size=(256, 256
     """MPII JSON conversion: ``folder/images/*.jpg``, ``folder/train.json`` and
     ``folder/valid.json`` (1-based ``joints``, ``joints_vis``, ``center``, ``scale``,
     ``head_box``). Returns the two JSON paths."""
+    if not 0.0 <= validation_fraction <= 1.0:  # also NaN
+        raise ValueError(f"validation_fraction must be between 0 and 1, got {validation_fraction!r}")
     people = _people(folder, count, seed, image_size)
     split = int(round(count * (1 - validation_fraction)))
     paths = []
@@ -135,7 +159,8 @@ def write_mpii_mat(folder: str, count: int, seed: int = 0, image_size=(256, 256)
     ``folder/mpii_human_pose_v1_u12_1.mat`` holding the ``RELEASE`` struct (``annolist`` with
     ``image.name`` and ``annorect`` (head box ``x1..y2``, ``annopoints.point`` with ``id, x, y,
     is_visible``, ``scale``, ``objpos``), ``img_train``, ``single_person``, ``act``). Every
-    ``test_every``-th image is a test image (``img_train = 0``, no joints), as in the release."""
+    ``test_every``-th image is a test image (``img_train = 0``, no joints), as in the release (``None``:
+    none)."""
     people = _people(folder, count, seed, image_size)
     point_dtype = [("x", "O"), ("y", "O"), ("id", "O"), ("is_visible", "O")]
     rect_dtype = [("x1", "O"), ("y1", "O"), ("x2", "O"), ("y2", "O"), ("annopoints", "O"),
@@ -174,7 +199,10 @@ def write_mpii_mat(folder: str, count: int, seed: int = 0, image_size=(256, 256)
 def write_layout(root: str, train: int, test: int, seed: int = 0, image_size=(128, 128)) -> str:
     """Every format in the layout of the tutorials and ``scripts/reproduce.py --data-root``:
     ``300W_LP/``, ``AFLW2000/``, ``AFLW_PIFA/{train,test}/``, ``300W/{train,test}/``,
-    ``mpii/{train,valid}.json`` + ``mpii/images/``. Folders that exist are left as they are."""
+    ``mpii/{train,valid}.json`` + ``mpii/images/``, with ``train`` training and ``test`` test
+    samples (each at least 1) in each. Folders that exist are left as they are."""
+    _check_count(train, "train", minimum=1)
+    _check_count(test, "test", minimum=1)
     jobs = [
         ("300W_LP", lambda p: write_300w_lp(p, train, seed, image_size)),
         ("AFLW2000", lambda p: write_aflw2000(p, test, seed + 1, image_size)),
