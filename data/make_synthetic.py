@@ -7,14 +7,15 @@ import argparse
 import os
 
 import larq_landmarks  # noqa: F401
+from larq_landmarks.cli import _positive_int as positive_int
 from larq_landmarks.datasets import writers
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/synthetic")
-    parser.add_argument("--train", type=int, default=400)
-    parser.add_argument("--test", type=int, default=64)
+    parser.add_argument("--train", type=positive_int, default=400)
+    parser.add_argument("--test", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     writers.write_layout(args.out, args.train, args.test, args.seed)

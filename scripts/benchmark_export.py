@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from larq_landmarks import export, heatmaps as hm, models
 from larq_landmarks.atomic import atomic_path, replace_markdown_section
+from larq_landmarks.cli import _positive_int as positive_int
 from larq_landmarks.runtime import kernels as kernel_paths
 from larq_landmarks.speed import cpu_name
 from larq_landmarks.synthetic import trained_like_batch_norm
@@ -552,10 +553,10 @@ def main():
         print(json.dumps(run_case(engine, path, int(threads), int(runs))))
         return
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of every engine (speed); median over them")
+    parser.add_argument("--runs", type=positive_int, default=10)
+    parser.add_argument("--rounds", type=positive_int, default=3, help="rounds of every engine (speed); median over them")
     parser.add_argument("--trained", help="a trained .keras model for the int8 landmark check")
-    parser.add_argument("--faces", type=int, default=32)
+    parser.add_argument("--faces", type=positive_int, default=32)
     parser.add_argument("--parts", default="compression,speed,float",
                         help="comma-separated: compression (sizes, int8), speed (engines, layers, breakdown), "
                         "float (the float convolutions against this core's FMA limit), precision (how far "

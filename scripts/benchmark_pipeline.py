@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from larq_landmarks import layouts, training
 from larq_landmarks.atomic import atomic_path, replace_markdown_section
+from larq_landmarks.cli import _positive_int as positive_int
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.models import BinaryHourglass
 
@@ -50,10 +51,10 @@ def time_training(batch, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=10, help="the papers' batch size")
-    parser.add_argument("--batches", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--images", type=positive_int, default=200)
+    parser.add_argument("--batch", type=positive_int, default=10, help="the papers' batch size")
+    parser.add_argument("--batches", type=positive_int, default=30)
+    parser.add_argument("--steps", type=positive_int, default=5)
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--json", default="docs/benchmark_pipeline.json")
     args = parser.parse_args()

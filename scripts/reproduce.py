@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from larq_landmarks import evaluation, layouts, models, training
 from larq_landmarks.atomic import atomic_path
+from larq_landmarks.cli import _positive_int as positive_int
 from larq_landmarks.datasets import formats, pipeline, writers
 from larq_landmarks.distillation import Distiller
 
@@ -253,10 +254,10 @@ def main():
     parser.add_argument("--data-root", help="root of the real data sets (layout above)")
     parser.add_argument("--small", action="store_true", help="synthetic data, small models, CPU")
     parser.add_argument("--out", default="results")
-    parser.add_argument("--epochs", type=int, help="default: 100 full scale, 4 small")
-    parser.add_argument("--steps-per-epoch", type=int, help="default: data / batch full scale, 250 small")
-    parser.add_argument("--train-samples", type=int, default=400, help="--small: synthetic training samples")
-    parser.add_argument("--test-samples", type=int, default=64, help="--small: synthetic test samples")
+    parser.add_argument("--epochs", type=positive_int, help="default: 100 full scale, 4 small")
+    parser.add_argument("--steps-per-epoch", type=positive_int, help="default: data / batch full scale, 250 small")
+    parser.add_argument("--train-samples", type=positive_int, default=400, help="--small: synthetic training samples")
+    parser.add_argument("--test-samples", type=positive_int, default=64, help="--small: synthetic test samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipe", choices=["default", "papers"], default="default",
                         help="training recipe of the papers' experiments: this package's default (Adam with "
@@ -264,7 +265,7 @@ def main():
                         f"{training.DEFAULT_FIRST_FRACTION * 100:.0f}%% of the epochs, "
                         "ApproxSign) or the "
                         "papers' (RMSprop, one stage, the straight-through sign)")
-    parser.add_argument("--seeds", type=int, default=2, help="recipe: seeds per configuration (seed, seed + 1, ...)")
+    parser.add_argument("--seeds", type=positive_int, default=2, help="recipe: seeds per configuration (seed, seed + 1, ...)")
     parser.add_argument("--recipes", help="recipe: only the recipes whose names contain one of these "
                         "';'-separated phrases, and their teachers (results merge into an existing recipe.json)")
     parser.add_argument("--summary", help="also write one page with every experiment in --out")

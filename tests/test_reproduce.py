@@ -36,6 +36,22 @@ def test_pooling_comparison_runs_small_and_writes_the_papers_table(tmp_path):
     assert "- `pooling`: max pooling beats average pooling: **" in page
 
 
+@pytest.mark.parametrize("script,argv,message", [
+    ("reproduce.py", ["pooling", "--small", "--epochs", "0"], "argument --epochs: 0 is not at least 1"),
+    ("reproduce.py", ["recipe", "--small", "--seeds", "0"], "argument --seeds: 0 is not at least 1"),
+    ("reproduce.py", ["pooling", "--small", "--test-samples", "-3"], "argument --test-samples: -3 is not at least 1"),
+    ("../data/make_synthetic.py", ["--train", "0"], "argument --train: 0 is not at least 1"),
+])
+def test_scripts_refuse_counts_below_one_before_any_work(script, argv, message, tmp_path):
+    """--epochs 0 was taken as "not given" (100 epochs); a count below 1 wrote an empty data set
+    or divided by zero."""
+    path = os.path.join(os.path.dirname(SCRIPT), script)
+    result = subprocess.run([sys.executable, path, *argv, "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def _report(values, table="PCKh@0.5 %", column="Mean"):
     return {"results": {name: {"tables": {table: {column: v}}} for name, v in values.items()}}
 
