@@ -447,8 +447,8 @@ class Predictor:
             names = [None] * len(images)
         if not len(images) == len(boxes) == len(names):
             raise InputError(f"{len(images)} images but {len(boxes)} box lists and {len(names)} names")
-        if batch_size < 1:
-            raise InputError(f"batch_size={batch_size} must be at least 1")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch_size={batch_size!r} must be a positive integer")
         items = zip(images, boxes, names)
         if progress:
             from tqdm import tqdm

@@ -82,6 +82,9 @@ def test_predictor_agrees_with_the_evaluation_pipeline(faces):
         alone = predictor.predict(path, image_boxes)
         np.testing.assert_allclose(points, alone[0], atol=1e-4)
         np.testing.assert_allclose(scores, alone[1], atol=1e-6)
+    for bad in (0, 2.5, True):  # 2.5 was a TypeError from slicing, True a batch of 1
+        with pytest.raises(InputError, match=f"batch_size={bad!r} must be a positive integer"):
+            predictor.predict_many(paths, boxes, batch_size=bad)
 
 
 def _footprint(centre, side, size):
