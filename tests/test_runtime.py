@@ -80,6 +80,27 @@ def test_binary_conv_accumulators_are_bit_exact(path, cin, cout, k, stride, same
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_binary_conv_long_sums_are_bit_exact(path):
+    """A 1x1 convolution over 2100 words (67,200 channels): past the AVX2 kernel's 16-bit sums
+    (2044 words at most 32 a word) and its 7-word byte sums, and past the AVX-512BW kernel's 31-word
+    byte sums; with inputs and weights mostly equal, mostly opposite and random, so that the counts
+    reach near 0 and near the most."""
+    rng = np.random.default_rng(5)
+    cin = 2100 * 32
+    w_bits = rng.integers(0, 2, (3, 1, 1, cin), dtype=np.uint8)
+    x_bits = np.stack([w_bits[0, 0, 0], 1 - w_bits[1, 0, 0], rng.integers(0, 2, cin, dtype=np.uint8)])
+    x_bits = x_bits.reshape(1, 1, 3, cin)
+    expected = reference_accumulators(x_bits, w_bits, 1, False, 1)
+    assert expected[0, 0, 0, 0] == 0 and expected[0, 0, 1, 1] == cin  # the extremes are reached
+    graph, op = bconv_graph(pack_bits(w_bits), cin, 1, False, 1, "float",
+                            np.full(3, -0.5, np.float32), np.full(3, cin / 2, np.float32))
+    values = ops.Values(6, {})
+    values[0] = pack_bits(x_bits)
+    ops.lce_bconv2d(graph, op, kernel_paths.load(path))(values)
+    np.testing.assert_array_equal(values[5], expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("cout,pad_value", [(20, 0), (70, 1)])
 def test_binary_conv_threads_split_rows_anywhere(path, threads, cout, pad_value):

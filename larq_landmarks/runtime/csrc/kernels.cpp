@@ -401,6 +401,95 @@ static inline __attribute__((always_inline)) void binary_accumulate(const int32_
 #endif
 }
 #else
+#if defined(__AVX2__)
+// The AVX2 kernel counts a nibble at a time: for an input nibble v, byte i of table[v] is
+// popcount(v ^ i) (i < 16, in both 128-bit lanes), so one vpshufb of table[v] by the nibbles of 32
+// channels' weights counts 32 channels' 4 bits of that word. The weights are prepared once as
+// their nibbles, one byte each (prepare_weight_nibbles); the input's nibble picks the table with a
+// scalar shift and mask. Against counting the XOR of input and weights through the same table
+// (xor, two masks, a shift, two vpshufb and two adds a 256-bit vector), that is one vpshufb and one
+// add for the same 128 binary MACs, half the vector operations.
+struct NibbleCounts {
+  alignas(32) uint8_t table[16][32];
+  NibbleCounts() {
+    for (int v = 0; v < 16; ++v)
+      for (int i = 0; i < 32; ++i) table[v][i] = static_cast<uint8_t>(__builtin_popcount(v ^ (i & 15)));
+  }
+};
+static const NibbleCounts kNibbleCounts;
+
+// weights: prepare_binary_weights' [words, Cout rounded up to 64] -> for each 64-channel block, each
+// word k and each nibble n (bits 4n .. 4n + 3), 64 bytes: byte c = that nibble of channel c's word.
+static std::vector<uint8_t> prepare_weight_nibbles(const int32_t* weights, int words, int64_t stride) {
+  const int64_t blocks = stride / kBinaryChannelBlock;
+  std::vector<uint8_t> out(static_cast<size_t>(blocks * words * 8 * kBinaryChannelBlock));
+  uint8_t* o = out.data();
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int k = 0; k < words; ++k)
+      for (int n = 0; n < 8; ++n)
+        for (int c = 0; c < kBinaryChannelBlock; ++c)
+          *o++ = static_cast<uint8_t>((static_cast<uint32_t>(weights[k * stride + b * kBinaryChannelBlock + c]) >> (4 * n)) & 15);
+  return out;
+}
+
+// acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and the 64
+// channels of a block; nibbles: this block's part of prepare_weight_nibbles. Byte sums for up to 7 words (a word adds at most 32 to a byte), 16-bit
+// sums for up to 2044 words (at most 65408), then the 32-bit accumulators.
+template <int P>
+static inline void binary_tile_nibbles(const int32_t* const* base, const int32_t* offset, int words,
+                                       const uint8_t* nibbles, int32_t (*acc)[kBinaryChannelBlock]) {
+  constexpr int J = 2;  // 32-channel byte vectors
+  alignas(32) uint16_t sums[P][32 * J];
+  for (int k_outer = 0; k_outer < std::max(words, 1); k_outer += 2044) {
+    const int k_outer_end = std::min(words, k_outer + 2044);
+    std::memset(sums, 0, sizeof(sums));
+    for (int k0 = k_outer; k0 < k_outer_end; k0 += 7) {
+      __m256i bytes[P][J];
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 2
+        for (int j = 0; j < J; ++j) bytes[p][j] = _mm256_setzero_si256();
+      const int k1 = std::min(k_outer_end, k0 + 7);
+      for (int k = k0; k < k1; ++k) {
+        uint32_t x[P];
+#pragma GCC unroll 8
+        for (int p = 0; p < P; ++p) x[p] = static_cast<uint32_t>(base[p][offset[k]]);
+        const uint8_t* w = nibbles + static_cast<int64_t>(k) * 8 * kBinaryChannelBlock;
+#pragma GCC unroll 8
+        for (int n = 0; n < 8; ++n) {
+          __m256i wv[J];
+#pragma GCC unroll 2
+          for (int j = 0; j < J; ++j)
+            wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * kBinaryChannelBlock + 32 * j));
+#pragma GCC unroll 8
+          for (int p = 0; p < P; ++p) {
+            const __m256i t =
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(kNibbleCounts.table[(x[p] >> (4 * n)) & 15]));
+#pragma GCC unroll 2
+            for (int j = 0; j < J; ++j) {
+              bytes[p][j] = _mm256_add_epi8(bytes[p][j], _mm256_shuffle_epi8(t, wv[j]));
+              // kept a chain: GCC's reassociation otherwise makes the 8 nibbles' adds a tree whose
+              // shuffle results wait on the stack (the kernel ran slower than the XOR form)
+              asm("" : "+x"(bytes[p][j]));
+            }
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 2
+        for (int j = 0; j < J; ++j) {
+          __m256i* s = reinterpret_cast<__m256i*>(sums[p] + 32 * j);
+          s[0] = _mm256_add_epi16(s[0], _mm256_cvtepu8_epi16(_mm256_castsi256_si128(bytes[p][j])));
+          s[1] = _mm256_add_epi16(s[1], _mm256_cvtepu8_epi16(_mm256_extracti128_si256(bytes[p][j], 1)));
+        }
+    }
+    for (int p = 0; p < P; ++p)
+      for (int c = 0; c < 32 * J; ++c) acc[p][c] = (k_outer ? acc[p][c] : 0) + sums[p][c];
+  }
+}
+#endif
+
 // acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
 // 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels).
 template <int P, int NV>
@@ -476,6 +565,7 @@ struct BinaryConvCall {
   const int32_t* padded;       // [batch, padded_h, padded_w, words]
   std::vector<int32_t> offset;  // [taps * words]: word offset of (tap, word) from a pixel's base
   const int32_t* weights;
+  const uint8_t* nibbles;      // the AVX2 kernel's weights (prepare_weight_nibbles)
   const float* multiplier;     // 2 * LCE's multiplier where no clamp applies, else LCE's
   const float* bias;
   bool clamped;
@@ -623,7 +713,13 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
     if (c_end - c0 <= 32)
       binary_tile<P, 2>(base, c.offset.data(), c.taps * c.words, c.weights + c0, c.stride, acc);
     else
+#if defined(__AVX2__)
+      // a nibble at a time where a block has more than 32 channels (a 32-channel block has a table
+      // load for each vpshufb: there the XOR form is 1.2-1.3x faster)
+      binary_tile_nibbles<P>(base, c.offset.data(), c.taps * c.words, c.nibbles + c0 * 8 * c.taps * c.words, acc);
+#else
       binary_tile<P, 4>(base, c.offset.data(), c.taps * c.words, c.weights + c0, c.stride, acc);
+#endif
     if (border) {
       // LCE's reference: an outside tap adds channels_in / 2 (it contributes 0), where the tile
       // counted the weights' set bits (a +1 input).
@@ -639,7 +735,17 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
     for (int p = 0; p < count; ++p) {
       if (c.thresholds) {
         uint32_t* bits = reinterpret_cast<uint32_t*>(c.out_b + (first + p) * out_words);
-        for (int ch = c0; ch < c_end; ++ch) {
+        int ch = c0;
+#if defined(__AVX2__)
+        for (; ch + 8 <= c_end; ch += 8) {  // 8 channels' bits a compare
+          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[p] + ch - c0));
+          const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.thresholds + ch));
+          if (ch % 32 == 0) bits[ch / 32] = 0;
+          bits[ch / 32] |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, t))))
+                           << (ch % 32);
+        }
+#endif
+        for (; ch < c_end; ++ch) {
           if (ch % 32 == 0) bits[ch / 32] = 0;
           bits[ch / 32] |= static_cast<uint32_t>(acc[p][ch - c0] > c.thresholds[ch]) << (ch % 32);
         }
@@ -647,7 +753,27 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
         float* o = c.out_f + (first + p) * c.out_stride + c.out_offset;
         const float* r = c.residual ? c.residual + (first + p) * c.out_stride + c.out_offset : nullptr;
         uint32_t* bits = c.next_bits ? reinterpret_cast<uint32_t*>(c.next_bits + (first + p) * out_words) : nullptr;
-        for (int ch = c0; ch < c_end; ++ch) {
+        int ch = c0;
+#if defined(__AVX2__)
+        // 8 channels a vector, as the scalar loop below computes them (its product and bias are one
+        // FMA too: GCC contracts them)
+        const __m256i lo = _mm256_set1_epi32(c.clamp_min), hi = _mm256_set1_epi32(c.clamp_max);
+        for (; ch + 8 <= c_end; ch += 8) {
+          __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[p] + ch - c0));
+          if (c.clamped) v = _mm256_min_epi32(_mm256_max_epi32(_mm256_slli_epi32(v, 1), lo), hi);
+          const __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(c.multiplier + ch),
+                                           _mm256_loadu_ps(c.bias + ch));
+          _mm256_storeu_ps(o + ch, r ? _mm256_add_ps(y, _mm256_loadu_ps(r + ch)) : y);
+          if (bits) {
+            __m256 q = c.next_scale ? rounded_product(y, _mm256_loadu_ps(c.next_scale + ch)) : y;
+            if (c.next_shift) q = _mm256_add_ps(q, _mm256_loadu_ps(c.next_shift + ch));
+            if (ch % 32 == 0) bits[ch / 32] = 0;
+            bits[ch / 32] |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(q, _mm256_setzero_ps(), _CMP_LT_OQ)))
+                             << (ch % 32);
+          }
+        }
+#endif
+        for (; ch < c_end; ++ch) {
           const int32_t a = acc[p][ch - c0];
           const int32_t v = c.clamped ? std::min(std::max(a * 2, c.clamp_min), c.clamp_max) : a;
           const float y = static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
@@ -742,6 +868,9 @@ class BinaryConv2D {
     clamp_min_ = clamp_min;
     clamp_max_ = clamp_max;
     clamped_ = !(clamp_min <= 0 && static_cast<int64_t>(clamp_max) >= 2LL * g_.channels_in * taps_);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    nibbles_ = prepare_weight_nibbles(weights.data(), taps_ * words_, weights.shape(1));
+#endif
     if (!packed_) {
       multiplier_.assign(multiplier.data(), multiplier.data() + g_.channels_out);
       if (!clamped_)
@@ -800,6 +929,9 @@ class BinaryConv2D {
     }
     if (c.out_h <= 0 || c.out_w <= 0 || c.batch <= 0) return;
     c.weights = weights_.data();
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    c.nibbles = nibbles_.data();
+#endif
     c.thresholds = packed_ ? thresholds_.data() : nullptr;
     c.weight_popcounts = weight_popcounts_.data();
     c.out_f = packed_ ? nullptr : static_cast<float*>(out);
@@ -856,6 +988,7 @@ class BinaryConv2D {
   bool packed_, clamped_;
   int clamp_min_, clamp_max_;
   Array<int32_t> weights_;
+  std::vector<uint8_t> nibbles_;  // AVX2 kernel
   std::vector<float> multiplier_;  // 2 * LCE's multiplier where no clamp applies, else LCE's
   Array<float> bias_;
   Array<int32_t> thresholds_, weight_popcounts_;
