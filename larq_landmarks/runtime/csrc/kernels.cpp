@@ -418,6 +418,13 @@ struct NibbleCounts {
 };
 static const NibbleCounts kNibbleCounts;
 
+// The byte offset of nibble n's table (n a constant once the loop over n is unrolled): one shift and
+// one mask.
+static inline __attribute__((always_inline)) uint32_t nibble_offset(uint32_t x, int n) {
+  const int shift = 4 * n - 5;  // a table is 32 bytes
+  return (shift >= 0 ? x >> shift : x << -shift) & (15u << 5);
+}
+
 // weights: prepare_binary_weights' [words, Cout rounded up to 64] -> for each 64-channel block, each
 // word k and each nibble n (bits 4n .. 4n + 3), 64 bytes: byte c = that nibble of channel c's word.
 static std::vector<uint8_t> prepare_weight_nibbles(const int32_t* weights, int words, int64_t stride) {
@@ -432,13 +439,16 @@ static std::vector<uint8_t> prepare_weight_nibbles(const int32_t* weights, int w
   return out;
 }
 
-// acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and the 64
-// channels of a block; nibbles: this block's part of prepare_weight_nibbles. Byte sums for up to 7 words (a word adds at most 32 to a byte), 16-bit
-// sums for up to 2044 words (at most 65408), then the 32-bit accumulators.
-template <int P>
+// acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
+// 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels); nibbles: this block's part of
+// prepare_weight_nibbles. Byte sums for up to 7 words (a word adds at most 32 to a byte), 16-bit
+// sums for up to 2044 words (at most 65408), then the 32-bit accumulators. Against the XOR form,
+// one table load a vpshufb for a 32-channel block (two for a 64-channel one) still made it
+// 1.0-1.1x faster there, and 8-pixel tiles 1.2-1.3x more.
+template <int P, int NV>
 static inline void binary_tile_nibbles(const int32_t* const* base, const int32_t* offset, int words,
                                        const uint8_t* nibbles, int32_t (*acc)[kBinaryChannelBlock]) {
-  constexpr int J = 2;  // 32-channel byte vectors
+  constexpr int J = NV / 2;  // 32-channel byte vectors
   alignas(32) uint16_t sums[P][32 * J];
   for (int k_outer = 0; k_outer < std::max(words, 1); k_outer += 2044) {
     const int k_outer_end = std::min(words, k_outer + 2044);
@@ -464,7 +474,7 @@ static inline void binary_tile_nibbles(const int32_t* const* base, const int32_t
 #pragma GCC unroll 8
           for (int p = 0; p < P; ++p) {
             const __m256i t =
-                _mm256_load_si256(reinterpret_cast<const __m256i*>(kNibbleCounts.table[(x[p] >> (4 * n)) & 15]));
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(kNibbleCounts.table[0] + nibble_offset(x[p], n)));
 #pragma GCC unroll 2
             for (int j = 0; j < J; ++j) {
               bytes[p][j] = _mm256_add_epi8(bytes[p][j], _mm256_shuffle_epi8(t, wv[j]));
@@ -488,61 +498,20 @@ static inline void binary_tile_nibbles(const int32_t* const* base, const int32_t
       for (int c = 0; c < 32 * J; ++c) acc[p][c] = (k_outer ? acc[p][c] : 0) + sums[p][c];
   }
 }
-#endif
-
+#else
 // acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
 // 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels).
 template <int P, int NV>
 static inline void binary_tile(const int32_t* const* base, const int32_t* offset, int words, const int32_t* weights,
                                int64_t stride, int32_t (*acc)[kBinaryChannelBlock]) {
-#if defined(__AVX2__)
-  // No vector popcount: nibble look-up (vpshufb), byte counts summed in 8-bit lanes for up to 31
-  // words, then widened to the 32-bit accumulators with vpmaddubsw / vpmaddwd.
-  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3,
-                                       1, 2, 2, 3, 2, 3, 3, 4);
-  const __m256i low = _mm256_set1_epi8(0x0f), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-  for (int half = 0; half < NV / 2; ++half) {  // 32 channels (4 registers) per pass
-    __m256i a[P][4], bytes[P][4];
-    for (int p = 0; p < P; ++p)
-      for (int j = 0; j < 4; ++j) a[p][j] = bytes[p][j] = _mm256_setzero_si256();
-    int pending = 0;
-    auto flush = [&] {
-      for (int p = 0; p < P; ++p)
-        for (int j = 0; j < 4; ++j) {
-          const __m256i pairs = _mm256_maddubs_epi16(bytes[p][j], ones8);
-          a[p][j] = _mm256_add_epi32(a[p][j], _mm256_madd_epi16(pairs, ones16));
-          bytes[p][j] = _mm256_setzero_si256();
-        }
-      pending = 0;
-    };
-    const int32_t* w_row = weights + 32 * half;
-    for (int k = 0; k < words; ++k, w_row += stride) {
-      __m256i wv[4];
-      for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_row + 8 * j));
-      for (int p = 0; p < P; ++p) {
-        const __m256i x = _mm256_set1_epi32(base[p][offset[k]]);
-        for (int j = 0; j < 4; ++j) {
-          const __m256i v = _mm256_xor_si256(x, wv[j]);
-          const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low));
-          const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
-          bytes[p][j] = _mm256_add_epi8(bytes[p][j], _mm256_add_epi8(lo, hi));
-        }
-      }
-      if (++pending == 31) flush();  // a byte lane holds at most 31 * 8 = 248
-    }
-    flush();
-    for (int p = 0; p < P; ++p)
-      for (int j = 0; j < 4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[p] + 32 * half + 8 * j), a[p][j]);
-  }
-#else
   for (int p = 0; p < P; ++p) std::memset(acc[p], 0, sizeof(acc[p]));
   for (int k = 0; k < words; ++k, weights += stride)
     for (int p = 0; p < P; ++p) {
       const uint32_t x = static_cast<uint32_t>(base[p][offset[k]]);
       for (int c = 0; c < 16 * NV; ++c) acc[p][c] += popcount32(x ^ static_cast<uint32_t>(weights[c]));
     }
-#endif
 }
+#endif
 #endif
 
 // The extent of an input with its padding written out, along one axis: the input after `pad`, or
@@ -565,7 +534,7 @@ struct BinaryConvCall {
   const int32_t* padded;       // [batch, padded_h, padded_w, words]
   std::vector<int32_t> offset;  // [taps * words]: word offset of (tap, word) from a pixel's base
   const int32_t* weights;
-  const uint8_t* nibbles;      // the AVX2 kernel's weights (prepare_weight_nibbles)
+  const uint8_t* nibbles;      // the avx2 kernel's weights (prepare_weight_nibbles)
   const float* multiplier;     // 2 * LCE's multiplier where no clamp applies, else LCE's
   const float* bias;
   bool clamped;
@@ -711,13 +680,13 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
   for (int c0 = 0; c0 < g.channels_out; c0 += kBinaryChannelBlock) {
     const int c_end = std::min(g.channels_out, c0 + kBinaryChannelBlock);
     if (c_end - c0 <= 32)
+#if defined(__AVX2__)
+      binary_tile_nibbles<P, 2>(base, c.offset.data(), c.taps * c.words, c.nibbles + c0 * 8 * c.taps * c.words, acc);
+    else
+      binary_tile_nibbles<P, 4>(base, c.offset.data(), c.taps * c.words, c.nibbles + c0 * 8 * c.taps * c.words, acc);
+#else
       binary_tile<P, 2>(base, c.offset.data(), c.taps * c.words, c.weights + c0, c.stride, acc);
     else
-#if defined(__AVX2__)
-      // a nibble at a time where a block has more than 32 channels (a 32-channel block has a table
-      // load for each vpshufb: there the XOR form is 1.2-1.3x faster)
-      binary_tile_nibbles<P>(base, c.offset.data(), c.taps * c.words, c.nibbles + c0 * 8 * c.taps * c.words, acc);
-#else
       binary_tile<P, 4>(base, c.offset.data(), c.taps * c.words, c.weights + c0, c.stride, acc);
 #endif
     if (border) {
@@ -931,6 +900,8 @@ class BinaryConv2D {
     c.weights = weights_.data();
 #if defined(__AVX2__) && !defined(__AVX512F__)
     c.nibbles = nibbles_.data();
+#else
+    c.nibbles = nullptr;
 #endif
     c.thresholds = packed_ ? thresholds_.data() : nullptr;
     c.weight_popcounts = weight_popcounts_.data();
@@ -965,11 +936,12 @@ class BinaryConv2D {
         for (int w = 0; w < c.words; ++w)
           c.offset[(fy * g.filter_w + fx) * c.words + w] =
               (fy * g.dilation_h * c.padded_w + fx * g.dilation_w) * c.words + w;
-#if defined(__AVX512F__)
-    // 8 pixels x 32 channels or 4 x 64 (16 accumulators); short rows take 4
+#if defined(__AVX512F__) || defined(__AVX2__)
+    // 8 pixels x 32 channels or 4 x 64 (AVX-512: 16 accumulators; AVX2: 10 or 11 registers of byte
+    // sums, weights and table); short rows take 4
     const int tile = (g.channels_out <= 32 && c.out_w >= 8) ? 8 : 4;
 #else
-    const int tile = 4;
+    const int tile = 4;  // 8 was 10% slower
 #endif
     const int row_tiles = (c.out_w + tile - 1) / tile;
     const int64_t tiles = static_cast<int64_t>(c.batch) * c.out_h * row_tiles;
@@ -988,7 +960,7 @@ class BinaryConv2D {
   bool packed_, clamped_;
   int clamp_min_, clamp_max_;
   Array<int32_t> weights_;
-  std::vector<uint8_t> nibbles_;  // AVX2 kernel
+  std::vector<uint8_t> nibbles_;  // the avx2 kernel's weights
   std::vector<float> multiplier_;  // 2 * LCE's multiplier where no clamp applies, else LCE's
   Array<float> bias_;
   Array<int32_t> thresholds_, weight_popcounts_;
