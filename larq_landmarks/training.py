@@ -276,6 +276,9 @@ def training_callbacks(work_dir: str, log_dir: Optional[str] = None) -> List[tf.
     - :class:`SaveModelEachEpoch` to ``work_dir/model.keras``.
     - ``TensorBoard`` logs when ``log_dir`` is given.
     """
+    for name, folder in (("work_dir", work_dir), ("log_dir", log_dir)):  # before fit writes anything
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"{name}={folder!r} is a file, not a folder")
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(os.path.join(work_dir, "backup")),
         tf.keras.callbacks.TerminateOnNaN(),

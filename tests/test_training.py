@@ -250,6 +250,18 @@ def test_terminate_on_nan_stops_training(small_faces, tmp_path):
     assert len(history.epoch) == 1
 
 
+def test_callbacks_refuse_a_file_as_their_folder(tmp_path):
+    """A file as the run's folder was taken, and failed only once fit wrote to it."""
+    taken = tmp_path / "taken"
+    taken.write_text("kept")
+    with pytest.raises(ValueError, match="work_dir=.*taken' is a file, not a folder"):
+        training.training_callbacks(str(taken))
+    with pytest.raises(ValueError, match="log_dir=.*taken' is a file, not a folder"):
+        training.training_callbacks(str(tmp_path / "run"), log_dir=str(taken))
+    assert taken.read_text() == "kept"
+    assert len(training.training_callbacks(str(tmp_path / "new"), log_dir=str(tmp_path / "logs"))) == 4
+
+
 def test_save_model_is_atomic(tmp_path, monkeypatch):
     model = BinaryHourglass(16, width=32, input_size=64, depth=2)
     path = tmp_path / "model.keras"
