@@ -281,6 +281,22 @@ def _dot_dataset(tmp_path):
     return readers.to_columns(readers.read_pts_folder(str(tmp_path)))
 
 
+@pytest.mark.parametrize("fields,message", [
+    ({"scale_range": (1.3, 0.7)}, r"scale_range=\(1.3, 0.7\) must be \(low, high\) with low > 0 and low <= high"),
+    ({"scale_range": (0.0, 1.3)}, "scale_range"),
+    ({"colour_range": (0.7,)}, "colour_range"),
+    ({"colour_range": (-0.1, 1.0)}, r"colour_range=\(-0.1, 1.0\) must be \(low, high\) with low >= 0"),
+    ({"rotation_probability": 1.5}, r"rotation_probability=1.5 must be a probability in \[0, 1\]"),
+    ({"flip_probability": -0.1}, "flip_probability"),
+    ({"scale_sigma": float("nan")}, "scale_sigma=nan must be a number >= 0"),
+    ({"rotation_limit": -5}, "rotation_limit"),
+])
+def test_augmentation_refuses_impossible_settings(fields, message):
+    """Inverted ranges and probabilities outside [0, 1] were taken and clipped or sampled silently."""
+    with pytest.raises(ValueError, match=message):
+        pipeline.Augmentation(**fields)
+
+
 def test_augmented_landmarks_land_on_the_transformed_image_features(tmp_path):
     columns = _dot_dataset(tmp_path)
     perm = layouts.flip_permutation(68)

@@ -41,6 +41,21 @@ class Augmentation:
     flip_probability: float = 0.5
     colour_range: Sequence[float] = (0.7, 1.3)
 
+    def __post_init__(self):
+        for name in ("scale_sigma", "rotation_sigma", "rotation_limit"):
+            value = getattr(self, name)
+            if not (np.isscalar(value) and np.isfinite(value) and value >= 0):
+                raise ValueError(f"Augmentation {name}={value!r} must be a number >= 0")
+        for name in ("rotation_probability", "flip_probability"):
+            value = getattr(self, name)
+            if not (np.isscalar(value) and 0 <= value <= 1):
+                raise ValueError(f"Augmentation {name}={value!r} must be a probability in [0, 1]")
+        for name, least in (("scale_range", "> 0"), ("colour_range", ">= 0")):
+            value = tuple(getattr(self, name))
+            if not (len(value) == 2 and all(np.isscalar(v) and np.isfinite(v) for v in value)
+                    and (value[0] > 0 if least == "> 0" else value[0] >= 0) and value[0] <= value[1]):
+                raise ValueError(f"Augmentation {name}={value!r} must be (low, high) with low {least} and low <= high")
+
 
 NO_AUGMENTATION = Augmentation(0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, (1.0, 1.0))
 
