@@ -442,9 +442,9 @@ static std::vector<uint8_t> prepare_weight_nibbles(const int32_t* weights, int w
 // acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
 // 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels); nibbles: this block's part of
 // prepare_weight_nibbles. Byte sums for up to 7 words (a word adds at most 32 to a byte), 16-bit
-// sums for up to 2044 words (at most 65408), then the 32-bit accumulators. Against the XOR form,
-// one table load a vpshufb for a 32-channel block (two for a 64-channel one) still made it
-// 1.0-1.1x faster there, and 8-pixel tiles 1.2-1.3x more.
+// sums for up to 2044 words (at most 65408), then the 32-bit accumulators. In a 32-channel block a
+// table load serves one vpshufb (two in a 64-channel one): there the nibble form was still
+// 1.0-1.1x faster than the XOR form, and 8-pixel tiles 1.2-1.3x more.
 template <int P, int NV>
 static inline void binary_tile_nibbles(const int32_t* const* base, const int32_t* offset, int words,
                                        const uint8_t* nibbles, int32_t (*acc)[kBinaryChannelBlock]) {
