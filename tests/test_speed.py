@@ -65,6 +65,9 @@ def test_benchmark_names_what_it_cannot_compare(tmp_path):
     (tmp_path / "broken.keras").write_bytes(b"not a model")
     with pytest.raises(SystemExit, match="broken.keras: cannot load a Keras model"):
         cli.main(["benchmark", "--model", str(tmp_path / "broken.keras")])
+    for not_a_model in (None, str(tmp_path / "real.keras")):  # an AttributeError before
+        with pytest.raises(TypeError, match="model must be a Keras model, got (NoneType|str)"):
+            speed.compare(not_a_model)
 
 
 def test_a_named_configuration_is_built_with_trained_like_batch_norms():
