@@ -7,7 +7,7 @@ import argparse
 import os
 
 import larq_landmarks  # noqa: F401
-from larq_landmarks.cli import _positive_int as positive_int
+from larq_landmarks.cli import positive_int
 from larq_landmarks.datasets import writers
 
 

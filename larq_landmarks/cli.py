@@ -460,10 +460,11 @@ def _data_arguments(parser, task_default: Optional[str], task_help: str):
     parser.add_argument("--images", help="image folder (MPII formats)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning")
     parser.add_argument("--task", default=task_default, choices=("heatmaps", "segmentation"), help=task_help)
-    parser.add_argument("--batch-size", type=_positive_int, default=10)
+    parser.add_argument("--batch-size", type=positive_int, default=10)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1 (also the scripts' counts)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not at least 1")
@@ -525,7 +526,7 @@ def _tflite_arguments(parser, several_precisions: bool = False):
                         help=".tflite only: auto (the bit-packed runtime, LCE's interpreter where it "
                         "cannot run the file or where the CPU lacks AVX2, an ARM one say), runtime, lce, or cuda "
                         "(the runtime on an NVIDIA GPU; needs CuPy); cuda:N runs it on GPU N")
-    parser.add_argument("--threads", type=_positive_int, default=usable_cores(),
+    parser.add_argument("--threads", type=positive_int, default=usable_cores(),
                         help="threads for a .tflite model on the CPU (default: every core this process may use)")
     parser.add_argument("--float-precision", default="float32", choices=("float32", "bfloat16", "int8"),
                         nargs="+" if several_precisions else None,
@@ -547,10 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate it, convert it with LCE, and write a report with pictures.",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--steps", type=_positive_int, default=1000, help="training steps (default 1000)")
+    demo.add_argument("--steps", type=positive_int, default=1000, help="training steps (default 1000)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--train-images", type=_positive_int, default=400, help="synthetic training faces (default 400)")
-    demo.add_argument("--test-images", type=_positive_int, default=64, help="synthetic test faces (default 64)")
+    demo.add_argument("--train-images", type=positive_int, default=400, help="synthetic training faces (default 400)")
+    demo.add_argument("--test-images", type=positive_int, default=64, help="synthetic test faces (default 64)")
     demo.add_argument("--one-stage", action="store_true",
                       help="train the binary network in one stage (default: two, real weights first)")
     demo.set_defaults(run=_demo)
@@ -562,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "from 68-point faces)")
     train.add_argument("--out", required=True, help="run folder: model.keras, backup/, logs/")
     train.add_argument("--model", default="binary_hpm", help="named configuration (models/*.json)")
-    train.add_argument("--epochs", type=_positive_int, default=100)
-    train.add_argument("--steps-per-epoch", type=_positive_int, help="default: data-set size / batch size")
+    train.add_argument("--epochs", type=positive_int, default=100)
+    train.add_argument("--steps-per-epoch", type=positive_int, help="default: data-set size / batch size")
     train.add_argument("--learning-rate", type=_positive_float, default=2.5e-4)
     train.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
                        help="adam (default) or rmsprop (the papers')")
@@ -639,9 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--track", action="store_true",
                          help="the images are a video's frames, in order: each face's box is the box of its landmarks "
                          "in the frame before (the detector runs on the first frame and where a face is lost)")
-    predict.add_argument("--detect-every", type=_positive_int, default=0,
+    predict.add_argument("--detect-every", type=positive_int, default=0,
                          help="with --track: also look for faces every this many frames (new faces come in)")
-    predict.add_argument("--batch-size", type=_positive_int, default=64,
+    predict.add_argument("--batch-size", type=positive_int, default=64,
                          help="face crops a model call, from as many images as it takes (a GPU wants many)")
     predict.add_argument("--out", default="predictions")
     predict.set_defaults(run=_predict)
@@ -665,12 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--model", default="binary_hpm",
                            help="a saved Keras model, or a named configuration (default binary_hpm, the papers' "
                            "network; docs/models.md)")
-    benchmark.add_argument("--landmarks", type=_positive_int, default=68, help="a named configuration's outputs")
-    benchmark.add_argument("--input-size", type=_positive_int,
+    benchmark.add_argument("--landmarks", type=positive_int, default=68, help="a named configuration's outputs")
+    benchmark.add_argument("--input-size", type=positive_int,
                            help="a named configuration's input side (default its own, 256)")
-    benchmark.add_argument("--threads", type=_positive_int, default=1, help="threads of every engine (default 1)")
-    benchmark.add_argument("--rounds", type=_positive_int, default=5)
-    benchmark.add_argument("--runs", type=_positive_int, default=20, help="calls an engine makes in a round")
+    benchmark.add_argument("--threads", type=positive_int, default=1, help="threads of every engine (default 1)")
+    benchmark.add_argument("--rounds", type=positive_int, default=5)
+    benchmark.add_argument("--runs", type=positive_int, default=20, help="calls an engine makes in a round")
     benchmark.add_argument("--json", help="write the result to this JSON file")
     benchmark.set_defaults(run=_benchmark)
 

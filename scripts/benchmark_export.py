@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from larq_landmarks import export, heatmaps as hm, models
 from larq_landmarks.atomic import atomic_path, replace_markdown_section
-from larq_landmarks.cli import _positive_int as positive_int
+from larq_landmarks.cli import positive_int
 from larq_landmarks.runtime import kernels as kernel_paths
 from larq_landmarks.speed import cpu_name
 from larq_landmarks.synthetic import trained_like_batch_norm

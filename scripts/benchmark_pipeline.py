@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from larq_landmarks import layouts, training
 from larq_landmarks.atomic import atomic_path, replace_markdown_section
-from larq_landmarks.cli import _positive_int as positive_int
+from larq_landmarks.cli import positive_int
 from larq_landmarks.datasets import pipeline, readers, writers
 from larq_landmarks.models import BinaryHourglass
 

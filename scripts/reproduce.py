@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from larq_landmarks import evaluation, layouts, models, training
 from larq_landmarks.atomic import atomic_path
-from larq_landmarks.cli import _positive_int as positive_int
+from larq_landmarks.cli import positive_int
 from larq_landmarks.datasets import formats, pipeline, writers
 from larq_landmarks.distillation import Distiller
 
