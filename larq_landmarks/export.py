@@ -48,9 +48,7 @@ def convert(
             gives a plain float32 TFLite model (Larq quantizers run as float ops).
         batch_size: fixed batch size of the converted model; None keeps it dynamic.
     """
-    if not isinstance(model, tf.keras.Model):
-        raise TypeError(f"model must be a Keras model, got {type(model).__name__} "
-                        "(a saved one: tf.keras.models.load_model(path) first)")
+    _check_keras_model(model)
     if path and os.path.isdir(path):  # before the conversion (the write comes last)
         raise ValueError(f"{path} is a folder; give the .tflite file to write, e.g. {os.path.join(path, 'model.tflite')}")
     single = last_stack(model)
@@ -110,8 +108,15 @@ def _convert_frozen(model: tf.keras.Model, binary: bool) -> bytes:
     )
 
 
+def _check_keras_model(model) -> None:
+    if not isinstance(model, tf.keras.Model):
+        raise TypeError(f"model must be a Keras model, got {type(model).__name__} "
+                        "(a saved one: tf.keras.models.load_model(path) first)")
+
+
 def binary_layers(model: tf.keras.Model):
     """The Larq ``QuantConv2D`` layers of ``model`` (nested models included)."""
+    _check_keras_model(model)
     return [l for l in model.submodules if isinstance(l, lq.layers.QuantConv2D)]
 
 

@@ -69,8 +69,6 @@ def compare(model, num_threads: int = 1, rounds: int = 5, runs: int = 20, seed: 
     image. Returns the files' sizes, each engine's median ms and its speed against float32."""
     from larq_landmarks import export
 
-    if not hasattr(model, "layers"):
-        raise TypeError(f"model must be a Keras model, got {type(model).__name__}")
     if not export.binary_layers(model):
         raise ValueError(f"{model.name} has no binary layers: its converted file would be the float32 one")
     binary, float32 = export.convert(model), export.convert(model, binary=False)
