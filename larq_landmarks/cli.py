@@ -532,7 +532,7 @@ def _tflite_arguments(parser, several_precisions: bool = False):
                         nargs="+" if several_precisions else None,
                         help=".tflite on the runtime only: bfloat16 runs the float convolutions with bfloat16 "
                         "products, faster on CPUs with AVX512_BF16; int8 with int8 products of inputs quantised "
-                        "as they are read, faster still, on CPUs with AVX512_VNNI or AVX-VNNI (landmarks may move "
+                        "as they are read, faster still, on CPUs with AVX512_VNNI or on the avx2 kernels (landmarks may move "
                         "slightly)" + ("; several: each model in each, side by side" if several_precisions else ""))
 
 

@@ -193,8 +193,8 @@ class Predictor:
         current device, or GPU N with ``"cuda:N"``). ``task`` and ``box_kind``: as
         :class:`Predictor` takes them (None: from the model's output channels).
         ``float_precision="bfloat16"`` or ``"int8"``: the runtime's bfloat16 or int8 float
-        convolutions (a ``.tflite`` on a CPU with AVX512_BF16, or AVX512_VNNI / AVX-VNNI; see
-        :class:`~larq_landmarks.runtime.Engine`)."""
+        convolutions (a ``.tflite`` on a CPU with AVX512_BF16; int8 with AVX512_VNNI or on the avx2
+        kernels; see :class:`~larq_landmarks.runtime.Engine`)."""
         if task not in (None, *TASKS):  # before loading anything
             raise ValueError(f"task={task!r} must be one of {TASKS}")
         if box_kind not in (None, "face", "person"):

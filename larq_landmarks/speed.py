@@ -41,8 +41,8 @@ def batch_one_ms(engines: Dict[str, Callable[[np.ndarray], np.ndarray]], image: 
 def engines_here(binary: bytes, float32: bytes, num_threads: int = 1) -> Dict[str, Callable]:
     """What runs the two files on this machine: XNNPACK the float32 one; LCE's interpreter and
     this package's runtime (its best kernels here; also with bfloat16 float convolutions where the
-    CPU has AVX512_BF16, int8 ones where it has AVX512_VNNI or AVX-VNNI) the binary one. Engines
-    that cannot run here are left out."""
+    CPU has AVX512_BF16, int8 ones where it has AVX512_VNNI or runs the avx2 kernels) the binary
+    one. Engines that cannot run here are left out."""
     from larq_landmarks.runtime import UnsupportedModelError
     from larq_landmarks.tflite_model import TfliteModel, interpreter
 

@@ -124,7 +124,7 @@ class TfliteModel:
         num_threads: threads for the CPU engines.
         name: how errors and warnings refer to the file.
         float_precision: ``"float32"``, or ``"bfloat16"`` / ``"int8"`` for the runtime's bfloat16
-            or int8 float convolutions on CPUs with AVX512_BF16 / AVX512_VNNI or AVX-VNNI
+            or int8 float convolutions on CPUs with AVX512_BF16 / AVX512_VNNI or on the avx2 kernels
             (:class:`~larq_landmarks.runtime.Engine`; never LCE's interpreter, which runs float32:
             asking for both is an error).
 

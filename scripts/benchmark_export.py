@@ -17,7 +17,8 @@ against this core's FMA limit (a bare loop of independent FMA chains, compiled w
 C++ compiler for the kernels' instruction set, measured just before and after).
 Reduced precisions (``--parts precision --trained model.keras``): how far the runtime's bfloat16
 and int8 float convolutions move a trained model's landmarks (the speed and float parts time them
-beside float32 where the CPU has AVX512_BF16 / AVX512_VNNI or AVX-VNNI).
+beside float32 where the CPU has AVX512_BF16 / AVX512_VNNI, and int8 on the avx2 kernels, in
+both its forms where the CPU has AVX-VNNI).
 """
 import argparse
 import json
@@ -106,10 +107,12 @@ def run_case(engine: str, path: str, threads: int, runs: int) -> dict:
         predict = export.interpreter(flatbuffer, threads, use_xnnpack=True, use_indirect_bgemm=True).predict
     elif engine == "lce-engine":  # what TfliteModel(engine="lce") runs, and engine="auto" on a CPU without AVX2
         predict = export.TfliteModel(flatbuffer, engine="lce", num_threads=threads).predict
-    else:  # runtime-<path>, or runtime-<path>-<precision> (bfloat16, int8)
+    else:  # runtime-<path>, runtime-<path>-<precision> (bfloat16, int8), runtime-avx2-int8-novnni
         from larq_landmarks.runtime import Engine
 
         _, kernels, *precision = engine.split("-")
+        if precision[1:] == ["novnni"]:  # the avx2 kernels' pairs form, as on a CPU without AVX-VNNI
+            os.environ[kernel_paths.NO_VNNI] = "1"
         predict = Engine(flatbuffer, num_threads=threads, kernels=kernels, float_precision=(precision or ["float32"])[0]).predict
     ms = _run(predict, image, runs)
     peak = _memory_mb("VmHWM")
@@ -133,6 +136,8 @@ def reduced_case(precision: str, kernels: str = "avx512") -> str:
 
 
 REDUCED_CASES = {p: reduced_case(p) for p in REDUCED_PRODUCTS}
+# the avx2 kernels' int8 in the pairs form (VPMADDWD), timed on a CPU with AVX-VNNI as on one without
+INT8_PAIRS_CASE = "binary .tflite, larq_landmarks.runtime (avx2, int8 float convolutions, as without AVX-VNNI)"
 
 
 def reduced_precisions_here(kernels: str = "avx512") -> list:
@@ -155,6 +160,8 @@ def speed(runs, rounds=3):
         cases.append((f"binary .tflite, larq_landmarks.runtime ({path})", f"runtime-{path}", "binary"))
         cases += [(reduced_case(p, path), f"runtime-{path}-{p}", "binary") for p in reduced_precisions_here(path)
                   if path == "avx512" or p == "int8"]
+        if path == "avx2" and kernel_paths.int8_vnni(kernel_paths.load(path)):
+            cases.append((INT8_PAIRS_CASE, "runtime-avx2-int8-novnni", "binary"))
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         files = {"binary": os.path.join(folder, "binary.tflite"), "float": os.path.join(folder, "float.tflite")}
@@ -613,7 +620,9 @@ def write_precision_markdown(args, result):
              "unchanged. bfloat16 (AVX512_BF16's VDPBF16PS, twice the FMA's rate): bfloat16 products, float32 "
              "sums; the stem's 3 input channels are read as 4 (a zero channel, as K is taken in pairs; pairing "
              "across pixels instead would multiply a neighbour's NaN or infinity by a zero weight, giving NaN). "
-             "int8 (VPDPBUSD, AVX512_VNNI's or, on the avx2 kernels, AVX-VNNI's: four times the FMA's rate): "
+             "int8 (VPDPBUSD, AVX512_VNNI's or, on the avx2 kernels, AVX-VNNI's: four times the FMA's rate; "
+             "the avx2 kernels on CPUs without AVX-VNNI take VPMADDWD on the same values widened to 16 bits, "
+             "the same sums bit for bit at about 1.4x the FMA's rate): "
              "the weights quantised once, a scale an output channel; the input quantised as it is read, a 1x1 "
              "convolution's each pixel with its own scale and zero point (a batch-normed input's pixels differ in "
              "range), the stem's each image (an 8-bit image is kept exactly); products and sums in integers, scaled "

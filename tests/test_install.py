@@ -104,8 +104,9 @@ def test_each_instruction_set_compiles_into_an_object_file_of_its_own(monkeypatc
 def test_avx512_kernels_compile_without_bfloat16():
     """Compilers before GCC 10 / Clang 9 do not know AVX512_BF16 (before GCC 8 / Clang 6,
     AVX512_VNNI; before GCC 11 / Clang 12, AVX-VNNI): the AVX-512 sources compile without the
-    bfloat16 convolution, the int8 one or both, and the AVX2 ones without the int8 one (as
-    -DLARQ_LANDMARKS_NO_BF16 / -DLARQ_LANDMARKS_NO_VNNI make any compiler do), and with them."""
+    bfloat16 convolution, the int8 one or both, and the AVX2 ones without the int8 convolution's
+    VNNI form (their pairs form stays; as -DLARQ_LANDMARKS_NO_BF16 / -DLARQ_LANDMARKS_NO_VNNI make
+    any compiler do), and with them."""
     import pybind11
 
     includes = ["-I" + sysconfig.get_paths()["include"], "-I" + pybind11.get_include()]

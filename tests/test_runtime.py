@@ -1,6 +1,7 @@
 """The bit-packed runtime (issue 10): binary-conv accumulators bit-exact against a NumPy reference
 of LCE's semantics on every kernel path; whole converted models against LCE's interpreter; the
 engine selection, threads, unsupported ops, and running without TensorFlow."""
+import functools
 import json
 import os
 import re
@@ -984,19 +985,18 @@ def test_bfloat16_float_conv_is_the_conv_of_bfloat16_operands(path):
 @pytest.mark.parametrize("precision, function, needs, paths, unbuilt", [
     ("bfloat16", "conv2d_bf16", "AVX512_BF16 and the avx512 or avx512bw kernels", ("avx512", "avx512bw"),
      r"built without bfloat16 \(a compiler before GCC 10 or Clang 9\)"),
-    ("int8", "conv2d_int8", "AVX512_VNNI and the avx512 or avx512bw kernels, or AVX-VNNI and the avx2 kernels",
-     ("avx512", "avx512bw", "avx2"), r"built without int8 \(a compiler before GCC 8 or Clang 6; for AVX-VNNI, GCC 11 "
-                                     r"or Clang 12\)")])
+    ("int8", "conv2d_int8", "AVX512_VNNI and the avx512 or avx512bw kernels, or the avx2 kernels",
+     ("avx512", "avx512bw", "avx2"), r"built without int8 \(a compiler before GCC 8 or Clang 6\)")])
 def test_reduced_precisions_are_refused_where_the_kernels_lack_them(small_file, monkeypatch, precision, function,
                                                                    needs, paths, unbuilt):
     """bfloat16 needs the avx512 or avx512bw kernels on a CPU with AVX512_BF16, int8 those on a CPU
-    with AVX512_VNNI or the avx2 kernels on one with AVX-VNNI; elsewhere (the portable kernels, a
-    CPU without the instructions, kernels built by a compiler without them, the GPU) asking for it
-    is an error that says which."""
+    with AVX512_VNNI or the avx2 kernels (on any CPU: with AVX-VNNI or without); elsewhere (the
+    portable kernels, a CPU without the instructions, kernels built by a compiler without them, the
+    GPU) asking for it is an error that says which."""
     for path in PATHS:
         module = kernel_paths.load(path)
-        feature = "avx512bf16" if precision == "bfloat16" else getattr(module, "int8_feature", "")
-        if hasattr(module, function) and module.cpu_supports(feature):
+        feature = "avx512bf16" if precision == "bfloat16" else getattr(module, "int8_feature", "none")
+        if hasattr(module, function) and ((precision, path) == ("int8", "avx2") or module.cpu_supports(feature)):
             assert path in paths
             assert Engine(small_file, kernels=path, float_precision=precision).float_precision == precision
             continue
@@ -1044,9 +1044,13 @@ def test_bfloat16_through_the_predictor_and_the_command_line(small_file, tmp_pat
                   "--float-precision", "bfloat16", "--out", str(tmp_path / "out")])
 
 
-INT8_PATHS = [p for p in PATHS if hasattr(kernel_paths.load(p), "conv2d_int8")
-              and kernel_paths.load(p).cpu_supports(kernel_paths.load(p).int8_feature)]
-needs_int8 = pytest.mark.skipif(not INT8_PATHS, reason="this CPU has neither AVX512_VNNI nor AVX-VNNI")
+# each int8 kernel path in each form this CPU runs: VNNI's (VPDPBUSD, where the CPU has it) and the
+# avx2 kernels' pairs form (VPMADDWD), which every AVX2 CPU runs
+INT8_FORMS = [(p, vnni) for p in PATHS for vnni in (True, False) if hasattr(kernel_paths.load(p), "conv2d_int8") and
+              (kernel_paths.load(p).int8_pairs if not vnni else
+               kernel_paths.load(p).cpu_supports(getattr(kernel_paths.load(p), "int8_feature", "none")))]
+INT8_PATHS = sorted({p for p, _ in INT8_FORMS}, key=PATHS.index)
+needs_int8 = pytest.mark.skipif(not INT8_PATHS, reason="no avx2 kernels and no AVX512_VNNI here")
 
 
 def _quantised(values: np.ndarray):
@@ -1091,9 +1095,10 @@ def _int8_conv(x, filters, bias, stride, dilation, residual, per_pixel):
 
 
 @needs_int8
-@pytest.mark.parametrize("path", INT8_PATHS)
-def test_int8_float_conv_is_the_quantised_arithmetic_by_hand(path):
-    """``float_precision="int8"``'s convolution is, bit for bit, the integer arithmetic by hand: a
+@pytest.mark.parametrize("path, vnni", INT8_FORMS)
+def test_int8_float_conv_is_the_quantised_arithmetic_by_hand(path, vnni):
+    """``float_precision="int8"``'s convolution is, bit for bit, the integer arithmetic by hand, in
+    VNNI's form and in the pairs form (int8 weights in quads, or the same values as int16 pairs): a
     1x1 convolution quantises each pixel with its own scale and zero point, any other (the 7x7
     stem, 3x3, dilated) each image, the padding being its zero point; odd channel counts; the batch
     norm before it and the residual after it. Its error against the float64 convolution stays
@@ -1103,8 +1108,9 @@ def test_int8_float_conv_is_the_quantised_arithmetic_by_hand(path):
     rng = np.random.default_rng(12)
     for size, cin, cout, k, stride, dilation, x, filters, bias, scale, shift in _float_conv_cases(rng):
         out_size, pad = ops._same_padding(size, k, stride, dilation, 0)
-        weights, weight_scale, weight_sum = module.prepare_float_weights_int8(filters)
-        assert weights.ctypes.data % 64 == 0 and weights.dtype == np.int8 and weight_sum.dtype == np.int32
+        weights, weight_scale, weight_sum = module.prepare_float_weights_int8(filters, vnni=vnni)
+        assert weights.ctypes.data % 64 == 0 and weight_sum.dtype == np.int32
+        assert (weights.dtype, weights.shape[-1]) == ((np.int8, 4) if vnni else (np.int16, 2))
         for multiplier, offset, input_low in ((none, none, -np.inf), (scale, shift, 0.0)):
             source = x if multiplier.size == 0 else np.maximum(x * scale + shift, 0).astype(np.float32)
             residual = rng.normal(size=(2, out_size, out_size, cout)).astype(np.float32)
@@ -1128,19 +1134,26 @@ def test_int8_float_conv_is_the_quantised_arithmetic_by_hand(path):
             assert np.all(np.abs(out - exact) <= bound + 1e-4), f"{size, cin, k}"
             assert np.abs(out - exact).max() > 1e-3  # quantised: not float32's result
     with pytest.raises(ValueError, match="not prepare_float_weights_int8 of this filter"):
-        module.conv2d_int8(x, *module.prepare_float_weights_int8(filters), bias, [3, 3, 1, 1, 1, 1, 1, 1],  # 1x1's
+        module.conv2d_int8(x, *module.prepare_float_weights_int8(filters, vnni=vnni), bias, [3, 3, 1, 1, 1, 1, 1, 1],
                            -np.inf, np.inf, [], none, none, -np.inf, np.inf, np.empty((2, 8, 8, 96), np.float32))
     with pytest.raises(ValueError, match="a weight is NaN or infinite"):
         module.prepare_float_weights_int8(np.full((1, 1, 1, 4), np.nan, np.float32))
+    if not module.int8_pairs:
+        with pytest.raises(ValueError, match="vnni=False, the pairs form, is the avx2 kernels' only"):
+            module.prepare_float_weights_int8(filters, vnni=False)
 
 
 @needs_int8
-@pytest.mark.parametrize("path", INT8_PATHS)
-def test_int8_keeps_images_zeros_and_nans_where_float32_has_them(path):
+@pytest.mark.parametrize("path, vnni", INT8_FORMS)
+def test_int8_keeps_images_zeros_and_nans_where_float32_has_them(path, vnni):
     """An 8-bit image (values k / 255) is quantised without loss, so the stem's only error is its
     weights' rounding; a pixel of zeros gives the bias exactly; a NaN or infinity in a 1x1
-    convolution's input pixel makes that pixel's outputs NaN and leaves the others as they were."""
+    convolution's input pixel makes that pixel's outputs NaN and leaves the others as they were
+    (in both forms)."""
     module = kernel_paths.load(path)
+    module = types.SimpleNamespace(conv2d_int8=module.conv2d_int8,
+                                   prepare_float_weights_int8=functools.partial(module.prepare_float_weights_int8,
+                                                                                vnni=vnni))
     none = np.zeros(0, np.float32)
     rng = np.random.default_rng(13)
     image = (rng.integers(0, 256, size=(1, 16, 16, 3)) / 255).astype(np.float32)
@@ -1170,6 +1183,27 @@ def test_int8_keeps_images_zeros_and_nans_where_float32_has_them(path):
     bad[0, 3, 3] = bad[0, 0, 1] = True
     assert np.isnan(spoilt[bad]).all()
     np.testing.assert_array_equal(spoilt[~bad], clean[~bad])
+
+
+@pytest.mark.skipif("avx2" not in INT8_PATHS, reason="needs the avx2 kernels")
+def test_int8_model_is_the_same_with_and_without_vnni(small_file, monkeypatch):
+    """On the avx2 kernels a whole model under ``float_precision="int8"`` gives the same outputs bit
+    for bit whether its convolutions take VNNI's form (where this CPU has AVX-VNNI) or the pairs
+    form that AVX2 CPUs without it run (``LARQ_LANDMARKS_NO_VNNI=1`` makes this CPU take it),
+    batch 1 and 3. The avx512 and avx512bw kernels have VNNI's form only: the variable leaves them."""
+    avx2 = kernel_paths.load("avx2")
+    images = np.random.default_rng(4).uniform(size=(3, 64, 64, 3)).astype(np.float32)
+    monkeypatch.delenv(kernel_paths.NO_VNNI, raising=False)
+    first = Engine(small_file, kernels="avx2", float_precision="int8")
+    assert kernel_paths.int8_vnni(avx2) == (("avx2", True) in INT8_FORMS)
+    monkeypatch.setenv(kernel_paths.NO_VNNI, "1")
+    assert not kernel_paths.int8_vnni(avx2)
+    assert all(kernel_paths.int8_vnni(kernel_paths.load(p)) for p in INT8_PATHS if p != "avx2")
+    pairs = Engine(small_file, kernels="avx2", float_precision="int8")
+    np.testing.assert_array_equal(pairs.predict(images), first.predict(images))
+    np.testing.assert_array_equal(pairs.predict(images[1:2]), first.predict(images[1:2]))
+    float32 = Engine(small_file, kernels="avx2").predict(images)
+    assert np.abs(pairs.predict(images) - float32).max() > 0  # int8's rounding, not float32's
 
 
 @pytest.mark.parametrize("precision, low, high", [pytest.param("bfloat16", 1e-5, 3e-2, marks=needs_bf16),
@@ -1252,9 +1286,10 @@ def _precisions_on(path: str) -> list:
     found = [("float32", module.conv2d, module.prepare_float_weights)]
     if path in BF16_PATHS:
         found.append(("bfloat16", module.conv2d_bf16, module.prepare_float_weights_bf16))
-    if path in INT8_PATHS:  # prepared: (weights, scales, sums), as conv2d_int8 takes them after the input
-        found.append(("int8", lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
-                      module.prepare_float_weights_int8))
+    for form, vnni in ((f"int8 {'VNNI' if vnni else 'pairs'}", vnni) for p, vnni in INT8_FORMS if p == path):
+        # prepared: (weights, scales, sums), as conv2d_int8 takes them after the input
+        found.append((form, lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
+                      functools.partial(module.prepare_float_weights_int8, vnni=vnni)))
     return found
 
 

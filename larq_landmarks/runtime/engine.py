@@ -182,16 +182,14 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
 FLOAT_PRECISIONS = ("float32", "bfloat16", "int8")
 
 # what each reduced precision needs: the kernels' function, the kernel paths that may have it, what
-# to say it needs, and why a path that may have it does not (the CPU feature it needs:
-# kernel_paths.precision_feature)
+# to say it needs, why a path that may have it does not, and the CPU feature it may lack
 _REDUCED_PRECISIONS = {
     "bfloat16": ("conv2d_bf16", ("avx512", "avx512bw"), "AVX512_BF16 and the avx512 or avx512bw kernels",
-                 "built without bfloat16 (a compiler before GCC 10 or Clang 9)"),
+                 "built without bfloat16 (a compiler before GCC 10 or Clang 9)", "AVX512_BF16"),
     "int8": ("conv2d_int8", ("avx512", "avx512bw", "avx2"),
-             "AVX512_VNNI and the avx512 or avx512bw kernels, or AVX-VNNI and the avx2 kernels",
-             "built without int8 (a compiler before GCC 8 or Clang 6; for AVX-VNNI, GCC 11 or Clang 12)"),
+             "AVX512_VNNI and the avx512 or avx512bw kernels, or the avx2 kernels",
+             "built without int8 (a compiler before GCC 8 or Clang 6)", "AVX512_VNNI"),
 }
-_FEATURE_NAMES = {"avx512bf16": "AVX512_BF16", "avx512vnni": "AVX512_VNNI", "avxvnni": "AVX-VNNI"}
 
 # the CUDA streams per thread whose recycled buffers an engine keeps (Engine._buffers)
 GPU_STREAMS_KEPT = 4
@@ -236,13 +234,16 @@ class Engine:
             newer, Intel Cooper Lake and Sapphire Rapids and newer; elsewhere an error). Outputs
             move by about bfloat16's rounding (a few parts in a thousand; subnormal products count
             as zero), and further where that flips a binary layer's sign. Or ``"int8"``: int8
-            products and int32 sums at four times the FMA's rate, on CPUs with AVX512_VNNI (Intel
-            Cascade Lake, Ice Lake and newer Xeons, AMD Zen 4 and newer): the weights quantised
-            once, a scale an output channel; the input as it is read, a 1x1 convolution's each
-            pixel with its own scale and zero point, any other's each image (an 8-bit image is kept
-            exactly); a NaN or infinity makes the outputs that read it NaN (a stem's, its image's).
-            The avx2 kernels run it too on CPUs with AVX-VNNI (Intel Alder Lake and newer client
-            CPUs, which have no AVX-512).
+            products and int32 sums, the weights quantised once, a scale an output channel; the
+            input as it is read, a 1x1 convolution's each pixel with its own scale and zero point,
+            any other's each image (an 8-bit image is kept exactly); a NaN or infinity makes the
+            outputs that read it NaN (a stem's, its image's).
+            The avx512 and avx512bw kernels need AVX512_VNNI (Intel Cascade Lake, Ice Lake and
+            newer Xeons, AMD Zen 4 and newer): four times the FMA's rate. The avx2 kernels run it on
+            every AVX2 CPU: with AVX-VNNI (Intel Alder Lake and newer client CPUs, AMD Zen 5) the
+            same way, elsewhere (Intel Haswell to Comet Lake, AMD Zen 1 to 3) with 16-bit
+            multiplies at about 1.4x the FMA's rate, the same outputs bit for bit
+            (``kernels.int8_vnni``).
             Outputs move by about a percent of their range, and further where a sign flips.
             docs/benchmarks.md measures the speed and how far the landmarks move.
 
@@ -285,18 +286,17 @@ class Engine:
         if float_precision not in FLOAT_PRECISIONS:
             raise ValueError(f"float_precision={float_precision!r} must be one of {FLOAT_PRECISIONS}")
         if float_precision in _REDUCED_PRECISIONS:
-            function, paths, needs, unbuilt = _REDUCED_PRECISIONS[float_precision]
+            function, paths, needs, unbuilt, feature = _REDUCED_PRECISIONS[float_precision]
             if on_gpu:
                 raise ValueError(f"float_precision={float_precision!r} is for the CPU kernels (it needs {needs}); "
                                  "the GPU kernels run float32")
             if float_precision not in kernel_paths.reduced_precisions(self._kernels):
-                feature = kernel_paths.precision_feature(self._kernels, float_precision)
                 if self.kernels not in paths:
                     why = f"which have no {float_precision} convolutions"
                 elif not hasattr(self._kernels, function):
                     why = unbuilt
                 else:
-                    why = f"and this CPU has no {_FEATURE_NAMES[feature]}"
+                    why = f"and this CPU has no {feature}"
                 raise ValueError(f"float_precision={float_precision!r} needs {needs}; these are the {self.kernels} "
                                  f"kernels, {why}")
         self.float_precision = float_precision

@@ -6,6 +6,7 @@ popcounts by table look-up), ``"avx2"`` (AVX2, FMA, POPCNT) or ``"portable"`` (p
 for a path the CPU lacks is an error that says which paths it has.
 """
 import importlib
+import os
 from types import ModuleType
 from typing import List
 
@@ -36,19 +37,39 @@ def available() -> List[str]:
     return paths
 
 
-def precision_feature(module: ModuleType, precision: str) -> str:
-    """The CPU feature (``cpu_supports``' name) that a kernel module's ``precision`` float
-    convolutions need: AVX512_BF16 for bfloat16; for int8 the module's own ``int8_feature``
-    (AVX512_VNNI on the AVX-512 paths, AVX-VNNI on avx2), "" where it has none."""
-    return "avx512bf16" if precision == "bfloat16" else getattr(module, "int8_feature", "")
-
-
 def reduced_precisions(module: ModuleType) -> List[str]:
     """The reduced float precisions (``Engine``'s ``float_precision`` besides float32) that a kernel
-    module runs on this CPU: those it was built with whose instructions the CPU has."""
-    built = {"bfloat16": "conv2d_bf16", "int8": "conv2d_int8"}
-    return [p for p, function in built.items()
-            if hasattr(module, function) and module.cpu_supports(precision_feature(module, p))]
+    module runs on this CPU: bfloat16 where it was built with it and the CPU has AVX512_BF16; int8
+    where it was built with it and the CPU has its ``int8_feature`` (AVX512_VNNI for the avx512 and
+    avx512bw kernels), or on any CPU for the avx2 kernels (their pairs form: :func:`int8_vnni`)."""
+    precisions = []
+    if hasattr(module, "conv2d_bf16") and module.cpu_supports("avx512bf16"):
+        precisions.append("bfloat16")
+    if hasattr(module, "conv2d_int8") and (getattr(module, "int8_pairs", False) or _has_vnni(module)):
+        precisions.append("int8")
+    return precisions
+
+
+NO_VNNI = "LARQ_LANDMARKS_NO_VNNI"
+
+
+def _has_vnni(module: ModuleType) -> bool:
+    feature = getattr(module, "int8_feature", "")
+    return bool(feature) and bool(module.cpu_supports(feature))
+
+
+def int8_vnni(module: ModuleType) -> bool:
+    """Whether a kernel module's int8 convolutions take VNNI's form here: VPDPBUSD, four int8
+    products a lane, at four times the FMA's rate. The avx512 and avx512bw kernels have only that
+    form (on CPUs with AVX512_VNNI). The avx2 kernels take it where the CPU has AVX-VNNI (Intel Alder
+    Lake and newer, AMD Zen 5) and the environment variable ``LARQ_LANDMARKS_NO_VNNI`` is not ``1``;
+    otherwise their pairs form: VPMADDWD, two products of the same values in 16 bits, which every
+    AVX2 CPU has (about 1.4x the FMA's rate). Both forms give the same integer sums, so the same
+    outputs bit for bit; ``LARQ_LANDMARKS_NO_VNNI=1`` runs a CPU with AVX-VNNI as one without (for
+    comparisons)."""
+    if not getattr(module, "int8_pairs", False):
+        return True
+    return _has_vnni(module) and os.environ.get(NO_VNNI, "") != "1"
 
 
 def load(kernels: str = "auto") -> ModuleType:

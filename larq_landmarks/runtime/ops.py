@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from larq_landmarks.runtime import kernels as kernel_paths
 from larq_landmarks.runtime.graph import Graph, Operator, UnsupportedModelError
 
 Run = Callable[["Values"], None]
@@ -283,7 +284,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     ``"bfloat16"``, products of the input and weights rounded to bfloat16, sums in float32;
     ``"int8"``, the weights quantised a scale an output channel and the input as it is read (a 1x1
     convolution's each pixel with its own scale and zero point, any other's each image), products
-    and sums in integers, then scaled back to float32. ``max_pool`` = ``(pool output, (window
+    and sums in integers (in VNNI's form or the pairs form: ``kernel_paths.int8_vnni``), then
+    scaled back to float32. ``max_pool`` = ``(pool output, (window
     height, window width), padding code)``: the MAX_POOL_2D (its stride its window, no activation)
     that reads the convolution's output (after the ADD), done in the same pass where the window
     divides that output (no padding then, either way), else by ``pool2d`` after it."""
@@ -296,7 +298,7 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     if precision == "bfloat16":
         weights, convolve = kernels.prepare_float_weights_bf16(filters), kernels.conv2d_bf16
     elif precision == "int8":
-        weights, scales, sums = kernels.prepare_float_weights_int8(filters)
+        weights, scales, sums = kernels.prepare_float_weights_int8(filters, vnni=kernel_paths.int8_vnni(kernels))
         convolve = functools.partial(_conv2d_int8, kernels.conv2d_int8, scales, sums)
     else:
         weights, convolve = kernels.prepare_float_weights(filters), kernels.conv2d

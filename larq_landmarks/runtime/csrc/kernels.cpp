@@ -26,6 +26,7 @@
 #include <functional>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -63,22 +64,33 @@ typedef float vfloat __attribute__((vector_size(kFloatLanes * 4)));
 #define HAVE_BF16 0
 #endif
 
-// int8 float convolutions (conv2d_int8): AVX-512 builds whose compiler knows AVX512_VNNI (GCC 8,
-// Clang 6 and newer), AVX2 builds whose compiler knows AVX-VNNI (its 256-bit VEX form, on Intel's
-// Alder Lake and newer client CPUs without AVX-512; GCC 11, Clang 12 and newer);
-// -DLARQ_LANDMARKS_NO_VNNI leaves them out. Without them the module has no conv2d_int8 and
-// Engine(float_precision="int8") says so.
+// int8 float convolutions (conv2d_int8), in one of two forms giving the same integer sums:
+// - VNNI's (HAVE_VNNI): VPDPBUSD, four products of an unsigned and a signed byte a lane. AVX-512
+//   builds whose compiler knows AVX512_VNNI (GCC 8, Clang 6 and newer), AVX2 builds whose compiler
+//   knows AVX-VNNI (its 256-bit VEX form, on Intel's Alder Lake and newer client CPUs and AMD's Zen 5;
+//   GCC 11, Clang 12 and newer); run where the CPU has it (INT8_FEATURE).
+// - the pairs form (HAVE_INT8_PAIRS): VPMADDWD and an add, two products of the same values widened
+//   to 16 bits, on every AVX2 CPU (Haswell to Comet Lake, AMD before Zen 5). AVX2 builds only: with
+//   512-bit vectors it was no faster than the float32 FMAs (Zen 5).
+// -DLARQ_LANDMARKS_NO_VNNI leaves VNNI's form out. An AVX-512 build without it has no conv2d_int8,
+// and Engine(float_precision="int8") says so.
 #if defined(__AVX512F__) && !defined(LARQ_LANDMARKS_NO_VNNI) && \
     ((defined(__clang__) && __clang_major__ >= 6) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
-#define HAVE_INT8 1
+#define HAVE_VNNI 1
 #define INT8_FEATURE "avx512vnni"
 #elif !defined(__AVX512F__) && defined(__AVX2__) && !defined(LARQ_LANDMARKS_NO_VNNI) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
-#define HAVE_INT8 1
+#define HAVE_VNNI 1
 #define INT8_FEATURE "avxvnni"
 #else
-#define HAVE_INT8 0
+#define HAVE_VNNI 0
 #endif
+#if !defined(__AVX512F__) && defined(__AVX2__)
+#define HAVE_INT8_PAIRS 1
+#else
+#define HAVE_INT8_PAIRS 0
+#endif
+#define HAVE_INT8 (HAVE_VNNI || HAVE_INT8_PAIRS)
 
 // ---------------------------------------------------------------------------------------------
 // A small persistent thread pool: parallel_for(n, fn) runs fn(begin, end) over [0, n) in chunks.
@@ -1284,18 +1296,29 @@ static Array<uint16_t> prepare_float_weights_bf16(Array<float> filter) {
 #endif
 
 #if HAVE_INT8
-// int8 products with int32 sums (VPDPBUSD, AVX512_VNNI's or AVX-VNNI's: four products of an unsigned
-// byte and a signed byte a lane an instruction, twice VDPBF16PS's rate and four times the FMA's): the input
-// quantised as it is copied, its own scale and zero point a row (q = clamp(rint(x / s) + z, 0,
-// 255), so that x ~ s (q - z), a zero exactly z), the weights a scale an output channel (w ~ t w8,
-// w8 in [-127, 127]); then out = float(acc - z colsum) * (s t) + bias, colsum being the channel's
-// sum of w8, the product rounded before the bias is added (no FMA). B prepared by
-// prepare_float_weights_int8: [K / 4, Cout rounded up, 4]; ldb counts bytes.
+// int8 products with int32 sums: the input quantised as it is copied, its own scale and zero point a
+// row (q = clamp(rint(x / s) + z, 0, 255), so that x ~ s (q - z), a zero exactly z), the weights a
+// scale an output channel (w ~ t w8, w8 in [-127, 127]); then out = float(acc - z colsum) * (s t) +
+// bias, colsum being the channel's sum of w8, the product rounded before the bias is added (no FMA).
+// The sums acc in one of two forms, the same integers (no product or pair of products overflows):
+// - VNNI's (HAVE_VNNI): VPDPBUSD, AVX512_VNNI's or AVX-VNNI's, four products of an unsigned and a
+//   signed byte a lane an instruction (four times the FMA's rate); the A rows in bytes, B prepared by
+//   prepare_float_weights_int8 as [K / 4, Cout rounded up, 4] int8;
+// - pairs (HAVE_INT8_PAIRS: AVX2 builds): VPMADDWD and an add, two products of 16-bit values a lane
+//   (about 1.4x the 256-bit FMA's rate on Zen 5); the A rows widened to 16 bits as they are
+//   quantised, B as [K / 2, Cout rounded up, 2] int16.
+// ldb counts B's elements. A tile's sums are q00 .. (row i, vector j: q##i##j).
+#if HAVE_VNNI
 #if defined(__AVX512F__)
 #define VNNI_TARGET __attribute__((target("avx512vnni")))
+#else
+#define VNNI_TARGET __attribute__((target("avxvnni")))
+#endif
+#endif
 
+#if defined(__AVX512F__)
 template <int NV>
-static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
+static inline VNNI_TARGET void gemm_tile_int8(
     const uint8_t* const* arow, int m, const Segments& segments, const int8_t* bp, int64_t ldb, int c0, int n,
     const float* weight_scale, const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
     const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c, int cout) {
@@ -1348,19 +1371,61 @@ static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
 #undef ROW
   GEMM_TILE_EPILOGUE
 }
-#else  // AVX2 with AVX-VNNI: 4 x (8 NV) tiles (NV = 2, or 1 for the last columns); the epilogue in vectors on
-       // whole tiles, per value on the last columns
-#define VNNI_TARGET __attribute__((target("avxvnni")))
+#else  // AVX2: 4 x (8 NV) tiles (NV = 2, or 1 for the last columns); the epilogue in vectors on whole
+       // tiles, per value on the last columns
+#define INT8_FINISH_ROW(i)                                                        \
+  if (i < m) {                                                                    \
+    finish(i, 0, scaled(i, q##i##0, sum0, t0));                                   \
+    finish(i, 1, scaled(i, q##i##1, sum1, t1));                                   \
+  }
+#define INT8_STORE_ROW(i)                                                         \
+  _mm256_store_ps(values[i], scaled(i, q##i##0, sum0, t0));                       \
+  if (NV > 1) _mm256_store_ps(values[i] + 8, scaled(i, q##i##1, sum1, t1));
+#define INT8_TILE_EPILOGUE                                                                                   \
+  alignas(32) float values[kFloatTileM][kFloatTileN];                                                        \
+  const __m256 t0 = _mm256_loadu_ps(weight_scale + c0), t1 = _mm256_loadu_ps(weight_scale + c0 + 8);         \
+  const __m256i sum0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight_sum + c0));                \
+  const __m256i sum1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight_sum + c0 + 8));            \
+  auto scaled = [&](int i, __m256i q, __m256i sum, __m256 t) {                                               \
+    const int at = i < m ? i : m - 1;                                                                        \
+    const __m256i z = _mm256_set1_epi32(row_zero[at]);                                                       \
+    return rounded_product(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_mullo_epi32(z, sum))),              \
+                           _mm256_mul_ps(_mm256_set1_ps(row_scale[at]), t));                                 \
+  };                                                                                                         \
+  if (n == kFloatTileN) { /* whole columns: bias, residual and clamp in vectors (NaN passes, as in TFLite) */ \
+    const __m256 bias0 = _mm256_loadu_ps(bias + c0), bias1 = _mm256_loadu_ps(bias + c0 + 8);                 \
+    const __m256 lo_v = _mm256_set1_ps(lo), hi_v = _mm256_set1_ps(hi);                                       \
+    /* the tile's 16 columns: one residual group */                                                          \
+    const float* residual_at = residual ? residual->at(row, c0) : nullptr;                                   \
+    const int64_t residual_width = residual ? residual->width[c0 / 16] : 0;                                  \
+    auto finish = [&](int i, int j, __m256 v) {                                                              \
+      v = _mm256_add_ps(v, j ? bias1 : bias0);                                                               \
+      if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual_at + i * residual_width + 8 * j));         \
+      _mm256_storeu_ps(c + static_cast<int64_t>(i) * cout + c0 + 8 * j, _mm256_min_ps(hi_v, _mm256_max_ps(lo_v, v))); \
+    };                                                                                                       \
+    INT8_FINISH_ROW(0) INT8_FINISH_ROW(1) INT8_FINISH_ROW(2) INT8_FINISH_ROW(3)                              \
+    return;                                                                                                  \
+  }                                                                                                          \
+  INT8_STORE_ROW(0) INT8_STORE_ROW(1) INT8_STORE_ROW(2) INT8_STORE_ROW(3)                                    \
+  for (int i = 0; i < m; ++i)                                                                                \
+    for (int q = 0; q < n; ++q) {                                                                            \
+      float v = values[i][q] + bias[c0 + q];                                                                 \
+      if (residual) v = v + *residual->at(row + i, c0 + q);                                                  \
+      c[static_cast<int64_t>(i) * cout + c0 + q] = std::min(std::max(v, lo), hi);                            \
+    }
 
+#define INT8_TILE_START                                                                                      \
+  static_assert(kFloatTileM == 4 && kFloatTileN == 16, "the AVX2 int8 tile is 4 x 16");                      \
+  __m256i q00 = _mm256_setzero_si256(), q01 = q00, q10 = q00, q11 = q00, q20 = q00, q21 = q00, q30 = q00,    \
+          q31 = q00;
+
+#if HAVE_VNNI
 template <int NV>
-static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
+static inline VNNI_TARGET void gemm_tile_int8(
     const uint8_t* const* arow, int m, const Segments& segments, const int8_t* bp, int64_t ldb, int c0, int n,
     const float* weight_scale, const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
     const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c, int cout) {
-  static_assert(kFloatTileM == 4 && kFloatTileN == 16, "the AVX2 int8 tile is 4 x 16");
-#define ROW(i) __m256i q##i##0 = _mm256_setzero_si256(), q##i##1 = q##i##0;
-  ROW(0) ROW(1) ROW(2) ROW(3)
-#undef ROW
+  INT8_TILE_START
   for (const int64_t offset : segments.offset) {
     const uint8_t* a_row[kFloatTileM];
     for (int i = 0; i < kFloatTileM; ++i) a_row[i] = arow[i] + offset;
@@ -1379,64 +1444,57 @@ static inline __attribute__((always_inline)) VNNI_TARGET void gemm_tile_int8(
 #undef ROW
     }
   }
-  alignas(32) float values[kFloatTileM][kFloatTileN];
-  const __m256 t0 = _mm256_loadu_ps(weight_scale + c0), t1 = _mm256_loadu_ps(weight_scale + c0 + 8);
-  const __m256i sum0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight_sum + c0));
-  const __m256i sum1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight_sum + c0 + 8));
-  auto scaled = [&](int i, __m256i q, __m256i sum, __m256 t) {
-    const int at = i < m ? i : m - 1;
-    const __m256i z = _mm256_set1_epi32(row_zero[at]);
-    return rounded_product(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_mullo_epi32(z, sum))),
-                           _mm256_mul_ps(_mm256_set1_ps(row_scale[at]), t));
-  };
-  if (n == kFloatTileN) {  // whole columns: bias, residual and clamp in vectors (NaN passes, as in TFLite)
-    const __m256 bias0 = _mm256_loadu_ps(bias + c0), bias1 = _mm256_loadu_ps(bias + c0 + 8);
-    const __m256 lo_v = _mm256_set1_ps(lo), hi_v = _mm256_set1_ps(hi);
-    const float* residual_at = residual ? residual->at(row, c0) : nullptr;  // the tile's 16 columns: one group
-    const int64_t residual_width = residual ? residual->width[c0 / 16] : 0;
-    auto finish = [&](int i, int j, __m256 v) {
-      v = _mm256_add_ps(v, j ? bias1 : bias0);
-      if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual_at + i * residual_width + 8 * j));
-      _mm256_storeu_ps(c + static_cast<int64_t>(i) * cout + c0 + 8 * j, _mm256_min_ps(hi_v, _mm256_max_ps(lo_v, v)));
-    };
-#define ROW(i)                                                                    \
-  if (i < m) {                                                                    \
-    finish(i, 0, scaled(i, q##i##0, sum0, t0));                                   \
-    finish(i, 1, scaled(i, q##i##1, sum1, t1));                                   \
-  }
-    ROW(0) ROW(1) ROW(2) ROW(3)
-#undef ROW
-    return;
-  }
-#define ROW(i)                                                          \
-  _mm256_store_ps(values[i], scaled(i, q##i##0, sum0, t0));             \
-  if (NV > 1) _mm256_store_ps(values[i] + 8, scaled(i, q##i##1, sum1, t1));
-  ROW(0) ROW(1) ROW(2) ROW(3)
-#undef ROW
-  for (int i = 0; i < m; ++i)
-    for (int q = 0; q < n; ++q) {
-      float v = values[i][q] + bias[c0 + q];
-      if (residual) v = v + *residual->at(row + i, c0 + q);
-      c[static_cast<int64_t>(i) * cout + c0 + q] = std::min(std::max(v, lo), hi);
-    }
+  INT8_TILE_EPILOGUE
 }
 #endif
 
-// gemm_rows in int8 (gemm_tile_int8): row r's scale and zero point at row_scale[r], row_zero[r].
-static VNNI_TARGET void gemm_rows_int8(const uint8_t* const* base, int64_t rows, const Segments& segments,
-                                       const int8_t* b, int64_t ldb, int cout, const float* weight_scale,
-                                       const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
-                                       const float* bias, const Residual* residual, int64_t row0, float lo, float hi,
-                                       float* c) {
-  const int nblocks = static_cast<int>(ldb / (4 * kFloatTileN));
+template <int NV>
+static inline void gemm_tile_int8(
+    const uint16_t* const* arow, int m, const Segments& segments, const int16_t* bp, int64_t ldb, int c0, int n,
+    const float* weight_scale, const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
+    const float* bias, const Residual* residual, int64_t row, float lo, float hi, float* c, int cout) {
+  INT8_TILE_START
+  for (const int64_t offset : segments.offset) {
+    const uint16_t* a_row[kFloatTileM];
+    for (int i = 0; i < kFloatTileM; ++i) a_row[i] = arow[i] + offset;
+    for (int kk = 0; kk < segments.length; kk += 2, bp += ldb) {
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+      const __m256i b1 = NV > 1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 16)) : b0;
+#define ROW(i)                                                                    \
+  {                                                                               \
+    int32_t pair;                                                                 \
+    std::memcpy(&pair, a_row[i] + kk, sizeof(pair));                              \
+    const __m256i a = _mm256_set1_epi32(pair);                                    \
+    q##i##0 = _mm256_add_epi32(q##i##0, _mm256_madd_epi16(a, b0));                \
+    if (NV > 1) q##i##1 = _mm256_add_epi32(q##i##1, _mm256_madd_epi16(a, b1));    \
+  }
+      ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+    }
+  }
+  INT8_TILE_EPILOGUE
+}
+#endif
+
+// gemm_rows in int8 (gemm_tile_int8, either form): row r's scale and zero point at row_scale[r],
+// row_zero[r]. Inlined whole (tiles included) into gemm_rows_int8 below, one function a form, so
+// that only VNNI's form is compiled for VNNI (a compiler may fuse the pairs' multiply and add
+// into VNNI's VPDPWSSD, which the CPUs the pairs form is for do not have).
+template <typename A, typename W>
+static inline void gemm_rows_int8_body(const A* const* base, int64_t rows, const Segments& segments, const W* b,
+                                       int64_t ldb, int cout, const float* weight_scale, const int32_t* weight_sum,
+                                       const float* row_scale, const int32_t* row_zero, const float* bias,
+                                       const Residual* residual, int64_t row0, float lo, float hi, float* c) {
+  constexpr int pack = 4 / sizeof(W);  // K values to a B element group
+  const int nblocks = static_cast<int>(ldb / (pack * kFloatTileN));
   for (int64_t r0 = 0; r0 < rows; r0 += kFloatTileM) {
     const int m = static_cast<int>(std::min<int64_t>(kFloatTileM, rows - r0));
-    const uint8_t* arow[kFloatTileM];
+    const A* arow[kFloatTileM];
     for (int i = 0; i < kFloatTileM; ++i) arow[i] = base[r0 + std::min(i, m - 1)];
     const float* s = row_scale + r0;
     const int32_t* z = row_zero + r0;
     for (int nb = 0; nb < nblocks; ++nb) {
-      const int8_t* bp = b + 4 * nb * kFloatTileN;
+      const W* bp = b + pack * nb * kFloatTileN;
       const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
       float* out = c + r0 * cout;
 #define TILE(NV) gemm_tile_int8<NV>(arow, m, segments, bp, ldb, c0, n, weight_scale, weight_sum, s, z, bias, residual, \
@@ -1455,6 +1513,25 @@ static VNNI_TARGET void gemm_rows_int8(const uint8_t* const* base, int64_t rows,
     }
   }
 }
+
+#if HAVE_VNNI
+static VNNI_TARGET __attribute__((flatten)) void gemm_rows_int8(
+    const uint8_t* const* base, int64_t rows, const Segments& segments, const int8_t* b, int64_t ldb, int cout,
+    const float* weight_scale, const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
+    const float* bias, const Residual* residual, int64_t row0, float lo, float hi, float* c) {
+  gemm_rows_int8_body(base, rows, segments, b, ldb, cout, weight_scale, weight_sum, row_scale, row_zero, bias,
+                      residual, row0, lo, hi, c);
+}
+#endif
+#if HAVE_INT8_PAIRS
+static __attribute__((flatten)) void gemm_rows_int8(
+    const uint16_t* const* base, int64_t rows, const Segments& segments, const int16_t* b, int64_t ldb, int cout,
+    const float* weight_scale, const int32_t* weight_sum, const float* row_scale, const int32_t* row_zero,
+    const float* bias, const Residual* residual, int64_t row0, float lo, float hi, float* c) {
+  gemm_rows_int8_body(base, rows, segments, b, ldb, cout, weight_scale, weight_sum, row_scale, row_zero, bias,
+                      residual, row0, lo, hi, c);
+}
+#endif
 
 // The quantisation of a run of values: lo = min(0, min x), hi = max(0, max x) and whether every x
 // is finite, accumulated over calls.
@@ -1514,8 +1591,11 @@ struct Quantizer {
     inverse = r.finite && range > 0.0f ? 255.0f / range : 0.0f;
     zero = static_cast<int32_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(-r.lo * inverse))));
   }
-  // dst[i] = clamp(rint(x[i] * inverse) + zero, 0, 255), ties to even
-  void apply(const float* x, int64_t n, uint8_t* dst) const {
+  // dst[i] = clamp(rint(x[i] * inverse) + zero, 0, 255), ties to even: bytes (uint8_t) for VNNI's
+  // form, the same values in 16 bits (uint16_t) for the pairs form
+  template <typename T>
+  void apply(const float* x, int64_t n, T* dst) const {
+    static_assert(std::is_same_v<T, uint8_t> || std::is_same_v<T, uint16_t>, "bytes or 16-bit values");
     int64_t i = 0;
 #if defined(__AVX512F__)
     const __m512 inv = _mm512_set1_ps(inverse);
@@ -1523,6 +1603,7 @@ struct Quantizer {
     for (; i + 16 <= n; i += 16) {
       __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv)), z);
       q = _mm512_min_epi32(high, _mm512_max_epi32(low, q));
+      static_assert(sizeof(T) == 1, "the pairs form is the AVX2 kernels' only");
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(q));
     }
 #else
@@ -1532,34 +1613,57 @@ struct Quantizer {
       __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv)), z);
       q = _mm256_min_epi32(high, _mm256_max_epi32(low, q));
       const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packus_epi16(words, words));
+      if constexpr (sizeof(T) == 1)
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packus_epi16(words, words));
+      else
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), words);
     }
 #endif
     for (; i < n; ++i) {
       const float v = std::nearbyint(x[i] * inverse);  // a NaN gives 0 (its outputs are NaN by the scale)
-      dst[i] = static_cast<uint8_t>(v != v ? 0 : std::min(255.0f, std::max(0.0f, v + static_cast<float>(zero))));
+      dst[i] = static_cast<T>(v != v ? 0 : std::min(255.0f, std::max(0.0f, v + static_cast<float>(zero))));
     }
   }
 };
 
-// Filter [Cout, fh, fw, Cin] (TFLite) -> (int8 [fh * fw * Cin4 / 4, Cout rounded up, 4], the scale
-// of each output channel, its sum of int8 weights), Cin4 being Cin rounded up to a multiple of 4:
-// element [p, c, e] is the weight of K index 4 p + e (an added channel's weight is 0); channel c's
-// weights are rint(w / t) with t = max |w| / 127 (1 where every weight is 0). The scales and sums
-// are as long as B is wide (scale 1 and sum 0 past Cout).
-static py::tuple prepare_float_weights_int8(Array<float> filter) {
+// Whether this CPU runs the int8 convolutions' VNNI form (this build has it and the CPU INT8_FEATURE).
+static bool cpu_runs_vnni() {
+#if HAVE_VNNI
+  return __builtin_cpu_supports(INT8_FEATURE);
+#else
+  return false;
+#endif
+}
+
+// Filter [Cout, fh, fw, Cin] (TFLite) -> (B, the scale of each output channel, its sum of int8
+// weights). Channel c's weights are w8 = rint(w / t) with t = max |w| / 127 (1 where every weight is
+// 0), K running over the taps and Cin rounded up to a multiple of 4 (an added channel's weight is 0).
+// B in VNNI's form (vnni true): int8 [K / 4, Cout rounded up, 4], element [p, c, e] the weight of
+// K index 4 p + e; in the pairs form (the AVX2 kernels'): the same values as int16 [K / 2, Cout
+// rounded up, 2]. vnni unset: on the AVX2 kernels the form this CPU runs (cpu_runs_vnni), else VNNI's.
+// The scales and sums are as long as B is wide (scale 1 and sum 0 past Cout).
+static py::tuple prepare_float_weights_int8(Array<float> filter, std::optional<bool> vnni) {
   if (filter.ndim() != 4) throw std::invalid_argument("prepare_float_weights_int8: expected a 4-d filter");
+  const bool vnni_form = vnni.value_or(!HAVE_INT8_PAIRS || cpu_runs_vnni());
+  if (vnni_form && !HAVE_VNNI)
+    throw std::invalid_argument("prepare_float_weights_int8: vnni=True, but these kernels were built without VNNI");
+  if (!vnni_form && !HAVE_INT8_PAIRS)
+    throw std::invalid_argument("prepare_float_weights_int8: vnni=False, the pairs form, is the avx2 kernels' only");
   const int cout = static_cast<int>(filter.shape(0)), taps = static_cast<int>(filter.shape(1) * filter.shape(2));
-  const int cin = static_cast<int>(filter.shape(3)), cin4 = (cin + 3) / 4 * 4, quads = taps * cin4 / 4;
+  const int cin = static_cast<int>(filter.shape(3)), cin4 = (cin + 3) / 4 * 4, pack = vnni_form ? 4 : 2;
+  const int groups = taps * cin4 / pack;
   const int padded = (cout + kFloatTileN - 1) / kFloatTileN * kFloatTileN;
   const int64_t per_channel = static_cast<int64_t>(taps) * cin;
-  Array<int8_t> out = aligned_array<int8_t>({quads, padded, 4});
+  Array<int8_t> bytes = aligned_array<int8_t>({vnni_form ? groups : 0, padded, 4});
+  Array<int16_t> words = aligned_array<int16_t>({vnni_form ? 0 : groups, padded, 2});
   Array<float> scales = aligned_array<float>({padded});
   Array<int32_t> sums = aligned_array<int32_t>({padded});
-  int8_t* o = data(out);
+  int8_t* o8 = data(bytes);
+  int16_t* o16 = data(words);
   float* t = data(scales);
   int32_t* sum = data(sums);
-  std::memset(o, 0, static_cast<size_t>(quads) * padded * 4);
+  std::memset(o8, 0, static_cast<size_t>(bytes.size()));
+  std::memset(o16, 0, sizeof(int16_t) * words.size());
   const float* f = filter.data();
   for (int c = 0; c < padded; ++c) {
     t[c] = 1.0f;
@@ -1575,12 +1679,15 @@ static py::tuple prepare_float_weights_int8(Array<float> filter) {
     for (int tap = 0; tap < taps; ++tap)
       for (int i = 0; i < cin; ++i) {
         const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(f[c * per_channel + tap * cin + i] / t[c])));
-        const int k = tap * cin4 + i;
-        o[(static_cast<int64_t>(k / 4) * padded + c) * 4 + k % 4] = static_cast<int8_t>(q);
+        const int64_t k = tap * cin4 + i, at = (k / pack * padded + c) * pack + k % pack;
+        if (vnni_form)
+          o8[at] = static_cast<int8_t>(q);
+        else
+          o16[at] = static_cast<int16_t>(q);
         sum[c] += static_cast<int32_t>(q);
       }
   }
-  return py::make_tuple(out, scales, sums);
+  return py::make_tuple(vnni_form ? py::array(bytes) : py::array(words), scales, sums);
 }
 #endif
 
@@ -1637,8 +1744,16 @@ static void spread_pixels(const T* src, int count, int channels, int stride, T* 
     std::memcpy(dst + static_cast<int64_t>(i) * stride, src + static_cast<int64_t>(i) * channels, sizeof(T) * channels);
 }
 
-// The precisions of the float convolution's products (Engine's float_precision).
-enum class Precision { kFloat32, kBfloat16, kInt8 };
+// The precisions of the float convolution's products (Engine's float_precision); int8 in its two
+// forms (kInt8: VNNI's, kInt8Pairs: the pairs form).
+enum class Precision { kFloat32, kBfloat16, kInt8, kInt8Pairs };
+// The GEMM's A (the input as the products read it) and B (the prepared weights) in each precision.
+template <Precision P>
+using GemmA = std::conditional_t<P == Precision::kFloat32, float, std::conditional_t<P == Precision::kInt8, uint8_t, uint16_t>>;
+template <Precision P>
+using GemmB = std::conditional_t<P == Precision::kFloat32, float,
+                                 std::conditional_t<P == Precision::kBfloat16, uint16_t,
+                                                    std::conditional_t<P == Precision::kInt8, int8_t, int16_t>>>;
 
 // geometry: filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left.
 // residual: the tensors whose channels, concatenated, are added to the output (none: no ADD).
@@ -1647,26 +1762,24 @@ enum class Precision { kFloat32, kBfloat16, kInt8 };
 // they are read (the zero padding stays zero).
 // kBfloat16: weights from prepare_float_weights_bf16, products in bfloat16 (the input rounded to
 // bfloat16 as it is copied, odd channel counts with a zero channel added), sums in float32.
-// kInt8: weights from prepare_float_weights_int8 (with their scales and sums), the input quantised
-// as it is copied (channel counts rounded up to 4): a 1x1 stride-1 convolution's each pixel with its
-// own scale and zero point, any other's each image with one (its padding the zero point).
-// bfloat16: AVX-512 builds (HAVE_BF16); int8: AVX-512 and AVX2 builds (HAVE_INT8).
+// kInt8 / kInt8Pairs: weights from prepare_float_weights_int8 (with their scales and sums) in VNNI's
+// form or the pairs form, the input quantised as it is copied (channel counts rounded up to 4; in
+// bytes or in 16 bits): a 1x1 stride-1 convolution's each pixel with its own scale and zero point,
+// any other's each image with one (its padding the zero point).
+// bfloat16: AVX-512 builds (HAVE_BF16); int8: AVX-512 builds with VNNI, AVX2 builds (HAVE_INT8).
 // pool_window ({} or {ph, pw}): a MAX_POOL_2D of that window, stride and no padding (no activation)
 // after the convolution (and its ADD), done by the same pass: `output` is the pooled tensor, the
 // convolution's own output (ph times its height, pw times its width, the residual's shape) is
 // computed one task of ph rows at a time into a buffer of the thread's and pooled from there, so it
 // is never written out whole. The maxima are those MAX_POOL_2D computes (pool2d, bit for bit).
 template <Precision P>
-static void conv2d_impl(Array<float> input,
-                        Array<std::conditional_t<P == Precision::kFloat32, float,
-                                                 std::conditional_t<P == Precision::kBfloat16, uint16_t, int8_t>>> weights,
+static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
                         Array<float> weight_scale, Array<int32_t> weight_sum, Array<float> bias,
                         std::vector<int> geometry, float lo, float hi, std::vector<Array<float>> residual,
                         Array<float> input_multiplier, Array<float> input_bias, float input_lo, float input_hi,
                         py::array output, std::vector<int> pool_window) {
-  constexpr bool kBf16 = P == Precision::kBfloat16, kInt8 = P == Precision::kInt8;
-  // the GEMM's A
-  using A = std::conditional_t<P == Precision::kFloat32, float, std::conditional_t<kBf16, uint16_t, uint8_t>>;
+  constexpr bool kBf16 = P == Precision::kBfloat16, kInt8 = P == Precision::kInt8 || P == Precision::kInt8Pairs;
+  using A = GemmA<P>;
   const char* name = kInt8 ? "conv2d_int8" : kBf16 ? "conv2d_bf16" : "conv2d";
   if (geometry.size() != 8) throw std::invalid_argument(std::string(name) + ": geometry needs 8 numbers");
   float* y = checked_data<float>(output, 4, true, "conv2d output");
@@ -1683,7 +1796,7 @@ static void conv2d_impl(Array<float> input,
   const int cout = static_cast<int>(output.shape(3));
   // a pixel's values in the GEMM's A rows
   const int channels_read = kInt8 ? (cin + 3) / 4 * 4 : kBf16 ? cin + cin % 2 : cin;
-  const int pack = kInt8 ? 4 : kBf16 ? 2 : 1;  // K values to a B element group
+  const int pack = P == Precision::kInt8 ? 4 : kInt8 || kBf16 ? 2 : 1;  // K values to a B element group
   const int64_t k = static_cast<int64_t>(fh) * fw * channels_read;
   const bool weights_ok = pack == 1 ? weights.ndim() == 2 && weights.shape(0) == k
                                     : weights.ndim() == 3 && weights.shape(0) * pack == k && weights.shape(2) == pack;
@@ -1773,19 +1886,19 @@ static void conv2d_impl(Array<float> input,
   } else if constexpr (kInt8) {
 #if HAVE_INT8
     padded.resize(values);
-    uint8_t* const copy = padded.data();
+    A* const copy = padded.data();
     row_scales.resize(pixels);
     row_zeros.resize(pixels);
     row_scale = row_scales.data();
     row_zero = row_zeros.data();
     // each pixel's values quantised with its own range, into a copy of cin rounded up to 4 a pixel
-    auto quantize_pixels = [&](const float* src, int count, uint8_t* dst, int64_t pixel) {
+    auto quantize_pixels = [&](const float* src, int count, A* dst, int64_t pixel) {
       for (int ix = 0; ix < count; ++ix) {
         Range range;
         range.add(src + static_cast<int64_t>(ix) * cin, cin);
         const Quantizer q(range);
         q.apply(src + static_cast<int64_t>(ix) * cin, cin, dst + static_cast<int64_t>(ix) * channels_read);
-        std::memset(dst + static_cast<int64_t>(ix) * channels_read + cin, q.zero, channels_read - cin);
+        std::fill_n(dst + static_cast<int64_t>(ix) * channels_read + cin, channels_read - cin, static_cast<A>(q.zero));
         row_scale[pixel + ix] = q.scale;
         row_zero[pixel + ix] = q.zero;
       }
@@ -1813,18 +1926,18 @@ static void conv2d_impl(Array<float> input,
         }
         images.emplace_back(image);
         const int64_t plane = static_cast<int64_t>(padded_h) * padded_w * channels_read;
-        std::memset(copy + bi * plane, images.back().zero, plane);  // the padding: a zero
+        std::fill_n(copy + bi * plane, plane, static_cast<A>(images.back().zero));  // the padding: a zero
         const int64_t out_plane = static_cast<int64_t>(out_h) * out_w;
         std::fill(row_scale + bi * out_plane, row_scale + (bi + 1) * out_plane, images.back().scale);
         std::fill(row_zero + bi * out_plane, row_zero + (bi + 1) * out_plane, images.back().zero);
       }
       pool().parallel_for(batch * height, [&](int r0, int r1) {
         static thread_local std::vector<float> row;
-        static thread_local std::vector<uint8_t> staged;
+        static thread_local std::vector<A> staged;
         for (int r = r0; r < r1; ++r) {
           const float* src = input_row(r, row);
           const Quantizer& q = images[r / height];
-          uint8_t* dst = copy_at(copy, r);
+          A* dst = copy_at(copy, r);
           if (channels_read == cin) {
             q.apply(src, static_cast<int64_t>(width) * cin, dst);
           } else {  // the row quantised in one run, then spread (the added channels stay the zero point)
@@ -1967,15 +2080,33 @@ static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float
 #endif
 
 #if HAVE_INT8
-// weights, weight_scale, weight_sum: prepare_float_weights_int8(filter)'s three arrays.
-static void conv2d_int8(Array<float> input, Array<int8_t> weights, Array<float> weight_scale, Array<int32_t> weight_sum,
-                        Array<float> bias, std::vector<int> geometry, float lo, float hi,
-                        std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
-                        float input_lo, float input_hi, py::array output, std::vector<int> pool_window) {
-  if (!__builtin_cpu_supports(INT8_FEATURE)) throw std::runtime_error("conv2d_int8: this CPU has no " INT8_FEATURE);
+// weights, weight_scale, weight_sum: prepare_float_weights_int8(filter)'s three arrays; the weights'
+// type names the form (int8: VNNI's, on CPUs with INT8_FEATURE; int16: the pairs form, AVX2 builds).
+static void conv2d_int8_vnni(Array<float> input, Array<int8_t> weights, Array<float> weight_scale,
+                              Array<int32_t> weight_sum, Array<float> bias, std::vector<int> geometry, float lo,
+                              float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
+                              Array<float> input_bias, float input_lo, float input_hi, py::array output,
+                              std::vector<int> pool_window) {
+#if HAVE_VNNI
+  if (!cpu_runs_vnni())
+    throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and this CPU has no " INT8_FEATURE);
   conv2d_impl<Precision::kInt8>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
                                 input_multiplier, input_bias, input_lo, input_hi, output, pool_window);
+#else
+  throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and these kernels were built without it");
+#endif
 }
+
+#if HAVE_INT8_PAIRS
+static void conv2d_int8_pairs(Array<float> input, Array<int16_t> weights, Array<float> weight_scale,
+                              Array<int32_t> weight_sum, Array<float> bias, std::vector<int> geometry, float lo,
+                              float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
+                              Array<float> input_bias, float input_lo, float input_hi, py::array output,
+                              std::vector<int> pool_window) {
+  conv2d_impl<Precision::kInt8Pairs>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
+                                     input_multiplier, input_bias, input_lo, input_hi, output, pool_window);
+}
+#endif
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -2325,13 +2456,23 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
         py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
         py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>());
 #endif
-#if HAVE_INT8  // int8 float convolutions: AVX-512 and AVX2 builds, CPUs with int8_feature (cpu_supports)
+#if HAVE_INT8  // int8 float convolutions: VNNI's form (int8_feature) and, on AVX2 builds, the pairs form
+#if HAVE_VNNI
   m.attr("int8_feature") = INT8_FEATURE;
-  m.def("prepare_float_weights_int8", &prepare_float_weights_int8);
-  m.def("conv2d_int8", &conv2d_int8, py::arg("input"), py::arg("weights"), py::arg("weight_scale"), py::arg("weight_sum"),
-        py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
-        py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
-        py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>());
+#endif
+  m.attr("int8_pairs") = static_cast<bool>(HAVE_INT8_PAIRS);
+  m.def("prepare_float_weights_int8", &prepare_float_weights_int8, py::arg("filter"), py::arg("vnni") = py::none());
+  // one name for both forms: the weights' dtype (int8 or int16) picks the overload
+  auto define_conv2d_int8 = [&m](auto* form) {
+    m.def("conv2d_int8", form, py::arg("input"), py::arg("weights"), py::arg("weight_scale"), py::arg("weight_sum"),
+          py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
+          py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
+          py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>());
+  };
+  define_conv2d_int8(&conv2d_int8_vnni);
+#if HAVE_INT8_PAIRS
+  define_conv2d_int8(&conv2d_int8_pairs);
+#endif
 #endif
   m.def("binary_elementwise", &binary_elementwise);
   m.def("pool2d", &pool2d);
@@ -2349,8 +2490,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
 #if HAVE_BF16
     if (feature == "avx512bf16") return __builtin_cpu_supports("avx512bf16") != 0;
 #endif
-#if HAVE_INT8
-    if (feature == INT8_FEATURE) return __builtin_cpu_supports(INT8_FEATURE) != 0;
+#if HAVE_VNNI
+    if (feature == INT8_FEATURE) return cpu_runs_vnni();
 #endif
     if (feature == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                   __builtin_cpu_supports("popcnt");
