@@ -1185,6 +1185,24 @@ def test_int8_keeps_images_zeros_and_nans_where_float32_has_them(path, vnni):
     np.testing.assert_array_equal(spoilt[~bad], clean[~bad])
 
 
+def test_int8_needs_vnni_on_the_avx512_kernels_only(small_file, monkeypatch):
+    """On a CPU without VNNI (stood for by kernels whose ``cpu_supports`` says no to it) the avx512
+    and avx512bw kernels refuse int8, saying so; the avx2 kernels still run it, in the pairs form."""
+    for path in set(PATHS) & {"avx512", "avx512bw", "avx2"}:
+        full = kernel_paths.load(path)
+        feature = getattr(full, "int8_feature", "none")
+        without_vnni = types.SimpleNamespace(**{k: getattr(full, k) for k in dir(full) if not k.startswith("__")})
+        without_vnni.cpu_supports = lambda name, full=full, feature=feature: name != feature and full.cpu_supports(name)
+        monkeypatch.setattr(kernel_paths, "load", lambda kernels="auto", module=without_vnni: module)
+        if path == "avx2":
+            assert "int8" in kernel_paths.reduced_precisions(without_vnni) and not kernel_paths.int8_vnni(without_vnni)
+            assert Engine(small_file, float_precision="int8").float_precision == "int8"
+        elif hasattr(full, "conv2d_int8"):
+            with pytest.raises(ValueError, match=f"these are the {path} kernels, and this CPU has no AVX512_VNNI"):
+                Engine(small_file, float_precision="int8")
+        monkeypatch.undo()
+
+
 @pytest.mark.skipif("avx2" not in INT8_PATHS, reason="needs the avx2 kernels")
 def test_int8_model_is_the_same_with_and_without_vnni(small_file, monkeypatch):
     """On the avx2 kernels a whole model under ``float_precision="int8"`` gives the same outputs bit
