@@ -422,13 +422,28 @@ def _convert(args: argparse.Namespace) -> int:
         _fail("convert", f"{args.output} is a folder; give the .tflite file to write, e.g. {os.path.join(args.output, 'model.tflite')}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         _fail("convert", f"{os.path.dirname(os.path.abspath(args.output))}: folder not found")
+    if args.int8_calibration and args.float:
+        _fail("convert", "--int8-calibration is for LCE files; --float writes float32")
+    if args.int8_calibration and not args.format:
+        _fail("convert", "--int8-calibration needs --format (the calibration data set's format)")
     model = _load_model("convert", args.model)
+    calibration = None
+    if args.int8_calibration:
+        from larq_landmarks.datasets import pipeline
+
+        args.data, args.skip_bad = args.int8_calibration, False
+        columns = _read(args, "convert")
+        crops = pipeline.evaluation_dataset(columns, export.last_stack(model).input_shape[1], args.calibration_count)
+        calibration = next(iter(crops))["image"].numpy()
+        print(f"calibrating int8 ranges on {len(calibration)} crops of {args.int8_calibration}")
     flatbuffer = export.convert(
-        model, args.output, binary=not args.float, batch_size=None if args.dynamic_batch else 1
+        model, args.output, binary=not args.float, batch_size=None if args.dynamic_batch else 1,
+        int8_calibration=calibration,
     )
     counts = export.op_counts(flatbuffer)
     print(f"wrote {args.output}: {len(flatbuffer):,} bytes, "
-          f"{counts.get('LceBconv2d', 0)} LceBconv2d, {counts.get('CONV_2D', 0)} float CONV_2D")
+          f"{counts.get('LceBconv2d', 0)} LceBconv2d, {counts.get('CONV_2D', 0)} {'int8' if calibration is not None else 'float'} CONV_2D"
+          + (", int8 activations" if calibration is not None else ""))
     return 0
 
 
@@ -537,6 +552,8 @@ def _tflite_arguments(parser, several_precisions: bool = False):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from larq_landmarks.datasets import formats
+
     parser = argparse.ArgumentParser(
         prog="larq-landmarks", description="Binarized landmark localizers (Larq / LCE)."
     )
@@ -650,12 +667,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert", help="convert a saved Keras model to a .tflite flatbuffer",
         description="Convert a saved model (its last stack) with Larq Compute Engine to a "
-        "bit-packed .tflite, or with --float to a plain float32 TFLite reference.",
+        "bit-packed .tflite (with --int8-calibration, int8 activations), or with --float to a plain float32 "
+        "TFLite reference.",
     )
     convert.add_argument("model", help="saved Keras model (.keras file or SavedModel folder)")
     convert.add_argument("output", help="the .tflite file to write (atomically)")
     convert.add_argument("--float", action="store_true", help="plain float32 TFLite, no LCE ops")
     convert.add_argument("--dynamic-batch", action="store_true", help="keep the batch size dynamic")
+    convert.add_argument("--int8-calibration", metavar="DATA",
+                         help="int8 activations and float weights (for LCE's int8 kernels on ARM), each tensor's "
+                         "range measured on the crops of this data set (its first --calibration-count samples)")
+    convert.add_argument("--format", choices=tuple(formats.FORMATS), help="--int8-calibration's data-set format")
+    convert.add_argument("--images", help="--int8-calibration's image folder (MPII formats)")
+    convert.add_argument("--calibration-count", type=positive_int, default=32,
+                         help="crops to calibrate on (default 32)")
     convert.set_defaults(run=_convert)
 
     benchmark = commands.add_parser(

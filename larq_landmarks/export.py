@@ -13,6 +13,7 @@ import larq_compute_engine as lce
 import numpy as np
 import tensorflow as tf
 
+from larq_landmarks import quantization
 from larq_landmarks.atomic import atomic_path
 # what runs a converted file, here for the callers that import it from this module
 from larq_landmarks.tflite_model import (  # noqa: F401
@@ -38,6 +39,7 @@ def convert(
     path: Optional[str] = None,
     binary: bool = True,
     batch_size: Optional[int] = 1,
+    int8_calibration: Optional[np.ndarray] = None,
 ) -> bytes:
     """Convert ``model`` (its last stack) to a flatbuffer, and write it to ``path`` if given.
 
@@ -47,6 +49,10 @@ def convert(
         binary: convert with LCE (binary convolutions become bit-packed ``LceBconv2d``); False
             gives a plain float32 TFLite model (Larq quantizers run as float ops).
         batch_size: fixed batch size of the converted model; None keeps it dynamic.
+        int8_calibration: ``(N, H, W, C)`` images as the model takes them (its crops, a few dozen):
+            the LCE file's activations and float weights become int8, each tensor's range
+            measured on these (:mod:`larq_landmarks.quantization`); input and output stay float32.
+            For LCE's int8 kernels (ARM); this package's runtime runs float files only.
     """
     _check_keras_model(model)
     if path and os.path.isdir(path):  # before the conversion (the write comes last)
@@ -57,7 +63,13 @@ def convert(
                          f"{single.input_shape} (build the model with a fixed input size)")
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None (dynamic)")
-    if batch_size is not None:
+    if int8_calibration is not None:
+        if not binary:
+            raise ValueError("int8_calibration is for LCE files (binary=True); a float file stays float32")
+        single = quantization.fake_quantized(single, int8_calibration, batch_size)
+        flatbuffer = _convert_frozen(single, binary, int8=True) if batch_size is not None \
+            else lce.convert_keras_model(single)
+    elif batch_size is not None:
         inputs = tf.keras.Input(single.input_shape[1:], batch_size=batch_size, name="image")
         single = tf.keras.Model(inputs, single(inputs), name=model.name)
         flatbuffer = _convert_frozen(single, binary)
@@ -73,13 +85,14 @@ def convert(
     return flatbuffer
 
 
-def _convert_frozen(model: tf.keras.Model, binary: bool) -> bytes:
+def _convert_frozen(model: tf.keras.Model, binary: bool, int8: bool = False) -> bytes:
     """Convert the inference graph of ``model`` (fixed input shape), its variables frozen to
     constants, without exporting a SavedModel first: the export is most of the time (5 vs 27 s
     for the default model here), and the operators and outputs are the same
     (tests/test_export.py compares the two). Binary: LCE's converter on the frozen graph, the
     path ``lce.convert_keras_model`` itself takes when its SavedModel export fails; float:
-    TFLite's converter on the frozen concrete function. The file has no SignatureDef."""
+    TFLite's converter on the frozen concrete function. The file has no SignatureDef. ``int8``:
+    the graph's fake-quantisation ops make its tensors int8 (LCE)."""
     from tensorflow.core.framework.types_pb2 import DataType
     from tensorflow.lite.python.util import get_tensor_name
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -102,7 +115,7 @@ def _convert_frozen(model: tf.keras.Model, binary: bool) -> bytes:
         [DataType.Name(t.dtype.as_datatype_enum) for t in inputs],
         [t.shape.as_list() for t in inputs],
         [get_tensor_name(t) for t in frozen.outputs],
-        False,  # should_quantize: the graph has no fake-quantisation ops
+        int8,  # should_quantize: the graph's fake-quantisation ops give int8 tensors
         "arm",  # target
         None,  # experimental_default_int8_range
     )

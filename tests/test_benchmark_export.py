@@ -85,3 +85,33 @@ def test_precision_section_puts_speed_and_accuracy_side_by_side(tmp_path):
     script.write_precision_markdown(args, {"precision": check})
     text = out.read_text()
     assert "| int8 | - | - | - | 62.5% | 0.25 / 6.00 | 4.510% |" in text and text.count("## bfloat16") == 1
+
+
+def test_int8_lce_section_puts_sizes_accuracy_and_speed_side_by_side(tmp_path):
+    """The compression part's int8 section: the default model's bytes and their ratio, the trained
+    model's three LCE files (float activations, calibrated int8, LCE's default range) with their
+    NME and landmark movement as measured, and LCE's int8 and float timings from the speed rows."""
+    script = _script()
+    row = {"name": "binary_hpm", "parameters": 10, "keras_float32_bytes": 4000, "tflite_float32_bytes": 4000,
+           "lce_bytes": 1000, "packed_binary_weight_bytes": 100, "other_float32_bytes": 800, "binary_weights": 800}
+    moved = {"median_moved_px": 0.0, "max_moved_px": 7.21, "within_0.5px": 0.615}
+    check = {"model": "runs/demo/model.keras", "input_size": 64, "faces": 64, "calibration_faces": 32,
+             "float": {"bytes": 145300, "nme_box": 4.615, **moved},
+             "int8": {"bytes": 113808, "nme_box": 4.62, **moved},
+             "int8_default_range": {"bytes": 116384, "nme_box": 9.5, "median_moved_px": 14.4, "max_moved_px": 40.0,
+                                    "within_0.5px": 0.008},
+             "default_model_bytes": {"float": 1444168, "int8": 1030688}}
+    speed = [{"model": "m", "engine": "lce-indirect-bgemm", "threads": 1, "ms": 79.2},
+             {"model": "m8", "engine": "lce-int8-indirect-bgemm", "threads": 1, "ms": 74.0}]
+    out = tmp_path / "benchmarks.md"
+    args = type("Args", (), {"out": str(out), "trained": "runs/demo/model.keras"})()
+    script.write_compression_markdown(args, {"machine": "x86_64", "cpus": 2, "tensorflow": "2.21.0",
+                                             "compression": [row], "int8": check, "speed": speed})
+    text = out.read_text()
+    assert "### int8 activations for LCE's ARM kernels" in text
+    assert "The default model: 1,444,168 -> 1,030,688 bytes (1.40x smaller)" in text
+    assert "calibrated on 32 synthetic faces, over 64 others" in text
+    assert "| float activations | 145,300 | 4.615% | - | - |" in text
+    assert "| int8, calibrated | 113,808 | 4.620% | 61.5% | 0.00 / 7.21 |" in text
+    assert "| int8, LCE's default range (-3, 3) | 116,384 | 9.500% | 0.8% | 14.40 / 40.00 |" in text
+    assert "int8 file in 74.0 ms against 79.2 ms" in text

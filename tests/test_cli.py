@@ -404,3 +404,29 @@ def test_bad_runtime_and_detector_options_are_named(option, value, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main(["predict", "x.jpg", "--model", "m.tflite", option, value])
     assert exit.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+def test_convert_with_int8_calibration_writes_an_int8_file_that_evaluate_runs(trained, tmp_path, capsys):
+    """``convert --int8-calibration DATA --format F``: calibrated on that data set's crops, an LCE
+    file with int8 activations (one QUANTIZE in, one DEQUANTIZE out) that ``evaluate`` scores
+    (through LCE's interpreter: the runtime runs float files, and says which this is); without
+    --format, or with --float, an error before the model is loaded."""
+    from larq_landmarks import export
+
+    model, out = str(trained / "run" / "model.keras"), tmp_path / "int8.tflite"
+    assert cli.main(["convert", model, str(out), "--int8-calibration", str(trained / "train"), "--format", "300w",
+                     "--calibration-count", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrating int8 ranges on 5 crops of" in printed and "int8 CONV_2D, int8 activations" in printed
+    counts = export.op_counts(out.read_bytes())
+    assert counts["QUANTIZE"] == 1 and counts["DEQUANTIZE"] == 1 and counts["LceBconv2d"] > 0
+    with pytest.warns(UserWarning, match=r"QUANTIZE \(an int8 file: export.convert's int8_calibration\) is not "
+                                         r"supported by larq_landmarks.runtime"):
+        assert cli.main(["evaluate", "--model", str(out), "--format", "300w", "--data", str(trained / "test")]) == 0
+    assert "NME box %" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--int8-calibration needs --format"):
+        cli.main(["convert", model, str(tmp_path / "x.tflite"), "--int8-calibration", str(trained / "train")])
+    with pytest.raises(SystemExit, match="--int8-calibration is for LCE files; --float writes float32"):
+        cli.main(["convert", model, str(tmp_path / "x.tflite"), "--float", "--int8-calibration",
+                  str(trained / "train"), "--format", "300w"])
+    assert not (tmp_path / "x.tflite").exists()

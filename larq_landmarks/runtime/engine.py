@@ -323,8 +323,9 @@ class Engine:
                 producers[i] = op
         for op in graph.operators:
             if op.name not in ops.OPS:
+                int8 = " (an int8 file: export.convert's int8_calibration)" if op.name == "QUANTIZE" else ""
                 raise UnsupportedModelError(
-                    f"{graph.name}: operator {op.index} {op.name} is not supported by larq_landmarks.runtime; "
+                    f"{graph.name}: operator {op.index} {op.name}{int8} is not supported by larq_landmarks.runtime; "
                     "run this file with LCE's interpreter (engine='lce')")
         # LceQuantize / CONV_2D index -> (source, multiplier, bias[, activation]): the batch norm before it
         fused, folded, chains = {}, set(), {}  # folded: ops done inside others; chains: which, per reader

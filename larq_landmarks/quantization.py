@@ -1,0 +1,177 @@
+"""int8 activations for LCE files: post-training calibration of every tensor's range.
+
+LCE's converter writes int8 tensors where the graph has fake-quantisation ops (it takes no
+representative data set; its ``experimental_default_int8_range`` gives every other tensor one
+range, which moves a trained model's landmarks by pixels). :func:`fake_quantized` measures each
+layer's output range on calibration images (the model's own input crops) and returns the model
+with a ``fake_quant_with_min_max_args`` after every layer, so that :func:`larq_landmarks.export.convert`
+(``int8_calibration=images``) writes a file whose activations and float weights are all int8:
+binary convolutions stay bit-packed, with int8 in and out where they were float.
+
+What the converter needs, and how the clone meets it:
+- a concatenation, max or average pool, or nearest upsampling has one scale for its inputs and
+  output: they share the union of their ranges;
+- a convolution read only by a batch norm is folded with it (LCE's output transform, TFLite's
+  bias): no range between them; nor after that batch norm where only binary convolutions read it
+  (LCE writes its bits from the first convolution);
+- a batch norm elsewhere becomes a MUL and an ADD: the MUL's output gets its own range;
+- a float convolution without a bias gets a negligible one of its own (1e-9 scale; it rounds to
+  zero in int32), as TFLite's converter otherwise shares one zero constant between convolutions and
+  an int8 op, and writes it as an int8 bias that TFLite refuses.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import larq as lq
+import numpy as np
+import tensorflow as tf
+
+Range = Tuple[float, float]
+# ops whose int8 inputs and output share one scale (TFLite's same-scale constraint)
+SAME_SCALE = (tf.keras.layers.Concatenate, tf.keras.layers.MaxPooling2D, tf.keras.layers.AveragePooling2D,
+              tf.keras.layers.UpSampling2D)
+
+
+def _inputs_of(layer: tf.keras.layers.Layer) -> List[tf.keras.layers.Layer]:
+    inbound = layer._inbound_nodes[0].inbound_layers
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+
+
+def _batch_norm_affine(layer: tf.keras.layers.BatchNormalization) -> Tuple[tf.Tensor, tf.Tensor]:
+    """The batch norm's inference form ``x * scale + offset``."""
+    scale = tf.math.rsqrt(layer.moving_variance + layer.epsilon)
+    if layer.scale:
+        scale = scale * layer.gamma
+    offset = -layer.moving_mean * scale + (layer.beta if layer.center else 0.0)
+    return scale, offset
+
+
+def _check_model(model: tf.keras.Model) -> List[tf.keras.layers.Layer]:
+    layers = [l for l in model.layers if not isinstance(l, tf.keras.layers.InputLayer)]
+    for layer in layers:
+        if isinstance(layer, tf.keras.Model) or len(layer._inbound_nodes) != 1:
+            raise ValueError(f"{model.name}: int8 calibration needs a flat functional model with each layer called "
+                             f"once; {layer.name} is a nested model or a shared layer")
+        if isinstance(layer, tf.keras.layers.BatchNormalization) and (layer.axis not in (-1, [-1], [3], 3)):
+            raise ValueError(f"{model.name}: {layer.name} normalises axis {layer.axis}; channels-last only")
+    return layers
+
+
+def _check_images(model: tf.keras.Model, images) -> np.ndarray:
+    images = np.asarray(images)
+    expected = tuple(model.input_shape[1:])
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
+        raise ValueError(f"int8_calibration: expected images of shape (N, {', '.join(map(str, expected))}) "
+                         f"with N >= 1 (the model's input crops), got {images.shape}")
+    if not np.issubdtype(images.dtype, np.floating) or not np.isfinite(images).all():
+        raise ValueError(f"int8_calibration: expected finite float images, got {images.dtype}"
+                         + ("" if not np.issubdtype(images.dtype, np.floating) else " with NaN or infinity"))
+    return images.astype(np.float32)
+
+
+def activation_ranges(model: tf.keras.Model, images, batch_size: int = 4) -> Dict[str, Dict[str, Range]]:
+    """Each layer's output range over ``images`` (``(N, H, W, C)`` crops as the model takes them),
+    widened to include 0 (int8's zero point must be exact).
+
+    Returns ``{"input": {"input": range}, "output": {layer name: range}, "scaled": {batch norm
+    name: range of its input times its scale}}`` (``scaled``: the MUL of a batch norm that is not
+    folded into a convolution)."""
+    layers = _check_model(model)
+    images = _check_images(model, images)
+    probe = tf.keras.Model(model.inputs, [l.output for l in layers])
+    low: Dict[str, float] = {}
+    high: Dict[str, float] = {}
+
+    def widen(name, values):
+        low[name] = min(low.get(name, 0.0), float(np.min(values)))
+        high[name] = max(high.get(name, 0.0), float(np.max(values)))
+
+    norms = {l.name: _batch_norm_affine(l) for l in layers if isinstance(l, tf.keras.layers.BatchNormalization)}
+    for start in range(0, len(images), batch_size):
+        outputs = probe(images[start:start + batch_size], training=False)
+        for layer, output in zip(layers, outputs if isinstance(outputs, list) else [outputs]):
+            widen(layer.name, output.numpy())
+            if layer.name in norms:
+                widen("scaled:" + layer.name, (output - norms[layer.name][1]).numpy())
+    ranges = {l.name: (low[l.name], high[l.name]) for l in layers}
+    for _ in range(len(layers)):  # same-scale ops share their inputs' and output's union, until it holds
+        changed = False
+        for layer in layers:
+            if isinstance(layer, SAME_SCALE):
+                names = [l.name for l in _inputs_of(layer) if l.name in ranges] + [layer.name]
+                union = (min(ranges[n][0] for n in names), max(ranges[n][1] for n in names))
+                changed |= any(ranges[n] != union for n in names)
+                ranges.update({n: union for n in names})
+        if not changed:
+            break
+    return {"input": {"input": (min(0.0, float(images.min())), max(0.0, float(images.max())))},
+            "output": ranges,
+            "scaled": {n: (low["scaled:" + n], high["scaled:" + n]) for n in norms}}
+
+
+def _fake_quant(x, bounds: Range):
+    low, high = bounds
+    return tf.quantization.fake_quant_with_min_max_args(x, low, max(high, low + 1e-6), num_bits=8)
+
+
+class _FakeQuantizedLayer(tf.keras.layers.Layer):
+    """``layer`` (the original, its weights shared) with its output fake-quantised to ``output``
+    (None: left float, to be folded into what reads it); a batch norm as its MUL (quantised to
+    ``scaled`` where given) and ADD. For conversion only: not serialisable."""
+
+    def __init__(self, layer, output: Optional[Range], scaled: Optional[Range] = None):
+        super().__init__(name=layer.name + "_int8")
+        self.layer, self.output_range, self.scaled_range = layer, output, scaled
+
+    def call(self, inputs):
+        layer = self.layer
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            scale, offset = _batch_norm_affine(layer)
+            y = inputs * scale
+            if self.scaled_range is not None:
+                y = _fake_quant(y, self.scaled_range)
+            y = y + offset
+        else:
+            y = layer(inputs, training=False)
+        if self.output_range is None:
+            return y
+        if isinstance(layer, tf.keras.layers.Conv2D) and not isinstance(layer, lq.layers.QuantConv2D) \
+                and not layer.use_bias:
+            # a bias of its own (see the module's docstring), different in every layer
+            y = y + tf.constant(np.arange(1, layer.filters + 1, dtype=np.float32) * 1e-9 * (1 + len(self.name)))
+        return _fake_quant(y, self.output_range)
+
+
+def fake_quantized(model: tf.keras.Model, images, batch_size: Optional[int] = 1) -> tf.keras.Model:
+    """``model`` with every activation fake-quantised to its range over ``images``
+    (:func:`activation_ranges`), its input too, for LCE's converter (``batch_size``: the input's,
+    None keeping it open). The layers (and weights) are ``model``'s own."""
+    ranges = activation_ranges(model, images)
+    layers = _check_model(model)
+    readers: Dict[str, list] = {}
+    for layer in layers:
+        for source in _inputs_of(layer):
+            readers.setdefault(source.name, []).append(layer)
+
+    def folded(layer):  # a convolution whose only reader is a batch norm
+        read_by = readers.get(layer.name, [])
+        return isinstance(layer, tf.keras.layers.Conv2D) and len(read_by) == 1 and \
+            isinstance(read_by[0], tf.keras.layers.BatchNormalization)
+
+    def packed(layer):  # a binary convolution's batch norm read by binary convolutions only: LCE
+        # writes its bits from the convolution (bit-packed output), no int8 tensor between
+        read_by, source = readers.get(layer.name, []), _inputs_of(layer)[0]
+        return isinstance(layer, tf.keras.layers.BatchNormalization) and isinstance(source, lq.layers.QuantConv2D) \
+            and folded(source) and bool(read_by) and all(isinstance(r, lq.layers.QuantConv2D) for r in read_by)
+
+    def clone(layer):
+        if isinstance(layer, tf.keras.layers.InputLayer):
+            return layer.__class__.from_config(layer.get_config())
+        if folded(layer) or packed(layer):
+            return _FakeQuantizedLayer(layer, None)
+        after_folded = isinstance(layer, tf.keras.layers.BatchNormalization) and folded(_inputs_of(layer)[0])
+        return _FakeQuantizedLayer(layer, ranges["output"][layer.name],
+                                   None if after_folded else ranges["scaled"].get(layer.name))
+
+    quantised = tf.keras.models.clone_model(model, clone_function=clone)
+    inputs = tf.keras.Input(model.input_shape[1:], batch_size=batch_size, name="image")
+    return tf.keras.Model(inputs, quantised(_fake_quant(inputs, ranges["input"]["input"])), name=model.name + "_int8")
