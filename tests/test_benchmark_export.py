@@ -105,8 +105,10 @@ def test_int8_lce_section_puts_sizes_accuracy_and_speed_side_by_side(tmp_path):
              {"model": "m8", "engine": "lce-int8-indirect-bgemm", "threads": 1, "ms": 74.0}]
     out = tmp_path / "benchmarks.md"
     args = type("Args", (), {"out": str(out), "trained": "runs/demo/model.keras"})()
+    runtime = {"precisions": {"float32": {"nme_box": 4.615}, "int8": {"nme_box": 4.619, "within_0.5px": 0.659}}}
     script.write_compression_markdown(args, {"machine": "x86_64", "cpus": 2, "tensorflow": "2.21.0",
-                                             "compression": [row], "int8": check, "speed": speed})
+                                             "compression": [row], "int8": check, "speed": speed,
+                                             "precision": runtime})
     text = out.read_text()
     assert "### int8 activations for LCE's ARM kernels" in text
     assert "The default model: 1,444,168 -> 1,030,688 bytes (1.40x smaller)" in text
@@ -115,3 +117,6 @@ def test_int8_lce_section_puts_sizes_accuracy_and_speed_side_by_side(tmp_path):
     assert "| int8, calibrated | 113,808 | 4.620% | 61.5% | 0.00 / 7.21 |" in text
     assert "| int8, LCE's default range (-3, 3) | 116,384 | 9.500% | 0.8% | 14.40 / 40.00 |" in text
     assert "int8 file in 74.0 ms against 79.2 ms" in text
+    assert "Calibrated, 61.5% of the landmarks stay within 0.5 px of the float-activation file's and NME (box) " \
+           "moves by +0.005 points" in text
+    assert "keep every other activation float32: 65.9% and +0.004;" in text
