@@ -14,7 +14,8 @@ What the converter needs, and how the clone meets it:
 - a convolution read only by a batch norm is folded with it (LCE's output transform, TFLite's
   bias): no range between them; nor after that batch norm where only binary convolutions read it
   (LCE writes its bits from the first convolution);
-- a batch norm elsewhere becomes a MUL and an ADD: the MUL's output gets its own range;
+- a batch norm elsewhere becomes a MUL and an ADD: the MUL's output gets its own range; an ``Add``
+  of more than two inputs becomes a chain of ADDs: each partial sum gets its own;
 - a float convolution without a bias gets a negligible one of its own (1e-9 scale; it rounds to
   zero in int32), as TFLite's converter otherwise shares one zero constant between convolutions and
   an int8 op, and writes it as an int8 bias that TFLite refuses.
@@ -73,8 +74,9 @@ def activation_ranges(model: tf.keras.Model, images, batch_size: int = 4) -> Dic
     widened to include 0 (int8's zero point must be exact).
 
     Returns ``{"input": {"input": range}, "output": {layer name: range}, "scaled": {batch norm
-    name: range of its input times its scale}}`` (``scaled``: the MUL of a batch norm that is not
-    folded into a convolution)."""
+    name: range of its input times its scale}, "partial": {"partial:<add>:<k>": range}}``
+    (``scaled``: the MUL of a batch norm that is not folded into a convolution; ``partial``: the
+    first k + 1 inputs' sum of an ``Add`` of more than two, which TFLite computes as a chain)."""
     layers = _check_model(model)
     images = _check_images(model, images)
     probe = tf.keras.Model(model.inputs, [l.output for l in layers])
@@ -86,12 +88,20 @@ def activation_ranges(model: tf.keras.Model, images, batch_size: int = 4) -> Dic
         high[name] = max(high.get(name, 0.0), float(np.max(values)))
 
     norms = {l.name: _batch_norm_affine(l) for l in layers if isinstance(l, tf.keras.layers.BatchNormalization)}
+    sums = [l for l in layers if isinstance(l, tf.keras.layers.Add) and len(_inputs_of(l)) > 2]
     for start in range(0, len(images), batch_size):
         outputs = probe(images[start:start + batch_size], training=False)
-        for layer, output in zip(layers, outputs if isinstance(outputs, list) else [outputs]):
-            widen(layer.name, output.numpy())
-            if layer.name in norms:
-                widen("scaled:" + layer.name, (output - norms[layer.name][1]).numpy())
+        values = {l.name: o.numpy() for l, o in zip(layers, outputs if isinstance(outputs, list) else [outputs])}
+        for name, value in values.items():
+            widen(name, value)
+            if name in norms:
+                widen("scaled:" + name, value - norms[name][1].numpy())
+        for layer in sums:  # an ADD of n inputs is n - 1 ADDs: their partial sums
+            terms = [values.get(l.name, images[start:start + batch_size]) for l in _inputs_of(layer)]
+            partial = terms[0]
+            for k, term in enumerate(terms[1:-1], start=1):
+                partial = partial + term
+                widen(f"partial:{layer.name}:{k}", partial)
     ranges = {l.name: (low[l.name], high[l.name]) for l in layers}
     for _ in range(len(layers)):  # same-scale ops share their inputs' and output's union, until it holds
         changed = False
@@ -105,7 +115,8 @@ def activation_ranges(model: tf.keras.Model, images, batch_size: int = 4) -> Dic
             break
     return {"input": {"input": (min(0.0, float(images.min())), max(0.0, float(images.max())))},
             "output": ranges,
-            "scaled": {n: (low["scaled:" + n], high["scaled:" + n]) for n in norms}}
+            "scaled": {n: (low["scaled:" + n], high["scaled:" + n]) for n in norms},
+            "partial": {n: (low[n], high[n]) for n in low if n.startswith("partial:")}}
 
 
 def _fake_quant(x, bounds: Range):
@@ -118,13 +129,19 @@ class _FakeQuantizedLayer(tf.keras.layers.Layer):
     (None: left float, to be folded into what reads it); a batch norm as its MUL (quantised to
     ``scaled`` where given) and ADD. For conversion only: not serialisable."""
 
-    def __init__(self, layer, output: Optional[Range], scaled: Optional[Range] = None):
+    def __init__(self, layer, output: Optional[Range], scaled: Optional[Range] = None,
+                 partial: Optional[List[Range]] = None):
         super().__init__(name=layer.name + "_int8")
-        self.layer, self.output_range, self.scaled_range = layer, output, scaled
+        self.layer, self.output_range, self.scaled_range, self.partial_ranges = layer, output, scaled, partial
 
     def call(self, inputs):
         layer = self.layer
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
+        if self.partial_ranges:  # an Add of more than two inputs, as the chain of ADDs it becomes
+            y = inputs[0]
+            for term, bounds in zip(inputs[1:-1], self.partial_ranges):
+                y = _fake_quant(y + term, bounds)
+            y = y + inputs[-1]
+        elif isinstance(layer, tf.keras.layers.BatchNormalization):
             scale, offset = _batch_norm_affine(layer)
             y = inputs * scale
             if self.scaled_range is not None:
@@ -169,8 +186,10 @@ def fake_quantized(model: tf.keras.Model, images, batch_size: Optional[int] = 1)
         if folded(layer) or packed(layer):
             return _FakeQuantizedLayer(layer, None)
         after_folded = isinstance(layer, tf.keras.layers.BatchNormalization) and folded(_inputs_of(layer)[0])
+        partial = [ranges["partial"][f"partial:{layer.name}:{k}"] for k in range(1, len(_inputs_of(layer)) - 1)] \
+            if isinstance(layer, tf.keras.layers.Add) else None
         return _FakeQuantizedLayer(layer, ranges["output"][layer.name],
-                                   None if after_folded else ranges["scaled"].get(layer.name))
+                                   None if after_folded else ranges["scaled"].get(layer.name), partial)
 
     quantised = tf.keras.models.clone_model(model, clone_function=clone)
     inputs = tf.keras.Input(model.input_shape[1:], batch_size=batch_size, name="image")

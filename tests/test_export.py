@@ -193,13 +193,15 @@ def _produced_tensor_types(flatbuffer: bytes) -> dict:
     return written
 
 
-@pytest.mark.parametrize("name", ["binary_hpm", "binary_hpm_avgpool", "binary_bottleneck"])
-def test_int8_calibration_writes_an_int8_lce_file_of_the_same_ops(name):
+@pytest.mark.parametrize("name, stacks", [("binary_hpm", 1), ("binary_hpm_avgpool", 1), ("binary_bottleneck", 1),
+                                          ("binary_hpm", 2)])
+def test_int8_calibration_writes_an_int8_lce_file_of_the_same_ops(name, stacks):
     """``convert(..., int8_calibration=images)``: the same ops as the float-activation LCE file
-    (every batch norm still folded, the bottleneck's binary convolutions still writing bits),
-    plus one QUANTIZE of the input and one DEQUANTIZE of the output; every tensor an op writes is
-    int8 but the bit-packed ones (int32) and the output; the file is smaller, and runs."""
-    model = trained_like_batch_norm(models.build_named(name, 16, **SMALL))
+    (every batch norm still folded, the bottleneck's binary convolutions still writing bits, the
+    stacks' three-way sums in int8), plus one QUANTIZE of the input and one DEQUANTIZE of the
+    output; every tensor an op writes is int8 but the bit-packed ones (int32) and the output; the
+    file is smaller, and runs."""
+    model = trained_like_batch_norm(models.build_named(name, 16, num_stacks=stacks, **SMALL))
     calibration = np.random.default_rng(5).uniform(size=(8, 64, 64, 3)).astype(np.float32)
     plain, int8 = export.convert(model), export.convert(model, int8_calibration=calibration)
     counts, float_counts = export.op_counts(int8), export.op_counts(plain)
