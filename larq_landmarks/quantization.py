@@ -69,9 +69,10 @@ def _check_images(model: tf.keras.Model, images) -> np.ndarray:
     return images.astype(np.float32)
 
 
-def activation_ranges(model: tf.keras.Model, images, batch_size: int = 4) -> Dict[str, Dict[str, Range]]:
+def activation_ranges(model: tf.keras.Model, images, batch_size: int = 1) -> Dict[str, Dict[str, Range]]:
     """Each layer's output range over ``images`` (``(N, H, W, C)`` crops as the model takes them),
-    widened to include 0 (int8's zero point must be exact).
+    widened to include 0 (int8's zero point must be exact). Every layer's output of ``batch_size``
+    images is held at once (under 1 GB an image for the default 256x256 model).
 
     Returns ``{"input": {"input": range}, "output": {layer name: range}, "scaled": {batch norm
     name: range of its input times its scale}, "partial": {"partial:<add>:<k>": range}}``
