@@ -441,9 +441,10 @@ def _convert(args: argparse.Namespace) -> int:
         int8_calibration=calibration,
     )
     counts = export.op_counts(flatbuffer)
+    kind = "float" if calibration is None else "int8"
     print(f"wrote {args.output}: {len(flatbuffer):,} bytes, "
-          f"{counts.get('LceBconv2d', 0)} LceBconv2d, {counts.get('CONV_2D', 0)} {'int8' if calibration is not None else 'float'} CONV_2D"
-          + (", int8 activations" if calibration is not None else ""))
+          f"{counts.get('LceBconv2d', 0)} LceBconv2d, {counts.get('CONV_2D', 0)} {kind} CONV_2D"
+          + ("" if calibration is None else ", int8 activations"))
     return 0
 
 
@@ -547,8 +548,8 @@ def _tflite_arguments(parser, several_precisions: bool = False):
                         nargs="+" if several_precisions else None,
                         help=".tflite on the runtime only: bfloat16 runs the float convolutions with bfloat16 "
                         "products, faster on CPUs with AVX512_BF16; int8 with int8 products of inputs quantised "
-                        "as they are read, faster still, on CPUs with AVX512_VNNI or on the avx2 kernels (landmarks may move "
-                        "slightly)" + ("; several: each model in each, side by side" if several_precisions else ""))
+                        "as they are read, faster still, on CPUs with AVX512_VNNI or on the avx2 kernels (landmarks "
+                        "may move slightly)" + ("; several: each model in each, side by side" if several_precisions else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
