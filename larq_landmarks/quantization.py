@@ -163,8 +163,8 @@ def fake_quantized(model: tf.keras.Model, images, batch_size: Optional[int] = 1)
     """``model`` with every activation fake-quantised to its range over ``images``
     (:func:`activation_ranges`), its input too, for LCE's converter (``batch_size``: the input's,
     None keeping it open). The layers (and weights) are ``model``'s own."""
-    ranges = activation_ranges(model, images)
-    layers = _check_model(model)
+    ranges = activation_ranges(model, images)  # checks the model and the images
+    layers = [l for l in model.layers if not isinstance(l, tf.keras.layers.InputLayer)]
     readers: Dict[str, list] = {}
     for layer in layers:
         for source in _inputs_of(layer):
