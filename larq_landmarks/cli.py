@@ -687,8 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark = commands.add_parser(
         "benchmark", help="time the binary model against its float32 twin on this machine",
         description="Convert a model with LCE and to float32 TFLite, and time every engine that runs them here "
-        "(XNNPACK the float32 file; LCE's interpreter and this package's runtime the binary one) at batch 1, "
-        "the engines taking turns; print the table (and write it as JSON).")
+        "(XNNPACK the float32 file; LCE's interpreter and this package's runtime the binary one; LCE's interpreter "
+        "the binary one with int8 activations) at batch 1, the engines taking turns; print the table (and write it "
+        "as JSON).")
     benchmark.add_argument("--model", default="binary_hpm",
                            help="a saved Keras model, or a named configuration (default binary_hpm, the papers' "
                            "network; docs/models.md)")

@@ -17,6 +17,7 @@ import numpy as np
 
 FLOAT32 = "float32 .tflite, TFLite interpreter (XNNPACK)"
 LCE = "binary .tflite, LCE interpreter"
+LCE_INT8 = "binary .tflite with int8 activations, LCE interpreter"
 
 
 def batch_one_ms(engines: Dict[str, Callable[[np.ndarray], np.ndarray]], image: np.ndarray, rounds: int = 5,
@@ -38,16 +39,20 @@ def batch_one_ms(engines: Dict[str, Callable[[np.ndarray], np.ndarray]], image: 
     return {name: round(1000 * float(np.median(t)), 3) for name, t in times.items()}
 
 
-def engines_here(binary: bytes, float32: bytes, num_threads: int = 1) -> Dict[str, Callable]:
-    """What runs the two files on this machine: XNNPACK the float32 one; LCE's interpreter and
+def engines_here(binary: bytes, float32: bytes, num_threads: int = 1, int8: Optional[bytes] = None
+                 ) -> Dict[str, Callable]:
+    """What runs the files on this machine: XNNPACK the float32 one; LCE's interpreter and
     this package's runtime (its best kernels here; also with bfloat16 float convolutions where the
     CPU has AVX512_BF16, int8 ones where it has AVX512_VNNI or runs the avx2 kernels) the binary
-    one. Engines that cannot run here are left out."""
+    one; LCE's interpreter ``int8``, the binary file with int8 activations, where given. Engines
+    that cannot run here are left out."""
     from larq_landmarks.runtime import UnsupportedModelError
     from larq_landmarks.tflite_model import TfliteModel, interpreter
 
     engines = {FLOAT32: interpreter(float32, num_threads, use_xnnpack=True).predict,
                LCE: TfliteModel(binary, engine="lce", num_threads=num_threads).predict}
+    if int8 is not None:
+        engines[LCE_INT8] = TfliteModel(int8, engine="lce", num_threads=num_threads).predict
     try:
         ours = TfliteModel(binary, engine="runtime", num_threads=num_threads)
     except UnsupportedModelError:  # an op the runtime does not have: LCE's interpreter alone
@@ -64,20 +69,25 @@ def engines_here(binary: bytes, float32: bytes, num_threads: int = 1) -> Dict[st
 
 
 def compare(model, num_threads: int = 1, rounds: int = 5, runs: int = 20, seed: int = 0) -> dict:
-    """Convert ``model`` (a binary Keras model; its last stack) to LCE's bit-packed file and to the
-    float32 TFLite file of the same network, and time every engine here at batch 1 on one random
-    image. Returns the files' sizes, each engine's median ms and its speed against float32."""
+    """Convert ``model`` (a binary Keras model; its last stack) to LCE's bit-packed file, to that
+    file with int8 activations (calibrated on 4 random images: its speed, not its accuracy; on ARM
+    LCE's int8 kernels decide whether it pays) and to the float32 TFLite file of the same network,
+    and time every engine here at batch 1 on one random image. Returns the files' sizes, each
+    engine's median ms and its speed against float32."""
     from larq_landmarks import export
 
     if not export.binary_layers(model):
         raise ValueError(f"{model.name} has no binary layers: its converted file would be the float32 one")
-    binary, float32 = export.convert(model), export.convert(model, binary=False)
     size = export.last_stack(model).input_shape[1:]
-    image = np.random.default_rng(seed).uniform(size=(1, *size)).astype(np.float32)
-    ms = batch_one_ms(engines_here(binary, float32, num_threads), image, rounds, runs)
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(size=(1, *size)).astype(np.float32)
+    calibration = rng.uniform(size=(4, *size)).astype(np.float32)
+    binary, float32 = export.convert(model), export.convert(model, binary=False)
+    int8 = export.convert(model, int8_calibration=calibration)
+    ms = batch_one_ms(engines_here(binary, float32, num_threads, int8), image, rounds, runs)
     return {"model": model.name, "input_shape": list(size), "threads": num_threads, "cpu": cpu_name(),
             "rounds": rounds, "runs": runs,
-            "bytes": {"binary": len(binary), "float32": len(float32)},
+            "bytes": {"binary": len(binary), "binary_int8": len(int8), "float32": len(float32)},
             "ms": ms, "vs_float32": {name: round(ms[FLOAT32] / value, 3) for name, value in ms.items()}}
 
 
@@ -89,7 +99,9 @@ def markdown(result: dict) -> str:
     return (f"{result['model']}, {height}x{width} input, batch 1, {result['threads']} thread(s), {result['cpu']}; "
             f"medians of {result['rounds']} rounds of {result['runs']} calls, the engines taking turns.\n\n"
             f"Files: binary {sizes['binary'] / 1e6:.2f} MB, float32 {sizes['float32'] / 1e6:.2f} MB "
-            f"({sizes['float32'] / sizes['binary']:.1f}x smaller).\n\n"
+            f"({sizes['float32'] / sizes['binary']:.1f}x smaller)"
+            + (f"; binary with int8 activations {sizes['binary_int8'] / 1e6:.2f} MB" if "binary_int8" in sizes else "")
+            + ".\n\n"
             "| engine | ms | vs float32 |\n|---|---:|---:|\n" + rows)
 
 

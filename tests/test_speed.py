@@ -45,15 +45,18 @@ def test_benchmark_command_times_the_binary_file_against_the_float32_one(tmp_pat
                            "convolutions)")
         except ValueError:  # no AVX512_BF16 / AVX512_VNNI on this CPU
             pass
-    assert list(result["ms"]) == [speed.FLOAT32, speed.LCE, ours, *reduced]
+    assert list(result["ms"]) == [speed.FLOAT32, speed.LCE, speed.LCE_INT8, ours, *reduced]
     assert result["input_shape"] == [64, 64, 3] and result["threads"] == 1 and result["model"] == "small"
     # the sizes are the two converted files', the ratios float32's median over each engine's
+    binary_int8 = result["bytes"].pop("binary_int8")
     assert result["bytes"] == {"binary": len(export.convert(model)), "float32": len(export.convert(model, binary=False))}
+    assert 0 < binary_int8 < result["bytes"]["binary"]
     for name, ms in result["ms"].items():
         assert ms > 0 and result["vs_float32"][name] == pytest.approx(result["ms"][speed.FLOAT32] / ms, abs=1e-3)
     printed = capsys.readouterr().out
     assert f"| {ours} | {result['ms'][ours]:.3f} | {result['vs_float32'][ours]:.2f}x |" in printed
-    assert f"({result['bytes']['float32'] / result['bytes']['binary']:.1f}x smaller)" in printed
+    assert f"({result['bytes']['float32'] / result['bytes']['binary']:.1f}x smaller); binary with int8 " \
+           f"activations {binary_int8 / 1e6:.2f} MB." in printed
 
 
 def test_benchmark_names_what_it_cannot_compare(tmp_path):
