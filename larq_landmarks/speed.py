@@ -17,7 +17,7 @@ import numpy as np
 
 FLOAT32 = "float32 .tflite, TFLite interpreter (XNNPACK)"
 LCE = "binary .tflite, LCE interpreter"
-LCE_INT8 = "binary .tflite with int8 activations, LCE interpreter"
+LCE_INT8 = "binary .tflite with int8 activations, LCE interpreter (XNNPACK)"
 
 
 def batch_one_ms(engines: Dict[str, Callable[[np.ndarray], np.ndarray]], image: np.ndarray, rounds: int = 5,
@@ -44,15 +44,15 @@ def engines_here(binary: bytes, float32: bytes, num_threads: int = 1, int8: Opti
     """What runs the files on this machine: XNNPACK the float32 one; LCE's interpreter and
     this package's runtime (its best kernels here; also with bfloat16 float convolutions where the
     CPU has AVX512_BF16, int8 ones where it has AVX512_VNNI or runs the avx2 kernels) the binary
-    one; LCE's interpreter ``int8``, the binary file with int8 activations, where given. Engines
-    that cannot run here are left out."""
+    one; LCE's interpreter with XNNPACK (for the int8 ops) ``int8``, the binary file with int8
+    activations, where given. Engines that cannot run here are left out."""
     from larq_landmarks.runtime import UnsupportedModelError
     from larq_landmarks.tflite_model import TfliteModel, interpreter
 
     engines = {FLOAT32: interpreter(float32, num_threads, use_xnnpack=True).predict,
                LCE: TfliteModel(binary, engine="lce", num_threads=num_threads).predict}
     if int8 is not None:
-        engines[LCE_INT8] = TfliteModel(int8, engine="lce", num_threads=num_threads).predict
+        engines[LCE_INT8] = interpreter(int8, num_threads, use_xnnpack=True).predict  # its int8 ops
     try:
         ours = TfliteModel(binary, engine="runtime", num_threads=num_threads)
     except UnsupportedModelError:  # an op the runtime does not have: LCE's interpreter alone
