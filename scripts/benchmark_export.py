@@ -429,12 +429,11 @@ def int8_check(trained_path, faces):
     single = export.last_stack(model)
     size = single.input_shape[1]
     with tempfile.TemporaryDirectory() as folder:
-        crops = {}
+        crops, columns = {}, {}
         for name, seed, count in (("test", 123, faces), ("calibration", 7, min(faces, 32))):
             writers.write_300w(os.path.join(folder, name), count, seed=seed, image_size=(160, 160))
-            columns = readers.to_columns(readers.read_pts_folder(os.path.join(folder, name)))
-            crops[name] = next(iter(pipeline.evaluation_dataset(columns, size, batch_size=count)))["image"].numpy()
-        columns = readers.to_columns(readers.read_pts_folder(os.path.join(folder, "test")))
+            columns[name] = readers.to_columns(readers.read_pts_folder(os.path.join(folder, name)))
+            crops[name] = next(iter(pipeline.evaluation_dataset(columns[name], size, batch_size=count)))["image"].numpy()
         inputs = tf.keras.Input(single.input_shape[1:], batch_size=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -450,7 +449,7 @@ def int8_check(trained_path, faces):
                 return np.concatenate([interpreter.predict(images[i:i + 1]) for i in range(len(images))])
 
             points[name] = hm.heatmap_to_input(hm.decode_heatmaps(predict(crops["test"]))[0]).numpy()
-            nme[name] = evaluation.evaluate_landmarks(predict, columns, "face", size)["tables"]["NME"]["NME box %"]
+            nme[name] = evaluation.evaluate_landmarks(predict, columns["test"], "face", size)["tables"]["NME"]["NME box %"]
     result = {"model": trained_path, "input_size": size, "faces": faces, "calibration_faces": len(crops["calibration"])}
     for name, flatbuffer in files.items():
         moved = np.linalg.norm(points["float"] - points[name], axis=-1)
