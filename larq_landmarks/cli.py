@@ -415,6 +415,33 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int8_fine_tune(args: argparse.Namespace, model, columns, calibration) -> None:
+    """``convert --int8-fine-tune``: quantisation-aware fine-tuning of ``model`` on ``columns``,
+    saved beside the output as ``.keras`` (the file the int8 .tflite is converted from)."""
+    import tensorflow as tf
+
+    from larq_landmarks import layouts, quantization, training
+    from larq_landmarks.datasets import formats, pipeline
+
+    size, channels = model.input_shape[1], model.outputs[-1].shape[-1]
+    points = formats.get_format(args.format).num_points
+    task = "segmentation" if channels == 7 else "heatmaps"  # the 7 facial part classes, as Predictor reads them
+    if (task == "heatmaps" and channels != points) or (task == "segmentation" and points != 68):
+        wanted = "68 (its part masks are drawn from 68-point faces)" if task == "segmentation" else channels
+        _fail("convert", f"--int8-fine-tune: {args.model} has {channels} output channels, so it trains on {wanted} "
+                         f"points; format {args.format!r} has {points}")
+    options = dict(flip_permutation=layouts.flip_permutation(points), seed=args.seed, batch_size=args.batch_size)
+    data = pipeline.segmentation_dataset(columns, size, **options) if task == "segmentation" else \
+        pipeline.landmark_dataset(columns, size, sigma=args.sigma, **options)
+    tf.keras.utils.set_random_seed(args.seed)
+    print(f"int8 fine-tuning: {args.int8_fine_tune} steps of {args.batch_size} at rate {args.learning_rate:g}")
+    history = quantization.int8_fine_tune(model, data, calibration, args.int8_fine_tune, args.learning_rate, task,
+                                          verbose=0)
+    path = os.path.splitext(args.output)[0] + ".keras"  # not args.model: _convert checked
+    training.save_model(model, path)
+    print(f"fine-tuned model (loss {history.history['loss'][-1]:.4g}): {path}")
+
+
 def _convert(args: argparse.Namespace) -> int:
     from larq_landmarks import export
 
@@ -426,6 +453,12 @@ def _convert(args: argparse.Namespace) -> int:
         _fail("convert", "--int8-calibration is for LCE files; --float writes float32")
     if args.int8_calibration and not args.format:
         _fail("convert", "--int8-calibration needs --format (the calibration data set's format)")
+    if args.int8_fine_tune and not args.int8_calibration:
+        _fail("convert", "--int8-fine-tune needs --int8-calibration (the data set to fine-tune and calibrate on)")
+    tuned = os.path.splitext(args.output)[0] + ".keras"
+    if args.int8_fine_tune and os.path.abspath(tuned) == os.path.abspath(args.model):
+        _fail("convert", f"--int8-fine-tune saves the fine-tuned model as {tuned}, the model it reads: name the "
+                         "output otherwise")
     model = _load_model("convert", args.model)
     calibration = None
     if args.int8_calibration:
@@ -436,6 +469,8 @@ def _convert(args: argparse.Namespace) -> int:
         crops = pipeline.evaluation_dataset(columns, export.last_stack(model).input_shape[1], args.calibration_count)
         calibration = next(iter(crops))["image"].numpy()
         print(f"calibrating int8 ranges on {len(calibration)} crops of {args.int8_calibration}")
+        if args.int8_fine_tune:
+            _int8_fine_tune(args, model, columns, calibration)
     flatbuffer = export.convert(
         model, args.output, binary=not args.float, batch_size=None if args.dynamic_batch else 1,
         int8_calibration=calibration,
@@ -682,6 +717,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--images", help="--int8-calibration's image folder (MPII formats)")
     convert.add_argument("--calibration-count", type=positive_int, default=32,
                          help="crops to calibrate on (default 32)")
+    convert.add_argument("--int8-fine-tune", metavar="STEPS", type=positive_int,
+                         help="first fine-tune the model STEPS steps with int8 activations (quantisation-aware, on "
+                         "--int8-calibration's data augmented as in training), and save it as the output's name "
+                         "with .keras; a few hundred steps")
+    convert.add_argument("--learning-rate", type=_positive_float, default=2e-5,
+                         help="--int8-fine-tune's constant Adam rate (default 2e-5)")
+    convert.add_argument("--batch-size", type=positive_int, default=10, help="--int8-fine-tune's batch (default 10)")
+    convert.add_argument("--sigma", type=_positive_float, default=1.5,
+                         help="--int8-fine-tune's heatmap Gaussian sigma, as the model was trained (default 1.5)")
+    convert.add_argument("--seed", type=int, default=0, help="--int8-fine-tune's augmentation and shuffling seed")
     convert.set_defaults(run=_convert)
 
     benchmark = commands.add_parser(

@@ -417,23 +417,39 @@ def layers(runs, rounds=3):
             "call_shape": f"1x1x{cin}, {k}x{k}, {cout} out"}
 
 
+def _synthetic_crops(folder, name, count, seed, size):
+    """``count`` synthetic 300W faces written under ``folder/name``: their columns and the model's crops."""
+    writers.write_300w(os.path.join(folder, name), count, seed=seed, image_size=(160, 160))
+    columns = readers.to_columns(readers.read_pts_folder(os.path.join(folder, name)))
+    return columns, next(iter(pipeline.evaluation_dataset(columns, size, batch_size=count)))["image"].numpy()
+
+
+def _lce_landmarks(flatbuffer, crops, columns, size):
+    """LCE's interpreter on ``flatbuffer``, one crop at a time: the landmarks (input pixels) and NME (box)."""
+    from larq_landmarks import evaluation
+
+    interpreter = export.interpreter(flatbuffer)
+
+    def predict(images):
+        return np.concatenate([interpreter.predict(images[i:i + 1]) for i in range(len(images))])
+
+    points = hm.heatmap_to_input(hm.decode_heatmaps(predict(crops))[0]).numpy()
+    return points, evaluation.evaluate_landmarks(predict, columns, "face", size)["tables"]["NME"]["NME box %"]
+
+
 def int8_check(trained_path, faces):
     """int8 activations in LCE's file, on the trained model at ``trained_path`` over ``faces``
     synthetic faces: calibrated (``export.convert(..., int8_calibration=)``, on as many other
     faces, at most 32) and with LCE's one default range for every tensor, against the
     float-activation file: bytes, how far the landmarks move, NME (box). And the default model's
     bytes with calibrated int8 (its size does not depend on the calibration images)."""
-    from larq_landmarks import evaluation
-
     model = tf.keras.models.load_model(trained_path)
     single = export.last_stack(model)
     size = single.input_shape[1]
     with tempfile.TemporaryDirectory() as folder:
-        crops, columns = {}, {}
+        columns, crops = {}, {}
         for name, seed, count in (("test", 123, faces), ("calibration", 7, min(faces, 32))):
-            writers.write_300w(os.path.join(folder, name), count, seed=seed, image_size=(160, 160))
-            columns[name] = readers.to_columns(readers.read_pts_folder(os.path.join(folder, name)))
-            crops[name] = next(iter(pipeline.evaluation_dataset(columns[name], size, batch_size=count)))["image"].numpy()
+            columns[name], crops[name] = _synthetic_crops(folder, name, count, seed, size)
         inputs = tf.keras.Input(single.input_shape[1:], batch_size=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -443,13 +459,7 @@ def int8_check(trained_path, faces):
                  "int8_default_range": default_range}
         points, nme = {}, {}
         for name, flatbuffer in files.items():
-            interpreter = export.interpreter(flatbuffer)
-
-            def predict(images, interpreter=interpreter):
-                return np.concatenate([interpreter.predict(images[i:i + 1]) for i in range(len(images))])
-
-            points[name] = hm.heatmap_to_input(hm.decode_heatmaps(predict(crops["test"]))[0]).numpy()
-            nme[name] = evaluation.evaluate_landmarks(predict, columns["test"], "face", size)["tables"]["NME"]["NME box %"]
+            points[name], nme[name] = _lce_landmarks(flatbuffer, crops["test"], columns["test"], size)
     result = {"model": trained_path, "input_size": size, "faces": faces, "calibration_faces": len(crops["calibration"])}
     for name, flatbuffer in files.items():
         moved = np.linalg.norm(points["float"] - points[name], axis=-1)
@@ -459,6 +469,42 @@ def int8_check(trained_path, faces):
     calibration = np.random.default_rng(0).uniform(size=(4, 256, 256, 3)).astype(np.float32)
     result["default_model_bytes"] = {"float": len(export.convert(default)),
                                      "int8": len(export.convert(default, int8_calibration=calibration))}
+    return result
+
+
+def int8_fine_tune_check(trained_path, faces, seeds=(1, 2, 3), steps=300, learning_rate=2e-5, train_faces=400):
+    """Quantisation-aware fine-tuning (``quantization.int8_fine_tune``) of the trained model at
+    ``trained_path`` against the same fine-tuning with float activations (plain ``fit``): ``steps``
+    steps at ``learning_rate`` on ``train_faces`` synthetic faces (the demo's training set: seed 0),
+    once per seed; NME (box) of each result's float-activation and calibrated int8 LCE files over
+    ``faces`` synthetic faces (the int8 check's test and calibration faces)."""
+    from larq_landmarks import layouts, quantization, training
+
+    def files_nme(model):
+        return {kind: float(_lce_landmarks(export.convert(model, int8_calibration=calibration), crops, columns, size)[1])
+                for kind, calibration in (("float", None), ("int8", calibration_crops))}
+
+    result = {"model": trained_path, "faces": faces, "steps": steps, "learning_rate": learning_rate,
+              "train_faces": train_faces, "seeds": list(seeds), "int8_aware": [], "float_only": []}
+    with tempfile.TemporaryDirectory() as folder:
+        size = tf.keras.models.load_model(trained_path).input_shape[1]
+        columns, crops = _synthetic_crops(folder, "test", faces, 123, size)
+        calibration_crops = _synthetic_crops(folder, "calibration", min(faces, 32), 7, size)[1]
+        train_columns = _synthetic_crops(folder, "train", train_faces, 0, size)[0]
+        result["before"] = files_nme(tf.keras.models.load_model(trained_path))
+        for seed in seeds:
+            data = pipeline.landmark_dataset(train_columns, size, sigma=1.5, flip_permutation=layouts.flip_permutation(68),
+                                             seed=seed, batch_size=8)
+            for kind in ("int8_aware", "float_only"):
+                tf.keras.utils.set_random_seed(seed)
+                model = tf.keras.models.load_model(trained_path)
+                if kind == "int8_aware":
+                    quantization.int8_fine_tune(model, data, calibration_crops, steps, learning_rate)
+                else:
+                    training.compile_model(model, learning_rate=learning_rate)
+                    model.fit(training.for_stacks(data, model), epochs=1, steps_per_epoch=steps, verbose=0)
+                result[kind].append({"seed": seed, **files_nme(model)})
+                print(kind, result[kind][-1], flush=True)
     return result
 
 
@@ -606,6 +652,7 @@ def main():
         result["compression"] = compression(68)
         if args.trained:
             result["int8"] = int8_check(args.trained, args.faces)
+            result["int8_fine_tune"] = int8_fine_tune_check(args.trained, args.faces)
     if "speed" in parts:
         result["speed"] = speed(args.runs, args.rounds)
         result["runtime_layers"] = layers(max(args.runs, 30), args.rounds)
@@ -723,7 +770,7 @@ def write_compression_markdown(args, result):
             "the float-activation file plus one QUANTIZE in and one DEQUANTIZE out. LCE's converter takes no "
             "representative data set: without the ranges it gives every tensor one "
             "(`experimental_default_int8_range`). Command: `python scripts/benchmark_export.py --parts compression "
-            f"--trained {q['model']}`.", "",
+            f"--trained {q['model']} --faces {q['faces']}` (with the fine-tuning below).", "",
             f"The default model: {sizes['float']:,} -> {sizes['int8']:,} bytes "
             f"({sizes['float'] / sizes['int8']:.2f}x smaller). The trained model `{q['model']}` ({q['input_size']}px "
             f"input), calibrated on {q['calibration_faces']} synthetic faces, over {q['faces']} others "
@@ -748,8 +795,43 @@ def write_compression_markdown(args, result):
                   + (f"On this x86-64 CPU LCE's interpreter (indirect BGEMM + XNNPACK, 1 thread) runs the default "
                      f"model's int8 file in {int8_ms} ms against {float_ms} ms (speed table); LCE's int8 kernels "
                      "are for ARM, where it is meant to run: not measured here." if float_ms and int8_ms else ""), ""]
+    if "int8_fine_tune" in result:
+        lines += fine_tune_markdown(result["int8_fine_tune"])
     section = "\n".join(lines) + "\n"
     replace_markdown_section(args.out, section, "## Compression of the converted models")
+
+
+def fine_tune_markdown(q):
+    """The int8 fine-tuning check's lines: each run's NME, the float and int8 files side by side."""
+    def mean(runs, key):
+        return float(np.mean([r[key] for r in runs]))
+
+    def row(label, runs):
+        each = lambda key: " / ".join(f"{r[key]:.3f}" for r in runs)
+        gap = [r["int8"] - r["float"] for r in runs]
+        return (f"| {label} | {mean(runs, 'float'):.3f}% ({each('float')}) | {mean(runs, 'int8'):.3f}% ({each('int8')}) "
+                f"| {np.mean(gap):+.3f} ({' / '.join(f'{g:+.3f}' for g in gap)}) |")
+
+    aware, plain = q["int8_aware"], q["float_only"]
+    return [
+        "#### Fine-tuning through the int8 activations", "",
+        "`quantization.int8_fine_tune(model, data, crops, steps)` (`larq-landmarks convert ... --int8-calibration DATA "
+        "--int8-fine-tune STEPS`) fits the model through the fake-quantised clone that calibration builds, so its "
+        "weights learn the int8 roundings (quantisation-aware training; batch norms keep their statistics). "
+        f"`{q['model']}` fine-tuned {q['steps']} steps at a constant rate of {q['learning_rate']:g} on its "
+        f"{q['train_faces']} training faces, against the same steps with float activations (plain `fit`), seeds "
+        f"{', '.join(map(str, q['seeds']))}; NME (box) of each model's LCE files over {q['faces']} synthetic faces "
+        "(mean, then each seed):", "",
+        "| fine-tuning | float-activation file | int8 file | int8 - float |",
+        "|---|---:|---:|---:|",
+        row("none", [q["before"]]),
+        row("float activations", plain),
+        row("int8 activations (`int8_fine_tune`)", aware), "",
+        f"Fine-tuned through the int8 activations, the int8 file ends {mean(aware, 'int8') - mean(plain, 'int8'):+.3f} "
+        f"points from the float fine-tuning's int8 file (every seed's "
+        + ("below every" if max(r["int8"] for r in aware) < min(r["int8"] for r in plain) else "not below every")
+        + f" float-fine-tuned seed's) and {mean(aware, 'int8') - q['before']['float']:+.3f} from the float-activation "
+        "file before fine-tuning.", ""]
 
 
 def write_speed_markdown(args, result):

@@ -120,3 +120,25 @@ def test_int8_lce_section_puts_sizes_accuracy_and_speed_side_by_side(tmp_path):
     assert "Calibrated, 61.5% of the landmarks stay within 0.5 px of the float-activation file's and NME (box) " \
            "moves by +0.005 points" in text
     assert "keep every other activation float32: 65.9% and +0.004;" in text
+
+
+def test_int8_fine_tune_table_puts_both_fine_tunings_files_side_by_side():
+    """The int8 fine-tuning table: per row the mean NME of the float-activation and int8 files and
+    their difference, each seed's in brackets (by hand below), and whether every int8-aware seed's
+    int8 file is below every float-fine-tuned one's."""
+    script = _script()
+    check = {"model": "m.keras", "faces": 256, "steps": 300, "learning_rate": 2e-5, "train_faces": 400, "seeds": [1, 2],
+             "before": {"float": 4.60, "int8": 4.70},
+             "float_only": [{"seed": 1, "float": 4.70, "int8": 4.76}, {"seed": 2, "float": 4.66, "int8": 4.72}],
+             "int8_aware": [{"seed": 1, "float": 4.64, "int8": 4.67}, {"seed": 2, "float": 4.62, "int8": 4.63}]}
+    text = "\n".join(script.fine_tune_markdown(check))
+    assert "fine-tuned 300 steps at a constant rate of 2e-05 on its 400 training faces" in text
+    assert "| none | 4.600% (4.600) | 4.700% (4.700) | +0.100 (+0.100) |" in text
+    assert "| float activations | 4.680% (4.700 / 4.660) | 4.740% (4.760 / 4.720) | +0.060 (+0.060 / +0.060) |" in text
+    assert "| int8 activations (`int8_fine_tune`) | 4.630% (4.640 / 4.620) | 4.650% (4.670 / 4.630) | " \
+           "+0.020 (+0.030 / +0.010) |" in text
+    # 4.650 - 4.740 = -0.090; 4.650 - 4.600 = +0.050; 4.67 < 4.72: every seed below every one
+    assert "int8 file ends -0.090 points from the float fine-tuning's int8 file (every seed's below every " \
+           "float-fine-tuned seed's) and +0.050 from the float-activation file before fine-tuning" in text
+    check["int8_aware"][0]["int8"] = 4.73
+    assert "(every seed's not below every float-fine-tuned seed's)" in "\n".join(script.fine_tune_markdown(check))

@@ -430,3 +430,34 @@ def test_convert_with_int8_calibration_writes_an_int8_file_that_evaluate_runs(tr
         cli.main(["convert", model, str(tmp_path / "x.tflite"), "--float", "--int8-calibration",
                   str(trained / "train"), "--format", "300w"])
     assert not (tmp_path / "x.tflite").exists()
+
+
+def test_convert_int8_fine_tune_saves_the_fine_tuned_model_and_converts_it(trained, tmp_path, capsys):
+    """``convert --int8-calibration DATA --int8-fine-tune STEPS``: the model fine-tuned through its
+    int8 activations is saved beside the output (``.keras``, its weights moved from the input
+    model's, its batch norms' statistics not), and the .tflite is the int8 file of those weights;
+    a data set of another point count, or the option without --int8-calibration, is named."""
+    from larq_landmarks import export
+
+    model_path, out = str(trained / "run" / "model.keras"), tmp_path / "face.tflite"
+    assert cli.main(["convert", model_path, str(out), "--int8-calibration", str(trained / "train"), "--format", "300w",
+                     "--calibration-count", "5", "--int8-fine-tune", "3", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 fine-tuning: 3 steps of 4 at rate 2e-05" in printed and f"fine-tuned model (loss" in printed
+    original, tuned = tf.keras.models.load_model(model_path), tf.keras.models.load_model(tmp_path / "face.keras")
+    moved = [not np.array_equal(a, b) for a, b in zip(original.get_weights(), tuned.get_weights())]
+    statistics = [("moving_" in w.name) for w in original.weights]
+    assert any(m for m, s in zip(moved, statistics) if not s) and not any(m for m, s in zip(moved, statistics) if s)
+    assert export.op_counts(out.read_bytes())["QUANTIZE"] == 1
+    with pytest.raises(SystemExit, match="--int8-fine-tune needs --int8-calibration"):
+        cli.main(["convert", model_path, str(tmp_path / "x.tflite"), "--int8-fine-tune", "3"])
+    before = os.path.getmtime(model_path)
+    with pytest.raises(SystemExit, match="saves the fine-tuned model as .*model.keras, the model it reads"):
+        cli.main(["convert", model_path, model_path[:-len(".keras")] + ".tflite", "--int8-calibration",
+                  str(trained / "train"), "--format", "300w", "--int8-fine-tune", "3"])
+    assert os.path.getmtime(model_path) == before
+    writers.write_aflw_pifa(str(tmp_path / "pifa"), 3, seed=0, image_size=(120, 120))
+    with pytest.raises(SystemExit, match="has 68 output channels, so it trains on 68 points; format 'aflw-pifa' has 34"):
+        cli.main(["convert", model_path, str(tmp_path / "x.tflite"), "--int8-calibration", str(tmp_path / "pifa"),
+                  "--format", "aflw-pifa", "--int8-fine-tune", "3"])
+    assert not (tmp_path / "x.tflite").exists() and not (tmp_path / "x.keras").exists()

@@ -2,6 +2,7 @@ import warnings
 
 import numpy as np
 import pytest
+import larq as lq
 import larq_compute_engine as lce
 import tensorflow as tf
 
@@ -262,3 +263,34 @@ def test_int8_calibration_names_what_it_cannot_use():
     nested = tf.keras.Model(inputs, tf.keras.layers.Conv2D(4, 1)(model(inputs)))
     with pytest.raises(ValueError, match=f"{model.name} is a nested model or a shared layer"):
         export.convert(nested, int8_calibration=good)
+
+
+@pytest.mark.parametrize("stacks", [1, 2])
+def test_int8_fine_tune_trains_the_model_through_its_int8_activations(stacks):
+    """``quantization.int8_fine_tune``: fitting through the fake-quantised clone lowers its loss on
+    the batch it fits (the gradient passes the int8 roundings), and what it trains is the model's
+    own weights: its latent binary weights and batch norms' scale move, their moving statistics do
+    not."""
+    from larq_landmarks import quantization
+
+    tf.keras.utils.set_random_seed(3)
+    model = trained_like_batch_norm(models.build_named("binary_hpm", 16, num_stacks=stacks, **SMALL))
+    images = np.random.default_rng(1).uniform(size=(8, 64, 64, 3)).astype(np.float32)
+    targets = np.random.default_rng(2).uniform(size=(8, 16, 16, 16)).astype(np.float32)
+    data = tf.data.Dataset.from_tensors((images, targets)).repeat()
+
+    def clone_loss():  # the fake-quantised clone's MSE on the batch, summed over stacks as in training
+        outputs = quantization.fake_quantized(model, images, batch_size=None)(images)
+        return sum(float(np.mean((o.numpy() - targets) ** 2)) for o in (outputs if isinstance(outputs, list) else [outputs]))
+
+    norm = next(l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization))
+    binary = next(l for l in model.layers if isinstance(l, lq.layers.QuantConv2D))
+    gamma, mean, kernel, before = norm.gamma.numpy(), norm.moving_mean.numpy(), binary.kernel.numpy(), clone_loss()
+    history = quantization.int8_fine_tune(model, data, images, steps=40, learning_rate=1e-3)
+    assert len(history.history["loss"]) == 1
+    after = clone_loss()
+    assert after < 0.8 * before, (before, after)
+    assert not np.array_equal(norm.gamma.numpy(), gamma) and not np.array_equal(binary.kernel.numpy(), kernel)
+    np.testing.assert_array_equal(norm.moving_mean.numpy(), mean)
+    with pytest.raises(ValueError, match="steps: expected a positive number"):
+        quantization.int8_fine_tune(model, data, images, steps=0)
