@@ -432,6 +432,7 @@ def test_convert_with_int8_calibration_writes_an_int8_file_that_evaluate_runs(tr
     assert not (tmp_path / "x.tflite").exists()
 
 
+@pytest.mark.slow
 def test_convert_int8_fine_tune_saves_the_fine_tuned_model_and_converts_it(trained, tmp_path, capsys):
     """``convert --int8-calibration DATA --int8-fine-tune STEPS``: the model fine-tuned through its
     int8 activations is saved beside the output (``.keras``, its weights moved from the input

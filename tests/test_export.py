@@ -265,7 +265,7 @@ def test_int8_calibration_names_what_it_cannot_use():
         export.convert(nested, int8_calibration=good)
 
 
-@pytest.mark.parametrize("stacks", [1, 2])
+@pytest.mark.parametrize("stacks", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_int8_fine_tune_trains_the_model_through_its_int8_activations(stacks):
     """``quantization.int8_fine_tune``: fitting through the fake-quantised clone lowers its loss on
     the batch it fits (the gradient passes the int8 roundings), and what it trains is the model's
