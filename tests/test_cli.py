@@ -462,3 +462,12 @@ def test_convert_int8_fine_tune_saves_the_fine_tuned_model_and_converts_it(train
         cli.main(["convert", model_path, str(tmp_path / "x.tflite"), "--int8-calibration", str(tmp_path / "pifa"),
                   "--format", "aflw-pifa", "--int8-fine-tune", "3"])
     assert not (tmp_path / "x.tflite").exists() and not (tmp_path / "x.keras").exists()
+    # a part segmentation model (7 output channels) fine-tunes on the part masks, with cross-entropy
+    from larq_landmarks import models, training
+
+    parts = models.build_named("binary_hpm", 7, input_size=64, width=32, depth=2, task="segmentation")
+    training.save_model(parts, str(tmp_path / "parts.keras"))
+    assert cli.main(["convert", str(tmp_path / "parts.keras"), str(tmp_path / "parts_int8.tflite"), "--int8-calibration",
+                     str(trained / "train"), "--format", "300w", "--calibration-count", "4", "--int8-fine-tune", "2",
+                     "--batch-size", "4"]) == 0
+    assert (tmp_path / "parts_int8.keras").exists() and export.op_counts((tmp_path / "parts_int8.tflite").read_bytes())["QUANTIZE"] == 1
