@@ -24,6 +24,7 @@ The same clone trains: :func:`int8_fine_tune` fits the model through it for a fe
 (quantisation-aware training), so that its weights learn the int8 activations' rounding before the
 model is converted.
 """
+import numbers
 from typing import Dict, List, Optional, Tuple
 
 import larq as lq
@@ -202,19 +203,19 @@ def fake_quantized(model: tf.keras.Model, images, batch_size: Optional[int] = 1)
     return tf.keras.Model(inputs, quantised(_fake_quant(inputs, ranges["input"]["input"])), name=model.name + "_int8")
 
 
-def int8_fine_tune(model: tf.keras.Model, dataset: tf.data.Dataset, images, steps: int,
+def int8_fine_tune(model: tf.keras.Model, dataset: tf.data.Dataset, int8_calibration, steps: int,
                    learning_rate: float = 2e-5, task: str = "heatmaps",
                    callbacks: Optional[list] = None, verbose: int = 0) -> tf.keras.callbacks.History:
     """Quantisation-aware fine-tuning: ``steps`` steps of ``fit`` on ``dataset`` through
-    :func:`fake_quantized` (ranges from ``images``, crops as the model takes them), so that
-    ``model``'s weights, updated in place, learn the int8 activations' rounding. Convert it
-    afterwards with ``export.convert(model, path, int8_calibration=images)``.
+    :func:`fake_quantized` (ranges from ``int8_calibration``, crops as the model takes them), so
+    that ``model``'s weights, updated in place, learn the int8 activations' rounding. Convert it
+    afterwards with ``export.convert(model, path, int8_calibration=...)``, the same crops.
 
     Args:
         model: a trained model (one output per stack).
         dataset: its training data, ``(images, target)`` batches as ``fit`` takes them for one
             stack (repeated here for every stack), e.g. ``pipeline.landmark_dataset(...)``.
-        images: calibration crops, ``(N, H, W, C)`` float.
+        int8_calibration: calibration crops, ``(N, H, W, C)`` float (a few dozen).
         steps: training steps (a few hundred: the demo's model, trained 1,000, took 300).
         learning_rate: Adam's rate, constant; low, as at the end of training.
         task: ``"heatmaps"`` (MSE) or ``"segmentation"`` (cross-entropy), as in training.
@@ -224,9 +225,9 @@ def int8_fine_tune(model: tf.keras.Model, dataset: tf.data.Dataset, images, step
     inference form, as in the int8 file); their scale and offset train."""
     from larq_landmarks import training
 
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps: expected a positive number of training steps, got {steps!r}")
-    aware = fake_quantized(model, images, batch_size=None)
+    aware = fake_quantized(model, int8_calibration, batch_size=None)
     training.compile_model(aware, task, learning_rate=learning_rate)
-    return aware.fit(training.for_stacks(dataset, model), epochs=1, steps_per_epoch=steps,
+    return aware.fit(training.for_stacks(dataset, model), epochs=1, steps_per_epoch=int(steps),
                      callbacks=callbacks, verbose=verbose)

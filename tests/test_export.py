@@ -292,5 +292,8 @@ def test_int8_fine_tune_trains_the_model_through_its_int8_activations(stacks):
     assert after < 0.8 * before, (before, after)
     assert not np.array_equal(norm.gamma.numpy(), gamma) and not np.array_equal(binary.kernel.numpy(), kernel)
     np.testing.assert_array_equal(norm.moving_mean.numpy(), mean)
-    with pytest.raises(ValueError, match="steps: expected a positive number"):
-        quantization.int8_fine_tune(model, data, images, steps=0)
+    for steps in (0, 2.5, True):
+        with pytest.raises(ValueError, match="steps: expected a positive number"):
+            quantization.int8_fine_tune(model, data, images, steps=steps)
+    with pytest.raises(ValueError, match="int8_calibration: expected images of shape"):
+        quantization.int8_fine_tune(model, data, images[..., :1], steps=1)
