@@ -6,7 +6,9 @@ Compression: for every named configuration (68 landmarks, 256x256 input, one sta
 weights in Keras, the float32 TFLite file, the LCE file, and the bit-packed binary weight bytes.
 int8: LCE 0.16 can only add int8 with one default activation range (``experimental_default_
 int8_range``; it takes no representative data set); with ``--trained`` its landmark movement
-against the float-activation LCE model is measured on synthetic faces.
+against the float-activation LCE model is measured on synthetic faces, with this package's
+calibrated int8 files, and with ``quantization.int8_fine_tune`` against the same fine-tuning with
+float activations (three seeds; a few minutes).
 Speed (``--parts speed``): batch 1, the default resolution; the float model under TFLite (XNNPACK),
 the binary model under LCE (defaults, and indirect BGEMM) and under larq_landmarks.runtime with
 each kernel path, 1 and 2 threads, each in a fresh process with its peak memory; median of
