@@ -415,9 +415,9 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int8_fine_tune(args: argparse.Namespace, model, columns, calibration) -> None:
+def _int8_fine_tune(args: argparse.Namespace, model, columns, calibration, path: str) -> None:
     """``convert --int8-fine-tune``: quantisation-aware fine-tuning of ``model`` on ``columns``,
-    saved beside the output as ``.keras`` (the file the int8 .tflite is converted from)."""
+    saved to ``path`` (the output's name with .keras: the model the int8 .tflite is converted from)."""
     import tensorflow as tf
 
     from larq_landmarks import layouts, quantization, training
@@ -437,7 +437,6 @@ def _int8_fine_tune(args: argparse.Namespace, model, columns, calibration) -> No
     print(f"int8 fine-tuning: {args.int8_fine_tune} steps of {args.batch_size} at rate {args.learning_rate:g}")
     history = quantization.int8_fine_tune(model, data, calibration, args.int8_fine_tune, args.learning_rate, task,
                                           verbose=0)
-    path = os.path.splitext(args.output)[0] + ".keras"  # not args.model: _convert checked
     training.save_model(model, path)
     print(f"fine-tuned model (loss {history.history['loss'][-1]:.4g}): {path}")
 
@@ -470,7 +469,7 @@ def _convert(args: argparse.Namespace) -> int:
         calibration = next(iter(crops))["image"].numpy()
         print(f"calibrating int8 ranges on {len(calibration)} crops of {args.int8_calibration}")
         if args.int8_fine_tune:
-            _int8_fine_tune(args, model, columns, calibration)
+            _int8_fine_tune(args, model, columns, calibration, tuned)
     flatbuffer = export.convert(
         model, args.output, binary=not args.float, batch_size=None if args.dynamic_batch else 1,
         int8_calibration=calibration,
