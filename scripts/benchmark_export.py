@@ -419,10 +419,15 @@ def layers(runs, rounds=3):
             "call_shape": f"1x1x{cin}, {k}x{k}, {cout} out"}
 
 
-def _synthetic_crops(folder, name, count, seed, size):
-    """``count`` synthetic 300W faces written under ``folder/name``: their columns and the model's crops."""
+def _synthetic_faces(folder, name, count, seed):
+    """``count`` synthetic 300W faces (160x160 images) written under ``folder/name``: their columns."""
     writers.write_300w(os.path.join(folder, name), count, seed=seed, image_size=(160, 160))
-    columns = readers.to_columns(readers.read_pts_folder(os.path.join(folder, name)))
+    return readers.to_columns(readers.read_pts_folder(os.path.join(folder, name)))
+
+
+def _synthetic_crops(folder, name, count, seed, size):
+    """:func:`_synthetic_faces` and the model's ``size`` crops of them."""
+    columns = _synthetic_faces(folder, name, count, seed)
     return columns, next(iter(pipeline.evaluation_dataset(columns, size, batch_size=count)))["image"].numpy()
 
 
@@ -492,7 +497,7 @@ def int8_fine_tune_check(trained_path, faces, seeds=(1, 2, 3), steps=300, learni
         size = tf.keras.models.load_model(trained_path).input_shape[1]
         columns, crops = _synthetic_crops(folder, "test", faces, 123, size)
         calibration_crops = _synthetic_crops(folder, "calibration", min(faces, 32), 7, size)[1]
-        train_columns = _synthetic_crops(folder, "train", train_faces, 0, size)[0]
+        train_columns = _synthetic_faces(folder, "train", train_faces, 0)
         result["before"] = files_nme(tf.keras.models.load_model(trained_path))
         for seed in seeds:
             data = pipeline.landmark_dataset(train_columns, size, sigma=1.5, flip_permutation=layouts.flip_permutation(68),
@@ -521,11 +526,9 @@ def precision_check(trained_path, faces):
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.tflite")
         export.convert(model, path)
-        writers.write_300w(os.path.join(folder, "faces"), faces, seed=123, image_size=(160, 160))
-        columns = readers.to_columns(readers.read_pts_folder(os.path.join(folder, "faces")))
         engines = {p: Engine(path, float_precision=p) for p in ("float32", *reduced_precisions_here())}
         size = engines["float32"].input_shape[1]
-        images = next(iter(pipeline.evaluation_dataset(columns, size, batch_size=faces)))["image"].numpy()
+        columns, images = _synthetic_crops(folder, "faces", faces, 123, size)  # the int8 checks' test faces
         points = {p: hm.heatmap_to_input(hm.decode_heatmaps(e.predict(images))[0]).numpy() for p, e in engines.items()}
         nme = {p: evaluation.evaluate_landmarks(e.predict, columns, "face", size)["tables"]["NME"]["NME box %"]
                for p, e in engines.items()}
