@@ -34,6 +34,8 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace py = pybind11;
@@ -298,6 +300,17 @@ static void bitpack(Array<float> input, Array<float> multiplier, Array<float> bi
           packed[w] = static_cast<int32_t>(bits);
           continue;
         }
+#elif defined(__SSE2__)
+        if (n == 32) {  // x86-64's baseline: as above, 4 channels a vector
+          for (int q = 0; q < 8; ++q) {
+            __m128 v = _mm_loadu_ps(row + c0 + 4 * q);
+            if (scaled) v = _mm_mul_ps(v, _mm_loadu_ps(m + c0 + 4 * q));
+            if (biased) v = _mm_add_ps(v, _mm_loadu_ps(b + c0 + 4 * q));
+            bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmplt_ps(v, _mm_setzero_ps()))) << (4 * q);
+          }
+          packed[w] = static_cast<int32_t>(bits);
+          continue;
+        }
 #endif
         for (int i = 0; i < n; ++i) {
           float v = row[c0 + i];
@@ -517,9 +530,44 @@ static inline void binary_tile_nibbles(const int32_t* const* base, const int32_t
       for (int c = 0; c < 32 * J; ++c) acc[p][c] = (k_outer ? acc[p][c] : 0) + sums[p][c];
   }
 }
+#elif defined(__x86_64__) || defined(__i386__)
+// acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
+// 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels). Baseline x86 has no popcount
+// instruction (__builtin_popcount is a libgcc call a word), so each XOR's bits are counted by
+// shifts and masks into its 4 bytes (at most 8 a byte), summed byte-wise over up to 31 words (at
+// most 248) and only then added up: plain integer code that the compiler vectorises over the
+// channels with SSE2 (the default model's binary convolutions 386 -> 66 ms, 5.8x; here about 14
+// SSE2 operations for 4 channels' counts, near what a core issues: SSSE3's byte look-up would be
+// the next step, but it is not baseline).
+template <int P, int NV>
+static inline void binary_tile(const int32_t* const* base, const int32_t* offset, int words, const int32_t* weights,
+                               int64_t stride, int32_t (*acc)[kBinaryChannelBlock]) {
+  constexpr int kWordsPerByteSum = 31;  // 31 * 8 = 248 fits a byte
+  for (int p = 0; p < P; ++p) std::memset(acc[p], 0, sizeof(acc[p]));
+  for (int k0 = 0; k0 < words; k0 += kWordsPerByteSum) {
+    const int k1 = std::min(words, k0 + kWordsPerByteSum);
+    alignas(64) uint32_t bytes[P][16 * NV] = {};
+    for (int k = k0; k < k1; ++k, weights += stride)
+      for (int p = 0; p < P; ++p) {
+        const uint32_t x = static_cast<uint32_t>(base[p][offset[k]]);
+        for (int c = 0; c < 16 * NV; ++c) {
+          uint32_t v = x ^ static_cast<uint32_t>(weights[c]);
+          v -= (v >> 1) & 0x55555555u;
+          v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+          bytes[p][c] += (v + (v >> 4)) & 0x0F0F0F0Fu;
+        }
+      }
+    for (int p = 0; p < P; ++p)
+      for (int c = 0; c < 16 * NV; ++c) {
+        const uint32_t v = (bytes[p][c] & 0x00FF00FFu) + ((bytes[p][c] >> 8) & 0x00FF00FFu);
+        acc[p][c] += static_cast<int32_t>((v & 0xFFFFu) + (v >> 16));
+      }
+  }
+}
 #else
 // acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
-// 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels).
+// 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels): other CPUs (ARM's) have a
+// popcount instruction, which the compiler vectorises (not measured here: LCE is ARM's engine).
 template <int P, int NV>
 static inline void binary_tile(const int32_t* const* base, const int32_t* offset, int words, const int32_t* weights,
                                int64_t stride, int32_t (*acc)[kBinaryChannelBlock]) {
