@@ -71,6 +71,17 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import tensorflow as tf
 
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(args.dtype_policy)  # the networks built here compute in it
+    try:
+        return _train_in_policy(args)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+
+
+def _train_in_policy(args: argparse.Namespace) -> int:
+    import tensorflow as tf
+
     from larq_landmarks import layouts, models, tensorboard, training
     from larq_landmarks.datasets import formats, pipeline
 
@@ -169,7 +180,9 @@ def _train(args: argparse.Namespace) -> int:
 # what defines a training run: resuming in the same --out with other values would not resume it
 RUN_OPTIONS = ("format", "model", "task", "input_size", "width", "depth", "num_stacks", "sigma", "batch_size",
                "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "one_stage", "seed",
-               "input_quantizer", "first_stage", "first_fraction", "teacher", "attention_weight")
+               "input_quantizer", "first_stage", "first_fraction", "teacher", "attention_weight", "dtype_policy")
+# train --dtype-policy: the Keras dtype policies it takes
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def _finished(folder: str) -> bool:
@@ -442,7 +455,7 @@ def _int8_fine_tune(args: argparse.Namespace, model, columns, calibration, path:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from larq_landmarks import export
+    from larq_landmarks import export, models
 
     if os.path.isdir(args.output):
         _fail("convert", f"{args.output} is a folder; give the .tflite file to write, e.g. {os.path.join(args.output, 'model.tflite')}")
@@ -458,7 +471,9 @@ def _convert(args: argparse.Namespace) -> int:
     if args.int8_fine_tune and os.path.abspath(tuned) == os.path.abspath(args.model):
         _fail("convert", f"--int8-fine-tune saves the fine-tuned model as {tuned}, the model it reads: name the "
                          "output otherwise")
-    model = _load_model("convert", args.model)
+    # a model trained in mixed precision (train --dtype-policy): its float32 copy, converted,
+    # calibrated and fine-tuned (the .keras saved by --int8-fine-tune is float32)
+    model = models.float32_model(_load_model("convert", args.model))
     calibration = None
     if args.int8_calibration:
         from larq_landmarks.datasets import pipeline
@@ -632,6 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--input-quantizer", choices=["ste_sign", "approx_sign", "swish_sign"],
                        help="binary networks: the activations' sign and its gradient (default approx_sign; "
                        "ste_sign is the papers'; all convert to LCE)")
+    train.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32",
+                       help="Keras dtype policy of the networks trained: mixed_bfloat16 computes in bfloat16 "
+                       "with float32 weights (CPUs with AVX512_BF16 or AMX, GPUs from Ampere), mixed_float16 "
+                       "in float16 with loss scaling (GPUs with tensor cores); the model converts as before "
+                       "(default float32)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="one line per epoch")
     train.add_argument("--one-stage", action="store_true",

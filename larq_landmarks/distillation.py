@@ -106,8 +106,8 @@ class Distiller(tf.keras.Model):
             task = self.compute_loss(x, y, predictions, sample_weight)  # already scaled per replica by Keras
             distillation = self._distillation_loss(student_all, teacher_all)
             total = task + distillation / self.distribute_strategy.num_replicas_in_sync
-        variables = self.student.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+        # minimize scales the loss where the optimizer is a LossScaleOptimizer (mixed_float16)
+        self.optimizer.minimize(total, self.student.trainable_variables, tape=tape)
         self.distillation_tracker.update_state(distillation)
         return self.compute_metrics(x, y, predictions, sample_weight)
 

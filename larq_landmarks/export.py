@@ -13,7 +13,7 @@ import larq_compute_engine as lce
 import numpy as np
 import tensorflow as tf
 
-from larq_landmarks import quantization
+from larq_landmarks import models, quantization
 from larq_landmarks.atomic import atomic_path
 # what runs a converted file, here for the callers that import it from this module
 from larq_landmarks.tflite_model import (  # noqa: F401
@@ -44,7 +44,8 @@ def convert(
     """Convert ``model`` (its last stack) to a flatbuffer, and write it to ``path`` if given.
 
     Args:
-        model: a Keras model from :func:`larq_landmarks.models.BinaryHourglass`.
+        model: a Keras model from :func:`larq_landmarks.models.BinaryHourglass`; one trained in
+            mixed precision is converted as its float32 copy (:func:`models.float32_model`).
         path: where to write the ``.tflite`` (atomically); None only returns the bytes.
         binary: convert with LCE (binary convolutions become bit-packed ``LceBconv2d``); False
             gives a plain float32 TFLite model (Larq quantizers run as float ops).
@@ -55,6 +56,7 @@ def convert(
             For LCE's int8 kernels (ARM); this package's runtime runs float files only.
     """
     _check_keras_model(model)
+    model = models.float32_model(model)
     if path and os.path.isdir(path):  # before the conversion (the write comes last)
         raise ValueError(f"{path} is a folder; give the .tflite file to write, e.g. {os.path.join(path, 'model.tflite')}")
     single = last_stack(model)

@@ -59,6 +59,11 @@ def BinaryHourglass(
     The defaults reproduce the papers' released binary network: one stack, width 256, depth 4,
     binary HPM blocks, max-pooling, real-valued stem and heads (about 6.25M parameters).
 
+    Its layers follow the Keras dtype policy in force when it is built: under
+    ``tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")`` (or ``"mixed_float16"``) they
+    compute in bfloat16 (float16) with float32 weights, except the output convolutions, which stay
+    float32 for the losses. :func:`float32_model` gives the float32 network to convert.
+
     Args:
         num_landmarks: K, the number of heatmaps (16 MPII, 68 faces, 34 AFLW-PIFA), or the
             number of classes when ``task="segmentation"`` (7 facial parts).
@@ -147,7 +152,9 @@ def BinaryHourglass(
         y = layers.Conv2D(width, 1, use_bias=False, name=f"{prefix}_head_conv")(y)
         y = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{prefix}_head_bn")(y)
         y = layers.Activation("relu", name=f"{prefix}_head_relu")(y)
-        out = layers.Conv2D(num_landmarks, 1, name=f"stack_{stack}")(y)
+        # float32 whatever the Keras dtype policy (mixed precision computes the rest in bfloat16 or
+        # float16): the heatmaps and logits the losses read
+        out = layers.Conv2D(num_landmarks, 1, name=f"stack_{stack}", dtype="float32")(y)
         outputs.append(out)
         if stack < num_stacks:
             features = layers.Conv2D(width, 1, name=f"{prefix}_remap_features")(y)
@@ -178,3 +185,29 @@ def build_named(name: str, num_landmarks: int, **overrides: Any) -> tf.keras.Mod
         raise ValueError(f"model name {name!r} is not known; use one of {tuple(configs)}")
     kwargs = {**configs[name]["kwargs"], **overrides}
     return BinaryHourglass(num_landmarks, name=name, **kwargs)
+
+
+def _float32_config(config):
+    """``config`` with every ``dtype`` in it (each layer's dtype policy, a Larq layer's quantizers'
+    included) ``"float32"``."""
+    if isinstance(config, dict):
+        return {key: "float32" if key == "dtype" else _float32_config(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_config(value) for value in config]
+    return config
+
+
+def float32_model(model: tf.keras.Model) -> tf.keras.Model:
+    """The same functional network with the same weights computing in float32, for a model built
+    under a mixed-precision dtype policy (``"mixed_bfloat16"``, ``"mixed_float16"``); ``model``
+    itself when every layer already computes in float32. ``export.convert`` converts through it
+    (LCE's converter and the int8 calibration take float32 graphs)."""
+    layers = [model] + [m for m in model.submodules if isinstance(m, tf.keras.layers.Layer)]
+    if all(layer.dtype_policy.name == "float32" for layer in layers):
+        return model
+    if not hasattr(model, "_is_graph_network") or not model._is_graph_network:
+        raise ValueError(f"{model.name}: a float32 copy needs a functional model (its config); got a "
+                         f"{type(model).__name__}")
+    copy = tf.keras.Model.from_config(_float32_config(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy

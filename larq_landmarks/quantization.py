@@ -54,6 +54,9 @@ def _batch_norm_affine(layer: tf.keras.layers.BatchNormalization) -> Tuple[tf.Te
 def _check_model(model: tf.keras.Model) -> List[tf.keras.layers.Layer]:
     layers = [l for l in model.layers if not isinstance(l, tf.keras.layers.InputLayer)]
     for layer in layers:
+        if layer.dtype_policy.name != "float32":
+            raise ValueError(f"{model.name}: int8 calibration needs a float32 model; {layer.name} computes in "
+                             f"{layer.dtype_policy.name} (use larq_landmarks.models.float32_model(model))")
         if isinstance(layer, tf.keras.Model) or len(layer._inbound_nodes) != 1:
             raise ValueError(f"{model.name}: int8 calibration needs a flat functional model with each layer called "
                              f"once; {layer.name} is a nested model or a shared layer")

@@ -48,6 +48,15 @@ def small_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture
+def dtype_policy():
+    """``set_global_policy`` for one test (mixed precision): the Keras dtype policy in force
+    before it is restored after it."""
+    previous = tf.keras.mixed_precision.global_policy()
+    yield tf.keras.mixed_precision.set_global_policy
+    tf.keras.mixed_precision.set_global_policy(previous)
+
+
 def pytest_collection_modifyitems(items):
     """Start the longest tests (tutorials, conversions) first, so that the two xdist workers
     fill the end of the run with short tests instead of waiting on one long one."""

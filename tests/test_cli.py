@@ -471,3 +471,30 @@ def test_convert_int8_fine_tune_saves_the_fine_tuned_model_and_converts_it(train
                      str(trained / "train"), "--format", "300w", "--calibration-count", "4", "--int8-fine-tune", "2",
                      "--batch-size", "4"]) == 0
     assert (tmp_path / "parts_int8.keras").exists() and export.op_counts((tmp_path / "parts_int8.tflite").read_bytes())["QUANTIZE"] == 1
+
+
+@pytest.mark.slow
+def test_train_in_mixed_precision_saves_a_mixed_model_that_converts(trained, tmp_path):
+    """``train --dtype-policy mixed_bfloat16``: the networks compute in bfloat16 (the run records
+    the policy; the process's own policy is float32 again afterwards); ``convert`` writes the LCE
+    file of its float32 copy, and ``--int8-fine-tune`` fine-tunes and saves that copy."""
+    from larq_landmarks import export
+
+    config = tmp_path / "mixed.json"
+    config.write_text(json.dumps({"format": "300w", "data": str(trained / "train"), "dtype_policy": "mixed_bfloat16",
+                                  **SMALL}))
+    assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    assert tf.keras.mixed_precision.global_policy().name == "float32"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["options"]["dtype_policy"] == "mixed_bfloat16"
+    model = tf.keras.models.load_model(tmp_path / "run" / "model.keras")
+    assert model.get_layer("stem_conv").compute_dtype == "bfloat16" and model.output.dtype == tf.float32
+    out = tmp_path / "face.tflite"
+    assert cli.main(["convert", str(tmp_path / "run" / "model.keras"), str(out)]) == 0
+    assert out.read_bytes() == export.convert(model)
+    assert export.op_counts(out.read_bytes())["LceBconv2d"] == len(export.binary_layers(model))
+    assert cli.main(["convert", str(tmp_path / "run" / "model.keras"), str(tmp_path / "int8.tflite"),
+                     "--int8-calibration", str(trained / "train"), "--format", "300w", "--calibration-count", "4",
+                     "--int8-fine-tune", "2", "--batch-size", "4"]) == 0
+    tuned = tf.keras.models.load_model(tmp_path / "int8.keras")
+    assert {l.dtype_policy.name for l in tuned.layers} == {"float32"}
+    assert export.op_counts((tmp_path / "int8.tflite").read_bytes())["QUANTIZE"] == 1

@@ -297,3 +297,18 @@ def test_int8_fine_tune_trains_the_model_through_its_int8_activations(stacks):
             quantization.int8_fine_tune(model, data, images, steps=steps)
     with pytest.raises(ValueError, match="int8_calibration: expected images of shape"):
         quantization.int8_fine_tune(model, data, images[..., :1], steps=1)
+
+
+def test_a_mixed_precision_model_converts_as_its_float32_network(dtype_policy):
+    """A model built under mixed_bfloat16 (trained so) converts through its float32 copy: the LCE
+    file is byte for byte the one of the same network and weights built in float32. Int8
+    calibration of the mixed model itself is refused, naming the layer and its policy."""
+    float32 = trained_like_batch_norm(models.build_named("binary_hpm", 68, **SMALL))
+    dtype_policy("mixed_bfloat16")
+    mixed = models.build_named("binary_hpm", 68, **SMALL)
+    mixed.set_weights(float32.get_weights())
+    assert export.convert(mixed) == export.convert(float32)
+    from larq_landmarks import quantization
+
+    with pytest.raises(ValueError, match="int8 calibration needs a float32 model; stem_conv computes in mixed_bfloat16"):
+        quantization.activation_ranges(mixed, np.zeros((1, 64, 64, 3), np.float32))

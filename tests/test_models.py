@@ -190,3 +190,39 @@ def test_import_after_keras3_raises_a_helpful_error():
     assert result.returncode != 0
     assert "ImportError" in result.stderr
     assert "TF_USE_LEGACY_KERAS=1" in result.stderr and "before" in result.stderr
+
+
+def test_mixed_precision_computes_in_bfloat16_and_its_float32_copy_is_the_float32_network(dtype_policy):
+    """Under the Keras policy mixed_bfloat16 the blocks (a Larq layer's quantizers too) compute in
+    bfloat16 on float32 weights and the outputs stay float32; float32_model gives back the
+    float32 network, outputs bit for bit those of the same network built in float32."""
+    tf.keras.utils.set_random_seed(0)
+    shape = dict(width=16, depth=1, input_size=32, num_stacks=2)
+    float32 = BinaryHourglass(5, **shape)
+    dtype_policy("mixed_bfloat16")
+    mixed = BinaryHourglass(5, **shape)
+    mixed.set_weights(float32.get_weights())
+    binary = next(l for l in mixed.layers if isinstance(l, lq.layers.QuantConv2D))
+    assert binary.compute_dtype == binary.input_quantizer.compute_dtype == "bfloat16"
+    assert binary.kernel.dtype == tf.float32 and mixed.get_layer("stem_bn").compute_dtype == "bfloat16"
+    assert [o.dtype for o in mixed.outputs] == [tf.float32, tf.float32]
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    copy = models.float32_model(mixed)  # built while the global policy is still mixed_bfloat16
+    assert {l.dtype_policy.name for l in copy.submodules if isinstance(l, tf.keras.layers.Layer)} == {"float32"}
+    for a, b in zip(copy(x), float32(x)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.array_equal(mixed(x)[0].numpy(), float32(x)[0].numpy())  # it did compute in bfloat16
+    assert models.float32_model(float32) is float32
+
+    class Subclassed(tf.keras.Model):
+        def __init__(self):
+            super().__init__(name="subclassed")
+            self.dense = tf.keras.layers.Dense(2)
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+    subclassed = Subclassed()
+    subclassed(np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="subclassed: a float32 copy needs a functional model"):
+        models.float32_model(subclassed)

@@ -327,3 +327,30 @@ def test_same_training_code_runs_under_mirrored_strategy_on_two_cpus():
     assert len(losses) == 2 and all(np.isfinite(losses))
     distilled = [l for l in result.stdout.splitlines() if l.startswith("DISTILLED")][0].split()[1:]
     assert len(distilled) == 2 and all(np.isfinite([float(v) for v in distilled]))
+
+
+def test_mixed_float16_trains_with_loss_scaling_the_model_and_a_distiller(dtype_policy, caplog):
+    """Under mixed_float16 compile_model's optimizer is Keras's LossScaleOptimizer, for the model
+    and for a Distiller (whose own train step scales its loss through minimize; Keras warns
+    where a loss reaches it unscaled): both train, with finite losses, the student's weights
+    moving and the teacher's not."""
+    tf.keras.utils.set_random_seed(0)
+    teacher = BinaryHourglass(5, width=16, depth=1, input_size=32, binary=False)  # float32, as loaded
+    dtype_policy("mixed_float16")
+    x = np.random.default_rng(0).uniform(size=(8, 32, 32, 3)).astype(np.float32)
+    y = np.random.default_rng(1).uniform(size=(8, 8, 8, 5)).astype(np.float32)
+    model = BinaryHourglass(5, width=16, depth=1, input_size=32)
+    student = BinaryHourglass(5, width=16, depth=1, input_size=32)
+    distiller = Distiller(student, teacher)
+    teacher_before = [w.numpy().copy() for w in teacher.weights]
+    for fitted, trained in ((model, model), (distiller, student)):
+        training.compile_model(fitted, learning_rate=1e-3)
+        assert isinstance(fitted.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+        assert trained.get_layer("stem_conv").compute_dtype == "float16"
+        before = [w.numpy().copy() for w in trained.trainable_weights]
+        history = fitted.fit(x, y, batch_size=2, epochs=2, verbose=0)
+        assert all(np.isfinite(v).all() for v in history.history.values())
+        moved = [not np.array_equal(a, w.numpy()) for a, w in zip(before, trained.trainable_weights)]
+        assert sum(moved) > 0.9 * len(moved), f"{sum(moved)} of {len(moved)} weights moved"
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(teacher_before, teacher.weights))
+    assert "You forgot to call LossScaleOptimizer" not in caplog.text
