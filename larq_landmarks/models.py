@@ -208,6 +208,6 @@ def float32_model(model: tf.keras.Model) -> tf.keras.Model:
     if not hasattr(model, "_is_graph_network") or not model._is_graph_network:
         raise ValueError(f"{model.name}: a float32 copy needs a functional model (its config); got a "
                          f"{type(model).__name__}")
-    copy = tf.keras.Model.from_config(_float32_config(model.get_config()))
+    copy = type(model).from_config(_float32_config(model.get_config()))  # Functional or Sequential
     copy.set_weights(model.get_weights())
     return copy

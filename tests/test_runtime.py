@@ -84,8 +84,8 @@ def test_binary_conv_accumulators_are_bit_exact(path, cin, cout, k, stride, same
 def test_binary_conv_long_sums_are_bit_exact(path):
     """A 1x1 convolution over 2100 words (67,200 channels): past the AVX2 kernel's 16-bit sums
     (2044 words at most 32 a word) and its 7-word byte sums, and past the AVX-512BW and the x86
-    portable kernels' 31-word byte sums; with inputs and weights mostly equal, mostly opposite and random, so that the counts
-    reach near 0 and near the most."""
+    portable kernels' 31-word byte sums; with inputs and weights mostly equal, mostly opposite and
+    random, so that the counts reach near 0 and near the most."""
     rng = np.random.default_rng(5)
     cin = 2100 * 32
     w_bits = rng.integers(0, 2, (3, 1, 1, cin), dtype=np.uint8)
@@ -206,7 +206,7 @@ def test_bitpacking_matches_lce_sign_convention():
         out = np.empty((1, 2), np.int32)
         kernel_paths.load(path).bitpack(x, np.zeros(0, np.float32), np.zeros(0, np.float32), out)
         np.testing.assert_array_equal(out, expected)
-        # -0.0 and NaN are not negative (a full word and the part word); padding bits 0
+        # -0.0 and NaN are not negative, -inf is (in the full word, which the vector paths pack); padding bits 0
         assert out[0, 0] == 0b10010001 and out[0, 1] == 0b1000
     # with a batch norm folded in: the product and the sum rounded apart, as NumPy rounds them
     rng = np.random.default_rng(4)

@@ -567,7 +567,7 @@ static inline void binary_tile(const int32_t* const* base, const int32_t* offset
 #else
 // acc[p][c] = sum over k of popcount(base[p][offset[k]] ^ weights[k][c]), for P pixels and
 // 16 * NV channels (NV = 4, or 2 for a block of at most 32 channels): other CPUs (ARM's) have a
-// popcount instruction, which the compiler vectorises (not measured here: LCE is ARM's engine).
+// popcount instruction for __builtin_popcount (not measured here: no ARM machine or cross compiler).
 template <int P, int NV>
 static inline void binary_tile(const int32_t* const* base, const int32_t* offset, int words, const int32_t* weights,
                                int64_t stride, int32_t (*acc)[kBinaryChannelBlock]) {
