@@ -221,10 +221,11 @@ class Predictor:
                    name: Optional[str] = None, task: Optional[str] = None):
         """Wrap an in-memory Keras model (its last stack). It must map ``(B, S, S, 3)`` images to
         ``(B, S/4, S/4, K)`` heatmaps (or logits), as the ``.tflite`` path checks; ``name`` is how
-        errors refer to it (default the model's name)."""
-        from larq_landmarks import export
+        errors refer to it (default the model's name). A model trained in mixed precision runs as
+        its float32 copy (``models.float32_model``), the network ``export.convert`` converts."""
+        from larq_landmarks import export, models
 
-        model = export.last_stack(model)
+        model = export.last_stack(models.float32_model(model))
         shape = model.output_shape
         _check_model_shapes(tuple(model.input_shape), tuple(shape), name or model.name)
 

@@ -463,3 +463,23 @@ def test_heatmap_images_callback_writes_tensorboard_images(tmp_path):
             event = tf.compat.v1.Event.FromString(record.numpy())
             tags += [(event.step, value.tag) for value in event.summary.value]
     assert sorted(tags) == [(0, "heatmaps"), (0, "landmarks"), (1, "heatmaps"), (1, "landmarks")]
+
+
+def test_predictor_runs_a_mixed_precision_model_as_its_float32_copy(faces, dtype_policy, tmp_path):
+    """A model trained under mixed_bfloat16, in memory or saved: the Predictor runs its float32
+    copy, so its landmarks are those of the float32-built network with the same weights (the file
+    convert writes computes that network), not the bfloat16 computation's."""
+    tf.keras.utils.set_random_seed(0)
+    float32 = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    dtype_policy("mixed_bfloat16")
+    mixed = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    mixed.set_weights(float32.get_weights())
+    mixed.save(tmp_path / "mixed.keras")
+    path, boxes = faces["image_path"][0], [[20, 20, 120, 130], [60, 40, 200, 180]]
+    expected = Predictor.from_model(float32).predict(path, boxes)
+    for predictor in (Predictor.from_model(mixed), Predictor.from_path(str(tmp_path / "mixed.keras"))):
+        points, scores = predictor.predict(path, boxes)
+        np.testing.assert_array_equal(points, expected[0])
+        np.testing.assert_array_equal(scores, expected[1])
+    crops = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    assert not np.array_equal(mixed.predict_on_batch(crops), float32.predict_on_batch(crops))  # bfloat16 differs
