@@ -68,22 +68,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    import tensorflow as tf
+def _training_data(args: argparse.Namespace, columns, points: int, size: int, segmentation: bool):
+    """The augmented pipeline that ``train`` and ``convert --int8-fine-tune`` fit on (``--seed``,
+    ``--batch-size``; part masks for segmentation, else heatmaps of ``--sigma``)."""
+    from larq_landmarks import layouts
+    from larq_landmarks.datasets import pipeline
 
-    policy = tf.keras.mixed_precision.global_policy()
-    tf.keras.mixed_precision.set_global_policy(args.dtype_policy)  # the networks built here compute in it
-    try:
+    options = dict(flip_permutation=layouts.flip_permutation(points), seed=args.seed, batch_size=args.batch_size)
+    if segmentation:
+        return pipeline.segmentation_dataset(columns, size, **options)
+    return pipeline.landmark_dataset(columns, size, sigma=args.sigma, **options)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from larq_landmarks import models
+
+    with models.dtype_policy(args.dtype_policy):  # the networks built here compute in it
         return _train_in_policy(args)
-    finally:
-        tf.keras.mixed_precision.set_global_policy(policy)
 
 
 def _train_in_policy(args: argparse.Namespace) -> int:
     import tensorflow as tf
 
-    from larq_landmarks import layouts, models, tensorboard, training
-    from larq_landmarks.datasets import formats, pipeline
+    from larq_landmarks import models, tensorboard, training
+    from larq_landmarks.datasets import formats
 
     fmt = formats.get_format(args.format)
     _check_output_folder("train", args.out)
@@ -135,12 +143,7 @@ def _train_in_policy(args: argparse.Namespace) -> int:
         compile_for(fitted, args.epochs - first_epochs)
     except ValueError as error:
         _fail("train", str(error))
-    options = dict(flip_permutation=layouts.flip_permutation(fmt.num_points), seed=args.seed,
-                   batch_size=args.batch_size)
-    if segmentation:
-        data = pipeline.segmentation_dataset(columns, args.input_size, **options)
-    else:
-        data = pipeline.landmark_dataset(columns, args.input_size, sigma=args.sigma, **options)
+    data = _training_data(args, columns, fmt.num_points, args.input_size, segmentation)
     callbacks = training.training_callbacks(args.out, log_dir=os.path.join(args.out, "logs"))
     if not segmentation:
         preview = next(iter(data))[0].numpy()[:4]
@@ -433,8 +436,8 @@ def _int8_fine_tune(args: argparse.Namespace, model, columns, calibration, path:
     saved to ``path`` (the output's name with .keras: the model the int8 .tflite is converted from)."""
     import tensorflow as tf
 
-    from larq_landmarks import layouts, quantization, training
-    from larq_landmarks.datasets import formats, pipeline
+    from larq_landmarks import quantization, training
+    from larq_landmarks.datasets import formats
 
     size, channels = model.input_shape[1], model.outputs[-1].shape[-1]
     points = formats.get_format(args.format).num_points
@@ -443,9 +446,7 @@ def _int8_fine_tune(args: argparse.Namespace, model, columns, calibration, path:
         wanted = "68 (its part masks are drawn from 68-point faces)" if task == "segmentation" else channels
         _fail("convert", f"--int8-fine-tune: {args.model} has {channels} output channels, so it trains on {wanted} "
                          f"points; format {args.format!r} has {points}")
-    options = dict(flip_permutation=layouts.flip_permutation(points), seed=args.seed, batch_size=args.batch_size)
-    data = pipeline.segmentation_dataset(columns, size, **options) if task == "segmentation" else \
-        pipeline.landmark_dataset(columns, size, sigma=args.sigma, **options)
+    data = _training_data(args, columns, points, size, task == "segmentation")
     tf.keras.utils.set_random_seed(args.seed)
     print(f"int8 fine-tuning: {args.int8_fine_tune} steps of {args.batch_size} at rate {args.learning_rate:g}")
     history = quantization.int8_fine_tune(model, data, calibration, args.int8_fine_tune, args.learning_rate, task,

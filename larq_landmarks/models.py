@@ -1,4 +1,5 @@
 """The stacked hourglass network of the papers, with binary or real blocks (METHOD.md section 2)."""
+import contextlib
 import json
 from importlib import resources
 from typing import Any, Dict, List, Optional
@@ -185,6 +186,18 @@ def build_named(name: str, num_landmarks: int, **overrides: Any) -> tf.keras.Mod
         raise ValueError(f"model name {name!r} is not known; use one of {tuple(configs)}")
     kwargs = {**configs[name]["kwargs"], **overrides}
     return BinaryHourglass(num_landmarks, name=name, **kwargs)
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Keras's global dtype policy set to ``name`` (``"float32"``, ``"mixed_bfloat16"``,
+    ``"mixed_float16"``) for the models built inside the block; the previous one back after it."""
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
 
 
 def _float32_config(config):

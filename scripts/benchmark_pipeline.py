@@ -20,7 +20,7 @@ import larq_landmarks  # noqa: F401  (first: Keras 2 set-up)
 import numpy as np
 import tensorflow as tf
 
-from larq_landmarks import layouts, training
+from larq_landmarks import layouts, models, training
 from larq_landmarks.atomic import atomic_path, replace_markdown_section
 from larq_landmarks.cli import positive_int
 from larq_landmarks.datasets import pipeline, readers, writers
@@ -43,12 +43,8 @@ POLICIES = ("float32", "mixed_bfloat16")
 
 def training_step(batch, policy):
     """A compiled default model built under the Keras dtype ``policy``, and one training step of it."""
-    previous = tf.keras.mixed_precision.global_policy()
-    tf.keras.mixed_precision.set_global_policy(policy)
-    try:
+    with models.dtype_policy(policy):
         model = BinaryHourglass(68)
-    finally:
-        tf.keras.mixed_precision.set_global_policy(previous)
     training.compile_model(model)
     images = np.random.default_rng(0).uniform(size=(batch, 256, 256, 3)).astype(np.float32)
     targets = np.zeros((batch, 64, 64, 68), np.float32)
