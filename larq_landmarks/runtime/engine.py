@@ -303,9 +303,22 @@ class Engine:
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
                                         "outputs; the runtime runs one-input, one-output models")
+        self.int8_file: bool = any(t.dtype == np.int8 and t.data is None for t in self.graph.tensors)
+        if self.int8_file:
+            if on_gpu:
+                raise UnsupportedModelError(f"{name}: a file with int8 activations; the GPU kernels run float32 "
+                                            "files (the CPU kernels run this one)")
+            ends = [self.graph.tensors[i] for i in self.graph.inputs + self.graph.outputs]
+            if any(t.dtype != np.float32 for t in ends):
+                raise UnsupportedModelError(f"{name}: {', '.join(f'{t.name} is {t.dtype}' for t in ends)}; the "
+                                            "runtime runs files with a float32 input and output")
+            if float_precision != "float32":
+                raise ValueError(f"float_precision={float_precision!r} is for files with float32 activations; "
+                                 f"{name} has int8 ones, which run their own int8 arithmetic")
         with self._device:  # the ops upload their constants
             self._steps, self._step_ops = self._plan(fuse_blocks)
-        activations = [int(np.prod(t.shape[1:])) * np.dtype(t.dtype).itemsize for t in self.graph.tensors
+        activations = [int(np.prod(t.shape[1:])) * max(np.dtype(t.dtype).itemsize, 4 * (t.dtype == np.int8))
+                       for t in self.graph.tensors
                        if t.data is None and len(t.shape) > 1 and min(t.shape[1:]) > 0]
         self._images_a_run = max(1, CPU_BATCH_BYTES // max(activations, default=1))  # the CPU kernels' batch
         self._captured = None
@@ -323,13 +336,14 @@ class Engine:
                 producers[i] = op
         for op in graph.operators:
             if op.name not in ops.OPS:
-                int8 = " (an int8 file: export.convert's int8_calibration)" if op.name == "QUANTIZE" else ""
                 raise UnsupportedModelError(
-                    f"{graph.name}: operator {op.index} {op.name}{int8} is not supported by larq_landmarks.runtime; "
+                    f"{graph.name}: operator {op.index} {op.name} is not supported by larq_landmarks.runtime; "
                     "run this file with LCE's interpreter (engine='lce')")
+        if self.int8_file:  # each op requantises its own output: none is folded into another
+            fuse_blocks = False
         # LceQuantize / CONV_2D index -> (source, multiplier, bias[, activation]): the batch norm before it
         fused, folded, chains = {}, set(), {}  # folded: ops done inside others; chains: which, per reader
-        for op in graph.operators:
+        for op in graph.operators if not self.int8_file else ():
             if op.name in ("LceQuantize", "CONV_2D"):
                 source, multiplier, bias, skipped, code = _fused_affine(graph, op, producers, consumers,
                                                                         activation=op.name == "CONV_2D")
@@ -343,7 +357,7 @@ class Engine:
         # op index -> (tensors added, ADD output, activation): op + ADD in one pass, at the ADD's
         # place; convolutions first, as they can take a concatenation in as well
         residuals, deferred = {}, {}  # deferred: ADD index -> the op done with it
-        for op in sorted(graph.operators, key=lambda op: op.name != "CONV_2D"):
+        for op in sorted(graph.operators, key=lambda op: op.name != "CONV_2D") if not self.int8_file else ():
             add = _following_add(graph, op, producers, consumers)
             if add is None or op.index in folded or consumers[op.outputs[0]][0].index in deferred \
                     or any(i in folded or i in residuals for i in add[3]):
@@ -366,7 +380,7 @@ class Engine:
             folded.add(concat)
         # CONV_2D index -> (pool output, window, padding): the MAX_POOL_2D after it done in its pass
         max_pools = {}
-        for op in graph.operators:
+        for op in graph.operators if not self.int8_file else ():
             if op.name == "CONV_2D":
                 found = _following_max_pool(graph, residuals[op.index][1] if op.index in residuals else op.outputs[0],
                                             consumers)

@@ -3,7 +3,7 @@
 custom-op options. No TensorFlow and no LCE are needed.
 """
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -28,6 +28,9 @@ class Tensor:
     shape: tuple  # as stored (batch 1 for fixed-batch files)
     dtype: Any  # numpy dtype
     data: Optional[np.ndarray]  # constant values, or None for activations
+    # an int8 or int32 tensor's quantisation: (scales, zero points), one each or one per slice of
+    # axis 0 (a CONV_2D's int8 weights and int32 bias); None where the file gives none
+    quantization: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
 
 @dataclasses.dataclass
@@ -177,7 +180,15 @@ def read_graph(flatbuffer: bytes, name: str = "model") -> Graph:
                 data = np.frombuffer(raw, dtype).reshape(shape)
             elif buffer.DataLength():
                 data = buffer.DataAsNumpy().view(dtype).reshape(shape)
-            tensors.append(Tensor(i, t.Name().decode(), shape, dtype, data))
+            quantization = None
+            q = t.Quantization()
+            if q is not None and q.ScaleLength():
+                if q.ScaleLength() > 1 and q.QuantizedDimension() != 0:
+                    raise UnsupportedModelError(f"{name}: tensor {t.Name().decode()} is quantised along axis "
+                                                f"{q.QuantizedDimension()}; the runtime reads axis 0 or one scale")
+                zero_points = q.ZeroPointAsNumpy() if q.ZeroPointLength() else np.zeros(q.ScaleLength(), np.int64)
+                quantization = (np.asarray(q.ScaleAsNumpy(), np.float32), np.asarray(zero_points, np.int64))
+            tensors.append(Tensor(i, t.Name().decode(), shape, dtype, data, quantization))
         operators = []
         for i in range(subgraph.OperatorsLength()):
             op = subgraph.Operators(i)

@@ -5,10 +5,17 @@ inputs from ``values`` (a list indexed by tensor) and stores its outputs there.
 Semantics follow TFLite's reference kernels and LCE's op definitions (``LceQuantize``,
 ``LceDequantize``, ``LceBconv2d``: bit set = negative, padding bits 0, float output
 ``float(clamp(2 * acc)) * -m + (b + K * m)``, bit-packed output ``acc > threshold``).
+
+An int8 tensor (a file converted with ``export.convert(..., int8_calibration=...)``) is held as its
+codes, ``q - zero point``, in float32: integers, which the float kernels move, compare, pool and
+(in a CONV_2D, the int8 weights as they are) sum exactly. Each op that makes new values then
+requantises them as TFLite does, ``kernels.requantize``: the real-valued result divided by the
+output's scale, rounded half away from zero (``q``, clamped to the int8 range and the fused
+activation's), so that an int8 file runs its own int8 arithmetic, not its float network.
 """
 import functools
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -126,11 +133,85 @@ def _on_device(kernels, array: np.ndarray):
     return array if upload is None else upload(array)
 
 
-def _check_float(graph, op, positions=(0,)):
+def _check_float(graph, op, positions=(0,), int8: bool = False):
+    """The inputs at ``positions`` are float32 (or, with ``int8``, int8 codes)."""
     for position in positions:
         tensor = graph.tensors[op.inputs[position]]
-        if tensor.dtype != np.float32:
+        if tensor.dtype != np.float32 and not (int8 and tensor.dtype == np.int8):
             raise _unsupported(graph, op, f"input {tensor.name} of type {tensor.dtype}")
+
+
+_INT8 = (-128, 127)
+
+
+def _codes(graph: Graph, op: Operator, index: int) -> Optional[Tuple[float, int]]:
+    """An int8 activation's ``(scale, zero point)`` (held as its codes, ``q - zero point``); None
+    for a tensor of another type."""
+    tensor = graph.tensors[index]
+    if tensor.dtype != np.int8:
+        return None
+    if tensor.quantization is None or len(tensor.quantization[0]) != 1:
+        raise _unsupported(graph, op, f"int8 tensor {tensor.name} without one scale and zero point")
+    return float(tensor.quantization[0][0]), int(tensor.quantization[1][0])
+
+
+def _tflite_round(x: float) -> int:
+    """Half away from zero, as TFLite's ``TfLiteRound``."""
+    return int(math.copysign(math.floor(abs(x) + 0.5), x))
+
+
+def _int8_range(graph, op, code: int, scale: float, zero_point: int) -> Tuple[int, int]:
+    """TFLite's q range of an int8 output with fused activation ``code``."""
+    low, high = _activation(graph, op, code)
+    lo = _INT8[0] if low == -math.inf else max(_INT8[0], zero_point + _tflite_round(low / scale))
+    hi = _INT8[1] if high == math.inf else min(_INT8[1], zero_point + _tflite_round(high / scale))
+    return lo, hi
+
+
+def _requantizer(kernels, channels: int, scale, shift=0.0, op: int = 0, zero_point: int = 0,
+                 q_range: Tuple[int, int] = _INT8, rounding: Optional[str] = "code") -> Callable:
+    """``kernels.requantize`` with these constants (``scale`` and ``shift`` a value or one per
+    channel, computed in float64, stored as float32), as ``run(a, out, b=None)``, to codes of an
+    output with ``zero_point``, q clamped to ``q_range``. ``rounding``: ``"code"``, ``q = round(v) +
+    zero point``, as TFLite's QUANTIZE, CONV_2D, ADD, MUL and RELU; ``"q"``, ``q = round(v + zero
+    point)``, as its AVERAGE_POOL_2D; ``"given q"``, v is q already (LCE's int8 binary convolution
+    output, its bias holding the zero point): ``q = round(v)``; None: ``out = v`` (DEQUANTIZE)."""
+    scale, shift = (_on_device(kernels, np.ascontiguousarray(np.broadcast_to(
+        np.asarray(v, np.float64).astype(np.float32).reshape(-1), (channels,)))) for v in (scale, shift))
+    none = _on_device(kernels, np.zeros(0, np.float32))
+    if rounding not in ("code", "q", "given q", None):
+        raise ValueError(f"rounding={rounding!r}")
+    in_q = rounding in ("q", "given q")
+    add = float(zero_point) if rounding == "q" else 0.0
+    low, high = (float(v - (0 if in_q else zero_point)) for v in q_range)
+    subtract = float(zero_point) if in_q else 0.0
+
+    def run(a, out, b=None):
+        kernels.requantize(a, none if b is None else b, scale, shift, op, add, low, high, subtract, rounding is not None,
+                           out)
+
+    return run
+
+
+def _elementwise_step(source: int, target: int, apply: Callable) -> Run:
+    """A step that writes ``apply(x, out)`` of tensor ``source`` into a new ``target`` of its shape."""
+
+    def run(values):
+        x = values[source]
+        out = values.alloc(x.shape, np.float32)
+        apply(x, out)
+        values[target] = out
+
+    return run
+
+
+def _same_quantization(graph: Graph, op: Operator, inputs) -> None:
+    """An int8 op that only moves or compares values (CONCATENATION, MAX_POOL_2D, RESIZE...) needs
+    its int8 inputs in its output's scale and zero point, as TFLite's converter writes them."""
+    output = _codes(graph, op, op.outputs[0])
+    for i in inputs:
+        if graph.tensors[i].data is None and _codes(graph, op, i) != output:
+            raise _unsupported(graph, op, f"input {graph.tensors[i].name} quantised unlike its output")
 
 
 def _same_padding(size: int, filter_size: int, stride: int, dilation: int, padding: int):
@@ -153,8 +234,8 @@ def lce_quantize(graph: Graph, op: Operator, kernels, source: Optional[int] = No
                  multiplier: Optional[np.ndarray] = None, bias: Optional[np.ndarray] = None) -> Run:
     """Float -> bit-packed int32 (``x < 0``). ``source``, ``multiplier`` and ``bias`` fuse the
     per-channel MUL and ADD of a batch norm before it: ``bit = source * multiplier + bias < 0``,
-    rounded as the separate ops round."""
-    _check_float(graph, op)
+    rounded as the separate ops round. An int8 input's bit: ``q < zero point`` (its code ``< 0``)."""
+    _check_float(graph, op, int8=multiplier is None and bias is None)
     source, target = op.inputs[0] if source is None else source, op.outputs[0]
     channels = graph.tensors[source].shape[-1]
 
@@ -210,8 +291,10 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
         raise _unsupported(graph, op, f"pad_values={o['pad_values']}")
     out_tensor = graph.tensors[op.outputs[0]]
     packed = out_tensor.dtype == np.int32
-    if out_tensor.dtype not in (np.float32, np.int32):
+    if out_tensor.dtype not in (np.float32, np.int32, np.int8):
         raise _unsupported(graph, op, f"{out_tensor.dtype} output")
+    codes = _codes(graph, op, op.outputs[0])  # int8 output: LCE's float transform to q, rounded
+    output_scale, output_zero_point = (1.0, 0) if codes is None else codes
     k_total = fh * fw * cin
     if packed:
         thresholds = _constant(graph, op, 4, np.int32)
@@ -221,16 +304,17 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
         thresholds = np.zeros(0, np.int32)
         post_mul = _constant(graph, op, 2).astype(np.float64)
         post_bias = _constant(graph, op, 3).astype(np.float64)
-        multiplier = (-post_mul).astype(np.float32)
-        bias = (post_bias + k_total * post_mul).astype(np.float32)
+        multiplier = (-post_mul / output_scale).astype(np.float32)
+        bias = ((post_bias + k_total * post_mul) / output_scale + output_zero_point).astype(np.float32)
         code = int(o["fused_activation_function"])
         ranges = {0: _INT32, 1: (0, _INT32[1]), 2: (-1, 1), 3: (0, 6)}
         if code not in ranges:
             raise _unsupported(graph, op, f"fused activation {code}")
         low, high = max(ranges[code][0], -k_total), min(ranges[code][1], k_total)
         clamp = (-high + k_total, -low + k_total)
-    if (next_quantize is not None or into is not None) and packed:
-        raise _unsupported(graph, op, "an LceQuantize or CONCATENATION fused after a bit-packed output")
+    if (next_quantize is not None or into is not None) and (packed or codes is not None):
+        raise _unsupported(graph, op, "an LceQuantize or CONCATENATION fused after a bit-packed or int8 output")
+    rounding = None if codes is None else _requantizer(kernels, cout, 1.0, zero_point=codes[1], rounding="given q")
     next_target, next_scale, next_shift = next_quantize if next_quantize is not None else (None, None, None)
     next_scale, next_shift = (_on_device(kernels, _per_channel(v, cout)) for v in (next_scale, next_shift))
     weights = kernels.prepare_binary_weights(filters)
@@ -264,6 +348,8 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
             next_bits = values[next_target] = values.alloc(shape[0][:-1] + ((cout + 31) // 32,), np.int32)
         if into is None and next_bits is None:
             conv(x, out, shape[1], shape[2])
+            if rounding is not None:
+                rounding(out, out)
         else:
             conv(x, out, shape[1], shape[2], next_bits, None if into is None else into[1],
                  None if into is None or into[3] is None else values[into[3]])
@@ -288,13 +374,30 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     scaled back to float32. ``max_pool`` = ``(pool output, (window
     height, window width), padding code)``: the MAX_POOL_2D (its stride its window, no activation)
     that reads the convolution's output (after the ADD), done in the same pass where the window
-    divides that output (no padding then, either way), else by ``pool2d`` after it."""
-    _check_float(graph, op)
+    divides that output (no padding then, either way), else by ``pool2d`` after it.
+
+    An int8 convolution (int8 input and weights, a scale an output channel, int32 bias) sums its
+    codes times the int8 weights in float32, exactly while the sums stay below 2**24 (a 7x7x3 or a
+    1x1x256 filter's always do), then requantises: ``q = round(sum * input scale * weight scale /
+    output scale) + zero point``, clamped (no fusion then)."""
+    codes = _codes(graph, op, op.inputs[0])
+    _check_float(graph, op, int8=codes is not None)
     o = op.options
     filters = _constant(graph, op, 1, np.float32)
     cout, fh, fw, cin = filters.shape
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
     sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
+    rescale = None
+    if codes is not None:
+        weight_quantization, out_codes = graph.tensors[op.inputs[1]].quantization, _codes(graph, op, op.outputs[0])
+        if out_codes is None or weight_quantization is None or graph.tensors[op.inputs[1]].dtype != np.int8 \
+                or np.any(weight_quantization[1] != 0):
+            raise _unsupported(graph, op, "an int8 input without symmetric int8 weights and an int8 output")
+        if residual is not None or input_affine is not None or max_pool is not None or precision != "float32":
+            raise _unsupported(graph, op, "a fusion or float precision on an int8 convolution")
+        multiplier = codes[0] * np.broadcast_to(weight_quantization[0].astype(np.float64), (cout,)) / out_codes[0]
+        rescale = _requantizer(kernels, cout, multiplier, zero_point=out_codes[1],
+                               q_range=_int8_range(graph, op, o.FusedActivationFunction(), *out_codes))
     if precision == "bfloat16":
         weights, convolve = kernels.prepare_float_weights_bf16(filters), kernels.conv2d_bf16
     elif precision == "int8":
@@ -306,6 +409,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     if residual is not None and o.FusedActivationFunction() != 0:
         raise _unsupported(graph, op, "an ADD fused after an activation")
     low, high = _activation(graph, op, add_activation if residual is not None else o.FusedActivationFunction())
+    if rescale is not None:
+        low, high = -math.inf, math.inf  # the requantising clamps
     source, target = op.inputs[0], op.outputs[0] if target is None else target
     none = _on_device(kernels, np.zeros(0, np.float32))
     in_mul = in_bias = none
@@ -325,6 +430,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         if max_pool is None:
             out = values.alloc((batch, out_h, out_w, cout), np.float32)
             convolve(*args, out)
+            if rescale is not None:
+                rescale(out, out)
             values[target] = out
             return
         pooled, (ph, pw), padding = max_pool
@@ -350,6 +457,8 @@ def _conv2d_int8(conv2d_int8, scales, sums, x, weights, *args, **kwargs):
 
 
 def _elementwise(graph: Graph, op: Operator, kernels, code: int) -> Run:
+    if _codes(graph, op, op.outputs[0]) is not None:
+        return _elementwise_int8(graph, op, kernels, code)
     _check_float(graph, op, (0, 1))
     low, high = _activation(graph, op, op.options.FusedActivationFunction() if op.options else 0)
     first, second, target = op.inputs[0], op.inputs[1], op.outputs[0]
@@ -373,6 +482,50 @@ def _elementwise(graph: Graph, op: Operator, kernels, code: int) -> Run:
     return run
 
 
+def _elementwise_int8(graph: Graph, op: Operator, kernels, code: int) -> Run:
+    """int8 ADD (``code`` 0) or MUL (1) of two tensors of one shape, or of a tensor and a constant
+    (one value or one per channel): the real-valued sum or product in the output's scale,
+    requantised."""
+    _check_float(graph, op, (0, 1), int8=True)
+    out_codes = _codes(graph, op, op.outputs[0])
+    inputs = [_codes(graph, op, i) for i in op.inputs[:2]]
+    if None in inputs:
+        raise _unsupported(graph, op, "int8 and float inputs together")
+    q_range = _int8_range(graph, op, op.options.FusedActivationFunction() if op.options else 0, *out_codes)
+    shape = graph.tensors[op.outputs[0]].shape
+    channels = shape[-1] if shape else 1
+    constant = [graph.tensors[i].data is not None for i in op.inputs[:2]]
+    if all(constant):
+        raise _unsupported(graph, op, "two constant inputs")
+    (s_out, zero_point), target = out_codes, op.outputs[0]
+    if any(constant):  # op 0: a * scale[c] + shift[c], the constant folded into scale or shift
+        source, other = (op.inputs[0], 1) if constant[1] else (op.inputs[1], 0)
+        value = graph.tensors[op.inputs[other]].data.astype(np.float64).reshape(-1) - inputs[other][1]
+        if value.size not in (1, channels):
+            raise _unsupported(graph, op, "a constant of neither one value nor one per channel")
+        s_x, s_k = inputs[1 - other][0], inputs[other][0]
+        if code == 0:
+            run_op = _requantizer(kernels, channels, s_x / s_out, s_k * value / s_out, 0, zero_point, q_range)
+        else:
+            run_op = _requantizer(kernels, channels, s_x * s_k * value / s_out, 0.0, 0, zero_point, q_range)
+        return _elementwise_step(source, target, run_op)
+    if code == 0:
+        run_op = _requantizer(kernels, channels, inputs[0][0] / s_out, inputs[1][0] / s_out, 1, zero_point, q_range)
+    else:
+        run_op = _requantizer(kernels, channels, inputs[0][0] * inputs[1][0] / s_out, 0.0, 2, zero_point, q_range)
+    first, second = op.inputs[:2]
+
+    def run(values):
+        a, b = values[first], values[second]
+        if a.shape != b.shape:
+            raise _unsupported(graph, op, f"int8 inputs of shapes {a.shape} and {b.shape} (broadcasting)")
+        out = values.alloc(a.shape, np.float32)
+        run_op(a, out, b)
+        values[target] = out
+
+    return run
+
+
 def add(graph: Graph, op: Operator, kernels) -> Run:
     """ADD with broadcasting and fused activation."""
     return _elementwise(graph, op, kernels, 0)
@@ -384,15 +537,23 @@ def mul(graph: Graph, op: Operator, kernels) -> Run:
 
 
 def relu(graph: Graph, op: Operator, kernels) -> Run:
-    """RELU."""
-    _check_float(graph, op)
+    """RELU (int8: requantised to the output's scale, as TFLite)."""
+    codes, out_codes = _codes(graph, op, op.inputs[0]), _codes(graph, op, op.outputs[0])
+    _check_float(graph, op, int8=codes is not None and out_codes is not None)
     source, target = op.inputs[0], op.outputs[0]
     zero = _on_device(kernels, np.zeros(1, np.float32))
+    if codes is not None:
+        shape = graph.tensors[source].shape
+        rescale = _requantizer(kernels, shape[-1] if shape else 1, codes[0] / out_codes[0], 0.0, 0, out_codes[1],
+                               (max(_INT8[0], out_codes[1]), _INT8[1]))
 
     def run(values):
         x = values[source]
         out = values.alloc(x.shape, np.float32)
-        kernels.binary_elementwise(x, zero, 0, 0.0, math.inf, out)
+        if codes is None:
+            kernels.binary_elementwise(x, zero, 0, 0.0, math.inf, out)
+        else:
+            rescale(x, out)
         values[target] = out
 
     return run
@@ -404,6 +565,7 @@ def concatenation(graph: Graph, op: Operator, kernels, residual: Optional[int] =
     ADD that follows (``target = concat + residual``, one pass), as a block's output plus its skip."""
     if op.options.FusedActivationFunction() != 0:
         raise _unsupported(graph, op, "a fused activation on CONCATENATION")
+    _same_quantization(graph, op, op.inputs)
     axis, sources = op.options.Axis(), list(op.inputs)
     target = op.outputs[0] if target is None else target
     none = _on_device(kernels, np.zeros(0, np.float32))
@@ -425,11 +587,18 @@ def concatenation(graph: Graph, op: Operator, kernels, residual: Optional[int] =
 
 
 def _pool(graph: Graph, op: Operator, kernels, kind: int) -> Run:
-    _check_float(graph, op)
+    codes = _codes(graph, op, op.inputs[0])
+    _check_float(graph, op, int8=True)
     o = op.options
     fh, fw, sh, sw = o.FilterHeight(), o.FilterWidth(), o.StrideH(), o.StrideW()
     low, high = _activation(graph, op, o.FusedActivationFunction())
     source, target = op.inputs[0], op.outputs[0]
+    rounding = None
+    if codes is not None:  # int8: the codes' maximum, or their mean requantised (q rounded)
+        _same_quantization(graph, op, op.inputs)
+        q_range = _int8_range(graph, op, o.FusedActivationFunction(), *codes)
+        low, high = -math.inf, math.inf
+        rounding = _requantizer(kernels, graph.tensors[source].shape[-1], 1.0, 0.0, 0, codes[1], q_range, "q")
 
     def run(values):
         x = values[source]
@@ -438,6 +607,8 @@ def _pool(graph: Graph, op: Operator, kernels, kind: int) -> Run:
         out_w, pad_left = _same_padding(width, fw, sw, 1, o.Padding())
         out = values.alloc((batch, out_h, out_w, channels), np.float32)
         kernels.pool2d(x, [fh, fw, sh, sw, pad_top, pad_left], kind, low, high, out)
+        if rounding is not None:
+            rounding(out, out)
         values[target] = out
 
     return run
@@ -468,6 +639,9 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optio
     and ``add_activation`` fuse the ADD that follows (``target = clamp(resized + residual)``, one
     pass), as an hourglass's upsampled branch plus its skip."""
     size = _constant(graph, op, 1).reshape(-1)
+    _same_quantization(graph, op, op.inputs[:1])
+    if residual is not None and _codes(graph, op, op.inputs[0]) is not None:
+        raise _unsupported(graph, op, "an ADD fused after an int8 resize")
     align, half = bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters())
     low, high = _activation(graph, op, add_activation)
     source, target = op.inputs[0], op.outputs[0] if target is None else target
@@ -492,15 +666,45 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optio
 
 
 def pad(graph: Graph, op: Operator, kernels) -> Run:
-    """PAD / PADV2 with constant paddings (and constant value for PADV2)."""
+    """PAD / PADV2 with constant paddings (and constant value for PADV2; int8: the codes padded
+    with the zero point's, or the value's)."""
     paddings = _constant(graph, op, 1).astype(np.int64)
     value = float(_constant(graph, op, 2).reshape(-1)[0]) if len(op.inputs) > 2 and op.inputs[2] >= 0 else 0.0
+    codes = _codes(graph, op, op.inputs[0])
+    if codes is not None:
+        _same_quantization(graph, op, op.inputs[:1])
+        value = value - codes[1] if len(op.inputs) > 2 and op.inputs[2] >= 0 else 0.0
     source, target = op.inputs[0], op.outputs[0]
 
     def run(values):
         values[target] = np.pad(values[source], paddings, constant_values=value)
 
     return run
+
+
+def quantize(graph: Graph, op: Operator, kernels) -> Run:
+    """QUANTIZE float32 -> int8: ``q = round(x / scale) + zero point``, clamped (a NaN to 127)."""
+    _check_float(graph, op)
+    out_codes = _codes(graph, op, op.outputs[0])
+    if out_codes is None:
+        raise _unsupported(graph, op, f"output type {graph.tensors[op.outputs[0]].dtype}")
+    shape = graph.tensors[op.inputs[0]].shape
+    run_op = _requantizer(kernels, shape[-1] if shape else 1, 1.0 / out_codes[0], 0.0, 0, out_codes[1])
+    source, target = op.inputs[0], op.outputs[0]
+
+    return _elementwise_step(source, target, run_op)
+
+
+def dequantize(graph: Graph, op: Operator, kernels) -> Run:
+    """DEQUANTIZE int8 -> float32: ``scale * (q - zero point)``."""
+    codes = _codes(graph, op, op.inputs[0])
+    if codes is None or graph.tensors[op.outputs[0]].dtype != np.float32:
+        raise _unsupported(graph, op, f"input type {graph.tensors[op.inputs[0]].dtype}")
+    shape = graph.tensors[op.inputs[0]].shape
+    run_op = _requantizer(kernels, shape[-1] if shape else 1, codes[0], 0.0, rounding=None)
+    source, target = op.inputs[0], op.outputs[0]
+
+    return _elementwise_step(source, target, run_op)
 
 
 OPS: Dict[str, Callable[..., Run]] = {
@@ -517,4 +721,6 @@ OPS: Dict[str, Callable[..., Run]] = {
     "RESIZE_NEAREST_NEIGHBOR": resize_nearest_neighbor,
     "PAD": pad,
     "PADV2": pad,
+    "QUANTIZE": quantize,
+    "DEQUANTIZE": dequantize,
 }

@@ -2195,6 +2195,68 @@ static void binary_elementwise(Array<float> a, Array<float> b, int op, float lo,
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// An int8 file's arithmetic, on its tensors' codes (q - zero point, held as floats: every value of
+// an int8 tensor is an integer there): out = clamp(round(v + add), lo, hi) - subtract, where
+//   op 0: v = a * scale[c] + shift[c]  (requantising, QUANTIZE, a MUL or ADD with a constant)
+//   op 1: v = a * scale[c] + b * shift[c]  (ADD of two tensors, each rescaled to the output's)
+//   op 2: v = a * b * scale[c]  (MUL of two tensors)
+// c the channel (scale and shift hold one value per channel: the last axis), b a tensor of a's
+// shape. round: half away from zero, TFLite's; `add` and `subtract` say whether q (add the zero
+// point, subtract it after) or the code is rounded, as each TFLite or LCE op does; lo and hi the
+// range of what is rounded. round false: out = v (DEQUANTIZE). Products then sums, each rounded
+// to float32 (no FMA), on every kernel path alike; a NaN becomes hi.
+static inline float rounded(float v, float lo, float hi) {
+  v = v < hi ? v : hi;  // lo <= v <= hi first: the conversions towards zero below are exact
+  v = v > lo ? v : lo;
+  const float whole = static_cast<float>(static_cast<int32_t>(v));
+  const float rest = v - whole;
+  return whole + static_cast<float>(static_cast<int32_t>(rest + rest));  // twice the rest: -1, 0 or 1
+}
+
+template <int OP, bool ROUND>
+__attribute__((optimize("O3", "no-math-errno", "fp-contract=off")))
+static void requantize_rows(const float* __restrict x, const float* __restrict y, const float* __restrict s,
+                            const float* __restrict t, int64_t r0, int64_t r1, int64_t channels, float add,
+                            float lo, float hi, float subtract, float* __restrict o) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * channels;
+    const float* yr = OP != 0 ? y + r * channels : nullptr;
+    float* orow = o + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      float v;
+      if (OP == 0) v = xr[c] * s[c] + t[c];
+      else if (OP == 1) v = xr[c] * s[c] + yr[c] * t[c];
+      else v = xr[c] * yr[c] * s[c];
+      orow[c] = ROUND ? rounded(v + add, lo, hi) - subtract : v;
+    }
+  }
+}
+
+static void requantize(Array<float> a, Array<float> b, Array<float> scale, Array<float> shift, int op, float add,
+                       float lo, float hi, float subtract, bool round, py::array out) {
+  const int64_t n = a.size(), channels = scale.size();
+  if (channels == 0 || shift.size() != channels || n % channels != 0 || out.size() != n ||
+      (op != 0 && b.size() != n) || op < 0 || op > 2)
+    throw std::invalid_argument("requantize: shapes");
+  if (round && !(lo <= hi && lo > -8388608.0f && hi < 8388608.0f)) throw std::invalid_argument("requantize: range");
+  if (n == 0) return;
+  const float* x = a.data();
+  const float* y = op != 0 ? b.data() : nullptr;
+  const float* s = scale.data();
+  const float* t = shift.data();
+  float* o = checked_data<float>(out, -1, true, "requantize output");
+  auto rows_fn = op == 0 ? (round ? &requantize_rows<0, true> : &requantize_rows<0, false>)
+                 : op == 1 ? (round ? &requantize_rows<1, true> : &requantize_rows<1, false>)
+                           : (round ? &requantize_rows<2, true> : &requantize_rows<2, false>);
+  py::gil_scoped_release release;
+  const int64_t rows = n / channels, per_task = std::max<int64_t>(1, 16384 / channels);
+  const int tasks = static_cast<int>(std::min<int64_t>((rows + per_task - 1) / per_task, 256));
+  pool().parallel_for(tasks, [&](int t0, int t1) {
+    rows_fn(x, y, s, t, rows * t0 / tasks, rows * t1 / tasks, channels, add, lo, hi, subtract, o);
+  });
+}
+
 // MAX_POOL_2D (kind 0) and AVERAGE_POOL_2D (kind 1, the mean of the taps inside the image, as
 // TFLite computes it), with the fused activation clamp.
 static void pool2d(Array<float> input, std::vector<int> geometry, int kind, float lo, float hi, py::array output) {
@@ -2523,6 +2585,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
 #endif
 #endif
   m.def("binary_elementwise", &binary_elementwise);
+  m.def("requantize", &requantize);
   m.def("pool2d", &pool2d);
   m.def("concat_channels", &concat_channels);
   m.def("resize_nearest", &resize_nearest);
