@@ -57,6 +57,37 @@ def _fused_affine(graph: Graph, reader, producers, consumers, activation: bool =
     return source, multiplier, bias, folded, code
 
 
+def _int8_sign_threshold(graph: Graph, reader, producers, consumers, kernels) -> Optional[tuple]:
+    """In an int8 file, the batch norm's MUL and ADD before an LceQuantize (``reader``), as
+    :func:`_fused_affine` finds them, each requantising: the bit is a function of the code they
+    read, one per channel, found by running those ops' own steps on every code it can take; where
+    it is ``code < T`` or ``code > T`` (or constant), as bitpack's fused ``code * m + b < 0``:
+    ``(source tensor, m, b, indices of the folded ops)``, else None."""
+    source, _, _, folded, _ = _fused_affine(graph, reader, producers, consumers)
+    if not folded:
+        return None
+    scale_zero = graph.tensors[source].quantization
+    channels = graph.tensors[source].shape[-1]
+    if graph.tensors[source].dtype != np.int8 or scale_zero is None or len(scale_zero[1]) != 1:
+        return None
+    codes = np.arange(-128, 128, dtype=np.float32) - float(scale_zero[1][0])  # every code, each channel
+    values = ops.Values(len(graph.tensors), {})
+    values[source] = np.ascontiguousarray(np.broadcast_to(codes[None, None, :, None], (1, 1, 256, channels)))
+    for index in reversed(folded):  # folded walks back from the reader
+        ops.OPS[graph.operators[index].name](graph, graph.operators[index], kernels)(values)
+    negative = values[reader.inputs[0]][0, 0] < 0  # (256 codes, channels): the bits
+    count = negative.sum(0)
+    m, b = np.zeros(channels, np.float32), np.where(count == 256, -1.0, 1.0).astype(np.float32)
+    for c in np.flatnonzero((count > 0) & (count < 256)):
+        if negative[:count[c], c].all():  # the lowest codes: code < codes[count]
+            m[c], b[c] = 1.0, -codes[count[c]]
+        elif negative[256 - count[c]:, c].all():  # the highest: code > codes[255 - count]
+            m[c], b[c] = -1.0, codes[255 - count[c]]
+        else:
+            return None
+    return source, m, b, folded
+
+
 def _following_add(graph: Graph, op, producers, consumers):
     """For a channel CONCATENATION, a float RESIZE_NEAREST_NEIGHBOR or a CONV_2D without activation
     read only by an ADD of a same-shape activation: ``(the tensors added, the ADD's output, the
@@ -343,6 +374,13 @@ class Engine:
             fuse_blocks = False
         # LceQuantize / CONV_2D index -> (source, multiplier, bias[, activation]): the batch norm before it
         fused, folded, chains = {}, set(), {}  # folded: ops done inside others; chains: which, per reader
+        for op in graph.operators if self.int8_file else ():
+            found = _int8_sign_threshold(graph, op, producers, consumers, self._kernels) \
+                if op.name == "LceQuantize" else None
+            if found is not None:
+                fused[op.index] = found[:3]
+                folded.update(found[3])
+                chains[op.index] = found[3]
         for op in graph.operators if not self.int8_file else ():
             if op.name in ("LceQuantize", "CONV_2D"):
                 source, multiplier, bias, skipped, code = _fused_affine(graph, op, producers, consumers,

@@ -235,7 +235,7 @@ def lce_quantize(graph: Graph, op: Operator, kernels, source: Optional[int] = No
     """Float -> bit-packed int32 (``x < 0``). ``source``, ``multiplier`` and ``bias`` fuse the
     per-channel MUL and ADD of a batch norm before it: ``bit = source * multiplier + bias < 0``,
     rounded as the separate ops round. An int8 input's bit: ``q < zero point`` (its code ``< 0``)."""
-    _check_float(graph, op, int8=multiplier is None and bias is None)
+    _check_float(graph, op, int8=True)
     source, target = op.inputs[0] if source is None else source, op.outputs[0]
     channels = graph.tensors[source].shape[-1]
 
@@ -377,9 +377,12 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     divides that output (no padding then, either way), else by ``pool2d`` after it.
 
     An int8 convolution (int8 input and weights, a scale an output channel, int32 bias) sums its
-    codes times the int8 weights in float32, exactly while the sums stay below 2**24 (a 7x7x3 or a
-    1x1x256 filter's always do), then requantises: ``q = round(sum * input scale * weight scale /
-    output scale) + zero point``, clamped (no fusion then)."""
+    codes times the int8 weights, then requantises: ``q = round(sum * input scale * weight scale /
+    output scale) + zero point``, clamped (no fusion then). The sums are exact: in int32 with the
+    int8 kernels where the CPU has them (``Engine``'s ``float_precision="int8"``; the codes and
+    weights are theirs unchanged, as every channel's largest weight is 127, as TFLite's converter
+    quantises them), else in float32 (exact while they stay below 2**24, as a 7x7x3 or a 1x1x256
+    filter's always do)."""
     codes = _codes(graph, op, op.inputs[0])
     _check_float(graph, op, int8=codes is not None)
     o = op.options
@@ -387,7 +390,7 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     cout, fh, fw, cin = filters.shape
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
     sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
-    rescale = None
+    rescale, input_range = None, None
     if codes is not None:
         weight_quantization, out_codes = graph.tensors[op.inputs[1]].quantization, _codes(graph, op, op.outputs[0])
         if out_codes is None or weight_quantization is None or graph.tensors[op.inputs[1]].dtype != np.int8 \
@@ -398,11 +401,15 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         multiplier = codes[0] * np.broadcast_to(weight_quantization[0].astype(np.float64), (cout,)) / out_codes[0]
         rescale = _requantizer(kernels, cout, multiplier, zero_point=out_codes[1],
                                q_range=_int8_range(graph, op, o.FusedActivationFunction(), *out_codes))
+        if "int8" in kernel_paths.reduced_precisions(kernels) and np.all(np.abs(filters).max(axis=(1, 2, 3)) == 127):
+            precision = "int8"  # the codes quantised with scale 1 and their zero point: unchanged
+            input_range = [float(_INT8[0] - codes[1]), float(_INT8[1] - codes[1])]
     if precision == "bfloat16":
         weights, convolve = kernels.prepare_float_weights_bf16(filters), kernels.conv2d_bf16
     elif precision == "int8":
         weights, scales, sums = kernels.prepare_float_weights_int8(filters, vnni=kernel_paths.int8_vnni(kernels))
-        convolve = functools.partial(_conv2d_int8, kernels.conv2d_int8, scales, sums)
+        convolve = functools.partial(_conv2d_int8, kernels.conv2d_int8, scales, sums,
+                                     **({} if input_range is None else {"input_range": input_range}))
     else:
         weights, convolve = kernels.prepare_float_weights(filters), kernels.conv2d
     bias = _on_device(kernels, bias)

@@ -1825,7 +1825,7 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
                         Array<float> weight_scale, Array<int32_t> weight_sum, Array<float> bias,
                         std::vector<int> geometry, float lo, float hi, std::vector<Array<float>> residual,
                         Array<float> input_multiplier, Array<float> input_bias, float input_lo, float input_hi,
-                        py::array output, std::vector<int> pool_window) {
+                        py::array output, std::vector<int> pool_window, std::vector<float> input_range = {}) {
   constexpr bool kBf16 = P == Precision::kBfloat16, kInt8 = P == Precision::kInt8 || P == Precision::kInt8Pairs;
   using A = GemmA<P>;
   const char* name = kInt8 ? "conv2d_int8" : kBf16 ? "conv2d_bf16" : "conv2d";
@@ -1839,6 +1839,10 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
     throw std::invalid_argument(std::string(name) + ": pool_window needs 2 positive numbers");
   const int ph = pool_window.empty() ? 1 : pool_window[0], pw = pool_window.empty() ? 1 : pool_window[1];
   const bool pooled = ph * pw > 1;
+  // int8: the input's range given (lo, hi), the same for every pixel and image, else measured
+  if (!input_range.empty() && (!kInt8 || input_range.size() != 2 || !(input_range[0] < input_range[1]) ||
+                               !std::isfinite(input_range[0]) || !std::isfinite(input_range[1])))
+    throw std::invalid_argument(std::string(name) + ": input_range needs lo < hi, both finite (int8 only)");
   // the convolution's output size (the pooled output's times the window)
   const int out_h = static_cast<int>(output.shape(1)) * ph, out_w = static_cast<int>(output.shape(2)) * pw;
   const int cout = static_cast<int>(output.shape(3));
@@ -1939,11 +1943,13 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
     row_zeros.resize(pixels);
     row_scale = row_scales.data();
     row_zero = row_zeros.data();
+    Range given_range;  // input_range's, where given
+    if (!input_range.empty()) given_range.lo = input_range[0], given_range.hi = input_range[1];
     // each pixel's values quantised with its own range, into a copy of cin rounded up to 4 a pixel
     auto quantize_pixels = [&](const float* src, int count, A* dst, int64_t pixel) {
       for (int ix = 0; ix < count; ++ix) {
-        Range range;
-        range.add(src + static_cast<int64_t>(ix) * cin, cin);
+        Range range = given_range;
+        if (input_range.empty()) range.add(src + static_cast<int64_t>(ix) * cin, cin);
         const Quantizer q(range);
         q.apply(src + static_cast<int64_t>(ix) * cin, cin, dst + static_cast<int64_t>(ix) * channels_read);
         std::fill_n(dst + static_cast<int64_t>(ix) * channels_read + cin, channels_read - cin, static_cast<A>(q.zero));
@@ -1958,11 +1964,12 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
           quantize_pixels(input_row(r, row), width, copy_at(copy, r), static_cast<int64_t>(r) * width);
       });
     } else {  // one range an image: each row's, then the image's
-      std::vector<Range> ranges(static_cast<size_t>(batch) * height);
-      pool().parallel_for(batch * height, [&](int r0, int r1) {
-        static thread_local std::vector<float> row;
-        for (int r = r0; r < r1; ++r) ranges[r].add(input_row(r, row), static_cast<int64_t>(width) * cin);
-      });
+      std::vector<Range> ranges(static_cast<size_t>(batch) * height, given_range);
+      if (input_range.empty())
+        pool().parallel_for(batch * height, [&](int r0, int r1) {
+          static thread_local std::vector<float> row;
+          for (int r = r0; r < r1; ++r) ranges[r].add(input_row(r, row), static_cast<int64_t>(width) * cin);
+        });
       std::vector<Quantizer> images;
       for (int bi = 0; bi < batch; ++bi) {
         Range image;
@@ -2134,12 +2141,12 @@ static void conv2d_int8_vnni(Array<float> input, Array<int8_t> weights, Array<fl
                               Array<int32_t> weight_sum, Array<float> bias, std::vector<int> geometry, float lo,
                               float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                               Array<float> input_bias, float input_lo, float input_hi, py::array output,
-                              std::vector<int> pool_window) {
+                              std::vector<int> pool_window, std::vector<float> input_range) {
 #if HAVE_VNNI
   if (!cpu_runs_vnni())
     throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and this CPU has no " INT8_FEATURE);
   conv2d_impl<Precision::kInt8>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
-                                input_multiplier, input_bias, input_lo, input_hi, output, pool_window);
+                                input_multiplier, input_bias, input_lo, input_hi, output, pool_window, input_range);
 #else
   throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and these kernels were built without it");
 #endif
@@ -2150,9 +2157,10 @@ static void conv2d_int8_pairs(Array<float> input, Array<int16_t> weights, Array<
                               Array<int32_t> weight_sum, Array<float> bias, std::vector<int> geometry, float lo,
                               float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                               Array<float> input_bias, float input_lo, float input_hi, py::array output,
-                              std::vector<int> pool_window) {
+                              std::vector<int> pool_window, std::vector<float> input_range) {
   conv2d_impl<Precision::kInt8Pairs>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
-                                     input_multiplier, input_bias, input_lo, input_hi, output, pool_window);
+                                     input_multiplier, input_bias, input_lo, input_hi, output, pool_window,
+                                     input_range);
 }
 #endif
 #endif
@@ -2577,7 +2585,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
     m.def("conv2d_int8", form, py::arg("input"), py::arg("weights"), py::arg("weight_scale"), py::arg("weight_sum"),
           py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
           py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
-          py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>());
+          py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
+          py::arg("input_range") = std::vector<float>());
   };
   define_conv2d_int8(&conv2d_int8_vnni);
 #if HAVE_INT8_PAIRS

@@ -1,0 +1,245 @@
+"""The runtime on files with int8 activations (``export.convert(..., int8_calibration=...)``): the
+requantising kernel by hand, every op of such a file against TFLite's integer arithmetic written
+out in NumPy, whole files against LCE's interpreter with XNNPACK's int8 kernels, and the errors."""
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import larq as lq
+
+from larq_landmarks import export, heatmaps as hm, models
+from larq_landmarks.runtime import Engine, UnsupportedModelError, available_kernels, cuda, ops
+from larq_landmarks.runtime import kernels as kernel_paths
+from larq_landmarks.synthetic import trained_like_batch_norm
+
+import fake_cupy
+from binary_reference import pack_bits, reference_accumulators
+
+PATHS = available_kernels()
+NONE = np.zeros(0, np.float32)
+
+
+def _requantize(kernels, a, scale, shift=0.0, op=0, add=0.0, low=-128.0, high=127.0, subtract=0.0, rounded=True,
+                b=NONE):
+    channels = a.shape[-1]
+    scale, shift = (np.broadcast_to(np.float32(v), (channels,)).copy() for v in (scale, shift))
+    out = np.empty_like(a)
+    kernels.requantize(a, b, scale, shift, op, add, low, high, subtract, rounded, out)
+    return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_requantize_rounds_half_away_from_zero_the_code_or_q(path):
+    """``out = clamp(round(v + add), low, high) - subtract``: ties away from zero (TFLite's
+    TfLiteRound), just below a tie down, the range's ends, NaN to the top; rounding the code
+    (add 0) and rounding q (add and subtract the zero point 3) differ exactly at the ties whose
+    shifted value changes sign; the three forms of v; no rounding at all."""
+    k = kernel_paths.load(path)
+    below = np.nextafter(np.float32(2.5), np.float32(0))
+    x = np.array([[0.5, -0.5, 1.5, -1.5, below, -below, 126.6, -200.0, np.nan, 0.49999997]], np.float32)
+    np.testing.assert_array_equal(_requantize(k, x, 1.0), [[1, -1, 2, -2, 2, -2, 127, -128, 127, 0]])
+    # q with zero point 3: round(v + 3) - 3 within [-128, 127] in q; v + 3 is a float32 sum, which
+    # takes the values just below 2.5 and 0.5 onto the ties 5.5 and 3.5 (as LCE's bias holding the
+    # zero point does)
+    np.testing.assert_array_equal(_requantize(k, x, 1.0, add=3.0, subtract=3.0),
+                                  [[1, 0, 2, -1, 3, -2, 124, -131, 124, 1]])
+    a = np.array([[1.0, 2.0, -3.0, 5.0]], np.float32)
+    b = np.array([[1.0, 0.0, 1.0, -2.0]], np.float32)
+    scale = np.array([0.25, 0.75, 0.5, 0.1], np.float32)
+    out = np.empty_like(a)
+    k.requantize(a, NONE, scale, np.array([0.25, 0.0, 0.0, 0.0], np.float32), 0, 0.0, -128.0, 127.0, 0.0, True, out)
+    np.testing.assert_array_equal(out, [[1, 2, -2, 1]])  # 0.5, 1.5, -1.5, 0.5000000074
+    k.requantize(a, b, scale, np.full(4, 0.25, np.float32), 1, 0.0, -128.0, 127.0, 0.0, True, out)
+    np.testing.assert_array_equal(out, [[1, 2, -1, 0]])  # 0.5, 1.5, -1.25, 0
+    k.requantize(a, b, scale, np.zeros(4, np.float32), 2, 0.0, -128.0, 127.0, 0.0, True, out)
+    np.testing.assert_array_equal(out, [[0, 0, -2, -1]])  # 0.25, 0, -1.5, -1.0000000149
+    k.requantize(a, NONE, scale, np.zeros(4, np.float32), 0, 0.0, 0.0, 0.0, 0.0, False, out)
+    np.testing.assert_array_equal(out, a * scale)
+    # many rows (several tasks), per-channel constants: NumPy's float32 arithmetic, rounded by hand
+    rng = np.random.default_rng(0)
+    big = rng.integers(-255, 256, (3, 37, 41, 24)).astype(np.float32)
+    other = rng.integers(-255, 256, big.shape).astype(np.float32)
+    scale, shift = rng.uniform(-2, 2, 24).astype(np.float32), rng.uniform(-50, 50, 24).astype(np.float32)
+    out = np.empty_like(big)
+    k.requantize(big, other, scale, shift, 1, 0.0, -100.0, 90.0, 0.0, True, out)
+    v = np.clip((big * scale + other * shift).astype(np.float64), -100, 90)
+    np.testing.assert_array_equal(out, np.sign(v) * np.floor(np.abs(v) + 0.5))
+    for bad in ((NONE, scale[:3], shift[:3]), (other[:1], scale, shift)):
+        with pytest.raises(ValueError, match="requantize: shapes"):
+            k.requantize(big, bad[0], bad[1], bad[2], 1, 0.0, -128.0, 127.0, 0.0, True, out)
+
+
+def _round(v):
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def _int8_codes(graph, index):
+    tensor = graph.tensors[index]
+    return float(tensor.quantization[0][0]), int(tensor.quantization[1][0])
+
+
+def _unpack(words, channels):
+    return np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[..., :channels]
+
+
+def _tflite_reference(graph, op, values):
+    """The op's output as TFLite's (and LCE's) integer kernels define it, from its inputs in
+    ``values``, in float64: ``(expected, v)``, the output (codes, as the runtime holds them; bits
+    for LceQuantize) and what was rounded (None where nothing is)."""
+    t = graph.tensors
+    name, ins = op.name, [values[i] if t[i].data is None else t[i].data for i in op.inputs if i >= 0]
+    out = op.outputs[0]
+    if name == "DEQUANTIZE":
+        return ins[0] * _int8_codes(graph, op.inputs[0])[0], None
+    if name == "LceQuantize":
+        return pack_bits((ins[0] < 0).astype(np.uint8)), None
+    if name in ("CONCATENATION", "MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR"):  # moves and compares codes
+        if name == "CONCATENATION":
+            return np.concatenate(ins, axis=-1), None
+        if name == "RESIZE_NEAREST_NEIGHBOR":
+            return ins[0].repeat(2, axis=1).repeat(2, axis=2), None
+        b, h, w, c = ins[0].shape
+        return ins[0].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4)), None
+    s_out, zero_point = _int8_codes(graph, out)
+    if name == "QUANTIZE":
+        v = ins[0].astype(np.float64) / s_out
+    elif name == "CONV_2D":
+        (s_in, _), weights = _int8_codes(graph, op.inputs[0]), ins[1].astype(np.int64)
+        cout, fh, fw, _ = weights.shape
+        x = np.pad(ins[0].astype(np.int64), ((0, 0), (fh // 2, fh // 2), (fw // 2, fw // 2), (0, 0)))
+        height, width = ins[0].shape[1:3]
+        acc = ins[2].astype(np.int64) + sum(x[:, dy:dy + height, dx:dx + width] @ weights[:, dy, dx].T
+                                            for dy in range(fh) for dx in range(fw))
+        v = acc * (s_in * t[op.inputs[1]].quantization[0].astype(np.float64) / s_out)
+    elif name in ("ADD", "MUL"):
+        (s1, z1), (s2, z2) = _int8_codes(graph, op.inputs[0]), _int8_codes(graph, op.inputs[1])
+        c1, c2 = (ins[i].astype(np.float64) - (z if t[op.inputs[i]].data is not None else 0)
+                  for i, z in ((0, z1), (1, z2)))
+        v = s1 / s_out * c1 + s2 / s_out * c2 if name == "ADD" else s1 * s2 / s_out * (c1 * c2)
+    elif name == "AVERAGE_POOL_2D":  # TFLite rounds the mean of q
+        b, h, w, c = ins[0].shape
+        v = (ins[0].astype(np.float64) + zero_point).reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4)) - zero_point
+        return np.clip(_round(v + zero_point), -128, 127) - zero_point, v
+    elif name == "LceBconv2d":  # LCE: the conv of signs times the multiplier, plus the bias, over the scale, q rounded
+        filters, cin = ins[1], op.options["channels_in"]
+        acc = reference_accumulators(_unpack(ins[0], cin), _unpack(filters, cin), 1, True, 1)
+        signs = filters.shape[1] * filters.shape[2] * cin - 2 * acc
+        post_mul, post_bias = (a.astype(np.float64) for a in ins[2:4])
+        v = (signs * post_mul + post_bias) / s_out
+        return np.clip(_round(v + zero_point), -128, 127) - zero_point, v
+    else:
+        raise AssertionError(f"no reference for {name}")
+    relu = op.options is not None and op.options.FusedActivationFunction() == 1
+    low = max(-128, zero_point) if relu else -128
+    return np.clip(_round(v) + zero_point, low, 127) - zero_point, v
+
+
+def _every_tensor(engine, images):
+    """Run ``engine``'s steps, keeping every tensor."""
+    values = ops.Values(len(engine.graph.tensors), {})
+    values[engine.graph.inputs[0]] = images
+    for step in engine._steps:
+        step(values)
+    return values
+
+
+def _ops_model():
+    """A model whose int8 file has every op the runtime runs for int8 files."""
+    tf.keras.utils.set_random_seed(4)
+    L = tf.keras.layers
+    kw = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", kernel_constraint="weight_clip",
+              use_bias=False, pad_values=1.0, padding="same")
+    x = tf.keras.Input((16, 16, 3), batch_size=1)
+    y = L.Conv2D(24, 3, padding="same", activation="relu")(x)
+    skip = L.Conv2D(40, 1)(y)
+    y = lq.layers.QuantConv2D(40, 3, **kw)(L.BatchNormalization()(y))
+    y = L.MaxPool2D()(L.Add()([y, skip]))
+    y = L.Concatenate()([y, lq.layers.QuantConv2D(8, 3, **kw)(L.BatchNormalization()(y))])
+    y = L.UpSampling2D()(L.AveragePooling2D()(y))
+    return trained_like_batch_norm(tf.keras.Model(x, L.Conv2D(5, 1)(y)))
+
+
+@pytest.fixture(scope="module")
+def ops_file():
+    calibration = np.random.default_rng(1).uniform(size=(8, 16, 16, 3)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export.convert(_ops_model(), int8_calibration=calibration)
+
+
+@pytest.mark.parametrize("path", PATHS + ["avx2-pairs"] * ("avx2" in PATHS))
+def test_every_int8_op_is_tflites_integer_arithmetic(ops_file, path, monkeypatch):
+    """Each op of an int8 file, from the runtime's own inputs to it, against its TFLite / LCE
+    definition in exact arithmetic (above): equal, but where the exact value lies within 1e-4 of a
+    rounding tie (float32 rounds the runtime's scale products), at most 1 in 1000 values. The
+    batch norms' MUL and ADD before an LceQuantize are folded into its threshold: its bits are
+    checked against theirs, computed exactly. The convolutions run on the int8 kernels (VNNI's
+    form, the pairs form) where the path has them, in float32 on the portable one."""
+    if path == "avx2-pairs":  # the int8 convolutions' 16-bit form, as on AVX2 CPUs without AVX-VNNI
+        monkeypatch.setenv(kernel_paths.NO_VNNI, "1")
+        path = "avx2"
+    engine = Engine(ops_file, kernels=path)
+    names = {op.name for op in engine.graph.operators}
+    assert names == {"QUANTIZE", "CONV_2D", "MUL", "ADD", "LceQuantize", "LceBconv2d", "MAX_POOL_2D",
+                     "CONCATENATION", "RESIZE_NEAREST_NEIGHBOR", "AVERAGE_POOL_2D", "DEQUANTIZE"}, names
+    images = np.random.default_rng(2).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    values = _every_tensor(engine, images)
+    checked, folded = 0, []
+    for op in engine.graph.operators:
+        expected, v = _tflite_reference(engine.graph, op, values)
+        got = values[op.outputs[0]]
+        if got is None:  # done inside the op that reads it (a batch norm before an LceQuantize): its result, exact
+            values[op.outputs[0]] = expected
+            folded.append(op.name)
+            continue
+        assert got.shape == expected.shape, op.name
+        if op.name == "DEQUANTIZE":
+            np.testing.assert_allclose(got, expected, rtol=1e-6)
+            continue
+        differ = got != expected
+        if v is not None and differ.any():
+            near_tie = np.abs(np.abs(v - np.trunc(v)) - 0.5) < 1e-4
+            assert near_tie[differ].all() and differ.mean() <= 1e-3, (op.index, op.name, differ.mean())
+            assert np.abs(got - expected).max() == 1, op.name
+        else:
+            assert not differ.any(), (op.index, op.name)
+        checked += got.size
+    assert checked > 10000 and folded == ["MUL", "ADD"] * 2
+    np.testing.assert_allclose(engine.predict(images), values[engine.graph.outputs[0]], rtol=0, atol=0)
+
+
+def _landmarks(heat):
+    return hm.heatmap_to_input(hm.decode_heatmaps(heat)[0]).numpy()
+
+
+def test_int8_file_runs_as_lce_with_xnnpack_runs_it():
+    """A named binary network's int8 file: the runtime against LCE's interpreter with XNNPACK's
+    int8 kernels: almost every output value the same, landmarks within half a pixel. (Without
+    XNNPACK, TFLite's own int8 kernels round values within 0.005 of a tie otherwise; through the
+    binary layers' signs that moves most values, as it moves them from XNNPACK's: docs/benchmarks.md.)"""
+    tf.keras.utils.set_random_seed(0)
+    model = trained_like_batch_norm(models.build_named("binary_hpm", 16, input_size=64, width=48, depth=2))
+    calibration = np.random.default_rng(1).uniform(size=(8, 64, 64, 3)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flatbuffer = export.convert(model, int8_calibration=calibration)
+    images = np.random.default_rng(2).uniform(size=(4, 64, 64, 3)).astype(np.float32)
+    xnnpack = export.interpreter(flatbuffer, use_xnnpack=True)
+    expected = np.concatenate([xnnpack.predict(images[i:i + 1]) for i in range(len(images))])
+    for path in PATHS:
+        got = Engine(flatbuffer, kernels=path).predict(images)
+        assert np.mean(got == expected) >= 0.99, path
+        moved = np.abs(_landmarks(got) - _landmarks(expected)).max(-1)
+        assert np.mean(moved <= 0.5) >= 0.98, path
+
+
+def test_int8_files_run_on_the_cpu_kernels_in_their_own_arithmetic_only(ops_file, monkeypatch):
+    with pytest.raises(ValueError, match=r"float_precision='bfloat16' is for files with float32 activations; "
+                                         r"model has int8 ones"):
+        Engine(ops_file, float_precision="bfloat16")
+    fake_cupy.install(monkeypatch)
+    with pytest.raises(UnsupportedModelError, match="model: a file with int8 activations; the GPU kernels run "
+                                                    "float32 files"):
+        Engine(ops_file, kernels=cuda.PATHS[0])
