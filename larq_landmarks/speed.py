@@ -44,8 +44,8 @@ def engines_here(binary: bytes, float32: bytes, num_threads: int = 1, int8: Opti
     """What runs the files on this machine: XNNPACK the float32 one; LCE's interpreter and
     this package's runtime (its best kernels here; also with bfloat16 float convolutions where the
     CPU has AVX512_BF16, int8 ones where it has AVX512_VNNI or runs the avx2 kernels) the binary
-    one; LCE's interpreter with XNNPACK (for the int8 ops) ``int8``, the binary file with int8
-    activations, where given. Engines that cannot run here are left out."""
+    one; LCE's interpreter with XNNPACK (for the int8 ops) and the runtime ``int8``, the binary file
+    with int8 activations, where given. Engines that cannot run here are left out."""
     from larq_landmarks.runtime import UnsupportedModelError
     from larq_landmarks.tflite_model import TfliteModel, interpreter
 
@@ -65,6 +65,9 @@ def engines_here(binary: bytes, float32: bytes, num_threads: int = 1, int8: Opti
             continue
         engines[f"binary .tflite, larq_landmarks.runtime ({reduced.kernels}, {precision} float convolutions)"] = \
             reduced.predict
+    if int8 is not None:
+        engines[f"binary .tflite with int8 activations, larq_landmarks.runtime ({ours.kernels})"] = \
+            TfliteModel(int8, engine="runtime", num_threads=num_threads).predict
     return engines
 
 

@@ -144,6 +144,10 @@ REDUCED_CASES = {p: reduced_case(p) for p in REDUCED_PRODUCTS}
 INT8_PAIRS_CASE = "binary .tflite, larq_landmarks.runtime (avx2, int8 float convolutions, as without AVX-VNNI)"
 
 
+def int8_file_case(kernels: str) -> str:
+    return f"binary .tflite with int8 activations, larq_landmarks.runtime ({kernels})"
+
+
 def reduced_precisions_here(kernels: str = "avx512") -> list:
     """The reduced float precisions that ``kernels`` run on this CPU."""
     from larq_landmarks.runtime import available_kernels
@@ -162,6 +166,7 @@ def speed(runs, rounds=3):
     cases = list(SPEED_CASES)
     for path in available_kernels():
         cases.append((f"binary .tflite, larq_landmarks.runtime ({path})", f"runtime-{path}", "binary"))
+        cases.append((int8_file_case(path), f"runtime-{path}", "int8"))
         cases += [(reduced_case(p, path), f"runtime-{path}-{p}", "binary") for p in reduced_precisions_here(path)
                   if path == "avx512" or p == "int8"]
         if path == "avx2" and kernel_paths.int8_vnni(kernel_paths.load(path)):
@@ -479,6 +484,41 @@ def int8_check(trained_path, faces):
     return result
 
 
+def int8_file_check(trained_path, faces):
+    """The trained model's calibrated int8 file (``int8_check``'s: the same crops) run three ways:
+    LCE's interpreter with TFLite's own int8 kernels, LCE's interpreter with XNNPACK's, and this
+    runtime: NME (box) each, and how many output values and landmarks each two of them share."""
+    from larq_landmarks import evaluation
+    from larq_landmarks.runtime import Engine
+
+    model = tf.keras.models.load_model(trained_path)
+    size = export.last_stack(model).input_shape[1]
+    result = {"model": trained_path, "input_size": size, "faces": faces, "engines": {}}
+    heatmaps, points = {}, {}
+    with tempfile.TemporaryDirectory() as folder:  # evaluate_landmarks reads the test images from it
+        columns, crops = {}, {}
+        for name, seed, count in (("test", 123, faces), ("calibration", 7, min(faces, 32))):
+            columns[name], crops[name] = _synthetic_crops(folder, name, count, seed, size)
+        flatbuffer = export.convert(model, int8_calibration=crops["calibration"])
+        engine = Engine(flatbuffer)
+        result["kernels"] = engine.kernels
+        runs = {"lce": export.interpreter(flatbuffer).predict,
+                "lce_xnnpack": export.interpreter(flatbuffer, use_xnnpack=True).predict, "runtime": engine.predict}
+        for name, predict in runs.items():
+            def one_at_a_time(images, predict=predict):
+                return np.concatenate([predict(images[i:i + 1]) for i in range(len(images))])
+
+            heatmaps[name] = one_at_a_time(crops["test"])
+            points[name] = hm.heatmap_to_input(hm.decode_heatmaps(heatmaps[name])[0]).numpy()
+            nme = evaluation.evaluate_landmarks(one_at_a_time, columns["test"], "face", size)["tables"]["NME"]["NME box %"]
+            result["engines"][name] = {"nme_box": float(nme)}
+    for a, b in (("runtime", "lce_xnnpack"), ("runtime", "lce"), ("lce_xnnpack", "lce")):
+        moved = np.linalg.norm(points[a] - points[b], axis=-1)
+        result[f"{a}_vs_{b}"] = {"equal_values": float(np.mean(heatmaps[a] == heatmaps[b])),
+                                 "within_0.5px": float(np.mean(moved <= 0.5)), "max_moved_px": float(moved.max())}
+    return result
+
+
 def int8_fine_tune_check(trained_path, faces, seeds=(1, 2, 3), steps=300, learning_rate=2e-5, train_faces=400):
     """Quantisation-aware fine-tuning (``quantization.int8_fine_tune``) of the trained model at
     ``trained_path`` against the same fine-tuning with float activations (plain ``fit``): ``steps``
@@ -644,8 +684,9 @@ def main():
                         help="comma-separated: compression (sizes, int8), speed (engines, layers, breakdown), "
                         "float (the float convolutions against this core's FMA limit), precision (how far "
                         "float_precision='bfloat16' and 'int8' move --trained's landmarks; with speed's figures), "
-                        "batch (the CPU engine's batches run a few images at a time against all at once), crops "
-                        "(the Predictor's crops in C++ against NumPy)")
+                        "int8file (--trained's int8 file on LCE's interpreter, with and without XNNPACK, and on "
+                        "this runtime), batch (the CPU engine's batches run a few images at a time against all at "
+                        "once), crops (the Predictor's crops in C++ against NumPy)")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--json", default="docs/benchmark_export.json")
     args = parser.parse_args()
@@ -672,6 +713,10 @@ def main():
         if not args.trained:
             parser.error("--parts precision needs --trained (a trained .keras model)")
         result["precision"] = precision_check(args.trained, args.faces)
+    if "int8file" in parts:
+        if not args.trained:
+            parser.error("--parts int8file needs --trained (a trained .keras model)")
+        result["int8_file"] = int8_file_check(args.trained, args.faces)
     with atomic_path(args.json) as temporary, open(temporary, "w") as f:
         json.dump(result, f, indent=2)
     if "compression" in parts:
@@ -680,10 +725,55 @@ def main():
         write_speed_markdown(args, result)
     if ("speed" in parts or "precision" in parts) and "precision" in result:
         write_precision_markdown(args, result)
+    if ("speed" in parts or "int8file" in parts) and "int8_file" in result:
+        write_int8_file_markdown(args, result)
     if "batch" in parts:
         write_batch_markdown(args, result)
     if "crops" in parts:
         write_crops_markdown(args, result)
+
+
+def write_int8_file_markdown(args, result):
+    q = result["int8_file"]
+    names = {"lce": "LCE's interpreter (TFLite's int8 kernels)", "lce_xnnpack": "LCE's interpreter with XNNPACK",
+             "runtime": f"larq_landmarks.runtime ({q['kernels']})"}
+    speed = {r["model"]: r["ms"] for r in result.get("speed", []) if r["threads"] == 1}
+    float_ms = speed.get("float32 .tflite, TFLite interpreter (XNNPACK)")
+    ms = {"lce_xnnpack": speed.get("binary .tflite with int8 activations, LCE interpreter, indirect BGEMM + XNNPACK"),
+          "runtime": speed.get(int8_file_case(q["kernels"]))}
+    binary_ms = speed.get(f"binary .tflite, larq_landmarks.runtime ({q['kernels']})")
+    lines = [
+        "## int8 files on this runtime", "",
+        f"Command: `python scripts/benchmark_export.py --parts int8file --trained {q['model']} --faces {q['faces']}` "
+        "(speed: the speed table above). The runtime runs a file with int8 activations (`export.convert(..., "
+        "int8_calibration=...)`) in its own int8 arithmetic: each int8 tensor held as its codes, each op "
+        "requantising as TFLite's reference kernels define it (tests/test_runtime_int8.py checks every op against "
+        "that arithmetic written out in NumPy), the batch norms before the binary layers folded into exact "
+        "per-channel thresholds, the int8 convolutions on the int8 kernels. The trained model's calibrated int8 file "
+        f"(the int8 table's) on {q['faces']} synthetic faces, three ways:", "",
+        "| engine | NME (box) |", "|---|---:|",
+    ]
+    for key in ("runtime", "lce_xnnpack", "lce"):
+        lines.append(f"| {names[key]} | {q['engines'][key]['nme_box']:.3f}% |")
+    lines += ["", "| compared | output values equal | landmarks within 0.5 px | largest move (px) |", "|---|---:|---:|---:|"]
+    for pair, label in (("runtime_vs_lce_xnnpack", "runtime / LCE with XNNPACK"), ("runtime_vs_lce", "runtime / LCE"),
+                        ("lce_xnnpack_vs_lce", "LCE with XNNPACK / LCE")):
+        m = q[pair]
+        lines.append(f"| {label} | {m['equal_values']:.2%} | {m['within_0.5px']:.1%} | {m['max_moved_px']:.2f} |")
+    lines += ["", "The runtime gives XNNPACK's results (the rest: values within a rounding of a tie, which the two "
+              "round differently). TFLite's own int8 kernels, which LCE's interpreter runs without XNNPACK, round "
+              "values within about 0.005 of a tie otherwise (tests/test_runtime_int8.py's per-op comparison), "
+              "and through the binary layers' signs that moves most values: as far from XNNPACK's results as from "
+              "the runtime's, with the same error. Neither is the wrong one; no two int8 implementations agree "
+              "bit for bit."]
+    if ms["runtime"] and float_ms:
+        lines += ["", f"Speed (1 thread, the speed table): the runtime runs the default model's int8 file in "
+                  f"{ms['runtime']} ms ({float_ms / ms['runtime']:.1f}x float32 XNNPACK; the binary float file "
+                  f"{binary_ms} ms), LCE's interpreter with XNNPACK in {ms['lce_xnnpack']} ms. The int8 file is "
+                  "slower than the float-activation file here: its ops requantise, and are not fused into the "
+                  "binary convolutions as the float file's are; it is for LCE's int8 kernels on ARM, and this "
+                  "runs it on x86-64 at the runtime's speed."]
+    replace_markdown_section(args.out, "\n".join(lines) + "\n", "## int8 files on this runtime")
 
 
 def write_precision_markdown(args, result):

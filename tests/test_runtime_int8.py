@@ -214,25 +214,45 @@ def _landmarks(heat):
     return hm.heatmap_to_input(hm.decode_heatmaps(heat)[0]).numpy()
 
 
-def test_int8_file_runs_as_lce_with_xnnpack_runs_it():
-    """A named binary network's int8 file: the runtime against LCE's interpreter with XNNPACK's
-    int8 kernels: almost every output value the same, landmarks within half a pixel. (Without
-    XNNPACK, TFLite's own int8 kernels round values within 0.005 of a tie otherwise; through the
-    binary layers' signs that moves most values, as it moves them from XNNPACK's: docs/benchmarks.md.)"""
+@pytest.fixture(scope="module")
+def hpm_int8_file():
+    """A named binary network's int8 file (channel counts not multiples of 32)."""
     tf.keras.utils.set_random_seed(0)
     model = trained_like_batch_norm(models.build_named("binary_hpm", 16, input_size=64, width=48, depth=2))
     calibration = np.random.default_rng(1).uniform(size=(8, 64, 64, 3)).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        flatbuffer = export.convert(model, int8_calibration=calibration)
+        return export.convert(model, int8_calibration=calibration)
+
+
+def test_int8_file_runs_as_lce_with_xnnpack_runs_it(hpm_int8_file):
+    """The runtime against LCE's interpreter with XNNPACK's int8 kernels: almost every output value
+    the same, landmarks within half a pixel. (Without XNNPACK, TFLite's own int8 kernels round
+    values within 0.005 of a tie otherwise; through the binary layers' signs that moves most values,
+    as it moves them from XNNPACK's: docs/benchmarks.md.)"""
     images = np.random.default_rng(2).uniform(size=(4, 64, 64, 3)).astype(np.float32)
-    xnnpack = export.interpreter(flatbuffer, use_xnnpack=True)
+    xnnpack = export.interpreter(hpm_int8_file, use_xnnpack=True)
     expected = np.concatenate([xnnpack.predict(images[i:i + 1]) for i in range(len(images))])
     for path in PATHS:
-        got = Engine(flatbuffer, kernels=path).predict(images)
+        got = Engine(hpm_int8_file, kernels=path).predict(images)
         assert np.mean(got == expected) >= 0.99, path
         moved = np.abs(_landmarks(got) - _landmarks(expected)).max(-1)
         assert np.mean(moved <= 0.5) >= 0.98, path
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_hpm_blocks_fused_give_the_unfused_plans_outputs(hpm_int8_file, path):
+    """In an int8 file's HPM blocks the binary convolutions round their int8 outputs themselves,
+    pack the next layer's bits from them (the batch norm between as its exact threshold) and write
+    them into their CONCATENATION: the outputs bit for bit those of the plan where each of those is
+    its own step."""
+    images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    fused, plain = Engine(hpm_int8_file, kernels=path), Engine(hpm_int8_file, kernels=path, fuse_blocks=False)
+    names, plain_names = ([name for name, _, _ in e.profile(images)] for e in (fused, plain))
+    assert {"LceBconv2d+LceQuantize+CONCATENATION", "LceBconv2d+CONCATENATION"} <= set(names)
+    assert "CONCATENATION" not in names and "CONCATENATION" in plain_names
+    assert len(plain_names) > len(names) + 10
+    np.testing.assert_array_equal(fused.predict(images), plain.predict(images))
 
 
 def test_int8_files_run_on_the_cpu_kernels_in_their_own_arithmetic_only(ops_file, monkeypatch):

@@ -153,9 +153,18 @@ def _packed_quantizes(graph: Graph, fused: dict, producers: dict) -> dict:
         source, multiplier, bias = fused[op.index][:3] if op.index in fused else (op.inputs[0], None, None)
         producer = producers.get(source)
         if producer is not None and producer.name == "LceBconv2d" and producer.index not in packs \
-                and graph.tensors[source].dtype == np.float32:
+                and graph.tensors[source].dtype in (np.float32, np.int8):
             packs[producer.index] = (op.outputs[0], multiplier, bias, op.index)
     return packs
+
+
+def _same_values(part, whole) -> bool:
+    """Whether a float32 or int8 tensor's values go into another unchanged (an int8 one in the same
+    scale and zero point)."""
+    if part.dtype != whole.dtype or part.dtype not in (np.float32, np.int8):
+        return False
+    return part.dtype == np.float32 or (part.quantization is not None and whole.quantization is not None and all(
+        np.array_equal(a, b) for a, b in zip(part.quantization, whole.quantization)))
 
 
 def _concatenated_outputs(graph: Graph, residuals: dict, folded: set, packs: dict, chains: dict,
@@ -180,7 +189,7 @@ def _concatenated_outputs(graph: Graph, residuals: dict, folded: set, packs: dic
         for tensor in op.inputs:
             writer = producers.get(tensor)
             if writer is None or writer.name != "LceBconv2d" or writer.index in parts or tensor in graph.outputs \
-                    or graph.tensors[tensor].dtype != np.float32:
+                    or not _same_values(graph.tensors[tensor], graph.tensors[target]):
                 break
             readers = {op.index}
             if writer.index in packs:
@@ -236,6 +245,12 @@ CPU_BATCH_BYTES = 8 << 20
 class Engine:
     """Runs a converted landmark model with the bit-packed runtime.
 
+    Files with float32 activations (``export.convert``) and with int8 ones (``export.convert(...,
+    int8_calibration=...)``, for LCE's int8 kernels on ARM) both run: an int8 file in its own int8
+    arithmetic, as TFLite's reference kernels and LCE's binary convolution define each op (XNNPACK's
+    int8 kernels, which LCE's interpreter takes with ``use_xnnpack=True``, give the same outputs but
+    for values within a rounding of a tie), on the CPU kernels.
+
     Args:
         model: path of a ``.tflite`` file, or its bytes.
         num_threads: threads the kernels split each op over. The kernels' threads are one pool per
@@ -259,7 +274,8 @@ class Engine:
             and writes its output into the channel CONCATENATION (+ ADD) that reads it, so that an
             HPM block's ops take no pass of their own (outputs bit-identical). False runs each of
             them as its own step, for comparisons.
-        float_precision: ``"float32"`` (the default: TFLite's and LCE's results) or
+        float_precision: for files with float32 activations: ``"float32"`` (the default: TFLite's
+            and LCE's results) or
             ``"bfloat16"``: the float convolutions (stem, skips, heads) multiply in bfloat16 and
             sum in float32, at twice the FMA's rate, on CPUs with AVX512_BF16 (AMD Zen 4 and
             newer, Intel Cooper Lake and Sapphire Rapids and newer; elsewhere an error). Outputs
@@ -370,8 +386,6 @@ class Engine:
                 raise UnsupportedModelError(
                     f"{graph.name}: operator {op.index} {op.name} is not supported by larq_landmarks.runtime; "
                     "run this file with LCE's interpreter (engine='lce')")
-        if self.int8_file:  # each op requantises its own output: none is folded into another
-            fuse_blocks = False
         # LceQuantize / CONV_2D index -> (source, multiplier, bias[, activation]): the batch norm before it
         fused, folded, chains = {}, set(), {}  # folded: ops done inside others; chains: which, per reader
         for op in graph.operators if self.int8_file else ():

@@ -174,17 +174,16 @@ def _requantizer(kernels, channels: int, scale, shift=0.0, op: int = 0, zero_poi
     channel, computed in float64, stored as float32), as ``run(a, out, b=None)``, to codes of an
     output with ``zero_point``, q clamped to ``q_range``. ``rounding``: ``"code"``, ``q = round(v) +
     zero point``, as TFLite's QUANTIZE, CONV_2D, ADD, MUL and RELU; ``"q"``, ``q = round(v + zero
-    point)``, as its AVERAGE_POOL_2D; ``"given q"``, v is q already (LCE's int8 binary convolution
-    output, its bias holding the zero point): ``q = round(v)``; None: ``out = v`` (DEQUANTIZE)."""
+    point)``, as its AVERAGE_POOL_2D (and LCE's int8 binary convolution output, which
+    ``binary_conv2d`` rounds itself); None: ``out = v`` (DEQUANTIZE)."""
     scale, shift = (_on_device(kernels, np.ascontiguousarray(np.broadcast_to(
         np.asarray(v, np.float64).astype(np.float32).reshape(-1), (channels,)))) for v in (scale, shift))
     none = _on_device(kernels, np.zeros(0, np.float32))
-    if rounding not in ("code", "q", "given q", None):
+    if rounding not in ("code", "q", None):
         raise ValueError(f"rounding={rounding!r}")
-    in_q = rounding in ("q", "given q")
-    add = float(zero_point) if rounding == "q" else 0.0
+    in_q = rounding == "q"
+    add = subtract = float(zero_point) if in_q else 0.0
     low, high = (float(v - (0 if in_q else zero_point)) for v in q_range)
-    subtract = float(zero_point) if in_q else 0.0
 
     def run(a, out, b=None):
         kernels.requantize(a, none if b is None else b, scale, shift, op, add, low, high, subtract, rounding is not None,
@@ -312,9 +311,10 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
             raise _unsupported(graph, op, f"fused activation {code}")
         low, high = max(ranges[code][0], -k_total), min(ranges[code][1], k_total)
         clamp = (-high + k_total, -low + k_total)
-    if (next_quantize is not None or into is not None) and (packed or codes is not None):
-        raise _unsupported(graph, op, "an LceQuantize or CONCATENATION fused after a bit-packed or int8 output")
-    rounding = None if codes is None else _requantizer(kernels, cout, 1.0, zero_point=codes[1], rounding="given q")
+    if (next_quantize is not None or into is not None) and packed:
+        raise _unsupported(graph, op, "an LceQuantize or CONCATENATION fused after a bit-packed output")
+    if codes is not None and into is not None and into[3] is not None:
+        raise _unsupported(graph, op, "an ADD fused after an int8 output")
     next_target, next_scale, next_shift = next_quantize if next_quantize is not None else (None, None, None)
     next_scale, next_shift = (_on_device(kernels, _per_channel(v, cout)) for v in (next_scale, next_shift))
     weights = kernels.prepare_binary_weights(filters)
@@ -325,7 +325,8 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
     dh, dw = int(o.get("dilation_height_factor", 1)), int(o.get("dilation_width_factor", 1))
     conv = kernels.binary_conv2d(weights, [cin, cout, fh, fw, sh, sw, dh, dw, int(o["pad_values"])],
                                  multiplier, bias, clamp[0], clamp[1], thresholds, weight_popcounts,
-                                 next_scale, next_shift, next_target is not None)
+                                 next_scale, next_shift, next_target is not None,
+                                 **({} if codes is None else {"output_zero_point": [float(codes[1])]}))
     source, target = op.inputs[0], op.outputs[0]
     shapes = {}  # input shape -> (output shape, padding before the first row and column)
 
@@ -348,8 +349,6 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
             next_bits = values[next_target] = values.alloc(shape[0][:-1] + ((cout + 31) // 32,), np.int32)
         if into is None and next_bits is None:
             conv(x, out, shape[1], shape[2])
-            if rounding is not None:
-                rounding(out, out)
         else:
             conv(x, out, shape[1], shape[2], next_bits, None if into is None else into[1],
                  None if into is None or into[3] is None else values[into[3]])

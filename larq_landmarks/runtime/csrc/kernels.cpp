@@ -618,11 +618,42 @@ struct BinaryConvCall {
   int32_t* next_bits;
   const float* next_scale;
   const float* next_shift;
+  // int8 output (LCE's: its bias holds the zero point): the float output is q rounded to the int8
+  // range, less the zero point (the code the runtime holds); next_bits read that
+  bool codes = false;
+  float code_zero = 0.0f;
 };
 
 // a * b rounded to a float before anything is added to it: the asm hides the product, which the
 // compiler would otherwise contract with a following add into one FMA (GCC's -ffp-contract=fast),
 // so that the bits a convolution packs for the next layer are those a separate LceQuantize packs.
+// An int8 tensor's value rounded as TFLite rounds (half away from zero) within [lo, hi]: clamped
+// first (a NaN becomes hi), so that the conversions towards zero are exact, then the whole part plus
+// the whole part of twice the rest (-1, 0 or 1). The vector forms compute the same, lane by lane.
+static inline float rounded(float v, float lo, float hi) {
+  v = v < hi ? v : hi;
+  v = v > lo ? v : lo;
+  const float whole = static_cast<float>(static_cast<int32_t>(v));
+  const float rest = v - whole;
+  return whole + static_cast<float>(static_cast<int32_t>(rest + rest));
+}
+#if defined(__AVX512F__)
+static inline __m512 rounded(__m512 v, float lo, float hi) {  // v finite
+  v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(hi)), _mm512_set1_ps(lo));
+  const __m512 whole = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(v));
+  const __m512 rest = _mm512_sub_ps(v, whole);
+  return _mm512_add_ps(whole, _mm512_cvtepi32_ps(_mm512_cvttps_epi32(_mm512_add_ps(rest, rest))));
+}
+#endif
+#if defined(__AVX2__)
+static inline __m256 rounded(__m256 v, float lo, float hi) {  // v finite
+  v = _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(hi)), _mm256_set1_ps(lo));
+  const __m256 whole = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(v));
+  const __m256 rest = _mm256_sub_ps(v, whole);
+  return _mm256_add_ps(whole, _mm256_cvtepi32_ps(_mm256_cvttps_epi32(_mm256_add_ps(rest, rest))));
+}
+#endif
+
 template <typename T>
 static inline T rounded_product(T a, T b) {
   T product = a * b;
@@ -703,7 +734,8 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
       if (p >= count) break;
       __m512i v = a[p][j];
       if (c.clamped) v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(v, 1), lo), hi);
-      const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), mul, add);
+      __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), mul, add);
+      if (c.codes) y = _mm512_sub_ps(rounded(y, -128.0f, 127.0f), _mm512_set1_ps(c.code_zero));
       const __m512 stored = residual ? _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[j], residual + p * c.out_stride)) : y;
       if (mask[j] == 0xffffu)
         _mm512_storeu_ps(out + p * c.out_stride, stored);
@@ -797,8 +829,9 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
         for (; ch + 8 <= c_end; ch += 8) {
           __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[p] + ch - c0));
           if (c.clamped) v = _mm256_min_epi32(_mm256_max_epi32(_mm256_slli_epi32(v, 1), lo), hi);
-          const __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(c.multiplier + ch),
-                                           _mm256_loadu_ps(c.bias + ch));
+          __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(c.multiplier + ch),
+                                     _mm256_loadu_ps(c.bias + ch));
+          if (c.codes) y = _mm256_sub_ps(rounded(y, -128.0f, 127.0f), _mm256_set1_ps(c.code_zero));
           _mm256_storeu_ps(o + ch, r ? _mm256_add_ps(y, _mm256_loadu_ps(r + ch)) : y);
           if (bits) {
             __m256 q = c.next_scale ? rounded_product(y, _mm256_loadu_ps(c.next_scale + ch)) : y;
@@ -812,7 +845,8 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
         for (; ch < c_end; ++ch) {
           const int32_t a = acc[p][ch - c0];
           const int32_t v = c.clamped ? std::min(std::max(a * 2, c.clamp_min), c.clamp_max) : a;
-          const float y = static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
+          float y = static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
+          if (c.codes) y = rounded(y, -128.0f, 127.0f) - c.code_zero;
           o[ch] = r ? y + r[ch] : y;
           if (bits) {  // from the convolution's output, as the LceQuantize reads it
             float q = c.next_scale ? rounded_product(y, c.next_scale[ch]) : y;
@@ -863,6 +897,8 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
 // pack_next (float output): a call also writes next_bits, the bits of the LceQuantize that reads
 // out, bit = out * next_scale[c] + next_shift[c] < 0 (a batch norm folded in; each may be empty),
 // rounded as the separate ops round: that LceQuantize's pass over the output is saved.
+// output_zero_point (one value: an int8 output, its multiplier and bias LCE's for it): the output
+// is q = round(out) clamped to [-128, 127], less that zero point (the runtime's int8 codes).
 // channel_offset (not None), residual (float output): the output is the part of a channel
 // CONCATENATION at channels channel_offset .. + channels_out of `output` (which may be wider),
 // with the ADD that follows it fused in where residual is given (out + residual, residual shaped
@@ -875,9 +911,11 @@ class BinaryConv2D {
  public:
   BinaryConv2D(Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier, Array<float> bias,
                int clamp_min, int clamp_max, Array<int32_t> thresholds, Array<int32_t> weight_popcounts,
-               Array<float> next_scale, Array<float> next_shift, bool pack_next)
+               Array<float> next_scale, Array<float> next_shift, bool pack_next,
+               std::vector<float> output_zero_point = {})
       : weights_(weights), bias_(bias), thresholds_(thresholds), weight_popcounts_(weight_popcounts),
-        next_scale_(next_scale), next_shift_(next_shift), pack_next_(pack_next) {
+        next_scale_(next_scale), next_shift_(next_shift), pack_next_(pack_next),
+        codes_(!output_zero_point.empty()), code_zero_(codes_ ? output_zero_point[0] : 0.0f) {
     if (geometry.size() != 9) throw std::invalid_argument("binary_conv2d: geometry needs 9 numbers");
     g_ = BinaryConv{geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
                     geometry[6], geometry[7], 0, 0, geometry[8]};
@@ -896,6 +934,8 @@ class BinaryConv2D {
                 : (multiplier.size() != g_.channels_out || bias.size() != g_.channels_out))
       throw std::invalid_argument("binary_conv2d: thresholds, or multiplier and bias, need channels_out values");
     if (pack_next && packed_) throw std::invalid_argument("binary_conv2d: pack_next needs a float output");
+    if (codes_ && (packed_ || output_zero_point.size() != 1))
+      throw std::invalid_argument("binary_conv2d: output_zero_point (int8 output) needs one value and a float output");
     if ((next_scale.size() != 0 && next_scale.size() != g_.channels_out) ||
         (next_shift.size() != 0 && next_shift.size() != g_.channels_out))
       throw std::invalid_argument("binary_conv2d: next_scale and next_shift need channels_out values or none");
@@ -977,6 +1017,9 @@ class BinaryConv2D {
     c.clamp_min = clamp_min_;
     c.clamp_max = clamp_max_;
     c.clamped = clamped_;
+    c.codes = codes_;
+    c.code_zero = code_zero_;
+    if (codes_ && c.residual) throw std::invalid_argument("binary_conv2d: no residual for an int8 output");
     c.multiplier = packed_ ? nullptr : multiplier_.data();
     c.bias = packed_ ? nullptr : bias_.data();
     // the padded input: rows [pad_top, pad_top + height) and columns [pad_left, pad_left + width)
@@ -1033,6 +1076,8 @@ class BinaryConv2D {
   Array<int32_t> thresholds_, weight_popcounts_;
   Array<float> next_scale_, next_shift_;
   bool pack_next_;
+  bool codes_;  // int8 output: BinaryConvCall::codes
+  float code_zero_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -2214,14 +2259,6 @@ static void binary_elementwise(Array<float> a, Array<float> b, int op, float lo,
 // point, subtract it after) or the code is rounded, as each TFLite or LCE op does; lo and hi the
 // range of what is rounded. round false: out = v (DEQUANTIZE). Products then sums, each rounded
 // to float32 (no FMA), on every kernel path alike; a NaN becomes hi.
-static inline float rounded(float v, float lo, float hi) {
-  v = v < hi ? v : hi;  // lo <= v <= hi first: the conversions towards zero below are exact
-  v = v > lo ? v : lo;
-  const float whole = static_cast<float>(static_cast<int32_t>(v));
-  const float rest = v - whole;
-  return whole + static_cast<float>(static_cast<int32_t>(rest + rest));  // twice the rest: -1, 0 or 1
-}
-
 template <int OP, bool ROUND>
 __attribute__((optimize("O3", "no-math-errno", "fp-contract=off")))
 static void requantize_rows(const float* __restrict x, const float* __restrict y, const float* __restrict s,
@@ -2555,13 +2592,13 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("binary_conv2d", [](Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier,
                             Array<float> bias, int clamp_min, int clamp_max, Array<int32_t> thresholds,
                             Array<int32_t> weight_popcounts, Array<float> next_scale, Array<float> next_shift,
-                            bool pack_next) {
+                            bool pack_next, std::vector<float> output_zero_point) {
     return BinaryConv2D(weights, geometry, multiplier, bias, clamp_min, clamp_max, thresholds, weight_popcounts,
-                        next_scale, next_shift, pack_next);
+                        next_scale, next_shift, pack_next, output_zero_point);
   }, py::arg("weights"), py::arg("geometry"), py::arg("multiplier"), py::arg("bias"), py::arg("clamp_min"),
         py::arg("clamp_max"), py::arg("thresholds"), py::arg("weight_popcounts"),
         py::arg("next_scale") = py::array_t<float>(0), py::arg("next_shift") = py::array_t<float>(0),
-        py::arg("pack_next") = false);
+        py::arg("pack_next") = false, py::arg("output_zero_point") = std::vector<float>());
   m.def("prepare_float_weights", &prepare_float_weights);
   m.def("conv2d", &conv2d, py::arg("input"), py::arg("weights"),
         py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
