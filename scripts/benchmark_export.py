@@ -760,19 +760,22 @@ def write_int8_file_markdown(args, result):
                         ("lce_xnnpack_vs_lce", "LCE with XNNPACK / LCE")):
         m = q[pair]
         lines.append(f"| {label} | {m['equal_values']:.2%} | {m['within_0.5px']:.1%} | {m['max_moved_px']:.2f} |")
-    lines += ["", "The runtime gives XNNPACK's results (the rest: values within a rounding of a tie, which the two "
-              "round differently). TFLite's own int8 kernels, which LCE's interpreter runs without XNNPACK, round "
-              "values within about 0.005 of a tie otherwise (tests/test_runtime_int8.py's per-op comparison), "
-              "and through the binary layers' signs that moves most values: as far from XNNPACK's results as from "
-              "the runtime's, with the same error. Neither is the wrong one; no two int8 implementations agree "
-              "bit for bit."]
+    lines += ["", "The runtime gives XNNPACK's results but for values within a rounding of a tie, which the two "
+              "round differently, and what those change through the binary layers' signs. TFLite's own int8 "
+              "kernels, which LCE's interpreter runs without XNNPACK, differ from both more (measured on "
+              "one-op files: their CONV_2D and MUL round values up to about 0.005 from a tie the other way, "
+              "0.05-0.4% of the values, where the runtime's are TFLite's definition computed exactly); through "
+              "the binary layers' signs that moves most output values, and the landmarks as the int8 "
+              "activations themselves do, at the same error. No two int8 implementations agree bit for bit; "
+              "what an int8 file scores depends on the kernels that run it by about this much."]
     if ms["runtime"] and float_ms:
         lines += ["", f"Speed (1 thread, the speed table): the runtime runs the default model's int8 file in "
                   f"{ms['runtime']} ms ({float_ms / ms['runtime']:.1f}x float32 XNNPACK; the binary float file "
-                  f"{binary_ms} ms), LCE's interpreter with XNNPACK in {ms['lce_xnnpack']} ms. The int8 file is "
-                  "slower than the float-activation file here: its ops requantise, and are not fused into the "
-                  "binary convolutions as the float file's are; it is for LCE's int8 kernels on ARM, and this "
-                  "runs it on x86-64 at the runtime's speed."]
+                  f"{binary_ms} ms), LCE's interpreter with XNNPACK in {ms['lce_xnnpack']} ms "
+                  f"({ms['lce_xnnpack'] / ms['runtime']:.1f}x the runtime's time). Its float convolutions run in "
+                  "int8 (exactly), but its residual ADDs and max pools requantise in passes of their own, which "
+                  "the float file's convolutions do in theirs: no faster than the float file here. The file is "
+                  "for LCE's int8 kernels on ARM; this runs the same file on x86-64 at the runtime's speed."]
     replace_markdown_section(args.out, "\n".join(lines) + "\n", "## int8 files on this runtime")
 
 
@@ -879,6 +882,8 @@ def write_compression_markdown(args, result):
             lines.append(f"| {label} | {m['bytes']:,} | {m['nme_box']:.3f}% | {m['within_0.5px']:.1%} | "
                          f"{m['median_moved_px']:.2f} / {m['max_moved_px']:.2f} |")
         float_ms, int8_ms = speed.get("lce-indirect-bgemm"), speed.get("lce-int8-indirect-bgemm")
+        runtime_ms = next((r["ms"] for r in result.get("speed", []) if r["threads"] == 1
+                           and r["model"] == int8_file_case(r["engine"].split("-")[1])), None)  # the fastest path's
         runtime = result.get("precision", {}).get("precisions", {})
         compared = (f" (the runtime's int8 float convolutions, which quantise only the convolutions' inputs, each "
                     f"1x1 input pixel with its own range, and keep every other activation float32: "
@@ -888,8 +893,10 @@ def write_compression_markdown(args, result):
                   f"float-activation file's and NME (box) moves by {q['int8']['nme_box'] - q['float']['nme_box']:+.3f} "
                   f"points{compared}; LCE's default range moves them by pixels. "
                   + (f"On this x86-64 CPU LCE's interpreter (indirect BGEMM + XNNPACK, 1 thread) runs the default "
-                     f"model's int8 file in {int8_ms} ms against {float_ms} ms (speed table); LCE's int8 kernels "
-                     "are for ARM, where it is meant to run: not measured here." if float_ms and int8_ms else ""), ""]
+                     f"model's int8 file in {int8_ms} ms against {float_ms} ms (speed table)"
+                     + (f", this package's runtime in {runtime_ms} ms (\"int8 files on this runtime\")" if runtime_ms else "")
+                     + "; LCE's int8 kernels are for ARM, where it is meant to run: not measured here."
+                     if float_ms and int8_ms else ""), ""]
     if "int8_fine_tune" in result:
         lines += fine_tune_markdown(result["int8_fine_tune"])
     section = "\n".join(lines) + "\n"
