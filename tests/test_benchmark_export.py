@@ -142,3 +142,31 @@ def test_int8_fine_tune_table_puts_both_fine_tunings_files_side_by_side():
            "float-fine-tuned seed's) and +0.050 from the float-activation file before fine-tuning" in text
     check["int8_aware"][0]["int8"] = 4.73
     assert "(every seed's not below every float-fine-tuned seed's)" in "\n".join(script.fine_tune_markdown(check))
+
+
+def test_int8_file_section_compares_the_three_engines_and_takes_the_speed_tables_times(tmp_path):
+    """--parts int8file's section: each engine's NME, each pair's agreement, and the speed table's
+    times for the runtime on the int8 file, the float files and LCE on the int8 file."""
+    script = _script()
+    pair = {"equal_values": 0.9917, "within_0.5px": 0.997, "max_moved_px": 3.61}
+    check = {"model": "runs/demo/model.keras", "input_size": 64, "faces": 256, "kernels": "avx512",
+             "engines": {"runtime": {"nme_box": 4.703}, "lce_xnnpack": {"nme_box": 4.704}, "lce": {"nme_box": 4.71}},
+             "runtime_vs_lce_xnnpack": pair, "runtime_vs_lce": dict(pair, equal_values=0.1019),
+             "lce_xnnpack_vs_lce": dict(pair, equal_values=0.1018)}
+    speed = [{"model": "float32 .tflite, TFLite interpreter (XNNPACK)", "engine": "tflite-xnnpack", "threads": 1, "ms": 73.9},
+             {"model": "binary .tflite with int8 activations, LCE interpreter, indirect BGEMM + XNNPACK",
+              "engine": "lce-int8-indirect-bgemm", "threads": 1, "ms": 73.5},
+             {"model": "binary .tflite, larq_landmarks.runtime (avx512)", "engine": "runtime-avx512", "threads": 1,
+              "ms": 12.3},
+             {"model": script.int8_file_case("avx512"), "engine": "runtime-avx512", "threads": 1, "ms": 12.6},
+             {"model": script.int8_file_case("avx512"), "engine": "runtime-avx512", "threads": 2, "ms": 7.3}]
+    out = tmp_path / "benchmarks.md"
+    script.write_int8_file_markdown(type("Args", (), {"out": str(out)})(), {"int8_file": check, "speed": speed})
+    text = out.read_text()
+    assert "`python scripts/benchmark_export.py --parts int8file --trained runs/demo/model.keras --faces 256`" in text
+    assert "| larq_landmarks.runtime (avx512) | 4.703% |" in text and "| LCE's interpreter with XNNPACK | 4.704% |" in text
+    assert "| LCE's interpreter (TFLite's int8 kernels) | 4.710% |" in text
+    assert "| runtime / LCE with XNNPACK | 99.17% | 99.7% | 3.61 |" in text
+    assert "| runtime / LCE | 10.19% | 99.7% | 3.61 |" in text
+    assert "int8 file in 12.6 ms (5.9x float32 XNNPACK; the binary float file 12.3 ms), LCE's interpreter with " \
+           "XNNPACK in 73.5 ms (5.8x the runtime's time)" in text
