@@ -764,7 +764,9 @@ def write_int8_file_markdown(args, result):
               "round differently, and what those change through the binary layers' signs. TFLite's own int8 "
               "kernels, which LCE's interpreter runs without XNNPACK, differ from both more (measured on "
               "one-op files: their CONV_2D and MUL round values up to about 0.005 from a tie the other way, "
-              "0.05-0.4% of the values, where the runtime's are TFLite's definition computed exactly); through "
+              "0.05-0.4% of the values, where the runtime's are TFLite's definition computed exactly, and their "
+              "AVERAGE_POOL_2D after a CONV_2D 42% of its values otherwise, where XNNPACK and the runtime agree "
+              "on all); through "
               "the binary layers' signs that moves most output values, and the landmarks as the int8 "
               "activations themselves do, at the same error. No two int8 implementations agree bit for bit; "
               "what an int8 file scores depends on the kernels that run it by about this much."]
