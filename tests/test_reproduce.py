@@ -94,8 +94,13 @@ def test_recipe_table_takes_means_over_seeds_and_compares_with_the_real_twin():
 
     class Args:
         small = True
+        dtype_policy = "float32"
 
     page = reproduce.recipe_markdown(results, [0, 1], Args())
+    assert "`python scripts/reproduce.py recipe --small --seeds 2`" in page
+    Args.dtype_policy = "mixed_bfloat16"
+    assert "`python scripts/reproduce.py recipe --small --dtype-policy mixed_bfloat16 --seeds 2`" in \
+        reproduce.recipe_markdown(results, [0, 1], Args())
     assert "| binary, Adam, step decay | 44.00 | 46.00 | 45.00 |" in page
     assert "the binary net is 10.00 points behind" in page  # 55.00 - 45.00
     assert "the binary net is 1.30x its error" in page  # 13.00 / 10.00
@@ -114,3 +119,23 @@ def test_recipe_ablation_runs_small_with_a_distilled_row(tmp_path):
         assert set(rows) == {"real twin, Adam, step decay", "binary, Adam, step decay, distilled"}
         assert all(len(r) == 1 and r[0]["steps"] == 4 for r in rows.values())
     assert "Best binary" in (out / "recipe.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_configuration_trains_under_the_dtype_policy_asked_for(tmp_path):
+    """--dtype-policy mixed_bfloat16: the network is built under it (its layers compute in bfloat16,
+    its heatmaps stay float32), trains, and is scored; the process's policy is float32 after."""
+    import tensorflow as tf
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import reproduce
+    from larq_landmarks.datasets import writers
+
+    writers.write_layout(str(tmp_path), 16, 8, 0)
+    settings = dict(reproduce.SMALL, overrides={"width": 16, "depth": 1}, batch_size=4, dtype_policy="mixed_bfloat16")
+    run = reproduce.run_config("binary_hpm", reproduce.EXPERIMENTS["pooling"], str(tmp_path), settings, 2, 1, 0,
+                               keep_model=True)
+    model = run["model"]
+    assert {layer.compute_dtype for layer in model.layers if layer.name.endswith("_bconv")} == {"bfloat16"}
+    assert model.output.dtype == tf.float32 and tf.keras.mixed_precision.global_policy().name == "float32"
+    assert 0 <= run["tables"]["PCKh@0.5 %"]["Mean"] <= 100 and run["steps"] == 2
