@@ -269,7 +269,7 @@ def test_int8_hpm_blocks_fused_give_the_unfused_plans_outputs(hpm_int8_file, pat
     """In an int8 file's HPM blocks the binary convolutions round their int8 outputs themselves,
     pack the next layer's bits from them (the batch norm between as its exact threshold) and write
     them into their CONCATENATION: the outputs bit for bit those of the plan where each of those is
-    its own step."""
+    its own step, and of two threads."""
     images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     fused, plain = Engine(hpm_int8_file, kernels=path), Engine(hpm_int8_file, kernels=path, fuse_blocks=False)
     names, plain_names = ([name for name, _, _ in e.profile(images)] for e in (fused, plain))
@@ -277,6 +277,8 @@ def test_int8_hpm_blocks_fused_give_the_unfused_plans_outputs(hpm_int8_file, pat
     assert "CONCATENATION" not in names and "CONCATENATION" in plain_names
     assert len(plain_names) > len(names) + 10
     np.testing.assert_array_equal(fused.predict(images), plain.predict(images))
+    threads = Engine(hpm_int8_file, kernels=path, num_threads=2)  # rows split between threads: the same
+    np.testing.assert_array_equal(threads.predict(images), fused.predict(images))
 
 
 def test_int8_files_run_on_the_cpu_kernels_in_their_own_arithmetic_only(ops_file, monkeypatch):
