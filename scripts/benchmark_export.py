@@ -487,7 +487,8 @@ def int8_check(trained_path, faces):
 def int8_file_check(trained_path, faces):
     """The trained model's calibrated int8 file (``int8_check``'s: the same crops) run three ways:
     LCE's interpreter with TFLite's own int8 kernels, LCE's interpreter with XNNPACK's, and this
-    runtime: NME (box) each, and how many output values and landmarks each two of them share."""
+    runtime: NME (box) each, and how many output values and landmarks each two of them share; and
+    the runtime on the float-activation file, for reference."""
     from larq_landmarks import evaluation
     from larq_landmarks.runtime import Engine
 
@@ -503,7 +504,8 @@ def int8_file_check(trained_path, faces):
         engine = Engine(flatbuffer)
         result["kernels"] = engine.kernels
         runs = {"lce": export.interpreter(flatbuffer).predict,
-                "lce_xnnpack": export.interpreter(flatbuffer, use_xnnpack=True).predict, "runtime": engine.predict}
+                "lce_xnnpack": export.interpreter(flatbuffer, use_xnnpack=True).predict, "runtime": engine.predict,
+                "runtime_float_file": Engine(export.convert(model)).predict}
         for name, predict in runs.items():
             def one_at_a_time(images, predict=predict):
                 return np.concatenate([predict(images[i:i + 1]) for i in range(len(images))])
@@ -755,6 +757,9 @@ def write_int8_file_markdown(args, result):
     ]
     for key in ("runtime", "lce_xnnpack", "lce"):
         lines.append(f"| {names[key]} | {q['engines'][key]['nme_box']:.3f}% |")
+    if "runtime_float_file" in q["engines"]:
+        lines.append(f"| (the float-activation file, {names['runtime']}) | "
+                     f"{q['engines']['runtime_float_file']['nme_box']:.3f}% |")
     lines += ["", "| compared | output values equal | landmarks within 0.5 px | largest move (px) |", "|---|---:|---:|---:|"]
     for pair, label in (("runtime_vs_lce_xnnpack", "runtime / LCE with XNNPACK"), ("runtime_vs_lce", "runtime / LCE"),
                         ("lce_xnnpack_vs_lce", "LCE with XNNPACK / LCE")):

@@ -150,7 +150,8 @@ def test_int8_file_section_compares_the_three_engines_and_takes_the_speed_tables
     script = _script()
     pair = {"equal_values": 0.9917, "within_0.5px": 0.997, "max_moved_px": 3.61}
     check = {"model": "runs/demo/model.keras", "input_size": 64, "faces": 256, "kernels": "avx512",
-             "engines": {"runtime": {"nme_box": 4.703}, "lce_xnnpack": {"nme_box": 4.704}, "lce": {"nme_box": 4.71}},
+             "engines": {"runtime": {"nme_box": 4.703}, "lce_xnnpack": {"nme_box": 4.704}, "lce": {"nme_box": 4.71},
+                         "runtime_float_file": {"nme_box": 4.659}},
              "runtime_vs_lce_xnnpack": pair, "runtime_vs_lce": dict(pair, equal_values=0.1019),
              "lce_xnnpack_vs_lce": dict(pair, equal_values=0.1018)}
     speed = [{"model": "float32 .tflite, TFLite interpreter (XNNPACK)", "engine": "tflite-xnnpack", "threads": 1, "ms": 73.9},
@@ -166,6 +167,7 @@ def test_int8_file_section_compares_the_three_engines_and_takes_the_speed_tables
     assert "`python scripts/benchmark_export.py --parts int8file --trained runs/demo/model.keras --faces 256`" in text
     assert "| larq_landmarks.runtime (avx512) | 4.703% |" in text and "| LCE's interpreter with XNNPACK | 4.704% |" in text
     assert "| LCE's interpreter (TFLite's int8 kernels) | 4.710% |" in text
+    assert "| (the float-activation file, larq_landmarks.runtime (avx512)) | 4.659% |" in text
     assert "| runtime / LCE with XNNPACK | 99.17% | 99.7% | 3.61 |" in text
     assert "| runtime / LCE | 10.19% | 99.7% | 3.61 |" in text
     assert "int8 file in 12.6 ms (5.9x float32 XNNPACK; the binary float file 12.3 ms), LCE's interpreter with " \
