@@ -29,7 +29,8 @@ class Tensor:
     dtype: Any  # numpy dtype
     data: Optional[np.ndarray]  # constant values, or None for activations
     # an int8 or int32 tensor's quantisation: (scales, zero points), one each or one per slice of
-    # axis 0 (a CONV_2D's int8 weights and int32 bias); None where the file gives none
+    # axis 0 (a CONV_2D's int8 weights and int32 bias); None where the file gives none, or gives
+    # them along another axis (no op the runtime runs takes that)
     quantization: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
 
@@ -182,10 +183,7 @@ def read_graph(flatbuffer: bytes, name: str = "model") -> Graph:
                 data = buffer.DataAsNumpy().view(dtype).reshape(shape)
             quantization = None
             q = t.Quantization()
-            if q is not None and q.ScaleLength():
-                if q.ScaleLength() > 1 and q.QuantizedDimension() != 0:
-                    raise UnsupportedModelError(f"{name}: tensor {t.Name().decode()} is quantised along axis "
-                                                f"{q.QuantizedDimension()}; the runtime reads axis 0 or one scale")
+            if q is not None and q.ScaleLength() and (q.ScaleLength() == 1 or q.QuantizedDimension() == 0):
                 zero_points = q.ZeroPointAsNumpy() if q.ZeroPointLength() else np.zeros(q.ScaleLength(), np.int64)
                 quantization = (np.asarray(q.ScaleAsNumpy(), np.float32), np.asarray(zero_points, np.int64))
             tensors.append(Tensor(i, t.Name().decode(), shape, dtype, data, quantization))
