@@ -302,6 +302,7 @@ class Engine:
     Attributes:
         kernels: the kernel path that runs (``"avx512"``, ..., ``"cuda"``, ``"cuda-popcount"``; on
             a GPU other than device 0 with ``":N"``).
+        int8_file: whether the file's activations are int8.
     """
 
     def __init__(self, model: Union[str, os.PathLike, bytes], num_threads: int = 1, kernels: str = "auto",
