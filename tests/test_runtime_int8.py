@@ -95,9 +95,11 @@ def _tflite_reference(graph, op, values):
         return ins[0] * _int8_codes(graph, op.inputs[0])[0], None
     if name == "LceQuantize":
         return pack_bits((ins[0] < 0).astype(np.uint8)), None
-    if name in ("CONCATENATION", "MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR"):  # moves and compares codes
+    if name in ("CONCATENATION", "MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR", "PAD"):  # moves and compares codes
         if name == "CONCATENATION":
             return np.concatenate(ins, axis=-1), None
+        if name == "PAD":  # with the zero point: code 0
+            return np.pad(ins[0], ins[1]), None
         if name == "RESIZE_NEAREST_NEIGHBOR":
             return ins[0].repeat(2, axis=1).repeat(2, axis=2), None
         b, h, w, c = ins[0].shape
@@ -118,6 +120,9 @@ def _tflite_reference(graph, op, values):
         c1, c2 = (ins[i].astype(np.float64) - (z if t[op.inputs[i]].data is not None else 0)
                   for i, z in ((0, z1), (1, z2)))
         v = s1 / s_out * c1 + s2 / s_out * c2 if name == "ADD" else s1 * s2 / s_out * (c1 * c2)
+    elif name == "RELU":
+        v = ins[0].astype(np.float64) * _int8_codes(graph, op.inputs[0])[0] / s_out
+        return np.clip(_round(v) + zero_point, max(-128, zero_point), 127) - zero_point, v
     elif name == "AVERAGE_POOL_2D":  # TFLite rounds the mean of q
         b, h, w, c = ins[0].shape
         v = (ins[0].astype(np.float64) + zero_point).reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4)) - zero_point
@@ -157,8 +162,8 @@ def _ops_model():
     y = lq.layers.QuantConv2D(40, 3, **kw)(L.BatchNormalization()(y))
     y = L.MaxPool2D()(L.Add()([y, skip]))
     y = L.Concatenate()([y, lq.layers.QuantConv2D(8, 3, **kw)(L.BatchNormalization()(y))])
-    y = L.UpSampling2D()(L.AveragePooling2D()(y))
-    return trained_like_batch_norm(tf.keras.Model(x, L.Conv2D(5, 1)(y)))
+    y = L.ReLU()(L.UpSampling2D()(L.AveragePooling2D()(y)))
+    return trained_like_batch_norm(tf.keras.Model(x, L.Conv2D(5, 1)(L.ZeroPadding2D(1)(y))))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +188,7 @@ def test_every_int8_op_is_tflites_integer_arithmetic(ops_file, path, monkeypatch
     engine = Engine(ops_file, kernels=path)
     names = {op.name for op in engine.graph.operators}
     assert names == {"QUANTIZE", "CONV_2D", "MUL", "ADD", "LceQuantize", "LceBconv2d", "MAX_POOL_2D",
-                     "CONCATENATION", "RESIZE_NEAREST_NEIGHBOR", "AVERAGE_POOL_2D", "DEQUANTIZE"}, names
+                     "CONCATENATION", "RESIZE_NEAREST_NEIGHBOR", "AVERAGE_POOL_2D", "RELU", "PAD", "DEQUANTIZE"}, names
     images = np.random.default_rng(2).uniform(size=(2, 16, 16, 3)).astype(np.float32)
     values = _every_tensor(engine, images)
     checked, folded = 0, []
