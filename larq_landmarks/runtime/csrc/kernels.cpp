@@ -624,9 +624,6 @@ struct BinaryConvCall {
   float code_zero = 0.0f;
 };
 
-// a * b rounded to a float before anything is added to it: the asm hides the product, which the
-// compiler would otherwise contract with a following add into one FMA (GCC's -ffp-contract=fast),
-// so that the bits a convolution packs for the next layer are those a separate LceQuantize packs.
 // An int8 tensor's value rounded as TFLite rounds (half away from zero) within [lo, hi]: clamped
 // first (a NaN becomes hi), so that the conversions towards zero are exact, then the whole part plus
 // the whole part of twice the rest (-1, 0 or 1). The vector forms compute the same, lane by lane.
@@ -654,6 +651,9 @@ static inline __m256 rounded(__m256 v, float lo, float hi) {  // v finite
 }
 #endif
 
+// a * b rounded to a float before anything is added to it: the asm hides the product, which the
+// compiler would otherwise contract with a following add into one FMA (GCC's -ffp-contract=fast),
+// so that the bits a convolution packs for the next layer are those a separate LceQuantize packs.
 template <typename T>
 static inline T rounded_product(T a, T b) {
   T product = a * b;
