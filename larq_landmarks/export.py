@@ -53,7 +53,8 @@ def convert(
         int8_calibration: ``(N, H, W, C)`` images as the model takes them (its crops, a few dozen):
             the LCE file's activations and float weights become int8, each tensor's range
             measured on these (:mod:`larq_landmarks.quantization`); input and output stay float32.
-            For LCE's int8 kernels (ARM); this package's runtime runs float files only.
+            For LCE's int8 kernels (ARM); this package's runtime runs it too, in its own int8
+            arithmetic (``runtime.Engine``).
     """
     _check_keras_model(model)
     model = models.float32_model(model)
