@@ -99,6 +99,7 @@ def test_each_instruction_set_compiles_into_an_object_file_of_its_own(monkeypatc
     assert all("larq_landmarks/runtime/csrc/kernels.cpp" in module.depends for module in modules)
 
 
+@pytest.mark.slow  # an install check: compiles the kernels four more times (19 s)
 @pytest.mark.skipif(not sysconfig.get_platform().endswith(("x86_64", "amd64")) or shutil.which("g++") is None
                     or importlib.util.find_spec("pybind11") is None, reason="x86-64 with g++ and pybind11 only")
 def test_avx512_kernels_compile_without_bfloat16():
