@@ -436,17 +436,37 @@ def _synthetic_crops(folder, name, count, seed, size):
     return columns, next(iter(pipeline.evaluation_dataset(columns, size, batch_size=count)))["image"].numpy()
 
 
-def _lce_landmarks(flatbuffer, crops, columns, size):
-    """LCE's interpreter on ``flatbuffer``, one crop at a time: the landmarks (input pixels) and NME (box)."""
+def _int8_check_crops(folder, faces, size):
+    """The int8 checks' faces under ``folder``: ``faces`` test faces and as many calibration faces
+    (at most 32), ``(columns, crops)`` each by name."""
+    columns, crops = {}, {}
+    for name, seed, count in (("test", 123, faces), ("calibration", 7, min(faces, 32))):
+        columns[name], crops[name] = _synthetic_crops(folder, name, count, seed, size)
+    return columns, crops
+
+
+def _one_crop_at_a_time(predict):
+    """``predict`` (a batch-1 interpreter's) run on each image of a batch in turn."""
+    def run(images):
+        return np.concatenate([predict(images[i:i + 1]) for i in range(len(images))])
+
+    return run
+
+
+def _heatmaps_landmarks_nme(predict, crops, columns, size):
+    """``predict``'s heatmaps of ``crops``, their landmarks (input pixels), and its NME (box) over ``columns``."""
     from larq_landmarks import evaluation
 
-    interpreter = export.interpreter(flatbuffer)
+    heatmaps = predict(crops)
+    points = hm.heatmap_to_input(hm.decode_heatmaps(heatmaps)[0]).numpy()
+    return heatmaps, points, evaluation.evaluate_landmarks(predict, columns, "face", size)["tables"]["NME"]["NME box %"]
 
-    def predict(images):
-        return np.concatenate([interpreter.predict(images[i:i + 1]) for i in range(len(images))])
 
-    points = hm.heatmap_to_input(hm.decode_heatmaps(predict(crops))[0]).numpy()
-    return points, evaluation.evaluate_landmarks(predict, columns, "face", size)["tables"]["NME"]["NME box %"]
+def _lce_landmarks(flatbuffer, crops, columns, size):
+    """LCE's interpreter on ``flatbuffer``, one crop at a time: the landmarks (input pixels) and NME (box)."""
+    _, points, nme = _heatmaps_landmarks_nme(_one_crop_at_a_time(export.interpreter(flatbuffer).predict), crops,
+                                             columns, size)
+    return points, nme
 
 
 def int8_check(trained_path, faces):
@@ -459,9 +479,7 @@ def int8_check(trained_path, faces):
     single = export.last_stack(model)
     size = single.input_shape[1]
     with tempfile.TemporaryDirectory() as folder:
-        columns, crops = {}, {}
-        for name, seed, count in (("test", 123, faces), ("calibration", 7, min(faces, 32))):
-            columns[name], crops[name] = _synthetic_crops(folder, name, count, seed, size)
+        columns, crops = _int8_check_crops(folder, faces, size)
         inputs = tf.keras.Input(single.input_shape[1:], batch_size=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -489,7 +507,6 @@ def int8_file_check(trained_path, faces):
     LCE's interpreter with TFLite's own int8 kernels, LCE's interpreter with XNNPACK's, and this
     runtime: NME (box) each, and how many output values and landmarks each two of them share; and
     the runtime on the float-activation file, for reference."""
-    from larq_landmarks import evaluation
     from larq_landmarks.runtime import Engine
 
     model = tf.keras.models.load_model(trained_path)
@@ -497,9 +514,7 @@ def int8_file_check(trained_path, faces):
     result = {"model": trained_path, "input_size": size, "faces": faces, "engines": {}}
     heatmaps, points = {}, {}
     with tempfile.TemporaryDirectory() as folder:  # evaluate_landmarks reads the test images from it
-        columns, crops = {}, {}
-        for name, seed, count in (("test", 123, faces), ("calibration", 7, min(faces, 32))):
-            columns[name], crops[name] = _synthetic_crops(folder, name, count, seed, size)
+        columns, crops = _int8_check_crops(folder, faces, size)
         flatbuffer = export.convert(model, int8_calibration=crops["calibration"])
         engine = Engine(flatbuffer)
         result["kernels"] = engine.kernels
@@ -507,12 +522,8 @@ def int8_file_check(trained_path, faces):
                 "lce_xnnpack": export.interpreter(flatbuffer, use_xnnpack=True).predict, "runtime": engine.predict,
                 "runtime_float_file": Engine(export.convert(model)).predict}
         for name, predict in runs.items():
-            def one_at_a_time(images, predict=predict):
-                return np.concatenate([predict(images[i:i + 1]) for i in range(len(images))])
-
-            heatmaps[name] = one_at_a_time(crops["test"])
-            points[name] = hm.heatmap_to_input(hm.decode_heatmaps(heatmaps[name])[0]).numpy()
-            nme = evaluation.evaluate_landmarks(one_at_a_time, columns["test"], "face", size)["tables"]["NME"]["NME box %"]
+            heatmaps[name], points[name], nme = _heatmaps_landmarks_nme(_one_crop_at_a_time(predict), crops["test"],
+                                                                        columns["test"], size)
             result["engines"][name] = {"nme_box": float(nme)}
     for a, b in (("runtime", "lce_xnnpack"), ("runtime", "lce"), ("lce_xnnpack", "lce")):
         moved = np.linalg.norm(points[a] - points[b], axis=-1)

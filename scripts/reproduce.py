@@ -227,7 +227,7 @@ def markdown(experiment, spec, results, settings, args, judged):
     lines = [f"## {spec['title']}", "",
              f"Command: `python scripts/reproduce.py {experiment} {'--small ' if args.small else '--data-root ' + args.data_root + ' '}"
              f"{'--recipe papers ' if args.recipe == 'papers' else ''}"
-             f"{'' if args.dtype_policy == 'float32' else '--dtype-policy ' + args.dtype_policy + ' '}"
+             f"{_dtype_policy_option(args)}"
              f"--out {args.out}` (seed {args.seed}; input "
              f"{settings['input_size']}px, {settings['overrides'] or 'full-size'} model; "
              + ("the papers' recipe: RMSprop, step decay, one stage" if args.recipe == "papers" else
@@ -364,10 +364,15 @@ def run_recipes(args, root, settings, steps, epochs):
     print(open(os.path.join(args.out, "recipe.md")).read())
 
 
+def _dtype_policy_option(args) -> str:
+    """How a report's command line says its --dtype-policy (nothing for the default)."""
+    return "" if args.dtype_policy == "float32" else f"--dtype-policy {args.dtype_policy} "
+
+
 def recipe_markdown(results, seeds, args) -> str:
     lines = ["## Training recipes for the binary HPM network (issue 12)", "",
              f"`python scripts/reproduce.py recipe {'--small ' if args.small else ''}"
-             f"{'' if args.dtype_policy == 'float32' else '--dtype-policy ' + args.dtype_policy + ' '}"
+             f"{_dtype_policy_option(args)}"
              f"--seeds {len(seeds)}`: "
              f"seeds {seeds}, the same steps for every row.", ""]
     for benchmark, rows in results.items():

@@ -192,6 +192,12 @@ def _requantizer(kernels, channels: int, scale, shift=0.0, op: int = 0, zero_poi
     return run
 
 
+def _channels(graph: Graph, index: int) -> int:
+    """A tensor's last dimension (1 for a scalar): the channels a per-channel constant spans."""
+    shape = graph.tensors[index].shape
+    return shape[-1] if shape else 1
+
+
 def _elementwise_step(source: int, target: int, apply: Callable) -> Run:
     """A step that writes ``apply(x, out)`` of tensor ``source`` into a new ``target`` of its shape."""
 
@@ -498,8 +504,7 @@ def _elementwise_int8(graph: Graph, op: Operator, kernels, code: int) -> Run:
     if None in inputs:
         raise _unsupported(graph, op, "int8 and float inputs together")
     q_range = _int8_range(graph, op, op.options.FusedActivationFunction() if op.options else 0, *out_codes)
-    shape = graph.tensors[op.outputs[0]].shape
-    channels = shape[-1] if shape else 1
+    channels = _channels(graph, op.outputs[0])
     constant = [graph.tensors[i].data is not None for i in op.inputs[:2]]
     if all(constant):
         raise _unsupported(graph, op, "two constant inputs")
@@ -549,8 +554,7 @@ def relu(graph: Graph, op: Operator, kernels) -> Run:
     source, target = op.inputs[0], op.outputs[0]
     zero = _on_device(kernels, np.zeros(1, np.float32))
     if codes is not None:
-        shape = graph.tensors[source].shape
-        rescale = _requantizer(kernels, shape[-1] if shape else 1, codes[0] / out_codes[0], 0.0, 0, out_codes[1],
+        rescale = _requantizer(kernels, _channels(graph, source), codes[0] / out_codes[0], 0.0, 0, out_codes[1],
                                (max(_INT8[0], out_codes[1]), _INT8[1]))
 
     def run(values):
@@ -604,7 +608,7 @@ def _pool(graph: Graph, op: Operator, kernels, kind: int) -> Run:
         _same_quantization(graph, op, op.inputs)
         q_range = _int8_range(graph, op, o.FusedActivationFunction(), *codes)
         low, high = -math.inf, math.inf
-        rounding = _requantizer(kernels, graph.tensors[source].shape[-1], 1.0, 0.0, 0, codes[1], q_range, "q")
+        rounding = _requantizer(kernels, _channels(graph, source), 1.0, 0.0, 0, codes[1], q_range, "q")
 
     def run(values):
         x = values[source]
@@ -694,8 +698,7 @@ def quantize(graph: Graph, op: Operator, kernels) -> Run:
     out_codes = _codes(graph, op, op.outputs[0])
     if out_codes is None:
         raise _unsupported(graph, op, f"output type {graph.tensors[op.outputs[0]].dtype}")
-    shape = graph.tensors[op.inputs[0]].shape
-    run_op = _requantizer(kernels, shape[-1] if shape else 1, 1.0 / out_codes[0], 0.0, 0, out_codes[1])
+    run_op = _requantizer(kernels, _channels(graph, op.inputs[0]), 1.0 / out_codes[0], 0.0, 0, out_codes[1])
     source, target = op.inputs[0], op.outputs[0]
 
     return _elementwise_step(source, target, run_op)
@@ -706,8 +709,7 @@ def dequantize(graph: Graph, op: Operator, kernels) -> Run:
     codes = _codes(graph, op, op.inputs[0])
     if codes is None or graph.tensors[op.outputs[0]].dtype != np.float32:
         raise _unsupported(graph, op, f"input type {graph.tensors[op.inputs[0]].dtype}")
-    shape = graph.tensors[op.inputs[0]].shape
-    run_op = _requantizer(kernels, shape[-1] if shape else 1, codes[0], 0.0, rounding=None)
+    run_op = _requantizer(kernels, _channels(graph, op.inputs[0]), codes[0], 0.0, rounding=None)
     source, target = op.inputs[0], op.outputs[0]
 
     return _elementwise_step(source, target, run_op)
