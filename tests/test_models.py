@@ -185,6 +185,57 @@ def test_import_lets_keras_load_a_saved_binary_model_in_a_fresh_interpreter(tmp_
     assert int(result.stdout.split()[-1]) > 0
 
 
+def test_below_log_level_drops_absl_lines_under_the_level_and_keeps_everything_else():
+    from larq_landmarks import _below_log_level
+
+    notice = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+    info = "I0000 00:00:1796136626.543728   10331 port.cc:153] oneDNN custom operations are on.\n"
+    warning = "W0000 00:00:1796136626.544068   10331 cpu_feature_guard.cc:12] slow path\n"
+    error = "E1201 14:03:07.000001 7 cuda_platform.cc:52] failed call to cuInit\n"
+    other = "/x/site.py:1: UserWarning: I0000 is not a log line here\n"
+    text = notice + info + other + warning + error + "continued\n"
+    assert _below_log_level(text, 0) == text
+    assert _below_log_level(text, 1) == other + warning + error + "continued\n"
+    assert _below_log_level(text, 2) == other + error + "continued\n"
+    assert _below_log_level(text, 3) == other + "continued\n"
+    assert _below_log_level("no newline at the end", 2) == "no newline at the end"
+
+
+def test_import_is_quiet_at_the_default_log_level_and_keeps_tensorflows_lines_at_level_0():
+    """TensorFlow 2.21 writes absl's notice and INFO lines on import whatever
+    TF_CPP_MIN_LOG_LEVEL says; the package holds them to the level (2 unless set)."""
+    code = "import os; os.environ.pop('TF_CPP_MIN_LOG_LEVEL', None); import larq_landmarks; print('ok')"
+    quiet = run_python(code)
+    assert quiet.returncode == 0 and quiet.stdout.split() == ["ok"], quiet.stderr
+    assert "InitializeLog" not in quiet.stderr and "I0000" not in quiet.stderr, quiet.stderr
+    loud = run_python("import larq_landmarks", env_extra={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert loud.returncode == 0, loud.stderr
+    assert "absl::InitializeLog()" in loud.stderr and "oneDNN" in loud.stderr
+
+
+def test_import_writes_back_what_a_failing_tensorflow_import_wrote(tmp_path):
+    """Descriptor 2 is held only while TensorFlow loads: what it writes (but the absl lines under
+    the level) comes back, in order, also when the import fails."""
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os, sys\n"
+        "os.write(2, b'I0000 00:00:12.5 1 port.cc:1] info from C++\\n')\n"
+        "sys.stderr.write('a Python line\\n')\n"
+        "os.write(2, b'E0000 00:00:12.5 1 port.cc:2] error from C++\\n')\n"
+        "raise ImportError('the fake TensorFlow fails')\n"
+    )
+    result = run_python(
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import larq_landmarks",
+        env_extra={"TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode != 0
+    assert "info from C++" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines.index("a Python line") < lines.index("E0000 00:00:12.5 1 port.cc:2] error from C++")
+    assert "the fake TensorFlow fails" in result.stderr
+
+
 def test_import_after_keras3_raises_a_helpful_error():
     result = run_python("import tensorflow as tf; tf.keras.layers.Dense; import larq_landmarks")
     assert result.returncode != 0
