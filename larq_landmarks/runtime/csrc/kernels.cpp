@@ -669,7 +669,7 @@ static inline T rounded_product(T a, T b) {
 // Channels [c0, c_end) (at most 64) of output pixels first .. first + count - 1 (one tile): the
 // accumulators stay in registers through the border correction, the output transform or the
 // thresholds, and the stores.
-template <int P, int NV>
+template <int P, int NV, bool Codes>
 static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConvCall& c, const int32_t* const* base,
                                                                 int count, bool border, int y0, int x0, int64_t first,
                                                                 int c0, int c_end) {
@@ -735,7 +735,7 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
       __m512i v = a[p][j];
       if (c.clamped) v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(v, 1), lo), hi);
       __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), mul, add);
-      if (c.codes) y = _mm512_sub_ps(rounded(y, -128.0f, 127.0f), _mm512_set1_ps(c.code_zero));
+      if (Codes) y = _mm512_sub_ps(rounded(y, -128.0f, 127.0f), _mm512_set1_ps(c.code_zero));
       const __m512 stored = residual ? _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[j], residual + p * c.out_stride)) : y;
       if (mask[j] == 0xffffu)
         _mm512_storeu_ps(out + p * c.out_stride, stored);
@@ -760,8 +760,10 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
 // One tile: output pixels first .. first + count - 1 (at most P, of one output row whose taps start
 // at base[p]; y0, x0: the input position of the tile's first tap), every 64-channel block, then the
 // output transform (float) or thresholds (bit-packed). `border`: some tap of the tile falls in the
-// padding and the padding is 0 (LCE's pad value 0), so it needs the border correction.
-template <int P>
+// padding and the padding is 0 (LCE's pad value 0), so it needs the border correction. Codes:
+// c.codes (an int8 output), a compile-time constant so that the float outputs' epilogue carries no
+// test for it (a test per vector cost them 2-7% per shape).
+template <int P, bool Codes>
 static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* base, int count, bool border, int y0,
                                 int x0, int64_t first) {
   const BinaryConv& g = c.g;
@@ -769,9 +771,9 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
   for (int c0 = 0; c0 < g.channels_out; c0 += kBinaryChannelBlock) {
     const int c_end = std::min(g.channels_out, c0 + kBinaryChannelBlock);
     if (c_end - c0 <= 32)
-      bconv2d_block<P, 2>(c, base, count, border, y0, x0, first, c0, c_end);
+      bconv2d_block<P, 2, Codes>(c, base, count, border, y0, x0, first, c0, c_end);
     else
-      bconv2d_block<P, 4>(c, base, count, border, y0, x0, first, c0, c_end);
+      bconv2d_block<P, 4, Codes>(c, base, count, border, y0, x0, first, c0, c_end);
   }
 #else
   const int out_words = (g.channels_out + 31) / 32;
@@ -831,7 +833,7 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
           if (c.clamped) v = _mm256_min_epi32(_mm256_max_epi32(_mm256_slli_epi32(v, 1), lo), hi);
           __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(c.multiplier + ch),
                                      _mm256_loadu_ps(c.bias + ch));
-          if (c.codes) y = _mm256_sub_ps(rounded(y, -128.0f, 127.0f), _mm256_set1_ps(c.code_zero));
+          if (Codes) y = _mm256_sub_ps(rounded(y, -128.0f, 127.0f), _mm256_set1_ps(c.code_zero));
           _mm256_storeu_ps(o + ch, r ? _mm256_add_ps(y, _mm256_loadu_ps(r + ch)) : y);
           if (bits) {
             __m256 q = c.next_scale ? rounded_product(y, _mm256_loadu_ps(c.next_scale + ch)) : y;
@@ -846,7 +848,7 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
           const int32_t a = acc[p][ch - c0];
           const int32_t v = c.clamped ? std::min(std::max(a * 2, c.clamp_min), c.clamp_max) : a;
           float y = static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
-          if (c.codes) y = rounded(y, -128.0f, 127.0f) - c.code_zero;
+          if (Codes) y = rounded(y, -128.0f, 127.0f) - c.code_zero;
           o[ch] = r ? y + r[ch] : y;
           if (bits) {  // from the convolution's output, as the LceQuantize reads it
             float q = c.next_scale ? rounded_product(y, c.next_scale[ch]) : y;
@@ -864,7 +866,7 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
 // Tiles [t0, t1) of P pixels, row_tiles to an output row: the tile's pixel pointers advance by P
 // pixels from one tile of a row to the next, and a row's vertical border test is made once (per
 // tile set-up taken out of the loop: 3-11% on the 32- and 64-channel shapes).
-template <int P>
+template <int P, bool Codes>
 static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int row_tiles) {
   const BinaryConv& g = c.g;
   const int64_t step = static_cast<int64_t>(P) * g.stride_w * c.words;
@@ -885,7 +887,7 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
       const bool border =
           row_border || (g.pad_value == 0 &&
                          (x0 < 0 || x0 + (count - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w >= c.width));
-      bconv2d_tile<P>(c, base, count, border, y0, x0, row * c.out_w + ox0);
+      bconv2d_tile<P, Codes>(c, base, count, border, y0, x0, row * c.out_w + ox0);
       for (int p = 0; p < P; ++p) base[p] += step;
     }
   }
@@ -1058,9 +1060,9 @@ class BinaryConv2D {
     py::gil_scoped_release release;
     pool().parallel_for(static_cast<int>(tiles), [&](int t0, int t1) {
       if (tile == 8)
-        bconv2d_tiles<8>(c, t0, t1, row_tiles);
+        c.codes ? bconv2d_tiles<8, true>(c, t0, t1, row_tiles) : bconv2d_tiles<8, false>(c, t0, t1, row_tiles);
       else
-        bconv2d_tiles<4>(c, t0, t1, row_tiles);
+        c.codes ? bconv2d_tiles<4, true>(c, t0, t1, row_tiles) : bconv2d_tiles<4, false>(c, t0, t1, row_tiles);
     });
   }
 
