@@ -57,26 +57,35 @@ def _import_tensorflow() -> None:
     """
     try:
         min_log_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
-        sys.stderr.flush()
-        saved_stderr = os.dup(2)
-    except (ValueError, OSError, AttributeError):
-        min_log_level, saved_stderr = 0, None
-    if min_log_level <= 0 or saved_stderr is None:
-        if saved_stderr is not None:
-            os.close(saved_stderr)
+    except ValueError:
+        min_log_level = 0
+    held = saved_stderr = None
+    if min_log_level > 0:
+        try:
+            held = tempfile.TemporaryFile()
+            sys.stderr.flush()
+            saved_stderr = os.dup(2)
+            os.dup2(held.fileno(), 2)
+        except (OSError, AttributeError, ValueError):  # no writable temp dir, no descriptor 2, ...
+            if saved_stderr is not None:
+                os.close(saved_stderr)
+            if held is not None:
+                held.close()
+            held = saved_stderr = None
+    if held is None:
         import tensorflow  # noqa: F401
         return
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved_stderr, 2)
-            os.close(saved_stderr)
-            held.seek(0)
-            sys.stderr.write(_below_log_level(held.read().decode(errors="replace"), min_log_level))
-            sys.stderr.flush()
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        held.seek(0)
+        text = held.read().decode(errors="replace")
+        held.close()
+        sys.stderr.write(_below_log_level(text, min_log_level))
+        sys.stderr.flush()
 
 
 def _use_legacy_keras() -> None:
