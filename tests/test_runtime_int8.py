@@ -66,6 +66,13 @@ def test_requantize_rounds_half_away_from_zero_the_code_or_q(path):
     k.requantize(big, other, scale, shift, 1, 0.0, -100.0, 90.0, 0.0, True, out)
     v = np.clip((big * scale + other * shift).astype(np.float64), -100, 90)
     np.testing.assert_array_equal(out, np.sign(v) * np.floor(np.abs(v) + 0.5))
+    # few channels (an image's 3 at the QUANTIZE in): the kernel runs rows of 21 pixels with the
+    # constants repeated; 70 pixels are 3 such rows and 7 left over
+    image = rng.uniform(-300, 300, (2, 7, 5, 3)).astype(np.float32)
+    scale3, shift3 = np.array([0.5, -1.25, 2.0], np.float32), np.array([3.0, 0.0, -7.5], np.float32)
+    out = np.empty_like(image)
+    k.requantize(image, NONE, scale3, shift3, 0, 0.0, -128.0, 127.0, 0.0, True, out)
+    np.testing.assert_array_equal(out, _round(np.clip((image * scale3 + shift3).astype(np.float64), -128, 127)))
     for bad in ((NONE, scale[:3], shift[:3]), (other[:1], scale, shift)):
         with pytest.raises(ValueError, match="requantize: shapes"):
             k.requantize(big, bad[0], bad[1], bad[2], 1, 0.0, -128.0, 127.0, 0.0, True, out)
