@@ -327,7 +327,9 @@ def test_predictor_bad_input_names_it(faces, tmp_path):
     # a valid TFLite model that is not ours: wrong input/output layout
     dense = tf.keras.Sequential([tf.keras.Input((4,), batch_size=1), tf.keras.layers.Dense(2)])
     (tmp_path / "dense.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(dense).convert())
-    with pytest.raises(InputError, match="dense.tflite: not a larq_landmarks model"):
+    with pytest.raises(InputError, match="dense.tflite: not a larq_landmarks model"), \
+            pytest.warns(UserWarning, match="FULLY_CONNECTED is not supported by larq_landmarks.runtime.*with LCE's "
+                                            "interpreter instead"):  # engine "auto" falls back, then the check
         Predictor.from_path(str(tmp_path / "dense.tflite"))
 
 
