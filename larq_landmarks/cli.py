@@ -54,9 +54,28 @@ def _read(args, command):
     from larq_landmarks.datasets.readers import DatasetError
 
     try:
-        return formats.read_columns(args.format, args.data, args.images, args.skip_bad)
+        return formats.read_columns(args.format, _data_paths(args), args.images, args.skip_bad)
     except (DatasetError, ValueError) as error:
         _fail(command, str(error))
+
+
+def _data_paths(args) -> List[str]:
+    """``--data``: one path or several (a --config file may give a string)."""
+    return [args.data] if isinstance(args.data, str) else list(args.data)
+
+
+def _warn_300w_test_images(columns) -> None:
+    """Say so when the images to train on include 300W's test subsets (``--data`` the whole 300W
+    folder, say): every published 300W figure is on images the model was not trained on."""
+    from larq_landmarks import metrics
+
+    subsets = [metrics.w300_subset(str(p)) for p in columns["image_path"]]
+    found = {name: subsets.count(name) for name in ("common", "challenging", "indoor", "outdoor") if name in subsets}
+    if found:
+        said = ", ".join(f"{count} of the {name} subset" for name, count in found.items())
+        print(f"larq-landmarks train: warning: the training images include 300W's test images ({said}); "
+              "300W's protocol trains on afw, lfpw/trainset and helen/trainset only: give those folders to --data",
+              file=sys.stderr)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -97,6 +116,8 @@ def _train_in_policy(args: argparse.Namespace) -> int:
     _check_output_folder("train", args.out)
     _check_rerun(args)
     columns = _read(args, "train")
+    if fmt.num_points == 68:
+        _warn_300w_test_images(columns)
     count = len(columns["scale"])
     segmentation = args.task == "segmentation"
     if segmentation and fmt.num_points != 68:
@@ -277,7 +298,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             results[path] = evaluation.evaluate_landmarks(predict, columns, fmt.kind, predictor.input_size,
                                                           args.batch_size, progress=True)
-        print(f"\n{results[path]['count']} samples of {args.data} ({args.format}), model {path}\n")
+        print(f"\n{results[path]['count']} samples of {' '.join(_data_paths(args))} ({args.format}), model {path}\n")
         print(evaluation.format_tables(results[path]["tables"]))
     if len(results) > 1:  # the models side by side, first table of each
         print(evaluation.format_comparison({path: result["tables"] for path, result in results.items()}))
@@ -291,7 +312,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 if number == 0:
                     writer.writerow(["model", *rows])
                 for i in range(result["count"]):
-                    writer.writerow([path] + [rows[key][i] if key == "image_path" else f"{float(rows[key][i]):.4f}"
+                    writer.writerow([path] + [rows[key][i] if rows[key].dtype.kind in "SUO" else f"{float(rows[key][i]):.4f}"
                                               for key in rows])
         print(f"wrote {args.per_image}")
     if args.ced:
@@ -303,9 +324,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         reports = [{"model": path, "task": task, "count": result["count"], "tables": result["tables"]}
                    for path, result in results.items()]
-        report = {**reports[0], "data": args.data, "format": args.format, "flip_test": bool(args.flip_test)}
+        data = _data_paths(args)
+        data = data[0] if len(data) == 1 else data
+        report = {**reports[0], "data": data, "format": args.format, "flip_test": bool(args.flip_test)}
         if len(reports) > 1:
-            report = {"data": args.data, "format": args.format, "flip_test": bool(args.flip_test), "task": task,
+            report = {"data": data, "format": args.format, "flip_test": bool(args.flip_test), "task": task,
                       "models": reports}
         with atomic_path(args.json) as temporary, open(temporary, "w") as f:
             json.dump(report, f, indent=2)
@@ -521,8 +544,9 @@ def _data_arguments(parser, task_default: Optional[str], task_help: str):
     from larq_landmarks.datasets.formats import FORMATS
 
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="data-set format")
-    parser.add_argument("--data", required=True,
-                        help="data-set folder (or the MPII .mat / .json annotation file)")
+    parser.add_argument("--data", required=True, nargs="+", metavar="DATA",
+                        help="data-set folder (or the MPII .mat / .json annotation file); several are read "
+                        "as one data set (300W's training sets: afw lfpw/trainset helen/trainset)")
     parser.add_argument("--images", help="image folder (MPII formats)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning")
     parser.add_argument("--task", default=task_default, choices=("heatmaps", "segmentation"), help=task_help)

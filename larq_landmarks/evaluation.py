@@ -66,6 +66,8 @@ def _face_table(result: Dict[str, np.ndarray], num_points: int) -> Dict[str, Dic
     if not visible.all():
         summary["NME box, visible points %"] = 100 * float(metrics.nme(predicted, truth, box, visible).mean())
     tables["NME"] = summary
+    if num_points == 68 and "image_path" in result:  # 300W's subsets, where the images are in its folders
+        tables.update(metrics.w300_tables(ocular, pupil, _w300_subsets(result)))
     if "yaw" in result and np.isfinite(result["yaw"]).all():
         tables["NME box % by |yaw| (AFLW2000-3D layout)"] = {
             k: 100 * v for k, v in metrics.nme_by_yaw(errors, result["yaw"]).items()
@@ -73,10 +75,19 @@ def _face_table(result: Dict[str, np.ndarray], num_points: int) -> Dict[str, Dic
     return tables
 
 
+def _w300_subsets(result: Dict[str, np.ndarray]) -> np.ndarray:
+    from larq_landmarks import metrics
+
+    paths = result["image_path"]
+    return np.array([metrics.w300_subset(p.decode() if isinstance(p, bytes) else str(p)) for p in paths], str)
+
+
 def per_image_errors(result: Dict[str, np.ndarray], kind: str) -> Dict[str, np.ndarray]:
     """Each image's error, to find the failures behind the tables (``result`` from
     :func:`predict_dataset`): ``image_path``, and for faces ``nme_box_%`` (with ``nme_inter_ocular_%``
-    for 68 points, ``nme_box_visible_%`` where some points are hidden, ``yaw_degrees`` where known),
+    for 68 points, ``w300_subset`` where some images are in 300W's test folders
+    (:func:`~larq_landmarks.metrics.w300_subset`), ``nme_box_visible_%`` where some points are
+    hidden, ``yaw_degrees`` where known),
     for people ``pckh_%``: the share of the labelled joints but pelvis and thorax (as PCKh's Mean)
     within half the head size, NaN where none is labelled."""
     from larq_landmarks import metrics
@@ -88,6 +99,9 @@ def per_image_errors(result: Dict[str, np.ndarray], kind: str) -> Dict[str, np.n
         rows["nme_box_%"] = 100 * metrics.nme(predicted, truth, box)
         if truth.shape[1] == 68:
             rows["nme_inter_ocular_%"] = 100 * metrics.nme(predicted, truth, metrics.inter_ocular(truth))
+            subsets = _w300_subsets(result)
+            if (subsets != "").any():
+                rows["w300_subset"] = subsets
         if not visible.all():
             rows["nme_box_visible_%"] = 100 * metrics.nme(predicted, truth, box, visible)
         if "yaw" in result:
@@ -194,7 +208,10 @@ def format_comparison(tables_by_model: Dict[str, Dict[str, Dict[str, float]]]) -
 
 
 def _number(title: str, column: str, value: float) -> str:
-    """A table value: three decimals for a fraction, two for a percentage or anything larger."""
+    """A table value: a count as it is, three decimals for a fraction, two for a percentage or
+    anything larger."""
+    if isinstance(value, (int, np.integer)):
+        return str(value)
     return f"{value:.3f}" if abs(value) <= 1 and "%" not in title + column else f"{value:.2f}"
 
 

@@ -2,6 +2,7 @@
 
 Landmarks are ``(N, K, 2)`` arrays of ``(x, y)`` in the same pixels for prediction and truth.
 """
+import re
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -126,6 +127,75 @@ def auc(errors: np.ndarray, threshold: float = 0.07, steps: int = 1000) -> float
 def failure_rate(errors: np.ndarray, threshold: float = 0.07) -> float:
     """Fraction of images whose error is above ``threshold`` (or NaN, as in :func:`ced`)."""
     return float(np.mean(~(_errors(errors) <= threshold)))
+
+
+# 300W as iBUG distributes it: the folder an image is in says its part of the benchmark.
+W300_TEST_FOLDERS = {
+    ("lfpw", "testset"): "common", ("helen", "testset"): "common", ("ibug",): "challenging",
+    ("01_indoor",): "indoor", ("02_outdoor",): "outdoor",
+}  # fmt: skip
+W300_TRAINING_FOLDERS = (("afw",), ("lfpw", "trainset"), ("helen", "trainset"))
+
+
+def _folder_tail(path: str, length: int) -> tuple:
+    """The last ``length`` folder names above the file ``path``, lower-case."""
+    parts = [p for p in re.split(r"[\\/]+", str(path).lower()) if p][:-1]
+    return tuple(parts[-length:])
+
+
+def w300_subset(image_path: str) -> str:
+    """The part of 300W's test protocol an image belongs to, from the folder it is in (the layout of
+    iBUG's downloads): ``lfpw/testset`` and ``helen/testset`` are the common subset (554 images),
+    ``ibug`` the challenging one (135), together the full set; ``300W/01_Indoor`` and
+    ``300W/02_Outdoor`` the private test set (300 each). ``""`` for any other folder, the training
+    sets (``afw``, ``lfpw/trainset``, ``helen/trainset``) among them. Only the image's own folder
+    (and for ``testset`` the one above it) counts, so the folders higher up can be called anything."""
+    for folders, subset in W300_TEST_FOLDERS.items():
+        if _folder_tail(image_path, len(folders)) == folders:
+            return subset
+    return ""
+
+
+def w300_tables(ocular: np.ndarray, pupil: np.ndarray, subsets: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """300W's tables for the images of its test subsets (empty when there are none).
+
+    Args:
+        ocular, pupil: ``(N,)`` errors normalised by :func:`inter_ocular` and :func:`inter_pupil`.
+        subsets: ``(N,)`` :func:`w300_subset` of each image.
+
+    Returns:
+        Where the common or challenging subset is present, NME (%) on each, and on the full set
+        (common + challenging) when both are, by inter-ocular and by inter-pupil distance; where
+        the private test set is present, its inter-ocular NME (%) indoor, outdoor and on both, and
+        the AUC and failure rate at 0.08 on the images present (the 300W challenge's measures);
+        ``"300W images"``: how many images each figure is over.
+    """
+    ocular, pupil = _errors(ocular), _errors(pupil)
+    subsets = np.asarray(subsets, str)
+    if not (ocular.shape == pupil.shape == subsets.shape):
+        raise ValueError(f"ocular {ocular.shape}, pupil {pupil.shape} and subsets {subsets.shape} differ in shape")
+    parts = {"common": subsets == "common", "challenging": subsets == "challenging"}
+    if parts["common"].any() and parts["challenging"].any():
+        parts["full"] = parts["common"] | parts["challenging"]
+    parts = {name: members for name, members in parts.items() if members.any()}
+    private = {"indoor": subsets == "indoor", "outdoor": subsets == "outdoor"}
+    if private["indoor"].any() and private["outdoor"].any():
+        private["indoor + outdoor"] = private["indoor"] | private["outdoor"]
+    private = {name: members for name, members in private.items() if members.any()}
+    tables, counts = {}, {}
+    if parts:
+        for title, errors in (("inter-ocular", ocular), ("inter-pupil", pupil)):
+            tables[f"300W NME {title} %"] = {name: 100 * float(errors[m].mean()) for name, m in parts.items()}
+        counts.update({name: int(m.sum()) for name, m in parts.items()})
+    if private:
+        every = np.logical_or.reduce(list(private.values()))
+        row = {f"NME {name} %": 100 * float(ocular[m].mean()) for name, m in private.items()}
+        row.update({"AUC@0.08": auc(ocular[every], 0.08), "failures@0.08": failure_rate(ocular[every], 0.08)})
+        tables["300W private test, inter-ocular"] = row
+        counts.update({f"private {name}": int(m.sum()) for name, m in private.items()})
+    if counts:
+        tables["300W images"] = counts
+    return tables
 
 
 MPII_PCKH_COLUMNS = {

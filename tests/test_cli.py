@@ -161,6 +161,47 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
                 np.testing.assert_allclose(result[now]["boxes"][0], [x1, y1, x2, y2], rtol=1e-5)
 
 
+def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_warned(tmp_path, capsys):
+    """In iBUG's folders of 300W: several --data folders read as one data set; the common,
+    challenging and full sets and the private test set get their own tables, each figure the mean
+    of its images' rows in --per-image; train warns when --data holds the test images."""
+    root = tmp_path / "300W"
+    writers.write_300w_folders(str(root), 2, seed=3, image_size=(96, 96))
+    face = tmp_path / "face.keras"
+    BinaryHourglass(68, width=32, input_size=64, depth=2).save(face)
+    test = [str(root / "lfpw" / "testset"), str(root / "helen" / "testset"), str(root / "ibug"),
+            str(root / "300W" / "01_Indoor"), str(root / "300W" / "02_Outdoor")]
+    out, errors = tmp_path / "eval.json", tmp_path / "errors.csv"
+    assert cli.main(["evaluate", "--model", str(face), "--format", "300w", "--data", *test, "--json", str(out),
+                     "--per-image", str(errors)]) == 0
+    printed = capsys.readouterr().out
+    assert "### 300W NME inter-ocular %\n\n| common | challenging | full |" in printed
+    assert "### 300W images\n\n| common | challenging | full | private indoor | private outdoor | private indoor " \
+           "+ outdoor |\n|---:|---:|---:|---:|---:|---:|\n| 4 | 2 | 6 | 2 | 2 | 4 |" in printed
+    report = json.loads(out.read_text())
+    assert report["count"] == 10 and report["data"] == test
+    tables = report["tables"]
+    assert tables["300W images"] == {"common": 4, "challenging": 2, "full": 6, "private indoor": 2,
+                                     "private outdoor": 2, "private indoor + outdoor": 4}
+    rows = [line.split(",") for line in errors.read_text().splitlines()]
+    assert rows[0] == ["model", "image_path", "nme_box_%", "nme_inter_ocular_%", "w300_subset"]
+    ocular = {name: [float(r[3]) for r in rows[1:] if r[4] in members] for name, members in
+              (("common", {"common"}), ("challenging", {"challenging"}), ("full", {"common", "challenging"}))}
+    assert tables["300W NME inter-ocular %"] == pytest.approx({k: np.mean(v) for k, v in ocular.items()}, abs=1e-3)
+    private = [float(r[3]) for r in rows[1:] if r[4] in ("indoor", "outdoor")]
+    assert tables["300W private test, inter-ocular"]["NME indoor + outdoor %"] == pytest.approx(np.mean(private),
+                                                                                                 abs=1e-3)
+    assert tables["NME"]["NME inter-ocular %"] == pytest.approx(np.mean([float(r[3]) for r in rows[1:]]), abs=1e-3)
+    # training: the whole folder holds the test images, the three training sets do not
+    for data, warned in (([str(root)], True), ([str(root / f) for f in ("afw", "lfpw/trainset", "helen/trainset")],
+                                               False)):
+        with pytest.raises(SystemExit, match="nowhere"):  # fails after reading the data, before training
+            cli.main(["train", "--format", "300w", "--data", *data, "--model", "nowhere", "--out", str(tmp_path / "r")])
+        said = capsys.readouterr().err
+        assert ("warning: the training images include 300W's test images (4 of the common subset, 2 of the "
+                "challenging subset, 2 of the indoor subset, 2 of the outdoor subset)" in said) is warned
+
+
 @pytest.mark.slow  # trains, converts and runs a segmentation model: 30 s (the fast tier has test_inference's)
 def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
     run = tmp_path / "seg"

@@ -134,3 +134,42 @@ def test_per_image_errors_by_hand():
     np.testing.assert_allclose(rows["nme_box_%"], [100 * (5 / 3) / 20])
     np.testing.assert_allclose(rows["nme_box_visible_%"], [100 * (5 / 2) / 20])
     assert rows["yaw_degrees"].tolist() == [35.0] and "nme_inter_ocular_%" not in rows
+
+
+def test_300w_subsets_are_the_image_folders_of_ibugs_layout():
+    for path, subset in [
+        ("/data/300W/lfpw/testset/image_0001.png", "common"),
+        ("C:\\data\\Helen\\testset\\2815171722_1.jpg", "common"),
+        ("ibug/image_003_1.jpg", "challenging"),
+        ("/d/300W/01_Indoor/indoor_001.png", "indoor"),
+        ("/d/300W/02_Outdoor/outdoor_300.png", "outdoor"),
+        ("/home/ibug/300W/afw/1051618982_1.jpg", ""),  # only the image's own folder counts
+        ("/d/lfpw/trainset/image_0001.png", ""),
+        ("/d/afw/testset/x.png", ""),  # a testset of another data set
+        ("image_003_1.jpg", ""),
+    ]:
+        assert metrics.w300_subset(path) == subset, path
+
+
+def test_300w_tables_by_hand():
+    ocular = np.array([0.02, 0.04, 0.09, 0.5, 0.03, 0.07, 0.10])
+    pupil = 2 * ocular
+    subsets = ["common", "common", "challenging", "", "indoor", "outdoor", "outdoor"]
+    tables = metrics.w300_tables(ocular, pupil, subsets)
+    assert tables["300W NME inter-ocular %"] == pytest.approx({"common": 3.0, "challenging": 9.0, "full": 5.0})
+    assert tables["300W NME inter-pupil %"] == pytest.approx({"common": 6.0, "challenging": 18.0, "full": 10.0})
+    private = tables["300W private test, inter-ocular"]
+    assert private["NME indoor %"] == pytest.approx(3.0) and private["NME outdoor %"] == pytest.approx(8.5)
+    assert private["NME indoor + outdoor %"] == pytest.approx(20 / 3)
+    assert private["failures@0.08"] == pytest.approx(1 / 3)  # 0.10 of 0.03, 0.07, 0.10
+    # the CED of 0.03, 0.07, 0.10 up to 0.08: 1/3 from 0.03, 2/3 from 0.07: (0.04 / 3 + 0.01 * 2 / 3) / 0.08
+    assert private["AUC@0.08"] == pytest.approx((0.04 / 3 + 0.01 * 2 / 3) / 0.08, abs=1e-3)  # 0.25
+    assert tables["300W images"] == {"common": 2, "challenging": 1, "full": 3, "private indoor": 1,
+                                     "private outdoor": 2, "private indoor + outdoor": 3}
+    # one subset alone: no "full", no private table; no 300W folder at all: no tables
+    assert metrics.w300_tables(ocular[:2], pupil[:2], subsets[:2]) == {
+        "300W NME inter-ocular %": {"common": pytest.approx(3.0)},
+        "300W NME inter-pupil %": {"common": pytest.approx(6.0)}, "300W images": {"common": 2}}
+    assert metrics.w300_tables(ocular[3:4], pupil[3:4], [""]) == {}
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.w300_tables(ocular, pupil, subsets[:3])

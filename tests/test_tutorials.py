@@ -41,12 +41,14 @@ def scaled(code):
     return code
 
 
-@pytest.mark.parametrize("page", ["quickstart.md", "tutorial_aflw2000.md", "tutorial_mpii.md",
+@pytest.mark.parametrize("page", ["quickstart.md", "tutorial_aflw2000.md", "tutorial_300w.md", "tutorial_mpii.md",
                                   "tutorial_segmentation.md", "deploy.md", "tutorial_distributed.md"])
 def test_tutorial_runs_as_written(page, tmp_path):
     code_blocks = blocks(page)
     assert code_blocks, f"{page} has no runnable blocks"
     writers.write_layout(str(tmp_path), train=12, test=6, seed=1)
+    if page == "tutorial_300w.md":  # 300W in iBUG's folders
+        writers.write_300w_folders(str(tmp_path / "300W_download"), 4, seed=1, image_size=(128, 128))
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
     env.pop("TF_USE_LEGACY_KERAS", None)
     for number, (language, code) in enumerate(code_blocks, start=1):

@@ -1,6 +1,8 @@
 """Data-set formats by name, for the command line and the reproduction scripts."""
 import dataclasses
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from larq_landmarks.datasets import readers
 
@@ -63,6 +65,13 @@ def read_dataset(
     return read[name]()
 
 
-def read_columns(name: str, path: str, image_dir: Optional[str] = None, skip_bad: bool = False):
-    """:func:`read_dataset` stacked by :func:`readers.to_columns` with the format's extras."""
-    return readers.to_columns(read_dataset(name, path, image_dir, skip_bad), get_format(name).extras)
+def read_columns(name: str, path: Union[str, Sequence[str]], image_dir: Optional[str] = None,
+                 skip_bad: bool = False) -> Dict[str, np.ndarray]:
+    """:func:`read_dataset` stacked by :func:`readers.to_columns` with the format's extras; ``path``
+    may be several paths (e.g. 300W's ``afw``, ``lfpw/trainset`` and ``helen/trainset``), read in
+    turn as one data set."""
+    paths = [path] if isinstance(path, str) else list(path)
+    if not paths:
+        raise ValueError("no data-set path given")
+    records = [record for each in paths for record in read_dataset(name, each, image_dir, skip_bad)]
+    return readers.to_columns(records, get_format(name).extras)

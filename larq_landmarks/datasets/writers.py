@@ -71,6 +71,22 @@ def write_300w(folder: str, count: int, seed: int = 0, image_size: Tuple[int, in
     return folder
 
 
+W300_FOLDERS = ("afw", "lfpw/trainset", "helen/trainset", "lfpw/testset", "helen/testset", "ibug",
+                "300W/01_Indoor", "300W/02_Outdoor")
+
+
+def write_300w_folders(root: str, count: int, seed: int = 0, image_size: Tuple[int, int] = (256, 256)) -> str:
+    """300W in the folders of iBUG's downloads (:data:`W300_FOLDERS`): the training sets ``afw``,
+    ``lfpw/trainset``, ``helen/trainset``; the test subsets ``lfpw/testset`` + ``helen/testset``
+    (common), ``ibug`` (challenging), ``300W/01_Indoor`` + ``300W/02_Outdoor`` (the private test
+    set); ``count`` faces in each, as :func:`write_300w` writes them (the ibug faces turned further)."""
+    _check_count(count, "count")
+    for number, folder in enumerate(W300_FOLDERS):
+        write_300w(os.path.join(root, *folder.split("/")), count, seed + number, image_size,
+                   max_yaw_degrees=75.0 if folder == "ibug" else 45.0)
+    return root
+
+
 def write_300w_lp(folder: str, count: int, seed: int = 0, image_size: Tuple[int, int] = (256, 256),
                   max_yaw_degrees: float = 85.0, aflw2000_style: bool = False) -> str:
     """300W-LP style ``.jpg`` + ``.mat`` (``pt2d`` 2x68, ``pt3d_68`` 3x68, ``Pose_Para`` 1x7 with
