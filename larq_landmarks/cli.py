@@ -49,19 +49,20 @@ def _load_model(command: str, path: str):
         _fail(command, f"cannot load model {path!r} ({error})")
 
 
-def _read(args, command):
+def _read(args, command, option: str = "data"):
     from larq_landmarks.datasets import formats
     from larq_landmarks.datasets.readers import DatasetError
 
     try:
-        return formats.read_columns(args.format, _data_paths(args), args.images, args.skip_bad)
+        return formats.read_columns(args.format, _data_paths(args, option), args.images, args.skip_bad)
     except (DatasetError, ValueError) as error:
-        _fail(command, str(error))
+        _fail(command, f"--validation-data: {error}" if option == "validation_data" else str(error))
 
 
-def _data_paths(args) -> List[str]:
-    """``--data``: one path or several (a --config file may give a string)."""
-    return [args.data] if isinstance(args.data, str) else list(args.data)
+def _data_paths(args, option: str = "data") -> List[str]:
+    """``--data`` (or another option of paths): one path or several (a --config file may give a string)."""
+    value = getattr(args, option)
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _warn_300w_test_images(columns) -> None:
@@ -99,6 +100,15 @@ def _training_data(args: argparse.Namespace, columns, points: int, size: int, se
     return pipeline.landmark_dataset(columns, size, sigma=args.sigma, **options)
 
 
+def _validation_data(args: argparse.Namespace, columns, size: int, segmentation: bool):
+    """``--validation-data``'s crops, unaugmented, in file order (as ``evaluate`` crops them)."""
+    from larq_landmarks.datasets import pipeline
+
+    if segmentation:
+        return pipeline.segmentation_dataset(columns, size, train=False, batch_size=args.batch_size)
+    return pipeline.landmark_dataset(columns, size, sigma=args.sigma, train=False, batch_size=args.batch_size)
+
+
 def _train(args: argparse.Namespace) -> int:
     from larq_landmarks import models
 
@@ -118,6 +128,7 @@ def _train_in_policy(args: argparse.Namespace) -> int:
     columns = _read(args, "train")
     if fmt.num_points == 68:
         _warn_300w_test_images(columns)
+    validation = _read(args, "train", "validation_data") if args.validation_data else None
     count = len(columns["scale"])
     segmentation = args.task == "segmentation"
     if segmentation and fmt.num_points != 68:
@@ -156,8 +167,9 @@ def _train_in_policy(args: argparse.Namespace) -> int:
             _fail("train", f"--teacher {args.teacher}: {error}")
 
     def compile_for(network, epochs):
-        training.compile_model(network, args.task, steps, epochs, args.learning_rate, optimizer=args.optimizer,
-                               schedule=args.schedule, warmup_fraction=args.warmup)
+        metrics = None if validation is None else training.validation_metrics(args.task, fmt.num_points)
+        training.compile_model(network, args.task, steps, epochs, args.learning_rate, metrics=metrics,
+                               optimizer=args.optimizer, schedule=args.schedule, warmup_fraction=args.warmup)
 
     fitted = trainee(model)
     try:
@@ -165,7 +177,9 @@ def _train_in_policy(args: argparse.Namespace) -> int:
     except ValueError as error:
         _fail("train", str(error))
     data = _training_data(args, columns, fmt.num_points, args.input_size, segmentation)
-    callbacks = training.training_callbacks(args.out, log_dir=os.path.join(args.out, "logs"))
+    checked = None if validation is None else _validation_data(args, validation, args.input_size, segmentation)
+    best_metric = None if validation is None else ("mean_iu" if segmentation else "nme")
+    callbacks = training.training_callbacks(args.out, log_dir=os.path.join(args.out, "logs"), best_metric=best_metric)
     if not segmentation:
         preview = next(iter(data))[0].numpy()[:4]
         callbacks.append(tensorboard.HeatmapImages(os.path.join(args.out, "logs", "images"), preview))
@@ -186,25 +200,33 @@ def _train_in_policy(args: argparse.Namespace) -> int:
             kept = "activations" if args.first_stage == "binary_weights" else "weights"
             print(f"stage 1 of 2: {first_epochs} epochs with real-valued {kept}, in {stage1}")
             first_fitted.fit(training.for_stacks(data, first), epochs=first_epochs, steps_per_epoch=steps,
+                             validation_data=None if checked is None else training.for_stacks(checked, first),
                              callbacks=training.training_callbacks(stage1), verbose=2 if args.quiet else 1)
         if two_stage:
             training.transfer_weights(first, model)
             backup = os.path.join(args.out, "backup")
             print(f"stage 2 of 2: {args.epochs - first_epochs} epochs fully binary")
         fitted.fit(training.for_stacks(data, model), epochs=args.epochs - first_epochs, steps_per_epoch=steps,
+                   validation_data=None if checked is None else training.for_stacks(checked, model),
                    callbacks=callbacks, verbose=2 if args.quiet else 1)
     except KeyboardInterrupt:
         where = (f"the last finished epoch is backed up in {backup}" if os.path.isdir(backup)
                  else "no epoch had finished")
         _fail("train", f"interrupted; {where}: run the same command again to resume")
     print(f"model: {os.path.join(args.out, 'model.keras')}")
+    best = next((c.best for c in callbacks if isinstance(c, training.SaveBestModel)), None)
+    if best is not None:
+        stage = " of stage 2" if two_stage else ""
+        print(f"best on the validation data: epoch {best['epoch']}{stage}, {best['metric']} {best['value']:.4f}: "
+              f"{os.path.join(args.out, 'best.keras')}")
     return 0
 
 
 # what defines a training run: resuming in the same --out with other values would not resume it
 RUN_OPTIONS = ("format", "model", "task", "input_size", "width", "depth", "num_stacks", "sigma", "batch_size",
                "epochs", "steps_per_epoch", "learning_rate", "optimizer", "schedule", "warmup", "one_stage", "seed",
-               "input_quantizer", "first_stage", "first_fraction", "teacher", "attention_weight", "dtype_policy")
+               "input_quantizer", "first_stage", "first_fraction", "teacher", "attention_weight", "dtype_policy",
+               "validation_data")
 # train --dtype-policy: the Keras dtype policies it takes
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -224,7 +246,8 @@ def _check_rerun(args: argparse.Namespace) -> None:
     run_file = os.path.join(args.out, "run.json")
     options = {k: getattr(args, k) for k in RUN_OPTIONS}
     if args.overwrite:
-        for path in (backup, run_file, os.path.join(args.out, "stage1")):
+        best = os.path.join(args.out, "best.keras")
+        for path in (backup, run_file, os.path.join(args.out, "stage1"), best, best + ".json"):
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
@@ -653,7 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "resumes an interrupted run in the same --out folder.")
     _data_arguments(train, "heatmaps", "landmark heatmaps (default) or facial part segmentation (7 classes, "
                     "from 68-point faces)")
-    train.add_argument("--out", required=True, help="run folder: model.keras, backup/, logs/")
+    train.add_argument("--out", required=True, help="run folder: model.keras, backup/, logs/ (and best.keras)")
+    train.add_argument("--validation-data", nargs="+", metavar="DATA",
+                       help="data-set folders (or annotation file) in --format to score after every epoch: "
+                       "the loss and the NME of the heatmaps' peaks in the crops (keras_metrics.HeatmapNME; "
+                       "inter-ocular for 68 points) or the mean IU of the parts, in the log and TensorBoard; "
+                       "the best epoch's model is kept as --out/best.keras (evaluate gives the papers' "
+                       "protocol on the original images)")
     train.add_argument("--model", default="binary_hpm", help="named configuration (models/*.json)")
     train.add_argument("--epochs", type=positive_int, default=100)
     train.add_argument("--steps-per-epoch", type=positive_int, help="default: data-set size / batch size")

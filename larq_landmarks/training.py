@@ -11,6 +11,7 @@ Use it as::
         compile_model(model, steps_per_epoch=len_train // batch, epochs=100)
     model.fit(for_stacks(train, model), epochs=100, callbacks=training_callbacks("run/"))
 """
+import json
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from larq_landmarks.atomic import atomic_path
 from larq_landmarks.distillation import Distiller
 
 
@@ -267,14 +269,82 @@ class SaveModelEachEpoch(tf.keras.callbacks.Callback):
         save_model(self.model.student if isinstance(self.model, Distiller) else self.model, self.path)
 
 
-def training_callbacks(work_dir: str, log_dir: Optional[str] = None) -> List[tf.keras.callbacks.Callback]:
+def validation_metrics(task: str, num_points: int) -> list:
+    """The Keras metric to follow on validation data: :class:`~larq_landmarks.keras_metrics.HeatmapNME`
+    (named ``nme``; by the inter-ocular distance for 68-point faces, by the heatmap side otherwise)
+    for heatmaps, :class:`~larq_landmarks.keras_metrics.PartMeanIU` (``mean_iu``) for segmentation."""
+    from larq_landmarks.keras_metrics import HeatmapNME, PartMeanIU
+
+    if task == "segmentation":
+        return [PartMeanIU()]
+    if task == "heatmaps":
+        return [HeatmapNME("inter_ocular" if num_points == 68 else "heatmap_size")]
+    raise ValueError(f"task={task!r} is not known; use 'heatmaps' or 'segmentation'")
+
+
+BEST_MODES = {"nme": "min", "mean_iu": "max"}  # SaveBestModel's metrics: lower or higher is better
+
+
+class SaveBestModel(tf.keras.callbacks.Callback):
+    """Keep at ``path`` the model of the epoch with the best validation ``metric`` so far, written
+    atomically (see :func:`save_model`); for a :class:`~larq_landmarks.distillation.Distiller`,
+    its student.
+
+    The epoch and its score go to ``path`` + ``.json``, also atomically, and are read back when
+    training starts, so a run resumed by ``BackupAndRestore`` keeps comparing with its best epoch.
+
+    Args:
+        path: the ``.keras`` file to keep the best model in.
+        metric: ``"nme"`` (the lowest wins) or ``"mean_iu"`` (the highest), as named by
+            :func:`validation_metrics`; of a model with several outputs (stacks), the last output's.
+    """
+
+    def __init__(self, path: str, metric: str = "nme"):
+        super().__init__()
+        if metric not in BEST_MODES:
+            raise ValueError(f"metric={metric!r} must be one of {tuple(BEST_MODES)}")
+        self.path, self.metric = os.fspath(path), metric
+        self.record_path = self.path + ".json"
+        self.best: Optional[dict] = None
+
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self.record_path):
+            with open(self.record_path, encoding="utf-8") as f:
+                self.best = json.load(f)
+
+    def _better(self, value: float) -> bool:
+        if not np.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best["value"] if BEST_MODES[self.metric] == "min" else value > self.best["value"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        keys = [k for k in (logs or {}) if k.startswith("val_") and (k == f"val_{self.metric}"
+                                                                      or k.endswith(f"_{self.metric}"))]
+        if not keys:
+            raise ValueError(f"SaveBestModel: the epoch's logs have no validation {self.metric!r} "
+                             f"(got {sorted(logs or {})}): fit needs validation_data and the metric in compile")
+        value = float(logs[keys[-1]])  # the last output's: the last stack
+        if self._better(value):
+            save_model(self.model.student if isinstance(self.model, Distiller) else self.model, self.path)
+            self.best = {"epoch": epoch + 1, "metric": keys[-1], "value": value}
+            with atomic_path(self.record_path) as temporary, open(temporary, "w", encoding="utf-8") as f:
+                json.dump(self.best, f, indent=1)
+
+
+def training_callbacks(work_dir: str, log_dir: Optional[str] = None,
+                       best_metric: Optional[str] = None) -> List[tf.keras.callbacks.Callback]:
     """Callbacks for a resumable run in ``work_dir``.
 
     - ``BackupAndRestore`` (``work_dir/backup``): an interrupted ``fit`` called again with the
       same callbacks resumes after the last finished epoch, with optimiser state.
     - ``TerminateOnNaN``: stop at the first NaN loss.
     - :class:`SaveModelEachEpoch` to ``work_dir/model.keras``.
-    - ``TensorBoard`` logs when ``log_dir`` is given.
+    - :class:`SaveBestModel` to ``work_dir/best.keras`` when ``best_metric`` (``"nme"`` or
+      ``"mean_iu"``) is given: ``fit`` then needs ``validation_data`` and the model that metric
+      (:func:`validation_metrics`).
+    - ``TensorBoard`` logs when ``log_dir`` is given (validation scores too, under ``validation``).
     """
     for name, folder in (("work_dir", work_dir), ("log_dir", log_dir)):  # before fit writes anything
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
@@ -284,6 +354,8 @@ def training_callbacks(work_dir: str, log_dir: Optional[str] = None) -> List[tf.
         tf.keras.callbacks.TerminateOnNaN(),
         SaveModelEachEpoch(os.path.join(work_dir, "model.keras")),
     ]
+    if best_metric is not None:
+        callbacks.append(SaveBestModel(os.path.join(work_dir, "best.keras"), best_metric))
     if log_dir:
         callbacks.append(tf.keras.callbacks.TensorBoard(log_dir))
     return callbacks

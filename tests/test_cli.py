@@ -161,6 +161,30 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
                 np.testing.assert_allclose(result[now]["boxes"][0], [x1, y1, x2, y2], rtol=1e-5)
 
 
+def test_train_scores_validation_data_after_each_epoch_and_keeps_the_best(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--input-size", "64", "--width", "32", "--depth", "2", "--batch-size", "4", "--steps-per-epoch", "3",
+             "--quiet", "--format", "300w", "--data", str(trained / "train"), "--out", str(out)]
+    assert cli.main(["train", *flags, "--epochs", "3", "--validation-data", str(trained / "test")]) == 0
+    printed = capsys.readouterr().out
+    binary = printed[printed.index("stage 2 of 2"):]  # best.keras is of the binary network's epochs
+    scores = [float(v) for v in re.findall(r"val_nme: ([0-9.]+)", binary)]
+    assert len(scores) == 2 and len(re.findall(r"val_nme: ", printed)) == 3  # stage 1 is scored too
+    best = json.loads((out / "best.keras.json").read_text())
+    assert best["metric"] == "val_nme" and best["value"] == pytest.approx(min(scores), abs=1e-4)
+    assert best["epoch"] == 1 + scores.index(min(scores))
+    assert f"best on the validation data: epoch {best['epoch']} of stage 2, val_nme {best['value']:.4f}" in printed
+    kept = tf.keras.models.load_model(out / "best.keras")
+    assert kept.count_params() == tf.keras.models.load_model(out / "model.keras").count_params()
+    # resuming with other validation data is refused; --overwrite starts again without the old best
+    (out / "backup").mkdir(exist_ok=True)
+    (out / "backup" / "chief").write_text("an interrupted run")
+    with pytest.raises(SystemExit, match=r"--validation-data \['.*test'\] then, None now"):
+        cli.main(["train", *flags, "--epochs", "3"])
+    assert cli.main(["train", *flags, "--epochs", "1", "--overwrite"]) == 0
+    assert not (out / "best.keras").exists() and not (out / "best.keras.json").exists()
+
+
 def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_warned(tmp_path, capsys):
     """In iBUG's folders of 300W: several --data folders read as one data set; the common,
     challenging and full sets and the private test set get their own tables, each figure the mean

@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -234,6 +235,49 @@ def test_interrupted_fit_resumes_after_last_finished_epoch(small_faces, tmp_path
     resumed.fit(data, epochs=4, callbacks=training.training_callbacks(str(tmp_path)) + [record], verbose=0)
     assert started == [2, 3]
     assert not os.path.exists(tmp_path / "backup" / "chief")  # deleted after a finished fit
+
+
+def test_best_validation_epoch_is_kept_and_a_resumed_run_compares_with_it(small_faces, tmp_path):
+    images, points = small_faces
+    data, validation = _dataset(images[:32], points[:32]).batch(16), _dataset(images[32:40], points[32:40]).batch(8)
+
+    def fresh():
+        model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+        training.compile_model(model, learning_rate=5e-3, metrics=training.validation_metrics("heatmaps", 68))
+        return model
+
+    class Crash(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt("simulated interruption")
+
+    scores = {}
+    record = tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: scores.setdefault(e, logs["val_nme"]))
+    with pytest.raises(KeyboardInterrupt):
+        fresh().fit(data, validation_data=validation, epochs=4, verbose=0,
+                    callbacks=training.training_callbacks(str(tmp_path), best_metric="nme") + [record, Crash()])
+    fresh().fit(data, validation_data=validation, epochs=4, verbose=0,
+                callbacks=training.training_callbacks(str(tmp_path), best_metric="nme") + [record])
+    assert sorted(scores) == [0, 1, 2, 3]
+    best = json.loads((tmp_path / "best.keras.json").read_text())
+    epoch = min(scores, key=scores.get)
+    assert best == {"epoch": epoch + 1, "metric": "val_nme", "value": pytest.approx(scores[epoch])}
+    kept = tf.keras.models.load_model(tmp_path / "best.keras")  # that epoch's weights: the same score again
+    assert kept.evaluate(validation, verbose=0, return_dict=True)["nme"] == pytest.approx(scores[epoch], rel=1e-5)
+
+
+def test_save_best_model_reads_the_last_outputs_score_and_never_keeps_nan(tmp_path):
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(2,))])
+    callback = training.SaveBestModel(str(tmp_path / "best.keras"), "mean_iu")  # higher is better
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, value in enumerate([float("nan"), 0.3, 0.2, 0.5, 0.4]):
+        callback.on_epoch_end(epoch, {"val_stack_1_mean_iu": 1.0, "val_stack_2_mean_iu": value, "mean_iu": 0.9})
+    assert callback.best == {"epoch": 4, "metric": "val_stack_2_mean_iu", "value": 0.5}
+    with pytest.raises(ValueError, match="no validation 'mean_iu'.*fit needs validation_data"):
+        callback.on_epoch_end(5, {"loss": 1.0, "mean_iu": 0.9})
+    with pytest.raises(ValueError, match="metric='pckh' must be one of"):
+        training.SaveBestModel(str(tmp_path / "x.keras"), "pckh")
 
 
 def test_terminate_on_nan_stops_training(small_faces, tmp_path):
