@@ -161,6 +161,7 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
                 np.testing.assert_allclose(result[now]["boxes"][0], [x1, y1, x2, y2], rtol=1e-5)
 
 
+@pytest.mark.slow  # trains twice (23 s); the fast tier has test_training's SaveBestModel tests
 def test_train_scores_validation_data_after_each_epoch_and_keeps_the_best(trained, tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["--input-size", "64", "--width", "32", "--depth", "2", "--batch-size", "4", "--steps-per-epoch", "3",

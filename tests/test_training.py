@@ -239,7 +239,7 @@ def test_interrupted_fit_resumes_after_last_finished_epoch(small_faces, tmp_path
 
 def test_best_validation_epoch_is_kept_and_a_resumed_run_compares_with_it(small_faces, tmp_path):
     images, points = small_faces
-    data, validation = _dataset(images[:32], points[:32]).batch(16), _dataset(images[32:40], points[32:40]).batch(8)
+    data, validation = _dataset(images[:16], points[:16]).batch(16), _dataset(images[32:40], points[32:40]).batch(8)
 
     def fresh():
         model = BinaryHourglass(68, width=32, input_size=64, depth=2)
