@@ -33,6 +33,9 @@ def test_read_pts_hand_written_fixture_is_shifted_to_zero_based(tmp_path):
     path = tmp_path / "a.pts"
     path.write_text(HAND_PTS)
     np.testing.assert_allclose(readers.read_pts(str(path), 3), [[9.5, 19], [0, 0], [99.25, 49.75]])
+    # as Windows tools write it: CRLF line ends, a byte-order mark, the header's spaces doubled
+    path.write_bytes(b"\xef\xbb\xbf" + HAND_PTS.replace("n_points: 3", "n_points:  3").replace("\n", "\r\n").encode())
+    np.testing.assert_allclose(readers.read_pts(str(path), 3), [[9.5, 19], [0, 0], [99.25, 49.75]])
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ def read_pts(path: str, num_points: Optional[int] = 68) -> np.ndarray:
     Returns ``(N, 2)`` float32 0-based pixel coordinates (the file is 1-based).
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as some editors write, is not text
             lines = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: cannot read ({error})") from error
