@@ -151,8 +151,11 @@ def evaluate_landmarks(
     elif kind == "pose":
         if "head_size" not in result or not np.isfinite(result["head_size"]).all():
             raise ValueError("PCKh needs every person's head box (head_size): the annotations lack it")
-        tables = {"PCKh@0.5 %": metrics.pckh(result["predicted"], result["points"], result["visible"],
-                                             result["head_size"])}
+        scored = (result["predicted"], result["points"], result["visible"], result["head_size"])
+        tables = {"PCKh@0.5 %": metrics.pckh(*scored),
+                  "PCKh Mean % by threshold": {"@0.1": metrics.pckh(*scored, alpha=0.1)["Mean"],
+                                               "@0.5": metrics.pckh(*scored)["Mean"],
+                                               "AUC 0-0.5": metrics.pckh_auc(*scored)}}
     else:
         raise ValueError(f"kind={kind!r} must be 'face' or 'pose'")
     return {"tables": tables, "count": int(len(result["points"])), "predicted": result["predicted"],

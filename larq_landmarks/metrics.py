@@ -231,6 +231,24 @@ def pckh(
     return table
 
 
+def pckh_auc(
+    predicted: np.ndarray,
+    truth: np.ndarray,
+    visible: np.ndarray,
+    head_sizes: np.ndarray,
+    max_alpha: float = 0.5,
+    steps: int = 50,
+) -> float:
+    """Area under the curve of PCKh's Mean (percent) against the threshold from 0 to ``max_alpha``
+    (``steps`` intervals: 0.01 apart by default, as MPII's evaluation code), divided by
+    ``max_alpha``: a percentage, the "AUC" of MPII's results tables."""
+    if not (np.isfinite(max_alpha) and max_alpha > 0) or steps < 1:
+        raise ValueError(f"max_alpha={max_alpha!r} must be positive and steps={steps!r} at least 1")
+    alphas = np.linspace(0.0, max_alpha, steps + 1)
+    means = [pckh(predicted, truth, visible, head_sizes, alpha)["Mean"] for alpha in alphas]
+    return float(np.trapz(means, alphas) / max_alpha)
+
+
 def confusion_matrix(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """``(C, C)`` counts: row = true class, column = predicted class."""
     truth, predicted = np.asarray(truth), np.asarray(predicted)

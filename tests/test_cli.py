@@ -129,6 +129,10 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
                   str(tmp_path / "mpii" / "images"), "--ced", str(tmp_path / "pose.png")])
     printed = capsys.readouterr().out
     assert "PCKh@0.5 %" in printed and "| Head | Shoulder | Elbow | Wrist | Hip | Knee | Ankle | Mean |" in printed
+    assert "### PCKh Mean % by threshold\n\n| @0.1 | @0.5 | AUC 0-0.5 |" in printed
+    pckh_mean = re.search(r"\| Mean \|\n\|(?:---:\|)+\n\|(?: [0-9.]+ \|){7} ([0-9.]+) \|", printed).group(1)
+    assert re.search(r"\| @0.1 \| @0.5 \| AUC 0-0.5 \|\n\|(?:---:\|)+\n\| [0-9.]+ \| ([0-9.]+) \|", printed).group(1) \
+        == pckh_mean  # the same Mean as the PCKh@0.5 table's
     with pytest.raises(SystemExit, match="outputs 68 channels but format 'mpii-json'"):
         cli.main(["evaluate", "--model", str(face), "--format", "mpii-json", "--data", valid,
                   "--images", str(tmp_path / "mpii" / "images")])

@@ -60,6 +60,25 @@ def test_pckh_by_hand():
     assert table["Mean"] == pytest.approx(100 * 26 / 27)
 
 
+def test_pckh_auc_by_hand():
+    truth = np.zeros((1, 16, 2))
+    predicted = truth.copy()
+    predicted[0, :, 0] = 2.0  # every joint 0.2 head sizes off (head size 10)
+    predicted[0, [6, 7], 0] = 9.0  # pelvis and thorax: left out of the Mean
+    visible = np.ones((1, 16), bool)
+    # the Mean is 0 below 0.2 and 100 from 0.2 on; thresholds 0.01 apart: the step's trapezoid
+    # counts half of 0.19-0.20, so (0.3 + 0.005) * 100 / 0.5
+    assert metrics.pckh_auc(predicted, truth, visible, [10.0]) == pytest.approx(61.0)
+    assert metrics.pckh_auc(predicted, truth, visible, [10.0], max_alpha=0.1, steps=10) == 0.0
+    # 7 of the 14 joints of the Mean 0.1 off, 7 0.3: the curve at 0, 0.1, ..., 0.5 is 0, 50, 50,
+    # 100, 100, 100; trapezoids 2.5 + 5 + 7.5 + 10 + 10, over 0.5
+    predicted[0, ::2, 0] = 1.0
+    predicted[0, 1::2, 0] = 3.0
+    assert metrics.pckh_auc(predicted, truth, visible, [10.0], steps=5) == pytest.approx(70.0)
+    with pytest.raises(ValueError, match="max_alpha=0 must be positive"):
+        metrics.pckh_auc(predicted, truth, visible, [10.0], max_alpha=0)
+
+
 def test_segmentation_scores_by_hand():
     truth = np.array([[0, 0, 1, 1], [0, 2, 2, 2]])
     predicted = np.array([[0, 1, 1, 1], [0, 2, 2, 0]])
