@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from larq_landmarks import cli, evaluation
+from larq_landmarks import cli, evaluation, metrics, visualize
 from larq_landmarks.datasets import writers
 from larq_landmarks.layouts import FACE_PART_CLASSES
 from larq_landmarks.models import BinaryHourglass
@@ -190,7 +190,7 @@ def test_train_scores_validation_data_after_each_epoch_and_keeps_the_best(traine
     assert not (out / "best.keras").exists() and not (out / "best.keras.json").exists()
 
 
-def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_warned(tmp_path, capsys):
+def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_warned(tmp_path, capsys, monkeypatch):
     """In iBUG's folders of 300W: several --data folders read as one data set; the common,
     challenging and full sets and the private test set get their own tables, each figure the mean
     of its images' rows in --per-image; train warns when --data holds the test images."""
@@ -201,8 +201,17 @@ def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_wa
     test = [str(root / "lfpw" / "testset"), str(root / "helen" / "testset"), str(root / "ibug"),
             str(root / "300W" / "01_Indoor"), str(root / "300W" / "02_Outdoor")]
     out, errors = tmp_path / "eval.json", tmp_path / "errors.csv"
+    plotted = type("Curves", (dict,), {})()
+    draw = visualize.ced_plot
+
+    def ced_plot(curves, x_label):
+        plotted.update(curves)
+        plotted.x_label = x_label
+        return draw(curves, x_label=x_label)
+
+    monkeypatch.setattr(visualize, "ced_plot", ced_plot)
     assert cli.main(["evaluate", "--model", str(face), "--format", "300w", "--data", *test, "--json", str(out),
-                     "--per-image", str(errors)]) == 0
+                     "--per-image", str(errors), "--ced", str(tmp_path / "ced.png")]) == 0
     printed = capsys.readouterr().out
     assert "### 300W NME inter-ocular %\n\n| common | challenging | full |" in printed
     assert "### 300W images\n\n| common | challenging | full | private indoor | private outdoor | private indoor " \
@@ -221,6 +230,12 @@ def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_wa
     assert tables["300W private test, inter-ocular"]["NME indoor + outdoor %"] == pytest.approx(np.mean(private),
                                                                                                  abs=1e-3)
     assert tables["NME"]["NME inter-ocular %"] == pytest.approx(np.mean([float(r[3]) for r in rows[1:]]), abs=1e-3)
+    # the CED: each set's inter-ocular curve up to 0.08, from its faces' rows
+    assert Image.open(tmp_path / "ced.png").size == (480, 360)
+    assert list(plotted) == ["common", "challenging", "private"] and plotted.x_label == "NME (inter-ocular)"
+    for name, members in (("common", {"common"}), ("challenging", {"challenging"}), ("private", {"indoor", "outdoor"})):
+        expected = metrics.ced(np.array([float(r[3]) for r in rows[1:] if r[4] in members]) / 100, 0.08)
+        np.testing.assert_allclose(plotted[name], expected, atol=1e-5)
     # training: the whole folder holds the test images, the three training sets do not
     for data, warned in (([str(root)], True), ([str(root / f) for f in ("afw", "lfpw/trainset", "helen/trainset")],
                                                False)):
