@@ -126,7 +126,7 @@ def _train_in_policy(args: argparse.Namespace) -> int:
     _check_output_folder("train", args.out)
     _check_rerun(args)
     columns = _read(args, "train")
-    if fmt.num_points == 68:
+    if fmt.name == "300w":  # (300W-LP's IBUG folder is synthesised views, its training set)
         _warn_300w_test_images(columns)
     validation = _read(args, "train", "validation_data") if args.validation_data else None
     count = len(columns["scale"])
@@ -320,7 +320,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                              args.batch_size, progress=True)
         else:
             results[path] = evaluation.evaluate_landmarks(predict, columns, fmt.kind, predictor.input_size,
-                                                          args.batch_size, progress=True)
+                                                          args.batch_size, progress=True, w300=fmt.name == "300w")
         print(f"\n{results[path]['count']} samples of {' '.join(_data_paths(args))} ({args.format}), model {path}\n")
         print(evaluation.format_tables(results[path]["tables"]))
     if len(results) > 1:  # the models side by side, first table of each

@@ -48,7 +48,7 @@ def predict_dataset(predict: Callable[[np.ndarray], np.ndarray], dataset: tf.dat
     return {key: np.concatenate(values) for key, values in parts.items()}
 
 
-def _face_table(result: Dict[str, np.ndarray], num_points: int) -> Dict[str, Dict[str, float]]:
+def _face_table(result: Dict[str, np.ndarray], num_points: int, w300: bool) -> Dict[str, Dict[str, float]]:
     from larq_landmarks import metrics
 
     truth, predicted, visible = result["points"], result["predicted"], result["visible"]
@@ -66,7 +66,7 @@ def _face_table(result: Dict[str, np.ndarray], num_points: int) -> Dict[str, Dic
     if not visible.all():
         summary["NME box, visible points %"] = 100 * float(metrics.nme(predicted, truth, box, visible).mean())
     tables["NME"] = summary
-    if num_points == 68 and "image_path" in result:  # 300W's subsets, where the images are in its folders
+    if w300 and num_points == 68:  # 300W's subsets, where the images are in its folders
         tables.update(metrics.w300_tables(ocular, pupil, _w300_subsets(result)))
     if "yaw" in result and np.isfinite(result["yaw"]).all():
         tables["NME box % by |yaw| (AFLW2000-3D layout)"] = {
@@ -82,10 +82,10 @@ def _w300_subsets(result: Dict[str, np.ndarray]) -> np.ndarray:
     return np.array([metrics.w300_subset(p.decode() if isinstance(p, bytes) else str(p)) for p in paths], str)
 
 
-def per_image_errors(result: Dict[str, np.ndarray], kind: str) -> Dict[str, np.ndarray]:
+def per_image_errors(result: Dict[str, np.ndarray], kind: str, w300: bool = False) -> Dict[str, np.ndarray]:
     """Each image's error, to find the failures behind the tables (``result`` from
     :func:`predict_dataset`): ``image_path``, and for faces ``nme_box_%`` (with ``nme_inter_ocular_%``
-    for 68 points, ``w300_subset`` where some images are in 300W's test folders
+    for 68 points, ``w300_subset`` with ``w300`` where some images are in 300W's test folders
     (:func:`~larq_landmarks.metrics.w300_subset`), ``nme_box_visible_%`` where some points are
     hidden, ``yaw_degrees`` where known),
     for people ``pckh_%``: the share of the labelled joints but pelvis and thorax (as PCKh's Mean)
@@ -99,7 +99,7 @@ def per_image_errors(result: Dict[str, np.ndarray], kind: str) -> Dict[str, np.n
         rows["nme_box_%"] = 100 * metrics.nme(predicted, truth, box)
         if truth.shape[1] == 68:
             rows["nme_inter_ocular_%"] = 100 * metrics.nme(predicted, truth, metrics.inter_ocular(truth))
-            subsets = _w300_subsets(result)
+            subsets = _w300_subsets(result) if w300 else np.array([""])
             if (subsets != "").any():
                 rows["w300_subset"] = subsets
         if not visible.all():
@@ -124,6 +124,7 @@ def evaluate_landmarks(
     input_size: int = 256,
     batch_size: int = 16,
     progress: bool = False,
+    w300: bool = False,
 ) -> Dict[str, object]:
     """The papers' tables for a landmark model on a data set.
 
@@ -133,6 +134,11 @@ def evaluate_landmarks(
             extras where the data set has them).
         kind: ``"face"`` (NME tables; by yaw when ``yaw`` is present; visible-only when some
             points are invisible) or ``"pose"`` (MPII PCKh@0.5 by joint).
+        input_size, batch_size: the crops' side and how many are predicted at a time.
+        progress: show a progress bar.
+        w300: the data are 300W's (``.pts`` folders): add the tables of its test subsets for the
+            images in its test folders (:func:`~larq_landmarks.metrics.w300_tables`). Not for
+            300W-LP, whose ``IBUG`` folder holds synthesised views, not the challenging subset.
 
     Returns:
         ``{"tables": {title: {column: value}}, "count": N, "predicted": (N, K, 2) image pixels,
@@ -147,7 +153,7 @@ def evaluate_landmarks(
     result = predict_dataset(predict, dataset)
     num_points = result["points"].shape[1]
     if kind == "face":
-        tables = _face_table(result, num_points)
+        tables = _face_table(result, num_points, w300)
     elif kind == "pose":
         if "head_size" not in result or not np.isfinite(result["head_size"]).all():
             raise ValueError("PCKh needs every person's head box (head_size): the annotations lack it")
@@ -159,7 +165,7 @@ def evaluate_landmarks(
     else:
         raise ValueError(f"kind={kind!r} must be 'face' or 'pose'")
     return {"tables": tables, "count": int(len(result["points"])), "predicted": result["predicted"],
-            "per_image": per_image_errors(result, kind)}
+            "per_image": per_image_errors(result, kind, w300)}
 
 
 def evaluate_segmentation(

@@ -236,6 +236,15 @@ def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_wa
     for name, members in (("common", {"common"}), ("challenging", {"challenging"}), ("private", {"indoor", "outdoor"})):
         expected = metrics.ced(np.array([float(r[3]) for r in rows[1:] if r[4] in members]) / 100, 0.08)
         np.testing.assert_allclose(plotted[name], expected, atol=1e-5)
+    # 300W-LP's IBUG folder holds views synthesised from iBUG to train on: not the challenging subset
+    writers.write_300w_lp(str(tmp_path / "300W_LP" / "IBUG"), 2, seed=4, image_size=(96, 96))
+    assert cli.main(["evaluate", "--model", str(face), "--format", "300w-lp", "--data", str(tmp_path / "300W_LP"),
+                     "--json", str(out)]) == 0
+    assert list(json.loads(out.read_text())["tables"]) == ["NME", "NME box % by |yaw| (AFLW2000-3D layout)"]
+    with pytest.raises(SystemExit, match="nowhere"):
+        cli.main(["train", "--format", "300w-lp", "--data", str(tmp_path / "300W_LP"), "--model", "nowhere",
+                  "--out", str(tmp_path / "r")])
+    assert "warning" not in capsys.readouterr().err
     # training: the whole folder holds the test images, the three training sets do not
     for data, warned in (([str(root)], True), ([str(root / f) for f in ("afw", "lfpw/trainset", "helen/trainset")],
                                                False)):
