@@ -124,6 +124,8 @@ def _train_in_policy(args: argparse.Namespace) -> int:
 
     fmt = formats.get_format(args.format)
     _check_output_folder("train", args.out)
+    if args.validation_data is not None:  # a list, also where a --config file gives one path (run.json compares it)
+        args.validation_data = _data_paths(args, "validation_data")
     _check_rerun(args)
     columns = _read(args, "train")
     if fmt.name == "300w":  # (300W-LP's IBUG folder is synthesised views, its training set)
