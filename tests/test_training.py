@@ -241,11 +241,6 @@ def test_best_validation_epoch_is_kept_and_a_resumed_run_compares_with_it(small_
     images, points = small_faces
     data, validation = _dataset(images[:16], points[:16]).batch(16), _dataset(images[32:40], points[32:40]).batch(8)
 
-    def fresh():
-        model = BinaryHourglass(68, width=32, input_size=64, depth=2)
-        training.compile_model(model, learning_rate=5e-3, metrics=training.validation_metrics("heatmaps", 68))
-        return model
-
     class Crash(tf.keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             if epoch == 2:
@@ -253,11 +248,15 @@ def test_best_validation_epoch_is_kept_and_a_resumed_run_compares_with_it(small_
 
     scores = {}
     record = tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: scores.setdefault(e, logs["val_nme"]))
+    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    training.compile_model(model, learning_rate=5e-3, metrics=training.validation_metrics("heatmaps", 68))
     with pytest.raises(KeyboardInterrupt):
-        fresh().fit(data, validation_data=validation, epochs=4, verbose=0,
-                    callbacks=training.training_callbacks(str(tmp_path), best_metric="nme") + [record, Crash()])
-    fresh().fit(data, validation_data=validation, epochs=4, verbose=0,
-                callbacks=training.training_callbacks(str(tmp_path), best_metric="nme") + [record])
+        model.fit(data, validation_data=validation, epochs=4, verbose=0,
+                  callbacks=training.training_callbacks(str(tmp_path), best_metric="nme") + [record, Crash()])
+    # the same model object (its traced steps kept): the backup restores weights and epoch, and a new
+    # SaveBestModel reads the best score so far from best.keras.json
+    model.fit(data, validation_data=validation, epochs=4, verbose=0,
+              callbacks=training.training_callbacks(str(tmp_path), best_metric="nme") + [record])
     assert sorted(scores) == [0, 1, 2, 3]
     best = json.loads((tmp_path / "best.keras.json").read_text())
     epoch = min(scores, key=scores.get)
@@ -274,6 +273,14 @@ def test_save_best_model_reads_the_last_outputs_score_and_never_keeps_nan(tmp_pa
     for epoch, value in enumerate([float("nan"), 0.3, 0.2, 0.5, 0.4]):
         callback.on_epoch_end(epoch, {"val_stack_1_mean_iu": 1.0, "val_stack_2_mean_iu": value, "mean_iu": 0.9})
     assert callback.best == {"epoch": 4, "metric": "val_stack_2_mean_iu", "value": 0.5}
+    saved = os.path.getmtime(tmp_path / "best.keras")
+    resumed = training.SaveBestModel(str(tmp_path / "best.keras"), "mean_iu")  # a resumed run's new callback
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    resumed.on_epoch_end(5, {"val_stack_2_mean_iu": 0.45})  # worse than epoch 4's: nothing written
+    assert resumed.best == callback.best and os.path.getmtime(tmp_path / "best.keras") == saved
+    resumed.on_epoch_end(6, {"val_stack_2_mean_iu": 0.55})
+    assert json.loads((tmp_path / "best.keras.json").read_text())["epoch"] == 7
     with pytest.raises(ValueError, match="no validation 'mean_iu'.*fit needs validation_data"):
         callback.on_epoch_end(5, {"loss": 1.0, "mean_iu": 0.9})
     with pytest.raises(ValueError, match="metric='pckh' must be one of"):
