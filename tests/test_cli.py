@@ -40,6 +40,7 @@ def test_train_writes_model_and_logs(trained):
     assert list((trained / "run" / "logs" / "images").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # 20-26 s of training; the fast tier keeps test_training's Distiller tests
 def test_train_distils_from_a_teacher_and_saves_the_student(trained, tmp_path):
     """--teacher: both stages train a Distiller; every model.keras written is the plain student."""
     teacher = tmp_path / "teacher.keras"
@@ -67,18 +68,15 @@ def test_train_distils_from_a_teacher_and_saves_the_student(trained, tmp_path):
 
 
 def test_evaluate_prints_the_papers_tables_and_writes_json(trained, capsys, tmp_path):
-    out = tmp_path / "eval.json"
+    out, errors = tmp_path / "eval.json", tmp_path / "errors.csv"
     assert cli.main(["evaluate", "--model", str(trained / "run" / "model.keras"), "--format", "300w",
-                     "--data", str(trained / "test"), "--json", str(out), "--flip-test"]) == 0
+                     "--data", str(trained / "test"), "--json", str(out), "--flip-test", "--per-image", str(errors)]) == 0
     printed = capsys.readouterr().out
     assert "### NME" in printed and "NME inter-ocular %" in printed
     report = json.loads(out.read_text())
     assert report["count"] == 6 and report["flip_test"] is True
     assert set(report["tables"]["NME"]) >= {"NME box %", "NME inter-ocular %", "AUC@0.07 box"}
     # each image's error, in file order: their mean is the table's NME
-    errors = tmp_path / "errors.csv"
-    assert cli.main(["evaluate", "--model", str(trained / "run" / "model.keras"), "--format", "300w",
-                     "--data", str(trained / "test"), "--json", str(out), "--per-image", str(errors)]) == 0
     lines = errors.read_text().splitlines()
     assert lines[0] == "model,image_path,nme_box_%,nme_inter_ocular_%" and len(lines) == 7
     rows = [line.split(",") for line in lines[1:]]
@@ -109,17 +107,14 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
     writers.write_aflw2000(str(tmp_path / "aflw"), 6, seed=3, image_size=(120, 120))
     face = tmp_path / "face.keras"
     BinaryHourglass(68, width=32, input_size=64, depth=2).save(face)
-    assert cli.main(["evaluate", "--model", str(face), "--format", "aflw2000", "--data", str(tmp_path / "aflw")]) == 0
+    assert cli.main(["evaluate", "--model", str(face), "--format", "aflw2000", "--data", str(tmp_path / "aflw"),
+                     "--per-image", str(tmp_path / "aflw.csv")]) == 0
     assert "[0,30] | [30,60] | [60,90] | mean" in capsys.readouterr().out
+    assert (tmp_path / "aflw.csv").read_text().splitlines()[0] == \
+        "model,image_path,nme_box_%,nme_inter_ocular_%,yaw_degrees"
     _, valid = writers.write_mpii_json(str(tmp_path / "mpii"), 8, seed=4, image_size=(120, 120))
     pose = tmp_path / "pose.keras"
     BinaryHourglass(16, width=32, input_size=64, depth=2).save(pose)
-    assert cli.main(["evaluate", "--model", str(pose), "--format", "mpii-json", "--data", valid,
-                     "--images", str(tmp_path / "mpii" / "images")]) == 0
-    assert cli.main(["evaluate", "--model", str(face), "--format", "aflw2000", "--data", str(tmp_path / "aflw"),
-                     "--per-image", str(tmp_path / "aflw.csv")]) == 0
-    assert (tmp_path / "aflw.csv").read_text().splitlines()[0] == \
-        "model,image_path,nme_box_%,nme_inter_ocular_%,yaw_degrees"
     assert cli.main(["evaluate", "--model", str(pose), "--format", "mpii-json", "--data", valid, "--images",
                      str(tmp_path / "mpii" / "images"), "--per-image", str(tmp_path / "mpii.csv")]) == 0
     lines = (tmp_path / "mpii.csv").read_text().splitlines()
