@@ -99,8 +99,8 @@ def per_image_errors(result: Dict[str, np.ndarray], kind: str, w300: bool = Fals
         rows["nme_box_%"] = 100 * metrics.nme(predicted, truth, box)
         if truth.shape[1] == 68:
             rows["nme_inter_ocular_%"] = 100 * metrics.nme(predicted, truth, metrics.inter_ocular(truth))
-            subsets = _w300_subsets(result) if w300 else np.array([""])
-            if (subsets != "").any():
+            subsets = _w300_subsets(result) if w300 else None
+            if subsets is not None and (subsets != "").any():
                 rows["w300_subset"] = subsets
         if not visible.all():
             rows["nme_box_visible_%"] = 100 * metrics.nme(predicted, truth, box, visible)
@@ -158,10 +158,10 @@ def evaluate_landmarks(
         if "head_size" not in result or not np.isfinite(result["head_size"]).all():
             raise ValueError("PCKh needs every person's head box (head_size): the annotations lack it")
         scored = (result["predicted"], result["points"], result["visible"], result["head_size"])
-        tables = {"PCKh@0.5 %": metrics.pckh(*scored),
+        by_joint = metrics.pckh(*scored)
+        tables = {"PCKh@0.5 %": by_joint,
                   "PCKh Mean % by threshold": {"@0.1": metrics.pckh(*scored, alpha=0.1)["Mean"],
-                                               "@0.5": metrics.pckh(*scored)["Mean"],
-                                               "AUC 0-0.5": metrics.pckh_auc(*scored)}}
+                                               "@0.5": by_joint["Mean"], "AUC 0-0.5": metrics.pckh_auc(*scored)}}
     else:
         raise ValueError(f"kind={kind!r} must be 'face' or 'pose'")
     return {"tables": tables, "count": int(len(result["points"])), "predicted": result["predicted"],

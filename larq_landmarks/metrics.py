@@ -134,7 +134,6 @@ W300_TEST_FOLDERS = {
     ("lfpw", "testset"): "common", ("helen", "testset"): "common", ("ibug",): "challenging",
     ("01_indoor",): "indoor", ("02_outdoor",): "outdoor",
 }  # fmt: skip
-W300_TRAINING_FOLDERS = (("afw",), ("lfpw", "trainset"), ("helen", "trainset"))
 
 
 def _folder_tail(path: str, length: int) -> tuple:
