@@ -79,6 +79,18 @@ def _warn_300w_test_images(columns) -> None:
               file=sys.stderr)
 
 
+def _say_300w_training_images(columns) -> None:
+    """``evaluate``: where some faces are in 300W's test folders and some are not (``--data`` the whole
+    download, say), say that the first table counts them all."""
+    from larq_landmarks import metrics
+
+    tested = sum(bool(metrics.w300_subset(str(p))) for p in columns["image_path"])
+    count = len(columns["image_path"])
+    if 0 < tested < count:
+        print(f"note: {count - tested} of the {count} faces read are not in 300W's test folders (its training "
+              "sets, say): the NME table counts them, the 300W tables do not")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from larq_landmarks import demo
 
@@ -311,6 +323,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.ced and fmt.kind != "face":
         _fail("evaluate", f"--ced plots faces' NME; format {args.format!r} is scored by PCKh")
     columns = _read(args, "evaluate")
+    if fmt.name == "300w" and task != "segmentation":
+        _say_300w_training_images(columns)
     results = {}
     for path, predictor in predictors.items():
         predict = predictor._predict
