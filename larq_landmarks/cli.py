@@ -70,7 +70,7 @@ def _warn_300w_test_images(columns) -> None:
     folder, say): every published 300W figure is on images the model was not trained on."""
     from larq_landmarks import metrics
 
-    subsets = [metrics.w300_subset(str(p)) for p in columns["image_path"]]
+    subsets = list(metrics.w300_subsets(columns["image_path"]))
     found = {name: subsets.count(name) for name in ("common", "challenging", "indoor", "outdoor") if name in subsets}
     if found:
         said = ", ".join(f"{count} of the {name} subset" for name, count in found.items())
@@ -84,8 +84,8 @@ def _say_300w_training_images(columns) -> None:
     download, say), say that the first table counts them all."""
     from larq_landmarks import metrics
 
-    tested = sum(bool(metrics.w300_subset(str(p))) for p in columns["image_path"])
-    count = len(columns["image_path"])
+    subsets = metrics.w300_subsets(columns["image_path"])
+    tested, count = int((subsets != "").sum()), len(subsets)
     if 0 < tested < count:
         print(f"note: {count - tested} of the {count} faces read are not in 300W's test folders (its training "
               "sets, say): the NME table counts them, the 300W tables do not")

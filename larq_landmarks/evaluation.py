@@ -67,19 +67,12 @@ def _face_table(result: Dict[str, np.ndarray], num_points: int, w300: bool) -> D
         summary["NME box, visible points %"] = 100 * float(metrics.nme(predicted, truth, box, visible).mean())
     tables["NME"] = summary
     if w300 and num_points == 68:  # 300W's subsets, where the images are in its folders
-        tables.update(metrics.w300_tables(ocular, pupil, _w300_subsets(result)))
+        tables.update(metrics.w300_tables(ocular, pupil, metrics.w300_subsets(result["image_path"])))
     if "yaw" in result and np.isfinite(result["yaw"]).all():
         tables["NME box % by |yaw| (AFLW2000-3D layout)"] = {
             k: 100 * v for k, v in metrics.nme_by_yaw(errors, result["yaw"]).items()
         }
     return tables
-
-
-def _w300_subsets(result: Dict[str, np.ndarray]) -> np.ndarray:
-    from larq_landmarks import metrics
-
-    paths = result["image_path"]
-    return np.array([metrics.w300_subset(p.decode() if isinstance(p, bytes) else str(p)) for p in paths], str)
 
 
 def per_image_errors(result: Dict[str, np.ndarray], kind: str, w300: bool = False) -> Dict[str, np.ndarray]:
@@ -99,7 +92,7 @@ def per_image_errors(result: Dict[str, np.ndarray], kind: str, w300: bool = Fals
         rows["nme_box_%"] = 100 * metrics.nme(predicted, truth, box)
         if truth.shape[1] == 68:
             rows["nme_inter_ocular_%"] = 100 * metrics.nme(predicted, truth, metrics.inter_ocular(truth))
-            subsets = _w300_subsets(result) if w300 else None
+            subsets = metrics.w300_subsets(result["image_path"]) if w300 else None
             if subsets is not None and (subsets != "").any():
                 rows["w300_subset"] = subsets
         if not visible.all():

@@ -155,6 +155,11 @@ def w300_subset(image_path: str) -> str:
     return ""
 
 
+def w300_subsets(image_paths) -> np.ndarray:
+    """:func:`w300_subset` of each path (``str`` or ``bytes``, as a ``tf.data`` column gives them)."""
+    return np.array([w300_subset(p.decode() if isinstance(p, bytes) else str(p)) for p in image_paths], str)
+
+
 def w300_tables(ocular: np.ndarray, pupil: np.ndarray, subsets: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """300W's tables for the images of its test subsets (empty when there are none).
 

@@ -257,6 +257,11 @@ def save_model(model: tf.keras.Model, path: str) -> str:
     return path
 
 
+def _network(model: tf.keras.Model) -> tf.keras.Model:
+    """What a callback saves of the model ``fit`` trains: a Distiller's student, else the model."""
+    return model.student if isinstance(model, Distiller) else model
+
+
 class SaveModelEachEpoch(tf.keras.callbacks.Callback):
     """Write the model to ``path`` at the end of every epoch, atomically (see :func:`save_model`);
     for a :class:`~larq_landmarks.distillation.Distiller`, its student (the network to convert)."""
@@ -266,7 +271,7 @@ class SaveModelEachEpoch(tf.keras.callbacks.Callback):
         self.path = os.fspath(path)
 
     def on_epoch_end(self, epoch, logs=None):
-        save_model(self.model.student if isinstance(self.model, Distiller) else self.model, self.path)
+        save_model(_network(self.model), self.path)
 
 
 def validation_metrics(task: str, num_points: int) -> list:
@@ -327,7 +332,7 @@ class SaveBestModel(tf.keras.callbacks.Callback):
                              f"(got {sorted(logs or {})}): fit needs validation_data and the metric in compile")
         value = float(logs[keys[-1]])  # the last output's: the last stack
         if self._better(value):
-            save_model(self.model.student if isinstance(self.model, Distiller) else self.model, self.path)
+            save_model(_network(self.model), self.path)
             self.best = {"epoch": epoch + 1, "metric": keys[-1], "value": value}
             with atomic_path(self.record_path) as temporary, open(temporary, "w", encoding="utf-8") as f:
                 json.dump(self.best, f, indent=1)
