@@ -192,7 +192,7 @@ def _train_in_policy(args: argparse.Namespace) -> int:
         _fail("train", str(error))
     data = _training_data(args, columns, fmt.num_points, args.input_size, segmentation)
     checked = None if validation is None else _validation_data(args, validation, args.input_size, segmentation)
-    best_metric = None if validation is None else ("mean_iu" if segmentation else "nme")
+    best_metric = None if validation is None else training.best_epoch_metric(args.task, fmt.num_points)
     callbacks = training.training_callbacks(args.out, log_dir=os.path.join(args.out, "logs"), best_metric=best_metric)
     if not segmentation:
         preview = next(iter(data))[0].numpy()[:4]
@@ -716,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-data", nargs="+", metavar="DATA",
                        help="data-set folders (or annotation file) in --format to score after every epoch: "
                        "the loss and the NME of the heatmaps' peaks in the crops (keras_metrics.HeatmapNME; "
-                       "inter-ocular for 68 points) or the mean IU of the parts, in the log and TensorBoard; "
+                       "inter-ocular for 68 points; for MPII also their PCK@0.5 of a tenth of the heatmap side, "
+                       "keras_metrics.HeatmapPCK, which picks the best epoch) or the mean IU of the parts, in the log and TensorBoard; "
                        "the best epoch's model is kept as --out/best.keras (evaluate gives the papers' "
                        "protocol on the original images)")
     train.add_argument("--model", default="binary_hpm", help="named configuration (models/*.json)")

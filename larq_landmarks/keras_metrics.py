@@ -53,6 +53,48 @@ class HeatmapNME(tf.keras.metrics.Metric):
 
 
 @tf.keras.utils.register_keras_serializable("larq_landmarks")
+class HeatmapPCK(tf.keras.metrics.Metric):
+    """Fraction of the visible landmarks whose peak decoded from the predicted heatmap lies within
+    ``threshold`` times a tenth of the heatmap side of the target's: the accuracy that Newell et
+    al.'s hourglass training code reports for pose during training (PCK@0.5: 3.2 px at 64x64), in
+    crop terms; PCKh on the original images, with head sizes, is :func:`larq_landmarks.metrics.pckh`.
+
+    Landmarks whose target heatmap is empty (invisible, or cropped out) are left out; the fraction
+    is over all visible landmarks of all images seen, as MPII's Mean pools its joints.
+
+    Args:
+        threshold: the distance, in tenths of the heatmap side, under which a landmark is correct.
+    """
+
+    def __init__(self, threshold: float = 0.5, name: str = "pck", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if not threshold > 0:
+            raise ValueError(f"threshold={threshold!r} must be positive")
+        self.threshold = float(threshold)
+        self.correct = self.add_weight("correct", initializer="zeros")
+        self.visible = self.add_weight("visible", initializer="zeros")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        truth, _ = decode_heatmaps(y_true)
+        predicted, _ = decode_heatmaps(y_pred)
+        visible = tf.reduce_max(y_true, axis=[1, 2]) > 0.5
+        limit = self.threshold * tf.cast(tf.shape(y_true)[1], tf.float32) / 10.0
+        correct = tf.logical_and(visible, tf.norm(predicted - truth, axis=-1) <= limit)
+        self.correct.assign_add(tf.reduce_sum(tf.cast(correct, tf.float32)))
+        self.visible.assign_add(tf.reduce_sum(tf.cast(visible, tf.float32)))
+
+    def result(self):
+        return tf.math.divide_no_nan(self.correct, self.visible)
+
+    def reset_state(self):
+        self.correct.assign(0.0)
+        self.visible.assign(0.0)
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold}
+
+
+@tf.keras.utils.register_keras_serializable("larq_landmarks")
 class PartMeanIU(tf.keras.metrics.MeanIoU):
     """Mean IU (FCN) of part segmentation from logits ``(B, H, W, C)`` and masks ``(B, H, W)``."""
 

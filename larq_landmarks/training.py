@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from larq_landmarks import layouts
 from larq_landmarks.atomic import atomic_path
 from larq_landmarks.distillation import Distiller
 
@@ -275,19 +276,31 @@ class SaveModelEachEpoch(tf.keras.callbacks.Callback):
 
 
 def validation_metrics(task: str, num_points: int) -> list:
-    """The Keras metric to follow on validation data: :class:`~larq_landmarks.keras_metrics.HeatmapNME`
+    """The Keras metrics to follow on validation data: :class:`~larq_landmarks.keras_metrics.HeatmapNME`
     (named ``nme``; by the inter-ocular distance for 68-point faces, by the heatmap side otherwise)
-    for heatmaps, :class:`~larq_landmarks.keras_metrics.PartMeanIU` (``mean_iu``) for segmentation."""
-    from larq_landmarks.keras_metrics import HeatmapNME, PartMeanIU
+    for heatmaps, with :class:`~larq_landmarks.keras_metrics.HeatmapPCK` (``pck``, PCK@0.5 of a
+    tenth of the heatmap side) for MPII's 16 joints; :class:`~larq_landmarks.keras_metrics.PartMeanIU`
+    (``mean_iu``) for segmentation."""
+    from larq_landmarks.keras_metrics import HeatmapNME, HeatmapPCK, PartMeanIU
 
     if task == "segmentation":
         return [PartMeanIU()]
+    if task == "heatmaps" and num_points == len(layouts.MPII_JOINTS):
+        return [HeatmapNME("heatmap_size"), HeatmapPCK()]
     if task == "heatmaps":
         return [HeatmapNME("inter_ocular" if num_points == 68 else "heatmap_size")]
     raise ValueError(f"task={task!r} is not known; use 'heatmaps' or 'segmentation'")
 
 
-BEST_MODES = {"nme": "min", "mean_iu": "max"}  # SaveBestModel's metrics: lower or higher is better
+def best_epoch_metric(task: str, num_points: int) -> str:
+    """The metric of :func:`validation_metrics` that picks the best epoch (:class:`SaveBestModel`):
+    ``mean_iu`` for segmentation, ``pck`` for MPII's 16 joints, ``nme`` for faces."""
+    if task == "segmentation":
+        return "mean_iu"
+    return "pck" if num_points == len(layouts.MPII_JOINTS) else "nme"
+
+
+BEST_MODES = {"nme": "min", "pck": "max", "mean_iu": "max"}  # SaveBestModel's metrics: lower or higher is better
 
 
 class SaveBestModel(tf.keras.callbacks.Callback):
@@ -300,7 +313,7 @@ class SaveBestModel(tf.keras.callbacks.Callback):
 
     Args:
         path: the ``.keras`` file to keep the best model in.
-        metric: ``"nme"`` (the lowest wins) or ``"mean_iu"`` (the highest), as named by
+        metric: ``"nme"`` (the lowest wins), ``"pck"`` or ``"mean_iu"`` (the highest), as named by
             :func:`validation_metrics`; of a model with several outputs (stacks), the last output's.
     """
 
@@ -346,9 +359,9 @@ def training_callbacks(work_dir: str, log_dir: Optional[str] = None,
       same callbacks resumes after the last finished epoch, with optimiser state.
     - ``TerminateOnNaN``: stop at the first NaN loss.
     - :class:`SaveModelEachEpoch` to ``work_dir/model.keras``.
-    - :class:`SaveBestModel` to ``work_dir/best.keras`` when ``best_metric`` (``"nme"`` or
-      ``"mean_iu"``) is given: ``fit`` then needs ``validation_data`` and the model that metric
-      (:func:`validation_metrics`).
+    - :class:`SaveBestModel` to ``work_dir/best.keras`` when ``best_metric`` (``"nme"``,
+      ``"pck"`` or ``"mean_iu"``: :func:`best_epoch_metric`) is given: ``fit`` then needs
+      ``validation_data`` and the model that metric (:func:`validation_metrics`).
     - ``TensorBoard`` logs when ``log_dir`` is given (validation scores too, under ``validation``).
     """
     for name, folder in (("work_dir", work_dir), ("log_dir", log_dir)):  # before fit writes anything

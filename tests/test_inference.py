@@ -407,6 +407,30 @@ def test_heatmap_nme_keras_metric_matches_hand_computation():
     assert float(by_size.result()) == pytest.approx(2.0 / 64.0)
 
 
+def test_heatmap_pck_keras_metric_matches_hand_computation():
+    truth = np.full((2, 16, 2), 30.0, np.float32)
+    offsets = np.zeros((2, 16, 2), np.float32)
+    offsets[0, :4, 0] = [3.0, 4.0, 7.0, 0.0]  # 64 px heatmaps: PCK@0.5 allows 3.2 px, @1.0 6.4 px
+    offsets[1, :3, 1] = [-3.0, -5.0, 2.0]
+    visible = np.ones((2, 16))
+    visible[0, 1] = visible[1, 2] = 0  # empty targets: left out, whatever is predicted
+    targets = hm.render_heatmaps(truth, visible, 64)
+    outputs = hm.render_heatmaps(truth + offsets, np.ones((2, 16)), 64)
+    strict, loose = keras_metrics.HeatmapPCK(), keras_metrics.HeatmapPCK(1.0)
+    for metric in (strict, loose):
+        metric.update_state(targets[:1], outputs[:1])  # pooled over batches and joints
+        metric.update_state(targets[1:], outputs[1:])
+    # 30 visible; wrong at 0.5: 7 px (image 0), 5 px (image 1); at 1.0: 7 px
+    assert float(strict.result()) == pytest.approx(28 / 30)
+    assert float(loose.result()) == pytest.approx(29 / 30)
+    copy = keras_metrics.HeatmapPCK.from_config(loose.get_config())
+    assert copy.threshold == 1.0 and copy.name == "pck"
+    strict.reset_state()
+    assert float(strict.result()) == 0.0
+    with pytest.raises(ValueError, match="threshold=0 must be positive"):
+        keras_metrics.HeatmapPCK(0)
+
+
 def test_keras_metrics_work_in_compile_and_evaluate_and_survive_saving(tmp_path):
     model = BinaryHourglass(68, width=32, input_size=64, depth=2)
     model.compile(optimizer="rmsprop", loss="mse", metrics=[keras_metrics.HeatmapNME("heatmap_size")])

@@ -287,6 +287,22 @@ def test_save_best_model_reads_the_last_outputs_score_and_never_keeps_nan(tmp_pa
         training.SaveBestModel(str(tmp_path / "x.keras"), "pckh")
 
 
+def test_pose_models_are_validated_by_pck_and_keep_their_highest_epoch(tmp_path):
+    assert [m.name for m in training.validation_metrics("heatmaps", 16)] == ["nme", "pck"]
+    assert [m.name for m in training.validation_metrics("heatmaps", 68)] == ["nme"]
+    assert [m.name for m in training.validation_metrics("segmentation", 7)] == ["mean_iu"]
+    assert [training.best_epoch_metric(*args) for args in (("heatmaps", 16), ("heatmaps", 68),
+                                                            ("heatmaps", 34), ("segmentation", 68))] == \
+        ["pck", "nme", "nme", "mean_iu"]
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(2,))])
+    callback = training.SaveBestModel(str(tmp_path / "best.keras"), "pck")
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, value in enumerate([0.4, 0.7, 0.6]):
+        callback.on_epoch_end(epoch, {"val_nme": 0.1 * epoch, "val_pck": value})
+    assert callback.best == {"epoch": 2, "metric": "val_pck", "value": 0.7}
+
+
 def test_terminate_on_nan_stops_training(small_faces, tmp_path):
     images, points = small_faces
     bad = points[:32].copy()

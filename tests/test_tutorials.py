@@ -5,6 +5,7 @@ synthetic data sets in the layout the page describes (``text`` and ``sh`` blocks
 Scaling down rewrites only training lengths and model sizes (see ``SCALE_DOWN``), so a tutorial
 whose commands or code drift from the library fails here.
 """
+import json
 import os
 import re
 import subprocess
@@ -59,3 +60,6 @@ def test_tutorial_runs_as_written(page, tmp_path):
             f"{page} block {number} ({language}) failed:\n{code}\n--- stdout ---\n{result.stdout[-3000:]}"
             f"\n--- stderr ---\n{result.stderr[-5000:]}"
         )
+    if page == "tutorial_mpii.md":  # a pose model's best epoch is the one with the highest crop PCK
+        best = json.loads((tmp_path / "runs" / "mpii" / "best.keras.json").read_text())
+        assert best["metric"] == "val_pck" and 0 <= best["value"] <= 1
