@@ -210,7 +210,8 @@ def test_import_is_quiet_at_the_default_log_level_and_keeps_tensorflows_lines_at
     assert "InitializeLog" not in quiet.stderr and "I0000" not in quiet.stderr, quiet.stderr
     loud = run_python("import larq_landmarks", env_extra={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert loud.returncode == 0, loud.stderr
-    assert "absl::InitializeLog()" in loud.stderr and "oneDNN" in loud.stderr
+    # (which INFO lines come depends on the CPU: oneDNN's notice only where it is on by default)
+    assert "absl::InitializeLog()" in loud.stderr and "I0000" in loud.stderr
     # no temporary file to hold them in: TensorFlow imported as it is, its lines as they come
     unheld = run_python("import tempfile\ndef no_file(*a, **k): raise OSError('read-only')\n"
                         "tempfile.TemporaryFile = no_file\nimport larq_landmarks; print('ok')")

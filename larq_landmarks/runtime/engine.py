@@ -333,21 +333,6 @@ class Engine:
         self.num_threads = num_threads
         if float_precision not in FLOAT_PRECISIONS:
             raise ValueError(f"float_precision={float_precision!r} must be one of {FLOAT_PRECISIONS}")
-        if float_precision in _REDUCED_PRECISIONS:
-            function, paths, needs, unbuilt, feature = _REDUCED_PRECISIONS[float_precision]
-            if on_gpu:
-                raise ValueError(f"float_precision={float_precision!r} is for the CPU kernels (it needs {needs}); "
-                                 "the GPU kernels run float32")
-            if float_precision not in kernel_paths.reduced_precisions(self._kernels):
-                if self.kernels not in paths:
-                    why = f"which have no {float_precision} convolutions"
-                elif not hasattr(self._kernels, function):
-                    why = unbuilt
-                else:
-                    why = f"and this CPU has no {feature}"
-                raise ValueError(f"float_precision={float_precision!r} needs {needs}; these are the {self.kernels} "
-                                 f"kernels, {why}")
-        self.float_precision = float_precision
         if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
                                         "outputs; the runtime runs one-input, one-output models")
@@ -363,6 +348,21 @@ class Engine:
             if float_precision != "float32":
                 raise ValueError(f"float_precision={float_precision!r} is for files with float32 activations; "
                                  f"{name} has int8 ones, which run their own int8 arithmetic")
+        if float_precision in _REDUCED_PRECISIONS:
+            function, paths, needs, unbuilt, feature = _REDUCED_PRECISIONS[float_precision]
+            if on_gpu:
+                raise ValueError(f"float_precision={float_precision!r} is for the CPU kernels (it needs {needs}); "
+                                 "the GPU kernels run float32")
+            if float_precision not in kernel_paths.reduced_precisions(self._kernels):
+                if self.kernels not in paths:
+                    why = f"which have no {float_precision} convolutions"
+                elif not hasattr(self._kernels, function):
+                    why = unbuilt
+                else:
+                    why = f"and this CPU has no {feature}"
+                raise ValueError(f"float_precision={float_precision!r} needs {needs}; these are the {self.kernels} "
+                                 f"kernels, {why}")
+        self.float_precision = float_precision
         with self._device:  # the ops upload their constants
             self._steps, self._step_ops = self._plan(fuse_blocks)
         activations = [int(np.prod(t.shape[1:])) * max(np.dtype(t.dtype).itemsize, 4 * (t.dtype == np.int8))
