@@ -1,3 +1,4 @@
+import os
 import platform
 
 from pybind11.setup_helpers import Pybind11Extension
@@ -37,6 +38,8 @@ setup(
     package_dir={"larq_landmarks.named_models": "models"},
     package_data={"larq_landmarks.named_models": ["*.json"], "larq_landmarks.runtime": ["csrc/*.cu"]},
     ext_modules=kernels,
+    # the kernel builds (one compiler run each, a minute or more apiece on a slow core) side by side
+    options={"build_ext": {"parallel": max(1, min(len(kernels), os.cpu_count() or 1))}},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "tf-keras>=2.21,<2.22",

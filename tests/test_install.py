@@ -9,6 +9,7 @@ import glob
 import shutil
 import importlib.util
 import os
+import platform
 import subprocess
 import sys
 import sysconfig
@@ -18,13 +19,20 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the kernel builds setup.py makes here (each imported only where this CPU runs it)
+KERNEL_PATHS = ("portable", "avx2", "avx512", "avx512bw") if platform.machine().lower() in ("x86_64", "amd64") \
+    else ("portable",)
 
 IMPORT_ALL = """
 import importlib, json, os, pkgutil, sys
 import larq_landmarks
 names = sorted(m.name for m in pkgutil.walk_packages(larq_landmarks.__path__, "larq_landmarks."))
 names.append("larq_landmarks.named_models")
+from larq_landmarks.runtime import available_kernels
+runnable = {"larq_landmarks.runtime._kernels_" + path for path in available_kernels()}
 for name in names:
+    if name.startswith("larq_landmarks.runtime._kernels_") and name not in runnable:
+        continue  # built for instructions this CPU lacks (AVX-512 on an AVX2 CPU): SIGILL on import
     importlib.import_module(name)
 from larq_landmarks.models import named_configurations
 print(json.dumps({"modules": names, "configs": sorted(named_configurations()),
@@ -58,6 +66,7 @@ def test_readme_install_twice_then_wheel_imports_every_subpackage(tmp_path):
         assert found["configs"] == expected
         assert os.path.samefile(found["named_models"], os.path.join(ROOT, "models"))
         assert {"larq_landmarks.datasets", "larq_landmarks.detection", "larq_landmarks.cli"} <= set(found["modules"])
+        assert {f"larq_landmarks.runtime._kernels_{path}" for path in KERNEL_PATHS} <= set(found["modules"])
 
     dist = tmp_path / "dist"
     _run([python, "-m", "pip", "wheel", "--no-deps", "--no-input", "-w", str(dist), "."], ROOT)
