@@ -718,8 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the loss and the NME of the heatmaps' peaks in the crops (keras_metrics.HeatmapNME; "
                        "inter-ocular for 68 points; for MPII also their PCK@0.5 of a tenth of the heatmap side, "
                        "keras_metrics.HeatmapPCK, which picks the best epoch) or the mean IU of the parts, in "
-                       "the log and TensorBoard; the best epoch's model is kept as --out/best.keras (evaluate gives the papers' "
-                       "protocol on the original images)")
+                       "the log and TensorBoard; the best epoch's model is kept as --out/best.keras (evaluate "
+                       "gives the papers' protocol on the original images)")
     train.add_argument("--model", default="binary_hpm", help="named configuration (models/*.json)")
     train.add_argument("--epochs", type=positive_int, default=100)
     train.add_argument("--steps-per-epoch", type=positive_int, help="default: data-set size / batch size")
