@@ -9,6 +9,14 @@ import tensorflow as tf
 from larq_landmarks.heatmaps import decode_heatmaps
 
 
+def _peaks(y_true, y_pred) -> tuple:
+    """Landmarks decoded from target and predicted heatmaps, ``(B, K, 2)`` each in heatmap
+    pixels, and ``(B, K)`` which are visible (a target heatmap that is not empty)."""
+    truth, _ = decode_heatmaps(y_true)
+    predicted, _ = decode_heatmaps(y_pred)
+    return truth, predicted, tf.reduce_max(y_true, axis=[1, 2]) > 0.5
+
+
 @tf.keras.utils.register_keras_serializable("larq_landmarks")
 class HeatmapNME(tf.keras.metrics.Metric):
     """Mean NME between the landmarks decoded from predicted and target heatmaps.
@@ -29,9 +37,8 @@ class HeatmapNME(tf.keras.metrics.Metric):
         self.count = self.add_weight("count", initializer="zeros")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        truth, _ = decode_heatmaps(y_true)
-        predicted, _ = decode_heatmaps(y_pred)
-        visible = tf.cast(tf.reduce_max(y_true, axis=[1, 2]) > 0.5, tf.float32)
+        truth, predicted, visible = _peaks(y_true, y_pred)
+        visible = tf.cast(visible, tf.float32)
         distance = tf.norm(predicted - truth, axis=-1) * visible
         per_image = tf.reduce_sum(distance, -1) / tf.maximum(tf.reduce_sum(visible, -1), 1.0)
         if self.normaliser == "inter_ocular":
@@ -75,9 +82,7 @@ class HeatmapPCK(tf.keras.metrics.Metric):
         self.visible = self.add_weight("visible", initializer="zeros")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        truth, _ = decode_heatmaps(y_true)
-        predicted, _ = decode_heatmaps(y_pred)
-        visible = tf.reduce_max(y_true, axis=[1, 2]) > 0.5
+        truth, predicted, visible = _peaks(y_true, y_pred)
         limit = self.threshold * tf.cast(tf.shape(y_true)[1], tf.float32) / 10.0
         correct = tf.logical_and(visible, tf.norm(predicted - truth, axis=-1) <= limit)
         self.correct.assign_add(tf.reduce_sum(tf.cast(correct, tf.float32)))
