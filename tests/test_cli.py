@@ -103,6 +103,7 @@ def test_evaluate_prints_the_papers_tables_and_writes_json(trained, capsys, tmp_
     assert Image.open(tmp_path / "ced.png").size == (480, 360)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores; the fast tier covers `evaluate` on 300W files
 def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
     writers.write_aflw2000(str(tmp_path / "aflw"), 6, seed=3, image_size=(120, 120))
     face = tmp_path / "face.keras"

@@ -194,8 +194,9 @@ def _produced_tensor_types(flatbuffer: bytes) -> dict:
     return written
 
 
-@pytest.mark.parametrize("name, stacks", [("binary_hpm", 1), ("binary_hpm_avgpool", 1), ("binary_bottleneck", 1),
-                                          ("binary_hpm", 2)])
+@pytest.mark.parametrize("name, stacks", [  # the fast tier calibrates one block type and one stack
+    ("binary_hpm", 1), pytest.param("binary_hpm_avgpool", 1, marks=pytest.mark.slow),
+    pytest.param("binary_bottleneck", 1, marks=pytest.mark.slow), pytest.param("binary_hpm", 2, marks=pytest.mark.slow)])
 def test_int8_calibration_writes_an_int8_lce_file_of_the_same_ops(name, stacks):
     """``convert(..., int8_calibration=images)``: the same ops as the float-activation LCE file
     (every batch norm still folded, the bottleneck's binary convolutions still writing bits, the
@@ -265,7 +266,8 @@ def test_int8_calibration_names_what_it_cannot_use():
         export.convert(nested, int8_calibration=good)
 
 
-@pytest.mark.parametrize("stacks", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 40 steps of fit through the fake-quantised clone: 20-40 s on 2 cores
+@pytest.mark.parametrize("stacks", [1, 2])
 def test_int8_fine_tune_trains_the_model_through_its_int8_activations(stacks):
     """``quantization.int8_fine_tune``: fitting through the fake-quantised clone lowers its loss on
     the batch it fits (the gradient passes the int8 roundings), and what it trains is the model's
