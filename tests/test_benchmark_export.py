@@ -45,16 +45,30 @@ def test_float_convolution_table_is_each_steps_rate_against_the_limit():
     assert "| all 2 | | | 2.00 | 30.0 | 60% | 1.30 | 1.54x | 0.90 | 2.22x |" in with_int8
     assert "| step | output | filter | ms | G MAC/s | of the FMA limit | bfloat16 ms | bfloat16 vs float32 | int8 ms | " \
            "int8 vs float32 |" in with_int8
+    # the probe's rates for the reduced precisions' instructions, against the FMA's 50 G/s
+    measured["product_limits_g"] = {"bfloat16": 25.0, "int8": 180.0}
+    assert _script().float_convolution_lines(measured)[2].endswith(
+        " The same loop with VDPBF16PS (bfloat16): 25.0 G products/s, 0.50x the FMA's, with VPDPBUSD (int8): "
+        "180.0 G products/s, 3.60x the FMA's (after the profiles).")
+    measured["product_limits_g"] = {"bfloat16": None}  # this CPU lacks it
+    assert _script().float_convolution_lines(measured)[2].endswith(", profiled in turns with float32.")
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
 def test_fma_limit_probe_compiles_and_runs_for_the_simd_paths(monkeypatch):
-    """The probe builds for the AVX-512 and AVX2 paths this CPU runs and reads back a rate; it
-    gives None for the portable path (no FMA vector type) and without a compiler."""
+    """The probe builds for the AVX-512 and AVX2 paths this CPU runs and reads back a rate, and for
+    VDPBF16PS and VPDPBUSD on the avx512 path where this CPU runs those precisions; it gives None
+    for the portable path (no FMA vector type), for the reduced precisions on avx2, and without a
+    compiler."""
     script = _script()
     for path in set(available_kernels()) & {"avx512", "avx2"}:
         assert script.fma_limit(path) > 0, path
-    assert script.fma_limit("portable") is None
+    if "avx512" in available_kernels():
+        here = script.reduced_precisions_here("avx512")
+        for product in ("bfloat16", "int8"):
+            rate = script.fma_limit("avx512", product)
+            assert (rate is not None and rate > 0) == (product in here), (product, rate, here)
+    assert script.fma_limit("portable") is None and script.fma_limit("avx2", "int8") is None
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert script.fma_limit("avx2") is None
 

@@ -277,8 +277,11 @@ class Engine:
         float_precision: for files with float32 activations: ``"float32"`` (the default: TFLite's
             and LCE's results) or
             ``"bfloat16"``: the float convolutions (stem, skips, heads) multiply in bfloat16 and
-            sum in float32, at twice the FMA's rate, on CPUs with AVX512_BF16 (AMD Zen 4 and
-            newer, Intel Cooper Lake and Sapphire Rapids and newer; elsewhere an error). Outputs
+            sum in float32, on CPUs with AVX512_BF16 (AMD Zen 4 and newer, Intel Cooper Lake and
+            Sapphire Rapids and newer; elsewhere an error): the whole model 1.27x faster on the
+            AMD Zen 5 measured, but 0.77x float32's speed on the Intel Xeon measured (Granite
+            Rapids-class), whose VDPBF16PS gives about half the FMA's products a second; int8 is
+            the faster choice there. Outputs
             move by about bfloat16's rounding (a few parts in a thousand; subnormal products count
             as zero), and further where that flips a binary layer's sign. Or ``"int8"``: int8
             products and int32 sums, the weights quantised once, a scale an output channel; the
