@@ -1217,8 +1217,8 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
 
 #if HAVE_BF16
 // bfloat16 products with float32 sums (AVX512_BF16's VDPBF16PS: two products a lane an instruction,
-// twice the FMA's rate where it issues as fast as the FMA, as on AMD Zen 5; Intel Xeons issue it at
-// a quarter of the FMA's rate, so there it is slower than float32: docs/benchmarks.md): gemm_tile with the A rows and B in bfloat16, K taken in pairs (B prepared
+// twice the FMA's where it issues as fast: 1.2-1.7x float32 a convolution on the Zen 5 measured; the
+// Intel Xeon measured issues it at a quarter of the FMA's rate, 0.5-0.7x float32: docs/benchmarks.md): gemm_tile with the A rows and B in bfloat16, K taken in pairs (B prepared
 // by prepare_float_weights_bf16: [K / 2, Cout rounded up, 2]; ldb counts uint16 values). Compiled
 // for AVX512_BF16 whatever the build's flags; run only where the CPU has it (cpu_supports).
 #define BF16_TARGET __attribute__((target("avx512bf16")))
