@@ -832,7 +832,9 @@ def write_precision_markdown(args, result):
     lines = ["## bfloat16 and int8 float convolutions on x86-64", "",
              "`Engine(..., float_precision=\"bfloat16\" | \"int8\")` (`--float-precision`): the float "
              "convolutions (7x7 stem, 1x1 skips, heads) run in a reduced precision; the binary convolutions are "
-             "unchanged. bfloat16 (AVX512_BF16's VDPBF16PS, 32 products an instruction to the FMA's 16: faster than float32 on the AMD Zen 5 measured, slower on the Intel Xeon, where it issues at a quarter of the FMA's rate): bfloat16 products, float32 "
+             "unchanged. bfloat16 (AVX512_BF16's VDPBF16PS, 32 products an instruction to the FMA's 16: faster "
+             "than float32 on the AMD Zen 5 measured, slower on the Intel Xeon, where it issues at a quarter of "
+             "the FMA's rate): bfloat16 products, float32 "
              "sums; the stem's 3 input channels are read as 4 (a zero channel, as K is taken in pairs; pairing "
              "across pixels instead would multiply a neighbour's NaN or infinity by a zero weight, giving NaN). "
              "int8 (VPDPBUSD, AVX512_VNNI's or, on the avx2 kernels, AVX-VNNI's: four times the FMA's rate; "

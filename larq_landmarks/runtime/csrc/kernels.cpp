@@ -1218,9 +1218,10 @@ static inline __attribute__((always_inline)) void gemm_tile(const float* const* 
 #if HAVE_BF16
 // bfloat16 products with float32 sums (AVX512_BF16's VDPBF16PS: two products a lane an instruction,
 // twice the FMA's where it issues as fast: 1.2-1.7x float32 a convolution on the Zen 5 measured; the
-// Intel Xeon measured issues it at a quarter of the FMA's rate, 0.5-0.7x float32: docs/benchmarks.md): gemm_tile with the A rows and B in bfloat16, K taken in pairs (B prepared
-// by prepare_float_weights_bf16: [K / 2, Cout rounded up, 2]; ldb counts uint16 values). Compiled
-// for AVX512_BF16 whatever the build's flags; run only where the CPU has it (cpu_supports).
+// Intel Xeon measured issues it at a quarter of the FMA's rate, 0.5-0.7x float32: docs/benchmarks.md):
+// gemm_tile with the A rows and B in bfloat16, K taken in pairs (B prepared by
+// prepare_float_weights_bf16: [K / 2, Cout rounded up, 2]; ldb counts uint16 values). Compiled for
+// AVX512_BF16 whatever the build's flags; run only where the CPU has it (cpu_supports).
 #define BF16_TARGET __attribute__((target("avx512bf16")))
 static inline BF16_TARGET __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
