@@ -58,7 +58,10 @@ def dtype_policy():
 
 
 def pytest_collection_modifyitems(items):
-    """Start the longest tests (tutorials, conversions) first, so that the two xdist workers
-    fill the end of the run with short tests instead of waiting on one long one."""
+    """Start the longest tests first (the ``slow`` ones: tutorials, installs, the demo, the
+    MirroredStrategy run; of those the tutorials, conversions and demo before the rest), so that
+    the two xdist workers fill the end of the run with short tests instead of one waiting on a
+    long one."""
     first = ("test_tutorials.py", "test_export.py", "test_demo.py")
-    items.sort(key=lambda item: 0 if os.path.basename(str(item.fspath)) in first else 1)
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 os.path.basename(str(item.fspath)) not in first))
