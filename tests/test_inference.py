@@ -491,7 +491,8 @@ def test_heatmap_images_callback_writes_tensorboard_images(tmp_path):
     assert sorted(tags) == [(0, "heatmaps"), (0, "landmarks"), (1, "heatmaps"), (1, "landmarks")]
 
 
-@pytest.mark.slow  # over 10 s on 2 cores; the fast tier covers mixed precision in test_models and test_export
+# over 10 s on 2 cores; the fast tier covers mixed precision in test_models and test_export
+@pytest.mark.slow
 def test_predictor_runs_a_mixed_precision_model_as_its_float32_copy(faces, dtype_policy, tmp_path):
     """A model trained under mixed_bfloat16, in memory or saved: the Predictor runs its float32
     copy, so its landmarks are those of the float32-built network with the same weights (the file

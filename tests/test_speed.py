@@ -29,7 +29,9 @@ def test_each_engine_is_timed_on_its_own_calls_taking_turns(monkeypatch):
         speed.batch_one_ms({"a": engine("a", 0.002)}, None, rounds=0, runs=3)
 
 
-@pytest.mark.slow  # over 10 s on 2 cores; the fast tier covers the timing loop in test_each_engine_is_timed_on_its_own_calls_taking_turns
+# over 10 s on 2 cores; the fast tier covers the timing loop in
+# test_each_engine_is_timed_on_its_own_calls_taking_turns
+@pytest.mark.slow
 def test_benchmark_command_times_the_binary_file_against_the_float32_one(tmp_path, capsys):
     model = BinaryHourglass(68, width=32, input_size=64, depth=2, name="small")
     model.save(tmp_path / "small.keras")

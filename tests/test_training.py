@@ -166,7 +166,9 @@ def test_distiller_trains_the_student_only_and_round_trips(tmp_path):
         Distiller(student, teacher, attention_layers=["nowhere"])
 
 
-@pytest.mark.slow  # over 10 s on 2 cores; the fast tier covers the distiller in test_distiller_trains_the_student_only_and_round_trips
+# over 10 s on 2 cores; the fast tier covers the distiller in
+# test_distiller_trains_the_student_only_and_round_trips
+@pytest.mark.slow
 def test_distiller_with_the_attention_loss_off_matches_heatmaps_only():
     """attention_weight=0: the loss is the output MSE to the teacher alone (a one-output feature
     model returns a tensor, not a list: this once failed inside fit)."""
@@ -238,7 +240,9 @@ def test_interrupted_fit_resumes_after_last_finished_epoch(small_faces, tmp_path
     assert not os.path.exists(tmp_path / "backup" / "chief")  # deleted after a finished fit
 
 
-@pytest.mark.slow  # over 10 s on 2 cores; the fast tier covers the best-epoch rule in test_save_best_model_reads_the_last_outputs_score...
+# over 10 s on 2 cores; the fast tier covers the best-epoch rule in
+# test_save_best_model_reads_the_last_outputs_score_and_never_keeps_nan
+@pytest.mark.slow
 def test_best_validation_epoch_is_kept_and_a_resumed_run_compares_with_it(small_faces, tmp_path):
     images, points = small_faces
     data, validation = _dataset(images[:16], points[:16]).batch(16), _dataset(images[32:40], points[32:40]).batch(8)
@@ -398,7 +402,9 @@ def test_same_training_code_runs_under_mirrored_strategy_on_two_cpus():
     assert len(distilled) == 2 and all(np.isfinite([float(v) for v in distilled]))
 
 
-@pytest.mark.slow  # over 10 s on 2 cores; the fast tier covers mixed precision in test_models and test_inference
+# over 10 s on 2 cores; the fast tier covers mixed_bfloat16 in test_models and test_export (mixed_float16's
+# loss scaling only here)
+@pytest.mark.slow
 def test_mixed_float16_trains_with_loss_scaling_the_model_and_a_distiller(dtype_policy, caplog):
     """Under mixed_float16 compile_model's optimizer is Keras's LossScaleOptimizer, for the model
     and for a Distiller (whose own train step scales its loss through minimize; Keras warns
