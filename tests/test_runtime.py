@@ -1225,6 +1225,74 @@ def test_int8_model_is_the_same_with_and_without_vnni(small_file, monkeypatch):
     assert np.abs(pairs.predict(images) - float32).max() > 0  # int8's rounding, not float32's
 
 
+AMX = kernel_paths.load("avx512") if "avx512" in PATHS else None
+needs_amx = pytest.mark.skipif(not (AMX and kernel_paths.amx(AMX, "int8") and kernel_paths.amx(AMX, "bfloat16")),
+                               reason="this CPU has no AMX (Intel Xeons from Sapphire Rapids on)")
+
+
+@needs_amx
+def test_amx_int8_is_vnni_bit_for_bit_and_bfloat16_the_conv_of_bfloat16_operands(monkeypatch):
+    """On a CPU with AMX the avx512 kernels' int8 and bfloat16 convolutions take its tiles for the
+    convolutions that fit them (1x1 with 64 or 128 input channels; a 3x3's on 64, its rows in runs
+    along each output row, blocks of 32, 16 or fewer rows): int8 gives VNNI's outputs bit
+    for bit (``LARQ_LANDMARKS_NO_AMX=1`` runs the vector kernels), NaN pixels, a batch norm before,
+    a residual in two parts after, a max pool, 68 output channels and rows not a multiple of 16
+    included; bfloat16 the float64 convolution of bfloat16-rounded operands to float32's rounding,
+    its sums not the vector kernels' bit for bit (another order: the tiles ran), a NaN or infinity
+    reaching only the outputs that read it."""
+    none = np.zeros(0, np.float32)
+    rng = np.random.default_rng(21)
+    monkeypatch.setenv(kernel_paths.NO_AMX, "1")
+    assert not kernel_paths.amx(AMX, "int8") and not kernel_paths.amx(AMX, "bfloat16")
+    monkeypatch.delenv(kernel_paths.NO_AMX)
+    with pytest.raises(ValueError, match="precision is 'int8' or 'bfloat16'"):
+        AMX.amx("float32")
+    for batch, size, cin, cout, k, pool, parts in [(2, (7, 9), 64, 68, 1, [], [68]), (1, (20, 20), 128, 96, 1, [], [64, 32]),
+                                                    (1, (16, 16), 64, 128, 1, [2, 2], [128]), (1, (40, 40), 64, 32, 3, [], [32])]:
+        clean = rng.normal(size=(batch, *size, cin)).astype(np.float32)
+        # a NaN and an infinity: in 1x1 convolutions without the batch norm and the pool (its clamp and
+        # their maxima may drop a NaN; a 3x3's int8 quantises the image with one range: all NaN)
+        spoil = k == 1 and not pool
+        spoilt = clean.copy()
+        if spoil:
+            spoilt[0, 1, 2, 5], spoilt[-1, 3, 4, 7] = np.nan, np.inf
+        filters = rng.normal(size=(cout, k, k, cin)).astype(np.float32)
+        bias = rng.normal(size=cout).astype(np.float32)
+        residual = [rng.normal(size=(batch, *size, width)).astype(np.float32) for width in parts]
+        scale, shift = rng.uniform(0.5, 2, cin).astype(np.float32), rng.normal(size=cin).astype(np.float32)
+        geometry = [k, k, 1, 1, 1, 1, k // 2, k // 2]
+        shape = (batch, *(s // 2 for s in size), cout) if pool else (batch, *size, cout)
+        for x, multiplier, offset, input_low in ((spoilt, none, none, -np.inf), (clean, scale, shift, 0.0)):
+            runs = {}
+            for precision in ("int8", "bfloat16"):
+                for form in ("amx", "vector"):
+                    if form == "vector":
+                        monkeypatch.setenv(kernel_paths.NO_AMX, "1")
+                    out = np.empty(shape, np.float32)
+                    if precision == "int8":
+                        AMX.conv2d_int8(x, *AMX.prepare_float_weights_int8(filters), bias, geometry, -np.inf, np.inf,
+                                        residual, multiplier, offset, input_low, np.inf, out, pool)
+                    else:
+                        AMX.conv2d_bf16(x, AMX.prepare_float_weights_bf16(filters), bias, geometry, -np.inf, np.inf,
+                                        residual, multiplier, offset, input_low, np.inf, out, pool)
+                    monkeypatch.delenv(kernel_paths.NO_AMX, raising=False)
+                    runs[precision, form] = out
+            case = f"{batch, size, cin, cout, k, pool, multiplier.size}"
+            np.testing.assert_array_equal(runs["int8", "amx"], runs["int8", "vector"], err_msg=case)
+            assert np.isnan(runs["int8", "amx"]).any() == (x is spoilt and spoil)
+            assert not np.isnan(runs["int8", "amx"]).all()
+            source = x if multiplier.size == 0 else np.maximum(x * scale + shift, 0)
+            expected = tf.nn.conv2d(_bfloat16(source).astype(np.float64),
+                                    np.transpose(_bfloat16(filters), (1, 2, 3, 0)).astype(np.float64), 1, "SAME").numpy()
+            expected = expected + bias + np.concatenate(residual, -1)
+            if pool:
+                expected = tf.nn.max_pool2d(expected, 2, 2, "VALID").numpy()
+            np.testing.assert_allclose(runs["bfloat16", "amx"], expected, rtol=1e-5, atol=1e-4, err_msg=case)
+            assert np.isnan(runs["bfloat16", "amx"]).sum() == np.isnan(expected).sum()
+            assert np.isnan(expected).any() == (x is spoilt and spoil)
+            assert not np.array_equal(runs["bfloat16", "amx"], runs["bfloat16", "vector"]), case
+
+
 @pytest.mark.parametrize("precision, low, high", [pytest.param("bfloat16", 1e-5, 3e-2, marks=needs_bf16),
                                                    pytest.param("int8", 1e-4, 5e-2, marks=needs_int8)])
 def test_reduced_precision_engine_runs_float_models_to_its_rounding(tmp_path, precision, low, high):
