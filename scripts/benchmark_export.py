@@ -109,12 +109,15 @@ def run_case(engine: str, path: str, threads: int, runs: int) -> dict:
         predict = export.interpreter(flatbuffer, threads, use_xnnpack=True, use_indirect_bgemm=True).predict
     elif engine == "lce-engine":  # what TfliteModel(engine="lce") runs, and engine="auto" on a CPU without AVX2
         predict = export.TfliteModel(flatbuffer, engine="lce", num_threads=threads).predict
-    else:  # runtime-<path>, runtime-<path>-<precision> (bfloat16, int8), runtime-avx2-int8-novnni
+    else:  # runtime-<path>, runtime-<path>-<precision> (bfloat16, int8), runtime-avx2-int8-novnni,
+        # runtime-avx512-<precision>-noamx
         from larq_landmarks.runtime import Engine
 
         _, kernels, *precision = engine.split("-")
         if precision[1:] == ["novnni"]:  # the avx2 kernels' pairs form, as on a CPU without AVX-VNNI
             os.environ[kernel_paths.NO_VNNI] = "1"
+        if precision[1:] == ["noamx"]:  # the vector kernels, as on a CPU without AMX
+            os.environ[kernel_paths.NO_AMX] = "1"
         predict = Engine(flatbuffer, num_threads=threads, kernels=kernels, float_precision=(precision or ["float32"])[0]).predict
     ms = _run(predict, image, runs)
     peak = _memory_mb("VmHWM")
@@ -144,6 +147,12 @@ REDUCED_CASES = {p: reduced_case(p) for p in REDUCED_PRODUCTS}
 INT8_PAIRS_CASE = "binary .tflite, larq_landmarks.runtime (avx2, int8 float convolutions, as without AVX-VNNI)"
 
 
+def no_amx_case(precision: str) -> str:
+    """The avx512 kernels' ``precision`` float convolutions on the vector kernels, timed on a CPU with
+    AMX as on one without (``LARQ_LANDMARKS_NO_AMX=1``)."""
+    return f"binary .tflite, larq_landmarks.runtime (avx512, {precision} float convolutions, as without AMX)"
+
+
 def int8_file_case(kernels: str) -> str:
     return f"binary .tflite with int8 activations, larq_landmarks.runtime ({kernels})"
 
@@ -171,6 +180,9 @@ def speed(runs, rounds=3):
                   if path == "avx512" or p == "int8"]
         if path == "avx2" and kernel_paths.int8_vnni(kernel_paths.load(path)):
             cases.append((INT8_PAIRS_CASE, "runtime-avx2-int8-novnni", "binary"))
+        if path == "avx512":
+            cases += [(no_amx_case(p), f"runtime-avx512-{p}-noamx", "binary") for p in reduced_precisions_here(path)
+                      if kernel_paths.amx(kernel_paths.load(path), p)]
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         files = {kind: os.path.join(folder, f"{kind}.tflite") for kind in ("binary", "float", "int8")}
