@@ -1232,9 +1232,9 @@ needs_amx = pytest.mark.skipif(not (AMX and kernel_paths.amx(AMX, "int8") and ke
 
 @needs_amx
 def test_amx_int8_is_vnni_bit_for_bit_and_bfloat16_the_conv_of_bfloat16_operands(monkeypatch):
-    """On a CPU with AMX the avx512 kernels' int8 and bfloat16 convolutions take its tiles for the
-    convolutions that fit them (1x1 with 64 or 128 input channels; a 3x3's on 64, its rows in runs
-    along each output row, blocks of 32, 16 or fewer rows): int8 gives VNNI's outputs bit
+    """On a CPU with AMX the avx512 kernels' int8 and bfloat16 convolutions take its tiles (1x1 with
+    64 or 128 input channels; a 3x3's on 64, its rows in runs along each output row, blocks of 32, 16
+    or fewer rows; in bfloat16 also the 7x7 stem's 3 channels, gathered): int8 gives VNNI's outputs bit
     for bit (``LARQ_LANDMARKS_NO_AMX=1`` runs the vector kernels), NaN pixels, a batch norm before,
     a residual in two parts after, a max pool, 68 output channels and rows not a multiple of 16
     included; bfloat16 the float64 convolution of bfloat16-rounded operands to float32's rounding,
@@ -1248,7 +1248,8 @@ def test_amx_int8_is_vnni_bit_for_bit_and_bfloat16_the_conv_of_bfloat16_operands
     with pytest.raises(ValueError, match="precision is 'int8' or 'bfloat16'"):
         AMX.amx("float32")
     for batch, size, cin, cout, k, pool, parts in [(2, (7, 9), 64, 68, 1, [], [68]), (1, (20, 20), 128, 96, 1, [], [64, 32]),
-                                                    (1, (16, 16), 64, 128, 1, [2, 2], [128]), (1, (40, 40), 64, 32, 3, [], [32])]:
+                                                    (1, (16, 16), 64, 128, 1, [2, 2], [128]), (1, (40, 40), 64, 32, 3, [], [32]),
+                                                    (2, (24, 24), 3, 64, 7, [], [64])]:
         clean = rng.normal(size=(batch, *size, cin)).astype(np.float32)
         # a NaN and an infinity: in 1x1 convolutions without the batch norm and the pool (its clamp and
         # their maxima may drop a NaN; a 3x3's int8 quantises the image with one range: all NaN)

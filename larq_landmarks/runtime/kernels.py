@@ -78,11 +78,11 @@ NO_AMX = "LARQ_LANDMARKS_NO_AMX"
 def amx(module: ModuleType, precision: str) -> bool:
     """Whether a kernel module's ``precision`` ("int8" or "bfloat16") float convolutions take AMX's
     tiles here (TDPBUSD, TDPBF16PS: Intel Xeons from Sapphire Rapids on, on Linux; the avx512
-    kernels only) where a filter row's values are whole 64-byte runs (a 1x1 convolution's input
-    channels a multiple of 64 in int8, of 32 in bfloat16), the vector kernels elsewhere. int8 gives the
-    same integer sums, so the same outputs bit for bit; bfloat16 sums the same products in another
-    order. The environment variable ``LARQ_LANDMARKS_NO_AMX=1`` runs such a CPU as one without
-    (read at each convolution)."""
+    kernels only): in int8 the convolutions whose filter rows are whole 64-byte runs (a 1x1
+    convolution's input channels a multiple of 64), VNNI's kernels the others, with the same integer
+    sums, so the same outputs bit for bit; in bfloat16 every convolution (the others' rows gathered
+    first), the same products summed in another order. The environment variable
+    ``LARQ_LANDMARKS_NO_AMX=1`` runs such a CPU as one without (read at each convolution)."""
     return bool(getattr(module, "amx", None) and module.amx(precision))
 
 

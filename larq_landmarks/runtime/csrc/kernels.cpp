@@ -1109,6 +1109,11 @@ constexpr int kFloatTileM = 4;
 constexpr int kFloatVectors = (kFloatLanes == 16) ? 4 : 2;
 constexpr int kFloatTileN = kFloatLanes * kFloatVectors;
 
+// The rows of the bfloat16 and VNNI-form int8 weights (pairs or quads of K values a row): K's rounded
+// up to a multiple of 16 with zero weights, so that AMX's tiles (64 bytes of K a row) read whole
+// tiles of B whatever K is (gemm_rows_amx).
+static constexpr int weight_rows(int k_groups) { return (k_groups + 15) / 16 * 16; }
+
 static Array<float> prepare_float_weights(Array<float> filter) {
   // filter: [Cout, fh, fw, Cin] (TFLite) -> [fh * fw * Cin, Cout rounded up]
   const int cout = static_cast<int>(filter.shape(0));
@@ -1383,9 +1388,9 @@ static BF16_TARGET void convert_bf16(const float* src, int64_t n, uint16_t* dst)
   for (; i < n; ++i) dst[i] = to_bf16(src[i]);
 }
 
-// Filter [Cout, fh, fw, Cin] (TFLite) -> bfloat16 [fh * fw * Cin2 / 2, Cout rounded up, 2] for
-// gemm_tile_bf16, Cin2 being Cin rounded up to even: element [p, c, e] is the weight of K index
-// 2 p + e, with a zero weight for each tap's added channel. The convolution's bfloat16 copy of its
+// Filter [Cout, fh, fw, Cin] (TFLite) -> bfloat16 [weight_rows(fh * fw * Cin2 / 2), Cout rounded up,
+// 2] for gemm_tile_bf16, Cin2 being Cin rounded up to even: element [p, c, e] is the weight of K
+// index 2 p + e, with a zero weight for each tap's added channel and the rows past K. The convolution's bfloat16 copy of its
 // input has that channel too, a zero (a zero weight on a neighbour's value instead would turn a NaN
 // or infinity there into a NaN here).
 static Array<uint16_t> prepare_float_weights_bf16(Array<float> filter) {
@@ -1393,9 +1398,9 @@ static Array<uint16_t> prepare_float_weights_bf16(Array<float> filter) {
   const int cout = static_cast<int>(filter.shape(0)), taps = static_cast<int>(filter.shape(1) * filter.shape(2));
   const int cin = static_cast<int>(filter.shape(3)), cin2 = cin + cin % 2, pairs = taps * cin2 / 2;
   const int padded = (cout + kFloatTileN - 1) / kFloatTileN * kFloatTileN;
-  Array<uint16_t> out = aligned_array<uint16_t>({pairs, padded, 2});
+  Array<uint16_t> out = aligned_array<uint16_t>({weight_rows(pairs), padded, 2});
   uint16_t* o = data(out);
-  std::memset(o, 0, sizeof(uint16_t) * static_cast<size_t>(pairs) * padded * 2);
+  std::memset(o, 0, sizeof(uint16_t) * static_cast<size_t>(out.size()));
   const float* f = filter.data();
   for (int c = 0; c < cout; ++c)
     for (int t = 0; t < taps; ++t)
@@ -1656,10 +1661,12 @@ static __attribute__((flatten)) void gemm_rows_int8(
 // finished as the vector kernels finish theirs: in int8 the sums are the same integers and the
 // epilogue the same instructions, so the outputs are VNNI's bit for bit; in bfloat16 the products'
 // sums are float32 in another order (within float32's rounding of the vector kernels').
-// A block's rows lie equally strided in memory (a 1x1 stride-1 convolution's rows; a 3x3's along an
-// output row; a shorter run, down to one row, has the tiles loaded with fewer rows). The segments
-// must be whole 64-byte runs (in int8 Cin a multiple of 64 for a 1x1 convolution, fw Cin for the
-// others; in bfloat16 of 32): a convolution whose segments are not goes the vector kernels whole.
+// A block's rows are read in place where they lie equally strided in memory and a filter row's
+// values are whole 64-byte runs (a 1x1 stride-1 convolution's rows with Cin a multiple of 64 in
+// int8, of 32 in bfloat16; a 3x3's along an output row; a shorter run, down to one row, has the
+// tiles loaded with fewer rows). Any other convolution's (the 7x7 stem's 3 channels) are gathered
+// into a buffer first in bfloat16; in int8 such a convolution takes VNNI's kernels (the copies cost
+// as much as VNNI's products).
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8,amx-bf16")))
 
 // Whether this CPU has AMX's tiles with int8 (bf16 false) or bfloat16 products and Linux lets this
@@ -1753,9 +1760,23 @@ static AMX_TARGET void amx_block(const uint8_t* a, int64_t stride, const Segment
   }
 }
 
+// n bytes from src to dst in 64-byte vectors, the last one masked (a gathered row's runs, as the
+// 7x7 stem's 56 bytes in bfloat16)
+static inline void copy_bytes(const uint8_t* src, int64_t n, uint8_t* dst) {
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) _mm512_storeu_si512(dst + i, _mm512_loadu_si512(src + i));
+  if (i < n) {
+    const __mmask64 mask = (1ull << (n - i)) - 1;
+    _mm512_mask_storeu_epi8(dst + i, mask, _mm512_maskz_loadu_epi8(mask, src + i));
+  }
+}
+
 // gemm_rows_int8 (VNNI's form; weight_scale .. row_zero as there) or gemm_rows_bf16 (A and B
-// bfloat16; weight_scale .. row_zero unused) with AMX's blocks (amx_block) where the rows allow
-// them, the vector kernels' elsewhere.
+// bfloat16, B from prepare_float_weights_bf16; weight_scale .. row_zero unused) in AMX's blocks
+// (amx_block), every row: read in place where a filter row's values are whole 64-byte runs (the
+// rows of a block equally strided), else gathered in bfloat16 (each row's segments copied into one
+// run, K rounded up to 64 bytes with zeros, which meet B's zero rows: weight_rows) and left to
+// VNNI's kernels in int8.
 template <typename A, typename W>
 static void gemm_rows_amx(const A* const* base, int64_t rows, const Segments& segments, const W* b, int64_t ldb,
                           int cout, const float* weight_scale, const int32_t* weight_sum, const float* row_scale,
@@ -1764,17 +1785,30 @@ static void gemm_rows_amx(const A* const* base, int64_t rows, const Segments& se
   constexpr bool kBf16 = std::is_same_v<A, uint16_t>;
   static_assert(kBf16 ? std::is_same_v<W, uint16_t> : std::is_same_v<A, uint8_t> && std::is_same_v<W, int8_t>,
                 "int8 (VNNI's form) or bfloat16");
-  auto vector_rows = [&](int64_t r0, int64_t count) {
-    if constexpr (kBf16)
-      gemm_rows_bf16(base + r0, count, segments, b, ldb, cout, bias, residual, row0 + r0, lo, hi, c + r0 * cout);
-    else
-      gemm_rows_int8(base + r0, count, segments, b, ldb, cout, weight_scale, weight_sum, row_scale + r0,
-                     row_zero + r0, bias, residual, row0 + r0, lo, hi, c + r0 * cout);
-  };
   const int64_t length = segments.length * static_cast<int64_t>(sizeof(A)), b_row = ldb * static_cast<int64_t>(sizeof(W));
-  if (length % 64 != 0) {
-    vector_rows(0, rows);
-    return;
+  const bool gather = length % 64 != 0;
+  if constexpr (!kBf16) {
+    // int8 gathered paid only for wide outputs (the 7x7 stem, 3 -> 16, 64, 128 channels: 0.86, 1.21,
+    // 1.73 ms against VNNI's 0.47, 1.04, 1.79; the copies cost as much as VNNI's products): VNNI's
+    // kernels, the same outputs
+    if (gather) {
+      gemm_rows_int8(base, rows, segments, b, ldb, cout, weight_scale, weight_sum, row_scale, row_zero, bias, residual,
+                     row0, lo, hi, c);
+      return;
+    }
+  }
+  // gathered: every row's K bytes (`whole`), read as one segment; all rows before the first block
+  // (a tile load waits for the stores before it to reach the cache: gathered a block at a time, the
+  // int8 7x7 stem took 2.2 ms, all first 1.8)
+  const int64_t whole = gather ? (static_cast<int64_t>(segments.offset.size()) * length + 63) / 64 * 64 : length;
+  const Segments one_run{{0}, 0};
+  static thread_local std::vector<uint8_t> gathered;
+  if (gather) {
+    gathered.assign(static_cast<size_t>(rows * whole), 0);  // the K past the segments stays zero
+    for (int64_t r = 0; r < rows; ++r)
+      for (size_t q = 0; q < segments.offset.size(); ++q)
+        copy_bytes(reinterpret_cast<const uint8_t*>(base[r] + segments.offset[q]), length,
+                   gathered.data() + r * whole + static_cast<int64_t>(q) * length);
   }
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(b);
   const __m512 lo_v = _mm512_set1_ps(lo), hi_v = _mm512_set1_ps(hi);
@@ -1783,13 +1817,22 @@ static void gemm_rows_amx(const A* const* base, int64_t rows, const Segments& se
   int configured = 16;  // the rows of the tiles as loaded
   amx_configure(configured);
   for (int64_t r0 = 0, m = 0; r0 < rows; r0 += m) {
-    // the block: the run of equally strided rows from r0, 32 or 16 rows, or fewer where the run is
-    // shorter (the tiles loaded with that many rows), so that every row takes the tiles whatever the
-    // tasks' rows (bfloat16's sums differ from the vector kernels' in their last bits)
-    const auto* a = reinterpret_cast<const uint8_t*>(base[r0]);
-    const int64_t stride = r0 + 1 < rows ? reinterpret_cast<const uint8_t*>(base[r0 + 1]) - a : 0;
-    m = 1;
-    while (m < 32 && r0 + m < rows && reinterpret_cast<const uint8_t*>(base[r0 + m]) == a + m * stride) ++m;
+    // the block: 32 or 16 rows, or fewer where fewer are left or (read in place) the run of equally
+    // strided rows from r0 is shorter (the tiles loaded with that many rows), so that every row takes
+    // the tiles whatever the tasks' rows (bfloat16's sums differ from the vector kernels' in their
+    // last bits)
+    const uint8_t* a;
+    int64_t stride;
+    if (gather) {
+      m = std::min<int64_t>(32, rows - r0);
+      a = gathered.data() + r0 * whole;
+      stride = whole;
+    } else {
+      a = reinterpret_cast<const uint8_t*>(base[r0]);
+      stride = r0 + 1 < rows ? reinterpret_cast<const uint8_t*>(base[r0 + 1]) - a : 0;
+      m = 1;
+      while (m < 32 && r0 + m < rows && reinterpret_cast<const uint8_t*>(base[r0 + m]) == a + m * stride) ++m;
+    }
     if (m > 16 && m < 32) m = 16;
     const int tile_rows = static_cast<int>(std::min<int64_t>(m, 16));
     if (tile_rows != configured) amx_configure(configured = tile_rows);
@@ -1800,10 +1843,11 @@ static void gemm_rows_amx(const A* const* base, int64_t rows, const Segments& se
       if (residual)
         for (int j = 0; j < 2 && c0 + 16 * j < cout; ++j)
           for (int i = 0; i < m; ++i) __builtin_prefetch(residual->at(row0 + r0 + i, c0 + 16 * j));
+      const Segments& runs = gather ? one_run : segments;
       if (m == 32)
-        amx_block<kBf16, 2>(a, stride, segments, sizeof(A), length, bp, b_row, acc);
+        amx_block<kBf16, 2>(a, stride, runs, sizeof(A), whole, bp, b_row, acc);
       else
-        amx_block<kBf16, 1>(a, stride, segments, sizeof(A), length, bp, b_row, acc);
+        amx_block<kBf16, 1>(a, stride, runs, sizeof(A), whole, bp, b_row, acc);
       // the epilogue, as gemm_tile_int8's (int8) and GEMM_TILE_EPILOGUE (both): the same instructions
       for (int j = 0; j < 2 && c0 + 16 * j < cout; ++j) {
         const int col = c0 + 16 * j, left = std::min(16, cout - col);
@@ -1940,8 +1984,8 @@ static bool cpu_runs_vnni() {
 // Filter [Cout, fh, fw, Cin] (TFLite) -> (B, the scale of each output channel, its sum of int8
 // weights). Channel c's weights are w8 = rint(w / t) with t = max |w| / 127 (1 where every weight is
 // 0), K running over the taps and Cin rounded up to a multiple of 4 (an added channel's weight is 0).
-// B in VNNI's form (vnni true): int8 [K / 4, Cout rounded up, 4], element [p, c, e] the weight of
-// K index 4 p + e; in the pairs form (the AVX2 kernels'): the same values as int16 [K / 2, Cout
+// B in VNNI's form (vnni true): int8 [weight_rows(K / 4), Cout rounded up, 4], element [p, c, e] the
+// weight of K index 4 p + e (the rows past K zero); in the pairs form (the AVX2 kernels'): the same values as int16 [K / 2, Cout
 // rounded up, 2]. vnni unset: on the AVX2 kernels the form this CPU runs (cpu_runs_vnni), else VNNI's.
 // The scales and sums are as long as B is wide (scale 1 and sum 0 past Cout).
 static py::tuple prepare_float_weights_int8(Array<float> filter, std::optional<bool> vnni) {
@@ -1956,7 +2000,7 @@ static py::tuple prepare_float_weights_int8(Array<float> filter, std::optional<b
   const int groups = taps * cin4 / pack;
   const int padded = (cout + kFloatTileN - 1) / kFloatTileN * kFloatTileN;
   const int64_t per_channel = static_cast<int64_t>(taps) * cin;
-  Array<int8_t> bytes = aligned_array<int8_t>({vnni_form ? groups : 0, padded, 4});
+  Array<int8_t> bytes = aligned_array<int8_t>({vnni_form ? weight_rows(groups) : 0, padded, 4});
   Array<int16_t> words = aligned_array<int16_t>({vnni_form ? 0 : groups, padded, 2});
   Array<float> scales = aligned_array<float>({padded});
   Array<int32_t> sums = aligned_array<int32_t>({padded});
@@ -2114,8 +2158,10 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
   const int channels_read = kInt8 ? (cin + 3) / 4 * 4 : kBf16 ? cin + cin % 2 : cin;
   const int pack = P == Precision::kInt8 ? 4 : kInt8 || kBf16 ? 2 : 1;  // K values to a B element group
   const int64_t k = static_cast<int64_t>(fh) * fw * channels_read;
+  // B's rows: K's, rounded up to 16 (weight_rows) but in float32 and the pairs form
+  const int64_t b_rows = P == Precision::kFloat32 || P == Precision::kInt8Pairs ? k / pack : weight_rows(static_cast<int>(k / pack));
   const bool weights_ok = pack == 1 ? weights.ndim() == 2 && weights.shape(0) == k
-                                    : weights.ndim() == 3 && weights.shape(0) * pack == k && weights.shape(2) == pack;
+                                    : weights.ndim() == 3 && weights.shape(0) == b_rows && weights.shape(2) == pack;
   const bool scales_ok = !kInt8 || (weight_scale.size() == weights.shape(1) && weight_sum.size() == weights.shape(1));
   if (!weights_ok || !scales_ok || weights.shape(1) < cout || weights.shape(1) % kFloatTileN != 0 || bias.size() != cout)
     throw std::invalid_argument(std::string(name) + ": weights are not prepare_float_weights" +
