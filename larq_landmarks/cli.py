@@ -680,8 +680,8 @@ def _tflite_arguments(parser, several_precisions: bool = False):
     parser.add_argument("--float-precision", default="float32", choices=("float32", "bfloat16", "int8"),
                         nargs="+" if several_precisions else None,
                         help=".tflite on the runtime only: bfloat16 runs the float convolutions with bfloat16 "
-                        "products, on CPUs with AVX512_BF16 (faster on the AMD Zen 5 measured, slower on the Intel "
-                        "Xeon); int8 with int8 products of inputs quantised "
+                        "products, on CPUs with AVX512_BF16 (faster on the AMD Zen 5 and, on its AMX tiles, the Intel "
+                        "Xeon measured); int8 with int8 products of inputs quantised "
                         "as they are read, faster still, on CPUs with AVX512_VNNI or on the avx2 kernels (landmarks "
                         "may move slightly)" + ("; several: each model in each, side by side" if several_precisions else ""))
 

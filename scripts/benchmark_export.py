@@ -361,7 +361,7 @@ def float_convolutions(runs: int = 15):
     limits = [v for v in (before, after) if v]
     return {"kernels": engine.kernels, "fma_limit_gflops": round(float(np.median(limits)), 1) if limits else None,
             "fma_limit_before_after": [before, after], "product_limits_g": product_limits, "runs": runs,
-            "convolutions": rows}
+            "amx": [p for p in reduced if kernel_paths.amx(kernel_paths.load(engine.kernels), p)], "convolutions": rows}
 
 
 def _layer_runs(runs: int, run_once, seconds: float = 0.3) -> int:
@@ -1104,7 +1104,10 @@ def float_convolution_lines(measured) -> list:
              "columns besides)."
              + (" The last columns: the same step with " + " and with ".join(
                  f"`float_precision=\"{p}\"` ({REDUCED_PRODUCTS[p]})" for p in reduced)
-                + ", profiled in turns with float32." if reduced else "")
+                + ", profiled in turns with float32"
+                + (" (" + " and ".join(p for p in reduced if p in measured.get("amx", [])) + " on AMX's tiles, "
+                   "TDPBF16PS and TDPBUSD, as this CPU runs them: `kernels.amx`)" if set(reduced) & set(measured.get("amx", []))
+                   else "") + "." if reduced else "")
              + product_limit_sentence(limit, measured.get("product_limits_g", {})), "",
              "| step | output | filter | ms | G MAC/s |" + (" of the FMA limit |" if limit else "")
              + "".join(f" {p} ms | {p} vs float32 |" for p in reduced),

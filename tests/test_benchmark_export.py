@@ -52,6 +52,10 @@ def test_float_convolution_table_is_each_steps_rate_against_the_limit():
         "180.0 G products/s, 3.60x the FMA's (after the profiles).")
     measured["product_limits_g"] = {"bfloat16": None}  # this CPU lacks it
     assert _script().float_convolution_lines(measured)[2].endswith(", profiled in turns with float32.")
+    measured["amx"] = ["bfloat16", "int8"]  # a CPU with AMX runs both on its tiles
+    assert _script().float_convolution_lines(measured)[2].endswith(
+        ", profiled in turns with float32 (bfloat16 and int8 on AMX's tiles, TDPBF16PS and TDPBUSD, as this CPU runs "
+        "them: `kernels.amx`).")
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")

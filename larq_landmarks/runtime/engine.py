@@ -279,9 +279,10 @@ class Engine:
             ``"bfloat16"``: the float convolutions (stem, skips, heads) multiply in bfloat16 and
             sum in float32, on CPUs with AVX512_BF16 (AMD Zen 4 and newer, Intel Cooper Lake and
             Sapphire Rapids and newer; elsewhere an error): the whole model 1.27x faster on the
-            AMD Zen 5 measured, but 0.77x float32's speed on the Intel Xeon measured (Granite
-            Rapids-class), whose VDPBF16PS gives about half the FMA's products a second; int8 is
-            the faster choice there. Outputs
+            AMD Zen 5 measured; on Intel's Xeons with AMX (Sapphire Rapids and newer) on AMX's
+            tiles (``kernels.amx``), 1.24x faster on the Granite Rapids-class Xeon measured, whose
+            VDPBF16PS alone gives about half the FMA's products a second (0.77x float32's speed
+            without the tiles: ``LARQ_LANDMARKS_NO_AMX=1``). Outputs
             move by about bfloat16's rounding (a few parts in a thousand; subnormal products count
             as zero), and further where that flips a binary layer's sign. Or ``"int8"``: int8
             products and int32 sums, the weights quantised once, a scale an output channel; the
@@ -293,7 +294,8 @@ class Engine:
             every AVX2 CPU: with AVX-VNNI (Intel Alder Lake and newer client CPUs, AMD Zen 5) the
             same way, elsewhere (Intel Haswell to Comet Lake, AMD Zen 1 to 3) with 16-bit
             multiplies at about 1.4x the FMA's rate, the same outputs bit for bit
-            (``kernels.int8_vnni``).
+            (``kernels.int8_vnni``); on CPUs with AMX the 1x1 convolutions take its tiles, again
+            the same outputs.
             Outputs move by about a percent of their range, and further where a sign flips.
             docs/benchmarks.md measures the speed and how far the landmarks move.
 
