@@ -1390,9 +1390,9 @@ static BF16_TARGET void convert_bf16(const float* src, int64_t n, uint16_t* dst)
 
 // Filter [Cout, fh, fw, Cin] (TFLite) -> bfloat16 [weight_rows(fh * fw * Cin2 / 2), Cout rounded up,
 // 2] for gemm_tile_bf16, Cin2 being Cin rounded up to even: element [p, c, e] is the weight of K
-// index 2 p + e, with a zero weight for each tap's added channel and the rows past K. The convolution's bfloat16 copy of its
-// input has that channel too, a zero (a zero weight on a neighbour's value instead would turn a NaN
-// or infinity there into a NaN here).
+// index 2 p + e, with a zero weight for each tap's added channel and the rows past K. The
+// convolution's bfloat16 copy of its input has that channel too, a zero (a zero weight on a
+// neighbour's value instead would turn a NaN or infinity there into a NaN here).
 static Array<uint16_t> prepare_float_weights_bf16(Array<float> filter) {
   if (filter.ndim() != 4) throw std::invalid_argument("prepare_float_weights_bf16: expected a 4-d filter");
   const int cout = static_cast<int>(filter.shape(0)), taps = static_cast<int>(filter.shape(1) * filter.shape(2));
@@ -1655,8 +1655,8 @@ static __attribute__((flatten)) void gemm_rows_int8(
 // AMX: the int8 and bfloat16 convolutions' products on the tile unit, TDPBUSD (int8, 16 x 16 x 64
 // products an instruction: 2450 G a second on a core of the Xeon measured, against VPDPBUSD's 366 G)
 // and TDPBF16PS (bfloat16, 16 x 16 x 32). B is VNNI's and VDPBF16PS's as prepared
-// ([K / 4, Cout rounded up, 4] int8, [K / 2, Cout rounded up, 2] bfloat16): both are a tile's rows
-// as it wants them, 64 bytes (16 columns) of a row of K groups. A block is 16 or 32 GEMM rows
+// ([weight_rows(K / 4), Cout rounded up, 4] int8, [weight_rows(K / 2), Cout rounded up, 2]
+// bfloat16): both are a tile's rows as it wants them, 64 bytes (16 columns) of a row of K groups. A block is 16 or 32 GEMM rows
 // (tiles 4 and 5) by 32 columns (tiles 6 and 7) into four accumulator tiles (0-3), stored and then
 // finished as the vector kernels finish theirs: in int8 the sums are the same integers and the
 // epilogue the same instructions, so the outputs are VNNI's bit for bit; in bfloat16 the products'
@@ -1798,8 +1798,8 @@ static void gemm_rows_amx(const A* const* base, int64_t rows, const Segments& se
     }
   }
   // gathered: every row's K bytes (`whole`), read as one segment; all rows before the first block
-  // (a tile load waits for the stores before it to reach the cache: gathered a block at a time, the
-  // int8 7x7 stem took 2.2 ms, all first 1.8)
+  // (a tile load waits for the stores before it to reach the cache: gathering each block just before
+  // its loads was slower, 2.2 against 1.8 ms on the int8 7x7 stem when int8 gathered too)
   const int64_t whole = gather ? (static_cast<int64_t>(segments.offset.size()) * length + 63) / 64 * 64 : length;
   const Segments one_run{{0}, 0};
   static thread_local std::vector<uint8_t> gathered;
@@ -1985,8 +1985,8 @@ static bool cpu_runs_vnni() {
 // weights). Channel c's weights are w8 = rint(w / t) with t = max |w| / 127 (1 where every weight is
 // 0), K running over the taps and Cin rounded up to a multiple of 4 (an added channel's weight is 0).
 // B in VNNI's form (vnni true): int8 [weight_rows(K / 4), Cout rounded up, 4], element [p, c, e] the
-// weight of K index 4 p + e (the rows past K zero); in the pairs form (the AVX2 kernels'): the same values as int16 [K / 2, Cout
-// rounded up, 2]. vnni unset: on the AVX2 kernels the form this CPU runs (cpu_runs_vnni), else VNNI's.
+// weight of K index 4 p + e (the rows past K zero); in the pairs form (the AVX2 kernels'): the same
+// values as int16 [K / 2, Cout rounded up, 2]. vnni unset: on the AVX2 kernels the form this CPU runs (cpu_runs_vnni), else VNNI's.
 // The scales and sums are as long as B is wide (scale 1 and sum 0 past Cout).
 static py::tuple prepare_float_weights_int8(Array<float> filter, std::optional<bool> vnni) {
   if (filter.ndim() != 4) throw std::invalid_argument("prepare_float_weights_int8: expected a 4-d filter");
@@ -2159,7 +2159,8 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
   const int pack = P == Precision::kInt8 ? 4 : kInt8 || kBf16 ? 2 : 1;  // K values to a B element group
   const int64_t k = static_cast<int64_t>(fh) * fw * channels_read;
   // B's rows: K's, rounded up to 16 (weight_rows) but in float32 and the pairs form
-  const int64_t b_rows = P == Precision::kFloat32 || P == Precision::kInt8Pairs ? k / pack : weight_rows(static_cast<int>(k / pack));
+  const int64_t b_rows =
+      P == Precision::kFloat32 || P == Precision::kInt8Pairs ? k / pack : weight_rows(static_cast<int>(k / pack));
   const bool weights_ok = pack == 1 ? weights.ndim() == 2 && weights.shape(0) == k
                                     : weights.ndim() == 3 && weights.shape(0) == b_rows && weights.shape(2) == pack;
   const bool scales_ok = !kInt8 || (weight_scale.size() == weights.shape(1) && weight_sum.size() == weights.shape(1));
