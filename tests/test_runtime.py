@@ -1230,6 +1230,23 @@ needs_amx = pytest.mark.skipif(not (AMX and kernel_paths.amx(AMX, "int8") and ke
                                reason="this CPU has no AMX (Intel Xeons from Sapphire Rapids on)")
 
 
+def test_amx_is_off_where_the_kernels_lack_it(monkeypatch):
+    """``kernels.amx`` is False for kernels built without AMX (every path but avx512, and an avx512
+    build without it, stood for by a module without ``amx``) and under ``LARQ_LANDMARKS_NO_AMX=1``;
+    on the avx512 kernels it is the CPU's answer, for int8 and bfloat16 alike on the CPUs that have
+    AMX (AMX-INT8 and AMX-BF16 came together)."""
+    for path in set(PATHS) - {"avx512"}:
+        module = kernel_paths.load(path)
+        assert not hasattr(module, "amx")
+        assert not kernel_paths.amx(module, "int8") and not kernel_paths.amx(module, "bfloat16")
+    without = types.SimpleNamespace()
+    assert not kernel_paths.amx(without, "int8")
+    if AMX is not None and hasattr(AMX, "amx"):
+        assert kernel_paths.amx(AMX, "int8") == kernel_paths.amx(AMX, "bfloat16")
+        monkeypatch.setenv(kernel_paths.NO_AMX, "1")
+        assert not kernel_paths.amx(AMX, "int8") and not kernel_paths.amx(AMX, "bfloat16")
+
+
 @needs_amx
 def test_amx_int8_is_vnni_bit_for_bit_and_bfloat16_the_conv_of_bfloat16_operands(monkeypatch):
     """On a CPU with AMX the avx512 kernels' int8 and bfloat16 convolutions take its tiles (1x1 with
