@@ -348,6 +348,20 @@ def test_threads_and_kernel_choice(small_file):
         Engine(small_file).predict(images[:, :32])
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_reduced_precisions_give_the_same_outputs_whatever_the_threads_and_batch(small_file, precision):
+    """A row's reduced-precision sums do not depend on how the rows are split: 2 threads give 1
+    thread's outputs, a batch of 3 the images' one at a time, bit for bit (with AMX too, where every
+    bfloat16 row takes the tiles: their sums differ from the vector kernels' in the last bits)."""
+    if precision not in kernel_paths.reduced_precisions(kernel_paths.load()):
+        pytest.skip(f"this CPU's kernels run no {precision}")
+    images = np.random.default_rng(5).uniform(size=(3, 64, 64, 3)).astype(np.float32)
+    one = Engine(small_file, float_precision=precision).predict(images)
+    np.testing.assert_array_equal(Engine(small_file, num_threads=2, float_precision=precision).predict(images), one)
+    single = Engine(small_file, float_precision=precision)
+    np.testing.assert_array_equal(np.concatenate([single.predict(images[i:i + 1]) for i in range(3)]), one)
+
+
 def test_auto_takes_the_table_popcount_kernels_where_avx512_lacks_vpopcntdq(small_file, monkeypatch):
     """A Skylake-SP or Cascade Lake Xeon (AVX-512 F/BW/VL/DQ, no VPOPCNTDQ) gets the avx512bw
     kernels, an AVX2 CPU the avx2 ones (the CPU's features stood in for)."""
