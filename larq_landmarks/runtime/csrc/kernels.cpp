@@ -1434,6 +1434,14 @@ static Array<uint16_t> prepare_float_weights_bf16(Array<float> filter) {
 #endif
 
 #if defined(__AVX512F__)
+// An int8 tile's sums q as its float outputs before the bias: float(q - z colsum) * (s t), the
+// product rounded (no FMA with the bias). gemm_tile_int8 and gemm_rows_amx both finish with it, so
+// that their outputs agree bit for bit.
+static inline __attribute__((always_inline)) __m512 int8_sums_scaled(__m512i q, __m512i z, __m512i colsum, __m512 s,
+                                                                     __m512 t) {
+  return rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_mullo_epi32(z, colsum))), _mm512_mul_ps(s, t));
+}
+
 template <int NV>
 static inline VNNI_TARGET void gemm_tile_int8(
     const uint8_t* const* arow, int m, const Segments& segments, const int8_t* bp, int64_t ldb, int c0, int n,
@@ -1472,18 +1480,14 @@ static inline VNNI_TARGET void gemm_tile_int8(
     t_v[j] = _mm512_loadu_ps(weight_scale + c0 + 16 * (j < NV ? j : 0));
     sum_v[j] = _mm512_loadu_si512(weight_sum + c0 + 16 * (j < NV ? j : 0));
   }
-#define ROW(i)                                                                                                 \
-  const int at##i = i < m ? i : m - 1;                                                                         \
-  const __m512i z##i = _mm512_set1_epi32(row_zero[at##i]);                                                     \
-  const __m512 s##i = _mm512_set1_ps(row_scale[at##i]);                                                        \
-  const __m512 c##i##0 = rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q##i##0, _mm512_mullo_epi32(z##i, sum_v[0]))), \
-                                            _mm512_mul_ps(s##i, t_v[0]));                                           \
-  const __m512 c##i##1 = rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q##i##1, _mm512_mullo_epi32(z##i, sum_v[1]))), \
-                                            _mm512_mul_ps(s##i, t_v[1]));                                           \
-  const __m512 c##i##2 = rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q##i##2, _mm512_mullo_epi32(z##i, sum_v[2]))), \
-                                            _mm512_mul_ps(s##i, t_v[2]));                                           \
-  const __m512 c##i##3 = rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q##i##3, _mm512_mullo_epi32(z##i, sum_v[3]))), \
-                                            _mm512_mul_ps(s##i, t_v[3]));
+#define ROW(i)                                                                \
+  const int at##i = i < m ? i : m - 1;                                        \
+  const __m512i z##i = _mm512_set1_epi32(row_zero[at##i]);                    \
+  const __m512 s##i = _mm512_set1_ps(row_scale[at##i]);                       \
+  const __m512 c##i##0 = int8_sums_scaled(q##i##0, z##i, sum_v[0], s##i, t_v[0]); \
+  const __m512 c##i##1 = int8_sums_scaled(q##i##1, z##i, sum_v[1], s##i, t_v[1]); \
+  const __m512 c##i##2 = int8_sums_scaled(q##i##2, z##i, sum_v[2], s##i, t_v[2]); \
+  const __m512 c##i##3 = int8_sums_scaled(q##i##3, z##i, sum_v[3], s##i, t_v[3]);
   ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
   GEMM_TILE_EPILOGUE
@@ -1848,25 +1852,24 @@ static void gemm_rows_amx(const A* const* base, int64_t rows, const Segments& se
         amx_block<kBf16, 2>(a, stride, runs, sizeof(A), whole, bp, b_row, acc);
       else
         amx_block<kBf16, 1>(a, stride, runs, sizeof(A), whole, bp, b_row, acc);
-      // the epilogue, as gemm_tile_int8's (int8) and GEMM_TILE_EPILOGUE (both): the same instructions
+      // the epilogue: int8_sums_scaled as gemm_tile_int8's, then GEMM_TILE_EPILOGUE's instructions
       for (int j = 0; j < 2 && c0 + 16 * j < cout; ++j) {
         const int col = c0 + 16 * j, left = std::min(16, cout - col);
         const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1u);
         const __m512 bias_v = _mm512_maskz_loadu_ps(mask, bias + col);
-        // weight_scale and weight_sum are as long as B is wide: no masks
-        const __m512 t_v = kBf16 ? bias_v : _mm512_loadu_ps(weight_scale + col);
-        const __m512i sum_v = kBf16 ? _mm512_setzero_si512() : _mm512_loadu_si512(weight_sum + col);
+        __m512 t_v = _mm512_setzero_ps();  // int8: the weights' scales and sums (as long as B is wide: no masks)
+        __m512i sum_v = _mm512_setzero_si512();
+        if constexpr (!kBf16) {
+          t_v = _mm512_loadu_ps(weight_scale + col);
+          sum_v = _mm512_loadu_si512(weight_sum + col);
+        }
         for (int i = 0; i < m; ++i) {
           __m512 v;
-          if constexpr (kBf16) {
+          if constexpr (kBf16)
             v = _mm512_load_ps(values + 32 * i + 16 * j);
-          } else {
-            const __m512i q = _mm512_load_si512(sums + 32 * i + 16 * j);
-            const __m512i z = _mm512_set1_epi32(row_zero[r0 + i]);
-            const __m512 s = _mm512_set1_ps(row_scale[r0 + i]);
-            v = rounded_product(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_mullo_epi32(z, sum_v))),
-                                _mm512_mul_ps(s, t_v));
-          }
+          else
+            v = int8_sums_scaled(_mm512_load_si512(sums + 32 * i + 16 * j), _mm512_set1_epi32(row_zero[r0 + i]), sum_v,
+                                 _mm512_set1_ps(row_scale[r0 + i]), t_v);
           v = _mm512_add_ps(v, bias_v);
           if (residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, residual->at(row0 + r0 + i, col)));
           // max / min return their second operand when either is NaN: NaN passes through, as in TFLite
