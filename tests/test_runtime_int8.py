@@ -12,10 +12,11 @@ import larq as lq
 from larq_landmarks import export, heatmaps as hm, models
 from larq_landmarks.runtime import Engine, UnsupportedModelError, available_kernels, cuda, ops
 from larq_landmarks.runtime import kernels as kernel_paths
+from larq_landmarks.runtime.graph import Graph, Operator, Tensor
 from larq_landmarks.synthetic import trained_like_batch_norm
 
 import fake_cupy
-from binary_reference import pack_bits, reference_accumulators
+from binary_reference import CASES, bconv_graph, pack_bits, reference_accumulators
 
 PATHS = available_kernels()
 NONE = np.zeros(0, np.float32)
@@ -226,6 +227,75 @@ def _landmarks(heat):
     return hm.heatmap_to_input(hm.decode_heatmaps(heat)[0]).numpy()
 
 
+def _int8_bconv_add_graph(filters, cin, stride, same, pad_value, post_mul, post_bias, scales):
+    """An int8 LceBconv2d (output 5) and the ADD of its output and a residual (7) into 6, with
+    ``scales`` = (output's, sum's, residual's) and zero points 3, -5, 7; tensor 8: the residual's
+    channels that meet the convolution's (the ADD step's other input)."""
+    graph, op = bconv_graph(filters, cin, stride, same, pad_value, "float", post_mul, post_bias)
+    q = [(np.array([scale], np.float32), np.array([zero], np.int64)) for scale, zero in zip(scales, (3, -5, 7))]
+    tensors = graph.tensors[:5] + [Tensor(5, "y", (1,), np.dtype(np.int8), None, q[0]),
+                                   Tensor(6, "sum", (1,), np.dtype(np.int8), None, q[1]),
+                                   Tensor(7, "residual", (1,), np.dtype(np.int8), None, q[2]),
+                                   Tensor(8, "residual part", (1,), np.dtype(np.int8), None, q[2])]
+    add = Operator(1, "ADD", [5, 8], [6], None)
+    return Graph("test", tensors, [op, add], [0], [6]), op, add
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", CASES)
+def test_int8_binary_conv_does_the_add_after_its_concatenation_as_the_add_step_does(path, cin, cout, k, stride,
+                                                                                   same, pad_value):
+    """An int8 file's binary convolution writing its part of a CONCATENATION with the ADD after it
+    (``into`` with a residual): its int8 codes rescaled to the sum's scale, plus the residual's,
+    rounded again, bit for bit what the convolution and then the ADD as its own step give; with
+    scales that put many sums on a tie (0.5 and 0.25 of the sum's), exactly the sums rounded half
+    away from zero by hand; the concatenation's other channels left alone."""
+    module = kernel_paths.load(path)
+    rng = np.random.default_rng(cin * 1000 + cout)
+    x_bits = rng.integers(0, 2, (2, 9, 11, cin), dtype=np.uint8)
+    filters = pack_bits(rng.integers(0, 2, (cout, k, k, cin), dtype=np.uint8))
+    s_y = 0.0625
+    post_mul = (s_y * 60 / np.sqrt(k * k * cin) * rng.uniform(0.5, 1.5, cout) * rng.choice([-1, 1], cout))
+    post_bias = rng.normal(0, s_y * 20, cout)
+    for scales in ((s_y, 0.125, 0.03125), (s_y, 0.0917, 0.0433)):
+        graph, op, add = _int8_bconv_add_graph(filters, cin, stride, same, pad_value, post_mul.astype(np.float32),
+                                               post_bias.astype(np.float32), scales)
+        values = ops.Values(9, {})
+        values[0] = pack_bits(x_bits)
+        ops.lce_bconv2d(graph, op, module)(values)
+        codes = values[5]
+        assert codes.min() == -128 - 3 and codes.max() == 127 - 3  # clamped at both ends somewhere
+        residual = rng.integers(-128, 128, codes.shape[:3] + (cout + 7,)).astype(np.float32) - 7
+        values[8] = residual[..., 3:3 + cout]
+        ops.add(graph, add, module)(values)  # the ADD as its own step
+        separate = values[6]
+        values[7], values[6], values[5] = residual, np.full(residual.shape, 5.0, np.float32), None
+        ops.lce_bconv2d(graph, op, module, into=(6, 3, cout + 7, 7))(values)
+        np.testing.assert_array_equal(values[6][..., 3:3 + cout], separate)
+        assert (values[6][..., :3] == 5).all() and (values[6][..., 3 + cout:] == 5).all() and values[5] is None
+        if scales[1] == 0.125:
+            v = codes.astype(np.float64) * 0.5 + (residual[..., 3:3 + cout] + 0) * 0.25
+            assert np.mean(np.abs(v - np.trunc(v)) == 0.5) > 0.2  # ties, both signs
+            np.testing.assert_array_equal(separate, np.clip(_round(v), -128 + 5, 127 + 5))
+
+
+def test_int8_binary_conv_needs_both_zero_point_and_residual_add_for_an_int8_residual():
+    module = kernel_paths.load(PATHS[0])
+    filters = pack_bits(np.ones((4, 3, 3, 8), np.uint8))
+    weights = module.prepare_binary_weights(filters)
+    geometry, popcounts = [8, 4, 3, 3, 1, 1, 1, 1, 1], np.full((9, 4), 8, np.int32)
+    args = (weights, geometry, np.ones(4, np.float32), np.zeros(4, np.float32), 0, 144, np.zeros(0, np.int32),
+            popcounts)
+    with pytest.raises(ValueError, match="residual_add needs an int8 output and 4 values"):
+        module.binary_conv2d(*args, residual_add=[0.5, 0.25, -128.0, 127.0])
+    with pytest.raises(ValueError, match="residual_add needs an int8 output and 4 values"):
+        module.binary_conv2d(*args, output_zero_point=[0.0], residual_add=[0.5, 0.25, 127.0, -128.0])
+    conv = module.binary_conv2d(*args, output_zero_point=[0.0])
+    x, out = np.zeros((1, 4, 4, 1), np.int32), np.zeros((1, 4, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="a residual for an int8 output needs residual_add"):
+        conv(x, out, 1, 1, None, 0, np.zeros_like(out))
+
+
 @pytest.fixture(scope="module")
 def hpm_int8_file():
     """A named binary network's int8 file (channel counts not multiples of 32)."""
@@ -280,14 +350,15 @@ def test_every_named_binary_configurations_int8_file_runs_as_xnnpack_runs_it(nam
 def test_int8_hpm_blocks_fused_give_the_unfused_plans_outputs(hpm_int8_file, path):
     """In an int8 file's HPM blocks the binary convolutions round their int8 outputs themselves,
     pack the next layer's bits from them (the batch norm between as its exact threshold) and write
-    them into their CONCATENATION: the outputs bit for bit those of the plan where each of those is
-    its own step, and of two threads."""
+    them into their CONCATENATION, doing the ADD of the block's residual after it where that is
+    computed before them: the outputs bit for bit those of the plan where each of those is its own
+    step, and of two threads."""
     images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     fused, plain = Engine(hpm_int8_file, kernels=path), Engine(hpm_int8_file, kernels=path, fuse_blocks=False)
     names, plain_names = ([name for name, _, _ in e.profile(images)] for e in (fused, plain))
-    assert {"LceBconv2d+LceQuantize+CONCATENATION", "LceBconv2d+CONCATENATION"} <= set(names)
+    assert {"LceBconv2d+LceQuantize+CONCATENATION+ADD", "LceBconv2d+CONCATENATION+ADD"} <= set(names)
     assert "CONCATENATION" not in names and "CONCATENATION" in plain_names
-    assert len(plain_names) > len(names) + 10
+    assert names.count("ADD") + 4 <= plain_names.count("ADD") and len(plain_names) > len(names) + 10
     np.testing.assert_array_equal(fused.predict(images), plain.predict(images))
     threads = Engine(hpm_int8_file, kernels=path, num_threads=2)  # rows split between threads: the same
     np.testing.assert_array_equal(threads.predict(images), fused.predict(images))

@@ -94,7 +94,8 @@ def _following_add(graph: Graph, op, producers, consumers):
     ADD's activation, ops folded in)``, else None; the op and the ADD are then one pass, run where
     the ADD was (the other tensor may be computed after the op, as an hourglass's skip branch
     after its upsampling). For a CONV_2D the tensor added may be a channel CONCATENATION read only
-    by the ADD: its parts are then added directly and the concatenation is folded in too."""
+    by the ADD: its parts are then added directly and the concatenation is folded in too. In an
+    int8 file only a CONCATENATION qualifies (its binary convolutions then do the int8 ADD)."""
     if op.name == "CONCATENATION":
         if op.options.Axis() not in (-1, 3) or op.options.FusedActivationFunction() != 0:
             return None
@@ -114,7 +115,10 @@ def _following_add(graph: Graph, op, producers, consumers):
     others = [i for i in add.inputs if i != out]
     if len(others) != 1 or graph.tensors[others[0]].data is not None:
         return None
-    if graph.tensors[others[0]].shape != graph.tensors[out].shape or graph.tensors[out].dtype != np.float32:
+    dtypes = [graph.tensors[i].dtype for i in (out, others[0], add.outputs[0])]
+    int8 = op.name == "CONCATENATION" and all(dtype == np.int8 for dtype in dtypes)
+    if graph.tensors[others[0]].shape != graph.tensors[out].shape or \
+            not (int8 or all(dtype == np.float32 for dtype in dtypes)):
         return None
     concat = producers.get(others[0])
     if op.name == "CONV_2D" and concat is not None and concat.name == "CONCATENATION" \
@@ -189,7 +193,7 @@ def _concatenated_outputs(graph: Graph, residuals: dict, folded: set, packs: dic
         for tensor in op.inputs:
             writer = producers.get(tensor)
             if writer is None or writer.name != "LceBconv2d" or writer.index in parts or tensor in graph.outputs \
-                    or not _same_values(graph.tensors[tensor], graph.tensors[target]):
+                    or not _same_values(graph.tensors[tensor], graph.tensors[op.outputs[0]]):
                 break
             readers = {op.index}
             if writer.index in packs:
@@ -415,7 +419,7 @@ class Engine:
         # op index -> (tensors added, ADD output, activation): op + ADD in one pass, at the ADD's
         # place; convolutions first, as they can take a concatenation in as well
         residuals, deferred = {}, {}  # deferred: ADD index -> the op done with it
-        for op in sorted(graph.operators, key=lambda op: op.name != "CONV_2D") if not self.int8_file else ():
+        for op in sorted(graph.operators, key=lambda op: op.name != "CONV_2D"):
             add = _following_add(graph, op, producers, consumers)
             if add is None or op.index in folded or consumers[op.outputs[0]][0].index in deferred \
                     or any(i in folded or i in residuals for i in add[3]):
@@ -429,6 +433,14 @@ class Engine:
         intos = {}
         concatenations = _concatenated_outputs(graph, residuals, folded, packed_quantizes, chains, producers,
                                                consumers) if fuse_blocks else {}
+        if self.int8_file and any(concat not in concatenations for concat in residuals):
+            # int8: only binary convolutions do a concatenation's ADD; where they cannot (its residual
+            # computed after them) the ADD stays a step and they still write the concatenation
+            for concat in [index for index in residuals if index not in concatenations]:
+                del residuals[concat], deferred[next(add for add, op in deferred.items() if op.index == concat)]
+                folded.discard(concat)
+            concatenations = _concatenated_outputs(graph, residuals, folded, packed_quantizes, chains, producers,
+                                                   consumers) if fuse_blocks else {}
         for concat, parts in concatenations.items():
             intos.update(parts)
             if concat in residuals:  # the ADD after it is done too

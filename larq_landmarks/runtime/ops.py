@@ -280,7 +280,8 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
     ``(tensor, channel offset, channels, residual tensor or None)`` fuses the channel
     CONCATENATION (and the ADD after it, with a residual) that reads the float output: the output
     goes straight into its channels of ``tensor``, plus the residual there (the first part run
-    allocates ``tensor``)."""
+    allocates ``tensor``). An int8 output's ADD is the int8 ADD's arithmetic on the codes: each
+    rescaled to ``tensor``'s scale, summed and rounded, as ``_elementwise_int8`` does it."""
     o = op.options
     for key in ("channels_in", "stride_height", "stride_width", "padding", "pad_values", "fused_activation_function"):
         if key not in o:
@@ -319,8 +320,11 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
         clamp = (-high + k_total, -low + k_total)
     if (next_quantize is not None or into is not None) and packed:
         raise _unsupported(graph, op, "an LceQuantize or CONCATENATION fused after a bit-packed output")
-    if codes is not None and into is not None and into[3] is not None:
-        raise _unsupported(graph, op, "an ADD fused after an int8 output")
+    residual_add = {}
+    if codes is not None and into is not None and into[3] is not None:  # the int8 ADD, on codes
+        (s_out, zero_point), s_residual = _codes(graph, op, into[0]), _codes(graph, op, into[3])[0]
+        low, high = _int8_range(graph, op, 0, s_out, zero_point)
+        residual_add = {"residual_add": [codes[0] / s_out, s_residual / s_out, low - zero_point, high - zero_point]}
     next_target, next_scale, next_shift = next_quantize if next_quantize is not None else (None, None, None)
     next_scale, next_shift = (_on_device(kernels, _per_channel(v, cout)) for v in (next_scale, next_shift))
     weights = kernels.prepare_binary_weights(filters)
@@ -332,7 +336,7 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
     conv = kernels.binary_conv2d(weights, [cin, cout, fh, fw, sh, sw, dh, dw, int(o["pad_values"])],
                                  multiplier, bias, clamp[0], clamp[1], thresholds, weight_popcounts,
                                  next_scale, next_shift, next_target is not None,
-                                 **({} if codes is None else {"output_zero_point": [float(codes[1])]}))
+                                 **({} if codes is None else {"output_zero_point": [float(codes[1])]}), **residual_add)
     source, target = op.inputs[0], op.outputs[0]
     shapes = {}  # input shape -> (output shape, padding before the first row and column)
 

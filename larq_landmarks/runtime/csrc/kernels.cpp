@@ -637,6 +637,8 @@ struct BinaryConvCall {
   // range, less the zero point (the code the runtime holds); next_bits read that
   bool codes = false;
   float code_zero = 0.0f;
+  // int8 output with a residual: the int8 ADD after the concatenation, on codes (residual_add)
+  float part_scale = 0.0f, residual_scale = 0.0f, sum_lo = 0.0f, sum_hi = 0.0f;
 };
 
 // An int8 tensor's value rounded as TFLite rounds (half away from zero) within [lo, hi]: clamped
@@ -650,19 +652,21 @@ static inline float rounded(float v, float lo, float hi) {
   return whole + static_cast<float>(static_cast<int32_t>(rest + rest));
 }
 #if defined(__AVX512F__)
-static inline __m512 rounded(__m512 v, float lo, float hi) {  // v finite
+static inline __m512 rounded(__m512 v, float lo, float hi) {  // v finite; truncated in one instruction
+  constexpr int kTowardsZero = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
   v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(hi)), _mm512_set1_ps(lo));
-  const __m512 whole = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(v));
+  const __m512 whole = _mm512_roundscale_ps(v, kTowardsZero);
   const __m512 rest = _mm512_sub_ps(v, whole);
-  return _mm512_add_ps(whole, _mm512_cvtepi32_ps(_mm512_cvttps_epi32(_mm512_add_ps(rest, rest))));
+  return _mm512_add_ps(whole, _mm512_roundscale_ps(_mm512_add_ps(rest, rest), kTowardsZero));
 }
 #endif
 #if defined(__AVX2__)
-static inline __m256 rounded(__m256 v, float lo, float hi) {  // v finite
+static inline __m256 rounded(__m256 v, float lo, float hi) {  // v finite; truncated in one instruction
+  constexpr int kTowardsZero = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
   v = _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(hi)), _mm256_set1_ps(lo));
-  const __m256 whole = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(v));
+  const __m256 whole = _mm256_round_ps(v, kTowardsZero);
   const __m256 rest = _mm256_sub_ps(v, whole);
-  return _mm256_add_ps(whole, _mm256_cvtepi32_ps(_mm256_cvttps_epi32(_mm256_add_ps(rest, rest))));
+  return _mm256_add_ps(whole, _mm256_round_ps(_mm256_add_ps(rest, rest), kTowardsZero));
 }
 #endif
 
@@ -678,6 +682,16 @@ static inline T rounded_product(T a, T b) {
   asm("" : "+m"(product));
 #endif
   return product;
+}
+
+// An int8 file's ADD of a binary convolution's output (its concatenation's part, code y) and a
+// residual (code r), done in the convolution's epilogue: each code rescaled to the ADD's output,
+// the two products rounded before they are summed, then rounded into the output's range, as
+// requantize's op 1 computes the ADD on its own (the same bits). The scales: BinaryConvCall's, in
+// every lane.
+template <typename T>
+static inline T added_codes(T y, T r, T part_scale, T residual_scale, float lo, float hi) {
+  return rounded(rounded_product(y, part_scale) + rounded_product(r, residual_scale), lo, hi);
 }
 
 #if defined(__AVX512F__)
@@ -744,6 +758,7 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
     const __m512 next_shift = c.next_shift ? _mm512_maskz_loadu_ps(mask[j], c.next_shift + ch) : _mm512_setzero_ps();
     float* out = c.out_f + first * c.out_stride + c.out_offset + ch;
     const float* residual = c.residual ? c.residual + first * c.out_stride + c.out_offset + ch : nullptr;
+    const __m512 part_scale = _mm512_set1_ps(c.part_scale), residual_scale = _mm512_set1_ps(c.residual_scale);
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {
       if (p >= count) break;
@@ -751,7 +766,11 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
       if (c.clamped) v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(v, 1), lo), hi);
       __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), mul, add);
       if (Codes) y = _mm512_sub_ps(rounded(y, -128.0f, 127.0f), _mm512_set1_ps(c.code_zero));
-      const __m512 stored = residual ? _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[j], residual + p * c.out_stride)) : y;
+      __m512 stored = y;
+      if (residual) {
+        const __m512 r = _mm512_maskz_loadu_ps(mask[j], residual + p * c.out_stride);
+        stored = Codes ? added_codes(y, r, part_scale, residual_scale, c.sum_lo, c.sum_hi) : _mm512_add_ps(y, r);
+      }
       if (mask[j] == 0xffffu)
         _mm512_storeu_ps(out + p * c.out_stride, stored);
       else
@@ -849,7 +868,12 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
           __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(c.multiplier + ch),
                                      _mm256_loadu_ps(c.bias + ch));
           if (Codes) y = _mm256_sub_ps(rounded(y, -128.0f, 127.0f), _mm256_set1_ps(c.code_zero));
-          _mm256_storeu_ps(o + ch, r ? _mm256_add_ps(y, _mm256_loadu_ps(r + ch)) : y);
+          __m256 stored = y;
+          if (r)
+            stored = Codes ? added_codes(y, _mm256_loadu_ps(r + ch), _mm256_set1_ps(c.part_scale),
+                                         _mm256_set1_ps(c.residual_scale), c.sum_lo, c.sum_hi)
+                           : _mm256_add_ps(y, _mm256_loadu_ps(r + ch));
+          _mm256_storeu_ps(o + ch, stored);
           if (bits) {
             __m256 q = c.next_scale ? rounded_product(y, _mm256_loadu_ps(c.next_scale + ch)) : y;
             if (c.next_shift) q = _mm256_add_ps(q, _mm256_loadu_ps(c.next_shift + ch));
@@ -864,7 +888,10 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
           const int32_t v = c.clamped ? std::min(std::max(a * 2, c.clamp_min), c.clamp_max) : a;
           float y = static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
           if (Codes) y = rounded(y, -128.0f, 127.0f) - c.code_zero;
-          o[ch] = r ? y + r[ch] : y;
+          if (r)
+            o[ch] = Codes ? added_codes(y, r[ch], c.part_scale, c.residual_scale, c.sum_lo, c.sum_hi) : y + r[ch];
+          else
+            o[ch] = y;
           if (bits) {  // from the convolution's output, as the LceQuantize reads it
             float q = c.next_scale ? rounded_product(y, c.next_scale[ch]) : y;
             if (c.next_shift) q = q + c.next_shift[ch];
@@ -916,10 +943,13 @@ static void bconv2d_tiles(const BinaryConvCall& c, int64_t t0, int64_t t1, int r
 // rounded as the separate ops round: that LceQuantize's pass over the output is saved.
 // output_zero_point (one value: an int8 output, its multiplier and bias LCE's for it): the output
 // is q = round(out) clamped to [-128, 127], less that zero point (the runtime's int8 codes).
-// channel_offset (not None), residual (float output): the output is the part of a channel
+// residual_add (an int8 output with a residual: part scale, residual scale, low, high): the int8 ADD
+// after the concatenation, clamp(round(code * part scale + residual * residual scale), low, high)
+// on codes (added_codes; the range in codes of the ADD's output).
+// channel_offset (not None), residual: the output is the part of a channel
 // CONCATENATION at channels channel_offset .. + channels_out of `output` (which may be wider),
-// with the ADD that follows it fused in where residual is given (out + residual, residual shaped
-// as output): the part is never written on its own.
+// with the ADD that follows it fused in where residual is given (out + residual, or residual_add's
+// sum of codes; residual shaped as output): the part is never written on its own.
 // weights: prepare_binary_weights(filter). geometry: channels_in, channels_out, filter_h, filter_w,
 // stride_h, stride_w, dilation_h, dilation_w, pad_value. A call passes the input, the output and
 // the padding before the first row and column (they follow from the input's size); nothing else is
@@ -929,10 +959,11 @@ class BinaryConv2D {
   BinaryConv2D(Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier, Array<float> bias,
                int clamp_min, int clamp_max, Array<int32_t> thresholds, Array<int32_t> weight_popcounts,
                Array<float> next_scale, Array<float> next_shift, bool pack_next,
-               std::vector<float> output_zero_point = {})
+               std::vector<float> output_zero_point = {}, std::vector<float> residual_add = {})
       : weights_(weights), bias_(bias), thresholds_(thresholds), weight_popcounts_(weight_popcounts),
         next_scale_(next_scale), next_shift_(next_shift), pack_next_(pack_next),
-        codes_(!output_zero_point.empty()), code_zero_(codes_ ? output_zero_point[0] : 0.0f) {
+        codes_(!output_zero_point.empty()), code_zero_(codes_ ? output_zero_point[0] : 0.0f),
+        residual_add_(residual_add) {
     if (geometry.size() != 9) throw std::invalid_argument("binary_conv2d: geometry needs 9 numbers");
     g_ = BinaryConv{geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
                     geometry[6], geometry[7], 0, 0, geometry[8]};
@@ -953,6 +984,10 @@ class BinaryConv2D {
     if (pack_next && packed_) throw std::invalid_argument("binary_conv2d: pack_next needs a float output");
     if (codes_ && (packed_ || output_zero_point.size() != 1))
       throw std::invalid_argument("binary_conv2d: output_zero_point (int8 output) needs one value and a float output");
+    if (!residual_add.empty() && (!codes_ || residual_add.size() != 4 || !(residual_add[2] <= residual_add[3]) ||
+                                  residual_add[2] < -255.0f || residual_add[3] > 255.0f))
+      throw std::invalid_argument("binary_conv2d: residual_add needs an int8 output and 4 values (part scale, "
+                                  "residual scale, low, high; low <= high, within the codes' range)");
     if ((next_scale.size() != 0 && next_scale.size() != g_.channels_out) ||
         (next_shift.size() != 0 && next_shift.size() != g_.channels_out))
       throw std::invalid_argument("binary_conv2d: next_scale and next_shift need channels_out values or none");
@@ -1036,7 +1071,14 @@ class BinaryConv2D {
     c.clamped = clamped_;
     c.codes = codes_;
     c.code_zero = code_zero_;
-    if (codes_ && c.residual) throw std::invalid_argument("binary_conv2d: no residual for an int8 output");
+    if (codes_ && c.residual && residual_add_.empty())
+      throw std::invalid_argument("binary_conv2d: a residual for an int8 output needs residual_add");
+    if (!residual_add_.empty()) {
+      c.part_scale = residual_add_[0];
+      c.residual_scale = residual_add_[1];
+      c.sum_lo = residual_add_[2];
+      c.sum_hi = residual_add_[3];
+    }
     c.multiplier = packed_ ? nullptr : multiplier_.data();
     c.bias = packed_ ? nullptr : bias_.data();
     // the padded input: rows [pad_top, pad_top + height) and columns [pad_left, pad_left + width)
@@ -1095,6 +1137,7 @@ class BinaryConv2D {
   bool pack_next_;
   bool codes_;  // int8 output: BinaryConvCall::codes
   float code_zero_;
+  std::vector<float> residual_add_;  // part scale, residual scale, low, high (an int8 output's ADD), or none
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -2893,13 +2936,14 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("binary_conv2d", [](Array<int32_t> weights, std::vector<int> geometry, Array<float> multiplier,
                             Array<float> bias, int clamp_min, int clamp_max, Array<int32_t> thresholds,
                             Array<int32_t> weight_popcounts, Array<float> next_scale, Array<float> next_shift,
-                            bool pack_next, std::vector<float> output_zero_point) {
+                            bool pack_next, std::vector<float> output_zero_point, std::vector<float> residual_add) {
     return BinaryConv2D(weights, geometry, multiplier, bias, clamp_min, clamp_max, thresholds, weight_popcounts,
-                        next_scale, next_shift, pack_next, output_zero_point);
+                        next_scale, next_shift, pack_next, output_zero_point, residual_add);
   }, py::arg("weights"), py::arg("geometry"), py::arg("multiplier"), py::arg("bias"), py::arg("clamp_min"),
         py::arg("clamp_max"), py::arg("thresholds"), py::arg("weight_popcounts"),
         py::arg("next_scale") = py::array_t<float>(0), py::arg("next_shift") = py::array_t<float>(0),
-        py::arg("pack_next") = false, py::arg("output_zero_point") = std::vector<float>());
+        py::arg("pack_next") = false, py::arg("output_zero_point") = std::vector<float>(),
+        py::arg("residual_add") = std::vector<float>());
   m.def("prepare_float_weights", &prepare_float_weights);
   m.def("conv2d", &conv2d, py::arg("input"), py::arg("weights"),
         py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
