@@ -274,8 +274,9 @@ def test_int8_binary_conv_does_the_add_after_its_concatenation_as_the_add_step_d
         np.testing.assert_array_equal(values[6][..., 3:3 + cout], separate)
         assert (values[6][..., :3] == 5).all() and (values[6][..., 3 + cout:] == 5).all() and values[5] is None
         if scales[1] == 0.125:
-            v = codes.astype(np.float64) * 0.5 + (residual[..., 3:3 + cout] + 0) * 0.25
-            assert np.mean(np.abs(v - np.trunc(v)) == 0.5) > 0.2  # ties, both signs
+            v = codes.astype(np.float64) * 0.5 + residual[..., 3:3 + cout] * 0.25
+            ties = np.abs(v - np.trunc(v)) == 0.5
+            assert ties.mean() > 0.2 and (v[ties] > 0).any() and (v[ties] < 0).any()  # many ties, both signs
             np.testing.assert_array_equal(separate, np.clip(_round(v), -128 + 5, 127 + 5))
 
 
