@@ -136,6 +136,8 @@ SPEED_CASES = [
 
 # the runtime's reduced float precisions (in the tables' order), and their speed case on each kernel path
 REDUCED_PRODUCTS = {"bfloat16": "bfloat16 products, float32 sums", "int8": "int8 products, int32 sums"}
+# the AMX instruction that multiplies each reduced precision on the tiles
+AMX_PRODUCTS = {"bfloat16": "TDPBF16PS", "int8": "TDPBUSD"}
 
 
 def reduced_case(precision: str, kernels: str = "avx512") -> str:
@@ -1106,7 +1108,8 @@ def float_convolution_lines(measured) -> list:
                  f"`float_precision=\"{p}\"` ({REDUCED_PRODUCTS[p]})" for p in reduced)
                 + ", profiled in turns with float32"
                 + (" (" + " and ".join(p for p in reduced if p in measured.get("amx", [])) + " on AMX's tiles, "
-                   "TDPBF16PS and TDPBUSD, as this CPU runs them: `kernels.amx`)" if set(reduced) & set(measured.get("amx", []))
+                   + " and ".join(AMX_PRODUCTS[p] for p in reduced if p in measured.get("amx", []))
+                   + ", as this CPU runs them: `kernels.amx`)" if set(reduced) & set(measured.get("amx", []))
                    else "") + "." if reduced else "")
              + product_limit_sentence(limit, measured.get("product_limits_g", {})), "",
              "| step | output | filter | ms | G MAC/s |" + (" of the FMA limit |" if limit else "")
