@@ -430,13 +430,111 @@ def test_fused_hpm_block_steps_give_the_unfused_plans_outputs(small_file, monkey
     assert {"LceBconv2d+LceQuantize+CONCATENATION+ADD", "LceBconv2d+CONCATENATION+ADD",
             "LceBconv2d+LceQuantize+CONCATENATION", "LceBconv2d+CONCATENATION"} <= set(names)
     assert not [name for name in names if name.startswith("CONCATENATION")]
-    assert set(names) <= set(engine_module.PARTS) | {"MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR+ADD"}
+    assert set(names) <= set(engine_module.PARTS) | {"MAX_POOL_2D+LceQuantize", "RESIZE_NEAREST_NEIGHBOR+ADD+LceQuantize"}
     plain = Engine(small_file, kernels=kernels, cuda_graphs=False, fuse_blocks=False)
     plain_names = [name for name, _, _ in plain.profile(images)]
     packed = sum(name.startswith("LceBconv2d+LceQuantize") for name in names)
     concatenations = sum(name.startswith("CONCATENATION") for name in plain_names)
-    assert len(plain_names) == len(names) + packed + concatenations and packed > 10 and concatenations > 3
+    # (the float steps that pack their output for an LceQuantize: the next test)
+    packed_rows = sum(_packs_float_rows(name) for name in names)
+    assert len(plain_names) == len(names) + packed + concatenations + packed_rows
+    assert packed > 10 and concatenations > 3
     np.testing.assert_array_equal(np.asarray(fused.predict(images)), np.asarray(plain.predict(images)))
+
+
+@pytest.mark.parametrize("kernels", PATHS + ["cuda"])
+def test_float_steps_pack_the_lce_quantize_that_reads_their_output(small_file, monkeypatch, kernels):
+    """An LceQuantize (with its batch norm) reading the float output of a CONV_2D, MAX_POOL_2D or
+    RESIZE_NEAREST_NEIGHBOR step (the ADD's or the pool's done in it) has no step of its own: that
+    step packs its rows as it writes them. The outputs are bit for bit the plan's with each
+    LceQuantize its own step (the C++ paths, and kernels.cu built for the CPU standing in for the
+    GPU, which packs after the op)."""
+    if kernels == "cuda":
+        fake_cupy.install(monkeypatch)
+    images = np.random.default_rng(9).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    fused = Engine(small_file, kernels=kernels, cuda_graphs=False)
+    names = [name for name, _, _ in fused.profile(images)]
+    assert {"CONV_2D+LceQuantize", "BN+CONV_2D+ADD+MAX_POOL_2D+LceQuantize", "MAX_POOL_2D+LceQuantize",
+            "RESIZE_NEAREST_NEIGHBOR+ADD+LceQuantize"} <= set(names)
+    assert {engine_module.PARTS[name] for name in names if "CONV_2D" in name} == {"float convolutions"}
+    monkeypatch.setattr(engine_module, "_packed_outputs", lambda *args: {})
+    plain = Engine(small_file, kernels=kernels, cuda_graphs=False)
+    plain_names = [name for name, _, _ in plain.profile(images)]
+    packed_rows = sum(_packs_float_rows(name) for name in names)
+    assert packed_rows >= 4 and len(plain_names) == len(names) + packed_rows
+    assert plain_names.count("BN+LceQuantize") == names.count("BN+LceQuantize") + packed_rows
+    np.testing.assert_array_equal(np.asarray(fused.predict(images)), np.asarray(plain.predict(images)))
+
+
+def _packs_float_rows(step: str) -> bool:
+    """Whether a profiled step is a float op that packs its output for an LceQuantize."""
+    return step.endswith("+LceQuantize") and any(op in step for op in ("CONV_2D", "MAX_POOL_2D", "RESIZE"))
+
+
+def _packing_batch_norm(rng, channels: int):
+    """A folded batch norm for ``packed``: scales of both signs (a few zero), shifts of both signs."""
+    scale = rng.uniform(0.5, 2.0, channels).astype(np.float32) * rng.choice([-1, 1], channels).astype(np.float32)
+    scale[::7] = 0.0
+    return scale, rng.normal(size=channels).astype(np.float32)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_conv_pool_and_resize_pack_their_output_as_bitpack_packs_it(path):
+    """``conv2d`` (alone, with a residual, pooled; in each float precision this CPU has), ``pool2d``
+    and ``resize_nearest`` given ``packed``: their float output unchanged, and ``packed`` the bits
+    an LceQuantize with the batch norm folded in packs from it (``x * scale + shift < 0``, rounded
+    op by op), by NumPy: 40 channels (a word's tail), NaN, infinities and -0.0 in the output."""
+    module = kernel_paths.load(path)
+    rng = np.random.default_rng(21)
+    none = np.zeros(0, np.float32)
+    channels = 40
+    x = rng.normal(size=(2, 8, 10, 24)).astype(np.float32)
+    x[0, 1, 2, :] = np.nan
+    filters = rng.normal(size=(channels, 3, 3, 24)).astype(np.float32)
+    bias = rng.normal(size=channels).astype(np.float32)
+    bias[5] = -0.0
+    residual = rng.normal(size=(2, 8, 10, channels)).astype(np.float32)
+    residual[1, 3, 4, :7] = [np.inf, -np.inf, -0.0, 0.0, np.inf, -np.inf, np.nan]
+    scale, shift = _packing_batch_norm(rng, channels)
+    geometry = [3, 3, 1, 1, 1, 1, 1, 1]
+    cases = []
+    for name, convolve, prepare in _precisions_on(path):
+        weights = prepare(filters)
+        for parts, window in (([], []), ([residual], []), ([residual], [2, 2])):
+            shape = (2, 4, 5, channels) if window else (2, 8, 10, channels)
+
+            def run(out, packing, convolve=convolve, weights=weights, parts=parts, window=window):
+                convolve(x, weights, bias, geometry, -np.inf, np.inf, parts, none, none, -np.inf, np.inf, out,
+                         pool_window=window, **packing)
+
+            cases.append((f"conv2d {name} {len(parts)} {window}", shape, run))
+    grid = rng.normal(size=(2, 7, 9, channels)).astype(np.float32)
+    grid[1, 2, 3, :4] = [np.nan, np.inf, -np.inf, -0.0]
+    cases.append(("pool2d", (2, 4, 5, channels), lambda out, packing: module.pool2d(
+        grid, [2, 2, 2, 2, 0, 0], 0, -np.inf, np.inf, out, **packing)))
+    rows, cols = np.array([0, 0, 1, 2, 3, 3, 4, 5], np.int32), np.array([0, 1, 1, 2, 3, 4, 5, 6, 7, 8], np.int32)
+    cases.append(("resize_nearest", (2, 8, 10, channels), lambda out, packing: module.resize_nearest(
+        grid, rows, cols, residual, -np.inf, np.inf, out, **packing)))
+    for name, shape, run in cases:
+        want = np.empty(shape, np.float32)
+        run(want, {})
+        for multiplier, offset in ((scale, shift), (none, shift), (scale, none), (none, none)):
+            out = np.empty(shape, np.float32)
+            packed = np.full(shape[:-1] + (2,), 12345, np.int32)
+            run(out, {"packed": packed, "pack_multiplier": multiplier, "pack_bias": offset})
+            np.testing.assert_array_equal(out, want, err_msg=name)
+            np.testing.assert_array_equal(
+                packed, next_layer_bits(want, multiplier if multiplier.size else None, offset if offset.size else None),
+                err_msg=name)
+    out = np.empty((2, 4, 5, channels), np.float32)
+    with pytest.raises(ValueError, match="pool2d: packed output has the wrong size"):
+        module.pool2d(grid, [2, 2, 2, 2, 0, 0], 0, -np.inf, np.inf, out, packed=np.zeros((2, 4, 5, 1), np.int32))
+    with pytest.raises(ValueError, match="conv2d packed output: expected a C-contiguous int32"):
+        module.conv2d(x, module.prepare_float_weights(filters), bias, geometry, -np.inf, np.inf, [], none, none,
+                      -np.inf, np.inf, np.empty((2, 8, 10, channels), np.float32), packed=[[0, 0]])
+    with pytest.raises(ValueError, match="resize_nearest: pack multiplier or bias size"):
+        module.resize_nearest(grid, rows, cols, residual, -np.inf, np.inf, np.empty((2, 8, 10, channels), np.float32),
+                              packed=np.zeros((2, 8, 10, 2), np.int32), pack_bias=shift[:3])
 
 
 @pytest.mark.parametrize("kernels", ["cuda", "cuda-popcount"])

@@ -272,8 +272,17 @@ class CudaKernels:
         cout = filters.shape[0]
         return self.upload(np.ascontiguousarray(filters.reshape(cout, -1).T))
 
+    def _pack_output(self, out, packed, pack_multiplier, pack_bias) -> None:
+        """The CPU kernels' ``packed`` argument of ``conv2d``, ``pool2d`` and ``resize_nearest`` (the
+        output's bits for the LceQuantize that reads it): here ``bitpack`` after the op."""
+        if packed is not None:
+            none = self._empty_float
+            self.bitpack(out, none if pack_multiplier is None else pack_multiplier,
+                         none if pack_bias is None else pack_bias, packed)
+
     def conv2d(self, x, weights, bias, geometry, lo: float, hi: float, residual, input_multiplier, input_bias,
-               input_lo: float, input_hi: float, out, pool_window=()) -> None:
+               input_lo: float, input_hi: float, out, pool_window=(), packed=None, pack_multiplier=None,
+               pack_bias=None) -> None:
         """The CPU kernels' ``conv2d``; ``pool_window`` ``(ph, pw)``: ``out`` is the convolution's
         output max-pooled by that window and stride, here by ``pool2d`` after the convolution."""
         cp = self.cp
@@ -282,7 +291,7 @@ class CudaKernels:
             full = cp.empty((out.shape[0], out.shape[1] * ph, out.shape[2] * pw, out.shape[3]), cp.float32)
             self.conv2d(x, weights, bias, geometry, lo, hi, residual, input_multiplier, input_bias, input_lo,
                         input_hi, full)
-            self.pool2d(full, [ph, pw, ph, pw, 0, 0], 0, -np.inf, np.inf, out)
+            self.pool2d(full, [ph, pw, ph, pw, 0, 0], 0, -np.inf, np.inf, out, packed, pack_multiplier, pack_bias)
             return
         has_mul, has_add = input_multiplier.size > 0, input_bias.size > 0
         if has_mul or has_add or input_lo > -np.inf or input_hi < np.inf:
@@ -313,6 +322,7 @@ class CudaKernels:
                                     np.float32(hi), flat)
         else:
             self._epilogue(flat, bias, np.int64(cout), np.float32(lo), np.float32(hi), flat)
+        self._pack_output(out, packed, pack_multiplier, pack_bias)
 
     def _matmul(self, a, b, out) -> None:
         """``out = a @ b`` by cuBLAS. CuPy refuses every cuBLAS call while a stream captures a graph:
@@ -327,13 +337,15 @@ class CudaKernels:
     def binary_elementwise(self, a, b, op: int, lo: float, hi: float, out) -> None:
         self._elementwise(a, b, np.int64(b.size), np.int32(op), np.float32(lo), np.float32(hi), out)
 
-    def pool2d(self, x, geometry, kind: int, lo: float, hi: float, out) -> None:
+    def pool2d(self, x, geometry, kind: int, lo: float, hi: float, out, packed=None, pack_multiplier=None,
+               pack_bias=None) -> None:
         fh, fw, sh, sw, pad_top, pad_left = (int(v) for v in geometry)
         batch, height, width, channels = x.shape
         self._launch(self._pool2d, out.size, (
             x, np.int32(batch), np.int32(height), np.int32(width), np.int32(channels), np.int32(out.shape[1]),
             np.int32(out.shape[2]), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(pad_top),
             np.int32(pad_left), np.int32(kind), np.float32(lo), np.float32(hi), out))
+        self._pack_output(out, packed, pack_multiplier, pack_bias)
 
     def concat_channels(self, parts, residual, out) -> None:
         """One launch a part, each writing its channels (plus the residual) once."""
@@ -348,7 +360,8 @@ class CudaKernels:
                 residual if has_residual else self._empty_float, np.int32(has_residual), np.int64(pixels), out))
             offset += part_channels
 
-    def resize_nearest(self, x, rows, cols, residual, lo: float, hi: float, out) -> None:
+    def resize_nearest(self, x, rows, cols, residual, lo: float, hi: float, out, packed=None, pack_multiplier=None,
+                       pack_bias=None) -> None:
         batch, height, width, channels = x.shape
         has_residual = residual.size > 0
         self._launch(self._resize, out.size, (
@@ -356,6 +369,7 @@ class CudaKernels:
             np.int32(channels), np.int32(out.shape[1]), np.int32(out.shape[2]),
             residual if has_residual else self._empty_float, np.int32(has_residual), np.float32(lo), np.float32(hi),
             out))
+        self._pack_output(out, packed, pack_multiplier, pack_bias)
 
     # --- the Predictor's crops --------------------------------------------------------------
     def warp_crops(self, image: np.ndarray, params: np.ndarray, size: int):

@@ -210,6 +210,40 @@ def _concatenated_outputs(graph: Graph, residuals: dict, folded: set, packs: dic
     return found
 
 
+def _packed_outputs(graph: Graph, folded: set, deferred: dict, residuals: dict, max_pools: dict,
+                    fused: dict) -> dict:
+    """The LceQuantize ops (with the batch norm folded into them, ``fused``, or alone) that read the
+    float output a CONV_2D, RESIZE_NEAREST_NEIGHBOR or MAX_POOL_2D step writes (the ADD's or the
+    pool's where one is done in that step: ``residuals``, ``max_pools``), one a step: that step can
+    pack its output rows as it writes them, while they are in cache, where a step of its own would
+    read the whole tensor again. Returns ``{step op index: (quantize output, multiplier or None,
+    bias or None, quantize index)}``."""
+    written = {}  # float tensor -> the step op that writes it
+    for op in graph.operators:
+        if op.index in folded:
+            continue
+        op = deferred.get(op.index, op)  # an op done with the ADD after it runs at the ADD's place
+        if op.name == "CONV_2D" and op.index in max_pools:
+            tensor = max_pools[op.index][0]
+        elif op.name in ("CONV_2D", "RESIZE_NEAREST_NEIGHBOR"):
+            tensor = residuals[op.index][1] if op.index in residuals else op.outputs[0]
+        elif op.name == "MAX_POOL_2D":
+            tensor = op.outputs[0]
+        else:
+            continue
+        if graph.tensors[tensor].dtype == np.float32:
+            written[tensor] = op.index
+    packs = {}
+    for op in graph.operators:
+        if op.name != "LceQuantize" or op.index in folded or op.outputs[0] in graph.outputs:
+            continue
+        source, multiplier, bias = fused[op.index][:3] if op.index in fused else (op.inputs[0], None, None)
+        writer = written.get(source)
+        if writer is not None and writer not in packs:
+            packs[writer] = (op.outputs[0], multiplier, bias, op.index)
+    return packs
+
+
 # what each profiled step is, for Engine.time_by_part (fused steps are named as profile names them)
 PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary convolutions",
          "LceBconv2d+CONCATENATION": "binary convolutions",
@@ -222,6 +256,8 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
          "BN+CONV_2D+MAX_POOL_2D": "float convolutions", "BN+CONV_2D+ADD+MAX_POOL_2D": "float convolutions",
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
          "LceDequantize": "bit-packing (with fused batch norm)"}
+# a float convolution that also packs its output for the LceQuantize reading it (_packed_outputs)
+PARTS.update({label + "+LceQuantize": part for label, part in PARTS.items() if part == "float convolutions"})
 
 FLOAT_PRECISIONS = ("float32", "bfloat16", "int8")
 
@@ -457,27 +493,35 @@ class Engine:
                 if found is not None:
                     max_pools[op.index] = (found[0].outputs[0],) + found[1:]
                     folded.add(found[0].index)
+        row_packs = _packed_outputs(graph, folded, deferred, residuals, max_pools, fused) \
+            if fuse_blocks and not self.int8_file else {}
+        folded.update(index for _, _, _, index in row_packs.values())
         steps, step_ops = [], []
         for op in graph.operators:
             if op.index in folded:
                 continue
             op = deferred.get(op.index, op)
             tensors, target, activation = residuals.get(op.index, (None, None, 0))
+            pack = row_packs[op.index][:3] if op.index in row_packs else None
             if op.name == "CONV_2D":
                 steps.append(ops.conv_2d(graph, op, self._kernels, tensors, target, activation, fused.get(op.index),
-                                         precision=self.float_precision, max_pool=max_pools.get(op.index)))
+                                         precision=self.float_precision, max_pool=max_pools.get(op.index), pack=pack))
             elif op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
             elif op.index in packs or op.index in intos:
                 steps.append(ops.lce_bconv2d(graph, op, self._kernels, packs.get(op.index), intos.get(op.index)))
             elif op.name == "CONCATENATION" and tensors is not None:
                 steps.append(ops.concatenation(graph, op, self._kernels, tensors[0], target))
-            elif op.name == "RESIZE_NEAREST_NEIGHBOR" and tensors is not None:
-                steps.append(ops.resize_nearest_neighbor(graph, op, self._kernels, tensors[0], target, activation))
+            elif op.name == "RESIZE_NEAREST_NEIGHBOR" and (tensors is not None or pack is not None):
+                steps.append(ops.resize_nearest_neighbor(graph, op, self._kernels, tensors and tensors[0], target,
+                                                         activation, pack))
+            elif op.name == "MAX_POOL_2D" and pack is not None:
+                steps.append(ops.max_pool_2d(graph, op, self._kernels, pack))
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
             step_ops.append(op)
         self._fused, self._packs, self._intos, self._max_pools = set(fused), set(packs), intos, max_pools
+        self._row_packs = set(row_packs)
         # after which step each activation is read for the last time (then its buffer is reused)
         self._residuals = residuals
         last_read = {}
@@ -637,6 +681,7 @@ class Engine:
                     label += "+CONCATENATION" + ("+ADD" if self._intos[op.index][3] is not None else "")
                 label = "BN+" + label if op.index in self._fused else label
                 label += "+MAX_POOL_2D" if op.index in self._max_pools else ""
+                label += "+LceQuantize" if op.index in self._row_packs else ""
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]
                 written = self._intos[op.index][0] if op.index in self._intos else written
                 written = self._max_pools[op.index][0] if op.index in self._max_pools else written

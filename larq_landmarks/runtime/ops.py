@@ -255,6 +255,26 @@ def lce_quantize(graph: Graph, op: Operator, kernels, source: Optional[int] = No
     return run
 
 
+def _output_packing(graph: Graph, op: Operator, kernels, pack: Optional[tuple], channels: int):
+    """For ``pack`` = ``(LceQuantize output, multiplier or None, bias or None)``, an LceQuantize (with
+    the batch norm before it folded in) that reads a float op's output: a function of ``(values,
+    output shape)`` that allocates the LceQuantize's bits and returns the keyword arguments with
+    which the op's kernel (``conv2d``, ``pool2d``, ``resize_nearest``) packs them as it writes its
+    output rows (the bits ``bitpack`` packs). For None, one that returns no arguments."""
+    if pack is None:
+        return lambda values, shape: {}
+    target, multiplier, bias = pack
+    if graph.tensors[op.outputs[0]].dtype != np.float32:
+        raise _unsupported(graph, op, "an LceQuantize fused after an output that is not float32")
+    scale, shift = (_on_device(kernels, _per_channel(v, channels)) for v in (multiplier, bias))
+
+    def arguments(values, shape):
+        bits = values[target] = values.alloc(tuple(shape[:-1]) + ((channels + 31) // 32,), np.int32)
+        return {"packed": bits, "pack_multiplier": scale, "pack_bias": shift}
+
+    return arguments
+
+
 def lce_dequantize(graph: Graph, op: Operator, kernels) -> Run:
     """Bit-packed int32 -> +1 / -1 floats."""
     source, target = op.inputs[0], op.outputs[0]
@@ -368,7 +388,7 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
 
 def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] = None, target: Optional[int] = None,
             add_activation: int = 0, input_affine: Optional[tuple] = None, precision: str = "float32",
-            max_pool: Optional[tuple] = None) -> Run:
+            max_pool: Optional[tuple] = None, pack: Optional[tuple] = None) -> Run:
     """Float convolution with bias and fused activation. ``residual``, ``target`` and
     ``add_activation`` fuse the ADD that follows a convolution without activation: ``target =
     clamp(conv + residual)``, rounded as the two ops round, where ``residual`` lists the tensors
@@ -383,7 +403,10 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     scaled back to float32. ``max_pool`` = ``(pool output, (window
     height, window width), padding code)``: the MAX_POOL_2D (its stride its window, no activation)
     that reads the convolution's output (after the ADD), done in the same pass where the window
-    divides that output (no padding then, either way), else by ``pool2d`` after it.
+    divides that output (no padding then, either way), else by ``pool2d`` after it. ``pack`` =
+    ``(tensor, multiplier or None, bias or None)``: the LceQuantize (with the batch norm before it)
+    that reads the output the step writes (the pool's, the ADD's or the convolution's), done as
+    each output row is written: its bits go into ``tensor`` (:func:`_output_packing`).
 
     An int8 convolution (int8 input and weights, a scale an output channel, int32 bias) sums its
     codes times the int8 weights, then requantises: ``q = round(sum * input scale * weight scale /
@@ -405,7 +428,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         if out_codes is None or weight_quantization is None or graph.tensors[op.inputs[1]].dtype != np.int8 \
                 or np.any(weight_quantization[1] != 0):
             raise _unsupported(graph, op, "an int8 input without symmetric int8 weights and an int8 output")
-        if residual is not None or input_affine is not None or max_pool is not None or precision != "float32":
+        if residual is not None or input_affine is not None or max_pool is not None or pack is not None \
+                or precision != "float32":
             raise _unsupported(graph, op, "a fusion or float precision on an int8 convolution")
         multiplier = codes[0] * np.broadcast_to(weight_quantization[0].astype(np.float64), (cout,)) / out_codes[0]
         rescale = _requantizer(kernels, cout, multiplier, zero_point=out_codes[1],
@@ -435,6 +459,7 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         source, multiplier, offset, code = input_affine
         in_low, in_high = _activation(graph, op, code)
         in_mul, in_bias = (_on_device(kernels, _per_channel(v, cin)) for v in (multiplier, offset))
+    packing = _output_packing(graph, op, kernels, pack, cout)
 
     def run(values):
         x = values[source]
@@ -445,7 +470,7 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
                 [] if residual is None else [values[i] for i in residual], in_mul, in_bias, in_low, in_high)
         if max_pool is None:
             out = values.alloc((batch, out_h, out_w, cout), np.float32)
-            convolve(*args, out)
+            convolve(*args, out, **packing(values, out.shape))
             if rescale is not None:
                 rescale(out, out)
             values[target] = out
@@ -453,14 +478,15 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         pooled, (ph, pw), padding = max_pool
         if out_h % ph == 0 and out_w % pw == 0:
             out = values.alloc((batch, out_h // ph, out_w // pw, cout), np.float32)
-            convolve(*args, out, pool_window=[ph, pw])
+            convolve(*args, out, pool_window=[ph, pw], **packing(values, out.shape))
         else:
             full = values.alloc((batch, out_h, out_w, cout), np.float32)
             convolve(*args, full)
             pool_h, pool_top = _same_padding(out_h, ph, ph, 1, padding)
             pool_w, pool_left = _same_padding(out_w, pw, pw, 1, padding)
             out = values.alloc((batch, pool_h, pool_w, cout), np.float32)
-            kernels.pool2d(full, [ph, pw, ph, pw, pool_top, pool_left], 0, -math.inf, math.inf, out)
+            kernels.pool2d(full, [ph, pw, ph, pw, pool_top, pool_left], 0, -math.inf, math.inf, out,
+                           **packing(values, out.shape))
             values.release(full)
         values[pooled] = out
 
@@ -600,8 +626,10 @@ def concatenation(graph: Graph, op: Operator, kernels, residual: Optional[int] =
     return run
 
 
-def _pool(graph: Graph, op: Operator, kernels, kind: int) -> Run:
+def _pool(graph: Graph, op: Operator, kernels, kind: int, pack: Optional[tuple] = None) -> Run:
     codes = _codes(graph, op, op.inputs[0])
+    if codes is not None and pack is not None:
+        raise _unsupported(graph, op, "an LceQuantize fused after an int8 pool")
     _check_float(graph, op, int8=True)
     o = op.options
     fh, fw, sh, sw = o.FilterHeight(), o.FilterWidth(), o.StrideH(), o.StrideW()
@@ -613,6 +641,7 @@ def _pool(graph: Graph, op: Operator, kernels, kind: int) -> Run:
         q_range = _int8_range(graph, op, o.FusedActivationFunction(), *codes)
         low, high = -math.inf, math.inf
         rounding = _requantizer(kernels, _channels(graph, source), 1.0, 0.0, 0, codes[1], q_range, "q")
+    packing = _output_packing(graph, op, kernels, pack, _channels(graph, source))
 
     def run(values):
         x = values[source]
@@ -620,7 +649,7 @@ def _pool(graph: Graph, op: Operator, kernels, kind: int) -> Run:
         out_h, pad_top = _same_padding(height, fh, sh, 1, o.Padding())
         out_w, pad_left = _same_padding(width, fw, sw, 1, o.Padding())
         out = values.alloc((batch, out_h, out_w, channels), np.float32)
-        kernels.pool2d(x, [fh, fw, sh, sw, pad_top, pad_left], kind, low, high, out)
+        kernels.pool2d(x, [fh, fw, sh, sw, pad_top, pad_left], kind, low, high, out, **packing(values, out.shape))
         if rounding is not None:
             rounding(out, out)
         values[target] = out
@@ -628,9 +657,10 @@ def _pool(graph: Graph, op: Operator, kernels, kind: int) -> Run:
     return run
 
 
-def max_pool_2d(graph: Graph, op: Operator, kernels) -> Run:
-    """MAX_POOL_2D."""
-    return _pool(graph, op, kernels, 0)
+def max_pool_2d(graph: Graph, op: Operator, kernels, pack: Optional[tuple] = None) -> Run:
+    """MAX_POOL_2D. ``pack``: the LceQuantize that reads its output, done as each row is written
+    (:func:`_output_packing`)."""
+    return _pool(graph, op, kernels, 0, pack)
 
 
 def average_pool_2d(graph: Graph, op: Operator, kernels) -> Run:
@@ -648,10 +678,11 @@ def _nearest_indices(size_in: int, size_out: int, align_corners: bool, half_pixe
 
 
 def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optional[int] = None,
-                            target: Optional[int] = None, add_activation: int = 0) -> Run:
+                            target: Optional[int] = None, add_activation: int = 0, pack: Optional[tuple] = None) -> Run:
     """RESIZE_NEAREST_NEIGHBOR to the constant size of its second input. ``residual``, ``target``
     and ``add_activation`` fuse the ADD that follows (``target = clamp(resized + residual)``, one
-    pass), as an hourglass's upsampled branch plus its skip."""
+    pass), as an hourglass's upsampled branch plus its skip. ``pack``: the LceQuantize that reads
+    the output (the ADD's, where one is fused), done as each row is written (:func:`_output_packing`)."""
     size = _constant(graph, op, 1).reshape(-1)
     _same_quantization(graph, op, op.inputs[:1])
     if residual is not None and _codes(graph, op, op.inputs[0]) is not None:
@@ -661,6 +692,7 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optio
     source, target = op.inputs[0], op.outputs[0] if target is None else target
     none = _on_device(kernels, np.zeros(0, np.float32))
     indices: Dict[tuple, tuple] = {}  # input (height, width) -> source rows and columns
+    packing = _output_packing(graph, op, kernels, pack, _channels(graph, source))
 
     def run(values):
         x = values[source]
@@ -671,7 +703,8 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optio
                                            for n, m in ((height, size[0]), (width, size[1])))
         rows, cols = indices[height, width]
         if x.dtype == np.float32:
-            kernels.resize_nearest(x, rows, cols, none if residual is None else values[residual], low, high, out)
+            kernels.resize_nearest(x, rows, cols, none if residual is None else values[residual], low, high, out,
+                                   **packing(values, out.shape))
         else:  # bit-packed or other tensors: a gather, then the ADD (never fused for them)
             out[:] = x[:, rows][:, :, cols]
         values[target] = out

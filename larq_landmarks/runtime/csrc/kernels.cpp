@@ -264,7 +264,70 @@ static Array<T> aligned_array(const std::vector<py::ssize_t>& shape) {
 // Bit-packing: bit = (x * multiplier[c] + bias[c] < 0), each part optional (LceQuantize, with the
 // per-channel MUL and ADD of a preceding batch norm fused in). The product and the sum are rounded
 // separately, as the unfused ops round them (no FMA contraction here).
+
+// The bits of `pixels` consecutive pixels of `channels` floats at x into `words` int32 words a pixel
+// at out (m, b: per channel, or null). bitpack's work, and the epilogue of the float ops that pack
+// their own output rows for the LceQuantize that reads them (RowPack), while those rows are in cache.
 __attribute__((optimize("fp-contract=off")))
+static void pack_pixels(const float* x, int64_t pixels, int channels, const float* m, const float* b, int32_t* out) {
+  const int words = (channels + 31) / 32;
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* row = x + p * channels;
+    int32_t* packed = out + p * words;
+    for (int w = 0; w < words; ++w) {
+      const int c0 = 32 * w, n = std::min(32, channels - c0);
+      uint32_t bits = 0;
+#if defined(__AVX512F__)
+      if (n == 32) {
+        __m512 lo = _mm512_loadu_ps(row + c0), hi = _mm512_loadu_ps(row + c0 + 16);
+        if (m) {
+          lo = _mm512_mul_ps(lo, _mm512_loadu_ps(m + c0));
+          hi = _mm512_mul_ps(hi, _mm512_loadu_ps(m + c0 + 16));
+        }
+        if (b) {
+          lo = _mm512_add_ps(lo, _mm512_loadu_ps(b + c0));
+          hi = _mm512_add_ps(hi, _mm512_loadu_ps(b + c0 + 16));
+        }
+        const __m512 zero = _mm512_setzero_ps();
+        bits = static_cast<uint32_t>(_mm512_cmp_ps_mask(lo, zero, _CMP_LT_OQ)) |
+               (static_cast<uint32_t>(_mm512_cmp_ps_mask(hi, zero, _CMP_LT_OQ)) << 16);
+        packed[w] = static_cast<int32_t>(bits);
+        continue;
+      }
+#elif defined(__AVX2__)
+      if (n == 32) {
+        for (int q = 0; q < 4; ++q) {  // 8 channels a vector: their sign bits by movemask
+          __m256 v = _mm256_loadu_ps(row + c0 + 8 * q);
+          if (m) v = _mm256_mul_ps(v, _mm256_loadu_ps(m + c0 + 8 * q));
+          if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c0 + 8 * q));
+          bits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ))) << (8 * q);
+        }
+        packed[w] = static_cast<int32_t>(bits);
+        continue;
+      }
+#elif defined(__SSE2__)
+      if (n == 32) {  // x86-64's baseline: as above, 4 channels a vector
+        for (int q = 0; q < 8; ++q) {
+          __m128 v = _mm_loadu_ps(row + c0 + 4 * q);
+          if (m) v = _mm_mul_ps(v, _mm_loadu_ps(m + c0 + 4 * q));
+          if (b) v = _mm_add_ps(v, _mm_loadu_ps(b + c0 + 4 * q));
+          bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmplt_ps(v, _mm_setzero_ps()))) << (4 * q);
+        }
+        packed[w] = static_cast<int32_t>(bits);
+        continue;
+      }
+#endif
+      for (int i = 0; i < n; ++i) {
+        float v = row[c0 + i];
+        if (m) v = v * m[c0 + i];
+        if (b) v = v + b[c0 + i];
+        bits |= static_cast<uint32_t>(v < 0.0f) << i;
+      }
+      packed[w] = static_cast<int32_t>(bits);
+    }
+  }
+}
+
 static void bitpack(Array<float> input, Array<float> multiplier, Array<float> bias, py::array output) {
   const int channels = static_cast<int>(input.shape(input.ndim() - 1));
   const int words = (channels + 31) / 32;
@@ -274,69 +337,50 @@ static void bitpack(Array<float> input, Array<float> multiplier, Array<float> bi
   if ((scaled && multiplier.size() != channels) || (biased && bias.size() != channels))
     throw std::invalid_argument("bitpack: multiplier or bias size");
   const float* x = input.data();
-  const float* m = multiplier.data();
-  const float* b = bias.data();
+  const float* m = scaled ? multiplier.data() : nullptr;
+  const float* b = biased ? bias.data() : nullptr;
   int32_t* out = checked_data<int32_t>(output, -1, true, "bitpack output");
   py::gil_scoped_release release;
   const int chunks = static_cast<int>(std::min<int64_t>(pixels, 256));
   pool().parallel_for(chunks, [&](int begin, int end) {
     const int64_t p0 = pixels * begin / chunks, p1 = pixels * end / chunks;
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* row = x + p * channels;
-      int32_t* packed = out + p * words;
-      for (int w = 0; w < words; ++w) {
-        const int c0 = 32 * w, n = std::min(32, channels - c0);
-        uint32_t bits = 0;
-#if defined(__AVX512F__)
-        if (n == 32) {
-          __m512 lo = _mm512_loadu_ps(row + c0), hi = _mm512_loadu_ps(row + c0 + 16);
-          if (scaled) {
-            lo = _mm512_mul_ps(lo, _mm512_loadu_ps(m + c0));
-            hi = _mm512_mul_ps(hi, _mm512_loadu_ps(m + c0 + 16));
-          }
-          if (biased) {
-            lo = _mm512_add_ps(lo, _mm512_loadu_ps(b + c0));
-            hi = _mm512_add_ps(hi, _mm512_loadu_ps(b + c0 + 16));
-          }
-          const __m512 zero = _mm512_setzero_ps();
-          bits = static_cast<uint32_t>(_mm512_cmp_ps_mask(lo, zero, _CMP_LT_OQ)) |
-                 (static_cast<uint32_t>(_mm512_cmp_ps_mask(hi, zero, _CMP_LT_OQ)) << 16);
-          packed[w] = static_cast<int32_t>(bits);
-          continue;
-        }
-#elif defined(__AVX2__)
-        if (n == 32) {
-          for (int q = 0; q < 4; ++q) {  // 8 channels a vector: their sign bits by movemask
-            __m256 v = _mm256_loadu_ps(row + c0 + 8 * q);
-            if (scaled) v = _mm256_mul_ps(v, _mm256_loadu_ps(m + c0 + 8 * q));
-            if (biased) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c0 + 8 * q));
-            bits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ))) << (8 * q);
-          }
-          packed[w] = static_cast<int32_t>(bits);
-          continue;
-        }
-#elif defined(__SSE2__)
-        if (n == 32) {  // x86-64's baseline: as above, 4 channels a vector
-          for (int q = 0; q < 8; ++q) {
-            __m128 v = _mm_loadu_ps(row + c0 + 4 * q);
-            if (scaled) v = _mm_mul_ps(v, _mm_loadu_ps(m + c0 + 4 * q));
-            if (biased) v = _mm_add_ps(v, _mm_loadu_ps(b + c0 + 4 * q));
-            bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmplt_ps(v, _mm_setzero_ps()))) << (4 * q);
-          }
-          packed[w] = static_cast<int32_t>(bits);
-          continue;
-        }
-#endif
-        for (int i = 0; i < n; ++i) {
-          float v = row[c0 + i];
-          if (scaled) v = v * m[c0 + i];
-          if (biased) v = v + b[c0 + i];
-          bits |= static_cast<uint32_t>(v < 0.0f) << i;
-        }
-        packed[w] = static_cast<int32_t>(bits);
-      }
-    }
+    pack_pixels(x + p0 * channels, p1 - p0, channels, m, b, out + p0 * words);
   });
+}
+
+// A float op's output rows packed as it writes them (the LceQuantize that reads its output, with its
+// batch norm, folded in): bits of output pixel i at out + i * words, computed as bitpack computes
+// them. Empty (out null) where the op packs nothing.
+struct RowPack {
+  const float* multiplier = nullptr;
+  const float* bias = nullptr;
+  int32_t* out = nullptr;
+  int words = 0;
+  int channels = 0;
+  void operator()(const float* rows, int64_t first, int64_t count) const {
+    if (out) pack_pixels(rows, count, channels, multiplier, bias, out + first * words);
+  }
+};
+
+// The RowPack of an op writing `pixels` pixels of `channels` floats, from its optional arguments
+// (packed: None or [pixels..., words] int32; multiplier, bias: per channel or empty).
+static RowPack row_pack(const py::object& packed, const Array<float>& multiplier, const Array<float>& bias,
+                        int64_t pixels, int channels, const char* name) {
+  RowPack pack;
+  if (packed.is_none()) return pack;
+  if (!py::isinstance<py::array>(packed))
+    throw std::invalid_argument(std::string(name) + " packed output: expected a C-contiguous int32 array");
+  const auto array = py::reinterpret_borrow<py::array>(packed);
+  pack.channels = channels;
+  pack.words = (channels + 31) / 32;
+  pack.out = checked_data<int32_t>(array, -1, true, (std::string(name) + " packed output").c_str());
+  if (array.size() != pixels * pack.words)
+    throw std::invalid_argument(std::string(name) + ": packed output has the wrong size");
+  if ((multiplier.size() > 0 && multiplier.size() != channels) || (bias.size() > 0 && bias.size() != channels))
+    throw std::invalid_argument(std::string(name) + ": pack multiplier or bias size");
+  pack.multiplier = multiplier.size() > 0 ? multiplier.data() : nullptr;
+  pack.bias = bias.size() > 0 ? bias.data() : nullptr;
+  return pack;
 }
 
 // LceDequantize: bits -> +1 / -1.
@@ -2179,7 +2223,8 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
                         Array<float> weight_scale, Array<int32_t> weight_sum, Array<float> bias,
                         std::vector<int> geometry, float lo, float hi, std::vector<Array<float>> residual,
                         Array<float> input_multiplier, Array<float> input_bias, float input_lo, float input_hi,
-                        py::array output, std::vector<int> pool_window, std::vector<float> input_range = {}) {
+                        py::array output, std::vector<int> pool_window, std::vector<float> input_range,
+                        py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
   constexpr bool kBf16 = P == Precision::kBfloat16, kInt8 = P == Precision::kInt8 || P == Precision::kInt8Pairs;
   using A = GemmA<P>;
   const char* name = kInt8 ? "conv2d_int8" : kBf16 ? "conv2d_bf16" : "conv2d";
@@ -2240,6 +2285,8 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
   const bool affine = in_m || in_b || input_lo > -std::numeric_limits<float>::infinity() ||
                       input_hi < std::numeric_limits<float>::infinity();
   const bool direct = fh == 1 && fw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0;
+  // packed: the output's bits for the LceQuantize that reads it, each task's rows as it writes them
+  const RowPack pack_rows = row_pack(packed, pack_multiplier, pack_bias, output.size() / std::max(cout, 1), cout, name);
   py::gil_scoped_release release;
   // Any other convolution reads its taps from the input with its padding written out (zeros; the
   // batch norm applied to the input pixels only), so that every tap of every output pixel is
@@ -2456,7 +2503,9 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
       patch.resize(patched ? static_cast<size_t>(kRowsPerTask) * cin : 0);
       for (int t = t0; t < t1; ++t) {
         const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
-        gemm_task(r0, static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0)), y + r0 * cout, patch.data());
+        const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0));
+        gemm_task(r0, rows, y + r0 * cout, patch.data());
+        pack_rows(y + r0 * cout, r0, rows);
       }
     });
     return;
@@ -2482,25 +2531,27 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
         pool_pixel<false>(0, taps.data(), ph * pw, cout, 1.0f, -std::numeric_limits<float>::infinity(),
                           std::numeric_limits<float>::infinity(), dst);
       }
+      pack_rows(y + static_cast<int64_t>(t) * pooled_w * cout, static_cast<int64_t>(t) * pooled_w, pooled_w);
     }
   });
 }
 
 static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, std::vector<int> geometry, float lo,
                    float hi, std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
-                   float input_lo, float input_hi, py::array output, std::vector<int> pool_window) {
+                   float input_lo, float input_hi, py::array output, std::vector<int> pool_window,
+                   py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
   conv2d_impl<Precision::kFloat32>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
-                                   input_bias, input_lo, input_hi, output, pool_window);
+                                   input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier, pack_bias);
 }
 
 #if HAVE_BF16
 static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float> bias, std::vector<int> geometry,
                         float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                         Array<float> input_bias, float input_lo, float input_hi, py::array output,
-                        std::vector<int> pool_window) {
+                        std::vector<int> pool_window, py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
   if (!__builtin_cpu_supports("avx512bf16")) throw std::runtime_error("conv2d_bf16: this CPU has no AVX512_BF16");
   conv2d_impl<Precision::kBfloat16>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
-                                    input_bias, input_lo, input_hi, output, pool_window);
+                                    input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier, pack_bias);
 }
 #endif
 
@@ -2511,12 +2562,14 @@ static void conv2d_int8_vnni(Array<float> input, Array<int8_t> weights, Array<fl
                               Array<int32_t> weight_sum, Array<float> bias, std::vector<int> geometry, float lo,
                               float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                               Array<float> input_bias, float input_lo, float input_hi, py::array output,
-                              std::vector<int> pool_window, std::vector<float> input_range) {
+                              std::vector<int> pool_window, std::vector<float> input_range,
+                              py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
 #if HAVE_VNNI
   if (!cpu_runs_vnni())
     throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and this CPU has no " INT8_FEATURE);
   conv2d_impl<Precision::kInt8>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
-                                input_multiplier, input_bias, input_lo, input_hi, output, pool_window, input_range);
+                                input_multiplier, input_bias, input_lo, input_hi, output, pool_window, input_range,
+                                packed, pack_multiplier, pack_bias);
 #else
   throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and these kernels were built without it");
 #endif
@@ -2527,10 +2580,11 @@ static void conv2d_int8_pairs(Array<float> input, Array<int16_t> weights, Array<
                               Array<int32_t> weight_sum, Array<float> bias, std::vector<int> geometry, float lo,
                               float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                               Array<float> input_bias, float input_lo, float input_hi, py::array output,
-                              std::vector<int> pool_window, std::vector<float> input_range) {
+                              std::vector<int> pool_window, std::vector<float> input_range,
+                              py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
   conv2d_impl<Precision::kInt8Pairs>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
                                      input_multiplier, input_bias, input_lo, input_hi, output, pool_window,
-                                     input_range);
+                                     input_range, packed, pack_multiplier, pack_bias);
 }
 #endif
 #endif
@@ -2648,7 +2702,9 @@ static void requantize(Array<float> a, Array<float> b, Array<float> scale, Array
 
 // MAX_POOL_2D (kind 0) and AVERAGE_POOL_2D (kind 1, the mean of the taps inside the image, as
 // TFLite computes it), with the fused activation clamp.
-static void pool2d(Array<float> input, std::vector<int> geometry, int kind, float lo, float hi, py::array output) {
+// packed (optional): the output's bits for the LceQuantize that reads it (RowPack), each row as it is written.
+static void pool2d(Array<float> input, std::vector<int> geometry, int kind, float lo, float hi, py::array output,
+                   py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
   if (geometry.size() != 6 || input.ndim() != 4) throw std::invalid_argument("pool2d: geometry needs 6 numbers, input 4-d");
   float* y = checked_data<float>(output, 4, true, "pool2d output");
   const int fh = geometry[0], fw = geometry[1], sh = geometry[2], sw = geometry[3], pt = geometry[4], pl = geometry[5];
@@ -2658,6 +2714,8 @@ static void pool2d(Array<float> input, std::vector<int> geometry, int kind, floa
   if (output.shape(0) != batch || output.shape(3) != channels)
     throw std::invalid_argument("pool2d: output batch or channels differ from the input's");
   const float* x = input.data();
+  const RowPack pack = row_pack(packed, pack_multiplier, pack_bias, static_cast<int64_t>(batch) * out_h * out_w,
+                                channels, "pool2d");
   py::gil_scoped_release release;
   pool().parallel_for(batch * out_h, [&](int r0, int r1) {
     static thread_local std::vector<const float*> taps;  // per thread, kept: fn runs once per chunk
@@ -2676,6 +2734,7 @@ static void pool2d(Array<float> input, std::vector<int> geometry, int kind, floa
         const float scale = kind == 0 ? 1.0f : 1.0f / static_cast<float>(std::max(count, 1));
         pool_pixel<true>(kind, taps.data(), count, channels, scale, lo, hi, dst);
       }
+      pack(y + static_cast<int64_t>(r) * out_w * channels, static_cast<int64_t>(r) * out_w, out_w);
     }
   });
 }
@@ -2722,8 +2781,9 @@ static void concat_channels(std::vector<Array<float>> parts, Array<float> residu
 // RESIZE_NEAREST_NEIGHBOR: out[b, y, x] = in[b, rows[y], cols[x]] (the source indices computed by
 // the caller); with a residual (same shape as the output), the ADD that follows and its clamp are
 // done in the same pass.
+// packed (optional): the output's bits for the LceQuantize that reads it (RowPack), each row as it is written.
 static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_t> cols, Array<float> residual,
-                           float lo, float hi, py::array output) {
+                           float lo, float hi, py::array output, py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
   const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
   const int width = static_cast<int>(input.shape(2)), channels = static_cast<int>(input.shape(3));
   const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
@@ -2740,6 +2800,8 @@ static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_
   const float* x = input.data();
   const float* res = residual.data();
   float* y = checked_data<float>(output, 4, true, "resize_nearest output");
+  const RowPack pack = row_pack(packed, pack_multiplier, pack_bias, static_cast<int64_t>(batch) * out_h * out_w,
+                                channels, "resize_nearest");
   py::gil_scoped_release release;
   pool().parallel_for(batch * out_h, [&](int r0, int r1) {
     for (int r = r0; r < r1; ++r) {
@@ -2753,6 +2815,7 @@ static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_
         else
           std::memcpy(y + at, src, sizeof(float) * channels);
       }
+      pack(y + static_cast<int64_t>(r) * out_w * channels, static_cast<int64_t>(r) * out_w, out_w);
     }
   });
 }
@@ -2948,13 +3011,17 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("conv2d", &conv2d, py::arg("input"), py::arg("weights"),
         py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
         py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
-        py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>());
+        py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
+        py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
+        py::arg("pack_bias") = py::array_t<float>(0));
 #if HAVE_BF16  // bfloat16 float convolutions: AVX-512 builds, CPUs with AVX512_BF16 (cpu_supports)
   m.def("prepare_float_weights_bf16", &prepare_float_weights_bf16);
   m.def("conv2d_bf16", &conv2d_bf16, py::arg("input"), py::arg("weights"),
         py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
         py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
-        py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>());
+        py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
+        py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
+        py::arg("pack_bias") = py::array_t<float>(0));
 #endif
 #if HAVE_INT8  // int8 float convolutions: VNNI's form (int8_feature) and, on AVX2 builds, the pairs form
 #if HAVE_VNNI
@@ -2968,7 +3035,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
           py::arg("bias"), py::arg("geometry"), py::arg("lo"), py::arg("hi"),
           py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
           py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
-          py::arg("input_range") = std::vector<float>());
+          py::arg("input_range") = std::vector<float>(), py::arg("packed") = py::none(),
+          py::arg("pack_multiplier") = py::array_t<float>(0), py::arg("pack_bias") = py::array_t<float>(0));
   };
   define_conv2d_int8(&conv2d_int8_vnni);
 #if HAVE_INT8_PAIRS
@@ -2977,9 +3045,13 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
 #endif
   m.def("binary_elementwise", &binary_elementwise);
   m.def("requantize", &requantize);
-  m.def("pool2d", &pool2d);
+  m.def("pool2d", &pool2d, py::arg("input"), py::arg("geometry"), py::arg("kind"), py::arg("lo"), py::arg("hi"),
+        py::arg("output"), py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
+        py::arg("pack_bias") = py::array_t<float>(0));
   m.def("concat_channels", &concat_channels);
-  m.def("resize_nearest", &resize_nearest);
+  m.def("resize_nearest", &resize_nearest, py::arg("input"), py::arg("rows"), py::arg("cols"), py::arg("residual"),
+        py::arg("lo"), py::arg("hi"), py::arg("output"), py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
+        py::arg("pack_bias") = py::array_t<float>(0));
   m.def("warp_crops", &warp_crops);
   m.def("heatmap_peaks", &heatmap_peaks);
 #if HAVE_AMX  // AMX's tiles for conv2d_int8 (VNNI's form) and conv2d_bf16: the avx512 build on Linux
