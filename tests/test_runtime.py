@@ -954,16 +954,18 @@ def test_float_conv_with_dilation_and_batch_norm_matches_tensorflow(path, dilati
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_float_conv_keeps_nan_as_tflite_does(path):
+@pytest.mark.parametrize("cout", [40, 4])
+def test_float_conv_keeps_nan_as_tflite_does(path, cout):
     """A NaN input pixel makes the outputs that read it NaN, with or without the fused ReLU (TFLite
-    clamps with min/max that pass NaN through); the other outputs are untouched."""
+    clamps with min/max that pass NaN through); the other outputs are untouched. (4 channels: the
+    AVX-512 kernels' dot products along K for the last 1-8 channels.)"""
     rng = np.random.default_rng(6)
     x = rng.normal(size=(1, 6, 7, 20)).astype(np.float32)
     x[0, 2, 3, 5] = np.nan
-    filters = rng.normal(size=(40, 3, 3, 20)).astype(np.float32)
-    bias = rng.normal(size=40).astype(np.float32)
+    filters = rng.normal(size=(cout, 3, 3, 20)).astype(np.float32)
+    bias = rng.normal(size=cout).astype(np.float32)
     expected = tf.nn.conv2d(x, np.transpose(filters, (1, 2, 3, 0)), 1, "SAME").numpy() + bias
-    assert np.isnan(expected).sum() == 9 * 40
+    assert np.isnan(expected).sum() == 9 * cout
     module = kernel_paths.load(path)
     none = np.zeros(0, np.float32)
     for low, want in ((-np.inf, expected), (0.0, np.where(np.isnan(expected), np.nan, np.maximum(expected, 0)))):
@@ -976,12 +978,14 @@ def test_float_conv_keeps_nan_as_tflite_does(path):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size,cin,cout,k,stride", [(20, 64, 70, 1, 1), (21, 3, 64, 7, 2), (9, 5, 7, 3, 1),
-                                                   (8, 40, 96, 1, 1), (10, 16, 100, 3, 1)])
+                                                   (8, 40, 96, 1, 1), (10, 16, 100, 3, 1), (9, 256, 68, 1, 1),
+                                                   (12, 24, 68, 3, 1)])
 def test_float_conv_with_fused_residual_and_batch_norm_matches_tensorflow(path, size, cin, cout, k, stride):
     """CONV_2D (SAME padding, bias, optional ReLU) with the ADD fused after it (the residual whole,
     or as the parts of a folded channel concatenation) and the batch norm + ReLU before it
     (``relu(x * m + b)``, the padding staying zero), against tf.nn.conv2d; 20x20 output pixels span
-    several row chunks of the kernel."""
+    several row chunks of the kernel. 70, 7 and 68 channels: the AVX-512 kernels' dot products
+    along K for the last 1-8 channels (8 and 4 at a time; K a multiple of 16 or not)."""
     rng = np.random.default_rng(size)
     x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
     filters = rng.normal(size=(cout, k, k, cin)).astype(np.float32)
