@@ -11,6 +11,7 @@ import larq as lq
 
 from larq_landmarks import export, heatmaps as hm, models
 from larq_landmarks.runtime import Engine, UnsupportedModelError, available_kernels, cuda, ops
+from larq_landmarks.runtime import engine as engine_module
 from larq_landmarks.runtime import kernels as kernel_paths
 from larq_landmarks.runtime.graph import Graph, Operator, Tensor
 from larq_landmarks.synthetic import trained_like_batch_norm
@@ -363,6 +364,56 @@ def test_int8_hpm_blocks_fused_give_the_unfused_plans_outputs(hpm_int8_file, pat
     np.testing.assert_array_equal(fused.predict(images), plain.predict(images))
     threads = Engine(hpm_int8_file, kernels=path, num_threads=2)  # rows split between threads: the same
     np.testing.assert_array_equal(threads.predict(images), fused.predict(images))
+
+
+def test_int8_downsampling_blocks_compute_their_skip_branch_before_their_binary_convolutions(
+        hpm_int8_file, monkeypatch):
+    """In an int8 file a block whose channel count changes adds a 1x1 CONV_2D's output (after its
+    batch norm's MUL and ADD) to its concatenation, and the file computes that branch after the
+    block's binary convolutions. The engine runs it before them, so that they do the ADD too: one
+    ADD step fewer a block, and the outputs bit for bit those of the file's order (and of the plan
+    without any fusion)."""
+    images = np.random.default_rng(12).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    hoisted = Engine(hpm_int8_file)
+    monkeypatch.setattr(engine_module, "_hoisted_residuals", lambda graph, order, *args: order)
+    in_file_order = Engine(hpm_int8_file)
+    names, file_names = ([name for name, _, _ in e.profile(images)] for e in (hoisted, in_file_order))
+    graph = hoisted.graph
+    skips = [op.index for op in graph.operators if op.name == "CONV_2D"
+             and any(reader.name == "ADD" for reader in graph.operators if op.outputs[0] in reader.inputs)]
+    assert len(skips) == 2 and names.count("ADD") + len(skips) == file_names.count("ADD")
+    # each skip CONV_2D runs earlier, before the block's binary convolutions
+    for skip in skips:
+        at, file_at = ([op.index for op in e._step_ops].index(skip) for e in (hoisted, in_file_order))
+        before = [op.name for op in in_file_order._step_ops[file_at - 3:file_at]]
+        assert at < file_at and before == ["LceBconv2d", "MUL", "ADD"]
+        assert [op.name for op in hoisted._step_ops[at - 2:at + 2]] == ["MUL", "ADD", "CONV_2D", "LceBconv2d"]
+    got = hoisted.predict(images)
+    np.testing.assert_array_equal(got, in_file_order.predict(images))
+    np.testing.assert_array_equal(got, Engine(hpm_int8_file, fuse_blocks=False).predict(images))
+
+
+def test_hoisted_residuals_moves_only_a_branch_that_needs_nothing_after_the_first_part():
+    """``_hoisted_residuals`` on small graphs: the ops computing a CONCATENATION + ADD's residual
+    after the first part move to just before it, in their order, where they read the block's input
+    only; not where the branch reads a part's output, or one of its ops is done inside another."""
+    tensors = [Tensor(i, f"t{i}", (1, 4, 4, 8), np.float32, None) for i in range(9)]
+    ops_list = [Operator(0, "LceBconv2d", [0], [1], {}),  # part 1 of x = t0
+                Operator(1, "LceBconv2d", [1], [2], {}),  # part 2
+                Operator(2, "MUL", [0], [3], None),  # the skip branch: x -> t3 -> t4 -> t5
+                Operator(3, "ADD", [3], [4], None),
+                Operator(4, "CONV_2D", [4], [5], None),
+                Operator(5, "CONCATENATION", [1, 2], [6], None),
+                Operator(6, "ADD", [6, 5], [7], None)]
+    graph = Graph("g", tensors, ops_list, [0], [7])
+    producers = {t: op for op in ops_list for t in op.outputs}
+    residuals = {5: ([5], 7, 0)}
+    order = engine_module._hoisted_residuals(graph, list(ops_list), residuals, set(), producers)
+    assert [op.index for op in order] == [2, 3, 4, 0, 1, 5, 6]
+    assert engine_module._hoisted_residuals(graph, list(ops_list), residuals, {3}, producers) == ops_list
+    ops_list[2] = Operator(2, "MUL", [1], [3], None)  # the branch reads part 1's output
+    producers = {t: op for op in ops_list for t in op.outputs}
+    assert engine_module._hoisted_residuals(graph, list(ops_list), residuals, set(), producers) == ops_list
 
 
 def test_int8_files_run_on_the_cpu_kernels_in_their_own_arithmetic_only(ops_file, monkeypatch):

@@ -172,13 +172,15 @@ def _same_values(part, whole) -> bool:
 
 
 def _concatenated_outputs(graph: Graph, residuals: dict, folded: set, packs: dict, chains: dict,
-                          producers: dict, consumers: dict) -> dict:
+                          producers: dict, consumers: dict, position: Optional[dict] = None) -> dict:
     """The channel CONCATENATIONs (alone, or done with the ADD after them, ``residuals``) whose parts
     are all LceBconv2d float outputs read by nothing else (but the LceQuantize that convolution
     packs, ``packs``, through the batch norm folded into it, ``chains``), any residual computed
-    before the first of them: each part's convolution can write its channels of the output (the
-    ADD's, plus the residual) itself. Returns ``{concatenation index: {LceBconv2d index: (output,
-    channel offset, channels, residual or None)}}``."""
+    before the first of them (``position``: each op's place in the run, by index where not given):
+    each part's convolution can write its channels of the output (the ADD's, plus the residual)
+    itself. Returns ``{concatenation index: {LceBconv2d index: (output, channel offset, channels,
+    residual or None)}}``."""
+    place = (lambda index: index) if position is None else position.__getitem__
     found = {}
     for op in graph.operators:
         if op.name != "CONCATENATION" or op.options.Axis() not in (-1, 3) or op.options.FusedActivationFunction() != 0:
@@ -205,7 +207,8 @@ def _concatenated_outputs(graph: Graph, residuals: dict, folded: set, packs: dic
             offset += graph.tensors[tensor].shape[-1]
         else:
             source = producers.get(residual)
-            if residual is None or residual in graph.inputs or (source is not None and source.index < min(parts)):
+            if residual is None or residual in graph.inputs or \
+                    (source is not None and place(source.index) < min(place(part) for part in parts)):
                 found[op.index] = parts
     return found
 
@@ -242,6 +245,38 @@ def _packed_outputs(graph: Graph, folded: set, deferred: dict, residuals: dict, 
         if writer is not None and writer not in packs:
             packs[writer] = (op.outputs[0], multiplier, bias, op.index)
     return packs
+
+
+def _hoisted_residuals(graph: Graph, order: list, residuals: dict, folded: set, producers: dict) -> list:
+    """The run order ``order`` (the graph's operators) with, for each channel CONCATENATION done with
+    the ADD after it (``residuals``) whose residual is computed after its first part (an int8
+    downsampling block's skip branch: the batch norm's MUL and ADD and the 1x1 CONV_2D, after the
+    block's binary convolutions in the file), the ops that compute that residual moved to just
+    before the first part, where they read nothing computed from there on but each other (and are
+    no part, nor done inside another op): the parts can then do the ADD (``_concatenated_outputs``).
+    The moved ops keep their order among themselves."""
+    for concat, (added, _, _) in residuals.items():
+        op = graph.operators[concat]
+        if op.name != "CONCATENATION" or len(added) != 1:
+            continue
+        residual = added[0]
+        position = {o.index: i for i, o in enumerate(order)}
+        writers = [producers.get(t) for t in op.inputs]
+        if any(w is None for w in writers):
+            continue
+        start = min(position[w.index] for w in writers)
+        moved, pending, movable = set(), [residual], True
+        while pending and movable:
+            writer = producers.get(pending.pop())
+            if writer is None or position[writer.index] < start or writer.index in moved:
+                continue
+            movable = writer not in writers and writer.index != concat and writer.index not in folded
+            moved.add(writer.index)
+            pending.extend(i for i in writer.inputs if i >= 0 and graph.tensors[i].data is None)
+        if movable and moved:
+            order = order[:start] + [o for o in order[start:] if o.index in moved] + \
+                [o for o in order[start:] if o.index not in moved]
+    return order
 
 
 # what each profiled step is, for Engine.time_by_part (fused steps are named as profile names them)
@@ -467,8 +502,12 @@ class Engine:
         # LceBconv2d index -> (output, channel offset, channels, residual or None): convolutions
         # writing their channels of a concatenation (+ ADD) themselves, which has no step of its own
         intos = {}
+        order = list(graph.operators)  # the run order of the ops (their steps, and ops done in them)
+        if self.int8_file and fuse_blocks:
+            order = _hoisted_residuals(graph, order, residuals, folded, producers)
+        position = {op.index: i for i, op in enumerate(order)}
         concatenations = _concatenated_outputs(graph, residuals, folded, packed_quantizes, chains, producers,
-                                               consumers) if fuse_blocks else {}
+                                               consumers, position) if fuse_blocks else {}
         if self.int8_file and any(concat not in concatenations for concat in residuals):
             # int8: only binary convolutions do a concatenation's ADD; where they cannot (its residual
             # computed after them) the ADD stays a step and they still write the concatenation
@@ -476,7 +515,7 @@ class Engine:
                 del residuals[concat], deferred[next(add for add, op in deferred.items() if op.index == concat)]
                 folded.discard(concat)
             concatenations = _concatenated_outputs(graph, residuals, folded, packed_quantizes, chains, producers,
-                                                   consumers) if fuse_blocks else {}
+                                                   consumers, position) if fuse_blocks else {}
         for concat, parts in concatenations.items():
             intos.update(parts)
             if concat in residuals:  # the ADD after it is done too
@@ -497,7 +536,7 @@ class Engine:
             if fuse_blocks and not self.int8_file else {}
         folded.update(index for _, _, _, index in row_packs.values())
         steps, step_ops = [], []
-        for op in graph.operators:
+        for op in order:
             if op.index in folded:
                 continue
             op = deferred.get(op.index, op)
