@@ -430,7 +430,8 @@ def test_fused_hpm_block_steps_give_the_unfused_plans_outputs(small_file, monkey
     assert {"LceBconv2d+LceQuantize+CONCATENATION+ADD", "LceBconv2d+CONCATENATION+ADD",
             "LceBconv2d+LceQuantize+CONCATENATION", "LceBconv2d+CONCATENATION"} <= set(names)
     assert not [name for name in names if name.startswith("CONCATENATION")]
-    assert set(names) <= set(engine_module.PARTS) | {"MAX_POOL_2D+LceQuantize", "RESIZE_NEAREST_NEIGHBOR+ADD+LceQuantize"}
+    assert set(names) <= set(engine_module.PARTS) | {"MAX_POOL_2D+LceQuantize",
+                                                     "RESIZE_NEAREST_NEIGHBOR+ADD+LceQuantize"}
     plain = Engine(small_file, kernels=kernels, cuda_graphs=False, fuse_blocks=False)
     plain_names = [name for name, _, _ in plain.profile(images)]
     packed = sum(name.startswith("LceBconv2d+LceQuantize") for name in names)

@@ -1352,7 +1352,8 @@ static inline void gemm_tail_dot(const float* const* arow, int m, const Segments
   int64_t kb = 0;  // this segment's first K index in bt
   for (const int64_t offset : segments.offset) {
     for (int kk = 0; kk < segments.length; kk += 16) {
-      const __mmask16 mask = static_cast<__mmask16>(segments.length - kk >= 16 ? 0xffffu : (1u << (segments.length - kk)) - 1u);
+      const int left = segments.length - kk;
+      const __mmask16 mask = static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u);
       __m512 w[T];
 #pragma GCC unroll 8
       for (int j = 0; j < T; ++j) w[j] = _mm512_maskz_loadu_ps(mask, bt + j * k + kb + kk);
@@ -2631,17 +2632,20 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
                    float input_lo, float input_hi, py::array output, std::vector<int> pool_window,
                    py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
   conv2d_impl<Precision::kFloat32>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
-                                   input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier, pack_bias);
+                                   input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier,
+                                   pack_bias);
 }
 
 #if HAVE_BF16
 static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float> bias, std::vector<int> geometry,
                         float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                         Array<float> input_bias, float input_lo, float input_hi, py::array output,
-                        std::vector<int> pool_window, py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
+                        std::vector<int> pool_window, py::object packed, Array<float> pack_multiplier,
+                        Array<float> pack_bias) {
   if (!__builtin_cpu_supports("avx512bf16")) throw std::runtime_error("conv2d_bf16: this CPU has no AVX512_BF16");
   conv2d_impl<Precision::kBfloat16>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
-                                    input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier, pack_bias);
+                                    input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier,
+                                    pack_bias);
 }
 #endif
 
@@ -2873,7 +2877,8 @@ static void concat_channels(std::vector<Array<float>> parts, Array<float> residu
 // done in the same pass.
 // packed (optional): the output's bits for the LceQuantize that reads it (RowPack), each row as it is written.
 static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_t> cols, Array<float> residual,
-                           float lo, float hi, py::array output, py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
+                           float lo, float hi, py::array output, py::object packed, Array<float> pack_multiplier,
+                           Array<float> pack_bias) {
   const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
   const int width = static_cast<int>(input.shape(2)), channels = static_cast<int>(input.shape(3));
   const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
@@ -3140,7 +3145,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
         py::arg("pack_bias") = py::array_t<float>(0));
   m.def("concat_channels", &concat_channels);
   m.def("resize_nearest", &resize_nearest, py::arg("input"), py::arg("rows"), py::arg("cols"), py::arg("residual"),
-        py::arg("lo"), py::arg("hi"), py::arg("output"), py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
+        py::arg("lo"), py::arg("hi"), py::arg("output"), py::arg("packed") = py::none(),
+        py::arg("pack_multiplier") = py::array_t<float>(0),
         py::arg("pack_bias") = py::array_t<float>(0));
   m.def("warp_crops", &warp_crops);
   m.def("heatmap_peaks", &heatmap_peaks);
