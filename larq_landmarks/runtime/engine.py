@@ -552,8 +552,8 @@ class Engine:
             elif op.name == "CONCATENATION" and tensors is not None:
                 steps.append(ops.concatenation(graph, op, self._kernels, tensors[0], target))
             elif op.name == "RESIZE_NEAREST_NEIGHBOR" and (tensors is not None or pack is not None):
-                steps.append(ops.resize_nearest_neighbor(graph, op, self._kernels, tensors and tensors[0], target,
-                                                         activation, pack))
+                residual = None if tensors is None else tensors[0]
+                steps.append(ops.resize_nearest_neighbor(graph, op, self._kernels, residual, target, activation, pack))
             elif op.name == "MAX_POOL_2D" and pack is not None:
                 steps.append(ops.max_pool_2d(graph, op, self._kernels, pack))
             else:
