@@ -1195,6 +1195,8 @@ constexpr int kFloatTileM = 4;
 #endif
 constexpr int kFloatVectors = (kFloatLanes == 16) ? 4 : 2;
 constexpr int kFloatTileN = kFloatLanes * kFloatVectors;
+// float32's own tile rows (gemm_rows): 6 on AVX2 too (12 accumulators of its 16 registers)
+constexpr int kFloat32TileM = 6;
 
 // The rows of the bfloat16 and VNNI-form int8 weights (pairs or quads of K values a row): K's rounded
 // up to a multiple of 16 with zero weights, so that AMX's tiles (64 bytes of K a row) read whole
@@ -1448,10 +1450,10 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
                       int cout, const float* bias, const Residual* residual, int64_t row0, float lo, float hi,
                       float* c, const std::vector<float>& tail) {
   const int nblocks = static_cast<int>(ldb / kFloatTileN);
-  for (int64_t r0 = 0; r0 < rows; r0 += kFloatTileM) {
-    const int m = static_cast<int>(std::min<int64_t>(kFloatTileM, rows - r0));
-    const float* arow[kFloatTileM];
-    for (int i = 0; i < kFloatTileM; ++i) arow[i] = base[r0 + std::min(i, m - 1)];
+  for (int64_t r0 = 0; r0 < rows; r0 += kFloat32TileM) {
+    const int m = static_cast<int>(std::min<int64_t>(kFloat32TileM, rows - r0));
+    const float* arow[kFloat32TileM];
+    for (int i = 0; i < kFloat32TileM; ++i) arow[i] = base[r0 + std::min(i, m - 1)];
     for (int nb = 0; nb < nblocks; ++nb) {
       const float* bp = b + nb * kFloatTileN;
       const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
@@ -1459,7 +1461,7 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
       float* out = c + r0 * cout;
       if (!tail.empty() && nb == nblocks - 1) {
         const int64_t k = static_cast<int64_t>(segments.offset.size()) * segments.length;
-        static_assert(kFloatTileM == 6, "gemm_tail_dot's rows: 6 at once, or 3 times 2");
+        static_assert(kFloat32TileM == 6, "gemm_tail_dot's rows: 6 at once, or 3 times 2");
         if (n <= 4) {
           gemm_tail_dot<4>(arow, m, segments, tail.data(), k, c0, n, bias, residual, row0 + r0, lo, hi, out, cout);
         } else {
@@ -1476,13 +1478,13 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
         default: gemm_tile<4>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout);
       }
 #else
-      alignas(64) float tmp[kFloatTileM][kFloatTileN];
-      vfloat acc[kFloatTileM][kFloatVectors] = {};
+      alignas(64) float tmp[kFloat32TileM][kFloatTileN];
+      vfloat acc[kFloat32TileM][kFloatVectors] = {};
       for (const int64_t offset : segments.offset)
         for (int kk = 0; kk < segments.length; ++kk, bp += ldb) {
           vfloat bv[kFloatVectors];
           for (int j = 0; j < kFloatVectors; ++j) bv[j] = load_v(bp + j * kFloatLanes);
-          for (int i = 0; i < kFloatTileM; ++i) {
+          for (int i = 0; i < kFloat32TileM; ++i) {
             const float av = arow[i][offset + kk];  // broadcast by the vector-scalar product
             for (int j = 0; j < kFloatVectors; ++j) acc[i][j] += av * bv[j];
           }
@@ -1503,7 +1505,7 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
           }
         continue;
       }
-      for (int i = 0; i < kFloatTileM; ++i)
+      for (int i = 0; i < kFloat32TileM; ++i)
         for (int j = 0; j < kFloatVectors; ++j) store_v(tmp[i] + j * kFloatLanes, acc[i][j]);
       for (int i = 0; i < m; ++i) {
         float* out = c + (r0 + i) * cout + c0;
