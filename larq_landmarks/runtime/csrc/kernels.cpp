@@ -1188,15 +1188,12 @@ class BinaryConv2D {
 // Float convolution: im2col (only when the filter is not 1x1 stride 1) and a register-tiled GEMM
 // C[P, Cout] = A[P, K] B[K, Cout] + bias with the fused activation clamp. B is prepared once as
 // [K, Cout rounded up to kFloatTileN].
-#if defined(__AVX512F__)
+// 6 rows a tile on every path: on AVX2 (and SSE2) 6 x 16 columns, 12 accumulators of the 16
+// registers, where 4 x 16 (8 accumulators, just enough chains for the FMA's latency) left the
+// float32 convolutions 1.15-1.22x slower
 constexpr int kFloatTileM = 6;
-#else
-constexpr int kFloatTileM = 4;
-#endif
 constexpr int kFloatVectors = (kFloatLanes == 16) ? 4 : 2;
 constexpr int kFloatTileN = kFloatLanes * kFloatVectors;
-// float32's own tile rows (gemm_rows): 6 on AVX2 too (12 accumulators of its 16 registers)
-constexpr int kFloat32TileM = 6;
 
 // The rows of the bfloat16 and VNNI-form int8 weights (pairs or quads of K values a row): K's rounded
 // up to a multiple of 16 with zero weights, so that AMX's tiles (64 bytes of K a row) read whole
@@ -1450,10 +1447,10 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
                       int cout, const float* bias, const Residual* residual, int64_t row0, float lo, float hi,
                       float* c, const std::vector<float>& tail) {
   const int nblocks = static_cast<int>(ldb / kFloatTileN);
-  for (int64_t r0 = 0; r0 < rows; r0 += kFloat32TileM) {
-    const int m = static_cast<int>(std::min<int64_t>(kFloat32TileM, rows - r0));
-    const float* arow[kFloat32TileM];
-    for (int i = 0; i < kFloat32TileM; ++i) arow[i] = base[r0 + std::min(i, m - 1)];
+  for (int64_t r0 = 0; r0 < rows; r0 += kFloatTileM) {
+    const int m = static_cast<int>(std::min<int64_t>(kFloatTileM, rows - r0));
+    const float* arow[kFloatTileM];
+    for (int i = 0; i < kFloatTileM; ++i) arow[i] = base[r0 + std::min(i, m - 1)];
     for (int nb = 0; nb < nblocks; ++nb) {
       const float* bp = b + nb * kFloatTileN;
       const int c0 = nb * kFloatTileN, n = std::min(kFloatTileN, cout - c0);
@@ -1461,7 +1458,7 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
       float* out = c + r0 * cout;
       if (!tail.empty() && nb == nblocks - 1) {
         const int64_t k = static_cast<int64_t>(segments.offset.size()) * segments.length;
-        static_assert(kFloat32TileM == 6, "gemm_tail_dot's rows: 6 at once, or 3 times 2");
+        static_assert(kFloatTileM == 6, "gemm_tail_dot's rows: 6 at once, or 3 times 2");
         if (n <= 4) {
           gemm_tail_dot<4>(arow, m, segments, tail.data(), k, c0, n, bias, residual, row0 + r0, lo, hi, out, cout);
         } else {
@@ -1478,13 +1475,13 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
         default: gemm_tile<4>(arow, m, segments, bp, ldb, c0, n, bias, residual, row0 + r0, lo, hi, out, cout);
       }
 #else
-      alignas(64) float tmp[kFloat32TileM][kFloatTileN];
-      vfloat acc[kFloat32TileM][kFloatVectors] = {};
+      alignas(64) float tmp[kFloatTileM][kFloatTileN];
+      vfloat acc[kFloatTileM][kFloatVectors] = {};
       for (const int64_t offset : segments.offset)
         for (int kk = 0; kk < segments.length; ++kk, bp += ldb) {
           vfloat bv[kFloatVectors];
           for (int j = 0; j < kFloatVectors; ++j) bv[j] = load_v(bp + j * kFloatLanes);
-          for (int i = 0; i < kFloat32TileM; ++i) {
+          for (int i = 0; i < kFloatTileM; ++i) {
             const float av = arow[i][offset + kk];  // broadcast by the vector-scalar product
             for (int j = 0; j < kFloatVectors; ++j) acc[i][j] += av * bv[j];
           }
@@ -1505,7 +1502,7 @@ static void gemm_rows(const float* const* base, int64_t rows, const Segments& se
           }
         continue;
       }
-      for (int i = 0; i < kFloat32TileM; ++i)
+      for (int i = 0; i < kFloatTileM; ++i)
         for (int j = 0; j < kFloatVectors; ++j) store_v(tmp[i] + j * kFloatLanes, acc[i][j]);
       for (int i = 0; i < m; ++i) {
         float* out = c + (r0 + i) * cout + c0;
@@ -1667,7 +1664,7 @@ static inline VNNI_TARGET void gemm_tile_int8(
 #undef ROW
   GEMM_TILE_EPILOGUE
 }
-#else  // AVX2: 4 x (8 NV) tiles (NV = 2, or 1 for the last columns); the epilogue in vectors on whole
+#else  // AVX2: 6 x (8 NV) tiles (NV = 2, or 1 for the last columns); the epilogue in vectors on whole
        // tiles, per value on the last columns
 #define INT8_FINISH_ROW(i)                                                        \
   if (i < m) {                                                                    \
@@ -1699,10 +1696,11 @@ static inline VNNI_TARGET void gemm_tile_int8(
       if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual_at + i * residual_width + 8 * j));         \
       _mm256_storeu_ps(c + static_cast<int64_t>(i) * cout + c0 + 8 * j, _mm256_min_ps(hi_v, _mm256_max_ps(lo_v, v))); \
     };                                                                                                       \
-    INT8_FINISH_ROW(0) INT8_FINISH_ROW(1) INT8_FINISH_ROW(2) INT8_FINISH_ROW(3)                              \
+    INT8_FINISH_ROW(0) INT8_FINISH_ROW(1) INT8_FINISH_ROW(2) INT8_FINISH_ROW(3) INT8_FINISH_ROW(4)           \
+    INT8_FINISH_ROW(5)                                                                                       \
     return;                                                                                                  \
   }                                                                                                          \
-  INT8_STORE_ROW(0) INT8_STORE_ROW(1) INT8_STORE_ROW(2) INT8_STORE_ROW(3)                                    \
+  INT8_STORE_ROW(0) INT8_STORE_ROW(1) INT8_STORE_ROW(2) INT8_STORE_ROW(3) INT8_STORE_ROW(4) INT8_STORE_ROW(5)  \
   for (int i = 0; i < m; ++i)                                                                                \
     for (int q = 0; q < n; ++q) {                                                                            \
       float v = values[i][q] + bias[c0 + q];                                                                 \
@@ -1711,9 +1709,9 @@ static inline VNNI_TARGET void gemm_tile_int8(
     }
 
 #define INT8_TILE_START                                                                                      \
-  static_assert(kFloatTileM == 4 && kFloatTileN == 16, "the AVX2 int8 tile is 4 x 16");                      \
+  static_assert(kFloatTileM == 6 && kFloatTileN == 16, "the AVX2 int8 tile is 6 x 16");                      \
   __m256i q00 = _mm256_setzero_si256(), q01 = q00, q10 = q00, q11 = q00, q20 = q00, q21 = q00, q30 = q00,    \
-          q31 = q00;
+          q31 = q00, q40 = q00, q41 = q00, q50 = q00, q51 = q00;
 
 #if HAVE_VNNI
 template <int NV>
@@ -1736,7 +1734,7 @@ static inline VNNI_TARGET void gemm_tile_int8(
     q##i##0 = _mm256_dpbusd_avx_epi32(q##i##0, a, b0);                  \
     if (NV > 1) q##i##1 = _mm256_dpbusd_avx_epi32(q##i##1, a, b1);      \
   }
-      ROW(0) ROW(1) ROW(2) ROW(3)
+      ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
     }
   }
@@ -1764,7 +1762,7 @@ static inline void gemm_tile_int8(
     q##i##0 = _mm256_add_epi32(q##i##0, _mm256_madd_epi16(a, b0));                \
     if (NV > 1) q##i##1 = _mm256_add_epi32(q##i##1, _mm256_madd_epi16(a, b1));    \
   }
-      ROW(0) ROW(1) ROW(2) ROW(3)
+      ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
     }
   }
