@@ -355,7 +355,7 @@ class Engine:
             sum in float32, on CPUs with AVX512_BF16 (AMD Zen 4 and newer, Intel Cooper Lake and
             Sapphire Rapids and newer; elsewhere an error): the whole model 1.27x faster on the
             AMD Zen 5 measured; on Intel's Xeons with AMX (Sapphire Rapids and newer) on AMX's
-            tiles (``kernels.amx``), 1.31x faster on the Granite Rapids-class Xeon measured, whose
+            tiles (``kernels.amx``), 1.3-1.4x faster on the Granite Rapids-class Xeon measured, whose
             VDPBF16PS alone gives about half the FMA's products a second (0.76x float32's speed
             without the tiles: ``LARQ_LANDMARKS_NO_AMX=1``). Outputs
             move by about bfloat16's rounding (a few parts in a thousand; subnormal products count
