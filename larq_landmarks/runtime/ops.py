@@ -628,8 +628,6 @@ def concatenation(graph: Graph, op: Operator, kernels, residual: Optional[int] =
 
 def _pool(graph: Graph, op: Operator, kernels, kind: int, pack: Optional[tuple] = None) -> Run:
     codes = _codes(graph, op, op.inputs[0])
-    if codes is not None and pack is not None:
-        raise _unsupported(graph, op, "an LceQuantize fused after an int8 pool")
     _check_float(graph, op, int8=True)
     o = op.options
     fh, fw, sh, sw = o.FilterHeight(), o.FilterWidth(), o.StrideH(), o.StrideW()
