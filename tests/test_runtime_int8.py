@@ -281,6 +281,41 @@ def test_int8_binary_conv_does_the_add_after_its_concatenation_as_the_add_step_d
             np.testing.assert_array_equal(separate, np.clip(_round(v), -128 + 5, 127 + 5))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_binary_conv_rounds_its_product_before_adding_the_bias(path):
+    """An int8 output's q = float(2 * acc) * multiplier + bias is rounded op by op, the product and then
+    the sum (as LCE computes it, and as its interpreter's outputs show), not as one FMA: each
+    channel's bias puts the float32 sum of one pixel exactly on a tie where its exact sum is not,
+    so that one rounding would take the other code in about half the channels (the AVX2 and AVX-512
+    paths' did: 7% of one ste_sign network's int8 outputs, found by a fuzz run against XNNPACK).
+    70 channels: a 64-channel block, a 6-channel one, the scalar tail on AVX2."""
+    module = kernel_paths.load(path)
+    rng = np.random.default_rng(11)
+    cin, cout, zero = 64, 70, 3.0
+    x_bits = rng.integers(0, 2, (1, 5, 6, cin), dtype=np.uint8)
+    w_bits = rng.integers(0, 2, (cout, 3, 3, cin), dtype=np.uint8)
+    # the kernel's transform of the XOR counts acc: float(2 * acc) * multiplier + bias (no clamp)
+    acc = 2 * reference_accumulators(x_bits, w_bits, 1, True, 1).astype(np.float32)
+    # products of a few hundred that the bias takes back to a small tie: the product's rounding
+    # (up to 2^-17 there) is more than the tie's half unit in the last place (2^-20 at most)
+    multiplier = rng.uniform(0.3, 0.45, cout).astype(np.float32)
+    product = acc[0, 2, 3] * multiplier  # float32, rounded
+    tie = rng.integers(0, 20, cout).astype(np.float32) + 0.5  # below the product: the bias is exact
+    bias = (tie.astype(np.float64) - product.astype(np.float64)).astype(np.float32)
+    assert (product + bias == tie).all() and (np.abs(product) > 128).all()  # float32 op by op: a tie
+    exact = acc[0, 2, 3].astype(np.float64) * multiplier + bias.astype(np.float64)
+    fused = exact.astype(np.float32)  # one FMA: the exact sum, rounded once
+    assert 20 <= np.sum(fused < tie) and 20 <= np.sum(fused > tie)  # in these channels off the tie
+    conv = module.binary_conv2d(module.prepare_binary_weights(pack_bits(w_bits)), [cin, cout, 3, 3, 1, 1, 1, 1, 1],
+                                multiplier, bias, 0, 2 * 9 * cin, np.zeros(0, np.int32),
+                                w_bits.reshape(cout, 9, cin).sum(-1).T.astype(np.int32).copy(), NONE, NONE, False,
+                                [zero], [])
+    out = np.zeros(acc.shape, np.float32)
+    conv(pack_bits(x_bits), out, 1, 1)
+    np.testing.assert_array_equal(out, np.clip(_round(acc * multiplier + bias), -128, 127) - zero)
+    np.testing.assert_array_equal(out[0, 2, 3], tie + 0.5 - zero)  # every tie away from zero
+
+
 def test_int8_binary_conv_needs_both_zero_point_and_residual_add_for_an_int8_residual():
     module = kernel_paths.load(PATHS[0])
     filters = pack_bits(np.ones((4, 3, 3, 8), np.uint8))
