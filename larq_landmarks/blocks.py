@@ -73,8 +73,8 @@ def conv(
     """
     check_binary_options(kernel_quantizer, pad_value, input_quantizer)
     x = tf.keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
-    if not binary:
-        x = tf.keras.layers.Activation("relu", name=f"{name}_relu")(x)
+    if not binary:  # "_input_relu": a block's ReLU after the convolution (relu=True) is "<name>_relu"
+        x = tf.keras.layers.Activation("relu", name=f"{name}_input_relu")(x)
         return tf.keras.layers.Conv2D(
             filters, kernel_size, padding="same", use_bias=False, name=f"{name}_conv"
         )(x)

@@ -99,6 +99,18 @@ def test_real_model_has_no_binary_layers():
     assert not [l for l in model.layers if isinstance(l, lq.layers.QuantConv2D)]
 
 
+@pytest.mark.parametrize("block", ["hpm", "bottleneck"])
+def test_real_blocks_with_a_relu_after_each_convolution_build(block):
+    """A real convolution's ReLU before it and the block's ReLU after it (``relu=True``) had one
+    name: Keras refused the model ("The name ... is used 2 times")."""
+    model = BinaryHourglass(16, width=32, input_size=32, depth=1, binary=False, relu=True, block=block)
+    names = [l.name for l in model.layers]
+    assert len(names) == len(set(names))
+    stage = "s1" if block == "hpm" else "c1"
+    assert {f"stem_block1_{stage}_input_relu", f"stem_block1_{stage}_relu"} <= set(names)
+    assert model.get_layer(f"stem_block1_{stage}_relu").input is model.get_layer(f"stem_block1_{stage}_conv").output
+
+
 def test_stacks_and_segmentation_outputs():
     model = BinaryHourglass(16, num_stacks=3, width=32, input_size=64, depth=2)
     assert [o.shape.as_list() for o in model.outputs] == [[None, 16, 16, 16]] * 3
