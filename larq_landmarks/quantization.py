@@ -16,6 +16,8 @@ What the converter needs, and how the clone meets it:
   (LCE writes its bits from the first convolution);
 - a batch norm elsewhere becomes a MUL and an ADD: the MUL's output gets its own range; an ``Add``
   of more than two inputs becomes a chain of ADDs: each partial sum gets its own;
+- a layer that is 0 on every calibration image takes its inputs' range (int8 kernels refuse
+  scales far from their neighbours');
 - a float convolution without a bias gets a negligible one of its own (1e-9 scale; it rounds to
   zero in int32), as TFLite's converter otherwise shares one zero constant between convolutions and
   an int8 op, and writes it as an int8 bias that TFLite refuses.
@@ -32,6 +34,12 @@ import numpy as np
 import tensorflow as tf
 
 Range = Tuple[float, float]
+# A layer's output range narrower than this fraction of its inputs' (a batch norm of a constant,
+# say: its outputs all within float32's rounding of 0) is widened to its inputs' range: its values
+# still quantise to 0, and its scale stays near its neighbours', as int8 kernels need (XNNPACK
+# refuses scale ratios beyond 2^8 or under 2^-32 in its ADD and CONV_2D: LCE's interpreter with
+# XNNPACK aborted on a file with a range of 1.5e-6 between ranges of about 4 and 40).
+COLLAPSED = 1e-5
 # ops whose int8 inputs and output share one scale (TFLite's same-scale constraint)
 SAME_SCALE = (tf.keras.layers.Concatenate, tf.keras.layers.MaxPooling2D, tf.keras.layers.AveragePooling2D,
               tf.keras.layers.UpSampling2D)
@@ -79,7 +87,8 @@ def _check_images(model: tf.keras.Model, images) -> np.ndarray:
 
 def activation_ranges(model: tf.keras.Model, images, batch_size: int = 1) -> Dict[str, Dict[str, Range]]:
     """Each layer's output range over ``images`` (``(N, H, W, C)`` crops as the model takes them),
-    widened to include 0 (int8's zero point must be exact). Every layer's output of ``batch_size``
+    widened to include 0 (int8's zero point must be exact); a range under ``COLLAPSED`` of its
+    inputs' (a layer that is 0 on every image) is its inputs'. Every layer's output of ``batch_size``
     images is held at once (under 1 GB an image for the default 256x256 model).
 
     Returns ``{"input": {"input": range}, "output": {layer name: range}, "scaled": {batch norm
@@ -112,6 +121,13 @@ def activation_ranges(model: tf.keras.Model, images, batch_size: int = 1) -> Dic
                 partial = partial + term
                 widen(f"partial:{layer.name}:{k}", partial)
     ranges = {l.name: (low[l.name], high[l.name]) for l in layers}
+    input_range = (min(0.0, float(images.min())), max(0.0, float(images.max())))
+    for layer in layers:  # a layer that is (all but) zero on every image takes its inputs' range
+        width = ranges[layer.name][1] - ranges[layer.name][0]
+        sources = [ranges.get(l.name, input_range) for l in _inputs_of(layer)]
+        union = (min(r[0] for r in sources), max(r[1] for r in sources))
+        if width < COLLAPSED * (union[1] - union[0]):
+            ranges[layer.name] = union
     for _ in range(len(layers)):  # same-scale ops share their inputs' and output's union, until it holds
         changed = False
         for layer in layers:
@@ -122,7 +138,7 @@ def activation_ranges(model: tf.keras.Model, images, batch_size: int = 1) -> Dic
                 ranges.update({n: union for n in names})
         if not changed:
             break
-    return {"input": {"input": (min(0.0, float(images.min())), max(0.0, float(images.max())))},
+    return {"input": {"input": input_range},
             "output": ranges,
             "scaled": {n: (low["scaled:" + n], high["scaled:" + n]) for n in norms},
             "partial": {n: (low[n], high[n]) for n in low if n.startswith("partial:")}}

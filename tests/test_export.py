@@ -266,6 +266,50 @@ def test_int8_calibration_names_what_it_cannot_use():
         export.convert(nested, int8_calibration=good)
 
 
+LOAD_WITH_XNNPACK = """
+import sys, numpy as np
+from larq_compute_engine.tflite.python.interpreter import Interpreter
+images = np.load(sys.argv[2])
+interpreter = Interpreter(open(sys.argv[1], "rb").read(), use_xnnpack=True)
+np.save(sys.argv[3], np.concatenate([interpreter.predict(images[i:i + 1]) for i in range(len(images))]))
+"""
+
+
+def test_int8_calibration_gives_a_collapsed_range_its_inputs_range(tmp_path):
+    """A batch norm of a constant is 0 on every image (its ADD's output within float32's rounding of
+    it): its range takes its input's, so that its scale is near its neighbours'. With the range it
+    measured (scale 0, widened to 1e-6), LCE's interpreter with XNNPACK aborted the process loading
+    the file (a fuzz run's real network with binary skips; this three-layer model did too), so
+    XNNPACK runs in a process of its own here; the runtime gives its outputs."""
+    import subprocess
+    import sys
+
+    from larq_landmarks import quantization
+    from larq_landmarks.runtime import Engine
+
+    x = tf.keras.Input((8, 8, 3), batch_size=1)
+    y = tf.keras.layers.ReLU(name="relu")(tf.keras.layers.Conv2D(4, 1, name="constant")(x))
+    y = tf.keras.layers.Conv2D(5, 3, padding="same", name="after")(tf.keras.layers.BatchNormalization(name="norm")(y))
+    model = tf.keras.Model(x, y)
+    model.get_layer("constant").set_weights([np.zeros((1, 1, 3, 4), np.float32), np.arange(1, 5, dtype=np.float32)])
+    ones = np.ones(4, np.float32)
+    model.get_layer("norm").set_weights([ones, 0 * ones, np.arange(1, 5, dtype=np.float32), ones])  # x - mean: 0
+    model.get_layer("after").set_weights([np.full((3, 3, 4, 5), 0.01, np.float32), np.linspace(-20, 20, 5, dtype=np.float32)])
+    images = np.random.default_rng(0).uniform(size=(4, 8, 8, 3)).astype(np.float32)
+    ranges = quantization.activation_ranges(model, images)["output"]
+    assert ranges["norm"] == ranges["relu"] == (0.0, 4.0) and ranges["after"] == (-20.0, 20.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export.convert(model, str(tmp_path / "model.tflite"), int8_calibration=images)
+    np.save(tmp_path / "images.npy", images)
+    result = subprocess.run([sys.executable, "-c", LOAD_WITH_XNNPACK, str(tmp_path / "model.tflite"),
+                             str(tmp_path / "images.npy"), str(tmp_path / "out.npy")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    xnnpack = np.load(tmp_path / "out.npy")
+    np.testing.assert_allclose(xnnpack, model.predict(images, verbose=0), atol=0.2)  # one step: 40 / 255
+    np.testing.assert_array_equal(Engine(str(tmp_path / "model.tflite")).predict(images), xnnpack)
+
+
 @pytest.mark.slow  # 40 steps of fit through the fake-quantised clone: 20-40 s on 2 cores
 @pytest.mark.parametrize("stacks", [1, 2])
 def test_int8_fine_tune_trains_the_model_through_its_int8_activations(stacks):
