@@ -446,6 +446,21 @@ static inline __attribute__((always_inline)) __m512i byte_counts(__m512i v, __m5
                          _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi32(v, 4), low)));
 }
 
+// N words of a pixel's input (base + offset[i]), each in every lane; their XORs with the weights of
+// 16 channels (vector j of a block), word i's at w + i * stride.
+template <int N>
+static inline __attribute__((always_inline)) void input_words(const int32_t* in, const int32_t* offset,
+                                                              __m512i (&x)[N]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) x[i] = _mm512_set1_epi32(in[offset[i]]);
+}
+template <int N>
+static inline __attribute__((always_inline)) void word_xors(const __m512i (&x)[N], const int32_t* w, int64_t stride,
+                                                            int j, __m512i (&v)[N]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) v[i] = _mm512_xor_si512(x[i], _mm512_loadu_si512(w + i * stride + 16 * j));
+}
+
 // a[p][j] as binary_accumulate's, one pixel at a time (4 counters of NV vectors in registers).
 // Byte sums: the weight-8 carries' counts for up to 31 groups (at most 248), the counters' own
 // (at most 8 + 16 + 32) with the last words' direct counts (at most 7 * 8), each widened apart.
@@ -470,15 +485,11 @@ static inline __attribute__((always_inline)) void binary_accumulate_carry_save(c
       for (int j = 0; j < NV; ++j) ones[j] = twos[j] = fours[j] = eights[j] = _mm512_setzero_si512();
       int k = k0;
       for (; k + 8 <= k_end; k += 8) {
-        __m512i x[8];
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) x[i] = _mm512_set1_epi32(in[offset[k + i]]);
-        const int32_t* w = weights + k * stride;
+        __m512i x[8], v[8];
+        input_words(in, offset + k, x);
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) {
-          __m512i v[8];
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) v[i] = _mm512_xor_si512(x[i], _mm512_loadu_si512(w + i * stride + 16 * j));
+          word_xors(x, weights + k * stride, stride, j, v);
           __m512i two_a, two_b, four_a, four_b, eight;
           carry_save_add(ones[j], two_a, ones[j], v[0], v[1]);
           carry_save_add(ones[j], two_b, ones[j], v[2], v[3]);
@@ -491,15 +502,11 @@ static inline __attribute__((always_inline)) void binary_accumulate_carry_save(c
         }
       }
       if (k_end - k >= 4) {  // half a group: its weight-4 carry into `fours` by a half adder
-        __m512i x[4];
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) x[i] = _mm512_set1_epi32(in[offset[k + i]]);
-        const int32_t* w = weights + k * stride;
+        __m512i x[4], v[4];
+        input_words(in, offset + k, x);
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) {
-          __m512i v[4];
-#pragma GCC unroll 4
-          for (int i = 0; i < 4; ++i) v[i] = _mm512_xor_si512(x[i], _mm512_loadu_si512(w + i * stride + 16 * j));
+          word_xors(x, weights + k * stride, stride, j, v);
           __m512i two_a, two_b, four;
           carry_save_add(ones[j], two_a, ones[j], v[0], v[1]);
           carry_save_add(ones[j], two_b, ones[j], v[2], v[3]);
