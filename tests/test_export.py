@@ -294,7 +294,8 @@ def test_int8_calibration_gives_a_collapsed_range_its_inputs_range(tmp_path):
     model.get_layer("constant").set_weights([np.zeros((1, 1, 3, 4), np.float32), np.arange(1, 5, dtype=np.float32)])
     ones = np.ones(4, np.float32)
     model.get_layer("norm").set_weights([ones, 0 * ones, np.arange(1, 5, dtype=np.float32), ones])  # x - mean: 0
-    model.get_layer("after").set_weights([np.full((3, 3, 4, 5), 0.01, np.float32), np.linspace(-20, 20, 5, dtype=np.float32)])
+    model.get_layer("after").set_weights([np.full((3, 3, 4, 5), 0.01, np.float32),
+                                          np.linspace(-20, 20, 5, dtype=np.float32)])
     images = np.random.default_rng(0).uniform(size=(4, 8, 8, 3)).astype(np.float32)
     ranges = quantization.activation_ranges(model, images)["output"]
     assert ranges["norm"] == ranges["relu"] == (0.0, 4.0) and ranges["after"] == (-20.0, 20.0)

@@ -35,7 +35,8 @@ PATHS = available_kernels()
 # and sums of 45 and 63 words (the avx512bw kernels' carry-save adders: groups of 8, then half a
 # group and 1 or 3 words counted alone), of 32 channels and of 64 + 6
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", CASES + [(160, 20, 3, 1, True, 0), (224, 70, 3, 1, True, 1)])
+@pytest.mark.parametrize("cin,cout,k,stride,same,pad_value",
+                         CASES + [(160, 20, 3, 1, True, 0), (224, 70, 3, 1, True, 1)])
 def test_binary_conv_accumulators_are_bit_exact(path, cin, cout, k, stride, same, pad_value):
     rng = np.random.default_rng(cin * 1000 + cout)
     x_bits = rng.integers(0, 2, (2, 9, 11, cin), dtype=np.uint8)

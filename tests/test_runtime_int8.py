@@ -297,7 +297,7 @@ def test_int8_binary_conv_rounds_its_product_before_adding_the_bias(path):
     # the kernel's transform of the XOR counts acc: float(2 * acc) * multiplier + bias (no clamp)
     acc = 2 * reference_accumulators(x_bits, w_bits, 1, True, 1).astype(np.float32)
     # products of a few hundred that the bias takes back to a small tie: the product's rounding
-    # (up to 2^-17 there) is more than the tie's half unit in the last place (2^-20 at most)
+    # (up to 2^-16 there) is more than the tie's half unit in the last place (2^-20 at most)
     multiplier = rng.uniform(0.3, 0.45, cout).astype(np.float32)
     product = acc[0, 2, 3] * multiplier  # float32, rounded
     tie = rng.integers(0, 20, cout).astype(np.float32) + 0.5  # below the product: the bias is exact
