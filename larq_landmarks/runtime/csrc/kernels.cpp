@@ -264,7 +264,6 @@ static Array<T> aligned_array(const std::vector<py::ssize_t>& shape) {
 // Bit-packing: bit = (x * multiplier[c] + bias[c] < 0), each part optional (LceQuantize, with the
 // per-channel MUL and ADD of a preceding batch norm fused in). The product and the sum are rounded
 // separately, as the unfused ops round them (no FMA contraction here).
-
 // The bits of `pixels` consecutive pixels of `channels` floats at x into `words` int32 words a pixel
 // at out (m, b: per channel, or null). bitpack's work, and the epilogue of the float ops that pack
 // their own output rows for the LceQuantize that reads them (RowPack), while those rows are in cache.
@@ -300,7 +299,8 @@ static void pack_pixels(const float* x, int64_t pixels, int channels, const floa
           __m256 v = _mm256_loadu_ps(row + c0 + 8 * q);
           if (m) v = _mm256_mul_ps(v, _mm256_loadu_ps(m + c0 + 8 * q));
           if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c0 + 8 * q));
-          bits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ))) << (8 * q);
+          const __m256 negative = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
+          bits |= static_cast<uint32_t>(_mm256_movemask_ps(negative)) << (8 * q);
         }
         packed[w] = static_cast<int32_t>(bits);
         continue;
