@@ -5,14 +5,14 @@ Larq works on Keras 2 only, so this package makes TensorFlow resolve ``tf.keras`
 was already imported and bound ``tf.keras`` to Keras 3, importing this package raises an
 ``ImportError`` that says what to do.
 
-It also sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless set, and holds TensorFlow to it while TensorFlow
-loads (see ``_import_tensorflow``).
+It also sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless set, and holds TensorFlow's C++ log lines to it while
+TensorFlow loads (:mod:`larq_landmarks.native_logs`).
 """
 import importlib.util
 import os
-import re
 import sys
-import tempfile
+
+from larq_landmarks import native_logs
 
 __version__ = "0.1.0"
 
@@ -25,67 +25,17 @@ _KERAS3_MESSAGE = (
 )
 
 
-# A line of absl's C++ logging: severity letter, date, time, thread, file:line]
-_ABSL_LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^ \]]+:\d+\] ")
-_ABSL_NOT_INITIALIZED = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-
-
-def _below_log_level(text: str, min_log_level: int) -> str:
-    """``text`` without the absl log lines below ``min_log_level`` (TF_CPP_MIN_LOG_LEVEL's
-    scale: 1 drops INFO lines, 2 WARNING too, 3 ERROR too) and, from level 1, without absl's
-    notice that logging is not initialised. Every other line is kept as it was."""
-    kept = []
-    for line in text.splitlines(keepends=True):
-        match = _ABSL_LOG_LINE.match(line)
-        if match and "IWEF".index(match.group(1)) < min_log_level:
-            continue
-        if min_log_level >= 1 and line.rstrip("\r\n") == _ABSL_NOT_INITIALIZED:
-            continue
-        kept.append(line)
-    return "".join(kept)
-
-
 def _import_tensorflow() -> None:
-    """Import TensorFlow with its load-time C++ log lines held to TF_CPP_MIN_LOG_LEVEL.
+    """Import TensorFlow with the C++ log lines it writes while loading held to
+    TF_CPP_MIN_LOG_LEVEL (:mod:`larq_landmarks.native_logs`). Where NVIDIA's driver is missing, its
+    first look for GPUs, whose only output is an ERROR line saying so, is made here too (it leaves
+    every ``tf.config`` setting open)."""
+    no_cuda_driver = native_logs.cuda_driver_missing()
+    with native_logs.held_to_log_level(no_cuda_driver) as held:
+        import tensorflow
 
-    TensorFlow 2.21's libraries log through absl before ``absl::InitializeLog()`` is called,
-    which ignores TF_CPP_MIN_LOG_LEVEL: each of its two libraries writes absl's notice and INFO
-    lines (oneDNN is on, no CUDA driver) straight to file descriptor 2 on every import. While
-    TensorFlow loads, descriptor 2 goes to a temporary file, which is written back afterwards
-    (also when the import fails) without the lines the level excludes. With the level 0, or
-    where descriptor 2 cannot be redirected, TensorFlow is imported as it is.
-    """
-    try:
-        min_log_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
-    except ValueError:
-        min_log_level = 0
-    held = saved_stderr = None
-    if min_log_level > 0:
-        try:
-            held = tempfile.TemporaryFile()
-            sys.stderr.flush()
-            saved_stderr = os.dup(2)
-            os.dup2(held.fileno(), 2)
-        except (OSError, AttributeError, ValueError):  # no writable temp dir, no descriptor 2, ...
-            if saved_stderr is not None:
-                os.close(saved_stderr)
-            if held is not None:
-                held.close()
-            held = saved_stderr = None
-    if held is None:
-        import tensorflow  # noqa: F401
-        return
-    try:
-        import tensorflow  # noqa: F401
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved_stderr, 2)
-        os.close(saved_stderr)
-        held.seek(0)
-        text = held.read().decode(errors="replace")
-        held.close()
-        sys.stderr.write(_below_log_level(text, min_log_level))
-        sys.stderr.flush()
+        if held and no_cuda_driver:
+            tensorflow.config.list_physical_devices("GPU")
 
 
 def _use_legacy_keras() -> None:

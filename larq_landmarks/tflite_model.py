@@ -12,6 +12,8 @@ from typing import Counter, Union
 
 import numpy as np
 
+from larq_landmarks import native_logs
+
 
 class NotOurModelError(ValueError):
     """A file is not a TFLite flatbuffer (or not one this library wrote)."""
@@ -83,8 +85,9 @@ def interpreter(flatbuffer: bytes, num_threads: int = 1, use_xnnpack: bool = Fal
                           "(engine='runtime' or 'cuda')") from error
 
     verify(flatbuffer)
-    return Interpreter(flatbuffer, num_threads=num_threads, use_xnnpack=use_xnnpack,
-                       use_indirect_bgemm=use_indirect_bgemm)
+    with native_logs.held_to_log_level():  # its "INFO: Created TensorFlow Lite XNNPACK delegate" line
+        return Interpreter(flatbuffer, num_threads=num_threads, use_xnnpack=use_xnnpack,
+                           use_indirect_bgemm=use_indirect_bgemm)
 
 
 ENGINES = ("auto", "runtime", "lce", "cuda")  # and "cuda:N", the GPU engine on device N

@@ -197,22 +197,6 @@ def test_import_lets_keras_load_a_saved_binary_model_in_a_fresh_interpreter(tmp_
     assert int(result.stdout.split()[-1]) > 0
 
 
-def test_below_log_level_drops_absl_lines_under_the_level_and_keeps_everything_else():
-    from larq_landmarks import _below_log_level
-
-    notice = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
-    info = "I0000 00:00:1796136626.543728   10331 port.cc:153] oneDNN custom operations are on.\n"
-    warning = "W0000 00:00:1796136626.544068   10331 cpu_feature_guard.cc:12] slow path\n"
-    error = "E1201 14:03:07.000001 7 cuda_platform.cc:52] failed call to cuInit\n"
-    other = "/x/site.py:1: UserWarning: I0000 is not a log line here\n"
-    text = notice + info + other + warning + error + "continued\n"
-    assert _below_log_level(text, 0) == text
-    assert _below_log_level(text, 1) == other + warning + error + "continued\n"
-    assert _below_log_level(text, 2) == other + error + "continued\n"
-    assert _below_log_level(text, 3) == other + "continued\n"
-    assert _below_log_level("no newline at the end", 2) == "no newline at the end"
-
-
 def test_import_is_quiet_at_the_default_log_level_and_keeps_tensorflows_lines_at_level_0():
     """TensorFlow 2.21 writes absl's notice and INFO lines on import whatever
     TF_CPP_MIN_LOG_LEVEL says; the package holds them to the level (2 unless set)."""
