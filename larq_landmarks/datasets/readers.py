@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from larq_landmarks.cropping import face_crop
+from larq_landmarks.datasets import matlab_files
 
 # Tried first, without opening the file; any other file beside the annotation with the same stem
 # is used when Pillow can decode it (TIFF, PPM, WebP, JPEG 2000, ...).
@@ -208,9 +209,7 @@ def read_pts_folder(
 
 def _loadmat(path: str, keys: Iterable[str]) -> dict:
     try:
-        import scipy.io  # imported where .mat files are read: `larq-landmarks predict` runs without SciPy
-
-        data = scipy.io.loadmat(path)
+        data = matlab_files.loadmat(path)
     except Exception as error:
         raise DatasetError(f"{path}: cannot read .mat file ({error})") from error
     missing = [k for k in keys if k not in data]
@@ -381,9 +380,7 @@ def read_mpii_mat(
     if split == "validation" and validation_images is None:
         raise ValueError("split='validation' needs validation_images (the list of image names)")
     try:
-        import scipy.io
-
-        release = scipy.io.loadmat(path, struct_as_record=False, squeeze_me=True)["RELEASE"]
+        release = matlab_files.loadmat(path, struct_as_record=False, squeeze_me=True)["RELEASE"]
     except KeyError as error:
         raise DatasetError(f"{path}: no 'RELEASE' struct: not the official MPII annotation file") from error
     except Exception as error:
