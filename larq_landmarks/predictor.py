@@ -23,6 +23,7 @@ import numpy as np
 from larq_landmarks import layouts, tflite_model
 from larq_landmarks.cropping import (crop_labels_to_image, crop_matrices, crop_points_to_image, face_crop,
                                      person_crop, sampling_params, warp_crops)
+from larq_landmarks.images import rgb_from_pil, scaled_to_uint8
 from larq_landmarks.runtime.decoding import decode_heatmaps_array
 
 if TYPE_CHECKING:
@@ -42,9 +43,9 @@ class InputError(ValueError):
 def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
     """A path, PIL image or array as an ``(H, W, 3)`` uint8 array; errors name the input. Files
     are decoded with Pillow and turned upright as their EXIF orientation says (a phone's photo as a
-    viewer shows it: the landmarks are in those pixels); 16-bit grey files are scaled to 8 bits
-    (Pillow's own conversion clips them). A PIL image or an array is taken as its pixels are;
-    arrays need no Pillow (a GPU machine may lack it)."""
+    viewer shows it: the landmarks are in those pixels). A PIL image or an array is taken as its
+    pixels are; 16-bit grey, in a file, a PIL image or a uint16 array, is scaled to 8 bits
+    (:func:`larq_landmarks.images.rgb_from_pil`); arrays need no Pillow (a GPU machine may lack it)."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise InputError(f"{image}: image file not found")
@@ -52,17 +53,14 @@ def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
 
         try:
             with Image.open(image) as opened:
-                upright = ImageOps.exif_transpose(opened)
-                if upright.mode.startswith("I;16") or (upright.mode == "I" and upright.getextrema()[1] <= 65535):
-                    return load_rgb(np.asarray(upright).astype(np.uint16), str(image))
-                return np.asarray(upright.convert("RGB"))
+                return rgb_from_pil(ImageOps.exif_transpose(opened))
         except InputError:
             raise
         except Exception as error:
             raise InputError(f"{image}: image cannot be decoded ({error})") from error
     pil = sys.modules.get("PIL.Image")  # where Pillow was never imported, no PIL image exists
     if pil is not None and isinstance(image, pil.Image):
-        return np.asarray(image.convert("RGB"))
+        return rgb_from_pil(image)
     array = np.asarray(image)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
@@ -73,10 +71,10 @@ def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
     if array.dtype == np.bool_ or array.dtype.kind not in "uif":
         raise InputError(f"{name}: expected an integer or float image array, got dtype {array.dtype}")
     if array.dtype.kind in "ui":  # scaled by the type's range: uint16 65535 -> 255
-        info = np.iinfo(array.dtype)
         if array.min() < 0:
-            raise InputError(f"{name}: {array.dtype} image has negative values; expected 0..{info.max}")
-        return np.round(array[..., :3].astype(np.float64) * (255.0 / info.max)).astype(np.uint8)
+            raise InputError(f"{name}: {array.dtype} image has negative values; "
+                             f"expected 0..{np.iinfo(array.dtype).max}")
+        return scaled_to_uint8(array[..., :3])
     if not np.all(np.isfinite(array)):
         raise InputError(f"{name}: image array contains NaN or infinity")
     if array.min() < 0 or array.max() > 1:

@@ -156,8 +156,10 @@ def test_random_mutations_of_mat_files_give_arrays_or_our_error_never_a_crash(tm
                     os._exit(3)
                 os._exit(0)
             _, status = os.waitpid(child, 0)
-            outcome = "crashed" if os.WIFSIGNALED(status) else "scipy's error" if os.WEXITSTATUS(status) == 3 else "read"
-            outcomes[outcome] += 1
+            if os.WIFSIGNALED(status):
+                outcomes["crashed"] += 1
+            else:
+                outcomes["scipy's error" if os.WEXITSTATUS(status) == 3 else "read"] += 1
     assert outcomes["crashed"] == 0, outcomes
     assert outcomes["refused"] > 50 and outcomes["read"] > 50, outcomes
 
