@@ -11,6 +11,7 @@ TensorFlow.
 import collections
 import contextlib
 import os
+import struct
 import threading
 import time
 from typing import Dict, List, Optional, Tuple, Union
@@ -20,7 +21,7 @@ import numpy as np
 from larq_landmarks.runtime import cuda
 from larq_landmarks.runtime import kernels as kernel_paths
 from larq_landmarks.runtime import ops
-from larq_landmarks.runtime.graph import Graph, UnsupportedModelError, read_graph
+from larq_landmarks.runtime.graph import CorruptModelError, Graph, UnsupportedModelError, read_graph
 
 
 def _fused_affine(graph: Graph, reader, producers, consumers, activation: bool = False):
@@ -377,6 +378,9 @@ class Engine:
     Raises:
         UnsupportedModelError: the file is not a TFLite flatbuffer, or holds an op or option the
             runtime does not implement (the message names both; LCE's interpreter runs it).
+        CorruptModelError: the file is damaged: truncated, offsets out of it, or parts that do not
+            fit together (found while planning, or by :meth:`predict` where a tensor's shape does
+            not fit its op); the message names the file.
         CudaUnavailableError: ``kernels="cuda"`` without CuPy or a GPU, or ``"cuda:N"`` without a GPU N.
 
     Attributes:
@@ -444,7 +448,15 @@ class Engine:
                                  f"kernels, {why}")
         self.float_precision = float_precision
         with self._device:  # the ops upload their constants
-            self._steps, self._step_ops = self._plan(fuse_blocks)
+            try:
+                self._steps, self._step_ops = self._plan(fuse_blocks)
+            except (UnsupportedModelError, CorruptModelError):
+                raise
+            except (ValueError, TypeError, AttributeError, LookupError, struct.error, UnicodeError) as error:
+                # a file that passes the flatbuffer checks but whose parts do not fit together (an
+                # op's options of another op's type, a filter of no size, ...): damaged
+                raise CorruptModelError(f"{name}: its operators and tensors do not fit together "
+                                        f"({type(error).__name__}: {error})") from error
         activations = [int(np.prod(t.shape[1:])) * max(np.dtype(t.dtype).itemsize, 4 * (t.dtype == np.int8))
                        for t in self.graph.tensors
                        if t.data is None and len(t.shape) > 1 and min(t.shape[1:]) > 0]
@@ -712,7 +724,15 @@ class Engine:
         first = len(times) if times is not None else 0
         for step, op, release in zip(self._steps, self._step_ops, self._release_after):
             start = time.perf_counter()
-            step(values)
+            try:
+                step(values)
+            except (ValueError, TypeError, AttributeError, LookupError) as error:
+                # (the input's shape was checked: a file whose tensors' shapes do not fit its ops)
+                raise CorruptModelError(f"{self.graph.name}: operator {op.index} ({op.name}) cannot run on the "
+                                        f"shapes the file gives it ({type(error).__name__}: {error})") from error
+            except MemoryError as error:  # a batch too large, or a damaged file's shape
+                raise MemoryError(f"{self.graph.name}: operator {op.index} ({op.name}) on {len(images)} images: "
+                                  f"{error}") from error
             if times is not None:
                 label = op.name + ("+ADD" if op.index in self._residuals else "")
                 label += "+LceQuantize" if op.index in self._packs else ""
