@@ -66,6 +66,8 @@ def load_rgb(image: ImageLike, name: str = "image") -> np.ndarray:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise InputError(f"{name}: expected an (H, W, 3) image array, got shape {array.shape}")
+    if array.size == 0:
+        raise InputError(f"{name}: an image of no pixels (shape {array.shape})")
     if array.dtype == np.uint8:
         return array[..., :3]
     if array.dtype == np.bool_ or array.dtype.kind not in "uif":

@@ -294,6 +294,8 @@ def test_predictor_bad_input_names_it(faces, tmp_path):
         predictor.predict(str(tmp_path / "missing.png"), [[0, 0, 10, 10]])
     with pytest.raises(InputError, match="expected an \\(H, W, 3\\) image"):
         predictor.predict(np.zeros((4, 4, 4, 3)), [[0, 0, 2, 2]])
+    with pytest.raises(InputError, match="image: an image of no pixels \\(shape \\(0, 160, 3\\)\\)"):
+        predictor.predict(np.zeros((0, 160, 3), np.uint8), [[0, 0, 1, 1]])
     with pytest.raises(InputError, match="2 images but 1 box lists"):
         predictor.predict_many([path, path], [[[0, 0, 5, 5]]])
     with pytest.raises(InputError, match="scan_7: expected an \\(H, W, 3\\) image"):  # arrays named by the caller
