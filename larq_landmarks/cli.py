@@ -22,6 +22,14 @@ def _check_output_folder(command: str, path: str) -> None:
         _fail(command, f"--out {path} is a file, not a folder")
 
 
+def _make_output_folder(command: str, path: str) -> None:
+    """``--out`` made (with its parents) when the first output is written, or a one-line error."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        _fail(command, f"--out {path}: cannot make the folder ({error.strerror or error})")
+
+
 def _check_output_file(command: str, option: str, path: Optional[str]) -> None:
     """An option naming a file to write (``--json``, ``--per-image``, ``--ced``): refused before
     any work when it is a folder or its folder does not exist (the file is written at the end)."""
@@ -95,6 +103,7 @@ def _demo(args: argparse.Namespace) -> int:
     from larq_landmarks import demo
 
     _check_output_folder("demo", args.out)  # demo.run says so too, as a ValueError
+    _make_output_folder("demo", args.out)  # (its synthetic data are the first thing it writes there)
     demo.run(args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
              test_images=args.test_images, two_stage=not args.one_stage)
     return 0
@@ -193,6 +202,7 @@ def _train_in_policy(args: argparse.Namespace) -> int:
     data = _training_data(args, columns, fmt.num_points, args.input_size, segmentation)
     checked = None if validation is None else _validation_data(args, validation, args.input_size, segmentation)
     best_metric = None if validation is None else training.best_epoch_metric(args.task, fmt.num_points)
+    _make_output_folder("train", args.out)  # (the callbacks' log writer is the first to write there)
     callbacks = training.training_callbacks(args.out, log_dir=os.path.join(args.out, "logs"), best_metric=best_metric)
     if not segmentation:
         preview = next(iter(data))[0].numpy()[:4]
@@ -283,7 +293,7 @@ def _record_run(args: argparse.Namespace) -> None:
     """``--out/run.json``: the options the run starts with (checked when it is resumed)."""
     from larq_landmarks.atomic import atomic_path
 
-    os.makedirs(args.out, exist_ok=True)
+    _make_output_folder("train", args.out)
     with atomic_path(os.path.join(args.out, "run.json")) as temporary, open(temporary, "w", encoding="utf-8") as f:
         json.dump({"options": {k: getattr(args, k) for k in RUN_OPTIONS}}, f, indent=1)
 
@@ -503,7 +513,7 @@ def _predict(args: argparse.Namespace) -> int:
         for p in points:
             picture = visualize.draw_landmarks(np.asarray(picture), p)
         pictures[f"{stem}_landmarks"] = picture
-    os.makedirs(args.out, exist_ok=True)
+    _make_output_folder("predict", args.out)
     for name, picture in pictures.items():
         visualize.save_png(picture, os.path.join(args.out, f"{name}.png"))
     written = os.path.join(args.out, "parts.json" if segmentation else "landmarks.json")

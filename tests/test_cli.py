@@ -472,6 +472,20 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(argv, messag
     assert (tmp_path / "file").read_text() == "kept" and not (tmp_path / "missing").exists()
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_line(small_file, tmp_path):
+    """--out under a file (or in /proc, ...): the folder cannot be made; one line naming it, where
+    predict and demo gave os.makedirs' traceback and train TensorBoard's."""
+    (tmp_path / "file").write_text("kept")
+    out = tmp_path / "file" / "predictions"
+    image = tmp_path / "face.png"
+    Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(image)
+    for argv in (["predict", str(image), "--model", small_file, "--box", "0,0,60,60", "--out", str(out)],
+                 ["demo", "--out", str(out), "--steps", "1"]):
+        with pytest.raises(SystemExit, match=re.escape(f"--out {out}: cannot make the folder (Not a directory)")):
+            cli.main(argv)
+    assert (tmp_path / "file").read_text() == "kept"
+
+
 def test_box_option_is_four_numbers_and_may_be_negative(capsys):
     parser = cli.build_parser()
     args = parser.parse_args(cli._join_negative_boxes(["predict", "x.jpg", "--model", "m.tflite", "--box",
