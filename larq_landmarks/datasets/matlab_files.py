@@ -56,9 +56,10 @@ class _Elements:
         following = at + 8 + size + ((-size) % 8 if padded else 0)
         return kind, at + 8, size, following if following < end else end
 
-    def numbers(self, at: int, end: int, kinds: tuple, what: str) -> tuple:
-        """The element at ``at``, which must be of one of ``kinds``: ``(type, start, bytes, next)``."""
-        kind, start, size, following = self.tag(at, end)
+    def expect(self, at: int, end: int, kinds: tuple, what: str, padded: bool = True) -> tuple:
+        """:meth:`tag` of the element at ``at`` (``what`` it should be), which must be of one of
+        ``kinds``."""
+        kind, start, size, following = self.tag(at, end, padded)
         if kind not in kinds:
             raise MatFileError(f"{what} at byte {at} has data type {kind}, not one of {kinds}")
         return kind, start, size, following
@@ -67,36 +68,36 @@ class _Elements:
         """Check the array whose body is ``data[at:end]`` (an miMATRIX element's contents)."""
         if at == end:
             return  # an empty array (a cell or field with nothing in it)
-        _, start, _, at = self.numbers(at, end, (MI_UINT32,), "array flags")
+        _, start, _, at = self.expect(at, end, (MI_UINT32,), "array flags")
         flags = struct.unpack_from(self.endian + "I", self.data, start)[0]
         array_class = flags & 0xFF
-        kind, start, size, at = self.numbers(at, end, (MI_INT32, MI_UINT32), "array dimensions")
+        kind, start, size, at = self.expect(at, end, (MI_INT32, MI_UINT32), "array dimensions")
         dims = struct.unpack_from(f"{self.endian}{size // 4}{'i' if kind == MI_INT32 else 'I'}", self.data, start)
         if len(dims) < 2 or min(dims) < 0:
             raise MatFileError(f"array dimensions {dims} at byte {start}")
         count = 1
         for d in dims:
             count *= d
-        _, _, _, at = self.numbers(at, end, (MI_INT8, MI_UTF8), "array name")
+        _, _, _, at = self.expect(at, end, (MI_INT8, MI_UTF8), "array name")
         if array_class in NUMERIC or array_class == CHAR:
             parts = 2 if flags & COMPLEX_FLAG else 1
             if count == 0 and at == end:
                 parts = 0  # an empty array may leave its data out
-            for part in range(parts):  # the real part, then the imaginary one
-                _, _, _, at = self.numbers(at, end, tuple(ITEM_BYTES), "array data")
+            for _ in range(parts):  # the real part, then the imaginary one
+                _, _, _, at = self.expect(at, end, tuple(ITEM_BYTES), "array data")
         elif array_class == SPARSE:
-            for part in range(4 if flags & COMPLEX_FLAG else 3):  # row indices, column starts, values (imaginary)
-                _, _, _, at = self.numbers(at, end, tuple(ITEM_BYTES), "sparse array data")
+            for _ in range(4 if flags & COMPLEX_FLAG else 3):  # row indices, column starts, values (imaginary)
+                _, _, _, at = self.expect(at, end, tuple(ITEM_BYTES), "sparse array data")
         elif array_class in (CELL, STRUCT, OBJECT):
             fields = 1
             if array_class == OBJECT:
-                _, _, _, at = self.numbers(at, end, (MI_INT8,), "object class name")
+                _, _, _, at = self.expect(at, end, (MI_INT8,), "object class name")
             if array_class in (STRUCT, OBJECT):
-                _, start, size, at = self.numbers(at, end, (MI_INT32,), "field name length")
+                _, start, size, at = self.expect(at, end, (MI_INT32,), "field name length")
                 if size != 4:
                     raise MatFileError(f"field name length at byte {start} is {size} bytes, not 4")
                 name_length = struct.unpack_from(self.endian + "i", self.data, start)[0]
-                _, _, size, at = self.numbers(at, end, (MI_INT8,), "field names")
+                _, _, size, at = self.expect(at, end, (MI_INT8,), "field names")
                 if name_length <= 0 or size % name_length:
                     raise MatFileError(f"field names before byte {at}: {size} bytes in names of {name_length}")
                 fields = size // name_length
@@ -108,9 +109,7 @@ class _Elements:
     def element(self, at: int, end: int, kinds: tuple, padded: bool = True) -> int:
         """Check the element at ``at`` (an array, or a compressed one at the top level) and return
         where the next begins."""
-        kind, start, size, following = self.tag(at, end, padded)
-        if kind not in kinds:
-            raise MatFileError(f"the element at byte {at} has data type {kind}, not one of {kinds}")
+        kind, start, size, following = self.expect(at, end, kinds, "an element", padded)
         if kind == MI_COMPRESSED:
             try:
                 inside = zlib.decompress(self.data[start:start + size])
