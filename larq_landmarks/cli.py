@@ -290,10 +290,10 @@ def _check_rerun(args: argparse.Namespace) -> None:
 
 
 def _record_run(args: argparse.Namespace) -> None:
-    """``--out/run.json``: the options the run starts with (checked when it is resumed)."""
+    """``--out/run.json``: the options the run starts with (checked when it is resumed); ``--out``
+    is made before the callbacks."""
     from larq_landmarks.atomic import atomic_path
 
-    _make_output_folder("train", args.out)
     with atomic_path(os.path.join(args.out, "run.json")) as temporary, open(temporary, "w", encoding="utf-8") as f:
         json.dump({"options": {k: getattr(args, k) for k in RUN_OPTIONS}}, f, indent=1)
 
