@@ -1,6 +1,7 @@
 """The runtime on files with int8 activations (``export.convert(..., int8_calibration=...)``): the
 requantising kernel by hand, every op of such a file against TFLite's integer arithmetic written
 out in NumPy, whole files against LCE's interpreter with XNNPACK's int8 kernels, and the errors."""
+import functools
 import warnings
 
 import numpy as np
@@ -224,6 +225,65 @@ def test_every_int8_op_is_tflites_integer_arithmetic(ops_file, path, monkeypatch
     np.testing.assert_allclose(engine.predict(images), values[engine.graph.outputs[0]], rtol=0, atol=0)
 
 
+def _requantize_with(module, x, constants):
+    """``requantize``'s op 0 with ``_requantize_constants``' constants, into a new array."""
+    scale, shift, add, low, high, subtract = constants
+    out = np.empty_like(x)
+    module.requantize(x, NONE, scale, shift, 0, add, low, high, subtract, True, out)
+    return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_conv_requantises_its_input_and_output_as_the_separate_passes_do(path):
+    """An int8 file's convolution with ``requantize`` (its output codes, each task's rows as it
+    writes them, then the bits its LceQuantize packs from them) and ``input_requantize`` (its batch
+    norm's MUL and ADD, each requantising the input codes as the convolution reads them): bit for bit
+    ``requantize`` run on the input twice, the convolution, ``requantize`` on its output and
+    ``bitpack``; on the int8 kernels (the codes' range given) where the path has them, in float32
+    on every path; 1x1 and 3x3, more pixels than a task's 96, an ADD's RELU range."""
+    rng = np.random.default_rng(21)
+    module = kernel_paths.load(path)
+    forms = [("float32", module.conv2d, module.prepare_float_weights, {})]
+    if "int8" in kernel_paths.reduced_precisions(module):
+        forms.append(("int8", lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
+                      functools.partial(module.prepare_float_weights_int8, vnni=kernel_paths.int8_vnni(module)),
+                      {"input_range": [-128.0 + 9, 127.0 + 9]}))  # the ADD's codes: zero point -9
+    for (height, width), cin, cout, k in [((10, 13), 24, 40, 1), ((7, 9), 16, 8, 3)]:
+        x = rng.integers(-128 - 5, 128 - 5, size=(2, height, width, cin)).astype(np.float32)  # zero point 5
+        mul = ops._requantize_constants(module, cin, rng.uniform(0.2, 1.5, cin), 0.0, 3)
+        add = ops._requantize_constants(module, cin, rng.uniform(0.8, 1.2, cin), rng.uniform(-20, 20, cin), -9,
+                                        (-9, 127))  # RELU: q from the zero point up
+        filters = rng.integers(-127, 128, size=(cout, k, k, cin)).astype(np.float32)
+        filters[:, 0, 0, 0] = 127  # each channel's largest weight 127, as TFLite's converter writes them
+        bias = rng.integers(-3000, 3000, size=cout).astype(np.float32)
+        out = ops._requantize_constants(module, cout, rng.uniform(0.001, 0.01, cout), 0.0, 4)
+        geometry = [k, k, 1, 1, 1, 1, k // 2, k // 2]
+        threshold = rng.integers(-20, 20, cout).astype(np.float32)
+        pack_m, pack_b = np.where(rng.uniform(size=cout) < 0.5, 1.0, -1.0).astype(np.float32), -threshold
+        for precision, convolve, prepare, kwargs in forms:
+            weights = prepare(filters)
+            args = (bias, geometry, -np.inf, np.inf, [], NONE, NONE, -np.inf, np.inf)
+            codes = _requantize_with(module, _requantize_with(module, x, mul), add)
+            full = np.empty((2, height, width, cout), np.float32)
+            convolve(codes, weights, *args, full, **kwargs)
+            want = _requantize_with(module, full, out)
+            want_bits = np.empty((2, height, width, (cout + 31) // 32), np.int32)
+            module.bitpack(want, pack_m, pack_b, want_bits)
+            got, bits = np.full_like(want, 7.0), np.zeros_like(want_bits)
+            convolve(x, weights, *args, got, requantize=out, input_requantize=[mul, add], packed=bits,
+                     pack_multiplier=pack_m, pack_bias=pack_b, **kwargs)
+            np.testing.assert_array_equal(got, want, err_msg=f"{precision}, {k}x{k}")
+            np.testing.assert_array_equal(bits, want_bits)
+            assert len(np.unique(got)) > 50 and 0 < np.mean(_unpack(bits, cout)) < 1
+    with pytest.raises(ValueError, match="conv2d: requantize with pool_window is not supported"):
+        module.conv2d(x, module.prepare_float_weights(filters), *args, np.empty((2, 3, 4, cout), np.float32),
+                      pool_window=[2, 2], requantize=out)
+    with pytest.raises(ValueError, match="conv2d: requantize scale or shift size"):
+        module.conv2d(x, module.prepare_float_weights(filters), *args, full, requantize=mul)
+    with pytest.raises(ValueError, match="conv2d: requantize needs 6 values"):
+        module.conv2d(x, module.prepare_float_weights(filters), *args, full, input_requantize=[mul[:5]])
+
+
 def _landmarks(heat):
     return hm.heatmap_to_input(hm.decode_heatmaps(heat)[0]).numpy()
 
@@ -388,13 +448,18 @@ def test_int8_hpm_blocks_fused_give_the_unfused_plans_outputs(hpm_int8_file, pat
     """In an int8 file's HPM blocks the binary convolutions round their int8 outputs themselves,
     pack the next layer's bits from them (the batch norm between as its exact threshold) and write
     them into their CONCATENATION, doing the ADD of the block's residual after it where that is
-    computed before them: the outputs bit for bit those of the plan where each of those is its own
-    step, and of two threads."""
+    computed before them; the max pools and the stem convolution pack the bits of the LceQuantize
+    after them, the skip convolutions do their batch norm's MUL and ADD: the outputs bit for bit
+    those of the plan where each of those is its own step, and of two threads."""
     images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     fused, plain = Engine(hpm_int8_file, kernels=path), Engine(hpm_int8_file, kernels=path, fuse_blocks=False)
     names, plain_names = ([name for name, _, _ in e.profile(images)] for e in (fused, plain))
     assert {"LceBconv2d+LceQuantize+CONCATENATION+ADD", "LceBconv2d+CONCATENATION+ADD"} <= set(names)
     assert "CONCATENATION" not in names and "CONCATENATION" in plain_names
+    # the max pools and the stem pack the bits their LceQuantize reads; the skip convolutions read
+    # their batch norm's input, its MUL and ADD done as they read it
+    assert {"MAX_POOL_2D+LceQuantize", "CONV_2D+LceQuantize"} <= set(names) and "MUL" not in names
+    assert names.count("BN+CONV_2D") == plain_names.count("MUL") == 2
     assert names.count("ADD") + 4 <= plain_names.count("ADD") and len(plain_names) > len(names) + 10
     np.testing.assert_array_equal(fused.predict(images), plain.predict(images))
     threads = Engine(hpm_int8_file, kernels=path, num_threads=2)  # rows split between threads: the same
@@ -418,11 +483,11 @@ def test_int8_downsampling_blocks_compute_their_skip_branch_before_their_binary_
              and any(reader.name == "ADD" for reader in graph.operators if op.outputs[0] in reader.inputs)]
     assert len(skips) == 2 and names.count("ADD") + len(skips) == file_names.count("ADD")
     # each skip CONV_2D runs earlier, before the block's binary convolutions
-    for skip in skips:
+    for skip in skips:  # its batch norm's MUL and ADD done as it reads its input (BN+CONV_2D)
         at, file_at = ([op.index for op in e._step_ops].index(skip) for e in (hoisted, in_file_order))
-        before = [op.name for op in in_file_order._step_ops[file_at - 3:file_at]]
-        assert at < file_at and before == ["LceBconv2d", "MUL", "ADD"]
-        assert [op.name for op in hoisted._step_ops[at - 2:at + 2]] == ["MUL", "ADD", "CONV_2D", "LceBconv2d"]
+        assert at < file_at and in_file_order._step_ops[file_at - 1].name == "LceBconv2d"
+        assert names[at] == file_names[file_at] == "BN+CONV_2D"
+        assert [op.name for op in hoisted._step_ops[at:at + 2]] == ["CONV_2D", "LceBconv2d"]
     got = hoisted.predict(images)
     np.testing.assert_array_equal(got, in_file_order.predict(images))
     np.testing.assert_array_equal(got, Engine(hpm_int8_file, fuse_blocks=False).predict(images))

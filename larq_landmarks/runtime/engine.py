@@ -217,12 +217,13 @@ def _concatenated_outputs(graph: Graph, residuals: dict, folded: set, packs: dic
 def _packed_outputs(graph: Graph, folded: set, deferred: dict, residuals: dict, max_pools: dict,
                     fused: dict) -> dict:
     """The LceQuantize ops (with the batch norm folded into them, ``fused``, or alone) that read the
-    float output a CONV_2D, RESIZE_NEAREST_NEIGHBOR or MAX_POOL_2D step writes (the ADD's or the
-    pool's where one is done in that step: ``residuals``, ``max_pools``), one a step: that step can
+    float output (in an int8 file, the codes) a CONV_2D, RESIZE_NEAREST_NEIGHBOR or MAX_POOL_2D step
+    writes (the ADD's or the pool's where one is done in that step: ``residuals``, ``max_pools``),
+    one a step: that step can
     pack its output rows as it writes them, while they are in cache, where a step of its own would
     read the whole tensor again. Returns ``{step op index: (quantize output, multiplier or None,
     bias or None, quantize index)}``."""
-    written = {}  # float tensor -> the step op that writes it
+    written = {}  # float or int8 tensor -> the step op that writes it
     for op in graph.operators:
         if op.index in folded:
             continue
@@ -235,7 +236,7 @@ def _packed_outputs(graph: Graph, folded: set, deferred: dict, residuals: dict, 
             tensor = op.outputs[0]
         else:
             continue
-        if graph.tensors[tensor].dtype == np.float32:
+        if graph.tensors[tensor].dtype in (np.float32, np.int8):  # int8: codes, as the step writes them
             written[tensor] = op.index
     packs = {}
     for op in graph.operators:
@@ -535,6 +536,17 @@ class Engine:
                 del residuals[concat], deferred[add]
                 folded.add(add)
             folded.add(concat)
+        # CONV_2D index -> (source, [MUL / ADD ops]): in an int8 file, the batch norm before a
+        # convolution, each of its ops requantising the codes as the convolution reads its input
+        # (after the hoisting above, which moves them with the convolution)
+        int8_inputs = {}
+        for op in graph.operators if self.int8_file and fuse_blocks else ():
+            if op.name == "CONV_2D" and op.index not in folded and graph.tensors[op.inputs[0]].dtype == np.int8:
+                # (an activation fused into the ADD is in its requantising's range)
+                source, _, _, chain, _ = _fused_affine(graph, op, producers, consumers, activation=True)
+                if chain and graph.tensors[source].dtype == np.int8 and not folded.intersection(chain):
+                    int8_inputs[op.index] = (source, [graph.operators[index] for index in reversed(chain)])
+                    folded.update(chain)
         # CONV_2D index -> (pool output, window, padding): the MAX_POOL_2D after it done in its pass
         max_pools = {}
         for op in graph.operators if not self.int8_file else ():
@@ -544,8 +556,7 @@ class Engine:
                 if found is not None:
                     max_pools[op.index] = (found[0].outputs[0],) + found[1:]
                     folded.add(found[0].index)
-        row_packs = _packed_outputs(graph, folded, deferred, residuals, max_pools, fused) \
-            if fuse_blocks and not self.int8_file else {}
+        row_packs = _packed_outputs(graph, folded, deferred, residuals, max_pools, fused) if fuse_blocks else {}
         folded.update(index for _, _, _, index in row_packs.values())
         steps, step_ops = [], []
         for op in order:
@@ -556,7 +567,8 @@ class Engine:
             pack = row_packs[op.index][:3] if op.index in row_packs else None
             if op.name == "CONV_2D":
                 steps.append(ops.conv_2d(graph, op, self._kernels, tensors, target, activation, fused.get(op.index),
-                                         precision=self.float_precision, max_pool=max_pools.get(op.index), pack=pack))
+                                         precision=self.float_precision, max_pool=max_pools.get(op.index), pack=pack,
+                                         input_requantize=int8_inputs.get(op.index)))
             elif op.index in fused:
                 steps.append(ops.lce_quantize(graph, op, self._kernels, *fused[op.index]))
             elif op.index in packs or op.index in intos:
@@ -571,13 +583,14 @@ class Engine:
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
             step_ops.append(op)
-        self._fused, self._packs, self._intos, self._max_pools = set(fused), set(packs), intos, max_pools
+        self._fused, self._packs, self._intos, self._max_pools = set(fused) | set(int8_inputs), set(packs), intos, max_pools
         self._row_packs = set(row_packs)
         # after which step each activation is read for the last time (then its buffer is reused)
         self._residuals = residuals
         last_read = {}
         for position, op in enumerate(step_ops):
-            reads = [fused[op.index][0]] if op.index in fused else op.inputs
+            reads = [fused[op.index][0]] if op.index in fused else \
+                [int8_inputs[op.index][0]] if op.index in int8_inputs else op.inputs
             if op.index in residuals:
                 reads = list(reads) + residuals[op.index][0]
             if op.index in intos and intos[op.index][3] is not None:

@@ -168,22 +168,32 @@ def _int8_range(graph, op, code: int, scale: float, zero_point: int) -> Tuple[in
     return lo, hi
 
 
-def _requantizer(kernels, channels: int, scale, shift=0.0, op: int = 0, zero_point: int = 0,
-                 q_range: Tuple[int, int] = _INT8, rounding: Optional[str] = "code") -> Callable:
-    """``kernels.requantize`` with these constants (``scale`` and ``shift`` a value or one per
-    channel, computed in float64, stored as float32), as ``run(a, out, b=None)``, to codes of an
-    output with ``zero_point``, q clamped to ``q_range``. ``rounding``: ``"code"``, ``q = round(v) +
-    zero point``, as TFLite's QUANTIZE, CONV_2D, ADD, MUL and RELU; ``"q"``, ``q = round(v + zero
-    point)``, as its AVERAGE_POOL_2D (and LCE's int8 binary convolution output, which
-    ``binary_conv2d`` rounds itself); None: ``out = v`` (DEQUANTIZE)."""
+def _requantize_constants(kernels, channels: int, scale, shift=0.0, zero_point: int = 0,
+                          q_range: Tuple[int, int] = _INT8, rounding: Optional[str] = "code") -> tuple:
+    """``kernels.requantize``'s constants, ``(scale, shift, add, low, high, subtract)``, for codes of
+    an output with ``zero_point``, q clamped to ``q_range`` (``scale`` and ``shift`` a value or one
+    per channel, computed in float64, stored as float32); a convolution given them as its
+    ``requantize`` argument computes the same codes (:func:`_requantizer`'s op 0). ``rounding``:
+    ``"code"``, ``q = round(v) + zero point``, as TFLite's QUANTIZE, CONV_2D, ADD, MUL and RELU;
+    ``"q"``, ``q = round(v + zero point)``, as its AVERAGE_POOL_2D (and LCE's int8 binary
+    convolution output, which ``binary_conv2d`` rounds itself); None: ``out = v`` (DEQUANTIZE)."""
     scale, shift = (_on_device(kernels, np.ascontiguousarray(np.broadcast_to(
         np.asarray(v, np.float64).astype(np.float32).reshape(-1), (channels,)))) for v in (scale, shift))
-    none = _on_device(kernels, np.zeros(0, np.float32))
     if rounding not in ("code", "q", None):
         raise ValueError(f"rounding={rounding!r}")
     in_q = rounding == "q"
     add = subtract = float(zero_point) if in_q else 0.0
     low, high = (float(v - (0 if in_q else zero_point)) for v in q_range)
+    return scale, shift, add, low, high, subtract
+
+
+def _requantizer(kernels, channels: int, scale, shift=0.0, op: int = 0, zero_point: int = 0,
+                 q_range: Tuple[int, int] = _INT8, rounding: Optional[str] = "code") -> Callable:
+    """``kernels.requantize`` with :func:`_requantize_constants`' constants as ``run(a, out, b=None)``:
+    ``op`` 0, ``a * scale + shift``; 1, ``a * scale + b * shift``; 2, ``a * b * scale``."""
+    scale, shift, add, low, high, subtract = _requantize_constants(kernels, channels, scale, shift, zero_point,
+                                                                   q_range, rounding)
+    none = _on_device(kernels, np.zeros(0, np.float32))
 
     def run(a, out, b=None):
         kernels.requantize(a, none if b is None else b, scale, shift, op, add, low, high, subtract, rounding is not None,
@@ -264,8 +274,8 @@ def _output_packing(graph: Graph, op: Operator, kernels, pack: Optional[tuple], 
     if pack is None:
         return lambda values, shape: {}
     target, multiplier, bias = pack
-    if graph.tensors[op.outputs[0]].dtype != np.float32:
-        raise _unsupported(graph, op, "an LceQuantize fused after an output that is not float32")
+    if graph.tensors[op.outputs[0]].dtype not in (np.float32, np.int8):  # int8: its codes
+        raise _unsupported(graph, op, "an LceQuantize fused after an output neither float32 nor int8")
     scale, shift = (_on_device(kernels, _per_channel(v, channels)) for v in (multiplier, bias))
 
     def arguments(values, shape):
@@ -388,7 +398,8 @@ def lce_bconv2d(graph: Graph, op: Operator, kernels, next_quantize: Optional[tup
 
 def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] = None, target: Optional[int] = None,
             add_activation: int = 0, input_affine: Optional[tuple] = None, precision: str = "float32",
-            max_pool: Optional[tuple] = None, pack: Optional[tuple] = None) -> Run:
+            max_pool: Optional[tuple] = None, pack: Optional[tuple] = None,
+            input_requantize: Optional[Tuple[int, List[Operator]]] = None) -> Run:
     """Float convolution with bias and fused activation. ``residual``, ``target`` and
     ``add_activation`` fuse the ADD that follows a convolution without activation: ``target =
     clamp(conv + residual)``, rounded as the two ops round, where ``residual`` lists the tensors
@@ -410,8 +421,11 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
 
     An int8 convolution (int8 input and weights, a scale an output channel, int32 bias) sums its
     codes times the int8 weights, then requantises: ``q = round(sum * input scale * weight scale /
-    output scale) + zero point``, clamped (no fusion then). The sums are exact: in int32 with the
-    int8 kernels where the CPU has them (``Engine``'s ``float_precision="int8"``; the codes and
+    output scale) + zero point``, clamped, each task's output rows as it writes them (``pack`` packs
+    those codes). ``input_requantize`` = ``(source, ops)``: the int8 MUL and ADD by constants (a
+    batch norm) that compute its input from ``source``, in the order they run, done on each input
+    pixel as it is read, each requantising as its own step would (no other fusion then). The sums
+    are exact: in int32 with the int8 kernels where the CPU has them (``Engine``'s ``float_precision="int8"``; the codes and
     weights are theirs unchanged, as every channel's largest weight is 127, as TFLite's converter
     quantises them), else in float32 (exact while they stay below 2**24, as a 7x7x3 or a 1x1x256
     filter's always do)."""
@@ -422,21 +436,32 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     cout, fh, fw, cin = filters.shape
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
     sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
-    rescale, input_range = None, None
+    requantize, input_range = None, None
     if codes is not None:
         weight_quantization, out_codes = graph.tensors[op.inputs[1]].quantization, _codes(graph, op, op.outputs[0])
         if out_codes is None or weight_quantization is None or graph.tensors[op.inputs[1]].dtype != np.int8 \
                 or np.any(weight_quantization[1] != 0):
             raise _unsupported(graph, op, "an int8 input without symmetric int8 weights and an int8 output")
-        if residual is not None or input_affine is not None or max_pool is not None or pack is not None \
-                or precision != "float32":
+        if residual is not None or input_affine is not None or max_pool is not None or precision != "float32":
             raise _unsupported(graph, op, "a fusion or float precision on an int8 convolution")
+        if input_requantize is not None:
+            tensor, input_steps = input_requantize[0], []
+            for step in input_requantize[1]:
+                read, constants = _int8_with_constant(graph, step, kernels)
+                if read != tensor:
+                    raise _unsupported(graph, op, f"operator {step.index} ({step.name}) reads another tensor")
+                input_steps.append(constants)
+                tensor = step.outputs[0]
+            if tensor != op.inputs[0]:
+                raise _unsupported(graph, op, "its input_requantize ends at another tensor")
         multiplier = codes[0] * np.broadcast_to(weight_quantization[0].astype(np.float64), (cout,)) / out_codes[0]
-        rescale = _requantizer(kernels, cout, multiplier, zero_point=out_codes[1],
-                               q_range=_int8_range(graph, op, o.FusedActivationFunction(), *out_codes))
+        requantize = _requantize_constants(kernels, cout, multiplier, zero_point=out_codes[1],
+                                           q_range=_int8_range(graph, op, o.FusedActivationFunction(), *out_codes))
         if "int8" in kernel_paths.reduced_precisions(kernels) and np.all(np.abs(filters).max(axis=(1, 2, 3)) == 127):
             precision = "int8"  # the codes quantised with scale 1 and their zero point: unchanged
             input_range = [float(_INT8[0] - codes[1]), float(_INT8[1] - codes[1])]
+    elif input_requantize is not None:
+        raise _unsupported(graph, op, "input_requantize on a convolution of float32 input")
     if precision == "bfloat16":
         weights, convolve = kernels.prepare_float_weights_bf16(filters), kernels.conv2d_bf16
     elif precision == "int8":
@@ -449,9 +474,13 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     if residual is not None and o.FusedActivationFunction() != 0:
         raise _unsupported(graph, op, "an ADD fused after an activation")
     low, high = _activation(graph, op, add_activation if residual is not None else o.FusedActivationFunction())
-    if rescale is not None:
-        low, high = -math.inf, math.inf  # the requantising clamps
     source, target = op.inputs[0], op.outputs[0] if target is None else target
+    if requantize is not None:
+        low, high = -math.inf, math.inf  # the requantising clamps
+        convolve = functools.partial(convolve, requantize=requantize)
+        if input_requantize is not None:
+            source = input_requantize[0]
+            convolve = functools.partial(convolve, input_requantize=input_steps)
     none = _on_device(kernels, np.zeros(0, np.float32))
     in_mul = in_bias = none
     in_low, in_high = -math.inf, math.inf
@@ -471,8 +500,6 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         if max_pool is None:
             out = values.alloc((batch, out_h, out_w, cout), np.float32)
             convolve(*args, out, **packing(values, out.shape))
-            if rescale is not None:
-                rescale(out, out)
             values[target] = out
             return
         pooled, (ph, pw), padding = max_pool
@@ -524,32 +551,48 @@ def _elementwise(graph: Graph, op: Operator, kernels, code: int) -> Run:
     return run
 
 
-def _elementwise_int8(graph: Graph, op: Operator, kernels, code: int) -> Run:
-    """int8 ADD (``code`` 0) or MUL (1) of two tensors of one shape, or of a tensor and a constant
-    (one value or one per channel): the real-valued sum or product in the output's scale,
-    requantised."""
+def _int8_operands(graph: Graph, op: Operator) -> tuple:
+    """An int8 ADD's or MUL's ``(input codes, output codes, q range, channels, which inputs are
+    constant)``, after checking that both inputs are int8 and at most one constant."""
     _check_float(graph, op, (0, 1), int8=True)
     out_codes = _codes(graph, op, op.outputs[0])
     inputs = [_codes(graph, op, i) for i in op.inputs[:2]]
     if None in inputs:
         raise _unsupported(graph, op, "int8 and float inputs together")
     q_range = _int8_range(graph, op, op.options.FusedActivationFunction() if op.options else 0, *out_codes)
-    channels = _channels(graph, op.outputs[0])
     constant = [graph.tensors[i].data is not None for i in op.inputs[:2]]
     if all(constant):
         raise _unsupported(graph, op, "two constant inputs")
-    (s_out, zero_point), target = out_codes, op.outputs[0]
+    return inputs, out_codes, q_range, _channels(graph, op.outputs[0]), constant
+
+
+def _int8_with_constant(graph: Graph, op: Operator, kernels) -> Tuple[int, tuple]:
+    """An int8 ADD or MUL of a tensor and a constant (one value or one per channel) as requantize's
+    op 0, ``a * scale[c] + shift[c]`` with the constant folded into scale or shift: ``(the tensor
+    read, the requantize constants)`` (:func:`_requantize_constants`)."""
+    inputs, (s_out, zero_point), q_range, channels, constant = _int8_operands(graph, op)
+    if not any(constant):
+        raise _unsupported(graph, op, "no constant input")
+    source, other = (op.inputs[0], 1) if constant[1] else (op.inputs[1], 0)
+    value = graph.tensors[op.inputs[other]].data.astype(np.float64).reshape(-1) - inputs[other][1]
+    if value.size not in (1, channels):
+        raise _unsupported(graph, op, "a constant of neither one value nor one per channel")
+    s_x, s_k = inputs[1 - other][0], inputs[other][0]
+    scale, shift = (s_x / s_out, s_k * value / s_out) if op.name == "ADD" else (s_x * s_k * value / s_out, 0.0)
+    return source, _requantize_constants(kernels, channels, scale, shift, zero_point, q_range)
+
+
+def _elementwise_int8(graph: Graph, op: Operator, kernels, code: int) -> Run:
+    """int8 ADD (``code`` 0) or MUL (1) of two tensors of one shape, or of a tensor and a constant
+    (one value or one per channel): the real-valued sum or product in the output's scale,
+    requantised."""
+    inputs, (s_out, zero_point), q_range, channels, constant = _int8_operands(graph, op)
+    target = op.outputs[0]
     if any(constant):  # op 0: a * scale[c] + shift[c], the constant folded into scale or shift
-        source, other = (op.inputs[0], 1) if constant[1] else (op.inputs[1], 0)
-        value = graph.tensors[op.inputs[other]].data.astype(np.float64).reshape(-1) - inputs[other][1]
-        if value.size not in (1, channels):
-            raise _unsupported(graph, op, "a constant of neither one value nor one per channel")
-        s_x, s_k = inputs[1 - other][0], inputs[other][0]
-        if code == 0:
-            run_op = _requantizer(kernels, channels, s_x / s_out, s_k * value / s_out, 0, zero_point, q_range)
-        else:
-            run_op = _requantizer(kernels, channels, s_x * s_k * value / s_out, 0.0, 0, zero_point, q_range)
-        return _elementwise_step(source, target, run_op)
+        source, (scale, shift, add, low, high, subtract) = _int8_with_constant(graph, op, kernels)
+        none = _on_device(kernels, np.zeros(0, np.float32))
+        return _elementwise_step(source, target, lambda a, out: kernels.requantize(
+            a, none, scale, shift, 0, add, low, high, subtract, True, out))
     if code == 0:
         run_op = _requantizer(kernels, channels, inputs[0][0] / s_out, inputs[1][0] / s_out, 1, zero_point, q_range)
     else:
@@ -634,11 +677,15 @@ def _pool(graph: Graph, op: Operator, kernels, kind: int, pack: Optional[tuple] 
     low, high = _activation(graph, op, o.FusedActivationFunction())
     source, target = op.inputs[0], op.outputs[0]
     rounding = None
-    if codes is not None:  # int8: the codes' maximum, or their mean requantised (q rounded)
+    if codes is not None:  # int8: the codes' maximum (one of them), or their mean requantised (q rounded)
         _same_quantization(graph, op, op.inputs)
         q_range = _int8_range(graph, op, o.FusedActivationFunction(), *codes)
-        low, high = -math.inf, math.inf
-        rounding = _requantizer(kernels, _channels(graph, source), 1.0, 0.0, 0, codes[1], q_range, "q")
+        low, high = (float(q - codes[1]) for q in q_range)  # as codes: the maximum's clamp
+        if kind != 0:
+            low, high = -math.inf, math.inf
+            rounding = _requantizer(kernels, _channels(graph, source), 1.0, 0.0, 0, codes[1], q_range, "q")
+    if rounding is not None and pack is not None:
+        raise _unsupported(graph, op, "an LceQuantize fused after an int8 average pool")
     packing = _output_packing(graph, op, kernels, pack, _channels(graph, source))
 
     def run(values):

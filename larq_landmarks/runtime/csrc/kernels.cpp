@@ -858,6 +858,76 @@ static inline T added_codes(T y, T r, T part_scale, T residual_scale, float lo, 
   return rounded(rounded_product(y, part_scale) + rounded_product(r, residual_scale), lo, hi);
 }
 
+// ---------------------------------------------------------------------------------------------
+// An int8 file's arithmetic, on its tensors' codes (q - zero point, held as floats: every value of
+// an int8 tensor is an integer there): out = clamp(round(v + add), lo, hi) - subtract, where
+//   op 0: v = a * scale[c] + shift[c]  (requantising, QUANTIZE, a MUL or ADD with a constant)
+//   op 1: v = a * scale[c] + b * shift[c]  (ADD of two tensors, each rescaled to the output's)
+//   op 2: v = a * b * scale[c]  (MUL of two tensors)
+// c the channel (scale and shift hold one value per channel: the last axis), b a tensor of a's
+// shape. round: half away from zero, TFLite's; `add` and `subtract` say whether q (add the zero
+// point, subtract it after) or the code is rounded, as each TFLite or LCE op does; lo and hi the
+// range of what is rounded. round false: out = v (DEQUANTIZE). Products then sums, each rounded
+// to float32 (no FMA), on every kernel path alike; a NaN becomes hi.
+template <int OP, bool ROUND>
+__attribute__((optimize("O3", "no-math-errno", "fp-contract=off")))
+static void requantize_rows(const float* __restrict x, const float* __restrict y, const float* __restrict s,
+                            const float* __restrict t, int64_t r0, int64_t r1, int64_t channels, float add,
+                            float lo, float hi, float subtract, float* __restrict o) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * channels;
+    const float* yr = OP != 0 ? y + r * channels : nullptr;
+    float* orow = o + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      float v;
+      if (OP == 0) v = xr[c] * s[c] + t[c];
+      else if (OP == 1) v = xr[c] * s[c] + yr[c] * t[c];
+      else v = xr[c] * yr[c] * s[c];
+      orow[c] = ROUND ? rounded(v + add, lo, hi) - subtract : v;
+    }
+  }
+}
+
+// An int8 file's output requantised by the op that writes it (a convolution), each task's rows as
+// they are written, while they are in cache: requantize's op 0 with the same constants (scale and
+// shift per channel; add, lo, hi, subtract), so the codes are those of requantize run after it.
+struct RowRequantize {
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  float add = 0.0f, lo = 0.0f, hi = 0.0f, subtract = 0.0f;
+  int channels = 0;
+  // `count` rows of `channels` values from `in` to `out` (which may be `in`)
+  void apply(const float* in, float* out, int64_t count) const {
+    requantize_rows<0, true>(in, nullptr, scale, shift, 0, count, channels, add, lo, hi, subtract, out);
+  }
+  void operator()(float* rows, int64_t count) const {
+    if (scale) apply(rows, rows, count);
+  }
+};
+
+// The RowRequantize of an op writing `channels` channels, from its optional argument (None, or
+// (scale, shift, add, lo, hi, subtract): scale and shift float32 arrays of one value a channel).
+static RowRequantize row_requantize(const py::object& spec, int channels, const char* name) {
+  RowRequantize requantize;
+  if (spec.is_none()) return requantize;
+  const auto parts = spec.cast<py::tuple>();
+  if (parts.size() != 6) throw std::invalid_argument(std::string(name) + ": requantize needs 6 values");
+  // kept alive by the caller's tuple, which the binding holds for the call
+  const auto scale = parts[0].cast<py::array>(), shift = parts[1].cast<py::array>();
+  requantize.scale = checked_data<float>(scale, 1, false, (std::string(name) + " requantize scale").c_str());
+  requantize.shift = checked_data<float>(shift, 1, false, (std::string(name) + " requantize shift").c_str());
+  if (scale.size() != channels || shift.size() != channels)
+    throw std::invalid_argument(std::string(name) + ": requantize scale or shift size");
+  requantize.add = parts[2].cast<float>();
+  requantize.lo = parts[3].cast<float>();
+  requantize.hi = parts[4].cast<float>();
+  requantize.subtract = parts[5].cast<float>();
+  if (!(requantize.lo <= requantize.hi && requantize.lo > -8388608.0f && requantize.hi < 8388608.0f))
+    throw std::invalid_argument(std::string(name) + ": requantize range");
+  requantize.channels = channels;
+  return requantize;
+}
+
 #if defined(__AVX512F__)
 // Channels [c0, c_end) (at most 64) of output pixels first .. first + count - 1 (one tile): the
 // accumulators stay in registers through the border correction, the output transform or the
@@ -2429,13 +2499,20 @@ using GemmB = std::conditional_t<P == Precision::kFloat32, float,
 // convolution's own output (ph times its height, pw times its width, the residual's shape) is
 // computed one task of ph rows at a time into a buffer of the thread's and pooled from there, so it
 // is never written out whole. The maxima are those MAX_POOL_2D computes (pool2d, bit for bit).
+// requantize (None or RowRequantize's 6 values, no pool_window): an int8 file's convolution's
+// output codes, computed from its float output rows as each task writes them (requantize's op 0,
+// bit for bit), before `packed` packs them. input_requantize (a list of such 6 values, for cin
+// channels): an int8 file's MUL and ADD by constants before the convolution (a batch norm), each
+// requantising the input codes in turn as requantize's op 0 would, applied to the input pixels as
+// they are read, after input_multiplier / input_bias where given.
 template <Precision P>
 static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
                         Array<float> weight_scale, Array<int32_t> weight_sum, Array<float> bias,
                         std::vector<int> geometry, float lo, float hi, std::vector<Array<float>> residual,
                         Array<float> input_multiplier, Array<float> input_bias, float input_lo, float input_hi,
                         py::array output, std::vector<int> pool_window, std::vector<float> input_range,
-                        py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
+                        py::object packed, Array<float> pack_multiplier, Array<float> pack_bias,
+                        py::object requantize, py::list input_requantize) {
   constexpr bool kBf16 = P == Precision::kBfloat16, kInt8 = P == Precision::kInt8 || P == Precision::kInt8Pairs;
   using A = GemmA<P>;
   const char* name = kInt8 ? "conv2d_int8" : kBf16 ? "conv2d_bf16" : "conv2d";
@@ -2493,11 +2570,29 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
   const float* in_b = input_bias.size() > 0 ? input_bias.data() : nullptr;
   if ((in_m && input_multiplier.size() != cin) || (in_b && input_bias.size() != cin))
     throw std::invalid_argument("conv2d: input multiplier or bias size");
-  const bool affine = in_m || in_b || input_lo > -std::numeric_limits<float>::infinity() ||
+  const bool scaled = in_m || in_b || input_lo > -std::numeric_limits<float>::infinity() ||
                       input_hi < std::numeric_limits<float>::infinity();
+  std::vector<RowRequantize> in_requantize;
+  for (const auto& spec : input_requantize)
+    in_requantize.push_back(row_requantize(py::reinterpret_borrow<py::object>(spec), cin, name));
+  const bool affine = scaled || !in_requantize.empty();
+  // `count` input pixels from src to dst (cin values each) as the convolution reads them: the batch
+  // norm and clamp, then each input requantising
+  auto transform = [&](const float* src, int64_t count, float* dst) {
+    if (scaled)
+      for (int64_t i = 0; i < count; ++i) affine_copy(src + i * cin, cin, in_m, in_b, input_lo, input_hi, dst + i * cin);
+    for (const RowRequantize& step : in_requantize) {
+      step.apply(scaled ? dst : src, dst, count);
+      src = dst;
+    }
+  };
   const bool direct = fh == 1 && fw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0;
   // packed: the output's bits for the LceQuantize that reads it, each task's rows as it writes them
   const RowPack pack_rows = row_pack(packed, pack_multiplier, pack_bias, output.size() / std::max(cout, 1), cout, name);
+  // requantize: an int8 file's output codes, each task's rows before they are packed
+  const RowRequantize requantize_rows = row_requantize(requantize, cout, name);
+  if (requantize_rows.scale && pooled)
+    throw std::invalid_argument(std::string(name) + ": requantize with pool_window is not supported");
   py::gil_scoped_release release;
   // Any other convolution reads its taps from the input with its padding written out (zeros; the
   // batch norm applied to the input pixels only), so that every tap of every output pixel is
@@ -2517,7 +2612,7 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
     const float* src = x + static_cast<int64_t>(r) * width * cin;
     if (!affine) return src;
     row.resize(static_cast<size_t>(width) * cin);
-    for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, row.data() + ix * cin);
+    transform(src, width, row.data());
     return static_cast<const float*>(row.data());
   };
   // where input row r's first pixel goes in the padded copy
@@ -2628,7 +2723,7 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
         const float* src = x + static_cast<int64_t>(r) * width * cin;
         float* dst = copy_at(padded.data(), r);
         if (affine)
-          for (int ix = 0; ix < width; ++ix) affine_copy(src + ix * cin, cin, in_m, in_b, input_lo, input_hi, dst + ix * cin);
+          transform(src, width, dst);
         else
           std::memcpy(dst, src, sizeof(float) * width * cin);
       }
@@ -2671,7 +2766,7 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
       const int64_t pixel = r0 + r;
       if constexpr (P == Precision::kFloat32) {
         if (patched) {
-          affine_copy(x + pixel * cin, cin, in_m, in_b, input_lo, input_hi, patch + static_cast<int64_t>(r) * cin);
+          transform(x + pixel * cin, 1, patch + static_cast<int64_t>(r) * cin);
           base[r] = patch + static_cast<int64_t>(r) * cin;
           continue;
         }
@@ -2721,6 +2816,7 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
         const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
         const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0));
         gemm_task(r0, rows, y + r0 * cout, patch.data());
+        requantize_rows(y + r0 * cout, rows);
         pack_rows(y + r0 * cout, r0, rows);
       }
     });
@@ -2755,10 +2851,11 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
 static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, std::vector<int> geometry, float lo,
                    float hi, std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
                    float input_lo, float input_hi, py::array output, std::vector<int> pool_window,
-                   py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
+                   py::object packed, Array<float> pack_multiplier, Array<float> pack_bias,
+                   py::object requantize, py::list input_requantize) {
   conv2d_impl<Precision::kFloat32>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
                                    input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier,
-                                   pack_bias);
+                                   pack_bias, requantize, input_requantize);
 }
 
 #if HAVE_BF16
@@ -2766,11 +2863,11 @@ static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float
                         float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                         Array<float> input_bias, float input_lo, float input_hi, py::array output,
                         std::vector<int> pool_window, py::object packed, Array<float> pack_multiplier,
-                        Array<float> pack_bias) {
+                        Array<float> pack_bias, py::object requantize, py::list input_requantize) {
   if (!__builtin_cpu_supports("avx512bf16")) throw std::runtime_error("conv2d_bf16: this CPU has no AVX512_BF16");
   conv2d_impl<Precision::kBfloat16>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
                                     input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier,
-                                    pack_bias);
+                                    pack_bias, requantize, input_requantize);
 }
 #endif
 
@@ -2782,13 +2879,14 @@ static void conv2d_int8_vnni(Array<float> input, Array<int8_t> weights, Array<fl
                               float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                               Array<float> input_bias, float input_lo, float input_hi, py::array output,
                               std::vector<int> pool_window, std::vector<float> input_range,
-                              py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
+                              py::object packed, Array<float> pack_multiplier, Array<float> pack_bias,
+                              py::object requantize, py::list input_requantize) {
 #if HAVE_VNNI
   if (!cpu_runs_vnni())
     throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and this CPU has no " INT8_FEATURE);
   conv2d_impl<Precision::kInt8>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
                                 input_multiplier, input_bias, input_lo, input_hi, output, pool_window, input_range,
-                                packed, pack_multiplier, pack_bias);
+                                packed, pack_multiplier, pack_bias, requantize, input_requantize);
 #else
   throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and these kernels were built without it");
 #endif
@@ -2800,10 +2898,11 @@ static void conv2d_int8_pairs(Array<float> input, Array<int16_t> weights, Array<
                               float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                               Array<float> input_bias, float input_lo, float input_hi, py::array output,
                               std::vector<int> pool_window, std::vector<float> input_range,
-                              py::object packed, Array<float> pack_multiplier, Array<float> pack_bias) {
+                              py::object packed, Array<float> pack_multiplier, Array<float> pack_bias,
+                              py::object requantize, py::list input_requantize) {
   conv2d_impl<Precision::kInt8Pairs>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
                                      input_multiplier, input_bias, input_lo, input_hi, output, pool_window,
-                                     input_range, packed, pack_multiplier, pack_bias);
+                                     input_range, packed, pack_multiplier, pack_bias, requantize, input_requantize);
 }
 #endif
 #endif
@@ -2844,36 +2943,6 @@ static void binary_elementwise(Array<float> a, Array<float> b, int op, float lo,
       }
     }
   });
-}
-
-// ---------------------------------------------------------------------------------------------
-// An int8 file's arithmetic, on its tensors' codes (q - zero point, held as floats: every value of
-// an int8 tensor is an integer there): out = clamp(round(v + add), lo, hi) - subtract, where
-//   op 0: v = a * scale[c] + shift[c]  (requantising, QUANTIZE, a MUL or ADD with a constant)
-//   op 1: v = a * scale[c] + b * shift[c]  (ADD of two tensors, each rescaled to the output's)
-//   op 2: v = a * b * scale[c]  (MUL of two tensors)
-// c the channel (scale and shift hold one value per channel: the last axis), b a tensor of a's
-// shape. round: half away from zero, TFLite's; `add` and `subtract` say whether q (add the zero
-// point, subtract it after) or the code is rounded, as each TFLite or LCE op does; lo and hi the
-// range of what is rounded. round false: out = v (DEQUANTIZE). Products then sums, each rounded
-// to float32 (no FMA), on every kernel path alike; a NaN becomes hi.
-template <int OP, bool ROUND>
-__attribute__((optimize("O3", "no-math-errno", "fp-contract=off")))
-static void requantize_rows(const float* __restrict x, const float* __restrict y, const float* __restrict s,
-                            const float* __restrict t, int64_t r0, int64_t r1, int64_t channels, float add,
-                            float lo, float hi, float subtract, float* __restrict o) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = x + r * channels;
-    const float* yr = OP != 0 ? y + r * channels : nullptr;
-    float* orow = o + r * channels;
-    for (int64_t c = 0; c < channels; ++c) {
-      float v;
-      if (OP == 0) v = xr[c] * s[c] + t[c];
-      else if (OP == 1) v = xr[c] * s[c] + yr[c] * t[c];
-      else v = xr[c] * yr[c] * s[c];
-      orow[c] = ROUND ? rounded(v + add, lo, hi) - subtract : v;
-    }
-  }
 }
 
 static void requantize(Array<float> a, Array<float> b, Array<float> scale, Array<float> shift, int op, float add,
@@ -3233,7 +3302,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
         py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
         py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
         py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
-        py::arg("pack_bias") = py::array_t<float>(0));
+        py::arg("pack_bias") = py::array_t<float>(0), py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list());
 #if HAVE_BF16  // bfloat16 float convolutions: AVX-512 builds, CPUs with AVX512_BF16 (cpu_supports)
   m.def("prepare_float_weights_bf16", &prepare_float_weights_bf16);
   m.def("conv2d_bf16", &conv2d_bf16, py::arg("input"), py::arg("weights"),
@@ -3241,7 +3310,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
         py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
         py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
         py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
-        py::arg("pack_bias") = py::array_t<float>(0));
+        py::arg("pack_bias") = py::array_t<float>(0), py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list());
 #endif
 #if HAVE_INT8  // int8 float convolutions: VNNI's form (int8_feature) and, on AVX2 builds, the pairs form
 #if HAVE_VNNI
@@ -3256,7 +3325,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
           py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
           py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
           py::arg("input_range") = std::vector<float>(), py::arg("packed") = py::none(),
-          py::arg("pack_multiplier") = py::array_t<float>(0), py::arg("pack_bias") = py::array_t<float>(0));
+          py::arg("pack_multiplier") = py::array_t<float>(0), py::arg("pack_bias") = py::array_t<float>(0),
+          py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list());
   };
   define_conv2d_int8(&conv2d_int8_vnni);
 #if HAVE_INT8_PAIRS
