@@ -191,11 +191,12 @@ def test_every_int8_op_is_tflites_integer_arithmetic(ops_file, path, monkeypatch
     rounding tie (float32 rounds the runtime's scale products), at most 1 in 1000 values. The
     batch norms' MUL and ADD before an LceQuantize are folded into its threshold: its bits are
     checked against theirs, computed exactly. The convolutions run on the int8 kernels (VNNI's
-    form, the pairs form) where the path has them, in float32 on the portable one."""
+    form, the pairs form) where the path has them, in float32 on the portable one. Each op is its
+    own step here (``fuse_blocks=False``); the plan with ops done in others gives the same output."""
     if path == "avx2-pairs":  # the int8 convolutions' 16-bit form, as on AVX2 CPUs without AVX-VNNI
         monkeypatch.setenv(kernel_paths.NO_VNNI, "1")
         path = "avx2"
-    engine = Engine(ops_file, kernels=path)
+    engine = Engine(ops_file, kernels=path, fuse_blocks=False)
     names = {op.name for op in engine.graph.operators}
     assert names == {"QUANTIZE", "CONV_2D", "MUL", "ADD", "LceQuantize", "LceBconv2d", "MAX_POOL_2D",
                      "CONCATENATION", "RESIZE_NEAREST_NEIGHBOR", "AVERAGE_POOL_2D", "RELU", "PAD", "DEQUANTIZE"}, names
@@ -223,6 +224,9 @@ def test_every_int8_op_is_tflites_integer_arithmetic(ops_file, path, monkeypatch
         checked += got.size
     assert checked > 10000 and folded == ["MUL", "ADD"] * 2
     np.testing.assert_allclose(engine.predict(images), values[engine.graph.outputs[0]], rtol=0, atol=0)
+    fused = Engine(ops_file, kernels=path)
+    assert len(fused._steps) < len(engine._steps)
+    np.testing.assert_array_equal(fused.predict(images), values[engine.graph.outputs[0]])
 
 
 def _requantize_with(module, x, constants):
@@ -240,7 +244,8 @@ def test_int8_conv_requantises_its_input_and_output_as_the_separate_passes_do(pa
     norm's MUL and ADD, each requantising the input codes as the convolution reads them): bit for bit
     ``requantize`` run on the input twice, the convolution, ``requantize`` on its output and
     ``bitpack``; on the int8 kernels (the codes' range given) where the path has them, in float32
-    on every path; 1x1 and 3x3, more pixels than a task's 96, an ADD's RELU range."""
+    on every path; 1x1, 3x3 and 7x7 (an image's 3 channels, QUANTIZE first), more pixels than a
+    task's 96, an ADD's RELU range."""
     rng = np.random.default_rng(21)
     module = kernel_paths.load(path)
     forms = [("float32", module.conv2d, module.prepare_float_weights, {})]
@@ -248,9 +253,13 @@ def test_int8_conv_requantises_its_input_and_output_as_the_separate_passes_do(pa
         forms.append(("int8", lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
                       functools.partial(module.prepare_float_weights_int8, vnni=kernel_paths.int8_vnni(module)),
                       {"input_range": [-128.0 + 9, 127.0 + 9]}))  # the ADD's codes: zero point -9
-    for (height, width), cin, cout, k in [((10, 13), 24, 40, 1), ((7, 9), 16, 8, 3)]:
-        x = rng.integers(-128 - 5, 128 - 5, size=(2, height, width, cin)).astype(np.float32)  # zero point 5
-        mul = ops._requantize_constants(module, cin, rng.uniform(0.2, 1.5, cin), 0.0, 3)
+    for (height, width), cin, cout, k in [((10, 13), 24, 40, 1), ((7, 9), 16, 8, 3), ((11, 12), 3, 8, 7)]:
+        if cin == 3:  # an image's float values, the first step the QUANTIZE (1/255 a code, zero point 3)
+            x = rng.uniform(-0.1, 1.1, size=(2, height, width, cin)).astype(np.float32)
+            mul = ops._requantize_constants(module, cin, 255.0, 0.0, 3)
+        else:  # codes (zero point 5), the first step a MUL by a constant a channel
+            x = rng.integers(-128 - 5, 128 - 5, size=(2, height, width, cin)).astype(np.float32)
+            mul = ops._requantize_constants(module, cin, rng.uniform(0.2, 1.5, cin), 0.0, 3)
         add = ops._requantize_constants(module, cin, rng.uniform(0.8, 1.2, cin), rng.uniform(-20, 20, cin), -9,
                                         (-9, 127))  # RELU: q from the zero point up
         filters = rng.integers(-127, 128, size=(cout, k, k, cin)).astype(np.float32)
@@ -282,6 +291,40 @@ def test_int8_conv_requantises_its_input_and_output_as_the_separate_passes_do(pa
         module.conv2d(x, module.prepare_float_weights(filters), *args, full, requantize=mul)
     with pytest.raises(ValueError, match="conv2d: requantize needs 6 values"):
         module.conv2d(x, module.prepare_float_weights(filters), *args, full, input_requantize=[mul[:5]])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_resize_does_the_add_after_it_as_the_add_step_does(path):
+    """``resize_nearest`` with ``requantize``: an int8 file's upsampling and the ADD of its output
+    and a residual (each input rescaled to the sum's scale, rounded into its range, here a RELU's),
+    then the bits of the LceQuantize after it: bit for bit the gather, ``requantize``'s op 1 (the
+    resized codes the ADD's first input or its second) and ``bitpack``."""
+    rng = np.random.default_rng(31)
+    module = kernel_paths.load(path)
+    x = rng.integers(-120, 120, size=(2, 5, 6, 40)).astype(np.float32)
+    residual = rng.integers(-120, 120, size=(2, 10, 12, 40)).astype(np.float32)
+    rows, cols = np.arange(10, dtype=np.int32) // 2, np.arange(12, dtype=np.int32) // 2
+    resized = np.ascontiguousarray(x[:, rows][:, :, cols])
+    s_resized, s_residual = rng.uniform(0.3, 0.9, 2)
+    pack_m, pack_b = np.ones(40, np.float32), rng.integers(-5, 5, 40).astype(np.float32)
+    for first in (resized, residual):  # the ADD's first input
+        second = residual if first is resized else resized
+        scales = (s_resized, s_residual) if first is resized else (s_residual, s_resized)
+        want = np.empty_like(residual)
+        constants = ops._requantize_constants(module, 40, scales[0], scales[1], -7, (-7, 127))
+        scale, shift, add, low, high, subtract = constants
+        module.requantize(first, second, scale, shift, 1, add, low, high, subtract, True, want)
+        want_bits = np.empty((2, 10, 12, 2), np.int32)
+        module.bitpack(want, pack_m, pack_b, want_bits)
+        mine = constants if first is resized else (shift, scale) + constants[2:]
+        got, bits = np.full_like(want, 3.0), np.zeros_like(want_bits)
+        module.resize_nearest(x, rows, cols, residual, -np.inf, np.inf, got, packed=bits, pack_multiplier=pack_m,
+                              pack_bias=pack_b, requantize=mine)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(bits, want_bits)
+        assert want.min() == 0 and len(np.unique(want)) > 50  # the RELU's floor (q = -7, code 0) reached
+    with pytest.raises(ValueError, match="resize_nearest: requantize needs a residual"):
+        module.resize_nearest(x, rows, cols, NONE, -np.inf, np.inf, got, requantize=constants)
 
 
 def _landmarks(heat):
@@ -448,17 +491,21 @@ def test_int8_hpm_blocks_fused_give_the_unfused_plans_outputs(hpm_int8_file, pat
     """In an int8 file's HPM blocks the binary convolutions round their int8 outputs themselves,
     pack the next layer's bits from them (the batch norm between as its exact threshold) and write
     them into their CONCATENATION, doing the ADD of the block's residual after it where that is
-    computed before them; the max pools and the stem convolution pack the bits of the LceQuantize
-    after them, the skip convolutions do their batch norm's MUL and ADD: the outputs bit for bit
-    those of the plan where each of those is its own step, and of two threads."""
+    computed before them; the max pools, the stem convolution and the upsamplings pack the bits of
+    the LceQuantize after them, the upsamplings do the ADD after them, the stem convolution the
+    QUANTIZE before it, the skip convolutions their batch norm's MUL and ADD: the outputs bit for
+    bit those of the plan where each of those is its own step, and of two threads."""
     images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     fused, plain = Engine(hpm_int8_file, kernels=path), Engine(hpm_int8_file, kernels=path, fuse_blocks=False)
     names, plain_names = ([name for name, _, _ in e.profile(images)] for e in (fused, plain))
     assert {"LceBconv2d+LceQuantize+CONCATENATION+ADD", "LceBconv2d+CONCATENATION+ADD"} <= set(names)
     assert "CONCATENATION" not in names and "CONCATENATION" in plain_names
-    # the max pools and the stem pack the bits their LceQuantize reads; the skip convolutions read
-    # their batch norm's input, its MUL and ADD done as they read it
-    assert {"MAX_POOL_2D+LceQuantize", "CONV_2D+LceQuantize"} <= set(names) and "MUL" not in names
+    # the max pools, the stem and the upsamplings (with the ADD after them) pack the bits their
+    # LceQuantize reads; the stem quantises the image and the skip convolutions do their batch
+    # norm's MUL and ADD as they read their input
+    assert {"MAX_POOL_2D+LceQuantize", "QUANTIZE+CONV_2D+LceQuantize",
+            "RESIZE_NEAREST_NEIGHBOR+ADD+LceQuantize"} <= set(names)
+    assert not {"MUL", "ADD", "QUANTIZE", "MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR"} & set(names)
     assert names.count("BN+CONV_2D") == plain_names.count("MUL") == 2
     assert names.count("ADD") + 4 <= plain_names.count("ADD") and len(plain_names) > len(names) + 10
     np.testing.assert_array_equal(fused.predict(images), plain.predict(images))

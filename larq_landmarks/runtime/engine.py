@@ -90,13 +90,14 @@ def _int8_sign_threshold(graph: Graph, reader, producers, consumers, kernels) ->
 
 
 def _following_add(graph: Graph, op, producers, consumers):
-    """For a channel CONCATENATION, a float RESIZE_NEAREST_NEIGHBOR or a CONV_2D without activation
+    """For a channel CONCATENATION, a RESIZE_NEAREST_NEIGHBOR or a CONV_2D without activation
     read only by an ADD of a same-shape activation: ``(the tensors added, the ADD's output, the
     ADD's activation, ops folded in)``, else None; the op and the ADD are then one pass, run where
     the ADD was (the other tensor may be computed after the op, as an hourglass's skip branch
     after its upsampling). For a CONV_2D the tensor added may be a channel CONCATENATION read only
     by the ADD: its parts are then added directly and the concatenation is folded in too. In an
-    int8 file only a CONCATENATION qualifies (its binary convolutions then do the int8 ADD)."""
+    int8 file only a CONCATENATION (its binary convolutions then do the int8 ADD) and a
+    RESIZE_NEAREST_NEIGHBOR (the int8 ADD in its pass) qualify."""
     if op.name == "CONCATENATION":
         if op.options.Axis() not in (-1, 3) or op.options.FusedActivationFunction() != 0:
             return None
@@ -117,7 +118,7 @@ def _following_add(graph: Graph, op, producers, consumers):
     if len(others) != 1 or graph.tensors[others[0]].data is not None:
         return None
     dtypes = [graph.tensors[i].dtype for i in (out, others[0], add.outputs[0])]
-    int8 = op.name == "CONCATENATION" and all(dtype == np.int8 for dtype in dtypes)
+    int8 = op.name in ("CONCATENATION", "RESIZE_NEAREST_NEIGHBOR") and all(dtype == np.int8 for dtype in dtypes)
     if graph.tensors[others[0]].shape != graph.tensors[out].shape or \
             not (int8 or all(dtype == np.float32 for dtype in dtypes)):
         return None
@@ -295,6 +296,8 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
          "LceDequantize": "bit-packing (with fused batch norm)"}
 # a float convolution that also packs its output for the LceQuantize reading it (_packed_outputs)
 PARTS.update({label + "+LceQuantize": part for label, part in PARTS.items() if part == "float convolutions"})
+# an int8 file's convolution that quantises its float input as it reads it
+PARTS.update({"QUANTIZE+" + label: part for label, part in PARTS.items() if part == "float convolutions"})
 
 FLOAT_PRECISIONS = ("float32", "bfloat16", "int8")
 
@@ -521,10 +524,12 @@ class Engine:
         position = {op.index: i for i, op in enumerate(order)}
         concatenations = _concatenated_outputs(graph, residuals, folded, packed_quantizes, chains, producers,
                                                consumers, position) if fuse_blocks else {}
-        if self.int8_file and any(concat not in concatenations for concat in residuals):
+        undone = [index for index in residuals if index not in concatenations
+                  and graph.operators[index].name == "CONCATENATION"] if self.int8_file else []
+        if undone:
             # int8: only binary convolutions do a concatenation's ADD; where they cannot (its residual
             # computed after them) the ADD stays a step and they still write the concatenation
-            for concat in [index for index in residuals if index not in concatenations]:
+            for concat in undone:
                 del residuals[concat], deferred[next(add for add, op in deferred.items() if op.index == concat)]
                 folded.discard(concat)
             concatenations = _concatenated_outputs(graph, residuals, folded, packed_quantizes, chains, producers,
@@ -536,17 +541,24 @@ class Engine:
                 del residuals[concat], deferred[add]
                 folded.add(add)
             folded.add(concat)
-        # CONV_2D index -> (source, [MUL / ADD ops]): in an int8 file, the batch norm before a
-        # convolution, each of its ops requantising the codes as the convolution reads its input
-        # (after the hoisting above, which moves them with the convolution)
-        int8_inputs = {}
+        # CONV_2D index -> (source, [ops]): in an int8 file, the batch norm before a convolution (its
+        # MUL and ADD) and the QUANTIZE of a float input before that, each requantising the codes as
+        # the convolution reads its input (after the hoisting above, which moves them with it)
+        int8_inputs, quantized = {}, set()
         for op in graph.operators if self.int8_file and fuse_blocks else ():
-            if op.name == "CONV_2D" and op.index not in folded and graph.tensors[op.inputs[0]].dtype == np.int8:
-                # (an activation fused into the ADD is in its requantising's range)
-                source, _, _, chain, _ = _fused_affine(graph, op, producers, consumers, activation=True)
-                if chain and graph.tensors[source].dtype == np.int8 and not folded.intersection(chain):
-                    int8_inputs[op.index] = (source, [graph.operators[index] for index in reversed(chain)])
-                    folded.update(chain)
+            if op.name != "CONV_2D" or op.index in folded or graph.tensors[op.inputs[0]].dtype != np.int8:
+                continue
+            # (an activation fused into the ADD is in its requantising's range)
+            source, _, _, chain, _ = _fused_affine(graph, op, producers, consumers, activation=True)
+            chain = [graph.operators[index] for index in reversed(chain)]
+            first = producers.get(source)
+            if first is not None and first.name == "QUANTIZE" and source not in graph.outputs \
+                    and len(consumers[source]) == 1 and graph.tensors[first.inputs[0]].dtype == np.float32:
+                chain, source = [first] + chain, first.inputs[0]
+                quantized.add(op.index)
+            if chain and not folded.intersection(o.index for o in chain):
+                int8_inputs[op.index] = (source, chain)
+                folded.update(o.index for o in chain)
         # CONV_2D index -> (pool output, window, padding): the MAX_POOL_2D after it done in its pass
         max_pools = {}
         for op in graph.operators if not self.int8_file else ():
@@ -583,7 +595,9 @@ class Engine:
             else:
                 steps.append(ops.OPS[op.name](graph, op, self._kernels))
             step_ops.append(op)
-        self._fused, self._packs, self._intos, self._max_pools = set(fused) | set(int8_inputs), set(packs), intos, max_pools
+        self._fused = set(fused) | {index for index, (_, chain) in int8_inputs.items() if chain[-1].name != "QUANTIZE"}
+        self._quantized = quantized
+        self._packs, self._intos, self._max_pools = set(packs), intos, max_pools
         self._row_packs = set(row_packs)
         # after which step each activation is read for the last time (then its buffer is reused)
         self._residuals = residuals
@@ -752,6 +766,7 @@ class Engine:
                 if op.index in self._intos:
                     label += "+CONCATENATION" + ("+ADD" if self._intos[op.index][3] is not None else "")
                 label = "BN+" + label if op.index in self._fused else label
+                label = "QUANTIZE+" + label if op.index in self._quantized else label
                 label += "+MAX_POOL_2D" if op.index in self._max_pools else ""
                 label += "+LceQuantize" if op.index in self._row_packs else ""
                 written = self._residuals[op.index][1] if op.index in self._residuals else op.outputs[0]

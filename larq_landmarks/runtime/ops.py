@@ -422,9 +422,10 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     An int8 convolution (int8 input and weights, a scale an output channel, int32 bias) sums its
     codes times the int8 weights, then requantises: ``q = round(sum * input scale * weight scale /
     output scale) + zero point``, clamped, each task's output rows as it writes them (``pack`` packs
-    those codes). ``input_requantize`` = ``(source, ops)``: the int8 MUL and ADD by constants (a
-    batch norm) that compute its input from ``source``, in the order they run, done on each input
-    pixel as it is read, each requantising as its own step would (no other fusion then). The sums
+    those codes). ``input_requantize`` = ``(source, ops)``: the ops that compute its input from
+    ``source``, in the order they run (the QUANTIZE of a float input, the int8 MUL and ADD by
+    constants of a batch norm: :func:`_requantizing`), done on each input pixel as it is read, each
+    requantising as its own step would (no other fusion then). The sums
     are exact: in int32 with the int8 kernels where the CPU has them (``Engine``'s ``float_precision="int8"``; the codes and
     weights are theirs unchanged, as every channel's largest weight is 127, as TFLite's converter
     quantises them), else in float32 (exact while they stay below 2**24, as a 7x7x3 or a 1x1x256
@@ -447,7 +448,7 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         if input_requantize is not None:
             tensor, input_steps = input_requantize[0], []
             for step in input_requantize[1]:
-                read, constants = _int8_with_constant(graph, step, kernels)
+                read, constants = _requantizing(graph, step, kernels)
                 if read != tensor:
                     raise _unsupported(graph, op, f"operator {step.index} ({step.name}) reads another tensor")
                 input_steps.append(constants)
@@ -580,6 +581,20 @@ def _int8_with_constant(graph: Graph, op: Operator, kernels) -> Tuple[int, tuple
     s_x, s_k = inputs[1 - other][0], inputs[other][0]
     scale, shift = (s_x / s_out, s_k * value / s_out) if op.name == "ADD" else (s_x * s_k * value / s_out, 0.0)
     return source, _requantize_constants(kernels, channels, scale, shift, zero_point, q_range)
+
+
+def _requantizing(graph: Graph, op: Operator, kernels) -> Tuple[int, tuple]:
+    """An op that computes each int8 code from one value of its input and its channel: a QUANTIZE,
+    or an int8 ADD or MUL of a tensor and a constant (:func:`_int8_with_constant`): ``(the tensor
+    read, the requantize constants)``."""
+    if op.name != "QUANTIZE":
+        return _int8_with_constant(graph, op, kernels)
+    _check_float(graph, op)
+    out_codes = _codes(graph, op, op.outputs[0])
+    if out_codes is None:
+        raise _unsupported(graph, op, f"output type {graph.tensors[op.outputs[0]].dtype}")
+    return op.inputs[0], _requantize_constants(kernels, _channels(graph, op.inputs[0]), 1.0 / out_codes[0], 0.0,
+                                               out_codes[1])
 
 
 def _elementwise_int8(graph: Graph, op: Operator, kernels, code: int) -> Run:
@@ -726,16 +741,25 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optio
                             target: Optional[int] = None, add_activation: int = 0, pack: Optional[tuple] = None) -> Run:
     """RESIZE_NEAREST_NEIGHBOR to the constant size of its second input. ``residual``, ``target``
     and ``add_activation`` fuse the ADD that follows (``target = clamp(resized + residual)``, one
-    pass), as an hourglass's upsampled branch plus its skip. ``pack``: the LceQuantize that reads
-    the output (the ADD's, where one is fused), done as each row is written (:func:`_output_packing`)."""
+    pass), as an hourglass's upsampled branch plus its skip; in an int8 file that ADD requantises
+    the two codes as its own step does. ``pack``: the LceQuantize that reads the output (the ADD's,
+    where one is fused), done as each row is written (:func:`_output_packing`)."""
     size = _constant(graph, op, 1).reshape(-1)
     _same_quantization(graph, op, op.inputs[:1])
-    if residual is not None and _codes(graph, op, op.inputs[0]) is not None:
-        raise _unsupported(graph, op, "an ADD fused after an int8 resize")
     align, half = bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters())
     low, high = _activation(graph, op, add_activation)
     source, target = op.inputs[0], op.outputs[0] if target is None else target
     none = _on_device(kernels, np.zeros(0, np.float32))
+    requantize = {}
+    if residual is not None and _codes(graph, op, source) is not None:  # the int8 ADD writing target
+        add = next((o for o in graph.operators if o.name == "ADD" and o.outputs[0] == target
+                    and sorted(o.inputs[:2]) == sorted([op.outputs[0], residual])), None)
+        if add is None:
+            raise _unsupported(graph, op, "an int8 ADD fused after it that the file does not have")
+        inputs, (s_out, zero_point), q_range, channels, _ = _int8_operands(graph, add)
+        mine = list(add.inputs[:2]).index(op.outputs[0])
+        requantize["requantize"] = _requantize_constants(kernels, channels, inputs[mine][0] / s_out,
+                                                         inputs[1 - mine][0] / s_out, zero_point, q_range)
     indices: Dict[tuple, tuple] = {}  # input (height, width) -> source rows and columns
     packing = _output_packing(graph, op, kernels, pack, _channels(graph, source))
 
@@ -749,7 +773,7 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optio
         rows, cols = indices[height, width]
         if x.dtype == np.float32:
             kernels.resize_nearest(x, rows, cols, none if residual is None else values[residual], low, high, out,
-                                   **packing(values, out.shape))
+                                   **packing(values, out.shape), **requantize)
         else:  # bit-packed or other tensors: a gather, then the ADD (never fused for them)
             out[:] = x[:, rows][:, :, cols]
         values[target] = out
@@ -776,14 +800,10 @@ def pad(graph: Graph, op: Operator, kernels) -> Run:
 
 def quantize(graph: Graph, op: Operator, kernels) -> Run:
     """QUANTIZE float32 -> int8: ``q = round(x / scale) + zero point``, clamped (a NaN to 127)."""
-    _check_float(graph, op)
-    out_codes = _codes(graph, op, op.outputs[0])
-    if out_codes is None:
-        raise _unsupported(graph, op, f"output type {graph.tensors[op.outputs[0]].dtype}")
-    run_op = _requantizer(kernels, _channels(graph, op.inputs[0]), 1.0 / out_codes[0], 0.0, 0, out_codes[1])
-    source, target = op.inputs[0], op.outputs[0]
-
-    return _elementwise_step(source, target, run_op)
+    source, (scale, shift, add, low, high, subtract) = _requantizing(graph, op, kernels)
+    none = _on_device(kernels, np.zeros(0, np.float32))
+    return _elementwise_step(source, op.outputs[0], lambda x, out: kernels.requantize(
+        x, none, scale, shift, 0, add, low, high, subtract, True, out))
 
 
 def dequantize(graph: Graph, op: Operator, kernels) -> Run:

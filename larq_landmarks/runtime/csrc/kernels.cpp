@@ -896,9 +896,18 @@ struct RowRequantize {
   const float* shift = nullptr;
   float add = 0.0f, lo = 0.0f, hi = 0.0f, subtract = 0.0f;
   int channels = 0;
+  // few channels (an image's 3): runs of `group` rows as one, the constants repeated (scale_group,
+  // shift_group), so that the loop over a row is long enough to be vectorised, as requantize does
+  int group = 1;
+  std::vector<float> scale_group, shift_group;
   // `count` rows of `channels` values from `in` to `out` (which may be `in`)
   void apply(const float* in, float* out, int64_t count) const {
-    requantize_rows<0, true>(in, nullptr, scale, shift, 0, count, channels, add, lo, hi, subtract, out);
+    const int64_t grouped = group > 1 ? count / group : 0, done = grouped * group;
+    if (grouped > 0)
+      requantize_rows<0, true>(in, nullptr, scale_group.data(), shift_group.data(), 0, grouped,
+                               static_cast<int64_t>(group) * channels, add, lo, hi, subtract, out);
+    requantize_rows<0, true>(in + done * channels, nullptr, scale, shift, 0, count - done, channels, add, lo, hi,
+                             subtract, out + done * channels);
   }
   void operator()(float* rows, int64_t count) const {
     if (scale) apply(rows, rows, count);
@@ -925,6 +934,11 @@ static RowRequantize row_requantize(const py::object& spec, int channels, const 
   if (!(requantize.lo <= requantize.hi && requantize.lo > -8388608.0f && requantize.hi < 8388608.0f))
     throw std::invalid_argument(std::string(name) + ": requantize range");
   requantize.channels = channels;
+  requantize.group = std::max(1, 64 / std::max(channels, 1));
+  for (int i = 0; i < requantize.group && requantize.group > 1; ++i) {
+    requantize.scale_group.insert(requantize.scale_group.end(), requantize.scale, requantize.scale + channels);
+    requantize.shift_group.insert(requantize.shift_group.end(), requantize.shift, requantize.shift + channels);
+  }
   return requantize;
 }
 
@@ -3068,11 +3082,13 @@ static void concat_channels(std::vector<Array<float>> parts, Array<float> residu
 
 // RESIZE_NEAREST_NEIGHBOR: out[b, y, x] = in[b, rows[y], cols[x]] (the source indices computed by
 // the caller); with a residual (same shape as the output), the ADD that follows and its clamp are
-// done in the same pass.
+// done in the same pass; requantize (None or RowRequantize's 6 values, with a residual): an int8
+// file's ADD instead, on codes, as requantize's op 1 computes it (the resized codes times `scale`,
+// the residual's times `shift`: a sum's two products in either order give the same float).
 // packed (optional): the output's bits for the LceQuantize that reads it (RowPack), each row as it is written.
 static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_t> cols, Array<float> residual,
                            float lo, float hi, py::array output, py::object packed, Array<float> pack_multiplier,
-                           Array<float> pack_bias) {
+                           Array<float> pack_bias, py::object requantize) {
   const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
   const int width = static_cast<int>(input.shape(2)), channels = static_cast<int>(input.shape(3));
   const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
@@ -3091,6 +3107,8 @@ static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_
   float* y = checked_data<float>(output, 4, true, "resize_nearest output");
   const RowPack pack = row_pack(packed, pack_multiplier, pack_bias, static_cast<int64_t>(batch) * out_h * out_w,
                                 channels, "resize_nearest");
+  const RowRequantize codes = row_requantize(requantize, channels, "resize_nearest");
+  if (codes.scale && !add) throw std::invalid_argument("resize_nearest: requantize needs a residual");
   py::gil_scoped_release release;
   pool().parallel_for(batch * out_h, [&](int r0, int r1) {
     for (int r = r0; r < r1; ++r) {
@@ -3099,7 +3117,10 @@ static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_
       for (int ox = 0; ox < out_w; ++ox) {
         const float* src = src_row + static_cast<int64_t>(rx[ox]) * channels;
         const int64_t at = (static_cast<int64_t>(r) * out_w + ox) * channels;
-        if (add)
+        if (codes.scale)  // the int8 ADD: requantize's op 1, the resized codes times scale, the residual's times shift
+          requantize_rows<1, true>(src, res + at, codes.scale, codes.shift, 0, 1, channels, codes.add, codes.lo,
+                                   codes.hi, codes.subtract, y + at);
+        else if (add)
           for (int c = 0; c < channels; ++c) y[at + c] = std::min(std::max(src[c] + res[at + c], lo), hi);
         else
           std::memcpy(y + at, src, sizeof(float) * channels);
@@ -3342,7 +3363,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("resize_nearest", &resize_nearest, py::arg("input"), py::arg("rows"), py::arg("cols"), py::arg("residual"),
         py::arg("lo"), py::arg("hi"), py::arg("output"), py::arg("packed") = py::none(),
         py::arg("pack_multiplier") = py::array_t<float>(0),
-        py::arg("pack_bias") = py::array_t<float>(0));
+        py::arg("pack_bias") = py::array_t<float>(0), py::arg("requantize") = py::none());
   m.def("warp_crops", &warp_crops);
   m.def("heatmap_peaks", &heatmap_peaks);
 #if HAVE_AMX  // AMX's tiles for conv2d_int8 (VNNI's form) and conv2d_bf16: the avx512 build on Linux
