@@ -136,6 +136,20 @@ def _decoded_by_tensorflow(data: tf.Tensor) -> tf.Tensor:
     ]))
 
 
+def _is_16_bit_grey_png(data: tf.Tensor) -> tf.Tensor:
+    """Whether these bytes are a PNG of 16-bit grey (its IHDR, the first chunk: bit depth 16,
+    colour type 0), which Pillow opens as ``I;16`` and the predictor scales to 8 bits rounded."""
+    return tf.logical_and(tf.strings.substr(data, 0, 4) == b"\x89PNG", tf.strings.substr(data, 24, 2) == b"\x10\x00")
+
+
+def _decode_16_bit_grey_png(data: tf.Tensor) -> tf.Tensor:
+    """A 16-bit grey PNG as uint8 RGB, scaled as ``images.scaled_to_uint8`` scales it (each value
+    times 255 / 65535 in float64, rounded half to even; TensorFlow's own 8-bit decoding keeps the
+    high byte, a level lower for 28% of values)."""
+    grey = tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16), tf.float64) * (255.0 / 65535.0)
+    return tf.tile(tf.cast(tf.round(grey), tf.uint8), [1, 1, 3])
+
+
 def _decode_with_pillow(path) -> np.ndarray:
     # (given the path, not the file's bytes: called eagerly, numpy_function gives a string as a
     # numpy array whose value drops trailing NULs, the end of many a BMP and TIFF; in a graph, bytes)
@@ -148,16 +162,18 @@ def load_image(path: tf.Tensor) -> tf.Tensor:
 
     JPEG decodes in the graph with libjpeg's accurate integer transform, as Pillow decodes it (the
     predictor's decoder; TensorFlow's default, the fast transform, is 1 level off on average and up
-    to 60 at quality 100); PNG, GIF, WebP and 24-bit BMP in the graph too; any other format Pillow
-    reads (TIFF, PPM, JPEG 2000, other BMPs, ...) goes through Pillow, one file at a time, off the
-    common path, 16-bit grey scaled to 8 bits as the predictor does."""
+    to 60 at quality 100); PNG (16-bit grey scaled to 8 bits as the predictor scales it), GIF, WebP
+    and 24-bit BMP in the graph too; any other format Pillow reads (TIFF, PPM, JPEG 2000, other
+    BMPs, ...) goes through Pillow, one file at a time, off the common path, 16-bit grey scaled to
+    8 bits as the predictor does."""
     data = tf.io.read_file(path)
     image = tf.cond(
         tf.strings.substr(data, 0, 3) == b"\xff\xd8\xff",
         lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
         lambda: tf.cond(
             _decoded_by_tensorflow(data),
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+            lambda: tf.cond(_is_16_bit_grey_png(data), lambda: _decode_16_bit_grey_png(data),
+                            lambda: tf.io.decode_image(data, channels=3, expand_animations=False)),
             lambda: tf.numpy_function(_decode_with_pillow, [path], tf.uint8, stateful=False),
         ),
     )
