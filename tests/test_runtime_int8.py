@@ -291,6 +291,8 @@ def test_int8_conv_requantises_its_input_and_output_as_the_separate_passes_do(pa
         module.conv2d(x, module.prepare_float_weights(filters), *args, full, requantize=mul)
     with pytest.raises(ValueError, match="conv2d: requantize needs 6 values"):
         module.conv2d(x, module.prepare_float_weights(filters), *args, full, input_requantize=[mul[:5]])
+    with pytest.raises(ValueError, match="conv2d: requantize scale and shift must be float32 arrays"):
+        module.conv2d(x, module.prepare_float_weights(filters), *args, full, requantize=(list(out[0]),) + out[1:])
 
 
 @pytest.mark.parametrize("path", PATHS)

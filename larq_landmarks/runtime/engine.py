@@ -220,10 +220,9 @@ def _packed_outputs(graph: Graph, folded: set, deferred: dict, residuals: dict, 
     """The LceQuantize ops (with the batch norm folded into them, ``fused``, or alone) that read the
     float output (in an int8 file, the codes) a CONV_2D, RESIZE_NEAREST_NEIGHBOR or MAX_POOL_2D step
     writes (the ADD's or the pool's where one is done in that step: ``residuals``, ``max_pools``),
-    one a step: that step can
-    pack its output rows as it writes them, while they are in cache, where a step of its own would
-    read the whole tensor again. Returns ``{step op index: (quantize output, multiplier or None,
-    bias or None, quantize index)}``."""
+    one a step: that step can pack its output rows as it writes them, while they are in cache, where
+    a step of its own would read the whole tensor again. Returns ``{step op index: (quantize output,
+    multiplier or None, bias or None, quantize index)}``."""
     written = {}  # float or int8 tensor -> the step op that writes it
     for op in graph.operators:
         if op.index in folded:
@@ -555,10 +554,11 @@ class Engine:
             if first is not None and first.name == "QUANTIZE" and source not in graph.outputs \
                     and len(consumers[source]) == 1 and graph.tensors[first.inputs[0]].dtype == np.float32:
                 chain, source = [first] + chain, first.inputs[0]
-                quantized.add(op.index)
             if chain and not folded.intersection(o.index for o in chain):
                 int8_inputs[op.index] = (source, chain)
                 folded.update(o.index for o in chain)
+                if chain[0].name == "QUANTIZE":
+                    quantized.add(op.index)
         # CONV_2D index -> (pool output, window, padding): the MAX_POOL_2D after it done in its pass
         max_pools = {}
         for op in graph.operators if not self.int8_file else ():

@@ -425,8 +425,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     those codes). ``input_requantize`` = ``(source, ops)``: the ops that compute its input from
     ``source``, in the order they run (the QUANTIZE of a float input, the int8 MUL and ADD by
     constants of a batch norm: :func:`_requantizing`), done on each input pixel as it is read, each
-    requantising as its own step would (no other fusion then). The sums
-    are exact: in int32 with the int8 kernels where the CPU has them (``Engine``'s ``float_precision="int8"``; the codes and
+    requantising as its own step would (no other fusion then). The sums are exact: in int32 with
+    the int8 kernels where the CPU has them (``Engine``'s ``float_precision="int8"``; the codes and
     weights are theirs unchanged, as every channel's largest weight is 127, as TFLite's converter
     quantises them), else in float32 (exact while they stay below 2**24, as a 7x7x3 or a 1x1x256
     filter's always do)."""

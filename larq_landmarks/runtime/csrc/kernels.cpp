@@ -921,7 +921,9 @@ static RowRequantize row_requantize(const py::object& spec, int channels, const 
   if (spec.is_none()) return requantize;
   const auto parts = spec.cast<py::tuple>();
   if (parts.size() != 6) throw std::invalid_argument(std::string(name) + ": requantize needs 6 values");
-  // kept alive by the caller's tuple, which the binding holds for the call
+  // arrays only (a conversion's copy would be gone on return): kept alive by the caller's tuple
+  if (!py::isinstance<py::array>(parts[0]) || !py::isinstance<py::array>(parts[1]))
+    throw std::invalid_argument(std::string(name) + ": requantize scale and shift must be float32 arrays");
   const auto scale = parts[0].cast<py::array>(), shift = parts[1].cast<py::array>();
   requantize.scale = checked_data<float>(scale, 1, false, (std::string(name) + " requantize scale").c_str());
   requantize.shift = checked_data<float>(shift, 1, false, (std::string(name) + " requantize shift").c_str());
@@ -2604,8 +2606,8 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
   // packed: the output's bits for the LceQuantize that reads it, each task's rows as it writes them
   const RowPack pack_rows = row_pack(packed, pack_multiplier, pack_bias, output.size() / std::max(cout, 1), cout, name);
   // requantize: an int8 file's output codes, each task's rows before they are packed
-  const RowRequantize requantize_rows = row_requantize(requantize, cout, name);
-  if (requantize_rows.scale && pooled)
+  const RowRequantize requantize_output = row_requantize(requantize, cout, name);
+  if (requantize_output.scale && pooled)
     throw std::invalid_argument(std::string(name) + ": requantize with pool_window is not supported");
   py::gil_scoped_release release;
   // Any other convolution reads its taps from the input with its padding written out (zeros; the
@@ -2830,7 +2832,7 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
         const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
         const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0));
         gemm_task(r0, rows, y + r0 * cout, patch.data());
-        requantize_rows(y + r0 * cout, rows);
+        requantize_output(y + r0 * cout, rows);
         pack_rows(y + r0 * cout, r0, rows);
       }
     });
