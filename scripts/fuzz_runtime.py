@@ -8,11 +8,13 @@ converts it with LCE and runs random images (random batch, random threads) throu
 path this CPU has, against LCE's interpreter: issue 10's parity bound (mean difference at most 1e-5
 of the mean magnitude, 99% of the landmarks within 0.5 px). For a share of the seeds (``--int8``)
 the int8-activation file too, against LCE's interpreter with XNNPACK's int8 kernels: the share of
-equal outputs and of landmarks within 0.5 px, and whether every path gives the same codes.
+equal outputs and of landmarks within 0.5 px, whether every path gives the same codes, and whether
+the engine's plan with ops done inside others gives the codes of the plan where each op is its own
+step (``fuse_blocks=False``).
 
 A seed fails (exit status 1) when something raises, or when the paths' int8 codes differ from each
-other (int8 is exact arithmetic: every path must give the same; not with the authors' padding, -1,
-where LCE keeps float 3x3 convolutions inside the int8 file). Reported for a look, not failed:
+other or from the unfused plan's (int8 is exact arithmetic: every path and plan must give the same;
+not with the authors' padding, -1, where LCE keeps float 3x3 convolutions inside the int8 file). Reported for a look, not failed:
 float files off the bound (a sign on a float rounding flips one bit, which cascades through the
 binary layers: the authors' padding's float 3x3 convolutions on +-1 inputs make that likely) and
 int8 files whose codes, the same on every path, differ from XNNPACK's (each op rounds as TFLite
@@ -98,9 +100,11 @@ def check_seed(seed: int, int8_share: float, paths=None) -> dict:
             outputs = {path: Engine(int8_file, kernels=path, num_threads=config["threads"]).predict(images)
                        for path in paths}
             first = outputs[paths[0]]
+            unfused = Engine(int8_file, kernels=paths[0], num_threads=config["threads"], fuse_blocks=False)
             record["int8"] = {"same_as_xnnpack": float(np.mean(first == expected)),
                               "landmarks_within_half_a_pixel": _moved_within_half_a_pixel(first, expected),
                               "paths_agree": all(np.array_equal(first, o) for o in outputs.values()),
+                              "unfused_agrees": bool(np.array_equal(first, unfused.predict(images))),
                               # with the authors' padding LCE keeps float 3x3 convolutions, whose
                               # sums' order differs between paths: their codes may too
                               "all_int8": config["kwargs"]["pad_value"] == 1.0}
@@ -108,7 +112,8 @@ def check_seed(seed: int, int8_share: float, paths=None) -> dict:
         record["error"] = f"{type(error).__name__}: {error}"[:2000]
         record["traceback"] = traceback.format_exc()[-4000:]
     int8 = record.get("int8", {})
-    record["failed"] = "error" in record or (int8.get("all_int8", False) and not int8["paths_agree"])
+    record["failed"] = "error" in record or \
+        (int8.get("all_int8", False) and not (int8["paths_agree"] and int8["unfused_agrees"]))
     return record
 
 
@@ -128,7 +133,9 @@ def describe(record: dict) -> str:
         parts.append(f"int8: {i['same_as_xnnpack']:.2%} of outputs XNNPACK's, landmarks "
                      f"{i['landmarks_within_half_a_pixel']:.0%} within 0.5 px, paths "
                      + ("agree" if i["paths_agree"] else "DISAGREE" if i["all_int8"] else
-                        "differ (float convolutions inside)"))
+                        "differ (float convolutions inside)")
+                     + (", the unfused plan agrees" if i["unfused_agrees"] else ", the unfused plan DISAGREES"
+                        if i["all_int8"] else ", the unfused plan differs"))
     return ("FAIL " if record["failed"] else "ok ") + head + "; " + "; ".join(parts)
 
 

@@ -36,6 +36,7 @@ def test_a_seed_checks_every_path_and_its_int8_file(monkeypatch, tmp_path):
     assert set(record["float"]) == set(script.available_kernels())
     assert all(r["within_bound"] for r in record["float"].values()), record["float"]
     assert record["int8"]["paths_agree"] and record["int8"]["same_as_xnnpack"] >= 0.95
+    assert record["int8"]["unfused_agrees"]
     assert script.describe(record).startswith(f"ok seed {seed}: ")
 
     def broken(*args, **kwargs):
