@@ -351,8 +351,11 @@ class Engine:
             shapes). False runs every step from Python.
         fuse_blocks: a binary convolution packs the bits of the LceQuantize that reads its output
             and writes its output into the channel CONCATENATION (+ ADD) that reads it, so that an
-            HPM block's ops take no pass of their own (outputs bit-identical). False runs each of
-            them as its own step, for comparisons.
+            HPM block's ops take no pass of their own; the float ops (in an int8 file, the
+            convolutions, max pools and upsamplings) pack the LceQuantize after them too, and in
+            an int8 file a convolution does the QUANTIZE or batch norm before it and an upsampling
+            the ADD after it (outputs bit-identical). False runs each of them as its own step, for
+            comparisons.
         float_precision: for files with float32 activations: ``"float32"`` (the default: TFLite's
             and LCE's results) or
             ``"bfloat16"``: the float convolutions (stem, skips, heads) multiply in bfloat16 and
