@@ -935,6 +935,36 @@ def test_runtime_needs_neither_tensorflow_nor_lce(small_file, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
 
 
+RUNTIME_ONLY = """
+import sys
+import numpy as np
+import larq_landmarks
+from larq_landmarks.runtime import Engine
+images = np.load(sys.argv[2])
+np.save(sys.argv[3], Engine(sys.argv[1]).predict(images))
+assert "tensorflow" not in sys.modules and "larq" not in sys.modules, "imported TensorFlow"
+model = larq_landmarks.BinaryHourglass(5, width=8, depth=1, input_size=16)  # imports TensorFlow now
+import tensorflow as tf
+assert tf.keras.Model.__module__.startswith("tf_keras") and isinstance(model, tf.keras.Model)
+"""
+
+
+def test_a_runtime_only_process_imports_no_tensorflow(small_file, tmp_path):
+    """With ``LARQ_LANDMARKS_RUNTIME_ONLY=1`` (TensorFlow installed) importing the package and running
+    a file on the runtime imports neither TensorFlow nor Larq and gives the same outputs; its
+    ``BinaryHourglass`` then imports TensorFlow as the package would have: Keras 2, and its
+    start-up ERROR line about NVIDIA's missing driver held (TF_CPP_MIN_LOG_LEVEL set by the package)."""
+    images = np.random.default_rng(6).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    np.save(tmp_path / "in.npy", images)
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS", "TF_CPP_MIN_LOG_LEVEL")}
+    env["LARQ_LANDMARKS_RUNTIME_ONLY"] = "1"
+    result = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, small_file, str(tmp_path / "in.npy"),
+                             str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), Engine(small_file).predict(images))
+    assert "cuInit" not in result.stderr and "E0000" not in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dilation,padding", [((2, 2), "SAME"), ((2, 3), "VALID"), ((1, 2), "SAME")])
 def test_float_conv_with_dilation_and_batch_norm_matches_tensorflow(path, dilation, padding):
