@@ -89,8 +89,6 @@ if not _tensorflow_installed() or os.environ.get(RUNTIME_ONLY) == "1":
 
     def __getattr__(name: str):
         if name in ("BinaryHourglass", "blocks", "models"):
-            import importlib
-
             _use_legacy_keras()  # TensorFlow imported as above: its start-up lines held, Keras 2 checked
             module = importlib.import_module(f"larq_landmarks.{'blocks' if name == 'blocks' else 'models'}")
             return module.BinaryHourglass if name == "BinaryHourglass" else module

@@ -187,19 +187,23 @@ def _requantize_constants(kernels, channels: int, scale, shift=0.0, zero_point: 
     return scale, shift, add, low, high, subtract
 
 
-def _requantizer(kernels, channels: int, scale, shift=0.0, op: int = 0, zero_point: int = 0,
-                 q_range: Tuple[int, int] = _INT8, rounding: Optional[str] = "code") -> Callable:
-    """``kernels.requantize`` with :func:`_requantize_constants`' constants as ``run(a, out, b=None)``:
-    ``op`` 0, ``a * scale + shift``; 1, ``a * scale + b * shift``; 2, ``a * b * scale``."""
-    scale, shift, add, low, high, subtract = _requantize_constants(kernels, channels, scale, shift, zero_point,
-                                                                   q_range, rounding)
+def _requantizing_run(kernels, constants: tuple, op: int = 0, rounded: bool = True) -> Callable:
+    """``kernels.requantize`` with :func:`_requantize_constants`' ``constants`` as ``run(a, out,
+    b=None)``: ``op`` 0, ``a * scale + shift``; 1, ``a * scale + b * shift``; 2, ``a * b * scale``."""
+    scale, shift, add, low, high, subtract = constants
     none = _on_device(kernels, np.zeros(0, np.float32))
 
     def run(a, out, b=None):
-        kernels.requantize(a, none if b is None else b, scale, shift, op, add, low, high, subtract, rounding is not None,
-                           out)
+        kernels.requantize(a, none if b is None else b, scale, shift, op, add, low, high, subtract, rounded, out)
 
     return run
+
+
+def _requantizer(kernels, channels: int, scale, shift=0.0, op: int = 0, zero_point: int = 0,
+                 q_range: Tuple[int, int] = _INT8, rounding: Optional[str] = "code") -> Callable:
+    """:func:`_requantizing_run` of these constants (:func:`_requantize_constants`)."""
+    constants = _requantize_constants(kernels, channels, scale, shift, zero_point, q_range, rounding)
+    return _requantizing_run(kernels, constants, op, rounding is not None)
 
 
 def _channels(graph: Graph, index: int) -> int:
@@ -604,10 +608,8 @@ def _elementwise_int8(graph: Graph, op: Operator, kernels, code: int) -> Run:
     inputs, (s_out, zero_point), q_range, channels, constant = _int8_operands(graph, op)
     target = op.outputs[0]
     if any(constant):  # op 0: a * scale[c] + shift[c], the constant folded into scale or shift
-        source, (scale, shift, add, low, high, subtract) = _int8_with_constant(graph, op, kernels)
-        none = _on_device(kernels, np.zeros(0, np.float32))
-        return _elementwise_step(source, target, lambda a, out: kernels.requantize(
-            a, none, scale, shift, 0, add, low, high, subtract, True, out))
+        source, constants = _int8_with_constant(graph, op, kernels)
+        return _elementwise_step(source, target, _requantizing_run(kernels, constants))
     if code == 0:
         run_op = _requantizer(kernels, channels, inputs[0][0] / s_out, inputs[1][0] / s_out, 1, zero_point, q_range)
     else:
@@ -800,10 +802,8 @@ def pad(graph: Graph, op: Operator, kernels) -> Run:
 
 def quantize(graph: Graph, op: Operator, kernels) -> Run:
     """QUANTIZE float32 -> int8: ``q = round(x / scale) + zero point``, clamped (a NaN to 127)."""
-    source, (scale, shift, add, low, high, subtract) = _requantizing(graph, op, kernels)
-    none = _on_device(kernels, np.zeros(0, np.float32))
-    return _elementwise_step(source, op.outputs[0], lambda x, out: kernels.requantize(
-        x, none, scale, shift, 0, add, low, high, subtract, True, out))
+    source, constants = _requantizing(graph, op, kernels)
+    return _elementwise_step(source, op.outputs[0], _requantizing_run(kernels, constants))
 
 
 def dequantize(graph: Graph, op: Operator, kernels) -> Run:
