@@ -1,6 +1,6 @@
 """A randomised differential run of the bit-packed runtime against LCE's interpreter.
 
-    python scripts/fuzz_runtime.py --seeds 0 40 [--int8 0.5] [--json runs/fuzz.json]
+    python scripts/fuzz_runtime.py --seeds 0 40 [--int8 0.5] [--cuda] [--json runs/fuzz.json]
 
 Each seed builds a random ``BinaryHourglass`` (width, depth, stacks, block, pooling, ReLUs, binary
 skips, task, input size, quantizers, pad value; binary or real) with trained-like batch norms,
@@ -10,13 +10,18 @@ of the mean magnitude, 99% of the landmarks within 0.5 px). For a share of the s
 the int8-activation file too, against LCE's interpreter with XNNPACK's int8 kernels: the share of
 equal outputs and of landmarks within 0.5 px, whether every path gives the same codes, and whether
 the engine's plan with ops done inside others gives the codes of the plan where each op is its own
-step (``fuse_blocks=False``).
+step (``fuse_blocks=False``). With ``--cuda`` the float file runs on the GPU paths too (``cuda``,
+``cuda-popcount``): on this machine's GPU where CuPy finds one, else ``kernels.cu`` built for the
+CPU standing in for it (``tests/fake_cupy.py``: reads and writes past an array's end and missing
+barriers are errors there; about a second a call of a small network), against the same bound, and
+a second call (the run captured as CUDA graphs and replayed) must give the first one's output.
 
-A seed fails (exit status 1) when something raises, or when the paths' int8 codes differ from each
-other or from the unfused plan's (int8 is exact arithmetic: every path and plan must give the same;
+A seed fails (exit status 1) when something raises, when a GPU path's replayed run differs from
+its first, or when the paths' int8 codes differ from each other or from the unfused plan's (int8 is exact arithmetic: every path and plan must give the same;
 not with the authors' padding, -1, where LCE keeps float 3x3 convolutions inside the int8 file). Reported for a look, not failed:
 float files off the bound (a sign on a float rounding flips one bit, which cascades through the
-binary layers: the authors' padding's float 3x3 convolutions on +-1 inputs make that likely) and
+binary layers: the authors' padding's float 3x3 convolutions on +-1 inputs make that likely; each
+path's and LCE's distance from the Keras model's output says which one strayed) and
 int8 files whose codes, the same on every path, differ from XNNPACK's (each op rounds as TFLite
 defines it; XNNPACK's fixed-point ADD rounds ties upwards, and ``ste_sign`` weights make the int8
 scales simple fractions, so that exact ties are common). Found with it (2026-12-02): the AVX2 and
@@ -24,7 +29,9 @@ AVX-512 int8 binary convolutions' FMA, a real block with ``relu=True`` that did 
 calibration range that made XNNPACK abort (docs/runtime_changes.md).
 """
 import argparse
+import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -37,8 +44,10 @@ import tensorflow as tf
 
 from larq_landmarks import export, heatmaps as hm, models
 from larq_landmarks.atomic import atomic_path
-from larq_landmarks.runtime import Engine, available_kernels
+from larq_landmarks.runtime import Engine, available_kernels, cuda
 from larq_landmarks.synthetic import trained_like_batch_norm
+
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
 def random_configuration(seed: int) -> dict:
@@ -68,9 +77,20 @@ def _moved_within_half_a_pixel(got: np.ndarray, expected: np.ndarray) -> float:
     return float(np.mean(np.abs(_landmarks(got) - _landmarks(expected)).max(-1) <= 0.5))
 
 
-def check_seed(seed: int, int8_share: float, paths=None) -> dict:
-    """One seed's record: its configuration, each path's float parity and, where drawn, its int8
-    file's agreement with XNNPACK; ``"error"`` where something raised."""
+def _float_parity(got: np.ndarray, lce: np.ndarray, keras: np.ndarray) -> dict:
+    """A float file's output against LCE's (issue 10's parity bound), and its distance from the
+    Keras model's (where a path is off the bound, whether it or LCE strayed)."""
+    difference = float(np.abs(got - lce).mean() / np.abs(lce).mean())
+    moved = _moved_within_half_a_pixel(got, lce)
+    return {"mean_difference": difference, "landmarks_within_half_a_pixel": moved,
+            "within_bound": difference <= 1e-5 and moved >= 0.99,
+            "from_keras": float(np.abs(got - keras).mean() / np.abs(lce).mean())}
+
+
+def check_seed(seed: int, int8_share: float, paths=None, cuda_paths=()) -> dict:
+    """One seed's record: its configuration, each path's float parity (``cuda_paths``: the GPU's,
+    with whether its replayed run gives its first run's output) and, where drawn, its int8 file's
+    agreement with XNNPACK; ``"error"`` where something raised."""
     paths = list(paths or available_kernels())
     config = random_configuration(seed)
     record = {"seed": seed, **{k: config[k] for k in ("num_landmarks", "kwargs", "batch", "threads")}}
@@ -83,13 +103,18 @@ def check_seed(seed: int, int8_share: float, paths=None) -> dict:
             warnings.simplefilter("ignore")
             flatbuffer = export.convert(model)
         lce = export.TfliteModel(flatbuffer, engine="lce").predict(images)
+        keras = export.last_stack(model).predict(images, verbose=0)
+        record["lce_from_keras"] = float(np.abs(lce - keras).mean() / np.abs(lce).mean())
         record["float"] = {}
         for path in paths:
             got = Engine(flatbuffer, kernels=path, num_threads=config["threads"]).predict(images)
-            difference = float(np.abs(got - lce).mean() / np.abs(lce).mean())
-            moved = _moved_within_half_a_pixel(got, lce)
-            record["float"][path] = {"mean_difference": difference, "landmarks_within_half_a_pixel": moved,
-                                     "within_bound": difference <= 1e-5 and moved >= 0.99}
+            record["float"][path] = _float_parity(got, lce, keras)
+        for path in cuda_paths:
+            engine = Engine(flatbuffer, kernels=path)
+            got = engine.predict(images)
+            replayed = engine.predict(images)  # captured as CUDA graphs on the second call, and replayed
+            record["float"][path] = {**_float_parity(got, lce, keras),  # the tolerance of the GPU tests' replay
+                                     "replay_matches": bool(np.allclose(replayed, got, rtol=1e-5, atol=1e-5))}
         if config["int8_draw"] < int8_share and config["kwargs"]["binary"]:
             calibration = np.random.default_rng(seed + 1).uniform(size=(4, size, size, 3)).astype(np.float32)
             with warnings.catch_warnings():
@@ -113,6 +138,7 @@ def check_seed(seed: int, int8_share: float, paths=None) -> dict:
         record["traceback"] = traceback.format_exc()[-4000:]
     int8 = record.get("int8", {})
     record["failed"] = "error" in record or \
+        not all(r.get("replay_matches", True) for r in record.get("float", {}).values()) or \
         (int8.get("all_int8", False) and not (int8["paths_agree"] and int8["unfused_agrees"]))
     return record
 
@@ -126,8 +152,12 @@ def describe(record: dict) -> str:
     off = [p for p, r in record["float"].items() if not r["within_bound"]]
     parts = ["float: every path within the bound" if not off else
              "float OFF the bound on " + ", ".join(f"{p} ({record['float'][p]['mean_difference']:.1e}, "
-                                                   f"{record['float'][p]['landmarks_within_half_a_pixel']:.0%})"
-                                                   for p in off)]
+                                                   f"{record['float'][p]['landmarks_within_half_a_pixel']:.0%}, "
+                                                   f"{record['float'][p]['from_keras']:.1e} from Keras)"
+                                                   for p in off) + f"; LCE {record['lce_from_keras']:.1e} from Keras"]
+    unreplayed = [p for p, r in record["float"].items() if not r.get("replay_matches", True)]
+    if unreplayed:
+        parts.append("the replayed CUDA graphs DIFFER on " + ", ".join(unreplayed))
     if "int8" in record:
         i = record["int8"]
         parts.append(f"int8: {i['same_as_xnnpack']:.2%} of outputs XNNPACK's, landmarks "
@@ -139,10 +169,29 @@ def describe(record: dict) -> str:
     return ("FAIL " if record["failed"] else "ok ") + head + "; " + "; ".join(parts)
 
 
+def _gpu_or_its_stand_in(stack: contextlib.ExitStack, parser: argparse.ArgumentParser) -> str:
+    """This machine's GPU's name where CuPy finds one; else ``kernels.cu`` built for the CPU stands
+    in for it (tests/fake_cupy.py, installed until ``stack`` closes)."""
+    name = cuda.gpu_name()
+    if name is not None:
+        return name
+    sys.path.insert(0, TESTS)
+    import cuda_on_cpu
+    import fake_cupy
+    import pytest
+
+    if not cuda_on_cpu.available():
+        parser.error("--cuda: no GPU here (CuPy found none), and no g++ to build kernels.cu for the CPU instead")
+    fake_cupy.install(stack.enter_context(pytest.MonkeyPatch.context()))
+    return "kernels.cu built for the CPU (no GPU here)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", nargs=2, type=int, metavar=("FIRST", "COUNT"), default=[0, 20])
     parser.add_argument("--int8", type=float, default=0.5, help="share of the seeds whose int8 file is checked too")
+    parser.add_argument("--cuda", action="store_true",
+                        help="the GPU paths too: on this machine's GPU, or kernels.cu built for the CPU")
     parser.add_argument("--json", help="write every seed's record here")
     args = parser.parse_args(argv)
     if args.seeds[1] < 1:
@@ -151,9 +200,12 @@ def main(argv=None) -> int:
         parser.error(f"--int8: a share from 0 to 1, got {args.int8}")
     start = time.perf_counter()
     records = []
-    for seed in range(args.seeds[0], args.seeds[0] + args.seeds[1]):
-        records.append(check_seed(seed, args.int8))
-        print(describe(records[-1]), flush=True)
+    with contextlib.ExitStack() as stack:
+        if args.cuda:
+            print("GPU paths on", _gpu_or_its_stand_in(stack, parser), flush=True)
+        for seed in range(args.seeds[0], args.seeds[0] + args.seeds[1]):
+            records.append(check_seed(seed, args.int8, cuda_paths=cuda.PATHS if args.cuda else ()))
+            print(describe(records[-1]), flush=True)
     failed = [r["seed"] for r in records if r["failed"]]
     print(f"{len(records)} seeds in {time.perf_counter() - start:.0f} s; failed: {failed or 'none'}")
     if args.json:
