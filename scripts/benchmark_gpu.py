@@ -1,8 +1,9 @@
 """The runtime's CUDA backend against cuDNN's float convolutions, on the GPU machine (numpy, CuPy
 and PyTorch; no TensorFlow there).
 
-    # here, with TensorFlow: the default model and the named configurations as .tflite files,
-    # with the CPU runtime's outputs for the GPU tests, and the pure-Python wheels the GPU machine lacks
+    # here, with TensorFlow: the default model, the named configurations and some of fuzz_runtime's
+    # random networks as .tflite files, with the CPU runtime's outputs for the GPU tests, and the
+    # pure-Python wheels the GPU machine lacks
     python scripts/benchmark_gpu.py --prepare gpu_assets
     # on the GPU machine: the GPU tests, then this benchmark (scripts/gpu_session.sh runs both)
     python scripts/benchmark_gpu.py --assets gpu_assets --json results.json --markdown docs/benchmarks.md
@@ -32,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # fuzz_runtime's networks, for --prepare
 
 DEFAULT = "binary_hpm_default"
 # pure-Python wheels the GPU machine may lack (it has no package index), installed there without
@@ -42,10 +44,16 @@ GPU_WHEELS = ("tflite", "flatbuffers", "pytest", "pluggy", "iniconfig", "packagi
 
 
 # --- preparing the models (with TensorFlow) -----------------------------------------------------
+# random networks of scripts/fuzz_runtime.py (each passed its --cuda checks on kernels.cu built for the
+# CPU, 2026-12-02): bottleneck blocks, average pooling, segmentation, two stacks, binary skips,
+# ReLUs, the authors' padding, widths 8 to 100, 5 to 68 points, batches 1 to 3
+FUZZ_SEEDS = (7001, 7007, 7012, 7036, 7045, 7051, 7095, 7117)
+
+
 def prepare(folder: str) -> None:
-    """The default model (256 x 256, 68 points) and every named binary configuration (small, as
-    the CPU parity test builds them), each as ``NAME.tflite`` with ``NAME.npz`` (images and this
-    runtime's CPU output)."""
+    """The default model (256 x 256, 68 points), every named binary configuration (small, as the
+    CPU parity test builds them) and the networks of :data:`FUZZ_SEEDS`, each as ``NAME.tflite``
+    with ``NAME.npz`` (images and this runtime's CPU output)."""
     import warnings
 
     import larq_landmarks  # noqa: F401
@@ -54,18 +62,25 @@ def prepare(folder: str) -> None:
     from larq_landmarks.runtime import Engine
     from larq_landmarks.synthetic import trained_like_batch_norm
 
+    from fuzz_runtime import seed_network
+
+    def images(size, batch):
+        return np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
+
     os.makedirs(folder, exist_ok=True)
-    built = {DEFAULT: (models.BinaryHourglass(68), 256, 2)}
+    built = {DEFAULT: (trained_like_batch_norm(models.BinaryHourglass(68)), images(256, 2))}
     for name, config in models.named_configurations().items():
         if config["kwargs"].get("binary", True):
             tf.keras.utils.set_random_seed(0)
-            built[name] = (models.build_named(name, 68, input_size=64, width=48, depth=2), 64, 3)
-    for name, (model, size, batch) in built.items():
+            model = models.build_named(name, 68, input_size=64, width=48, depth=2)
+            built[name] = (trained_like_batch_norm(model), images(64, 3))
+    for seed in FUZZ_SEEDS:
+        built[f"fuzz_seed_{seed}"] = seed_network(seed)
+    for name, (model, inputs) in built.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flatbuffer = export.convert(trained_like_batch_norm(model), os.path.join(folder, name + ".tflite"))
-        images = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
-        np.savez(os.path.join(folder, name + ".npz"), images=images, cpu_output=Engine(flatbuffer).predict(images))
+            flatbuffer = export.convert(model, os.path.join(folder, name + ".tflite"))
+        np.savez(os.path.join(folder, name + ".npz"), images=inputs, cpu_output=Engine(flatbuffer).predict(inputs))
         print("prepared", name, flush=True)
     # what the GPU machine lacks and has no index to fetch: the .tflite schema, pytest, pybind11, tqdm (GPU_WHEELS)
     wheels = os.path.join(folder, "wheels")

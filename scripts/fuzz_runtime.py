@@ -69,6 +69,16 @@ def random_configuration(seed: int) -> dict:
             "threads": r.choice([1, 2, 3]), "int8_draw": r.random()}
 
 
+def seed_network(seed: int):
+    """The seed's Keras model (batch norms with trained-like statistics) and its random images."""
+    config = random_configuration(seed)
+    tf.keras.utils.set_random_seed(seed)
+    model = trained_like_batch_norm(models.BinaryHourglass(config["num_landmarks"], **config["kwargs"]))
+    size = config["kwargs"]["input_size"]
+    images = np.random.default_rng(seed).uniform(size=(config["batch"], size, size, 3)).astype(np.float32)
+    return model, images
+
+
 def _landmarks(heatmaps: np.ndarray) -> np.ndarray:
     return hm.heatmap_to_input(hm.decode_heatmaps(heatmaps)[0]).numpy()
 
@@ -95,10 +105,8 @@ def check_seed(seed: int, int8_share: float, paths=None, cuda_paths=()) -> dict:
     config = random_configuration(seed)
     record = {"seed": seed, **{k: config[k] for k in ("num_landmarks", "kwargs", "batch", "threads")}}
     try:
-        tf.keras.utils.set_random_seed(seed)
-        model = trained_like_batch_norm(models.BinaryHourglass(config["num_landmarks"], **config["kwargs"]))
+        model, images = seed_network(seed)
         size = config["kwargs"]["input_size"]
-        images = np.random.default_rng(seed).uniform(size=(config["batch"], size, size, 3)).astype(np.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             flatbuffer = export.convert(model)

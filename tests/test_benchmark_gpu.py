@@ -162,3 +162,31 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     assert result["memory_bandwidth"] is None and all(r["binary_bytes"] > 0 for r in result["layers"])
     assert "| batch 2 (images/s) |" in text and "heatmap peaks" in text
     assert "| CUDA engine (crops and decoding on the GPU) | " in text and f"| CPU runtime, {os.cpu_count()} threads | " in text
+
+
+@pytest.mark.slow  # the default 256x256 model and a random network converted: about 10 s
+def test_prepare_writes_the_default_model_and_the_fuzz_networks_with_their_cpu_outputs(tmp_path, monkeypatch):
+    """``--prepare``: each model as NAME.tflite with NAME.npz (images and the CPU runtime's output on
+    them), the fuzz seeds' networks among them, as the GPU tests read the folder."""
+    import subprocess
+
+    script = _script()
+    fuzz = load_script("fuzz_runtime")
+    seed = next(s for s in range(7000, 7200) if fuzz.random_configuration(s)["kwargs"]["input_size"] <= 32
+                and fuzz.random_configuration(s)["kwargs"]["width"] <= 24)
+    monkeypatch.setattr(script, "FUZZ_SEEDS", (seed,))
+    monkeypatch.setattr(script.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "offline"))
+    from larq_landmarks import models
+
+    monkeypatch.setattr(models, "named_configurations", lambda: {})
+    script.prepare(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{name}.{ext}" for name in (script.DEFAULT, f"fuzz_seed_{seed}")
+                                                  for ext in ("tflite", "npz"))
+    config = fuzz.random_configuration(seed)
+    size = config["kwargs"]["input_size"]
+    data = np.load(tmp_path / f"fuzz_seed_{seed}.npz")
+    assert data["images"].shape == (config["batch"], size, size, 3)
+    engine = Engine(str(tmp_path / f"fuzz_seed_{seed}.tflite"))
+    assert engine.input_shape[1:] == (size, size, 3)
+    np.testing.assert_array_equal(engine.predict(data["images"]), data["cpu_output"])
+    np.testing.assert_array_equal(data["images"], fuzz.seed_network(seed)[1])  # the fuzz run's own images
