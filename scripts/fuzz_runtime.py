@@ -17,8 +17,9 @@ barriers are errors there; about a second a call of a small network), against th
 a second call (the run captured as CUDA graphs and replayed) must give the first one's output.
 
 A seed fails (exit status 1) when something raises, when a GPU path's replayed run differs from
-its first, or when the paths' int8 codes differ from each other or from the unfused plan's (int8 is exact arithmetic: every path and plan must give the same;
-not with the authors' padding, -1, where LCE keeps float 3x3 convolutions inside the int8 file). Reported for a look, not failed:
+its first, or when the paths' int8 codes differ from each other or from the unfused plan's (int8
+is exact arithmetic: every path and plan must give the same; not with the authors' padding, -1,
+where LCE keeps float 3x3 convolutions inside the int8 file). Reported for a look, not failed:
 float files off the bound (a sign on a float rounding flips one bit, which cascades through the
 binary layers: the authors' padding's float 3x3 convolutions on +-1 inputs make that likely; each
 path's and LCE's distance from the Keras model's output says which one strayed) and
@@ -121,7 +122,7 @@ def check_seed(seed: int, int8_share: float, paths=None, cuda_paths=()) -> dict:
             engine = Engine(flatbuffer, kernels=path)
             got = engine.predict(images)
             replayed = engine.predict(images)  # captured as CUDA graphs on the second call, and replayed
-            record["float"][path] = {**_float_parity(got, lce, keras),  # the tolerance of the GPU tests' replay
+            record["float"][path] = {**_float_parity(got, lce, keras),  # within the GPU tests' replay tolerance:
                                      "replay_matches": bool(np.allclose(replayed, got, rtol=1e-5, atol=1e-5))}
         if config["int8_draw"] < int8_share and config["kwargs"]["binary"]:
             calibration = np.random.default_rng(seed + 1).uniform(size=(4, size, size, 3)).astype(np.float32)
