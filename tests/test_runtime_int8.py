@@ -284,15 +284,63 @@ def test_int8_conv_requantises_its_input_and_output_as_the_separate_passes_do(pa
             np.testing.assert_array_equal(got, want, err_msg=f"{precision}, {k}x{k}")
             np.testing.assert_array_equal(bits, want_bits)
             assert len(np.unique(got)) > 50 and 0 < np.mean(_unpack(bits, cout)) < 1
-    with pytest.raises(ValueError, match="conv2d: requantize with pool_window is not supported"):
-        module.conv2d(x, module.prepare_float_weights(filters), *args, np.empty((2, 3, 4, cout), np.float32),
-                      pool_window=[2, 2], requantize=out)
+    with pytest.raises(ValueError, match="conv2d: residual_requantize needs requantize and a residual"):
+        module.conv2d(x, module.prepare_float_weights(filters), *args, full, residual_requantize=out)
     with pytest.raises(ValueError, match="conv2d: requantize scale or shift size"):
         module.conv2d(x, module.prepare_float_weights(filters), *args, full, requantize=mul)
     with pytest.raises(ValueError, match="conv2d: requantize needs 6 values"):
         module.conv2d(x, module.prepare_float_weights(filters), *args, full, input_requantize=[mul[:5]])
     with pytest.raises(ValueError, match="conv2d: requantize scale and shift must be float32 arrays"):
         module.conv2d(x, module.prepare_float_weights(filters), *args, full, requantize=(list(out[0]),) + out[1:])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_conv_adds_its_residual_and_pools_its_codes_as_the_separate_passes_do(path):
+    """An int8 file's downsampling block's skip convolution with ``requantize``,
+    ``residual_requantize`` and ``pool_window``: its codes, the int8 ADD of the block's
+    concatenation (two parts, 32 and 16 channels) and the 2x2 max pool after it, then the bits of
+    the LceQuantize after that, in one pass: bit for bit the convolution, ``requantize`` on its
+    output, ``requantize``'s op 1 (the codes and the concatenation, each rescaled, rounded into a
+    RELU's range), ``pool2d`` on the codes and ``bitpack``; without the pool too, and on the int8
+    kernels where the path has them."""
+    rng = np.random.default_rng(41)
+    module = kernel_paths.load(path)
+    forms = [("float32", module.conv2d, module.prepare_float_weights, {})]
+    if "int8" in kernel_paths.reduced_precisions(module):
+        forms.append(("int8", lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
+                      functools.partial(module.prepare_float_weights_int8, vnni=kernel_paths.int8_vnni(module)),
+                      {"input_range": [-128.0 - 2, 127.0 - 2]}))  # the input's codes: zero point 2
+    cin, cout, height, width = 24, 48, 14, 20  # 280 pixels an image: tasks of 96 rows across rows of 20
+    x = rng.integers(-128 + 2, 128 + 2, size=(2, height, width, cin)).astype(np.float32)
+    filters = rng.integers(-127, 128, size=(cout, 1, 1, cin)).astype(np.float32)
+    filters[:, 0, 0, 0] = 127
+    bias = rng.integers(-3000, 3000, size=cout).astype(np.float32)
+    out = ops._requantize_constants(module, cout, rng.uniform(0.001, 0.01, cout), 0.0, 4)
+    parts = [rng.integers(-128 + 6, 128 + 6, size=(2, height, width, c)).astype(np.float32) for c in (32, 16)]
+    add = ops._requantize_constants(module, cout, 0.7, 0.45, -6, (-6, 127))  # the ADD's RELU: q from its zero point
+    scale, shift, plus, low, high, subtract = add
+    pack_m, pack_b = np.ones(cout, np.float32), rng.integers(-3, 3, cout).astype(np.float32)
+    args = (bias, [1, 1, 1, 1, 1, 1, 0, 0], -np.inf, np.inf)
+    for precision, convolve, prepare, kwargs in forms:
+        weights = prepare(filters)
+        full = np.empty((2, height, width, cout), np.float32)
+        convolve(x, weights, *args, [], NONE, NONE, -np.inf, np.inf, full, **kwargs)
+        added = np.empty_like(full)
+        module.requantize(_requantize_with(module, full, out), np.concatenate(parts, -1), scale, shift, 1, plus, low,
+                          high, subtract, True, added)
+        for window in ([], [2, 2]):
+            want = added
+            if window:
+                want = np.empty((2, height // 2, width // 2, cout), np.float32)
+                module.pool2d(added, [2, 2, 2, 2, 0, 0], 0, -np.inf, np.inf, want)
+            want_bits = np.empty(want.shape[:3] + (2,), np.int32)
+            module.bitpack(want, pack_m, pack_b, want_bits)
+            got, bits = np.full_like(want, 7.0), np.zeros_like(want_bits)
+            convolve(x, weights, *args, parts, NONE, NONE, -np.inf, np.inf, got, pool_window=window, requantize=out,
+                     residual_requantize=add, packed=bits, pack_multiplier=pack_m, pack_bias=pack_b, **kwargs)
+            np.testing.assert_array_equal(got, want, err_msg=f"{precision}, pool {window}")
+            np.testing.assert_array_equal(bits, want_bits)
+        assert added.min() == 0 and len(np.unique(added)) > 50 and len(np.unique(want)) > 30
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -495,8 +543,9 @@ def test_int8_hpm_blocks_fused_give_the_unfused_plans_outputs(hpm_int8_file, pat
     them into their CONCATENATION, doing the ADD of the block's residual after it where that is
     computed before them; the max pools, the stem convolution and the upsamplings pack the bits of
     the LceQuantize after them, the upsamplings do the ADD after them, the stem convolution the
-    QUANTIZE before it, the skip convolutions their batch norm's MUL and ADD: the outputs bit for
-    bit those of the plan where each of those is its own step, and of two threads."""
+    QUANTIZE before it, the skip convolutions their batch norm's MUL and ADD, and the stem block's
+    (before a max pool) the ADD after it, the pool and the LceQuantize after that: the outputs bit
+    for bit those of the plan where each of those is its own step, and of two threads."""
     images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     fused, plain = Engine(hpm_int8_file, kernels=path), Engine(hpm_int8_file, kernels=path, fuse_blocks=False)
     names, plain_names = ([name for name, _, _ in e.profile(images)] for e in (fused, plain))
@@ -508,7 +557,8 @@ def test_int8_hpm_blocks_fused_give_the_unfused_plans_outputs(hpm_int8_file, pat
     assert {"MAX_POOL_2D+LceQuantize", "QUANTIZE+CONV_2D+LceQuantize",
             "RESIZE_NEAREST_NEIGHBOR+ADD+LceQuantize"} <= set(names)
     assert not {"MUL", "ADD", "QUANTIZE", "MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR"} & set(names)
-    assert names.count("BN+CONV_2D") == plain_names.count("MUL") == 2
+    assert names.count("BN+CONV_2D+ADD+MAX_POOL_2D+LceQuantize") == 1
+    assert names.count("BN+CONV_2D") + 1 == plain_names.count("MUL") == 2
     assert names.count("ADD") + 4 <= plain_names.count("ADD") and len(plain_names) > len(names) + 10
     np.testing.assert_array_equal(fused.predict(images), plain.predict(images))
     threads = Engine(hpm_int8_file, kernels=path, num_threads=2)  # rows split between threads: the same
@@ -521,7 +571,8 @@ def test_int8_downsampling_blocks_compute_their_skip_branch_before_their_binary_
     batch norm's MUL and ADD) to its concatenation, and the file computes that branch after the
     block's binary convolutions. The engine runs it before them, so that they do the ADD too: one
     ADD step fewer a block, and the outputs bit for bit those of the file's order (and of the plan
-    without any fusion)."""
+    without any fusion). The stem block's skip convolution, whose ADD a max pool reads, does that
+    ADD itself instead, with the pool and the LceQuantize after it, at the ADD's place."""
     images = np.random.default_rng(12).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     hoisted = Engine(hpm_int8_file)
     monkeypatch.setattr(engine_module, "_hoisted_residuals", lambda graph, order, *args: order)
@@ -530,13 +581,17 @@ def test_int8_downsampling_blocks_compute_their_skip_branch_before_their_binary_
     graph = hoisted.graph
     skips = [op.index for op in graph.operators if op.name == "CONV_2D"
              and any(reader.name == "ADD" for reader in graph.operators if op.outputs[0] in reader.inputs)]
-    assert len(skips) == 2 and names.count("ADD") + len(skips) == file_names.count("ADD")
-    # each skip CONV_2D runs earlier, before the block's binary convolutions
-    for skip in skips:  # its batch norm's MUL and ADD done as it reads its input (BN+CONV_2D)
-        at, file_at = ([op.index for op in e._step_ops].index(skip) for e in (hoisted, in_file_order))
-        assert at < file_at and in_file_order._step_ops[file_at - 1].name == "LceBconv2d"
-        assert names[at] == file_names[file_at] == "BN+CONV_2D"
-        assert [op.name for op in hoisted._step_ops[at:at + 2]] == ["CONV_2D", "LceBconv2d"]
+    assert len(skips) == 2 and names.count("ADD") + 1 == file_names.count("ADD")
+    stem, skip = skips
+    for e, step_names in ((hoisted, names), (in_file_order, file_names)):
+        at = [op.index for op in e._step_ops].index(stem)
+        assert step_names[at] == "BN+CONV_2D+ADD+MAX_POOL_2D+LceQuantize" and e._step_ops[at - 1].name == "LceBconv2d"
+    # the other skip CONV_2D runs earlier, before the block's binary convolutions, its batch norm's
+    # MUL and ADD done as it reads its input (BN+CONV_2D)
+    at, file_at = ([op.index for op in e._step_ops].index(skip) for e in (hoisted, in_file_order))
+    assert at < file_at and in_file_order._step_ops[file_at - 1].name == "LceBconv2d"
+    assert names[at] == file_names[file_at] == "BN+CONV_2D"
+    assert [op.name for op in hoisted._step_ops[at:at + 2]] == ["CONV_2D", "LceBconv2d"]
     got = hoisted.predict(images)
     np.testing.assert_array_equal(got, in_file_order.predict(images))
     np.testing.assert_array_equal(got, Engine(hpm_int8_file, fuse_blocks=False).predict(images))

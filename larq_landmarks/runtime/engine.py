@@ -89,6 +89,15 @@ def _int8_sign_threshold(graph: Graph, reader, producers, consumers, kernels) ->
     return source, m, b, folded
 
 
+def _same_codes(graph: Graph, a: int, b: int) -> bool:
+    """Whether tensors ``a`` and ``b`` are quantised alike (or neither is): an int8 value moved from
+    one to the other keeps its code."""
+    qa, qb = graph.tensors[a].quantization, graph.tensors[b].quantization
+    if qa is None or qb is None:
+        return qa is None and qb is None
+    return all(np.array_equal(x, y) for x, y in zip(qa, qb))
+
+
 def _following_add(graph: Graph, op, producers, consumers):
     """For a channel CONCATENATION, a RESIZE_NEAREST_NEIGHBOR or a CONV_2D without activation
     read only by an ADD of a same-shape activation: ``(the tensors added, the ADD's output, the
@@ -96,8 +105,10 @@ def _following_add(graph: Graph, op, producers, consumers):
     the ADD was (the other tensor may be computed after the op, as an hourglass's skip branch
     after its upsampling). For a CONV_2D the tensor added may be a channel CONCATENATION read only
     by the ADD: its parts are then added directly and the concatenation is folded in too. In an
-    int8 file only a CONCATENATION (its binary convolutions then do the int8 ADD) and a
-    RESIZE_NEAREST_NEIGHBOR (the int8 ADD in its pass) qualify."""
+    int8 file a CONCATENATION (its binary convolutions then do the int8 ADD), a
+    RESIZE_NEAREST_NEIGHBOR (the int8 ADD in its pass) and a CONV_2D whose ADD's output a max pool
+    alone reads (:func:`_following_max_pool`: the convolution then adds, pools and packs in one pass,
+    its full-size output never written) qualify."""
     if op.name == "CONCATENATION":
         if op.options.Axis() not in (-1, 3) or op.options.FusedActivationFunction() != 0:
             return None
@@ -118,7 +129,9 @@ def _following_add(graph: Graph, op, producers, consumers):
     if len(others) != 1 or graph.tensors[others[0]].data is not None:
         return None
     dtypes = [graph.tensors[i].dtype for i in (out, others[0], add.outputs[0])]
-    int8 = op.name in ("CONCATENATION", "RESIZE_NEAREST_NEIGHBOR") and all(dtype == np.int8 for dtype in dtypes)
+    int8 = all(dtype == np.int8 for dtype in dtypes) and (
+        op.name in ("CONCATENATION", "RESIZE_NEAREST_NEIGHBOR")
+        or (op.name == "CONV_2D" and _following_max_pool(graph, add.outputs[0], consumers) is not None))
     if graph.tensors[others[0]].shape != graph.tensors[out].shape or \
             not (int8 or all(dtype == np.float32 for dtype in dtypes)):
         return None
@@ -126,15 +139,17 @@ def _following_add(graph: Graph, op, producers, consumers):
     if op.name == "CONV_2D" and concat is not None and concat.name == "CONCATENATION" \
             and concat.options.Axis() in (-1, 3) and concat.options.FusedActivationFunction() == 0 \
             and len(consumers.get(others[0], [])) == 1 and others[0] not in graph.outputs \
-            and all(graph.tensors[i].data is None and graph.tensors[i].dtype == np.float32
-                    and graph.tensors[i].shape[-1] % 16 == 0 for i in concat.inputs):
+            and all(graph.tensors[i].data is None and graph.tensors[i].dtype == graph.tensors[others[0]].dtype
+                    and _same_codes(graph, i, others[0]) and graph.tensors[i].shape[-1] % 16 == 0
+                    for i in concat.inputs):
         return list(concat.inputs), add.outputs[0], activation, [concat.index]
     return others, add.outputs[0], activation, []
 
 
 def _following_max_pool(graph: Graph, tensor: int, consumers: dict) -> Optional[tuple]:
     """For a float convolution's output (its ADD's, where one is fused) read only by a MAX_POOL_2D
-    whose stride is its window, without activation: ``(that pool, (window height, window width),
+    whose stride is its window, without activation (int8: its output quantised as its input, so
+    that its codes are the maxima of its input's): ``(that pool, (window height, window width),
     padding code)``, else None; the convolution can then pool its output as it computes it."""
     readers = consumers.get(tensor, [])
     if tensor in graph.outputs or len(readers) != 1 or readers[0].name != "MAX_POOL_2D":
@@ -143,7 +158,9 @@ def _following_max_pool(graph: Graph, tensor: int, consumers: dict) -> Optional[
     o = pool.options
     window = (o.FilterHeight(), o.FilterWidth())
     if o.FusedActivationFunction() != 0 or window != (o.StrideH(), o.StrideW()) or window[0] * window[1] < 2 \
-            or graph.tensors[pool.outputs[0]].dtype != np.float32:
+            or graph.tensors[pool.outputs[0]].dtype != graph.tensors[tensor].dtype \
+            or graph.tensors[tensor].dtype not in (np.float32, np.int8) \
+            or not _same_codes(graph, tensor, pool.outputs[0]):
         return None
     return pool, window, o.Padding()
 
@@ -353,9 +370,9 @@ class Engine:
             and writes its output into the channel CONCATENATION (+ ADD) that reads it, so that an
             HPM block's ops take no pass of their own; the float ops (in an int8 file, the
             convolutions, max pools and upsamplings) pack the LceQuantize after them too, and in
-            an int8 file a convolution does the QUANTIZE or batch norm before it and an upsampling
-            the ADD after it (outputs bit-identical). False runs each of them as its own step, for
-            comparisons.
+            an int8 file a convolution does the QUANTIZE or batch norm before it (and the ADD and
+            max pool after it, where that pool alone reads the ADD) and an upsampling the ADD after
+            it (outputs bit-identical). False runs each of them as its own step, for comparisons.
         float_precision: for files with float32 activations: ``"float32"`` (the default: TFLite's
             and LCE's results) or
             ``"bfloat16"``: the float convolutions (stem, skips, heads) multiply in bfloat16 and
@@ -510,6 +527,8 @@ class Engine:
         residuals, deferred = {}, {}  # deferred: ADD index -> the op done with it
         for op in sorted(graph.operators, key=lambda op: op.name != "CONV_2D"):
             add = _following_add(graph, op, producers, consumers)
+            if add is not None and self.int8_file and op.name == "CONV_2D" and not fuse_blocks:
+                add = None  # (the int8 plan's own steps, fuse_blocks=False: each op one)
             if add is None or op.index in folded or consumers[op.outputs[0]][0].index in deferred \
                     or any(i in folded or i in residuals for i in add[3]):
                 continue
@@ -548,7 +567,8 @@ class Engine:
         # the convolution reads its input (after the hoisting above, which moves them with it)
         int8_inputs, quantized = {}, set()
         for op in graph.operators if self.int8_file and fuse_blocks else ():
-            if op.name != "CONV_2D" or op.index in folded or graph.tensors[op.inputs[0]].dtype != np.int8:
+            if op.name != "CONV_2D" or (op.index in folded and op.index not in residuals) \
+                    or graph.tensors[op.inputs[0]].dtype != np.int8:
                 continue
             # (an activation fused into the ADD is in its requantising's range)
             source, _, _, chain, _ = _fused_affine(graph, op, producers, consumers, activation=True)
@@ -564,7 +584,7 @@ class Engine:
                     quantized.add(op.index)
         # CONV_2D index -> (pool output, window, padding): the MAX_POOL_2D after it done in its pass
         max_pools = {}
-        for op in graph.operators if not self.int8_file else ():
+        for op in graph.operators if not self.int8_file or fuse_blocks else ():
             if op.name == "CONV_2D":
                 found = _following_max_pool(graph, residuals[op.index][1] if op.index in residuals else op.outputs[0],
                                             consumers)

@@ -426,14 +426,16 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     An int8 convolution (int8 input and weights, a scale an output channel, int32 bias) sums its
     codes times the int8 weights, then requantises: ``q = round(sum * input scale * weight scale /
     output scale) + zero point``, clamped, each task's output rows as it writes them (``pack`` packs
-    those codes). ``input_requantize`` = ``(source, ops)``: the ops that compute its input from
-    ``source``, in the order they run (the QUANTIZE of a float input, the int8 MUL and ADD by
-    constants of a batch norm: :func:`_requantizing`), done on each input pixel as it is read, each
-    requantising as its own step would (no other fusion then). The sums are exact: in int32 with
-    the int8 kernels where the CPU has them (``Engine``'s ``float_precision="int8"``; the codes and
-    weights are theirs unchanged, as every channel's largest weight is 127, as TFLite's converter
-    quantises them), else in float32 (exact while they stay below 2**24, as a 7x7x3 or a 1x1x256
-    filter's always do)."""
+    those codes); ``residual`` then adds the residual's codes as the int8 ADD writing ``target``
+    requantises them (each rescaled to its output, rounded), before ``max_pool`` takes the maxima of
+    the codes (an int8 pool's output is quantised as its input). ``input_requantize`` = ``(source,
+    ops)``: the ops that compute its input from ``source``, in the order they run (the QUANTIZE of a
+    float input, the int8 MUL and ADD by constants of a batch norm: :func:`_requantizing`), done on
+    each input pixel as it is read, each requantising as its own step would.
+    The sums are exact: in int32 with the int8 kernels where the CPU has them (``Engine``'s
+    ``float_precision="int8"``; the codes and weights are theirs unchanged, as every channel's
+    largest weight is 127, as TFLite's converter quantises them), else in float32 (exact while they
+    stay below 2**24, as a 7x7x3 or a 1x1x256 filter's always do)."""
     codes = _codes(graph, op, op.inputs[0])
     _check_float(graph, op, int8=codes is not None)
     o = op.options
@@ -447,8 +449,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         if out_codes is None or weight_quantization is None or graph.tensors[op.inputs[1]].dtype != np.int8 \
                 or np.any(weight_quantization[1] != 0):
             raise _unsupported(graph, op, "an int8 input without symmetric int8 weights and an int8 output")
-        if residual is not None or input_affine is not None or max_pool is not None or precision != "float32":
-            raise _unsupported(graph, op, "a fusion or float precision on an int8 convolution")
+        if input_affine is not None or precision != "float32":
+            raise _unsupported(graph, op, "a float batch norm or float precision on an int8 convolution")
         if input_requantize is not None:
             tensor, input_steps = input_requantize[0], []
             for step in input_requantize[1]:
@@ -462,6 +464,15 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         multiplier = codes[0] * np.broadcast_to(weight_quantization[0].astype(np.float64), (cout,)) / out_codes[0]
         requantize = _requantize_constants(kernels, cout, multiplier, zero_point=out_codes[1],
                                            q_range=_int8_range(graph, op, o.FusedActivationFunction(), *out_codes))
+        if residual is not None:  # the int8 ADD writing target: the codes and the residual's rescaled to its output
+            add = next((a for a in graph.operators if a.name == "ADD" and a.outputs[0] == target
+                        and op.outputs[0] in a.inputs[:2]), None)
+            if add is None:
+                raise _unsupported(graph, op, "an int8 ADD fused after it that the file does not have")
+            inputs, (s_out, zero_point), q_range, _, _ = _int8_operands(graph, add)
+            mine = list(add.inputs[:2]).index(op.outputs[0])
+            residual_requantize = _requantize_constants(kernels, cout, inputs[mine][0] / s_out,
+                                                        inputs[1 - mine][0] / s_out, zero_point, q_range)
         if "int8" in kernel_paths.reduced_precisions(kernels) and np.all(np.abs(filters).max(axis=(1, 2, 3)) == 127):
             precision = "int8"  # the codes quantised with scale 1 and their zero point: unchanged
             input_range = [float(_INT8[0] - codes[1]), float(_INT8[1] - codes[1])]
@@ -483,6 +494,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     if requantize is not None:
         low, high = -math.inf, math.inf  # the requantising clamps
         convolve = functools.partial(convolve, requantize=requantize)
+        if residual is not None:
+            convolve = functools.partial(convolve, residual_requantize=residual_requantize)
         if input_requantize is not None:
             source = input_requantize[0]
             convolve = functools.partial(convolve, input_requantize=input_steps)

@@ -2515,9 +2515,12 @@ using GemmB = std::conditional_t<P == Precision::kFloat32, float,
 // convolution's own output (ph times its height, pw times its width, the residual's shape) is
 // computed one task of ph rows at a time into a buffer of the thread's and pooled from there, so it
 // is never written out whole. The maxima are those MAX_POOL_2D computes (pool2d, bit for bit).
-// requantize (None or RowRequantize's 6 values, no pool_window): an int8 file's convolution's
-// output codes, computed from its float output rows as each task writes them (requantize's op 0,
-// bit for bit), before `packed` packs them. input_requantize (a list of such 6 values, for cin
+// requantize (None or RowRequantize's 6 values): an int8 file's convolution's output codes,
+// computed from its float output rows as each task writes them (requantize's op 0, bit for bit),
+// before they are pooled (a maximum of codes is the int8 MAX_POOL_2D's code) and `packed` packs
+// them. residual_requantize (None or such 6 values, with requantize and a residual): the int8 ADD
+// of the residual's codes to those codes, requantize's op 1 (the codes times scale, the
+// residual's times shift), as each task writes its rows, before the pool. input_requantize (a list of such 6 values, for cin
 // channels): an int8 file's MUL and ADD by constants before the convolution (a batch norm), each
 // requantising the input codes in turn as requantize's op 0 would, applied to the input pixels as
 // they are read, after input_multiplier / input_bias where given.
@@ -2528,7 +2531,7 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
                         Array<float> input_multiplier, Array<float> input_bias, float input_lo, float input_hi,
                         py::array output, std::vector<int> pool_window, std::vector<float> input_range,
                         py::object packed, Array<float> pack_multiplier, Array<float> pack_bias,
-                        py::object requantize, py::list input_requantize) {
+                        py::object requantize, py::list input_requantize, py::object residual_requantize) {
   constexpr bool kBf16 = P == Precision::kBfloat16, kInt8 = P == Precision::kInt8 || P == Precision::kInt8Pairs;
   using A = GemmA<P>;
   const char* name = kInt8 ? "conv2d_int8" : kBf16 ? "conv2d_bf16" : "conv2d";
@@ -2581,7 +2584,8 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
     channels += part_width;
   }
   if (!residual.empty() && channels != cout) throw std::invalid_argument("conv2d: residual channels");
-  const Residual* res = residual.empty() ? nullptr : &parts;
+  // (an int8 file's residual is added to the output's codes, after the requantising: residual_requantize)
+  const Residual* res = residual.empty() || !residual_requantize.is_none() ? nullptr : &parts;
   const float* in_m = input_multiplier.size() > 0 ? input_multiplier.data() : nullptr;
   const float* in_b = input_bias.size() > 0 ? input_bias.data() : nullptr;
   if ((in_m && input_multiplier.size() != cin) || (in_b && input_bias.size() != cin))
@@ -2607,8 +2611,23 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
   const RowPack pack_rows = row_pack(packed, pack_multiplier, pack_bias, output.size() / std::max(cout, 1), cout, name);
   // requantize: an int8 file's output codes, each task's rows before they are packed
   const RowRequantize requantize_output = row_requantize(requantize, cout, name);
-  if (requantize_output.scale && pooled)
-    throw std::invalid_argument(std::string(name) + ": requantize with pool_window is not supported");
+  // residual_requantize: the int8 ADD of the residual, on the output's codes (requantize's op 1)
+  const RowRequantize add_codes = row_requantize(residual_requantize, cout, name);
+  if (add_codes.scale && (!requantize_output.scale || residual.empty()))
+    throw std::invalid_argument(std::string(name) + ": residual_requantize needs requantize and a residual");
+  // codes rows r0 .. r0 + count - 1 (at `rows`) plus the residual's: each part's channels in turn
+  auto add_residual_codes = [&](float* rows, int64_t r0, int64_t count) {
+    if (!add_codes.scale) return;
+    int c0 = 0;
+    for (auto& part : residual) {
+      const int w = static_cast<int>(part.shape(part.ndim() - 1));
+      for (int64_t r = 0; r < count; ++r)
+        requantize_rows<1, true>(rows + r * cout + c0, part.data() + (r0 + r) * w, add_codes.scale + c0,
+                                 add_codes.shift + c0, 0, 1, w, add_codes.add, add_codes.lo, add_codes.hi,
+                                 add_codes.subtract, rows + r * cout + c0);
+      c0 += w;
+    }
+  };
   py::gil_scoped_release release;
   // Any other convolution reads its taps from the input with its padding written out (zeros; the
   // batch norm applied to the input pixels only), so that every tap of every output pixel is
@@ -2833,6 +2852,7 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
         const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTask, pixels - r0));
         gemm_task(r0, rows, y + r0 * cout, patch.data());
         requantize_output(y + r0 * cout, rows);
+        add_residual_codes(y + r0 * cout, r0, rows);
         pack_rows(y + r0 * cout, r0, rows);
       }
     });
@@ -2847,9 +2867,13 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
     strip.resize(static_cast<size_t>(strip_rows) * cout);
     for (int t = t0; t < t1; ++t) {
       const int64_t first = static_cast<int64_t>(t) * strip_rows;
-      for (int r = 0; r < strip_rows; r += kRowsPerTask)
-        gemm_task(first + r, std::min(kRowsPerTask, strip_rows - r), strip.data() + static_cast<int64_t>(r) * cout,
-                  patch.data());
+      for (int r = 0; r < strip_rows; r += kRowsPerTask) {
+        const int rows = std::min(kRowsPerTask, strip_rows - r);
+        float* dst = strip.data() + static_cast<int64_t>(r) * cout;
+        gemm_task(first + r, rows, dst, patch.data());
+        requantize_output(dst, rows);  // an int8 file's codes: maxima of codes are the pool's codes
+        add_residual_codes(dst, first + r, rows);
+      }
       float* dst = y + static_cast<int64_t>(t) * pooled_w * cout;
       taps.resize(static_cast<size_t>(ph) * pw);
       for (int px = 0; px < pooled_w; ++px, dst += cout) {
@@ -2868,10 +2892,10 @@ static void conv2d(Array<float> input, Array<float> weights, Array<float> bias, 
                    float hi, std::vector<Array<float>> residual, Array<float> input_multiplier, Array<float> input_bias,
                    float input_lo, float input_hi, py::array output, std::vector<int> pool_window,
                    py::object packed, Array<float> pack_multiplier, Array<float> pack_bias,
-                   py::object requantize, py::list input_requantize) {
+                   py::object requantize, py::list input_requantize, py::object residual_requantize) {
   conv2d_impl<Precision::kFloat32>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
                                    input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier,
-                                   pack_bias, requantize, input_requantize);
+                                   pack_bias, requantize, input_requantize, residual_requantize);
 }
 
 #if HAVE_BF16
@@ -2879,11 +2903,12 @@ static void conv2d_bf16(Array<float> input, Array<uint16_t> weights, Array<float
                         float lo, float hi, std::vector<Array<float>> residual, Array<float> input_multiplier,
                         Array<float> input_bias, float input_lo, float input_hi, py::array output,
                         std::vector<int> pool_window, py::object packed, Array<float> pack_multiplier,
-                        Array<float> pack_bias, py::object requantize, py::list input_requantize) {
+                        Array<float> pack_bias, py::object requantize, py::list input_requantize,
+                        py::object residual_requantize) {
   if (!__builtin_cpu_supports("avx512bf16")) throw std::runtime_error("conv2d_bf16: this CPU has no AVX512_BF16");
   conv2d_impl<Precision::kBfloat16>(input, weights, {}, {}, bias, geometry, lo, hi, residual, input_multiplier,
                                     input_bias, input_lo, input_hi, output, pool_window, {}, packed, pack_multiplier,
-                                    pack_bias, requantize, input_requantize);
+                                    pack_bias, requantize, input_requantize, residual_requantize);
 }
 #endif
 
@@ -2896,13 +2921,13 @@ static void conv2d_int8_vnni(Array<float> input, Array<int8_t> weights, Array<fl
                               Array<float> input_bias, float input_lo, float input_hi, py::array output,
                               std::vector<int> pool_window, std::vector<float> input_range,
                               py::object packed, Array<float> pack_multiplier, Array<float> pack_bias,
-                              py::object requantize, py::list input_requantize) {
+                              py::object requantize, py::list input_requantize, py::object residual_requantize) {
 #if HAVE_VNNI
   if (!cpu_runs_vnni())
     throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and this CPU has no " INT8_FEATURE);
   conv2d_impl<Precision::kInt8>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
                                 input_multiplier, input_bias, input_lo, input_hi, output, pool_window, input_range,
-                                packed, pack_multiplier, pack_bias, requantize, input_requantize);
+                                packed, pack_multiplier, pack_bias, requantize, input_requantize, residual_requantize);
 #else
   throw std::runtime_error("conv2d_int8: int8 weights are the VNNI form, and these kernels were built without it");
 #endif
@@ -2915,10 +2940,11 @@ static void conv2d_int8_pairs(Array<float> input, Array<int16_t> weights, Array<
                               Array<float> input_bias, float input_lo, float input_hi, py::array output,
                               std::vector<int> pool_window, std::vector<float> input_range,
                               py::object packed, Array<float> pack_multiplier, Array<float> pack_bias,
-                              py::object requantize, py::list input_requantize) {
+                              py::object requantize, py::list input_requantize, py::object residual_requantize) {
   conv2d_impl<Precision::kInt8Pairs>(input, weights, weight_scale, weight_sum, bias, geometry, lo, hi, residual,
                                      input_multiplier, input_bias, input_lo, input_hi, output, pool_window,
-                                     input_range, packed, pack_multiplier, pack_bias, requantize, input_requantize);
+                                     input_range, packed, pack_multiplier, pack_bias, requantize, input_requantize,
+                                     residual_requantize);
 }
 #endif
 #endif
@@ -3325,7 +3351,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
         py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
         py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
         py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
-        py::arg("pack_bias") = py::array_t<float>(0), py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list());
+        py::arg("pack_bias") = py::array_t<float>(0), py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list(),
+        py::arg("residual_requantize") = py::none());
 #if HAVE_BF16  // bfloat16 float convolutions: AVX-512 builds, CPUs with AVX512_BF16 (cpu_supports)
   m.def("prepare_float_weights_bf16", &prepare_float_weights_bf16);
   m.def("conv2d_bf16", &conv2d_bf16, py::arg("input"), py::arg("weights"),
@@ -3333,7 +3360,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
         py::arg("residual"), py::arg("input_multiplier"), py::arg("input_bias"), py::arg("input_lo"),
         py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
         py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
-        py::arg("pack_bias") = py::array_t<float>(0), py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list());
+        py::arg("pack_bias") = py::array_t<float>(0), py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list(),
+        py::arg("residual_requantize") = py::none());
 #endif
 #if HAVE_INT8  // int8 float convolutions: VNNI's form (int8_feature) and, on AVX2 builds, the pairs form
 #if HAVE_VNNI
@@ -3349,7 +3377,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
           py::arg("input_hi"), py::arg("output"), py::arg("pool_window") = std::vector<int>(),
           py::arg("input_range") = std::vector<float>(), py::arg("packed") = py::none(),
           py::arg("pack_multiplier") = py::array_t<float>(0), py::arg("pack_bias") = py::array_t<float>(0),
-          py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list());
+          py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list(),
+        py::arg("residual_requantize") = py::none());
   };
   define_conv2d_int8(&conv2d_int8_vnni);
 #if HAVE_INT8_PAIRS
