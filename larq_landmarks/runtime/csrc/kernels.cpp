@@ -2520,10 +2520,11 @@ using GemmB = std::conditional_t<P == Precision::kFloat32, float,
 // before they are pooled (a maximum of codes is the int8 MAX_POOL_2D's code) and `packed` packs
 // them. residual_requantize (None or such 6 values, with requantize and a residual): the int8 ADD
 // of the residual's codes to those codes, requantize's op 1 (the codes times scale, the
-// residual's times shift), as each task writes its rows, before the pool. input_requantize (a list of such 6 values, for cin
-// channels): an int8 file's MUL and ADD by constants before the convolution (a batch norm), each
-// requantising the input codes in turn as requantize's op 0 would, applied to the input pixels as
-// they are read, after input_multiplier / input_bias where given.
+// residual's times shift), as each task writes its rows, before the pool. input_requantize (a
+// list of such 6 values, for cin channels): an int8 file's MUL and ADD by constants before the
+// convolution (a batch norm), each requantising the input codes in turn as requantize's op 0
+// would, applied to the input pixels as they are read, after input_multiplier / input_bias where
+// given.
 template <Precision P>
 static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
                         Array<float> weight_scale, Array<int32_t> weight_sum, Array<float> bias,
@@ -2616,13 +2617,14 @@ static void conv2d_impl(Array<float> input, Array<GemmB<P>> weights,
   if (add_codes.scale && (!requantize_output.scale || residual.empty()))
     throw std::invalid_argument(std::string(name) + ": residual_requantize needs requantize and a residual");
   // codes rows r0 .. r0 + count - 1 (at `rows`) plus the residual's: each part's channels in turn
+  std::vector<std::pair<const float*, int>> code_parts;  // (data, channels) of each residual part
+  for (auto& part : residual) code_parts.emplace_back(part.data(), static_cast<int>(part.shape(part.ndim() - 1)));
   auto add_residual_codes = [&](float* rows, int64_t r0, int64_t count) {
     if (!add_codes.scale) return;
     int c0 = 0;
-    for (auto& part : residual) {
-      const int w = static_cast<int>(part.shape(part.ndim() - 1));
+    for (const auto& [part, w] : code_parts) {
       for (int64_t r = 0; r < count; ++r)
-        requantize_rows<1, true>(rows + r * cout + c0, part.data() + (r0 + r) * w, add_codes.scale + c0,
+        requantize_rows<1, true>(rows + r * cout + c0, part + (r0 + r) * w, add_codes.scale + c0,
                                  add_codes.shift + c0, 0, 1, w, add_codes.add, add_codes.lo, add_codes.hi,
                                  add_codes.subtract, rows + r * cout + c0);
       c0 += w;
