@@ -237,6 +237,18 @@ def _requantize_with(module, x, constants):
     return out
 
 
+def _int8_conv_forms(module, zero_point: int) -> list:
+    """An int8 file's convolution as the engine may run it on ``module``: ``(name, convolve,
+    prepare, keyword arguments)`` in float32, and on the int8 kernels where the path has them (the
+    input codes' range given, for inputs of ``zero_point``)."""
+    forms = [("float32", module.conv2d, module.prepare_float_weights, {})]
+    if "int8" in kernel_paths.reduced_precisions(module):
+        forms.append(("int8", lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
+                      functools.partial(module.prepare_float_weights_int8, vnni=kernel_paths.int8_vnni(module)),
+                      {"input_range": [-128.0 - zero_point, 127.0 - zero_point]}))
+    return forms
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_int8_conv_requantises_its_input_and_output_as_the_separate_passes_do(path):
     """An int8 file's convolution with ``requantize`` (its output codes, each task's rows as it
@@ -248,11 +260,7 @@ def test_int8_conv_requantises_its_input_and_output_as_the_separate_passes_do(pa
     task's 96, an ADD's RELU range."""
     rng = np.random.default_rng(21)
     module = kernel_paths.load(path)
-    forms = [("float32", module.conv2d, module.prepare_float_weights, {})]
-    if "int8" in kernel_paths.reduced_precisions(module):
-        forms.append(("int8", lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
-                      functools.partial(module.prepare_float_weights_int8, vnni=kernel_paths.int8_vnni(module)),
-                      {"input_range": [-128.0 + 9, 127.0 + 9]}))  # the ADD's codes: zero point -9
+    forms = _int8_conv_forms(module, -9)  # the ADD's codes: zero point -9
     for (height, width), cin, cout, k in [((10, 13), 24, 40, 1), ((7, 9), 16, 8, 3), ((11, 12), 3, 8, 7)]:
         if cin == 3:  # an image's float values, the first step the QUANTIZE (1/255 a code, zero point 3)
             x = rng.uniform(-0.1, 1.1, size=(2, height, width, cin)).astype(np.float32)
@@ -305,11 +313,7 @@ def test_int8_conv_adds_its_residual_and_pools_its_codes_as_the_separate_passes_
     kernels where the path has them."""
     rng = np.random.default_rng(41)
     module = kernel_paths.load(path)
-    forms = [("float32", module.conv2d, module.prepare_float_weights, {})]
-    if "int8" in kernel_paths.reduced_precisions(module):
-        forms.append(("int8", lambda x, prepared, *args, **kwargs: module.conv2d_int8(x, *prepared, *args, **kwargs),
-                      functools.partial(module.prepare_float_weights_int8, vnni=kernel_paths.int8_vnni(module)),
-                      {"input_range": [-128.0 - 2, 127.0 - 2]}))  # the input's codes: zero point 2
+    forms = _int8_conv_forms(module, 2)  # the input's codes: zero point 2
     cin, cout, height, width = 24, 48, 14, 20  # 280 pixels an image: tasks of 96 rows across rows of 20
     x = rng.integers(-128 + 2, 128 + 2, size=(2, height, width, cin)).astype(np.float32)
     filters = rng.integers(-127, 128, size=(cout, 1, 1, cin)).astype(np.float32)
