@@ -465,14 +465,7 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
         requantize = _requantize_constants(kernels, cout, multiplier, zero_point=out_codes[1],
                                            q_range=_int8_range(graph, op, o.FusedActivationFunction(), *out_codes))
         if residual is not None:  # the int8 ADD writing target: the codes and the residual's rescaled to its output
-            add = next((a for a in graph.operators if a.name == "ADD" and a.outputs[0] == target
-                        and op.outputs[0] in a.inputs[:2]), None)
-            if add is None:
-                raise _unsupported(graph, op, "an int8 ADD fused after it that the file does not have")
-            inputs, (s_out, zero_point), q_range, _, _ = _int8_operands(graph, add)
-            mine = list(add.inputs[:2]).index(op.outputs[0])
-            residual_requantize = _requantize_constants(kernels, cout, inputs[mine][0] / s_out,
-                                                        inputs[1 - mine][0] / s_out, zero_point, q_range)
+            residual_requantize = _int8_add_after(graph, op, kernels, target)
         if "int8" in kernel_paths.reduced_precisions(kernels) and np.all(np.abs(filters).max(axis=(1, 2, 3)) == 127):
             precision = "int8"  # the codes quantised with scale 1 and their zero point: unchanged
             input_range = [float(_INT8[0] - codes[1]), float(_INT8[1] - codes[1])]
@@ -582,6 +575,20 @@ def _int8_operands(graph: Graph, op: Operator) -> tuple:
     if all(constant):
         raise _unsupported(graph, op, "two constant inputs")
     return inputs, out_codes, q_range, _channels(graph, op.outputs[0]), constant
+
+
+def _int8_add_after(graph: Graph, op: Operator, kernels, target: int, other: Optional[int] = None) -> tuple:
+    """The int8 ADD that writes ``target`` from ``op``'s output (and ``other``, where given), done by
+    ``op``: requantize's op 1 constants (:func:`_requantize_constants`), ``op``'s codes times
+    ``scale``, the other input's times ``shift``, each rescaled to the sum's."""
+    add = next((a for a in graph.operators if a.name == "ADD" and a.outputs[0] == target
+                and op.outputs[0] in a.inputs[:2] and (other is None or other in a.inputs[:2])), None)
+    if add is None:
+        raise _unsupported(graph, op, "an int8 ADD fused after it that the file does not have")
+    inputs, (s_out, zero_point), q_range, channels, _ = _int8_operands(graph, add)
+    mine = list(add.inputs[:2]).index(op.outputs[0])
+    return _requantize_constants(kernels, channels, inputs[mine][0] / s_out, inputs[1 - mine][0] / s_out,
+                                 zero_point, q_range)
 
 
 def _int8_with_constant(graph: Graph, op: Operator, kernels) -> Tuple[int, tuple]:
@@ -767,14 +774,7 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optio
     none = _on_device(kernels, np.zeros(0, np.float32))
     requantize = {}
     if residual is not None and _codes(graph, op, source) is not None:  # the int8 ADD writing target
-        add = next((o for o in graph.operators if o.name == "ADD" and o.outputs[0] == target
-                    and sorted(o.inputs[:2]) == sorted([op.outputs[0], residual])), None)
-        if add is None:
-            raise _unsupported(graph, op, "an int8 ADD fused after it that the file does not have")
-        inputs, (s_out, zero_point), q_range, channels, _ = _int8_operands(graph, add)
-        mine = list(add.inputs[:2]).index(op.outputs[0])
-        requantize["requantize"] = _requantize_constants(kernels, channels, inputs[mine][0] / s_out,
-                                                         inputs[1 - mine][0] / s_out, zero_point, q_range)
+        requantize["requantize"] = _int8_add_after(graph, op, kernels, target, residual)
     indices: Dict[tuple, tuple] = {}  # input (height, width) -> source rows and columns
     packing = _output_packing(graph, op, kernels, pack, _channels(graph, source))
 

@@ -3380,7 +3380,7 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
           py::arg("input_range") = std::vector<float>(), py::arg("packed") = py::none(),
           py::arg("pack_multiplier") = py::array_t<float>(0), py::arg("pack_bias") = py::array_t<float>(0),
           py::arg("requantize") = py::none(), py::arg("input_requantize") = py::list(),
-        py::arg("residual_requantize") = py::none());
+          py::arg("residual_requantize") = py::none());
   };
   define_conv2d_int8(&conv2d_int8_vnni);
 #if HAVE_INT8_PAIRS
