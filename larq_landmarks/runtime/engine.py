@@ -440,9 +440,10 @@ class Engine:
         self.num_threads = num_threads
         if float_precision not in FLOAT_PRECISIONS:
             raise ValueError(f"float_precision={float_precision!r} must be one of {FLOAT_PRECISIONS}")
-        if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
+        if len(self.graph.inputs) != 1 or not self.graph.outputs or (on_gpu and len(self.graph.outputs) != 1):
             raise UnsupportedModelError(f"{name}: {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
-                                        "outputs; the runtime runs one-input, one-output models")
+                                        "outputs; the runtime runs one-input models with one output (several "
+                                        "on the CPU kernels: predict_outputs)")
         self.int8_file: bool = any(t.dtype == np.int8 and t.data is None for t in self.graph.tensors)
         if self.int8_file:
             if on_gpu:
@@ -701,6 +702,19 @@ class Engine:
             xp = self._kernels.cp if hasattr(parts[0], "__cuda_array_interface__") else np
             return xp.concatenate(parts)
 
+    def predict_outputs(self, images: np.ndarray) -> List[np.ndarray]:
+        """Every output of the file (in its order) for ``images`` (``(B, H, W, C)`` float32), on
+        the CPU kernels: for files with more than one output, such as MediaPipe's face detectors
+        (boxes and scores), where :meth:`predict` returns the first."""
+        if getattr(self._kernels, "upload", None) is not None:
+            raise ValueError(f"{self.graph.name}: predict_outputs runs on the CPU kernels; use predict on the GPU")
+        images = np.asarray(images)
+        self._check_shape(images.shape)
+        step = self._images_a_run
+        parts = [self._run(images[start:start + step], None, every_output=True)
+                 for start in range(0, max(len(images), 1), step)]
+        return [np.concatenate([part[i] for part in parts]) for i in range(len(self.graph.outputs))]
+
     def profile(self, images: np.ndarray) -> List[Tuple[str, str, float]]:
         """Run once and time each step: ``(op name, output shape, seconds)`` in graph order (a
         batch norm's MUL and ADD fused into the LceQuantize after them is one step named
@@ -728,12 +742,13 @@ class Engine:
             raise ValueError(f"{self.graph.name}: input must have shape (B, {', '.join(map(str, expected))}), "
                              f"got {tuple(shape)}")
 
-    def _run(self, images, times: Optional[list]):
+    def _run(self, images, times: Optional[list], every_output: bool = False):
         with self._device:
-            return self._run_here(images, times)
+            return self._run_here(images, times, every_output)
 
-    def _run_here(self, images, times: Optional[list]):
-        """:meth:`_run` with the engine's device current (on the GPU)."""
+    def _run_here(self, images, times: Optional[list], every_output: bool = False):
+        """:meth:`_run` with the engine's device current (on the GPU): the first output, or with
+        ``every_output`` (CPU kernels) the list of them."""
         kernels = self._kernels
         upload = getattr(kernels, "upload", None)
         on_device = upload is not None and hasattr(images, "__cuda_array_interface__")  # CuPy in, CuPy out
@@ -754,17 +769,20 @@ class Engine:
         else:
             images = np.ascontiguousarray(images, np.float32)
         if len(images) == 0:  # no image: nothing to run (the kernels' shapes assume at least one)
+            if every_output:
+                return [np.zeros((0,) + tuple(self.graph.tensors[i].shape[1:]), np.float32) for i in self.graph.outputs]
             return (kernels.cp if on_device else np).zeros((0,) + tuple(self.output_shape[1:]), np.float32)
         if self._captured is not None and times is None:
             output = self._captured(images, on_device)
             if output is not None:
                 return output
-        output = self._run_steps(images if upload is None or on_device else upload(images), self._buffers(), times)
+        output = self._run_steps(images if upload is None or on_device else upload(images), self._buffers(), times,
+                                 every_output)
         return output if upload is None or on_device else kernels.download(output)
 
-    def _run_steps(self, images, pool: dict, times: Optional[list]):
+    def _run_steps(self, images, pool: dict, times: Optional[list], every_output: bool = False):
         """The steps on ``images`` (where the kernels run), buffers recycled through ``pool``: the
-        output tensor."""
+        (first) output tensor, or with ``every_output`` the list of them."""
         kernels = self._kernels
         record_event = getattr(kernels, "record_event", None)  # GPU kernels run asynchronously: timed by events
         values = ops.Values(len(self.graph.tensors), pool, getattr(kernels, "empty", ops.aligned_empty))
@@ -805,5 +823,6 @@ class Engine:
             events[-1].synchronize()
             for i, (start, end) in enumerate(zip(events, events[1:])):
                 times[first + i] = times[first + i][:2] + (kernels.elapsed_seconds(start, end),)
-        output = values[self.graph.outputs[0]]
-        return output.copy() if values.is_part(output) else output
+        outputs = [values[i] for i in self.graph.outputs]
+        outputs = [output.copy() if values.is_part(output) else output for output in outputs]
+        return outputs if every_output else outputs[0]

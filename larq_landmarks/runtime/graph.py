@@ -18,7 +18,7 @@ class CorruptModelError(ValueError):
     model at all); the message names the file. No interpreter should be given it."""
 
 
-_DTYPES = {0: np.float32, 2: np.int32, 3: np.uint8, 4: np.int64, 6: np.bool_, 9: np.int8}
+_DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 6: np.bool_, 9: np.int8}
 
 
 @dataclasses.dataclass
@@ -207,4 +207,31 @@ def read_graph(flatbuffer: bytes, name: str = "model") -> Graph:
         raise
     except Exception as error:  # a corrupt or truncated flatbuffer
         raise UnsupportedModelError(f"{name}: cannot read the TFLite flatbuffer ({error})") from error
-    return Graph(name, tensors, operators, inputs, outputs)
+    return _float16_weights_folded(Graph(name, tensors, operators, inputs, outputs))
+
+
+def _float16_weights_folded(graph: Graph) -> Graph:
+    """``graph`` with float16 constants (TFLite's float16 quantisation: the weights stored in half
+    precision, each read through a DEQUANTIZE to float32, as MediaPipe's BlazeFace files are) turned
+    into the float32 constants those DEQUANTIZE ops compute, and the ops dropped (exact: every
+    float16 value is a float32 one). A float16 tensor anywhere else is not supported. The operators
+    that remain are numbered again in order (``Operator.index`` is a position in ``operators``)."""
+    folded = set()
+    for op in graph.operators:
+        if op.name == "DEQUANTIZE" and len(op.inputs) == 1 and len(op.outputs) == 1:
+            source, target = graph.tensors[op.inputs[0]], graph.tensors[op.outputs[0]]
+            if source.dtype == np.float16 and source.data is not None and target.dtype == np.float32 \
+                    and op.outputs[0] not in graph.outputs:
+                target.data = source.data.astype(np.float32).reshape(target.shape or source.data.shape)
+                folded.add(op.index)
+    if not folded:
+        return graph
+    operators = [dataclasses.replace(op, index=position)
+                 for position, op in enumerate(op for op in graph.operators if op.index not in folded)]
+    for op in operators:
+        for i in op.inputs + op.outputs:
+            if i >= 0 and graph.tensors[i].dtype == np.float16:
+                raise UnsupportedModelError(f"{graph.name}: tensor {graph.tensors[i].name} is float16 and not a "
+                                            "constant read by a DEQUANTIZE; the runtime runs float32 and int8 "
+                                            "activations")
+    return dataclasses.replace(graph, operators=operators)

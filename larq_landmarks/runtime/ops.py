@@ -796,6 +796,55 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optio
     return run
 
 
+def depthwise_conv_2d(graph: Graph, op: Operator, kernels) -> Run:
+    """DEPTHWISE_CONV_2D in float32, depth multiplier 1 (each channel its own ``fh x fw`` filter),
+    with bias and fused activation: MediaPipe's BlazeFace face detectors use them. On the CPU
+    kernels only."""
+    _check_float(graph, op)
+    if not hasattr(kernels, "depthwise_conv2d"):
+        raise _unsupported(graph, op, "depthwise convolutions on these kernels (the CPU kernels run them)")
+    o = op.options
+    filters = _constant(graph, op, 1, np.float32)
+    if filters.ndim != 4 or filters.shape[0] != 1 or filters.shape[3] != _channels(graph, op.inputs[0]):
+        raise _unsupported(graph, op, f"a depth multiplier other than 1 (filters {filters.shape})")
+    _, fh, fw, channels = filters.shape
+    filters = np.ascontiguousarray(filters[0])
+    bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 \
+        else np.zeros(channels, np.float32)
+    sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
+    low, high = _activation(graph, op, o.FusedActivationFunction())
+    source, target = op.inputs[0], op.outputs[0]
+
+    def run(values):
+        x = values[source]
+        batch, height, width, _ = x.shape
+        out_h, pad_top = _same_padding(height, fh, sh, dh, o.Padding())
+        out_w, pad_left = _same_padding(width, fw, sw, dw, o.Padding())
+        out = values.alloc((batch, out_h, out_w, channels), np.float32)
+        kernels.depthwise_conv2d(x, filters, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high, out)
+        values[target] = out
+
+    return run
+
+
+def reshape(graph: Graph, op: Operator, kernels) -> Run:
+    """RESHAPE that keeps the batch axis (the file's output shape with the batch of the input run),
+    copied into a buffer of its own (the engine recycles the input's once its last reader has run)."""
+    source, target = op.inputs[0], op.outputs[0]
+    stored_in, stored_out = graph.tensors[source].shape, graph.tensors[target].shape
+    if not stored_in or not stored_out or stored_in[0] != stored_out[0] \
+            or int(np.prod(stored_in)) != int(np.prod(stored_out)):
+        raise _unsupported(graph, op, f"a reshape from {stored_in} to {stored_out} that does not keep the batch axis")
+
+    def run(values):
+        x = values[source]
+        out = values.alloc((x.shape[0],) + tuple(stored_out[1:]), x.dtype)
+        out[...] = x.reshape(out.shape)
+        values[target] = out
+
+    return run
+
+
 def pad(graph: Graph, op: Operator, kernels) -> Run:
     """PAD / PADV2 with constant paddings (and constant value for PADV2; int8: the codes padded
     with the zero point's, or the value's)."""
@@ -808,7 +857,14 @@ def pad(graph: Graph, op: Operator, kernels) -> Run:
     source, target = op.inputs[0], op.outputs[0]
 
     def run(values):
-        values[target] = np.pad(values[source], paddings, constant_values=value)
+        x = values[source]
+        if x.ndim != len(paddings) or np.any(paddings < 0):
+            raise ValueError(f"paddings {paddings.tolist()} for an input of shape {x.shape}")
+        out = values.alloc(tuple(int(n) + int(before) + int(after) for n, (before, after) in zip(x.shape, paddings)),
+                           x.dtype)
+        out.fill(value)  # then the input in its place (np.pad's own checks cost ~80 us a call)
+        out[tuple(slice(int(before), int(before) + n) for n, (before, _) in zip(x.shape, paddings))] = x
+        values[target] = out
 
     return run
 
@@ -835,6 +891,7 @@ OPS: Dict[str, Callable[..., Run]] = {
     "LceDequantize": lce_dequantize,
     "LceBconv2d": lce_bconv2d,
     "CONV_2D": conv_2d,
+    "DEPTHWISE_CONV_2D": depthwise_conv_2d,
     "ADD": add,
     "MUL": mul,
     "RELU": relu,
@@ -844,6 +901,7 @@ OPS: Dict[str, Callable[..., Run]] = {
     "RESIZE_NEAREST_NEIGHBOR": resize_nearest_neighbor,
     "PAD": pad,
     "PADV2": pad,
+    "RESHAPE": reshape,
     "QUANTIZE": quantize,
     "DEQUANTIZE": dequantize,
 }

@@ -3071,6 +3071,76 @@ static void pool2d(Array<float> input, std::vector<int> geometry, int kind, floa
   });
 }
 
+// DEPTHWISE_CONV_2D in float32 with a depth multiplier of 1: out[c] = bias[c], then x[c] *
+// filters[fy, fx, c] added for each tap inside the input in row order, then the fused activation
+// clamp [lo, hi]. filters: [fh, fw, channels] (TFLite's [1, fh, fw, channels]); geometry as
+// conv2d's (filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left);
+// padding taps contribute nothing. An output row is summed in place, tap by tap, as one long run
+// over its pixels' channels (the weights tiled along the row once a call), so that the loops are
+// long enough to vectorise whatever the channel count (BlazeFace's are 24 to 96).
+static void depthwise_conv2d(Array<float> input, Array<float> filters, Array<float> bias, std::vector<int> geometry,
+                             float lo, float hi, py::array output) {
+  if (geometry.size() != 8 || input.ndim() != 4 || filters.ndim() != 3)
+    throw std::invalid_argument("depthwise_conv2d: geometry needs 8 numbers, input 4-d, filters [fh, fw, channels]");
+  float* y = checked_data<float>(output, 4, true, "depthwise_conv2d output");
+  const int fh = geometry[0], fw = geometry[1], sh = geometry[2], sw = geometry[3];
+  const int dh = geometry[4], dw = geometry[5], pt = geometry[6], pl = geometry[7];
+  const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
+  const int width = static_cast<int>(input.shape(2)), channels = static_cast<int>(input.shape(3));
+  const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
+  if (output.shape(0) != batch || output.shape(3) != channels || filters.shape(0) != fh || filters.shape(1) != fw ||
+      filters.shape(2) != channels || bias.size() != channels)
+    throw std::invalid_argument("depthwise_conv2d: output, filter or bias shape differs from the input's channels");
+  if (fh < 1 || fw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1)
+    throw std::invalid_argument("depthwise_conv2d: filter size, strides and dilations must be positive");
+  const float* x = input.data();
+  const float* f = filters.data();
+  const float* bs = bias.data();
+  const int64_t row = static_cast<int64_t>(out_w) * channels;
+  // the bias and each tap's weights repeated for every pixel of an output row
+  std::vector<float> tiled(static_cast<size_t>(fh * fw + 1) * row);
+  for (int t = 0; t <= fh * fw; ++t)
+    for (int p = 0; p < out_w; ++p)
+      std::memcpy(tiled.data() + t * row + static_cast<int64_t>(p) * channels,
+                  t == 0 ? bs : f + (t - 1) * static_cast<int64_t>(channels), sizeof(float) * channels);
+  py::gil_scoped_release release;
+  pool().parallel_for(batch * out_h, [&](int r0, int r1) {
+    for (int r = r0; r < r1; ++r) {
+      const int b = r / out_h, oy = r % out_h;
+      float* __restrict dst = y + static_cast<int64_t>(r) * row;
+      std::memcpy(dst, tiled.data(), sizeof(float) * row);
+      for (int fy = 0; fy < fh; ++fy) {
+        const int iy = oy * sh - pt + fy * dh;
+        if (iy < 0 || iy >= height) continue;
+        const float* in_row = x + (static_cast<int64_t>(b) * height + iy) * width * channels;
+        for (int fx = 0; fx < fw; ++fx) {
+          const int shift = fx * dw - pl;  // ix = ox * sw + shift
+          // the output pixels whose tap falls inside the row: 0 <= ox * sw + shift < width
+          const int ox0 = shift >= 0 ? 0 : (-shift + sw - 1) / sw;
+          const int ox1 = std::min(out_w, width - shift <= 0 ? 0 : (width - shift - 1) / sw + 1);
+          if (ox0 >= ox1) continue;
+          const float* __restrict w = tiled.data() + (1 + fy * fw + fx) * row;
+          if (sw == 1) {
+            const float* __restrict src = in_row + static_cast<int64_t>(shift) * channels;
+#pragma GCC ivdep
+            for (int64_t j = static_cast<int64_t>(ox0) * channels; j < static_cast<int64_t>(ox1) * channels; ++j)
+              dst[j] += src[j] * w[j];
+          } else {
+            for (int ox = ox0; ox < ox1; ++ox) {
+              const float* __restrict src = in_row + (static_cast<int64_t>(ox) * sw + shift) * channels;
+              float* __restrict d = dst + static_cast<int64_t>(ox) * channels;
+              const float* __restrict wp = w + static_cast<int64_t>(ox) * channels;
+#pragma GCC ivdep
+              for (int c = 0; c < channels; ++c) d[c] += src[c] * wp[c];
+            }
+          }
+        }
+      }
+      for (int64_t j = 0; j < row; ++j) dst[j] = std::min(std::max(dst[j], lo), hi);
+    }
+  });
+}
+
 // CONCATENATION along the channel axis: each pixel's channels are the parts' channels in order;
 // with a residual (same shape as the output), the ADD that follows is done in the same pass.
 static void concat_channels(std::vector<Array<float>> parts, Array<float> residual, py::array output) {
@@ -3392,6 +3462,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("pool2d", &pool2d, py::arg("input"), py::arg("geometry"), py::arg("kind"), py::arg("lo"), py::arg("hi"),
         py::arg("output"), py::arg("packed") = py::none(), py::arg("pack_multiplier") = py::array_t<float>(0),
         py::arg("pack_bias") = py::array_t<float>(0));
+  m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("input"), py::arg("filters"), py::arg("bias"),
+        py::arg("geometry"), py::arg("lo"), py::arg("hi"), py::arg("output"));
   m.def("concat_channels", &concat_channels);
   m.def("resize_nearest", &resize_nearest, py::arg("input"), py::arg("rows"), py::arg("cols"), py::arg("residual"),
         py::arg("lo"), py::arg("hi"), py::arg("output"), py::arg("packed") = py::none(),
