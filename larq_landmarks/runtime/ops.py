@@ -862,7 +862,7 @@ def pad(graph: Graph, op: Operator, kernels) -> Run:
             raise ValueError(f"paddings {paddings.tolist()} for an input of shape {x.shape}")
         out = values.alloc(tuple(int(n) + int(before) + int(after) for n, (before, after) in zip(x.shape, paddings)),
                            x.dtype)
-        out.fill(value)  # then the input in its place (np.pad's own checks cost ~80 us a call)
+        out.fill(value)  # then the input in its place (np.pad took ~80 us a call, this ~35: BlazeFace front)
         out[tuple(slice(int(before), int(before) + n) for n, (before, _) in zip(x.shape, paddings))] = x
         values[target] = out
 
