@@ -83,19 +83,12 @@ def letterboxed(image: np.ndarray, size: int) -> Tuple[np.ndarray, Tuple[float, 
     from PIL import Image
 
     height, width = image.shape[:2]
-    pad_x = pad_y = 0.0
-    new_width, new_height = width, height
-    if height > width:
-        new_width = int(height)
-        pad_x = (1 - width / height) / 2
-    elif width > height:
-        new_height = int(width)
-        pad_y = (1 - height / width) / 2
+    side = max(height, width)
+    pad_x, pad_y = (1 - width / side) / 2, (1 - height / side) / 2
     picture = Image.fromarray(image, mode="RGB")
-    if (new_width, new_height) != (width, height):
-        left, top = int(pad_x * new_width), int(pad_y * new_height)
-        picture = picture.transform((new_width, new_height), Image.Transform.EXTENT,
-                                    data=(-left, -top, new_width - left, new_height - top))
+    if height != width:
+        left, top = int(pad_x * side), int(pad_y * side)
+        picture = picture.transform((side, side), Image.Transform.EXTENT, data=(-left, -top, side - left, side - top))
     picture = picture.resize((size, size), resample=Image.Resampling.BILINEAR)
     tensor = np.asarray(picture, dtype=np.float32) * (2.0 / 255) - 1.0
     return tensor, (pad_x, pad_y)
