@@ -102,3 +102,14 @@ def test_blazeface_full_range_names_the_op_it_lacks():
     path = _detector_file("full_range")
     with pytest.raises(UnsupportedModelError, match="RESIZE_BILINEAR is not supported"):
         Engine(path)
+
+
+def test_a_float16_activation_is_refused_naming_its_tensor():
+    """Only float16 constants read by a DEQUANTIZE are turned into float32; a float16 tensor an op
+    computes with, in a file with no DEQUANTIZE at all, is an error naming it."""
+    from larq_landmarks.runtime.graph import Graph, Operator, Tensor, _float16_weights_folded
+
+    tensors = [Tensor(0, "image", (1, 4), np.float16, None), Tensor(1, "doubled", (1, 4), np.float16, None)]
+    graph = Graph("half.tflite", tensors, [Operator(0, "ADD", [0, 0], [1], None)], [0], [1])
+    with pytest.raises(UnsupportedModelError, match="half.tflite: tensor image is float16 and not a constant"):
+        _float16_weights_folded(graph)

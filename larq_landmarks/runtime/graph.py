@@ -224,14 +224,13 @@ def _float16_weights_folded(graph: Graph) -> Graph:
                     and op.outputs[0] not in graph.outputs:
                 target.data = source.data.astype(np.float32).reshape(target.shape or source.data.shape)
                 folded.add(op.index)
-    if not folded:
-        return graph
-    operators = [dataclasses.replace(op, index=position)
-                 for position, op in enumerate(op for op in graph.operators if op.index not in folded)]
+    operators = graph.operators if not folded else \
+        [dataclasses.replace(op, index=position)
+         for position, op in enumerate(op for op in graph.operators if op.index not in folded)]
     for op in operators:
         for i in op.inputs + op.outputs:
             if i >= 0 and graph.tensors[i].dtype == np.float16:
                 raise UnsupportedModelError(f"{graph.name}: tensor {graph.tensors[i].name} is float16 and not a "
                                             "constant read by a DEQUANTIZE; the runtime runs float32 and int8 "
                                             "activations")
-    return dataclasses.replace(graph, operators=operators)
+    return dataclasses.replace(graph, operators=operators) if folded else graph
