@@ -156,8 +156,9 @@ class FaceDetector:
                              "upsamples bilinearly, which the runtime does not run: use engine='tflite'")
         self.model = model
         self.min_score = min_score
-        self.engine = "runtime" if engine == "auto" and model in RUNTIME_DETECTORS else engine
-        self.engine = "tflite" if self.engine == "auto" else self.engine
+        if engine == "auto":
+            engine = "runtime" if model in RUNTIME_DETECTORS else "tflite"
+        self.engine = engine
         if self.engine == "runtime":
             from larq_landmarks.runtime import Engine
 
