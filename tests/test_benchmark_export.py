@@ -194,11 +194,11 @@ def test_int8_file_section_compares_the_three_engines_and_takes_the_speed_tables
 
 def test_detection_part_times_both_engines_and_writes_their_table(tmp_path):
     """``--parts detection``'s measurement (one round, two runs) finds the drawn face with both
-    engines and both detectors, and its section puts each detector's four times in one row."""
+    engines and every detector, and its section puts each detector's four times in one row."""
     import types
 
     measured = _script().detection_speed(rounds=1, runs=2)
-    assert [r["model"] for r in measured["rows"]] == ["front", "back"]
+    assert [r["model"] for r in measured["rows"]] == ["front", "back", "short", "full"]
     for row in measured["rows"]:
         assert row["faces found"] == [1, 1]
         assert all(row[name] > 0 for name in ("runtime", "tflite", "runtime model", "tflite model"))

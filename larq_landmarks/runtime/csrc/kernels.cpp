@@ -3071,13 +3071,58 @@ static void pool2d(Array<float> input, std::vector<int> geometry, int kind, floa
   });
 }
 
-// DEPTHWISE_CONV_2D in float32 with a depth multiplier of 1: out[c] = bias[c], then x[c] *
-// filters[fy, fx, c] added for each tap inside the input in row order, then the fused activation
-// clamp [lo, hi]. filters: [fh, fw, channels] (TFLite's [1, fh, fw, channels]); geometry as
-// conv2d's (filter_h, filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left);
-// padding taps contribute nothing. An output row is summed in place, tap by tap, as one long run
-// over its pixels' channels (the weights tiled along the row once a call), so that the loops are
-// long enough to vectorise whatever the channel count (BlazeFace's are 24 to 96).
+// DEPTHWISE_CONV_2D in float32 with a depth multiplier of 1: out[c] = bias[c] plus x[c] *
+// filters[fy, fx, c] for each tap inside the input, then the fused activation clamp [lo, hi].
+// filters: [fh, fw, channels] (TFLite's [1, fh, fw, channels]); geometry as conv2d's (filter_h,
+// filter_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left); padding taps contribute
+// nothing.
+//
+// The input is first copied with its padding written out (zeros) and each row's pixels split by
+// column phase (x mod stride_w), so that for any stride the pixels one tap reads for an output
+// row's consecutive pixels are consecutive in the copy. An output row is then one long run over its
+// pixels' channels, summed kDepthwiseRun values at a time in registers over every tap (the weights
+// tiled along the run, read from an offset of j mod channels), so that the loops vectorise whatever
+// the channel count (BlazeFace's are 24 to 128) and each sum is stored once.
+constexpr int kDepthwiseVectors = 4;  // a run: 4 vectors of each output row
+constexpr int kDepthwiseRun = kDepthwiseVectors * kFloatLanes;
+constexpr int kDepthwiseRows = kFloatLanes == 16 ? 4 : 2;  // rows summed at once (AVX-512 has 32 registers)
+
+// Rows output[0..R) of a depthwise convolution (each `row` values long, R output rows apart by
+// `row_step` values of the padded copy): each run of kDepthwiseRun values of the R rows summed in
+// registers over every tap, each tap's weights loaded once for the R rows.
+template <int R>
+static inline void depthwise_rows(const float* top, int64_t row_step, const int64_t* tap_start, int taps,
+                                  const float* weights, int period, int channels, int64_t row, float lo, float hi,
+                                  float* out) {
+  const vfloat lo_v = vfloat{} + lo, hi_v = vfloat{} + hi;
+  for (int64_t j0 = 0; j0 < row; j0 += kDepthwiseRun) {
+    const float* w = weights + j0 % channels;  // the weights of this run's first value's channel
+    vfloat acc[R][kDepthwiseVectors];
+    for (int v = 0; v < kDepthwiseVectors; ++v) {
+      const vfloat bias = load_v(w + v * kFloatLanes);
+      for (int r = 0; r < R; ++r) acc[r][v] = bias;
+    }
+    for (int t = 0; t < taps; ++t) {
+      w += period;
+      vfloat wv[kDepthwiseVectors];
+      for (int v = 0; v < kDepthwiseVectors; ++v) wv[v] = load_v(w + v * kFloatLanes);
+      for (int r = 0; r < R; ++r) {
+        const float* src = top + r * row_step + tap_start[t] + j0;
+        for (int v = 0; v < kDepthwiseVectors; ++v) acc[r][v] += load_v(src + v * kFloatLanes) * wv[v];
+      }
+    }
+    const int64_t count = std::min<int64_t>(kDepthwiseRun, row - j0);
+    for (int r = 0; r < R; ++r) {
+      float clamped[kDepthwiseRun];
+      for (int v = 0; v < kDepthwiseVectors; ++v) {
+        const vfloat a = acc[r][v] < lo_v ? lo_v : acc[r][v];  // NaN stays
+        store_v(clamped + v * kFloatLanes, a > hi_v ? hi_v : a);
+      }
+      std::memcpy(out + r * row + j0, clamped, sizeof(float) * count);
+    }
+  }
+}
+
 static void depthwise_conv2d(Array<float> input, Array<float> filters, Array<float> bias, std::vector<int> geometry,
                              float lo, float hi, py::array output) {
   if (geometry.size() != 8 || input.ndim() != 4 || filters.ndim() != 3)
@@ -3093,50 +3138,76 @@ static void depthwise_conv2d(Array<float> input, Array<float> filters, Array<flo
     throw std::invalid_argument("depthwise_conv2d: output, filter or bias shape differs from the input's channels");
   if (fh < 1 || fw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1)
     throw std::invalid_argument("depthwise_conv2d: filter size, strides and dilations must be positive");
+  if (batch == 0 || out_h == 0 || out_w == 0 || channels == 0) return;
   const float* x = input.data();
   const float* f = filters.data();
   const float* bs = bias.data();
-  const int64_t row = static_cast<int64_t>(out_w) * channels;
-  // the bias and each tap's weights repeated for every pixel of an output row
-  std::vector<float> tiled(static_cast<size_t>(fh * fw + 1) * row);
-  for (int t = 0; t <= fh * fw; ++t)
-    for (int p = 0; p < out_w; ++p)
-      std::memcpy(tiled.data() + t * row + static_cast<int64_t>(p) * channels,
-                  t == 0 ? bs : f + (t - 1) * static_cast<int64_t>(channels), sizeof(float) * channels);
+  // the bias, then each tap's weights, repeated along channels + kDepthwiseRun values
+  const int taps = fh * fw, period = channels + kDepthwiseRun;
+  std::vector<float> tiled(static_cast<size_t>(taps + 1) * period);
+  for (int t = 0; t <= taps; ++t)
+    for (int i = 0; i < period; ++i)
+      tiled[static_cast<size_t>(t) * period + i] = t == 0 ? bs[i % channels] : f[(t - 1) * channels + i % channels];
+  // the padded copy: rows padded_h, each sw phases of phase_w pixels (phase p holds columns p, p +
+  // sw, ...), and one run's slack at the end (read past the last row, never stored)
+  const int padded_h = (out_h - 1) * sh + (fh - 1) * dh + 1;
+  const int phase_w = ((out_w - 1) * sw + (fw - 1) * dw + 1 + sw - 1) / sw;
+  const int64_t padded_row = static_cast<int64_t>(sw) * phase_w * channels;
+  static thread_local std::vector<float> padded;
+  padded.resize(static_cast<size_t>(batch) * padded_h * padded_row + kDepthwiseRun);
+  float* const copy = padded.data();
+  const float* const weights = tiled.data();
   py::gil_scoped_release release;
-  pool().parallel_for(batch * out_h, [&](int r0, int r1) {
+  pool().parallel_for(batch * padded_h, [&](int r0, int r1) {
     for (int r = r0; r < r1; ++r) {
-      const int b = r / out_h, oy = r % out_h;
-      float* __restrict dst = y + static_cast<int64_t>(r) * row;
-      std::memcpy(dst, tiled.data(), sizeof(float) * row);
-      for (int fy = 0; fy < fh; ++fy) {
-        const int iy = oy * sh - pt + fy * dh;
-        if (iy < 0 || iy >= height) continue;
-        const float* in_row = x + (static_cast<int64_t>(b) * height + iy) * width * channels;
-        for (int fx = 0; fx < fw; ++fx) {
-          const int shift = fx * dw - pl;  // ix = ox * sw + shift
-          // the output pixels whose tap falls inside the row: 0 <= ox * sw + shift < width
-          const int ox0 = shift >= 0 ? 0 : (-shift + sw - 1) / sw;
-          const int ox1 = std::min(out_w, width - shift <= 0 ? 0 : (width - shift - 1) / sw + 1);
-          if (ox0 >= ox1) continue;
-          const float* __restrict w = tiled.data() + (1 + fy * fw + fx) * row;
-          if (sw == 1) {
-            const float* __restrict src = in_row + static_cast<int64_t>(shift) * channels;
-#pragma GCC ivdep
-            for (int64_t j = static_cast<int64_t>(ox0) * channels; j < static_cast<int64_t>(ox1) * channels; ++j)
-              dst[j] += src[j] * w[j];
-          } else {
-            for (int ox = ox0; ox < ox1; ++ox) {
-              const float* __restrict src = in_row + (static_cast<int64_t>(ox) * sw + shift) * channels;
-              float* __restrict d = dst + static_cast<int64_t>(ox) * channels;
-              const float* __restrict wp = w + static_cast<int64_t>(ox) * channels;
-#pragma GCC ivdep
-              for (int c = 0; c < channels; ++c) d[c] += src[c] * wp[c];
-            }
-          }
+      const int b = r / padded_h, iy = r % padded_h - pt;
+      float* dst = copy + static_cast<int64_t>(r) * padded_row;
+      if (iy < 0 || iy >= height) {
+        std::memset(dst, 0, sizeof(float) * padded_row);
+        continue;
+      }
+      const float* src = x + (static_cast<int64_t>(b) * height + iy) * width * channels;
+      for (int p = 0; p < sw; ++p) {
+        // the pixels q of phase p inside the input: 0 <= q * sw + p - pl < width
+        const int q0 = std::min(phase_w, std::max(0, (pl - p + sw - 1) / sw));
+        const int q1 = std::max(q0, std::min(phase_w, (width + pl - p + sw - 1) / sw));
+        float* d = dst + static_cast<int64_t>(p) * phase_w * channels;
+        std::memset(d, 0, sizeof(float) * q0 * channels);
+        std::memset(d + static_cast<int64_t>(q1) * channels, 0, sizeof(float) * (phase_w - q1) * channels);
+        const float* s = src + static_cast<int64_t>(q0 * sw + p - pl) * channels;
+        if (sw == 1) {
+          std::memcpy(d + static_cast<int64_t>(q0) * channels, s, sizeof(float) * (q1 - q0) * channels);
+        } else {
+          for (int q = q0; q < q1; ++q, s += static_cast<int64_t>(sw) * channels)
+            for (int c = 0; c < channels; ++c) d[static_cast<int64_t>(q) * channels + c] = s[c];
         }
       }
-      for (int64_t j = 0; j < row; ++j) dst[j] = std::min(std::max(dst[j], lo), hi);
+    }
+  });
+  // where each tap's values for output pixel 0 start, from the output row's first padded row
+  std::vector<int64_t> tap_start(taps);
+  for (int fy = 0; fy < fh; ++fy)
+    for (int fx = 0; fx < fw; ++fx) {
+      const int column = fx * dw;  // phase column % sw, pixel column / sw of that phase
+      tap_start[fy * fw + fx] = static_cast<int64_t>(fy) * dh * padded_row +
+                                (static_cast<int64_t>(column % sw) * phase_w + column / sw) * channels;
+    }
+  const int64_t row = static_cast<int64_t>(out_w) * channels;
+  const int groups = (out_h + kDepthwiseRows - 1) / kDepthwiseRows;  // of kDepthwiseRows output rows
+  pool().parallel_for(batch * groups, [&](int g0, int g1) {
+    for (int g = g0; g < g1; ++g) {
+      const int b = g / groups, oy = g % groups * kDepthwiseRows, rows = std::min(kDepthwiseRows, out_h - oy);
+      const int64_t row_step = static_cast<int64_t>(sh) * padded_row;
+      const float* top = copy + (static_cast<int64_t>(b) * padded_h) * padded_row + oy * row_step;
+      float* out = y + (static_cast<int64_t>(b) * out_h + oy) * row;
+      if (rows == kDepthwiseRows) {
+        depthwise_rows<kDepthwiseRows>(top, row_step, tap_start.data(), taps, weights, period, channels, row, lo, hi,
+                                       out);
+      } else {
+        for (int r = 0; r < rows; ++r)
+          depthwise_rows<1>(top + r * row_step, row_step, tap_start.data(), taps, weights, period, channels, row, lo,
+                            hi, out + r * row);
+      }
     }
   });
 }
