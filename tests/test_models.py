@@ -197,6 +197,7 @@ def test_import_lets_keras_load_a_saved_binary_model_in_a_fresh_interpreter(tmp_
     assert int(result.stdout.split()[-1]) > 0
 
 
+@pytest.mark.slow  # three fresh interpreters importing TensorFlow: 12 s on 2 cores (Zen 4)
 def test_import_is_quiet_at_the_default_log_level_and_keeps_tensorflows_lines_at_level_0():
     """TensorFlow 2.21 writes absl's notice and INFO lines on import whatever
     TF_CPP_MIN_LOG_LEVEL says; the package holds them to the level (2 unless set)."""

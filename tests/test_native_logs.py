@@ -71,6 +71,7 @@ def test_level_0_holds_nothing(capfd, monkeypatch):
     assert capfd.readouterr().err == "I0000 00:00:12.5 1 port.cc:1] kept\n"
 
 
+@pytest.mark.slow  # fresh interpreters importing TensorFlow: 13.6 s on 2 cores (Zen 4)
 @pytest.mark.skipif(not native_logs.cuda_driver_missing(), reason="NVIDIA's driver is here: cuInit can succeed")
 def test_no_cuinit_error_without_a_driver_and_tf_config_stays_open():
     """Where NVIDIA's driver is missing, TensorFlow's first op wrote ``E... failed call to cuInit``

@@ -131,6 +131,7 @@ def test_two_stage_activations_first_trains_real_weights_on_binary_inputs():
     np.testing.assert_array_equal(result.get_layer("stem_block1_s1_bconv").kernel.numpy(), 0.25)
 
 
+@pytest.mark.slow  # two models trained and saved: 14 s on 2 cores (Zen 4)
 def test_distiller_trains_the_student_only_and_round_trips(tmp_path):
     tf.keras.utils.set_random_seed(0)
     teacher = BinaryHourglass(5, width=16, depth=1, input_size=32, binary=False)
