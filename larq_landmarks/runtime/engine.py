@@ -101,7 +101,8 @@ def _same_codes(graph: Graph, a: int, b: int) -> bool:
 def _following_add(graph: Graph, op, producers, consumers):
     """For a channel CONCATENATION, a RESIZE_NEAREST_NEIGHBOR or a CONV_2D without activation
     read only by an ADD of a same-shape activation: ``(the tensors added, the ADD's output, the
-    ADD's activation, ops folded in)``, else None; the op and the ADD are then one pass, run where
+    ADD's activation, ops folded in)``, else None (a float ADD without activation read only by a
+    RELU takes the RELU's output and clamp, the RELU folded in); the op and the ADD are then one pass, run where
     the ADD was (the other tensor may be computed after the op, as an hourglass's skip branch
     after its upsampling). For a CONV_2D the tensor added may be a channel CONCATENATION read only
     by the ADD: its parts are then added directly and the concatenation is folded in too. In an
@@ -143,7 +144,25 @@ def _following_add(graph: Graph, op, producers, consumers):
                     and _same_codes(graph, i, others[0]) and graph.tensors[i].shape[-1] % 16 == 0
                     for i in concat.inputs):
         return list(concat.inputs), add.outputs[0], activation, [concat.index]
+    relu = _following_relu(graph, add, consumers)
+    if relu is not None and activation == 0 and op.name != "CONCATENATION" and not int8:
+        return others, relu.outputs[0], _RELU, [relu.index]
     return others, add.outputs[0], activation, []
+
+
+_RELU = 1  # TFLite's fused activation code for RELU
+
+
+def _following_relu(graph: Graph, op, consumers: dict):
+    """The RELU alone reading ``op``'s float32 output (not a graph output), else None: the op's pass
+    can clamp its output as the RELU does (MediaPipe's BlazeFace blocks end in ``ADD`` then
+    ``RELU``)."""
+    out = op.outputs[0]
+    readers = consumers.get(out, [])
+    if out in graph.outputs or len(readers) != 1 or readers[0].name != "RELU" \
+            or graph.tensors[out].dtype != np.float32:
+        return None
+    return readers[0]
 
 
 def _following_max_pool(graph: Graph, tensor: int, consumers: dict) -> Optional[tuple]:
