@@ -74,7 +74,7 @@ def test_blazeface_files_run_on_the_runtime_as_tflite_runs_them(name):
     """MediaPipe's face detectors (float16 weights read through DEQUANTIZE, depthwise 5x5
     convolutions, channel PADs, RESHAPEs, the full-range one's bilinear upsampling, boxes and scores
     as two outputs): each output of a batch of two matches TFLite's interpreter image by image to
-    float32 rounding (each RELU after an ADD done in the convolution's pass); ``predict`` gives
+    float32 rounding (each RELU done in the pass of the convolution before it); ``predict`` gives
     the first output."""
     path = _detector_file(name)
     graph = read_graph(open(path, "rb").read(), path)
@@ -97,11 +97,13 @@ def test_blazeface_files_run_on_the_runtime_as_tflite_runs_them(name):
         for got, expected in ((image_boxes, want[0]), (image_scores, want[1])):
             np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
     np.testing.assert_array_equal(engine.predict(images), boxes)
-    # each RELU after an ADD is that ADD's clamp (done in the convolution's pass): not a step
+    # each RELU, after an ADD or a convolution, is their clamp in the convolution's pass: no step
     producer = {o: op for op in graph.operators for o in op.outputs}
-    after_add = sum(op.name == "RELU" and producer[op.inputs[0]].name == "ADD" for op in graph.operators)
+    after = [producer[op.inputs[0]].name for op in graph.operators if op.name == "RELU"]
     steps = [name for name, _, _ in engine.profile(images[:1])]
-    assert after_add > 0 and steps.count("RELU") == sum(op.name == "RELU" for op in graph.operators) - after_add
+    assert after.count("ADD") > 0 and after.count("ADD") + after.count("CONV_2D") == len(after)
+    assert "RELU" not in steps and steps.count("CONV_2D+ADD+RELU") == after.count("ADD")
+    assert steps.count("CONV_2D+RELU") == after.count("CONV_2D")
     empty = engine.predict_outputs(images[:0])
     assert [e.shape for e in empty] == [(0,) + boxes.shape[1:], (0,) + scores.shape[1:]]
 

@@ -329,6 +329,9 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
          "BN+CONV_2D+MAX_POOL_2D": "float convolutions", "BN+CONV_2D+ADD+MAX_POOL_2D": "float convolutions",
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
          "LceDequantize": "bit-packing (with fused batch norm)"}
+# a float convolution (after its ADD, where one is done) that also does the RELU reading it
+PARTS.update({label.replace("CONV_2D+ADD" if "+ADD" in label else "CONV_2D", "CONV_2D+ADD+RELU" if "+ADD" in label
+                            else "CONV_2D+RELU"): part for label, part in PARTS.items() if part == "float convolutions"})
 # a float convolution that also packs its output for the LceQuantize reading it (_packed_outputs)
 PARTS.update({label + "+LceQuantize": part for label, part in PARTS.items() if part == "float convolutions"})
 # an int8 file's convolution that quantises its float input as it reads it
@@ -556,6 +559,16 @@ class Engine:
             deferred[consumers[op.outputs[0]][0].index] = op
             folded.add(op.index)
             folded.update(add[3])
+        # a float CONV_2D without activation read only by a RELU: that RELU's clamp in its pass (as a
+        # residual of no tensors), and the RELU no step (MediaPipe's full-range BlazeFace)
+        for op in graph.operators:
+            relu = _following_relu(graph, op, consumers) if op.name == "CONV_2D" else None
+            if relu is not None and op.index not in folded and op.index not in residuals and relu.index not in folded \
+                    and op.options.FusedActivationFunction() == 0 and graph.tensors[op.inputs[0]].dtype == np.float32:
+                residuals[op.index] = ([], relu.outputs[0], _RELU)
+                folded.add(relu.index)
+        relus = {index for index, (_, target, _) in residuals.items()
+                 if graph.tensors[target].dtype == np.float32 and producers[target].name == "RELU"}
         # LceBconv2d index -> (output, channel offset, channels, residual or None): convolutions
         # writing their channels of a concatenation (+ ADD) themselves, which has no step of its own
         intos = {}
@@ -643,7 +656,7 @@ class Engine:
         self._packs, self._intos, self._max_pools = set(packs), intos, max_pools
         self._row_packs = set(row_packs)
         # after which step each activation is read for the last time (then its buffer is reused)
-        self._residuals = residuals
+        self._residuals, self._relus = residuals, relus
         last_read = {}
         for position, op in enumerate(step_ops):
             reads = [fused[op.index][0]] if op.index in fused else \
@@ -821,7 +834,8 @@ class Engine:
                 raise MemoryError(f"{self.graph.name}: operator {op.index} ({op.name}) on {len(images)} images: "
                                   f"{error}") from error
             if times is not None:
-                label = op.name + ("+ADD" if op.index in self._residuals else "")
+                label = op.name + ("+ADD" if self._residuals.get(op.index, ((),))[0] else "")
+                label += "+RELU" if op.index in self._relus else ""
                 label += "+LceQuantize" if op.index in self._packs else ""
                 if op.index in self._intos:
                     label += "+CONCATENATION" + ("+ADD" if self._intos[op.index][3] is not None else "")

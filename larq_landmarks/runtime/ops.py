@@ -407,7 +407,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     """Float convolution with bias and fused activation. ``residual``, ``target`` and
     ``add_activation`` fuse the ADD that follows a convolution without activation: ``target =
     clamp(conv + residual)``, rounded as the two ops round, where ``residual`` lists the tensors
-    whose channels, concatenated, are added (a CONCATENATION folded in). ``input_affine`` =
+    whose channels, concatenated, are added (a CONCATENATION folded in; none: only the clamp, as a
+    RELU after the convolution). ``input_affine`` =
     ``(source, multiplier or None, bias or None, activation code)`` folds the per-channel MUL / ADD
     (with its fused activation) of a batch norm before the convolution: it reads ``source`` and
     applies them to each pixel as it is read. ``precision`` (``Engine``'s ``float_precision``):
