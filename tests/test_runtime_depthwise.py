@@ -110,8 +110,9 @@ def test_blazeface_files_run_on_the_runtime_as_tflite_runs_them(name):
 
 def test_resize_bilinear_matches_tensorflow(tmp_path):
     """RESIZE_BILINEAR in each of TensorFlow's conventions (half-pixel centres, aligned corners,
-    neither), up and down, by ratios that are not whole: a batch of two against
-    ``tf.raw_ops.ResizeBilinear`` and TFLite's interpreter, to float32 rounding."""
+    neither), up and down, by ratios that are not whole, on every kernel path, 1 and 2 threads: a
+    batch of two against ``tf.raw_ops.ResizeBilinear`` and TFLite's interpreter, to float32
+    rounding."""
     conventions = [((8, 3), False, True), ((9, 13), True, False), ((2, 14), False, False)]
 
     @tf.function(input_signature=[tf.TensorSpec((1, 5, 7, 3), tf.float32)])
@@ -126,7 +127,8 @@ def test_resize_bilinear_matches_tensorflow(tmp_path):
     assert [op.name for op in graph.operators] == ["RESIZE_BILINEAR"] * 3
     images = np.random.default_rng(4).standard_normal((2, 5, 7, 3)).astype(np.float32)
     images[1, 2, 3] = [1e3, -1e3, 0.0]
-    got = Engine(str(path)).predict_outputs(images)
+    runs = [Engine(str(path), num_threads=threads, kernels=kernels).predict_outputs(images)
+            for kernels in PATHS for threads in (1, 2)]
     interpreter = tf.lite.Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     for index, image in enumerate(images):
@@ -134,13 +136,15 @@ def test_resize_bilinear_matches_tensorflow(tmp_path):
         interpreter.invoke()
         from_tflite = sorted((interpreter.get_tensor(d["index"])[0] for d in interpreter.get_output_details()),
                              key=lambda a: a.shape)
-        for out, (size, align, half) in zip(got, conventions):
+        for position, (size, align, half) in enumerate(conventions):
             want = tf.raw_ops.ResizeBilinear(images=image[None], size=size, align_corners=align,
                                              half_pixel_centers=half).numpy()[0]
-            assert out.shape == (2, *size, 3)
-            np.testing.assert_allclose(out[index], want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=str(size))
             tflite_out = next(a for a in from_tflite if a.shape == want.shape)
-            np.testing.assert_allclose(out[index], tflite_out, rtol=0, atol=1e-6 * np.abs(want).max())
+            for got in runs:
+                out = got[position]
+                assert out.shape == (2, *size, 3)
+                np.testing.assert_allclose(out[index], want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=str(size))
+                np.testing.assert_allclose(out[index], tflite_out, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
 def test_a_sparse_file_is_refused_naming_its_tensor():

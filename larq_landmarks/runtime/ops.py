@@ -812,25 +812,25 @@ def _bilinear_taps(size_in: int, size_out: int, align_corners: bool, half_pixel:
 
 def resize_bilinear(graph: Graph, op: Operator, kernels) -> Run:
     """RESIZE_BILINEAR of a float32 tensor to the constant size of its second input (as MediaPipe's
-    full-range BlazeFace upsamples): along the rows, then along the columns, each output value the
-    two nearest source values weighted by distance. Array operations of the kernels' array module."""
+    full-range BlazeFace upsamples): each output value the two nearest source values along the
+    rows, then along the columns, weighted by distance (:func:`_bilinear_taps`). On the CPU
+    kernels only."""
     _check_float(graph, op)
+    if not hasattr(kernels, "resize_bilinear"):
+        raise _unsupported(graph, op, "bilinear resizing on these kernels (the CPU kernels run it)")
     size = _constant(graph, op, 1).reshape(-1)
     align, half = bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters())
     source, target = op.inputs[0], op.outputs[0]
-    taps: Dict[tuple, tuple] = {}  # input (height, width) -> each axis's taps, on the kernels' device
+    taps: Dict[tuple, tuple] = {}  # input (height, width) -> the rows' taps, then the columns'
 
     def run(values):
         x = values[source]
         batch, height, width, channels = x.shape
         if (height, width) not in taps:
-            rows, cols = (_bilinear_taps(n, int(m), align, half) for n, m in ((height, size[0]), (width, size[1])))
-            weights = (rows[0], rows[1], rows[2][:, None, None], cols[0], cols[1], cols[2][:, None])
-            taps[height, width] = tuple(_on_device(kernels, a) for a in weights)
-        top, bottom, down, left, right, across = taps[height, width]
-        along_rows = x[:, top] * (1 - down) + x[:, bottom] * down
+            taps[height, width] = _bilinear_taps(height, int(size[0]), align, half) + \
+                _bilinear_taps(width, int(size[1]), align, half)
         out = values.alloc((batch, int(size[0]), int(size[1]), channels), np.float32)
-        out[...] = along_rows[:, :, left] * (1 - across) + along_rows[:, :, right] * across
+        kernels.resize_bilinear(x, *taps[height, width], out)
         values[target] = out
 
     return run

@@ -3301,6 +3301,53 @@ static void resize_nearest(Array<float> input, Array<int32_t> rows, Array<int32_
   });
 }
 
+// RESIZE_BILINEAR: each output value from the two source rows top[y] and bottom[y] (weights 1 -
+// down[y] and down[y]) and, in them, the two columns left[x] and right[x] (1 - across[x] and
+// across[x]), summed along the rows first, then along the columns (the taps are TFLite's, as
+// ops._bilinear_taps computes them).
+static void resize_bilinear(Array<float> input, Array<int32_t> top, Array<int32_t> bottom, Array<float> down,
+                            Array<int32_t> left, Array<int32_t> right, Array<float> across, py::array output) {
+  if (input.ndim() != 4) throw std::invalid_argument("resize_bilinear: the input must be 4-d");
+  float* y = checked_data<float>(output, 4, true, "resize_bilinear output");
+  const int batch = static_cast<int>(input.shape(0)), height = static_cast<int>(input.shape(1));
+  const int width = static_cast<int>(input.shape(2)), channels = static_cast<int>(input.shape(3));
+  const int out_h = static_cast<int>(output.shape(1)), out_w = static_cast<int>(output.shape(2));
+  if (top.size() != out_h || bottom.size() != out_h || down.size() != out_h || left.size() != out_w ||
+      right.size() != out_w || across.size() != out_w || output.shape(0) != batch || output.shape(3) != channels)
+    throw std::invalid_argument("resize_bilinear: shapes");
+  const int32_t *t = top.data(), *bt = bottom.data(), *l = left.data(), *rt = right.data();
+  for (int i = 0; i < out_h; ++i)
+    if (t[i] < 0 || t[i] >= height || bt[i] < 0 || bt[i] >= height)
+      throw std::invalid_argument("resize_bilinear: row index");
+  for (int i = 0; i < out_w; ++i)
+    if (l[i] < 0 || l[i] >= width || rt[i] < 0 || rt[i] >= width)
+      throw std::invalid_argument("resize_bilinear: column index");
+  const float* x = input.data();
+  const float* dn = down.data();
+  const float* ac = across.data();
+  const int64_t row = static_cast<int64_t>(width) * channels;
+  py::gil_scoped_release release;
+  pool().parallel_for(batch * out_h, [&](int r0, int r1) {
+    static thread_local std::vector<float> along;  // the output row's source row, summed along the rows
+    along.resize(static_cast<size_t>(row));
+    float* __restrict mixed = along.data();
+    for (int r = r0; r < r1; ++r) {
+      const int b = r / out_h, oy = r % out_h;
+      const float* __restrict upper = x + (static_cast<int64_t>(b) * height + t[oy]) * row;
+      const float* __restrict lower = x + (static_cast<int64_t>(b) * height + bt[oy]) * row;
+      const float d = dn[oy], e = 1.0f - d;
+      for (int64_t j = 0; j < row; ++j) mixed[j] = upper[j] * e + lower[j] * d;
+      float* __restrict dst = y + static_cast<int64_t>(r) * out_w * channels;
+      for (int ox = 0; ox < out_w; ++ox, dst += channels) {
+        const float* p = mixed + static_cast<int64_t>(l[ox]) * channels;
+        const float* q = mixed + static_cast<int64_t>(rt[ox]) * channels;
+        const float g = ac[ox], h = 1.0f - g;
+        for (int c = 0; c < channels; ++c) dst[c] = p[c] * h + q[c] * g;
+      }
+    }
+  });
+}
+
 // The heatmaps' peaks, as runtime.decoding computes them in NumPy (bit for bit): for each image b and
 // map k of heatmaps (B, H, W, K), the pixel of its largest value (the first in row-major order on a
 // tie; the first NaN where there is one, as numpy.argmax), moved a quarter pixel towards the larger
@@ -3536,6 +3583,8 @@ PYBIND11_MODULE(RUNTIME_MODULE, m) {
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("input"), py::arg("filters"), py::arg("bias"),
         py::arg("geometry"), py::arg("lo"), py::arg("hi"), py::arg("output"));
   m.def("concat_channels", &concat_channels);
+  m.def("resize_bilinear", &resize_bilinear, py::arg("input"), py::arg("top"), py::arg("bottom"), py::arg("down"),
+        py::arg("left"), py::arg("right"), py::arg("across"), py::arg("output"));
   m.def("resize_nearest", &resize_nearest, py::arg("input"), py::arg("rows"), py::arg("cols"), py::arg("residual"),
         py::arg("lo"), py::arg("hi"), py::arg("output"), py::arg("packed") = py::none(),
         py::arg("pack_multiplier") = py::array_t<float>(0),
