@@ -443,7 +443,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     filters = _constant(graph, op, 1, np.float32)
     cout, fh, fw, cin = filters.shape
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 else np.zeros(cout, np.float32)
-    sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
+    # (the options read here, once: a field of the flatbuffer costs microseconds a read in Python)
+    sh, sw, dh, dw, conv_padding = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor(), o.Padding()
     requantize, input_range = None, None
     if codes is not None:
         weight_quantization, out_codes = graph.tensors[op.inputs[1]].quantization, _codes(graph, op, op.outputs[0])
@@ -505,8 +506,8 @@ def conv_2d(graph: Graph, op: Operator, kernels, residual: Optional[List[int]] =
     def run(values):
         x = values[source]
         batch, height, width, _ = x.shape
-        out_h, pad_top = _same_padding(height, fh, sh, dh, o.Padding())
-        out_w, pad_left = _same_padding(width, fw, sw, dw, o.Padding())
+        out_h, pad_top = _same_padding(height, fh, sh, dh, conv_padding)
+        out_w, pad_left = _same_padding(width, fw, sw, dw, conv_padding)
         args = (x, weights, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high,
                 [] if residual is None else [values[i] for i in residual], in_mul, in_bias, in_low, in_high)
         if max_pool is None:
@@ -711,7 +712,7 @@ def _pool(graph: Graph, op: Operator, kernels, kind: int, pack: Optional[tuple] 
     codes = _codes(graph, op, op.inputs[0])
     _check_float(graph, op, int8=True)
     o = op.options
-    fh, fw, sh, sw = o.FilterHeight(), o.FilterWidth(), o.StrideH(), o.StrideW()
+    fh, fw, sh, sw, padding = o.FilterHeight(), o.FilterWidth(), o.StrideH(), o.StrideW(), o.Padding()
     low, high = _activation(graph, op, o.FusedActivationFunction())
     source, target = op.inputs[0], op.outputs[0]
     rounding = None
@@ -729,8 +730,8 @@ def _pool(graph: Graph, op: Operator, kernels, kind: int, pack: Optional[tuple] 
     def run(values):
         x = values[source]
         batch, height, width, channels = x.shape
-        out_h, pad_top = _same_padding(height, fh, sh, 1, o.Padding())
-        out_w, pad_left = _same_padding(width, fw, sw, 1, o.Padding())
+        out_h, pad_top = _same_padding(height, fh, sh, 1, padding)
+        out_w, pad_left = _same_padding(width, fw, sw, 1, padding)
         out = values.alloc((batch, out_h, out_w, channels), np.float32)
         kernels.pool2d(x, [fh, fw, sh, sw, pad_top, pad_left], kind, low, high, out, **packing(values, out.shape))
         if rounding is not None:
@@ -851,15 +852,15 @@ def depthwise_conv_2d(graph: Graph, op: Operator, kernels) -> Run:
     filters = np.ascontiguousarray(filters[0])
     bias = _constant(graph, op, 2, np.float32) if len(op.inputs) > 2 and op.inputs[2] >= 0 \
         else np.zeros(channels, np.float32)
-    sh, sw, dh, dw = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor()
+    sh, sw, dh, dw, padding = o.StrideH(), o.StrideW(), o.DilationHFactor(), o.DilationWFactor(), o.Padding()
     low, high = _activation(graph, op, o.FusedActivationFunction())
     source, target = op.inputs[0], op.outputs[0]
 
     def run(values):
         x = values[source]
         batch, height, width, _ = x.shape
-        out_h, pad_top = _same_padding(height, fh, sh, dh, o.Padding())
-        out_w, pad_left = _same_padding(width, fw, sw, dw, o.Padding())
+        out_h, pad_top = _same_padding(height, fh, sh, dh, padding)
+        out_w, pad_left = _same_padding(width, fw, sw, dw, padding)
         out = values.alloc((batch, out_h, out_w, channels), np.float32)
         kernels.depthwise_conv2d(x, filters, bias, [fh, fw, sh, sw, dh, dw, pad_top, pad_left], low, high, out)
         values[target] = out
