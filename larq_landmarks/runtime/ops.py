@@ -4,7 +4,8 @@ inputs from ``values`` (a list indexed by tensor) and stores its outputs there.
 
 Semantics follow TFLite's reference kernels and LCE's op definitions (``LceQuantize``,
 ``LceDequantize``, ``LceBconv2d``: bit set = negative, padding bits 0, float output
-``float(clamp(2 * acc)) * -m + (b + K * m)``, bit-packed output ``acc > threshold``).
+``float(clamp(2 * acc)) * -m + (b + K * m)``, the product rounded before the sum as LCE's kernels
+round it, bit-packed output ``acc > threshold``).
 
 An int8 tensor (a file converted with ``export.convert(..., int8_calibration=...)``) is held as its
 codes, ``q - zero point``, in float32: integers, which the float kernels move, compare, pool and

@@ -836,7 +836,10 @@ static inline __m256 rounded(__m256 v, float lo, float hi) {  // v finite; trunc
 
 // a * b rounded to a float before anything is added to it: the asm hides the product, which the
 // compiler would otherwise contract with a following add into one FMA (GCC's -ffp-contract=fast),
-// so that the bits a convolution packs for the next layer are those a separate LceQuantize packs.
+// so that the bits a convolution packs for the next layer are those a separate LceQuantize packs,
+// and a binary convolution's float output is LCE's (float(acc) * multiplier, then + bias: its
+// aarch64 kernels' fmul and fadd; one FMA instead flips the sign of outputs near zero, which the
+// next binary layer reads).
 template <typename T>
 static inline T rounded_product(T a, T b) {
   T product = a * b;
@@ -1014,8 +1017,7 @@ static inline __attribute__((always_inline)) void bconv2d_block(const BinaryConv
       if (p >= count) break;
       __m512i v = a[p][j];
       if (c.clamped) v = _mm512_min_epi32(_mm512_max_epi32(_mm512_slli_epi32(v, 1), lo), hi);
-      __m512 y = Codes ? _mm512_add_ps(rounded_product(_mm512_cvtepi32_ps(v), mul), add)  // see output_zero_point
-                       : _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), mul, add);
+      __m512 y = _mm512_add_ps(rounded_product(_mm512_cvtepi32_ps(v), mul), add);  // see output_zero_point
       if (Codes) y = _mm512_sub_ps(rounded(y, -128.0f, 127.0f), _mm512_set1_ps(c.code_zero));
       __m512 stored = y;
       if (residual) {
@@ -1110,15 +1112,14 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
         uint32_t* bits = c.next_bits ? reinterpret_cast<uint32_t*>(c.next_bits + (first + p) * out_words) : nullptr;
         int ch = c0;
 #if defined(__AVX2__)
-        // 8 channels a vector, as the scalar loop below computes them (its product and bias are one
-        // FMA too: GCC contracts them)
+        // 8 channels a vector, as the scalar loop below computes them (the product rounded before
+        // the bias is added, as LCE's kernels do: its aarch64 ones by fmul then fadd)
         const __m256i lo = _mm256_set1_epi32(c.clamp_min), hi = _mm256_set1_epi32(c.clamp_max);
         for (; ch + 8 <= c_end; ch += 8) {
           __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[p] + ch - c0));
           if (c.clamped) v = _mm256_min_epi32(_mm256_max_epi32(_mm256_slli_epi32(v, 1), lo), hi);
           const __m256 mul = _mm256_loadu_ps(c.multiplier + ch), add = _mm256_loadu_ps(c.bias + ch);
-          __m256 y = Codes ? _mm256_add_ps(rounded_product(_mm256_cvtepi32_ps(v), mul), add)  // output_zero_point
-                           : _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), mul, add);
+          __m256 y = _mm256_add_ps(rounded_product(_mm256_cvtepi32_ps(v), mul), add);  // output_zero_point
           if (Codes) y = _mm256_sub_ps(rounded(y, -128.0f, 127.0f), _mm256_set1_ps(c.code_zero));
           __m256 stored = y;
           if (r)
@@ -1138,8 +1139,7 @@ static inline void bconv2d_tile(const BinaryConvCall& c, const int32_t* const* b
         for (; ch < c_end; ++ch) {
           const int32_t a = acc[p][ch - c0];
           const int32_t v = c.clamped ? std::min(std::max(a * 2, c.clamp_min), c.clamp_max) : a;
-          float y = Codes ? rounded_product(static_cast<float>(v), c.multiplier[ch]) + c.bias[ch]  // output_zero_point
-                          : static_cast<float>(v) * c.multiplier[ch] + c.bias[ch];
+          float y = rounded_product(static_cast<float>(v), c.multiplier[ch]) + c.bias[ch];  // output_zero_point
           if (Codes) y = rounded(y, -128.0f, 127.0f) - c.code_zero;
           if (r)
             o[ch] = Codes ? added_codes(y, r[ch], c.part_scale, c.residual_scale, c.sum_lo, c.sum_hi) : y + r[ch];

@@ -1,7 +1,8 @@
 // The bit-packed runtime's CUDA kernels, compiled at run time by NVRTC through CuPy's RawModule
 // (larq_landmarks/runtime/cuda.py); no TensorFlow and no build step. Semantics are those of the
 // C++ kernels beside this file (kernels.cpp) and of LCE's ops: bit set = negative, padding bits
-// 0, accumulator = XOR popcount, float output float(clamp(2 * acc)) * multiplier + bias,
+// 0, accumulator = XOR popcount, float output float(clamp(2 * acc)) * multiplier + bias (the
+// product rounded before the bias is added, as LCE's kernels and the C++ ones compute it),
 // bit-packed output acc > threshold.
 //
 // The binary convolution is an implicit GEMM: rows are output pixels, columns output channels,
@@ -285,7 +286,7 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
       const float residuals[4] = {residual.x, residual.y, residual.z, residual.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        v[j] = fmaf((float)min(max(2 * count[j], g.clamp_min), g.clamp_max), mul[j], add[j]);
+        v[j] = __fadd_rn(__fmul_rn((float)min(max(2 * count[j], g.clamp_min), g.clamp_max), mul[j]), add[j]);
         stored[j] = g.has_residual ? __fadd_rn(v[j], residuals[j]) : v[j];
       }
       store_float4(reinterpret_cast<float*>(g.out) + at, make_float4(stored[0], stored[1], stored[2], stored[3]));
@@ -493,7 +494,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     } else {
       float value = 0.0f;
       if (valid) {
-        value = fmaf((float)min(max(2 * xor_count, g.clamp_min), g.clamp_max), mul, add);
+        value = __fadd_rn(__fmul_rn((float)min(max(2 * xor_count, g.clamp_min), g.clamp_max), mul), add);
         const i64 at = mr * g.out_stride + g.out_offset + c;
         reinterpret_cast<float*>(g.out)[at] = g.has_residual ? __fadd_rn(value, g.residual[at]) : value;
       }
