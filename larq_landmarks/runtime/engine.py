@@ -102,8 +102,8 @@ def _following_add(graph: Graph, op, producers, consumers):
     """For a channel CONCATENATION, a RESIZE_NEAREST_NEIGHBOR or a CONV_2D without activation
     read only by an ADD of a same-shape activation: ``(the tensors added, the ADD's output, the
     ADD's activation, ops folded in)``, else None (a float ADD without activation read only by a
-    RELU takes the RELU's output and clamp, the RELU folded in); the op and the ADD are then one pass, run where
-    the ADD was (the other tensor may be computed after the op, as an hourglass's skip branch
+    RELU gives the RELU's output and clamp, the RELU folded in); the op and the ADD are then one
+    pass, run where the ADD was (the other tensor may be computed after the op, as an hourglass's skip branch
     after its upsampling). For a CONV_2D the tensor added may be a channel CONCATENATION read only
     by the ADD: its parts are then added directly and the concatenation is folded in too. In an
     int8 file a CONCATENATION (its binary convolutions then do the int8 ADD), a
@@ -329,9 +329,10 @@ PARTS = {"LceBconv2d": "binary convolutions", "LceBconv2d+LceQuantize": "binary 
          "BN+CONV_2D+MAX_POOL_2D": "float convolutions", "BN+CONV_2D+ADD+MAX_POOL_2D": "float convolutions",
          "LceQuantize": "bit-packing (with fused batch norm)", "BN+LceQuantize": "bit-packing (with fused batch norm)",
          "LceDequantize": "bit-packing (with fused batch norm)"}
-# a float convolution (after its ADD, where one is done) that also does the RELU reading it
-PARTS.update({label.replace("CONV_2D+ADD" if "+ADD" in label else "CONV_2D", "CONV_2D+ADD+RELU" if "+ADD" in label
-                            else "CONV_2D+RELU"): part for label, part in PARTS.items() if part == "float convolutions"})
+# a float convolution that also does the RELU reading its output (the ADD's, where one is done)
+PARTS.update({label.replace("CONV_2D+ADD", "CONV_2D+ADD+RELU") if "+ADD" in label else
+              label.replace("CONV_2D", "CONV_2D+RELU"): part for label, part in PARTS.items()
+              if part == "float convolutions"})
 # a float convolution that also packs its output for the LceQuantize reading it (_packed_outputs)
 PARTS.update({label + "+LceQuantize": part for label, part in PARTS.items() if part == "float convolutions"})
 # an int8 file's convolution that quantises its float input as it reads it
@@ -567,8 +568,7 @@ class Engine:
                     and op.options.FusedActivationFunction() == 0 and graph.tensors[op.inputs[0]].dtype == np.float32:
                 residuals[op.index] = ([], relu.outputs[0], _RELU)
                 folded.add(relu.index)
-        relus = {index for index, (_, target, _) in residuals.items()
-                 if graph.tensors[target].dtype == np.float32 and producers[target].name == "RELU"}
+        relus = {index for index, (_, target, _) in residuals.items() if producers[target].name == "RELU"}
         # LceBconv2d index -> (output, channel offset, channels, residual or None): convolutions
         # writing their channels of a concatenation (+ ADD) themselves, which has no step of its own
         intos = {}
@@ -834,7 +834,8 @@ class Engine:
                 raise MemoryError(f"{self.graph.name}: operator {op.index} ({op.name}) on {len(images)} images: "
                                   f"{error}") from error
             if times is not None:
-                label = op.name + ("+ADD" if self._residuals.get(op.index, ((),))[0] else "")
+                added = self._residuals.get(op.index, ([],))[0]  # (none where only a RELU is done)
+                label = op.name + ("+ADD" if added else "")
                 label += "+RELU" if op.index in self._relus else ""
                 label += "+LceQuantize" if op.index in self._packs else ""
                 if op.index in self._intos:
