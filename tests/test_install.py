@@ -1,13 +1,17 @@
-"""The README's install, as a newcomer runs it: a new venv with the pip and setuptools that
-``python3 -m venv`` gives, ``pip install -e .`` and then ``pip install -e ".[test]"`` over it,
-then a wheel. Every subpackage imports each time and the named configurations are found.
+"""How this package installs: the README's editable install (the environment the suite runs in:
+CI makes it with the README's two commands, ``pip install -e .`` then ``pip install -e ".[test]"``
+over it, in a fresh venv) and a wheel built and installed into a new venv with the pip and
+setuptools that ``python3 -m venv`` gives. Every subpackage imports from outside the checkout each
+time and the named configurations are found.
 
-The heavy dependencies (TensorFlow, Larq, ...) are not downloaded again: a ``.pth`` file makes the
-test environment's site-packages visible at the end of the new venv's path, so pip finds them
-installed. What is tested is how *this* package installs."""
+The wheel's venv does not download the heavy dependencies (TensorFlow, Larq, ...) again: a ``.pth``
+file makes the test environment's site-packages visible at the end of its path, so pip finds them
+installed. The kernels are compiled once here (the wheel); CI's own install compiled them for the
+editable one."""
 import glob
-import shutil
 import importlib.util
+import json
+import shutil
 import os
 import platform
 import subprocess
@@ -46,36 +50,53 @@ def _run(command, cwd):
     return result.stdout
 
 
-@pytest.mark.slow
-def test_readme_install_twice_then_wheel_imports_every_subpackage(tmp_path):
+def _expected_configs():
+    return sorted(os.path.basename(p)[: -len(".json")] for p in glob.glob(os.path.join(ROOT, "models", "*.json")))
+
+
+def _imports_everything(python, work):
+    """IMPORT_ALL's report from ``python`` run in folder ``work``, checked: every subpackage, each
+    kernel build, the named configurations."""
+    found = json.loads(_run([python, "-c", IMPORT_ALL], str(work)).splitlines()[-1])
+    assert found["configs"] == _expected_configs()
+    assert {"larq_landmarks.datasets", "larq_landmarks.detection", "larq_landmarks.cli"} <= set(found["modules"])
+    assert {f"larq_landmarks.runtime._kernels_{path}" for path in KERNEL_PATHS} <= set(found["modules"])
+    return found
+
+
+@pytest.mark.slow  # a new Python importing TensorFlow and every module (10 s)
+def test_this_install_imports_every_subpackage_from_elsewhere(tmp_path):
+    """The install the suite runs in, from a folder outside the checkout as a user's script runs:
+    installed editable from this checkout (the README's commands), its named configurations are
+    the checkout's models/ folder, through setup.py's package_dir (``setup.py develop``, which
+    old pips fell back to, ignored it and lost them)."""
+    import larq_landmarks
+
+    found = _imports_everything(sys.executable, tmp_path)
+    if os.path.samefile(os.path.dirname(os.path.dirname(larq_landmarks.__file__)), ROOT):
+        assert os.path.samefile(found["named_models"], os.path.join(ROOT, "models"))
+    else:  # installed as a wheel
+        assert os.path.samefile(found["named_models"], os.path.join(os.path.dirname(larq_landmarks.__file__),
+                                                                    "named_models"))
+
+
+@pytest.mark.slow  # builds the package: the kernels compiled four times (one per instruction set)
+def test_wheel_installs_into_a_new_venv_and_imports_every_subpackage(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], ROOT)
     python = str(venv / "bin" / "python")
     site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], ROOT).strip()
     with open(os.path.join(site, "outer_site_packages.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    expected = sorted(os.path.basename(p)[: -len(".json")] for p in glob.glob(os.path.join(ROOT, "models", "*.json")))
     work = tmp_path / "elsewhere"  # import from outside the checkout, as a user's script does
     work.mkdir()
-
-    import json
-
-    for extra in (".", ".[test]"):  # the README's two commands, in order, into the same venv
-        _run([python, "-m", "pip", "install", "--no-input", "-e", extra], ROOT)
-        found = json.loads(_run([python, "-c", IMPORT_ALL], str(work)).splitlines()[-1])
-        assert found["configs"] == expected
-        assert os.path.samefile(found["named_models"], os.path.join(ROOT, "models"))
-        assert {"larq_landmarks.datasets", "larq_landmarks.detection", "larq_landmarks.cli"} <= set(found["modules"])
-        assert {f"larq_landmarks.runtime._kernels_{path}" for path in KERNEL_PATHS} <= set(found["modules"])
-
     dist = tmp_path / "dist"
     _run([python, "-m", "pip", "wheel", "--no-deps", "--no-input", "-w", str(dist), "."], ROOT)
     wheel = glob.glob(str(dist / "larq_landmarks-*.whl"))[0]
     inside = zipfile.ZipFile(wheel).namelist()
-    assert {f"larq_landmarks/named_models/{name}.json" for name in expected} <= set(inside)
+    assert {f"larq_landmarks/named_models/{name}.json" for name in _expected_configs()} <= set(inside)
     _run([python, "-m", "pip", "install", "--no-deps", "--force-reinstall", wheel], ROOT)
-    found = json.loads(_run([python, "-c", IMPORT_ALL], str(work)).splitlines()[-1])
-    assert found["configs"] == expected
+    found = _imports_everything(python, work)
     assert found["named_models"].startswith(site)  # the installed copy, not the checkout
 
 
@@ -108,7 +129,7 @@ def test_each_instruction_set_compiles_into_an_object_file_of_its_own(monkeypatc
     assert all("larq_landmarks/runtime/csrc/kernels.cpp" in module.depends for module in modules)
 
 
-@pytest.mark.slow  # an install check: compiles the kernels four more times (19 s)
+@pytest.mark.slow  # an install check: compiles the kernels four more times (30-40 s)
 @pytest.mark.skipif(not sysconfig.get_platform().endswith(("x86_64", "amd64")) or shutil.which("g++") is None
                     or importlib.util.find_spec("pybind11") is None, reason="x86-64 with g++ and pybind11 only")
 def test_avx512_kernels_compile_without_bfloat16():
@@ -122,16 +143,16 @@ def test_avx512_kernels_compile_without_bfloat16():
     includes = ["-I" + sysconfig.get_paths()["include"], "-I" + pybind11.get_include()]
     flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mpopcnt"]
     source = os.path.join(ROOT, "larq_landmarks", "runtime", "csrc", "kernels_avx512bw.cpp")
-    for define in ([], ["-DLARQ_LANDMARKS_NO_BF16"], ["-DLARQ_LANDMARKS_NO_VNNI"],
+    # (with neither define they compile in every install: setup.py builds them)
+    for define in (["-DLARQ_LANDMARKS_NO_BF16"], ["-DLARQ_LANDMARKS_NO_VNNI"],
                    ["-DLARQ_LANDMARKS_NO_BF16", "-DLARQ_LANDMARKS_NO_VNNI"]):
         result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", *define, *flags, *includes, source],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
     source = os.path.join(ROOT, "larq_landmarks", "runtime", "csrc", "kernels_avx2.cpp")
-    for define in ([], ["-DLARQ_LANDMARKS_NO_VNNI"]):
-        result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", *define, "-mavx2", "-mfma", "-mpopcnt",
-                                 *includes, source], capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
+    result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-DLARQ_LANDMARKS_NO_VNNI", "-mavx2", "-mfma",
+                             "-mpopcnt", *includes, source], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or importlib.util.find_spec("pybind11") is None,
