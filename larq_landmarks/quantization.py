@@ -98,6 +98,9 @@ def activation_ranges(model: tf.keras.Model, images, batch_size: int = 1) -> Dic
     layers = _check_model(model)
     images = _check_images(model, images)
     probe = tf.keras.Model(model.inputs, [l.output for l in layers])
+    # one graph for every batch (eagerly, each image ran the model op by op: 0.25 s a 64x64 crop)
+    run = tf.function(lambda batch: probe(batch, training=False),
+                      input_signature=[tf.TensorSpec((None, *images.shape[1:]), tf.float32)])
     low: Dict[str, float] = {}
     high: Dict[str, float] = {}
 
@@ -108,7 +111,7 @@ def activation_ranges(model: tf.keras.Model, images, batch_size: int = 1) -> Dic
     norms = {l.name: _batch_norm_affine(l) for l in layers if isinstance(l, tf.keras.layers.BatchNormalization)}
     sums = [l for l in layers if isinstance(l, tf.keras.layers.Add) and len(_inputs_of(l)) > 2]
     for start in range(0, len(images), batch_size):
-        outputs = probe(images[start:start + batch_size], training=False)
+        outputs = run(tf.convert_to_tensor(images[start:start + batch_size], tf.float32))
         values = {l.name: o.numpy() for l, o in zip(layers, outputs if isinstance(outputs, list) else [outputs])}
         for name, value in values.items():
             widen(name, value)
