@@ -15,7 +15,7 @@ from larq_landmarks.layouts import FACE_PART_CLASSES
 from larq_landmarks.models import BinaryHourglass
 from larq_landmarks.predictor import Predictor
 
-SMALL = {"input_size": 64, "width": 32, "depth": 2, "batch_size": 4, "epochs": 2, "steps_per_epoch": 3, "quiet": True}
+SMALL = {"input_size": 64, "width": 32, "depth": 1, "batch_size": 4, "epochs": 2, "steps_per_epoch": 3, "quiet": True}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_train_writes_model_and_logs(trained):
 def test_train_distils_from_a_teacher_and_saves_the_student(trained, tmp_path):
     """--teacher: both stages train a Distiller; every model.keras written is the plain student."""
     teacher = tmp_path / "teacher.keras"
-    BinaryHourglass(68, width=32, input_size=64, depth=2, binary=False).save(teacher)
+    BinaryHourglass(68, width=32, input_size=64, depth=1, binary=False).save(teacher)
     config = tmp_path / "distil.json"
     config.write_text(json.dumps({"format": "300w", "data": str(trained / "train"), "teacher": str(teacher),
                                   "attention_weight": 0.01, **SMALL}))
@@ -55,7 +55,7 @@ def test_train_distils_from_a_teacher_and_saves_the_student(trained, tmp_path):
     assert [l for l in student.layers if getattr(l, "input_quantizer", None) is not None]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["options"]["attention_weight"] == 0.01
     pose = tmp_path / "pose.keras"
-    BinaryHourglass(16, width=32, input_size=64, depth=2, binary=False).save(pose)
+    BinaryHourglass(16, width=32, input_size=64, depth=1, binary=False).save(pose)
     config.write_text(json.dumps({"format": "300w", "data": str(trained / "train"), "teacher": str(pose), **SMALL}))
     with pytest.raises(SystemExit, match=r"--teacher .*pose.keras: student output .* and teacher output .* differ"):
         cli.main(["train", "--config", str(config), "--out", str(tmp_path / "other")])
@@ -86,7 +86,7 @@ def test_evaluate_prints_the_papers_tables_and_writes_json(trained, capsys, tmp_
     assert np.mean([float(r[3]) for r in rows]) == pytest.approx(table["NME inter-ocular %"], abs=1e-3)
     # a binary model and its real-valued twin on the same data: each one's tables, then side by side
     twin = tmp_path / "twin.keras"
-    BinaryHourglass(68, width=32, input_size=64, depth=2, binary=False).save(twin)
+    BinaryHourglass(68, width=32, input_size=64, depth=1, binary=False).save(twin)
     binary = str(trained / "run" / "model.keras")
     capsys.readouterr()
     assert cli.main(["evaluate", "--model", binary, str(twin), "--format", "300w", "--data", str(trained / "test"),
@@ -107,7 +107,7 @@ def test_evaluate_prints_the_papers_tables_and_writes_json(trained, capsys, tmp_
 def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
     writers.write_aflw2000(str(tmp_path / "aflw"), 6, seed=3, image_size=(120, 120))
     face = tmp_path / "face.keras"
-    BinaryHourglass(68, width=32, input_size=64, depth=2).save(face)
+    BinaryHourglass(68, width=32, input_size=64, depth=1).save(face)
     assert cli.main(["evaluate", "--model", str(face), "--format", "aflw2000", "--data", str(tmp_path / "aflw"),
                      "--per-image", str(tmp_path / "aflw.csv")]) == 0
     assert "[0,30] | [30,60] | [60,90] | mean" in capsys.readouterr().out
@@ -115,7 +115,7 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
         "model,image_path,nme_box_%,nme_inter_ocular_%,yaw_degrees"
     _, valid = writers.write_mpii_json(str(tmp_path / "mpii"), 8, seed=4, image_size=(120, 120))
     pose = tmp_path / "pose.keras"
-    BinaryHourglass(16, width=32, input_size=64, depth=2).save(pose)
+    BinaryHourglass(16, width=32, input_size=64, depth=1).save(pose)
     assert cli.main(["evaluate", "--model", str(pose), "--format", "mpii-json", "--data", valid, "--images",
                      str(tmp_path / "mpii" / "images"), "--per-image", str(tmp_path / "mpii.csv")]) == 0
     lines = (tmp_path / "mpii.csv").read_text().splitlines()
@@ -164,7 +164,7 @@ def test_evaluate_aflw2000_by_yaw_and_mpii_pckh(tmp_path, capsys):
 @pytest.mark.slow  # trains twice (23 s); the fast tier has test_training's SaveBestModel tests
 def test_train_scores_validation_data_after_each_epoch_and_keeps_the_best(trained, tmp_path, capsys):
     out = tmp_path / "run"
-    flags = ["--input-size", "64", "--width", "32", "--depth", "2", "--batch-size", "4", "--steps-per-epoch", "3",
+    flags = ["--input-size", "64", "--width", "32", "--depth", "1", "--batch-size", "4", "--steps-per-epoch", "3",
              "--quiet", "--format", "300w", "--data", str(trained / "train"), "--out", str(out)]
     assert cli.main(["train", *flags, "--epochs", "3", "--validation-data", str(trained / "test")]) == 0
     printed = capsys.readouterr().out
@@ -193,7 +193,7 @@ def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_wa
     root = tmp_path / "300W"
     writers.write_300w_folders(str(root), 2, seed=3, image_size=(96, 96))
     face = tmp_path / "face.keras"
-    BinaryHourglass(68, width=32, input_size=64, depth=2).save(face)
+    BinaryHourglass(68, width=32, input_size=64, depth=1).save(face)
     test = [str(root / "lfpw" / "testset"), str(root / "helen" / "testset"), str(root / "ibug"),
             str(root / "300W" / "01_Indoor"), str(root / "300W" / "02_Outdoor")]
     out, errors = tmp_path / "eval.json", tmp_path / "errors.csv"
@@ -257,7 +257,7 @@ def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_wa
 def test_segmentation_train_and_evaluate(trained, tmp_path, capsys):
     run = tmp_path / "seg"
     assert cli.main(["train", "--format", "300w", "--data", str(trained / "train"), "--task", "segmentation",
-                     "--out", str(run), "--input-size", "64", "--width", "32", "--depth", "2",
+                     "--out", str(run), "--input-size", "64", "--width", "32", "--depth", "1",
                      "--batch-size", "4", "--epochs", "1", "--steps-per-epoch", "2", "--quiet"]) == 0
     assert cli.main(["evaluate", "--model", str(run / "model.keras"), "--format", "300w", "--task", "segmentation",
                      "--data", str(trained / "test")]) == 0
@@ -572,7 +572,7 @@ def test_convert_int8_fine_tune_saves_the_fine_tuned_model_and_converts_it(train
     # a part segmentation model (7 output channels) fine-tunes on the part masks, with cross-entropy
     from larq_landmarks import models, training
 
-    parts = models.build_named("binary_hpm", 7, input_size=64, width=32, depth=2, task="segmentation")
+    parts = models.build_named("binary_hpm", 7, input_size=64, width=32, depth=1, task="segmentation")
     training.save_model(parts, str(tmp_path / "parts.keras"))
     assert cli.main(["convert", str(tmp_path / "parts.keras"), str(tmp_path / "parts_int8.tflite"), "--int8-calibration",
                      str(trained / "train"), "--format", "300w", "--calibration-count", "4", "--int8-fine-tune", "2",

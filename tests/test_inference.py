@@ -434,7 +434,7 @@ def test_heatmap_pck_keras_metric_matches_hand_computation():
 
 
 def test_keras_metrics_work_in_compile_and_evaluate_and_survive_saving(tmp_path):
-    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    model = BinaryHourglass(68, width=32, input_size=64, depth=1)
     model.compile(optimizer="rmsprop", loss="mse", metrics=[keras_metrics.HeatmapNME("heatmap_size")])
     images = np.random.default_rng(0).uniform(size=(4, 64, 64, 3)).astype(np.float32)
     targets = hm.render_heatmaps(np.full((4, 68, 2), 8.0, np.float32), np.ones((4, 68)), 16).numpy()
@@ -480,7 +480,7 @@ def test_landmark_overlay_puts_points_on_the_features(tmp_path):
 
 
 def test_heatmap_images_callback_writes_tensorboard_images(tmp_path):
-    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    model = BinaryHourglass(68, width=32, input_size=64, depth=1)
     model.compile(optimizer="rmsprop", loss="mse")
     images = np.random.default_rng(0).uniform(size=(4, 64, 64, 3)).astype(np.float32)
     targets = np.zeros((4, 16, 16, 68), np.float32)

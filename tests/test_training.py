@@ -205,7 +205,7 @@ def test_small_binary_model_learns_synthetic_faces(small_faces):
 @pytest.mark.slow
 def test_stacked_model_trains_on_repeated_targets(small_faces):
     images, points = small_faces
-    model = BinaryHourglass(68, num_stacks=2, width=32, input_size=64, depth=2)
+    model = BinaryHourglass(68, num_stacks=2, width=32, input_size=64, depth=1)
     training.compile_model(model, steps_per_epoch=2, epochs=1)
     data = training.for_stacks(_dataset(images[:32], points[:32]).batch(16), model)
     history = model.fit(data, epochs=1, verbose=0)
@@ -218,7 +218,7 @@ def test_stacked_model_trains_on_repeated_targets(small_faces):
 def test_interrupted_fit_resumes_after_last_finished_epoch(small_faces, tmp_path):
     images, points = small_faces
     data = _dataset(images[:32], points[:32]).batch(16)
-    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    model = BinaryHourglass(68, width=32, input_size=64, depth=1)
     training.compile_model(model)
 
     class Crash(tf.keras.callbacks.Callback):
@@ -233,7 +233,7 @@ def test_interrupted_fit_resumes_after_last_finished_epoch(small_faces, tmp_path
     assert saved.exists()  # written after epochs 0 and 1
 
     started = []
-    resumed = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    resumed = BinaryHourglass(68, width=32, input_size=64, depth=1)
     training.compile_model(resumed)
     record = tf.keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: started.append(e))
     resumed.fit(data, epochs=4, callbacks=training.training_callbacks(str(tmp_path)) + [record], verbose=0)
@@ -255,7 +255,7 @@ def test_best_validation_epoch_is_kept_and_a_resumed_run_compares_with_it(small_
 
     scores = {}
     record = tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: scores.setdefault(e, logs["val_nme"]))
-    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    model = BinaryHourglass(68, width=32, input_size=64, depth=1)
     training.compile_model(model, learning_rate=5e-3, metrics=training.validation_metrics("heatmaps", 68))
     with pytest.raises(KeyboardInterrupt):
         model.fit(data, validation_data=validation, epochs=4, verbose=0,
@@ -314,7 +314,7 @@ def test_terminate_on_nan_stops_training(small_faces, tmp_path):
     images, points = small_faces
     bad = points[:32].copy()
     bad[5:] = np.nan  # NaN targets from the second batch on
-    model = BinaryHourglass(68, width=32, input_size=64, depth=2)
+    model = BinaryHourglass(68, width=32, input_size=64, depth=1)
     training.compile_model(model)
     history = model.fit(
         _dataset(images[:32], bad).batch(8), epochs=3,

@@ -21,11 +21,11 @@ DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 BIN = os.path.dirname(sys.executable)
 SCALE_DOWN = [
     (r"--epochs \d+", "--epochs 1 --steps-per-epoch 2"),
-    (r"(larq-landmarks train .*)", r"\1 --input-size 64 --width 32 --depth 2"),
+    (r"(larq-landmarks train .*)", r"\1 --input-size 64 --width 32 --depth 1"),
     (r"(larq-landmarks demo .*)--steps \d+", r"\1--steps 20 --train-images 48 --test-images 16"),
     (r"EPOCHS, STEPS = \d+, \d+", "EPOCHS, STEPS = 1, 2"),
     (r"PER_REPLICA, INPUT_SIZE, EPOCHS, STEPS = \d+, \d+, \d+, \d+", "PER_REPLICA, INPUT_SIZE, EPOCHS, STEPS = 2, 64, 1, 2"),
-    (r"BinaryHourglass\(68, input_size=INPUT_SIZE\)", "BinaryHourglass(68, input_size=INPUT_SIZE, width=32, depth=2)"),
+    (r"BinaryHourglass\(68, input_size=INPUT_SIZE\)", "BinaryHourglass(68, input_size=INPUT_SIZE, width=32, depth=1)"),
     (r"int8_fine_tune\((.*)steps=\d+\)", r"int8_fine_tune(\1steps=3)"),
     (r"--int8-fine-tune \d+", "--int8-fine-tune 3"),
 ]
