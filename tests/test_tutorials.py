@@ -26,6 +26,7 @@ SCALE_DOWN = [
     (r"EPOCHS, STEPS = \d+, \d+", "EPOCHS, STEPS = 1, 2"),
     (r"PER_REPLICA, INPUT_SIZE, EPOCHS, STEPS = \d+, \d+, \d+, \d+", "PER_REPLICA, INPUT_SIZE, EPOCHS, STEPS = 2, 64, 1, 2"),
     (r"BinaryHourglass\(68, input_size=INPUT_SIZE\)", "BinaryHourglass(68, input_size=INPUT_SIZE, width=32, depth=1)"),
+    (r"BinaryHourglass\(68, width=64, depth=2, input_size=64\)", "BinaryHourglass(68, width=32, depth=1, input_size=64)"),
     (r"int8_fine_tune\((.*)steps=\d+\)", r"int8_fine_tune(\1steps=3)"),
     (r"--int8-fine-tune \d+", "--int8-fine-tune 3"),
 ]
