@@ -107,7 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
     _check_output_folder("demo", args.out)  # demo.run says so too, as a ValueError
     _make_output_folder("demo", args.out)  # (its synthetic data are the first thing it writes there)
     demo.run(args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
-             test_images=args.test_images, two_stage=not args.one_stage)
+             test_images=args.test_images, two_stage=not args.one_stage, width=args.width, depth=args.depth)
     return 0
 
 
@@ -716,6 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--train-images", type=positive_int, default=400, help="synthetic training faces (default 400)")
     demo.add_argument("--test-images", type=positive_int, default=64, help="synthetic test faces (default 64)")
+    demo.add_argument("--width", type=positive_int, default=64, help="the hourglass's width (default 64)")
+    demo.add_argument("--depth", type=positive_int, default=2, help="the hourglass's depth (default 2)")
     demo.add_argument("--one-stage", action="store_true",
                       help="train the binary network in one stage (default: two, real weights first)")
     demo.set_defaults(run=_demo)

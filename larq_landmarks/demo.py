@@ -43,10 +43,12 @@ def _face_scores(result: Dict[str, np.ndarray]) -> Dict[str, float]:
 
 
 def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, test_images: int = 64,
-        two_stage: bool = True) -> Dict:
+        two_stage: bool = True, width: int = 64, depth: int = 2) -> Dict:
     """Run the demo into folder ``out``; returns the report dict. ``two_stage`` trains the binary
     network in two stages (:func:`larq_landmarks.training.two_stage`: real weights for the first
-    ``training.DEFAULT_FIRST_FRACTION`` of the epochs, then fully binary)."""
+    ``training.DEFAULT_FIRST_FRACTION`` of the epochs, then fully binary). ``width`` and ``depth``
+    are the hourglass's (``BinaryHourglass``'s arguments), for the binary network, its real-valued
+    twin and the untrained reference alike."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"{out}: a file, not a folder (the demo writes its data, model and report into a folder)")
     started = time.time()
@@ -71,7 +73,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
     losses = []
 
     def build(**stage):
-        return BinaryHourglass(68, width=64, depth=2, input_size=INPUT_SIZE, **stage)
+        return BinaryHourglass(68, width=width, depth=depth, input_size=INPUT_SIZE, **stage)
 
     def train(network, stage_epochs):
         training.compile_model(network, steps_per_epoch=steps_per_epoch, epochs=stage_epochs, learning_rate=LEARNING_RATE)
@@ -95,7 +97,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
 
     # the real-valued twin: the same network with real blocks, data, steps and recipe
     tf.keras.utils.set_random_seed(seed)
-    twin = BinaryHourglass(68, width=64, depth=2, input_size=INPUT_SIZE, binary=False)
+    twin = BinaryHourglass(68, width=width, depth=depth, input_size=INPUT_SIZE, binary=False)
     training.compile_model(twin, steps_per_epoch=steps_per_epoch, epochs=epochs, learning_rate=LEARNING_RATE)
     print(f"training the real-valued twin for the same {epochs} x {steps_per_epoch} steps")
     twin_started = time.time()
@@ -105,7 +107,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
     test_data = pipeline.evaluation_dataset(test_columns, INPUT_SIZE, batch_size=16)
     keras_result = predict_dataset(lambda x: model.predict_on_batch(x), test_data)
     twin_result = predict_dataset(lambda x: twin.predict_on_batch(x), test_data)
-    untrained = BinaryHourglass(68, width=64, depth=2, input_size=INPUT_SIZE)
+    untrained = BinaryHourglass(68, width=width, depth=depth, input_size=INPUT_SIZE)
     untrained_result = predict_dataset(lambda x: untrained.predict_on_batch(x), test_data)
 
     tflite_path = os.path.join(out, "model.tflite")
@@ -148,7 +150,7 @@ def run(out: str, steps: int = 1000, seed: int = 0, train_images: int = 400, tes
         "twin_train_seconds": round(twin_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
         "settings": {"steps": epochs * steps_per_epoch, "seed": seed, "input_size": INPUT_SIZE,
-                     "width": 64, "depth": 2, "batch": BATCH, "learning_rate": LEARNING_RATE,
+                     "width": width, "depth": depth, "batch": BATCH, "learning_rate": LEARNING_RATE,
                      "recipe": "Adam with step decay (training.compile_model's default), ApproxSign gradient"
                                + (f", two stages, real weights for the first {training.DEFAULT_FIRST_FRACTION:.0%} of the epochs"
                                   if two_stage else "")},

@@ -227,7 +227,7 @@ def markdown(experiment, spec, results, settings, args, judged):
     lines = [f"## {spec['title']}", "",
              f"Command: `python scripts/reproduce.py {experiment} {'--small ' if args.small else '--data-root ' + args.data_root + ' '}"
              f"{'--recipe papers ' if args.recipe == 'papers' else ''}"
-             f"{_dtype_policy_option(args)}"
+             f"{_dtype_policy_option(args)}{_size_options(args)}"
              f"--out {args.out}` (seed {args.seed}; input "
              f"{settings['input_size']}px, {settings['overrides'] or 'full-size'} model; "
              + ("the papers' recipe: RMSprop, step decay, one stage" if args.recipe == "papers" else
@@ -262,6 +262,10 @@ def main():
     parser.add_argument("--train-samples", type=positive_int, default=400, help="--small: synthetic training samples")
     parser.add_argument("--test-samples", type=positive_int, default=64, help="--small: synthetic test samples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=positive_int, help="the networks' width (default: 64 --small, each configuration's "
+                        "own full scale)")
+    parser.add_argument("--depth", type=positive_int, help="the hourglasses' depth (default: 2 --small, each "
+                        "configuration's own full scale)")
     parser.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32",
                         help="the Keras dtype policy the networks are built under, as train --dtype-policy: "
                         "mixed_bfloat16 trains the 256px networks about 2x faster on CPUs with AVX512_BF16 and "
@@ -287,6 +291,8 @@ def main():
     if not args.small and not args.data_root:
         parser.error("give --data-root (real data) or --small (synthetic data)")
     settings = dict(SMALL if args.small else FULL, dtype_policy=args.dtype_policy)
+    sizes = {name: value for name, value in (("width", args.width), ("depth", args.depth)) if value is not None}
+    settings["overrides"] = {**settings["overrides"], **sizes}
     epochs = args.epochs or (4 if args.small else 100)
     steps = args.steps_per_epoch or (250 if args.small else None)
     root = args.data_root or os.path.join(args.out, "data")
@@ -369,10 +375,15 @@ def _dtype_policy_option(args) -> str:
     return "" if args.dtype_policy == "float32" else f"--dtype-policy {args.dtype_policy} "
 
 
+def _size_options(args) -> str:
+    """How a report's command line says its --width and --depth (nothing where not given)."""
+    return "".join(f"--{name} {getattr(args, name)} " for name in ("width", "depth") if getattr(args, name) is not None)
+
+
 def recipe_markdown(results, seeds, args) -> str:
     lines = ["## Training recipes for the binary HPM network (issue 12)", "",
              f"`python scripts/reproduce.py recipe {'--small ' if args.small else ''}"
-             f"{_dtype_policy_option(args)}"
+             f"{_dtype_policy_option(args)}{_size_options(args)}"
              f"--seeds {len(seeds)}`: "
              f"seeds {seeds}, the same steps for every row.", ""]
     for benchmark, rows in results.items():

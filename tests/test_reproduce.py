@@ -13,7 +13,8 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "reproduce.py"
 def test_pooling_comparison_runs_small_and_writes_the_papers_table(tmp_path):
     out = tmp_path / "results"
     command = [sys.executable, SCRIPT, "pooling", "relu", "--small", "--out", str(out), "--train-samples", "16",
-               "--test-samples", "8", "--epochs", "1", "--steps-per-epoch", "3", "--summary", str(tmp_path / "results.md")]
+               "--test-samples", "8", "--epochs", "1", "--steps-per-epoch", "3", "--summary", str(tmp_path / "results.md"),
+               "--width", "32", "--depth", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "pooling.json").read_text())
@@ -29,7 +30,8 @@ def test_pooling_comparison_runs_small_and_writes_the_papers_table(tmp_path):
     assert relu["results"]["binary_hpm"] == report["results"]["binary_hpm"]
     assert "binary_hpm_relu" in relu["results"]
     page = (tmp_path / "results.md").read_text()
-    assert "Supplementary Table 1" in page and "Mean 71.9" in page and "--small" in page
+    assert "Supplementary Table 1" in page and "Mean 71.9" in page and "--small --width 32 --depth 1 --out" in page
+    assert "{'width': 32, 'depth': 1} model" in page
     assert ("the default recipe: Adam, step decay, peak rate 0.005, binary networks in two stages, real weights "
             "for the first 30% of the epochs, ApproxSign gradient") in page
     assert "Papers' ordering" in page
@@ -95,11 +97,12 @@ def test_recipe_table_takes_means_over_seeds_and_compares_with_the_real_twin():
     class Args:
         small = True
         dtype_policy = "float32"
+        width = depth = None
 
     page = reproduce.recipe_markdown(results, [0, 1], Args())
     assert "`python scripts/reproduce.py recipe --small --seeds 2`" in page
-    Args.dtype_policy = "mixed_bfloat16"
-    assert "`python scripts/reproduce.py recipe --small --dtype-policy mixed_bfloat16 --seeds 2`" in \
+    Args.dtype_policy, Args.depth = "mixed_bfloat16", 1
+    assert "`python scripts/reproduce.py recipe --small --dtype-policy mixed_bfloat16 --depth 1 --seeds 2`" in \
         reproduce.recipe_markdown(results, [0, 1], Args())
     assert "| binary, Adam, step decay | 44.00 | 46.00 | 45.00 |" in page
     assert "the binary net is 10.00 points behind" in page  # 55.00 - 45.00
@@ -111,7 +114,7 @@ def test_recipe_ablation_runs_small_with_a_distilled_row(tmp_path):
     out = tmp_path / "results"
     command = [sys.executable, SCRIPT, "recipe", "--small", "--out", str(out), "--train-samples", "16",
                "--test-samples", "8", "--epochs", "2", "--steps-per-epoch", "2", "--seeds", "1",
-               "--recipes", "step decay, distilled"]
+               "--recipes", "step decay, distilled", "--width", "32", "--depth", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "recipe.json").read_text())

@@ -22,7 +22,7 @@ BIN = os.path.dirname(sys.executable)
 SCALE_DOWN = [
     (r"--epochs \d+", "--epochs 1 --steps-per-epoch 2"),
     (r"(larq-landmarks train .*)", r"\1 --input-size 64 --width 32 --depth 1"),
-    (r"(larq-landmarks demo .*)--steps \d+", r"\1--steps 20 --train-images 48 --test-images 16"),
+    (r"(larq-landmarks demo .*)--steps \d+", r"\1--steps 20 --train-images 48 --test-images 16 --width 32 --depth 1"),
     (r"EPOCHS, STEPS = \d+, \d+", "EPOCHS, STEPS = 1, 2"),
     (r"PER_REPLICA, INPUT_SIZE, EPOCHS, STEPS = \d+, \d+, \d+, \d+", "PER_REPLICA, INPUT_SIZE, EPOCHS, STEPS = 2, 64, 1, 2"),
     (r"BinaryHourglass\(68, input_size=INPUT_SIZE\)", "BinaryHourglass(68, input_size=INPUT_SIZE, width=32, depth=1)"),
@@ -61,6 +61,10 @@ def test_tutorial_runs_as_written(page, tmp_path):
             f"{page} block {number} ({language}) failed:\n{code}\n--- stdout ---\n{result.stdout[-3000:]}"
             f"\n--- stderr ---\n{result.stderr[-5000:]}"
         )
+    demo_report = tmp_path / "runs" / "demo" / "report.json"
+    if demo_report.exists():  # the demo's scale-down reached its network
+        settings = json.loads(demo_report.read_text())["settings"]
+        assert (settings["width"], settings["depth"]) == (32, 1), settings
     if page == "tutorial_mpii.md":  # a pose model's best epoch is the one with the highest crop PCK
         best = json.loads((tmp_path / "runs" / "mpii" / "best.keras.json").read_text())
         assert best["metric"] == "val_pck" and 0 <= best["value"] <= 1
