@@ -186,6 +186,7 @@ def test_train_scores_validation_data_after_each_epoch_and_keeps_the_best(traine
     assert not (out / "best.keras").exists() and not (out / "best.keras.json").exists()
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_300w_folders_are_scored_by_subset_and_training_on_its_test_images_is_warned(tmp_path, capsys, monkeypatch):
     """In iBUG's folders of 300W: several --data folders read as one data set; the common,
     challenging and full sets and the private test set get their own tables, each figure the mean

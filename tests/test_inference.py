@@ -479,6 +479,7 @@ def test_landmark_overlay_puts_points_on_the_features(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ced.png"]  # no temporary file left
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_heatmap_images_callback_writes_tensorboard_images(tmp_path):
     model = BinaryHourglass(68, width=32, input_size=64, depth=1)
     model.compile(optimizer="rmsprop", loss="mse")

@@ -95,6 +95,7 @@ def test_no_cuinit_error_without_a_driver_and_tf_config_stays_open():
     assert all_lines.returncode == 0 and "failed call to cuInit" in all_lines.stderr
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_lces_interpreter_keeps_its_xnnpack_info_line_to_the_level(small_file):
     """TFLite writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." (once a process)
     when an interpreter takes XNNPACK: kept at level 0 only."""
