@@ -155,6 +155,7 @@ def test_avx512_kernels_compile_without_bfloat16():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # an install check: one compile of the kernels for ARM (9 s)
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or importlib.util.find_spec("pybind11") is None,
                     reason="needs the aarch64-linux-gnu-g++ cross compiler and pybind11")
 def test_portable_kernels_compile_for_64_bit_arm():
