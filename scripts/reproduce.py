@@ -262,10 +262,10 @@ def main():
     parser.add_argument("--train-samples", type=positive_int, default=400, help="--small: synthetic training samples")
     parser.add_argument("--test-samples", type=positive_int, default=64, help="--small: synthetic test samples")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--width", type=positive_int, help="the networks' width (default: 64 --small, each configuration's "
-                        "own full scale)")
-    parser.add_argument("--depth", type=positive_int, help="the hourglasses' depth (default: 2 --small, each "
-                        "configuration's own full scale)")
+    parser.add_argument("--width", type=positive_int, help="the networks' width (default: 64 with --small, each "
+                        "configuration's own at full scale)")
+    parser.add_argument("--depth", type=positive_int, help="the hourglasses' depth (default: 2 with --small, each "
+                        "configuration's own at full scale)")
     parser.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32",
                         help="the Keras dtype policy the networks are built under, as train --dtype-policy: "
                         "mixed_bfloat16 trains the 256px networks about 2x faster on CPUs with AVX512_BF16 and "

@@ -51,12 +51,12 @@ def test_demo_command_writes_report_pictures_and_converted_model(tmp_path):
     """The README's main job, scaled down: LCE agrees with Keras, the runtime with LCE. One stage:
     after 50 binary steps of a two-stage run the heatmaps are nearly flat, and peak near-ties
     (which rounding decides) make the parity bound meaningless. Every artefact of the demo is
-    checked here (slow tier: a whole demo takes a minute even at its smallest)."""
+    checked here (slow tier: a whole demo takes half a minute even at its smallest)."""
     saved = _demo(tmp_path, steps=100, train_images=40, test_images=16, two_stage=False, width=32)
     assert saved["lce_vs_keras_landmarks_within_0.5px"] >= 0.95
     # the bit-packed runtime runs the trained model's .tflite as LCE does (issue 10's parity bound)
     assert saved["runtime_vs_lce_landmarks_within_0.5px"] >= 0.99
-    # width 32 (a minute less than the demo's 64): the float stem and heads weigh more beside the
+    # width 32 (half the time of the demo's 64): the float stem and heads weigh more beside the
     # binary blocks, so the float32 file is 3.4-3.8x the binary one (7.2x at width 64)
     assert saved["tflite_bytes_float32"] > 3 * saved["tflite_bytes_binary"]
     assert saved["settings"]["width"] == 32
