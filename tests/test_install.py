@@ -64,6 +64,24 @@ def _imports_everything(python, work):
     return found
 
 
+def _setup_distribution(monkeypatch):
+    """setup.py's Distribution, as setuptools makes it before running any command."""
+    from distutils.core import run_setup
+    from setuptools import Extension
+
+    if importlib.util.find_spec("pybind11") is None:  # a build requirement (and in the test extra): may be absent
+        helpers = types.ModuleType("pybind11.setup_helpers")
+        helpers.Pybind11Extension = lambda name, sources, cxx_std=None, **options: Extension(name, sources, **options)
+        monkeypatch.setitem(sys.modules, "pybind11", types.ModuleType("pybind11"))
+        monkeypatch.setitem(sys.modules, "pybind11.setup_helpers", helpers)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # setup.py reads README.md from the working directory
+    try:
+        return run_setup("setup.py", stop_after="init")
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.mark.slow  # a new Python importing TensorFlow and every module (10 s)
 def test_this_install_imports_every_subpackage_from_elsewhere(tmp_path):
     """The install the suite runs in, from a folder outside the checkout as a user's script runs:
@@ -107,26 +125,54 @@ def test_each_instruction_set_compiles_into_an_object_file_of_its_own(monkeypatc
     ``kernels.o`` at once, and a build of this repository came out unimportable ("Internal error
     while parsing type signature")."""
     from distutils.ccompiler import new_compiler
-    from distutils.core import run_setup
-    from setuptools import Extension
 
-    if importlib.util.find_spec("pybind11") is None:  # a build requirement (and in the test extra): may be absent
-        helpers = types.ModuleType("pybind11.setup_helpers")
-        helpers.Pybind11Extension = lambda name, sources, cxx_std=None, **options: Extension(name, sources, **options)
-        monkeypatch.setitem(sys.modules, "pybind11", types.ModuleType("pybind11"))
-        monkeypatch.setitem(sys.modules, "pybind11.setup_helpers", helpers)
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # setup.py reads README.md from the working directory
-    try:
-        modules = run_setup("setup.py", stop_after="init").ext_modules
-    finally:
-        os.chdir(cwd)
+    modules = _setup_distribution(monkeypatch).ext_modules
     x86 = sysconfig.get_platform().endswith(("x86_64", "amd64"))
     paths = ("avx512", "avx512bw", "avx2", "portable") if x86 else ("portable",)
     assert sorted(module.name for module in modules) == sorted(f"larq_landmarks.runtime._kernels_{p}" for p in paths)
     objects = [tuple(new_compiler().object_filenames(module.sources, output_dir="build")) for module in modules]
     assert len(set(objects)) == len(modules), objects
-    assert all("larq_landmarks/runtime/csrc/kernels.cpp" in module.depends for module in modules)
+    assert all({"larq_landmarks/runtime/csrc/kernels.cpp", "setup.py"} <= set(module.depends) for module in modules)
+
+
+def test_an_editable_reinstall_keeps_kernel_modules_newer_than_their_sources(monkeypatch, tmp_path):
+    """README's second command installs editable over the first: setup.py's build_ext keeps each
+    kernel module already in the tree when it is newer than its source, kernels.cpp and setup.py
+    (copied to where the build expects it), compiles the ones older than any of them, and a
+    wheel's build (not editable) compiles every time."""
+    from setuptools.command.build_ext import build_ext
+
+    dist = _setup_distribution(monkeypatch)
+    compiled = []
+    monkeypatch.setattr(build_ext, "build_extension", lambda self, ext: compiled.append(ext.name))
+    ext = [module for module in dist.ext_modules if module.name.endswith("_kernels_portable")][0]
+    monkeypatch.chdir(tmp_path)
+    for path in [*ext.sources, *ext.depends]:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write("source")
+        os.utime(path, (1_000_000, 1_000_000))
+    command = dist.cmdclass["build_ext"](dist)
+    command.editable_mode = True
+    command.ensure_finalized()
+    command.build_lib = str(tmp_path / "build-lib")
+    in_tree = os.path.join("larq_landmarks", "runtime", os.path.basename(command.get_ext_filename("_kernels_portable")))
+    with open(in_tree, "wb") as f:
+        f.write(b"module")
+    os.utime(in_tree, (2_000_000, 2_000_000))
+    command.build_extension(ext)
+    assert compiled == []
+    with open(command.get_ext_fullpath(ext.name), "rb") as f:
+        assert f.read() == b"module"
+    for newer in ("setup.py", "larq_landmarks/runtime/csrc/kernels.cpp", ext.sources[0]):
+        os.utime(newer, (3_000_000, 3_000_000))
+        command.build_extension(ext)
+        assert compiled == [ext.name]
+        compiled.clear()
+        os.utime(newer, (1_000_000, 1_000_000))
+    command.editable_mode = False
+    command.build_extension(ext)
+    assert compiled == [ext.name]
 
 
 @pytest.mark.slow  # an install check: compiles the kernels three more times (25-35 s)
