@@ -1,12 +1,11 @@
 """Bad model files and annotation files (issue 13): a truncated or corrupted .tflite is refused,
 naming the file, before any interpreter sees it; random byte mutations of a .tflite, a .pts file
-and .mat files give a result or the library's own error, nothing else (bounded fuzzing, seeded)."""
+and .mat files give a result or the library's own error, nothing else (a fixed number of seeded mutations each, so the outcome is the same on any machine)."""
 import glob
 import io
 import os
 import shutil
 import struct
-import time
 import warnings
 
 import numpy as np
@@ -51,8 +50,8 @@ def test_random_mutations_of_a_tflite_give_a_result_or_our_error(converted):
     data = converted.read_bytes()
     verify_flatbuffer(data, "model.tflite")  # the intact file passes
     rng = np.random.default_rng(0)
-    started, tried, refused = time.time(), 0, 0
-    while tried < 200 and time.time() - started < 8:
+    refused = 0
+    for _ in range(200):
         mutated = bytearray(data)
         for position in rng.integers(0, len(data), rng.integers(1, 9)):
             mutated[position] = rng.integers(0, 256)
@@ -63,8 +62,7 @@ def test_random_mutations_of_a_tflite_give_a_result_or_our_error(converted):
         except CorruptModelError as error:
             assert "mutated.tflite" in str(error)
             refused += 1
-        tried += 1
-    assert tried >= 30 and refused > 0
+    assert refused > 50  # (123 of the 200 with this seed)
 
 
 @pytest.mark.slow
@@ -78,8 +76,7 @@ def test_random_mutations_of_a_tflite_run_or_give_the_runtimes_errors_naming_it(
     rng = np.random.default_rng(6)
     path = tmp_path / "mutated.tflite"
     outcomes = {"ran": 0, "refused": 0}
-    started = time.time()
-    while time.time() - started < 10 and sum(outcomes.values()) < 600:
+    for _ in range(150):
         mutated = bytearray(data)
         for position in rng.integers(0, len(data), rng.choice([1, 1, 2, 4])):
             mutated[position] = rng.choice([rng.integers(0, 256), 0, 0xFF, 1, 0x7F, 0x80])
@@ -90,7 +87,7 @@ def test_random_mutations_of_a_tflite_run_or_give_the_runtimes_errors_naming_it(
         except (CorruptModelError, UnsupportedModelError, MemoryError) as error:  # (a shape of terabytes)
             assert str(error).startswith(str(path)), error
             outcomes["refused"] += 1
-    assert outcomes["ran"] > 20 and outcomes["refused"] > 20, outcomes
+    assert outcomes["ran"] > 20 and outcomes["refused"] > 20, outcomes  # (75 and 75 with this seed)
 
 
 def test_random_mutations_of_a_pts_file_give_points_or_a_dataset_error(tmp_path):
@@ -100,10 +97,7 @@ def test_random_mutations_of_a_pts_file_give_points_or_a_dataset_error(tmp_path)
     path = tmp_path / "face.pts"
     rng = np.random.default_rng(2)
     outcomes = {"points": 0, "error": 0}
-    started = time.time()
     for _ in range(300):
-        if time.time() - started > 6:
-            break
         mutated = bytearray(data)
         for position in rng.integers(0, len(data), rng.integers(1, 6)):
             mutated[position] = rng.integers(0, 256)
@@ -159,13 +153,10 @@ def test_random_mutations_of_mat_files_give_arrays_or_our_error_never_a_crash(tm
     mpii, lp = _mpii_and_300w_lp_files(tmp_path)
     rng = np.random.default_rng(4)
     outcomes = {"refused": 0, "read": 0, "scipy's error": 0, "crashed": 0}
-    started = time.time()
     for path, options in ((mpii, dict(struct_as_record=False, squeeze_me=True)), (lp, {})):
         data = open(path, "rb").read()
         matlab_files.check_structure(data)  # the intact file passes
-        for _ in range(400):
-            if time.time() - started > 8:
-                break
+        for _ in range(150):
             mutated = bytearray(data)
             for position in rng.integers(128, len(data), rng.integers(1, 4)):
                 mutated[position] = rng.choice([rng.integers(0, 256), 0xFF, 0x80, 0x7F, 0x01])
@@ -187,7 +178,7 @@ def test_random_mutations_of_mat_files_give_arrays_or_our_error_never_a_crash(tm
             else:
                 outcomes["scipy's error" if os.WEXITSTATUS(status) == 3 else "read"] += 1
     assert outcomes["crashed"] == 0, outcomes
-    assert outcomes["refused"] > 50 and outcomes["read"] > 50, outcomes
+    assert outcomes["refused"] > 50 and outcomes["read"] > 50, outcomes  # (132 and 157 with this seed)
 
 
 def test_mat_structure_check_passes_what_scipy_writes_and_reads(tmp_path):
