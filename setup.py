@@ -35,10 +35,12 @@ class build_kernels(build_ext):
     compiling all four again: pip's editable builds compile into a temporary folder, so distutils'
     own up-to-date check never finds them, and README's second command (``pip install -e
     ".[test]"`` over the first) spent 1.5 minutes rebuilding identical modules. Wheels and
-    ``setup.py build`` compile as before (a module in the tree may be from another toolchain)."""
+    ``setup.py build`` compile as before (a module in the tree may be from another toolchain),
+    unless the environment variable ``LARQ_LANDMARKS_KEEP_KERNELS=1`` asks them to keep the
+    tree's modules too (the wheel test does: the editable install before it compiled them)."""
 
     def build_extension(self, ext) -> None:
-        if self.editable_mode:
+        if self.editable_mode or os.environ.get("LARQ_LANDMARKS_KEEP_KERNELS") == "1":
             *package, name = ext.name.split(".")
             in_tree = os.path.join(*package, os.path.basename(self.get_ext_filename(name)))
             built = self.get_ext_fullpath(ext.name)  # where build_ext writes it, then copies it to the tree

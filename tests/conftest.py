@@ -9,8 +9,9 @@ import larq_landmarks  # noqa: F401  (sets up Keras 2 before TensorFlow loads)
 import tensorflow as tf
 
 tf.config.threading.set_inter_op_parallelism_threads(2)
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share two cores: one op thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share two cores: one op thread each,
     tf.config.threading.set_intra_op_parallelism_threads(1)
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")  # and for the processes they start (CLI, tutorials)
 
 
 def run_python(code: str, env_extra=None, timeout=300) -> subprocess.CompletedProcess:

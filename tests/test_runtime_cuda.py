@@ -464,21 +464,22 @@ def test_gpu_models_match_the_cpu_runtime(gpu_or_cpu, name, flatbuffer, images, 
 
 @pytest.fixture(scope="module")
 def default_model():
-    """The default model (256x256, 68 points, batch norms with trained-like statistics) converted
-    here, as ``scripts/benchmark_gpu.py --prepare`` makes it, with two images and the CPU runtime's
-    output on them: (flatbuffer, images, cpu_output). Needs TensorFlow (CI has it; the GPU machine
-    has the prepared models instead)."""
+    """The default model (68 points, batch norms with trained-like statistics) converted here, as
+    ``scripts/benchmark_gpu.py --prepare`` makes it but for 128x128 input instead of 256x256 (the
+    same layers and widths, a quarter of the pixels: kernels.cu on the CPU takes a quarter of the
+    time), with two images and the CPU runtime's output on them: (flatbuffer, images, cpu_output).
+    Needs TensorFlow (CI has it; the GPU machine has the prepared models instead)."""
     pytest.importorskip("tensorflow")
     from larq_landmarks import export, models
     from larq_landmarks.runtime import Engine
     from larq_landmarks.synthetic import trained_like_batch_norm
 
-    flatbuffer = export.convert(trained_like_batch_norm(models.BinaryHourglass(68)))
-    images = np.random.default_rng(1).uniform(size=(2, 256, 256, 3)).astype(np.float32)
+    flatbuffer = export.convert(trained_like_batch_norm(models.BinaryHourglass(68, input_size=128)))
+    images = np.random.default_rng(1).uniform(size=(2, 128, 128, 3)).astype(np.float32)
     return flatbuffer, images, Engine(flatbuffer).predict(images)
 
 
-@pytest.mark.slow  # a full-size conversion, and about 4 s a call of the model where kernels.cu runs on the CPU
+@pytest.mark.slow  # a conversion of the default model, and about 1 s a call of it where kernels.cu runs on the CPU
 @needs_cpu_kernels
 @pytest.mark.parametrize("path", cuda.PATHS)
 def test_default_model_on_the_gpu_matches_the_cpu_runtime(gpu_or_cpu, default_model, path):

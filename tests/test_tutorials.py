@@ -3,11 +3,16 @@
 The ``bash`` and ``python`` fenced blocks of each page run in order in one folder that holds
 synthetic data sets in the layout the page describes (``text`` and ``sh`` blocks are not run).
 Scaling down rewrites only training lengths and model sizes (see ``SCALE_DOWN``), so a tutorial
-whose commands or code drift from the library fails here.
+whose commands or code drift from the library fails here. A page's ``larq-landmarks demo``
+command (the quickstart's and deploy.md's first block, the same once scaled) runs once per test
+session, in a folder the xdist workers share; each page gets a copy of what it wrote.
 """
+import fcntl
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -43,9 +48,33 @@ def scaled(code):
     return code
 
 
+def _run_block(command, cwd, env):
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _shared_demo(code, shared, cwd, env):
+    """Run the one-line demo command ``code`` once for the session (under a lock, in ``shared``,
+    the folder the xdist workers share) and copy the folder it wrote into ``cwd``; returns the
+    command's result, the same for every page that runs it."""
+    folder = os.path.join(shared, "demo_" + hashlib.sha1(code.encode()).hexdigest()[:12])
+    work, result_file = os.path.join(folder, "work"), os.path.join(folder, "result.json")
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(folder, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker's page waits for the first one's run
+        if not os.path.exists(result_file):
+            run = _run_block(["bash", "-e", "-c", code], work, env)
+            with open(result_file, "w") as f:
+                json.dump([run.returncode, run.stdout, run.stderr], f)
+        returncode, stdout, stderr = json.load(open(result_file))
+    if returncode == 0:
+        out = re.search(r"--out (\S+)", code).group(1)
+        shutil.copytree(os.path.join(work, out), os.path.join(cwd, out))
+    return subprocess.CompletedProcess(code, returncode, stdout, stderr)
+
+
 @pytest.mark.parametrize("page", ["quickstart.md", "tutorial_aflw2000.md", "tutorial_300w.md", "tutorial_mpii.md",
                                   "tutorial_segmentation.md", "deploy.md", "tutorial_distributed.md"])
-def test_tutorial_runs_as_written(page, tmp_path):
+def test_tutorial_runs_as_written(page, tmp_path, tmp_path_factory):
     code_blocks = blocks(page)
     assert code_blocks, f"{page} has no runnable blocks"
     writers.write_layout(str(tmp_path), train=12, test=6, seed=1)
@@ -55,8 +84,13 @@ def test_tutorial_runs_as_written(page, tmp_path):
     env.pop("TF_USE_LEGACY_KERAS", None)
     for number, (language, code) in enumerate(code_blocks, start=1):
         code = scaled(code)
-        command = ["bash", "-e", "-c", code] if language == "bash" else [sys.executable, "-c", code]
-        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        if language == "bash" and re.fullmatch(r"larq-landmarks demo --out \S+ [^\n]*\n?", code):
+            session = tmp_path_factory.getbasetemp()  # an xdist worker's is in the session's folder
+            shared = session.parent if os.environ.get("PYTEST_XDIST_WORKER") else session
+            result = _shared_demo(code, str(shared), str(tmp_path), env)
+        else:
+            command = ["bash", "-e", "-c", code] if language == "bash" else [sys.executable, "-c", code]
+            result = _run_block(command, tmp_path, env)
         assert result.returncode == 0, (
             f"{page} block {number} ({language}) failed:\n{code}\n--- stdout ---\n{result.stdout[-3000:]}"
             f"\n--- stderr ---\n{result.stderr[-5000:]}"
