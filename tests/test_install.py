@@ -6,8 +6,9 @@ time and the named configurations are found.
 
 The wheel's venv does not download the heavy dependencies (TensorFlow, Larq, ...) again: a ``.pth``
 file makes the test environment's site-packages visible at the end of its path, so pip finds them
-installed. The kernels are compiled once here (the wheel); CI's own install compiled them for the
-editable one."""
+installed. The wheel keeps the kernel modules CI's editable install compiled
+(``LARQ_LANDMARKS_KEEP_KERNELS=1``); the ARM cross-compile and the AVX-512 build without bfloat16
+compile here."""
 import glob
 import importlib.util
 import json
