@@ -53,7 +53,7 @@ def _run_block(command, cwd, env):
 
 
 def _shared_demo(code, shared, cwd, env):
-    """Run the one-line demo command ``code`` once for the session (under a lock, in ``shared``,
+    """Run the one-line demo bash block ``code`` once for the session (under a lock, in ``shared``,
     the folder the xdist workers share) and copy the folder it wrote into ``cwd``; returns the
     command's result, the same for every page that runs it."""
     folder = os.path.join(shared, "demo_" + hashlib.sha1(code.encode()).hexdigest()[:12])
@@ -65,7 +65,8 @@ def _shared_demo(code, shared, cwd, env):
             run = _run_block(["bash", "-e", "-c", code], work, env)
             with open(result_file, "w") as f:
                 json.dump([run.returncode, run.stdout, run.stderr], f)
-        returncode, stdout, stderr = json.load(open(result_file))
+        with open(result_file) as f:
+            returncode, stdout, stderr = json.load(f)
     if returncode == 0:
         out = re.search(r"--out (\S+)", code).group(1)
         shutil.copytree(os.path.join(work, out), os.path.join(cwd, out))
