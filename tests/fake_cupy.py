@@ -152,11 +152,11 @@ class ElementwiseKernel:
 class DeviceArray(np.ndarray):
     """A NumPy array standing for GPU memory: ``set`` and ``get`` copy from and to the host, as
     CuPy's ``ndarray``; neither may run while a stream captures (CUDA refuses the synchronous
-    transfer, and a graph would not repeat it). NumPy functions, ufuncs, ``copy``, ``astype``, a
-    gather and an assignment on it stand for the CuPy kernels they dispatch to: while a stream
-    captures they are recorded (run again at each replay, into the same result), and one whose
-    result is a host value (a scalar read back) is an error. It belongs to the device current when
-    it was made (a view to its base's)."""
+    transfer, and a graph would not repeat it). NumPy functions, ufuncs, ``copy``, ``astype``,
+    ``fill``, a copying ``reshape``, a gather and an assignment on it stand for the CuPy kernels
+    they dispatch to: while a stream captures they are recorded (run again at each replay, into the
+    same result), and one whose result is a host value (a scalar read back) is an error. It belongs
+    to the device current when it was made (a view to its base's)."""
 
     def __array_finalize__(self, obj):
         self.device_id = getattr(obj, "device_id", None)
@@ -192,6 +192,18 @@ class DeviceArray(np.ndarray):
 
     def __setitem__(self, key, value):
         _device_call(np.ndarray.__setitem__, (self, key, value), {}, writes=self)
+
+    def fill(self, value):  # CuPy's fill is a kernel (a memset for zero) on the current stream
+        _device_call(np.ndarray.fill, (self, value), {}, writes=self)
+
+    def reshape(self, *shape, **kwargs):
+        plain = self.view(np.ndarray)
+        result = plain.reshape(*shape, **kwargs)
+        if np.may_share_memory(result, plain):
+            view = result.view(DeviceArray)  # a view: no kernel
+            view.device_id = self.device_id
+            return view
+        return _device_call(np.ndarray.reshape, (self,) + shape, kwargs)  # a copy: a kernel
 
     def set(self, array, stream=None):
         _no_capture("a host-to-device copy")
