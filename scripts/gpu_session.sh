@@ -13,9 +13,20 @@ set -u
 ASSETS=${ASSETS:-gpu_assets}
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
+# only the wheels whose module this Python lacks (each wheel's name is its module's): a newer copy
+# of one it has (packaging, typing_extensions, pytest) would shadow the one PyTorch and CuPy were
+# installed with
 site=$(mktemp -d)
-python -m pip install -q --no-index --no-deps --target "$site" "$ASSETS"/wheels/*.whl > "$OUT/build.txt" 2>&1
+missing=()
+for wheel in "$ASSETS"/wheels/*.whl; do
+    module=$(basename "$wheel" | cut -d- -f1)
+    python -c "import $module" 2> /dev/null || missing+=("$wheel")
+done
+echo "installing: ${missing[*]:-nothing}" > "$OUT/build.txt"
+[ ${#missing[@]} -eq 0 ] || python -m pip install -q --no-index --no-deps --target "$site" "${missing[@]}" >> "$OUT/build.txt" 2>&1
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+# pytest plugins installed there (xdist, cov, hypothesis, ...) are not needed, nor loaded
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 { nvidia-smi; python -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
   python -c "import torch; print('torch', torch.__version__, torch.backends.cudnn.version())"; } > "$OUT/environment.txt" 2>&1
 # the C++ CPU kernels, for the GPU-vs-CPU comparisons (the tests skip those without them)
