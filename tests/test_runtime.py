@@ -814,8 +814,8 @@ def test_gpu_engine_graph_repeats_the_padding(monkeypatch, tmp_path):
     value and assigning the input inside (on the GPU, CuPy kernels): its captured graph must repeat
     both at each replay, as CuPy's stream capture records its kernels (fake_cupy records them too).
     In fuzz_runtime's network of seed 7095 (bottleneck blocks, 3 images) the engine's recycled
-    buffers overwrite a padded tensor's border later in the run, so a fill done only once shows at
-    the second replay (it did: fake_cupy did not record ``fill``)."""
+    buffers overwrite a padded tensor's border later in the run, so a fill done only at capture
+    shows at the replays (it did: fake_cupy did not record ``fill``)."""
     fake_cupy.install(monkeypatch)
     model, images = load_script("fuzz_runtime").seed_network(7095)
     with warnings.catch_warnings():  # LCE keeps these convolutions float (the padding is not its own)
