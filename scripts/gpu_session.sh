@@ -4,12 +4,14 @@
 # with TensorFlow:
 #     python scripts/benchmark_gpu.py --prepare gpu_assets   # models, CPU outputs, wheels
 # then, from the repository root on the GPU machine, with gpu_assets/ beside it:
-#     OUT=gpu_results scripts/gpu_session.sh
+#     OUT=gpu_results scripts/gpu_session.sh     # PYTHON=... for another interpreter than python3
 # $OUT gets environment.txt, build.txt, tests.txt, benchmark.txt, benchmark.json, and benchmarks.md
 # (docs/benchmarks.md with its GPU section written). Each step runs even if one before it failed,
 # under a time limit (TEST_SECONDS, BENCHMARK_SECONDS) so that one hang cannot take the session
 # and the whole run fits in 10 minutes; the exit status is the tests'.
 set -u
+# the GPU machine's python3 is the one with PyTorch and CuPy (a plain `python` may be another, or none)
+PYTHON=${PYTHON:-python3}
 ASSETS=${ASSETS:-gpu_assets}
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -20,25 +22,25 @@ site=$(mktemp -d)
 missing=()
 for wheel in "$ASSETS"/wheels/*.whl; do
     module=$(basename "$wheel" | cut -d- -f1)
-    python -c "import $module" 2> /dev/null || missing+=("$wheel")
+    "$PYTHON" -c "import $module" 2> /dev/null || missing+=("$wheel")
 done
 echo "installing: ${missing[*]:-nothing}" > "$OUT/build.txt"
-[ ${#missing[@]} -eq 0 ] || python -m pip install -q --no-index --no-deps --target "$site" "${missing[@]}" >> "$OUT/build.txt" 2>&1
+[ ${#missing[@]} -eq 0 ] || "$PYTHON" -m pip install -q --no-index --no-deps --target "$site" "${missing[@]}" >> "$OUT/build.txt" 2>&1
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 # pytest plugins installed there (xdist, cov, hypothesis, ...) are not needed, nor loaded
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-{ nvidia-smi; python -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
-  python -c "import torch; print('torch', torch.__version__, torch.backends.cudnn.version())"; } > "$OUT/environment.txt" 2>&1
+{ nvidia-smi; "$PYTHON" -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
+  "$PYTHON" -c "import torch; print('torch', torch.__version__, torch.backends.cudnn.version())"; } > "$OUT/environment.txt" 2>&1
 # the C++ CPU kernels, for the GPU-vs-CPU comparisons (the tests skip those without them)
-timeout 90 python setup.py -q build_ext --inplace -j 4 >> "$OUT/build.txt" 2>&1 || echo "C++ kernels not built: see build.txt"
-LARQ_LANDMARKS_GPU_ASSETS="$ASSETS" timeout "${TEST_SECONDS:-150}" python -m pytest --noconftest -p no:cacheprovider -o addopts="" -q -rs \
+timeout 90 "$PYTHON" setup.py -q build_ext --inplace -j 4 >> "$OUT/build.txt" 2>&1 || echo "C++ kernels not built: see build.txt"
+LARQ_LANDMARKS_GPU_ASSETS="$ASSETS" timeout "${TEST_SECONDS:-150}" "$PYTHON" -m pytest --noconftest -p no:cacheprovider -o addopts="" -q -rs \
     tests/test_runtime_cuda.py > "$OUT/tests.txt" 2>&1
 status=$?
 tail -n 30 "$OUT/tests.txt"
 cp docs/benchmarks.md "$OUT/benchmarks.md"
-timeout "${BENCHMARK_SECONDS:-330}" python scripts/benchmark_gpu.py --assets "$ASSETS" --json "$OUT/benchmark.json" --markdown "$OUT/benchmarks.md" \
+timeout "${BENCHMARK_SECONDS:-330}" "$PYTHON" scripts/benchmark_gpu.py --assets "$ASSETS" --json "$OUT/benchmark.json" --markdown "$OUT/benchmarks.md" \
     > "$OUT/benchmark.txt" 2>&1
 # a benchmark cut short by its limit saved what it measured: its markdown from that
-[ -f "$OUT/benchmark.json" ] && python scripts/benchmark_gpu.py --from-json "$OUT/benchmark.json" --markdown "$OUT/benchmarks.md"
+[ -f "$OUT/benchmark.json" ] && "$PYTHON" scripts/benchmark_gpu.py --from-json "$OUT/benchmark.json" --markdown "$OUT/benchmarks.md"
 tail -n 60 "$OUT/benchmark.txt"
 exit $status
