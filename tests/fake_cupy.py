@@ -181,14 +181,19 @@ class DeviceArray(np.ndarray):
             return self
         return _device_call(np.ndarray.astype, (self, dtype) + args, kwargs)
 
-    def __getitem__(self, key):
+    def _view_or_copy(self, method, *args, **kwargs):
+        """``method`` (an ndarray method) on this array: where its result shares this array's
+        memory, a view (no kernel, on the array's device); else the copy, made by a kernel."""
         plain = self.view(np.ndarray)
-        result = plain[key]
+        result = method(plain, *args, **kwargs)
         if isinstance(result, np.ndarray) and np.may_share_memory(result, plain):
-            view = result.view(DeviceArray)  # a view: no kernel, on the array's device
+            view = result.view(DeviceArray)
             view.device_id = self.device_id
             return view
-        return _device_call(np.ndarray.__getitem__, (self, key), {})  # a gather
+        return _device_call(method, (self,) + args, kwargs)
+
+    def __getitem__(self, key):  # a view, or a gather
+        return self._view_or_copy(np.ndarray.__getitem__, key)
 
     def __setitem__(self, key, value):
         _device_call(np.ndarray.__setitem__, (self, key, value), {}, writes=self)
@@ -196,14 +201,8 @@ class DeviceArray(np.ndarray):
     def fill(self, value):  # CuPy's fill is a kernel (a memset for zero) on the current stream
         _device_call(np.ndarray.fill, (self, value), {}, writes=self)
 
-    def reshape(self, *shape, **kwargs):
-        plain = self.view(np.ndarray)
-        result = plain.reshape(*shape, **kwargs)
-        if np.may_share_memory(result, plain):
-            view = result.view(DeviceArray)  # a view: no kernel
-            view.device_id = self.device_id
-            return view
-        return _device_call(np.ndarray.reshape, (self,) + shape, kwargs)  # a copy: a kernel
+    def reshape(self, *shape, **kwargs):  # a view, or a copy (a kernel)
+        return self._view_or_copy(np.ndarray.reshape, *shape, **kwargs)
 
     def set(self, array, stream=None):
         _no_capture("a host-to-device copy")

@@ -809,7 +809,7 @@ def test_gpu_profile_times_each_step_by_cuda_events(small_file, monkeypatch):
     assert [name for name, _, _ in profile] == [name for name, _, _ in Engine(small_file).profile(images)]
 
 
-def test_gpu_engine_graph_repeats_the_padding(monkeypatch, tmp_path):
+def test_gpu_engine_graph_repeats_the_padding(monkeypatch):
     """The authors' padding pads with PADV2, which the runtime does by filling its output with the
     value and assigning the input inside (on the GPU, CuPy kernels): its captured graph must repeat
     both at each replay, as CuPy's stream capture records its kernels (fake_cupy records them too).
