@@ -21,6 +21,7 @@ float32 and bfloat16 (the .tflite's graph run op by op in PyTorch, binary convol
 convolutions of the +-1 values; eagerly and as a CUDA graph). Times are CUDA-event medians.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -197,12 +198,15 @@ def torch_network(graph, dtype, device: str = "cuda"):
             steps.append((op, run))
         elif op.name == "RESIZE_NEAREST_NEIGHBOR":
             size = tuple(int(s) for s in graph.tensors[op.inputs[1]].data.reshape(-1))
+            _, height, width, _ = graph.tensors[op.inputs[0]].shape
+            corners, centers = bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters())
+            # the indices on the device once: a copy from the host in each call would stop a CUDA
+            # graph's capture ("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+            ys = torch.tensor(_nearest_indices(height, size[0], corners, centers), device=device)
+            xs = torch.tensor(_nearest_indices(width, size[1], corners, centers), device=device)
 
-            def run(v, op=op, size=size):
-                x = v[op.inputs[0]]
-                ys = _nearest_indices(x.shape[2], size[0], bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters()))
-                xs = _nearest_indices(x.shape[3], size[1], bool(op.options.AlignCorners()), bool(op.options.HalfPixelCenters()))
-                return x[:, :, torch.tensor(ys, device=device)][:, :, :, torch.tensor(xs, device=device)]
+            def run(v, op=op, ys=ys, xs=xs):
+                return v[op.inputs[0]][:, :, ys][:, :, :, xs]
 
             steps.append((op, run))
         else:
@@ -215,6 +219,22 @@ def torch_network(graph, dtype, device: str = "cuda"):
         return v[graph.outputs[0]].permute(0, 2, 3, 1).float()
 
     return forward
+
+
+@contextlib.contextmanager
+def _float32_exact():
+    """PyTorch's float32 convolutions and products in float32 (TF32 off) inside, as before after."""
+    import torch
+
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    saved = [flag.allow_tf32 for flag in flags]
+    try:
+        for flag in flags:
+            flag.allow_tf32 = False
+        yield
+    finally:
+        for flag, value in zip(flags, saved):
+            flag.allow_tf32 = value
 
 
 # --- timing -------------------------------------------------------------------------------------
@@ -371,10 +391,13 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
             row.update(least_traffic(batch, size, cin, cout, k, stride))
             packed = cp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, size, size, (cin + 31) // 32),
                                              dtype=np.int64).astype(np.int32))
-            # (row label, path, cp.async loads, timed per call too); the tensor-core kernel with its
-            # loads through registers is timed on the GPU alone, for the loads' comparison
-            for label, path, async_copies, per_call in (("cuda", "cuda", True, True),
-                                                        ("cuda-popcount", "cuda-popcount", True, True),
+            # (row label, path, cp.async loads, timed per call too): the default kernels (loads chosen
+            # by the grid's size), and the tensor-core kernel with each kind of loads on the GPU alone,
+            # for the loads' comparison
+            row["blocks"] = -(-batch * (size // stride) ** 2 // cuda.BLOCK_ROWS) * -(-cout // cuda.BLOCK_CHANNELS)
+            for label, path, async_copies, per_call in (("cuda", "cuda", None, True),
+                                                        ("cuda-popcount", "cuda-popcount", None, True),
+                                                        ("cuda-async-copies", "cuda", True, False),
                                                         ("cuda-register-loads", "cuda", False, False)):
                 kernels = cuda.load(path, async_copies)
                 run = ops.lce_bconv2d(graph, op, kernels)
@@ -415,8 +438,6 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
     from larq_landmarks.runtime.graph import read_graph
 
     graph = read_graph(flatbuffer, "default")
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     results = []
     for batch in batches:
         images = np.random.default_rng(0).uniform(size=(batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:]))
@@ -435,11 +456,12 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
                 results[-1]["capture_failed"] = engine._captured.failed
             if path == "cuda" and not graphs:
                 results[-1]["breakdown_ms"] = breakdown(engine, device_images)
+                results[-1]["float_steps"] = float_steps(engine, device_images)
             print(json.dumps(results[-1]), flush=True)
         x = torch.tensor(images, device=device)
         for label, dtype in (("float32 (cuDNN, TF32 off)", torch.float32), ("bfloat16 (cuDNN)", torch.bfloat16)):
             network = torch_network(graph, dtype, device)
-            with torch.no_grad():
+            with torch.no_grad(), _float32_exact():
                 ms = _torch_time(lambda: network(x), runs, device)
                 graph_ms = _torch_graph_time(lambda: network(x), runs, device, calls=1)
             results.append({"engine": f"same network in PyTorch, {label}", "batch": batch, "ms": ms})
@@ -489,15 +511,28 @@ def breakdown(engine, images, repeats: int = 5) -> dict:
     return {k: round(v, 2) for k, v in engine.time_by_part(images, repeats).items()}
 
 
+def float_steps(engine, images, repeats: int = 5) -> list:
+    """The float convolutions' steps (``Engine.profile``, with what is fused into them): name, output
+    shape and GPU milliseconds, the median of ``repeats`` runs."""
+    from larq_landmarks.runtime.engine import PARTS
+
+    profiles = [engine.profile(images) for _ in range(repeats)]
+    return [{"step": name, "output": "x".join(str(shape).strip("()").replace(" ", "").split(",")),
+             "ms": round(1000 * float(np.median([p[i][2] for p in profiles])), 3)}
+            for i, (name, shape, _) in enumerate(profiles[0]) if PARTS.get(name) == "float convolutions"]
+
+
 def agreement(flatbuffer: bytes, assets: str, device: str = "cuda"):
-    """The PyTorch float32 network against the CPU runtime's output (same landmarks?)."""
+    """The PyTorch float32 network against the CPU runtime's output (same landmarks?), with TF32
+    off: PyTorch lets cuDNN's float32 convolutions use TF32 by default, whose products keep 10 bits
+    of mantissa (on the H200, 2026-12-04, that moved 90% of the peaks through the binary layers)."""
     import torch
 
     from larq_landmarks.runtime.graph import read_graph
 
     data = np.load(os.path.join(assets, DEFAULT + ".npz"))
     network = torch_network(read_graph(flatbuffer, "default"), torch.float32, device)
-    with torch.no_grad():
+    with torch.no_grad(), _float32_exact():
         ours = network(torch.tensor(data["images"], device=device)).cpu().numpy()
     cpu = data["cpu_output"]
     peaks = lambda h: h.transpose(0, 3, 1, 2).reshape(h.shape[0], h.shape[3], -1).argmax(-1)
@@ -558,7 +593,14 @@ def _shape_rows(rows, suffix: str):
             f"{ms(r, 'cuda')} | {ms(r, 'cuda-popcount')} | {ratio(r, 'float32')} | {ratio(r, 'bf16')} |" for r in rows]
 
 
-def _layer_tables(rows, bandwidth: Optional[float] = None) -> list:
+def _default_loads(row, multiprocessors: Optional[int]) -> str:
+    """Which loads the default kernels take for ``row``'s grid (``CudaKernels._bconv_kernel``)."""
+    if not multiprocessors or "blocks" not in row:
+        return "n/a"
+    return "cp.async" if row["blocks"] <= multiprocessors else "registers"
+
+
+def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Optional[int] = None) -> list:
     def order(r):  # largest input first, each shape's batches together
         size, _, channels = (int(v) for v in r["input"].split("x"))
         return -size, -channels, r["filter"], r["batch"]
@@ -576,14 +618,20 @@ def _layer_tables(rows, bandwidth: Optional[float] = None) -> list:
                   "divided by the calls. The table above times each call from Python, so below about 0.04 ms it "
                   "measures the launch (CuPy's and PyTorch's alike); this one measures the kernels.", ""]
         lines += header + _shape_rows(rows, "_gpu_ms")
-    both = [r for r in rows if r.get("cuda_gpu_ms") and r.get("cuda-register-loads_gpu_ms")]
+    both = [r for r in rows if r.get("cuda-async-copies_gpu_ms") and r.get("cuda-register-loads_gpu_ms")]
     if both:
+        sms = multiprocessors or "the GPU's SM count"
         lines += ["", "The tensor-core kernel's loads (GPU alone, as above): `cp.async` copies straight to shared "
-                  "memory, all of a K chunk's in flight at once (the default), against the same kernel loading "
-                  "through registers a few words at a time (`CudaKernels(async_copies=False)`).", "",
-                  "| input | filter | batch | register loads (ms) | cp.async (ms) | speed-up |", "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r['cuda-register-loads_gpu_ms']:.3f} | "
-                  f"{r['cuda_gpu_ms']:.3f} | {r['cuda-register-loads_gpu_ms'] / r['cuda_gpu_ms']:.2f}x |" for r in both]
+                  "memory, all of a K chunk's in flight at once (`CudaKernels(async_copies=True)`), against the same "
+                  "kernel loading through registers a few words at a time (`async_copies=False`). The default "
+                  f"(`None`) takes `cp.async` where the grid has at most {sms} blocks (the GPU's SMs), registers where "
+                  "more.", "",
+                  "| input | filter | batch | blocks | register loads (ms) | cp.async (ms) | cp.async speed-up | default |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r.get('blocks', 'n/a')} | "
+                  f"{r['cuda-register-loads_gpu_ms']:.3f} | {r['cuda-async-copies_gpu_ms']:.3f} | "
+                  f"{r['cuda-register-loads_gpu_ms'] / r['cuda-async-copies_gpu_ms']:.2f}x | "
+                  f"{_default_loads(r, multiprocessors)} |" for r in both]
     traffic = _traffic_rows([r for r in rows if r.get("cuda_gpu_ms")], bandwidth)
     if traffic:
         peak = f"{bandwidth / 1e9:.0f} GB/s, from its memory clock and bus width" if bandwidth else "not known here"
@@ -622,6 +670,12 @@ def _model_table(rows) -> list:
         lines += ["", f"Where this runtime's batch-{large} time goes (tensor cores, steps launched from Python; GPU "
                   "time between CUDA events around each step, median of 5 runs):", "",
                   "| part | ms |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in parts.items()]
+    steps = next((r.get("float_steps") for r in rows if r["batch"] == large and "float_steps" in r), None)
+    if steps:
+        lines += ["", f"The float convolutions' steps at batch {large} (the same runs; im2col where the filter is "
+                  "larger than 1x1, cuBLAS's float32 product, the fused ops as passes of their own):", "",
+                  "| step | output | ms |", "|---|---|---:|"] + [f"| {r['step']} | {r['output']} | {r['ms']:.2f} |"
+                                                              for r in steps]
     return lines + [""]
 
 
@@ -649,7 +703,7 @@ def write_markdown(path: str, result: dict) -> None:
              "CUDA-event medians; this runtime's kernels are CuPy `RawModule` CUDA (`runtime/csrc/kernels.cu`); the "
              "float baselines are PyTorch's `conv2d` on cuDNN, channels-last.", ""]
     if result.get("layers"):
-        lines += _layer_tables(result["layers"], result.get("memory_bandwidth"))
+        lines += _layer_tables(result["layers"], result.get("memory_bandwidth"), result.get("multiprocessors"))
     if result.get("whole_model"):
         lines += _model_table(result["whole_model"])
     if result.get("predictor"):
@@ -704,7 +758,8 @@ def main(argv=None):
 
     with open(os.path.join(args.assets, DEFAULT + ".tflite"), "rb") as f:
         flatbuffer = f.read()
-    result = {"gpu": cuda.gpu_name(), "date": datetime.date.today().isoformat(), "memory_bandwidth": memory_bandwidth()}
+    result = {"gpu": cuda.gpu_name(), "date": datetime.date.today().isoformat(), "memory_bandwidth": memory_bandwidth(),
+              "multiprocessors": cuda.load("cuda").multiprocessors}
     import torch
 
     torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm for each shape

@@ -34,6 +34,7 @@ class Device:
     (a stack per thread, as CuPy keeps); ``Device()`` is the current one."""
 
     count = 1
+    multiprocessors = 132  # an H200's SMs (getDeviceProperties' multiProcessorCount)
     _local = threading.local()
 
     def __init__(self, device=None):
@@ -412,7 +413,9 @@ def module() -> types.SimpleNamespace:
         sign=np.sign, stack=np.stack, take_along_axis=np.take_along_axis,
         cuda=types.SimpleNamespace(Device=Device, get_current_stream=get_current_stream, Event=Event, Stream=Stream,
                                    MemoryPool=MemoryPool, using_allocator=using_allocator,
-                                   runtime=types.SimpleNamespace(getDeviceProperties=lambda _: {"name": b"CPU build"},
+                                   runtime=types.SimpleNamespace(getDeviceProperties=lambda _: {
+                                                                     "name": b"CPU build",
+                                                                     "multiProcessorCount": Device.multiprocessors},
                                                                  getDeviceCount=lambda: Device.count),
                                    get_elapsed_time=lambda start, end: 1000 * (end.time - start.time)))
 

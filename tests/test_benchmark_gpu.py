@@ -48,18 +48,58 @@ def test_pytorch_baseline_is_the_models_function(small_flatbuffer):
     script = _script()
     graph = read_graph(flatbuffer, "small")
     with torch.no_grad():
-        got = script.torch_network(graph, torch.float32, device="cpu")(torch.tensor(images)).numpy()
+        network = script.torch_network(graph, torch.float32, device="cpu")
         half = script.torch_network(graph, torch.bfloat16, device="cpu")(torch.tensor(images)).numpy()
+        x = torch.tensor(images)
+
+        def host_copy(*args, **kwargs):
+            raise AssertionError("a tensor made from host data during a call (a CUDA graph capture refuses it)")
+
+        with pytest.MonkeyPatch.context() as patch:  # everything made once, when the network is built
+            patch.setattr(torch, "tensor", host_copy)
+            got = network(x).numpy()
     assert got.shape == half.shape == expected.shape
     assert np.abs(got - expected).mean() <= 1e-4 * np.abs(expected).mean()
     assert np.mean(_peaks(got) == _peaks(expected)) >= 0.99
     assert np.isfinite(half).all()
 
 
+@needs_torch
+def test_agreement_runs_the_float32_network_with_tf32_off(small_flatbuffer, tmp_path, monkeypatch):
+    """PyTorch lets cuDNN run float32 convolutions in TF32 unless told not to; the agreement check
+    turns TF32 off for its run (and back as it was after), as the float32 timings do."""
+    import torch
+
+    script = _script()
+    images = np.random.default_rng(5).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    np.savez(tmp_path / (script.DEFAULT + ".npz"), images=images, cpu_output=Engine(small_flatbuffer).predict(images))
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    seen = []
+    build = script.torch_network
+
+    def recording_network(*args, **kwargs):
+        network = build(*args, **kwargs)
+        return lambda x: (seen.append([flag.allow_tf32 for flag in flags]), network(x))[1]
+
+    monkeypatch.setattr(script, "torch_network", recording_network)
+    saved = [flag.allow_tf32 for flag in flags]  # (monkeypatch cannot restore cuBLAS's: set by hand)
+    try:
+        for flag in flags:
+            flag.allow_tf32 = True
+        result = script.agreement(small_flatbuffer, str(tmp_path), device="cpu")
+        after = [flag.allow_tf32 for flag in flags]
+    finally:
+        for flag, value in zip(flags, saved):
+            flag.allow_tf32 = value
+    assert seen == [[False, False]] and after == [True, True]
+    assert result["same_peaks"] >= 0.99 and result["mean_abs_difference_ratio"] < 1e-4
+
+
 def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     layer = {"input": "64x64x128", "filter": "3x3, 128 out, stride 1", "batch": 32, "float32_ms": 2.0, "tf32_ms": 1.0,
              "bf16_ms": 0.8, "cuda_ms": 0.5, "cuda-popcount_ms": 1.5, "float32_gpu_ms": 1.8, "tf32_gpu_ms": 0.9,
-             "bf16_gpu_ms": 0.6, "cuda_gpu_ms": 0.3, "cuda-popcount_gpu_ms": None, "cuda-register-loads_gpu_ms": 0.45}
+             "bf16_gpu_ms": 0.6, "cuda_gpu_ms": 0.3, "cuda-popcount_gpu_ms": None, "cuda-register-loads_gpu_ms": 0.45,
+             "cuda-async-copies_gpu_ms": 0.3, "blocks": 2048}
     script = _script()
     # the least traffic by hand: 32 x 64 x 64 pixels in and out, 4 words of bits in, 128 floats out,
     # 9 x 4 x 128 filter words; bf16: 128 values in and out a pixel, 9 x 128 x 128 filter values
@@ -72,13 +112,16 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     whole = [{"engine": name, "batch": batch, "ms": ms[i]} for name, ms in engines.items()
              for i, batch in enumerate((1, 64))]
     whole[1]["breakdown_ms"] = {"binary convs": 12.0, "float convs": 8.0}
+    whole[1]["float_steps"] = [{"step": "CONV_2D+LceQuantize", "output": "64x128x128x64", "ms": 1.234}]
     whole.append({"engine": "PyTorch, CUDA graph", "batch": 1, "ms": 0.9})  # a batch it has no time for
     whole.append({"engine": "larq_landmarks.runtime (cuda-popcount)", "batch": 1, "ms": 3.0,
                   "capture_failed": "NotImplementedError()"})  # ran step by step: labelled so
     predictor = [{"engine": "cuda", "threads": 1, "faces": 256, "batch": 64, "s": 0.128},
                  {"engine": "runtime", "threads": 16, "faces": 256, "batch": 64, "error": "ImportError('no kernels')"}]
     first = dict(layer, input="128x128x64", filter="3x3, 32 out, stride 1")  # run after it (batch by batch)
-    result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "memory_bandwidth": 4.8e12, "layers": [layer, first],
+    small = dict(layer, input="8x8x64", filter="3x3, 64 out, stride 1", blocks=16)
+    result = {"gpu": "NVIDIA H200", "date": "2026-11-29", "memory_bandwidth": 4.8e12, "multiprocessors": 132,
+              "layers": [layer, first, small],
               "whole_model": whole,
               "predictor": predictor, "agreement": {"same_peaks": 1.0, "mean_abs_difference_ratio": 1e-7}}
     path = tmp_path / "benchmarks.md"
@@ -93,7 +136,10 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 1.800 | 0.900 | 0.600 | 0.300 | n/a | 6.0x | 2.0x |" in text
     assert text.count("| input | filter | batch |") == 4  # per call, GPU alone, loads, traffic
     assert text.index("| 128x128x64 | 3x3, 32 out") < text.index("| 64x64x128 | 3x3, 128 out")  # larger input first
-    assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 0.450 | 0.300 | 1.50x |" in text  # register loads vs cp.async
+    # register loads vs cp.async, and which the default takes: cp.async up to 132 blocks (the SMs)
+    assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2048 | 0.450 | 0.300 | 1.50x | registers |" in text
+    assert "| 8x8x64 | 3x3, 64 out, stride 1 | 32 | 16 | 0.450 | 0.300 | 1.50x | cp.async |" in text
+    assert "at most 132 blocks" in text
     # 69.22 MB in 0.3 ms: 231 GB/s, 4.8% of 4.8 TB/s; bf16 67.40 MB in 0.6 ms: 112 GB/s, 2.3%
     assert "(4800 GB/s, from its memory clock and bus width)" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 69.22 | 231 | 5% | 67.40 | 112 | 2% |" in text
@@ -102,6 +148,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "| larq_landmarks.runtime (cuda-popcount) (graph capture failed: steps launched from Python) | 3.00 |" in text
     assert "prepared images.\n\n## After" in text  # one blank line before the next section
     assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks" in text
+    assert "| CONV_2D+LceQuantize | 64x128x128x64 | 1.23 |" in text
     assert "| CUDA engine (crops and decoding on the GPU) | 2000 | 0.50 |" in text  # 256 / 0.128 s
     assert "| CPU runtime, 16 threads | not run: ImportError('no kernels') | |" in text
     # a run cut short (the layers part unfinished, one shape saved): written from its JSON, no GPU needed
@@ -111,6 +158,11 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     script.main(["--from-json", str(tmp_path / "partial.json"), "--markdown", str(path)])
     text = path.read_text()
     assert text.count("| 64x64x128 | 3x3, 128 out, stride 1 | 32 |") == 4 and "### The whole default model" not in text
+    # a JSON from before the loads were chosen by the grid (2026-12-04, morning): no loads table
+    del layer["cuda-async-copies_gpu_ms"], layer["blocks"]
+    (tmp_path / "old.json").write_text(json.dumps(dict(partial, layers=[layer])))
+    script.main(["--from-json", str(tmp_path / "old.json"), "--markdown", str(path)])
+    assert path.read_text().count("| 64x64x128 | 3x3, 128 out, stride 1 | 32 |") == 3
     assert "## CPU\n\ntext" in text and "## After\n\nkept" in text
 
 
@@ -138,9 +190,13 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     assert [(r["engine"], r["batch"]) for r in whole] == [(e, b) for b in (1, 2) for e in engines]
     assert all(r["ms"] > 0 for r in whole) and not [r for r in whole if "capture_failed" in r]  # graphs replayed
     assert set(whole[7]["breakdown_ms"]) >= {"binary convolutions", "float convolutions"}
+    assert [r["step"] for r in whole[7]["float_steps"]] == [name for name, _, _ in Engine(
+        small_flatbuffer, kernels="cuda").profile(np.zeros((2, 64, 64, 3), np.float32)) if "CONV_2D" in name]
+    assert all(r["ms"] > 0 and r["output"].startswith("2x") for r in whole[7]["float_steps"])
     # the runtime's calls captured and replayed as a graph (fake_cupy's stream capture); no CUDA graphs for PyTorch on the CPU
     assert all(r["cuda_gpu_ms"] > 0 and r["cuda-popcount_gpu_ms"] > 0 and r["cuda-register-loads_gpu_ms"] > 0
-               and r["float32_gpu_ms"] is None for r in rows)
+               and r["cuda-async-copies_gpu_ms"] > 0 and r["float32_gpu_ms"] is None for r in rows)
+    assert all(r["blocks"] >= 1 for r in rows)
 
     # the command line, as on the GPU machine: the prepared folder in, JSON and the markdown section out
     (tmp_path / (script.DEFAULT + ".tflite")).write_bytes(small_flatbuffer)

@@ -277,6 +277,31 @@ KERNELS = [pytest.param("cuda", True, id="cuda"), pytest.param("cuda", False, id
            pytest.param("cuda-popcount", True, id="cuda-popcount")]
 
 
+def test_tensor_core_convolution_loads_by_cp_async_only_where_its_grid_fits_the_sms(monkeypatch):
+    """``async_copies=None`` (the default): a launch whose grid has no more blocks than the GPU has
+    SMs runs the ``cp.async`` kernel, one with more the register-loads kernel, with equal outputs;
+    True and False keep to one kernel."""
+    fake_cupy.install(monkeypatch)
+    launched = []
+    launch = fake_cupy._Kernel.__call__
+    monkeypatch.setattr(fake_cupy._Kernel, "__call__", lambda self, *args: (launched.append(self.name),
+                                                                           launch(self, *args)))
+    # 3 x 19 x 17 = 969 pixels: 8 blocks of 128 pixels, times 2 blocks of 64 of the 70 channels
+    x_bits, w_bits = _random_layer(40, 70, 3, 5, size=(3, 19, 17))
+    graph, op = bconv_graph(pack_bits(w_bits), 40, 1, True, 0, "float", np.full(70, -0.5, np.float32),
+                            np.full(70, 180.0, np.float32))
+    expected = reference_accumulators(x_bits, w_bits, 1, True, 0).astype(np.float32)
+    for sms, async_copies, kernel in ((16, None, "bconv2d_tensor_cores"),
+                                      (15, None, "bconv2d_tensor_cores_register_loads"),
+                                      (15, True, "bconv2d_tensor_cores"),
+                                      (16, False, "bconv2d_tensor_cores_register_loads")):
+        monkeypatch.setattr(fake_cupy.Device, "multiprocessors", sms)
+        launched.clear()
+        got = _run_bconv(cuda.CudaKernels("cuda", async_copies), graph, op, pack_bits(x_bits))
+        assert launched == [kernel], (sms, async_copies)
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("path,async_copies", KERNELS)
 @pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", GPU_CASES)
 def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, async_copies, cin, cout, k, stride, same, pad_value):

@@ -62,7 +62,7 @@ class BinaryWeights:
 
     def __init__(self, words, popcounts):
         self.words, self.popcounts = words, popcounts
-        self.launches: dict = {}  # input and output shapes -> the kernel's scalar arguments
+        self.launches: dict = {}  # input and output shapes -> (grid, scalar arguments, kernel)
 
 
 def layout_binary_weights(filters: np.ndarray):
@@ -82,11 +82,15 @@ class CudaKernels:
     """The kernel functions of the C++ modules, on one GPU. ``path`` is ``"cuda"`` (tensor cores)
     or ``"cuda-popcount"``; ``device`` the GPU's index (None: CuPy's current device), whose
     ``cupy.cuda.Device`` is :attr:`device` (the functions launch on the current device: enter it
-    first where another may be current). ``async_copies=False`` gives the tensor-core binary
-    convolution its loads through registers instead of ``cp.async`` (for comparisons; the popcount
-    path always loads so)."""
+    first where another may be current). ``async_copies`` says how the tensor-core binary convolution
+    loads its K chunks into shared memory: ``True``, by ``cp.async`` (all of a chunk's copies in
+    flight at once); ``False``, through registers a few words at a time; ``None`` (the default), by
+    ``cp.async`` where a launch's grid has no more blocks than the GPU has SMs and through registers
+    where it has more (on the H200, 2026-12-04: ``cp.async`` 1.00-1.09x faster at up to 128 blocks,
+    where nothing else hides a block's load latency; registers 1.00-1.28x faster from 256 blocks on,
+    where other blocks do). The popcount path always loads through registers."""
 
-    def __init__(self, path: str = "cuda", async_copies: bool = True, device: Optional[int] = None):
+    def __init__(self, path: str = "cuda", async_copies: Optional[bool] = None, device: Optional[int] = None):
         if path not in PATHS:
             raise ValueError(f"kernels={path!r}; the GPU paths are {PATHS}")
         cp = _cupy()
@@ -98,21 +102,26 @@ class CudaKernels:
                                        f"{'s' if count > 1 else ''} (devices 0 to {count - 1})")
         self.device = cp.cuda.Device(index)
         self.compute_capability = int(self.device.compute_capability)  # e.g. 90 for sm_90
+        self.multiprocessors = int(cp.cuda.runtime.getDeviceProperties(index)["multiProcessorCount"])
+        self.async_copies = async_copies
         if path == "cuda" and self.compute_capability < 80:
             path = "cuda-popcount"  # no 1-bit tensor cores before sm_80
         self.path = path
         # how the engine names these kernels: the path, with the device's index where it is not 0
         self.name = path if index == 0 else f"{path}:{index}"
         with self.device:
-            self._load(async_copies)
+            self._load()
 
-    def _load(self, async_copies: bool) -> None:
+    def _load(self) -> None:
         cp = self.cp
         with open(SOURCE, encoding="utf-8") as f:
             self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
-        bconv = "bconv2d_tensor_cores" if async_copies else "bconv2d_tensor_cores_register_loads"
         try:  # NVRTC compiles the module, and the driver loads it, at the first get_function
-            self._bconv = self._module.get_function(bconv if self.path == "cuda" else "bconv2d_popcount")
+            if self.path == "cuda":
+                self._bconv_async = self._module.get_function("bconv2d_tensor_cores")
+                self._bconv_registers = self._module.get_function("bconv2d_tensor_cores_register_loads")
+            else:
+                self._bconv_async = self._bconv_registers = self._module.get_function("bconv2d_popcount")
         except Exception as error:  # e.g. CUDA_ERROR_UNSUPPORTED_PTX_VERSION: a driver older than CuPy's CUDA
             raise CudaUnavailableError(
                 f"kernels='{self.name}': CuPy {getattr(cp, '__version__', '')} could not build the runtime's CUDA "
@@ -236,16 +245,21 @@ class CudaKernels:
                 batch, height, width, words, out_h, out_w, cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left,
                 pad_value, fh * fw * words, weights.words.shape[1], clamp_min, clamp_max, packed,
                 next_bits is not None, has_scale, has_shift, out.shape[-1], channel_offset or 0, residual is not None))
-            launch = weights.launches[key] = (grid, scalars)
-        grid, scalars = launch
+            launch = weights.launches[key] = (grid, scalars, self._bconv_kernel(grid[0] * grid[1]))
+        grid, scalars, kernel = launch
         if grid[0] == 0:
             return
-        self._bconv(grid, (THREADS,), (
+        kernel(grid, (THREADS,), (
             x, weights.words, weights.popcounts, weight_popcounts,
             self._empty_float if packed else multiplier, self._empty_float if packed else bias,
             thresholds if packed else self._empty_int, out, self._empty_float if residual is None else residual,
             self._empty_int if next_bits is None else next_bits,
             next_scale if has_scale else self._empty_float, next_shift if has_shift else self._empty_float) + scalars)
+
+    def _bconv_kernel(self, blocks: int):
+        """The binary convolution's kernel for a grid of ``blocks`` blocks (``async_copies``)."""
+        use_async = blocks <= self.multiprocessors if self.async_copies is None else self.async_copies
+        return self._bconv_async if use_async else self._bconv_registers
 
     def binary_conv2d(self, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
                       thresholds, weight_popcounts, next_scale=None, next_shift=None, pack_next: bool = False):
@@ -513,7 +527,7 @@ class CapturedRuns:
 _LOADED: dict = {}
 
 
-def load(name: str = "cuda", async_copies: bool = True) -> CudaKernels:
+def load(name: str = "cuda", async_copies: Optional[bool] = None) -> CudaKernels:
     """The GPU kernels of ``name`` (``"cuda"`` or ``"cuda-popcount"``, on CuPy's current device,
     or with a device index: ``"cuda:1"``), compiled once per process, path, device and kind of
     loads (:class:`CudaKernels`)."""
