@@ -146,8 +146,8 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "| larq_landmarks.runtime (cuda) | 1.50 | 20.0 | 3200 | 3.20x |" in text  # 64 / 20 ms, 64 ms / 20 ms
     assert "| PyTorch, CUDA graph | 0.90 | n/a | n/a | n/a |" in text
     assert "| larq_landmarks.runtime (cuda-popcount) (graph capture failed: steps launched from Python) | 3.00 |" in text
-    assert "prepared images.\n\n## After" in text  # one blank line before the next section
-    assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks" in text
+    assert "of the mean.\n\n## After" in text  # one blank line before the next section
+    assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks equal, mean absolute difference 1e-05% of the mean." in text
     assert "| CONV_2D+LceQuantize | 64x128x128x64 | 1.23 |" in text
     assert "| CUDA engine (crops and decoding on the GPU) | 2000 | 0.50 |" in text  # 256 / 0.128 s
     assert "| CPU runtime, 16 threads | not run: ImportError('no kernels') | |" in text
