@@ -391,15 +391,15 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
             row.update(least_traffic(batch, size, cin, cout, k, stride))
             packed = cp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, size, size, (cin + 31) // 32),
                                              dtype=np.int64).astype(np.int32))
-            # (row label, path, cp.async loads, timed per call too): the default kernels (loads chosen
-            # by the grid's size), and the tensor-core kernel with each kind of loads on the GPU alone,
-            # for the loads' comparison
+            # (row label, path, cp.async loads, tile rows, timed per call too): the default kernels
+            # (loads and tile chosen by the grid's size), and on the GPU alone the tensor-core kernel
+            # with 128-row tiles and each kind of loads, and with the smaller tiles
             row["blocks"] = -(-batch * (size // stride) ** 2 // cuda.BLOCK_ROWS) * -(-cout // cuda.BLOCK_CHANNELS)
-            for label, path, async_copies, per_call in (("cuda", "cuda", None, True),
-                                                        ("cuda-popcount", "cuda-popcount", None, True),
-                                                        ("cuda-async-copies", "cuda", True, False),
-                                                        ("cuda-register-loads", "cuda", False, False)):
-                kernels = cuda.load(path, async_copies)
+            for label, path, async_copies, tile_rows, per_call in (
+                    ("cuda", "cuda", None, None, True), ("cuda-popcount", "cuda-popcount", None, None, True),
+                    ("cuda-async-copies", "cuda", True, 128, False), ("cuda-register-loads", "cuda", False, 128, False),
+                    ("cuda-rows64", "cuda", True, 64, False), ("cuda-rows32", "cuda", True, 32, False)):
+                kernels = cuda.load(path, async_copies, tile_rows)
                 run = ops.lce_bconv2d(graph, op, kernels)
                 values = ops.Values(len(graph.tensors), {}, kernels.empty)
                 values[op.inputs[0]] = packed
@@ -430,6 +430,20 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
     return rows
 
 
+@contextlib.contextmanager
+def _small_grid_rows(rows: Optional[int]):
+    """The engines made and first run inside take ``rows``-row tiles on small grids (the old
+    kernels' choice with 128), for comparing tiles on the whole model; None: the default."""
+    from larq_landmarks.runtime import cuda
+
+    saved = cuda.SMALL_GRID_ROWS
+    cuda.SMALL_GRID_ROWS = rows or saved
+    try:
+        yield
+    finally:
+        cuda.SMALL_GRID_ROWS = saved
+
+
 def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cuda"):
     import cupy as cp
     import torch
@@ -443,14 +457,17 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
         images = np.random.default_rng(0).uniform(size=(batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:]))
         images = images.astype(np.float32)
         device_images = cp.asarray(images)
-        for path, graphs, fuse, label in (
-                ("cuda", True, True, "cuda"), ("cuda", False, True, "cuda, steps launched from Python"),
-                ("cuda", True, False, "cuda, HPM block ops as separate passes"),
-                ("cuda-popcount", True, True, "cuda-popcount")):
-            engine = Engine(flatbuffer, kernels=path, name="default", cuda_graphs=graphs, fuse_blocks=fuse)
-            # images already on the GPU stay there (no transfers, as for the PyTorch baselines); the
-            # warm-up calls capture the engine's CUDA graph where it makes one
-            ms = _time_cuda(lambda: engine.predict(device_images), runs, engine._kernels.synchronize, _cupy_event)
+        for path, graphs, fuse, small_rows, label in (
+                ("cuda", True, True, None, "cuda"), ("cuda", False, True, None, "cuda, steps launched from Python"),
+                ("cuda", True, False, None, "cuda, HPM block ops as separate passes"),
+                ("cuda", True, True, 128, "cuda, 128-row tiles on small grids too"),
+                ("cuda", True, True, 64, "cuda, 64-row tiles on small grids"),
+                ("cuda-popcount", True, True, None, "cuda-popcount")):
+            with _small_grid_rows(small_rows):  # (the tile is chosen at a layer's first launch)
+                engine = Engine(flatbuffer, kernels=path, name="default", cuda_graphs=graphs, fuse_blocks=fuse)
+                # images already on the GPU stay there (no transfers, as for the PyTorch baselines);
+                # the warm-up calls capture the engine's CUDA graph where it makes one
+                ms = _time_cuda(lambda: engine.predict(device_images), runs, engine._kernels.synchronize, _cupy_event)
             results.append({"engine": f"larq_landmarks.runtime ({label})", "batch": batch, "ms": ms})
             if graphs and engine._captured.failed is not None:  # it ran step by step: the table says so
                 results[-1]["capture_failed"] = engine._captured.failed
@@ -593,11 +610,26 @@ def _shape_rows(rows, suffix: str):
             f"{ms(r, 'cuda')} | {ms(r, 'cuda-popcount')} | {ratio(r, 'float32')} | {ratio(r, 'bf16')} |" for r in rows]
 
 
+def cuda_small_rows() -> int:
+    """The default tile of a small grid (``cuda.SMALL_GRID_ROWS``)."""
+    from larq_landmarks.runtime import cuda
+
+    return cuda.SMALL_GRID_ROWS
+
+
 def _default_loads(row, multiprocessors: Optional[int]) -> str:
-    """Which loads the default kernels take for ``row``'s grid (``CudaKernels._bconv_kernel``)."""
+    """Which loads the default kernels take for ``row``'s grid of 128-row tiles
+    (``CudaKernels._bconv_kernel``): on a small grid, ``cp.async`` with the small grids' tile."""
     if not multiprocessors or "blocks" not in row:
         return "n/a"
     return "cp.async" if row["blocks"] <= multiprocessors else "registers"
+
+
+def _default_tile(row, multiprocessors: Optional[int]) -> str:
+    """The tile the default kernels take for ``row`` (``CudaKernels._bconv_kernel``)."""
+    if not multiprocessors or "blocks" not in row:
+        return "n/a"
+    return f"{cuda_small_rows() if row['blocks'] <= multiprocessors else 128} rows"
 
 
 def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Optional[int] = None) -> list:
@@ -632,6 +664,17 @@ def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Opti
                   f"{r['cuda-register-loads_gpu_ms']:.3f} | {r['cuda-async-copies_gpu_ms']:.3f} | "
                   f"{r['cuda-register-loads_gpu_ms'] / r['cuda-async-copies_gpu_ms']:.2f}x | "
                   f"{_default_loads(r, multiprocessors)} |" for r in both]
+    tiles = [r for r in rows if r.get("cuda-async-copies_gpu_ms") and r.get("cuda-rows32_gpu_ms")]
+    if tiles:
+        sms = multiprocessors or "the GPU's SM count"
+        lines += ["", "The tensor-core kernel's tiles (GPU alone, as above; `cp.async` loads): 128, 64 or 32 output pixels a "
+                  "block (`CudaKernels(tile_rows=...)`). The default takes 128 where that grid has more than "
+                  f"{sms} blocks (the GPU's SMs), else {cuda_small_rows()}.", "",
+                  "| input | filter | batch | blocks of 128 | 128 rows (ms) | 64 rows (ms) | 32 rows (ms) | default |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r.get('blocks', 'n/a')} | "
+                  f"{r['cuda-async-copies_gpu_ms']:.4f} | {r.get('cuda-rows64_gpu_ms') or 0:.4f} | "
+                  f"{r['cuda-rows32_gpu_ms']:.4f} | {_default_tile(r, multiprocessors)} |" for r in tiles]
     traffic = _traffic_rows([r for r in rows if r.get("cuda_gpu_ms")], bandwidth)
     if traffic:
         peak = f"{bandwidth / 1e9:.0f} GB/s, from its memory clock and bus width" if bandwidth else "not known here"

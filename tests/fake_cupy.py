@@ -106,7 +106,9 @@ def _check_grid(name, grid, block, v, numbers):
         return
     rows = int(v["batch"]) * int(v["out_h"]) * int(v["out_w"])
     assert block[0] == numbers["THREADS"], f"{name}: {block[0]} threads a block"
-    assert grid[0] * numbers["BM"] >= rows and grid[1] * numbers["BN"] >= int(v["channels_out"]), f"{name}: grid {grid}"
+    tile = int(name.rsplit("_rows", 1)[1]) if "_rows" in name else numbers["BM"]  # bconv2d_tensor_cores_rows32: 32
+    # the grid covers the layer, with no block past its end
+    assert -(-rows // tile) == grid[0] and grid[1] * numbers["BN"] >= int(v["channels_out"]), f"{name}: grid {grid}"
     k_words = int(v["filter_h"]) * int(v["filter_w"]) * int(v["words"])
     assert int(v["k_words"]) == k_words and int(v["k_stride"]) == v["w"].shape[1], f"{name}: K words or stride"
 

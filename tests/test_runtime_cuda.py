@@ -271,16 +271,18 @@ def gpu_or_cpu(monkeypatch):
         fake_cupy.install(monkeypatch)
 
 
-# the binary convolution's kernels: tensor cores with cp.async loads (the default), tensor cores with
-# register loads, popcount
-KERNELS = [pytest.param("cuda", True, id="cuda"), pytest.param("cuda", False, id="cuda-register-loads"),
-           pytest.param("cuda-popcount", True, id="cuda-popcount")]
+# the binary convolution's kernels (path, async_copies, tile_rows): tensor cores with tiles of 128 rows
+# loaded by cp.async or through registers, with tiles of 64 and 32 rows (cp.async), popcount
+KERNELS = [pytest.param("cuda", True, 128, id="cuda"), pytest.param("cuda", False, 128, id="cuda-register-loads"),
+           pytest.param("cuda", True, 64, id="cuda-rows64"), pytest.param("cuda", True, 32, id="cuda-rows32"),
+           pytest.param("cuda-popcount", None, None, id="cuda-popcount")]
 
 
-def test_tensor_core_convolution_loads_by_cp_async_only_where_its_grid_fits_the_sms(monkeypatch):
-    """``async_copies=None`` (the default): a launch whose grid has no more blocks than the GPU has
-    SMs runs the ``cp.async`` kernel, one with more the register-loads kernel, with equal outputs;
-    True and False keep to one kernel."""
+def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
+    """The defaults (``async_copies=None``, ``tile_rows=None``): a layer whose grid of 128-row
+    blocks has no more blocks than the GPU has SMs runs on tiles of 32 rows (``cp.async``), one with
+    more on 128-row tiles loaded through registers; the arguments force a kind of loads or a tile.
+    The outputs are equal (the grid of each launch covers the layer exactly: fake_cupy)."""
     fake_cupy.install(monkeypatch)
     launched = []
     launch = fake_cupy._Kernel.__call__
@@ -291,23 +293,31 @@ def test_tensor_core_convolution_loads_by_cp_async_only_where_its_grid_fits_the_
     graph, op = bconv_graph(pack_bits(w_bits), 40, 1, True, 0, "float", np.full(70, -0.5, np.float32),
                             np.full(70, 180.0, np.float32))
     expected = reference_accumulators(x_bits, w_bits, 1, True, 0).astype(np.float32)
-    for sms, async_copies, kernel in ((16, None, "bconv2d_tensor_cores"),
-                                      (15, None, "bconv2d_tensor_cores_register_loads"),
-                                      (15, True, "bconv2d_tensor_cores"),
-                                      (16, False, "bconv2d_tensor_cores_register_loads")):
+    for sms, async_copies, tile_rows, kernel in ((16, None, None, "bconv2d_tensor_cores_rows32"),
+                                                 (15, None, None, "bconv2d_tensor_cores_register_loads"),
+                                                 (15, True, None, "bconv2d_tensor_cores"),
+                                                 (16, False, None, "bconv2d_tensor_cores_register_loads"),
+                                                 (16, True, None, "bconv2d_tensor_cores_rows32"),
+                                                 (15, None, 64, "bconv2d_tensor_cores_rows64"),
+                                                 (16, None, 128, "bconv2d_tensor_cores")):
         monkeypatch.setattr(fake_cupy.Device, "multiprocessors", sms)
         launched.clear()
-        got = _run_bconv(cuda.CudaKernels("cuda", async_copies), graph, op, pack_bits(x_bits))
-        assert launched == [kernel], (sms, async_copies)
+        got = _run_bconv(cuda.CudaKernels("cuda", async_copies, tile_rows=tile_rows), graph, op, pack_bits(x_bits))
+        assert launched == [kernel], (sms, async_copies, tile_rows)
         np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="tile_rows=48"):
+        cuda.CudaKernels("cuda", tile_rows=48)
+    with pytest.raises(ValueError, match="tile_rows=32 loads by cp.async"):
+        cuda.CudaKernels("cuda", False, tile_rows=32)
 
 
-@pytest.mark.parametrize("path,async_copies", KERNELS)
+@pytest.mark.parametrize("path,async_copies,tile_rows", KERNELS)
 @pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", GPU_CASES)
-def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, async_copies, cin, cout, k, stride, same, pad_value):
+def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, async_copies, tile_rows, cin, cout, k, stride, same,
+                                        pad_value):
     x_bits, w_bits = _random_layer(cin, cout, k, cin * 1000 + cout, size=(3, 19, 17))
     expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value)
-    kernels = cuda.load(path, async_copies)
+    kernels = cuda.load(path, async_copies, tile_rows)
     cpu = _cpu_kernels()
     filters, total = pack_bits(w_bits), k * k * cin
     graph, op = bconv_graph(filters, cin, stride, same, pad_value, "float",

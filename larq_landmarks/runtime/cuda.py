@@ -22,6 +22,8 @@ import numpy as np
 
 PATHS = ("cuda", "cuda-popcount")
 BLOCK_ROWS, BLOCK_CHANNELS, STEP_WORDS, CHUNK_WORDS, THREADS = 128, 64, 8, 40, 256  # as in kernels.cu
+TILE_ROWS = (128, 64, 32)  # the tensor-core kernel's tiles: rows (output pixels) a block
+SMALL_GRID_ROWS = 32  # the tile where 128-row tiles would leave SMs idle (CudaKernels' tile_rows=None)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "kernels.cu")
 
 
@@ -88,9 +90,19 @@ class CudaKernels:
     ``cp.async`` where a launch's grid has no more blocks than the GPU has SMs and through registers
     where it has more (on the H200, 2026-12-04: ``cp.async`` 1.00-1.09x faster at up to 128 blocks,
     where nothing else hides a block's load latency; registers 1.00-1.28x faster from 256 blocks on,
-    where other blocks do). The popcount path always loads through registers."""
+    where other blocks do). ``tile_rows``: the output pixels a block of the tensor-core kernel
+    computes: 128, 64 or 32 (the smaller tiles with ``cp.async``), or ``None`` (the default): 128
+    where that grid has more blocks than the GPU has SMs (or ``async_copies=False``), else
+    :data:`SMALL_GRID_ROWS`, so that a small layer is spread over more SMs. The popcount path
+    always loads through registers, 128 rows a block."""
 
-    def __init__(self, path: str = "cuda", async_copies: Optional[bool] = None, device: Optional[int] = None):
+    def __init__(self, path: str = "cuda", async_copies: Optional[bool] = None, device: Optional[int] = None,
+                 tile_rows: Optional[int] = None):
+        if tile_rows not in (None,) + TILE_ROWS:
+            raise ValueError(f"tile_rows={tile_rows!r}; the tensor-core kernel has tiles of {TILE_ROWS} rows")
+        if tile_rows not in (None, BLOCK_ROWS) and async_copies is False:
+            raise ValueError(f"tile_rows={tile_rows} loads by cp.async; async_copies=False has tiles of "
+                             f"{BLOCK_ROWS} rows only")
         if path not in PATHS:
             raise ValueError(f"kernels={path!r}; the GPU paths are {PATHS}")
         cp = _cupy()
@@ -103,7 +115,7 @@ class CudaKernels:
         self.device = cp.cuda.Device(index)
         self.compute_capability = int(self.device.compute_capability)  # e.g. 90 for sm_90
         self.multiprocessors = int(cp.cuda.runtime.getDeviceProperties(index)["multiProcessorCount"])
-        self.async_copies = async_copies
+        self.async_copies, self.tile_rows = async_copies, tile_rows
         if path == "cuda" and self.compute_capability < 80:
             path = "cuda-popcount"  # no 1-bit tensor cores before sm_80
         self.path = path
@@ -120,6 +132,8 @@ class CudaKernels:
             if self.path == "cuda":
                 self._bconv_async = self._module.get_function("bconv2d_tensor_cores")
                 self._bconv_registers = self._module.get_function("bconv2d_tensor_cores_register_loads")
+                self._bconv_small = {rows: self._module.get_function(f"bconv2d_tensor_cores_rows{rows}")
+                                     for rows in TILE_ROWS[1:]}
             else:
                 self._bconv_async = self._bconv_registers = self._module.get_function("bconv2d_popcount")
         except Exception as error:  # e.g. CUDA_ERROR_UNSUPPORTED_PTX_VERSION: a driver older than CuPy's CUDA
@@ -240,12 +254,14 @@ class CudaKernels:
             if fh * fw > 64:
                 raise ValueError(f"bconv2d on the GPU: {fh}x{fw} filters have more than 64 taps")
             out_h, out_w = out.shape[1], out.shape[2]
-            grid = (int(-(-batch * out_h * out_w // BLOCK_ROWS)), int(weights.words.shape[0] // BLOCK_CHANNELS))
+            pixels, column_blocks = batch * out_h * out_w, int(weights.words.shape[0] // BLOCK_CHANNELS)
+            kernel, tile = self._bconv_kernel(int(-(-pixels // BLOCK_ROWS)) * column_blocks)
+            grid = (int(-(-pixels // tile)), column_blocks)
             scalars = tuple(np.int32(v) for v in (
                 batch, height, width, words, out_h, out_w, cin, cout, fh, fw, sh, sw, dh, dw, pad_top, pad_left,
                 pad_value, fh * fw * words, weights.words.shape[1], clamp_min, clamp_max, packed,
                 next_bits is not None, has_scale, has_shift, out.shape[-1], channel_offset or 0, residual is not None))
-            launch = weights.launches[key] = (grid, scalars, self._bconv_kernel(grid[0] * grid[1]))
+            launch = weights.launches[key] = (grid, scalars, kernel)
         grid, scalars, kernel = launch
         if grid[0] == 0:
             return
@@ -256,10 +272,17 @@ class CudaKernels:
             self._empty_int if next_bits is None else next_bits,
             next_scale if has_scale else self._empty_float, next_shift if has_shift else self._empty_float) + scalars)
 
-    def _bconv_kernel(self, blocks: int):
-        """The binary convolution's kernel for a grid of ``blocks`` blocks (``async_copies``)."""
-        use_async = blocks <= self.multiprocessors if self.async_copies is None else self.async_copies
-        return self._bconv_async if use_async else self._bconv_registers
+    def _bconv_kernel(self, blocks: int) -> Tuple[Callable, int]:
+        """The binary convolution's kernel and its rows a block, for a layer whose grid has
+        ``blocks`` blocks of 128 rows (``async_copies``, ``tile_rows``)."""
+        if self.path != "cuda":
+            return self._bconv_async, BLOCK_ROWS
+        small = blocks <= self.multiprocessors
+        rows = self.tile_rows or (SMALL_GRID_ROWS if small and self.async_copies is not False else BLOCK_ROWS)
+        if rows != BLOCK_ROWS:
+            return self._bconv_small[rows], rows
+        use_async = small if self.async_copies is None else self.async_copies
+        return (self._bconv_async if use_async else self._bconv_registers), BLOCK_ROWS
 
     def binary_conv2d(self, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
                       thresholds, weight_popcounts, next_scale=None, next_shift=None, pack_next: bool = False):
@@ -527,16 +550,16 @@ class CapturedRuns:
 _LOADED: dict = {}
 
 
-def load(name: str = "cuda", async_copies: Optional[bool] = None) -> CudaKernels:
+def load(name: str = "cuda", async_copies: Optional[bool] = None, tile_rows: Optional[int] = None) -> CudaKernels:
     """The GPU kernels of ``name`` (``"cuda"`` or ``"cuda-popcount"``, on CuPy's current device,
     or with a device index: ``"cuda:1"``), compiled once per process, path, device and kind of
     loads (:class:`CudaKernels`)."""
     path, device = parse_kernels(name)
     if device is None:
         device = _cupy().cuda.Device().id
-    key = (path, device, async_copies)
+    key = (path, device, async_copies, tile_rows)
     if key not in _LOADED:
-        _LOADED[key] = CudaKernels(path, async_copies, device)
+        _LOADED[key] = CudaKernels(path, async_copies, device, tile_rows)
     return _LOADED[key]
 
 

@@ -16,7 +16,7 @@ typedef unsigned int u32;
 typedef unsigned char u8;
 typedef long long i64;
 
-#define BM 128     // output pixels per block
+#define BM 128     // output pixels per block (the small grids' kernels: 64 or 32, their kRows)
 #define BN 64      // output channels per block
 #define KW 8       // 32-bit words per K step (256 bits, one m16n8k256 MMA)
 #define KC 40      // K words loaded per chunk (5 MMA steps)
@@ -203,14 +203,16 @@ __device__ __forceinline__ unsigned long long outside_taps(const BconvArgs& g, i
 // The A and B tiles of one K chunk, and afterwards the block's accumulators, share the memory.
 // The weight words go in by 8-byte copies: a union of 4-byte words is only 4-byte aligned by
 // itself (`.shared .align 4` in the PTX), so its alignment is asked for.
+template <int kRows>
 union __align__(16) BconvShared {
   struct {
-    u32 a[BM * LDS];
+    u32 a[kRows * LDS];
     u32 b[BN * LDS];
   } tiles;
-  int c[BM * (BN + 1)];
+  int c[kRows * (BN + 1)];
 };
-static_assert(alignof(BconvShared) % 8 == 0 && BM * LDS * sizeof(u32) % 8 == 0 && LDS * sizeof(u32) % 8 == 0,
+static_assert(alignof(BconvShared<BM>) % 8 == 0 && alignof(BconvShared<32>) % 8 == 0 && 32 * LDS * sizeof(u32) % 8 == 0 &&
+                  LDS * sizeof(u32) % 8 == 0,
               "the 8-byte weight copies into BconvShared::tiles.b need 8-byte aligned rows");
 
 // The popcount path's counting: thread (tr, tc) adds popc(a & w) over `k_words` words for rows
@@ -243,9 +245,10 @@ __device__ __forceinline__ void store_float4(float* p, float4 v) {
 // The float-output epilogue with 4 channels a thread (channels_out a multiple of 4): a row's count,
 // border taps and address are read once for 4 outputs, which go out in one 16-byte store. A row
 // is spread over 16 threads (8 where at most 32 channels are left, so narrow layers keep every
-// thread busy). `counts` are the block's AND counts, [BM][BN + 1]. With pack_next, 8 neighbouring
+// thread busy). `counts` are the block's AND counts, [kRows][BN + 1]. With pack_next, 8 neighbouring
 // threads hold the 32 channels of one next-layer word: their 4-bit pieces are ORed by shuffles
 // (every thread runs every row step, so that the whole warp takes part).
+template <int kRows>
 __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, const BconvConstants& k, const int* counts,
                                                         const int* row_pop, const unsigned long long* row_outside,
                                                         i64 m0, int n0, i64 rows) {
@@ -263,7 +266,7 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
     mul[j] = k.multiplier[col + j];
     add[j] = k.bias[col + j];
   }
-  for (int r = tid / quads; r < BM; r += THREADS / quads) {
+  for (int r = tid / quads; r < kRows; r += THREADS / quads) {
     const bool valid = column_valid && m0 + r < rows;
     u32 bits = 0;  // this thread's 4 bits of the next layer's word
     if (valid) {
@@ -304,26 +307,34 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
   }
 }
 
-// One block: BM pixels x BN channels, K in chunks of KC words. Thread t loads half of row t / 2 of
-// each chunk (the chunk's words rounded up to whole 256-bit steps; the first or the second half by
-// t % 2), stepping through the taps without division, and counts their set bits (the row popcount
-// of the AND formulation; outside taps load 0). kAsyncCopies: the chunk's row and weight words go
-// to shared memory by cp.async, all in flight at once, and the row popcounts are counted there
-// afterwards; otherwise through registers, a few loads in flight at a time (for GPUs before sm_80
-// and for comparisons). kTensorCores: 8 warps as 4 (rows) x 2 (columns), each a 32 x 32 tile of
-// 2 x 4 m16n8k256 MMAs per 256 bits; otherwise each thread counts 8 rows x 4 columns with __popc.
-template <bool kTensorCores, bool kAsyncCopies>
+// One block: kRows pixels x BN channels, K in chunks of KC words. The THREADS / kRows neighbouring
+// threads of row t / (THREADS / kRows) each load a part of it in each chunk (the chunk's words
+// rounded up to whole 256-bit steps, split evenly), stepping through the taps without division,
+// and count their set bits (the row popcount of the AND formulation; outside taps load 0).
+// kAsyncCopies: the chunk's row and weight words go to shared memory by cp.async, all in flight at
+// once, and the row popcounts are counted there afterwards; otherwise through registers, a few
+// loads in flight at a time (for GPUs before sm_80 and for grids with more blocks than SMs).
+// kTensorCores: 8 warps as kRows / 32 (rows) x 8 / (kRows / 32) (columns), each a tile of 32 rows
+// (2 m16 MMAs) by 64 / that many columns (n8 MMAs) per 256 bits: 4 x 2 warps of 32 x 32 for 128
+// rows, 2 x 4 of 32 x 16 for 64, 1 x 8 of 32 x 8 for 32 (the small tiles spread a small grid over
+// more SMs). Otherwise (128 rows only) each thread counts 8 rows x 4 columns with __popc.
+template <bool kTensorCores, bool kAsyncCopies, int kRows = BM>
 __device__ void bconv2d_block(const BconvArgs& g) {
-  __shared__ BconvShared s;
+  static_assert(kRows == 128 || (kTensorCores && (kRows == 64 || kRows == 32)), "tiles of 128, 64 or 32 rows");
+  constexpr int kLoaders = THREADS / kRows;             // threads loading each row: 2, 4 or 8
+  constexpr int kWarpsM = kRows / 32, kWarpsN = 8 / kWarpsM;
+  constexpr int kWarpN = BN / kWarpsN, kTilesN = kWarpN / 8;  // a warp's columns, its n8 MMAs
+  __shared__ BconvShared<kRows> s;
   __shared__ BconvConstants constants;
-  __shared__ int row_pop[BM];
-  __shared__ unsigned long long row_outside[BM];
+  __shared__ int row_pop[kRows];
+  __shared__ unsigned long long row_outside[kRows];
   const int tid = threadIdx.x;
   const i64 rows = (i64)g.batch * g.out_h * g.out_w;
-  const i64 m0 = (i64)blockIdx.x * BM;
+  const i64 m0 = (i64)blockIdx.x * kRows;
   const int n0 = blockIdx.y * BN;
 
-  const int load_row = tid >> 1, load_half = tid & 1;
+  // (threadIdx.x is unsigned: dividing by a power of two is a shift)
+  const int load_row = (int)(threadIdx.x / kLoaders), load_part = (int)(threadIdx.x % kLoaders);
   const i64 m = m0 + load_row;
   const bool row_valid = m < rows;
   int b = 0, y0 = 0, x0 = 0;
@@ -350,13 +361,13 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   int my_pop = 0;
   const int chunks = (g.k_words + KC - 1) / KC;
   for (int chunk = 0; chunk < chunks; ++chunk) {
-    // this chunk's words rounded up to whole MMA steps, split evenly between a row's two loaders
+    // this chunk's words rounded up to whole MMA steps, split evenly between a row's loaders
     const int steps = min(KC / KW, (g.k_words - chunk * KC + KW - 1) / KW);
-    const int share = steps * (KW / 2);
-    const int k0 = chunk * KC + load_half * share;
+    const int share = steps * (KW / kLoaders);
+    const int k0 = chunk * KC + load_part * share;
     int tap = k0 / g.words, word = k0 - tap * g.words;
     int fy = tap / g.filter_w, fx = tap - fy * g.filter_w;
-    u32* my_words = s.tiles.a + load_row * LDS + load_half * share;
+    u32* my_words = s.tiles.a + load_row * LDS + load_part * share;
 #pragma unroll 4
     for (int j = 0; j < share; ++j) {
       const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
@@ -394,7 +405,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     }
     // while the first chunk's copies are in flight: the row's taps outside the image, for the
     // epilogue's zero-padding correction (LCE's; pad_value 0 only), by the row's first loader
-    if (chunk == 0 && load_half == 0 && g.pad_value == 0)
+    if (chunk == 0 && load_part == 0 && g.pad_value == 0)
       row_outside[load_row] = row_valid ? outside_taps(g, y0, x0) : 0;
     if (kAsyncCopies) {
       copy_async_wait();  // this thread's copies are in; its row words are counted from shared memory
@@ -402,9 +413,9 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     }
     __syncthreads();
     if (kTensorCores) {
-      const int warp = tid >> 5, lane = tid & 31, group = lane >> 2, t = lane & 3;
-      const int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
-      // a warp whose 32 columns all lie past the last channel (narrow layers) has nothing to count
+      const int lane = tid & 31, group = lane >> 2, t = lane & 3;
+      const int wm = (int)(threadIdx.x / 32 % kWarpsM) * 32, wn = (int)(threadIdx.x / 32 / kWarpsM) * kWarpN;
+      // a warp whose columns all lie past the last channel (narrow layers) has nothing to count
       const int warp_steps = n0 + wn < g.channels_out ? steps : 0;
       for (int st = 0; st < warp_steps; ++st) {
         const int k = st * KW + t;
@@ -414,7 +425,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
           const u32 a[4] = {s.tiles.a[r * LDS + k], s.tiles.a[(r + 8) * LDS + k], s.tiles.a[r * LDS + k + 4],
                             s.tiles.a[(r + 8) * LDS + k + 4]};
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
+          for (int j = 0; j < kTilesN; ++j) {
             const int n = wn + j * 8 + group;
             mma_and_popc(acc[i][j], a, s.tiles.b[n * LDS + k], s.tiles.b[n * LDS + k + 4]);
           }
@@ -429,18 +440,19 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     }
     __syncthreads();
   }
-  // the two loaders of a row are neighbouring lanes
-  const int pair_pop = __shfl_xor_sync(0xffffffffu, my_pop, 1);
-  if (load_half == 0) row_pop[load_row] = my_pop + pair_pop;
+  // the loaders of a row are neighbouring lanes
+#pragma unroll
+  for (int other = 1; other < kLoaders; other <<= 1) my_pop += __shfl_xor_sync(0xffffffffu, my_pop, other);
+  if (load_part == 0) row_pop[load_row] = my_pop;
 
   // AND counts to shared memory (m16n8 accumulator layout: c0, c1 row g, columns 2t, 2t+1; c2, c3 row g+8)
   if (kTensorCores) {
-    const int warp = tid >> 5, lane = tid & 31, group = lane >> 2, t = lane & 3;
-    const int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
+    const int lane = tid & 31, group = lane >> 2, t = lane & 3;
+    const int wm = (int)(threadIdx.x / 32 % kWarpsM) * 32, wn = (int)(threadIdx.x / 32 / kWarpsM) * kWarpN;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < kTilesN; ++j) {
         const int r = wm + i * 16 + group, c = wn + j * 8 + 2 * t;
         s.c[r * (BN + 1) + c] = acc[i][j][0];
         s.c[r * (BN + 1) + c + 1] = acc[i][j][1];
@@ -457,7 +469,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   __syncthreads();
 
   if (!g.packed_output && g.channels_out % 4 == 0 && g.out_stride % 4 == 0 && g.out_offset % 4 == 0) {
-    bconv2d_float4_epilogue(g, constants, s.c, row_pop, row_outside, m0, n0, rows);
+    bconv2d_float4_epilogue<kRows>(g, constants, s.c, row_pop, row_outside, m0, n0, rows);
     return;
   }
   // epilogue: XOR count, LCE's zero-padding correction, output transform. A row's columns are
@@ -473,7 +485,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
   const float mul = g.packed_output ? 0.0f : constants.multiplier[col];
   const float add = g.packed_output ? 0.0f : constants.bias[col];
   const int threshold = g.packed_output ? constants.threshold[col] : 0;
-  for (int r = tid / span; r < BM; r += THREADS / span) {
+  for (int r = tid / span; r < kRows; r += THREADS / span) {
     const i64 mr = m0 + r;
     const bool valid = mr < rows && column_valid;
     int xor_count = 0;
@@ -527,10 +539,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_
   bconv2d_block<true, true>(BCONV_ARGS);
 }
 
-// the tensor-core kernel with its loads through registers (CudaKernels(async_copies=False), for comparisons)
+// the tensor-core kernel with its loads through registers (grids of more blocks than SMs)
 extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS)
     bconv2d_tensor_cores_register_loads(BCONV_PARAMS) {
   bconv2d_block<true, false>(BCONV_ARGS);
+}
+
+// the tensor-core kernel with tiles of 64 and 32 rows (cp.async loads), for grids of fewer blocks than SMs
+extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_tensor_cores_rows64(BCONV_PARAMS) {
+  bconv2d_block<true, true, 64>(BCONV_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_tensor_cores_rows32(BCONV_PARAMS) {
+  bconv2d_block<true, true, 32>(BCONV_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_popcount(BCONV_PARAMS) {
