@@ -432,8 +432,9 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
 
 @contextlib.contextmanager
 def _small_grid_rows(rows: Optional[int]):
-    """The engines made and first run inside take ``rows``-row tiles on small grids (the old
-    kernels' choice with 128), for comparing tiles on the whole model; None: the default."""
+    """The engines made and first run inside take ``rows``-row tiles on small grids (grids of no
+    more 128-row blocks than the GPU has SMs), for comparing tiles on the whole model; None: the
+    default (``cuda.SMALL_GRID_ROWS``)."""
     from larq_landmarks.runtime import cuda
 
     saved = cuda.SMALL_GRID_ROWS
@@ -460,8 +461,8 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
         for path, graphs, fuse, small_rows, label in (
                 ("cuda", True, True, None, "cuda"), ("cuda", False, True, None, "cuda, steps launched from Python"),
                 ("cuda", True, False, None, "cuda, HPM block ops as separate passes"),
-                ("cuda", True, True, 128, "cuda, 128-row tiles on small grids too"),
                 ("cuda", True, True, 64, "cuda, 64-row tiles on small grids"),
+                ("cuda", True, True, 32, "cuda, 32-row tiles on small grids"),
                 ("cuda-popcount", True, True, None, "cuda-popcount")):
             with _small_grid_rows(small_rows):  # (the tile is chosen at a layer's first launch)
                 engine = Engine(flatbuffer, kernels=path, name="default", cuda_graphs=graphs, fuse_blocks=fuse)
@@ -667,9 +668,11 @@ def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Opti
     tiles = [r for r in rows if r.get("cuda-async-copies_gpu_ms") and r.get("cuda-rows32_gpu_ms")]
     if tiles:
         sms = multiprocessors or "the GPU's SM count"
+        small = cuda_small_rows()
+        default = (f"The default takes 128 where that grid has more than {sms} blocks (the GPU's SMs), else {small}."
+                   if small != 128 else "The default takes 128 on every grid (`cuda.SMALL_GRID_ROWS`).")
         lines += ["", "The tensor-core kernel's tiles (GPU alone, as above; `cp.async` loads): 128, 64 or 32 output pixels a "
-                  "block (`CudaKernels(tile_rows=...)`). The default takes 128 where that grid has more than "
-                  f"{sms} blocks (the GPU's SMs), else {cuda_small_rows()}.", "",
+                  f"block (`CudaKernels(tile_rows=...)`). {default}", "",
                   "| input | filter | batch | blocks of 128 | 128 rows (ms) | 64 rows (ms) | 32 rows (ms) | default |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r.get('blocks', 'n/a')} | "

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from larq_landmarks.runtime import Engine
+from larq_landmarks.runtime import Engine, cuda
 from larq_landmarks.runtime.graph import read_graph
 
 from script_modules import load_script
@@ -95,7 +95,7 @@ def test_agreement_runs_the_float32_network_with_tf32_off(small_flatbuffer, tmp_
     assert result["same_peaks"] >= 0.99 and result["mean_abs_difference_ratio"] < 1e-4
 
 
-def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
+def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path, monkeypatch):
     layer = {"input": "64x64x128", "filter": "3x3, 128 out, stride 1", "batch": 32, "float32_ms": 2.0, "tf32_ms": 1.0,
              "bf16_ms": 0.8, "cuda_ms": 0.5, "cuda-popcount_ms": 1.5, "float32_gpu_ms": 1.8, "tf32_gpu_ms": 0.9,
              "bf16_gpu_ms": 0.6, "cuda_gpu_ms": 0.3, "cuda-popcount_gpu_ms": None, "cuda-register-loads_gpu_ms": 0.45,
@@ -140,9 +140,15 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path):
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2048 | 0.450 | 0.300 | 1.50x | registers |" in text
     assert "| 8x8x64 | 3x3, 64 out, stride 1 | 32 | 16 | 0.450 | 0.300 | 1.50x | cp.async |" in text
     assert "at most 132 blocks" in text
-    # the tiles: 128 rows (cp.async), 64, 32, and the default's (32 rows up to 132 blocks of 128)
+    # the tiles: 128 rows (cp.async), 64, 32, and the default's (cuda.SMALL_GRID_ROWS up to 132 blocks of 128)
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2048 | 0.3000 | 0.3500 | 0.4000 | 128 rows |" in text
+    assert "| 8x8x64 | 3x3, 64 out, stride 1 | 32 | 16 | 0.3000 | 0.3500 | 0.4000 | 128 rows |" in text
+    assert "The default takes 128 on every grid" in text
+    monkeypatch.setattr(cuda, "SMALL_GRID_ROWS", 32)
+    script.write_markdown(str(path), result)
+    text = path.read_text()
     assert "| 8x8x64 | 3x3, 64 out, stride 1 | 32 | 16 | 0.3000 | 0.3500 | 0.4000 | 32 rows |" in text
+    assert "more than 132 blocks (the GPU's SMs), else 32." in text
     # 69.22 MB in 0.3 ms: 231 GB/s, 4.8% of 4.8 TB/s; bf16 67.40 MB in 0.6 ms: 112 GB/s, 2.3%
     assert "(4800 GB/s, from its memory clock and bus width)" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 69.22 | 231 | 5% | 67.40 | 112 | 2% |" in text
@@ -189,8 +195,8 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     whole = script.whole_model(small_flatbuffer, runs=1, batches=(1, 2), device="cpu")
     engines = ["larq_landmarks.runtime (cuda)", "larq_landmarks.runtime (cuda, steps launched from Python)",
                "larq_landmarks.runtime (cuda, HPM block ops as separate passes)",
-               "larq_landmarks.runtime (cuda, 128-row tiles on small grids too)",
-               "larq_landmarks.runtime (cuda, 64-row tiles on small grids)", "larq_landmarks.runtime (cuda-popcount)",
+               "larq_landmarks.runtime (cuda, 64-row tiles on small grids)",
+               "larq_landmarks.runtime (cuda, 32-row tiles on small grids)", "larq_landmarks.runtime (cuda-popcount)",
                "same network in PyTorch, float32 (cuDNN, TF32 off)",
                "same network in PyTorch, bfloat16 (cuDNN)"]  # no CUDA graph rows for PyTorch on the CPU
     assert [(r["engine"], r["batch"]) for r in whole] == [(e, b) for b in (1, 2) for e in engines]

@@ -280,9 +280,10 @@ KERNELS = [pytest.param("cuda", True, 128, id="cuda"), pytest.param("cuda", Fals
 
 def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
     """The defaults (``async_copies=None``, ``tile_rows=None``): a layer whose grid of 128-row
-    blocks has no more blocks than the GPU has SMs runs on tiles of 32 rows (``cp.async``), one with
-    more on 128-row tiles loaded through registers; the arguments force a kind of loads or a tile.
-    The outputs are equal (the grid of each launch covers the layer exactly: fake_cupy)."""
+    blocks has no more blocks than the GPU has SMs runs on ``SMALL_GRID_ROWS``-row tiles loaded by
+    ``cp.async`` (128, 64 and 32 here), one with more on 128-row tiles loaded through
+    registers; the arguments force a kind of loads or a tile. The outputs are equal (the grid of
+    each launch covers the layer exactly: fake_cupy)."""
     fake_cupy.install(monkeypatch)
     launched = []
     launch = fake_cupy._Kernel.__call__
@@ -293,17 +294,20 @@ def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
     graph, op = bconv_graph(pack_bits(w_bits), 40, 1, True, 0, "float", np.full(70, -0.5, np.float32),
                             np.full(70, 180.0, np.float32))
     expected = reference_accumulators(x_bits, w_bits, 1, True, 0).astype(np.float32)
-    for sms, async_copies, tile_rows, kernel in ((16, None, None, "bconv2d_tensor_cores_rows32"),
-                                                 (15, None, None, "bconv2d_tensor_cores_register_loads"),
-                                                 (15, True, None, "bconv2d_tensor_cores"),
-                                                 (16, False, None, "bconv2d_tensor_cores_register_loads"),
-                                                 (16, True, None, "bconv2d_tensor_cores_rows32"),
-                                                 (15, None, 64, "bconv2d_tensor_cores_rows64"),
-                                                 (16, None, 128, "bconv2d_tensor_cores")):
+    for small, sms, async_copies, tile_rows, kernel in ((128, 16, None, None, "bconv2d_tensor_cores"),
+                                                        (128, 15, None, None, "bconv2d_tensor_cores_register_loads"),
+                                                        (32, 16, None, None, "bconv2d_tensor_cores_rows32"),
+                                                        (32, 15, None, None, "bconv2d_tensor_cores_register_loads"),
+                                                        (32, 15, True, None, "bconv2d_tensor_cores"),
+                                                        (32, 16, False, None, "bconv2d_tensor_cores_register_loads"),
+                                                        (64, 16, True, None, "bconv2d_tensor_cores_rows64"),
+                                                        (128, 15, None, 64, "bconv2d_tensor_cores_rows64"),
+                                                        (32, 16, None, 128, "bconv2d_tensor_cores")):
+        monkeypatch.setattr(cuda, "SMALL_GRID_ROWS", small)
         monkeypatch.setattr(fake_cupy.Device, "multiprocessors", sms)
         launched.clear()
         got = _run_bconv(cuda.CudaKernels("cuda", async_copies, tile_rows=tile_rows), graph, op, pack_bits(x_bits))
-        assert launched == [kernel], (sms, async_copies, tile_rows)
+        assert launched == [kernel], (small, sms, async_copies, tile_rows)
         np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError, match="tile_rows=48"):
         cuda.CudaKernels("cuda", tile_rows=48)

@@ -23,7 +23,11 @@ import numpy as np
 PATHS = ("cuda", "cuda-popcount")
 BLOCK_ROWS, BLOCK_CHANNELS, STEP_WORDS, CHUNK_WORDS, THREADS = 128, 64, 8, 40, 256  # as in kernels.cu
 TILE_ROWS = (128, 64, 32)  # the tensor-core kernel's tiles: rows (output pixels) a block
-SMALL_GRID_ROWS = 32  # the tile where 128-row tiles would leave SMs idle (CudaKernels' tile_rows=None)
+# the tile of a grid that 128-row tiles would leave with no more blocks than the GPU has SMs
+# (CudaKernels' tile_rows=None). 128 until the 64- and 32-row tiles are timed on a GPU (written on
+# 2026-12-04 after that day's GPU runs; scripts/benchmark_gpu.py times all three, per shape and on
+# the whole model): the default stays what the H200 measured.
+SMALL_GRID_ROWS = 128
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "kernels.cu")
 
 
