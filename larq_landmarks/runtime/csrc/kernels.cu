@@ -10,7 +10,8 @@
 // only have the AND form of the 1-bit MMA on Hopper, so each block counts popc(a & w) and the
 // epilogue forms the XOR count as popc(a) + popc(w) - 2 popc(a & w), with popc(a) counted while
 // the block loads its rows and popc(w) once when the weights are prepared.
-// runtime/cuda_tiles.py is a NumPy model of exactly this indexing, tested on the CPU.
+// runtime/cuda_tiles.py is a NumPy model of exactly this indexing (the 128-row tiles), tested on the
+// CPU; the whole kernel, every tile, runs on the CPU in the tests too (tests/cuda_on_cpu.py).
 
 typedef unsigned int u32;
 typedef unsigned char u8;
