@@ -611,26 +611,15 @@ def _shape_rows(rows, suffix: str):
             f"{ms(r, 'cuda')} | {ms(r, 'cuda-popcount')} | {ratio(r, 'float32')} | {ratio(r, 'bf16')} |" for r in rows]
 
 
-def cuda_small_rows() -> int:
-    """The default tile of a small grid (``cuda.SMALL_GRID_ROWS``)."""
+def _default_kernel(row, multiprocessors: Optional[int], tile: bool) -> str:
+    """The default kernels' loads (or, with ``tile``, their tile) for ``row``'s grid of 128-row
+    tiles: ``cuda.bconv_tile``, the rule the kernels follow."""
     from larq_landmarks.runtime import cuda
 
-    return cuda.SMALL_GRID_ROWS
-
-
-def _default_loads(row, multiprocessors: Optional[int]) -> str:
-    """Which loads the default kernels take for ``row``'s grid of 128-row tiles
-    (``CudaKernels._bconv_kernel``): on a small grid, ``cp.async`` with the small grids' tile."""
     if not multiprocessors or "blocks" not in row:
         return "n/a"
-    return "cp.async" if row["blocks"] <= multiprocessors else "registers"
-
-
-def _default_tile(row, multiprocessors: Optional[int]) -> str:
-    """The tile the default kernels take for ``row`` (``CudaKernels._bconv_kernel``)."""
-    if not multiprocessors or "blocks" not in row:
-        return "n/a"
-    return f"{cuda_small_rows() if row['blocks'] <= multiprocessors else 128} rows"
+    rows, use_async = cuda.bconv_tile(row["blocks"], multiprocessors)
+    return f"{rows} rows" if tile else "cp.async" if use_async else "registers"
 
 
 def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Optional[int] = None) -> list:
@@ -664,11 +653,14 @@ def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Opti
         lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r.get('blocks', 'n/a')} | "
                   f"{r['cuda-register-loads_gpu_ms']:.3f} | {r['cuda-async-copies_gpu_ms']:.3f} | "
                   f"{r['cuda-register-loads_gpu_ms'] / r['cuda-async-copies_gpu_ms']:.2f}x | "
-                  f"{_default_loads(r, multiprocessors)} |" for r in both]
-    tiles = [r for r in rows if r.get("cuda-async-copies_gpu_ms") and r.get("cuda-rows32_gpu_ms")]
+                  f"{_default_kernel(r, multiprocessors, tile=False)} |" for r in both]
+    tiles = [r for r in rows if r.get("cuda-async-copies_gpu_ms") and r.get("cuda-rows64_gpu_ms")
+             and r.get("cuda-rows32_gpu_ms")]
     if tiles:
+        from larq_landmarks.runtime import cuda
+
         sms = multiprocessors or "the GPU's SM count"
-        small = cuda_small_rows()
+        small = cuda.SMALL_GRID_ROWS
         default = (f"The default takes 128 where that grid has more than {sms} blocks (the GPU's SMs), else {small}."
                    if small != 128 else "The default takes 128 on every grid (`cuda.SMALL_GRID_ROWS`).")
         lines += ["", "The tensor-core kernel's tiles (GPU alone, as above; `cp.async` loads): 128, 64 or 32 output pixels a "
@@ -676,8 +668,8 @@ def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Opti
                   "| input | filter | batch | blocks of 128 | 128 rows (ms) | 64 rows (ms) | 32 rows (ms) | default |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r.get('blocks', 'n/a')} | "
-                  f"{r['cuda-async-copies_gpu_ms']:.4f} | {r.get('cuda-rows64_gpu_ms') or 0:.4f} | "
-                  f"{r['cuda-rows32_gpu_ms']:.4f} | {_default_tile(r, multiprocessors)} |" for r in tiles]
+                  f"{r['cuda-async-copies_gpu_ms']:.4f} | {r['cuda-rows64_gpu_ms']:.4f} | "
+                  f"{r['cuda-rows32_gpu_ms']:.4f} | {_default_kernel(r, multiprocessors, tile=True)} |" for r in tiles]
     traffic = _traffic_rows([r for r in rows if r.get("cuda_gpu_ms")], bandwidth)
     if traffic:
         peak = f"{bandwidth / 1e9:.0f} GB/s, from its memory clock and bus width" if bandwidth else "not known here"

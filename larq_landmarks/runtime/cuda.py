@@ -62,6 +62,18 @@ def parse_kernels(name: str) -> Tuple[str, Optional[int]]:
     return path, int(index) if index else None
 
 
+def bconv_tile(blocks: int, multiprocessors: int, async_copies: Optional[bool] = None,
+               tile_rows: Optional[int] = None) -> Tuple[int, bool]:
+    """The tensor-core binary convolution's tile (rows a block) and whether it loads by
+    ``cp.async``, for a layer whose grid of 128-row tiles has ``blocks`` blocks on a GPU of
+    ``multiprocessors`` SMs (:class:`CudaKernels`' ``async_copies`` and ``tile_rows``)."""
+    small = blocks <= multiprocessors
+    rows = tile_rows or (SMALL_GRID_ROWS if small and async_copies is not False else BLOCK_ROWS)
+    if rows != BLOCK_ROWS:
+        return rows, True
+    return BLOCK_ROWS, small if async_copies is None else async_copies
+
+
 class BinaryWeights:
     """A binary convolution's weights on the GPU: ``words`` ``[Cout padded to 64, K words padded
     to 40]`` (K tap-major, zero padded) and ``popcounts`` (set bits per output channel)."""
@@ -281,11 +293,9 @@ class CudaKernels:
         ``blocks`` blocks of 128 rows (``async_copies``, ``tile_rows``)."""
         if self.path != "cuda":
             return self._bconv_async, BLOCK_ROWS
-        small = blocks <= self.multiprocessors
-        rows = self.tile_rows or (SMALL_GRID_ROWS if small and self.async_copies is not False else BLOCK_ROWS)
+        rows, use_async = bconv_tile(blocks, self.multiprocessors, self.async_copies, self.tile_rows)
         if rows != BLOCK_ROWS:
             return self._bconv_small[rows], rows
-        use_async = small if self.async_copies is None else self.async_copies
         return (self._bconv_async if use_async else self._bconv_registers), BLOCK_ROWS
 
     def binary_conv2d(self, weights: BinaryWeights, geometry, multiplier, bias, clamp_min: int, clamp_max: int,
