@@ -391,15 +391,20 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
             row.update(least_traffic(batch, size, cin, cout, k, stride))
             packed = cp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, size, size, (cin + 31) // 32),
                                              dtype=np.int64).astype(np.int32))
-            # (row label, path, cp.async loads, tile rows, timed per call too): the default kernels
-            # (loads and tile chosen by the grid's size), and on the GPU alone the tensor-core kernel
-            # with 128-row tiles and each kind of loads, and with the smaller tiles
+            # (row label, path, cp.async loads, tile rows, wide loads, timed per call too): the default
+            # kernels (loads and tile chosen by the grid's size), and on the GPU alone the tensor-core
+            # kernel with 128-row tiles and each kind of loads, with the smaller tiles, and the
+            # default with a row's words loaded up to 4 at a time
             row["blocks"] = -(-batch * (size // stride) ** 2 // cuda.BLOCK_ROWS) * -(-cout // cuda.BLOCK_CHANNELS)
-            for label, path, async_copies, tile_rows, per_call in (
-                    ("cuda", "cuda", None, None, True), ("cuda-popcount", "cuda-popcount", None, None, True),
-                    ("cuda-async-copies", "cuda", True, 128, False), ("cuda-register-loads", "cuda", False, 128, False),
-                    ("cuda-rows64", "cuda", True, 64, False), ("cuda-rows32", "cuda", True, 32, False)):
-                kernels = cuda.load(path, async_copies, tile_rows)
+            row["words"] = -(-cin // 32)
+            for label, path, async_copies, tile_rows, wide, per_call in (
+                    ("cuda", "cuda", None, None, None, True), ("cuda-popcount", "cuda-popcount", None, None, None, True),
+                    ("cuda-async-copies", "cuda", True, 128, None, False),
+                    ("cuda-register-loads", "cuda", False, 128, None, False),
+                    ("cuda-rows64", "cuda", True, 64, None, False), ("cuda-rows32", "cuda", True, 32, None, False),
+                    ("cuda-one-word-loads", "cuda", None, None, False, False),
+                    ("cuda-wide-loads", "cuda", None, None, True, False)):
+                kernels = cuda.load(path, async_copies, tile_rows, wide)
                 run = ops.lce_bconv2d(graph, op, kernels)
                 values = ops.Values(len(graph.tensors), {}, kernels.empty)
                 values[op.inputs[0]] = packed
@@ -431,18 +436,20 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
 
 
 @contextlib.contextmanager
-def _small_grid_rows(rows: Optional[int]):
-    """The engines made and first run inside take ``rows``-row tiles on small grids (grids of no
-    more 128-row blocks than the GPU has SMs), for comparing tiles on the whole model; None: the
-    default (``cuda.SMALL_GRID_ROWS``)."""
+def _kernel_defaults(small_grid_rows: Optional[int] = None, wide_loads: Optional[bool] = None):
+    """The engines made and first run inside take ``small_grid_rows``-row tiles on small grids
+    (grids of no more 128-row blocks than the GPU has SMs) and load a row's words up to 4 at a time
+    or not (``wide_loads``), for comparing them on the whole model; None: the defaults
+    (``cuda.SMALL_GRID_ROWS``, ``cuda.WIDE_LOADS``)."""
     from larq_landmarks.runtime import cuda
 
-    saved = cuda.SMALL_GRID_ROWS
-    cuda.SMALL_GRID_ROWS = rows or saved
+    saved = cuda.SMALL_GRID_ROWS, cuda.WIDE_LOADS
+    cuda.SMALL_GRID_ROWS = small_grid_rows or saved[0]
+    cuda.WIDE_LOADS = saved[1] if wide_loads is None else wide_loads
     try:
         yield
     finally:
-        cuda.SMALL_GRID_ROWS = saved
+        cuda.SMALL_GRID_ROWS, cuda.WIDE_LOADS = saved
 
 
 def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cuda"):
@@ -458,13 +465,17 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
         images = np.random.default_rng(0).uniform(size=(batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:]))
         images = images.astype(np.float32)
         device_images = cp.asarray(images)
-        for path, graphs, fuse, small_rows, label in (
-                ("cuda", True, True, None, "cuda"), ("cuda", False, True, None, "cuda, steps launched from Python"),
-                ("cuda", True, False, None, "cuda, HPM block ops as separate passes"),
-                ("cuda", True, True, 64, "cuda, 64-row tiles on small grids"),
-                ("cuda", True, True, 32, "cuda, 32-row tiles on small grids"),
-                ("cuda-popcount", True, True, None, "cuda-popcount")):
-            with _small_grid_rows(small_rows):  # (the tile is chosen at a layer's first launch)
+        for path, graphs, fuse, small_rows, wide, label in (
+                ("cuda", True, True, None, None, "cuda"),
+                ("cuda", False, True, None, None, "cuda, steps launched from Python"),
+                ("cuda", True, False, None, None, "cuda, HPM block ops as separate passes"),
+                ("cuda", True, True, 64, None, "cuda, 64-row tiles on small grids"),
+                ("cuda", True, True, 32, None, "cuda, 32-row tiles on small grids"),
+                ("cuda", True, True, None, True, "cuda, wide loads"),
+                ("cuda", True, True, None, False, "cuda, one-word loads"),
+                ("cuda-popcount", True, True, None, None, "cuda-popcount")):
+            # (the kernels are loaded as the engine is made, the tile chosen at a layer's first launch)
+            with _kernel_defaults(small_rows, wide):
                 engine = Engine(flatbuffer, kernels=path, name="default", cuda_graphs=graphs, fuse_blocks=fuse)
                 # images already on the GPU stay there (no transfers, as for the PyTorch baselines);
                 # the warm-up calls capture the engine's CUDA graph where it makes one
@@ -670,6 +681,19 @@ def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Opti
         lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r.get('blocks', 'n/a')} | "
                   f"{r['cuda-async-copies_gpu_ms']:.4f} | {r['cuda-rows64_gpu_ms']:.4f} | "
                   f"{r['cuda-rows32_gpu_ms']:.4f} | {_default_kernel(r, multiprocessors, tile=True)} |" for r in tiles]
+    wide = [r for r in rows if r.get("cuda-one-word-loads_gpu_ms") and r.get("cuda-wide-loads_gpu_ms")]
+    if wide:
+        from larq_landmarks.runtime import cuda
+
+        lines += ["", "The binary convolution's loads of a row's words (GPU alone, as above; the default's tile and kind "
+                  "of loads): one 4-byte word at a time, against up to 4 at a time, one 8- or 16-byte load a tap "
+                  "where the input's words a pixel allow (`CudaKernels(wide_loads=True)`; 1 word a pixel: no "
+                  f"difference). The default: {'wide' if cuda.WIDE_LOADS else 'one word'} (`cuda.WIDE_LOADS`).", "",
+                  "| input | filter | batch | words a pixel | one word (ms) | wide (ms) | wide speed-up |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r.get('words', 'n/a')} | "
+                  f"{r['cuda-one-word-loads_gpu_ms']:.4f} | {r['cuda-wide-loads_gpu_ms']:.4f} | "
+                  f"{r['cuda-one-word-loads_gpu_ms'] / r['cuda-wide-loads_gpu_ms']:.2f}x |" for r in wide]
     traffic = _traffic_rows([r for r in rows if r.get("cuda_gpu_ms")], bandwidth)
     if traffic:
         peak = f"{bandwidth / 1e9:.0f} GB/s, from its memory clock and bus width" if bandwidth else "not known here"

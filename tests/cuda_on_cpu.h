@@ -33,6 +33,9 @@ struct cuda_on_cpu_dim3 {
 struct uint2 {
   unsigned x, y;
 };
+struct uint4 {
+  unsigned x, y, z, w;
+};
 struct float4 {
   float x, y, z, w;
 };

@@ -126,7 +126,9 @@ class _Kernel:
 
 class RawModule:
     def __init__(self, code: str, options=()):
-        self.kernels = cuda_on_cpu.kernels(code)
+        # NVRTC's -DNAME=VALUE options, as the source's first lines
+        defines = "".join(f"#define {o[2:].replace('=', ' ', 1)}\n" for o in options if o.startswith("-D"))
+        self.kernels = cuda_on_cpu.kernels(defines + code)
 
     def get_function(self, name: str):
         assert name in self.kernels.signatures, f"no kernel {name} in kernels.cu"

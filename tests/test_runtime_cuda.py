@@ -271,11 +271,15 @@ def gpu_or_cpu(monkeypatch):
         fake_cupy.install(monkeypatch)
 
 
-# the binary convolution's kernels (path, async_copies, tile_rows): tensor cores with tiles of 128 rows
-# loaded by cp.async or through registers, with tiles of 64 and 32 rows (cp.async), popcount
-KERNELS = [pytest.param("cuda", True, 128, id="cuda"), pytest.param("cuda", False, 128, id="cuda-register-loads"),
-           pytest.param("cuda", True, 64, id="cuda-rows64"), pytest.param("cuda", True, 32, id="cuda-rows32"),
-           pytest.param("cuda-popcount", None, None, id="cuda-popcount")]
+# the binary convolution's kernels (path, async_copies, tile_rows, wide_loads): tensor cores with
+# tiles of 128 rows loaded by cp.async or through registers, with tiles of 64 and 32 rows (cp.async),
+# popcount; each loading a row's words one by one and up to 4 at a time
+KERNELS = [pytest.param(path, async_copies, tile_rows, wide, id=name + ("-wide" if wide else ""))
+           for path, async_copies, tile_rows, name in (
+               ("cuda", True, 128, "cuda"), ("cuda", False, 128, "cuda-register-loads"),
+               ("cuda", True, 64, "cuda-rows64"), ("cuda", True, 32, "cuda-rows32"),
+               ("cuda-popcount", None, None, "cuda-popcount"))
+           for wide in (False, True)]
 
 
 def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
@@ -315,13 +319,14 @@ def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
         cuda.CudaKernels("cuda", False, tile_rows=32)
 
 
-@pytest.mark.parametrize("path,async_copies,tile_rows", KERNELS)
+@pytest.mark.parametrize("path,async_copies,tile_rows,wide_loads", KERNELS)
 @pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", GPU_CASES)
-def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, async_copies, tile_rows, cin, cout, k, stride, same,
-                                        pad_value):
+def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, async_copies, tile_rows, wide_loads, cin, cout, k, stride,
+                                        same, pad_value):
     x_bits, w_bits = _random_layer(cin, cout, k, cin * 1000 + cout, size=(3, 19, 17))
     expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value)
-    kernels = cuda.load(path, async_copies, tile_rows)
+    kernels = cuda.load(path, async_copies, tile_rows, wide_loads)
+    assert kernels.wide_loads == wide_loads
     cpu = _cpu_kernels()
     filters, total = pack_bits(w_bits), k * k * cin
     graph, op = bconv_graph(filters, cin, stride, same, pad_value, "float",

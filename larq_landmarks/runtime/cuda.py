@@ -28,6 +28,11 @@ TILE_ROWS = (128, 64, 32)  # the tensor-core kernel's tiles: rows (output pixels
 # 2026-12-04 after that day's GPU runs; scripts/benchmark_gpu.py times all three, per shape and on
 # the whole model): the default stays what the H200 measured.
 SMALL_GRID_ROWS = 128
+# whether the binary convolution loads a row's words up to 4 at a time (8- and 16-byte loads: a
+# tap's words where the input has 64 channels or a multiple of 128) instead of one at a time
+# (CudaKernels' wide_loads=None). False until timed on a GPU (written on 2026-12-04, after that
+# day's GPU runs; scripts/benchmark_gpu.py times both): the default stays what the H200 measured.
+WIDE_LOADS = False
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "kernels.cu")
 
 
@@ -110,10 +115,13 @@ class CudaKernels:
     computes: 128, 64 or 32 (the smaller tiles with ``cp.async``), or ``None`` (the default): 128
     where that grid has more blocks than the GPU has SMs (or ``async_copies=False``), else
     :data:`SMALL_GRID_ROWS`, so that a small layer is spread over more SMs. The popcount path
-    always loads through registers, 128 rows a block."""
+    always loads through registers, 128 rows a block. ``wide_loads``: whether the binary
+    convolutions load a row's words up to 4 at a time (one 8- or 16-byte load a tap where the
+    input's words a pixel are a multiple of 2 or 4: 64, 128, 256 channels) rather than one by one
+    (bit-exact either way); ``None`` (the default): :data:`WIDE_LOADS`."""
 
     def __init__(self, path: str = "cuda", async_copies: Optional[bool] = None, device: Optional[int] = None,
-                 tile_rows: Optional[int] = None):
+                 tile_rows: Optional[int] = None, wide_loads: Optional[bool] = None):
         if tile_rows not in (None,) + TILE_ROWS:
             raise ValueError(f"tile_rows={tile_rows!r}; the tensor-core kernel has tiles of {TILE_ROWS} rows")
         if tile_rows not in (None, BLOCK_ROWS) and async_copies is False:
@@ -132,6 +140,7 @@ class CudaKernels:
         self.compute_capability = int(self.device.compute_capability)  # e.g. 90 for sm_90
         self.multiprocessors = int(cp.cuda.runtime.getDeviceProperties(index)["multiProcessorCount"])
         self.async_copies, self.tile_rows = async_copies, tile_rows
+        self.wide_loads = WIDE_LOADS if wide_loads is None else bool(wide_loads)
         if path == "cuda" and self.compute_capability < 80:
             path = "cuda-popcount"  # no 1-bit tensor cores before sm_80
         self.path = path
@@ -140,10 +149,14 @@ class CudaKernels:
         with self.device:
             self._load()
 
+    def compile_options(self) -> Tuple[str, ...]:
+        """NVRTC's options for ``kernels.cu``: C++17, and its macros for these kernels' choices."""
+        return ("-std=c++17", f"-DBCONV_WIDE_LOADS={int(self.wide_loads)}")
+
     def _load(self) -> None:
         cp = self.cp
         with open(SOURCE, encoding="utf-8") as f:
-            self._module = cp.RawModule(code=f.read(), options=("-std=c++17",))
+            self._module = cp.RawModule(code=f.read(), options=self.compile_options())
         try:  # NVRTC compiles the module, and the driver loads it, at the first get_function
             if self.path == "cuda":
                 self._bconv_async = self._module.get_function("bconv2d_tensor_cores")
@@ -564,16 +577,18 @@ class CapturedRuns:
 _LOADED: dict = {}
 
 
-def load(name: str = "cuda", async_copies: Optional[bool] = None, tile_rows: Optional[int] = None) -> CudaKernels:
+def load(name: str = "cuda", async_copies: Optional[bool] = None, tile_rows: Optional[int] = None,
+         wide_loads: Optional[bool] = None) -> CudaKernels:
     """The GPU kernels of ``name`` (``"cuda"`` or ``"cuda-popcount"``, on CuPy's current device,
-    or with a device index: ``"cuda:1"``), compiled once per process, path, device and kind of
-    loads (:class:`CudaKernels`)."""
+    or with a device index: ``"cuda:1"``), compiled once per process, path, device, kind of
+    loads and tile (:class:`CudaKernels`)."""
     path, device = parse_kernels(name)
     if device is None:
         device = _cupy().cuda.Device().id
-    key = (path, device, async_copies, tile_rows)
+    wide_loads = WIDE_LOADS if wide_loads is None else bool(wide_loads)
+    key = (path, device, async_copies, tile_rows, wide_loads)
     if key not in _LOADED:
-        _LOADED[key] = CudaKernels(path, async_copies, device, tile_rows)
+        _LOADED[key] = CudaKernels(path, async_copies, device, tile_rows, wide_loads)
     return _LOADED[key]
 
 

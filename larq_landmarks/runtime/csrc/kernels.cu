@@ -26,6 +26,9 @@ typedef long long i64;
 #ifndef BCONV_MIN_BLOCKS
 #define BCONV_MIN_BLOCKS 4  // blocks per SM the registers must allow (64 registers, no spills on sm_90)
 #endif
+#ifndef BCONV_WIDE_LOADS
+#define BCONV_WIDE_LOADS 0  // 1: a row's words loaded up to 4 at a time (cuda.py's wide_loads; gather_row)
+#endif
 
 // An output pixel's batch index, row and column (pixels numbered image by image, row by row).
 struct Pixel {
@@ -201,6 +204,63 @@ __device__ __forceinline__ unsigned long long outside_taps(const BconvArgs& g, i
   return outside;
 }
 
+// kVector (1, 2 or 4) consecutive words, from global memory to shared memory in one load and one
+// store (both aligned to their size), or zeros where `valid` is false (src is then not read).
+// Returns their set bits (the register loads'; cp.async's are counted after its wait).
+template <int kVector, bool kAsyncCopies>
+__device__ __forceinline__ int copy_row_words(u32* dst, const u32* src, bool valid) {
+  if (kAsyncCopies) {
+    copy_async<4 * kVector>(dst, src, valid);
+    return 0;
+  }
+  if constexpr (kVector == 1) {
+    const u32 v = valid ? *src : 0u;
+    *dst = v;
+    return __popc(v);
+  } else {
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+    cuda_on_cpu_check_aligned(dst, 4 * kVector, "vector store");
+    if (valid) cuda_on_cpu_check_aligned(src, 4 * kVector, "vector load");
+#endif
+    if constexpr (kVector == 2) {
+      uint2 v = {0u, 0u};
+      if (valid) v = *reinterpret_cast<const uint2*>(src);
+      *reinterpret_cast<uint2*>(dst) = v;
+      return __popc(v.x) + __popc(v.y);
+    } else {
+      uint4 v = {0u, 0u, 0u, 0u};
+      if (valid) v = *reinterpret_cast<const uint4*>(src);
+      *reinterpret_cast<uint4*>(dst) = v;
+      return __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w);
+    }
+  }
+}
+
+// A row's K words k0 .. k0 + share - 1 (tap-major: tap k / words, word k % words of the pixel
+// the tap reads) into dst, kVector at a time: a tap's words lie together in the input, so where
+// words, share (and so k0: KC is a multiple of 4) are multiples of kVector, each vector is words of
+// one tap, all inside the image or all outside, all below k_words or all past it. Zeros for taps
+// outside the image and past k_words. Steps through the taps without division. Adds the set bits
+// loaded to `pop` (register loads).
+template <int kVector, bool kAsyncCopies>
+__device__ __forceinline__ void gather_row(const BconvArgs& g, u32* dst, int b, int y0, int x0, bool row_valid,
+                                           int k0, int share, int& pop) {
+  int tap = k0 / g.words, word = k0 - tap * g.words;
+  int fy = tap / g.filter_w, fx = tap - fy * g.filter_w;
+#pragma unroll 4
+  for (int j = 0; j < share; j += kVector) {
+    const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
+    const bool inside = row_valid && k0 + j < g.k_words && y >= 0 && y < g.height && x >= 0 && x < g.width;
+    const u32* src = g.x + (inside ? (((i64)b * g.height + y) * g.width + x) * g.words + word : 0);
+    pop += copy_row_words<kVector, kAsyncCopies>(dst + j, src, inside);
+    word += kVector;
+    if (word == g.words) {
+      word = 0;
+      if (++fx == g.filter_w) fx = 0, ++fy;
+    }
+  }
+}
+
 // The A and B tiles of one K chunk, and afterwards the block's accumulators, share the memory.
 // The weight words go in by 8-byte copies: a union of 4-byte words is only 4-byte aligned by
 // itself (`.shared .align 4` in the PTX), so its alignment is asked for.
@@ -366,26 +426,15 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     const int steps = min(KC / KW, (g.k_words - chunk * KC + KW - 1) / KW);
     const int share = steps * (KW / kLoaders);
     const int k0 = chunk * KC + load_part * share;
-    int tap = k0 / g.words, word = k0 - tap * g.words;
-    int fy = tap / g.filter_w, fx = tap - fy * g.filter_w;
     u32* my_words = s.tiles.a + load_row * LDS + load_part * share;
-#pragma unroll 4
-    for (int j = 0; j < share; ++j) {
-      const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
-      const bool inside = row_valid && k0 + j < g.k_words && y >= 0 && y < g.height && x >= 0 && x < g.width;
-      const u32* src = g.x + (inside ? (((i64)b * g.height + y) * g.width + x) * g.words + word : 0);
-      if (kAsyncCopies) {
-        copy_async<4>(my_words + j, src, inside);
-      } else {
-        const u32 v = inside ? *src : 0u;
-        my_pop += __popc(v);
-        my_words[j] = v;
-      }
-      if (++word == g.words) {
-        word = 0;
-        if (++fx == g.filter_w) fx = 0, ++fy;
-      }
-    }
+#if BCONV_WIDE_LOADS
+    if (g.words % 4 == 0 && share % 4 == 0)
+      gather_row<4, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
+    else if (g.words % 2 == 0 && share % 2 == 0)
+      gather_row<2, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
+    else
+#endif
+      gather_row<1, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
     {
       // the weight rows of the block's real channels, and of each only the words the MMA steps
       // read (narrow layers: 32 rows of 16 words, not 64 of 40); word pairs spread over all threads.
