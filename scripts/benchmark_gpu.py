@@ -352,6 +352,34 @@ def _torch_graph_time(function, runs: int, device: str, calls: int = GRAPH_CALLS
         return None
 
 
+def binary_conv_shapes(graph) -> list:
+    """The distinct 3x3 binary convolutions of a model's graph, largest input first: a list of
+    ``((input size, channels in, channels out, filter size, stride), first LceBconv2d op of it)``."""
+    shapes = {}
+    for op in graph.operators:
+        if op.name == "LceBconv2d":
+            cout, k = graph.tensors[op.inputs[1]].shape[:2]
+            size = graph.tensors[op.inputs[0]].shape[1]
+            shapes.setdefault((size, op.options["channels_in"], cout, k, op.options["stride_height"]), op)
+    return [(key, op) for key, op in sorted(shapes.items(), key=lambda kv: (-kv[0][0], -kv[0][1])) if key[3] == 3]
+
+
+def binary_conv_step(graph, op, kernels, packed):
+    """A function that runs the binary convolution ``op`` of ``graph`` on ``kernels`` for the
+    bit-packed input ``packed`` (on their GPU), its output buffer recycled as the engine does."""
+    from larq_landmarks.runtime import ops
+
+    run = ops.lce_bconv2d(graph, op, kernels)
+    values = ops.Values(len(graph.tensors), {}, kernels.empty)
+    values[op.inputs[0]] = packed
+
+    def step():
+        run(values)
+        values.release(values[op.outputs[0]])
+
+    return step
+
+
 def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=None, on_row=None):
     """Part 1's rows, appended to ``rows`` (a new list by default) one by one, ``on_row()`` after
     each (the caller saves them, so a run cut short keeps the shapes done)."""
@@ -359,16 +387,10 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
     import torch
     import torch.nn.functional as F
 
-    from larq_landmarks.runtime import cuda, ops
+    from larq_landmarks.runtime import cuda
     from larq_landmarks.runtime.graph import read_graph
 
     graph = read_graph(flatbuffer, "default")
-    shapes = {}
-    for op in graph.operators:
-        if op.name == "LceBconv2d":
-            cout, k = graph.tensors[op.inputs[1]].shape[:2]
-            size = graph.tensors[op.inputs[0]].shape[1]
-            shapes.setdefault((size, op.options["channels_in"], cout, k, op.options["stride_height"]), op)
 
     def cupy_time(function):
         return _time_cuda(function, runs, cp.cuda.get_current_stream().synchronize, _cupy_event)
@@ -380,7 +402,7 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
 
     rows = [] if rows is None else rows
     rng = np.random.default_rng(1)
-    ordered = [(key, op) for key, op in sorted(shapes.items(), key=lambda kv: (-kv[0][0], -kv[0][1])) if key[3] == 3]
+    ordered = binary_conv_shapes(graph)
     # batch by batch (the first given first: 32, the targets' batch, by default), so that a run cut
     # short by its time limit has every shape at that batch
     for batch in batches:
@@ -404,15 +426,7 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
                     ("cuda-rows64", "cuda", True, 64, None, False), ("cuda-rows32", "cuda", True, 32, None, False),
                     ("cuda-one-word-loads", "cuda", None, None, False, False),
                     ("cuda-wide-loads", "cuda", None, None, True, False)):
-                kernels = cuda.load(path, async_copies, tile_rows, wide)
-                run = ops.lce_bconv2d(graph, op, kernels)
-                values = ops.Values(len(graph.tensors), {}, kernels.empty)
-                values[op.inputs[0]] = packed
-
-                def step(run=run, values=values):  # the output buffer recycled, as the engine does
-                    run(values)
-                    values.release(values[op.outputs[0]])
-
+                step = binary_conv_step(graph, op, cuda.load(path, async_copies, tile_rows, wide), packed)
                 if per_call:
                     row[f"{label}_ms"] = cupy_time(step)
                 row[f"{label}_gpu_ms"] = _cupy_graph_time(step, graph_runs)
