@@ -413,20 +413,20 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
             row.update(least_traffic(batch, size, cin, cout, k, stride))
             packed = cp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, size, size, (cin + 31) // 32),
                                              dtype=np.int64).astype(np.int32))
-            # (row label, path, cp.async loads, tile rows, wide loads, timed per call too): the default
+            # (row label, path, cp.async loads, tile rows, stepped gather, timed per call too): the default
             # kernels (loads and tile chosen by the grid's size), and on the GPU alone the tensor-core
             # kernel with 128-row tiles and each kind of loads, with the smaller tiles, and the
             # default with a row's words loaded up to 4 at a time
             row["blocks"] = -(-batch * (size // stride) ** 2 // cuda.BLOCK_ROWS) * -(-cout // cuda.BLOCK_CHANNELS)
             row["words"] = -(-cin // 32)
-            for label, path, async_copies, tile_rows, wide, per_call in (
+            for label, path, async_copies, tile_rows, stepped, per_call in (
                     ("cuda", "cuda", None, None, None, True), ("cuda-popcount", "cuda-popcount", None, None, None, True),
                     ("cuda-async-copies", "cuda", True, 128, None, False),
                     ("cuda-register-loads", "cuda", False, 128, None, False),
                     ("cuda-rows64", "cuda", True, 64, None, False), ("cuda-rows32", "cuda", True, 32, None, False),
-                    ("cuda-one-word-loads", "cuda", None, None, False, False),
-                    ("cuda-wide-loads", "cuda", None, None, True, False)):
-                step = binary_conv_step(graph, op, cuda.load(path, async_copies, tile_rows, wide), packed)
+                    ("cuda-word-gather", "cuda", None, None, False, False),
+                    ("cuda-stepped-gather", "cuda", None, None, True, False)):
+                step = binary_conv_step(graph, op, cuda.load(path, async_copies, tile_rows, stepped), packed)
                 if per_call:
                     row[f"{label}_ms"] = cupy_time(step)
                 row[f"{label}_gpu_ms"] = _cupy_graph_time(step, graph_runs)
@@ -450,20 +450,20 @@ def layers(flatbuffer: bytes, batches, runs: int, device: str = "cuda", rows=Non
 
 
 @contextlib.contextmanager
-def _kernel_defaults(small_grid_rows: Optional[int] = None, wide_loads: Optional[bool] = None):
+def _kernel_defaults(small_grid_rows: Optional[int] = None, stepped_gather: Optional[bool] = None):
     """The engines made and first run inside take ``small_grid_rows``-row tiles on small grids
     (grids of no more 128-row blocks than the GPU has SMs) and load a row's words up to 4 at a time
-    or not (``wide_loads``), for comparing them on the whole model; None: the defaults
-    (``cuda.SMALL_GRID_ROWS``, ``cuda.WIDE_LOADS``)."""
+    or not (``stepped_gather``), for comparing them on the whole model; None: the defaults
+    (``cuda.SMALL_GRID_ROWS``, ``cuda.STEPPED_GATHER``)."""
     from larq_landmarks.runtime import cuda
 
-    saved = cuda.SMALL_GRID_ROWS, cuda.WIDE_LOADS
+    saved = cuda.SMALL_GRID_ROWS, cuda.STEPPED_GATHER
     cuda.SMALL_GRID_ROWS = small_grid_rows or saved[0]
-    cuda.WIDE_LOADS = saved[1] if wide_loads is None else wide_loads
+    cuda.STEPPED_GATHER = saved[1] if stepped_gather is None else stepped_gather
     try:
         yield
     finally:
-        cuda.SMALL_GRID_ROWS, cuda.WIDE_LOADS = saved
+        cuda.SMALL_GRID_ROWS, cuda.STEPPED_GATHER = saved
 
 
 def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cuda"):
@@ -479,17 +479,17 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
         images = np.random.default_rng(0).uniform(size=(batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:]))
         images = images.astype(np.float32)
         device_images = cp.asarray(images)
-        for path, graphs, fuse, small_rows, wide, label in (
+        for path, graphs, fuse, small_rows, stepped, label in (
                 ("cuda", True, True, None, None, "cuda"),
                 ("cuda", False, True, None, None, "cuda, steps launched from Python"),
                 ("cuda", True, False, None, None, "cuda, HPM block ops as separate passes"),
                 ("cuda", True, True, 64, None, "cuda, 64-row tiles on small grids"),
                 ("cuda", True, True, 32, None, "cuda, 32-row tiles on small grids"),
-                ("cuda", True, True, None, True, "cuda, wide loads"),
-                ("cuda", True, True, None, False, "cuda, one-word loads"),
+                ("cuda", True, True, None, True, "cuda, stepped gather"),
+                ("cuda", True, True, None, False, "cuda, word-by-word gather"),
                 ("cuda-popcount", True, True, None, None, "cuda-popcount")):
             # (the kernels are loaded as the engine is made, the tile chosen at a layer's first launch)
-            with _kernel_defaults(small_rows, wide):
+            with _kernel_defaults(small_rows, stepped):
                 engine = Engine(flatbuffer, kernels=path, name="default", cuda_graphs=graphs, fuse_blocks=fuse)
                 # images already on the GPU stay there (no transfers, as for the PyTorch baselines);
                 # the warm-up calls capture the engine's CUDA graph where it makes one
@@ -695,19 +695,21 @@ def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Opti
         lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r.get('blocks', 'n/a')} | "
                   f"{r['cuda-async-copies_gpu_ms']:.4f} | {r['cuda-rows64_gpu_ms']:.4f} | "
                   f"{r['cuda-rows32_gpu_ms']:.4f} | {_default_kernel(r, multiprocessors, tile=True)} |" for r in tiles]
-    wide = [r for r in rows if r.get("cuda-one-word-loads_gpu_ms") and r.get("cuda-wide-loads_gpu_ms")]
-    if wide:
+    gathers = [r for r in rows if r.get("cuda-word-gather_gpu_ms") and r.get("cuda-stepped-gather_gpu_ms")]
+    if gathers:
         from larq_landmarks.runtime import cuda
 
-        lines += ["", "The binary convolution's loads of a row's words (GPU alone, as above; the default's tile and kind "
-                  "of loads): one 4-byte word at a time, against up to 4 at a time, one 8- or 16-byte load a tap "
-                  "where the input's words a pixel allow (`CudaKernels(wide_loads=True)`; 1 word a pixel: no "
-                  f"difference). The default: {'wide' if cuda.WIDE_LOADS else 'one word'} (`cuda.WIDE_LOADS`).", "",
-                  "| input | filter | batch | words a pixel | one word (ms) | wide (ms) | wide speed-up |",
+        lines += ["", "The binary convolution's gather of a row's words (GPU alone, as above; the default's tile and kind "
+                  "of loads): one 4-byte word at a time, its address computed from the tap (`gather_row`), against "
+                  "the stepped gather (`CudaKernels(stepped_gather=True)`, `gather_row_stepped`): the address stepped "
+                  "along K, the tap's place in the image checked once a tap, and a tap's words in one 8- or 16-byte "
+                  "load where the input's words a pixel allow (2, 4, 8: 64, 128, 256 channels). The default: "
+                  f"{'stepped' if cuda.STEPPED_GATHER else 'word by word'} (`cuda.STEPPED_GATHER`).", "",
+                  "| input | filter | batch | words a pixel | word by word (ms) | stepped (ms) | stepped speed-up |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['input']} | {r['filter']} | {r['batch']} | {r.get('words', 'n/a')} | "
-                  f"{r['cuda-one-word-loads_gpu_ms']:.4f} | {r['cuda-wide-loads_gpu_ms']:.4f} | "
-                  f"{r['cuda-one-word-loads_gpu_ms'] / r['cuda-wide-loads_gpu_ms']:.2f}x |" for r in wide]
+                  f"{r['cuda-word-gather_gpu_ms']:.4f} | {r['cuda-stepped-gather_gpu_ms']:.4f} | "
+                  f"{r['cuda-word-gather_gpu_ms'] / r['cuda-stepped-gather_gpu_ms']:.2f}x |" for r in gathers]
     traffic = _traffic_rows([r for r in rows if r.get("cuda_gpu_ms")], bandwidth)
     if traffic:
         peak = f"{bandwidth / 1e9:.0f} GB/s, from its memory clock and bus width" if bandwidth else "not known here"

@@ -60,7 +60,7 @@ def mma_rate(kernels, iterations: int = 20000, blocks_per_sm: int = 8, runs: int
 
     cp = kernels.cp
     with open(cuda.SOURCE, encoding="utf-8") as f:
-        module = cp.RawModule(code=f.read() + MMA_RATE_SOURCE, options=kernels.compile_options())
+        module = cp.RawModule(code=f.read() + MMA_RATE_SOURCE, options=cuda.compile_options(kernels.stepped_gather))
     function = module.get_function("mma_rate")
     blocks, threads = kernels.multiprocessors * blocks_per_sm, 256
     fragments = kernels.upload(np.full(32 * 6, 0xFFFFFFFF, np.uint32))
@@ -95,8 +95,8 @@ def conv_mmas(batch: int, size: int, cin: int, cout: int, stride: int = 1, k: in
 
 
 def profile(flatbuffer: bytes, batch: int = 32, shapes=SHAPES, runs: int = 10, device: str = "cuda") -> list:
-    """Each chosen shape's binary convolution (default kernels; wide loads too where its input has
-    2 or more words a pixel; 64-row tiles too on a small grid), and cuDNN's bf16 convolution of the
+    """Each chosen shape's binary convolution (default kernels; the stepped gather too where its input
+    has 2 or more words a pixel; 64-row tiles too on a small grid), and cuDNN's bf16 convolution of the
     first shape: timed (GPU alone, CUDA graphs as in benchmark_gpu), then each launched once
     between cudaProfilerStart and cudaProfilerStop. Rows: label, time, MMAs, least traffic."""
     import cupy as cp
@@ -122,7 +122,7 @@ def profile(flatbuffer: bytes, batch: int = 32, shapes=SHAPES, runs: int = 10, d
         tile, _ = cuda.bconv_tile(blocks, kernels.multiprocessors)
         variants = [("default", kernels, tile)]
         if cin > 32:
-            variants.append(("wide loads", cuda.load("cuda", wide_loads=True), tile))
+            variants.append(("stepped gather", cuda.load("cuda", stepped_gather=True), tile))
         if blocks <= kernels.multiprocessors:
             variants.append(("64-row tiles", cuda.load("cuda", tile_rows=64), 64))
         for label, variant, rows in variants:

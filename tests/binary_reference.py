@@ -38,27 +38,30 @@ def next_batch_norm(rng, cout: int, total: int):
     return scale, -(typical * scale)
 
 
-def reference_accumulators(x_bits, w_bits, stride, same, pad_value):
-    """LCE's reference XOR-popcount accumulators, counted over unpacked 0/1 values.
+def reference_accumulators(x_bits, w_bits, stride, same, pad_value, dilation=(1, 1)):
+    """LCE's reference XOR-popcount accumulators, counted over unpacked 0/1 values; ``dilation``
+    (height, width): tap (fy, fx) reads the input ``fy * dilation[0]``, ``fx * dilation[1]`` from
+    the window's corner.
 
     An outside tap counts as a +1 input (bit 0) for pad_value 1, and adds channels_in // 2 for
     pad_value 0 (LCE's reference kernel)."""
     batch, height, width, cin = x_bits.shape
     cout, fh, fw, _ = w_bits.shape
 
-    def geometry(size, k):
-        out = -(-size // stride) if same else (size - k) // stride + 1
-        total = max((out - 1) * stride + k - size, 0) if same else 0
+    def geometry(size, k, d):
+        reach = (k - 1) * d + 1
+        out = -(-size // stride) if same else (size - reach) // stride + 1
+        total = max((out - 1) * stride + reach - size, 0) if same else 0
         return out, total // 2
 
-    (out_h, top), (out_w, left) = geometry(height, fh), geometry(width, fw)
+    (out_h, top), (out_w, left) = geometry(height, fh, dilation[0]), geometry(width, fw, dilation[1])
     acc = np.zeros((batch, out_h, out_w, cout), np.int64)
     x = x_bits.astype(np.int64)
     w = w_bits.astype(np.int64)
     for fy in range(fh):
         for fx in range(fw):
-            ys = np.arange(out_h) * stride - top + fy
-            xs = np.arange(out_w) * stride - left + fx
+            ys = np.arange(out_h) * stride - top + fy * dilation[0]
+            xs = np.arange(out_w) * stride - left + fx * dilation[1]
             inside = ((ys >= 0) & (ys < height))[:, None] & ((xs >= 0) & (xs < width))[None, :]
             patch = x[:, np.clip(ys, 0, height - 1)][:, :, np.clip(xs, 0, width - 1)]
             patch = np.where(inside[None, :, :, None], patch, 0)
@@ -71,7 +74,7 @@ def reference_accumulators(x_bits, w_bits, stride, same, pad_value):
 
 
 def bconv_graph(filters_packed, cin, stride, same, pad_value, output, post_mul=None, post_bias=None,
-                thresholds=None, activation=0):
+                thresholds=None, activation=0, dilation=(1, 1)):
     """A one-operator graph (no flatbuffer) for ``ops.lce_bconv2d``."""
     cout = filters_packed.shape[0]
     tensors = [
@@ -82,8 +85,8 @@ def bconv_graph(filters_packed, cin, stride, same, pad_value, output, post_mul=N
         Tensor(4, "thresholds", (cout,), np.int32, thresholds),
         Tensor(5, "y", (1,), np.int32 if output == "bits" else np.float32, None),
     ]
-    options = {"channels_in": cin, "stride_height": stride, "stride_width": stride, "dilation_height_factor": 1,
-               "dilation_width_factor": 1, "padding": 0 if same else 1, "pad_values": pad_value,
+    options = {"channels_in": cin, "stride_height": stride, "stride_width": stride,
+               "dilation_height_factor": dilation[0], "dilation_width_factor": dilation[1], "padding": 0 if same else 1, "pad_values": pad_value,
                "fused_activation_function": activation}
     op = Operator(0, "LceBconv2d", [0, 1, 2, 3, 4], [5], options)
     return Graph("test", tensors, [op], [0], [5]), op

@@ -100,7 +100,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path, mon
              "bf16_ms": 0.8, "cuda_ms": 0.5, "cuda-popcount_ms": 1.5, "float32_gpu_ms": 1.8, "tf32_gpu_ms": 0.9,
              "bf16_gpu_ms": 0.6, "cuda_gpu_ms": 0.3, "cuda-popcount_gpu_ms": None, "cuda-register-loads_gpu_ms": 0.45,
              "cuda-async-copies_gpu_ms": 0.3, "blocks": 2048, "cuda-rows64_gpu_ms": 0.35, "cuda-rows32_gpu_ms": 0.4,
-             "words": 4, "cuda-one-word-loads_gpu_ms": 0.3, "cuda-wide-loads_gpu_ms": 0.24}
+             "words": 4, "cuda-word-gather_gpu_ms": 0.3, "cuda-stepped-gather_gpu_ms": 0.24}
     script = _script()
     # the least traffic by hand: 32 x 64 x 64 pixels in and out, 4 words of bits in, 128 floats out,
     # 9 x 4 x 128 filter words; bf16: 128 values in and out a pixel, 9 x 128 x 128 filter values
@@ -135,7 +135,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path, mon
     assert "(NVIDIA H200, 2026-11-29)" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2.000 | 1.000 | 0.800 | 0.500 | 1.500 | 4.0x | 1.6x |" in text
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 1.800 | 0.900 | 0.600 | 0.300 | n/a | 6.0x | 2.0x |" in text
-    assert text.count("| input | filter | batch |") == 6  # per call, GPU alone, loads, tiles, wide loads, traffic
+    assert text.count("| input | filter | batch |") == 6  # per call, GPU alone, loads, tiles, gathers, traffic
     assert text.index("| 128x128x64 | 3x3, 32 out") < text.index("| 64x64x128 | 3x3, 128 out")  # larger input first
     # register loads vs cp.async, and which the default takes: cp.async up to 132 blocks (the SMs)
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2048 | 0.450 | 0.300 | 1.50x | registers |" in text
@@ -145,9 +145,9 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path, mon
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2048 | 0.3000 | 0.3500 | 0.4000 | 128 rows |" in text
     assert "| 8x8x64 | 3x3, 64 out, stride 1 | 32 | 16 | 0.3000 | 0.3500 | 0.4000 | 128 rows |" in text
     assert "The default takes 128 on every grid" in text
-    # a row's words one at a time against up to 4 at a time: 0.3 / 0.24 ms
+    # the word-by-word gather against the stepped one: 0.3 / 0.24 ms
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 4 | 0.3000 | 0.2400 | 1.25x |" in text
-    assert "The default: one word (`cuda.WIDE_LOADS`)." in text
+    assert "The default: word by word (`cuda.STEPPED_GATHER`)." in text
     monkeypatch.setattr(cuda, "SMALL_GRID_ROWS", 32)
     script.write_markdown(str(path), result)
     text = path.read_text()
@@ -171,9 +171,9 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path, mon
     script.main(["--from-json", str(tmp_path / "partial.json"), "--markdown", str(path)])
     text = path.read_text()
     assert text.count("| 64x64x128 | 3x3, 128 out, stride 1 | 32 |") == 6 and "### The whole default model" not in text
-    # a JSON from before the loads were chosen by the grid (2026-12-04, morning): no loads, tiles or wide-loads table
+    # a JSON from before the loads were chosen by the grid (2026-12-04, morning): no loads, tiles or gathers table
     del layer["cuda-async-copies_gpu_ms"], layer["blocks"], layer["cuda-rows64_gpu_ms"], layer["cuda-rows32_gpu_ms"]
-    del layer["cuda-one-word-loads_gpu_ms"], layer["cuda-wide-loads_gpu_ms"]
+    del layer["cuda-word-gather_gpu_ms"], layer["cuda-stepped-gather_gpu_ms"]
     (tmp_path / "old.json").write_text(json.dumps(dict(partial, layers=[layer])))
     script.main(["--from-json", str(tmp_path / "old.json"), "--markdown", str(path)])
     assert path.read_text().count("| 64x64x128 | 3x3, 128 out, stride 1 | 32 |") == 3
@@ -202,7 +202,7 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
                "larq_landmarks.runtime (cuda, HPM block ops as separate passes)",
                "larq_landmarks.runtime (cuda, 64-row tiles on small grids)",
                "larq_landmarks.runtime (cuda, 32-row tiles on small grids)",
-               "larq_landmarks.runtime (cuda, wide loads)", "larq_landmarks.runtime (cuda, one-word loads)",
+               "larq_landmarks.runtime (cuda, stepped gather)", "larq_landmarks.runtime (cuda, word-by-word gather)",
                "larq_landmarks.runtime (cuda-popcount)",
                "same network in PyTorch, float32 (cuDNN, TF32 off)",
                "same network in PyTorch, bfloat16 (cuDNN)"]  # no CUDA graph rows for PyTorch on the CPU
@@ -216,7 +216,7 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     # the runtime's calls captured and replayed as a graph (fake_cupy's stream capture); no CUDA graphs for PyTorch on the CPU
     assert all(r["cuda_gpu_ms"] > 0 and r["cuda-popcount_gpu_ms"] > 0 and r["cuda-register-loads_gpu_ms"] > 0
                and r["cuda-async-copies_gpu_ms"] > 0 and r["cuda-rows64_gpu_ms"] > 0 and r["cuda-rows32_gpu_ms"] > 0
-               and r["cuda-one-word-loads_gpu_ms"] > 0 and r["cuda-wide-loads_gpu_ms"] > 0
+               and r["cuda-word-gather_gpu_ms"] > 0 and r["cuda-stepped-gather_gpu_ms"] > 0
                and r["float32_gpu_ms"] is None for r in rows)
     assert all(r["blocks"] >= 1 for r in rows)
 
@@ -235,7 +235,7 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     assert result["agreement"]["same_peaks"] >= 0.99 and result["agreement"]["mean_abs_difference_ratio"] < 1e-4
     text = path.read_text()
     # per call, on the GPU alone (graph-replayed), the tensor-core kernel's two ways of loading, its tiles,
-    # one-word against wide loads, and the traffic (the bandwidth unknown without a GPU)
+    # the two gathers, and the traffic (the bandwidth unknown without a GPU)
     assert text.count("| 3x3, ") == 6 * len(rows) and "bandwidth (not known here)" in text
     assert result["memory_bandwidth"] is None and all(r["binary_bytes"] > 0 for r in result["layers"])
     assert "| batch 2 (images/s) |" in text and "heatmap peaks" in text

@@ -63,9 +63,9 @@ def test_profile_launches_each_chosen_convolution_between_profiler_start_and_sto
     wide, narrow = next(s for s in shapes if s[1] > 32), next(s for s in shapes if s[1] <= 32)
     rows = script.profile(wide_flatbuffer, batch=1, shapes=(wide, narrow, (999, 1, 1)), runs=1, device="cpu")
     assert "no 999x999x1 -> 1 binary convolution in this model" in capsys.readouterr().out
-    # small grids here (at most 132 blocks): the default, wide loads (more than 32 channels in), 64-row tiles
+    # small grids here (at most 132 blocks): the default, the stepped gather (more than 32 channels in), 64-row tiles
     assert [(r["input"], r["kernels"]) for r in rows] == [
-        (f"{wide[0]}x{wide[0]}x{wide[1]}", "default"), (f"{wide[0]}x{wide[0]}x{wide[1]}", "wide loads"),
+        (f"{wide[0]}x{wide[0]}x{wide[1]}", "default"), (f"{wide[0]}x{wide[0]}x{wide[1]}", "stepped gather"),
         (f"{wide[0]}x{wide[0]}x{wide[1]}", "64-row tiles"), (f"{narrow[0]}x{narrow[0]}x{narrow[1]}", "default"),
         (f"{narrow[0]}x{narrow[0]}x{narrow[1]}", "64-row tiles")]
     assert all(r["ms"] > 0 and r["mma"] > 0 and r["binary_bytes"] > 0 for r in rows)
@@ -102,6 +102,6 @@ def test_command_line(wide_flatbuffer, on_cpu, monkeypatch, tmp_path, capsys):
     result = json.loads((tmp_path / "profile.json").read_text())
     assert result["mma_rate"]["mma"] == 2 * 8 * 8 * 1 * 4  # 2 SMs x 8 blocks of 8 warps, 1 iteration of 4
     # 2 SMs: the one block of 128 rows is a small grid
-    assert [r["kernels"] for r in result["rows"]] == ["default", "wide loads", "64-row tiles"]
+    assert [r["kernels"] for r in result["rows"]] == ["default", "stepped gather", "64-row tiles"]
     out = capsys.readouterr().out
-    assert f"| {size}x{size}x{cin} | {cout} | 1 | wide loads |" in out and "1-bit MMA rate:" in out
+    assert f"| {size}x{size}x{cin} | {cout} | 1 | stepped gather |" in out and "1-bit MMA rate:" in out

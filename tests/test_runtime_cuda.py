@@ -271,15 +271,15 @@ def gpu_or_cpu(monkeypatch):
         fake_cupy.install(monkeypatch)
 
 
-# the binary convolution's kernels (path, async_copies, tile_rows, wide_loads): tensor cores with
+# the binary convolution's kernels (path, async_copies, tile_rows, stepped_gather): tensor cores with
 # tiles of 128 rows loaded by cp.async or through registers, with tiles of 64 and 32 rows (cp.async),
-# popcount; each loading a row's words one by one and up to 4 at a time
-KERNELS = [pytest.param(path, async_copies, tile_rows, wide, id=name + ("-wide" if wide else ""))
+# popcount; each gathering a row's words one by one (gather_row) and stepped (gather_row_stepped)
+KERNELS = [pytest.param(path, async_copies, tile_rows, stepped, id=name + ("-stepped" if stepped else ""))
            for path, async_copies, tile_rows, name in (
                ("cuda", True, 128, "cuda"), ("cuda", False, 128, "cuda-register-loads"),
                ("cuda", True, 64, "cuda-rows64"), ("cuda", True, 32, "cuda-rows32"),
                ("cuda-popcount", None, None, "cuda-popcount"))
-           for wide in (False, True)]
+           for stepped in (False, True)]
 
 
 def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
@@ -319,14 +319,14 @@ def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
         cuda.CudaKernels("cuda", False, tile_rows=32)
 
 
-@pytest.mark.parametrize("path,async_copies,tile_rows,wide_loads", KERNELS)
+@pytest.mark.parametrize("path,async_copies,tile_rows,stepped_gather", KERNELS)
 @pytest.mark.parametrize("cin,cout,k,stride,same,pad_value", GPU_CASES)
-def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, async_copies, tile_rows, wide_loads, cin, cout, k, stride,
+def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, async_copies, tile_rows, stepped_gather, cin, cout, k, stride,
                                         same, pad_value):
     x_bits, w_bits = _random_layer(cin, cout, k, cin * 1000 + cout, size=(3, 19, 17))
     expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value)
-    kernels = cuda.load(path, async_copies, tile_rows, wide_loads)
-    assert kernels.wide_loads == wide_loads
+    kernels = cuda.load(path, async_copies, tile_rows, stepped_gather)
+    assert kernels.stepped_gather == stepped_gather
     cpu = _cpu_kernels()
     filters, total = pack_bits(w_bits), k * k * cin
     graph, op = bconv_graph(filters, cin, stride, same, pad_value, "float",
@@ -354,6 +354,25 @@ def test_gpu_accumulators_are_bit_exact(gpu_or_cpu, path, async_copies, tile_row
     np.testing.assert_array_equal(got, pack_bits((expected > thresholds).astype(np.uint8)))
     if cpu is not None:
         np.testing.assert_array_equal(got, _run_bconv(cpu, graph, op, pack_bits(x_bits)))
+
+
+@pytest.mark.parametrize("path,async_copies,tile_rows,stepped_gather", KERNELS)
+def test_gpu_dilated_binary_conv_is_bit_exact(gpu_or_cpu, path, async_copies, tile_rows, stepped_gather):
+    """Dilated binary convolutions (a tap's input dilation rows and columns from the last), SAME and
+    VALID, both pad values, a stride: accumulators as LCE's reference and the C++ kernels have them
+    (the stepped gather steps its address by the dilations between taps and filter rows)."""
+    kernels, cpu = cuda.load(path, async_copies, tile_rows, stepped_gather), _cpu_kernels()
+    for cin, cout, dilation, stride, same, pad_value in ((64, 40, (2, 3), 1, True, 0), (128, 24, (3, 1), 1, False, 1),
+                                                         (40, 33, (2, 2), 2, True, 1), (32, 8, (1, 2), 1, True, 0)):
+        x_bits, w_bits = _random_layer(cin, cout, 3, cin + cout, size=(2, 13, 15))
+        expected = reference_accumulators(x_bits, w_bits, stride, same, pad_value, dilation)
+        graph, op = bconv_graph(pack_bits(w_bits), cin, stride, same, pad_value, "float",
+                                np.full(cout, -0.5, np.float32), np.full(cout, 9 * cin / 2, np.float32),
+                                dilation=dilation)
+        got = _run_bconv(kernels, graph, op, pack_bits(x_bits))
+        np.testing.assert_array_equal(got, expected.astype(np.float32), err_msg=f"{cin}, {cout}, {dilation}")
+        if cpu is not None:
+            np.testing.assert_array_equal(got, _run_bconv(cpu, graph, op, pack_bits(x_bits)))
 
 
 def test_gpu_binary_conv_rejects_outputs_it_cannot_write(gpu_or_cpu):
@@ -768,12 +787,15 @@ def test_predict_command_takes_a_gpu_index(predictor_model, monkeypatch, tmp_pat
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here")
+@pytest.mark.parametrize("stepped_gather", [False, True])
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
-def test_kernels_compile_for_the_gpus_without_spills(arch, tmp_path):
+def test_kernels_compile_for_the_gpus_without_spills(arch, stepped_gather, tmp_path):
     """kernels.cu as NVIDIA's compiler sees it (CuPy compiles it with NVRTC, the same front end):
     it compiles for Turing (the popcount path), Ampere and Hopper, and the binary convolutions fit
-    their registers (``__launch_bounds__``) without spilling to local memory."""
-    result = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o",
+    their registers (``__launch_bounds__``) without spilling to local memory. With the stepped
+    gather, one register may spill (nvcc 13.0: 4 bytes in some kernels, stored and reloaded once a
+    K chunk, before the gather's loop), no more."""
+    result = subprocess.run(["nvcc", *cuda.compile_options(stepped_gather), f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o",
                              str(tmp_path / "kernels.cubin"), cuda.SOURCE], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads",
@@ -781,4 +803,5 @@ def test_kernels_compile_for_the_gpus_without_spills(arch, tmp_path):
     with open(cuda.SOURCE, encoding="utf-8") as f:
         kernels = set(cuda_on_cpu.kernel_signatures(f.read())[0])
     assert {name for name, _, _ in report} == kernels and {"bconv2d_tensor_cores", "bconv2d_popcount"} <= kernels
-    assert all(stores == loads == "0" for _, stores, loads in report), result.stderr
+    allowed = 4 if stepped_gather else 0
+    assert all(int(stores) <= allowed and int(loads) <= allowed for _, stores, loads in report), result.stderr

@@ -28,11 +28,13 @@ TILE_ROWS = (128, 64, 32)  # the tensor-core kernel's tiles: rows (output pixels
 # 2026-12-04 after that day's GPU runs; scripts/benchmark_gpu.py times all three, per shape and on
 # the whole model): the default stays what the H200 measured.
 SMALL_GRID_ROWS = 128
-# whether the binary convolution loads a row's words up to 4 at a time (8- and 16-byte loads: a
-# tap's words where the input has 64 channels or a multiple of 128) instead of one at a time
-# (CudaKernels' wide_loads=None). False until timed on a GPU (written on 2026-12-04, after that
-# day's GPU runs; scripts/benchmark_gpu.py times both): the default stays what the H200 measured.
-WIDE_LOADS = False
+# whether the binary convolution gathers a row's words with kernels.cu's gather_row_stepped (the
+# address stepped along K, the image bounds checked once a tap, a tap's words in one 8- or 16-byte
+# load where the input has 64 channels or a multiple of 128) instead of gather_row (one word a load,
+# its address computed for each) (CudaKernels' stepped_gather=None). False until timed on a GPU
+# (written on 2026-12-04, after that day's GPU runs; scripts/benchmark_gpu.py times both): the
+# default stays what the H200 measured.
+STEPPED_GATHER = False
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "kernels.cu")
 
 
@@ -79,6 +81,12 @@ def bconv_tile(blocks: int, multiprocessors: int, async_copies: Optional[bool] =
     return BLOCK_ROWS, small if async_copies is None else async_copies
 
 
+def compile_options(stepped_gather: bool = False) -> Tuple[str, ...]:
+    """The compiler's options for ``kernels.cu`` (NVRTC's, and nvcc's alike): C++17, and its macro
+    for the binary convolution's gather (``CudaKernels``' ``stepped_gather``)."""
+    return ("-std=c++17", f"-DBCONV_STEPPED_GATHER={int(stepped_gather)}")
+
+
 class BinaryWeights:
     """A binary convolution's weights on the GPU: ``words`` ``[Cout padded to 64, K words padded
     to 40]`` (K tap-major, zero padded) and ``popcounts`` (set bits per output channel)."""
@@ -115,13 +123,14 @@ class CudaKernels:
     computes: 128, 64 or 32 (the smaller tiles with ``cp.async``), or ``None`` (the default): 128
     where that grid has more blocks than the GPU has SMs (or ``async_copies=False``), else
     :data:`SMALL_GRID_ROWS`, so that a small layer is spread over more SMs. The popcount path
-    always loads through registers, 128 rows a block. ``wide_loads``: whether the binary
-    convolutions load a row's words up to 4 at a time (one 8- or 16-byte load a tap where the
-    input's words a pixel are a multiple of 2 or 4: 64, 128, 256 channels) rather than one by one
-    (bit-exact either way); ``None`` (the default): :data:`WIDE_LOADS`."""
+    always loads through registers, 128 rows a block. ``stepped_gather``: whether the binary
+    convolutions gather a row's words with the address stepped along K, the image's bounds checked
+    once a tap, and a tap's words in one 8- or 16-byte load where the input's words a pixel are a
+    multiple of 2 or 4 (64, 128, 256 channels), rather than one word a load, its address computed
+    for each (bit-exact either way); ``None`` (the default): :data:`STEPPED_GATHER`."""
 
     def __init__(self, path: str = "cuda", async_copies: Optional[bool] = None, device: Optional[int] = None,
-                 tile_rows: Optional[int] = None, wide_loads: Optional[bool] = None):
+                 tile_rows: Optional[int] = None, stepped_gather: Optional[bool] = None):
         if tile_rows not in (None,) + TILE_ROWS:
             raise ValueError(f"tile_rows={tile_rows!r}; the tensor-core kernel has tiles of {TILE_ROWS} rows")
         if tile_rows not in (None, BLOCK_ROWS) and async_copies is False:
@@ -140,7 +149,7 @@ class CudaKernels:
         self.compute_capability = int(self.device.compute_capability)  # e.g. 90 for sm_90
         self.multiprocessors = int(cp.cuda.runtime.getDeviceProperties(index)["multiProcessorCount"])
         self.async_copies, self.tile_rows = async_copies, tile_rows
-        self.wide_loads = WIDE_LOADS if wide_loads is None else bool(wide_loads)
+        self.stepped_gather = STEPPED_GATHER if stepped_gather is None else bool(stepped_gather)
         if path == "cuda" and self.compute_capability < 80:
             path = "cuda-popcount"  # no 1-bit tensor cores before sm_80
         self.path = path
@@ -149,14 +158,10 @@ class CudaKernels:
         with self.device:
             self._load()
 
-    def compile_options(self) -> Tuple[str, ...]:
-        """NVRTC's options for ``kernels.cu``: C++17, and its macros for these kernels' choices."""
-        return ("-std=c++17", f"-DBCONV_WIDE_LOADS={int(self.wide_loads)}")
-
     def _load(self) -> None:
         cp = self.cp
         with open(SOURCE, encoding="utf-8") as f:
-            self._module = cp.RawModule(code=f.read(), options=self.compile_options())
+            self._module = cp.RawModule(code=f.read(), options=compile_options(self.stepped_gather))
         try:  # NVRTC compiles the module, and the driver loads it, at the first get_function
             if self.path == "cuda":
                 self._bconv_async = self._module.get_function("bconv2d_tensor_cores")
@@ -578,17 +583,17 @@ _LOADED: dict = {}
 
 
 def load(name: str = "cuda", async_copies: Optional[bool] = None, tile_rows: Optional[int] = None,
-         wide_loads: Optional[bool] = None) -> CudaKernels:
+         stepped_gather: Optional[bool] = None) -> CudaKernels:
     """The GPU kernels of ``name`` (``"cuda"`` or ``"cuda-popcount"``, on CuPy's current device,
     or with a device index: ``"cuda:1"``), compiled once per process, path, device, kind of
     loads and tile (:class:`CudaKernels`)."""
     path, device = parse_kernels(name)
     if device is None:
         device = _cupy().cuda.Device().id
-    wide_loads = WIDE_LOADS if wide_loads is None else bool(wide_loads)
-    key = (path, device, async_copies, tile_rows, wide_loads)
+    stepped_gather = STEPPED_GATHER if stepped_gather is None else bool(stepped_gather)
+    key = (path, device, async_copies, tile_rows, stepped_gather)
     if key not in _LOADED:
-        _LOADED[key] = CudaKernels(path, async_copies, device, tile_rows, wide_loads)
+        _LOADED[key] = CudaKernels(path, async_copies, device, tile_rows, stepped_gather)
     return _LOADED[key]
 
 

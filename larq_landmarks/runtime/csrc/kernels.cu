@@ -26,8 +26,8 @@ typedef long long i64;
 #ifndef BCONV_MIN_BLOCKS
 #define BCONV_MIN_BLOCKS 4  // blocks per SM the registers must allow (64 registers, no spills on sm_90)
 #endif
-#ifndef BCONV_WIDE_LOADS
-#define BCONV_WIDE_LOADS 0  // 1: a row's words loaded up to 4 at a time (cuda.py's wide_loads; gather_row)
+#ifndef BCONV_STEPPED_GATHER
+#define BCONV_STEPPED_GATHER 0  // 1: gather_row_stepped loads the rows (cuda.py's stepped_gather), else gather_row
 #endif
 
 // An output pixel's batch index, row and column (pixels numbered image by image, row by row).
@@ -236,27 +236,59 @@ __device__ __forceinline__ int copy_row_words(u32* dst, const u32* src, bool val
   }
 }
 
-// A row's K words k0 .. k0 + share - 1 (tap-major: tap k / words, word k % words of the pixel
-// the tap reads) into dst, kVector at a time: a tap's words lie together in the input, so where
-// words, share (and so k0: KC is a multiple of 4) are multiples of kVector, each vector is words of
-// one tap, all inside the image or all outside, all below k_words or all past it. Zeros for taps
-// outside the image and past k_words. Steps through the taps without division. Adds the set bits
-// loaded to `pop` (register loads).
-template <int kVector, bool kAsyncCopies>
+// A row's K words k0 .. k0 + share - 1 (tap-major: tap k / words, word k % words of the pixel the
+// tap reads) into dst, one word at a time, its address computed from the tap for each; zeros for
+// taps outside the image and past k_words. Steps through the taps without division. Adds the set
+// bits loaded to `pop` (register loads).
+template <bool kAsyncCopies>
 __device__ __forceinline__ void gather_row(const BconvArgs& g, u32* dst, int b, int y0, int x0, bool row_valid,
                                            int k0, int share, int& pop) {
   int tap = k0 / g.words, word = k0 - tap * g.words;
   int fy = tap / g.filter_w, fx = tap - fy * g.filter_w;
 #pragma unroll 4
-  for (int j = 0; j < share; j += kVector) {
+  for (int j = 0; j < share; ++j) {
     const int y = y0 + fy * g.dilation_h, x = x0 + fx * g.dilation_w;
     const bool inside = row_valid && k0 + j < g.k_words && y >= 0 && y < g.height && x >= 0 && x < g.width;
     const u32* src = g.x + (inside ? (((i64)b * g.height + y) * g.width + x) * g.words + word : 0);
-    pop += copy_row_words<kVector, kAsyncCopies>(dst + j, src, inside);
+    pop += copy_row_words<1, kAsyncCopies>(dst + j, src, inside);
+    if (++word == g.words) {
+      word = 0;
+      if (++fx == g.filter_w) fx = 0, ++fy;
+    }
+  }
+}
+
+// gather_row kVector words at a time, the source address stepped along K instead of computed for
+// each word, and the tap's place in the image checked once a tap: a tap's words lie together in the
+// input, so where words, share (and so k0: KC is a multiple of 4) are multiples of kVector, each
+// vector is words of one tap, all inside the image or all outside, all below k_words or all past
+// it. `src` may point outside the input while its tap is outside the image or past K; it is then
+// not read (a safe address goes to the copy instead).
+template <int kVector, bool kAsyncCopies>
+__device__ __forceinline__ void gather_row_stepped(const BconvArgs& g, u32* dst, int b, int y0, int x0,
+                                                   bool row_valid, int k0, int share, int& pop) {
+  int tap = k0 / g.words, word = k0 - tap * g.words;
+  const int fy = tap / g.filter_w;
+  int y = y0 + fy * g.dilation_h, x = x0 + (tap - fy * g.filter_w) * g.dilation_w;  // the tap's input pixel
+  const u32* src = g.x + (((i64)b * g.height + y) * g.width + x) * g.words + word;
+  const int real = g.k_words - k0;  // words of the share below k_words
+  bool inside = row_valid && (unsigned)y < (unsigned)g.height && (unsigned)x < (unsigned)g.width;
+#pragma unroll 4
+  for (int j = 0; j < share; j += kVector) {
+    const bool valid = inside && j < real;
+    pop += copy_row_words<kVector, kAsyncCopies>(dst + j, valid ? src : g.x, valid);
+    src += kVector;
     word += kVector;
     if (word == g.words) {
       word = 0;
-      if (++fx == g.filter_w) fx = 0, ++fy;
+      src += (g.dilation_w - 1) * g.words;  // from past a tap's last word to the next tap's first
+      x += g.dilation_w;
+      if (x == x0 + g.filter_w * g.dilation_w) {  // past the filter row's last tap: to the next row's first
+        src += (g.dilation_h * g.width - g.filter_w * g.dilation_w) * g.words;
+        x = x0;
+        y += g.dilation_h;
+      }
+      inside = row_valid && (unsigned)y < (unsigned)g.height && (unsigned)x < (unsigned)g.width;
     }
   }
 }
@@ -427,14 +459,16 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     const int share = steps * (KW / kLoaders);
     const int k0 = chunk * KC + load_part * share;
     u32* my_words = s.tiles.a + load_row * LDS + load_part * share;
-#if BCONV_WIDE_LOADS
+#if BCONV_STEPPED_GATHER
     if (g.words % 4 == 0 && share % 4 == 0)
-      gather_row<4, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
+      gather_row_stepped<4, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
     else if (g.words % 2 == 0 && share % 2 == 0)
-      gather_row<2, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
+      gather_row_stepped<2, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
     else
+      gather_row_stepped<1, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
+#else
+    gather_row<kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
 #endif
-      gather_row<1, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
     {
       // the weight rows of the block's real channels, and of each only the words the MMA steps
       // read (narrow layers: 32 rows of 16 words, not 64 of 40); word pairs spread over all threads.
