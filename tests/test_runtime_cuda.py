@@ -464,6 +464,61 @@ def test_gpu_float_ops_match_the_cpu_kernels_and_pass_nan(gpu_or_cpu):
     np.testing.assert_array_equal(results[cpu]["resize"], np.maximum(small.repeat(2, 1).repeat(2, 2) + big, 0))
 
 
+def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_cpu):
+    """``conv2d``'s one pass after the product (bias, residual, activation, max pool, the next
+    LceQuantize's bits) gives what the ops give one after the other, computed here in NumPy from
+    the same convolution's unpooled float output on the GPU (the same product): the 7x7 stride-2
+    stem pooled 3 x 2, a 1x1 with a batch norm before it and a residual pooled 2 x 2, a 3x3 with a
+    ReLU, unpooled; 40 channels (a word's tail), NaN (kept unpooled, left out of a window's
+    maximum as MAX_POOL_2D leaves it), infinities and -0.0."""
+    kernels = cuda.load("cuda")
+    rng = np.random.default_rng(31)
+    none = kernels.upload(np.zeros(0, np.float32))
+    channels = 40
+    scale = rng.uniform(0.5, 2, channels).astype(np.float32)
+    scale[::7] *= -1
+    shift = rng.normal(size=channels).astype(np.float32)
+    for size, cin, k, stride, window, has_residual, batch_norm, lo in (
+            ((24, 20), 3, 7, 2, (3, 2), False, False, -np.inf), ((12, 10), 24, 1, 1, (2, 2), True, True, -np.inf),
+            ((8, 10), 24, 3, 1, (), True, False, 0.0), ((6, 6), 16, 3, 1, (1, 1), False, True, 0.0)):
+        x = rng.normal(size=(2,) + size + (cin,)).astype(np.float32)
+        x[1, 3, 4, 0] = np.nan
+        filters = rng.normal(size=(channels, k, k, cin)).astype(np.float32)
+        bias = rng.normal(size=channels).astype(np.float32)
+        bias[5] = -0.0
+        out_h, pad_top = ops._same_padding(size[0], k, stride, 1, 0)
+        out_w, pad_left = ops._same_padding(size[1], k, stride, 1, 0)
+        residual = rng.normal(size=(2, out_h, out_w, channels)).astype(np.float32)
+        residual[1, 2, 3, :4] = [np.inf, -np.inf, -0.0, np.nan]
+        parts = [kernels.upload(residual)] if has_residual else []
+        multiplier, offset = ((kernels.upload(rng.uniform(0.5, 2, cin).astype(np.float32)),
+                               kernels.upload(rng.normal(size=cin).astype(np.float32))) if batch_norm else (none, none))
+        args = (kernels.upload(x), kernels.prepare_float_weights(filters), kernels.upload(bias),
+                [k, k, stride, stride, 1, 1, pad_top, pad_left], lo, np.inf, parts, multiplier, offset, -np.inf, np.inf)
+        full = kernels.empty((2, out_h, out_w, channels), np.float32)
+        kernels.conv2d(*args, full)
+        full = kernels.download(full)
+        # the unpooled output against NumPy in float64 (the batch norm before it rounded in float32, as the op)
+        source = x * kernels.download(multiplier) + kernels.download(offset) if batch_norm else x
+        padded = np.pad(source.astype(np.float64), ((0, 0), (pad_top, k), (pad_left, k), (0, 0)))
+        reference = sum(padded[:, fy:fy + stride * out_h:stride, fx:fx + stride * out_w:stride] @ filters[:, fy, fx].T
+                        for fy in range(k) for fx in range(k)) + bias + (residual if has_residual else 0)
+        reference = np.where(reference < lo, lo, reference)  # TFLite's clamp: NaN passes
+        np.testing.assert_allclose(full, reference, rtol=1e-4, atol=1e-4)
+        ph, pw = window or (1, 1)
+        windows = full.reshape(2, out_h // ph, ph, out_w // pw, pw, channels)
+        want = np.where(np.isnan(windows), -np.inf, windows).max(axis=(2, 4)) if ph * pw > 1 else full
+        got = kernels.empty(want.shape, np.float32)
+        bits = kernels.empty(want.shape[:3] + (2,), np.int32)
+        kernels.conv2d(*args, got, pool_window=window, packed=bits, pack_multiplier=kernels.upload(scale),
+                       pack_bias=kernels.upload(shift))
+        np.testing.assert_array_equal(kernels.download(got), want, err_msg=f"{k}x{k}, window {window}")
+        np.testing.assert_array_equal(kernels.download(bits), next_layer_bits(want, scale, shift))
+        assert np.isnan(full).any() and (ph * pw > 1 or np.isnan(want).any())
+    with pytest.raises(ValueError, match="conv2d: pool_window needs 2 positive numbers"):
+        kernels.conv2d(*args, got, pool_window=[2])
+
+
 def test_heatmaps_decode_on_the_gpu_as_in_numpy(gpu_or_cpu):
     """The Predictor's GPU decoding (``decode_heatmaps_array`` on CuPy arrays) gives the NumPy
     decoding's points and scores exactly (that one is tested equal to TensorFlow's)."""

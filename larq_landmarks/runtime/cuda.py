@@ -178,21 +178,15 @@ class CudaKernels:
                 "cupy-cuda13x for CUDA 13; `nvidia-smi` shows the driver's, `python -c \"import cupy; "
                 "cupy.show_config()\"` CuPy's) and find NVRTC (its [ctk] extra brings it: pip install "
                 "\"cupy-cuda13x[ctk]\")") from error
-        self._bitpack, self._unpack, self._im2col, self._pool2d, self._concat_part, self._resize, self._warp = (
-            self._module.get_function(name)
-            for name in ("bitpack", "unpack", "im2col", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
+        (self._bitpack, self._unpack, self._im2col, self._conv_output, self._pool2d, self._concat_part, self._resize,
+         self._warp) = (self._module.get_function(name) for name in (
+            "bitpack", "unpack", "im2col", "conv_output", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
         # the clamps are TFLite's std::min(std::max(v, lo), hi), which let NaN through
         clamp = "const float low = r < lo ? lo : r; out = hi < low ? hi : low;"
         self._elementwise = cp.ElementwiseKernel(
             "float32 a, raw float32 b, int64 n, int32 op, float32 lo, float32 hi", "float32 out",
             "const float v = b[i % n]; const float r = op == 0 ? a + v : a * v; " + clamp,
             "larq_landmarks_binary_elementwise")
-        self._epilogue = cp.ElementwiseKernel(
-            "float32 y, raw float32 bias, int64 channels, float32 lo, float32 hi", "float32 out",
-            "const float r = y + bias[i % channels]; " + clamp, "larq_landmarks_conv_epilogue")
-        self._epilogue_residual = cp.ElementwiseKernel(
-            "float32 y, raw float32 bias, int64 channels, float32 residual, float32 lo, float32 hi", "float32 out",
-            "const float r = (y + bias[i % channels]) + residual; " + clamp, "larq_landmarks_conv_residual")
         # a batch norm folded before a float convolution: MUL, ADD and the clamp in one pass, rounded as the ops
         self._input_transform = cp.ElementwiseKernel(
             "float32 x, raw float32 mul, raw float32 add, int64 channels, int32 has_mul, int32 has_add, float32 lo, "
@@ -352,16 +346,14 @@ class CudaKernels:
     def conv2d(self, x, weights, bias, geometry, lo: float, hi: float, residual, input_multiplier, input_bias,
                input_lo: float, input_hi: float, out, pool_window=(), packed=None, pack_multiplier=None,
                pack_bias=None) -> None:
-        """The CPU kernels' ``conv2d``; ``pool_window`` ``(ph, pw)``: ``out`` is the convolution's
-        output max-pooled by that window and stride, here by ``pool2d`` after the convolution."""
+        """The CPU kernels' ``conv2d``: im2col (where the filter is larger than 1x1) and cuBLAS's
+        product, then one pass (``conv_output``) for the bias, the residual, the activation, the max
+        pool of ``pool_window`` ``(ph, pw)`` (``out`` is the pooled output) and the bits of
+        ``packed``."""
         cp = self.cp
-        if len(pool_window):
-            ph, pw = (int(v) for v in pool_window)
-            full = cp.empty((out.shape[0], out.shape[1] * ph, out.shape[2] * pw, out.shape[3]), cp.float32)
-            self.conv2d(x, weights, bias, geometry, lo, hi, residual, input_multiplier, input_bias, input_lo,
-                        input_hi, full)
-            self.pool2d(full, [ph, pw, ph, pw, 0, 0], 0, -np.inf, np.inf, out, packed, pack_multiplier, pack_bias)
-            return
+        if len(pool_window) not in (0, 2) or any(int(v) < 1 for v in pool_window):
+            raise ValueError(f"conv2d: pool_window needs 2 positive numbers, not {list(pool_window)}")
+        ph, pw = (int(v) for v in pool_window) if len(pool_window) else (1, 1)
         has_mul, has_add = input_multiplier.size > 0, input_bias.size > 0
         if has_mul or has_add or input_lo > -np.inf or input_hi < np.inf:
             transformed = cp.empty(x.shape, cp.float32)
@@ -374,24 +366,29 @@ class CudaKernels:
         fh, fw, sh, sw, dh, dw, pad_top, pad_left = (int(v) for v in geometry)
         batch, height, width, cin = x.shape
         out_h, out_w, cout = out.shape[1], out.shape[2], out.shape[3]
-        rows = batch * out_h * out_w
+        rows = batch * out_h * ph * out_w * pw  # the product's: the convolution's output pixels
         if fh == fw == sh == sw == 1 and pad_top == pad_left == 0:
             cols = x.reshape(rows, cin)
         else:
             k = fh * fw * cin
             cols = cp.empty((rows, k), cp.float32)
             self._launch(self._im2col, rows * k, (
-                x, np.int32(batch), np.int32(height), np.int32(width), np.int32(cin), np.int32(out_h),
-                np.int32(out_w), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(dh), np.int32(dw),
-                np.int32(pad_top), np.int32(pad_left), cols))
-        flat = out.reshape(rows, cout)
-        self._matmul(cols, weights, flat)
-        if residual is not None:
-            self._epilogue_residual(flat, bias, np.int64(cout), residual.reshape(rows, cout), np.float32(lo),
-                                    np.float32(hi), flat)
-        else:
-            self._epilogue(flat, bias, np.int64(cout), np.float32(lo), np.float32(hi), flat)
-        self._pack_output(out, packed, pack_multiplier, pack_bias)
+                x, np.int32(batch), np.int32(height), np.int32(width), np.int32(cin), np.int32(out_h * ph),
+                np.int32(out_w * pw), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(dh),
+                np.int32(dw), np.int32(pad_top), np.int32(pad_left), cols))
+        # the product in `out` itself where nothing is pooled (conv_output then reads and writes each value in place)
+        product = out.reshape(rows, cout) if ph * pw == 1 else cp.empty((rows, cout), cp.float32)
+        self._matmul(cols, weights, product)
+        has_scale, has_shift = (packed is not None and v is not None and v.size > 0
+                                for v in (pack_multiplier, pack_bias))
+        words = -(-cout // 32)
+        self._launch(self._conv_output, batch * out_h * out_w * words * 32, (
+            product, bias, self._empty_float if residual is None else residual, np.int32(residual is not None),
+            np.float32(lo), np.float32(hi), np.int32(batch), np.int32(out_h), np.int32(out_w), np.int32(cout),
+            np.int32(ph), np.int32(pw), out, np.int32(packed is not None),
+            pack_multiplier if has_scale else self._empty_float, pack_bias if has_shift else self._empty_float,
+            np.int32(has_scale), np.int32(has_shift), np.int32(words),
+            self._empty_int if packed is None else packed))
 
     def _matmul(self, a, b, out) -> None:
         """``out = a @ b`` by cuBLAS. CuPy refuses every cuBLAS call while a stream captures a graph:
