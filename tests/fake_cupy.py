@@ -99,10 +99,13 @@ def _check_grid(name, grid, block, v, numbers):
              "pool2d": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
              "resize_nearest": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
              "concat_part": lambda: int(v["pixels"]) * int(v["part_channels"]),
-             "warp_crops": lambda: int(v["crops"]) * int(v["size"]) ** 2,
-             "conv_output": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "words")])) * 32}
+             "warp_crops": lambda: int(v["crops"]) * int(v["size"]) ** 2}
+    if name == "conv_output":  # a warp an output pixel (blocks along x), 32 channels (a word of bits, along y)
+        assert block[0] == numbers["THREADS"] and grid[0] * block[0] // 32 >= int(v["pixels"]), f"{name}: grid {grid}"
+        assert grid[1] * 32 >= int(v["channels"]) > (grid[1] - 1) * 32, f"{name}: grid {grid}"
+        return
     if name in count:
-        assert name not in ("bitpack", "conv_output") or block[0] % 32 == 0, f"{name}: a warp's ballot is one word"
+        assert name != "bitpack" or block[0] % 32 == 0, "bitpack: a warp's ballot is one word"
         threads = int(np.prod(grid)) * int(np.prod(block))
         assert threads >= count[name](), f"{name}: {threads} threads for {count[name]()} work items"
         return

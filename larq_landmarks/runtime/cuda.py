@@ -381,14 +381,14 @@ class CudaKernels:
         self._matmul(cols, weights, product)
         has_scale, has_shift = (packed is not None and v is not None and v.size > 0
                                 for v in (pack_multiplier, pack_bias))
-        words = -(-cout // 32)
-        self._launch(self._conv_output, batch * out_h * out_w * words * 32, (
-            product, bias, self._empty_float if residual is None else residual, np.int32(residual is not None),
-            np.float32(lo), np.float32(hi), np.int32(batch), np.int32(out_h), np.int32(out_w), np.int32(cout),
-            np.int32(ph), np.int32(pw), out, np.int32(packed is not None),
-            pack_multiplier if has_scale else self._empty_float, pack_bias if has_shift else self._empty_float,
-            np.int32(has_scale), np.int32(has_shift), np.int32(words),
-            self._empty_int if packed is None else packed))
+        pixels = batch * out_h * out_w
+        if pixels > 0 and cout > 0:  # a warp an output pixel and 32 channels (a word of the bits)
+            self._conv_output((-(-pixels // (THREADS // 32)), -(-cout // 32)), (THREADS,), (
+                product, bias, self._empty_float if residual is None else residual, np.int32(residual is not None),
+                np.float32(lo), np.float32(hi), np.int64(pixels), np.int32(out_w), np.int32(cout), np.int32(ph),
+                np.int32(pw), out, np.int32(packed is not None),
+                pack_multiplier if has_scale else self._empty_float, pack_bias if has_shift else self._empty_float,
+                np.int32(has_scale), np.int32(has_shift), self._empty_int if packed is None else packed))
 
     def _matmul(self, a, b, out) -> None:
         """``out = a @ b`` by cuBLAS. CuPy refuses every cuBLAS call while a stream captures a graph:

@@ -660,32 +660,32 @@ extern "C" __global__ void im2col(const float* x, int batch, int height, int wid
                                                                : 0.0f;
 }
 
-// A float convolution's output from cuBLAS's product `y` ([batch, out_h * ph, out_w * pw, channels],
-// `out` may be `y` where ph = pw = 1), its MAX_POOL_2D of a ph x pw window and stride (1 x 1: none)
-// and the bits of the LceQuantize that reads it (pack), in one pass: each value of a window is
-// clamp((y + bias) + residual) (the residual where has_residual; TFLite's clamp, rounded as the
-// ops), `out` their maximum (fmaxf from -inf, as pool2d: NaN left out where ph * pw > 1, kept
-// where 1 x 1), and the bit out * scale + shift < 0 (bitpack's, each optional). Threads as
-// bitpack's: one per (output pixel, channel of its words * 32), so a warp's ballot is one word.
+// A float convolution's output from cuBLAS's product `y` ([pixels * ph * pw, channels], a layout of
+// [batch, out_h * ph, out_w * pw, channels]; `out` may be `y` where ph = pw = 1), its MAX_POOL_2D of
+// a ph x pw window and stride (1 x 1: none) and the bits of the LceQuantize that reads it (pack),
+// in one pass: each value of a window is clamp((y + bias) + residual) (the residual where
+// has_residual; TFLite's clamp, rounded as the ops), `out` their maximum (fmaxf from -inf, as
+// pool2d: NaN left out where ph * pw > 1, kept where 1 x 1), and the bit out * scale + shift < 0
+// (bitpack's, each optional). Blocks of 256 threads, each warp one output pixel (blockIdx.x * 8 +
+// the warp) and 32 channels (word blockIdx.y of its bits, lane c % 32): a ballot is one word.
 extern "C" __global__ void conv_output(const float* y, const float* bias, const float* residual, int has_residual,
-                                       float lo, float hi, int batch, int out_h, int out_w, int channels, int ph,
-                                       int pw, float* out, int pack, const float* scale, const float* shift,
-                                       int has_scale, int has_shift, int words, int* bits) {
-  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-  const i64 word = idx >> 5;
-  const int lane = threadIdx.x & 31;
-  const i64 pixels = (i64)batch * out_h * out_w;
-  const i64 pixel = word / words;
-  const int c = (int)(word - pixel * words) * 32 + lane;
+                                       float lo, float hi, i64 pixels, int out_w, int channels, int ph, int pw,
+                                       float* out, int pack, const float* scale, const float* shift, int has_scale,
+                                       int has_shift, int* bits) {
+  const i64 pixel = (i64)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32, c = blockIdx.y * 32 + lane;
   bool bit = false;
   if (pixel < pixels && c < channels) {
-    const Pixel p = pixel_position(pixel, out_h, out_w);
-    const i64 row = (i64)out_w * pw * channels;  // the product's row
-    const i64 corner = (((i64)p.b * out_h + p.y) * ph * out_w + p.x) * pw * channels + c;
+    i64 corner = pixel * channels + c;  // the window's first value in y
+    if (ph * pw > 1) {  // pixel = (b * out_h + oy) * out_w + ox: the window's rows from (b * out_h + oy) * ph
+      const i64 row = pixel / out_w;
+      corner = (row * ph * out_w + (pixel - row * out_w)) * pw * channels + c;
+    }
+    const i64 row_step = (i64)out_w * pw * channels;
     float v = 0.0f;
     for (int dy = 0; dy < ph; ++dy)
       for (int dx = 0; dx < pw; ++dx) {
-        const i64 at = corner + dy * row + dx * channels;
+        const i64 at = corner + dy * row_step + dx * channels;
         float r = __fadd_rn(y[at], bias[c]);
         if (has_residual) r = __fadd_rn(r, residual[at]);
         r = clamp_as_tflite(r, lo, hi);
@@ -700,7 +700,7 @@ extern "C" __global__ void conv_output(const float* y, const float* bias, const 
   }
   if (pack) {
     const u32 ballot = __ballot_sync(0xffffffffu, bit);
-    if (lane == 0 && pixel < pixels) bits[word] = (int)ballot;
+    if (lane == 0 && pixel < pixels) bits[pixel * gridDim.y + blockIdx.y] = (int)ballot;
   }
 }
 
