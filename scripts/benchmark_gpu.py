@@ -723,6 +723,42 @@ def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Opti
     return lines + [""]
 
 
+def _choices(layers, whole, multiprocessors: Optional[int]) -> list:
+    """The open choices of the kernels' defaults, each candidate's figures side by side: the
+    small grids' tile (``cuda.SMALL_GRID_ROWS``) and the gather (``cuda.STEPPED_GATHER``), from the
+    whole model's rows and the per-shape GPU-alone times (geometric mean of the time ratios, and on
+    how many shapes the candidate is faster)."""
+    from larq_landmarks.runtime import cuda
+
+    model = {(r["engine"], r["batch"]): r["ms"] for r in whole or []}
+    batches = sorted({r["batch"] for r in whole or []})
+
+    def model_times(label):
+        return ", ".join(f"batch {b} {model[(f'larq_landmarks.runtime ({label})', b)]:.2f} ms" for b in batches
+                         if (f"larq_landmarks.runtime ({label})", b) in model) or "not run"
+
+    def against(rows, key, base):
+        pairs = [(r[base], r[key]) for r in rows if r.get(base) and r.get(key)]
+        if not pairs:
+            return "no shapes"
+        mean = float(np.exp(np.mean([np.log(b / k) for b, k in pairs])))
+        return f"{mean:.2f}x on average, faster on {sum(k < b for b, k in pairs)} of {len(pairs)} shapes"
+
+    lines = ["### The kernels' open choices", "",
+             "Each default still to be chosen from measurements, its candidates side by side (per-shape ratios: the "
+             "candidate's speed-up on the GPU alone, geometric mean over the shapes at every batch).", ""]
+    small = [r for r in layers or [] if multiprocessors and r.get("blocks", multiprocessors + 1) <= multiprocessors]
+    lines.append(f"- Small grids' tile (`cuda.SMALL_GRID_ROWS`): whole model, the default ({cuda.SMALL_GRID_ROWS} "
+                 f"rows) {model_times('cuda')}; 64 rows {model_times('cuda, 64-row tiles on small grids')}; "
+                 f"32 rows {model_times('cuda, 32-row tiles on small grids')}. On the {len(small)} small-grid rows, "
+                 f"against 128 rows: 64 rows {against(small, 'cuda-rows64_gpu_ms', 'cuda-async-copies_gpu_ms')}; "
+                 f"32 rows {against(small, 'cuda-rows32_gpu_ms', 'cuda-async-copies_gpu_ms')}.")
+    lines.append(f"- Gather (`cuda.STEPPED_GATHER`, now {cuda.STEPPED_GATHER}): whole model word by word "
+                 f"{model_times('cuda, word-by-word gather')}; stepped {model_times('cuda, stepped gather')}. Per shape, "
+                 f"stepped against word by word: {against(layers or [], 'cuda-stepped-gather_gpu_ms', 'cuda-word-gather_gpu_ms')}.")
+    return lines + [""]
+
+
 def _model_table(rows) -> list:
     small, large = min(r["batch"] for r in rows), max(r["batch"] for r in rows)
     lines = ["### The whole default model", "",
@@ -784,6 +820,8 @@ def write_markdown(path: str, result: dict) -> None:
         lines += _layer_tables(result["layers"], result.get("memory_bandwidth"), result.get("multiprocessors"))
     if result.get("whole_model"):
         lines += _model_table(result["whole_model"])
+    if result.get("layers") or result.get("whole_model"):
+        lines += _choices(result.get("layers"), result.get("whole_model"), result.get("multiprocessors"))
     if result.get("predictor"):
         lines += _predictor_table(result["predictor"])
     if "agreement" in result:

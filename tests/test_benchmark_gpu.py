@@ -109,7 +109,8 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path, mon
     assert layer["bf16_bytes"] == 2 * (131072 * 128 + 9 * 128 * 128 + 131072 * 128) == 67403776
     assert layer["float32_bytes"] == 2 * layer["bf16_bytes"]
     engines = {"larq_landmarks.runtime (cuda)": (1.5, 20.0), "same network in PyTorch, float32 (cuDNN, TF32 off)": (
-        2.0, 64.0)}
+        2.0, 64.0), "larq_landmarks.runtime (cuda, stepped gather)": (1.4, 18.0),
+        "larq_landmarks.runtime (cuda, word-by-word gather)": (1.5, 20.0)}
     whole = [{"engine": name, "batch": batch, "ms": ms[i]} for name, ms in engines.items()
              for i, batch in enumerate((1, 64))]
     whole[1]["breakdown_ms"] = {"binary convs": 12.0, "float convs": 8.0}
@@ -162,6 +163,16 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path, mon
     assert "of the mean.\n\n## After" in text  # one blank line before the next section
     assert "| binary convs | 12.00 |" in text and "100.0% of the heatmap peaks equal, mean absolute difference 1e-05% of the mean." in text
     assert "| CONV_2D+LceQuantize | 64x128x128x64 | 1.23 |" in text
+    # the open choices: the small grids' tile (one small-grid row: 0.3 ms at 128 rows, 0.35 at 64, 0.4 at 32;
+    # the default is 32 rows since the monkeypatch above) and the gather (0.3 ms word by word, 0.24 stepped on
+    # each of the 3 rows: 1.25x)
+    assert ("- Small grids' tile (`cuda.SMALL_GRID_ROWS`): whole model, the default (32 rows) batch 1 1.50 ms, "
+            "batch 64 20.00 ms; 64 rows not run; 32 rows not run. On the 1 small-grid rows, "
+            "against 128 rows: 64 rows 0.86x on average, faster on 0 of 1 shapes; 32 rows 0.75x on average, faster "
+            "on 0 of 1 shapes.") in text
+    assert ("- Gather (`cuda.STEPPED_GATHER`, now False): whole model word by word batch 1 1.50 ms, batch 64 20.00 ms; "
+            "stepped batch 1 1.40 ms, batch 64 18.00 ms. Per shape, stepped against word by word: 1.25x on average, "
+            "faster on 3 of 3 shapes.") in text
     assert "| CUDA engine (crops and decoding on the GPU) | 2000 | 0.50 |" in text  # 256 / 0.128 s
     assert "| CPU runtime, 16 threads | not run: ImportError('no kernels') | |" in text
     # a run cut short (the layers part unfinished, one shape saved): written from its JSON, no GPU needed
