@@ -31,7 +31,9 @@ import fake_cupy
 from binary_reference import CASES, bconv_graph, next_batch_norm, next_layer_bits, pack_bits, reference_accumulators
 
 # the GPU tests' cases add blocks of more than 128 pixels and 64 channels and several K steps
-GPU_CASES = CASES + [(256, 192, 3, 1, True, 0), (64, 32, 3, 1, True, 1), (32, 64, 3, 2, True, 0)]
+# beyond CASES: 6 column blocks; narrow outputs; a stride; K of 90 words (2 chunks of 80 in the small tiles, 3 of 40)
+GPU_CASES = CASES + [(256, 192, 3, 1, True, 0), (64, 32, 3, 1, True, 1), (32, 64, 3, 2, True, 0),
+                     (300, 40, 3, 1, True, 0)]
 
 
 def _gpu_available() -> bool:

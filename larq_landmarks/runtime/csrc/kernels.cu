@@ -20,8 +20,7 @@ typedef long long i64;
 #define BM 128     // output pixels per block (the small grids' kernels: 64 or 32, their kRows)
 #define BN 64      // output channels per block
 #define KW 8       // 32-bit words per K step (256 bits, one m16n8k256 MMA)
-#define KC 40      // K words loaded per chunk (5 MMA steps)
-#define LDS 44     // shared-memory row stride in words: 44 = 12 mod 32, conflict-free fragment loads
+#define KC 40      // K words loaded per chunk (5 MMA steps) by the 128-row tiles; the small tiles take 2 KC
 #define THREADS 256
 #ifndef BCONV_MIN_BLOCKS
 #define BCONV_MIN_BLOCKS 4  // blocks per SM the registers must allow (64 registers, no spills on sm_90)
@@ -260,7 +259,7 @@ __device__ __forceinline__ void gather_row(const BconvArgs& g, u32* dst, int b, 
 
 // gather_row kVector words at a time, the source address stepped along K instead of computed for
 // each word, and the tap's place in the image checked once a tap: a tap's words lie together in the
-// input, so where words, share (and so k0: KC is a multiple of 4) are multiples of kVector, each
+// input, so where words, share (and so k0: chunks are multiples of 4 words) are multiples of kVector, each
 // vector is words of one tap, all inside the image or all outside, all below k_words or all past
 // it. `src` may point outside the input while its tap is outside the image or past K; it is then
 // not read (a safe address goes to the copy instead).
@@ -293,31 +292,30 @@ __device__ __forceinline__ void gather_row_stepped(const BconvArgs& g, u32* dst,
   }
 }
 
-// The A and B tiles of one K chunk, and afterwards the block's accumulators, share the memory.
-// The weight words go in by 8-byte copies: a union of 4-byte words is only 4-byte aligned by
-// itself (`.shared .align 4` in the PTX), so its alignment is asked for.
-template <int kRows>
+// The A and B tiles of one K chunk (rows kStride words apart), and afterwards the block's
+// accumulators, share the memory. The weight words go in by 8-byte copies and the stepped gather's
+// by up to 16-byte ones: a union of 4-byte words is only 4-byte aligned by itself (`.shared .align
+// 4` in the PTX), so its alignment is asked for, and the rows are whole 16-byte units.
+template <int kRows, int kStride>
 union __align__(16) BconvShared {
+  static_assert(kStride % 4 == 0 && (kStride / 4) % 2 == 1, "rows of an odd number of 16-byte units");
   struct {
-    u32 a[kRows * LDS];
-    u32 b[BN * LDS];
+    u32 a[kRows * kStride];
+    u32 b[BN * kStride];
   } tiles;
   int c[kRows * (BN + 1)];
 };
-static_assert(alignof(BconvShared<BM>) % 8 == 0 && alignof(BconvShared<32>) % 8 == 0 && 32 * LDS * sizeof(u32) % 8 == 0 &&
-                  LDS * sizeof(u32) % 8 == 0,
-              "the 8-byte weight copies into BconvShared::tiles.b need 8-byte aligned rows");
 
 // The popcount path's counting: thread (tr, tc) adds popc(a & w) over `k_words` words for rows
 // tr + 16 i and columns tc + 16 j, j below kColumnGroups (4: all 64 columns, 2: the first 32).
-template <int kColumnGroups>
+template <int kColumnGroups, int kStride>
 __device__ __forceinline__ void popcount_tile(int (&pacc)[8][4], const u32* a, const u32* b, int tr, int tc,
                                               int k_words) {
   for (int k = 0; k < k_words; ++k)
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < kColumnGroups; ++j) pacc[i][j] += __popc(a[(tr + 16 * i) * LDS + k] & b[(tc + 16 * j) * LDS + k]);
+      for (int j = 0; j < kColumnGroups; ++j) pacc[i][j] += __popc(a[(tr + 16 * i) * kStride + k] & b[(tc + 16 * j) * kStride + k]);
 }
 
 // 16-byte loads and stores (the address must be 16-byte aligned on the GPU; the tests' CPU build checks it).
@@ -400,7 +398,8 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
   }
 }
 
-// One block: kRows pixels x BN channels, K in chunks of KC words. The THREADS / kRows neighbouring
+// One block: kRows pixels x BN channels, K in chunks of kChunk words (KC for 128-row tiles, 2 KC for the
+// small tiles: all of a 3x3 filter over 256 channels in one chunk). The THREADS / kRows neighbouring
 // threads of row t / (THREADS / kRows) each load a part of it in each chunk (the chunk's words
 // rounded up to whole 256-bit steps, split evenly), stepping through the taps without division,
 // and count their set bits (the row popcount of the AND formulation; outside taps load 0).
@@ -411,13 +410,17 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
 // (2 m16 MMAs) by 64 / that many columns (n8 MMAs) per 256 bits: 4 x 2 warps of 32 x 32 for 128
 // rows, 2 x 4 of 32 x 16 for 64, 1 x 8 of 32 x 8 for 32 (the small tiles spread a small grid over
 // more SMs). Otherwise (128 rows only) each thread counts 8 rows x 4 columns with __popc.
-template <bool kTensorCores, bool kAsyncCopies, int kRows = BM>
+template <bool kTensorCores, bool kAsyncCopies, int kRows = BM, int kChunk = KC>
 __device__ void bconv2d_block(const BconvArgs& g) {
   static_assert(kRows == 128 || (kTensorCores && (kRows == 64 || kRows == 32)), "tiles of 128, 64 or 32 rows");
+  static_assert(kChunk % KW == 0, "chunks of whole MMA steps");
+  // shared-memory rows kChunk + 4 words apart: an odd number of 16-byte units, so that the 8 rows of
+  // a fragment load start in 8 different groups of 4 banks (conflict-free)
+  constexpr int kStride = kChunk + 4;
   constexpr int kLoaders = THREADS / kRows;             // threads loading each row: 2, 4 or 8
   constexpr int kWarpsM = kRows / 32, kWarpsN = 8 / kWarpsM;
   constexpr int kWarpN = BN / kWarpsN, kTilesN = kWarpN / 8;  // a warp's columns, its n8 MMAs
-  __shared__ BconvShared<kRows> s;
+  __shared__ BconvShared<kRows, kStride> s;
   __shared__ BconvConstants constants;
   __shared__ int row_pop[kRows];
   __shared__ unsigned long long row_outside[kRows];
@@ -452,13 +455,13 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 
   copy_constants<kAsyncCopies>(g, constants, n0);  // waited for with the first chunk
   int my_pop = 0;
-  const int chunks = (g.k_words + KC - 1) / KC;
+  const int chunks = (g.k_words + kChunk - 1) / kChunk;
   for (int chunk = 0; chunk < chunks; ++chunk) {
     // this chunk's words rounded up to whole MMA steps, split evenly between a row's loaders
-    const int steps = min(KC / KW, (g.k_words - chunk * KC + KW - 1) / KW);
+    const int steps = min(kChunk / KW, (g.k_words - chunk * kChunk + KW - 1) / KW);
     const int share = steps * (KW / kLoaders);
-    const int k0 = chunk * KC + load_part * share;
-    u32* my_words = s.tiles.a + load_row * LDS + load_part * share;
+    const int k0 = chunk * kChunk + load_part * share;
+    u32* my_words = s.tiles.a + load_row * kStride + load_part * share;
 #if BCONV_STEPPED_GATHER
     if (g.words % 4 == 0 && share % 4 == 0)
       gather_row_stepped<4, kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
@@ -474,16 +477,16 @@ __device__ void bconv2d_block(const BconvArgs& g) {
       // read (narrow layers: 32 rows of 16 words, not 64 of 40); word pairs spread over all threads.
       // Columns past the last channel are never output, so their rows may hold anything.
       const int pairs = steps * (KW / 2), loads = min(BN, g.channels_out - n0) * pairs;
-      const u32* src = g.w + (i64)n0 * g.k_stride + chunk * KC;
+      const u32* src = g.w + (i64)n0 * g.k_stride + chunk * kChunk;
       for (int i = tid; i < loads; i += THREADS) {
         const int n = i / pairs, j = 2 * (i - n * pairs);
         const u32* from = src + (i64)n * g.k_stride + j;
         if (kAsyncCopies) {
-          copy_async<8>(s.tiles.b + n * LDS + j, from, true);
+          copy_async<8>(s.tiles.b + n * kStride + j, from, true);
         } else {
           const uint2 wv = *reinterpret_cast<const uint2*>(from);
-          s.tiles.b[n * LDS + j] = wv.x;
-          s.tiles.b[n * LDS + j + 1] = wv.y;
+          s.tiles.b[n * kStride + j] = wv.x;
+          s.tiles.b[n * kStride + j + 1] = wv.y;
         }
       }
     }
@@ -506,21 +509,21 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int r = wm + i * 16 + group;
-          const u32 a[4] = {s.tiles.a[r * LDS + k], s.tiles.a[(r + 8) * LDS + k], s.tiles.a[r * LDS + k + 4],
-                            s.tiles.a[(r + 8) * LDS + k + 4]};
+          const u32 a[4] = {s.tiles.a[r * kStride + k], s.tiles.a[(r + 8) * kStride + k],
+                            s.tiles.a[r * kStride + k + 4], s.tiles.a[(r + 8) * kStride + k + 4]};
 #pragma unroll
           for (int j = 0; j < kTilesN; ++j) {
             const int n = wn + j * 8 + group;
-            mma_and_popc(acc[i][j], a, s.tiles.b[n * LDS + k], s.tiles.b[n * LDS + k + 4]);
+            mma_and_popc(acc[i][j], a, s.tiles.b[n * kStride + k], s.tiles.b[n * kStride + k + 4]);
           }
         }
       }
     } else {
       const int tr = tid >> 4, tc = tid & 15;
       if (n0 + 32 < g.channels_out)
-        popcount_tile<4>(pacc, s.tiles.a, s.tiles.b, tr, tc, steps * KW);
+        popcount_tile<4, kStride>(pacc, s.tiles.a, s.tiles.b, tr, tc, steps * KW);
       else  // at most 32 channels left: columns 32-63 are padding
-        popcount_tile<2>(pacc, s.tiles.a, s.tiles.b, tr, tc, steps * KW);
+        popcount_tile<2, kStride>(pacc, s.tiles.a, s.tiles.b, tr, tc, steps * KW);
     }
     __syncthreads();
   }
@@ -631,11 +634,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS)
 
 // the tensor-core kernel with tiles of 64 and 32 rows (cp.async loads), for grids of fewer blocks than SMs
 extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_tensor_cores_rows64(BCONV_PARAMS) {
-  bconv2d_block<true, true, 64>(BCONV_ARGS);
+  bconv2d_block<true, true, 64, 2 * KC>(BCONV_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_tensor_cores_rows32(BCONV_PARAMS) {
-  bconv2d_block<true, true, 32>(BCONV_ARGS);
+  bconv2d_block<true, true, 32, 2 * KC>(BCONV_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_popcount(BCONV_PARAMS) {
