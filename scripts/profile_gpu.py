@@ -96,7 +96,7 @@ def conv_mmas(batch: int, size: int, cin: int, cout: int, stride: int = 1, k: in
 
 def profile(flatbuffer: bytes, batch: int = 32, shapes=SHAPES, runs: int = 10, device: str = "cuda") -> list:
     """Each chosen shape's binary convolution (default kernels; the stepped gather too where its input
-    has 2 or more words a pixel; 64-row tiles too on a small grid), and cuDNN's bf16 convolution of the
+    has 2 or more words a pixel; 64- and 32-row tiles too on a small grid), and cuDNN's bf16 convolution of the
     first shape: timed (GPU alone, CUDA graphs as in benchmark_gpu), then each launched once
     between cudaProfilerStart and cudaProfilerStop. Rows: label, time, MMAs, least traffic."""
     import cupy as cp
@@ -124,7 +124,7 @@ def profile(flatbuffer: bytes, batch: int = 32, shapes=SHAPES, runs: int = 10, d
         if cin > 32:
             variants.append(("stepped gather", cuda.load("cuda", stepped_gather=True), tile))
         if blocks <= kernels.multiprocessors:
-            variants.append(("64-row tiles", cuda.load("cuda", tile_rows=64), 64))
+            variants += [(f"{rows}-row tiles", cuda.load("cuda", tile_rows=rows), rows) for rows in (64, 32)]
         for label, variant, rows in variants:
             row = dict(base, kernels=label, mma=conv_mmas(batch, size, cin, cout, tile_rows=rows))
             launches.append((row, benchmark_gpu.binary_conv_step(graph, op, variant, packed)))

@@ -63,16 +63,19 @@ def test_profile_launches_each_chosen_convolution_between_profiler_start_and_sto
     wide, narrow = next(s for s in shapes if s[1] > 32), next(s for s in shapes if s[1] <= 32)
     rows = script.profile(wide_flatbuffer, batch=1, shapes=(wide, narrow, (999, 1, 1)), runs=1, device="cpu")
     assert "no 999x999x1 -> 1 binary convolution in this model" in capsys.readouterr().out
-    # small grids here (at most 132 blocks): the default, the stepped gather (more than 32 channels in), 64-row tiles
+    # small grids here (at most 132 blocks): the default, the stepped gather (more than 32 channels in), 64- and
+    # 32-row tiles
+    wide_input, narrow_input = f"{wide[0]}x{wide[0]}x{wide[1]}", f"{narrow[0]}x{narrow[0]}x{narrow[1]}"
     assert [(r["input"], r["kernels"]) for r in rows] == [
-        (f"{wide[0]}x{wide[0]}x{wide[1]}", "default"), (f"{wide[0]}x{wide[0]}x{wide[1]}", "stepped gather"),
-        (f"{wide[0]}x{wide[0]}x{wide[1]}", "64-row tiles"), (f"{narrow[0]}x{narrow[0]}x{narrow[1]}", "default"),
-        (f"{narrow[0]}x{narrow[0]}x{narrow[1]}", "64-row tiles")]
+        (wide_input, "default"), (wide_input, "stepped gather"), (wide_input, "64-row tiles"),
+        (wide_input, "32-row tiles"), (narrow_input, "default"), (narrow_input, "64-row tiles"),
+        (narrow_input, "32-row tiles")]
     assert all(r["ms"] > 0 and r["mma"] > 0 and r["binary_bytes"] > 0 for r in rows)
     assert rows[2]["mma"] == script.conv_mmas(1, wide[0], wide[1], wide[2], tile_rows=64)
     # each launched once more between cudaProfilerStart and Stop (and nothing else)
-    assert fake_cupy.PROFILER == ["start"] + ["bconv2d_tensor_cores"] * 2 + ["bconv2d_tensor_cores_rows64",
-                                  "bconv2d_tensor_cores", "bconv2d_tensor_cores_rows64", "stop"]
+    assert fake_cupy.PROFILER == ["start"] + ["bconv2d_tensor_cores"] * 2 + [
+        "bconv2d_tensor_cores_rows64", "bconv2d_tensor_cores_rows32", "bconv2d_tensor_cores",
+        "bconv2d_tensor_cores_rows64", "bconv2d_tensor_cores_rows32", "stop"]
     text = script.report(rows, {"ms": 1.0, "mma": 100, "mma_per_s": 1e11, "bit_products_per_s": 3.2768e15}, 4.8e12)
     assert text.startswith("1-bit MMA rate: 100.0 G m16n8k256 MMAs/s = 3277 T 1-bit products/s")
     assert len(text.splitlines()) == 3 + len(rows)
@@ -102,6 +105,6 @@ def test_command_line(wide_flatbuffer, on_cpu, monkeypatch, tmp_path, capsys):
     result = json.loads((tmp_path / "profile.json").read_text())
     assert result["mma_rate"]["mma"] == 2 * 8 * 8 * 1 * 4  # 2 SMs x 8 blocks of 8 warps, 1 iteration of 4
     # 2 SMs: the one block of 128 rows is a small grid
-    assert [r["kernels"] for r in result["rows"]] == ["default", "stepped gather", "64-row tiles"]
+    assert [r["kernels"] for r in result["rows"]] == ["default", "stepped gather", "64-row tiles", "32-row tiles"]
     out = capsys.readouterr().out
     assert f"| {size}x{size}x{cin} | {cout} | 1 | stepped gather |" in out and "1-bit MMA rate:" in out
