@@ -143,7 +143,7 @@ def profile(flatbuffer: bytes, batch: int = 32, shapes=SHAPES, runs: int = 10, d
     for _, step in launches:
         step()
     cp.cuda.get_current_stream().synchronize()
-    if bf16 is not None:
+    if bf16 is not None and device.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize()
