@@ -134,8 +134,12 @@ class _Kernel:
 
 class RawModule:
     def __init__(self, code: str, options=()):
-        # NVRTC's -DNAME=VALUE options, as the source's first lines
-        defines = "".join(f"#define {o[2:].replace('=', ' ', 1)}\n" for o in options if o.startswith("-D"))
+        # NVRTC's --define-macro=NAME=VALUE options, as the source's first lines (g++ builds it as C++17);
+        # an option not understood here is an error, not a silently different build
+        flag = "--define-macro="
+        unknown = [o for o in options if not o.startswith(flag) and o not in ("-std=c++17", "--std=c++17")]
+        assert not unknown, f"fake_cupy.RawModule: options {unknown} are not emulated"
+        defines = "".join(f"#define {o[len(flag):].replace('=', ' ', 1)}\n" for o in options if o.startswith(flag))
         self.kernels = cuda_on_cpu.kernels(defines + code)
 
     def get_function(self, name: str):

@@ -82,9 +82,10 @@ def bconv_tile(blocks: int, multiprocessors: int, async_copies: Optional[bool] =
 
 
 def compile_options(stepped_gather: bool = False) -> Tuple[str, ...]:
-    """The compiler's options for ``kernels.cu`` (NVRTC's, and nvcc's alike): C++17, and its macro
-    for the binary convolution's gather (``CudaKernels``' ``stepped_gather``)."""
-    return ("-std=c++17", f"-DBCONV_STEPPED_GATHER={int(stepped_gather)}")
+    """The compiler's options for ``kernels.cu`` (NVRTC's, and nvcc's alike: both spell a macro
+    ``--define-macro=NAME=VALUE``): C++17, and its macro for the binary convolution's gather
+    (``CudaKernels``' ``stepped_gather``)."""
+    return ("-std=c++17", f"--define-macro=BCONV_STEPPED_GATHER={int(stepped_gather)}")
 
 
 class BinaryWeights:
