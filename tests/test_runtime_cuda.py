@@ -843,6 +843,39 @@ def test_predict_command_takes_a_gpu_index(predictor_model, monkeypatch, tmp_pat
     assert "engine='cuda:x'" in capsys.readouterr().err
 
 
+def _nvrtc():
+    """CuPy's NVRTC binding where it and its library load (no GPU needed to compile), else None."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+        return nvrtc
+    except Exception:
+        return None
+
+
+@pytest.mark.skipif(_nvrtc() is None, reason="no CuPy with NVRTC here")
+def test_kernels_compile_with_nvrtc_and_the_gather_macro_takes_effect():
+    """kernels.cu as CuPy's RawModule hands it to NVRTC, with ``cuda.compile_options``: both gathers
+    compile for Hopper, the macro's spelling is one NVRTC takes (it refuses options it does not know),
+    and the stepped gather's build has the 16-byte loads the one-word build lacks."""
+    nvrtc = _nvrtc()
+    with open(cuda.SOURCE, encoding="utf-8") as f:
+        source = f.read()
+    vector_loads = {}
+    for stepped in (False, True):
+        program = nvrtc.createProgram(source, "kernels.cu", [], [])
+        try:
+            nvrtc.compileProgram(program, list(cuda.compile_options(stepped)) + ["--gpu-architecture=compute_90"])
+            ptx = nvrtc.getPTX(program)
+        finally:
+            nvrtc.destroyProgram(program)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        vector_loads[stepped] = ptx.count("ld.global.v4")
+        assert ".entry bconv2d_tensor_cores(" in ptx
+    assert vector_loads[True] > vector_loads[False]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here")
 @pytest.mark.parametrize("stepped_gather", [False, True])
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
