@@ -107,7 +107,11 @@ def profile(flatbuffer: bytes, batch: int = 32, shapes=SHAPES, runs: int = 10, d
     graph = read_graph(flatbuffer, "default")
     ops_by_shape = {key[:3]: op for key, op in benchmark_gpu.binary_conv_shapes(graph) if key[4] == 1}
     rng = np.random.default_rng(1)
-    launches = []  # (row, step)
+    launches = []  # (row, step, the step's GPU-alone milliseconds: a function of the step)
+
+    def cupy_time(step):
+        return benchmark_gpu._cupy_graph_time(step, runs)
+
     for size, cin, cout in shapes:
         op = ops_by_shape.get((size, cin, cout))
         if op is None:
@@ -127,20 +131,19 @@ def profile(flatbuffer: bytes, batch: int = 32, shapes=SHAPES, runs: int = 10, d
             variants += [(f"{rows}-row tiles", cuda.load("cuda", tile_rows=rows), rows) for rows in (64, 32)]
         for label, variant, rows in variants:
             row = dict(base, kernels=label, mma=conv_mmas(batch, size, cin, cout, tile_rows=rows))
-            launches.append((row, benchmark_gpu.binary_conv_step(graph, op, variant, packed)))
+            launches.append((row, benchmark_gpu.binary_conv_step(graph, op, variant, packed), cupy_time))
     bf16 = _bf16_launch(shapes[0], batch, device)
     if bf16 is not None:
-        launches.append(bf16)
+        launches.append(bf16 + (lambda step: benchmark_gpu._torch_graph_time(step, runs, device),))
     rows = []
-    for row, step in launches:
+    for row, step, time_on_gpu in launches:
         step()  # compiled, allocated
-        row["ms"] = benchmark_gpu._cupy_graph_time(step, runs) if row["kernels"] != "cuDNN bf16" else \
-            benchmark_gpu._torch_graph_time(step, runs, device)
+        row["ms"] = time_on_gpu(step)
         rows.append(row)
         print(json.dumps(row), flush=True)
     cp.cuda.get_current_stream().synchronize()
     cp.cuda.runtime.profilerStart()  # Nsight Compute (--profile-from-start off) profiles from here
-    for _, step in launches:
+    for _, step, _ in launches:
         step()
     cp.cuda.get_current_stream().synchronize()
     if bf16 is not None and device.startswith("cuda"):
