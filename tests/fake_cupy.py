@@ -94,12 +94,17 @@ def _check_grid(name, grid, block, v, numbers):
     """The launch's grid covers the work the kernel's index runs over."""
     count = {"bitpack": lambda: int(v["pixels"]) * int(v["words"]) * 32,
              "unpack": lambda: int(v["pixels"]) * int(v["channels"]),
-             "im2col": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "filter_h", "filter_w",
-                                                                   "channels")])),
              "pool2d": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
              "resize_nearest": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
              "concat_part": lambda: int(v["pixels"]) * int(v["part_channels"]),
              "warp_crops": lambda: int(v["crops"]) * int(v["size"]) ** 2}
+    if name == "im2col":  # a block `block_pixels` output pixels (at most IM2COL_PIXELS), no block past the end
+        pixels, per_block = int(v["batch"]) * int(v["out_h"]) * int(v["out_w"]), int(v["block_pixels"])
+        assert block[0] == numbers["THREADS"] and 1 <= per_block <= numbers["IM2COL_PIXELS"], f"{name}: {per_block}"
+        assert grid[0] == -(-pixels // per_block), f"{name}: grid {grid} for {pixels} pixels"
+        k = int(v["filter_h"]) * int(v["filter_w"]) * int(v["channels"])
+        assert k <= int(v["cols_k"]) < k + 4 and v["cols"].size == pixels * int(v["cols_k"]), f"{name}: cols"
+        return
     if name == "conv_output":  # a warp an output pixel (blocks along x), 32 channels (a word of bits, along y)
         assert block[0] == numbers["THREADS"] and grid[0] * block[0] // 32 >= int(v["pixels"]), f"{name}: grid {grid}"
         assert grid[1] * 32 >= int(v["channels"]) > (grid[1] - 1) * 32, f"{name}: grid {grid}"

@@ -521,6 +521,50 @@ def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_c
         kernels.conv2d(*args, got, pool_window=[2])
 
 
+@pytest.mark.parametrize("size,cin,filter_hw,stride,dilation,padding", [
+    ((13, 11), 3, (7, 7), 2, 1, 0),     # the stem: K 147 -> 148, 3 channels a unit, several pixels a block
+    ((9, 10), 8, (3, 3), 1, 2, 0),      # dilated; 16-byte copies (8 channels)
+    ((9, 7), 5, (3, 3), 2, 1, 0),       # a 4-channel unit and a 1-channel one a tap; K 45 -> 48
+    ((40, 41), 6, (1, 1), 2, 1, 0),     # a strided 1x1 through im2col (K 6, unpadded): 4 blocks of 256 pixels
+    ((5, 4), 520, (3, 3), 1, 1, 0),     # 1170 units a pixel: one pixel a block
+    ((8, 9), 4, (2, 3), 1, 1, 1),       # VALID, a 2x3 filter: K 24
+])
+def test_gpu_float_conv_im2col_matches_numpy(gpu_or_cpu, size, cin, filter_hw, stride, dilation, padding):
+    """Float convolutions through im2col (filters larger than 1x1, or strided) against NumPy in
+    float64: the matrix's rows are K = fh * fw * Cin rounded up to a multiple of 4 for filters
+    larger than 1x1 (the weights' padding rows zero), every column written (uninitialised memory
+    is NaN in the CPU build), taps outside the image zero, over blocks of several pixels and of
+    one. Weights of another K are refused by name."""
+    kernels = cuda.load("cuda")
+    rng = np.random.default_rng(sum(size) + cin)
+    (fh, fw), cout = filter_hw, 12
+    x = rng.normal(size=(2,) + size + (cin,)).astype(np.float32)
+    filters = rng.normal(size=(cout, fh, fw, cin)).astype(np.float32)
+    bias = rng.normal(size=cout).astype(np.float32)
+    out_h, pad_top = ops._same_padding(size[0], fh, stride, dilation, padding)
+    out_w, pad_left = ops._same_padding(size[1], fw, stride, dilation, padding)
+    weights = kernels.prepare_float_weights(filters)
+    k = fh * fw * cin
+    assert weights.shape == ((k + 3) // 4 * 4 if fh * fw > 1 else k, cout)
+    assert not kernels.download(weights)[k:].any()
+    none = kernels.upload(np.zeros(0, np.float32))
+    args = (kernels.upload(x), weights, kernels.upload(bias), [fh, fw, stride, stride, dilation, dilation, pad_top,
+                                                               pad_left], -np.inf, np.inf, [], none, none, -np.inf, np.inf)
+    out = kernels.empty((2, out_h, out_w, cout), np.float32)
+    kernels.conv2d(*args, out)
+    span_h, span_w = (fh - 1) * dilation + stride * out_h, (fw - 1) * dilation + stride * out_w
+    padded = np.pad(x.astype(np.float64), ((0, 0), (pad_top, max(span_h - size[0] - pad_top, 0)),
+                                           (pad_left, max(span_w - size[1] - pad_left, 0)), (0, 0)))
+    reference = bias + sum(
+        padded[:, fy * dilation:fy * dilation + stride * out_h:stride,
+               fx * dilation:fx * dilation + stride * out_w:stride] @ filters[:, fy, fx].T.astype(np.float64)
+        for fy in range(fh) for fx in range(fw))
+    np.testing.assert_allclose(kernels.download(out), reference, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    unpadded = kernels.upload(kernels.download(weights)[:k - 1])
+    with pytest.raises(ValueError, match=f"conv2d: weights of {k - 1} rows for a {fh}x{fw} filter over {cin}"):
+        kernels.conv2d(x, unpadded, *args[2:], out)
+
+
 def test_heatmaps_decode_on_the_gpu_as_in_numpy(gpu_or_cpu):
     """The Predictor's GPU decoding (``decode_heatmaps_array`` on CuPy arrays) gives the NumPy
     decoding's points and scores exactly (that one is tested equal to TensorFlow's)."""

@@ -22,6 +22,7 @@ import numpy as np
 
 PATHS = ("cuda", "cuda-popcount")
 BLOCK_ROWS, BLOCK_CHANNELS, STEP_WORDS, CHUNK_WORDS, THREADS = 128, 64, 8, 40, 256  # as in kernels.cu
+IM2COL_PIXELS = 256  # as in kernels.cu
 TILE_ROWS = (128, 64, 32)  # the tensor-core kernel's tiles: rows (output pixels) a block
 # the tile of a grid that 128-row tiles would leave with no more blocks than the GPU has SMs
 # (CudaKernels' tile_rows=None). 128 until the 64- and 32-row tiles are timed on a GPU (written on
@@ -332,9 +333,14 @@ class CudaKernels:
         return conv
 
     def prepare_float_weights(self, filters: np.ndarray):
-        """``[Cout, fh, fw, Cin]`` -> ``[fh * fw * Cin, Cout]`` on the GPU (im2col's column order)."""
-        cout = filters.shape[0]
-        return self.upload(np.ascontiguousarray(filters.reshape(cout, -1).T))
+        """``[Cout, fh, fw, Cin]`` -> ``[K, Cout]`` on the GPU in im2col's row order, K = fh * fw * Cin
+        and, for filters larger than 1x1, rounded up to a multiple of 4 with zero rows (im2col's
+        columns there are zero too: every row of its matrix 16-byte aligned for cuBLAS)."""
+        cout, fh, fw, _ = filters.shape
+        matrix = filters.reshape(cout, -1).T
+        if fh * fw > 1:
+            matrix = np.pad(matrix, ((0, -matrix.shape[0] % 4), (0, 0)))
+        return self.upload(np.ascontiguousarray(matrix))
 
     def _pack_output(self, out, packed, pack_multiplier, pack_bias) -> None:
         """The CPU kernels' ``packed`` argument of ``conv2d``, ``pool2d`` and ``resize_nearest`` (the
@@ -368,15 +374,21 @@ class CudaKernels:
         batch, height, width, cin = x.shape
         out_h, out_w, cout = out.shape[1], out.shape[2], out.shape[3]
         rows = batch * out_h * ph * out_w * pw  # the product's: the convolution's output pixels
+        k, cols_k = fh * fw * cin, weights.shape[0]  # cols_k: K as prepare_float_weights rounded it
+        if not k <= cols_k < k + 4:
+            raise ValueError(f"conv2d: weights of {cols_k} rows for a {fh}x{fw} filter over {cin} channels")
         if fh == fw == sh == sw == 1 and pad_top == pad_left == 0:
             cols = x.reshape(rows, cin)
         else:
-            k = fh * fw * cin
-            cols = cp.empty((rows, k), cp.float32)
-            self._launch(self._im2col, rows * k, (
-                x, np.int32(batch), np.int32(height), np.int32(width), np.int32(cin), np.int32(out_h * ph),
-                np.int32(out_w * pw), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(dh),
-                np.int32(dw), np.int32(pad_top), np.int32(pad_left), cols))
+            cols = cp.empty((rows, cols_k), cp.float32)
+            # a block's pixels: 8 steps of as many pixels as its threads take at once (kernels.cu)
+            block_pixels = min(IM2COL_PIXELS, 8 * (THREADS // min(fh * fw * -(-cin // 4), THREADS)))
+            if rows > 0:
+                self._im2col((-(-rows // block_pixels),), (THREADS,), (
+                    x, np.int32(batch), np.int32(height), np.int32(width), np.int32(cin), np.int32(out_h * ph),
+                    np.int32(out_w * pw), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(dh),
+                    np.int32(dw), np.int32(pad_top), np.int32(pad_left), np.int32(block_pixels), np.int32(cols_k),
+                    cols))
         # the product in `out` itself where nothing is pooled (conv_output then reads and writes each value in place)
         product = out.reshape(rows, cout) if ph * pw == 1 else cp.empty((rows, cout), cp.float32)
         self._matmul(cols, weights, product)

@@ -645,22 +645,61 @@ extern "C" __global__ void __launch_bounds__(THREADS, BCONV_MIN_BLOCKS) bconv2d_
   bconv2d_block<false, false>(BCONV_ARGS);
 }
 
-// im2col for float convolutions: cols[pixel, (fy, fx, c)] (zeros outside the image); cuBLAS does the GEMM.
+// im2col for float convolutions: cols[pixel, (fy, fx, c)], zeros outside the image and in the
+// columns from k = filter_h * filter_w * channels up to cols_k (the product's K rounded up to a
+// multiple of 4, so that cuBLAS finds every row 16-byte aligned); cuBLAS does the GEMM. A block is
+// `block_pixels` output pixels (at most IM2COL_PIXELS), a row of cols a pixel's `units` units of
+// (tap, 4 channels): a tap's channels are contiguous in x and in cols, one float4 where channels %
+// 4 == 0 and both arrays are 16-byte aligned. The block's threads first put each pixel's image offset
+// and top-left input in shared memory (the one 64-bit division a pixel); then min(units, threads)
+// neighbouring threads share a pixel, each with its own units, and the block's threads step through
+// its pixels that many at a time: a unit's tap and channels are worked out once a thread, not once a
+// copy, and each step writes a contiguous range of cols.
+#define IM2COL_PIXELS 256
 extern "C" __global__ void im2col(const float* x, int batch, int height, int width, int channels, int out_h,
                                   int out_w, int filter_h, int filter_w, int stride_h, int stride_w, int dilation_h,
-                                  int dilation_w, int pad_top, int pad_left, float* cols) {
-  const i64 k = (i64)filter_h * filter_w * channels;
-  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= (i64)batch * out_h * out_w * k) return;
-  const i64 pixel = idx / k;
-  const int kk = (int)(idx - pixel * k);
-  const int tap = kk / channels, c = kk - tap * channels;
-  const int fy = tap / filter_w, fx = tap - fy * filter_w;
-  const Pixel p = pixel_position(pixel, out_h, out_w);
-  const int b = p.b, oy = p.y, ox = p.x;
-  const int y = oy * stride_h - pad_top + fy * dilation_h, xx = ox * stride_w - pad_left + fx * dilation_w;
-  cols[idx] = (y >= 0 && y < height && xx >= 0 && xx < width) ? x[(((i64)b * height + y) * width + xx) * channels + c]
-                                                               : 0.0f;
+                                  int dilation_w, int pad_top, int pad_left, int block_pixels, int cols_k,
+                                  float* cols) {
+  __shared__ i64 image_at[IM2COL_PIXELS];
+  __shared__ int top[IM2COL_PIXELS], left[IM2COL_PIXELS];
+  const i64 first = (i64)blockIdx.x * block_pixels;
+  const int count = (int)min((i64)block_pixels, (i64)batch * out_h * out_w - first);
+  for (int p = threadIdx.x; p < count; p += blockDim.x) {
+    const Pixel q = pixel_position(first + p, out_h, out_w);
+    image_at[p] = (i64)q.b * height * width * channels;
+    top[p] = q.y * stride_h - pad_top;
+    left[p] = q.x * stride_w - pad_left;
+  }
+  __syncthreads();
+  const int taps = filter_h * filter_w, groups = (channels + 3) / 4, units = taps * groups, k = taps * channels;
+  const int lanes = min(units, (int)blockDim.x), pixel_step = (int)blockDim.x / lanes;  // threads a pixel, pixels a step
+  const int first_pixel = (int)threadIdx.x / lanes, lane = (int)threadIdx.x - first_pixel * lanes;
+  if (first_pixel >= pixel_step) return;  // the threads past a whole number of pixels
+  const bool vector = channels % 4 == 0 && ((reinterpret_cast<unsigned long long>(x) |
+                                             reinterpret_cast<unsigned long long>(cols)) & 15) == 0;
+  float* block_cols = cols + first * cols_k;
+  for (int unit = lane; unit < units; unit += lanes) {
+    const int tap = unit / groups, c0 = 4 * (unit - tap * groups), n = min(4, channels - c0);
+    const int fy = tap / filter_w, fx = tap - fy * filter_w;
+    const int dy = fy * dilation_h, dx = fx * dilation_w, column = tap * channels + c0;
+    const bool pads = !vector && unit == units - 1;  // the row's last unit: its padding columns too
+    for (int p = first_pixel; p < count; p += pixel_step) {
+      const int y = top[p] + dy, xx = left[p] + dx;
+      const bool inside = y >= 0 && y < height && xx >= 0 && xx < width;
+      const float* src = x + image_at[p] + ((i64)y * width + xx) * channels + c0;  // read only inside
+      float* row = block_cols + (i64)p * cols_k;
+      if (vector) {
+        store_float4(row + column, inside ? load_float4(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (j < n) row[column + j] = inside ? src[j] : 0.0f;
+#pragma unroll
+        for (int j = 0; j < 3; ++j)  // cols_k < k + 4
+          if (pads && k + j < cols_k) row[k + j] = 0.0f;
+      }
+    }
+  }
 }
 
 // A float convolution's output from cuBLAS's product `y` ([pixels * ph * pw, channels], a layout of
