@@ -521,29 +521,6 @@ def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_c
         kernels.conv2d(*args, got, pool_window=[2])
 
 
-QUOTIENT_SOURCE = r"""
-extern "C" __global__ void quotients(const i64* a, const i64* b, int n, i64* out) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = quotient(a[i], b[i]);
-}
-"""
-
-
-def test_gpu_index_quotient_is_exact_on_both_sides_of_32_bits(gpu_or_cpu):
-    """kernels.cu's ``quotient`` (the index divisions of its element-wise kernels, im2col and the
-    pixel positions): a 32-bit division where both numbers fit in 32 bits, a 64-bit one where
-    either does not; equal to NumPy's on each side of 2^32."""
-    kernels = cuda.load("cuda")
-    with open(cuda.SOURCE, encoding="utf-8") as f:
-        module = kernels.cp.RawModule(code=f.read() + QUOTIENT_SOURCE, options=cuda.compile_options(False))
-    pairs = [(0, 3), (7, 7), (2**31 - 1, 2), (2**31, 3), (2**32 - 1, 1), (2**32 - 1, 2**32 - 1), (2**32, 3),
-             (2**32 + 5, 2**32 + 5), (2**40 + 3, 7), (5, 2**32), (2**62 + 1, 2**31 + 11), (123456789, 1000)]
-    a, b = (kernels.upload(np.array(v, np.int64)) for v in zip(*pairs))
-    out = kernels.empty(len(pairs), np.int64)
-    module.get_function("quotients")((1,), (32,), (a, b, np.int32(len(pairs)), out))
-    np.testing.assert_array_equal(kernels.download(out), [x // y for x, y in pairs])
-
-
 @pytest.mark.parametrize("size,cin,filter_hw,stride,dilation,padding", [
     ((13, 11), 3, (7, 7), 2, 1, 0),     # the stem: K 147 -> 148, 3 channels a unit, several pixels a block
     ((9, 10), 8, (3, 3), 1, 2, 0),      # dilated; 16-byte copies (8 channels)

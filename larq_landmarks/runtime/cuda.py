@@ -185,20 +185,16 @@ class CudaKernels:
             "bitpack", "unpack", "im2col", "conv_output", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
         # the clamps are TFLite's std::min(std::max(v, lo), hi), which let NaN through
         clamp = "const float low = r < lo ? lo : r; out = hi < low ? hi : low;"
-        # i % n (i is 64-bit in CuPy's kernels) by a 32-bit division while both fit in 32 bits: the GPU
-        # has no 64-bit divider (kernels.cu's quotient)
-        def modulo(n):
-            return f"(((unsigned long long)(i | {n}) >> 32) == 0 ? (unsigned)i % (unsigned){n} : i % {n})"
         self._elementwise = cp.ElementwiseKernel(
             "float32 a, raw float32 b, int64 n, int32 op, float32 lo, float32 hi", "float32 out",
-            f"const float v = b[{modulo('n')}]; const float r = op == 0 ? a + v : a * v; " + clamp,
+            "const float v = b[i % n]; const float r = op == 0 ? a + v : a * v; " + clamp,
             "larq_landmarks_binary_elementwise")
         # a batch norm folded before a float convolution: MUL, ADD and the clamp in one pass, rounded as the ops
         self._input_transform = cp.ElementwiseKernel(
             "float32 x, raw float32 mul, raw float32 add, int64 channels, int32 has_mul, int32 has_add, float32 lo, "
             "float32 hi", "float32 out",
-            f"float r = x; const long long c = {modulo('channels')}; if (has_mul) r = __fmul_rn(r, mul[c]); "
-            "if (has_add) r = __fadd_rn(r, add[c]); " + clamp, "larq_landmarks_input_transform")
+            "float r = x; if (has_mul) r = __fmul_rn(r, mul[i % channels]); "
+            "if (has_add) r = __fadd_rn(r, add[i % channels]); " + clamp, "larq_landmarks_input_transform")
         self._empty_float = cp.zeros(1, cp.float32)
         self._empty_int = cp.zeros(1, cp.int32)
 

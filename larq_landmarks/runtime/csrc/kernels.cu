@@ -29,19 +29,12 @@ typedef long long i64;
 #define BCONV_STEPPED_GATHER 0  // 1: gather_row_stepped loads the rows (cuda.py's stepped_gather), else gather_row
 #endif
 
-// a / b for a >= 0, b > 0: a 32-bit division where both fit in 32 bits (the GPU has no 64-bit
-// divider: a 64-bit division is a subroutine of tens of instructions; at a tensor's index, every
-// thread takes the same branch until the tensor has 2^32 values).
-__device__ __forceinline__ i64 quotient(i64 a, i64 b) {
-  return ((unsigned long long)(a | b) >> 32) == 0 ? (i64)((u32)a / (u32)b) : a / b;
-}
-
 // An output pixel's batch index, row and column (pixels numbered image by image, row by row).
 struct Pixel {
   int b, y, x;
 };
 __device__ __forceinline__ Pixel pixel_position(i64 pixel, int out_h, int out_w) {
-  const int b = (int)quotient(pixel, (i64)out_h * out_w);
+  const int b = (int)(pixel / ((i64)out_h * out_w));
   const int rest = (int)(pixel - (i64)b * out_h * out_w);
   const int y = rest / out_w;
   return Pixel{b, y, rest - y * out_w};
@@ -52,7 +45,7 @@ struct Element {
   int b, y, x, c;
 };
 __device__ __forceinline__ Element element_position(i64 idx, int channels, int out_h, int out_w) {
-  const i64 pixel = quotient(idx, channels);
+  const i64 pixel = idx / channels;
   const Pixel p = pixel_position(pixel, out_h, out_w);
   return Element{p.b, p.y, p.x, (int)(idx - pixel * channels)};
 }
@@ -71,7 +64,7 @@ extern "C" __global__ void bitpack(const float* x, const float* scale, const flo
   const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   const i64 word = idx >> 5;
   const int lane = threadIdx.x & 31;
-  const i64 pixel = quotient(word, words);
+  const i64 pixel = word / words;
   const int c = (int)(word - pixel * words) * 32 + lane;
   bool bit = false;
   if (pixel < pixels && c < channels) {
@@ -88,7 +81,7 @@ extern "C" __global__ void bitpack(const float* x, const float* scale, const flo
 extern "C" __global__ void unpack(const u32* x, i64 pixels, int channels, int words, float* out) {
   const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= pixels * channels) return;
-  const i64 pixel = quotient(idx, channels);
+  const i64 pixel = idx / channels;
   const int c = (int)(idx - pixel * channels);
   out[idx] = ((x[pixel * words + (c >> 5)] >> (c & 31)) & 1u) ? -1.0f : 1.0f;
 }
@@ -727,7 +720,7 @@ extern "C" __global__ void conv_output(const float* y, const float* bias, const 
   if (pixel < pixels && c < channels) {
     i64 corner = pixel * channels + c;  // the window's first value in y
     if (ph * pw > 1) {  // pixel = (b * out_h + oy) * out_w + ox: the window's rows from (b * out_h + oy) * ph
-      const i64 row = quotient(pixel, out_w);
+      const i64 row = pixel / out_w;
       corner = (row * ph * out_w + (pixel - row * out_w)) * pw * channels + c;
     }
     const i64 row_step = (i64)out_w * pw * channels;
@@ -797,7 +790,7 @@ extern "C" __global__ void concat_part(const float* part, int part_channels, int
                                        const float* residual, int has_residual, i64 pixels, float* out) {
   const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= pixels * part_channels) return;
-  const i64 pixel = quotient(idx, part_channels);
+  const i64 pixel = idx / part_channels;
   const i64 at = pixel * channels + offset + (idx - pixel * part_channels);
   out[at] = has_residual ? part[idx] + residual[at] : part[idx];
 }
