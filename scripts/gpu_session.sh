@@ -7,10 +7,11 @@
 #     OUT=gpu_results scripts/gpu_session.sh     # PYTHON=... for another interpreter than python3
 # $OUT gets environment.txt, build.txt, tests.txt, benchmark.txt, benchmark.json, benchmarks.md
 # (docs/benchmarks.md with its GPU section written) and profile.txt (scripts/profile_gpu.py: the
-# 1-bit MMA's rate, the slow shapes against it, then the same under Nsight Compute where the
-# machine has it). Each step runs even if one before it failed, under a time limit (TEST_SECONDS,
-# BENCHMARK_SECONDS; the profile gets what is left of TOTAL_SECONDS) so that one hang cannot take
-# the session and the whole run fits in 10 minutes; the exit status is the tests'.
+# 1-bit MMA's rate, the slow shapes against it, the whole model's time kernel by kernel, then the
+# same shapes under Nsight Compute where the machine has it). Each step runs even if one before it
+# failed, under a time limit (TEST_SECONDS, BENCHMARK_SECONDS; the profile gets what is left of
+# TOTAL_SECONDS) so that one hang cannot take the session and the whole run fits in 10 minutes; the
+# exit status is the tests'.
 set -u
 # the GPU machine's python3 is the one with PyTorch and CuPy (a plain `python` may be another, or none)
 PYTHON=${PYTHON:-python3}
@@ -48,7 +49,7 @@ tail -n 60 "$OUT/benchmark.txt"
 # what is left of the run's time (bash's SECONDS: since the script started) for the profile
 left=$(( ${TOTAL_SECONDS:-570} - SECONDS ))
 if [ "$left" -gt 20 ]; then
-    timeout $(( left < 60 ? left : 60 )) "$PYTHON" scripts/profile_gpu.py --assets "$ASSETS" > "$OUT/profile.txt" 2>&1
+    timeout $(( left < 90 ? left : 90 )) "$PYTHON" scripts/profile_gpu.py --assets "$ASSETS" > "$OUT/profile.txt" 2>&1
 fi
 # Nsight Compute: only the launches between cudaProfilerStart and Stop (profile_gpu.py's chosen
 # convolutions, once each), the clocks left as they are
@@ -58,7 +59,7 @@ if [ -n "$NCU" ] && [ "$left" -gt 30 ]; then
     timeout "$left" "$NCU" --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis "$PYTHON" scripts/profile_gpu.py --assets "$ASSETS" --runs 3 \
-        --iterations 2000 >> "$OUT/profile.txt" 2>&1
+        --iterations 2000 --model-batch 0 >> "$OUT/profile.txt" 2>&1
 else
     echo "Nsight Compute not run: ${NCU:-no ncu here}, ${left} s left" >> "$OUT/profile.txt"
 fi

@@ -1,7 +1,8 @@
 """Where the binary convolution's time goes on a GPU, for the shapes of issue 11 that are slower
 than cuDNN's bfloat16: the 1-bit MMA's own rate (a kernel of MMAs alone, the ceiling), and each
 chosen convolution timed, with the MMAs it issues and the least traffic it needs against that
-rate and the memory bandwidth, then launched once more for Nsight Compute. On the GPU machine,
+rate and the memory bandwidth, then launched once more for Nsight Compute; and the whole default
+model's time at batch 64 kernel by kernel (PyTorch's profiler). On the GPU machine,
 with numpy and CuPy (PyTorch for the bf16 launch), no TensorFlow:
 
     python scripts/profile_gpu.py --assets gpu_assets            # rates and times
@@ -171,6 +172,68 @@ def _bf16_launch(shape, batch: int, device: str):
     return row, lambda: F.conv2d(x, w, padding=1)
 
 
+def model_kernels(flatbuffer: bytes, batch: int = 64, runs: int = 3, device: str = "cuda") -> list:
+    """Where the whole default model's time goes, kernel by kernel: the engine run step by step
+    (``cuda_graphs=False``, as benchmark_gpu's breakdown) ``runs`` times on ``batch`` images under
+    PyTorch's profiler, whose CUDA activity trace (CUPTI) records every kernel of the process, CuPy's
+    and cuBLAS's too. Rows: kernel name, launches and GPU milliseconds a run, largest first; [] where
+    PyTorch or its CUDA profiler is not there (the reason printed)."""
+    import cupy as cp
+
+    from larq_landmarks.runtime import Engine
+    from larq_landmarks.runtime.graph import read_graph
+
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+    except ImportError as error:
+        print(f"no kernel breakdown: {error}", flush=True)
+        return []
+    graph = read_graph(flatbuffer, "default")
+    shape = (batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:])
+    images = cp.asarray(np.random.default_rng(0).uniform(size=shape).astype(np.float32))
+    engine = Engine(flatbuffer, kernels="cuda", name="default", cuda_graphs=False)
+    engine.predict(images)  # compiled, allocated
+    engine._kernels.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    try:
+        with torch_profile(activities=activities) as trace:
+            for _ in range(runs):
+                engine.predict(images)
+            engine._kernels.synchronize()
+        events = trace.key_averages()
+    except Exception as error:  # e.g. no CUPTI in this PyTorch, or another profiler holding it
+        print(f"no kernel breakdown: PyTorch's profiler: {type(error).__name__}: {error}", flush=True)
+        return []
+    return kernel_rows(events, runs)
+
+
+def kernel_rows(events, runs: int) -> list:
+    """PyTorch profiler's averages (``key``, ``count``, ``device_time_total`` in microseconds;
+    ``cuda_time_total`` before PyTorch 2.4) over ``runs`` runs as rows of kernel, launches and
+    milliseconds a run, largest first; events without GPU time (CPU-side ones) left out."""
+    rows = []
+    for event in events:
+        us = getattr(event, "device_time_total", None)
+        if us is None:
+            us = getattr(event, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": event.key, "launches": event.count / runs, "ms": us / 1e3 / runs})
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
+def kernels_report(rows: list, batch: int) -> str:
+    """``model_kernels``' rows as a text table with each kernel's share of the total."""
+    total = sum(r["ms"] for r in rows)
+    lines = [f"the default model at batch {batch}, steps launched from Python: {total:.3f} ms of kernels a run",
+             "| kernel | launches a run | ms a run | share |"]
+    for r in rows:
+        name = r["kernel"] if len(r["kernel"]) <= 90 else r["kernel"][:87] + "..."
+        lines.append(f"| {name} | {r['launches']:g} | {r['ms']:.3f} | {100 * r['ms'] / total:.1f}% |")
+    return "\n".join(lines)
+
+
 def report(rows: list, rate: Optional[dict], bandwidth: Optional[float]) -> str:
     """The rows as a text table: time, the time the MMAs alone would take at ``rate``, and the least
     traffic's rate against ``bandwidth``."""
@@ -199,6 +262,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=20000, help="MMA rate kernel: iterations a warp")
+    parser.add_argument("--model-batch", type=int, default=64,
+                        help="the whole model's kernels at this batch (PyTorch's profiler); 0: not (under Nsight Compute)")
     parser.add_argument("--device", default="cuda", help="PyTorch's device (cpu only to test this script)")
     parser.add_argument("--json", help="write the rows and the rate here")
     args = parser.parse_args(argv)
@@ -212,10 +277,13 @@ def main(argv=None) -> None:
     rows = profile(flatbuffer, args.batch, shapes, args.runs, args.device)
     bandwidth = benchmark_gpu.memory_bandwidth()
     print(report(rows, rate, bandwidth), flush=True)
+    kernel_rows = model_kernels(flatbuffer, args.model_batch, device=args.device) if args.model_batch > 0 else []
+    if kernel_rows:
+        print(kernels_report(kernel_rows, args.model_batch), flush=True)
     if args.json:
         with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.json)), delete=False) as f:
-            json.dump({"gpu": cuda.gpu_name(), "mma_rate": rate, "memory_bandwidth": bandwidth, "rows": rows}, f,
-                      indent=1)
+            json.dump({"gpu": cuda.gpu_name(), "mma_rate": rate, "memory_bandwidth": bandwidth, "rows": rows,
+                       "model_kernels": kernel_rows}, f, indent=1)
         os.replace(f.name, args.json)
 
 

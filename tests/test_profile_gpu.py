@@ -105,7 +105,7 @@ def test_command_line(wide_flatbuffer, on_cpu, monkeypatch, tmp_path, capsys):
     graph = read_graph(wide_flatbuffer, "wide")
     size, cin, cout = next(key[:3] for key, _ in script.benchmark_gpu.binary_conv_shapes(graph) if key[1] > 32)
     script.main(["--assets", str(tmp_path), "--shapes", f"{size}x{cin}x{cout}", "--batch", "1", "--runs", "1",
-                 "--iterations", "1", "--device", "cpu", "--json", str(tmp_path / "profile.json")])
+                 "--iterations", "1", "--device", "cpu", "--model-batch", "2", "--json", str(tmp_path / "profile.json")])
     result = json.loads((tmp_path / "profile.json").read_text())
     assert result["mma_rate"]["mma"] == 2 * 8 * 8 * 1 * 4  # 2 SMs x 8 blocks of 8 warps, 1 iteration of 4
     # 2 SMs: the one block of 128 rows is a small grid
@@ -114,3 +114,26 @@ def test_command_line(wide_flatbuffer, on_cpu, monkeypatch, tmp_path, capsys):
         ["cuDNN bf16"] if torch else [])
     out = capsys.readouterr().out
     assert f"| {size}x{size}x{cin} | {cout} | 1 | stepped gather |" in out and "1-bit MMA rate:" in out
+    # the whole model's kernels: PyTorch's profiler records none on the CPU (no CUDA activity there);
+    # without PyTorch it says why there is no breakdown
+    assert result["model_kernels"] == []
+    assert torch or "no kernel breakdown: No module named 'torch'" in out
+
+
+def test_kernel_rows_and_their_report_by_hand():
+    """PyTorch profiler's averages over 4 runs as kernel rows (CPU-side events left out; the time
+    attribute of PyTorch before 2.4 taken too), largest first, and their table's shares."""
+    from types import SimpleNamespace as Event
+
+    script = load_script("profile_gpu")
+    events = [Event(key="im2col", count=4, device_time_total=2000.0),
+              Event(key="aten::empty", count=8, device_time_total=0.0),
+              Event(key="bconv2d_tensor_cores", count=40, device_time_total=6000.0),
+              Event(key="sm90_xmma_gemm_f32f32", count=20, cuda_time_total=8000.0)]
+    rows = script.kernel_rows(events, runs=4)
+    assert rows == [{"kernel": "sm90_xmma_gemm_f32f32", "launches": 5, "ms": 2.0},
+                    {"kernel": "bconv2d_tensor_cores", "launches": 10, "ms": 1.5},
+                    {"kernel": "im2col", "launches": 1, "ms": 0.5}]
+    text = script.kernels_report(rows, 64)
+    assert text.splitlines()[0] == "the default model at batch 64, steps launched from Python: 4.000 ms of kernels a run"
+    assert "| bconv2d_tensor_cores | 10 | 1.500 | 37.5% |" in text and "| im2col | 1 | 0.500 | 12.5% |" in text
