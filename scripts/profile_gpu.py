@@ -184,7 +184,6 @@ def model_kernels(flatbuffer: bytes, batch: int = 64, runs: int = 3, device: str
     from larq_landmarks.runtime.graph import read_graph
 
     try:
-        import torch
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
     except ImportError as error:
@@ -210,16 +209,19 @@ def model_kernels(flatbuffer: bytes, batch: int = 64, runs: int = 3, device: str
 
 
 def kernel_rows(events, runs: int) -> list:
-    """PyTorch profiler's averages (``key``, ``count``, ``device_time_total`` in microseconds;
-    ``cuda_time_total`` before PyTorch 2.4) over ``runs`` runs as rows of kernel, launches and
-    milliseconds a run, largest first; events without GPU time (CPU-side ones) left out."""
+    """PyTorch profiler's averages over ``runs`` runs as rows of kernel, launches and milliseconds a
+    run, largest first: the events on the GPU (``device_type`` CUDA: kernels, copies, memsets; their
+    ``device_time_total`` their own time in microseconds, ``cuda_time_total`` before PyTorch 2.4).
+    CPU-side events are left out: an API call such as cuLaunchKernel carries the time of the kernel
+    it launched, which would count it twice."""
     rows = []
     for event in events:
+        if getattr(event.device_type, "name", str(event.device_type)) != "CUDA":
+            continue
         us = getattr(event, "device_time_total", None)
         if us is None:
             us = getattr(event, "cuda_time_total", 0)
-        if us > 0:
-            rows.append({"kernel": event.key, "launches": event.count / runs, "ms": us / 1e3 / runs})
+        rows.append({"kernel": event.key, "launches": event.count / runs, "ms": us / 1e3 / runs})
     return sorted(rows, key=lambda r: -r["ms"])
 
 

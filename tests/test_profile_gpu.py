@@ -121,15 +121,18 @@ def test_command_line(wide_flatbuffer, on_cpu, monkeypatch, tmp_path, capsys):
 
 
 def test_kernel_rows_and_their_report_by_hand():
-    """PyTorch profiler's averages over 4 runs as kernel rows (CPU-side events left out; the time
-    attribute of PyTorch before 2.4 taken too), largest first, and their table's shares."""
+    """PyTorch profiler's averages over 4 runs as kernel rows (CPU-side events left out, a launch
+    call carrying its kernel's time among them; the time attribute of PyTorch before 2.4 taken
+    too), largest first, and their table's shares."""
     from types import SimpleNamespace as Event
 
     script = load_script("profile_gpu")
-    events = [Event(key="im2col", count=4, device_time_total=2000.0),
-              Event(key="aten::empty", count=8, device_time_total=0.0),
-              Event(key="bconv2d_tensor_cores", count=40, device_time_total=6000.0),
-              Event(key="sm90_xmma_gemm_f32f32", count=20, cuda_time_total=8000.0)]
+    cpu, gpu = Event(name="CPU"), Event(name="CUDA")
+    events = [Event(key="im2col", count=4, device_time_total=2000.0, device_type=gpu),
+              Event(key="aten::empty", count=8, device_time_total=0.0, device_type=cpu),
+              Event(key="cuLaunchKernel", count=64, device_time_total=16000.0, device_type=cpu),
+              Event(key="bconv2d_tensor_cores", count=40, device_time_total=6000.0, device_type=gpu),
+              Event(key="sm90_xmma_gemm_f32f32", count=20, cuda_time_total=8000.0, device_type=gpu)]
     rows = script.kernel_rows(events, runs=4)
     assert rows == [{"kernel": "sm90_xmma_gemm_f32f32", "launches": 5, "ms": 2.0},
                     {"kernel": "bconv2d_tensor_cores", "launches": 10, "ms": 1.5},
