@@ -560,9 +560,10 @@ def test_gpu_float_conv_im2col_matches_numpy(gpu_or_cpu, size, cin, filter_hw, s
                fx * dilation:fx * dilation + stride * out_w:stride] @ filters[:, fy, fx].T.astype(np.float64)
         for fy in range(fh) for fx in range(fw))
     np.testing.assert_allclose(kernels.download(out), reference, rtol=1e-4, atol=1e-4 * np.sqrt(k))
-    unpadded = kernels.upload(kernels.download(weights)[:k - 1])
-    with pytest.raises(ValueError, match=f"conv2d: weights of {k - 1} rows for a {fh}x{fw} filter over {cin}"):
-        kernels.conv2d(x, unpadded, *args[2:], out)
+    matrix = kernels.download(weights)
+    for wrong in (matrix[:k - 1], np.pad(matrix, ((0, 4), (0, 0)))):
+        with pytest.raises(ValueError, match=f"conv2d: weights of {len(wrong)} rows for a {fh}x{fw} filter over {cin}"):
+            kernels.conv2d(x, kernels.upload(wrong), *args[2:], out)
 
 
 def test_heatmaps_decode_on_the_gpu_as_in_numpy(gpu_or_cpu):

@@ -682,7 +682,7 @@ extern "C" __global__ void im2col(const float* x, int batch, int height, int wid
     const int tap = unit / groups, c0 = 4 * (unit - tap * groups), n = min(4, channels - c0);
     const int fy = tap / filter_w, fx = tap - fy * filter_w;
     const int dy = fy * dilation_h, dx = fx * dilation_w, column = tap * channels + c0;
-    const bool pads = !vector && unit == units - 1;  // the row's last unit: its padding columns too
+    const bool pads = unit == units - 1 && cols_k > k;  // the row's last unit: its padding columns too
     for (int p = first_pixel; p < count; p += pixel_step) {
       const int y = top[p] + dy, xx = left[p] + dx;
       const bool inside = y >= 0 && y < height && xx >= 0 && xx < width;
@@ -694,10 +694,11 @@ extern "C" __global__ void im2col(const float* x, int batch, int height, int wid
 #pragma unroll
         for (int j = 0; j < 4; ++j)
           if (j < n) row[column + j] = inside ? src[j] : 0.0f;
+      }
+      if (pads)
 #pragma unroll
         for (int j = 0; j < 3; ++j)  // cols_k < k + 4
-          if (pads && k + j < cols_k) row[k + j] = 0.0f;
-      }
+          if (k + j < cols_k) row[k + j] = 0.0f;
     }
   }
 }
