@@ -563,7 +563,7 @@ def test_gpu_float_conv_im2col_matches_numpy(gpu_or_cpu, size, cin, filter_hw, s
     matrix = kernels.download(weights)
     for wrong in (matrix[:k - 1], np.pad(matrix, ((0, 4), (0, 0)))):
         with pytest.raises(ValueError, match=f"conv2d: weights of {len(wrong)} rows for a {fh}x{fw} filter over {cin}"):
-            kernels.conv2d(x, kernels.upload(wrong), *args[2:], out)
+            kernels.conv2d(args[0], kernels.upload(wrong), *args[2:], out)
 
 
 def test_heatmaps_decode_on_the_gpu_as_in_numpy(gpu_or_cpu):
