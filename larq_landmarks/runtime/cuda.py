@@ -375,7 +375,7 @@ class CudaKernels:
         out_h, out_w, cout = out.shape[1], out.shape[2], out.shape[3]
         rows = batch * out_h * ph * out_w * pw  # the product's: the convolution's output pixels
         k, cols_k = fh * fw * cin, weights.shape[0]  # cols_k: K as prepare_float_weights rounded it
-        if cols_k not in (k, k + -k % 4):
+        if cols_k != (k + -k % 4 if fh * fw > 1 else k):
             raise ValueError(f"conv2d: weights of {cols_k} rows for a {fh}x{fw} filter over {cin} channels")
         if fh == fw == sh == sw == 1 and pad_top == pad_left == 0:
             cols = x.reshape(rows, cin)
