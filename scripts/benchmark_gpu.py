@@ -466,6 +466,12 @@ def _kernel_defaults(small_grid_rows: Optional[int] = None, stepped_gather: Opti
         cuda.SMALL_GRID_ROWS, cuda.STEPPED_GATHER = saved
 
 
+def random_images(graph, batch: int) -> np.ndarray:
+    """``batch`` float32 inputs of the model ``graph``, uniform in [0, 1) (the same each call)."""
+    shape = (batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:])
+    return np.random.default_rng(0).uniform(size=shape).astype(np.float32)
+
+
 def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cuda"):
     import cupy as cp
     import torch
@@ -476,8 +482,7 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
     graph = read_graph(flatbuffer, "default")
     results = []
     for batch in batches:
-        images = np.random.default_rng(0).uniform(size=(batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:]))
-        images = images.astype(np.float32)
+        images = random_images(graph, batch)
         device_images = cp.asarray(images)
         for path, graphs, fuse, small_rows, stepped, label in (
                 ("cuda", True, True, None, None, "cuda"),

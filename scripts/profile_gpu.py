@@ -189,9 +189,7 @@ def model_kernels(flatbuffer: bytes, batch: int = 64, runs: int = 3, device: str
     except ImportError as error:
         print(f"no kernel breakdown: {error}", flush=True)
         return []
-    graph = read_graph(flatbuffer, "default")
-    shape = (batch,) + tuple(graph.tensors[graph.inputs[0]].shape[1:])
-    images = cp.asarray(np.random.default_rng(0).uniform(size=shape).astype(np.float32))
+    images = cp.asarray(benchmark_gpu.random_images(read_graph(flatbuffer, "default"), batch))
     engine = Engine(flatbuffer, kernels="cuda", name="default", cuda_graphs=False)
     engine.predict(images)  # compiled, allocated
     engine._kernels.synchronize()
