@@ -488,6 +488,7 @@ def whole_model(flatbuffer: bytes, runs: int, batches=(1, 64), device: str = "cu
                 ("cuda", True, True, None, None, "cuda"),
                 ("cuda", False, True, None, None, "cuda, steps launched from Python"),
                 ("cuda", True, False, None, None, "cuda, HPM block ops as separate passes"),
+                ("cuda", True, True, 128, None, "cuda, 128-row tiles on every grid"),
                 ("cuda", True, True, 64, None, "cuda, 64-row tiles on small grids"),
                 ("cuda", True, True, 32, None, "cuda, 32-row tiles on small grids"),
                 ("cuda", True, True, None, True, "cuda, stepped gather"),
@@ -691,8 +692,10 @@ def _layer_tables(rows, bandwidth: Optional[float] = None, multiprocessors: Opti
 
         sms = multiprocessors or "the GPU's SM count"
         small = cuda.SMALL_GRID_ROWS
-        default = (f"The default takes 128 where that grid has more than {sms} blocks (the GPU's SMs), else {small}."
-                   if small != 128 else "The default takes 128 on every grid (`cuda.SMALL_GRID_ROWS`).")
+        default = ("The default takes 128 on every grid (`cuda.SMALL_GRID_ROWS`)." if small == 128 else
+                   f"The default takes 128 where that grid has more than {sms} blocks (the GPU's SMs), else {small}."
+                   if small else f"The default takes 128 where that grid has more than {sms} blocks (the GPU's SMs), "
+                   "64 where it has more than half that, else 32 (`cuda.small_grid_rows`).")
         lines += ["", "The tensor-core kernel's tiles (GPU alone, as above; `cp.async` loads): 128, 64 or 32 output pixels a "
                   f"block (`CudaKernels(tile_rows=...)`). {default}", "",
                   "| input | filter | batch | blocks of 128 | 128 rows (ms) | 64 rows (ms) | 32 rows (ms) | default |",
@@ -753,8 +756,9 @@ def _choices(layers, whole, multiprocessors: Optional[int]) -> list:
              "Each default still to be chosen from measurements, its candidates side by side (per-shape ratios: the "
              "candidate's speed-up on the GPU alone, geometric mean over the shapes at every batch).", ""]
     small = [r for r in layers or [] if multiprocessors and r.get("blocks", multiprocessors + 1) <= multiprocessors]
-    lines.append(f"- Small grids' tile (`cuda.SMALL_GRID_ROWS`): whole model, the default ({cuda.SMALL_GRID_ROWS} "
-                 f"rows) {model_times('cuda')}; 64 rows {model_times('cuda, 64-row tiles on small grids')}; "
+    default = f"{cuda.SMALL_GRID_ROWS} rows" if cuda.SMALL_GRID_ROWS else "64 or 32 rows by the grid"
+    lines.append(f"- Small grids' tile (`cuda.SMALL_GRID_ROWS`): whole model, the default ({default}) "
+                 f"{model_times('cuda')}; 128 rows {model_times('cuda, 128-row tiles on every grid')}; 64 rows {model_times('cuda, 64-row tiles on small grids')}; "
                  f"32 rows {model_times('cuda, 32-row tiles on small grids')}. On the {len(small)} small-grid rows, "
                  f"against 128 rows: 64 rows {against(small, 'cuda-rows64_gpu_ms', 'cuda-async-copies_gpu_ms')}; "
                  f"32 rows {against(small, 'cuda-rows32_gpu_ms', 'cuda-async-copies_gpu_ms')}.")

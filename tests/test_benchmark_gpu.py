@@ -142,12 +142,21 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path, mon
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2048 | 0.450 | 0.300 | 1.50x | registers |" in text
     assert "| 8x8x64 | 3x3, 64 out, stride 1 | 32 | 16 | 0.450 | 0.300 | 1.50x | cp.async |" in text
     assert "at most 132 blocks" in text
-    # the tiles: 128 rows (cp.async), 64, 32, and the default's (cuda.SMALL_GRID_ROWS up to 132 blocks of 128)
+    # the tiles: 128 rows (cp.async), 64, 32, and the default's (cuda.small_grid_rows up to 132 blocks of 128:
+    # 32 rows up to 66 blocks)
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 2048 | 0.3000 | 0.3500 | 0.4000 | 128 rows |" in text
-    assert "| 8x8x64 | 3x3, 64 out, stride 1 | 32 | 16 | 0.3000 | 0.3500 | 0.4000 | 128 rows |" in text
-    assert "The default takes 128 on every grid" in text
+    assert "| 8x8x64 | 3x3, 64 out, stride 1 | 32 | 16 | 0.3000 | 0.3500 | 0.4000 | 32 rows |" in text
+    assert ("The default takes 128 where that grid has more than 132 blocks (the GPU's SMs), 64 where it has more "
+            "than half that, else 32 (`cuda.small_grid_rows`).") in text
     # the word-by-word gather against the stepped one: 0.3 / 0.24 ms
     assert "| 64x64x128 | 3x3, 128 out, stride 1 | 32 | 4 | 0.3000 | 0.2400 | 1.25x |" in text
+    assert "The default: stepped (`cuda.STEPPED_GATHER`)." in text
+    monkeypatch.setattr(cuda, "SMALL_GRID_ROWS", 128)
+    monkeypatch.setattr(cuda, "STEPPED_GATHER", False)
+    script.write_markdown(str(path), result)
+    text = path.read_text()
+    assert "| 8x8x64 | 3x3, 64 out, stride 1 | 32 | 16 | 0.3000 | 0.3500 | 0.4000 | 128 rows |" in text
+    assert "The default takes 128 on every grid" in text
     assert "The default: word by word (`cuda.STEPPED_GATHER`)." in text
     monkeypatch.setattr(cuda, "SMALL_GRID_ROWS", 32)
     script.write_markdown(str(path), result)
@@ -167,7 +176,7 @@ def test_markdown_section_has_the_ratios_and_replaces_the_last_one(tmp_path, mon
     # the default is 32 rows since the monkeypatch above) and the gather (0.3 ms word by word, 0.24 stepped on
     # each of the 3 rows: 1.25x)
     assert ("- Small grids' tile (`cuda.SMALL_GRID_ROWS`): whole model, the default (32 rows) batch 1 1.50 ms, "
-            "batch 64 20.00 ms; 64 rows not run; 32 rows not run. On the 1 small-grid rows, "
+            "batch 64 20.00 ms; 128 rows not run; 64 rows not run; 32 rows not run. On the 1 small-grid rows, "
             "against 128 rows: 64 rows 0.86x on average, faster on 0 of 1 shapes; 32 rows 0.75x on average, faster "
             "on 0 of 1 shapes.") in text
     assert ("- Gather (`cuda.STEPPED_GATHER`, now False): whole model word by word batch 1 1.50 ms, batch 64 20.00 ms; "

@@ -286,8 +286,9 @@ KERNELS = [pytest.param(path, async_copies, tile_rows, stepped, id=name + ("-ste
 
 def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
     """The defaults (``async_copies=None``, ``tile_rows=None``): a layer whose grid of 128-row
-    blocks has no more blocks than the GPU has SMs runs on ``SMALL_GRID_ROWS``-row tiles loaded by
-    ``cp.async`` (128, 64 and 32 here), one with more on 128-row tiles loaded through
+    blocks has no more blocks than the GPU has SMs runs on smaller tiles loaded by ``cp.async``
+    (``small_grid_rows``: 64 rows where those blocks are more than half the SMs, else 32; or
+    ``SMALL_GRID_ROWS`` where set: 128, 64 and 32 here), one with more on 128-row tiles loaded through
     registers; the arguments force a kind of loads or a tile. The outputs are equal (the grid of
     each launch covers the layer exactly: fake_cupy)."""
     fake_cupy.install(monkeypatch)
@@ -300,7 +301,13 @@ def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
     graph, op = bconv_graph(pack_bits(w_bits), 40, 1, True, 0, "float", np.full(70, -0.5, np.float32),
                             np.full(70, 180.0, np.float32))
     expected = reference_accumulators(x_bits, w_bits, 1, True, 0).astype(np.float32)
-    for small, sms, async_copies, tile_rows, kernel in ((128, 16, None, None, "bconv2d_tensor_cores"),
+    # (SMALL_GRID_ROWS None: small_grid_rows' choice, 64 rows where the 16 blocks fill more than half the SMs)
+    for small, sms, async_copies, tile_rows, kernel in ((None, 16, None, None, "bconv2d_tensor_cores_rows64"),
+                                                        (None, 31, None, None, "bconv2d_tensor_cores_rows64"),
+                                                        (None, 32, None, None, "bconv2d_tensor_cores_rows32"),
+                                                        (None, 15, None, None, "bconv2d_tensor_cores_register_loads"),
+                                                        (None, 32, False, None, "bconv2d_tensor_cores_register_loads"),
+                                                        (128, 16, None, None, "bconv2d_tensor_cores"),
                                                         (128, 15, None, None, "bconv2d_tensor_cores_register_loads"),
                                                         (32, 16, None, None, "bconv2d_tensor_cores_rows32"),
                                                         (32, 15, None, None, "bconv2d_tensor_cores_register_loads"),

@@ -25,17 +25,16 @@ BLOCK_ROWS, BLOCK_CHANNELS, STEP_WORDS, CHUNK_WORDS, THREADS = 128, 64, 8, 40, 2
 IM2COL_PIXELS = 256  # as in kernels.cu
 TILE_ROWS = (128, 64, 32)  # the tensor-core kernel's tiles: rows (output pixels) a block
 # the tile of a grid that 128-row tiles would leave with no more blocks than the GPU has SMs
-# (CudaKernels' tile_rows=None). 128 until the 64- and 32-row tiles are timed on a GPU (written on
-# 2026-12-04 after that day's GPU runs; scripts/benchmark_gpu.py times all three, per shape and on
-# the whole model): the default stays what the H200 measured.
-SMALL_GRID_ROWS = 128
+# (CudaKernels' tile_rows=None): None, small_grid_rows' choice (64 or 32 by the grid); 128, 64 or
+# 32, that tile on every such grid (what scripts/benchmark_gpu.py sets to time each on the whole model)
+SMALL_GRID_ROWS: Optional[int] = None
 # whether the binary convolution gathers a row's words with kernels.cu's gather_row_stepped (the
 # address stepped along K, the image bounds checked once a tap, a tap's words in one 8- or 16-byte
 # load where the input has 64 channels or a multiple of 128) instead of gather_row (one word a load,
-# its address computed for each) (CudaKernels' stepped_gather=None). False until timed on a GPU
-# (written on 2026-12-04, after that day's GPU runs; scripts/benchmark_gpu.py times both): the
-# default stays what the H200 measured.
-STEPPED_GATHER = False
+# its address computed for each) (CudaKernels' stepped_gather=None). On the H200 (2026-12-04, fifth
+# run): stepped 1.03-1.41x faster on all 63 shapes of docs/benchmarks.md, the whole model at batch
+# 64 9.95 ms against 10.25.
+STEPPED_GATHER = True
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "kernels.cu")
 
 
@@ -76,10 +75,23 @@ def bconv_tile(blocks: int, multiprocessors: int, async_copies: Optional[bool] =
     ``cp.async``, for a layer whose grid of 128-row tiles has ``blocks`` blocks on a GPU of
     ``multiprocessors`` SMs (:class:`CudaKernels`' ``async_copies`` and ``tile_rows``)."""
     small = blocks <= multiprocessors
-    rows = tile_rows or (SMALL_GRID_ROWS if small and async_copies is not False else BLOCK_ROWS)
+    rows = tile_rows or (small_grid_rows(blocks, multiprocessors) if small and async_copies is not False
+                         else BLOCK_ROWS)
     if rows != BLOCK_ROWS:
         return rows, True
     return BLOCK_ROWS, small if async_copies is None else async_copies
+
+
+def small_grid_rows(blocks: int, multiprocessors: int) -> int:
+    """The tile (rows a block) of a grid of ``blocks`` 128-row blocks, no more than the GPU's
+    ``multiprocessors``: :data:`SMALL_GRID_ROWS` where set, else 32 rows where 128-row tiles would
+    fill at most half the SMs, 64 where they would fill more. On the H200 (132 SMs, 2026-12-04): of
+    the 36 such shapes of docs/benchmarks.md, 32 rows the fastest tile on each of the 31 of 64 blocks
+    or fewer (1.41-2.15x faster than 128 rows), 64 rows on each of the 5 of 128 blocks (1.10-1.24x;
+    32 rows there 0.98-1.05x)."""
+    if SMALL_GRID_ROWS:
+        return SMALL_GRID_ROWS
+    return 32 if 2 * blocks <= multiprocessors else 64
 
 
 def compile_options(stepped_gather: bool = False) -> Tuple[str, ...]:
@@ -124,7 +136,7 @@ class CudaKernels:
     where other blocks do). ``tile_rows``: the output pixels a block of the tensor-core kernel
     computes: 128, 64 or 32 (the smaller tiles with ``cp.async``), or ``None`` (the default): 128
     where that grid has more blocks than the GPU has SMs (or ``async_copies=False``), else
-    :data:`SMALL_GRID_ROWS`, so that a small layer is spread over more SMs. The popcount path
+    :func:`small_grid_rows`' 64 or 32, so that a small layer is spread over more SMs. The popcount path
     always loads through registers, 128 rows a block. ``stepped_gather``: whether the binary
     convolutions gather a row's words with the address stepped along K, the image's bounds checked
     once a tap, and a tap's words in one 8- or 16-byte load where the input's words a pixel are a
