@@ -473,17 +473,28 @@ def test_gpu_float_ops_match_the_cpu_kernels_and_pass_nan(gpu_or_cpu):
     np.testing.assert_array_equal(results[cpu]["resize"], np.maximum(small.repeat(2, 1).repeat(2, 2) + big, 0))
 
 
-def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_cpu):
+@pytest.mark.parametrize("channels,splits,kernel", [
+    (40, (), "conv_output_float4"), (40, (24, 32), "conv_output_float4"), (40, (4, 8, 16), "conv_output_float4"),
+    (40, (6,), "conv_output"), (40, (4, 8, 12, 16), "conv_output"), (38, (), "conv_output")])
+def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_cpu, monkeypatch, channels, splits,
+                                                                        kernel):
     """``conv2d``'s one pass after the product (bias, residual, activation, max pool, the next
     LceQuantize's bits) gives what the ops give one after the other, computed here in NumPy from
     the same convolution's unpooled float output on the GPU (the same product): the 7x7 stride-2
     stem pooled 3 x 2, a 1x1 with a batch norm before it and a residual pooled 2 x 2, a 3x3 with a
-    ReLU, unpooled; 40 channels (a word's tail), NaN (kept unpooled, left out of a window's
-    maximum as MAX_POOL_2D leaves it), infinities and -0.0."""
+    ReLU, unpooled; 40 channels (a word's tail) or 38 (not a multiple of 4: a value a thread, in
+    ``conv_output``), NaN (kept unpooled, left out of a window's maximum as MAX_POOL_2D leaves it),
+    infinities and -0.0. The residual is one array or, split at ``splits``, the channel
+    concatenation of 2 to 5 (read where they are by ``conv_output_float4`` where there are at most
+    4 of multiples of 4 channels; concatenated for ``conv_output`` where not)."""
     kernels = cuda.load("cuda")
+    if not GPU:  # the kernels the launches ran (the GPU itself does not say)
+        launched = []
+        launch = fake_cupy._Kernel.__call__
+        monkeypatch.setattr(fake_cupy._Kernel, "__call__", lambda self, *args: (launched.append(self.name),
+                                                                               launch(self, *args)))
     rng = np.random.default_rng(31)
     none = kernels.upload(np.zeros(0, np.float32))
-    channels = 40
     scale = rng.uniform(0.5, 2, channels).astype(np.float32)
     scale[::7] *= -1
     shift = rng.normal(size=channels).astype(np.float32)
@@ -499,7 +510,8 @@ def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_c
         out_w, pad_left = ops._same_padding(size[1], k, stride, 1, 0)
         residual = rng.normal(size=(2, out_h, out_w, channels)).astype(np.float32)
         residual[1, 2, 3, :4] = [np.inf, -np.inf, -0.0, np.nan]
-        parts = [kernels.upload(residual)] if has_residual else []
+        parts = [kernels.upload(np.ascontiguousarray(part)) for part in np.split(residual, splits, axis=-1)
+                 ] if has_residual else []
         multiplier, offset = ((kernels.upload(rng.uniform(0.5, 2, cin).astype(np.float32)),
                                kernels.upload(rng.normal(size=cin).astype(np.float32))) if batch_norm else (none, none))
         args = (kernels.upload(x), kernels.prepare_float_weights(filters), kernels.upload(bias),
@@ -519,13 +531,21 @@ def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_c
         want = np.where(np.isnan(windows), -np.inf, windows).max(axis=(2, 4)) if ph * pw > 1 else full
         got = kernels.empty(want.shape, np.float32)
         bits = kernels.empty(want.shape[:3] + (2,), np.int32)
+        if not GPU:
+            launched.clear()
         kernels.conv2d(*args, got, pool_window=window, packed=bits, pack_multiplier=kernels.upload(scale),
                        pack_bias=kernels.upload(shift))
         np.testing.assert_array_equal(kernels.download(got), want, err_msg=f"{k}x{k}, window {window}")
         np.testing.assert_array_equal(kernels.download(bits), next_layer_bits(want, scale, shift))
         assert np.isnan(full).any() and (ph * pw > 1 or np.isnan(want).any())
+        if not GPU:
+            # (without a residual, no parts to refuse the float4 pass)
+            assert launched[-1] == (kernel if has_residual or channels % 4 else "conv_output_float4"), launched
     with pytest.raises(ValueError, match="conv2d: pool_window needs 2 positive numbers"):
         kernels.conv2d(*args, got, pool_window=[2])
+    if has_residual:
+        with pytest.raises(ValueError, match=r"conv2d: a residual of \[\d+, \d+\] channels for an output of"):
+            kernels.conv2d(*args[:6], parts + parts[:1], *args[7:], got)
 
 
 @pytest.mark.parametrize("size,cin,filter_hw,stride,dilation,padding", [

@@ -192,9 +192,10 @@ class CudaKernels:
                 "cupy-cuda13x for CUDA 13; `nvidia-smi` shows the driver's, `python -c \"import cupy; "
                 "cupy.show_config()\"` CuPy's) and find NVRTC (its [ctk] extra brings it: pip install "
                 "\"cupy-cuda13x[ctk]\")") from error
-        (self._bitpack, self._unpack, self._im2col, self._conv_output, self._pool2d, self._concat_part, self._resize,
-         self._warp) = (self._module.get_function(name) for name in (
-            "bitpack", "unpack", "im2col", "conv_output", "pool2d", "concat_part", "resize_nearest", "warp_crops"))
+        (self._bitpack, self._unpack, self._im2col, self._conv_output, self._conv_output_float4, self._pool2d,
+         self._concat_part, self._resize, self._warp) = (self._module.get_function(name) for name in (
+            "bitpack", "unpack", "im2col", "conv_output", "conv_output_float4", "pool2d", "concat_part",
+            "resize_nearest", "warp_crops"))
         # the clamps are TFLite's std::min(std::max(v, lo), hi), which let NaN through
         clamp = "const float low = r < lo ? lo : r; out = hi < low ? hi : low;"
         self._elementwise = cp.ElementwiseKernel(
@@ -366,7 +367,9 @@ class CudaKernels:
                input_lo: float, input_hi: float, out, pool_window=(), packed=None, pack_multiplier=None,
                pack_bias=None) -> None:
         """The CPU kernels' ``conv2d``: im2col (where the filter is larger than 1x1) and cuBLAS's
-        product, then one pass (``conv_output``) for the bias, the residual, the activation, the max
+        product, then one pass (``conv_output_float4``, 4 channels a thread, where the channels and the
+        residual's parts allow it, else ``conv_output``) for the bias, the residual (``residual``:
+        the arrays whose channel concatenation it is, read where they are), the activation, the max
         pool of ``pool_window`` ``(ph, pw)`` (``out`` is the pooled output) and the bits of
         ``packed``."""
         cp = self.cp
@@ -381,7 +384,10 @@ class CudaKernels:
                                   np.int32(has_mul), np.int32(has_add), np.float32(input_lo), np.float32(input_hi),
                                   transformed)
             x = transformed
-        residual = residual[0] if len(residual) == 1 else cp.concatenate(residual, axis=-1) if residual else None
+        parts = list(residual)
+        if parts and sum(part.shape[-1] for part in parts) != out.shape[-1]:
+            raise ValueError(f"conv2d: a residual of {[part.shape[-1] for part in parts]} channels for an output of "
+                             f"{out.shape[-1]}")
         fh, fw, sh, sw, dh, dw, pad_top, pad_left = (int(v) for v in geometry)
         batch, height, width, cin = x.shape
         out_h, out_w, cout = out.shape[1], out.shape[2], out.shape[3]
@@ -407,13 +413,27 @@ class CudaKernels:
         has_scale, has_shift = (packed is not None and v is not None and v.size > 0
                                 for v in (pack_multiplier, pack_bias))
         pixels = batch * out_h * out_w
-        if pixels > 0 and cout > 0:  # a warp an output pixel and 32 channels (a word of the bits)
-            self._conv_output((-(-pixels // (THREADS // 32)), -(-cout // 32)), (THREADS,), (
-                product, bias, self._empty_float if residual is None else residual, np.int32(residual is not None),
-                np.float32(lo), np.float32(hi), np.int64(pixels), np.int32(out_w), np.int32(cout), np.int32(ph),
-                np.int32(pw), out, np.int32(packed is not None),
-                pack_multiplier if has_scale else self._empty_float, pack_bias if has_shift else self._empty_float,
-                np.int32(has_scale), np.int32(has_shift), self._empty_int if packed is None else packed))
+        if pixels == 0 or cout == 0:
+            return
+        pack = (np.int32(packed is not None), pack_multiplier if has_scale else self._empty_float,
+                pack_bias if has_shift else self._empty_float, np.int32(has_scale), np.int32(has_shift),
+                self._empty_int if packed is None else packed)
+        if _float4_parts(cout, parts, (product, out, bias)):
+            # 4 channels a thread, the residual's parts read where they are (no concatenation)
+            ends = np.cumsum([part.shape[-1] for part in parts] + [cout] * 4)[:3]
+            quads = 8 * -(-cout // 32) if packed is not None else cout // 4
+            pointers = parts + [self._empty_float] * (4 - len(parts))
+            self._launch(self._conv_output_float4, pixels * quads, (
+                product, bias, *pointers, np.int32(len(parts)), *(np.int32(end) for end in ends), np.float32(lo),
+                np.float32(hi), np.int64(pixels), np.int32(out_w), np.int32(cout), np.int32(quads), np.int32(ph),
+                np.int32(pw), out) + pack)
+            return
+        residual = parts[0] if len(parts) == 1 else cp.concatenate(parts, axis=-1) if parts else None
+        # a warp an output pixel and 32 channels (a word of the bits)
+        self._conv_output((-(-pixels // (THREADS // 32)), -(-cout // 32)), (THREADS,), (
+            product, bias, self._empty_float if residual is None else residual, np.int32(residual is not None),
+            np.float32(lo), np.float32(hi), np.int64(pixels), np.int32(out_w), np.int32(cout), np.int32(ph),
+            np.int32(pw), out) + pack)
 
     def _matmul(self, a, b, out) -> None:
         """``out = a @ b`` by cuBLAS. CuPy refuses every cuBLAS call while a stream captures a graph:
@@ -475,6 +495,20 @@ class CudaKernels:
             self.upload(np.ascontiguousarray(image, np.uint8)), np.int32(height), np.int32(width), np.int32(channels),
             params, np.int32(params.shape[0]), np.int32(size), out))
         return out
+
+
+def _address(array) -> int:
+    """A device array's address: CuPy's ``data.ptr`` (the tests' NumPy stand-ins: ``ctypes.data``)."""
+    data = array.data
+    return int(data.ptr) if hasattr(data, "ptr") else int(array.ctypes.data)
+
+
+def _float4_parts(channels: int, parts, arrays) -> bool:
+    """Whether ``conv_output_float4`` can take a float convolution's output of ``channels``: a
+    multiple of 4, the residual's ``parts`` at most 4, each of a multiple of 4 channels and
+    C-contiguous, and they and ``arrays`` 16-byte aligned."""
+    return (channels % 4 == 0 and len(parts) <= 4 and all(p.shape[-1] % 4 == 0 and p.flags.c_contiguous for p in parts)
+            and all(_address(a) % 16 == 0 for a in list(parts) + list(arrays)))
 
 
 _CAPTURING = threading.local()  # .capture: the _Capture this thread is recording, if any
