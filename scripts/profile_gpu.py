@@ -96,8 +96,8 @@ def conv_mmas(batch: int, size: int, cin: int, cout: int, stride: int = 1, k: in
 
 
 def profile(flatbuffer: bytes, batch: int = 32, shapes=SHAPES, runs: int = 10, device: str = "cuda") -> list:
-    """Each chosen shape's binary convolution (default kernels; the stepped gather too where its input
-    has 2 or more words a pixel; 64- and 32-row tiles too on a small grid), and cuDNN's bf16 convolution of the
+    """Each chosen shape's binary convolution (default kernels; the word-by-word gather too where its
+    input has 2 or more words a pixel; 64- and 32-row tiles too on a small grid), and cuDNN's bf16 convolution of the
     first shape: timed (GPU alone, CUDA graphs as in benchmark_gpu), then each launched once
     between cudaProfilerStart and cudaProfilerStop. Rows: label, time, MMAs, least traffic."""
     import cupy as cp
@@ -127,7 +127,7 @@ def profile(flatbuffer: bytes, batch: int = 32, shapes=SHAPES, runs: int = 10, d
         tile, _ = cuda.bconv_tile(blocks, kernels.multiprocessors)
         variants = [("default", kernels, tile)]
         if cin > 32:
-            variants.append(("stepped gather", cuda.load("cuda", stepped_gather=True), tile))
+            variants.append(("word-by-word gather", cuda.load("cuda", stepped_gather=False), tile))
         if blocks <= kernels.multiprocessors:
             variants += [(f"{rows}-row tiles", cuda.load("cuda", tile_rows=rows), rows) for rows in (64, 32)]
         for label, variant, rows in variants:

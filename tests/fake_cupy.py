@@ -97,7 +97,20 @@ def _check_grid(name, grid, block, v, numbers):
              "pool2d": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
              "resize_nearest": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])),
              "concat_part": lambda: int(v["pixels"]) * int(v["part_channels"]),
-             "warp_crops": lambda: int(v["crops"]) * int(v["size"]) ** 2}
+             "warp_crops": lambda: int(v["crops"]) * int(v["size"]) ** 2,
+             "input_transform": lambda: int(v["count"]),
+             # 4 channels a thread (the channels a multiple of 4); bitpack's: 8 threads a word
+             "bitpack_float4": lambda: int(v["pixels"]) * int(v["words"]) * 8,
+             "pool2d_float4": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")])) // 4,
+             "resize_nearest_float4": lambda: int(np.prod([int(v[k]) for k in ("batch", "out_h", "out_w", "channels")]))
+             // 4, "input_transform_float4": lambda: int(v["count"]) // 4,
+             # a pixel's `quads` threads: 4 channels each (with pack, 8 a word of its bits)
+             "conv_output_float4": lambda: int(v["pixels"]) * int(v["quads"])}
+    if name.endswith("_float4"):
+        assert int(v["channels"]) % 4 == 0, f"{name}: {v['channels']} channels"
+    if name == "conv_output_float4":
+        quads = -(-int(v["channels"]) // 32) * 8 if int(v["pack"]) else int(v["channels"]) // 4
+        assert int(v["quads"]) == quads, f"{name}: {v['quads']} threads a pixel"
     if name == "im2col":  # a block `block_pixels` output pixels (at most IM2COL_PIXELS), no block past the end
         pixels, per_block = int(v["batch"]) * int(v["out_h"]) * int(v["out_w"]), int(v["block_pixels"])
         assert block[0] == numbers["THREADS"] and 1 <= per_block <= numbers["IM2COL_PIXELS"], f"{name}: {per_block}"
@@ -110,7 +123,7 @@ def _check_grid(name, grid, block, v, numbers):
         assert grid[1] * 32 >= int(v["channels"]) > (grid[1] - 1) * 32, f"{name}: grid {grid}"
         return
     if name in count:
-        assert name != "bitpack" or block[0] % 32 == 0, "bitpack: a warp's ballot is one word"
+        assert not name.startswith("bitpack") or block[0] % 32 == 0, "bitpack: a warp makes whole words"
         threads = int(np.prod(grid)) * int(np.prod(block))
         assert threads >= count[name](), f"{name}: {threads} threads for {count[name]()} work items"
         return

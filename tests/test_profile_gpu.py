@@ -64,21 +64,21 @@ def test_profile_launches_each_chosen_convolution_between_profiler_start_and_sto
     wide, narrow = next(s for s in shapes if s[1] > 32), next(s for s in shapes if s[1] <= 32)
     rows = script.profile(wide_flatbuffer, batch=1, shapes=(wide, narrow, (999, 1, 1)), runs=1, device="cpu")
     assert "no 999x999x1 -> 1 binary convolution in this model" in capsys.readouterr().out
-    # small grids here (at most 132 blocks): the default, the stepped gather (more than 32 channels in), 64- and
-    # 32-row tiles
+    # small grids here (at most 132 blocks): the default (32-row tiles on a grid of up to 66 blocks of 128 rows),
+    # the word-by-word gather (more than 32 channels in), 64- and 32-row tiles
     wide_input, narrow_input = f"{wide[0]}x{wide[0]}x{wide[1]}", f"{narrow[0]}x{narrow[0]}x{narrow[1]}"
     # and, where PyTorch is installed, cuDNN's bf16 convolution of the first shape (no time on the CPU)
     torch = importlib.util.find_spec("torch") is not None
     assert [(r["input"], r["kernels"]) for r in rows] == [
-        (wide_input, "default"), (wide_input, "stepped gather"), (wide_input, "64-row tiles"),
+        (wide_input, "default"), (wide_input, "word-by-word gather"), (wide_input, "64-row tiles"),
         (wide_input, "32-row tiles"), (narrow_input, "default"), (narrow_input, "64-row tiles"),
         (narrow_input, "32-row tiles")] + ([(wide_input, "cuDNN bf16")] if torch else [])
     rows = rows[:7]
     assert all(r["ms"] > 0 and r["mma"] > 0 and r["binary_bytes"] > 0 for r in rows)
     assert rows[2]["mma"] == script.conv_mmas(1, wide[0], wide[1], wide[2], tile_rows=64)
     # each launched once more between cudaProfilerStart and Stop (and nothing else)
-    assert fake_cupy.PROFILER == ["start"] + ["bconv2d_tensor_cores"] * 2 + [
-        "bconv2d_tensor_cores_rows64", "bconv2d_tensor_cores_rows32", "bconv2d_tensor_cores",
+    assert fake_cupy.PROFILER == ["start"] + ["bconv2d_tensor_cores_rows32"] * 2 + [
+        "bconv2d_tensor_cores_rows64", "bconv2d_tensor_cores_rows32", "bconv2d_tensor_cores_rows32",
         "bconv2d_tensor_cores_rows64", "bconv2d_tensor_cores_rows32", "stop"]
     text = script.report(rows, {"ms": 1.0, "mma": 100, "mma_per_s": 1e11, "bit_products_per_s": 3.2768e15}, 4.8e12)
     assert text.startswith("1-bit MMA rate: 100.0 G m16n8k256 MMAs/s = 3277 T 1-bit products/s")
@@ -110,10 +110,10 @@ def test_command_line(wide_flatbuffer, on_cpu, monkeypatch, tmp_path, capsys):
     assert result["mma_rate"]["mma"] == 2 * 8 * 8 * 1 * 4  # 2 SMs x 8 blocks of 8 warps, 1 iteration of 4
     # 2 SMs: the one block of 128 rows is a small grid
     torch = importlib.util.find_spec("torch") is not None
-    assert [r["kernels"] for r in result["rows"]] == ["default", "stepped gather", "64-row tiles", "32-row tiles"] + (
+    assert [r["kernels"] for r in result["rows"]] == ["default", "word-by-word gather", "64-row tiles", "32-row tiles"] + (
         ["cuDNN bf16"] if torch else [])
     out = capsys.readouterr().out
-    assert f"| {size}x{size}x{cin} | {cout} | 1 | stepped gather |" in out and "1-bit MMA rate:" in out
+    assert f"| {size}x{size}x{cin} | {cout} | 1 | word-by-word gather |" in out and "1-bit MMA rate:" in out
     # the whole model's kernels: PyTorch's profiler records none on the CPU (no CUDA activity there);
     # without PyTorch it says why there is no breakdown
     assert result["model_kernels"] == []

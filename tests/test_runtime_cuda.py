@@ -167,15 +167,21 @@ def test_gpu_float_conv_and_resize_glue_with_numpy_standing_in_for_cupy(monkeypa
         outputs.append(out)
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
-    small, skip = rng.normal(size=(1, 3, 4, 8)).astype(np.float32), rng.normal(size=(1, 6, 8, 8)).astype(np.float32)
-    rows, cols = np.repeat(np.arange(3), 2).astype(np.int32), np.repeat(np.arange(4), 2).astype(np.int32)
-    resized = []
-    for module in (gpu, cpu):
-        out = np.empty((1, 6, 8, 8), np.float32)
-        module.resize_nearest(small, rows, cols, skip, 0.0, np.inf, out)
-        resized.append(out)
-    np.testing.assert_array_equal(resized[0], resized[1])
-    np.testing.assert_array_equal(resized[1], np.maximum(small.repeat(2, 1).repeat(2, 2) + skip, 0))
+    # 8 channels: 4 a thread (resize_nearest_float4); 6: one a thread
+    for channels in (8, 6):
+        small = rng.normal(size=(1, 3, 4, channels)).astype(np.float32)
+        skip = rng.normal(size=(1, 6, 8, channels)).astype(np.float32)
+        rows, cols = np.repeat(np.arange(3), 2).astype(np.int32), np.repeat(np.arange(4), 2).astype(np.int32)
+        resized = []
+        for module in (gpu, cpu):
+            out = np.empty((1, 6, 8, channels), np.float32)
+            module.resize_nearest(small, rows, cols, skip, 0.0, np.inf, out)
+            resized.append(out)
+        np.testing.assert_array_equal(resized[0], resized[1])
+        np.testing.assert_array_equal(resized[1], np.maximum(small.repeat(2, 1).repeat(2, 2) + skip, 0))
+        unadded = np.empty((1, 6, 8, channels), np.float32)  # no ADD: no clamp either
+        gpu.resize_nearest(small, rows, cols, np.zeros(0, np.float32), 0.0, np.inf, unadded)
+        np.testing.assert_array_equal(unadded, small.repeat(2, 1).repeat(2, 2))
 
 
 @needs_cpu_kernels
@@ -410,26 +416,44 @@ def test_gpu_binary_conv_rejects_outputs_it_cannot_write(gpu_or_cpu):
         conv(x, kernels.empty((1, 4, 4, cout), np.float32), 1, 1, kernels.empty((1, 4, 4, 1), np.int32))
 
 
-def test_gpu_bitpacking_and_elementwise_ops(gpu_or_cpu):
+@pytest.mark.parametrize("channels", [70, 72])
+def test_gpu_bitpacking_and_elementwise_ops(gpu_or_cpu, monkeypatch, channels):
+    """Bit-packing (a word's tail: 70 or 72 channels, 3 words), unpacking, an element-wise MUL +
+    ReLU, and MAX and AVERAGE pools of 2 x 2 windows stride 2 over a border, against NumPy: 70
+    channels a value a thread, 72 four channels a thread (the ``*_float4`` kernels)."""
     kernels = cuda.load("cuda")
+    if not GPU:  # the kernels the launches ran
+        launched = []
+        launch = fake_cupy._Kernel.__call__
+        monkeypatch.setattr(fake_cupy._Kernel, "__call__", lambda self, *args: (launched.append(self.name),
+                                                                               launch(self, *args)))
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(2, 5, 7, 70)).astype(np.float32)
+    x = rng.normal(size=(2, 5, 7, channels)).astype(np.float32)
     x[0, 0, 0, :3] = [-0.0, 0.0, -1e-30]
-    scale, shift = rng.normal(size=70).astype(np.float32), rng.normal(size=70).astype(np.float32)
+    scale, shift = rng.normal(size=channels).astype(np.float32), rng.normal(size=channels).astype(np.float32)
     out = kernels.empty((2, 5, 7, 3), np.int32)
     kernels.bitpack(kernels.upload(x), kernels.upload(scale), kernels.upload(shift), out)
     expected = pack_bits(((x * scale + shift) < 0).astype(np.uint8))  # NumPy rounds each op: no FMA
     np.testing.assert_array_equal(kernels.download(out), expected)
-    unpacked = kernels.empty((2, 5, 7, 70), np.float32)
-    kernels.unpack(out, 70, unpacked)
+    unpacked = kernels.empty((2, 5, 7, channels), np.float32)
+    kernels.unpack(out, channels, unpacked)
     np.testing.assert_array_equal(kernels.download(unpacked), np.where((x * scale + shift) < 0, -1.0, 1.0))
     y = kernels.empty(x.shape, np.float32)
     kernels.binary_elementwise(kernels.upload(x), kernels.upload(scale), 1, 0.0, np.inf, y)
     np.testing.assert_array_equal(kernels.download(y), np.maximum(x * scale, 0))
-    pooled = kernels.empty((2, 3, 4, 70), np.float32)
+    pooled = kernels.empty((2, 3, 4, channels), np.float32)
     kernels.pool2d(kernels.upload(x), [2, 2, 2, 2, 0, 0], 0, -np.inf, np.inf, pooled)
     padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
-    np.testing.assert_array_equal(kernels.download(pooled), padded.reshape(2, 3, 2, 4, 2, 70).max((2, 4)))
+    np.testing.assert_array_equal(kernels.download(pooled), padded.reshape(2, 3, 2, 4, 2, channels).max((2, 4)))
+    # the mean of the taps inside the image, then clamped to [-0.5, 0.5]
+    kernels.pool2d(kernels.upload(x), [2, 2, 2, 2, 0, 0], 1, -0.5, 0.5, pooled)
+    inside = np.pad(np.ones_like(x), ((0, 0), (0, 1), (0, 1), (0, 0))).reshape(2, 3, 2, 4, 2, channels).sum((2, 4))
+    sums = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))).reshape(2, 3, 2, 4, 2, channels).sum((2, 4))
+    np.testing.assert_allclose(kernels.download(pooled), np.clip(sums * (1 / inside), -0.5, 0.5), rtol=1e-6, atol=1e-7)
+    if not GPU:
+        suffix = "_float4" if channels % 4 == 0 else ""
+        assert [name for name in launched if name in ("bitpack" + suffix, "pool2d" + suffix)] == \
+            ["bitpack" + suffix, "pool2d" + suffix, "pool2d" + suffix], launched
 
 
 @needs_cpu_kernels
@@ -481,8 +505,9 @@ def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_c
     """``conv2d``'s one pass after the product (bias, residual, activation, max pool, the next
     LceQuantize's bits) gives what the ops give one after the other, computed here in NumPy from
     the same convolution's unpooled float output on the GPU (the same product): the 7x7 stride-2
-    stem pooled 3 x 2, a 1x1 with a batch norm before it and a residual pooled 2 x 2, a 3x3 with a
-    ReLU, unpooled; 40 channels (a word's tail) or 38 (not a multiple of 4: a value a thread, in
+    stem pooled 3 x 2, a 1x1 with a batch norm before it (24 channels in: 4 a thread) and a residual
+    pooled 2 x 2, a 3x3 with a ReLU, unpooled, a 3x3 with a batch norm over 6 channels (one a
+    thread); 40 channels (a word's tail) or 38 (not a multiple of 4: a value a thread, in
     ``conv_output``), NaN (kept unpooled, left out of a window's maximum as MAX_POOL_2D leaves it),
     infinities and -0.0. The residual is one array or, split at ``splits``, the channel
     concatenation of 2 to 5 (read where they are by ``conv_output_float4`` where there are at most
@@ -500,7 +525,7 @@ def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_c
     shift = rng.normal(size=channels).astype(np.float32)
     for size, cin, k, stride, window, has_residual, batch_norm, lo in (
             ((24, 20), 3, 7, 2, (3, 2), False, False, -np.inf), ((12, 10), 24, 1, 1, (2, 2), True, True, -np.inf),
-            ((8, 10), 24, 3, 1, (), True, False, 0.0), ((6, 6), 16, 3, 1, (1, 1), False, True, 0.0)):
+            ((8, 10), 24, 3, 1, (), True, False, 0.0), ((6, 6), 6, 3, 1, (1, 1), False, True, 0.0)):
         x = rng.normal(size=(2,) + size + (cin,)).astype(np.float32)
         x[1, 3, 4, 0] = np.nan
         filters = rng.normal(size=(channels, k, k, cin)).astype(np.float32)

@@ -192,22 +192,19 @@ class CudaKernels:
                 "cupy-cuda13x for CUDA 13; `nvidia-smi` shows the driver's, `python -c \"import cupy; "
                 "cupy.show_config()\"` CuPy's) and find NVRTC (its [ctk] extra brings it: pip install "
                 "\"cupy-cuda13x[ctk]\")") from error
-        (self._bitpack, self._unpack, self._im2col, self._conv_output, self._conv_output_float4, self._pool2d,
-         self._concat_part, self._resize, self._warp) = (self._module.get_function(name) for name in (
-            "bitpack", "unpack", "im2col", "conv_output", "conv_output_float4", "pool2d", "concat_part",
-            "resize_nearest", "warp_crops"))
+        (self._unpack, self._im2col, self._conv_output, self._conv_output_float4, self._concat_part,
+         self._warp) = (self._module.get_function(name) for name in (
+            "unpack", "im2col", "conv_output", "conv_output_float4", "concat_part", "warp_crops"))
+        # kernels of a value a thread and of 4 channels a thread (_float4 says which a launch takes)
+        self._bitpacks, self._pools, self._resizes, self._input_transforms = (
+            tuple(self._module.get_function(name + suffix) for suffix in ("", "_float4"))
+            for name in ("bitpack", "pool2d", "resize_nearest", "input_transform"))
         # the clamps are TFLite's std::min(std::max(v, lo), hi), which let NaN through
         clamp = "const float low = r < lo ? lo : r; out = hi < low ? hi : low;"
         self._elementwise = cp.ElementwiseKernel(
             "float32 a, raw float32 b, int64 n, int32 op, float32 lo, float32 hi", "float32 out",
             "const float v = b[i % n]; const float r = op == 0 ? a + v : a * v; " + clamp,
             "larq_landmarks_binary_elementwise")
-        # a batch norm folded before a float convolution: MUL, ADD and the clamp in one pass, rounded as the ops
-        self._input_transform = cp.ElementwiseKernel(
-            "float32 x, raw float32 mul, raw float32 add, int64 channels, int32 has_mul, int32 has_add, float32 lo, "
-            "float32 hi", "float32 out",
-            "float r = x; if (has_mul) r = __fmul_rn(r, mul[i % channels]); "
-            "if (has_add) r = __fadd_rn(r, add[i % channels]); " + clamp, "larq_landmarks_input_transform")
         self._empty_float = cp.zeros(1, cp.float32)
         self._empty_int = cp.zeros(1, cp.int32)
 
@@ -255,7 +252,8 @@ class CudaKernels:
         pixels = x.size // max(channels, 1)
         words = out.shape[-1]
         has_scale, has_shift = scale.size > 0, shift.size > 0
-        self._launch(self._bitpack, pixels * words * 32, (
+        vector = _float4(channels, x)  # 8 threads a word, else 32
+        self._launch(self._bitpacks[vector], pixels * words * (8 if vector else 32), (
             x, scale if has_scale else self._empty_float, shift if has_shift else self._empty_float,
             np.int32(has_scale), np.int32(has_shift), np.int64(pixels), np.int32(channels), np.int32(words), out))
 
@@ -379,10 +377,11 @@ class CudaKernels:
         has_mul, has_add = input_multiplier.size > 0, input_bias.size > 0
         if has_mul or has_add or input_lo > -np.inf or input_hi < np.inf:
             transformed = cp.empty(x.shape, cp.float32)
-            self._input_transform(x, input_multiplier if has_mul else self._empty_float,
-                                  input_bias if has_add else self._empty_float, np.int64(x.shape[-1]),
-                                  np.int32(has_mul), np.int32(has_add), np.float32(input_lo), np.float32(input_hi),
-                                  transformed)
+            vector = _float4(x.shape[-1], x, transformed)
+            self._launch(self._input_transforms[vector], x.size // (4 if vector else 1), (
+                x, input_multiplier if has_mul else self._empty_float, input_bias if has_add else self._empty_float,
+                np.int64(x.size), np.int32(x.shape[-1]), np.int32(has_mul), np.int32(has_add), np.float32(input_lo),
+                np.float32(input_hi), transformed))
             x = transformed
         parts = list(residual)
         if parts and sum(part.shape[-1] for part in parts) != out.shape[-1]:
@@ -452,7 +451,8 @@ class CudaKernels:
                pack_bias=None) -> None:
         fh, fw, sh, sw, pad_top, pad_left = (int(v) for v in geometry)
         batch, height, width, channels = x.shape
-        self._launch(self._pool2d, out.size, (
+        vector = _float4(channels, x, out)
+        self._launch(self._pools[vector], out.size // (4 if vector else 1), (
             x, np.int32(batch), np.int32(height), np.int32(width), np.int32(channels), np.int32(out.shape[1]),
             np.int32(out.shape[2]), np.int32(fh), np.int32(fw), np.int32(sh), np.int32(sw), np.int32(pad_top),
             np.int32(pad_left), np.int32(kind), np.float32(lo), np.float32(hi), out))
@@ -475,8 +475,10 @@ class CudaKernels:
                        pack_bias=None) -> None:
         batch, height, width, channels = x.shape
         has_residual = residual.size > 0
-        self._launch(self._resize, out.size, (
-            self.cp.ascontiguousarray(x), rows, cols, np.int32(batch), np.int32(height), np.int32(width),
+        x = self.cp.ascontiguousarray(x)
+        vector = _float4(channels, x, out, *([residual] if has_residual else []))
+        self._launch(self._resizes[vector], out.size // (4 if vector else 1), (
+            x, rows, cols, np.int32(batch), np.int32(height), np.int32(width),
             np.int32(channels), np.int32(out.shape[1]), np.int32(out.shape[2]),
             residual if has_residual else self._empty_float, np.int32(has_residual), np.float32(lo), np.float32(hi),
             out))
@@ -503,12 +505,18 @@ def _address(array) -> int:
     return int(data.ptr) if hasattr(data, "ptr") else int(array.ctypes.data)
 
 
+def _float4(channels: int, *arrays) -> bool:
+    """Whether a kernel of 4 channels a thread (``*_float4``) can take arrays of ``channels``
+    channels: a multiple of 4, and the ``arrays`` 16-byte aligned (C-contiguous, as all are here)."""
+    return channels % 4 == 0 and all(_address(a) % 16 == 0 for a in arrays)
+
+
 def _float4_parts(channels: int, parts, arrays) -> bool:
-    """Whether ``conv_output_float4`` can take a float convolution's output of ``channels``: a
-    multiple of 4, the residual's ``parts`` at most 4, each of a multiple of 4 channels and
-    C-contiguous, and they and ``arrays`` 16-byte aligned."""
-    return (channels % 4 == 0 and len(parts) <= 4 and all(p.shape[-1] % 4 == 0 and p.flags.c_contiguous for p in parts)
-            and all(_address(a) % 16 == 0 for a in list(parts) + list(arrays)))
+    """Whether ``conv_output_float4`` can take a float convolution's output of ``channels`` (its
+    ``arrays`` and the residual's ``parts``): as :func:`_float4`, and the parts at most 4, each of a
+    multiple of 4 channels and C-contiguous."""
+    return (len(parts) <= 4 and all(p.shape[-1] % 4 == 0 and p.flags.c_contiguous for p in parts)
+            and _float4(channels, *parts, *arrays))
 
 
 _CAPTURING = threading.local()  # .capture: the _Capture this thread is recording, if any

@@ -57,6 +57,53 @@ __device__ __forceinline__ float clamp_as_tflite(float v, float lo, float hi) {
   return hi < low ? hi : low;
 }
 
+// 16-byte loads and stores (the address must be 16-byte aligned on the GPU; the tests' CPU build checks it).
+__device__ __forceinline__ float4 load_float4(const float* p) {
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+  cuda_on_cpu_check_aligned(p, 16, "float4 load");
+#endif
+  return *reinterpret_cast<const float4*>(p);
+}
+
+__device__ __forceinline__ void store_float4(float* p, float4 v) {
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+  cuda_on_cpu_check_aligned(p, 16, "float4 store");
+#endif
+  *reinterpret_cast<float4*>(p) = v;
+}
+
+// V floats from p into v (V = 4: one 16-byte load) and back.
+template <int V>
+__device__ __forceinline__ void load_floats(const float* p, float* v) {
+  if (V == 4) {
+    const float4 f = load_float4(p);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = p[j];
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void store_floats(float* p, const float* v) {
+  if (V == 4) {
+    store_float4(p, make_float4(v[0], v[1], v[2], v[3]));
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j] = v[j];
+  }
+}
+
+// A word of bits from 8 neighbouring lanes' 4-bit pieces (lane l's `nibble` is bits 4 (l % 8) on):
+// every lane of the warp must call it (the shuffles take the whole warp); lanes l % 8 == 0 hold it.
+__device__ __forceinline__ u32 word_of_nibbles(u32 nibble) {
+  u32 word = nibble << (4 * (threadIdx.x & 7));
+  word |= __shfl_xor_sync(0xffffffffu, word, 1);
+  word |= __shfl_xor_sync(0xffffffffu, word, 2);
+  word |= __shfl_xor_sync(0xffffffffu, word, 4);
+  return word;
+}
+
 // LceQuantize: bit c of pixel p = (x * scale + shift) < 0, rounded as separate ops. One thread per
 // (pixel, channel), a warp's ballot is one output word.
 extern "C" __global__ void bitpack(const float* x, const float* scale, const float* shift, int has_scale,
@@ -75,6 +122,28 @@ extern "C" __global__ void bitpack(const float* x, const float* scale, const flo
   }
   const u32 ballot = __ballot_sync(0xffffffffu, bit);
   if (lane == 0 && pixel < pixels) out[word] = (int)ballot;
+}
+
+// bitpack with 4 channels a thread (channels % 4 == 0, x 16-byte aligned): one 16-byte load each,
+// 8 threads a word (the last word's threads past the channels idle), their pieces ORed by shuffles.
+extern "C" __global__ void bitpack_float4(const float* x, const float* scale, const float* shift, int has_scale,
+                                          int has_shift, i64 pixels, int channels, int words, int* out) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const i64 pixel = idx / (8 * words);
+  const int c = 4 * (int)(idx - pixel * 8 * words);
+  u32 nibble = 0;
+  if (pixel < pixels && c < channels) {
+    float v[4];
+    load_floats<4>(x + pixel * channels + c, v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (has_scale) v[j] = __fmul_rn(v[j], scale[c + j]);
+      if (has_shift) v[j] = __fadd_rn(v[j], shift[c + j]);
+      nibble |= (u32)(v[j] < 0.0f) << j;
+    }
+  }
+  const u32 word = word_of_nibbles(nibble);
+  if ((threadIdx.x & 7) == 0 && pixel < pixels && c < channels) out[pixel * words + c / 32] = (int)word;
 }
 
 // LceDequantize: +1 / -1 floats.
@@ -318,21 +387,6 @@ __device__ __forceinline__ void popcount_tile(int (&pacc)[8][4], const u32* a, c
       for (int j = 0; j < kColumnGroups; ++j) pacc[i][j] += __popc(a[(tr + 16 * i) * kStride + k] & b[(tc + 16 * j) * kStride + k]);
 }
 
-// 16-byte loads and stores (the address must be 16-byte aligned on the GPU; the tests' CPU build checks it).
-__device__ __forceinline__ float4 load_float4(const float* p) {
-#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
-  cuda_on_cpu_check_aligned(p, 16, "float4 load");
-#endif
-  return *reinterpret_cast<const float4*>(p);
-}
-
-__device__ __forceinline__ void store_float4(float* p, float4 v) {
-#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
-  cuda_on_cpu_check_aligned(p, 16, "float4 store");
-#endif
-  *reinterpret_cast<float4*>(p) = v;
-}
-
 // The float-output epilogue with 4 channels a thread (channels_out a multiple of 4): a row's count,
 // border taps and address are read once for 4 outputs, which go out in one 16-byte store. A row
 // is spread over 16 threads (8 where at most 32 channels are left, so narrow layers keep every
@@ -389,10 +443,7 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
         for (int j = 0; j < 4; ++j) bits |= (u32)next_bit(g, k, v[j], col + j) << j;
     }
     if (g.pack_next) {
-      u32 word = bits << (4 * (tid & 7));
-      word |= __shfl_xor_sync(0xffffffffu, word, 1);
-      word |= __shfl_xor_sync(0xffffffffu, word, 2);
-      word |= __shfl_xor_sync(0xffffffffu, word, 4);
+      const u32 word = word_of_nibbles(bits);
       if (valid && (tid & 7) == 0) g.next_bits[(m0 + r) * next_words + c / 32] = word;
     }
   }
@@ -783,10 +834,9 @@ extern "C" __global__ void conv_output_float4(const float* y, const float* bias,
     for (int dy = 0; dy < ph; ++dy)
       for (int dx = 0; dx < pw; ++dx) {
         const i64 q = first + dy * row_step + dx;
-        const float4 y4 = load_float4(y + q * channels + c);
-        const float4 r4 = residual_parts > 0 ? load_float4(r + q * (stop - start) + (c - start))
-                                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        const float ys[4] = {y4.x, y4.y, y4.z, y4.w}, rs[4] = {r4.x, r4.y, r4.z, r4.w};
+        float ys[4], rs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        load_floats<4>(y + q * channels + c, ys);
+        if (residual_parts > 0) load_floats<4>(r + q * (stop - start) + (c - start), rs);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           float value = __fadd_rn(ys[j], b[j]);
@@ -796,7 +846,7 @@ extern "C" __global__ void conv_output_float4(const float* y, const float* bias,
                                 : fmaxf(v[j], value);
         }
       }
-    store_float4(out + pixel * channels + c, make_float4(v[0], v[1], v[2], v[3]));
+    store_floats<4>(out + pixel * channels + c, v);
     if (pack)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -807,10 +857,7 @@ extern "C" __global__ void conv_output_float4(const float* y, const float* bias,
       }
   }
   if (pack) {  // (every thread of the block: the whole warp takes part in the shuffles)
-    u32 word = nibble << (4 * (threadIdx.x & 7));
-    word |= __shfl_xor_sync(0xffffffffu, word, 1);
-    word |= __shfl_xor_sync(0xffffffffu, word, 2);
-    word |= __shfl_xor_sync(0xffffffffu, word, 4);
+    const u32 word = word_of_nibbles(nibble);
     if (pixel < pixels && (threadIdx.x & 7) == 0 && c < channels) bits[pixel * (quads / 8) + c / 32] = (int)word;
   }
 }
@@ -865,35 +912,100 @@ extern "C" __global__ void concat_part(const float* part, int part_channels, int
 }
 
 // RESIZE_NEAREST_NEIGHBOR with the source rows and columns given, plus the residual of a fused ADD
-// and its activation.
-extern "C" __global__ void resize_nearest(const float* x, const int* rows, const int* cols, int batch, int height,
-                                          int width, int channels, int out_h, int out_w, const float* residual,
-                                          int has_residual, float lo, float hi, float* out) {
-  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+// and its activation. V channels a thread (resize_nearest: 1; resize_nearest_float4: 4, where the
+// channels are a multiple of 4 and the arrays 16-byte aligned: one 16-byte load and store each).
+#define RESIZE_NEAREST_PARAMS                                                                                    \
+  const float *x, const int *rows, const int *cols, int batch, int height, int width, int channels, int out_h,  \
+      int out_w, const float *residual, int has_residual, float lo, float hi, float *out
+template <int V>
+__device__ __forceinline__ void resize_nearest_values(RESIZE_NEAREST_PARAMS) {
+  const i64 idx = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (idx >= (i64)batch * out_h * out_w * channels) return;
   const Element e = element_position(idx, channels, out_h, out_w);
-  const float v = x[(((i64)e.b * height + rows[e.y]) * width + cols[e.x]) * channels + e.c];
-  out[idx] = has_residual ? clamp_as_tflite(v + residual[idx], lo, hi) : v;
+  float v[V], r[V];
+  load_floats<V>(x + (((i64)e.b * height + rows[e.y]) * width + cols[e.x]) * channels + e.c, v);
+  if (has_residual) {
+    load_floats<V>(residual + idx, r);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = clamp_as_tflite(v[j] + r[j], lo, hi);
+  }
+  store_floats<V>(out + idx, v);
+}
+
+extern "C" __global__ void resize_nearest(RESIZE_NEAREST_PARAMS) {
+  resize_nearest_values<1>(x, rows, cols, batch, height, width, channels, out_h, out_w, residual, has_residual, lo,
+                           hi, out);
+}
+
+extern "C" __global__ void resize_nearest_float4(RESIZE_NEAREST_PARAMS) {
+  resize_nearest_values<4>(x, rows, cols, batch, height, width, channels, out_h, out_w, residual, has_residual, lo,
+                           hi, out);
 }
 
 // MAX_POOL_2D (kind 0) and AVERAGE_POOL_2D (kind 1, mean over the taps inside the image), clamped.
-extern "C" __global__ void pool2d(const float* x, int batch, int height, int width, int channels, int out_h, int out_w,
-                                  int filter_h, int filter_w, int stride_h, int stride_w, int pad_top, int pad_left,
-                                  int kind, float lo, float hi, float* out) {
-  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+// V channels a thread, as resize_nearest's.
+#define POOL2D_PARAMS                                                                                          \
+  const float *x, int batch, int height, int width, int channels, int out_h, int out_w, int filter_h,          \
+      int filter_w, int stride_h, int stride_w, int pad_top, int pad_left, int kind, float lo, float hi, float *out
+template <int V>
+__device__ __forceinline__ void pool2d_values(POOL2D_PARAMS) {
+  const i64 idx = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (idx >= (i64)batch * out_h * out_w * channels) return;
   const Element e = element_position(idx, channels, out_h, out_w);
-  const int b = e.b, oy = e.y, ox = e.x, c = e.c;
-  float acc = kind == 0 ? __int_as_float(0xff800000) : 0.0f;  // -inf
+  float acc[V], v[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = kind == 0 ? __int_as_float(0xff800000) : 0.0f;  // -inf
   int taps = 0;
   for (int fy = 0; fy < filter_h; ++fy)
     for (int fx = 0; fx < filter_w; ++fx) {
-      const int y = oy * stride_h - pad_top + fy, xx = ox * stride_w - pad_left + fx;
+      const int y = e.y * stride_h - pad_top + fy, xx = e.x * stride_w - pad_left + fx;
       if (y < 0 || y >= height || xx < 0 || xx >= width) continue;
       ++taps;
-      const float v = x[(((i64)b * height + y) * width + xx) * channels + c];
-      acc = kind == 0 ? fmaxf(acc, v) : acc + v;
+      load_floats<V>(x + (((i64)e.b * height + y) * width + xx) * channels + e.c, v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] = kind == 0 ? fmaxf(acc[j], v[j]) : acc[j] + v[j];
     }
-  const float result = kind == 0 ? acc : acc * (1.0f / (float)max(taps, 1));
-  out[idx] = clamp_as_tflite(result, lo, hi);
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    v[j] = clamp_as_tflite(kind == 0 ? acc[j] : acc[j] * (1.0f / (float)max(taps, 1)), lo, hi);
+  store_floats<V>(out + idx, v);
+}
+
+extern "C" __global__ void pool2d(POOL2D_PARAMS) {
+  pool2d_values<1>(x, batch, height, width, channels, out_h, out_w, filter_h, filter_w, stride_h, stride_w, pad_top,
+                   pad_left, kind, lo, hi, out);
+}
+
+extern "C" __global__ void pool2d_float4(POOL2D_PARAMS) {
+  pool2d_values<4>(x, batch, height, width, channels, out_h, out_w, filter_h, filter_w, stride_h, stride_w, pad_top,
+                   pad_left, kind, lo, hi, out);
+}
+
+// The batch norm folded before a float convolution (x * mul + add, each optional, rounded as the
+// ops; then TFLite's clamp): V channels a thread, as resize_nearest's.
+#define INPUT_TRANSFORM_PARAMS                                                                                 \
+  const float *x, const float *mul, const float *add, i64 count, int channels, int has_mul, int has_add, float lo, \
+      float hi, float *out
+template <int V>
+__device__ __forceinline__ void input_transform_values(INPUT_TRANSFORM_PARAMS) {
+  const i64 idx = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (idx >= count) return;
+  const int c = (int)(idx % channels);
+  float v[V];
+  load_floats<V>(x + idx, v);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (has_mul) v[j] = __fmul_rn(v[j], mul[c + j]);
+    if (has_add) v[j] = __fadd_rn(v[j], add[c + j]);
+    v[j] = clamp_as_tflite(v[j], lo, hi);
+  }
+  store_floats<V>(out + idx, v);
+}
+
+extern "C" __global__ void input_transform(INPUT_TRANSFORM_PARAMS) {
+  input_transform_values<1>(x, mul, add, count, channels, has_mul, has_add, lo, hi, out);
+}
+
+extern "C" __global__ void input_transform_float4(INPUT_TRANSFORM_PARAMS) {
+  input_transform_values<4>(x, mul, add, count, channels, has_mul, has_add, lo, hi, out);
 }
