@@ -220,6 +220,7 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     whole = script.whole_model(small_flatbuffer, runs=1, batches=(1, 2), device="cpu")
     engines = ["larq_landmarks.runtime (cuda)", "larq_landmarks.runtime (cuda, steps launched from Python)",
                "larq_landmarks.runtime (cuda, HPM block ops as separate passes)",
+               "larq_landmarks.runtime (cuda, 128-row tiles on every grid)",
                "larq_landmarks.runtime (cuda, 64-row tiles on small grids)",
                "larq_landmarks.runtime (cuda, 32-row tiles on small grids)",
                "larq_landmarks.runtime (cuda, stepped gather)", "larq_landmarks.runtime (cuda, word-by-word gather)",
