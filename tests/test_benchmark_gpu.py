@@ -249,7 +249,7 @@ def test_benchmark_runs_on_the_cpu_build_of_the_gpu_kernels(small_flatbuffer, tm
     script.main(["--assets", str(tmp_path), "--json", str(tmp_path / "result.json"), "--markdown", str(path),
                  "--batches", "1", "--model-batches", "1,2", "--runs", "1", "--device", "cpu", "--faces", "10"])
     result = json.loads((tmp_path / "result.json").read_text())
-    assert len(result["layers"]) == len(rows) and len(result["whole_model"]) == 20
+    assert len(result["layers"]) == len(rows) and len(result["whole_model"]) == 22  # 11 engines, 2 batches
     # Predictor end to end on both engines: 10 faces rounded up to whole images of 4
     assert [(r["engine"], r["faces"], r["batch"]) for r in result["predictor"]] == [("cuda", 12, 64), ("runtime", 12, 64)]
     assert all(r["s"] > 0 for r in result["predictor"])
