@@ -6,9 +6,10 @@
 # then, from the repository root on the GPU machine, with gpu_assets/ beside it:
 #     OUT=gpu_results scripts/gpu_session.sh     # PYTHON=... for another interpreter than python3
 # $OUT gets environment.txt, build.txt, tests.txt, benchmark.txt, benchmark.json, benchmarks.md
-# (docs/benchmarks.md with its GPU section written) and profile.txt (scripts/profile_gpu.py: the
+# (docs/benchmarks.md with its GPU section written), profile.txt (scripts/profile_gpu.py: the
 # 1-bit MMA's rate, the slow shapes against it, the whole model's time kernel by kernel, then the
-# same shapes under Nsight Compute where the machine has it). Each step runs even if one before it
+# same shapes under Nsight Compute where the machine has it) and instructions.txt (Nsight Compute's
+# instruction mix and stall sampling of the two shapes slower than cuDNN's bf16). Each step runs even if one before it
 # failed, under a time limit (TEST_SECONDS, BENCHMARK_SECONDS; the profile gets what is left of
 # TOTAL_SECONDS) so that one hang cannot take the session and the whole run fits in 10 minutes; the
 # exit status is the tests'.
@@ -62,6 +63,17 @@ if [ -n "$NCU" ] && [ "$left" -gt 30 ]; then
         --iterations 2000 --model-batch 0 >> "$OUT/profile.txt" 2>&1
 else
     echo "Nsight Compute not run: ${NCU:-no ncu here}, ${left} s left" >> "$OUT/profile.txt"
+fi
+# the two shapes still slower than cuDNN's bf16 at batch 32 (128x128x64 -> 64, 128x128x32 -> 32), the
+# default kernel once each: its instruction mix (executed instructions by opcode) and where its warps
+# stall, for the next change to the kernel (instructions.txt; a flag this ncu lacks only fails this step)
+left=$(( ${TOTAL_SECONDS:-570} - SECONDS ))
+if [ -n "$NCU" ] && [ "$left" -gt 30 ]; then
+    timeout "$left" "$NCU" --clock-control none --profile-from-start off --kernel-name regex:bconv2d_tensor_cores \
+        --section InstructionStats --section SourceCounters --section WarpStateStats \
+        --metrics sass__inst_executed_per_opcode,smsp__sass_inst_executed.sum --print-metric-instances values \
+        "$PYTHON" scripts/profile_gpu.py --assets "$ASSETS" --shapes 128x64x64,128x32x32 --runs 1 --iterations 2000 \
+        --model-batch 0 > "$OUT/instructions.txt" 2>&1
 fi
 tail -n 25 "$OUT/profile.txt"
 exit $status
