@@ -72,6 +72,22 @@ __device__ __forceinline__ void store_float4(float* p, float4 v) {
   *reinterpret_cast<float4*>(p) = v;
 }
 
+__device__ __forceinline__ uint4 load_uint4(const u32* p) {
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+  cuda_on_cpu_check_aligned(p, 16, "uint4 load");
+#endif
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+__device__ __forceinline__ void store_uint2(u32* p, u32 x, u32 y) {
+#if defined(LARQ_LANDMARKS_CUDA_ON_CPU)
+  cuda_on_cpu_check_aligned(p, 8, "uint2 store");
+#endif
+  uint2 v;
+  v.x = x, v.y = y;
+  *reinterpret_cast<uint2*>(p) = v;
+}
+
 // V floats from p into v (V = 4: one 16-byte load) and back.
 template <int V>
 __device__ __forceinline__ void load_floats(const float* p, float* v) {
@@ -361,18 +377,26 @@ __device__ __forceinline__ void gather_row_stepped(const BconvArgs& g, u32* dst,
   }
 }
 
+// The block's AND counts in shared memory (the MMAs' accumulators, for the epilogue): rows
+// kCountStride words apart. 72 (8 mod 32): the MMA fragments' pairs (rows g, columns 2t and 2t + 1
+// of 8 rows x 8 columns) go in by 8-byte stores that fall on 32 different banks a half warp, and the
+// float epilogue reads a thread's 4 counts in one 16-byte load, 8 threads of a row a quarter warp
+// (with 65 words a row the stores met 4-way and the 4-byte reads 2-way bank conflicts).
+#define BCONV_COUNT_STRIDE (BN + 8)
+
 // The A and B tiles of one K chunk (rows kStride words apart), and afterwards the block's
-// accumulators, share the memory. The weight words go in by 8-byte copies and the stepped gather's
-// by up to 16-byte ones: a union of 4-byte words is only 4-byte aligned by itself (`.shared .align
-// 4` in the PTX), so its alignment is asked for, and the rows are whole 16-byte units.
+// accumulators, share the memory. The weight words and the stepped gather's go in by up to 16-byte
+// copies: a union of 4-byte words is only 4-byte aligned by itself (`.shared .align 4` in the PTX),
+// so its alignment is asked for, and the rows are whole 16-byte units.
 template <int kRows, int kStride>
 union __align__(16) BconvShared {
   static_assert(kStride % 4 == 0 && (kStride / 4) % 2 == 1, "rows of an odd number of 16-byte units");
+  static_assert(BCONV_COUNT_STRIDE % 32 == 8, "count rows 8 banks apart");
   struct {
     u32 a[kRows * kStride];
     u32 b[BN * kStride];
   } tiles;
-  int c[kRows * (BN + 1)];
+  int c[kRows * BCONV_COUNT_STRIDE];
 };
 
 // The popcount path's counting: thread (tr, tc) adds popc(a & w) over `k_words` words for rows
@@ -390,7 +414,7 @@ __device__ __forceinline__ void popcount_tile(int (&pacc)[8][4], const u32* a, c
 // The float-output epilogue with 4 channels a thread (channels_out a multiple of 4): a row's count,
 // border taps and address are read once for 4 outputs, which go out in one 16-byte store. A row
 // is spread over 16 threads (8 where at most 32 channels are left, so narrow layers keep every
-// thread busy). `counts` are the block's AND counts, [kRows][BN + 1]. With pack_next, 8 neighbouring
+// thread busy). `counts` are the block's AND counts, [kRows][BCONV_COUNT_STRIDE]. With pack_next, 8 neighbouring
 // threads hold the 32 channels of one next-layer word: their 4-bit pieces are ORed by shuffles
 // (every thread runs every row step, so that the whole warp takes part).
 template <int kRows>
@@ -416,8 +440,10 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
     u32 bits = 0;  // this thread's 4 bits of the next layer's word
     if (valid) {
       int count[4];
+      const uint4 ands = load_uint4(reinterpret_cast<const u32*>(counts) + r * BCONV_COUNT_STRIDE + col);
+      const int and_count[4] = {(int)ands.x, (int)ands.y, (int)ands.z, (int)ands.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) count[j] = row_pop[r] + w_pop[j] - 2 * counts[r * (BN + 1) + col + j];
+      for (int j = 0; j < 4; ++j) count[j] = row_pop[r] + w_pop[j] - 2 * and_count[j];
       if (g.pad_value == 0) {
         unsigned long long outside = row_outside[r];
         while (outside) {
@@ -445,6 +471,51 @@ __device__ __forceinline__ void bconv2d_float4_epilogue(const BconvArgs& g, cons
     if (g.pack_next) {
       const u32 word = word_of_nibbles(bits);
       if (valid && (tid & 7) == 0) g.next_bits[(m0 + r) * next_words + c / 32] = word;
+    }
+  }
+}
+
+// A K chunk's weight rows for the block's channels n0.. (at most BN, the real ones: columns past
+// the last channel are never output, so their rows may hold anything), of each only the words of
+// the chunk's `steps` MMA steps, into `b` (rows kStride words apart). copy_weight_units: in 16-byte
+// units (2 a step), a row kUnitSlots slots (a power of two: no division a copy), the slots past its
+// units idle (the weights' rows are 40 words and a chunk 40 or 80: every unit 16-byte aligned).
+// copy_weight_pairs: in 8-byte pairs spread over all threads, a division a copy (the popcount
+// kernel's: on sm_90 the units' loop makes it spill 12 bytes).
+template <int kChunk, int kStride, bool kAsyncCopies>
+__device__ __forceinline__ void copy_weight_units(const BconvArgs& g, u32* b, int n0, int chunk, int steps) {
+  constexpr int kUnitSlots = kChunk / 4 <= 16 ? 16 : 32;
+  static_assert(kChunk / 4 <= kUnitSlots, "a chunk's units fit a row's slots");
+  const int units = steps * (KW / 4), slots = min(BN, g.channels_out - n0) * kUnitSlots;
+  const u32* src = g.w + (i64)n0 * g.k_stride + chunk * kChunk;
+#pragma unroll 1
+  for (int i = threadIdx.x; i < slots; i += THREADS) {
+    const int n = i / kUnitSlots, u = i % kUnitSlots;
+    if (u >= units) continue;
+    const u32* from = src + (i64)n * g.k_stride + 4 * u;
+    u32* to = b + n * kStride + 4 * u;
+    if (kAsyncCopies) {
+      copy_async<16>(to, from, true);
+    } else {
+      const uint4 wv = load_uint4(from);
+      to[0] = wv.x, to[1] = wv.y, to[2] = wv.z, to[3] = wv.w;
+    }
+  }
+}
+
+template <int kChunk, int kStride, bool kAsyncCopies>
+__device__ __forceinline__ void copy_weight_pairs(const BconvArgs& g, u32* b, int n0, int chunk, int steps) {
+  const int pairs = steps * (KW / 2), loads = min(BN, g.channels_out - n0) * pairs;
+  const u32* src = g.w + (i64)n0 * g.k_stride + chunk * kChunk;
+  for (int i = threadIdx.x; i < loads; i += THREADS) {
+    const int n = i / pairs, j = 2 * (i - n * pairs);
+    const u32* from = src + (i64)n * g.k_stride + j;
+    if (kAsyncCopies) {
+      copy_async<8>(b + n * kStride + j, from, true);
+    } else {
+      const uint2 wv = *reinterpret_cast<const uint2*>(from);
+      b[n * kStride + j] = wv.x;
+      b[n * kStride + j + 1] = wv.y;
     }
   }
 }
@@ -523,24 +594,12 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 #else
     gather_row<kAsyncCopies>(g, my_words, b, y0, x0, row_valid, k0, share, my_pop);
 #endif
-    {
-      // the weight rows of the block's real channels, and of each only the words the MMA steps
-      // read (narrow layers: 32 rows of 16 words, not 64 of 40); word pairs spread over all threads.
-      // Columns past the last channel are never output, so their rows may hold anything.
-      const int pairs = steps * (KW / 2), loads = min(BN, g.channels_out - n0) * pairs;
-      const u32* src = g.w + (i64)n0 * g.k_stride + chunk * kChunk;
-      for (int i = tid; i < loads; i += THREADS) {
-        const int n = i / pairs, j = 2 * (i - n * pairs);
-        const u32* from = src + (i64)n * g.k_stride + j;
-        if (kAsyncCopies) {
-          copy_async<8>(s.tiles.b + n * kStride + j, from, true);
-        } else {
-          const uint2 wv = *reinterpret_cast<const uint2*>(from);
-          s.tiles.b[n * kStride + j] = wv.x;
-          s.tiles.b[n * kStride + j + 1] = wv.y;
-        }
-      }
-    }
+    // the weight rows of the block's real channels, and of each only the words the MMA steps read
+    // (narrow layers: 32 rows of 16 words, not 64 of 40)
+    if (kTensorCores)
+      copy_weight_units<kChunk, kStride, kAsyncCopies>(g, s.tiles.b, n0, chunk, steps);
+    else
+      copy_weight_pairs<kChunk, kStride, kAsyncCopies>(g, s.tiles.b, n0, chunk, steps);
     // while the first chunk's copies are in flight: the row's taps outside the image, for the
     // epilogue's zero-padding correction (LCE's; pad_value 0 only), by the row's first loader
     if (chunk == 0 && load_part == 0 && g.pad_value == 0)
@@ -592,17 +651,16 @@ __device__ void bconv2d_block(const BconvArgs& g) {
 #pragma unroll
       for (int j = 0; j < kTilesN; ++j) {
         const int r = wm + i * 16 + group, c = wn + j * 8 + 2 * t;
-        s.c[r * (BN + 1) + c] = acc[i][j][0];
-        s.c[r * (BN + 1) + c + 1] = acc[i][j][1];
-        s.c[(r + 8) * (BN + 1) + c] = acc[i][j][2];
-        s.c[(r + 8) * (BN + 1) + c + 1] = acc[i][j][3];
+        u32* counts = reinterpret_cast<u32*>(s.c);
+        store_uint2(counts + r * BCONV_COUNT_STRIDE + c, (u32)acc[i][j][0], (u32)acc[i][j][1]);
+        store_uint2(counts + (r + 8) * BCONV_COUNT_STRIDE + c, (u32)acc[i][j][2], (u32)acc[i][j][3]);
       }
   } else {
     const int tr = tid >> 4, tc = tid & 15;
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) s.c[(tr + 16 * i) * (BN + 1) + tc + 16 * j] = pacc[i][j];
+      for (int j = 0; j < 4; ++j) s.c[(tr + 16 * i) * BCONV_COUNT_STRIDE + tc + 16 * j] = pacc[i][j];
   }
   __syncthreads();
 
@@ -628,7 +686,7 @@ __device__ void bconv2d_block(const BconvArgs& g) {
     const bool valid = mr < rows && column_valid;
     int xor_count = 0;
     if (valid) {
-      xor_count = row_pop[r] + w_pop - 2 * s.c[r * (BN + 1) + col];
+      xor_count = row_pop[r] + w_pop - 2 * s.c[r * BCONV_COUNT_STRIDE + col];
       if (g.pad_value == 0) {
         unsigned long long outside = row_outside[r];
         while (outside) {
