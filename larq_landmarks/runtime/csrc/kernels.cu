@@ -378,7 +378,7 @@ __device__ __forceinline__ void gather_row_stepped(const BconvArgs& g, u32* dst,
 }
 
 // The block's AND counts in shared memory (the MMAs' accumulators, for the epilogue): rows
-// kCountStride words apart. 72 (8 mod 32): the MMA fragments' pairs (rows g, columns 2t and 2t + 1
+// BCONV_COUNT_STRIDE words apart. 72 (8 mod 32): the MMA fragments' pairs (rows g, columns 2t and 2t + 1
 // of 8 rows x 8 columns) go in by 8-byte stores that fall on 32 different banks a half warp, and the
 // float epilogue reads a thread's 4 counts in one 16-byte load, 8 threads of a row a quarter warp
 // (with 65 words a row the stores met 4-way and the 4-byte reads 2-way bank conflicts).
