@@ -31,9 +31,9 @@ SMALL_GRID_ROWS: Optional[int] = None
 # whether the binary convolution gathers a row's words with kernels.cu's gather_row_stepped (the
 # address stepped along K, the image bounds checked once a tap, a tap's words in one 8- or 16-byte
 # load where the input has 64 channels or a multiple of 128) instead of gather_row (one word a load,
-# its address computed for each) (CudaKernels' stepped_gather=None). On the H200 (2026-12-04, fifth
-# run): stepped 1.03-1.41x faster on all 63 shapes of docs/benchmarks.md, the whole model at batch
-# 64 9.95 ms against 10.25.
+# its address computed for each) (CudaKernels' stepped_gather=None). On the H200 (2026-12-04, the
+# fifth session's first run): stepped 1.03-1.41x faster on all 63 shapes of docs/benchmarks.md, the whole
+# model at batch 64 9.95 ms against 10.25.
 STEPPED_GATHER = True
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "kernels.cu")
 
