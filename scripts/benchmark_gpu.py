@@ -758,7 +758,8 @@ def _choices(layers, whole, multiprocessors: Optional[int]) -> list:
     small = [r for r in layers or [] if multiprocessors and r.get("blocks", multiprocessors + 1) <= multiprocessors]
     default = f"{cuda.SMALL_GRID_ROWS} rows" if cuda.SMALL_GRID_ROWS else "64 or 32 rows by the grid"
     lines.append(f"- Small grids' tile (`cuda.SMALL_GRID_ROWS`): whole model, the default ({default}) "
-                 f"{model_times('cuda')}; 128 rows {model_times('cuda, 128-row tiles on every grid')}; 64 rows {model_times('cuda, 64-row tiles on small grids')}; "
+                 f"{model_times('cuda')}; 128 rows {model_times('cuda, 128-row tiles on every grid')}; "
+                 f"64 rows {model_times('cuda, 64-row tiles on small grids')}; "
                  f"32 rows {model_times('cuda, 32-row tiles on small grids')}. On the {len(small)} small-grid rows, "
                  f"against 128 rows: 64 rows {against(small, 'cuda-rows64_gpu_ms', 'cuda-async-copies_gpu_ms')}; "
                  f"32 rows {against(small, 'cuda-rows32_gpu_ms', 'cuda-async-copies_gpu_ms')}.")

@@ -8,9 +8,9 @@
 # $OUT gets environment.txt, build.txt, tests.txt, benchmark.txt, benchmark.json, benchmarks.md
 # (docs/benchmarks.md with its GPU section written), profile.txt (scripts/profile_gpu.py: the
 # 1-bit MMA's rate, the slow shapes against it, the whole model's time kernel by kernel, then the
-# same shapes under Nsight Compute where the machine has it) and instructions.txt (Nsight Compute's
-# instruction mix and stall sampling of the two shapes slower than cuDNN's bf16). Each step runs even if one before it
-# failed, under a time limit (TEST_SECONDS, BENCHMARK_SECONDS; the profile gets what is left of
+# same shapes under Nsight Compute where the machine has it), instructions.txt and source.csv (Nsight
+# Compute's instruction mix, stall sampling and per-instruction counts of the two shapes with the least
+# margin over cuDNN's bf16). Each step runs even if one before it failed, under a time limit (TEST_SECONDS, BENCHMARK_SECONDS; the profile gets what is left of
 # TOTAL_SECONDS) so that one hang cannot take the session and the whole run fits in 10 minutes; the
 # exit status is the tests'.
 set -u
@@ -64,9 +64,11 @@ if [ -n "$NCU" ] && [ "$left" -gt 30 ]; then
 else
     echo "Nsight Compute not run: ${NCU:-no ncu here}, ${left} s left" >> "$OUT/profile.txt"
 fi
-# the two shapes still slower than cuDNN's bf16 at batch 32 (128x128x64 -> 64, 128x128x32 -> 32), the
-# default kernel once each: its instruction mix (executed instructions by opcode) and where its warps
-# stall, for the next change to the kernel (instructions.txt; a flag this ncu lacks only fails this step)
+# the two shapes with the least margin over cuDNN's bf16 at batch 32 (128x128x64 -> 64, 128x128x32 -> 32;
+# the two still slower after the fifth session's second run), the default kernel once each: its
+# instruction mix (executed instructions by opcode) and where its warps stall (instructions.txt), and
+# each SASS instruction's counts, stall samples and shared-memory bank conflicts (source.csv: what
+# found the count staging's conflicts); a flag this ncu lacks only fails its step
 left=$(( ${TOTAL_SECONDS:-570} - SECONDS ))
 if [ -n "$NCU" ] && [ "$left" -gt 30 ]; then
     timeout "$left" "$NCU" --clock-control none --profile-from-start off --kernel-name regex:bconv2d_tensor_cores \
@@ -74,6 +76,13 @@ if [ -n "$NCU" ] && [ "$left" -gt 30 ]; then
         --metrics sass__inst_executed_per_opcode,smsp__sass_inst_executed.sum --print-metric-instances values \
         "$PYTHON" scripts/profile_gpu.py --assets "$ASSETS" --shapes 128x64x64,128x32x32 --runs 1 --iterations 2000 \
         --model-batch 0 > "$OUT/instructions.txt" 2>&1
+fi
+left=$(( ${TOTAL_SECONDS:-570} - SECONDS ))
+if [ -n "$NCU" ] && [ "$left" -gt 30 ]; then
+    timeout "$left" "$NCU" --clock-control none --profile-from-start off --kernel-name regex:register_loads \
+        --launch-count 3 --section SourceCounters --page source --print-source sass --csv \
+        "$PYTHON" scripts/profile_gpu.py --assets "$ASSETS" --shapes 128x64x64,128x32x32 --runs 1 --iterations 2000 \
+        --model-batch 0 > "$OUT/source.csv" 2>&1
 fi
 tail -n 25 "$OUT/profile.txt"
 exit $status
