@@ -120,6 +120,15 @@ __device__ __forceinline__ u32 word_of_nibbles(u32 nibble) {
   return word;
 }
 
+// LceQuantize's bit of a float v in channel c: (v * scale[c] + shift[c]) < 0, each optional,
+// rounded as separate ops (bitpack's, and the passes that pack the bits of the op they end).
+__device__ __forceinline__ bool quantized_bit(float v, const float* scale, const float* shift, int has_scale,
+                                              int has_shift, int c) {
+  if (has_scale) v = __fmul_rn(v, scale[c]);
+  if (has_shift) v = __fadd_rn(v, shift[c]);
+  return v < 0.0f;
+}
+
 // LceQuantize: bit c of pixel p = (x * scale + shift) < 0, rounded as separate ops. One thread per
 // (pixel, channel), a warp's ballot is one output word.
 extern "C" __global__ void bitpack(const float* x, const float* scale, const float* shift, int has_scale,
@@ -130,12 +139,8 @@ extern "C" __global__ void bitpack(const float* x, const float* scale, const flo
   const i64 pixel = word / words;
   const int c = (int)(word - pixel * words) * 32 + lane;
   bool bit = false;
-  if (pixel < pixels && c < channels) {
-    float v = x[pixel * channels + c];
-    if (has_scale) v = __fmul_rn(v, scale[c]);
-    if (has_shift) v = __fadd_rn(v, shift[c]);
-    bit = v < 0.0f;
-  }
+  if (pixel < pixels && c < channels)
+    bit = quantized_bit(x[pixel * channels + c], scale, shift, has_scale, has_shift, c);
   const u32 ballot = __ballot_sync(0xffffffffu, bit);
   if (lane == 0 && pixel < pixels) out[word] = (int)ballot;
 }
@@ -152,11 +157,7 @@ extern "C" __global__ void bitpack_float4(const float* x, const float* scale, co
     float v[4];
     load_floats<4>(x + pixel * channels + c, v);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (has_scale) v[j] = __fmul_rn(v[j], scale[c + j]);
-      if (has_shift) v[j] = __fadd_rn(v[j], shift[c + j]);
-      nibble |= (u32)(v[j] < 0.0f) << j;
-    }
+    for (int j = 0; j < 4; ++j) nibble |= (u32)quantized_bit(v[j], scale, shift, has_scale, has_shift, c + j) << j;
   }
   const u32 word = word_of_nibbles(nibble);
   if ((threadIdx.x & 7) == 0 && pixel < pixels && c < channels) out[pixel * words + c / 32] = (int)word;
@@ -271,9 +272,7 @@ __device__ __forceinline__ void copy_constants(const BconvArgs& g, BconvConstant
 
 // The bit the next layer's LceQuantize packs for column j's float output v (its batch norm folded in).
 __device__ __forceinline__ bool next_bit(const BconvArgs& g, const BconvConstants& k, float v, int j) {
-  if (g.has_next_scale) v = __fmul_rn(v, k.next_scale[j]);
-  if (g.has_next_shift) v = __fadd_rn(v, k.next_shift[j]);
-  return v < 0.0f;
+  return quantized_bit(v, k.next_scale, k.next_shift, g.has_next_scale, g.has_next_shift, j);
 }
 
 // The taps of the pixel whose top-left input is (y0, x0) that lie outside the image: bit
@@ -844,11 +843,7 @@ extern "C" __global__ void conv_output(const float* y, const float* bias, const 
         v = (dy | dx) == 0 ? (ph * pw > 1 ? fmaxf(__int_as_float(0xff800000), r) : r) : fmaxf(v, r);
       }
     out[pixel * channels + c] = v;
-    if (pack) {
-      if (has_scale) v = __fmul_rn(v, scale[c]);
-      if (has_shift) v = __fadd_rn(v, shift[c]);
-      bit = v < 0.0f;
-    }
+    if (pack) bit = quantized_bit(v, scale, shift, has_scale, has_shift, c);
   }
   if (pack) {
     const u32 ballot = __ballot_sync(0xffffffffu, bit);
@@ -907,12 +902,7 @@ extern "C" __global__ void conv_output_float4(const float* y, const float* bias,
     store_floats<4>(out + pixel * channels + c, v);
     if (pack)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float w = v[j];
-        if (has_scale) w = __fmul_rn(w, scale[c + j]);
-        if (has_shift) w = __fadd_rn(w, shift[c + j]);
-        nibble |= (u32)(w < 0.0f) << j;
-      }
+      for (int j = 0; j < 4; ++j) nibble |= (u32)quantized_bit(v[j], scale, shift, has_scale, has_shift, c + j) << j;
   }
   if (pack) {  // (every thread of the block: the whole warp takes part in the shuffles)
     const u32 word = word_of_nibbles(nibble);
