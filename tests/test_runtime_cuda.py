@@ -290,6 +290,15 @@ KERNELS = [pytest.param(path, async_copies, tile_rows, stepped, id=name + ("-ste
            for stepped in (False, True)]
 
 
+def _recorded_launches(monkeypatch) -> list:
+    """The names of the kernels fake_cupy launches from now on, in order (the GPU itself does not say)."""
+    launched = []
+    launch = fake_cupy._Kernel.__call__
+    monkeypatch.setattr(fake_cupy._Kernel, "__call__", lambda self, *args: (launched.append(self.name),
+                                                                           launch(self, *args)))
+    return launched
+
+
 def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
     """The defaults (``async_copies=None``, ``tile_rows=None``): a layer whose grid of 128-row
     blocks has no more blocks than the GPU has SMs runs on smaller tiles loaded by ``cp.async``
@@ -298,10 +307,7 @@ def test_tensor_core_convolution_kernel_is_chosen_by_the_grid(monkeypatch):
     registers; the arguments force a kind of loads or a tile. The outputs are equal (the grid of
     each launch covers the layer exactly: fake_cupy)."""
     fake_cupy.install(monkeypatch)
-    launched = []
-    launch = fake_cupy._Kernel.__call__
-    monkeypatch.setattr(fake_cupy._Kernel, "__call__", lambda self, *args: (launched.append(self.name),
-                                                                           launch(self, *args)))
+    launched = _recorded_launches(monkeypatch)
     # 3 x 19 x 17 = 969 pixels: 8 blocks of 128 pixels, times 2 blocks of 64 of the 70 channels
     x_bits, w_bits = _random_layer(40, 70, 3, 5, size=(3, 19, 17))
     graph, op = bconv_graph(pack_bits(w_bits), 40, 1, True, 0, "float", np.full(70, -0.5, np.float32),
@@ -423,10 +429,7 @@ def test_gpu_bitpacking_and_elementwise_ops(gpu_or_cpu, monkeypatch, channels):
     channels a value a thread, 72 four channels a thread (the ``*_float4`` kernels)."""
     kernels = cuda.load("cuda")
     if not GPU:  # the kernels the launches ran
-        launched = []
-        launch = fake_cupy._Kernel.__call__
-        monkeypatch.setattr(fake_cupy._Kernel, "__call__", lambda self, *args: (launched.append(self.name),
-                                                                               launch(self, *args)))
+        launched = _recorded_launches(monkeypatch)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 5, 7, channels)).astype(np.float32)
     x[0, 0, 0, :3] = [-0.0, 0.0, -1e-30]
@@ -513,11 +516,8 @@ def test_gpu_float_conv_output_pass_pools_and_packs_as_the_separate_ops(gpu_or_c
     concatenation of 2 to 5 (read where they are by ``conv_output_float4`` where there are at most
     4 of multiples of 4 channels; concatenated for ``conv_output`` where not)."""
     kernels = cuda.load("cuda")
-    if not GPU:  # the kernels the launches ran (the GPU itself does not say)
-        launched = []
-        launch = fake_cupy._Kernel.__call__
-        monkeypatch.setattr(fake_cupy._Kernel, "__call__", lambda self, *args: (launched.append(self.name),
-                                                                               launch(self, *args)))
+    if not GPU:  # the kernels the launches ran
+        launched = _recorded_launches(monkeypatch)
     rng = np.random.default_rng(31)
     none = kernels.upload(np.zeros(0, np.float32))
     scale = rng.uniform(0.5, 2, channels).astype(np.float32)
